@@ -1,0 +1,60 @@
+"""A small ResNet-9-like CNN for 28x28 grayscale images (the fixer paper's Table 5-8, narrowed).
+
+Stages (the natural fixer sites): prep -> layer1 -> layer2 -> layer3 -> head.
+Takes normalised input; harden wraps the normalisation (see README: --mean/--std).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.a = conv_block(channels, channels)
+        self.b = conv_block(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(self.a(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, c_in: int, c_out: int, residual: bool) -> None:
+        super().__init__()
+        self.conv = conv_block(c_in, c_out, pool=True)
+        self.res = Residual(c_out) if residual else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res(self.conv(x))
+
+
+class ResNet9Small(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.prep = conv_block(in_channels, w)
+        self.layer1 = Stage(w, 2 * w, residual=True)  # 14x14
+        self.layer2 = Stage(2 * w, 4 * w, residual=False)  # 7x7
+        self.layer3 = Stage(4 * w, 6 * w, residual=True)  # 3x3
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(6 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet9_small(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> ResNet9Small:
+    return ResNet9Small(num_classes=num_classes, in_channels=in_channels, width=width)

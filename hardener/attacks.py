@@ -1,0 +1,264 @@
+"""Attacks by name over torchattacks, with its quirks contained.
+
+Every attack works on a model that takes [0, 1] pixels; eps is in pixel units. `run` isolates
+the global RNG (APGD, APGD-T, FAB and Square reseed it), keeps stdout clean (targeted modes
+print), restores the model's mode and detaches the result. It does not clip to the eps-ball:
+evaluation checks the returned examples (a violation is a finding), training projects them.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+# Reference budgets (AutoAttack / the papers), not torchattacks' cheaper defaults.
+DEFAULT_STEPS = {"fgsm": 1, "pgd": 50, "apgd-ce": 100, "apgd-dlr": 100, "apgd-t": 100, "fab-t": 100,
+                 "cw": 100, "cw-l2": 100, "deepfool": 50, "square": 0}
+ALIASES = {"apgd": "apgd-ce"}
+SUITES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"]}
+MIN_NORM = {"cw-l2", "deepfool"}
+
+
+def parse_eps(text: str | float) -> float:
+    """'8/255', '0.1' -> float."""
+    s = str(text).strip()
+    try:
+        v = float(Fraction(s)) if "/" in s else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"eps must be a number or a fraction like 8/255, got '{text}'") from None
+    if v < 0:
+        raise InputError(f"eps must be non-negative, got '{text}'")
+    return v
+
+
+@dataclass
+class AttackSpec:
+    name: str
+    eps: float
+    norm: str = "Linf"
+    steps: int | None = None
+    restarts: int = 1
+    queries: int = 5000
+    alpha: float | None = None
+    seed: int = 0
+    n_classes: int = 10
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.name = ALIASES.get(self.name, self.name)
+        if self.norm not in ("Linf", "L2"):
+            raise InputError(f"norm must be Linf or L2, got '{self.norm}'")
+        if self.name == "cw" and self.norm == "L2":
+            self.name = "cw-l2"
+        if self.name not in BUILDERS:
+            raise InputError(f"unknown attack '{self.name}' (choose from {', '.join(attack_names())})")
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS.get(self.name, 100)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name != "cw-l2" else "cw"
+
+    def record(self) -> dict:
+        d = asdict(self)
+        d.pop("settings")
+        d.update(self.settings)
+        if self.name != "square":
+            d.pop("queries")
+        if self.name in ("fgsm", "square"):
+            d.pop("steps")
+        d["min_norm"] = self.name in MIN_NORM
+        return d
+
+
+def attack_names() -> list[str]:
+    return sorted(set(BUILDERS) - {"cw-l2"} | set(ALIASES) | set(SUITES))
+
+
+def expand(names: list[str]) -> list[str]:
+    """Split comma lists, resolve aliases and suites, keep order, drop repeats."""
+    out: list[str] = []
+    for n in names:
+        for part in [p.strip().lower() for p in n.split(",") if p.strip()]:
+            for a in SUITES.get(part, [part]):
+                a = ALIASES.get(a, a)
+                if a not in BUILDERS and a != "cw":
+                    raise InputError(f"unknown attack '{part}' (choose from {', '.join(attack_names())})")
+                if a not in out:
+                    out.append(a)
+    return out
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _pgd(model: nn.Module, spec: AttackSpec, loss: str) -> Callable:
+    """Linf/L2 PGD with random start, CE or CW-margin loss (our own; torchattacks' PGD is CE only)."""
+    eps, steps = spec.eps, int(spec.steps or 1)
+    alpha = spec.alpha if spec.alpha is not None else (2.5 * eps / steps if steps > 1 else eps)
+    spec.settings.update(alpha=alpha, loss=loss, random_start=True)
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator(device=x.device).manual_seed(spec.seed)
+        if spec.norm == "Linf":
+            delta = (torch.rand(x.shape, generator=g, device=x.device) * 2 - 1) * eps
+        else:
+            d = torch.randn(x.shape, generator=g, device=x.device)
+            d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            r = torch.rand(x.shape[0], generator=g, device=x.device).view(-1, 1, 1, 1)
+            delta = d * r * eps
+        adv = (x + delta).clamp(0, 1).detach()
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            logits = model(adv)
+            if loss == "ce":
+                obj = F.cross_entropy(logits, y, reduction="sum")
+            else:
+                obj = margin_loss(logits, y).sum()
+            (grad,) = torch.autograd.grad(obj, adv)
+            with torch.no_grad():
+                if spec.norm == "Linf":
+                    adv = adv + alpha * grad.sign()
+                else:
+                    gn = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                    adv = adv + alpha * grad / gn
+                adv = project(x, adv, eps, spec.norm).detach()
+        return adv
+    return run
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CW margin: max_{j≠y} z_j − z_y (higher = more adversarial)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, y[:, None], float("-inf"))
+    return other.max(1).values - true
+
+
+def _fgsm(model, spec):
+    if spec.norm != "Linf":
+        raise InputError("fgsm is an Linf attack; use pgd with --norm L2")
+    import torchattacks
+    return torchattacks.FGSM(model, eps=spec.eps)
+
+
+def _apgd(loss):
+    def build(model, spec):
+        import torchattacks
+        spec.settings.update(loss=loss, rho=0.75)
+        return torchattacks.APGD(model, norm=spec.norm, eps=spec.eps, steps=spec.steps,
+                                 n_restarts=spec.restarts, seed=spec.seed, loss=loss)
+    return build
+
+
+def _apgdt(model, spec):
+    import torchattacks
+    spec.settings.update(n_target_classes=spec.n_classes - 1)
+    return torchattacks.APGDT(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
+                              seed=spec.seed, n_classes=spec.n_classes)
+
+
+def _fabt(model, spec):
+    import torchattacks
+    spec.settings.update(n_target_classes=spec.n_classes - 1, multi_targeted=True)
+    return torchattacks.FAB(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
+                            seed=spec.seed, multi_targeted=True, n_classes=spec.n_classes)
+
+
+def _square(model, spec):
+    import torchattacks
+    spec.settings.update(p_init=0.8, loss="margin")
+    return torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=spec.queries,
+                               n_restarts=spec.restarts, seed=spec.seed)
+
+
+def _cw_l2(model, spec):
+    import torchattacks
+    spec.settings.update(c=1.0, kappa=0.0, lr=0.01)
+    return torchattacks.CW(model, c=1.0, kappa=0.0, steps=spec.steps, lr=0.01)
+
+
+def _deepfool(model, spec):
+    import torchattacks
+    spec.settings.update(overshoot=0.02)
+    return torchattacks.DeepFool(model, steps=spec.steps, overshoot=0.02)
+
+
+BUILDERS: dict[str, Callable] = {
+    "fgsm": _fgsm,
+    "pgd": lambda m, s: _pgd(m, s, "ce"),
+    "cw": lambda m, s: _pgd(m, s, "cw"),
+    "cw-l2": _cw_l2,
+    "apgd-ce": _apgd("ce"),
+    "apgd-dlr": _apgd("dlr"),
+    "apgd-t": _apgdt,
+    "fab-t": _fabt,
+    "square": _square,
+    "deepfool": _deepfool,
+}
+
+
+def project(x: torch.Tensor, adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    delta = adv - x
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        delta = delta * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
+    return (x + delta).clamp(0, 1)
+
+
+def perturbation_norm(x: torch.Tensor, adv: torch.Tensor, norm: str) -> torch.Tensor:
+    d = (adv - x).flatten(1)
+    return d.abs().max(1).values if norm == "Linf" else d.norm(dim=1)
+
+
+class Attack:
+    """A built attack: call with (x, y) in [0, 1] -> adversarial x, detached (not yet projected)."""
+
+    def __init__(self, model: nn.Module, spec: AttackSpec) -> None:
+        self.model = model
+        self.spec = spec
+        self._impl = BUILDERS[spec.name](model, spec)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x.clone()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                torch.manual_seed(self.spec.seed)
+                adv = self._impl(x, y)
+                if isinstance(adv, tuple):  # deepfool returns (adv, target)
+                    adv = adv[0]
+        finally:
+            self.model.train(was_training)
+        adv = adv.detach().to(x.dtype)
+        if self.spec.name in MIN_NORM:
+            # Minimum-norm attacks: a sample counts as broken only within eps; outside, keep it clean.
+            ok = perturbation_norm(x, adv, self.spec.norm) <= self.spec.eps * (1 + 1e-6)
+            adv = torch.where(ok.view(-1, 1, 1, 1), adv, x)
+        # Returned as the attack made it: callers check the eps-ball (evaluate) or project (fit).
+        return adv
+
+
+def build(model: nn.Module, spec: AttackSpec) -> Attack:
+    return Attack(model, spec)
+
+
+def parse_attack_list(text: str | list | tuple | None) -> list[str]:
+    if text is None:
+        return []
+    items = [text] if isinstance(text, str) else list(text)
+    return expand([re.sub(r"\s+", "", t) for t in items])

@@ -1,0 +1,457 @@
+"""The `harden` command line: parse options, call the library, render. No logic of its own.
+
+Exit codes: 0 ok; 1 a --fail-under threshold missed; 2 usage or input error; 3 run failed
+(NaN loss, out of memory, disk full); 130 interrupted.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+
+from . import __version__, attacks as A, data as hdata, evaluate as E, fit as F, report as R
+from .checkpoint import Manifest, atomic_write, save_patched
+from .config import ConfigCommand
+from .errors import InputError, RunError, ThresholdError
+from .layers import suggest_sites
+from .patches import ACTIVATIONS, PATCH_KINDS, FixerConfig, parse_sites
+from .session import DataOptions, ModelOptions, finish_spec, load_data, load_model, pick_device
+
+err_console = Console(stderr=True)
+
+
+def out(text: str) -> None:
+    click.echo(text)
+
+
+class ProgressView:
+    """A rich progress bar on stderr; silent with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self._progress = None
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "ProgressView":
+        if not self.quiet:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                      TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                      console=err_console, transient=False)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def __call__(self, phase: str, done: int, total: int, info: dict) -> None:
+        if self._progress is None:
+            return
+        if phase not in self._tasks:
+            self._tasks[phase] = self._progress.add_task(phase, total=total, info="")
+        text = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+        self._progress.update(self._tasks[phase], completed=done, total=total, info=text)
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def model_options(f):
+    opts = [
+        click.option("--arch", help="Model constructor: package.module:callable or path/to/file.py:callable."),
+        click.option("--arch-kwargs", help="JSON object of keyword arguments for --arch."),
+        click.option("--trust-pickle", is_flag=True, help="Allow loading a whole pickled nn.Module (runs its code)."),
+        click.option("--trust-arch", is_flag=True, help="Import a file-path architecture recorded in a checkpoint."),
+        click.option("--mean", help="Per-channel mean the model expects (comma list); normalisation is wrapped "
+                                    "inside the model, attacks work on [0,1] pixels."),
+        click.option("--std", help="Per-channel std the model expects (comma list)."),
+        click.option("--logits", help="Key or index of the logits in a tuple/dict/object output."),
+        click.option("--input-shape", help="C,H,W where it cannot be inferred from the data."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--config", type=click.Path(dir_okay=False), help="TOML config file (default: ./harden.toml)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def data_options(f):
+    opts = [
+        click.option("--subset", help="Fraction (0.1 or 10%) or count (600) of --data, stratified and seeded."),
+        click.option("--classes", type=click.Path(exists=True, dir_okay=False),
+                     help="Class names in model order (JSON list/object or one per line)."),
+        click.option("--resize", help="Resize images to H,W."),
+        click.option("--crop", help="Centre-crop images to H,W (after --resize)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _mopts(kw: dict) -> ModelOptions:
+    return ModelOptions(**{k: kw[k] for k in ModelOptions.__dataclass_fields__})
+
+
+def _dopts(kw: dict) -> DataOptions:
+    return DataOptions(**{k: kw[k] for k in DataOptions.__dataclass_fields__})
+
+
+def _check_model_arg(model: str | None) -> str:
+    if not model:
+        raise click.UsageError("missing MODEL (a checkpoint path, or `model` in harden.toml)")
+    return model
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="harden")
+def main() -> None:
+    """Harden frozen PyTorch classifiers against adversarial examples with small trainable patches.
+
+    Exit codes: 0 ok, 1 a --fail-under threshold missed, 2 bad input, 3 run failed, 130 interrupted.
+    """
+
+
+# ---------------------------------------------------------------- layers
+
+
+@main.command(cls=ConfigCommand)
+@click.argument("model", required=False)
+@click.option("--data", help="Data to take one batch from (instead of --input-shape).")
+@model_options
+@data_options
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON on stdout.")
+def layers(model, data, as_json, **kw):
+    """List named layers: type, output shape, parameters, and whether each is a valid fixer site."""
+    loaded = load_model(_check_model_arg(model), _mopts(kw))
+    device = pick_device(kw["device"])
+    ds = load_data(loaded, data, _dopts(kw)) if data else None
+    infos = finish_spec(loaded, ds, device)
+    suggested = suggest_sites(loaded.patched.net, infos)
+    if as_json:
+        out(json.dumps({"layers": [i.to_json() for i in infos], "suggested_sites": suggested}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model}: input {tuple(loaded.spec.shape)}")
+    for col in ("name", "type", "output shape", "params", "site", "why"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.name, i.type, "×".join(map(str, i.shape)) if i.shape else "—", f"{i.params:,}",
+                      "yes" if i.site else "no", i.reason)
+    err_console.print(table)
+    err_console.print(f"suggested sites (about 3 blocks by depth): {', '.join(suggested)}")
+    out(",".join(suggested))
+
+
+# ---------------------------------------------------------------- patch
+
+
+def _default_out(model: str) -> Path:
+    p = Path(model)
+    return p.with_name(f"{p.stem}.hardened.safetensors")
+
+
+@main.command(cls=ConfigCommand)
+@click.argument("model", required=False)
+@click.option("--data", help="Training data: image folder, tensor file, or fashion-mnist:train.")
+@click.option("--at", help="Sites, comma-separated (KIND:SITE allowed). Default: chosen automatically.")
+@click.option("--at-regex", help="Regex matching whole site names.")
+@click.option("--act", default="linear", show_default=True, type=click.Choice(sorted(ACTIVATIONS)),
+              help="Fixer activation ζ.")
+@click.option("--delta", default=1.0, show_default=True, type=float, help="Fixer strength δ.")
+@click.option("--rho", default=4.0, show_default=True, type=float, help="Channel compression ρ.")
+@click.option("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only).")
+@click.option("--attack", "attack_name", default="apgd", show_default=True, help="Training attack.")
+@click.option("--eps", default="8/255", show_default=True, help="Perturbation budget in pixel units (8/255, 0.1).")
+@click.option("--norm", default="Linf", show_default=True, type=click.Choice(["Linf", "L2"]))
+@click.option("--steps", type=int, default=10, show_default=True, help="Training attack steps.")
+@click.option("--adversary", default="base", show_default=True, type=click.Choice(["base", "patched"]),
+              help="base: examples of the frozen base (transfer, the paper); patched: regenerated against "
+                   "the patched model every step (adaptive).")
+@click.option("--epochs", default=5, show_default=True, type=int)
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--lam", default=1.0, show_default=True, type=float, help="Feature distillation weight λ.")
+@click.option("--mu", default=0.0, show_default=True, type=float, help="Logit distillation weight (KL to base).")
+@click.option("--gamma", default=0.0, show_default=True, type=float, help="Focal CE γ (0 = cross-entropy).")
+@click.option("--augment", is_flag=True, help="Pad + random crop + flip, applied before the attack.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Default: <stem>.hardened.safetensors.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+@click.option("--eval-data", help="Report data (default: the part of --data outside the subset).")
+@click.option("--eval-samples", type=int, default=1000, show_default=True,
+              help="Seeded stratified subset of the report data (0 = all).")
+@click.option("--eval-steps", type=int, default=None, help="Report attack steps (default: reference budget).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (.json/.md/.html).")
+@model_options
+@data_options
+def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, eps, norm, steps, adversary,
+          epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, eval_data, eval_samples, eval_steps,
+          report_path, **kw):
+    """Splice fixer modules into a frozen checkpoint, train them on a small subset, write the patched file."""
+    model = _check_model_arg(model)
+    if not data:
+        raise click.UsageError("missing --data (training data, or `data` in harden.toml)")
+    out_file = Path(out_path) if out_path else _default_out(model)
+    if out_file.resolve() == Path(model).resolve():
+        raise InputError(f"--out '{out_file}' is the input checkpoint; harden never overwrites an input")
+    if out_file.exists() and not force:
+        raise InputError(f"'{out_file}' exists; pass --force to overwrite it or choose another --out")
+    if not out_file.parent.is_dir():
+        raise InputError(f"--out '{out_file}': folder '{out_file.parent}' does not exist")
+    if report_path and Path(report_path).suffix.lower() not in (".json", ".md", ".html"):
+        raise InputError(f"--report '{report_path}': use a .json, .md or .html file name")
+    eps_value = A.parse_eps(eps)
+    A.expand([attack_name])  # unknown names fail before any loading
+    subset = hdata.parse_subset(kw["subset"])
+    torch.manual_seed(kw["seed"])
+    device = pick_device(kw["device"])
+    loaded = load_model(model, _mopts(kw), allow_patched=False)
+    ds_all = load_data(loaded, data, _dopts(kw))
+    infos = finish_spec(loaded, ds_all, device)
+    names = [i.name for i in infos]
+    if at or at_regex:
+        sites = parse_sites(at, at_regex, names)
+    else:
+        sites = [("fixer", s) for s in suggest_sites(loaded.patched.net, infos)]
+        err_console.print(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
+    by_name = {i.name: i for i in infos}
+    for kind, site in sites:
+        info = by_name[site]
+        if not info.site:
+            raise InputError(f"'{site}' is not a valid {kind} site: {info.reason}")
+        if final_relu and not info.nonnegative:
+            raise InputError(f"--final-relu needs non-negative features, but '{site}' outputs negative values "
+                             "(on a dry run); drop --final-relu or choose a site after a ReLU")
+    fcfg = FixerConfig(rho=rho, delta=delta, act=act, final_relu=final_relu)
+    for kind, site in sites:
+        loaded.patched.attach(site, PATCH_KINDS[kind](by_name[site].shape[0], fcfg))
+    loaded.patched.to(device)
+
+    if subset is not None:
+        train_idx, rest_idx = hdata.stratified_split(ds_all.labels, subset, kw["seed"])
+    else:
+        train_idx, rest_idx = torch.arange(len(ds_all)), torch.empty(0, dtype=torch.int64)
+    train_ds = ds_all.take(train_idx)
+    n_classes = loaded.spec.num_classes
+    spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, seed=kw["seed"],
+                        n_classes=n_classes)
+    cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, mu=mu, gamma=gamma,
+                      adversary=adversary, augment=augment, seed=kw["seed"])
+    eval_ds, warnings = _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw)
+    base_before = {k: v.detach().clone() for k, v in loaded.patched.base_state_dict().items()}
+    t0 = time.time()
+    with ProgressView(kw["quiet"]) as progress:
+        logs = F.fit(loaded.patched, train_ds, spec, cfg, device, progress)
+    train_seconds = time.time() - t0
+    for k, v in loaded.patched.base_state_dict().items():
+        if not torch.equal(v, base_before[k]):
+            raise RunError(f"internal error: base tensor '{k}' changed during training; nothing was written")
+
+    manifest = Manifest(
+        arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
+        patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256,
+        training={**F.record(cfg, spec, logs), "data": {"source": ds_all.source, "fingerprint": train_ds.fingerprint(),
+                                                         "n": len(train_ds), "subset": kw["subset"]},
+                  "seed": kw["seed"], "torch": torch.__version__, "torchattacks": _ta_version()},
+    )
+    save_patched(out_file, loaded.patched.to("cpu"), manifest)
+    loaded.patched.to(device)
+    err_console.print(f"wrote {out_file} ({len(sites)} patch(es), {sum(p.numel() for p in loaded.patched.patch_parameters()):,} "
+                      f"parameters, trained in {train_seconds:.0f}s)")
+
+    # Report: base and patched, the training attack in both threat models.
+    ecfg = E.EvalConfig(attacks=[spec.name], eps=spec.eps, norm=norm, steps=eval_steps,
+                        threats=("whitebox", "transfer"), batch_size=max(batch_size, 256), seed=kw["seed"],
+                        checks=False)
+    with ProgressView(kw["quiet"]) as progress:
+        result = E.evaluate(loaded.patched, eval_ds, ecfg, device, has_patches=True, progress=progress)
+    rep = R.build("patch", result, _data_record(eval_ds, warnings), _settings(result),
+                  R.environment(str(device), kw["seed"]),
+                  {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
+                   "train_seconds": train_seconds})
+    R.render_table(rep, err_console)
+    if report_path:
+        R.write(rep, report_path)
+    out(str(out_file))
+
+
+def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple[hdata.Dataset, list[str]]:
+    """The data of the patch report: --eval-data, else the part of --data outside the subset."""
+    warnings = []
+    if eval_data:
+        eval_ds = load_data(loaded, eval_data, _dopts(kw))
+        hdata.check_labels(eval_ds, loaded.spec.num_classes)
+    else:
+        if len(rest_idx) == 0:
+            raise InputError("no report data: --data has nothing outside the training subset; pass --eval-data "
+                             "or a --subset")
+        eval_ds = ds_all.take(rest_idx)
+        warnings.append("report data is the part of --data outside the training subset; the base may have "
+                        "been trained on it, so its clean accuracy may be optimistic")
+    if eval_samples and eval_samples < len(eval_ds):
+        idx, _ = hdata.stratified_split(eval_ds.labels, int(eval_samples), kw["seed"])
+        eval_ds = eval_ds.take(idx)
+    return eval_ds, warnings
+
+
+def _ta_version() -> str:
+    import torchattacks
+    return torchattacks.__version__
+
+
+def _data_record(ds: hdata.Dataset, warnings: list[str]) -> dict:
+    return {"source": ds.source, "n": len(ds), "classes": ds.classes, "preprocessing": ds.notes,
+            "fingerprint": ds.fingerprint(), "warnings": warnings}
+
+
+def _settings(result: dict) -> list[dict]:
+    seen, outl = set(), []
+    for m in result["models"].values():
+        for t, th in m["threats"].items():
+            for r in th["attacks"]:
+                key = json.dumps(r["settings"], sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    outl.append(r["settings"])
+    return outl
+
+
+# ---------------------------------------------------------------- eval
+
+
+@main.command("eval", cls=ConfigCommand)
+@click.argument("model", required=False)
+@click.option("--data", help="Evaluation data (or `eval_data` in harden.toml).")
+@click.option("--eval-data", hidden=True)
+@click.option("--attack", "attack_names", multiple=True, help="Attack(s): repeat or comma list. Default: apgd-ce.")
+@click.option("--eps", default="8/255", show_default=True)
+@click.option("--norm", default="Linf", show_default=True, type=click.Choice(["Linf", "L2"]))
+@click.option("--steps", type=int, help="Steps of iterative attacks (default: each one's reference budget).")
+@click.option("--restarts", type=int, default=1, show_default=True)
+@click.option("--queries", type=int, default=5000, show_default=True, help="Square's query budget.")
+@click.option("--threat", default="all", show_default=True,
+              type=click.Choice(["transfer", "whitebox", "blackbox", "all"]))
+@click.option("--max-samples", type=int, help="Seeded stratified subset of the data.")
+@click.option("--eps-sweep", help="Comma list of eps for a robustness curve (first iterative attack, white-box).")
+@click.option("--fail-under", help="Gates, e.g. clean=0.85,robust=0.60 (robust = white-box worst case).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--report", "report_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Write the report: .json, .md or .html (repeatable).")
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks).")
+@model_options
+@data_options
+def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
+             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, **kw):
+    """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
+    model = _check_model_arg(model)
+    data = data or eval_data
+    if not data:
+        raise click.UsageError("missing --data (or `eval_data` in harden.toml)")
+    thresholds = R.parse_fail_under(fail_under)
+    for p in report_paths:
+        if Path(p).suffix.lower() not in (".json", ".md", ".html"):
+            raise InputError(f"--report '{p}': use a .json, .md or .html file name")
+    names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
+    sweep = [A.parse_eps(e) for e in eps_sweep.split(",")] if eps_sweep else None
+    torch.manual_seed(kw["seed"])
+    device = pick_device(kw["device"])
+    loaded = load_model(model, _mopts(kw))
+    ds = load_data(loaded, data, _dopts(kw))
+    finish_spec(loaded, ds, device)
+    subset = hdata.parse_subset(kw["subset"])
+    if max_samples and max_samples < len(ds):
+        subset = max_samples
+    if subset is not None:
+        idx, _ = hdata.stratified_split(ds.labels, subset, kw["seed"])
+        ds = ds.take(idx)
+    threats = ("whitebox", "transfer", "blackbox") if threat == "all" else (threat,)
+    ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
+                        queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
+                        checks=not no_checks)
+    with ProgressView(kw["quiet"] or as_json) as progress:
+        result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches, progress=progress)
+    extra = {"checkpoint": model, "eps": ecfg.eps, "norm": norm}
+    if loaded.manifest is not None:
+        extra["patches"] = loaded.manifest.patches
+        extra["training"] = loaded.manifest.training
+    rep = R.build("eval", result, _data_record(ds, []), _settings(result), R.environment(str(device), kw["seed"]),
+                  extra)
+    missed = R.gate(rep, thresholds)
+    rep["gates"] = {"thresholds": thresholds, "missed": missed}
+    R.render_table(rep, err_console)
+    for p in report_paths:
+        R.write(rep, p)
+    if as_json:
+        out(json.dumps(rep, indent=2, sort_keys=True))
+    if missed:
+        raise ThresholdError("--fail-under missed: " + "; ".join(missed))
+
+
+# ---------------------------------------------------------------- export
+
+
+@main.command(cls=ConfigCommand)
+@click.argument("model", required=False)
+@click.option("--format", "fmt", default="torchscript", show_default=True, type=click.Choice(["torchscript"]))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Default: <stem>.ts.pt")
+@click.option("--force", is_flag=True)
+@model_options
+def export(model, fmt, out_path, force, **kw):
+    """Export a patched checkpoint as a TorchScript file that runs without harden ([0,1] inputs)."""
+    model = _check_model_arg(model)
+    loaded = load_model(model, _mopts(kw))
+    if loaded.manifest is None:
+        raise InputError(f"'{model}' is not a harden-patched checkpoint")
+    target = Path(out_path) if out_path else Path(model).with_suffix(".ts.pt")
+    if target.exists() and not force:
+        raise InputError(f"'{target}' exists; pass --force to overwrite it")
+    shape = loaded.spec.shape
+    if not shape:
+        raise InputError("the checkpoint records no input shape")
+    example = torch.rand(2, *shape)
+    try:
+        traced = torch.jit.trace(loaded.patched.eval(), example, check_trace=True)
+    except Exception as e:  # noqa: BLE001 - tracing failures come in many types
+        raise RunError(f"tracing the model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    atomic_write(target, lambda tmp: torch.jit.save(traced, tmp))
+    out(str(target))
+
+
+def run() -> None:
+    """Console entry point: stable exit codes, no tracebacks for expected failures."""
+    try:
+        main.main(standalone_mode=False, prog_name="harden")
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except torch.cuda.OutOfMemoryError:
+        click.echo("Error: out of GPU memory: lower --batch-size or use --device cpu", err=True)
+        sys.exit(3)
+    except MemoryError:
+        click.echo("Error: out of memory: lower --batch-size or --subset", err=True)
+        sys.exit(3)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            click.echo("Error: disk full: free space and run again", err=True)
+            sys.exit(3)
+        raise

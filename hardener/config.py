@@ -1,0 +1,79 @@
+"""Options from a config file: `harden.toml` in the working directory, or `--config FILE`.
+
+Top-level keys apply to every command; `[patch]`, `[eval]`, ... tables to one. Keys are option
+names (`arch`, `mean`, `at`, `eval_data`, or with dashes). The command line wins over the file.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import InputError
+
+DEFAULT_FILE = "harden.toml"
+COMMANDS = ("layers", "patch", "eval", "export")
+
+
+def find_config(args: list[str]) -> Path | None:
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            return Path(args[i + 1])
+        if a.startswith("--config="):
+            return Path(a.split("=", 1)[1])
+    p = Path(DEFAULT_FILE)
+    return p if p.is_file() else None
+
+
+def _value(v: Any, multiple: bool) -> Any:
+    if multiple:
+        return [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, dict):
+        import json
+        return json.dumps(v)
+    return v
+
+
+def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"config file '{path}' does not exist")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"config file '{path}' is not valid TOML: {e}") from None
+    params = {p.name: p for p in command.params if p.name}
+    known_anywhere = set()
+    flat = {k: v for k, v in doc.items() if not isinstance(v, dict) or k not in COMMANDS}
+    section = doc.get(command.name or "", {})
+    for k in list(flat) + [k for c in COMMANDS for k in doc.get(c, {})]:
+        known_anywhere.add(k.replace("-", "_"))
+    out: dict[str, Any] = {}
+    for source, strict in ((flat, False), (section, True)):
+        for key, v in source.items():
+            name = key.replace("-", "_")
+            if name not in params:
+                if strict:
+                    raise InputError(f"config file '{path}': [{command.name}] has unknown key '{key}'")
+                continue  # a top-level key for another command
+            p = params[name]
+            out[name] = _value(v, bool(getattr(p, "multiple", False)))
+    return out
+
+
+class ConfigCommand(click.Command):
+    """A click command whose defaults come from the config file."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        path = find_config(list(args))
+        if path is not None:
+            try:
+                defaults = load_defaults(path, self)
+            except InputError as e:
+                e.show()
+                raise SystemExit(e.exit_code) from None
+            extra["default_map"] = {**defaults, **(extra.get("default_map") or {})}
+        return super().make_context(info_name, args, parent=parent, **extra)

@@ -1,0 +1,354 @@
+"""Labelled image data: image folders, tensor files, built-in Fashion-MNIST; subsets; augmentation.
+
+Images are held as uint8 NCHW tensors (or float in [0, 1] when the source was float) and
+converted to float [0, 1] batch by batch.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # N,C,H,W uint8 (0-255) or float32 (0-1)
+    labels: torch.Tensor  # N int64
+    classes: list[str] | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_float(self.images[idx]), self.labels[idx]
+
+    def take(self, idx: torch.Tensor) -> "Dataset":
+        return Dataset(self.images[idx], self.labels[idx], self.classes, self.source, list(self.notes))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(spec: str) -> Dataset:
+    """Load `spec`: `fashion-mnist:train|test`, an image folder, or a tensor file."""
+    if spec.startswith("fashion-mnist:"):
+        return load_fashion_mnist(spec.split(":", 1)[1])
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"data '{spec}' does not exist (expected an image folder, a "
+                         ".safetensors/.npz/.pt tensor file, or fashion-mnist:train|test)")
+    if path.is_dir():
+        return load_image_folder(path)
+    loaders = {".safetensors": _load_safetensors, ".npz": _load_npz, ".pt": _load_pt, ".pth": _load_pt}
+    loader = loaders.get(path.suffix.lower())
+    if loader is None:
+        raise InputError(f"data '{spec}': unsupported file type '{path.suffix}' "
+                         "(use an image folder or a .safetensors/.npz/.pt file with 'images' and 'labels')")
+    images, labels, classes = loader(path)
+    return _from_arrays(images, labels, classes, str(path))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist(split: str) -> Dataset:
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise InputError(f"unknown split 'fashion-mnist:{split}' (use fashion-mnist:train or fashion-mnist:test)")
+    root = Path(os.environ.get("HARDEN_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    found = {}
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        for name in (f"{prefix}-{kind}.gz", f"{prefix}-{kind}"):
+            if (root / name).exists():
+                found[kind] = root / name
+                break
+        else:
+            raise InputError(f"Fashion-MNIST not found under {root}: install Debian's package "
+                             "(apt-get install dataset-fashion-mnist) or set HARDEN_FASHION_MNIST_DIR")
+    images = torch.from_numpy(_read_idx(found["images-idx3-ubyte"]).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(found["labels-idx1-ubyte"]).astype(np.int64))
+    return Dataset(images, labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{split}")
+
+
+def load_image_folder(root: Path) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise InputError(f"image folder '{root}' has {len(class_dirs)} class subfolder(s); "
+                         "it needs one subfolder per class and at least two classes")
+    arrays, labels, shapes = [], [], {}
+    for label, d in enumerate(class_dirs):
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(f"class folder '{d}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                    arr = np.asarray(im.convert(mode))
+            except (UnidentifiedImageError, OSError) as e:
+                raise InputError(f"cannot read image '{p}': {e}") from None
+            if arr.ndim == 2:
+                arr = arr[:, :, None]
+            shapes.setdefault(arr.shape, p)
+            arrays.append(arr)
+            labels.append(label)
+    channels = max(a.shape[2] for a in arrays)
+    if channels == 3:  # mixed grayscale and colour: promote to RGB
+        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:
+        (s1, s2) = sorted(sizes)[:2]
+        raise InputError(f"images in '{root}' have different sizes ({s1[0]}x{s1[1]}, {s2[0]}x{s2[1]}, ...): "
+                         "resize them to one size first")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return Dataset(images, torch.tensor(labels, dtype=torch.int64), [d.name for d in class_dirs], str(root))
+
+
+def _load_safetensors(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"cannot read '{path}' as safetensors: {e}") from None
+    return t.get("images"), t.get("labels"), None
+
+
+def _load_npz(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = z["images"] if "images" in z else None
+            labels = z["labels"] if "labels" in z else None
+            classes = [str(c) for c in z["classes"]] if "classes" in z else None
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot read '{path}' as .npz: {e}") from None
+    return images, labels, classes
+
+
+def _load_pt(path: Path):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        raise InputError(f"cannot read '{path}' as a tensor file: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"'{path}' must hold a dict with 'images' and 'labels'")
+    return obj.get("images"), obj.get("labels"), obj.get("classes")
+
+
+def _from_arrays(images, labels, classes, source: str) -> Dataset:
+    if images is None or labels is None:
+        raise InputError(f"'{source}' must contain both 'images' and 'labels'")
+    images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    labels = torch.as_tensor(np.asarray(labels)) if not isinstance(labels, torch.Tensor) else labels
+    labels = labels.reshape(-1)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise InputError(f"'{source}': labels must be integers, got {labels.dtype}")
+    labels = labels.to(torch.int64)
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim != 4:
+        raise InputError(f"'{source}': images must be NCHW or NHWC, got shape {tuple(images.shape)}")
+    if images.shape[1] not in (1, 3, 4) and images.shape[3] in (1, 3, 4):
+        images = images.permute(0, 3, 1, 2).contiguous()
+    if images.shape[0] != labels.shape[0]:
+        raise InputError(f"'{source}': {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.dtype != torch.uint8:
+        images = images.float()
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 1:
+            raise InputError(f"'{source}': float images must lie in [0, 1] (found {lo:g}..{hi:g}); "
+                             "store uint8 0-255 or scale to [0, 1]")
+    return Dataset(images, labels, list(classes) if classes is not None else None, source)
+
+
+# ---------------------------------------------------------------- conforming to the model
+
+
+def parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
+    if text is None or text == "":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[,x]\s*(\d+)\s*", str(text))
+    if not m:
+        raise InputError(f"{what} must be H,W (for example 28,28), got '{text}'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def conform(ds: Dataset, channels: int | None, resize: tuple[int, int] | None,
+            crop: tuple[int, int] | None) -> Dataset:
+    """Resize, centre-crop and convert channels; every step is recorded in ds.notes."""
+    images = ds.images
+    notes = list(ds.notes)
+    if resize is not None and tuple(images.shape[2:]) != resize:
+        was_uint8 = images.dtype == torch.uint8
+        x = F.interpolate(to_float(images), size=resize, mode="bilinear", antialias=True, align_corners=False)
+        x = x.clamp_(0, 1)
+        images = (x * 255).round_().to(torch.uint8) if was_uint8 else x
+        notes.append(f"resized {tuple(ds.images.shape[2:])} -> {resize} (bilinear, antialiased)")
+    if crop is not None:
+        h, w = images.shape[2:]
+        ch, cw = crop
+        if ch > h or cw > w:
+            raise InputError(f"--crop {ch},{cw} is larger than the images ({h}x{w})")
+        top, left = (h - ch) // 2, (w - cw) // 2
+        images = images[:, :, top:top + ch, left:left + cw].contiguous()
+        notes.append(f"centre-cropped to {crop}")
+    if channels is not None and images.shape[1] != channels:
+        c = images.shape[1]
+        if c == 4:
+            images, c = images[:, :3], 3
+            notes.append("dropped alpha channel")
+        if c == 1 and channels == 3:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+            notes.append("grayscale -> RGB (channel copied)")
+        elif c == 3 and channels == 1:
+            wts = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (to_float(images) * wts).sum(1, keepdim=True)
+            images = (x * 255).round_().to(torch.uint8) if ds.images.dtype == torch.uint8 else x
+            notes.append("RGB -> grayscale (ITU-R 601 luma)")
+        elif c != channels:
+            raise InputError(f"images have {c} channels but the model expects {channels}")
+    return Dataset(images, ds.labels, ds.classes, ds.source, notes)
+
+
+def apply_class_map(ds: Dataset, classes_file: str | None) -> Dataset:
+    """Map folder class names to model indices with --classes (JSON list/dict or one name per line)."""
+    if classes_file is None:
+        return ds
+    text = Path(classes_file).read_text()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(obj, dict):
+        mapping = {str(k): int(v) for k, v in obj.items()}
+    elif isinstance(obj, list):
+        mapping = {str(name): i for i, name in enumerate(obj)}
+    else:
+        raise InputError(f"--classes {classes_file}: expected a JSON list or object, or one name per line")
+    if ds.classes is None:
+        raise InputError("--classes applies to image folders (or tensor files that store 'classes')")
+    missing = [c for c in ds.classes if c not in mapping]
+    if missing:
+        raise InputError(f"--classes {classes_file} does not name the data's class(es) {missing[:5]}")
+    remap = torch.tensor([mapping[c] for c in ds.classes], dtype=torch.int64)
+    names = [""] * (max(mapping.values()) + 1)
+    for name, i in mapping.items():
+        names[i] = name
+    notes = ds.notes + [f"class names mapped to model indices by {classes_file}"]
+    return Dataset(ds.images, remap[ds.labels], names, ds.source, notes)
+
+
+def check_labels(ds: Dataset, num_classes: int) -> None:
+    lo, hi = int(ds.labels.min()), int(ds.labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise InputError(f"labels in '{ds.source}' range over {lo}..{hi} but the model has {num_classes} "
+                         f"outputs (0..{num_classes - 1}); fix the labels or map classes with --classes")
+
+
+# ---------------------------------------------------------------- subsets and augmentation
+
+
+def parse_subset(text: str | float | int | None) -> float | int | None:
+    """'10%' or '0.1' -> fraction; '600' -> count."""
+    if text is None or text == "":
+        return None
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            v: float | int = float(s[:-1]) / 100
+        elif re.fullmatch(r"\d+", s):
+            v = int(s)
+        else:
+            v = float(s)
+    except ValueError:
+        raise InputError(f"--subset must be a fraction (0.1 or 10%) or a count (600), got '{text}'") from None
+    if isinstance(v, float) and not 0 < v <= 1:
+        raise InputError(f"--subset fraction must be in (0, 1], got '{text}'")
+    if isinstance(v, int) and v < 1:
+        raise InputError(f"--subset count must be at least 1, got '{text}'")
+    return v
+
+
+def stratified_split(labels: torch.Tensor, size: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded stratified subset: returns (chosen, rest) sorted index tensors."""
+    n = labels.shape[0]
+    count = int(round(size * n)) if isinstance(size, float) else int(size)
+    if count > n:
+        raise InputError(f"--subset {size} asks for {count} samples but the data has only {n}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    chosen = []
+    per_class = {int(c): torch.nonzero(labels == c).flatten() for c in classes}
+    # proportional allocation with largest remainders, so the total is exact
+    quotas = {c: count * len(ix) / n for c, ix in per_class.items()}
+    alloc = {c: int(q) for c, q in quotas.items()}
+    short = count - sum(alloc.values())
+    for c in sorted(quotas, key=lambda c: (-(quotas[c] - alloc[c]), c))[:short]:
+        alloc[c] += 1
+    for c, ix in per_class.items():
+        perm = ix[torch.randperm(len(ix), generator=g)]
+        chosen.append(perm[: alloc[c]])
+    chosen_t = torch.sort(torch.cat(chosen)).values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[chosen_t] = False
+    return chosen_t, torch.nonzero(mask).flatten()
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, hflip: bool = True) -> torch.Tensor:
+    """Pad (reflect) + random crop back to size + random horizontal flip (paper Table 3, first rows)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # n,h
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # n,w
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out.contiguous()

@@ -1,0 +1,320 @@
+"""Robustness evaluation: threat models, per-sample worst case, correct-by-base subset, checks.
+
+Threat models (named in every result):
+  whitebox  attacks computed on the evaluated model end to end (patches included)
+  transfer  attacks computed on the base, scored on the patched model (the fixer paper's setting)
+  blackbox  Square (query attack) on the evaluated model
+Within one threat model each attack runs only on samples still unbroken (AutoAttack style), so
+its final mask is the per-sample worst case over its attacks; gradient attacks run first, then
+FGSM, then Square, so that a single-step or query attack breaking what iterative attacks left is
+visible as a warning.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attacks as A
+from . import data as hdata
+from .patches import PatchedModel
+from .patches.attach import Disabled
+
+THREATS = ("whitebox", "transfer", "blackbox")
+ORDER_LAST = ("fgsm", "square")  # run after the iterative attacks
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class EvalConfig:
+    attacks: list[str] = field(default_factory=lambda: ["apgd-ce"])
+    eps: float = 8 / 255
+    norm: str = "Linf"
+    steps: int | None = None  # None: each attack's reference budget
+    restarts: int = 1
+    queries: int = 5000
+    threats: tuple[str, ...] = THREATS
+    batch_size: int = 256
+    seed: int = 0
+    eps_sweep: list[float] | None = None
+    checks: bool = True
+    check_samples: int = 200
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def acc(mask: torch.Tensor) -> dict:
+    n, k = int(mask.numel()), int(mask.sum())
+    lo, hi = wilson(k, n)
+    return {"accuracy": k / n if n else 0.0, "correct": k, "n": n, "ci95": [lo, hi]}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(model(x[i:i + batch_size].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _spec(cfg: EvalConfig, name: str, n_classes: int, eps: float | None = None,
+          steps: int | None = None) -> A.AttackSpec:
+    s = steps if steps is not None else (cfg.steps if name not in ("fgsm", "square") else None)
+    return A.AttackSpec(name=name, eps=cfg.eps if eps is None else eps, norm=cfg.norm, steps=s,
+                        restarts=cfg.restarts, queries=cfg.queries, seed=cfg.seed, n_classes=n_classes)
+
+
+def ordered(names: list[str]) -> list[str]:
+    first = [n for n in names if n not in ORDER_LAST]
+    return first + [n for n in ORDER_LAST if n in names]
+
+
+@dataclass
+class ChainResult:
+    threat: str
+    rows: list[dict]
+    robust: torch.Tensor  # per-sample: still correct after every attack of the chain
+    violations: int
+
+
+def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              start: torch.Tensor, specs: list[A.AttackSpec], cfg: EvalConfig, device: torch.device,
+              progress: Progress | None = None, label: str = "") -> ChainResult:
+    """Attacks computed on `source`, scored on `target`, each only on the still-robust samples."""
+    robust = start.clone()
+    rows, violations = [], 0
+    for spec in specs:
+        attack = A.build(source, spec)
+        idx = torch.nonzero(robust).flatten()
+        t0 = time.time()
+        broken = 0
+        for j in range(0, len(idx), cfg.batch_size):
+            bi = idx[j:j + cfg.batch_size]
+            xb, yb = x[bi].to(device), y[bi].to(device)
+            adv = attack(xb, yb)
+            # Check the returned examples: inside [0, 1] and the eps-ball, else project and count.
+            tol = 1e-6 + spec.eps * 1e-5
+            bad = (A.perturbation_norm(xb, adv, spec.norm) > spec.eps + tol) | \
+                  (adv.flatten(1).min(1).values < -tol) | (adv.flatten(1).max(1).values > 1 + tol)
+            if bool(bad.any()):
+                violations += int(bad.sum())
+                adv = A.project(xb, adv, spec.eps, spec.norm)
+            with torch.no_grad():
+                ok = target(adv).argmax(1).cpu() == yb.cpu()
+            robust[bi] = ok
+            broken += int((~ok).sum())
+            if progress:
+                progress(f"{label}{threat} {spec.label}", min(j + cfg.batch_size, len(idx)), len(idx), {})
+        seconds = time.time() - t0
+        rows.append({"attack": spec.label, "settings": spec.record(), "attacked": int(len(idx)),
+                     "broken": broken, "robust_after": acc(robust), "seconds": seconds,
+                     "images_per_s": len(idx) / seconds if seconds > 0 and len(idx) else None})
+    return ChainResult(threat, rows, robust, violations)
+
+
+def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+                   cfg: EvalConfig, n_classes: int, device: torch.device,
+                   progress: Progress | None = None) -> dict:
+    """All threat models for one model. `base` is None when the model is the base itself."""
+    logits = predict(model, x, cfg.batch_size, device)
+    clean = logits.argmax(1) == y
+    names = ordered(cfg.attacks)
+    grad_specs = [_spec(cfg, n, n_classes) for n in names if n != "square"]
+    square_specs = [_spec(cfg, "square", n_classes)] if "square" in names else []
+    chains: dict[str, ChainResult] = {}
+    if "whitebox" in cfg.threats and grad_specs:
+        chains["whitebox"] = run_chain("whitebox", model, model, x, y, clean, grad_specs, cfg, device,
+                                       progress, f"{name} ")
+    if "transfer" in cfg.threats and grad_specs and base is not None:
+        tspecs = [_spec(cfg, n, n_classes) for n in names if n != "square"]
+        chains["transfer"] = run_chain("transfer", base, model, x, y, clean, tspecs, cfg, device,
+                                       progress, f"{name} ")
+    if "blackbox" in cfg.threats and square_specs:
+        chains["blackbox"] = run_chain("blackbox", model, model, x, y, clean, square_specs, cfg, device,
+                                       progress, f"{name} ")
+    worst = clean.clone()
+    for c in chains.values():
+        worst &= c.robust
+    result = {
+        "clean": acc(clean),
+        "threats": {t: {"attacks": c.rows, "robust": acc(c.robust), "eps_violations": c.violations}
+                    for t, c in chains.items()},
+        "worst_case": acc(worst),
+        "per_class": per_class(y, clean, worst, n_classes),
+        "_masks": {"clean": clean, "worst": worst, **{t: c.robust for t, c in chains.items()}},
+        "_logits": logits,
+    }
+    if "whitebox" in chains:
+        result["worst_whitebox"] = acc(chains["whitebox"].robust)
+    return result
+
+
+def per_class(y: torch.Tensor, clean: torch.Tensor, worst: torch.Tensor, n_classes: int) -> list[dict]:
+    out = []
+    for c in range(n_classes):
+        m = y == c
+        if int(m.sum()):
+            out.append({"class": c, "n": int(m.sum()), "clean": float(clean[m].float().mean()),
+                        "worst_case": float(worst[m].float().mean())})
+    return out
+
+
+def subset_metrics(res: dict, mask: torch.Tensor) -> dict:
+    m = res["_masks"]
+    return {k: acc(v[mask]) for k, v in m.items()}
+
+
+def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: torch.device,
+             has_patches: bool, progress: Progress | None = None) -> dict:
+    """Evaluate the base (and the patched model, when it has patches) on `ds`."""
+    x, y = hdata.to_float(ds.images), ds.labels
+    n_classes = int(patched(x[:1].to(device)).shape[1])
+    base = Disabled(patched)
+    models: dict[str, dict] = {}
+    models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress)
+    if has_patches:
+        models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress)
+    base_correct = models["base"]["_masks"]["clean"]
+    for res in models.values():
+        res["correct_by_base"] = subset_metrics(res, base_correct)
+    primary = models["patched" if has_patches else "base"]
+    primary_model = patched if has_patches else base
+    checks = run_checks(primary_model, primary, x, y, cfg, n_classes, device) if cfg.checks else []
+    sweep = eps_sweep(primary_model, x, y, cfg, n_classes, device, progress) if cfg.eps_sweep else None
+    if sweep is not None and cfg.checks:
+        checks.append(_check_sweep(sweep, n_classes))
+    return {"models": models, "checks": checks, "eps_sweep": sweep, "n": len(y), "n_classes": n_classes}
+
+
+# ---------------------------------------------------------------- sanity checks
+
+
+def _check(name: str, ok: bool | None, detail: str, hint: str) -> dict:
+    status = "skip" if ok is None else ("pass" if ok else "warn")
+    return {"name": name, "status": status, "detail": detail, "hint": hint if status == "warn" else ""}
+
+
+def _first_iterative(cfg: EvalConfig) -> str | None:
+    return next((n for n in ordered(cfg.attacks) if n not in ("fgsm", "square")), None)
+
+
+def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
+               n_classes: int, device: torch.device) -> list[dict]:
+    checks = []
+    n = min(cfg.check_samples, len(y))
+    g = torch.Generator().manual_seed(cfg.seed)
+    sel = torch.randperm(len(y), generator=g)[:n]
+    xs, ys = x[sel], y[sel]
+    # 1. eval mode, deterministic, batch-size independent
+    l1 = predict(model, xs, cfg.batch_size, device)
+    l2 = predict(model, xs, cfg.batch_size, device)
+    l3 = predict(model, xs, 1, device) if n <= 64 else predict(model, xs, 7, device)
+    same = torch.equal(l1, l2)
+    bsi = bool(torch.allclose(l1, l3, atol=1e-4, rtol=1e-4))
+    checks.append(_check("deterministic", same and bsi and not model.training,
+                         f"same logits twice: {same}; batch-size independent: {bsi}; eval mode: {not model.training}",
+                         "randomness or batch-dependent layers (BN in train mode) make attacks and numbers unreliable"))
+    # 2. logits, not probabilities
+    probs_like = bool((l1 >= 0).all() and (l1 <= 1).all() and torch.allclose(l1.sum(1), torch.ones(n), atol=1e-3))
+    checks.append(_check("outputs_are_logits", not probs_like,
+                         "outputs look like probabilities" if probs_like else "outputs are unnormalised scores",
+                         "attacks on softmax outputs saturate and understate robustness: return logits"))
+    # 3. inputs in [0, 1] and perturbations within eps
+    in_range = bool(x.min() >= 0 and x.max() <= 1)
+    viol = sum(t["eps_violations"] for t in res["threats"].values())
+    checks.append(_check("perturbations_within_eps", in_range and viol == 0,
+                         f"inputs in [0,1]: {in_range}; returned examples outside eps or [0,1]: {viol} "
+                         "(projected before scoring)",
+                         "an attack returned examples outside the threat model; its numbers were recomputed "
+                         "after projection"))
+    # 4. iterative attacks not weaker than FGSM / square not stronger than white-box / transfer vs white-box
+    wb = res["threats"].get("whitebox")
+    if wb:
+        fg = next((r for r in wb["attacks"] if r["attack"] == "fgsm"), None)
+        has_iter = any(r["attack"] != "fgsm" for r in wb["attacks"])
+        if fg and has_iter:
+            checks.append(_check("iterative_not_weaker_than_fgsm", fg["broken"] == 0,
+                                 f"FGSM broke {fg['broken']} samples the iterative attacks left",
+                                 "single-step beats multi-step: a sign of gradient masking or too small a budget"))
+    masks = res["_masks"]
+    if "blackbox" in masks and "whitebox" in masks:
+        extra = int((masks["whitebox"] & ~masks["blackbox"]).sum())
+        checks.append(_check("square_not_stronger_than_whitebox", extra == 0,
+                             f"Square broke {extra} samples the white-box attacks left "
+                             f"(white-box {float(masks['whitebox'].float().mean()):.4f}, "
+                             f"Square {float(masks['blackbox'].float().mean()):.4f})",
+                             "a gradient-free attack beating gradient attacks means the gradients mislead: "
+                             "gradient masking"))
+    if "transfer" in masks and "whitebox" in masks:
+        extra = int((masks["whitebox"] & ~masks["transfer"]).sum())
+        checks.append(_check("transfer_not_stronger_than_whitebox", extra == 0,
+                             f"transfer attacks broke {extra} samples the white-box attacks left",
+                             "attacking the base beats attacking the model itself: its gradients are masked"))
+    # 5. zero input-gradients
+    xg = xs.to(device).clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xg), ys.to(device), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, xg)
+    zero = float((grad.flatten(1).abs().max(1).values == 0).float().mean())
+    checks.append(_check("nonzero_gradients", zero <= 0.01, f"{zero:.1%} of samples have an all-zero input gradient",
+                         "zero gradients stall gradient attacks (rounding, quantisation, saturation): "
+                         "robust accuracy is overstated; trust Square and transfer numbers instead"))
+    # 6. convergence: doubling the steps changes little; 7. large eps gets near chance
+    name = _first_iterative(cfg)
+    if name is not None and name not in ("fgsm",):
+        clean = model(xs.to(device)).argmax(1).cpu() == ys
+        sp1 = _spec(cfg, name, n_classes)
+        steps = int(sp1.steps or 1)
+        sp2 = _spec(cfg, name, n_classes, steps=2 * steps)
+        r1 = _robust_of(model, xs, ys, clean, sp1, cfg, device)
+        r2 = _robust_of(model, xs, ys, clean, sp2, cfg, device)
+        tol = max(0.02, 2 / n)
+        checks.append(_check("converged", r1 - r2 <= tol,
+                             f"{name} with {steps} steps: {r1:.4f}; with {2 * steps}: {r2:.4f} ({n} samples)",
+                             "more steps still break more samples: raise --steps"))
+        big = 0.5 if cfg.norm == "Linf" else 10.0
+        rb = _robust_of(model, xs, ys, clean, _spec(cfg, name, n_classes, eps=big), cfg, device)
+        chance = 1 / n_classes
+        checks.append(_check("large_eps_near_chance", rb <= chance + 0.1,
+                             f"{name} at eps={big}: {rb:.4f} (chance {chance:.2f})",
+                             "an unbounded-enough attack should reach chance: the attack is failing, not the model "
+                             "holding (gradient masking)"))
+    return checks
+
+
+def _robust_of(model, x, y, clean, spec, cfg, device) -> float:
+    ch = run_chain("check", model, model, x, y, clean, [spec], cfg, device)
+    return float(ch.robust.float().mean())
+
+
+def eps_sweep(model, x, y, cfg: EvalConfig, n_classes: int, device, progress=None) -> list[dict]:
+    name = _first_iterative(cfg) or "fgsm"
+    clean = predict(model, x, cfg.batch_size, device).argmax(1) == y
+    out = []
+    for e in cfg.eps_sweep or []:
+        if e == 0:
+            out.append({"eps": 0.0, "attack": name, **acc(clean)})
+            continue
+        ch = run_chain("whitebox", model, model, x, y, clean, [_spec(cfg, name, n_classes, eps=e)], cfg, device,
+                       progress, f"sweep eps={e:g} ")
+        out.append({"eps": e, "attack": name, **acc(ch.robust)})
+    return out
+
+
+def _check_sweep(sweep: list[dict], n_classes: int) -> dict:
+    vals = [s["accuracy"] for s in sorted(sweep, key=lambda s: s["eps"])]
+    mono = all(b <= a + 1e-9 for a, b in zip(vals, vals[1:]))
+    return _check("monotone_in_eps", mono, "robust accuracy over eps: " + ", ".join(f"{v:.3f}" for v in vals),
+                  "accuracy rising with eps means the attack fails at larger eps: gradient masking")

@@ -1,0 +1,115 @@
+"""The base classifier as harden sees it: [0, 1] pixels in, logits out.
+
+`Classifier` wraps the user's network with the input normalisation and the logits extraction,
+so every attack works in pixel space with eps in pixel units. The user's network sits under
+`.net` and keeps its own parameter names.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+
+@dataclass
+class InputSpec:
+    shape: list[int] | None = None  # C,H,W
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    classes: list[str] | None = None
+    num_classes: int | None = None
+    logits: str | None = None  # key or index into a tuple/dict output
+    preprocessing: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "InputSpec":
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
+
+
+def parse_floats(text: str | None, what: str) -> list[float] | None:
+    if text is None or text == "":
+        return None
+    try:
+        return [float(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def parse_shape(text: str | None) -> list[int] | None:
+    if text is None or text == "":
+        return None
+    try:
+        shape = [int(v) for v in str(text).replace("x", ",").split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"--input-shape must be C,H,W (for example 3,32,32), got '{text}'")
+    return shape
+
+
+def extract_logits(out: Any, key: str | None) -> torch.Tensor:
+    """Pick the logits tensor out of a model's output (tensor, tuple, dict or object with .logits)."""
+    if key is not None and key != "":
+        try:
+            if isinstance(out, dict):
+                return out[key]
+            if isinstance(out, (tuple, list)):
+                return out[int(key)]
+            return getattr(out, key)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise InputError(f"--logits {key}: the model's output ({type(out).__name__}) has no such entry") from None
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InputError(f"cannot find logits in the model's output ({type(out).__name__}); pass --logits KEY|INDEX")
+
+
+class Classifier(nn.Module):
+    """x in [0, 1] -> normalise -> net -> logits."""
+
+    def __init__(self, net: nn.Module, spec: InputSpec) -> None:
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        channels = spec.shape[0] if spec.shape else None
+        for name, values in (("mean", spec.mean), ("std", spec.std)):
+            t = None
+            if values is not None:
+                if channels is not None and len(values) not in (1, channels):
+                    raise InputError(f"--{name} has {len(values)} values but the input has {channels} channels")
+                if name == "std" and min(values) <= 0:
+                    raise InputError("--std values must be positive")
+                t = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+            self.register_buffer(name, t, persistent=False)
+        self.net.eval()
+
+    def train(self, mode: bool = True) -> "Classifier":
+        # The base is frozen: it stays in eval mode whatever a library asks.
+        self.training = False
+        self.net.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            x = x - self.mean
+        if self.std is not None:
+            x = x / self.std
+        return extract_logits(self.net(x), self.spec.logits).float()
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()

@@ -1,0 +1,170 @@
+"""Attach patches to named layers of a frozen base through forward hooks.
+
+The base module tree, its names and buffers are never edited; a patch receives the output
+of its site and returns a new output. `PatchedModel.train()` only ever trains the patches.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..model import Classifier
+
+
+def _key(site: str) -> str:
+    return site.replace(".", "__")
+
+
+def parse_sites(at: str | None, at_regex: str | None, names: list[str],
+                default_kind: str = "fixer") -> list[tuple[str, str]]:
+    """Resolve `--at` (comma list, `KIND:SITE` entries) and `--at-regex` to (kind, site) pairs.
+
+    Every name is checked before anything is attached; unknown names list the closest ones.
+    """
+    from . import PATCH_KINDS
+
+    out: list[tuple[str, str]] = []
+    for entry in [e.strip() for e in (at or "").split(",") if e.strip()]:
+        kind, site = entry.split(":", 1) if ":" in entry else (default_kind, entry)
+        if kind not in PATCH_KINDS:
+            raise InputError(f"unknown patch kind '{kind}' in '{entry}' (available: {', '.join(PATCH_KINDS)})")
+        if site not in names:
+            close = difflib.get_close_matches(site, names, n=5, cutoff=0.3) or names[:5]
+            raise InputError(f"--at '{site}' matches no layer of the model; closest names: {', '.join(close)} "
+                             "(see `harden layers`)")
+        out.append((kind, site))
+    if at_regex:
+        try:
+            rx = re.compile(at_regex)
+        except re.error as e:
+            raise InputError(f"--at-regex '{at_regex}' is not a valid regular expression: {e}") from None
+        hits = [n for n in names if n and rx.fullmatch(n)]
+        if not hits:
+            raise InputError(f"--at-regex '{at_regex}' matches no layer name (it must match a whole name; "
+                             f"names look like: {', '.join(names[1:6])})")
+        out.extend((default_kind, n) for n in hits if (default_kind, n) not in out)
+    seen = set()
+    for _, site in out:
+        if site in seen:
+            raise InputError(f"site '{site}' is named twice")
+        seen.add(site)
+    return out
+
+
+class PatchedModel(nn.Module):
+    """A frozen `Classifier` plus patches attached at named layers of `model.net`."""
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+        self.patches = nn.ModuleDict()
+        self.sites: dict[str, str] = {}  # site -> key in self.patches
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._enabled = True
+        self._capture: dict[str, torch.Tensor] | None = None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+
+    # -- structure
+    @property
+    def net(self) -> nn.Module:
+        return self.model.net
+
+    def attach(self, site: str, patch: nn.Module) -> None:
+        if site in self.sites:
+            raise InputError(f"site '{site}' already has a patch")
+        module = self.net.get_submodule(site)
+        key = _key(site)
+        self.patches[key] = patch
+        self.sites[site] = key
+        self._handles[site] = module.register_forward_hook(self._make_hook(site, key))
+
+    def _make_hook(self, site: str, key: str):
+        def hook(_module: nn.Module, _inp, out):
+            if not isinstance(out, torch.Tensor):
+                raise InputError(f"site '{site}' returns {type(out).__name__}, not a tensor: choose another site")
+            new = self.patches[key](out) if self._enabled else out
+            if self._capture is not None:
+                # clone: a later in-place op (ReLU(inplace=True)) must not rewrite the captured features
+                self._capture[site] = new.clone()
+            return new if self._enabled else None
+        return hook
+
+    def patch_parameters(self) -> Iterator[nn.Parameter]:
+        return self.patches.parameters()
+
+    # -- modes
+    def train(self, mode: bool = True) -> "PatchedModel":
+        self.training = mode
+        self.patches.train(mode)
+        self.model.eval()  # base modules stay in eval, always
+        return self
+
+    @contextlib.contextmanager
+    def patches_disabled(self) -> Iterator["PatchedModel"]:
+        prev, self._enabled = self._enabled, False
+        try:
+            yield self
+        finally:
+            self._enabled = prev
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Collect the features after each patch (or the base's, when disabled) during forwards."""
+        prev, self._capture = self._capture, {}
+        try:
+            yield self._capture
+        finally:
+            self._capture = prev
+
+    def set_strength(self, value: float) -> None:
+        for p in self.patches.values():
+            p.strength = float(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # -- state
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.net.state_dict()
+
+    def patch_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for site, key in self.sites.items():
+            for name, t in self.patches[key].state_dict().items():
+                out[f"harden.{site}.{name}"] = t
+        return out
+
+    def load_patch_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for site, key in self.sites.items():
+            prefix = f"harden.{site}."
+            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self.patches[key].load_state_dict(sd, strict=True)
+
+    def patch_specs(self) -> list[dict]:
+        return [{"kind": self.patches[key].kind, "site": site, **self.patches[key].extra_spec()}
+                for site, key in self.sites.items()]
+
+
+class Disabled(nn.Module):
+    """A view of a PatchedModel with its patches switched off: the base, for attacks on it."""
+
+    def __init__(self, patched: PatchedModel) -> None:
+        super().__init__()
+        self.patched = patched
+
+    def train(self, mode: bool = True) -> "Disabled":
+        self.training = False
+        self.patched.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.patched.patches_disabled():
+            return self.patched(x)

@@ -1,0 +1,250 @@
+"""Reports: JSON (versioned schema), Markdown, self-contained HTML, rich tables; --fail-under gates."""
+from __future__ import annotations
+
+import html
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import InputError
+
+SCHEMA = "harden.report/1"
+THREAT_TEXT = {
+    "whitebox": "white-box: attacks computed on this model end to end (patches included)",
+    "transfer": "transfer: attacks computed on the base, scored on this model (attacker unaware of the patch)",
+    "blackbox": "black-box: Square query attack on this model",
+}
+SCHEMA_REQUIRED = {
+    "schema": str, "harden_version": str, "command": str, "data": dict, "threat_models": dict,
+    "attack_settings": list, "models": dict, "checks": list, "environment": dict,
+}
+
+
+def environment(device: str, seed: int) -> dict:
+    import torch
+    import torchattacks
+
+    return {"torch": torch.__version__, "torchattacks": torchattacks.__version__, "python": platform.python_version(),
+            "device": device, "machine": platform.machine(), "seed": seed}
+
+
+def strip_private(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: strip_private(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, list):
+        return [strip_private(v) for v in obj]
+    return obj
+
+
+def build(command: str, result: dict, data: dict, attack_settings: list, env: dict,
+          extra: dict | None = None) -> dict:
+    rep = {
+        "schema": SCHEMA,
+        "harden_version": __version__,
+        "command": command,
+        "data": data,
+        "threat_models": {t: THREAT_TEXT[t] for t in ("whitebox", "transfer", "blackbox")},
+        "attack_settings": attack_settings,
+        "models": strip_private(result["models"]),
+        "checks": result.get("checks", []),
+        "eps_sweep": result.get("eps_sweep"),
+        "environment": env,
+    }
+    if extra:
+        rep.update(extra)
+    return rep
+
+
+def validate(rep: dict) -> list[str]:
+    """Errors against the report schema (empty when valid)."""
+    errs = [f"missing or mistyped '{k}'" for k, t in SCHEMA_REQUIRED.items() if not isinstance(rep.get(k), t)]
+    if rep.get("schema") != SCHEMA:
+        errs.append(f"schema is {rep.get('schema')!r}, expected {SCHEMA!r}")
+    for name, m in (rep.get("models") or {}).items():
+        for key in ("clean", "worst_case", "threats", "correct_by_base", "per_class"):
+            if key not in m:
+                errs.append(f"models.{name} lacks '{key}'")
+        for acc in [m.get("clean"), m.get("worst_case")]:
+            if isinstance(acc, dict) and not {"accuracy", "n", "ci95"} <= set(acc):
+                errs.append(f"models.{name}: accuracy entries need accuracy, n, ci95")
+    for c in rep.get("checks") or []:
+        if c.get("status") not in ("pass", "warn", "skip"):
+            errs.append(f"check {c.get('name')} has status {c.get('status')!r}")
+    return errs
+
+
+# ---------------------------------------------------------------- gates
+
+
+def parse_fail_under(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    out = {}
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        key, _, val = part.partition("=")
+        key = key.strip()
+        if key not in ("clean", "robust", "transfer", "blackbox"):
+            raise InputError(f"--fail-under: unknown key '{key}' (use clean, robust, transfer, blackbox)")
+        try:
+            v = float(val)
+        except ValueError:
+            raise InputError(f"--fail-under {key}= needs a number in [0, 1], got '{val}'") from None
+        if v > 1:
+            v /= 100  # accept percentages
+        out[key] = v
+    return out
+
+
+def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
+    """Missed thresholds, as sentences (empty = all met)."""
+    if not thresholds:
+        return []
+    name = "patched" if "patched" in rep["models"] else "base"
+    m = rep["models"][name]
+    values = {"clean": m["clean"]["accuracy"]}
+    if "worst_whitebox" in m:
+        values["robust"] = m["worst_whitebox"]["accuracy"]
+    for t in ("transfer", "blackbox"):
+        if t in m["threats"]:
+            values[t] = m["threats"][t]["robust"]["accuracy"]
+    missed = []
+    for key, th in thresholds.items():
+        if key not in values:
+            missed.append(f"{key}: not measured (no {key} attack ran)")
+        elif values[key] < th:
+            missed.append(f"{key} accuracy {values[key]:.4f} < {th:.4f}")
+    return missed
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _pct(a: dict | None) -> str:
+    if not a:
+        return "—"
+    lo, hi = a["ci95"]
+    return f"{100 * a['accuracy']:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}]"
+
+
+def rows(rep: dict) -> list[tuple[str, str, str, str]]:
+    """(model, measure, threat, accuracy) rows shared by the table, Markdown and HTML."""
+    out = []
+    for name, m in rep["models"].items():
+        out.append((name, "clean", "—", _pct(m["clean"])))
+        for t, th in m["threats"].items():
+            for r in th["attacks"]:
+                out.append((name, f"after {r['attack']}", t, _pct(r["robust_after"])))
+            out.append((name, f"worst case ({t})", t, _pct(th["robust"])))
+        out.append((name, "worst case (all threats)", "all", _pct(m["worst_case"])))
+        cb = m.get("correct_by_base", {})
+        if "worst" in cb:
+            out.append((name, "worst case on base-correct subset", "all", _pct(cb["worst"])))
+    return out
+
+
+def render_table(rep: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"harden {rep['command']}: {rep['data'].get('n')} samples of {rep['data'].get('source')}")
+    for col in ("model", "measure", "threat model", "accuracy [95% CI]"):
+        table.add_column(col)
+    for r in rows(rep):
+        table.add_row(*r)
+    console.print(table)
+    for c in rep.get("checks", []):
+        style = {"pass": "green", "warn": "yellow", "skip": "dim"}[c["status"]]
+        console.print(f"[{style}]{c['status']:>4}[/] {c['name']}: {c['detail']}" +
+                      (f" — {c['hint']}" if c["hint"] else ""), highlight=False)
+
+
+def to_markdown(rep: dict) -> str:
+    lines = [f"## harden {rep['command']} report", "",
+             f"Data: `{rep['data'].get('source')}`, {rep['data'].get('n')} samples. "
+             f"harden {rep['harden_version']}, torch {rep['environment']['torch']}, "
+             f"torchattacks {rep['environment']['torchattacks']}, seed {rep['environment']['seed']}.", ""]
+    for w in rep["data"].get("warnings", []):
+        lines.append(f"> **Warning:** {w}")
+    lines += ["", "| model | measure | threat model | accuracy [95% CI] |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(rep)]
+    lines += ["", "Threat models:", ""] + [f"- **{k}** — {v}" for k, v in rep["threat_models"].items()]
+    lines += ["", "Attack settings:", ""]
+    lines += [f"- `{json.dumps(s, sort_keys=True)}`" for s in rep["attack_settings"]]
+    if rep.get("checks"):
+        lines += ["", "| check | status | detail |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {c['status']} | {c['detail']}{' — ' + c['hint'] if c['hint'] else ''} |"
+                  for c in rep["checks"]]
+    if rep.get("eps_sweep"):
+        lines += ["", "| eps | attack | accuracy |", "|---|---|---|"]
+        lines += [f"| {s['eps']:g} | {s['attack']} | {100 * s['accuracy']:.1f}% |" for s in rep["eps_sweep"]]
+    return "\n".join(lines) + "\n"
+
+
+def _svg_curve(sweep: list[dict]) -> str:
+    w, h, pad = 420, 260, 40
+    pts = sorted(sweep, key=lambda s: s["eps"])
+    emax = max(s["eps"] for s in pts) or 1.0
+
+    def xy(e, a):
+        return pad + (w - 2 * pad) * e / emax, h - pad - (h - 2 * pad) * a
+
+    path = " ".join(f"{'M' if i == 0 else 'L'}{xy(s['eps'], s['accuracy'])[0]:.1f},{xy(s['eps'], s['accuracy'])[1]:.1f}"
+                    for i, s in enumerate(pts))
+    dots = "".join(f'<circle cx="{xy(s["eps"], s["accuracy"])[0]:.1f}" cy="{xy(s["eps"], s["accuracy"])[1]:.1f}" '
+                   f'r="3"><title>eps {s["eps"]:g}: {100 * s["accuracy"]:.1f}%</title></circle>' for s in pts)
+    ticks = "".join(f'<text x="{xy(s["eps"], 0)[0]:.1f}" y="{h - pad + 15}" font-size="10" '
+                    f'text-anchor="middle">{s["eps"]:g}</text>' for s in pts)
+    yt = "".join(f'<text x="{pad - 5}" y="{xy(0, a)[1] + 3:.1f}" font-size="10" text-anchor="end">{int(a * 100)}%</text>'
+                 for a in (0, 0.5, 1))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">'
+            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>'
+            f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="2"/>{dots}{ticks}{yt}'
+            f'<text x="{w / 2}" y="{h - 5}" font-size="11" text-anchor="middle">eps</text>'
+            f'<text x="12" y="{h / 2}" font-size="11" transform="rotate(-90 12 {h / 2})" '
+            f'text-anchor="middle">robust accuracy ({html.escape(pts[0]["attack"])}, white-box)</text></svg>')
+
+
+def to_html(rep: dict) -> str:
+    esc = html.escape
+    body = [f"<h1>harden {esc(rep['command'])} report</h1>",
+            f"<p>Data: <code>{esc(str(rep['data'].get('source')))}</code>, {rep['data'].get('n')} samples. "
+            f"harden {esc(rep['harden_version'])}, torch {esc(rep['environment']['torch'])}, "
+            f"seed {rep['environment']['seed']}.</p>"]
+    body += [f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in rep["data"].get("warnings", [])]
+    body.append("<table><tr><th>model</th><th>measure</th><th>threat model</th><th>accuracy [95% CI]</th></tr>")
+    body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows(rep)]
+    body.append("</table><h2>Threat models</h2><ul>")
+    body += [f"<li><b>{esc(k)}</b> — {esc(v)}</li>" for k, v in rep["threat_models"].items()]
+    body.append("</ul><h2>Attack settings</h2><ul>")
+    body += [f"<li><code>{esc(json.dumps(s, sort_keys=True))}</code></li>" for s in rep["attack_settings"]]
+    body.append("</ul>")
+    if rep.get("checks"):
+        body.append("<h2>Sanity checks</h2><table><tr><th>check</th><th>status</th><th>detail</th></tr>")
+        body += [f"<tr class={c['status']}><td>{esc(c['name'])}</td><td>{c['status']}</td>"
+                 f"<td>{esc(c['detail'])}{(' — ' + esc(c['hint'])) if c['hint'] else ''}</td></tr>"
+                 for c in rep["checks"]]
+        body.append("</table>")
+    if rep.get("eps_sweep"):
+        body.append("<h2>Robustness curve</h2>" + _svg_curve(rep["eps_sweep"]))
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}tr.warn td{background:#fff3cd}.warn{color:#8a6d3b}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>harden report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def write(rep: dict, path: str | Path) -> None:
+    from .checkpoint import atomic_write
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    render = {".json": lambda r: json.dumps(r, indent=2, sort_keys=True) + "\n", ".md": to_markdown,
+              ".html": to_html}.get(suffix)
+    if render is None:
+        raise InputError(f"--report '{path}': use a .json, .md or .html file name")
+    text = render(rep)
+
+    def _w(tmp: str) -> None:
+        Path(tmp).write_text(text)
+    atomic_write(path, _w)

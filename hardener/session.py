@@ -1,0 +1,127 @@
+"""Shared plumbing of the commands: load a model and data, conform them, pick a device.
+
+The CLI only parses options and renders; everything it needs to build lives here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as hdata
+from .checkpoint import LoadedBase, Manifest, load_base, load_patched, read_manifest
+from .errors import InputError
+from .layers import probe
+from .model import Classifier, InputSpec, parse_floats, parse_shape
+from .patches import PatchedModel
+from . import archspec
+
+
+@dataclass
+class ModelOptions:
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_pickle: bool = False
+    trust_arch: bool = False
+    mean: str | None = None
+    std: str | None = None
+    logits: str | None = None
+    input_shape: str | None = None
+
+
+@dataclass
+class DataOptions:
+    subset: str | None = None
+    classes: str | None = None
+    resize: str | None = None
+    crop: str | None = None
+
+
+@dataclass
+class Loaded:
+    patched: PatchedModel
+    manifest: Manifest | None  # set for a harden-patched checkpoint
+    base: LoadedBase | None  # set for a plain checkpoint
+
+    @property
+    def has_patches(self) -> bool:
+        return bool(self.patched.sites)
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.patched.model.spec
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got '{name}'")
+    return torch.device(name)
+
+
+def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loaded:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"checkpoint '{path}' does not exist")
+    manifest = read_manifest(p)
+    if manifest is not None:
+        if not allow_patched:
+            raise InputError(f"'{path}' is already a harden-patched checkpoint; patch its base instead "
+                             "(patching a patched model is not supported)")
+        patched, manifest = load_patched(p, arch=opts.arch, trust_arch=opts.trust_arch,
+                                         arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs) or None)
+        return Loaded(patched, manifest, None)
+    base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
+    spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(opts.mean, "--mean"),
+                     std=parse_floats(opts.std, "--std"), logits=opts.logits or None)
+    return Loaded(PatchedModel(Classifier(base.net, spec)), None, base)
+
+
+def load_data(loaded: Loaded, spec_text: str, opts: DataOptions) -> hdata.Dataset:
+    """Load data and conform it to the model: channels, size, labels; fills in the input spec."""
+    ds = hdata.load(spec_text)
+    ds = hdata.apply_class_map(ds, opts.classes)
+    spec = loaded.spec
+    channels = spec.shape[0] if spec.shape else None
+    resize = hdata.parse_pair(opts.resize, "--resize")
+    crop = hdata.parse_pair(opts.crop, "--crop")
+    ds = hdata.conform(ds, channels, resize, crop)
+    if spec.shape is not None and list(ds.shape) != list(spec.shape):
+        raise InputError(f"images of '{ds.source}' are {tuple(ds.shape)} (C,H,W) but the model takes "
+                         f"{tuple(spec.shape)}: pass --resize {spec.shape[1]},{spec.shape[2]}")
+    return ds
+
+
+def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) -> list:
+    """Dry-run the model on the data's shape; record shape and class count; validate labels.
+
+    Returns the layer table of that dry run (`layers.LayerInfo` list).
+    """
+    spec = loaded.spec
+    if ds is not None:
+        spec.shape = list(ds.shape)
+        x = ds.batch(slice(0, 2))[0]
+    elif spec.shape is not None:
+        x = torch.rand(2, *spec.shape)
+    else:
+        raise InputError("cannot tell the model's input shape: pass --input-shape C,H,W or --data")
+    loaded.patched.to(device)
+    infos = probe(loaded.patched.model, x.to(device))
+    out = loaded.patched(x.to(device))
+    if out.ndim != 2:
+        raise InputError(f"the model's output has shape {tuple(out.shape)}, not (batch, classes): "
+                         "pick the logits with --logits KEY|INDEX")
+    num_classes = int(out.shape[1])
+    if spec.num_classes not in (None, num_classes):
+        raise InputError(f"the model has {num_classes} outputs but the checkpoint records {spec.num_classes}")
+    spec.num_classes = num_classes
+    if ds is not None:
+        hdata.check_labels(ds, num_classes)
+        if ds.classes and spec.classes is None:
+            spec.classes = list(ds.classes)
+        spec.preprocessing = list(ds.notes)
+    return infos

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import tiny_model  # noqa: E402
+
+ARCH = f"{HERE / 'tiny_model.py'}:tiny"
+
+
+def make_data(n: int = 90, classes: int = 3, size: int = 8, channels: int = 1, seed: int = 0):
+    """Learnable toy images: class c is a bright band at rows c*size/classes, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    x = torch.rand(n, channels, size, size, generator=g) * 0.3
+    band = size // classes
+    for i, c in enumerate(labels.tolist()):
+        x[i, :, c * band:(c + 1) * band] += 0.6
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def trained_tiny(seed: int = 0, steps: int = 60, **kw) -> torch.nn.Module:
+    """A tiny model trained briefly, so it classifies the toy data and its BN statistics are non-trivial."""
+    torch.manual_seed(seed)
+    m = tiny_model.tiny(**kw)
+    imgs, labels = make_data(n=150, seed=seed + 1)
+    x = imgs.float() / 255
+    opt = torch.optim.Adam(m.parameters(), lr=0.02)
+    m.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(m(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    m = trained_tiny()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    imgs, labels = make_data()
+    np.savez(path, images=imgs.numpy(), labels=labels.numpy())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_test_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "toy_test.npz"
+    imgs, labels = make_data(n=45, seed=7)
+    np.savez(path, images=imgs.numpy(), labels=labels.numpy())
+    return path
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+FAST_PATCH = ["--epochs", "2", "--steps", "2", "--eps", "0.1", "--eval-samples", "15", "--eval-steps", "2",
+              "--batch-size", "32", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def patched_ckpt(tmp_path_factory, tiny_ckpt, tiny_data) -> Path:
+    from hardener.cli import main
+
+    out = tmp_path_factory.mktemp("patched") / "tiny.hardened.safetensors"
+    r = CliRunner().invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data),
+                                  "--subset", "0.5", "--at", "features,block", "--out", str(out), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def assert_input_error(result, *needles: str) -> None:
+    """Exit 2, one clear 'Error:' line, no traceback."""
+    text = result.output
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, text
+    for n in needles:
+        assert n.lower() in errors[0].lower(), errors[0]

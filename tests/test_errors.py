@@ -1,0 +1,148 @@
+"""Bad input: exit 2 with one clear error line and no traceback."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from hardener.cli import main
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+
+
+def _patch(runner, model, *args, data=None):
+    argv = ["patch", str(model), *FAST_PATCH, *args]
+    if data is not None:
+        argv += ["--data", str(data)]
+    return runner.invoke(main, argv)
+
+
+def test_nonexistent_checkpoint(runner, tmp_path, tiny_data):
+    r = _patch(runner, tmp_path / "nope.safetensors", "--arch", ARCH, data=tiny_data)
+    assert_input_error(r, "does not exist")
+
+
+def test_html_page_saved_as_pt(runner, tmp_path, tiny_data):
+    f = tmp_path / "model.pt"
+    f.write_text("<!DOCTYPE html><html><body>Sign in to download</body></html>")
+    r = _patch(runner, f, "--arch", ARCH, data=tiny_data)
+    assert_input_error(r, "not a", "checkpoint")
+
+
+def test_state_dict_without_arch(runner, tmp_path, tiny_data):
+    f = tmp_path / "model.pt"
+    torch.save(trained_tiny(steps=1).state_dict(), f)
+    r = _patch(runner, f, data=tiny_data)
+    assert_input_error(r, "--arch")
+
+
+def test_arch_keys_dont_match(runner, tmp_path, tiny_data):
+    f = tmp_path / "model.safetensors"
+    save_file({"conv.weight": torch.zeros(4, 1, 3, 3), "fc.bias": torch.zeros(3)}, str(f))
+    r = _patch(runner, f, "--arch", ARCH, data=tiny_data)
+    assert_input_error(r, "does not match", "missing")
+
+
+def test_arch_shapes_dont_match(runner, tiny_ckpt, tiny_data):
+    r = _patch(runner, tiny_ckpt, "--arch", ARCH, "--arch-kwargs", '{"width": 8}', data=tiny_data)
+    assert_input_error(r, "shape")
+
+
+def test_site_that_does_not_exist(runner, tiny_ckpt, tiny_data):
+    r = _patch(runner, tiny_ckpt, "--arch", ARCH, "--at", "layer9", data=tiny_data)
+    assert_input_error(r, "layer9", "closest")
+
+
+def test_image_folder_with_single_class(runner, tmp_path, tiny_ckpt):
+    d = tmp_path / "imgs" / "only"
+    d.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(d / f"{i}.png")
+    r = _patch(runner, tiny_ckpt, "--arch", ARCH, data=tmp_path / "imgs")
+    assert_input_error(r, "class")
+
+
+def test_images_of_wrong_size(runner, tmp_path, tiny_ckpt, patched_ckpt):
+    imgs, labels = make_data(n=30, size=12)
+    f = tmp_path / "big.npz"
+    np.savez(f, images=imgs.numpy(), labels=labels.numpy())
+    # a patched checkpoint records its input shape: wrong-size images are named as such
+    r = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(f), "--quiet"])
+    assert_input_error(r, "(1, 12, 12)", "--resize")
+
+
+def test_images_of_wrong_size_for_fixed_size_model(runner, tmp_path):
+    # a model with a flatten+linear head fails on the wrong size: the error names the shape
+    from conftest import HERE
+    import tiny_model
+
+    f = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.fragile().state_dict().items()}, str(f))
+    imgs, labels = make_data(n=20, size=6, classes=2)
+    d = tmp_path / "d.npz"
+    np.savez(d, images=imgs.numpy(), labels=labels.numpy())
+    r = _patch(runner, f, "--arch", f"{HERE / 'tiny_model.py'}:fragile", data=d)
+    assert_input_error(r, "shape (1, 6, 6)")
+
+
+def test_labels_out_of_range(runner, tmp_path, tiny_ckpt):
+    imgs, labels = make_data(n=30)
+    labels[0] = 7
+    f = tmp_path / "bad.npz"
+    np.savez(f, images=imgs.numpy(), labels=labels.numpy())
+    r = _patch(runner, tiny_ckpt, "--arch", ARCH, data=f)
+    assert_input_error(r, "labels", "0..7", "3 outputs")
+
+
+def test_pickled_module_needs_trust(runner, tmp_path, tiny_data):
+    f = tmp_path / "whole.pt"
+    torch.save(trained_tiny(steps=1), f)
+    r = _patch(runner, f, data=tiny_data)
+    assert_input_error(r, "--trust-pickle")
+
+
+def test_patching_a_patched_checkpoint_is_refused(runner, patched_ckpt, tiny_data):
+    r = _patch(runner, patched_ckpt, "--arch", ARCH, data=tiny_data)
+    assert_input_error(r, "already")
+
+
+def test_existing_output_needs_force(runner, tmp_path, tiny_ckpt, tiny_data):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    r = _patch(runner, tiny_ckpt, "--arch", ARCH, "--out", str(out), data=tiny_data)
+    assert_input_error(r, "--force")
+    assert out.read_bytes() == b"keep me"
+
+
+def test_final_relu_on_negative_site(runner, tiny_ckpt, tiny_data):
+    r = _patch(runner, tiny_ckpt, "--arch", ARCH, "--at", "block", "--final-relu", data=tiny_data)
+    assert_input_error(r, "non-negative")
+
+
+def test_shared_module_is_not_a_site(runner, tmp_path, tiny_data):
+    from conftest import HERE
+    import tiny_model
+
+    f = tmp_path / "s.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.shared().state_dict().items()}, str(f))
+    r = _patch(runner, f, "--arch", f"{HERE / 'tiny_model.py'}:shared", "--at", "relu", data=tiny_data)
+    assert_input_error(r, "relu", "called 2x")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--subset", "150%"], "--subset"),
+    (["--eps", "eight"], "eps"),
+    (["--attack", "nope"], "unknown attack"),
+    (["--at", "magic:features"], "unknown patch kind"),
+    (["--at-regex", "zzz.*"], "--at-regex"),
+])
+def test_bad_options(runner, tiny_ckpt, tiny_data, args, needle):
+    r = _patch(runner, tiny_ckpt, "--arch", ARCH, *args, data=tiny_data)
+    assert_input_error(r, needle)
+
+
+def test_missing_data_is_usage_error(runner, tiny_ckpt):
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH])
+    assert r.exit_code == 2 and "--data" in r.output
