@@ -87,12 +87,13 @@ def parse_fail_under(text: str | None) -> dict[str, float]:
         key = key.strip()
         if key not in ("clean", "robust", "transfer", "blackbox"):
             raise InputError(f"--fail-under: unknown key '{key}' (use clean, robust, transfer, blackbox)")
+        val = val.strip()
         try:
-            v = float(val)
+            v = float(val[:-1]) / 100 if val.endswith("%") else float(val)
         except ValueError:
-            raise InputError(f"--fail-under {key}= needs a number in [0, 1], got '{val}'") from None
-        if v > 1:
-            v /= 100  # accept percentages
+            v = -1.0
+        if not 0 <= v <= 1:
+            raise InputError(f"--fail-under {key}= needs a fraction in [0, 1] or a percentage (85%), got '{val}'")
         out[key] = v
     return out
 

@@ -1,0 +1,172 @@
+"""harden eval on models with known answers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hardener import attacks as A, data as hdata, evaluate as E, report as R
+from hardener.cli import main
+from hardener.model import Classifier, InputSpec
+from hardener.patches import PatchedModel
+from hardener.patches.attach import Disabled
+
+from conftest import ARCH, HERE
+import tiny_model
+
+
+def _save(tmp_path, model, name):
+    f = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(f))
+    return f
+
+
+@pytest.fixture()
+def boundary_data(tmp_path):
+    """2-class 1x4x4 images within 0.01 of the Fragile model's boundary (mean pixel 0.25), all correct."""
+    n = 40
+    labels = torch.arange(n) % 2
+    x = torch.full((n, 1, 4, 4), 0.25) + torch.where(labels == 1, 0.01, -0.01).view(n, 1, 1, 1)
+    f = tmp_path / "boundary.npz"
+    np.savez(f, images=x.numpy().astype(np.float32), labels=labels.numpy())
+    return f
+
+
+@pytest.fixture()
+def rounding_data(tmp_path):
+    """Class 0, pixels at 0.42: round() gives 0; +0.1 on half the pixels flips the rounded sum.
+
+    A random start rarely gets there (each pixel needs +0.08 of its ±0.1); Square does, gradients never.
+    """
+    n = 20
+    x = torch.full((n, 1, 4, 4), 0.42)
+    f = tmp_path / "round.npz"
+    np.savez(f, images=x.numpy().astype(np.float32), labels=np.zeros(n, dtype=np.int64))
+    return f
+
+
+def test_model_any_attack_breaks_has_zero_robust_accuracy(runner, tmp_path, boundary_data):
+    ckpt = _save(tmp_path, tiny_model.fragile(), "fragile")
+    r = runner.invoke(main, ["eval", str(ckpt), "--arch", f"{HERE / 'tiny_model.py'}:fragile", "--data",
+                             str(boundary_data), "--attack", "fgsm,pgd,apgd", "--eps", "0.1", "--steps", "10",
+                             "--json", "--quiet", "--no-checks"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    base = rep["models"]["base"]
+    assert base["clean"]["accuracy"] == 1.0
+    assert base["worst_case"]["accuracy"] == 0.0
+    assert base["threats"]["whitebox"]["robust"]["accuracy"] == 0.0
+    assert base["threats"]["whitebox"]["attacks"][0]["attack"] == "pgd"  # iterative first, FGSM after
+
+
+def test_zero_gradient_model_fires_masking_warnings(runner, tmp_path, rounding_data):
+    ckpt = _save(tmp_path, tiny_model.rounding(), "round")
+    r = runner.invoke(main, ["eval", str(ckpt), "--arch", f"{HERE / 'tiny_model.py'}:rounding", "--data",
+                             str(rounding_data), "--attack", "apgd,square", "--eps", "0.1", "--steps", "5",
+                             "--queries", "200", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    checks = {c["name"]: c for c in rep["checks"]}
+    assert checks["nonzero_gradients"]["status"] == "warn"
+    assert checks["square_not_stronger_than_whitebox"]["status"] == "warn"
+    base = rep["models"]["base"]
+    assert base["threats"]["whitebox"]["robust"]["accuracy"] == 1.0  # gradients stall APGD
+    assert base["threats"]["blackbox"]["robust"]["accuracy"] < 0.5  # Square is not fooled
+    assert base["worst_case"]["accuracy"] == base["threats"]["blackbox"]["robust"]["accuracy"]
+
+
+def test_worst_case_equals_per_sample_minimum_by_hand(tiny_ckpt):
+    from conftest import make_data, trained_tiny
+
+    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
+    from hardener.patches import Fixer, FixerConfig
+    fx = Fixer(8, FixerConfig())
+    torch.nn.init.normal_(fx.conv2.weight, std=0.3)  # a patch that changes the model
+    p.attach("block", fx)
+    imgs, labels = make_data(n=60, seed=11)
+    ds = hdata.Dataset(imgs, labels, source="toy")
+    cfg = E.EvalConfig(attacks=["fgsm"], eps=0.15, threats=("whitebox", "transfer"), checks=False, batch_size=7)
+    res = E.evaluate(p, ds, cfg, torch.device("cpu"), has_patches=True)
+    x, y = hdata.to_float(imgs), labels
+    with torch.no_grad():
+        clean = p(x).argmax(1) == y
+    wb = A.build(p, A.AttackSpec("fgsm", eps=0.15))(x, y)
+    tr = A.build(Disabled(p), A.AttackSpec("fgsm", eps=0.15))(x, y)
+    with torch.no_grad():
+        by_hand = clean & (p(wb).argmax(1) == y) & (p(tr).argmax(1) == y)
+    got = res["models"]["patched"]
+    assert got["worst_case"]["correct"] == int(by_hand.sum())
+    assert torch.equal(got["_masks"]["worst"], by_hand)
+    assert 0 < int(by_hand.sum()) < int(clean.sum())  # the case is not trivial
+
+
+def test_perturbation_outside_eps_is_caught(monkeypatch):
+    from conftest import make_data, trained_tiny
+
+    def cheat(model, spec):
+        return lambda x, y: (x + 3 * spec.eps).clamp(0, 1)  # ignores the budget
+    monkeypatch.setitem(A.BUILDERS, "cheat", cheat)
+    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
+    imgs, labels = make_data(n=30, seed=5)
+    cfg = E.EvalConfig(attacks=["cheat"], eps=0.05, threats=("whitebox",), check_samples=10)
+    cfg.attacks = ["cheat"]
+    res = E.evaluate(p, hdata.Dataset(imgs, labels), cfg, torch.device("cpu"), has_patches=False)
+    checks = {c["name"]: c for c in res["checks"]}
+    assert checks["perturbations_within_eps"]["status"] == "warn"
+    assert res["models"]["base"]["threats"]["whitebox"]["eps_violations"] > 0
+
+
+def test_wilson_interval():
+    lo, hi = E.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert E.wilson(0, 10)[0] == 0.0
+
+
+def _eval(runner, ckpt, data, *args):
+    return runner.invoke(main, ["eval", str(ckpt), "--arch", ARCH, "--data", str(data), "--attack", "fgsm",
+                                "--eps", "0.15", "--quiet", "--no-checks", *args])
+
+
+def test_fail_under_exit_codes(runner, patched_ckpt, tiny_test_data):
+    ok = _eval(runner, patched_ckpt, tiny_test_data, "--fail-under", "clean=0.0,robust=0.0,transfer=0.0")
+    assert ok.exit_code == 0, ok.output
+    m = json.loads(_eval(runner, patched_ckpt, tiny_test_data, "--json").stdout)["models"]["patched"]
+    robust = m["worst_whitebox"]["accuracy"]
+    assert 0 < robust < 1
+    bad = _eval(runner, patched_ckpt, tiny_test_data, "--fail-under", f"clean=0.5,robust={robust + 0.001:.4f}")
+    assert bad.exit_code == 1 and "robust accuracy" in bad.output and "clean" not in bad.output.split("missed")[-1]
+    at = _eval(runner, patched_ckpt, tiny_test_data, "--fail-under", f"robust={int(1e6 * robust) / 1e4}%")
+    assert at.exit_code == 0, at.output
+    assert _eval(runner, patched_ckpt, tiny_test_data, "--fail-under", "clean=85").exit_code == 2
+    assert _eval(runner, patched_ckpt, tiny_test_data, "--fail-under", "speed=0.3").exit_code == 2
+    missing = _eval(runner, patched_ckpt, tiny_test_data, "--fail-under", "blackbox=0.1")
+    assert missing.exit_code == 1 and "not measured" in missing.output
+
+
+def test_json_report_validates_and_other_formats(runner, tmp_path, patched_ckpt, tiny_test_data):
+    md, html = tmp_path / "r.md", tmp_path / "r.html"
+    r = _eval(runner, patched_ckpt, tiny_test_data, "--json", "--report", str(md), "--report", str(html),
+              "--eps-sweep", "0,0.05,0.2")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)  # stdout holds the JSON and nothing else
+    assert R.validate(rep) == []
+    assert set(rep["models"]) == {"base", "patched"}
+    assert set(rep["models"]["patched"]["threats"]) == {"whitebox", "transfer"}
+    assert rep["data"]["n"] == 45
+    assert "transfer" in md.read_text() and "<svg" in html.read_text()
+    broken = dict(rep)
+    broken.pop("models")
+    assert R.validate(broken)
+
+
+def test_eval_reads_model_and_data_from_config(runner, tmp_path, patched_ckpt, tiny_test_data, monkeypatch):
+    (tmp_path / "harden.toml").write_text(f'model = "{patched_ckpt}"\neval_data = "{tiny_test_data}"\n'
+                                          f'arch = "{ARCH}"\n[eval]\neps = "0.05"\n')
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(main, ["eval", "--attack", "fgsm", "--quiet", "--no-checks", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["eps"] == 0.05 and rep["checkpoint"] == str(patched_ckpt)
