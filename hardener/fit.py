@@ -158,4 +158,6 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
 
 
 def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog]) -> dict:
-    return {"config": asdict(cfg), "attack": spec.record(), "epochs": [asdict(e) for e in logs]}
+    """The training record stored in the manifest: no wall times, so equal runs give equal files."""
+    epochs = [{k: v for k, v in asdict(e).items() if k != "seconds"} for e in logs]
+    return {"config": asdict(cfg), "attack": spec.record(), "epochs": epochs}

@@ -140,8 +140,12 @@ def rows(rep: dict) -> list[tuple[str, str, str, str]]:
             out.append((name, f"worst case ({t})", t, _pct(th["robust"])))
         out.append((name, "worst case (all threats)", "all", _pct(m["worst_case"])))
         cb = m.get("correct_by_base", {})
-        if "worst" in cb:
-            out.append((name, "worst case on base-correct subset", "all", _pct(cb["worst"])))
+        for key, label, threat in (("clean", "clean", "—"), ("whitebox", "worst case (whitebox)", "whitebox"),
+                                   ("transfer", "worst case (transfer)", "transfer"),
+                                   ("blackbox", "worst case (blackbox)", "blackbox"),
+                                   ("worst", "worst case (all threats)", "all")):
+            if key in cb:
+                out.append((name, f"{label}, base-correct subset", threat, _pct(cb[key])))
     return out
 
 
