@@ -26,6 +26,7 @@ DEFAULT_STEPS = {"fgsm": 1, "pgd": 50, "apgd-ce": 100, "apgd-dlr": 100, "apgd-t"
 ALIASES = {"apgd": "apgd-ce"}
 SUITES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"]}
 MIN_NORM = {"cw-l2", "deepfool"}
+MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
 
 def parse_eps(text: str | float) -> float:
@@ -63,6 +64,10 @@ class AttackSpec:
             raise InputError(f"unknown attack '{self.name}' (choose from {', '.join(attack_names())})")
         if self.steps is None:
             self.steps = DEFAULT_STEPS.get(self.name, 100)
+        need = MIN_CLASSES.get(self.name, 2)
+        if self.n_classes < need:
+            raise InputError(f"{self.name} needs at least {need} classes (its DLR loss uses the top "
+                             f"{need - 1 if self.name == 'apgd-dlr' else need} logits); the model has {self.n_classes}")
 
     @property
     def label(self) -> str:

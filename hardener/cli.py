@@ -99,6 +99,17 @@ def data_options(f):
     return f
 
 
+def _announce(ds: hdata.Dataset, quiet: bool) -> None:
+    """Say on stderr which class index is which and what preprocessing was done."""
+    if quiet:
+        return
+    if ds.classes:
+        err_console.print(f"{ds.source}: {len(ds)} images; classes "
+                          + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes)), highlight=False)
+    for note in ds.notes:
+        err_console.print(f"{ds.source}: {note}", highlight=False)
+
+
 def _mopts(kw: dict) -> ModelOptions:
     return ModelOptions(**{k: kw[k] for k in ModelOptions.__dataclass_fields__})
 
@@ -219,6 +230,7 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
     loaded = load_model(model, _mopts(kw), allow_patched=False)
     ds_all = load_data(loaded, data, _dopts(kw))
     infos = finish_spec(loaded, ds_all, device)
+    _announce(ds_all, kw["quiet"])
     names = [i.name for i in infos]
     if at or at_regex:
         sites = parse_sites(at, at_regex, names)
@@ -370,6 +382,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     loaded = load_model(model, _mopts(kw))
     ds = load_data(loaded, data, _dopts(kw))
     finish_spec(loaded, ds, device)
+    _announce(ds, kw["quiet"])
     subset = hdata.parse_subset(kw["subset"])
     if max_samples and max_samples < len(ds):
         subset = max_samples

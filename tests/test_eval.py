@@ -170,3 +170,46 @@ def test_eval_reads_model_and_data_from_config(runner, tmp_path, patched_ckpt, t
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["eps"] == 0.05 and rep["checkpoint"] == str(patched_ckpt)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_every_attack_name_runs(norm):
+    """Every name of the suite runs through evaluate, its budget recorded, within eps, stdout clean."""
+    from conftest import make_data, trained_tiny
+    import contextlib
+    import io
+
+    p = PatchedModel(Classifier(trained_tiny(num_classes=4), InputSpec(shape=[1, 8, 8])))
+    imgs, labels = make_data(n=12, seed=2)
+    names = ["pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "cw", "deepfool", "square"]
+    if norm == "Linf":
+        names.append("fgsm")
+    eps = 0.1 if norm == "Linf" else 0.5
+    cfg = E.EvalConfig(attacks=A.expand(names), eps=eps, norm=norm, steps=3, queries=30,
+                       threats=("whitebox", "blackbox"), checks=False)
+    buf = io.StringIO()
+    rng_before = torch.random.get_rng_state()
+    with contextlib.redirect_stdout(buf):
+        res = E.evaluate(p, hdata.Dataset(imgs, labels), cfg, torch.device("cpu"), has_patches=False)
+    assert buf.getvalue() == ""
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # attacks do not reseed the global RNG
+    base = res["models"]["base"]
+    ran = [r["attack"] for t in base["threats"].values() for r in t["attacks"]]
+    assert sorted(ran) == sorted(names)
+    assert all(t["eps_violations"] == 0 for t in base["threats"].values())
+    settings = {r["attack"]: r["settings"] for t in base["threats"].values() for r in t["attacks"]}
+    assert settings["apgd-t"]["n_target_classes"] == 3 and settings["square"]["queries"] == 30
+    assert settings["cw"]["min_norm"] is (norm == "L2")
+
+
+def test_dlr_attacks_need_enough_classes():
+    from hardener.errors import InputError
+
+    with pytest.raises(InputError, match="at least 4 classes"):
+        A.AttackSpec("apgd-t", eps=0.1, n_classes=3)
+
+
+def test_reference_budgets_are_the_defaults():
+    assert A.AttackSpec("apgd", eps=0.1).steps == 100
+    assert A.AttackSpec("square", eps=0.1).queries == 5000
+    assert A.expand(["autoattack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
