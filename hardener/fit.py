@@ -23,12 +23,12 @@ from .patches.attach import Disabled
 
 @dataclass
 class FitConfig:
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     lam: float = 1.0  # feature distillation weight
-    mu: float = 0.0  # logit distillation weight
+    mu: float = 1.0  # logit distillation weight
     gamma: float = 0.0  # focal CE
     adversary: str = "base"  # base (transfer, the paper) | patched (adaptive)
     augment: bool = False
@@ -92,6 +92,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch))
+    base_before = {k: v.detach().clone() for k, v in patched.base_state_dict().items()}
     g = torch.Generator().manual_seed(cfg.seed)
     cached_adv = None
     if cfg.adversary == "base" and not cfg.augment:
@@ -154,10 +155,18 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     patched.eval()
     for p in params:
         p.requires_grad_(False)
+    for k, v in patched.base_state_dict().items():
+        if not torch.equal(v, base_before[k]):
+            raise RunError(f"internal error: base tensor '{k}' changed during training; nothing was written")
     return logs
 
 
-def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog]) -> dict:
+def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog], ds: hdata.Dataset,
+           subset: str | None) -> dict:
     """The training record stored in the manifest: no wall times, so equal runs give equal files."""
+    import torchattacks
+
     epochs = [{k: v for k, v in asdict(e).items() if k != "seconds"} for e in logs]
-    return {"config": asdict(cfg), "attack": spec.record(), "epochs": epochs}
+    return {"config": asdict(cfg), "attack": spec.record(), "epochs": epochs, "seed": cfg.seed,
+            "data": {"source": ds.source, "fingerprint": ds.fingerprint(), "n": len(ds), "subset": subset},
+            "torch": torch.__version__, "torchattacks": torchattacks.__version__}
