@@ -241,7 +241,7 @@ class Attack:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), \
+            with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []), \
                     contextlib.redirect_stdout(io.StringIO()):
                 torch.manual_seed(self.spec.seed)
                 adv = self._impl(x, y)

@@ -158,3 +158,11 @@ def test_example_on_fashion_mnist(runner, tmp_path):
     assert report["models"]["base"]["clean"]["accuracy"] > 0.8  # the shipped base is a real classifier
     assert report["data"]["n"] == 100 and report["training"]["data"]["n"] == 300
     assert set(report["models"]["patched"]["threats"]) == {"whitebox", "transfer"}
+
+
+def test_augment_keeps_shape_and_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 1, 8, 8)
+    y = hdata.augment(x, g)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert not torch.equal(x, y)

@@ -50,13 +50,15 @@ def test_final_relu_on_nonnegative_site_reproduces_base():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("adversary", ["base", "patched"])
-def test_fit_keeps_base_bit_identical_and_trains_only_patches(adversary):
+@pytest.mark.parametrize("adversary,augment,norm", [("base", False, "Linf"), ("patched", False, "Linf"),
+                                                    ("base", True, "L2")])
+def test_fit_keeps_base_bit_identical_and_trains_only_patches(adversary, augment, norm):
     p = _patched()
     base_before = {k: v.clone() for k, v in p.base_state_dict().items()}
     patch_before = {k: v.clone() for k, v in p.patch_state_dict().items()}
-    spec = A.AttackSpec("apgd", eps=0.1, steps=3, n_classes=3)
-    F.fit(p, _toy(), spec, F.FitConfig(epochs=2, batch_size=16, adversary=adversary), torch.device("cpu"))
+    spec = A.AttackSpec("apgd", eps=0.1 if norm == "Linf" else 0.5, norm=norm, steps=3, n_classes=3)
+    F.fit(p, _toy(), spec, F.FitConfig(epochs=2, batch_size=16, adversary=adversary, augment=augment),
+          torch.device("cpu"))
     after = p.base_state_dict()
     assert after.keys() == base_before.keys()
     for k, v in base_before.items():
