@@ -155,3 +155,14 @@ def test_manifest_file_arch_needs_trust(patched_ckpt):
     with pytest.raises(InputError, match="--trust-arch"):
         hardener.load(patched_ckpt)
     assert hardener.load(patched_ckpt, trust_arch=True) is not None
+
+
+def test_same_seed_gives_byte_identical_checkpoint(tmp_path, tiny_ckpt, tiny_data, runner):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.safetensors"
+        r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "30",
+                                 "--at", "block", "--out", str(out), *FAST_PATCH])
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
