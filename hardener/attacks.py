@@ -81,6 +81,8 @@ class AttackSpec:
             d.pop("queries")
         if self.name in ("fgsm", "square"):
             d.pop("steps")
+        if d["alpha"] is None:
+            d.pop("alpha")
         d["min_norm"] = self.name in MIN_NORM
         return d
 

@@ -9,6 +9,7 @@ import errno
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -20,6 +21,7 @@ from .checkpoint import Manifest, atomic_write, save_patched
 from .config import ConfigCommand
 from .errors import InputError, RunError, ThresholdError
 from .layers import suggest_sites
+from .resume import Saver, StopFlag, fingerprint
 from .patches import ACTIVATIONS, PATCH_KINDS, FixerConfig, select_sites
 from .session import DataOptions, ModelOptions, finish_spec, load_data, load_model, pick_device
 
@@ -200,6 +202,9 @@ def _default_out(model: str) -> Path:
 @click.option("--augment", is_flag=True, help="Pad + random crop + flip, applied before the attack.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Default: <stem>.hardened.safetensors.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run saved in <out>.partial.")
+@click.option("--save-every", type=int, default=0, show_default=True,
+              help="Also save resumable state every N steps (state is always saved each epoch and on SIGINT/SIGTERM).")
 @click.option("--eval-data", help="Report data (default: the part of --data outside the subset).")
 @click.option("--eval-samples", type=int, default=1000, show_default=True,
               help="Seeded stratified subset of the report data (0 = all).")
@@ -208,8 +213,8 @@ def _default_out(model: str) -> Path:
 @model_options
 @data_options
 def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, eps, norm, steps, adversary,
-          epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, eval_data, eval_samples, eval_steps,
-          report_path, **kw):
+          epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, resume, save_every, eval_data,
+          eval_samples, eval_steps, report_path, **kw):
     """Splice fixer modules into a frozen checkpoint, train them on a small subset, write the patched file."""
     model = _check_model_arg(model)
     if not data:
@@ -252,9 +257,14 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
     cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, mu=mu, gamma=gamma,
                       adversary=adversary, augment=augment, seed=kw["seed"])
     eval_ds, warnings = _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw)
+    saver = Saver(out_file.with_name(out_file.name + ".partial"), resume=resume, every_steps=save_every,
+                  fingerprint=fingerprint({"base": loaded.base.sha256, "data": train_ds.fingerprint(),
+                                           "patches": loaded.patched.patch_specs(), "fit": asdict(cfg),
+                                           "attack": spec.record(), "device": device.type}))
+    saver.check_start()
     t0 = time.time()
-    with ProgressView(kw["quiet"]) as progress:
-        logs = F.fit(loaded.patched, train_ds, spec, cfg, device, progress)
+    with ProgressView(kw["quiet"]) as progress, StopFlag().installed() as stop:
+        logs = F.fit(loaded.patched, train_ds, spec, cfg, device, progress, saver=saver, stop=lambda: bool(stop))
     train_seconds = time.time() - t0
     manifest = Manifest(
         arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
@@ -262,6 +272,7 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
         training=F.record(cfg, spec, logs, train_ds, kw["subset"]),
     )
     save_patched(out_file, loaded.patched.to("cpu"), manifest)
+    saver.clear()
     loaded.patched.to(device)
     err_console.print(f"wrote {out_file} ({len(sites)} patch(es), {sum(p.numel() for p in loaded.patched.patch_parameters()):,} "
                       f"parameters, trained in {train_seconds:.0f}s)")

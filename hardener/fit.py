@@ -19,6 +19,7 @@ from . import attacks, data as hdata, losses
 from .errors import InputError, RunError
 from .patches import PatchedModel
 from .patches.attach import Disabled
+from .resume import Interrupted, Saver
 
 
 @dataclass
@@ -68,8 +69,11 @@ def warmup_cosine(total: int, warmup_frac: float = 0.1) -> Callable[[int], float
 
 
 def _base_adversarials(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int,
-                       device: torch.device, progress: Progress | None) -> torch.Tensor:
-    """Adversarial examples of the frozen base for the whole set, computed once (transfer setting)."""
+                       device: torch.device, progress: Progress | None,
+                       stop: Callable[[], bool] = lambda: False) -> torch.Tensor | None:
+    """Adversarial examples of the frozen base for the whole set, computed once (transfer setting).
+
+    None when `stop()` turned true on the way."""
     attack = attacks.build(Disabled(patched), spec)
     out = torch.empty(ds.images.shape, dtype=torch.float32)
     n = len(ds)
@@ -79,11 +83,17 @@ def _base_adversarials(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.A
         out[i:i + batch_size] = attacks.project(x, attack(x, y), spec.eps, spec.norm).cpu()
         if progress:
             progress("attack", min(i + batch_size, n), n, {})
+        if stop():
+            return None
     return out
 
 
 def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
-        device: torch.device, progress: Progress | None = None) -> list[EpochLog]:
+        device: torch.device, progress: Progress | None = None, saver: Saver | None = None,
+        stop: Callable[[], bool] = lambda: False) -> list[EpochLog]:
+    """Train the patches of `patched` on `ds`. With a `saver`, state is saved atomically at the end of
+    every epoch (and every `saver.every_steps` steps), and when `stop()` turns true, after which
+    `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state."""
     params = [p for p in patched.patch_parameters()]
     if not params:
         raise InputError("nothing to train: no patch parameters")
@@ -94,17 +104,43 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch))
     base_before = {k: v.detach().clone() for k, v in patched.base_state_dict().items()}
     g = torch.Generator().manual_seed(cfg.seed)
+    logs: list[EpochLog] = []
+    start_epoch, start_step, perm, sums = 0, 0, None, None
+    if saver is not None and saver.resume:
+        st = saver.load()
+        patched.load_patch_state_dict(st["patches"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        g.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        logs = [EpochLog(**e) for e in st["logs"]]
+        start_epoch, start_step, perm, sums = st["epoch"], st["step"], st["perm"], st["sums"]
+
+    def save(epoch: int, step: int) -> None:
+        if saver is not None:
+            saver.save({"patches": patched.patch_state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "generator": g.get_state(),
+                        "torch_rng": torch.get_rng_state(), "logs": [asdict(e) for e in logs],
+                        "epoch": epoch, "step": step, "perm": perm, "sums": sums})
+
     cached_adv = None
     if cfg.adversary == "base" and not cfg.augment:
-        cached_adv = _base_adversarials(patched, ds, spec, cfg.batch_size, device, progress)
+        cached_adv = saver.load_adv() if saver is not None else None
+        if cached_adv is None:
+            cached_adv = _base_adversarials(patched, ds, spec, cfg.batch_size, device, progress, stop)
+            if cached_adv is None:  # stopped while attacking: nothing worth keeping yet
+                raise Interrupted("interrupted before training started; nothing to resume")
+            if saver is not None:
+                saver.save_adv(cached_adv)
     base_attack = attacks.build(Disabled(patched), spec)
     patched_attack = attacks.build(patched, spec)
-    logs: list[EpochLog] = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
-        perm = torch.randperm(len(ds), generator=g)
-        for step in range(steps_per_epoch):
+        if perm is None:
+            sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
+            perm = torch.randperm(len(ds), generator=g)
+        assert sums is not None
+        for step in range(start_step, steps_per_epoch):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x, y = ds.batch(idx)
             if cfg.augment:
@@ -150,8 +186,16 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 progress("train", epoch * steps_per_epoch + step + 1, cfg.epochs * steps_per_epoch,
                          {"epoch": epoch + 1, "loss": loss.item(), "ce": ce_clean.item(),
                           "ce_adv": ce_adv.item(), "distill": distill.item()})
+            if stop():
+                save(epoch, step + 1)
+                where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
+                raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
+            if saver is not None and saver.every_steps and (epoch * steps_per_epoch + step + 1) % saver.every_steps == 0:
+                save(epoch, step + 1)
         n = len(ds)
         logs.append(EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0))
+        perm, sums, start_step = None, None, 0
+        save(epoch + 1, 0)
     patched.eval()
     for p in params:
         p.requires_grad_(False)

@@ -1,0 +1,121 @@
+"""Resumable training: atomic state files beside the output, and SIGINT/SIGTERM as a polite stop.
+
+`<out>.partial` holds the training state (patch weights, optimiser, scheduler, RNG states,
+epoch/step, the epoch's permutation and running sums); `<out>.partial.adv.safetensors` the cached
+adversarial examples of the frozen base. Both are written atomically and removed once the
+patched checkpoint is written. A fingerprint of the run's settings guards `--resume`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import torch
+
+from .checkpoint import atomic_write
+from .errors import InputError
+
+STATE_VERSION = 1
+
+
+class Interrupted(click.ClickException):
+    """Stopped by SIGINT/SIGTERM after saving state: exit code 130."""
+
+    exit_code = 130
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Saver:
+    path: Path  # <out>.partial
+    fingerprint: str
+    resume: bool = False
+    every_steps: int = 0  # also save every N steps (0: at the end of each epoch only)
+
+    @property
+    def adv_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".adv.safetensors")
+
+    def check_start(self) -> None:
+        """Refuse to silently discard an interrupted run, or to resume one that is not there."""
+        if self.resume and not self.path.exists():
+            raise InputError(f"--resume: no saved state at '{self.path}' (nothing to resume; drop --resume)")
+        if not self.resume and self.path.exists():
+            raise InputError(f"'{self.path}' holds an interrupted run: pass --resume to continue it, "
+                             "or delete it to start over")
+
+    def save(self, state: dict[str, Any]) -> None:
+        state = {**state, "version": STATE_VERSION, "fingerprint": self.fingerprint}
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def load(self) -> dict[str, Any]:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged state file comes in many forms
+            raise InputError(f"cannot read saved state '{self.path}' ({str(e).splitlines()[0]}); "
+                             "delete it to start over") from None
+        if state.get("version") != STATE_VERSION:
+            raise InputError(f"'{self.path}' was saved by another harden version; delete it to start over")
+        if state.get("fingerprint") != self.fingerprint:
+            raise InputError(f"--resume: the settings differ from the interrupted run saved in '{self.path}' "
+                             "(same model, data, sites and training options are needed); delete it to start over")
+        return state
+
+    def save_adv(self, adv: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        atomic_write(self.adv_path, lambda tmp: save_file({"adv": adv.contiguous()}, tmp,
+                                                          metadata={"fingerprint": self.fingerprint}))
+
+    def load_adv(self) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        if not self.adv_path.exists():
+            return None
+        try:
+            with safe_open(str(self.adv_path), framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") != self.fingerprint:
+                    return None
+                return f.get_tensor("adv")
+        except Exception:  # noqa: BLE001 - a damaged cache is recomputed
+            return None
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.adv_path.unlink(missing_ok=True)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM while installed; the training loop saves and stops at the next step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopFlag"]:
+        def handler(signum, _frame):
+            self.signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            yield self
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)

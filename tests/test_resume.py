@@ -1,0 +1,129 @@
+"""Interrupted runs resume bit-identically; SIGINT saves state and exits 130."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hardener import attacks as A, data as hdata, fit as F
+from hardener.cli import main
+from hardener.model import Classifier, InputSpec
+from hardener.patches import Fixer, FixerConfig, PatchedModel
+from hardener.resume import Interrupted, Saver
+
+from conftest import ARCH, FAST_PATCH, HERE, assert_input_error, make_data, trained_tiny
+
+BASE = trained_tiny()
+
+
+def _fresh() -> PatchedModel:
+    torch.manual_seed(0)
+    net = type(BASE)()
+    net.load_state_dict(BASE.state_dict())
+    p = PatchedModel(Classifier(net.eval(), InputSpec(shape=[1, 8, 8])))
+    p.attach("block", Fixer(8, FixerConfig()))
+    return p
+
+
+def _stopper(after: int):
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] == after
+    return stop
+
+
+@pytest.mark.parametrize("adversary,augment", [("base", False), ("patched", True)])
+def test_interrupted_at_random_points_resumes_bit_identical(tmp_path, adversary, augment):
+    imgs, labels = make_data(n=48, seed=4)
+    ds = hdata.Dataset(imgs, labels)
+    spec = A.AttackSpec("pgd", eps=0.1, steps=2, n_classes=3)
+    cfg = F.FitConfig(epochs=3, batch_size=16, adversary=adversary, augment=augment)  # 9 steps
+    ref = _fresh()
+    F.fit(ref, ds, spec, cfg, torch.device("cpu"))
+
+    path = tmp_path / "run.partial"
+    points = sorted(random.Random(adversary).sample(range(1, 9), 3))
+    done, resume, interruptions = 0, False, 0
+    while True:
+        p = _fresh()
+        saver = Saver(path, fingerprint="x", resume=resume)
+        remaining = [q - done for q in points if q > done]
+        # the first run also polls stop() once per batch while it caches the base's adversarial examples
+        warmup = 3 if adversary == "base" and not saver.adv_path.exists() else 0
+        try:
+            F.fit(p, ds, spec, cfg, torch.device("cpu"), saver=saver,
+                  stop=_stopper(warmup + remaining[0]) if remaining else (lambda: False))
+            break
+        except Interrupted:
+            interruptions += 1
+            done += remaining[0]
+            resume = True
+    assert interruptions == 3
+    for k, v in ref.patch_state_dict().items():
+        assert torch.equal(p.patch_state_dict()[k], v), k
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    path = tmp_path / "run.partial"
+    Saver(path, fingerprint="a").save({"epoch": 0})
+    with pytest.raises(Exception, match="settings differ"):
+        Saver(path, fingerprint="b", resume=True).load()
+
+
+def _cli(tmp_path, out, *extra):
+    data = tmp_path / "d.npz"
+    if not data.exists():
+        import numpy as np
+        imgs, labels = make_data(n=300, seed=9)
+        np.savez(data, images=imgs.numpy(), labels=labels.numpy())
+    ckpt = tmp_path / "base.safetensors"
+    if not ckpt.exists():
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in BASE.state_dict().items()}, str(ckpt))
+    return ["patch", str(ckpt), "--arch", ARCH, "--data", str(data), "--subset", "240", "--at", "features,block",
+            "--out", str(out), *FAST_PATCH, "--epochs", "20", "--batch-size", "16", "--adversary", "patched", *extra]
+
+
+def test_sigint_saves_state_and_resume_matches_uninterrupted(tmp_path, runner):
+    ref = tmp_path / "ref.safetensors"
+    r = runner.invoke(main, _cli(tmp_path, ref))
+    assert r.exit_code == 0, r.output
+
+    out = tmp_path / "out.safetensors"
+    partial = out.with_name(out.name + ".partial")
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    rng = random.Random(1)
+    for i in range(3):
+        before = partial.stat().st_mtime_ns if partial.exists() else 0
+        proc = subprocess.Popen([sys.executable, "-m", "hardener", *_cli(tmp_path, out, *(["--resume"] if i else []))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and (not partial.exists() or partial.stat().st_mtime_ns == before):
+            time.sleep(0.05)  # training is under way once an epoch's state has been saved
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and "--resume" in err
+        assert partial.exists() and not out.exists()
+    r = runner.invoke(main, _cli(tmp_path, out, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == ref.read_bytes()
+    assert not partial.exists()
+
+
+def test_leftover_state_needs_resume(runner, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.with_name(out.name + ".partial").write_bytes(b"x")
+    r = runner.invoke(main, _cli(tmp_path, out))
+    assert_input_error(r, "--resume")
+    r = runner.invoke(main, _cli(tmp_path, tmp_path / "other.safetensors", "--resume"))
+    assert_input_error(r, "nothing to resume")
