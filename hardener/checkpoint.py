@@ -30,6 +30,7 @@ class Manifest:
     patches: list[dict[str, Any]]
     base_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
+    base_tensors_sha256: str = ""
     format_version: int = FORMAT_VERSION
     harden_version: str = __version__
 
@@ -57,9 +58,12 @@ class LoadedBase:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise InputError(f"cannot read '{path}': {e.strerror}") from None
     return h.hexdigest()
 
 
@@ -82,13 +86,34 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         raise InputError(f"'{path}' is not a valid .safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file; a truncated or corrupted file is an input error."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on damaged files
+        raise InputError(f"'{path}' is a damaged .safetensors file ({str(e).splitlines()[0]}); "
+                         "copy or download it again") from None
+
+
+def tensor_digest(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of tensors: the integrity check of a patched file's base."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _read_tensors(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor] | nn.Module, dict[str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         meta = _safetensors_metadata(path)
-        return load_file(str(path)), meta
+        return read_safetensors(path), meta
     if suffix not in (".pt", ".pth", ".bin", ".ckpt"):
         raise InputError(f"'{path}': unsupported checkpoint type '{suffix}' (use .safetensors, .pt or .pth)")
     _sniff_torch_file(path)
@@ -117,8 +142,11 @@ def _read_tensors(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tenso
 
 def _sniff_torch_file(path: Path) -> None:
     """A torch file is a zip archive (PK) or a legacy pickle (0x80): anything else is named as what it is."""
-    with open(path, "rb") as f:
-        head = f.read(64)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise InputError(f"cannot read '{path}': {e.strerror}") from None
     if head.startswith(b"PK") or head[:1] == b"\x80":
         return
     text = head.lstrip().lower()
@@ -152,6 +180,11 @@ def load_state_into(net: nn.Module, sd: dict[str, torch.Tensor], what: str) -> N
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         raise InputError(f"{what} does not match the architecture: keys {'; '.join(parts)} "
                          "(is --arch / --arch-kwargs right?)")
+    wrong = [k for k in expected if expected[k].is_floating_point() and not sd[k].is_floating_point()]
+    if wrong:
+        k = wrong[0]
+        raise InputError(f"{what}: tensor '{k}' has dtype {sd[k].dtype} where the model needs floating point "
+                         f"({len(wrong)} such tensors): the checkpoint is quantised or damaged")
     bad = [k for k in expected if tuple(expected[k].shape) != tuple(sd[k].shape)]
     if bad:
         k = bad[0]
@@ -213,6 +246,7 @@ def save_patched(path: Path, patched, manifest: Manifest) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in patched.base_state_dict().items()}
+    manifest.base_tensors_sha256 = tensor_digest(tensors)
     for k, v in patched.patch_state_dict().items():
         tensors[k] = v.detach().cpu().contiguous().clone()
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={MANIFEST_KEY: manifest.to_json()}))
@@ -247,8 +281,11 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool = F
     spec = _arch_for_manifest(manifest, arch, trust_arch)
     net = archspec.build(spec, arch_kwargs if arch_kwargs is not None else manifest.arch_kwargs)
     net.float()
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path)
     base_sd = {k: v for k, v in tensors.items() if not k.startswith("harden.")}
+    if manifest.base_tensors_sha256 and tensor_digest(base_sd) != manifest.base_tensors_sha256:
+        raise InputError(f"'{path}': the base tensors do not match the manifest's checksum (a corrupted or "
+                         "mixed-up file; this is an integrity check, not a signature)")
     load_state_into(net, base_sd, f"'{path}'")
     model = Classifier(net, InputSpec.from_json(manifest.input))
     patched = PatchedModel(model)

@@ -64,8 +64,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- loading
 
 
-def load(spec: str) -> Dataset:
-    """Load `spec`: `fashion-mnist:train|test`, an image folder, or a tensor file."""
+def load(spec: str, resize: tuple[int, int] | None = None) -> Dataset:
+    """Load `spec`: `fashion-mnist:train|test`, an image folder, or a tensor file.
+
+    `resize` applies while decoding an image folder, so that images of mixed sizes can load."""
     if spec.startswith("fashion-mnist:"):
         return load_fashion_mnist(spec.split(":", 1)[1])
     path = Path(spec)
@@ -73,7 +75,7 @@ def load(spec: str) -> Dataset:
         raise InputError(f"data '{spec}' does not exist (expected an image folder, a "
                          ".safetensors/.npz/.pt tensor file, or fashion-mnist:train|test)")
     if path.is_dir():
-        return load_image_folder(path)
+        return load_image_folder(path, resize)
     loaders = {".safetensors": _load_safetensors, ".npz": _load_npz, ".pt": _load_pt, ".pth": _load_pt}
     loader = loaders.get(path.suffix.lower())
     if loader is None:
@@ -111,7 +113,7 @@ def load_fashion_mnist(split: str) -> Dataset:
     return Dataset(images, labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{split}")
 
 
-def load_image_folder(root: Path) -> Dataset:
+def load_image_folder(root: Path, resize: tuple[int, int] | None = None) -> Dataset:
     from PIL import Image, UnidentifiedImageError
 
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -119,6 +121,8 @@ def load_image_folder(root: Path) -> Dataset:
         raise InputError(f"image folder '{root}' has {len(class_dirs)} class subfolder(s); "
                          "it needs one subfolder per class and at least two classes")
     arrays, labels, shapes = [], [], {}
+    notes: list[str] = []
+    resized = 0
     for label, d in enumerate(class_dirs):
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -127,7 +131,11 @@ def load_image_folder(root: Path) -> Dataset:
             try:
                 with Image.open(p) as im:
                     mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                    arr = np.asarray(im.convert(mode))
+                    im = im.convert(mode)
+                    if resize is not None and im.size != (resize[1], resize[0]):
+                        im = im.resize((resize[1], resize[0]), Image.BILINEAR)
+                        resized += 1
+                    arr = np.asarray(im)
             except (UnidentifiedImageError, OSError) as e:
                 raise InputError(f"cannot read image '{p}': {e}") from None
             if arr.ndim == 2:
@@ -136,15 +144,18 @@ def load_image_folder(root: Path) -> Dataset:
             arrays.append(arr)
             labels.append(label)
     channels = max(a.shape[2] for a in arrays)
-    if channels == 3:  # mixed grayscale and colour: promote to RGB
+    if channels == 3 and any(a.shape[2] == 1 for a in arrays):  # mixed grayscale and colour: promote to RGB
+        notes.append(f"{sum(a.shape[2] == 1 for a in arrays)} grayscale images converted to RGB (mixed folder)")
         arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    if resized:
+        notes.append(f"{resized} images resized to {resize} while decoding (bilinear)")
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         (s1, s2) = sorted(sizes)[:2]
         raise InputError(f"images in '{root}' have different sizes ({s1[0]}x{s1[1]}, {s2[0]}x{s2[1]}, ...): "
-                         "resize them to one size first")
+                         "pass --resize H,W")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return Dataset(images, torch.tensor(labels, dtype=torch.int64), [d.name for d in class_dirs], str(root))
+    return Dataset(images, torch.tensor(labels, dtype=torch.int64), [d.name for d in class_dirs], str(root), notes)
 
 
 def _load_safetensors(path: Path):
@@ -192,12 +203,18 @@ def _from_arrays(images, labels, classes, source: str) -> Dataset:
         images = images.unsqueeze(1)
     if images.ndim != 4:
         raise InputError(f"'{source}': images must be NCHW or NHWC, got shape {tuple(images.shape)}")
-    if images.shape[1] not in (1, 3, 4) and images.shape[3] in (1, 3, 4):
+    # NCHW unless the channel axis is clearly last (1 or 3 channels first win; 4 = RGBA only if unambiguous)
+    if images.shape[1] not in (1, 3) and (images.shape[3] in (1, 3) or
+                                          (images.shape[3] == 4 and images.shape[1] != 4)):
         images = images.permute(0, 3, 1, 2).contiguous()
     if images.shape[0] != labels.shape[0]:
         raise InputError(f"'{source}': {images.shape[0]} images but {labels.shape[0]} labels")
     if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise InputError(f"'{source}': images have dtype {images.dtype}; store uint8 0-255 or float 0-1")
         images = images.float()
+        if not bool(torch.isfinite(images).all()):
+            raise InputError(f"'{source}': images contain NaN or inf values")
         lo, hi = float(images.min()), float(images.max())
         if lo < 0 or hi > 1:
             raise InputError(f"'{source}': float images must lie in [0, 1] (found {lo:g}..{hi:g}); "

@@ -169,7 +169,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
             if cfg.mu:
                 loss = loss + cfg.mu * losses.logit_distillation(out_clean, base_logits)
             if not torch.isfinite(loss):
-                raise RunError(f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}: "
+                raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
                                "lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()

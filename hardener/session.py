@@ -83,11 +83,11 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
 
 def load_data(loaded: Loaded, spec_text: str, opts: DataOptions) -> hdata.Dataset:
     """Load data and conform it to the model: channels, size, labels; fills in the input spec."""
-    ds = hdata.load(spec_text)
+    resize = hdata.parse_pair(opts.resize, "--resize")
+    ds = hdata.load(spec_text, resize)
     ds = hdata.apply_class_map(ds, opts.classes)
     spec = loaded.spec
     channels = spec.shape[0] if spec.shape else None
-    resize = hdata.parse_pair(opts.resize, "--resize")
     crop = hdata.parse_pair(opts.crop, "--crop")
     ds = hdata.conform(ds, channels, resize, crop)
     if spec.shape is not None and list(ds.shape) != list(spec.shape):
