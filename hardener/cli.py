@@ -17,13 +17,14 @@ import torch
 from rich.console import Console
 
 from . import __version__, attacks as A, data as hdata, evaluate as E, fit as F, report as R
-from .checkpoint import Manifest, atomic_write, save_patched
+from .checkpoint import Manifest, atomic_write, save_patched, sha256_file
 from .config import ConfigCommand
 from .errors import InputError, RunError, ThresholdError
 from .layers import suggest_sites
-from .resume import Saver, StopFlag, fingerprint
+from .resume import EvalStore, Interrupted, Saver, StopFlag, fingerprint, sigterm_as_interrupt
 from .patches import ACTIVATIONS, PATCH_KINDS, FixerConfig, select_sites
-from .session import DataOptions, ModelOptions, finish_spec, load_data, load_model, pick_device
+from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, pick_device,
+                      set_deterministic)
 
 err_console = Console(stderr=True)
 
@@ -79,6 +80,8 @@ def model_options(f):
         click.option("--logits", help="Key or index of the logits in a tuple/dict/object output."),
         click.option("--input-shape", help="C,H,W where it cannot be inferred from the data."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--deterministic", is_flag=True,
+                     help="Deterministic kernels (for GPU runs; CPU runs are deterministic for a thread count)."),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--quiet", is_flag=True, help="No progress bars."),
         click.option("--config", type=click.Path(dir_okay=False), help="TOML config file (default: ./harden.toml)."),
@@ -232,6 +235,7 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
     A.expand([attack_name])  # unknown names fail before any loading
     subset = hdata.parse_subset(kw["subset"])
     torch.manual_seed(kw["seed"])
+    set_deterministic(kw["deterministic"])
     device = pick_device(kw["device"])
     loaded = load_model(model, _mopts(kw), allow_patched=False)
     ds_all = load_data(loaded, data, _dopts(kw))
@@ -284,7 +288,7 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
     with ProgressView(kw["quiet"]) as progress:
         result = E.evaluate(loaded.patched, eval_ds, ecfg, device, has_patches=True, progress=progress)
     rep = R.build("patch", result, _data_record(eval_ds, warnings), _settings(result),
-                  R.environment(str(device), kw["seed"]),
+                  R.environment(str(device), kw["seed"], kw["deterministic"]),
                   {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
                    "train_seconds": train_seconds})
     R.render_table(rep, err_console)
@@ -352,10 +356,11 @@ def _settings(result: dict) -> list[dict]:
               help="Write the report: .json, .md or .html (repeatable).")
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted evaluation with the same settings.")
 @model_options
 @data_options
 def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
-             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, **kw):
+             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, **kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
     model = _check_model_arg(model)
     data = data or eval_data
@@ -368,6 +373,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
     sweep = [A.parse_eps(e) for e in eps_sweep.split(",")] if eps_sweep else None
     torch.manual_seed(kw["seed"])
+    set_deterministic(kw["deterministic"])
     device = pick_device(kw["device"])
     loaded = load_model(model, _mopts(kw))
     ds = load_data(loaded, data, _dopts(kw))
@@ -383,19 +389,32 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
                         checks=not no_checks)
-    with ProgressView(kw["quiet"] or as_json) as progress:
-        result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches, progress=progress)
+    fp = fingerprint({"model": sha256_file(Path(model)), "data": ds.fingerprint(), "eval": asdict(ecfg),
+                      "device": device.type})
+    state = Path(f".harden-eval-{fp[:16]}.partial")
+    if state.exists() and not resume:
+        raise InputError(f"'{state}' holds an interrupted evaluation with these settings: pass --resume to "
+                         "continue it, or delete it to start over")
+    store = EvalStore(state, fp, resume)
+    try:
+        with ProgressView(kw["quiet"] or as_json) as progress, sigterm_as_interrupt():
+            result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
+                                progress=progress, store=store)
+    except KeyboardInterrupt:
+        store.flush()
+        raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
     extra = {"checkpoint": model, "eps": ecfg.eps, "norm": norm}
     if loaded.manifest is not None:
         extra["patches"] = loaded.manifest.patches
         extra["training"] = loaded.manifest.training
-    rep = R.build("eval", result, _data_record(ds, []), _settings(result), R.environment(str(device), kw["seed"]),
-                  extra)
+    env = R.environment(str(device), kw["seed"], kw["deterministic"])
+    rep = R.build("eval", result, _data_record(ds, []), _settings(result), env, extra)
     missed = R.gate(rep, thresholds)
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
     R.render_table(rep, err_console)
     for p in report_paths:
         R.write(rep, p)
+    store.clear()
     if as_json:
         out(json.dumps(rep, indent=2, sort_keys=True))
     if missed:

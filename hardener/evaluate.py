@@ -24,6 +24,7 @@ from . import attacks as A
 from . import data as hdata
 from .patches import PatchedModel
 from .patches.attach import Disabled
+from .resume import EvalStore
 
 THREATS = ("whitebox", "transfer", "blackbox")
 ORDER_LAST = ("fgsm", "square")  # run after the iterative attacks
@@ -92,16 +93,27 @@ class ChainResult:
 
 def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor,
               start: torch.Tensor, specs: list[A.AttackSpec], cfg: EvalConfig, device: torch.device,
-              progress: Progress | None = None, label: str = "") -> ChainResult:
-    """Attacks computed on `source`, scored on `target`, each only on the still-robust samples."""
+              progress: Progress | None = None, label: str = "", store: EvalStore | None = None) -> ChainResult:
+    """Attacks computed on `source`, scored on `target`, each only on the still-robust samples.
+
+    With a `store`, progress is recorded per batch and a resumed run skips what was done."""
     robust = start.clone()
     rows, violations = [], 0
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        key = f"{label}{threat}/{i}:{spec.label}"
+        saved = store.get(key) if store is not None else None
+        if saved is not None and saved["row"] is not None:  # finished before the interruption
+            robust, violations = saved["robust"].clone(), violations + saved["violations"]
+            rows.append(saved["row"])
+            continue
         attack = A.build(source, spec)
-        idx = torch.nonzero(robust).flatten()
+        if saved is not None:
+            robust, idx, j0 = saved["robust"].clone(), saved["idx"], saved["j"]
+            broken, spent, viol = saved["broken"], saved["seconds"], saved["violations"]
+        else:
+            idx, j0, broken, spent, viol = torch.nonzero(robust).flatten(), 0, 0, 0.0, 0
         t0 = time.time()
-        broken = 0
-        for j in range(0, len(idx), cfg.batch_size):
+        for j in range(j0, len(idx), cfg.batch_size):
             bi = idx[j:j + cfg.batch_size]
             xb, yb = x[bi].to(device), y[bi].to(device)
             adv = attack(xb, yb)
@@ -110,7 +122,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
             bad = (A.perturbation_norm(xb, adv, spec.norm) > spec.eps + tol) | \
                   (adv.flatten(1).min(1).values < -tol) | (adv.flatten(1).max(1).values > 1 + tol)
             if bool(bad.any()):
-                violations += int(bad.sum())
+                viol += int(bad.sum())
                 adv = A.project(xb, adv, spec.eps, spec.norm)
             with torch.no_grad():
                 ok = target(adv).argmax(1).cpu() == yb.cpu()
@@ -118,16 +130,23 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
             broken += int((~ok).sum())
             if progress:
                 progress(f"{label}{threat} {spec.label}", min(j + cfg.batch_size, len(idx)), len(idx), {})
-        seconds = time.time() - t0
-        rows.append({"attack": spec.label, "settings": spec.record(), "attacked": int(len(idx)),
-                     "broken": broken, "robust_after": acc(robust), "seconds": seconds,
-                     "images_per_s": len(idx) / seconds if seconds > 0 and len(idx) else None})
+            if store is not None:
+                store.put(key, {"robust": robust.clone(), "idx": idx, "j": j + cfg.batch_size, "broken": broken,
+                                "seconds": spent + time.time() - t0, "violations": viol, "row": None})
+        seconds = spent + time.time() - t0
+        violations += viol
+        row = {"attack": spec.label, "settings": spec.record(), "attacked": int(len(idx)),
+               "broken": broken, "robust_after": acc(robust), "seconds": seconds,
+               "images_per_s": len(idx) / seconds if seconds > 0 and len(idx) else None}
+        rows.append(row)
+        if store is not None:
+            store.put(key, {"robust": robust.clone(), "violations": viol, "row": row}, force=True)
     return ChainResult(threat, rows, robust, violations)
 
 
 def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
                    cfg: EvalConfig, n_classes: int, device: torch.device,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None, store: EvalStore | None = None) -> dict:
     """All threat models for one model. `base` is None when the model is the base itself."""
     logits = predict(model, x, cfg.batch_size, device)
     clean = logits.argmax(1) == y
@@ -137,14 +156,14 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
     chains: dict[str, ChainResult] = {}
     if "whitebox" in cfg.threats and grad_specs:
         chains["whitebox"] = run_chain("whitebox", model, model, x, y, clean, grad_specs, cfg, device,
-                                       progress, f"{name} ")
+                                       progress, f"{name} ", store)
     if "transfer" in cfg.threats and grad_specs and base is not None:
         tspecs = [_spec(cfg, n, n_classes) for n in names if n != "square"]
         chains["transfer"] = run_chain("transfer", base, model, x, y, clean, tspecs, cfg, device,
-                                       progress, f"{name} ")
+                                       progress, f"{name} ", store)
     if "blackbox" in cfg.threats and square_specs:
         chains["blackbox"] = run_chain("blackbox", model, model, x, y, clean, square_specs, cfg, device,
-                                       progress, f"{name} ")
+                                       progress, f"{name} ", store)
     worst = clean.clone()
     for c in chains.values():
         worst &= c.robust
@@ -178,15 +197,15 @@ def subset_metrics(res: dict, mask: torch.Tensor) -> dict:
 
 
 def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: torch.device,
-             has_patches: bool, progress: Progress | None = None) -> dict:
+             has_patches: bool, progress: Progress | None = None, store: EvalStore | None = None) -> dict:
     """Evaluate the base (and the patched model, when it has patches) on `ds`."""
     x, y = hdata.to_float(ds.images), ds.labels
     n_classes = int(patched(x[:1].to(device)).shape[1])
     base = Disabled(patched)
     models: dict[str, dict] = {}
-    models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress)
+    models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store)
     if has_patches:
-        models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress)
+        models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store)
     base_correct = models["base"]["_masks"]["clean"]
     for res in models.values():
         res["correct_by_base"] = subset_metrics(res, base_correct)

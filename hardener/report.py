@@ -22,12 +22,13 @@ SCHEMA_REQUIRED = {
 }
 
 
-def environment(device: str, seed: int) -> dict:
+def environment(device: str, seed: int, deterministic: bool = False) -> dict:
     import torch
     import torchattacks
 
     return {"torch": torch.__version__, "torchattacks": torchattacks.__version__, "python": platform.python_version(),
-            "device": device, "machine": platform.machine(), "seed": seed}
+            "device": device, "machine": platform.machine(), "seed": seed, "threads": torch.get_num_threads(),
+            "deterministic": deterministic or torch.are_deterministic_algorithms_enabled()}
 
 
 def strip_private(obj: Any) -> Any:

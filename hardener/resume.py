@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 import json
 import signal
 from dataclasses import dataclass
@@ -119,3 +120,61 @@ class StopFlag:
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
+
+
+class EvalStore:
+    """Progress of a `harden eval` run, per attack and batch, so an interrupted run can resume.
+
+    Saved atomically at most every `interval` seconds and at the end of each attack; removed once
+    the report is written. Keys name model, threat model and attack position in the chain.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, resume: bool, interval: float = 20.0) -> None:
+        self.path, self.fingerprint, self.interval = path, fingerprint, interval
+        self._last = time.time()
+        self.data: dict[str, Any] = {}
+        if resume:
+            if not path.exists():
+                raise InputError(f"--resume: no saved evaluation state at '{path}' (nothing to resume; drop --resume)")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"cannot read saved state '{path}' ({str(e).splitlines()[0]}); delete it") from None
+            if state.get("fingerprint") != fingerprint:
+                raise InputError(f"--resume: the settings differ from the interrupted evaluation in '{path}'; "
+                                 "delete it to start over")
+            self.data = state["data"]
+
+    def get(self, key: str) -> dict | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict, force: bool = False) -> None:
+        self.data[key] = value
+        if force or time.time() - self._last >= self.interval:
+            self.flush()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        if self.data:
+            payload = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "data": self.data}
+            atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+            self._last = time.time()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM stop a run like Ctrl-C does (KeyboardInterrupt), so that state can be saved."""
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

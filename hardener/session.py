@@ -53,6 +53,18 @@ class Loaded:
         return self.patched.model.spec
 
 
+def set_deterministic(on: bool) -> None:
+    """--deterministic: deterministic kernels (matters on GPU; CPU runs are deterministic per thread count)."""
+    if not on:
+        return
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

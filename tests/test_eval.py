@@ -213,3 +213,14 @@ def test_reference_budgets_are_the_defaults():
     assert A.AttackSpec("apgd", eps=0.1).steps == 100
     assert A.AttackSpec("square", eps=0.1).queries == 5000
     assert A.expand(["autoattack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+def test_deterministic_flag_is_recorded(runner, patched_ckpt, tiny_test_data):
+    try:
+        r = _eval(runner, patched_ckpt, tiny_test_data, "--deterministic", "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["environment"]["deterministic"] is True
+    finally:
+        torch.use_deterministic_algorithms(False)
+    r = _eval(runner, patched_ckpt, tiny_test_data, "--json")
+    assert json.loads(r.stdout)["environment"]["deterministic"] is False

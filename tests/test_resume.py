@@ -127,3 +127,41 @@ def test_leftover_state_needs_resume(runner, tmp_path):
     assert_input_error(r, "--resume")
     r = runner.invoke(main, _cli(tmp_path, tmp_path / "other.safetensors", "--resume"))
     assert_input_error(r, "nothing to resume")
+
+
+def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tiny_test_data, monkeypatch, runner):
+    """Ctrl-C in the middle of an evaluation keeps the finished batches; --resume gives the same numbers."""
+    import json
+
+    from hardener import evaluate as E
+
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack", "pgd,fgsm",
+            "--eps", "0.15", "--steps", "3", "--batch-size", "8", "--no-checks", "--json", "--quiet"]
+    ref = json.loads(runner.invoke(main, args).stdout)
+
+    real = E.A.Attack.__call__
+    calls = {"n": 0}
+
+    def flaky(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(self, x, y)
+    monkeypatch.setattr(E.A.Attack, "__call__", flaky)
+    r = runner.invoke(main, args)
+    assert r.exit_code == 130 and "--resume" in r.output
+    assert len(list(tmp_path.glob(".harden-eval-*.partial"))) == 1
+    again = runner.invoke(main, args)
+    assert_input_error(again, "--resume")
+    monkeypatch.setattr(E.A.Attack, "__call__", real)
+    resumed = runner.invoke(main, args + ["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    got = json.loads(resumed.stdout)
+    for name in ("base", "patched"):
+        for t in ref["models"][name]["threats"]:
+            a = [r["robust_after"] for r in ref["models"][name]["threats"][t]["attacks"]]
+            b = [r["robust_after"] for r in got["models"][name]["threats"][t]["attacks"]]
+            assert a == b
+        assert got["models"][name]["worst_case"] == ref["models"][name]["worst_case"]
+    assert not list(tmp_path.glob(".harden-eval-*.partial"))
