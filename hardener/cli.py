@@ -26,7 +26,7 @@ from .patches import ACTIVATIONS, PATCH_KINDS, FixerConfig, select_sites
 from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, pick_device,
                       set_deterministic)
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, emoji=False, highlight=False)
 
 
 def out(text: str) -> None:

@@ -158,8 +158,7 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
         chains["whitebox"] = run_chain("whitebox", model, model, x, y, clean, grad_specs, cfg, device,
                                        progress, f"{name} ", store)
     if "transfer" in cfg.threats and grad_specs and base is not None:
-        tspecs = [_spec(cfg, n, n_classes) for n in names if n != "square"]
-        chains["transfer"] = run_chain("transfer", base, model, x, y, clean, tspecs, cfg, device,
+        chains["transfer"] = run_chain("transfer", base, model, x, y, clean, grad_specs, cfg, device,
                                        progress, f"{name} ", store)
     if "blackbox" in cfg.threats and square_specs:
         chains["blackbox"] = run_chain("blackbox", model, model, x, y, clean, square_specs, cfg, device,
@@ -174,7 +173,6 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
         "worst_case": acc(worst),
         "per_class": per_class(y, clean, worst, n_classes),
         "_masks": {"clean": clean, "worst": worst, **{t: c.robust for t, c in chains.items()}},
-        "_logits": logits,
     }
     if "whitebox" in chains:
         result["worst_whitebox"] = acc(chains["whitebox"].robust)
