@@ -165,3 +165,26 @@ def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tin
             assert a == b
         assert got["models"][name]["worst_case"] == ref["models"][name]["worst_case"]
     assert not list(tmp_path.glob(".harden-eval-*.partial"))
+
+
+def test_nan_loss_keeps_last_good_state_and_resume_continues(tmp_path, runner, monkeypatch):
+    from hardener import losses
+
+    out = tmp_path / "nan.safetensors"
+    real = losses.focal_ce
+    calls = {"n": 0}
+
+    def poisoned(logits, y, gamma=0.0):
+        calls["n"] += 1
+        loss = real(logits, y, gamma)
+        return loss * float("nan") if calls["n"] == 2 * 15 * 2 + 3 else loss  # 2 CE terms x 15 steps x 2 epochs
+    monkeypatch.setattr(losses, "focal_ce", poisoned)
+    r = runner.invoke(main, _cli(tmp_path, out, "--epochs", "4"))
+    assert r.exit_code == 3 and "loss became nan" in r.output.lower(), r.output
+    partial = out.with_name(out.name + ".partial")
+    assert partial.exists() and not out.exists()
+    assert torch.load(partial, weights_only=True)["epoch"] == 2  # the last good state: end of epoch 2
+    monkeypatch.setattr(losses, "focal_ce", real)
+    r = runner.invoke(main, _cli(tmp_path, out, "--epochs", "4", "--resume"))
+    assert r.exit_code == 0, r.output
+    assert out.exists() and not partial.exists()
