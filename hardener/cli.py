@@ -229,8 +229,8 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
         raise InputError(f"'{out_file}' exists; pass --force to overwrite it or choose another --out")
     if not out_file.parent.is_dir():
         raise InputError(f"--out '{out_file}': folder '{out_file.parent}' does not exist")
-    if report_path and Path(report_path).suffix.lower() not in (".json", ".md", ".html"):
-        raise InputError(f"--report '{report_path}': use a .json, .md or .html file name")
+    if report_path:
+        R.check_path(report_path)
     eps_value = A.parse_eps(eps)
     A.expand([attack_name])  # unknown names fail before any loading
     subset = hdata.parse_subset(kw["subset"])
@@ -368,8 +368,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         raise click.UsageError("missing --data (or `eval_data` in harden.toml)")
     thresholds = R.parse_fail_under(fail_under)
     for p in report_paths:
-        if Path(p).suffix.lower() not in (".json", ".md", ".html"):
-            raise InputError(f"--report '{p}': use a .json, .md or .html file name")
+        R.check_path(p)
     names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
     sweep = [A.parse_eps(e) for e in eps_sweep.split(",")] if eps_sweep else None
     torch.manual_seed(kw["seed"])

@@ -240,16 +240,23 @@ def to_html(rep: dict) -> str:
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
+RENDERERS = {".json": lambda r: json.dumps(r, indent=2, sort_keys=True) + "\n", ".md": to_markdown,
+             ".html": to_html}
+
+
+def check_path(path: str | Path) -> Path:
+    """A report path with a known format; checked before any work is done."""
+    path = Path(path)
+    if path.suffix.lower() not in RENDERERS:
+        raise InputError(f"--report '{path}': use a .json, .md or .html file name")
+    return path
+
+
 def write(rep: dict, path: str | Path) -> None:
     from .checkpoint import atomic_write
 
-    path = Path(path)
-    suffix = path.suffix.lower()
-    render = {".json": lambda r: json.dumps(r, indent=2, sort_keys=True) + "\n", ".md": to_markdown,
-              ".html": to_html}.get(suffix)
-    if render is None:
-        raise InputError(f"--report '{path}': use a .json, .md or .html file name")
-    text = render(rep)
+    path = check_path(path)
+    text = RENDERERS[path.suffix.lower()](rep)
 
     def _w(tmp: str) -> None:
         Path(tmp).write_text(text)
