@@ -150,6 +150,11 @@ def rows(rep: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def attack_rows(rep: dict) -> list[tuple[str, str, dict]]:
+    return [(name, t, r) for name, m in rep["models"].items() for t, th in m["threats"].items()
+            for r in th["attacks"]]
+
+
 def render_table(rep: dict, console) -> None:
     from rich.table import Table
 
@@ -175,6 +180,9 @@ def to_markdown(rep: dict) -> str:
     lines += ["", "| model | measure | threat model | accuracy [95% CI] |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(rep)]
     lines += ["", "Threat models:", ""] + [f"- **{k}** — {v}" for k, v in rep["threat_models"].items()]
+    lines += ["", "| model | threat model | attack | attacked | broken | seconds | images/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {t} | {r['attack']} | {r['attacked']} | {r['broken']} | {r['seconds']:.1f} | "
+              f"{r['images_per_s'] or 0:.1f} |" for m, t, r in attack_rows(rep)]
     lines += ["", "Attack settings:", ""]
     lines += [f"- `{json.dumps(s, sort_keys=True)}`" for s in rep["attack_settings"]]
     if rep.get("checks"):
@@ -221,6 +229,11 @@ def to_html(rep: dict) -> str:
     body += [f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in rep["data"].get("warnings", [])]
     body.append("<table><tr><th>model</th><th>measure</th><th>threat model</th><th>accuracy [95% CI]</th></tr>")
     body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows(rep)]
+    body.append("</table><h2>Attack costs</h2><table><tr><th>model</th><th>threat model</th><th>attack</th>"
+                "<th>attacked</th><th>broken</th><th>seconds</th><th>images/s</th></tr>")
+    body += [f"<tr><td>{esc(m)}</td><td>{esc(t)}</td><td>{esc(r['attack'])}</td><td>{r['attacked']}</td>"
+             f"<td>{r['broken']}</td><td>{r['seconds']:.1f}</td><td>{r['images_per_s'] or 0:.1f}</td></tr>"
+             for m, t, r in attack_rows(rep)]
     body.append("</table><h2>Threat models</h2><ul>")
     body += [f"<li><b>{esc(k)}</b> — {esc(v)}</li>" for k, v in rep["threat_models"].items()]
     body.append("</ul><h2>Attack settings</h2><ul>")
