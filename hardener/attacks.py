@@ -52,6 +52,7 @@ class AttackSpec:
     alpha: float | None = None
     seed: int = 0
     n_classes: int = 10
+    smooth_grad: float | None = None  # α of the parametric-softplus backward through the base's ReLUs
     settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,6 +84,8 @@ class AttackSpec:
             d.pop("steps")
         if d["alpha"] is None:
             d.pop("alpha")
+        if d["smooth_grad"] is None:
+            d.pop("smooth_grad")
         d["min_norm"] = self.name in MIN_NORM
         return d
 
@@ -243,8 +246,10 @@ class Attack:
         was_training = self.model.training
         self.model.eval()
         try:
+            smooth = smooth_relu_gradients(self.model, self.spec.smooth_grad) if self.spec.smooth_grad \
+                else contextlib.nullcontext()
             with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []), \
-                    contextlib.redirect_stdout(io.StringIO()):
+                    contextlib.redirect_stdout(io.StringIO()), smooth:
                 torch.manual_seed(self.spec.seed)
                 adv = self._impl(x, y)
                 if isinstance(adv, tuple):  # deepfool returns (adv, target)
@@ -258,6 +263,50 @@ class Attack:
             adv = torch.where(ok.view(-1, 1, 1, 1), adv, x)
         # Returned as the attack made it: callers check the eps-ball (evaluate) or project (fit).
         return adv
+
+
+class _SmoothReLU(torch.autograd.Function):
+    """ReLU forward, parametric-softplus backward: d/dx softplus_α(x) = sigmoid(α·x) (thesis §5.3)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(ctx.alpha * x), None
+
+
+@contextlib.contextmanager
+def smooth_relu_gradients(model: nn.Module, alpha: float):
+    """While active, every nn.ReLU module of `model` (in-place ones included) keeps ReLU in the
+    forward pass and uses softplus_α's derivative in the backward pass. Functional F.relu calls
+    are not reached."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    for m in relus:
+        m.forward = lambda x, _a=alpha: _SmoothReLU.apply(x, _a)  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for m in relus:
+            del m.forward
+
+
+def parse_smooth_grad(text: str | None) -> float | None:
+    """'softplus:10' -> 10.0 (None when not given)."""
+    if not text:
+        return None
+    kind, _, value = str(text).partition(":")
+    try:
+        alpha = float(value or 10)
+    except ValueError:
+        alpha = -1.0
+    if kind != "softplus" or alpha <= 0:
+        raise InputError(f"--smooth-grad must look like softplus:10 (a positive α), got '{text}'")
+    return alpha
 
 
 def build(model: nn.Module, spec: AttackSpec) -> Attack:

@@ -22,7 +22,7 @@ from .config import ConfigCommand
 from .errors import InputError, RunError, ThresholdError
 from .layers import suggest_sites
 from .resume import EvalStore, Interrupted, Saver, StopFlag, fingerprint, sigterm_as_interrupt
-from .patches import ACTIVATIONS, PATCH_KINDS, FixerConfig, select_sites
+from .patches import ACTIVATIONS, DENOISE_OPS, PATCH_KINDS, select_sites
 from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, pick_device,
                       set_deterministic)
 
@@ -183,6 +183,12 @@ def _default_out(model: str) -> Path:
 @click.option("--data", help="Training data: image folder, tensor file, or fashion-mnist:train.")
 @click.option("--at", help="Sites, comma-separated (KIND:SITE allowed). Default: chosen automatically.")
 @click.option("--at-regex", help="Regex matching whole site names.")
+@click.option("--method", default="fixer", show_default=True, type=click.Choice(sorted(PATCH_KINDS)),
+              help="Patch kind for --at sites without a KIND: prefix.")
+@click.option("--denoise", "denoise_op", default="nonlocal-gaussian", show_default=True,
+              type=click.Choice(DENOISE_OPS), help="Denoising operation of denoise patches.")
+@click.option("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
+                                    "parametric-softplus backward (forward unchanged).")
 @click.option("--act", default="linear", show_default=True, type=click.Choice(sorted(ACTIVATIONS)),
               help="Fixer activation ζ.")
 @click.option("--delta", default=1.0, show_default=True, type=float, help="Fixer strength δ.")
@@ -215,7 +221,7 @@ def _default_out(model: str) -> Path:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (.json/.md/.html).")
 @model_options
 @data_options
-def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, eps, norm, steps, adversary,
+def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta, rho, final_relu, attack_name, eps, norm, steps, adversary,
           epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, resume, save_every, eval_data,
           eval_samples, eval_steps, report_path, **kw):
     """Splice fixer modules into a frozen checkpoint, train them on a small subset, write the patched file."""
@@ -233,6 +239,7 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
         R.check_path(report_path)
     eps_value = A.parse_eps(eps)
     A.expand([attack_name])  # unknown names fail before any loading
+    smooth_alpha = A.parse_smooth_grad(smooth_grad)
     subset = hdata.parse_subset(kw["subset"])
     torch.manual_seed(kw["seed"])
     set_deterministic(kw["deterministic"])
@@ -241,13 +248,14 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
     ds_all = load_data(loaded, data, _dopts(kw))
     infos = finish_spec(loaded, ds_all, device)
     _announce(ds_all, kw["quiet"])
-    sites = select_sites(loaded.patched.net, infos, at, at_regex, final_relu)
+    sites = select_sites(loaded.patched.net, infos, at, at_regex, final_relu, default_kind=method)
     if not (at or at_regex):
         err_console.print(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
     shapes = {i.name: i.shape for i in infos}
-    fcfg = FixerConfig(rho=rho, delta=delta, act=act, final_relu=final_relu)
+    opts = {"rho": rho, "delta": delta, "act": act, "final_relu": final_relu, "denoise": denoise_op}
     for kind, site in sites:
-        loaded.patched.attach(site, PATCH_KINDS[kind](shapes[site][0], fcfg))
+        c, h, w = shapes[site]
+        loaded.patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), opts))
     loaded.patched.to(device)
 
     if subset is not None:
@@ -257,7 +265,7 @@ def patch(model, data, at, at_regex, act, delta, rho, final_relu, attack_name, e
     train_ds = ds_all.take(train_idx)
     n_classes = loaded.spec.num_classes
     spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, seed=kw["seed"],
-                        n_classes=n_classes)
+                        n_classes=n_classes, smooth_grad=smooth_alpha)
     cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, mu=mu, gamma=gamma,
                       adversary=adversary, augment=augment, seed=kw["seed"])
     eval_ds, warnings = _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw)
@@ -357,10 +365,12 @@ def _settings(result: dict) -> list[dict]:
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted evaluation with the same settings.")
+@click.option("--smooth-grad", help="softplus:ALPHA — gradient attacks see the ReLUs with a parametric-softplus "
+                                    "backward (probes ReLU-induced gradient masking).")
 @model_options
 @data_options
 def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
-             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, **kw):
+             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, **kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
     model = _check_model_arg(model)
     data = data or eval_data
@@ -387,7 +397,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     threats = ("whitebox", "transfer", "blackbox") if threat == "all" else (threat,)
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
-                        checks=not no_checks)
+                        checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad))
     fp = fingerprint({"model": sha256_file(Path(model)), "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type})
     state = Path(f".harden-eval-{fp[:16]}.partial")

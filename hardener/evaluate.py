@@ -45,6 +45,7 @@ class EvalConfig:
     eps_sweep: list[float] | None = None
     checks: bool = True
     check_samples: int = 200
+    smooth_grad: float | None = None  # parametric-softplus backward through ReLUs for gradient attacks
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -75,7 +76,8 @@ def _spec(cfg: EvalConfig, name: str, n_classes: int, eps: float | None = None,
           steps: int | None = None) -> A.AttackSpec:
     s = steps if steps is not None else (cfg.steps if name not in ("fgsm", "square") else None)
     return A.AttackSpec(name=name, eps=cfg.eps if eps is None else eps, norm=cfg.norm, steps=s,
-                        restarts=cfg.restarts, queries=cfg.queries, seed=cfg.seed, n_classes=n_classes)
+                        restarts=cfg.restarts, queries=cfg.queries, seed=cfg.seed, n_classes=n_classes,
+                        smooth_grad=cfg.smooth_grad if name != "square" else None)
 
 
 def ordered(names: list[str]) -> list[str]:

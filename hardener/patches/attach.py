@@ -58,20 +58,20 @@ def parse_sites(at: str | None, at_regex: str | None, names: list[str],
 
 
 def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | None,
-                 final_relu: bool = False) -> list[tuple[str, str]]:
+                 final_relu: bool = False, default_kind: str = "fixer") -> list[tuple[str, str]]:
     """The (kind, site) pairs to patch: named ones, checked against the dry run, or suggested ones."""
     from ..layers import suggest_sites
 
     if at or at_regex:
-        sites = parse_sites(at, at_regex, [i.name for i in infos])
+        sites = parse_sites(at, at_regex, [i.name for i in infos], default_kind)
     else:
-        sites = [("fixer", s) for s in suggest_sites(net, infos)]
+        sites = [(default_kind, s) for s in suggest_sites(net, infos)]
     by_name = {i.name: i for i in infos}
     for kind, site in sites:
         info = by_name[site]
         if not info.site:
             raise InputError(f"'{site}' is not a valid {kind} site: {info.reason}")
-        if final_relu and not info.nonnegative:
+        if final_relu and kind == "fixer" and not info.nonnegative:
             raise InputError(f"--final-relu needs non-negative features, but '{site}' outputs negative values "
                              "(on a dry run); drop --final-relu or choose a site after a ReLU")
     return sites

@@ -58,6 +58,12 @@ class Fixer(nn.Module):
                 "act": self.config.act, "final_relu": self.config.final_relu}
 
     @classmethod
+    def from_options(cls, channels: int, spatial: tuple[int, int], opts: dict[str, Any]) -> "Fixer":
+        cfg = FixerConfig(rho=opts.get("rho", 4.0), delta=opts.get("delta", 1.0), act=opts.get("act", "linear"),
+                          final_relu=bool(opts.get("final_relu", False)))
+        return cls(channels, cfg)
+
+    @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "Fixer":
         cfg = FixerConfig(rho=spec["rho"], delta=spec["delta"], act=spec["act"], final_relu=spec["final_relu"])
         return cls(spec["channels"], cfg)
