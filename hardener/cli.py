@@ -221,10 +221,11 @@ def _default_out(model: str) -> Path:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (.json/.md/.html).")
 @model_options
 @data_options
-def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta, rho, final_relu, attack_name, eps, norm, steps, adversary,
-          epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, resume, save_every, eval_data,
-          eval_samples, eval_steps, report_path, **kw):
-    """Splice fixer modules into a frozen checkpoint, train them on a small subset, write the patched file."""
+def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta, rho, final_relu, attack_name,
+          eps, norm, steps, adversary, epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, resume,
+          save_every, eval_data, eval_samples, eval_steps, report_path, **kw):
+    """Splice patches (fixers, denoise blocks) into a frozen checkpoint, train them on a small subset, write the
+    patched file and a report."""
     model = _check_model_arg(model)
     if not data:
         raise click.UsageError("missing --data (training data, or `data` in harden.toml)")
@@ -286,8 +287,9 @@ def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta
     save_patched(out_file, loaded.patched.to("cpu"), manifest)
     saver.clear()
     loaded.patched.to(device)
-    err_console.print(f"wrote {out_file} ({len(sites)} patch(es), {sum(p.numel() for p in loaded.patched.patch_parameters()):,} "
-                      f"parameters, trained in {train_seconds:.0f}s)")
+    n_params = sum(p.numel() for p in loaded.patched.patch_parameters())
+    err_console.print(f"wrote {out_file} ({len(sites)} patch(es), {n_params:,} parameters, "
+                      f"trained in {train_seconds:.0f}s)")
 
     # Report: base and patched, the training attack in both threat models.
     ecfg = E.EvalConfig(attacks=[spec.name], eps=spec.eps, norm=norm, steps=eval_steps,
@@ -332,7 +334,7 @@ def _data_record(ds: hdata.Dataset, warnings: list[str]) -> dict:
 def _settings(result: dict) -> list[dict]:
     seen, outl = set(), []
     for m in result["models"].values():
-        for t, th in m["threats"].items():
+        for th in m["threats"].values():
             for r in th["attacks"]:
                 key = json.dumps(r["settings"], sort_keys=True)
                 if key not in seen:

@@ -190,7 +190,8 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 save(epoch, step + 1)
                 where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
                 raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
-            if saver is not None and saver.every_steps and (epoch * steps_per_epoch + step + 1) % saver.every_steps == 0:
+            done = epoch * steps_per_epoch + step + 1
+            if saver is not None and saver.every_steps and done % saver.every_steps == 0:
                 save(epoch, step + 1)
         n = len(ds)
         logs.append(EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0))

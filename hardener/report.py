@@ -180,7 +180,8 @@ def to_markdown(rep: dict) -> str:
     lines += ["", "| model | measure | threat model | accuracy [95% CI] |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(rep)]
     lines += ["", "Threat models:", ""] + [f"- **{k}** — {v}" for k, v in rep["threat_models"].items()]
-    lines += ["", "| model | threat model | attack | attacked | broken | seconds | images/s |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | threat model | attack | attacked | broken | seconds | images/s |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {t} | {r['attack']} | {r['attacked']} | {r['broken']} | {r['seconds']:.1f} | "
               f"{r['images_per_s'] or 0:.1f} |" for m, t, r in attack_rows(rep)]
     lines += ["", "Attack settings:", ""]
@@ -209,8 +210,8 @@ def _svg_curve(sweep: list[dict]) -> str:
                    f'r="3"><title>eps {s["eps"]:g}: {100 * s["accuracy"]:.1f}%</title></circle>' for s in pts)
     ticks = "".join(f'<text x="{xy(s["eps"], 0)[0]:.1f}" y="{h - pad + 15}" font-size="10" '
                     f'text-anchor="middle">{s["eps"]:g}</text>' for s in pts)
-    yt = "".join(f'<text x="{pad - 5}" y="{xy(0, a)[1] + 3:.1f}" font-size="10" text-anchor="end">{int(a * 100)}%</text>'
-                 for a in (0, 0.5, 1))
+    yt = "".join(f'<text x="{pad - 5}" y="{xy(0, a)[1] + 3:.1f}" font-size="10" '
+                 f'text-anchor="end">{int(a * 100)}%</text>' for a in (0, 0.5, 1))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">'
             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>'
             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>'

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from hardener import data as hdata
 from hardener.cli import main
 
-from conftest import ARCH, FAST_PATCH, HERE, make_data, trained_tiny
+from conftest import ARCH, HERE, make_data, trained_tiny
 
 ROOT = HERE.parent
 
@@ -113,7 +113,8 @@ def test_checkpoint_variants_load(tmp_path, tiny_data, runner):
     assert r.exit_code == 0, r.output
     assert "features" in json.loads(r.stdout)["suggested_sites"] + [i["name"] for i in json.loads(r.stdout)["layers"]]
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    for arch, logits in ((f"{HERE / 'tiny_model.py'}:tiny_tuple", "0"), (f"{HERE / 'tiny_model.py'}:tiny_dict", "scores")):
+    variants = ((f"{HERE / 'tiny_model.py'}:tiny_tuple", "0"), (f"{HERE / 'tiny_model.py'}:tiny_dict", "scores"))
+    for arch, logits in variants:
         r = runner.invoke(main, ["eval", str(tmp_path / "t.safetensors"), "--arch", arch, "--logits", logits,
                                  "--data", str(tiny_data), "--attack", "fgsm", "--eps", "0.05", "--quiet",
                                  "--no-checks", "--json"])

@@ -48,7 +48,8 @@ def test_corrupted_safetensors_header(runner, tmp_path, tiny_data):
 
 
 def test_checkpoint_with_integer_weights(runner, tmp_path, tiny_data):
-    sd = {k: (v * 100).to(torch.int32) if v.is_floating_point() else v for k, v in trained_tiny(steps=1).state_dict().items()}
+    sd = {k: (v * 100).to(torch.int32) if v.is_floating_point() else v
+          for k, v in trained_tiny(steps=1).state_dict().items()}
     f = tmp_path / "int.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
     r, _ = _patch(runner, f, tiny_data, tmp_path)
@@ -211,7 +212,6 @@ def test_fail_under_parser(spec):
 @given(st.integers(1, 6), st.integers(1, 4), st.sampled_from(["uint8", "float32", "float64"]),
        st.booleans(), st.sampled_from([1, 3]))
 def test_tensor_file_loading(n, size, dtype, nhwc, channels):
-    import io
     import tempfile
     from pathlib import Path
 
