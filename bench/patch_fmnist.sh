@@ -10,7 +10,7 @@ OUT=${1:-bench/out}
 mkdir -p "$OUT"
 COMMON=(examples/fmnist_base.safetensors --arch examples/fmnist_model.py:resnet9_small --mean 0.2860 --std 0.3530
         --data fashion-mnist:train --subset 10% --eval-data fashion-mnist:test --eval-samples 2000
-        --epochs 10 --lr 3e-3 --mu 1 --eps 0.1 --at layer1,layer2 --force --quiet)
+        --epochs "${EPOCHS:-20}" --lr 3e-3 --mu 1 --eps 0.1 --at layer1,layer2 --force --quiet)
 for adv in base patched; do
   OMP_NUM_THREADS=1 /usr/bin/time -v harden patch "${COMMON[@]}" --adversary "$adv" \
     --out "$OUT/fixer-$adv.safetensors" --report "$OUT/fixer-$adv.json" 2> "$OUT/fixer-$adv.log" &

@@ -18,7 +18,7 @@ SAMPLES=${SAMPLES:-500}
 set -x
 "$HARDEN" layers fmnist_base.safetensors --input-shape 1,28,28 > "$OUT/sites.txt"
 "$HARDEN" patch fmnist_base.safetensors --data "$TRAIN" --subset "$SUBSET" --eval-data "$TEST" \
-  --eval-samples "$SAMPLES" --out "$OUT/fmnist.hardened.safetensors" --force \
+  --eval-samples "$SAMPLES" --epochs 10 --out "$OUT/fmnist.hardened.safetensors" --force \
   --report "$OUT/patch-report.json"
 "$HARDEN" eval "$OUT/fmnist.hardened.safetensors" --data "$TEST" --max-samples "$SAMPLES" \
   --attack apgd-ce,apgd-dlr,fgsm --eps 0.1 --eps-sweep 0,0.05,0.1,0.2 \

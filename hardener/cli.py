@@ -201,7 +201,7 @@ def _default_out(model: str) -> Path:
 @click.option("--adversary", default="base", show_default=True, type=click.Choice(["base", "patched"]),
               help="base: examples of the frozen base (transfer, the paper); patched: regenerated against "
                    "the patched model every step (adaptive).")
-@click.option("--epochs", default=10, show_default=True, type=int)
+@click.option("--epochs", default=20, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--lr", default=3e-3, show_default=True, type=float)
 @click.option("--lam", default=1.0, show_default=True, type=float, help="Feature distillation weight λ.")

@@ -24,7 +24,7 @@ from .resume import Interrupted, Saver
 
 @dataclass
 class FitConfig:
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.0
