@@ -13,7 +13,7 @@ else
   echo "Fashion-MNIST package not found (apt-get install dataset-fashion-mnist); using the shipped subset" >&2
   TRAIN=data/fashion-mnist-train-2000.npz; SUBSET=1000; TEST=data/fashion-mnist-test-1000.npz
 fi
-SAMPLES=${SAMPLES:-500}
+SAMPLES=${SAMPLES:-400}
 
 set -x
 "$HARDEN" layers fmnist_base.safetensors --input-shape 1,28,28 > "$OUT/sites.txt"
@@ -21,7 +21,7 @@ set -x
   --eval-samples "$SAMPLES" --epochs 10 --out "$OUT/fmnist.hardened.safetensors" --force \
   --report "$OUT/patch-report.json"
 "$HARDEN" eval "$OUT/fmnist.hardened.safetensors" --data "$TEST" --max-samples "$SAMPLES" \
-  --attack apgd-ce,apgd-dlr,fgsm --eps 0.1 --eps-sweep 0,0.05,0.1,0.2 \
+  --attack apgd-ce,apgd-dlr,fgsm --eps 0.1 --eps-sweep 0,0.05,0.1 \
   --report "$OUT/eval-report.md" --report "$OUT/eval-report.html" --json > "$OUT/eval-report.json"
 set +x
 echo "reports in examples/$OUT/: patch-report.json, eval-report.{json,md,html}" >&2
