@@ -110,7 +110,6 @@ def tensor_digest(sd: dict[str, torch.Tensor]) -> str:
 def _read_tensors(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor] | nn.Module, dict[str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-
         meta = _safetensors_metadata(path)
         return read_safetensors(path), meta
     if suffix not in (".pt", ".pth", ".bin", ".ckpt"):
@@ -266,7 +265,6 @@ def _arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool) -
 def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool = False,
                  arch_kwargs: dict | None = None):
     """Rebuild a PatchedModel from a harden checkpoint (inputs in [0, 1])."""
-
     from .patches import PATCH_KINDS, PatchedModel
 
     path = Path(path)

@@ -110,9 +110,9 @@ def _announce(ds: hdata.Dataset, quiet: bool) -> None:
         return
     if ds.classes:
         err_console.print(f"{ds.source}: {len(ds)} images; classes "
-                          + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes)), highlight=False)
+                          + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes)))
     for note in ds.notes:
-        err_console.print(f"{ds.source}: {note}", highlight=False)
+        err_console.print(f"{ds.source}: {note}")
 
 
 def _mopts(kw: dict) -> ModelOptions:
@@ -403,9 +403,6 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     fp = fingerprint({"model": sha256_file(Path(model)), "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type})
     state = Path(f".harden-eval-{fp[:16]}.partial")
-    if state.exists() and not resume:
-        raise InputError(f"'{state}' holds an interrupted evaluation with these settings: pass --resume to "
-                         "continue it, or delete it to start over")
     store = EvalStore(state, fp, resume)
     try:
         with ProgressView(kw["quiet"] or as_json) as progress, sigterm_as_interrupt():

@@ -35,6 +35,35 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_start(path: Path, resume: bool, what: str) -> None:
+    """Refuse to silently discard an interrupted run, or to resume one that is not there."""
+    if resume and not path.exists():
+        raise InputError(f"--resume: no saved {what} at '{path}' (nothing to resume; drop --resume)")
+    if not resume and path.exists():
+        raise InputError(f"'{path}' holds an interrupted {what}: pass --resume to continue it, "
+                         "or delete it to start over")
+
+
+def write_state(path: Path, fingerprint: str, state: dict[str, Any]) -> None:
+    state = {**state, "version": STATE_VERSION, "fingerprint": fingerprint}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_state(path: Path, fingerprint: str) -> dict[str, Any]:
+    """A saved state, checked to come from this harden version and from the same settings."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged state file comes in many forms
+        raise InputError(f"cannot read saved state '{path}' ({str(e).splitlines()[0]}); "
+                         "delete it to start over") from None
+    if state.get("version") != STATE_VERSION:
+        raise InputError(f"'{path}' was saved by another harden version; delete it to start over")
+    if state.get("fingerprint") != fingerprint:
+        raise InputError(f"--resume: the settings differ from the interrupted run saved in '{path}' "
+                         "(same model, data and options are needed); delete it to start over")
+    return state
+
+
 @dataclass
 class Saver:
     path: Path  # <out>.partial
@@ -47,29 +76,13 @@ class Saver:
         return self.path.with_name(self.path.name + ".adv.safetensors")
 
     def check_start(self) -> None:
-        """Refuse to silently discard an interrupted run, or to resume one that is not there."""
-        if self.resume and not self.path.exists():
-            raise InputError(f"--resume: no saved state at '{self.path}' (nothing to resume; drop --resume)")
-        if not self.resume and self.path.exists():
-            raise InputError(f"'{self.path}' holds an interrupted run: pass --resume to continue it, "
-                             "or delete it to start over")
+        check_start(self.path, self.resume, "training run")
 
     def save(self, state: dict[str, Any]) -> None:
-        state = {**state, "version": STATE_VERSION, "fingerprint": self.fingerprint}
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        write_state(self.path, self.fingerprint, state)
 
     def load(self) -> dict[str, Any]:
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a damaged state file comes in many forms
-            raise InputError(f"cannot read saved state '{self.path}' ({str(e).splitlines()[0]}); "
-                             "delete it to start over") from None
-        if state.get("version") != STATE_VERSION:
-            raise InputError(f"'{self.path}' was saved by another harden version; delete it to start over")
-        if state.get("fingerprint") != self.fingerprint:
-            raise InputError(f"--resume: the settings differ from the interrupted run saved in '{self.path}' "
-                             "(same model, data, sites and training options are needed); delete it to start over")
-        return state
+        return read_state(self.path, self.fingerprint)
 
     def save_adv(self, adv: torch.Tensor) -> None:
         from safetensors.torch import save_file
@@ -132,18 +145,8 @@ class EvalStore:
     def __init__(self, path: Path, fingerprint: str, resume: bool, interval: float = 20.0) -> None:
         self.path, self.fingerprint, self.interval = path, fingerprint, interval
         self._last = time.time()
-        self.data: dict[str, Any] = {}
-        if resume:
-            if not path.exists():
-                raise InputError(f"--resume: no saved evaluation state at '{path}' (nothing to resume; drop --resume)")
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise InputError(f"cannot read saved state '{path}' ({str(e).splitlines()[0]}); delete it") from None
-            if state.get("fingerprint") != fingerprint:
-                raise InputError(f"--resume: the settings differ from the interrupted evaluation in '{path}'; "
-                                 "delete it to start over")
-            self.data = state["data"]
+        check_start(path, resume, "evaluation")
+        self.data: dict[str, Any] = read_state(path, fingerprint)["data"] if resume else {}
 
     def get(self, key: str) -> dict | None:
         return self.data.get(key)
@@ -158,8 +161,7 @@ class EvalStore:
 
     def flush(self) -> None:
         if self.data:
-            payload = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "data": self.data}
-            atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+            write_state(self.path, self.fingerprint, {"data": self.data})
             self._last = time.time()
 
 
