@@ -31,6 +31,9 @@ class Manifest:
     base_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
     base_tensors_sha256: str = ""
+    route: str = "adv"  # default inference route of auxiliary BNs
+    base_modified: bool = False  # full fine-tuning: the base tensors are not the parent's
+    parent_sha256: str = ""  # the checkpoint a base-modifying method started from
     format_version: int = FORMAT_VERSION
     harden_version: str = __version__
 
@@ -291,5 +294,6 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool = F
             raise InputError(f"'{path}' uses patch kind '{p['kind']}', unknown to harden {__version__}")
         patched.attach(p["site"], kind.from_spec(p))
     patched.load_patch_state_dict(tensors)
+    patched.set_route(manifest.route)
     patched.eval()
     return patched, manifest

@@ -22,8 +22,9 @@ from .config import ConfigCommand
 from .errors import InputError, RunError, ThresholdError
 from .layers import suggest_sites
 from .resume import EvalStore, Interrupted, Saver, StopFlag, fingerprint, sigterm_as_interrupt
-from .patches import ACTIVATIONS, DENOISE_OPS, PATCH_KINDS, select_sites
-from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, pick_device,
+from .patches import ACTIVATIONS, DENOISE_OPS, INPUT_SITE, PATCH_KINDS, AuxBN, select_bn_sites, select_sites
+from .recipe import PRESETS, parse_methods
+from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, load_parent, pick_device,
                       set_deterministic)
 
 err_console = Console(stderr=True, emoji=False, highlight=False)
@@ -183,8 +184,16 @@ def _default_out(model: str) -> Path:
 @click.option("--data", help="Training data: image folder, tensor file, or fashion-mnist:train.")
 @click.option("--at", help="Sites, comma-separated (KIND:SITE allowed). Default: chosen automatically.")
 @click.option("--at-regex", help="Regex matching whole site names.")
-@click.option("--method", default="fixer", show_default=True, type=click.Choice(sorted(PATCH_KINDS)),
-              help="Patch kind for --at sites without a KIND: prefix.")
+@click.option("--method", default="fixer", show_default=True,
+              help="fixer, denoise or prefilter (the kind of --at sites), auxbn (twins of the --bn layers), "
+                   "combined with commas (fixer,auxbn); or one full fine-tuning method that changes every base "
+                   "weight: adv-train, advprop, advamd.")
+@click.option("--bn", help="BatchNorm layers that get auxiliary twins: names, a regex, or all (implies auxbn).")
+@click.option("--route", type=click.Choice(["adv", "main"]),
+              help="Default inference route of auxiliary BNs stored in the checkpoint (default: adv for auxbn "
+                   "patches, main for advprop/advamd).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="A measured recipe; options given explicitly win over it (see README).")
 @click.option("--denoise", "denoise_op", default="nonlocal-gaussian", show_default=True,
               type=click.Choice(DENOISE_OPS), help="Denoising operation of denoise patches.")
 @click.option("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
@@ -193,14 +202,29 @@ def _default_out(model: str) -> Path:
               help="Fixer activation ζ.")
 @click.option("--delta", default=1.0, show_default=True, type=float, help="Fixer strength δ.")
 @click.option("--rho", default=4.0, show_default=True, type=float, help="Channel compression ρ.")
+@click.option("--width", default=32, show_default=True, type=int, help="Channels inside a prefilter patch.")
 @click.option("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only).")
 @click.option("--attack", "attack_name", default="apgd", show_default=True, help="Training attack.")
 @click.option("--eps", default="8/255", show_default=True, help="Perturbation budget in pixel units (8/255, 0.1).")
 @click.option("--norm", default="Linf", show_default=True, type=click.Choice(["Linf", "L2"]))
 @click.option("--steps", type=int, default=10, show_default=True, help="Training attack steps.")
+@click.option("--alpha", type=float, help="Step size of the pgd training attack (default 2.5·eps/steps).")
+@click.option("--eps-warmup", default=0.0, show_default=True, type=float,
+              help="Epochs over which the training eps ramps up from 0 (adaptive adversary).")
+@click.option("--loss", "loss_name", default="fixer", show_default=True, type=click.Choice(["fixer", "trades"]),
+              help="fixer: CE on clean and adversarial inputs; trades: CE on clean + β·KL(clean‖adversarial).")
+@click.option("--beta", default=6.0, show_default=True, type=float, help="TRADES weight β.")
+@click.option("--select-on", type=int, default=0, show_default=True,
+              help="Hold out N images of --data outside the subset; keep the epoch with the best white-box "
+                   "accuracy on them (PGD-10).")
+@click.option("--phi", default=0.5, show_default=True, type=float,
+              help="AdvAmd mediate coefficient φ (paper: 0.7 FGSM, 0.6 DeepFool, 0.5 iterative attacks).")
+@click.option("--betas", default="1,1,1", show_default=True, help="AdvAmd loss weights β1,β2,β3.")
+@click.option("--sigma", default=0.0, show_default=True, type=float,
+              help="AdvAmd: stop once an epoch's mean loss is below σ.")
 @click.option("--adversary", default="base", show_default=True, type=click.Choice(["base", "patched"]),
               help="base: examples of the frozen base (transfer, the paper); patched: regenerated against "
-                   "the patched model every step (adaptive).")
+                   "the patched model every step (adaptive; always so for adv-train and advprop).")
 @click.option("--epochs", default=20, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--lr", default=3e-3, show_default=True, type=float)
@@ -221,11 +245,13 @@ def _default_out(model: str) -> Path:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (.json/.md/.html).")
 @model_options
 @data_options
-def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta, rho, final_relu, attack_name,
-          eps, norm, steps, adversary, epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, resume,
-          save_every, eval_data, eval_samples, eval_steps, report_path, **kw):
-    """Splice patches (fixers, denoise blocks) into a frozen checkpoint, train them on a small subset, write the
-    patched file and a report."""
+def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smooth_grad, act, delta, rho, width,
+          final_relu, attack_name, eps, norm, steps, alpha, eps_warmup, loss_name, beta, select_on, phi, betas, sigma,
+          adversary, epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, resume, save_every, eval_data,
+          eval_samples, eval_steps, report_path, **kw):
+    """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on
+    a small subset, write the patched file and a report. Full fine-tuning methods (adv-train, advprop, advamd)
+    write a new checkpoint instead, marked as a modified base."""
     model = _check_model_arg(model)
     if not data:
         raise click.UsageError("missing --data (training data, or `data` in harden.toml)")
@@ -238,10 +264,12 @@ def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta
         raise InputError(f"--out '{out_file}': folder '{out_file.parent}' does not exist")
     if report_path:
         R.check_path(report_path)
+    methods = parse_methods(method, bn, at or at_regex)
     eps_value = A.parse_eps(eps)
     A.expand([attack_name])  # unknown names fail before any loading
     smooth_alpha = A.parse_smooth_grad(smooth_grad)
     subset = hdata.parse_subset(kw["subset"])
+    amd_betas = _parse_betas(betas)
     torch.manual_seed(kw["seed"])
     set_deterministic(kw["deterministic"])
     device = pick_device(kw["device"])
@@ -249,14 +277,21 @@ def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta
     ds_all = load_data(loaded, data, _dopts(kw))
     infos = finish_spec(loaded, ds_all, device)
     _announce(ds_all, kw["quiet"])
-    sites = select_sites(loaded.patched.net, infos, at, at_regex, final_relu, default_kind=method)
-    if not (at or at_regex):
-        err_console.print(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
+    sites = []
+    if methods.site_kind is not None:
+        sites = select_sites(loaded.patched.net, infos, at, at_regex, final_relu, default_kind=methods.site_kind)
+        if not (at or at_regex):
+            err_console.print(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
     shapes = {i.name: i.shape for i in infos}
-    opts = {"rho": rho, "delta": delta, "act": act, "final_relu": final_relu, "denoise": denoise_op}
+    shapes[INPUT_SITE] = list(loaded.spec.shape)
+    opts = {"rho": rho, "delta": delta, "act": act, "final_relu": final_relu, "denoise": denoise_op, "width": width}
     for kind, site in sites:
         c, h, w = shapes[site]
         loaded.patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), opts))
+    if methods.auxbn:
+        for site in select_bn_sites(loaded.patched.net, bn or "all"):
+            loaded.patched.attach(site, AuxBN.from_module(loaded.patched.net.get_submodule(site)))
+    default_route = route or ("main" if methods.full in ("advprop", "advamd") else "adv")
     loaded.patched.to(device)
 
     if subset is not None:
@@ -264,47 +299,80 @@ def patch(model, data, at, at_regex, method, denoise_op, smooth_grad, act, delta
     else:
         train_idx, rest_idx = torch.arange(len(ds_all)), torch.empty(0, dtype=torch.int64)
     train_ds = ds_all.take(train_idx)
+    val_ds = None
+    if select_on:
+        if select_on >= len(rest_idx):
+            raise InputError(f"--select-on {select_on}: --data has only {len(rest_idx)} images outside the subset")
+        pick, keep = hdata.stratified_split(ds_all.labels[rest_idx], select_on, kw["seed"] + 1)
+        val_ds, rest_idx = ds_all.take(rest_idx[pick]), rest_idx[keep]
     n_classes = loaded.spec.num_classes
-    spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, seed=kw["seed"],
+    spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, alpha=alpha, seed=kw["seed"],
                         n_classes=n_classes, smooth_grad=smooth_alpha)
     cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, mu=mu, gamma=gamma,
-                      adversary=adversary, augment=augment, seed=kw["seed"])
+                      adversary=adversary, augment=augment, seed=kw["seed"], method=methods.fit_method,
+                      loss=loss_name, beta=beta, eps_warmup=eps_warmup, select=bool(select_on), phi=phi,
+                      betas=amd_betas, sigma=sigma)
     eval_ds, warnings = _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw)
     saver = Saver(out_file.with_name(out_file.name + ".partial"), resume=resume, every_steps=save_every,
                   fingerprint=fingerprint({"base": loaded.base.sha256, "data": train_ds.fingerprint(),
                                            "patches": loaded.patched.patch_specs(), "fit": asdict(cfg),
-                                           "attack": spec.record(), "device": device.type}))
+                                           "attack": spec.record(), "device": device.type,
+                                           "val": val_ds.fingerprint() if val_ds is not None else None}))
     saver.check_start()
+    parent = loaded.patched.base_copy() if cfg.full else None
     t0 = time.time()
     with ProgressView(kw["quiet"]) as progress, StopFlag().installed() as stop:
-        logs = F.fit(loaded.patched, train_ds, spec, cfg, device, progress, saver=saver, stop=lambda: bool(stop))
+        logs = F.fit(loaded.patched, train_ds, spec, cfg, device, progress, saver=saver, stop=lambda: bool(stop),
+                     val=val_ds)
     train_seconds = time.time() - t0
+    loaded.patched.set_route(default_route)
+    training = F.record(cfg, spec, logs, train_ds, kw["subset"])
+    if val_ds is not None:
+        training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
+                                  "attack": "pgd-10 white-box", "selected_epoch": F.selected_epoch(logs, cfg)}
     manifest = Manifest(
         arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
-        patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256,
-        training=F.record(cfg, spec, logs, train_ds, kw["subset"]),
+        patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256, training=training,
+        route=default_route, base_modified=cfg.full, parent_sha256=loaded.base.sha256 if cfg.full else "",
     )
     save_patched(out_file, loaded.patched.to("cpu"), manifest)
     saver.clear()
     loaded.patched.to(device)
     n_params = sum(p.numel() for p in loaded.patched.patch_parameters())
-    err_console.print(f"wrote {out_file} ({len(sites)} patch(es), {n_params:,} parameters, "
-                      f"trained in {train_seconds:.0f}s)")
+    if cfg.full:
+        n_params += sum(p.numel() for p in loaded.patched.model.parameters())
+        err_console.print(f"wrote {out_file} (method {cfg.method}: every base weight fine-tuned, {n_params:,} "
+                          f"parameters; not a patch), trained in {train_seconds:.0f}s")
+    else:
+        err_console.print(f"wrote {out_file} ({len(loaded.patched.sites)} patch(es), {n_params:,} parameters, "
+                          f"trained in {train_seconds:.0f}s)")
 
     # Report: base and patched, the training attack in both threat models.
     ecfg = E.EvalConfig(attacks=[spec.name], eps=spec.eps, norm=norm, steps=eval_steps,
                         threats=("whitebox", "transfer"), batch_size=max(batch_size, 256), seed=kw["seed"],
                         checks=False)
     with ProgressView(kw["quiet"]) as progress:
-        result = E.evaluate(loaded.patched, eval_ds, ecfg, device, has_patches=True, progress=progress)
+        result = E.evaluate(loaded.patched, eval_ds, ecfg, device, has_patches=True, progress=progress,
+                            reference=parent.to(device) if parent is not None else None)
     rep = R.build("patch", result, _data_record(eval_ds, warnings), _settings(result),
                   R.environment(str(device), kw["seed"], kw["deterministic"]),
                   {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
-                   "train_seconds": train_seconds})
+                   "train_seconds": train_seconds, "trainable_parameters": n_params, "route": default_route,
+                   "base_modified": cfg.full, "method": method})
     R.render_table(rep, err_console)
     if report_path:
         R.write(rep, report_path)
     out(str(out_file))
+
+
+def _parse_betas(text: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or any(v < 0 for v in vals):
+        raise InputError(f"--betas must be three non-negative numbers like 1,1,1, got '{text}'")
+    return vals  # type: ignore[return-value]
 
 
 def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple[hdata.Dataset, list[str]]:
@@ -369,10 +437,16 @@ def _settings(result: dict) -> list[dict]:
 @click.option("--resume", is_flag=True, help="Continue an interrupted evaluation with the same settings.")
 @click.option("--smooth-grad", help="softplus:ALPHA — gradient attacks see the ReLUs with a parametric-softplus "
                                     "backward (probes ReLU-induced gradient masking).")
+@click.option("--route", type=click.Choice(["adv", "main"]),
+              help="Auxiliary-BN route to evaluate (default: the one stored in the checkpoint).")
+@click.option("--parent", type=click.Path(dir_okay=False),
+              help="The original checkpoint of a fully fine-tuned model (adv-train, advprop, advamd): the base "
+                   "rows and transfer attacks use it.")
 @model_options
 @data_options
 def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
-             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, **kw):
+             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, route, parent,
+             **kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
     model = _check_model_arg(model)
     data = data or eval_data
@@ -387,8 +461,15 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     set_deterministic(kw["deterministic"])
     device = pick_device(kw["device"])
     loaded = load_model(model, _mopts(kw))
+    reference = load_parent(loaded, parent, _mopts(kw))
+    if route:
+        if not loaded.patched.has_auxbn:
+            raise InputError(f"--route {route}: '{model}' has no auxiliary BNs")
+        loaded.patched.set_route(route)
     ds = load_data(loaded, data, _dopts(kw))
     finish_spec(loaded, ds, device)
+    if reference is not None:
+        reference.to(device)
     _announce(ds, kw["quiet"])
     subset = hdata.parse_subset(kw["subset"])
     if max_samples and max_samples < len(ds):
@@ -401,13 +482,13 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
                         checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad))
     fp = fingerprint({"model": sha256_file(Path(model)), "data": ds.fingerprint(), "eval": asdict(ecfg),
-                      "device": device.type})
+                      "device": device.type, "route": loaded.patched.current_route, "parent": parent})
     state = Path(f".harden-eval-{fp[:16]}.partial")
     store = EvalStore(state, fp, resume)
     try:
         with ProgressView(kw["quiet"] or as_json) as progress, sigterm_as_interrupt():
             result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
-                                progress=progress, store=store)
+                                progress=progress, store=store, reference=reference)
     except KeyboardInterrupt:
         store.flush()
         raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
@@ -415,6 +496,9 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     if loaded.manifest is not None:
         extra["patches"] = loaded.manifest.patches
         extra["training"] = loaded.manifest.training
+        extra["base_modified"] = loaded.manifest.base_modified
+        if loaded.patched.has_auxbn:
+            extra["route"] = loaded.patched.current_route
     env = R.environment(str(device), kw["seed"], kw["deterministic"])
     rep = R.build("eval", result, _data_record(ds, []), _settings(result), env, extra)
     missed = R.gate(rep, thresholds)

@@ -17,12 +17,19 @@ DEFAULT_FILE = "harden.toml"
 COMMANDS = ("layers", "patch", "eval", "export")
 
 
-def find_config(args: list[str]) -> Path | None:
+def find_option(args: list[str], name: str) -> str | None:
     for i, a in enumerate(args):
-        if a == "--config" and i + 1 < len(args):
-            return Path(args[i + 1])
-        if a.startswith("--config="):
-            return Path(a.split("=", 1)[1])
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def find_config(args: list[str]) -> Path | None:
+    given = find_option(args, "--config")
+    if given is not None:
+        return Path(given)
     p = Path(DEFAULT_FILE)
     return p if p.is_file() else None
 
@@ -65,15 +72,25 @@ def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
 
 
 class ConfigCommand(click.Command):
-    """A click command whose defaults come from the config file."""
+    """A click command whose defaults come from the config file, then from a `--preset` (command line first,
+    then config file, then preset, then the built-in defaults)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        from .recipe import PRESETS
+
         path = find_config(list(args))
-        if path is not None:
-            try:
+        defaults: dict[str, Any] = {}
+        try:
+            if path is not None:
                 defaults = load_defaults(path, self)
-            except InputError as e:
-                e.show()
-                raise SystemExit(e.exit_code) from None
+            preset = find_option(list(args), "--preset") or defaults.get("preset")
+            if preset is not None and any(p.name == "preset" for p in self.params):
+                if preset not in PRESETS:
+                    raise InputError(f"unknown --preset '{preset}' (choose from {', '.join(sorted(PRESETS))})")
+                defaults = {**PRESETS[preset], **defaults}
+        except InputError as e:
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        if defaults:
             extra["default_map"] = {**defaults, **(extra.get("default_map") or {})}
         return super().make_context(info_name, args, parent=parent, **extra)

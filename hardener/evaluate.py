@@ -197,11 +197,15 @@ def subset_metrics(res: dict, mask: torch.Tensor) -> dict:
 
 
 def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: torch.device,
-             has_patches: bool, progress: Progress | None = None, store: EvalStore | None = None) -> dict:
-    """Evaluate the base (and the patched model, when it has patches) on `ds`."""
+             has_patches: bool, progress: Progress | None = None, store: EvalStore | None = None,
+             reference: nn.Module | None = None) -> dict:
+    """Evaluate the base (and the patched model, when it has patches) on `ds`.
+
+    `reference` is the base to compare with and to transfer from when the patched model's own base
+    was fine-tuned (full fine-tuning methods): the parent checkpoint."""
     x, y = hdata.to_float(ds.images), ds.labels
     n_classes = int(patched(x[:1].to(device)).shape[1])
-    base = Disabled(patched)
+    base = reference if reference is not None else Disabled(patched)
     models: dict[str, dict] = {}
     models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store)
     if has_patches:

@@ -1,16 +1,28 @@
-"""Training loop of the patches (fixer paper §3.2): only patch parameters get gradients.
+"""Training loops: patches on a frozen base (fixer paper §3.2), and the full fine-tuning methods.
 
-Loss per batch: focal CE on the clean and the adversarial input, plus λ · feature distillation
-(MSE, element mean, between the features after each patch and the *base's features of the
-clean input* at that site — for the clean and the adversarial input alike: the paper's text says
-adversarial features are brought back to natural ones), plus optionally μ · KL to the base logits
-on the clean input.
+`method="patch"` (fixers, denoise blocks, pre-filters, auxiliary BNs): only patch parameters get
+gradients. `loss="fixer"` per batch: CE on the clean and the adversarial input, plus λ · feature
+distillation (MSE, element mean, between the features after each patch and the *base's features of
+the clean input* at that site — for the clean and the adversarial input alike: the paper's text
+says adversarial features are brought back to natural ones), plus optionally μ · KL to the base
+logits on the clean input. `loss="trades"` replaces the adversarial CE by β · KL(clean ‖ adversarial)
+(Zhang et al. 2019). Auxiliary BNs are trained on route `adv` with every input: at inference
+nothing knows which inputs are adversarial.
+
+Full fine-tuning (every base weight changes; the result is not a patch):
+  adv-train  CE (or TRADES) on clean + adversarial pairs, adversary = the model being trained;
+  advprop    clean batch through the main BNs, its adversarial counterpart (made through the
+             auxiliary BNs) through the twins; loss CE_clean + CE_adv (Xie thesis, Algorithm 2);
+  advamd     adversarials made once on the original model; mediate samples x + φ·δ and clean
+             ones through the main BNs, adversarial ones through the twins; loss
+             β1·CE_clean + β2·CE_mediate + β3·Ā_y·CE_adv; stops when the epoch loss falls below σ
+             (AdvAmd, Algorithm 1, with labels where its listing writes the model output).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -20,6 +32,10 @@ from .errors import InputError, RunError
 from .patches import PatchedModel
 from .patches.attach import Disabled
 from .resume import Interrupted, Saver
+
+METHODS = ("patch", "adv-train", "advprop", "advamd")
+FULL_METHODS = ("adv-train", "advprop", "advamd")
+LOSSES = ("fixer", "trades")
 
 
 @dataclass
@@ -34,12 +50,33 @@ class FitConfig:
     adversary: str = "base"  # base (transfer, the paper) | patched (adaptive)
     augment: bool = False
     seed: int = 0
+    method: str = "patch"
+    loss: str = "fixer"
+    beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
+    eps_warmup: float = 0.0  # epochs over which eps ramps linearly from 0 (adaptive adversary only)
+    select: bool = False  # keep the epoch with the best white-box accuracy on the validation split
+    phi: float = 0.5  # AdvAmd mediate coefficient
+    betas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # AdvAmd β1..β3
+    sigma: float = 0.0  # AdvAmd: stop once the epoch's mean loss is below σ
 
     def __post_init__(self) -> None:
         if self.adversary not in ("base", "patched"):
             raise InputError(f"--adversary must be base or patched, got '{self.adversary}'")
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError("--epochs and --batch-size must be at least 1")
+        if self.method not in METHODS:
+            raise InputError(f"unknown training method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.loss not in LOSSES:
+            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if not 0 < self.phi < 1:
+            raise InputError(f"--phi must be in (0, 1), got {self.phi}")
+        if self.eps_warmup < 0 or self.eps_warmup > self.epochs:
+            raise InputError(f"--eps-warmup must be between 0 and --epochs ({self.epochs}), got {self.eps_warmup}")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+
+    @property
+    def full(self) -> bool:
+        return self.method in FULL_METHODS
 
 
 @dataclass
@@ -52,6 +89,8 @@ class EpochLog:
     acc_clean: float
     acc_adv: float
     seconds: float
+    val_clean: float | None = None
+    val_robust: float | None = None
 
 
 Progress = Callable[[str, int, int, dict], None]
@@ -68,13 +107,13 @@ def warmup_cosine(total: int, warmup_frac: float = 0.1) -> Callable[[int], float
     return factor
 
 
-def _base_adversarials(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int,
+def _base_adversarials(source: torch.nn.Module, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int,
                        device: torch.device, progress: Progress | None,
                        stop: Callable[[], bool] = lambda: False) -> torch.Tensor | None:
     """Adversarial examples of the frozen base for the whole set, computed once (transfer setting).
 
     None when `stop()` turned true on the way."""
-    attack = attacks.build(Disabled(patched), spec)
+    attack = attacks.build(source, spec)
     out = torch.empty(ds.images.shape, dtype=torch.float32)
     n = len(ds)
     for i in range(0, n, batch_size):
@@ -88,13 +127,78 @@ def _base_adversarials(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.A
     return out
 
 
+@torch.no_grad()
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def vulnerability(ds: hdata.Dataset, adv: torch.Tensor, source: torch.nn.Module, n_classes: int,
+                  batch_size: int, device: torch.device) -> torch.Tensor:
+    """AdvAmd's per-class vulnerability coefficient Ā (eq. 6) from the stage-1 attack outcomes.
+
+    α_k^i, the difficulty of turning class k into class i, is 1 − C[k, i], where C[k, i] is the
+    fraction of the class-k samples whose adversarial example the original model assigns to i.
+    """
+    pred = _predict(source, adv, batch_size, device)
+    return losses.vulnerability_from_confusion(losses.confusion(ds.labels, pred, n_classes))
+
+
+class _Validation:
+    """White-box accuracy of the model on a held-out split after every epoch (PGD-10, random start)."""
+
+    def __init__(self, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int, device: torch.device) -> None:
+        self.x, self.y = hdata.to_float(ds.images), ds.labels
+        self.spec = replace(spec, name="pgd", steps=10, alpha=None, smooth_grad=None, settings={})
+        self.batch_size, self.device = batch_size, device
+
+    def __call__(self, model: PatchedModel) -> tuple[float, float]:
+        model.eval()
+        attack = attacks.build(model, self.spec)
+        clean = robust = 0
+        for i in range(0, len(self.y), self.batch_size):
+            x, y = self.x[i:i + self.batch_size].to(self.device), self.y[i:i + self.batch_size].to(self.device)
+            with torch.no_grad():
+                clean += int((model(x).argmax(1) == y).sum())
+            adv = attacks.project(x, attack(x, y), self.spec.eps, self.spec.norm)
+            with torch.no_grad():
+                robust += int((model(adv).argmax(1) == y).sum())
+        n = len(self.y)
+        return clean / n, robust / n
+
+
+def _trainable(patched: PatchedModel, cfg: FitConfig) -> list[torch.nn.Parameter]:
+    if cfg.full:
+        patched.finetune_base = True
+        return list(patched.model.parameters()) + list(patched.patch_parameters())
+    return list(patched.patch_parameters())
+
+
+def _state_of(patched: PatchedModel, cfg: FitConfig) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().clone() for k, v in patched.patch_state_dict().items()}
+    if cfg.full:
+        sd.update({f"base.{k}": v.detach().clone() for k, v in patched.base_state_dict().items()})
+    return sd
+
+
+def _load_state(patched: PatchedModel, sd: dict[str, torch.Tensor], cfg: FitConfig) -> None:
+    patched.load_patch_state_dict({k: v for k, v in sd.items() if k.startswith("harden.")})
+    if cfg.full:
+        patched.net.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("base.")})
+
+
 def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
         device: torch.device, progress: Progress | None = None, saver: Saver | None = None,
-        stop: Callable[[], bool] = lambda: False) -> list[EpochLog]:
-    """Train the patches of `patched` on `ds`. With a `saver`, state is saved atomically at the end of
+        stop: Callable[[], bool] = lambda: False, val: hdata.Dataset | None = None) -> list[EpochLog]:
+    """Train `patched` on `ds` by `cfg.method`. With a `saver`, state is saved atomically at the end of
     every epoch (and every `saver.every_steps` steps), and when `stop()` turns true, after which
-    `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state."""
-    params = [p for p in patched.patch_parameters()]
+    `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state. With `val`
+    (and `cfg.select`), the epoch with the best white-box validation accuracy is kept."""
+    if cfg.method in ("advprop", "advamd") and not patched.has_auxbn:
+        raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
+    if cfg.select and val is None:
+        raise InputError("--select-on needs a validation split")
+    teacher = patched.base_copy() if cfg.full else Disabled(patched)
+    params = _trainable(patched, cfg)
     if not params:
         raise InputError("nothing to train: no patch parameters")
     for p in params:
@@ -105,35 +209,43 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     base_before = {k: v.detach().clone() for k, v in patched.base_state_dict().items()}
     g = torch.Generator().manual_seed(cfg.seed)
     logs: list[EpochLog] = []
-    start_epoch, start_step, perm, sums = 0, 0, None, None
+    start_epoch, start_step, perm, sums, best = 0, 0, None, None, None
     if saver is not None and saver.resume:
         st = saver.load()
-        patched.load_patch_state_dict(st["patches"])
+        _load_state(patched, st["model"], cfg)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         g.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
         logs = [EpochLog(**e) for e in st["logs"]]
-        start_epoch, start_step, perm, sums = st["epoch"], st["step"], st["perm"], st["sums"]
+        start_epoch, start_step, perm, sums, best = st["epoch"], st["step"], st["perm"], st["sums"], st["best"]
 
     def save(epoch: int, step: int) -> None:
         if saver is not None:
-            saver.save({"patches": patched.patch_state_dict(), "optimizer": opt.state_dict(),
+            saver.save({"model": _state_of(patched, cfg), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "generator": g.get_state(),
                         "torch_rng": torch.get_rng_state(), "logs": [asdict(e) for e in logs],
-                        "epoch": epoch, "step": step, "perm": perm, "sums": sums})
+                        "epoch": epoch, "step": step, "perm": perm, "sums": sums, "best": best})
 
     cached_adv = None
-    if cfg.adversary == "base" and not cfg.augment:
+    if (cfg.adversary == "base" and not cfg.augment) or cfg.method == "advamd":
+        if cfg.method == "advamd" and cfg.augment:
+            raise InputError("--method advamd makes its adversarial examples once (stage 1): drop --augment")
         cached_adv = saver.load_adv() if saver is not None else None
         if cached_adv is None:
-            cached_adv = _base_adversarials(patched, ds, spec, cfg.batch_size, device, progress, stop)
+            cached_adv = _base_adversarials(teacher, ds, spec, cfg.batch_size, device, progress, stop)
             if cached_adv is None:  # stopped while attacking: nothing worth keeping yet
                 raise Interrupted("interrupted before training started; nothing to resume")
             if saver is not None:
                 saver.save_adv(cached_adv)
-    base_attack = attacks.build(Disabled(patched), spec)
-    patched_attack = attacks.build(patched, spec)
+    abar = None
+    if cfg.method == "advamd":
+        n_classes = spec.n_classes
+        abar = vulnerability(ds, cached_adv, teacher, n_classes, cfg.batch_size, device).to(device)
+    validate = _Validation(val, spec, max(cfg.batch_size, 256), device) if val is not None else None
+    adaptive = cfg.method != "advamd" and (cfg.adversary == "patched" or cfg.full)
+    train_route = "main" if cfg.method in ("advprop", "advamd") else "adv"
+    total_steps = cfg.epochs * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         if perm is None:
@@ -141,31 +253,51 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
             perm = torch.randperm(len(ds), generator=g)
         assert sums is not None
         for step in range(start_step, steps_per_epoch):
+            done = epoch * steps_per_epoch + step
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x, y = ds.batch(idx)
             if cfg.augment:
                 x = hdata.augment(x, g)
             x, y = x.to(device), y.to(device)
-            # Base features of the clean input: the distillation targets.
+            # Targets of the distillation: the (original) base on the clean input.
             with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-                base_logits = patched(x)
-            targets = {s: feats[s].detach() for s in patched.sites}
+                base_logits = teacher(x) if cfg.full else patched(x)
+            targets = {s: feats[s].detach() for s in patched.sites} if not cfg.full else {}
+            # This step's attack: eps ramps up over cfg.eps_warmup epochs; a fresh seed per step.
+            ramp = min(1.0, (done + 1) / (cfg.eps_warmup * steps_per_epoch)) if cfg.eps_warmup else 1.0
+            step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
             if cached_adv is not None:
                 x_adv = cached_adv[idx].to(device)
-            elif cfg.adversary == "base":
-                x_adv = attacks.project(x, base_attack(x, y), spec.eps, spec.norm)
+            elif not adaptive:
+                x_adv = attacks.project(x, attacks.build(teacher, step_spec)(x, y), step_spec.eps, spec.norm)
             else:
                 patched.eval()
-                x_adv = attacks.project(x, patched_attack(x, y), spec.eps, spec.norm)
+                with patched.route("adv"):
+                    x_adv = attacks.project(x, attacks.build(patched, step_spec)(x, y), step_spec.eps, spec.norm)
             patched.train()
-            with patched.capture() as f_clean:
+            with patched.route(train_route), patched.capture() as f_clean:
                 out_clean = patched(x)
-            with patched.capture() as f_adv:
+            adv_route = "adv" if cfg.method in ("advprop", "advamd") else train_route
+            with patched.route(adv_route), patched.capture() as f_adv:
                 out_adv = patched(x_adv)
             ce_clean = losses.focal_ce(out_clean, y, cfg.gamma)
-            ce_adv = losses.focal_ce(out_adv, y, cfg.gamma)
-            distill = losses.feature_distillation(f_clean, targets) + losses.feature_distillation(f_adv, targets)
-            loss = ce_clean + ce_adv + cfg.lam * distill
+            if cfg.method == "advamd":
+                assert abar is not None
+                with patched.route("main"):
+                    out_med = patched(x + cfg.phi * (x_adv - x))
+                ce_adv = (abar[y] * losses.focal_ce(out_adv, y, cfg.gamma, reduction="none")).mean()
+                b1, b2, b3 = cfg.betas
+                loss = b1 * ce_clean + b2 * losses.focal_ce(out_med, y, cfg.gamma) + b3 * ce_adv
+            elif cfg.loss == "trades":
+                ce_adv = losses.trades_kl(out_adv, out_clean)
+                loss = ce_clean + cfg.beta * ce_adv
+            else:
+                ce_adv = losses.focal_ce(out_adv, y, cfg.gamma)
+                loss = ce_clean + ce_adv
+            distill = torch.zeros((), device=device)
+            if targets and cfg.lam:
+                distill = losses.feature_distillation(f_clean, targets) + losses.feature_distillation(f_adv, targets)
+                loss = loss + cfg.lam * distill
             if cfg.mu:
                 loss = loss + cfg.mu * losses.logit_distillation(out_clean, base_logits)
             if not torch.isfinite(loss):
@@ -183,27 +315,46 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
             sums["acc_clean"] += float((out_clean.argmax(1) == y).sum())
             sums["acc_adv"] += float((out_adv.argmax(1) == y).sum())
             if progress:
-                progress("train", epoch * steps_per_epoch + step + 1, cfg.epochs * steps_per_epoch,
+                progress("train", done + 1, total_steps,
                          {"epoch": epoch + 1, "loss": loss.item(), "ce": ce_clean.item(),
                           "ce_adv": ce_adv.item(), "distill": distill.item()})
             if stop():
                 save(epoch, step + 1)
                 where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
                 raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
-            done = epoch * steps_per_epoch + step + 1
-            if saver is not None and saver.every_steps and done % saver.every_steps == 0:
+            if saver is not None and saver.every_steps and (done + 1) % saver.every_steps == 0:
                 save(epoch, step + 1)
         n = len(ds)
-        logs.append(EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0))
+        log = EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0)
+        if validate is not None:
+            log.val_clean, log.val_robust = validate(patched)
+            score = (log.val_robust, log.val_clean)
+            if cfg.select and (best is None or score > tuple(best["score"])):
+                best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}
+        logs.append(log)
         perm, sums, start_step = None, None, 0
-        save(epoch + 1, 0)
+        converged = cfg.method == "advamd" and log.loss < cfg.sigma
+        save(cfg.epochs if converged else epoch + 1, 0)
+        if converged:
+            break
+    if best is not None:
+        _load_state(patched, best["state"], cfg)
     patched.eval()
     for p in params:
         p.requires_grad_(False)
-    for k, v in patched.base_state_dict().items():
-        if not torch.equal(v, base_before[k]):
-            raise RunError(f"internal error: base tensor '{k}' changed during training; nothing was written")
+    patched.finetune_base = False
+    patched.train(False)
+    if not cfg.full:
+        for k, v in patched.base_state_dict().items():
+            if not torch.equal(v, base_before[k]):
+                raise RunError(f"internal error: base tensor '{k}' changed during training; nothing was written")
     return logs
+
+
+def selected_epoch(logs: list[EpochLog], cfg: FitConfig) -> int | None:
+    """The epoch kept by --select-on (best white-box validation accuracy, then clean), else None."""
+    scored = [(e.val_robust, e.val_clean, -e.epoch) for e in logs if e.val_robust is not None]
+    return -max(scored)[2] if cfg.select and scored else None
 
 
 def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog], ds: hdata.Dataset,

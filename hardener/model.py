@@ -93,12 +93,15 @@ class Classifier(nn.Module):
                     raise InputError("--std values must be positive")
                 t = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
             self.register_buffer(name, t, persistent=False)
+        self.trainable = False
         self.net.eval()
 
     def train(self, mode: bool = True) -> "Classifier":
-        # The base is frozen: it stays in eval mode whatever a library asks.
-        self.training = False
-        self.net.eval()
+        # The base is frozen: it stays in eval mode whatever a library asks -- unless a full fine-tuning
+        # method has made it trainable.
+        mode = bool(mode) and self.trainable
+        self.training = mode
+        self.net.train(mode)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

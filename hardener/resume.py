@@ -22,7 +22,7 @@ import torch
 from .checkpoint import atomic_write
 from .errors import InputError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class Interrupted(click.ClickException):

@@ -93,6 +93,30 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
     return Loaded(PatchedModel(Classifier(base.net, spec)), None, base)
 
 
+def load_parent(loaded: Loaded, parent: str | None, opts: ModelOptions):
+    """The original checkpoint of a fully fine-tuned model, checked against the manifest (None otherwise)."""
+    modified = loaded.manifest is not None and loaded.manifest.base_modified
+    if not modified:
+        if parent:
+            raise InputError("--parent applies only to fully fine-tuned checkpoints (adv-train, advprop, advamd); "
+                             "a patched checkpoint carries its base")
+        return None
+    if not parent:
+        raise InputError("this checkpoint's base weights were fine-tuned (method "
+                         f"{loaded.manifest.training.get('config', {}).get('method', '?')}): pass --parent ORIGINAL "
+                         "so that the base rows and transfer attacks use the model it started from")
+    from .checkpoint import sha256_file
+
+    if not Path(parent).is_file():
+        raise InputError(f"--parent '{parent}' does not exist")
+    if sha256_file(Path(parent)) != loaded.manifest.parent_sha256:
+        raise InputError(f"--parent '{parent}' is not the checkpoint this model was fine-tuned from (sha256 differs "
+                         "from the manifest's parent_sha256)")
+    arch = opts.arch or loaded.manifest.arch
+    base = load_base(parent, arch, loaded.manifest.arch_kwargs, opts.trust_pickle)
+    return Classifier(base.net, InputSpec.from_json(loaded.manifest.input)).eval()
+
+
 def load_data(loaded: Loaded, spec_text: str, opts: DataOptions) -> hdata.Dataset:
     """Load data and conform it to the model: channels, size, labels; fills in the input spec."""
     resize = hdata.parse_pair(opts.resize, "--resize")

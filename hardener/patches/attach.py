@@ -6,6 +6,7 @@ of its site and returns a new output. `PatchedModel.train()` only ever trains th
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import re
 from typing import Iterator
@@ -15,6 +16,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..model import Classifier
+
+
+INPUT_SITE = "input"  # the model's input (after normalisation): a pre-filter site
+ROUTES = ("adv", "main")
 
 
 def _key(site: str) -> str:
@@ -34,7 +39,7 @@ def parse_sites(at: str | None, at_regex: str | None, names: list[str],
         kind, site = entry.split(":", 1) if ":" in entry else (default_kind, entry)
         if kind not in PATCH_KINDS:
             raise InputError(f"unknown patch kind '{kind}' in '{entry}' (available: {', '.join(PATCH_KINDS)})")
-        if site not in names:
+        if site not in names and site != INPUT_SITE:
             close = difflib.get_close_matches(site, names, n=5, cutoff=0.3) or names[:5]
             raise InputError(f"--at '{site}' matches no layer of the model; closest names: {', '.join(close)} "
                              "(see `harden layers`)")
@@ -61,6 +66,7 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
                  final_relu: bool = False, default_kind: str = "fixer") -> list[tuple[str, str]]:
     """The (kind, site) pairs to patch: named ones, checked against the dry run, or suggested ones."""
     from ..layers import suggest_sites
+    from . import PATCH_KINDS
 
     if at or at_regex:
         sites = parse_sites(at, at_regex, [i.name for i in infos], default_kind)
@@ -68,6 +74,13 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
         sites = [(default_kind, s) for s in suggest_sites(net, infos)]
     by_name = {i.name: i for i in infos}
     for kind, site in sites:
+        wants_input = PATCH_KINDS[kind].input_only
+        if (site == INPUT_SITE) != wants_input:
+            raise InputError(f"'{kind}' patches go {'only' if wants_input else 'never'} at the model input "
+                             f"(site '{INPUT_SITE}'): " + (f"use --at {kind}:{INPUT_SITE}" if wants_input else
+                                                          "use the prefilter kind there"))
+        if site == INPUT_SITE:
+            continue
         info = by_name[site]
         if not info.site:
             raise InputError(f"'{site}' is not a valid {kind} site: {info.reason}")
@@ -86,11 +99,13 @@ class PatchedModel(nn.Module):
         self.patches = nn.ModuleDict()
         self.sites: dict[str, str] = {}  # site -> key in self.patches
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._guards: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._enabled = True
         self._capture: dict[str, torch.Tensor] | None = None
+        self._route = "adv"  # which BNs serve inputs: the auxiliary twins (adv) or the base's (main)
         for p in model.parameters():
             p.requires_grad_(False)
-        model.eval()
+        self.train(False)
 
     # -- structure
     @property
@@ -100,21 +115,55 @@ class PatchedModel(nn.Module):
     def attach(self, site: str, patch: nn.Module) -> None:
         if site in self.sites:
             raise InputError(f"site '{site}' already has a patch")
-        module = self.net.get_submodule(site)
         key = _key(site)
+        patch.train(self.training)  # a new patch follows the model's mode (a fresh BN twin starts in train)
         self.patches[key] = patch
         self.sites[site] = key
+        if site == INPUT_SITE:
+            self._handles[site] = self.net.register_forward_pre_hook(self._make_pre_hook(site, key))
+            return
+        module = self.net.get_submodule(site)
         self._handles[site] = module.register_forward_hook(self._make_hook(site, key))
+        if patch.kind == "auxbn":
+            self._guards[site] = module.register_forward_pre_hook(self._make_bn_guard(key))
+
+    def _make_bn_guard(self, key: str):
+        """On route adv, the base BN runs in eval mode (its output is replaced by the twin's), so inputs
+        routed to the twins never reach the base's running statistics, even when the base is trained."""
+        def hook(module: nn.Module, _inp):
+            module._harden_training = module.training
+            if self._enabled and self._route == "adv":
+                module.training = False
+        return hook
+
+    def _patch_output(self, key: str, out: torch.Tensor, inp: tuple) -> torch.Tensor:
+        patch = self.patches[key]
+        if not self._enabled:
+            return out
+        if patch.kind == "auxbn":
+            return patch(out, inp[0]) if self._route == "adv" else out
+        return patch(out)
 
     def _make_hook(self, site: str, key: str):
-        def hook(_module: nn.Module, _inp, out):
+        def hook(module: nn.Module, inp, out):
+            if hasattr(module, "_harden_training"):
+                module.training = module.__dict__.pop("_harden_training")
             if not isinstance(out, torch.Tensor):
                 raise InputError(f"site '{site}' returns {type(out).__name__}, not a tensor: choose another site")
-            new = self.patches[key](out) if self._enabled else out
+            new = self._patch_output(key, out, inp)
             if self._capture is not None:
                 # clone: a later in-place op (ReLU(inplace=True)) must not rewrite the captured features
                 self._capture[site] = new.clone()
-            return new if self._enabled else None
+            return new if new is not out else None
+        return hook
+
+    def _make_pre_hook(self, site: str, key: str):
+        def hook(_module: nn.Module, inp):
+            x = inp[0]
+            new = self._patch_output(key, x, inp)
+            if self._capture is not None:
+                self._capture[site] = new.clone()
+            return (new, *inp[1:]) if new is not x else None
         return hook
 
     def patch_parameters(self) -> Iterator[nn.Parameter]:
@@ -124,8 +173,39 @@ class PatchedModel(nn.Module):
     def train(self, mode: bool = True) -> "PatchedModel":
         self.training = mode
         self.patches.train(mode)
-        self.model.eval()  # base modules stay in eval, always
+        self.model.train(mode)  # base modules stay in eval unless a full fine-tuning method owns them
         return self
+
+    @property
+    def finetune_base(self) -> bool:
+        return self.model.trainable
+
+    @finetune_base.setter
+    def finetune_base(self, on: bool) -> None:
+        self.model.trainable = bool(on)
+
+    @property
+    def current_route(self) -> str:
+        return self._route
+
+    def set_route(self, route: str) -> None:
+        if route not in ROUTES:
+            raise InputError(f"route must be one of {', '.join(ROUTES)}, got '{route}'")
+        self._route = route
+
+    @contextlib.contextmanager
+    def route(self, route: str) -> Iterator["PatchedModel"]:
+        """Inputs go through the auxiliary BN twins (adv) or the base's BNs (main) inside the block."""
+        prev = self._route
+        self.set_route(route)
+        try:
+            yield self
+        finally:
+            self._route = prev
+
+    @property
+    def has_auxbn(self) -> bool:
+        return any(p.kind == "auxbn" for p in self.patches.values())
 
     @contextlib.contextmanager
     def patches_disabled(self) -> Iterator["PatchedModel"]:
@@ -151,6 +231,19 @@ class PatchedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def base_copy(self) -> Classifier:
+        """A frozen deep copy of the base as it is now, without harden's hooks (a fixed reference when the
+        base itself is fine-tuned)."""
+        ids = {h.id for h in [*self._handles.values(), *self._guards.values()]}
+        copy_ = copy.deepcopy(self.model)
+        for m in copy_.modules():
+            for hid in ids:
+                m._forward_hooks.pop(hid, None)
+                m._forward_pre_hooks.pop(hid, None)
+        for p in copy_.parameters():
+            p.requires_grad_(False)
+        return copy_.eval()
+
     # -- state
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return self.net.state_dict()
@@ -164,8 +257,9 @@ class PatchedModel(nn.Module):
 
     def load_patch_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         for site, key in self.sites.items():
-            prefix = f"harden.{site}."
-            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            # exact names: one site's name can prefix another's ('layer1' and 'layer1.conv.1')
+            names = self.patches[key].state_dict().keys()
+            sd = {n: tensors[f"harden.{site}.{n}"] for n in names if f"harden.{site}.{n}" in tensors}
             self.patches[key].load_state_dict(sd, strict=True)
 
     def patch_specs(self) -> list[dict]:

@@ -41,6 +41,7 @@ def _neighbours(x: torch.Tensor) -> torch.Tensor:
 
 class Denoise(nn.Module):
     kind = "denoise"
+    input_only = False
 
     def __init__(self, channels: int, config: DenoiseConfig, spatial: tuple[int, int] | None = None) -> None:
         super().__init__()

@@ -39,6 +39,7 @@ class FixerConfig:
 
 class Fixer(nn.Module):
     kind = "fixer"
+    input_only = False
 
     def __init__(self, channels: int, config: FixerConfig) -> None:
         super().__init__()
