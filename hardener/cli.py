@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from . import __version__, attacks as A, data as hdata, evaluate as E, fit as F, report as R
+from .cache import parse_bytes
 from .checkpoint import Manifest, atomic_write, save_patched, sha256_file
 from .config import ConfigCommand
 from .errors import InputError, RunError, ThresholdError
@@ -233,6 +234,11 @@ def _default_out(model: str) -> Path:
               help="Logit distillation weight: KL to the base logits on clean inputs (0 = the paper's loss).")
 @click.option("--gamma", default=0.0, show_default=True, type=float, help="Focal CE γ (0 = cross-entropy).")
 @click.option("--augment", is_flag=True, help="Pad + random crop + flip, applied before the attack.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Transfer training without augmentation: cache the frozen base's answers (adversarial examples, "
+                   "distillation targets, the output before the first site) instead of recomputing them.")
+@click.option("--cache-limit", default="2GiB", show_default=True,
+              help="Memory for those caches (e.g. 512MiB, 8GiB); beyond it they spill to disk in fp16.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Default: <stem>.hardened.safetensors.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run saved in <out>.partial.")
@@ -247,8 +253,8 @@ def _default_out(model: str) -> Path:
 @data_options
 def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smooth_grad, act, delta, rho, width,
           final_relu, attack_name, eps, norm, steps, alpha, eps_warmup, loss_name, beta, select_on, phi, betas, sigma,
-          adversary, epochs, batch_size, lr, lam, mu, gamma, augment, out_path, force, resume, save_every, eval_data,
-          eval_samples, eval_steps, report_path, **kw):
+          adversary, epochs, batch_size, lr, lam, mu, gamma, augment, cache, cache_limit, out_path, force, resume,
+          save_every, eval_data, eval_samples, eval_steps, report_path, **kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on
     a small subset, write the patched file and a report. Full fine-tuning methods (adv-train, advprop, advamd)
     write a new checkpoint instead, marked as a modified base."""
@@ -311,7 +317,8 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, mu=mu, gamma=gamma,
                       adversary=adversary, augment=augment, seed=kw["seed"], method=methods.fit_method,
                       loss=loss_name, beta=beta, eps_warmup=eps_warmup, select=bool(select_on), phi=phi,
-                      betas=amd_betas, sigma=sigma)
+                      betas=amd_betas, sigma=sigma, cache=cache,
+                      cache_limit=parse_bytes(cache_limit, "--cache-limit"))
     eval_ds, warnings = _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw)
     saver = Saver(out_file.with_name(out_file.name + ".partial"), resume=resume, every_steps=save_every,
                   fingerprint=fingerprint({"base": loaded.base.sha256, "data": train_ds.fingerprint(),
@@ -321,10 +328,13 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     saver.check_start()
     parent = loaded.patched.base_copy() if cfg.full else None
     t0 = time.time()
+    info: dict = {}
     with ProgressView(kw["quiet"]) as progress, StopFlag().installed() as stop:
         logs = F.fit(loaded.patched, train_ds, spec, cfg, device, progress, saver=saver, stop=lambda: bool(stop),
-                     val=val_ds)
+                     val=val_ds, info=info, cache_dir=out_file.parent)
     train_seconds = time.time() - t0
+    if "cache" in info and not kw["quiet"]:
+        err_console.print(f"cache: {info['cache']}")
     loaded.patched.set_route(default_route)
     training = F.record(cfg, spec, logs, train_ds, kw["subset"])
     if val_ds is not None:
@@ -358,6 +368,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
                   R.environment(str(device), kw["seed"], kw["deterministic"]),
                   {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
                    "train_seconds": train_seconds, "trainable_parameters": n_params, "route": default_route,
+                   "epoch_seconds": [e.seconds for e in logs], "cache": info,
                    "base_modified": cfg.full, "method": method})
     R.render_table(rep, err_console)
     if report_path:

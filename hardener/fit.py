@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -58,6 +59,8 @@ class FitConfig:
     phi: float = 0.5  # AdvAmd mediate coefficient
     betas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # AdvAmd β1..β3
     sigma: float = 0.0  # AdvAmd: stop once the epoch's mean loss is below σ
+    cache: bool = True  # transfer training without augmentation: cache the frozen base's answers
+    cache_limit: int = 2 << 30  # bytes of caches kept in memory; the rest spills to disk in fp16
 
     def __post_init__(self) -> None:
         if self.adversary not in ("base", "patched"):
@@ -186,9 +189,70 @@ def _load_state(patched: PatchedModel, sd: dict[str, torch.Tensor], cfg: FitConf
         patched.net.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("base.")})
 
 
+def cache_bytes(patched: PatchedModel, ds: hdata.Dataset, n_classes: int, device: torch.device) -> dict[str, int]:
+    """Per-array byte sizes of the frozen-base caches for `ds` (estimated up front from one dry run)."""
+    x = hdata.to_float(ds.images[:2]).to(device)
+    with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
+        patched(x)
+    n = len(ds)
+    sizes = {"adv_images": n * int(x[0].numel()) * 4, "logits": n * n_classes * 4}
+    for s, f in feats.items():
+        sizes[f"t:{s}"] = n * int(f[0].numel()) * 4
+    return sizes
+
+
+class _BaseCache:
+    """Answers of the frozen base for every training sample: logits and features at each site on the clean
+    input (the distillation targets) and, with a skippable prefix, the first site's output for the clean
+    and the adversarial input."""
+
+    def __init__(self, patched: PatchedModel, ds: hdata.Dataset, adv: torch.Tensor, cfg: FitConfig,
+                 device: torch.device, folder, progress: Progress | None) -> None:
+        from .cache import CacheStore, FrozenPrefix
+
+        probe = hdata.to_float(ds.images[:8]).to(device)
+        self.prefix, self.note = FrozenPrefix.plan(patched, probe) if cfg.cache else (None, "caching off")
+        self.store = CacheStore(cfg.cache_limit, folder)
+        n, bs = len(ds), cfg.batch_size
+        with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
+            logits = patched(probe[:1])
+        self.sites = list(patched.sites)
+        self.store.create("logits", (n, logits.shape[1]))
+        for s in self.sites:
+            self.store.create(f"t:{s}", (n, *feats[s].shape[1:]))
+        if self.prefix is not None:
+            shape = tuple(feats[self.prefix.site].shape[1:])
+            self.store.create("clean_site", (n, *shape))
+            self.store.create("adv_site", (n, *shape))
+        for i in range(0, n, bs):
+            sl = slice(i, i + bs)
+            x = hdata.to_float(ds.images[sl]).to(device)
+            with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
+                self.store.put("logits", sl, patched(x))
+            for s in self.sites:
+                self.store.put(f"t:{s}", sl, feats[s])
+            if self.prefix is not None:
+                self.store.put("clean_site", sl, feats[self.prefix.site])
+                self.store.put("adv_site", sl, self.prefix.site_output(adv[sl].to(device)))
+            if progress:
+                progress("cache", min(i + bs, n), n, {})
+        if self.store.spilled:
+            self.note += f"; {len(self.store.spilled)} array(s) spilled to disk in fp16 (--cache-limit)"
+
+    def targets(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (self.store.get("logits", idx, device),
+                {s: self.store.get(f"t:{s}", idx, device) for s in self.sites})
+
+    def feeding(self, which: str, idx: torch.Tensor, device: torch.device):
+        if self.prefix is None:
+            return nullcontext()
+        return self.prefix.feeding(self.store.get(f"{which}_site", idx, device))
+
+
 def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
         device: torch.device, progress: Progress | None = None, saver: Saver | None = None,
-        stop: Callable[[], bool] = lambda: False, val: hdata.Dataset | None = None) -> list[EpochLog]:
+        stop: Callable[[], bool] = lambda: False, val: hdata.Dataset | None = None,
+        info: dict | None = None, cache_dir=None) -> list[EpochLog]:
     """Train `patched` on `ds` by `cfg.method`. With a `saver`, state is saved atomically at the end of
     every epoch (and every `saver.every_steps` steps), and when `stop()` turns true, after which
     `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state. With `val`
@@ -238,6 +302,13 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 raise Interrupted("interrupted before training started; nothing to resume")
             if saver is not None:
                 saver.save_adv(cached_adv)
+    base_cache = None
+    if cached_adv is not None and not cfg.full:
+        t_cache = time.time()
+        base_cache = _BaseCache(patched, ds, cached_adv, cfg, device, cache_dir, progress)
+        if info is not None:
+            info.update(cache=base_cache.note, cache_seconds=time.time() - t_cache,
+                        cache_bytes_in_memory=base_cache.store.used, cache_spilled=list(base_cache.store.spilled))
     abar = None
     if cfg.method == "advamd":
         n_classes = spec.n_classes
@@ -246,97 +317,107 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     adaptive = cfg.method != "advamd" and (cfg.adversary == "patched" or cfg.full)
     train_route = "main" if cfg.method in ("advprop", "advamd") else "adv"
     total_steps = cfg.epochs * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        if perm is None:
-            sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
-            perm = torch.randperm(len(ds), generator=g)
-        assert sums is not None
-        for step in range(start_step, steps_per_epoch):
-            done = epoch * steps_per_epoch + step
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x, y = ds.batch(idx)
-            if cfg.augment:
-                x = hdata.augment(x, g)
-            x, y = x.to(device), y.to(device)
-            # Targets of the distillation: the (original) base on the clean input.
-            with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-                base_logits = teacher(x) if cfg.full else patched(x)
-            targets = {s: feats[s].detach() for s in patched.sites} if not cfg.full else {}
-            # This step's attack: eps ramps up over cfg.eps_warmup epochs; a fresh seed per step.
-            ramp = min(1.0, (done + 1) / (cfg.eps_warmup * steps_per_epoch)) if cfg.eps_warmup else 1.0
-            step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
-            if cached_adv is not None:
-                x_adv = cached_adv[idx].to(device)
-            elif not adaptive:
-                x_adv = attacks.project(x, attacks.build(teacher, step_spec)(x, y), step_spec.eps, spec.norm)
-            else:
-                patched.eval()
-                with patched.route("adv"):
-                    x_adv = attacks.project(x, attacks.build(patched, step_spec)(x, y), step_spec.eps, spec.norm)
-            patched.train()
-            with patched.route(train_route), patched.capture() as f_clean:
-                out_clean = patched(x)
-            adv_route = "adv" if cfg.method in ("advprop", "advamd") else train_route
-            with patched.route(adv_route), patched.capture() as f_adv:
-                out_adv = patched(x_adv)
-            ce_clean = losses.focal_ce(out_clean, y, cfg.gamma)
-            if cfg.method == "advamd":
-                assert abar is not None
-                with patched.route("main"):
-                    out_med = patched(x + cfg.phi * (x_adv - x))
-                ce_adv = (abar[y] * losses.focal_ce(out_adv, y, cfg.gamma, reduction="none")).mean()
-                b1, b2, b3 = cfg.betas
-                loss = b1 * ce_clean + b2 * losses.focal_ce(out_med, y, cfg.gamma) + b3 * ce_adv
-            elif cfg.loss == "trades":
-                ce_adv = losses.trades_kl(out_adv, out_clean)
-                loss = ce_clean + cfg.beta * ce_adv
-            else:
-                ce_adv = losses.focal_ce(out_adv, y, cfg.gamma)
-                loss = ce_clean + ce_adv
-            distill = torch.zeros((), device=device)
-            if targets and cfg.lam:
-                distill = losses.feature_distillation(f_clean, targets) + losses.feature_distillation(f_adv, targets)
-                loss = loss + cfg.lam * distill
-            if cfg.mu:
-                loss = loss + cfg.mu * losses.logit_distillation(out_clean, base_logits)
-            if not torch.isfinite(loss):
-                raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
-                               "lower --lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            b = len(y)
-            sums["loss"] += loss.item() * b
-            sums["ce_clean"] += ce_clean.item() * b
-            sums["ce_adv"] += ce_adv.item() * b
-            sums["distill"] += distill.item() * b
-            sums["acc_clean"] += float((out_clean.argmax(1) == y).sum())
-            sums["acc_adv"] += float((out_adv.argmax(1) == y).sum())
-            if progress:
-                progress("train", done + 1, total_steps,
-                         {"epoch": epoch + 1, "loss": loss.item(), "ce": ce_clean.item(),
-                          "ce_adv": ce_adv.item(), "distill": distill.item()})
-            if stop():
-                save(epoch, step + 1)
-                where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
-                raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
-            if saver is not None and saver.every_steps and (done + 1) % saver.every_steps == 0:
-                save(epoch, step + 1)
-        n = len(ds)
-        log = EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0)
-        if validate is not None:
-            log.val_clean, log.val_robust = validate(patched)
-            score = (log.val_robust, log.val_clean)
-            if cfg.select and (best is None or score > tuple(best["score"])):
-                best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}
-        logs.append(log)
-        perm, sums, start_step = None, None, 0
-        converged = cfg.method == "advamd" and log.loss < cfg.sigma
-        save(cfg.epochs if converged else epoch + 1, 0)
-        if converged:
-            break
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            if perm is None:
+                sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
+                perm = torch.randperm(len(ds), generator=g)
+            assert sums is not None
+            for step in range(start_step, steps_per_epoch):
+                done = epoch * steps_per_epoch + step
+                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                x, y = ds.batch(idx)
+                if cfg.augment:
+                    x = hdata.augment(x, g)
+                x, y = x.to(device), y.to(device)
+                # Targets of the distillation: the (original) base on the clean input.
+                if base_cache is not None:
+                    base_logits, targets = base_cache.targets(idx, device)
+                else:
+                    with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
+                        base_logits = teacher(x) if cfg.full else patched(x)
+                    targets = {s: feats[s].detach() for s in patched.sites} if not cfg.full else {}
+                # This step's attack: eps ramps up over cfg.eps_warmup epochs; a fresh seed per step.
+                ramp = min(1.0, (done + 1) / (cfg.eps_warmup * steps_per_epoch)) if cfg.eps_warmup else 1.0
+                step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
+                if cached_adv is not None:
+                    x_adv = cached_adv[idx].to(device)
+                elif not adaptive:
+                    x_adv = attacks.project(x, attacks.build(teacher, step_spec)(x, y), step_spec.eps, spec.norm)
+                else:
+                    patched.eval()
+                    with patched.route("adv"):
+                        x_adv = attacks.project(x, attacks.build(patched, step_spec)(x, y), step_spec.eps, spec.norm)
+                patched.train()
+                feed_clean = base_cache.feeding("clean", idx, device) if base_cache is not None else nullcontext()
+                with patched.route(train_route), patched.capture() as f_clean, feed_clean:
+                    out_clean = patched(x)
+                adv_route = "adv" if cfg.method in ("advprop", "advamd") else train_route
+                feed_adv = base_cache.feeding("adv", idx, device) if base_cache is not None else nullcontext()
+                with patched.route(adv_route), patched.capture() as f_adv, feed_adv:
+                    out_adv = patched(x_adv)
+                ce_clean = losses.focal_ce(out_clean, y, cfg.gamma)
+                if cfg.method == "advamd":
+                    assert abar is not None
+                    with patched.route("main"):
+                        out_med = patched(x + cfg.phi * (x_adv - x))
+                    ce_adv = (abar[y] * losses.focal_ce(out_adv, y, cfg.gamma, reduction="none")).mean()
+                    b1, b2, b3 = cfg.betas
+                    loss = b1 * ce_clean + b2 * losses.focal_ce(out_med, y, cfg.gamma) + b3 * ce_adv
+                elif cfg.loss == "trades":
+                    ce_adv = losses.trades_kl(out_adv, out_clean)
+                    loss = ce_clean + cfg.beta * ce_adv
+                else:
+                    ce_adv = losses.focal_ce(out_adv, y, cfg.gamma)
+                    loss = ce_clean + ce_adv
+                distill = torch.zeros((), device=device)
+                if targets and cfg.lam:
+                    distill = (losses.feature_distillation(f_clean, targets)
+                               + losses.feature_distillation(f_adv, targets))
+                    loss = loss + cfg.lam * distill
+                if cfg.mu:
+                    loss = loss + cfg.mu * losses.logit_distillation(out_clean, base_logits)
+                if not torch.isfinite(loss):
+                    raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
+                                   "lower --lr or check the data")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                b = len(y)
+                sums["loss"] += loss.item() * b
+                sums["ce_clean"] += ce_clean.item() * b
+                sums["ce_adv"] += ce_adv.item() * b
+                sums["distill"] += distill.item() * b
+                sums["acc_clean"] += float((out_clean.argmax(1) == y).sum())
+                sums["acc_adv"] += float((out_adv.argmax(1) == y).sum())
+                if progress:
+                    progress("train", done + 1, total_steps,
+                             {"epoch": epoch + 1, "loss": loss.item(), "ce": ce_clean.item(),
+                              "ce_adv": ce_adv.item(), "distill": distill.item()})
+                if stop():
+                    save(epoch, step + 1)
+                    where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
+                    raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
+                if saver is not None and saver.every_steps and (done + 1) % saver.every_steps == 0:
+                    save(epoch, step + 1)
+            n = len(ds)
+            log = EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0)
+            if validate is not None:
+                log.val_clean, log.val_robust = validate(patched)
+                score = (log.val_robust, log.val_clean)
+                if cfg.select and (best is None or score > tuple(best["score"])):
+                    best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}
+            logs.append(log)
+            perm, sums, start_step = None, None, 0
+            converged = cfg.method == "advamd" and log.loss < cfg.sigma
+            save(cfg.epochs if converged else epoch + 1, 0)
+            if converged:
+                break
+    finally:
+        if base_cache is not None:
+            base_cache.store.close()
     if best is not None:
         _load_state(patched, best["state"], cfg)
     patched.eval()

@@ -1,0 +1,194 @@
+"""Caches of what a frozen base computes the same way every epoch (transfer training, no augmentation).
+
+With `--adversary base` and no augmentation the training inputs (clean and adversarial) never change,
+and the base before the first patch site never changes either. `FrozenPrefix` finds that prefix from
+the call order of a dry run, and replaces it during training: the modules that run before the first
+site return placeholders, and the first site returns its cached output, so an epoch costs the forward
+and backward of the model *after* the first site. The replacement is checked on real data before it
+is used (outputs must be bit-identical to the full forward); where a model's forward reuses a prefix
+output after the site (a skip connection around it), the check fails and training runs uncached.
+
+`CacheStore` keeps arrays in memory up to a byte limit and spills the rest to disk in fp16.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .patches import INPUT_SITE, PatchedModel
+
+
+class CacheStore:
+    """Named (N, ...) arrays: fp32 in memory while the total stays under `limit` bytes, else fp16 on disk."""
+
+    def __init__(self, limit: int, folder: Path | None = None) -> None:
+        self.limit, self.used = int(limit), 0
+        self.folder = folder
+        self._tmp: Path | None = None
+        self.arrays: dict[str, torch.Tensor | np.memmap] = {}
+        self.spilled: list[str] = []
+
+    def create(self, name: str, shape: tuple[int, ...]) -> None:
+        nbytes = int(np.prod(shape)) * 4
+        if self.used + nbytes <= self.limit:
+            self.arrays[name] = torch.empty(shape, dtype=torch.float32)
+            self.used += nbytes
+            return
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix=".harden-cache-", dir=str(self.folder or tempfile.gettempdir())))
+        self.arrays[name] = np.lib.format.open_memmap(self._tmp / f"{len(self.spilled)}.npy", mode="w+",
+                                                      dtype=np.float16, shape=shape)
+        self.spilled.append(name)
+
+    def put(self, name: str, sl: slice, value: torch.Tensor) -> None:
+        a = self.arrays[name]
+        if isinstance(a, torch.Tensor):
+            a[sl] = value.detach().cpu()
+        else:
+            a[sl] = value.detach().cpu().to(torch.float16).numpy()
+
+    def get(self, name: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        a = self.arrays[name]
+        if isinstance(a, torch.Tensor):
+            return a[idx].to(device)
+        return torch.from_numpy(np.asarray(a[idx.numpy()])).float().to(device)
+
+    def close(self) -> None:
+        self.arrays.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _call_order(net: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int], dict[str, list[int]]]:
+    """Start and end positions of every named module's (first) call in one forward, and its output shape."""
+    starts: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    counter = [0]
+    handles = []
+
+    def pre(name):
+        def hook(_m, _inp):
+            counter[0] += 1
+            starts.setdefault(name, counter[0])
+        return hook
+
+    def post(name):
+        def hook(_m, _inp, out):
+            counter[0] += 1
+            ends.setdefault(name, counter[0])
+            if isinstance(out, torch.Tensor):
+                shapes.setdefault(name, list(out.shape[1:]))
+        return hook
+
+    for name, m in net.named_modules():
+        if name:
+            handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return starts, ends, shapes
+
+
+class FrozenPrefix:
+    """Skip the base before the first patch site, feeding that site's cached output instead."""
+
+    def __init__(self, patched: PatchedModel, site: str, stubs: list[str], shapes: dict[str, list[int]]) -> None:
+        self.patched, self.site, self.stubs, self.shapes = patched, site, stubs, shapes
+        self._feed: torch.Tensor | None = None
+
+    @classmethod
+    def plan(cls, patched: PatchedModel, x: torch.Tensor) -> tuple["FrozenPrefix | None", str]:
+        """The prefix to skip for these patches, checked on `x` (a batch in [0, 1]); None and the reason when
+        it cannot be skipped."""
+        kinds = {site: patched.patches[key].kind for site, key in patched.sites.items()}
+        if INPUT_SITE in kinds:
+            return None, "a patch sits at the model input: there is no frozen prefix"
+        with patched.patches_disabled():
+            normalised = _normalised_input(patched, x)
+            starts, ends, shapes = _call_order(patched.net, normalised)
+        site = min(kinds, key=lambda s: ends.get(s, 1 << 30))
+        if kinds[site] == "auxbn":
+            return None, f"the first site '{site}' is an auxiliary BN, which needs its input: nothing to skip"
+        ancestors = {site.rsplit(".", k)[0] for k in range(1, site.count(".") + 1)}
+        inside = site + "."
+        stubs = [n for n in starts if n not in ancestors and n != site and not n.startswith(inside)
+                 and ends.get(n, 1 << 30) < starts[site] and n in shapes]
+        stubs = [n for n in stubs if not any(n.startswith(o + ".") for o in stubs)]  # outermost only
+        prefix = cls(patched, site, stubs, shapes)
+        ok, why = prefix.check(x)
+        return (prefix if ok else None), why
+
+    @contextlib.contextmanager
+    def feeding(self, site_output: torch.Tensor) -> Iterator[None]:
+        """Forwards inside the block skip the prefix; the first site returns `site_output` (one row per input)."""
+        net = self.patched.net
+        n = site_output.shape[0]
+        modules = {name: net.get_submodule(name) for name in [*self.stubs, self.site]}
+        dev, dtype = site_output.device, site_output.dtype
+        for name in self.stubs:
+            shape = self.shapes[name]
+            modules[name].forward = lambda *a, _s=shape, **k: torch.zeros(n, *_s, device=dev, dtype=dtype)
+        modules[self.site].forward = lambda *a, **k: site_output
+        try:
+            yield
+        finally:
+            for m in modules.values():
+                del m.forward
+
+    def site_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's output at the first site for inputs `x` (patches off)."""
+        with torch.no_grad(), self.patched.patches_disabled(), self.patched.capture() as feats:
+            self.patched(x)
+        return feats[self.site]
+
+    def check(self, x: torch.Tensor) -> tuple[bool, str]:
+        with torch.no_grad():
+            feed = self.site_output(x)
+            for enabled in (False, True):
+                ctx = contextlib.nullcontext() if enabled else self.patched.patches_disabled()
+                with ctx:
+                    full = self.patched(x)
+                    with self.feeding(feed):
+                        short = self.patched(x)
+                if not torch.equal(full, short):
+                    return False, (f"skipping the base before '{self.site}' changes the outputs (the forward "
+                                   "reuses an earlier result after the site): training runs uncached")
+        skipped = ", ".join(self.stubs) or "nothing but the site itself"
+        return True, f"base before '{self.site}' is cached ({skipped} skipped)"
+
+
+def _normalised_input(patched: PatchedModel, x: torch.Tensor) -> torch.Tensor:
+    m = patched.model
+    if m.mean is not None:
+        x = x - m.mean
+    if m.std is not None:
+        x = x / m.std
+    return x
+
+
+def parse_bytes(text: str, what: str) -> int:
+    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+             "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = t[len(num):].strip()
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise InputError(f"{what} must be a size like 512MiB or 8GiB, got '{text}'") from None
+    if value < 0:
+        raise InputError(f"{what} must not be negative, got '{text}'")
+    return int(value)
