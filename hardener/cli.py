@@ -218,6 +218,9 @@ def _default_out(model: str) -> Path:
 @click.option("--select-on", type=int, default=0, show_default=True,
               help="Hold out N images of --data outside the subset; keep the epoch with the best white-box "
                    "accuracy on them (PGD-10).")
+@click.option("--validate", type=int, default=0, show_default=True,
+              help="Hold out N images of --data outside the subset and log clean, white-box and transfer accuracy "
+                   "on them after every epoch (without choosing an epoch: see --select-on).")
 @click.option("--phi", default=0.5, show_default=True, type=float,
               help="AdvAmd mediate coefficient φ (paper: 0.7 FGSM, 0.6 DeepFool, 0.5 iterative attacks).")
 @click.option("--betas", default="1,1,1", show_default=True, help="AdvAmd loss weights β1,β2,β3.")
@@ -252,9 +255,9 @@ def _default_out(model: str) -> Path:
 @model_options
 @data_options
 def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smooth_grad, act, delta, rho, width,
-          final_relu, attack_name, eps, norm, steps, alpha, eps_warmup, loss_name, beta, select_on, phi, betas, sigma,
-          adversary, epochs, batch_size, lr, lam, mu, gamma, augment, cache, cache_limit, out_path, force, resume,
-          save_every, eval_data, eval_samples, eval_steps, report_path, **kw):
+          final_relu, attack_name, eps, norm, steps, alpha, eps_warmup, loss_name, beta, select_on, validate, phi,
+          betas, sigma, adversary, epochs, batch_size, lr, lam, mu, gamma, augment, cache, cache_limit, out_path, force,
+          resume, save_every, eval_data, eval_samples, eval_steps, report_path, **kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on
     a small subset, write the patched file and a report. Full fine-tuning methods (adv-train, advprop, advamd)
     write a new checkpoint instead, marked as a modified base."""
@@ -306,10 +309,14 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
         train_idx, rest_idx = torch.arange(len(ds_all)), torch.empty(0, dtype=torch.int64)
     train_ds = ds_all.take(train_idx)
     val_ds = None
-    if select_on:
-        if select_on >= len(rest_idx):
-            raise InputError(f"--select-on {select_on}: --data has only {len(rest_idx)} images outside the subset")
-        pick, keep = hdata.stratified_split(ds_all.labels[rest_idx], select_on, kw["seed"] + 1)
+    if select_on and validate:
+        raise InputError("--select-on and --validate both hold out a validation split: give one")
+    n_val = select_on or validate
+    if n_val:
+        if n_val >= len(rest_idx):
+            raise InputError(f"--select-on/--validate {n_val}: --data has only {len(rest_idx)} images outside the "
+                             "subset")
+        pick, keep = hdata.stratified_split(ds_all.labels[rest_idx], n_val, kw["seed"] + 1)
         val_ds, rest_idx = ds_all.take(rest_idx[pick]), rest_idx[keep]
     n_classes = loaded.spec.num_classes
     spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, alpha=alpha, seed=kw["seed"],
@@ -339,7 +346,8 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     training = F.record(cfg, spec, logs, train_ds, kw["subset"])
     if val_ds is not None:
         training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
-                                  "attack": "pgd-10 white-box", "selected_epoch": F.selected_epoch(logs, cfg)}
+                                  "attack": "pgd-10 (white-box, and transfer from the base)",
+                                  "selected_epoch": F.selected_epoch(logs, cfg)}
     manifest = Manifest(
         arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
         patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256, training=training,

@@ -93,7 +93,8 @@ class EpochLog:
     acc_adv: float
     seconds: float
     val_clean: float | None = None
-    val_robust: float | None = None
+    val_robust: float | None = None  # white-box PGD-10 on the model being trained
+    val_transfer: float | None = None  # PGD-10 computed on the (original) base, scored on the model
 
 
 Progress = Callable[[str, int, int, dict], None]
@@ -147,26 +148,37 @@ def vulnerability(ds: hdata.Dataset, adv: torch.Tensor, source: torch.nn.Module,
 
 
 class _Validation:
-    """White-box accuracy of the model on a held-out split after every epoch (PGD-10, random start)."""
+    """Accuracy on a held-out split after every epoch: clean, white-box PGD-10 (random start) on the model
+    being trained, and transfer (the same attack computed once on the original base)."""
 
-    def __init__(self, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int, device: torch.device) -> None:
+    def __init__(self, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int, device: torch.device,
+                 base: torch.nn.Module) -> None:
         self.x, self.y = hdata.to_float(ds.images), ds.labels
         self.spec = replace(spec, name="pgd", steps=10, alpha=None, smooth_grad=None, settings={})
         self.batch_size, self.device = batch_size, device
+        self.transfer_x = self._attack(base)
 
-    def __call__(self, model: PatchedModel) -> tuple[float, float]:
-        model.eval()
-        attack = attacks.build(model, self.spec)
-        clean = robust = 0
+    def _batches(self):
         for i in range(0, len(self.y), self.batch_size):
-            x, y = self.x[i:i + self.batch_size].to(self.device), self.y[i:i + self.batch_size].to(self.device)
-            with torch.no_grad():
-                clean += int((model(x).argmax(1) == y).sum())
-            adv = attacks.project(x, attack(x, y), self.spec.eps, self.spec.norm)
-            with torch.no_grad():
-                robust += int((model(adv).argmax(1) == y).sum())
-        n = len(self.y)
-        return clean / n, robust / n
+            yield slice(i, i + self.batch_size)
+
+    def _attack(self, model: torch.nn.Module) -> torch.Tensor:
+        attack = attacks.build(model, self.spec)
+        out = torch.empty_like(self.x)
+        for sl in self._batches():
+            x, y = self.x[sl].to(self.device), self.y[sl].to(self.device)
+            out[sl] = attacks.project(x, attack(x, y), self.spec.eps, self.spec.norm).cpu()
+        return out
+
+    @torch.no_grad()
+    def _accuracy(self, model: torch.nn.Module, x: torch.Tensor) -> float:
+        hits = sum(int((model(x[sl].to(self.device)).argmax(1).cpu() == self.y[sl]).sum()) for sl in self._batches())
+        return hits / len(self.y)
+
+    def __call__(self, model: PatchedModel) -> tuple[float, float, float]:
+        model.eval()
+        return (self._accuracy(model, self.x), self._accuracy(model, self._attack(model)),
+                self._accuracy(model, self.transfer_x))
 
 
 def _trainable(patched: PatchedModel, cfg: FitConfig) -> list[torch.nn.Parameter]:
@@ -260,7 +272,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     if cfg.method in ("advprop", "advamd") and not patched.has_auxbn:
         raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
     if cfg.select and val is None:
-        raise InputError("--select-on needs a validation split")
+        raise InputError("--select-on needs a validation split")  # (the CLI always gives one)
     teacher = patched.base_copy() if cfg.full else Disabled(patched)
     params = _trainable(patched, cfg)
     if not params:
@@ -313,7 +325,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     if cfg.method == "advamd":
         n_classes = spec.n_classes
         abar = vulnerability(ds, cached_adv, teacher, n_classes, cfg.batch_size, device).to(device)
-    validate = _Validation(val, spec, max(cfg.batch_size, 256), device) if val is not None else None
+    validate = _Validation(val, spec, max(cfg.batch_size, 256), device, teacher) if val is not None else None
     adaptive = cfg.method != "advamd" and (cfg.adversary == "patched" or cfg.full)
     train_route = "main" if cfg.method in ("advprop", "advamd") else "adv"
     total_steps = cfg.epochs * steps_per_epoch
@@ -405,7 +417,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
             n = len(ds)
             log = EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0)
             if validate is not None:
-                log.val_clean, log.val_robust = validate(patched)
+                log.val_clean, log.val_robust, log.val_transfer = validate(patched)
                 score = (log.val_robust, log.val_clean)
                 if cfg.select and (best is None or score > tuple(best["score"])):
                     best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}

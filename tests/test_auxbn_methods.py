@@ -11,6 +11,7 @@ import hardener
 from hardener import attacks as A, data as hdata, fit as F, losses
 from hardener.cli import main
 from hardener.model import Classifier, InputSpec
+from hardener.patches.attach import Disabled
 from hardener.patches import AuxBN, Fixer, FixerConfig, PatchedModel, Prefilter, bn_names, select_bn_sites
 from hardener.checkpoint import MANIFEST_KEY
 from hardener.errors import InputError
@@ -176,8 +177,8 @@ def test_select_on_keeps_best_validation_epoch():
     want = max(logs, key=lambda e: (e.val_robust, e.val_clean, -e.epoch))
     assert best == want.epoch
     # the kept weights are that epoch's: validating them again gives its numbers
-    again = F._Validation(val, spec, 256, torch.device("cpu"))(p)
-    assert again == (want.val_clean, want.val_robust)
+    again = F._Validation(val, spec, 256, torch.device("cpu"), Disabled(p))(p)
+    assert again == (want.val_clean, want.val_robust, want.val_transfer)
 
 
 def _cli_patch(runner, tiny_ckpt, tiny_data, out, *extra):
