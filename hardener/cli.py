@@ -376,7 +376,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
                   R.environment(str(device), kw["seed"], kw["deterministic"]),
                   {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
                    "train_seconds": train_seconds, "trainable_parameters": n_params, "route": default_route,
-                   "epoch_seconds": [e.seconds for e in logs], "cache": info,
+                   "epoch_log": [asdict(e) for e in logs], "cache": info,
                    "base_modified": cfg.full, "method": method})
     R.render_table(rep, err_console)
     if report_path:

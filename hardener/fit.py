@@ -95,6 +95,7 @@ class EpochLog:
     val_clean: float | None = None
     val_robust: float | None = None  # white-box PGD-10 on the model being trained
     val_transfer: float | None = None  # PGD-10 computed on the (original) base, scored on the model
+    val_seconds: float | None = None
 
 
 Progress = Callable[[str, int, int, dict], None]
@@ -417,7 +418,9 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
             n = len(ds)
             log = EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0)
             if validate is not None:
+                t_val = time.time()
                 log.val_clean, log.val_robust, log.val_transfer = validate(patched)
+                log.val_seconds = time.time() - t_val
                 score = (log.val_robust, log.val_clean)
                 if cfg.select and (best is None or score > tuple(best["score"])):
                     best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}
@@ -455,7 +458,7 @@ def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog], ds: h
     """The training record stored in the manifest: no wall times, so equal runs give equal files."""
     import torchattacks
 
-    epochs = [{k: v for k, v in asdict(e).items() if k != "seconds"} for e in logs]
+    epochs = [{k: v for k, v in asdict(e).items() if k not in ("seconds", "val_seconds")} for e in logs]
     return {"config": asdict(cfg), "attack": spec.record(), "epochs": epochs, "seed": cfg.seed,
             "data": {"source": ds.source, "fingerprint": ds.fingerprint(), "n": len(ds), "subset": subset},
             "torch": torch.__version__, "torchattacks": torchattacks.__version__}

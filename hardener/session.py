@@ -46,7 +46,8 @@ class Loaded:
 
     @property
     def has_patches(self) -> bool:
-        return bool(self.patched.sites)
+        """True when there is something to compare with the base: patches, or a fine-tuned base."""
+        return bool(self.patched.sites) or (self.manifest is not None and self.manifest.base_modified)
 
     @property
     def spec(self) -> InputSpec:

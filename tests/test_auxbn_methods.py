@@ -238,6 +238,7 @@ def test_full_methods_write_modified_base_with_parent(method, runner, tiny_ckpt,
                              "--steps", "2", "--no-checks", "--quiet", "--parent", str(tiny_ckpt), "--json"])
     assert r.exit_code == 0, r.output
     rep2 = json.loads(r.stdout)
+    assert rep2["base_modified"] is True and "patched" in rep2["models"]
     r = runner.invoke(main, ["eval", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.1",
                              "--steps", "2", "--no-checks", "--quiet", "--json"])
     plain = json.loads(r.stdout)

@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end in their --quick mode, so they cannot rot (numbers are not checked)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compare_fmnist_quick(tmp_path):
+    r = subprocess.run([sys.executable, "bench/compare_fmnist.py", "--quick", "--out-dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    methods = {s["method"] for s in summary["summary"]}
+    assert {"fx-a", "fx-b", "fixer-patched", "denoise", "auxbn", "adv-train", "robust"} <= methods
+    for s in summary["summary"]:
+        assert 0 <= s["clean"] <= 1 and 0 <= s["worst_case"] <= s["clean"] and s["patch_peak_rss_mb"] > 0
+    assert {c["patch_method"] for c in summary["cost"]} == {"fx-a", "fixer-patched"}
+    text = (tmp_path / "RESULTS-compare.md").read_text()
+    assert "| adv-train |" in text and "Cost" in text
+
+
+def test_patch_speed_quick(tmp_path):
+    out = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, "bench/patch_speed.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["images_per_s"]) == {"uncached", "cached", "bound"}
+    assert "is cached" in res["cache_note"]
