@@ -226,7 +226,7 @@ def markdown(summary: list[dict], costs: list[dict], meta: dict) -> str:
              "| patch run s | peak RSS MB | checks warned |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: (-s["fraction"], list(METHODS).index(s["method"]))):
-        lines.append(f"| {s["fraction"]:.1%} | {s['method']} | {pct(s.get('clean'))} | {pct(s.get('whitebox'))} | "
+        lines.append(f"| {s['fraction']:.1%} | {s['method']} | {pct(s.get('clean'))} | {pct(s.get('whitebox'))} | "
                      f"{pct(s.get('transfer'))} | {pct(s.get('blackbox'))} | {pct(s.get('worst_case'))} | "
                      f"{s.get('trainable_parameters', '–'):,} | {s['patch_seconds']:.0f} | "
                      f"{s['patch_peak_rss_mb']:.0f} | {', '.join(s.get('checks_warn') or []) or '–'} |")
@@ -242,7 +242,7 @@ def markdown(summary: list[dict], costs: list[dict], meta: dict) -> str:
         for c in costs:
             reached = f"{c['adv_train_seconds']:.0f}" if c["adv_train_seconds"] else \
                 f"not reached (> {c['adv_train_seconds_all']:.0f})"
-            lines.append(f"| {c['patch_method']} | {c['threat']} | {c["fraction"]:.1%} | {pct(c['target'])} | "
+            lines.append(f"| {c['patch_method']} | {c['threat']} | {c['fraction']:.1%} | {pct(c['target'])} | "
                          f"{c['patch_seconds']:.0f} | {reached} | {c['adv_train_epoch'] or '–'} | "
                          f"{'%.2f' % c['ratio'] if c['ratio'] else '–'} | {pct(c['adv_train_best'])} |")
     plot = meta.get("plot")
