@@ -106,6 +106,31 @@ def data_options(f):
     return f
 
 
+def adaptive_options(f, with_eps: bool = True):
+    opts = [
+        click.option("--reference-data", help="Labelled training data the adaptive post-training samples from."),
+        *([click.option("--eps", "adaptive_eps", default="8/255", show_default=True,
+                        help="Perturbation budget of the neighbour search and the post-training attacks.")]
+          if with_eps else []),
+        click.option("--neighbour", default="pgd", show_default=True, type=click.Choice(["pgd", "targeted"]),
+                     help="pgd: untargeted PGD from the input; targeted: every other class, keep the most confident."),
+        click.option("--neighbour-steps", default=20, show_default=True, type=int, help="Steps L of that search."),
+        click.option("--post-train", default="fixed", show_default=True, type=click.Choice(["fixed", "fast", "pgd"]),
+                     help="fixed: δ = x'' − x' (paper eq. 5); fast: FGSM with random start; pgd: PGD with random "
+                          "start."),
+        click.option("--iterations", default=10, show_default=True, type=int, help="Post-training iterations K."),
+        click.option("--post-batch", default=128, show_default=True, type=int,
+                     help="Reference samples per iteration M (M/2 of each class)."),
+        click.option("--adapt", default="patches", show_default=True, type=click.Choice(["patches", "all"]),
+                     help="Post-train only the patches (frozen base) or every weight."),
+        click.option("--post-lr", default=1e-3, show_default=True, type=float,
+                     help="SGD learning rate (momentum 0.9)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _announce(ds: hdata.Dataset, quiet: bool) -> None:
     """Say on stderr which class index is which and what preprocessing was done."""
     if quiet:
@@ -461,11 +486,20 @@ def _settings(result: dict) -> list[dict]:
 @click.option("--parent", type=click.Path(dir_okay=False),
               help="The original checkpoint of a fully fine-tuned model (adv-train, advprop, advamd): the base "
                    "rows and transfer attacks use it.")
+@click.option("--defense", default="static", show_default=True, type=click.Choice(["static", "adaptive"]),
+              help="adaptive: evaluate inference-time post-training (harden predict --adaptive) instead: clean and "
+                   "robust accuracy on adversarial examples of the static model, plus an end-to-end attack on "
+                   "--e2e-samples inputs. Uses the first --attack and --eps.")
+@click.option("--e2e-samples", default=20, show_default=True, type=int,
+              help="Inputs attacked end to end through the adaptive procedure (0 = none; each costs minutes).")
+@click.option("--e2e-steps", default=10, show_default=True, type=int, help="PGD steps of that end-to-end attack.")
+@(lambda f: adaptive_options(f, with_eps=False))
 @model_options
 @data_options
 def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
              eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, route, parent,
-             **kw):
+             defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train, iterations,
+             post_batch, adapt, post_lr, **kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
     model = _check_model_arg(model)
     data = data or eval_data
@@ -496,6 +530,11 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     if subset is not None:
         idx, _ = hdata.stratified_split(ds.labels, subset, kw["seed"])
         ds = ds.take(idx)
+    if defense == "adaptive":
+        _eval_adaptive(model, loaded, ds, names, eps, norm, steps, kw, device, report_paths, as_json, e2e_samples,
+                       e2e_steps, (reference_data, neighbour, neighbour_steps, post_train, iterations, post_batch,
+                                   adapt, post_lr))
+        return
     threats = ("whitebox", "transfer", "blackbox") if threat == "all" else (threat,)
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
@@ -530,6 +569,116 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         out(json.dumps(rep, indent=2, sort_keys=True))
     if missed:
         raise ThresholdError("--fail-under missed: " + "; ".join(missed))
+
+
+def _eval_adaptive(model, loaded, ds, names, eps, norm, steps, kw, device, report_paths, as_json, e2e_samples,
+                   e2e_steps, adaptive_args) -> None:
+    from .adaptive import evaluate_adaptive
+
+    for p in report_paths:
+        if Path(p).suffix.lower() != ".json":
+            raise InputError(f"--defense adaptive writes JSON reports only, not '{p}'")
+    reference_data, *rest = adaptive_args
+    pred = _adaptive(loaded, reference_data, kw, device, eps, *rest)
+    spec = A.AttackSpec(name=names[0], eps=A.parse_eps(eps), norm=norm, steps=steps, seed=kw["seed"],
+                        n_classes=loaded.spec.num_classes)
+    x, y = hdata.to_float(ds.images), ds.labels
+    with ProgressView(kw["quiet"] or as_json) as progress:
+        res = evaluate_adaptive(pred, x, y, spec, e2e_samples, e2e_steps, progress)
+    rep = {"schema": "harden.adaptive-report/1", "harden_version": __version__, "checkpoint": model,
+           "patches": loaded.manifest.patches if loaded.manifest else [], "data": _data_record(ds, []),
+           "environment": R.environment(str(device), kw["seed"], kw["deterministic"]), **res}
+    st, ad, e2e = res["static"], res["adaptive_predictor"], res["end_to_end"]
+    from rich.table import Table
+
+    t = Table(title=f"adaptive post-training: {res['n']} samples, {spec.label} eps={spec.eps:g}")
+    for col in ("predictor", "measure", "threat model", "accuracy"):
+        t.add_column(col)
+    t.add_row("static", "clean", "—", R.pct(st["clean"]))
+    t.add_row("static", f"after {spec.label}", "white-box on the static model", R.pct(st["robust_static_whitebox"]))
+    t.add_row("adaptive", "clean", "—", R.pct(ad["clean"]))
+    t.add_row("adaptive", f"after {spec.label}", "static transfer (paper)", R.pct(ad["robust_static_transfer"]))
+    t.add_row("adaptive", "neighbour accuracy", "static transfer", R.pct(ad["neighbour_accuracy_adversarial"]))
+    if e2e:
+        t.add_row("adaptive", f"after end-to-end PGD-{e2e['steps']}", f"end to end ({e2e['n']} samples)",
+                  R.pct(e2e["robust"]))
+    err_console.print(t)
+    err_console.print(f"{ad['seconds_per_image']:.2f} s per image; post-trained {ad['post_trained_fraction']:.0%} "
+                      "of inputs")
+    for p in report_paths:
+        atomic_write(Path(p), lambda tmp: Path(tmp).write_text(json.dumps(rep, indent=2, sort_keys=True)))
+    if as_json:
+        out(json.dumps(rep, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------- predict
+
+
+def _adaptive(loaded, reference_data, kw, device, eps_text, neighbour, neighbour_steps, post_train, iterations,
+              post_batch, adapt, post_lr):
+    from .adaptive import AdaptiveConfig, AdaptivePredictor
+
+    if not reference_data:
+        raise click.UsageError("--adaptive needs --reference-data (labelled training data to post-train on)")
+    cfg = AdaptiveConfig(eps=A.parse_eps(eps_text), neighbour=neighbour, neighbour_steps=neighbour_steps,
+                         iterations=iterations, batch=post_batch, post_train=post_train, adapt=adapt, lr=post_lr,
+                         seed=kw["seed"])
+    ref = load_data(loaded, reference_data, _dopts(kw))
+    hdata.check_labels(ref, loaded.spec.num_classes)
+    return AdaptivePredictor(loaded.patched, ref, cfg, device)
+
+
+@main.command(cls=ConfigCommand)
+@click.argument("model", required=False)
+@click.option("--data", help="Inputs: an image folder or a tensor file (labels optional).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
+@click.option("--max-samples", type=int, help="Only the first N inputs.")
+@click.option("--adaptive", is_flag=True, help="Inference-time post-training per input (slow: seconds per image).")
+@adaptive_options
+@model_options
+@data_options
+def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptive_eps, neighbour, neighbour_steps,
+            post_train, iterations, post_batch, adapt, post_lr, **kw):
+    """Predict classes for inputs with a plain or patched checkpoint; --adaptive post-trains a copy per input.
+
+    Prints `index<TAB>class<TAB>confidence` per input (class names where known), or JSON lines with --json.
+    The checkpoint is never modified."""
+    model = _check_model_arg(model)
+    if not data:
+        raise click.UsageError("missing --data (the inputs to classify)")
+    torch.manual_seed(kw["seed"])
+    set_deterministic(kw["deterministic"])
+    device = pick_device(kw["device"])
+    loaded = load_model(model, _mopts(kw))
+    ds = load_data(loaded, data, _dopts(kw), labels_required=False)
+    finish_spec(loaded, ds, device)
+    if max_samples:
+        ds = ds.take(torch.arange(min(max_samples, len(ds))))
+    x = hdata.to_float(ds.images)
+    names = loaded.spec.classes
+    if adaptive:
+        pred = _adaptive(loaded, reference_data, kw, device, adaptive_eps, neighbour, neighbour_steps, post_train,
+                         iterations, post_batch, adapt, post_lr)
+        with ProgressView(kw["quiet"] or as_json) as progress:
+            rows = pred.predict(x, progress)
+    else:
+        with torch.no_grad():
+            probs = torch.cat([torch.softmax(loaded.patched(x[i:i + 256].to(device)), 1).cpu()
+                               for i in range(0, len(x), 256)])
+        rows = [{"index": i, "prediction": int(p.argmax()), "confidence": float(p.max())} for i, p in enumerate(probs)]
+    labelled = bool((ds.labels != hdata.UNLABELLED).all())
+    for r in rows:
+        if names:
+            r["class"] = names[r["prediction"]]
+        if labelled:
+            r["label"] = int(ds.labels[r["index"]])
+        out(json.dumps(r, sort_keys=True) if as_json else
+            f"{r['index']}\t{r.get('class', r['prediction'])}\t{r['confidence']:.4f}")
+    if labelled and not kw["quiet"]:
+        hits = sum(r["prediction"] == r["label"] for r in rows)
+        extra = (f"; post-trained {sum(r['post_trained'] for r in rows)} of {len(rows)} inputs, "
+                 f"{sum(r['seconds'] for r in rows) / max(1, len(rows)):.2f} s per input") if adaptive else ""
+        err_console.print(f"accuracy {hits}/{len(rows)} = {hits / max(1, len(rows)):.4f}{extra}")
 
 
 # ---------------------------------------------------------------- export

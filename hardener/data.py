@@ -64,10 +64,14 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- loading
 
 
-def load(spec: str, resize: tuple[int, int] | None = None) -> Dataset:
+UNLABELLED = -1  # label of inputs loaded without labels (harden predict)
+
+
+def load(spec: str, resize: tuple[int, int] | None = None, labels_required: bool = True) -> Dataset:
     """Load `spec`: `fashion-mnist:train|test`, an image folder, or a tensor file.
 
-    `resize` applies while decoding an image folder, so that images of mixed sizes can load."""
+    `resize` applies while decoding an image folder, so that images of mixed sizes can load. With
+    `labels_required=False` a tensor file may hold images only; their labels are UNLABELLED."""
     if spec.startswith("fashion-mnist:"):
         return load_fashion_mnist(spec.split(":", 1)[1])
     path = Path(spec)
@@ -82,6 +86,8 @@ def load(spec: str, resize: tuple[int, int] | None = None) -> Dataset:
         raise InputError(f"data '{spec}': unsupported file type '{path.suffix}' "
                          "(use an image folder or a .safetensors/.npz/.pt file with 'images' and 'labels')")
     images, labels, classes = loader(path)
+    if labels is None and images is not None and not labels_required:
+        labels = np.full(len(images), UNLABELLED, dtype=np.int64)
     return _from_arrays(images, labels, classes, str(path))
 
 

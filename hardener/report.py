@@ -123,7 +123,7 @@ def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
 # ---------------------------------------------------------------- rendering
 
 
-def _pct(a: dict | None) -> str:
+def pct(a: dict | None) -> str:
     if not a:
         return "—"
     lo, hi = a["ci95"]
@@ -134,19 +134,19 @@ def rows(rep: dict) -> list[tuple[str, str, str, str]]:
     """(model, measure, threat, accuracy) rows shared by the table, Markdown and HTML."""
     out = []
     for name, m in rep["models"].items():
-        out.append((name, "clean", "—", _pct(m["clean"])))
+        out.append((name, "clean", "—", pct(m["clean"])))
         for t, th in m["threats"].items():
             for r in th["attacks"]:
-                out.append((name, f"after {r['attack']}", t, _pct(r["robust_after"])))
-            out.append((name, f"worst case ({t})", t, _pct(th["robust"])))
-        out.append((name, "worst case (all threats)", "all", _pct(m["worst_case"])))
+                out.append((name, f"after {r['attack']}", t, pct(r["robust_after"])))
+            out.append((name, f"worst case ({t})", t, pct(th["robust"])))
+        out.append((name, "worst case (all threats)", "all", pct(m["worst_case"])))
         cb = m.get("correct_by_base", {})
         for key, label, threat in (("clean", "clean", "—"), ("whitebox", "worst case (whitebox)", "whitebox"),
                                    ("transfer", "worst case (transfer)", "transfer"),
                                    ("blackbox", "worst case (blackbox)", "blackbox"),
                                    ("worst", "worst case (all threats)", "all")):
             if key in cb:
-                out.append((name, f"{label}, base-correct subset", threat, _pct(cb[key])))
+                out.append((name, f"{label}, base-correct subset", threat, pct(cb[key])))
     return out
 
 

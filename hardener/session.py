@@ -118,10 +118,10 @@ def load_parent(loaded: Loaded, parent: str | None, opts: ModelOptions):
     return Classifier(base.net, InputSpec.from_json(loaded.manifest.input)).eval()
 
 
-def load_data(loaded: Loaded, spec_text: str, opts: DataOptions) -> hdata.Dataset:
+def load_data(loaded: Loaded, spec_text: str, opts: DataOptions, labels_required: bool = True) -> hdata.Dataset:
     """Load data and conform it to the model: channels, size, labels; fills in the input spec."""
     resize = hdata.parse_pair(opts.resize, "--resize")
-    ds = hdata.load(spec_text, resize)
+    ds = hdata.load(spec_text, resize, labels_required)
     ds = hdata.apply_class_map(ds, opts.classes)
     spec = loaded.spec
     channels = spec.shape[0] if spec.shape else None
@@ -156,7 +156,7 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
     if spec.num_classes not in (None, num_classes):
         raise InputError(f"the model has {num_classes} outputs but the checkpoint records {spec.num_classes}")
     spec.num_classes = num_classes
-    if ds is not None:
+    if ds is not None and bool((ds.labels != hdata.UNLABELLED).any()):
         hdata.check_labels(ds, num_classes)
         if ds.classes and spec.classes is None:
             spec.classes = list(ds.classes)

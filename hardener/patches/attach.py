@@ -231,18 +231,35 @@ class PatchedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def base_copy(self) -> Classifier:
-        """A frozen deep copy of the base as it is now, without harden's hooks (a fixed reference when the
-        base itself is fine-tuned)."""
+    def _bare_copy(self) -> Classifier:
+        """A deep copy of the base without harden's hooks (copied hooks would still call this model)."""
         ids = {h.id for h in [*self._handles.values(), *self._guards.values()]}
         copy_ = copy.deepcopy(self.model)
         for m in copy_.modules():
             for hid in ids:
                 m._forward_hooks.pop(hid, None)
                 m._forward_pre_hooks.pop(hid, None)
+        return copy_
+
+    def base_copy(self) -> Classifier:
+        """A frozen deep copy of the base as it is now (a fixed reference when the base itself is fine-tuned)."""
+        copy_ = self._bare_copy()
+        copy_.trainable = False
         for p in copy_.parameters():
             p.requires_grad_(False)
         return copy_.eval()
+
+    def clone(self) -> "PatchedModel":
+        """An independent copy: its own base copy, its own patches, same route and mode. (`copy.deepcopy` of a
+        PatchedModel would keep hooks that call the original.)"""
+        new = PatchedModel(self._bare_copy())
+        for site, key in self.sites.items():
+            new.attach(site, copy.deepcopy(self.patches[key]))
+        new._route, new._enabled = self._route, self._enabled
+        return new.train(self.training)
+
+    def __deepcopy__(self, memo):
+        return self.clone()
 
     # -- state
     def base_state_dict(self) -> dict[str, torch.Tensor]:
