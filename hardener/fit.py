@@ -34,9 +34,37 @@ from .patches import PatchedModel
 from .patches.attach import Disabled
 from .resume import Interrupted, Saver
 
-METHODS = ("patch", "adv-train", "advprop", "advamd")
-FULL_METHODS = ("adv-train", "advprop", "advamd")
-LOSSES = ("fixer", "trades")
+@dataclass(frozen=True)
+class Method:
+    """How a training method routes and makes its adversarial examples."""
+
+    full: bool  # fine-tunes every base weight (the result is not a patch)
+    dual_bn: bool  # clean inputs through the main BNs, adversarial ones through the auxiliary twins
+    stage1: bool  # adversarial examples made once, on the original model (AdvAmd stage 1)
+    adaptive: bool | None  # adversary = the model being trained; None: as --adversary says
+    amend: bool = False  # AdvAmd loss: mediate samples and vulnerability-weighted adversarial CE; stops at σ
+
+
+METHOD_REGISTRY = {
+    "patch": Method(full=False, dual_bn=False, stage1=False, adaptive=None),
+    "adv-train": Method(full=True, dual_bn=False, stage1=False, adaptive=True),
+    "advprop": Method(full=True, dual_bn=True, stage1=False, adaptive=True),
+    "advamd": Method(full=True, dual_bn=True, stage1=True, adaptive=False, amend=True),
+}
+METHODS = tuple(METHOD_REGISTRY)
+FULL_METHODS = tuple(m for m, spec in METHOD_REGISTRY.items() if spec.full)
+
+
+def _adv_ce(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor, cfg: "FitConfig") -> torch.Tensor:
+    return losses.focal_ce(out_adv, y, cfg.gamma)
+
+
+def _adv_trades(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor, cfg: "FitConfig") -> torch.Tensor:
+    return cfg.beta * losses.trades_kl(out_adv, out_clean)
+
+
+ADV_LOSSES = {"fixer": _adv_ce, "trades": _adv_trades}  # the adversarial term of the loss, by --loss
+LOSSES = tuple(ADV_LOSSES)
 
 
 @dataclass
@@ -78,8 +106,22 @@ class FitConfig:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
     @property
+    def spec(self) -> Method:
+        return METHOD_REGISTRY[self.method]
+
+    @property
     def full(self) -> bool:
-        return self.method in FULL_METHODS
+        return self.spec.full
+
+    @property
+    def adaptive(self) -> bool:
+        """Adversarial examples regenerated against the model being trained, every step."""
+        return self.spec.adaptive if self.spec.adaptive is not None else self.adversary == "patched"
+
+    @property
+    def cached_adversarials(self) -> bool:
+        """Adversarial examples of the original model, made once for the whole subset."""
+        return self.spec.stage1 or (not self.adaptive and not self.augment)
 
 
 @dataclass
@@ -270,7 +312,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     every epoch (and every `saver.every_steps` steps), and when `stop()` turns true, after which
     `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state. With `val`
     (and `cfg.select`), the epoch with the best white-box validation accuracy is kept."""
-    if cfg.method in ("advprop", "advamd") and not patched.has_auxbn:
+    if cfg.spec.dual_bn and not patched.has_auxbn:
         raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
     if cfg.select and val is None:
         raise InputError("--select-on needs a validation split")  # (the CLI always gives one)
@@ -305,9 +347,9 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                         "epoch": epoch, "step": step, "perm": perm, "sums": sums, "best": best})
 
     cached_adv = None
-    if (cfg.adversary == "base" and not cfg.augment) or cfg.method == "advamd":
-        if cfg.method == "advamd" and cfg.augment:
-            raise InputError("--method advamd makes its adversarial examples once (stage 1): drop --augment")
+    if cfg.cached_adversarials:
+        if cfg.augment:
+            raise InputError(f"--method {cfg.method} makes its adversarial examples once (stage 1): drop --augment")
         cached_adv = saver.load_adv() if saver is not None else None
         if cached_adv is None:
             cached_adv = _base_adversarials(teacher, ds, spec, cfg.batch_size, device, progress, stop)
@@ -323,12 +365,12 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
             info.update(cache=base_cache.note, cache_seconds=time.time() - t_cache,
                         cache_bytes_in_memory=base_cache.store.used, cache_spilled=list(base_cache.store.spilled))
     abar = None
-    if cfg.method == "advamd":
+    if cfg.spec.amend:
         n_classes = spec.n_classes
         abar = vulnerability(ds, cached_adv, teacher, n_classes, cfg.batch_size, device).to(device)
     validate = _Validation(val, spec, max(cfg.batch_size, 256), device, teacher) if val is not None else None
-    adaptive = cfg.method != "advamd" and (cfg.adversary == "patched" or cfg.full)
-    train_route = "main" if cfg.method in ("advprop", "advamd") else "adv"
+    # Routes: patches train the twins (route adv) on every input; dual-BN methods keep clean inputs on main.
+    clean_route, adv_route = ("main", "adv") if cfg.spec.dual_bn else ("adv", "adv")
     total_steps = cfg.epochs * steps_per_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -356,7 +398,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
                 if cached_adv is not None:
                     x_adv = cached_adv[idx].to(device)
-                elif not adaptive:
+                elif not cfg.adaptive:
                     x_adv = attacks.project(x, attacks.build(teacher, step_spec)(x, y), step_spec.eps, spec.norm)
                 else:
                     patched.eval()
@@ -364,25 +406,20 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                         x_adv = attacks.project(x, attacks.build(patched, step_spec)(x, y), step_spec.eps, spec.norm)
                 patched.train()
                 feed_clean = base_cache.feeding("clean", idx, device) if base_cache is not None else nullcontext()
-                with patched.route(train_route), patched.capture() as f_clean, feed_clean:
+                with patched.route(clean_route), patched.capture() as f_clean, feed_clean:
                     out_clean = patched(x)
-                adv_route = "adv" if cfg.method in ("advprop", "advamd") else train_route
                 feed_adv = base_cache.feeding("adv", idx, device) if base_cache is not None else nullcontext()
                 with patched.route(adv_route), patched.capture() as f_adv, feed_adv:
                     out_adv = patched(x_adv)
                 ce_clean = losses.focal_ce(out_clean, y, cfg.gamma)
-                if cfg.method == "advamd":
-                    assert abar is not None
+                if abar is not None:  # AdvAmd: mediate samples on the main BNs, Ā-weighted adversarial CE
                     with patched.route("main"):
                         out_med = patched(x + cfg.phi * (x_adv - x))
                     ce_adv = (abar[y] * losses.focal_ce(out_adv, y, cfg.gamma, reduction="none")).mean()
                     b1, b2, b3 = cfg.betas
                     loss = b1 * ce_clean + b2 * losses.focal_ce(out_med, y, cfg.gamma) + b3 * ce_adv
-                elif cfg.loss == "trades":
-                    ce_adv = losses.trades_kl(out_adv, out_clean)
-                    loss = ce_clean + cfg.beta * ce_adv
                 else:
-                    ce_adv = losses.focal_ce(out_adv, y, cfg.gamma)
+                    ce_adv = ADV_LOSSES[cfg.loss](out_adv, out_clean, y, cfg)
                     loss = ce_clean + ce_adv
                 distill = torch.zeros((), device=device)
                 if targets and cfg.lam:
@@ -426,7 +463,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                     best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}
             logs.append(log)
             perm, sums, start_step = None, None, 0
-            converged = cfg.method == "advamd" and log.loss < cfg.sigma
+            converged = cfg.spec.amend and log.loss < cfg.sigma
             save(cfg.epochs if converged else epoch + 1, 0)
             if converged:
                 break

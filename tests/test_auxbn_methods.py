@@ -260,3 +260,12 @@ def test_full_methods_write_modified_base_with_parent(method, runner, tiny_ckpt,
 def test_method_errors(args, needle, runner, tiny_ckpt, tiny_data, tmp_path):
     r = _cli_patch(runner, tiny_ckpt, tiny_data, tmp_path / "o.safetensors", *args)
     assert_input_error(r, needle)
+
+
+@pytest.mark.parametrize("method,adversary,adaptive,cached", [
+    ("patch", "base", False, True), ("patch", "patched", True, False),
+    ("adv-train", "base", True, False), ("advprop", "base", True, False), ("advamd", "patched", False, True),
+])
+def test_which_adversary_each_method_uses(method, adversary, adaptive, cached):
+    cfg = F.FitConfig(method=method, adversary=adversary)
+    assert (cfg.adaptive, cfg.cached_adversarials) == (adaptive, cached)
