@@ -93,7 +93,7 @@ def data_specs(quick: bool) -> tuple[str, str]:
         return "examples/data/fashion-mnist-train-2000.npz", "examples/data/fashion-mnist-test-1000.npz"
 
 
-def one(name: str, frac: float, out: Path, cfg: dict, train: str, test: str, quick: bool) -> dict:
+def one(name: str, frac: float, out: Path, cfg: dict, train: str, test: str, quick: bool, evaluate: bool) -> dict:
     desc, args = METHODS[name]
     tag = f"{name}-{frac:g}"
     ckpt = out / f"{tag}.safetensors"
@@ -107,7 +107,7 @@ def one(name: str, frac: float, out: Path, cfg: dict, train: str, test: str, qui
                  "--subset", f"{frac:g}", "--eps", "0.1", "--seed", "0", "--force", "--quiet", "--out", str(ckpt),
                  "--report", str(out / f"{tag}.patch.json"), *cfg["train"], *args, *validate], out / f"{tag}.patch.log")
     row = {"method": name, "description": desc, "fraction": frac, "patch": patch}
-    if patch["exit"] != 0:
+    if patch["exit"] != 0 or not evaluate:
         return row
     parent = ["--parent", "examples/fmnist_base.safetensors"] if name == "adv-train" else []
     row["eval"] = run([*harden(), "eval", str(ckpt), "--arch", ARCH, *parent, "--data", test, "--eps", "0.1",
@@ -259,6 +259,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--out-dir", default=str(ROOT / "bench/results/compare"))
     ap.add_argument("--train-base", action="store_true", help="retrain examples/fmnist_base.safetensors first")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="patch runs only (enough for the cost comparison, which uses per-epoch validation)")
     args = ap.parse_args()
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -277,10 +279,11 @@ def main() -> None:
         meta["train_base"] = run([sys.executable, "examples/train_base.py", "--epochs", "5", "--out",
                                   "examples/fmnist_base.safetensors"], out / "train_base.log")
     rows = []
+    meta["eval"] = "none (--no-eval)" if args.no_eval else meta["eval"]
     for frac in fractions:
         for m in methods:
             print(f"[compare] {m} at {frac:g}", file=sys.stderr, flush=True)
-            rows.append(one(m, frac, out, cfg, train, test, args.quick))
+            rows.append(one(m, frac, out, cfg, train, test, args.quick, not args.no_eval))
             (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
     failed = [f"{r['method']}-{r['fraction']:g}" for r in rows
               if r["patch"]["exit"] != 0 or r.get("eval", {}).get("exit", 0) != 0]
