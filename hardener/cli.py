@@ -256,7 +256,7 @@ def _default_out(model: str) -> Path:
                    "the patched model every step (adaptive; always so for adv-train and advprop).")
 @click.option("--epochs", default=20, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--lr", default=3e-3, show_default=True, type=float)
+@click.option("--lr", type=float, help="Adam learning rate (default 3e-3 for patches, 1e-3 for full fine-tuning).")
 @click.option("--lam", default=1.0, show_default=True, type=float, help="Feature distillation weight λ.")
 @click.option("--mu", default=1.0, show_default=True, type=float,
               help="Logit distillation weight: KL to the base logits on clean inputs (0 = the paper's loss).")
@@ -346,6 +346,8 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     n_classes = loaded.spec.num_classes
     spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, alpha=alpha, seed=kw["seed"],
                         n_classes=n_classes, smooth_grad=smooth_alpha)
+    if lr is None:
+        lr = 1e-3 if methods.full else 3e-3
     cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, mu=mu, gamma=gamma,
                       adversary=adversary, augment=augment, seed=kw["seed"], method=methods.fit_method,
                       loss=loss_name, beta=beta, eps_warmup=eps_warmup, select=bool(select_on), phi=phi,
