@@ -269,3 +269,9 @@ def test_method_errors(args, needle, runner, tiny_ckpt, tiny_data, tmp_path):
 def test_which_adversary_each_method_uses(method, adversary, adaptive, cached):
     cfg = F.FitConfig(method=method, adversary=adversary)
     assert (cfg.adaptive, cfg.cached_adversarials) == (adaptive, cached)
+
+
+def test_eval_route_and_parent_errors(runner, patched_ckpt, tiny_ckpt, tiny_test_data):
+    base = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--no-checks", "--quiet"]
+    assert_input_error(runner.invoke(main, [*base, "--route", "main"]), "no auxiliary BNs")
+    assert_input_error(runner.invoke(main, [*base, "--parent", str(tiny_ckpt)]), "--parent applies only")
