@@ -68,6 +68,32 @@ class CacheStore:
             self._tmp = None
 
 
+class SpilledArray:
+    """An (N, ...) fp16 array in a .npy file on disk, read as fp32 tensors by index or slice."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...] | None = None) -> None:
+        self.path = path
+        mode = "r+" if shape is None else "w+"
+        self.array = np.lib.format.open_memmap(path, mode=mode, dtype=np.float16, shape=shape)
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        key = idx.numpy() if isinstance(idx, torch.Tensor) else idx
+        return torch.from_numpy(np.asarray(self.array[key])).float()
+
+    def __setitem__(self, idx, value: torch.Tensor) -> None:
+        self.array[idx] = value.detach().cpu().to(torch.float16).numpy()
+
+    def flush(self) -> None:
+        self.array.flush()
+
+
 def _call_order(net: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int], dict[str, list[int]]]:
     """Start and end positions of every named module's (first) call in one forward, and its output shape."""
     starts: dict[str, int] = {}

@@ -21,6 +21,7 @@ Full fine-tuning (every base weight changes; the result is not a patch):
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -156,12 +157,11 @@ def warmup_cosine(total: int, warmup_frac: float = 0.1) -> Callable[[int], float
 
 def _base_adversarials(source: torch.nn.Module, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int,
                        device: torch.device, progress: Progress | None,
-                       stop: Callable[[], bool] = lambda: False) -> torch.Tensor | None:
-    """Adversarial examples of the frozen base for the whole set, computed once (transfer setting).
-
-    None when `stop()` turned true on the way."""
+                       stop: Callable[[], bool] = lambda: False, out=None):
+    """Adversarial examples of the frozen base for the whole set, computed once (transfer setting), into `out`
+    (an fp32 tensor by default, or a `SpilledArray`). None when `stop()` turned true on the way."""
     attack = attacks.build(source, spec)
-    out = torch.empty(ds.images.shape, dtype=torch.float32)
+    out = torch.empty(ds.images.shape, dtype=torch.float32) if out is None else out
     n = len(ds)
     for i in range(0, n, batch_size):
         x, y = ds.batch(slice(i, i + batch_size))
@@ -172,6 +172,31 @@ def _base_adversarials(source: torch.nn.Module, ds: hdata.Dataset, spec: attacks
         if stop():
             return None
     return out
+
+
+def _spilled_adversarials(teacher, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
+                          device: torch.device, progress: Progress | None, stop: Callable[[], bool],
+                          saver: Saver | None, cache_dir):
+    """The base's adversarial examples in fp16 on disk: beside the output (`<out>.partial.adv.npy`, kept for
+    --resume) with a saver, else in a temporary folder removed after training. Returns (array, temp folder)."""
+    import tempfile
+    from pathlib import Path
+
+    from .cache import SpilledArray
+
+    if saver is not None:
+        if saver.resume and saver.spill_done():
+            return SpilledArray(saver.spill_path), None
+        arr, tmp = SpilledArray(saver.spill_path, tuple(ds.images.shape)), None
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=".harden-adv-", dir=str(cache_dir) if cache_dir else None))
+        arr = SpilledArray(tmp / "adv.npy", tuple(ds.images.shape))
+    if _base_adversarials(teacher, ds, spec, cfg.batch_size, device, progress, stop, out=arr) is None:
+        raise Interrupted("interrupted before training started; nothing to resume")
+    arr.flush()
+    if saver is not None:
+        saver.mark_spill_done()
+    return arr, tmp
 
 
 @torch.no_grad()
@@ -242,18 +267,6 @@ def _load_state(patched: PatchedModel, sd: dict[str, torch.Tensor], cfg: FitConf
     patched.load_patch_state_dict({k: v for k, v in sd.items() if k.startswith("harden.")})
     if cfg.full:
         patched.net.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("base.")})
-
-
-def cache_bytes(patched: PatchedModel, ds: hdata.Dataset, n_classes: int, device: torch.device) -> dict[str, int]:
-    """Per-array byte sizes of the frozen-base caches for `ds` (estimated up front from one dry run)."""
-    x = hdata.to_float(ds.images[:2]).to(device)
-    with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-        patched(x)
-    n = len(ds)
-    sizes = {"adv_images": n * int(x[0].numel()) * 4, "logits": n * n_classes * 4}
-    for s, f in feats.items():
-        sizes[f"t:{s}"] = n * int(f[0].numel()) * 4
-    return sizes
 
 
 class _BaseCache:
@@ -346,21 +359,28 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                         "torch_rng": torch.get_rng_state(), "logs": [asdict(e) for e in logs],
                         "epoch": epoch, "step": step, "perm": perm, "sums": sums, "best": best})
 
-    cached_adv = None
+    cached_adv, adv_bytes, spill_dir = None, 0, None
     if cfg.cached_adversarials:
         if cfg.augment:
             raise InputError(f"--method {cfg.method} makes its adversarial examples once (stage 1): drop --augment")
-        cached_adv = saver.load_adv() if saver is not None else None
-        if cached_adv is None:
-            cached_adv = _base_adversarials(teacher, ds, spec, cfg.batch_size, device, progress, stop)
-            if cached_adv is None:  # stopped while attacking: nothing worth keeping yet
-                raise Interrupted("interrupted before training started; nothing to resume")
-            if saver is not None:
-                saver.save_adv(cached_adv)
+        adv_bytes = len(ds) * int(ds.images[0].numel()) * 4
+        if adv_bytes <= cfg.cache_limit:
+            cached_adv = saver.load_adv() if saver is not None else None
+            if cached_adv is None:
+                cached_adv = _base_adversarials(teacher, ds, spec, cfg.batch_size, device, progress, stop)
+                if cached_adv is None:  # stopped while attacking: nothing worth keeping yet
+                    raise Interrupted("interrupted before training started; nothing to resume")
+                if saver is not None:
+                    saver.save_adv(cached_adv)
+        else:  # too large for memory: fp16 on disk, which is also what a resumed run reads
+            cached_adv, spill_dir = _spilled_adversarials(teacher, ds, spec, cfg, device, progress, stop, saver,
+                                                          cache_dir)
+            adv_bytes = 0
     base_cache = None
     if cached_adv is not None and not cfg.full:
         t_cache = time.time()
-        base_cache = _BaseCache(patched, ds, cached_adv, cfg, device, cache_dir, progress)
+        base_cache = _BaseCache(patched, ds, cached_adv, replace(cfg, cache_limit=max(0, cfg.cache_limit - adv_bytes)),
+                                device, cache_dir, progress)
         if info is not None:
             info.update(cache=base_cache.note, cache_seconds=time.time() - t_cache,
                         cache_bytes_in_memory=base_cache.store.used, cache_spilled=list(base_cache.store.spilled))
@@ -470,6 +490,8 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     finally:
         if base_cache is not None:
             base_cache.store.close()
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
     if best is not None:
         _load_state(patched, best["state"], cfg)
     patched.eval()

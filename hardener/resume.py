@@ -103,9 +103,24 @@ class Saver:
         except Exception:  # noqa: BLE001 - a damaged cache is recomputed
             return None
 
+    @property
+    def spill_path(self) -> Path:
+        """Adversarial examples too large for --cache-limit: fp16 on disk, complete once its tag is written."""
+        return self.path.with_name(self.path.name + ".adv.npy")
+
+    def spill_done(self) -> bool:
+        tag = self.spill_path.with_name(self.spill_path.name + ".done")
+        return self.spill_path.exists() and tag.exists() and tag.read_text() == self.fingerprint
+
+    def mark_spill_done(self) -> None:
+        tag = self.spill_path.with_name(self.spill_path.name + ".done")
+        atomic_write(tag, lambda tmp: Path(tmp).write_text(self.fingerprint))
+
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
         self.adv_path.unlink(missing_ok=True)
+        self.spill_path.unlink(missing_ok=True)
+        self.spill_path.with_name(self.spill_path.name + ".done").unlink(missing_ok=True)
 
 
 class StopFlag:

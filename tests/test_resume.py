@@ -71,6 +71,29 @@ def test_interrupted_at_random_points_resumes_bit_identical(tmp_path, adversary,
         assert torch.equal(p.patch_state_dict()[k], v), k
 
 
+def test_spilled_adversarials_resume_bit_identical(tmp_path):
+    """Adversarial examples larger than --cache-limit go to disk in fp16; a resumed run reads the same file."""
+    imgs, labels = make_data(n=48, seed=4)
+    ds = hdata.Dataset(imgs, labels)
+    spec = A.AttackSpec("pgd", eps=0.1, steps=2, n_classes=3)
+    cfg = F.FitConfig(epochs=2, batch_size=16, cache_limit=1000)
+    ref = _fresh()
+    F.fit(ref, ds, spec, cfg, torch.device("cpu"), saver=Saver(tmp_path / "ref.partial", fingerprint="r"),
+          cache_dir=tmp_path)
+    path = tmp_path / "run.partial"
+    saver = Saver(path, fingerprint="x")
+    with pytest.raises(Interrupted):
+        F.fit(_fresh(), ds, spec, cfg, torch.device("cpu"), saver=saver, stop=_stopper(3 + 4), cache_dir=tmp_path)
+    assert saver.spill_done() and not saver.adv_path.exists()
+    p = _fresh()
+    F.fit(p, ds, spec, cfg, torch.device("cpu"), saver=Saver(path, fingerprint="x", resume=True), cache_dir=tmp_path)
+    for k, v in ref.patch_state_dict().items():
+        assert torch.equal(p.patch_state_dict()[k], v), k
+    saver.clear()
+    assert not saver.spill_path.exists()
+    assert not list(tmp_path.glob(".harden-*"))  # temporary caches are gone
+
+
 def test_resume_refuses_other_settings(tmp_path):
     path = tmp_path / "run.partial"
     Saver(path, fingerprint="a").save({"epoch": 0})
