@@ -47,11 +47,12 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
 
 
 # Measured recipes (bench/RESULTS.md, "White-box robustness with a frozen base"). Keys are `harden patch`
-# option names; options given on the command line or in harden.toml win over them.
+# option names; options given on the command line or in harden.toml win over them. Sites are generic:
+# a pre-filter at the model input plus fixers at the suggested sites (`auto`), so a preset fits any model.
 PRESETS: dict[str, dict] = {
     "robust": {
-        "method": "fixer,auxbn", "at": "prefilter:input,layer1", "bn": "all", "width": 32,
-        "adversary": "patched", "attack_name": "pgd", "steps": 5, "loss_name": "trades", "beta": 6.0,
-        "mu": 0.0, "lam": 0.0, "epochs": 10, "eps_warmup": 2.0, "select_on": 500,
+        "method": "fixer", "at": "prefilter:input,auto", "width": 64, "rho": 1.0,
+        "adversary": "patched", "attack_name": "pgd", "steps": 5, "loss_name": "fixer",
+        "mu": 1.0, "lam": 0.0, "epochs": 10, "select_on": 500,
     },
 }

@@ -275,3 +275,14 @@ def test_eval_route_and_parent_errors(runner, patched_ckpt, tiny_ckpt, tiny_test
     base = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--no-checks", "--quiet"]
     assert_input_error(runner.invoke(main, [*base, "--route", "main"]), "no auxiliary BNs")
     assert_input_error(runner.invoke(main, [*base, "--parent", str(tiny_ckpt)]), "--parent applies only")
+
+
+def test_at_auto_adds_the_suggested_sites(runner, tiny_ckpt, tiny_data, tmp_path):
+    out = tmp_path / "auto.safetensors"
+    r = _cli_patch(runner, tiny_ckpt, tiny_data, out, "--at", "prefilter:input,auto", "--width", "4")
+    assert r.exit_code == 0, r.output
+    m = hardener.load(out, arch=ARCH).manifest
+    from hardener.layers import probe, suggest_sites
+    net = trained_tiny()
+    suggested = suggest_sites(net, probe(Classifier(net, InputSpec(shape=[1, 8, 8])), torch.rand(2, 1, 8, 8)))
+    assert [(p["kind"], p["site"]) for p in m.patches] == [("prefilter", "input")] + [("fixer", s) for s in suggested]

@@ -19,6 +19,7 @@ from ..model import Classifier
 
 
 INPUT_SITE = "input"  # the model's input (after normalisation): a pre-filter site
+AUTO = "auto"  # in --at: the suggested sites (about three blocks by depth)
 ROUTES = ("adv", "main")
 
 
@@ -68,8 +69,14 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
     from ..layers import suggest_sites
     from . import PATCH_KINDS
 
-    if at or at_regex:
-        sites = parse_sites(at, at_regex, [i.name for i in infos], default_kind)
+    entries = [e.strip() for e in (at or "").split(",") if e.strip()]
+    if entries or at_regex:
+        named = [e for e in entries if e.split(":")[-1] != AUTO]
+        sites = parse_sites(",".join(named), at_regex, [i.name for i in infos], default_kind)
+        for e in entries:
+            if e.split(":")[-1] == AUTO:  # `auto` or `KIND:auto`: the suggested sites
+                kind = e.split(":")[0] if ":" in e else default_kind
+                sites += [(kind, s) for s in suggest_sites(net, infos) if s not in {x for _, x in sites}]
     else:
         sites = [(default_kind, s) for s in suggest_sites(net, infos)]
     by_name = {i.name: i for i in infos}
