@@ -214,7 +214,8 @@ def _default_out(model: str) -> Path:
               help="fixer, denoise or prefilter (the kind of --at sites), auxbn (twins of the --bn layers), "
                    "combined with commas (fixer,auxbn); or one full fine-tuning method that changes every base "
                    "weight: adv-train, advprop, advamd.")
-@click.option("--bn", help="BatchNorm layers that get auxiliary twins: names, a regex, or all (implies auxbn).")
+@click.option("--bn", help="BatchNorm layers that get auxiliary twins: names, a regex, all, or auto (all if the model "
+                           "has any, else none); implies auxbn.")
 @click.option("--route", type=click.Choice(["adv", "main"]),
               help="Default inference route of auxiliary BNs stored in the checkpoint (default: adv for auxbn "
                    "patches, main for advprop/advamd).")

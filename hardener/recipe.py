@@ -48,10 +48,11 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
 
 # Measured recipes (bench/RESULTS.md, "White-box robustness with a frozen base"). Keys are `harden patch`
 # option names; options given on the command line or in harden.toml win over them. Sites are generic:
-# a pre-filter at the model input plus fixers at the suggested sites (`auto`), so a preset fits any model.
+# a pre-filter at the model input plus fixers at the suggested sites (`auto`) and twins of every BatchNorm
+# layer the model has (`--bn auto`: none without BatchNorm), so a preset fits any model.
 PRESETS: dict[str, dict] = {
     "robust": {
-        "method": "fixer", "at": "prefilter:input,auto", "width": 64, "rho": 1.0,
+        "method": "fixer", "at": "prefilter:input,auto", "bn": "auto", "width": 64, "rho": 1.0,
         "adversary": "patched", "attack_name": "pgd", "steps": 5, "loss_name": "fixer",
         "mu": 1.0, "lam": 0.0, "epochs": 10, "select_on": 500,
     },

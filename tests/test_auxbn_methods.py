@@ -96,6 +96,7 @@ def test_bn_selection_errors():
     without = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
     with pytest.raises(InputError, match="no BatchNorm"):
         select_bn_sites(without, "all")
+    assert select_bn_sites(without, "auto") == [] and select_bn_sites(p.net, "auto") == bn_names(p.net)
 
 
 def test_vulnerability_coefficient_matches_hand_computation():

@@ -21,8 +21,11 @@ def bn_names(net: nn.Module) -> list[str]:
 
 
 def select_bn_sites(net: nn.Module, spec: str) -> list[str]:
-    """`--bn NAMES|REGEX|all`: BatchNorm layers with running statistics, checked one by one."""
+    """`--bn NAMES|REGEX|all|auto`: BatchNorm layers with running statistics, checked one by one. `auto` is
+    `all` on a model that has such layers and none (no error) on one that has not."""
     names = bn_names(net)
+    if spec.strip() == "auto":
+        return names
     frozen = [n for n, m in net.named_modules() if "batchnorm" in type(m).__name__.lower() and n not in names]
     if not names:
         extra = f" ({len(frozen)} frozen/fused norm layers such as '{frozen[0]}' cannot get twins)" if frozen else ""
