@@ -47,12 +47,12 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
 
 
 # Measured recipes (bench/RESULTS.md, "White-box robustness with a frozen base"). Keys are `harden patch`
-# option names; options given on the command line or in harden.toml win over them. Sites are generic:
-# a pre-filter at the model input plus fixers at the suggested sites (`auto`) and twins of every BatchNorm
-# layer the model has (`--bn auto`: none without BatchNorm), so a preset fits any model.
+# option names; options given on the command line or in harden.toml win over them. Sites are generic -- a
+# pre-filter at the model input, a fixer after the stem and fixers at the suggested sites -- so a preset fits
+# any model; on the Fashion-MNIST example it resolves to input, prep, layer1, layer2 (run r4 of the table).
 PRESETS: dict[str, dict] = {
     "robust": {
-        "method": "fixer", "at": "prefilter:input,auto", "bn": "auto", "width": 64, "rho": 1.0,
+        "method": "fixer", "at": "prefilter:input,stem,auto", "width": 64, "rho": 1.0,
         "adversary": "patched", "attack_name": "pgd", "steps": 5, "loss_name": "fixer",
         "mu": 1.0, "lam": 0.0, "epochs": 10, "select_on": 500,
     },

@@ -287,3 +287,21 @@ def test_at_auto_adds_the_suggested_sites(runner, tiny_ckpt, tiny_data, tmp_path
     net = trained_tiny()
     suggested = suggest_sites(net, probe(Classifier(net, InputSpec(shape=[1, 8, 8])), torch.rand(2, 1, 8, 8)))
     assert [(p["kind"], p["site"]) for p in m.patches] == [("prefilter", "input")] + [("fixer", s) for s in suggested]
+
+
+def test_preset_robust_is_its_explicit_recipe(runner, tiny_ckpt, tiny_data, tmp_path):
+    """The preset names no layer: on the tiny model `stem,auto` resolve to its first site and suggested sites,
+    and the file is byte-identical to spelling the recipe out."""
+    fast = ["--epochs", "1", "--select-on", "10", "--eval-samples", "10", "--eval-steps", "1", "--steps", "1",
+            "--batch-size", "32", "--quiet", "--eps", "0.1"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    common = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.4", *fast]
+    r = runner.invoke(main, [*common, "--preset", "robust", "--out", str(a)])
+    assert r.exit_code == 0, r.output
+    sites = [(p["kind"], p["site"]) for p in hardener.load(a, arch=ARCH).manifest.patches]
+    assert sites[0] == ("prefilter", "input") and sites[1] == ("fixer", "features")
+    explicit = ["--at", ",".join(f"{k}:{s}" for k, s in sites), "--width", "64", "--rho", "1", "--adversary",
+                "patched", "--attack", "pgd", "--lam", "0", "--mu", "1"]
+    r = runner.invoke(main, [*common, *explicit, "--out", str(b)])
+    assert r.exit_code == 0, r.output
+    assert a.read_bytes() == b.read_bytes()

@@ -20,6 +20,7 @@ from ..model import Classifier
 
 INPUT_SITE = "input"  # the model's input (after normalisation): a pre-filter site
 AUTO = "auto"  # in --at: the suggested sites (about three blocks by depth)
+STEM = "stem"  # in --at: the first valid site among the top-level modules (the network's stem)
 ROUTES = ("adv", "main")
 
 
@@ -63,6 +64,11 @@ def parse_sites(at: str | None, at_regex: str | None, names: list[str],
     return out
 
 
+def _stem(infos: list) -> list[str]:
+    top = [i.name for i in infos if i.site and "." not in i.name]
+    return top[:1]
+
+
 def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | None,
                  final_relu: bool = False, default_kind: str = "fixer") -> list[tuple[str, str]]:
     """The (kind, site) pairs to patch: named ones, checked against the dry run, or suggested ones."""
@@ -71,12 +77,14 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
 
     entries = [e.strip() for e in (at or "").split(",") if e.strip()]
     if entries or at_regex:
-        named = [e for e in entries if e.split(":")[-1] != AUTO]
+        named = [e for e in entries if e.split(":")[-1] not in (AUTO, STEM)]
         sites = parse_sites(",".join(named), at_regex, [i.name for i in infos], default_kind)
         for e in entries:
-            if e.split(":")[-1] == AUTO:  # `auto` or `KIND:auto`: the suggested sites
+            word = e.split(":")[-1]
+            if word in (AUTO, STEM):  # `auto`: the suggested sites; `stem`: the first one in the forward
                 kind = e.split(":")[0] if ":" in e else default_kind
-                sites += [(kind, s) for s in suggest_sites(net, infos) if s not in {x for _, x in sites}]
+                picked = suggest_sites(net, infos) if word == AUTO else _stem(infos)
+                sites += [(kind, s) for s in picked if s not in {x for _, x in sites}]
     else:
         sites = [(default_kind, s) for s in suggest_sites(net, infos)]
     by_name = {i.name: i for i in infos}
