@@ -1,6 +1,6 @@
 """Markdown table rows from harden reports (bench/RESULTS.md is assembled from these).
 
-    python bench/table.py [--val] OUT_DIR NAME [NAME ...]
+    python bench/table.py [--val] [--attack NAME] OUT_DIR NAME [NAME ...]
 
 For each NAME it reads OUT_DIR/NAME.test.json (a `harden eval` report on test data) and, when present,
 OUT_DIR/NAME.patch.json or OUT_DIR/NAME.json (the `harden patch` report: trainable parameters, training
@@ -35,7 +35,16 @@ def wall(log: Path) -> tuple[str, str]:
     return secs, (f"{int(r.group(1)) / 1024:.0f}" if r else "–")
 
 
-def row(out: Path, name: str, val: bool) -> str:
+def after(th: dict | None, attack: str | None) -> dict | None:
+    """The threat's robust accuracy: after its whole chain, or right after `attack` when given."""
+    if not th:
+        return None
+    if attack is None:
+        return th["robust"]
+    return next((a["robust_after"] for a in th["attacks"] if a["attack"] == attack), None)
+
+
+def row(out: Path, name: str, val: bool, attack: str | None = None) -> str:
     patch = next((out / f for f in (f"{name}.patch.json", f"{name}.json") if (out / f).exists()), None)
     p = json.loads(patch.read_text()) if patch else {}
     rep = p if val else json.loads((out / f"{name}.test.json").read_text())
@@ -46,8 +55,8 @@ def row(out: Path, name: str, val: bool) -> str:
     secs, rss = wall(out / (f"{name}.patch.log" if (out / f"{name}.patch.log").exists() else f"{name}.log"))
     sel = p.get("training", {}).get("validation", {}).get("selected_epoch")
     cells = [name, f"{m['clean']['n']}", pct(rep["models"]["base"]["clean"]), pct(m["clean"]),
-             pct(th.get("whitebox", {}).get("robust")), pct(th.get("transfer", {}).get("robust")),
-             pct(th.get("blackbox", {}).get("robust")), pct(m["worst_case"]),
+             pct(after(th.get("whitebox"), attack)), pct(after(th.get("transfer"), attack)),
+             pct(after(th.get("blackbox"), None)), pct(m["worst_case"]) if attack is None else "–",
              f"{params:,}" if isinstance(params, int) else str(params), train_s, secs, rss, str(sel or "–")]
     return "| " + " | ".join(cells) + " |"
 
@@ -55,13 +64,17 @@ def row(out: Path, name: str, val: bool) -> str:
 def main() -> None:
     args = sys.argv[1:]
     val = "--val" in args
+    attack = None
+    if "--attack" in args:  # robust accuracy right after this attack of each chain (same budget for all rows)
+        attack = args[args.index("--attack") + 1]
+        del args[args.index("--attack"):args.index("--attack") + 2]
     args = [a for a in args if a != "--val"]
     out, names = Path(args[0]), args[1:]
     print("| run | n | base clean | clean | white-box | transfer | black-box | worst case | trainable params "
           "| train s | patch run s | peak RSS MB | kept epoch |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in names:
-        print(row(out, n, val))
+        print(row(out, n, val, attack))
 
 
 if __name__ == "__main__":
