@@ -26,48 +26,6 @@ from .errors import InputError
 from .patches import INPUT_SITE, PatchedModel
 
 
-class CacheStore:
-    """Named (N, ...) arrays: fp32 in memory while the total stays under `limit` bytes, else fp16 on disk."""
-
-    def __init__(self, limit: int, folder: Path | None = None) -> None:
-        self.limit, self.used = int(limit), 0
-        self.folder = folder
-        self._tmp: Path | None = None
-        self.arrays: dict[str, torch.Tensor | np.memmap] = {}
-        self.spilled: list[str] = []
-
-    def create(self, name: str, shape: tuple[int, ...]) -> None:
-        nbytes = int(np.prod(shape)) * 4
-        if self.used + nbytes <= self.limit:
-            self.arrays[name] = torch.empty(shape, dtype=torch.float32)
-            self.used += nbytes
-            return
-        if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix=".harden-cache-", dir=str(self.folder or tempfile.gettempdir())))
-        self.arrays[name] = np.lib.format.open_memmap(self._tmp / f"{len(self.spilled)}.npy", mode="w+",
-                                                      dtype=np.float16, shape=shape)
-        self.spilled.append(name)
-
-    def put(self, name: str, sl: slice, value: torch.Tensor) -> None:
-        a = self.arrays[name]
-        if isinstance(a, torch.Tensor):
-            a[sl] = value.detach().cpu()
-        else:
-            a[sl] = value.detach().cpu().to(torch.float16).numpy()
-
-    def get(self, name: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        a = self.arrays[name]
-        if isinstance(a, torch.Tensor):
-            return a[idx].to(device)
-        return torch.from_numpy(np.asarray(a[idx.numpy()])).float().to(device)
-
-    def close(self) -> None:
-        self.arrays.clear()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-
 class SpilledArray:
     """An (N, ...) fp16 array in a .npy file on disk, read as fp32 tensors by index or slice."""
 
@@ -92,6 +50,40 @@ class SpilledArray:
 
     def flush(self) -> None:
         self.array.flush()
+
+
+class CacheStore:
+    """Named (N, ...) arrays: fp32 in memory while the total stays under `limit` bytes, else fp16 on disk."""
+
+    def __init__(self, limit: int, folder: Path | None = None) -> None:
+        self.limit, self.used = int(limit), 0
+        self.folder = folder
+        self._tmp: Path | None = None
+        self.arrays: dict[str, torch.Tensor | SpilledArray] = {}
+        self.spilled: list[str] = []
+
+    def create(self, name: str, shape: tuple[int, ...]) -> None:
+        nbytes = int(np.prod(shape)) * 4
+        if self.used + nbytes <= self.limit:
+            self.arrays[name] = torch.empty(shape, dtype=torch.float32)
+            self.used += nbytes
+            return
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix=".harden-cache-", dir=str(self.folder or tempfile.gettempdir())))
+        self.arrays[name] = SpilledArray(self._tmp / f"{len(self.spilled)}.npy", shape)
+        self.spilled.append(name)
+
+    def put(self, name: str, sl: slice, value: torch.Tensor) -> None:
+        self.arrays[name][sl] = value.detach().cpu()
+
+    def get(self, name: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.arrays[name][idx].to(device)
+
+    def close(self) -> None:
+        self.arrays.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
 
 def _call_order(net: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int], dict[str, list[int]]]:
@@ -143,7 +135,7 @@ class FrozenPrefix:
         if INPUT_SITE in kinds:
             return None, "a patch sits at the model input: there is no frozen prefix"
         with patched.patches_disabled():
-            normalised = _normalised_input(patched, x)
+            normalised = patched.model.normalise(x)
             starts, ends, shapes = _call_order(patched.net, normalised)
         site = min(kinds, key=lambda s: ends.get(s, 1 << 30))
         if kinds[site] == "auxbn":
@@ -194,15 +186,6 @@ class FrozenPrefix:
                                    "reuses an earlier result after the site): training runs uncached")
         skipped = ", ".join(self.stubs) or "nothing but the site itself"
         return True, f"base before '{self.site}' is cached ({skipped} skipped)"
-
-
-def _normalised_input(patched: PatchedModel, x: torch.Tensor) -> torch.Tensor:
-    m = patched.model
-    if m.mean is not None:
-        x = x - m.mean
-    if m.std is not None:
-        x = x / m.std
-    return x
 
 
 def parse_bytes(text: str, what: str) -> int:

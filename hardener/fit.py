@@ -199,11 +199,6 @@ def _spilled_adversarials(teacher, ds: hdata.Dataset, spec: attacks.AttackSpec, 
     return arr, tmp
 
 
-@torch.no_grad()
-def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
-
-
 def vulnerability(ds: hdata.Dataset, adv: torch.Tensor, source: torch.nn.Module, n_classes: int,
                   batch_size: int, device: torch.device) -> torch.Tensor:
     """AdvAmd's per-class vulnerability coefficient Ā (eq. 6) from the stage-1 attack outcomes.
@@ -211,7 +206,9 @@ def vulnerability(ds: hdata.Dataset, adv: torch.Tensor, source: torch.nn.Module,
     α_k^i, the difficulty of turning class k into class i, is 1 − C[k, i], where C[k, i] is the
     fraction of the class-k samples whose adversarial example the original model assigns to i.
     """
-    pred = _predict(source, adv, batch_size, device)
+    from .evaluate import predict
+
+    pred = predict(source, adv, batch_size, device).argmax(1)
     return losses.vulnerability_from_confusion(losses.confusion(ds.labels, pred, n_classes))
 
 

@@ -104,12 +104,16 @@ class Classifier(nn.Module):
         self.net.train(mode)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> what `net` takes."""
         if self.mean is not None:
             x = x - self.mean
         if self.std is not None:
             x = x / self.std
-        return extract_logits(self.net(x), self.spec.logits).float()
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return extract_logits(self.net(self.normalise(x)), self.spec.logits).float()
 
 
 def freeze(module: nn.Module) -> None:
