@@ -489,6 +489,10 @@ def _settings(result: dict) -> list[dict]:
 @click.option("--parent", type=click.Path(dir_okay=False),
               help="The original checkpoint of a fully fine-tuned model (adv-train, advprop, advamd): the base "
                    "rows and transfer attacks use it.")
+@click.option("--base-cache", type=click.Path(file_okay=False),
+              help="Folder that keeps what depends on the base alone (its attack rows, the transfer examples) "
+                   "and reuses it when another model on the same base is evaluated with the same data and "
+                   "attack settings: evaluating many variants of one base costs the base's share once.")
 @click.option("--defense", default="static", show_default=True, type=click.Choice(["static", "adaptive"]),
               help="adaptive: evaluate inference-time post-training (harden predict --adaptive) instead: clean and "
                    "robust accuracy on adversarial examples of the static model, plus an end-to-end attack on "
@@ -501,8 +505,8 @@ def _settings(result: dict) -> list[dict]:
 @data_options
 def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
              eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, route, parent,
-             defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train, iterations,
-             post_batch, adapt, post_lr, **kw):
+             base_cache, defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train,
+             iterations, post_batch, adapt, post_lr, **kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
     model = _check_model_arg(model)
     data = data or eval_data
@@ -549,11 +553,14 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     try:
         with ProgressView(kw["quiet"] or as_json) as progress, sigterm_as_interrupt():
             result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
-                                progress=progress, store=store, reference=reference)
+                                progress=progress, store=store, reference=reference,
+                                base_cache=Path(base_cache) if base_cache else None)
     except KeyboardInterrupt:
         store.flush()
         raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
     extra = {"checkpoint": model, "eps": ecfg.eps, "norm": norm}
+    if result.get("base_cache"):
+        extra["base_cache"] = result["base_cache"]
     if loaded.manifest is not None:
         extra["patches"] = loaded.manifest.patches
         extra["training"] = loaded.manifest.training

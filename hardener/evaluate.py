@@ -8,11 +8,17 @@ Within one threat model each attack runs only on samples still unbroken (AutoAtt
 its final mask is the per-sample worst case over its attacks; gradient attacks run first, then
 FGSM, then Square, so that a single-step or query attack breaking what iterative attacks left is
 visible as a warning.
+
+Transfer examples depend on the base alone: they are computed for fixed batches of the whole set
+(`TransferBank`), only where some sample of a batch needs one, so they do not depend on the
+evaluated model. With a `BaseCache` they and the base's own rows are kept on disk and reused by
+every later evaluation of a model on the same base, data and attack settings.
 """
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,7 +30,8 @@ from . import attacks as A
 from . import data as hdata
 from .patches import PatchedModel
 from .patches.attach import Disabled
-from .resume import EvalStore
+from .checkpoint import atomic_write, tensor_digest
+from .resume import EvalStore, fingerprint
 
 THREATS = ("whitebox", "transfer", "blackbox")
 ORDER_LAST = ("fgsm", "square")  # run after the iterative attacks
@@ -85,6 +92,103 @@ def ordered(names: list[str]) -> list[str]:
     return first + [n for n in ORDER_LAST if n in names]
 
 
+class TransferBank:
+    """Adversarial examples computed on `source`, per attack, for fixed batches of the whole set.
+
+    Batch k always holds samples [k*B, (k+1)*B) and each attack call is seeded, so an example does
+    not depend on which model asked for it or in which order. A batch is computed the first time
+    any of its samples is needed; with `directory` it is saved there (and read back by later runs),
+    without one only the batches still ahead of the chain are kept in memory."""
+
+    def __init__(self, source: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 device: torch.device, directory: Path | None = None) -> None:
+        self.source, self.x, self.y, self.bs, self.device = source, x, y, batch_size, device
+        self.directory = directory
+        self._mem: dict[tuple[str, int], torch.Tensor] = {}
+        self._attacks: dict[str, Callable] = {}
+        self.computed = self.reused = 0  # batches
+
+    def _file(self, key: str, k: int) -> Path:
+        return self.directory / f"transfer-{key.replace('/', '_').replace(':', '_')}-{k:06d}.safetensors"
+
+    def _batch(self, key: str, spec: A.AttackSpec, k: int) -> torch.Tensor:
+        if (key, k) in self._mem:
+            return self._mem[(key, k)]
+        f = self._file(key, k) if self.directory is not None else None
+        if f is not None and f.exists():
+            from safetensors.torch import load_file
+
+            adv = load_file(str(f))["adv"]
+            self.reused += 1
+        else:
+            if key not in self._attacks:
+                self._attacks[key] = A.build(self.source, spec)
+            sl = slice(k * self.bs, (k + 1) * self.bs)
+            adv = self._attacks[key](self.x[sl].to(self.device), self.y[sl].to(self.device)).detach().cpu()
+            self.computed += 1
+            if f is not None:
+                from safetensors.torch import save_file
+
+                atomic_write(f, lambda tmp: save_file({"adv": adv.contiguous()}, tmp))
+        self._mem[(key, k)] = adv
+        return adv
+
+    def get(self, key: str, spec: A.AttackSpec, idx: torch.Tensor) -> torch.Tensor:
+        """The examples of samples `idx` (ascending, as a chain walks them) under attack `key`."""
+        ks = (idx // self.bs).tolist()
+        lo = min(ks)
+        for old in [m for m in self._mem if m[0] == key and m[1] < lo]:
+            del self._mem[old]  # a chain walks its samples in order: earlier batches are done with
+        out = [self._batch(key, spec, k)[i - k * self.bs] for i, k in zip(idx.tolist(), ks)]
+        return torch.stack(out).to(self.device)
+
+
+class BaseCache:
+    """The base's share of an evaluation, kept in a folder and reused across evaluations.
+
+    The key covers the base's tensors, its logits on the first batch (so preprocessing counts too),
+    the data, every attack setting, the device and the harden version: any change gives a new
+    sub-folder, never a stale answer."""
+
+    def __init__(self, root: Path, base: nn.Module, base_tensors: dict[str, torch.Tensor], x: torch.Tensor,
+                 data_fingerprint: str, cfg: EvalConfig, device: torch.device) -> None:
+        from . import __version__
+
+        probe = predict(base, x[:cfg.batch_size], cfg.batch_size, device)
+        self.key = fingerprint({
+            "base": tensor_digest(base_tensors), "probe": tensor_digest({"logits": probe}),
+            "data": data_fingerprint, "device": device.type, "version": __version__,
+            "eval": {k: getattr(cfg, k) for k in ("attacks", "eps", "norm", "steps", "restarts", "queries",
+                                                  "threats", "batch_size", "seed", "smooth_grad")}})
+        self.dir = Path(root) / self.key[:16]
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from .errors import InputError
+
+            raise InputError(f"--base-cache: cannot create '{self.dir}' ({e.strerror or e})") from None
+        self.reused_base = False
+
+    def load_base(self) -> dict | None:
+        f = self.dir / "base.pt"
+        if not f.exists():
+            return None
+        try:
+            res = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, not trusted
+            return None
+        self.reused_base = True
+        return res
+
+    def save_base(self, res: dict) -> None:
+        atomic_write(self.dir / "base.pt", lambda tmp: torch.save(res, tmp))
+
+    def record(self, bank: TransferBank | None) -> dict:
+        return {"dir": str(self.dir), "key": self.key, "base_rows_reused": self.reused_base,
+                "transfer_batches_reused": bank.reused if bank else 0,
+                "transfer_batches_computed": bank.computed if bank else 0}
+
+
 @dataclass
 class ChainResult:
     threat: str
@@ -95,10 +199,12 @@ class ChainResult:
 
 def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor,
               start: torch.Tensor, specs: list[A.AttackSpec], cfg: EvalConfig, device: torch.device,
-              progress: Progress | None = None, label: str = "", store: EvalStore | None = None) -> ChainResult:
+              progress: Progress | None = None, label: str = "", store: EvalStore | None = None,
+              bank: TransferBank | None = None) -> ChainResult:
     """Attacks computed on `source`, scored on `target`, each only on the still-robust samples.
 
-    With a `store`, progress is recorded per batch and a resumed run skips what was done."""
+    With a `store`, progress is recorded per batch and a resumed run skips what was done; with a
+    `bank` (whose source is `source`), the examples come from it instead of a fresh attack."""
     robust = start.clone()
     rows, violations = [], 0
     for i, spec in enumerate(specs):
@@ -108,7 +214,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
             robust, violations = saved["robust"].clone(), violations + saved["violations"]
             rows.append(saved["row"])
             continue
-        attack = A.build(source, spec)
+        attack = A.build(source, spec) if bank is None else None
         if saved is not None:
             robust, idx, j0 = saved["robust"].clone(), saved["idx"], saved["j"]
             broken, spent, viol = saved["broken"], saved["seconds"], saved["violations"]
@@ -118,7 +224,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
         for j in range(j0, len(idx), cfg.batch_size):
             bi = idx[j:j + cfg.batch_size]
             xb, yb = x[bi].to(device), y[bi].to(device)
-            adv = attack(xb, yb)
+            adv = attack(xb, yb) if bank is None else bank.get(f"{i}:{spec.label}", spec, bi)
             # Check the returned examples: inside [0, 1] and the eps-ball, else project and count.
             tol = 1e-6 + spec.eps * 1e-5
             bad = (A.perturbation_norm(xb, adv, spec.norm) > spec.eps + tol) | \
@@ -148,8 +254,10 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
 
 def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
                    cfg: EvalConfig, n_classes: int, device: torch.device,
-                   progress: Progress | None = None, store: EvalStore | None = None) -> dict:
-    """All threat models for one model. `base` is None when the model is the base itself."""
+                   progress: Progress | None = None, store: EvalStore | None = None,
+                   bank: TransferBank | None = None) -> dict:
+    """All threat models for one model. `base` is None when the model is the base itself; `bank`
+    holds (or computes) the transfer examples of `base`."""
     logits = predict(model, x, cfg.batch_size, device)
     clean = logits.argmax(1) == y
     names = ordered(cfg.attacks)
@@ -161,7 +269,7 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
                                        progress, f"{name} ", store)
     if "transfer" in cfg.threats and grad_specs and base is not None:
         chains["transfer"] = run_chain("transfer", base, model, x, y, clean, grad_specs, cfg, device,
-                                       progress, f"{name} ", store)
+                                       progress, f"{name} ", store, bank)
     if "blackbox" in cfg.threats and square_specs:
         chains["blackbox"] = run_chain("blackbox", model, model, x, y, clean, square_specs, cfg, device,
                                        progress, f"{name} ", store)
@@ -198,18 +306,33 @@ def subset_metrics(res: dict, mask: torch.Tensor) -> dict:
 
 def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: torch.device,
              has_patches: bool, progress: Progress | None = None, store: EvalStore | None = None,
-             reference: nn.Module | None = None) -> dict:
+             reference: nn.Module | None = None, base_cache: Path | None = None) -> dict:
     """Evaluate the base (and the patched model, when it has patches) on `ds`.
 
     `reference` is the base to compare with and to transfer from when the patched model's own base
-    was fine-tuned (full fine-tuning methods): the parent checkpoint."""
+    was fine-tuned (full fine-tuning methods): the parent checkpoint. `base_cache` is a folder where
+    the base's rows and transfer examples are kept for later evaluations on the same base."""
     x, y = hdata.to_float(ds.images), ds.labels
     n_classes = int(patched(x[:1].to(device)).shape[1])
     base = reference if reference is not None else Disabled(patched)
+    cache = None
+    if base_cache is not None:
+        tensors = reference.state_dict() if reference is not None else patched.base_state_dict()
+        cache = BaseCache(base_cache, base, tensors, x, ds.fingerprint(), cfg, device)
     models: dict[str, dict] = {}
-    models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store)
+    cached = cache.load_base() if cache is not None else None
+    if cached is not None:
+        models["base"] = cached
+    else:
+        models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store)
+        if cache is not None:
+            cache.save_base(models["base"])
+    bank = None
+    if has_patches and "transfer" in cfg.threats:
+        bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None)
     if has_patches:
-        models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store)
+        models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store,
+                                           bank)
     base_correct = models["base"]["_masks"]["clean"]
     for res in models.values():
         res["correct_by_base"] = subset_metrics(res, base_correct)
@@ -219,7 +342,8 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
     sweep = eps_sweep(primary_model, x, y, cfg, n_classes, device, progress) if cfg.eps_sweep else None
     if sweep is not None and cfg.checks:
         checks.append(_check_sweep(sweep, n_classes))
-    return {"models": models, "checks": checks, "eps_sweep": sweep, "n": len(y), "n_classes": n_classes}
+    return {"models": models, "checks": checks, "eps_sweep": sweep, "n": len(y), "n_classes": n_classes,
+            "base_cache": cache.record(bank) if cache is not None else None}
 
 
 # ---------------------------------------------------------------- sanity checks

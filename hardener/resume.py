@@ -22,7 +22,7 @@ import torch
 from .checkpoint import atomic_write
 from .errors import InputError
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: transfer examples come from fixed whole-set batches
 
 
 class Interrupted(click.ClickException):

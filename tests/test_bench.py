@@ -21,6 +21,14 @@ def test_compare_fmnist_quick(tmp_path):
     assert {c["patch_method"] for c in summary["cost"]} == {"fx-a", "fixer-patched"}
     text = (tmp_path / "RESULTS-compare.md").read_text()
     assert "| adv-train |" in text and "Cost" in text
+    # a second run resumes: finished rows are not run again, and the tables still cover every row
+    logs = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.log")}
+    r = subprocess.run([sys.executable, "bench/compare_fmnist.py", "--quick", "--out-dir", str(tmp_path),
+                        "--methods", "fx-a"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.log")} == logs
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert {s["method"] for s in again["summary"]} == methods
 
 
 def test_patch_speed_quick(tmp_path):
