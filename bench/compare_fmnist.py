@@ -11,11 +11,12 @@ base); black-box Square (--square-queries, 1,000 by default: at 5,000 it costs a
 image on one core for the adversarially fine-tuned model and 6 s for the pre-filtered one); with the
 sanity checks. All evaluations share one `--base-cache`, so the base's rows and transfer examples are
 computed once. The run resumes: a row whose reports exist with the same command is not run again
-(--rerun forces it), and the tables always cover every row finished in --out-dir. Every run's wall time and peak memory (os.wait4 of the child) are recorded;
-every report is kept as JSON. Then it writes RESULTS-compare.md (table + accuracy-vs-fraction SVG plot)
-and the cost comparison: how long full adversarial fine-tuning needs to reach the transfer accuracy of
-`--adversary base` fixers and the white-box accuracy of `--adversary patched` fixers (per-epoch
-validation on 500 held-out training images, PGD-10), as ratios of wall times.
+(--rerun forces it), and the tables always cover every row finished in --out-dir. Every run's wall
+time and peak memory (os.wait4 of the child) are recorded; every report is kept as JSON. Then it
+writes RESULTS-compare.md (table + accuracy-vs-fraction SVG plot) and the cost comparison: how long
+full adversarial fine-tuning needs to reach the transfer accuracy of `--adversary base` fixers and
+the white-box accuracy of `--adversary patched` fixers (per-epoch validation on 500 held-out
+training images, PGD-10), as ratios of wall times.
 
 The base is examples/fmnist_base.safetensors, made by examples/train_base.py on all 60k training
 images; --train-base retrains it first (about 3 minutes an epoch on 2 CPU cores).
@@ -138,6 +139,22 @@ def one(name: str, frac: float, out: Path, cfg: dict, train: str, test: str, qui
     if not quick and row["eval"]["exit"] == 0:
         ckpt.unlink(missing_ok=True)  # checkpoints are reproducible from the command; keep the reports
     return row
+
+
+def save_runs(path: Path, meta: dict, rows_by: dict, mine: list) -> dict:
+    """Write runs.json, keeping rows that another invocation sharing the folder finished meanwhile."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            for r in json.loads(path.read_text())["runs"]:
+                if (r["method"], r["fraction"]) not in mine:
+                    rows_by[(r["method"], r["fraction"])] = r
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "runs": list(rows_by.values())}, indent=2))
+        os.replace(tmp, path)
+    return rows_by
 
 
 def summarise(row: dict, out: Path) -> dict:
@@ -315,7 +332,7 @@ def main() -> None:
             rows_by[(m, frac)] = one(m, frac, out, cfg, train, test, args.quick, not args.no_eval,
                                      rows_by.get((m, frac)))
             this.append((m, frac))
-            runs_file.write_text(json.dumps({"meta": meta, "runs": list(rows_by.values())}, indent=2))
+            rows_by = save_runs(runs_file, meta, rows_by, this)
     rows = sorted(rows_by.values(), key=lambda r: (-r["fraction"], list(METHODS).index(r["method"])))
     failed = [f"{m}-{f:g}" for m, f in this
               if rows_by[(m, f)]["patch"]["exit"] != 0 or rows_by[(m, f)].get("eval", {}).get("exit", 0) != 0]
