@@ -85,6 +85,7 @@ class FitConfig:
     beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
     eps_warmup: float = 0.0  # epochs over which eps ramps linearly from 0 (adaptive adversary only)
     select: bool = False  # keep the epoch with the best white-box accuracy on the validation split
+    validate_every: int = 1  # validate after every k-th epoch (and the last)
     phi: float = 0.5  # AdvAmd mediate coefficient
     betas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # AdvAmd β1..β3
     sigma: float = 0.0  # AdvAmd: stop once the epoch's mean loss is below σ
@@ -94,8 +95,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.adversary not in ("base", "patched"):
             raise InputError(f"--adversary must be base or patched, got '{self.adversary}'")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InputError("--epochs and --batch-size must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.validate_every < 1:
+            raise InputError("--epochs, --batch-size and --validate-every must be at least 1")
         if self.method not in METHODS:
             raise InputError(f"unknown training method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.loss not in LOSSES:
@@ -471,7 +472,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                     save(epoch, step + 1)
             n = len(ds)
             log = EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0)
-            if validate is not None:
+            if validate is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
                 t_val = time.time()
                 log.val_clean, log.val_robust, log.val_transfer = validate(patched)
                 log.val_seconds = time.time() - t_val

@@ -182,6 +182,28 @@ def test_select_on_keeps_best_validation_epoch():
     assert again == (want.val_clean, want.val_robust, want.val_transfer)
 
 
+def test_validate_every_validates_every_kth_and_the_last_epoch():
+    p = _model()
+    p.attach("block", Fixer(8, FixerConfig()))
+    spec = A.AttackSpec("pgd", eps=0.1, steps=1, n_classes=3)
+    cfg = F.FitConfig(epochs=5, batch_size=16, adversary="patched", select=True, validate_every=2, mu=0)
+    logs = F.fit(p, _toy(), spec, cfg, torch.device("cpu"), val=_toy(20, seed=9))
+    assert [e.epoch for e in logs if e.val_robust is not None] == [2, 4, 5]
+    assert F.selected_epoch(logs, cfg) in (2, 4, 5)
+    with pytest.raises(InputError):
+        F.FitConfig(validate_every=0)
+
+
+def test_too_few_optimiser_steps_are_warned_about(runner, tmp_path, tiny_ckpt, tiny_data):
+    rep = tmp_path / "r.json"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
+                             "--at", "block", "--out", str(tmp_path / "o.safetensors"), "--report", str(rep),
+                             *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    assert "optimiser steps" in r.output and "raise --epochs" in r.output
+    assert any("optimiser steps" in w for w in json.loads(rep.read_text())["data"]["warnings"])
+
+
 def _cli_patch(runner, tiny_ckpt, tiny_data, out, *extra):
     return runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
                                 "--out", str(out), *FAST_PATCH, *extra])
