@@ -317,7 +317,9 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
     base = reference if reference is not None else Disabled(patched)
     cache = None
     if base_cache is not None:
-        tensors = reference.state_dict() if reference is not None else patched.base_state_dict()
+        # the bare network's tensors either way, so a parent checkpoint and a patched file's base match
+        tensors = getattr(reference, "net", reference).state_dict() if reference is not None \
+            else patched.base_state_dict()
         cache = BaseCache(base_cache, base, tensors, x, ds.fingerprint(), cfg, device)
     models: dict[str, dict] = {}
     cached = cache.load_base() if cache is not None else None

@@ -87,3 +87,17 @@ def test_base_cache_folder_that_cannot_be_made_is_an_input_error(runner, tmp_pat
     r = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), *EVAL,
                              "--base-cache", str(blocker / "sub")])
     assert_input_error(r, "--base-cache")
+
+
+def test_base_cache_is_shared_with_fully_fine_tuned_models_of_the_same_parent(
+        runner, tmp_path, tiny_ckpt, tiny_data, patched_ckpt, tiny_test_data):
+    cache = tmp_path / "cache"
+    first = _eval(runner, patched_ckpt, tiny_test_data, "--base-cache", str(cache))
+    full = tmp_path / "adv.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
+                             "--method", "adv-train", "--out", str(full), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    plain = _eval(runner, full, tiny_test_data, "--parent", str(tiny_ckpt))
+    cached = _eval(runner, full, tiny_test_data, "--parent", str(tiny_ckpt), "--base-cache", str(cache))
+    assert cached["base_cache"]["dir"] == first["base_cache"]["dir"] and cached["base_cache"]["base_rows_reused"]
+    assert _numbers(cached) == _numbers(plain)
