@@ -270,12 +270,13 @@ def markdown(summary: list[dict], costs: list[dict], meta: dict) -> str:
              "itself (APGD-CE → APGD-DLR → FGSM, per-sample worst case); black-box = Square. "
              "Worst case = over all three threat models. Every fraction gets the same number of optimiser "
              "steps: 10 epochs at 10%, 100 at 1% (validated every 10th).", "",
-             "| fraction | method | clean | white-box | transfer | black-box Square | worst case | trainable params "
-             "| patch run s | peak RSS MB | checks warned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fraction | method | clean | white-box | transfer | transfer APGD-CE alone | black-box Square "
+             "| worst case | trainable params | patch run s | peak RSS MB | checks warned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: (-s["fraction"], list(METHODS).index(s["method"]))):
         lines.append(f"| {s['fraction']:.1%} | {s['method']} | {pct(s.get('clean'))} | {pct(s.get('whitebox'))} | "
-                     f"{pct(s.get('transfer'))} | {pct(s.get('blackbox'))} | {pct(s.get('worst_case'))} | "
+                     f"{pct(s.get('transfer'))} | {pct(s.get('transfer:apgd-ce'))} | {pct(s.get('blackbox'))} | "
+                     f"{pct(s.get('worst_case'))} | "
                      f"{s.get('trainable_parameters', '–'):,} | {s['patch_seconds']:.0f} | "
                      f"{s['patch_peak_rss_mb']:.0f} | {', '.join(s.get('checks_warn') or []) or '–'} |")
     if summary and "base_clean" in summary[0]:
@@ -307,6 +308,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--square-queries", type=int, default=1000)
     ap.add_argument("--rerun", action="store_true", help="run every row again, even those finished before")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="run nothing: rewrite the tables and plot from the rows finished in --out-dir")
     ap.add_argument("--out-dir", default=str(ROOT / "bench/results/compare"))
     ap.add_argument("--train-base", action="store_true", help="retrain examples/fmnist_base.safetensors first")
     ap.add_argument("--no-eval", action="store_true",
@@ -328,20 +331,21 @@ def main() -> None:
     if args.train_base:
         meta["train_base"] = run([sys.executable, "examples/train_base.py", "--epochs", "5", "--out",
                                   "examples/fmnist_base.safetensors"], out / "train_base.log")
-    meta["eval"] = "none (--no-eval)" if args.no_eval else meta["eval"]
     runs_file = out / "runs.json"
     # every row finished here before, by (method, fraction); this invocation's rows replace theirs
     rows_by: dict = {}
     if runs_file.exists() and not args.rerun:
         rows_by = {(r["method"], r["fraction"]): r for r in json.loads(runs_file.read_text())["runs"]}
     this = []
-    for frac in fractions:
+    for frac in [] if args.tables_only else fractions:
         for m in methods:
             print(f"[compare] {m} at {frac:g}", file=sys.stderr, flush=True)
             rows_by[(m, frac)] = one(m, frac, out, cfg, train, test, args.quick, not args.no_eval,
                                      rows_by.get((m, frac)))
             this.append((m, frac))
             rows_by = save_runs(runs_file, meta, rows_by, this)
+    if args.tables_only and runs_file.exists():
+        rows_by = {(r["method"], r["fraction"]): r for r in json.loads(runs_file.read_text())["runs"]}
     rows = sorted(rows_by.values(), key=lambda r: (-r["fraction"], list(METHODS).index(r["method"])))
     failed = [f"{m}-{f:g}" for m, f in this
               if rows_by[(m, f)]["patch"]["exit"] != 0 or rows_by[(m, f)].get("eval", {}).get("exit", 0) != 0]

@@ -29,6 +29,11 @@ def test_compare_fmnist_quick(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.log")} == logs
     again = json.loads((tmp_path / "summary.json").read_text())
     assert {s["method"] for s in again["summary"]} == methods
+    r = subprocess.run([sys.executable, "bench/compare_fmnist.py", "--quick", "--out-dir", str(tmp_path),
+                        "--tables-only"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.log")} == logs
+    assert "transfer APGD-CE alone" in (tmp_path / "RESULTS-compare.md").read_text()
 
 
 def test_patch_speed_quick(tmp_path):
