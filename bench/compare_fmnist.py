@@ -222,7 +222,8 @@ def cost(rows: list[dict]) -> list[dict]:
 
 
 def svg_plot(summary: list[dict]) -> str:
-    """Accuracy vs data fraction (log x), one line per method: clean (solid) and white-box worst case (dashed)."""
+    """Accuracy vs data fraction (log x), per method: clean (solid), white-box (dashed), transfer (dotted) worst
+    cases."""
     fr = sorted({s["fraction"] for s in summary})
     if len(fr) < 2:
         return ""
@@ -250,13 +251,13 @@ def svg_plot(summary: list[dict]) -> str:
     for i, m in enumerate(names):
         c = colours[i % len(colours)]
         pts = sorted((s for s in summary if s["method"] == m and "clean" in s), key=lambda s: s["fraction"])
-        for key, dash in (("clean", ""), ("whitebox", ' stroke-dasharray="5,4"')):
+        for key, dash in (("clean", ""), ("whitebox", ' stroke-dasharray="5,4"'), ("transfer", ' stroke-dasharray="1,3"')):
             coords = " ".join(f"{xy(s['fraction'], s.get(key, 0))[0]:.1f},{xy(s['fraction'], s.get(key, 0))[1]:.1f}"
                               for s in pts)
             if coords:
                 parts.append(f'<polyline points="{coords}" fill="none" stroke="{c}" stroke-width="2"{dash}/>')
         parts.append(f'<text x="{pad}" y="{h + 14 + 20 * i}" font-size="12" fill="{c}">{html.escape(m)}: clean '
-                     "(solid), white-box worst case (dashed)</text>")
+                     "(solid), white-box (dashed), transfer (dotted)</text>")
     parts.append("</svg>")
     return "\n".join(parts)
 
