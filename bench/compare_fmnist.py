@@ -251,7 +251,8 @@ def svg_plot(summary: list[dict]) -> str:
     for i, m in enumerate(names):
         c = colours[i % len(colours)]
         pts = sorted((s for s in summary if s["method"] == m and "clean" in s), key=lambda s: s["fraction"])
-        for key, dash in (("clean", ""), ("whitebox", ' stroke-dasharray="5,4"'), ("transfer", ' stroke-dasharray="1,3"')):
+        styles = (("clean", ""), ("whitebox", ' stroke-dasharray="5,4"'), ("transfer", ' stroke-dasharray="1,3"'))
+        for key, dash in styles:
             coords = " ".join(f"{xy(s['fraction'], s.get(key, 0))[0]:.1f},{xy(s['fraction'], s.get(key, 0))[1]:.1f}"
                               for s in pts)
             if coords:
