@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -36,8 +37,8 @@ def parse_eps(text: str | float) -> float:
         v = float(Fraction(s)) if "/" in s else float(s)
     except (ValueError, ZeroDivisionError):
         raise InputError(f"eps must be a number or a fraction like 8/255, got '{text}'") from None
-    if v < 0:
-        raise InputError(f"eps must be non-negative, got '{text}'")
+    if not math.isfinite(v) or v < 0:
+        raise InputError(f"eps must be a finite non-negative number, got '{text}'")
     return v
 
 

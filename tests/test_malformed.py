@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -169,12 +170,15 @@ def test_eps_fractions_parse(num, den):
 
 
 @given(st.text(max_size=12))
+@example("NAN")
+@example("inf")
+@example("-0.1")
 def test_eps_parser_never_crashes(text):
     try:
         v = A.parse_eps(text)
     except InputError:
         return
-    assert v >= 0
+    assert v >= 0 and math.isfinite(v)
 
 
 @given(st.one_of(st.text(max_size=10), st.floats(allow_nan=True), st.integers(-5, 10**7)))
