@@ -13,12 +13,12 @@ sanity checks. All evaluations share one `--base-cache`, so the base's rows and 
 computed once. The run resumes: a row whose reports exist with the same command is not run again
 (--rerun forces it), and the tables always cover every row finished in --out-dir. Runs on smaller
 fractions train for proportionally more epochs (100 at 1%, validated every 10th), so that every
-fraction gets the same number of optimiser steps: at 10 epochs, 1% is 50 steps and fixers underfit. Every run's wall
-time and peak memory (os.wait4 of the child) are recorded; every report is kept as JSON. Then it
-writes RESULTS-compare.md (table + accuracy-vs-fraction SVG plot) and the cost comparison: how long
-full adversarial fine-tuning needs to reach the transfer accuracy of `--adversary base` fixers and
-the white-box accuracy of `--adversary patched` fixers (per-epoch validation on 500 held-out
-training images, PGD-10), as ratios of wall times.
+fraction gets the same number of optimiser steps: at 10 epochs, 1% is 50 steps and fixers underfit.
+Every run's wall time and peak memory (os.wait4 of the child) are recorded; every report is kept
+as JSON. Then it writes RESULTS-compare.md (table + accuracy-vs-fraction SVG plot) and the cost
+comparison: how long full adversarial fine-tuning needs to reach the transfer accuracy of
+`--adversary base` fixers and the white-box accuracy of `--adversary patched` fixers (per-epoch
+validation on 500 held-out training images, PGD-10), as ratios of wall times.
 
 The base is examples/fmnist_base.safetensors, made by examples/train_base.py on all 60k training
 images; --train-base retrains it first (about 3 minutes an epoch on 2 CPU cores).
@@ -149,16 +149,20 @@ def one(name: str, frac: float, out: Path, cfg: dict, train: str, test: str, qui
     return row
 
 
+def read_runs(path: Path) -> dict:
+    """The rows of runs.json by (method, fraction); empty when there is none."""
+    if not path.exists():
+        return {}
+    return {(r["method"], r["fraction"]): r for r in json.loads(path.read_text())["runs"]}
+
+
 def save_runs(path: Path, meta: dict, rows_by: dict, mine: list) -> dict:
     """Write runs.json, keeping rows that another invocation sharing the folder finished meanwhile."""
     import fcntl
 
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
-            for r in json.loads(path.read_text())["runs"]:
-                if (r["method"], r["fraction"]) not in mine:
-                    rows_by[(r["method"], r["fraction"])] = r
+        rows_by.update({k: r for k, r in read_runs(path).items() if k not in mine})
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"meta": meta, "runs": list(rows_by.values())}, indent=2))
         os.replace(tmp, path)
@@ -335,9 +339,7 @@ def main() -> None:
                                   "examples/fmnist_base.safetensors"], out / "train_base.log")
     runs_file = out / "runs.json"
     # every row finished here before, by (method, fraction); this invocation's rows replace theirs
-    rows_by: dict = {}
-    if runs_file.exists() and not args.rerun:
-        rows_by = {(r["method"], r["fraction"]): r for r in json.loads(runs_file.read_text())["runs"]}
+    rows_by = read_runs(runs_file) if args.tables_only or not args.rerun else {}
     this = []
     for frac in [] if args.tables_only else fractions:
         for m in methods:
@@ -346,8 +348,6 @@ def main() -> None:
                                      rows_by.get((m, frac)))
             this.append((m, frac))
             rows_by = save_runs(runs_file, meta, rows_by, this)
-    if args.tables_only and runs_file.exists():
-        rows_by = {(r["method"], r["fraction"]): r for r in json.loads(runs_file.read_text())["runs"]}
     rows = sorted(rows_by.values(), key=lambda r: (-r["fraction"], list(METHODS).index(r["method"])))
     failed = [f"{m}-{f:g}" for m, f in this
               if rows_by[(m, f)]["patch"]["exit"] != 0 or rows_by[(m, f)].get("eval", {}).get("exit", 0) != 0]

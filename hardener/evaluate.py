@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,6 +31,7 @@ from . import data as hdata
 from .patches import PatchedModel
 from .patches.attach import Disabled
 from .checkpoint import atomic_write, tensor_digest
+from .errors import InputError
 from .resume import EvalStore, fingerprint
 
 THREATS = ("whitebox", "transfer", "blackbox")
@@ -135,12 +136,12 @@ class TransferBank:
 
     def get(self, key: str, spec: A.AttackSpec, idx: torch.Tensor) -> torch.Tensor:
         """The examples of samples `idx` (ascending, as a chain walks them) under attack `key`."""
-        ks = (idx // self.bs).tolist()
-        lo = min(ks)
+        ks = idx // self.bs
+        lo = int(ks.min())
         for old in [m for m in self._mem if m[0] == key and m[1] < lo]:
             del self._mem[old]  # a chain walks its samples in order: earlier batches are done with
-        out = [self._batch(key, spec, k)[i - k * self.bs] for i, k in zip(idx.tolist(), ks)]
-        return torch.stack(out).to(self.device)
+        out = [self._batch(key, spec, k)[idx[ks == k] - k * self.bs] for k in torch.unique(ks).tolist()]
+        return torch.cat(out).to(self.device)
 
 
 class BaseCache:
@@ -164,8 +165,6 @@ class BaseCache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            from .errors import InputError
-
             raise InputError(f"--base-cache: cannot create '{self.dir}' ({e.strerror or e})") from None
         self.reused_base = False
 
