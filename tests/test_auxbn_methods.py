@@ -194,6 +194,13 @@ def test_validate_every_validates_every_kth_and_the_last_epoch():
         F.FitConfig(validate_every=0)
 
 
+def test_validate_every_zero_is_an_input_error(runner, tmp_path, tiny_ckpt, tiny_data):
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
+                             "--at", "block", "--validate", "10", "--validate-every", "0",
+                             "--out", str(tmp_path / "o.safetensors"), *FAST_PATCH])
+    assert_input_error(r, "--validate-every")
+
+
 def test_too_few_optimiser_steps_are_warned_about(runner, tmp_path, tiny_ckpt, tiny_data):
     rep = tmp_path / "r.json"
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
