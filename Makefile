@@ -8,15 +8,16 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch first (the CPU wheel where one is at hand), then torchattacks without its torchvision
-# requirement (harden never imports torchvision), then the rest, then harden itself.
+# torch first (the CPU wheel where one is at hand), then the rest, then harden itself, and torchattacks last
+# without its requirements (torchvision, requests, tqdm: harden's code path imports none of them). Last, so that
+# no later resolver run reports its missing requirements as an ERROR.
 $(STAMP): setup.cfg pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet --no-deps torchattacks==3.5.1
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 demo: setup

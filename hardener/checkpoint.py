@@ -227,11 +227,21 @@ def load_base(path: str | Path, arch: str | None = None, arch_kwargs: dict | Non
 # ---------------------------------------------------------------- patched checkpoints
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent or "."))
-    os.close(fd)
+    try:  # mkstemp makes 0600 files; the output gets what open() would give it under the user's umask
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
