@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# The built-in example: Fashion-MNIST base (shipped, trained by examples/train_base.py), patch it with
-# fixers on 10% of the training set, evaluate base and patched model. Under 10 minutes on 2 CPU cores.
+# The built-in example: the Fashion-MNIST base (shipped, trained by examples/train_base.py), patched with harden's
+# default recipe on the shipped subset of its training set, then evaluated white-box and by transfer on shipped
+# test images. About 6 minutes on 2 CPU cores once set up. Reports land in examples/$OUT/.
 set -euo pipefail
 cd "$(dirname "$0")"
 HARDEN=${HARDEN:-harden}
 OUT=${OUT:-out}
+TRAIN=${TRAIN:-data/fashion-mnist-train-2000.npz}
+TEST=${TEST:-data/fashion-mnist-test-1000.npz}
+SAMPLES=${SAMPLES:-500}
 mkdir -p "$OUT"
-
-if [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -n "${HARDEN_FASHION_MNIST_DIR:-}" ]; then
-  TRAIN=fashion-mnist:train; SUBSET=10%; TEST=fashion-mnist:test
-else
-  echo "Fashion-MNIST package not found (apt-get install dataset-fashion-mnist); using the shipped subset" >&2
-  TRAIN=data/fashion-mnist-train-2000.npz; SUBSET=1000; TEST=data/fashion-mnist-test-1000.npz
-fi
-SAMPLES=${SAMPLES:-400}
 
 set -x
 "$HARDEN" layers fmnist_base.safetensors --input-shape 1,28,28 > "$OUT/sites.txt"
-"$HARDEN" patch fmnist_base.safetensors --data "$TRAIN" --subset "$SUBSET" --eval-data "$TEST" \
-  --eval-samples "$SAMPLES" --epochs 10 --out "$OUT/fmnist.hardened.safetensors" --force \
+# What a user types: the checkpoint and the labelled subset they have (harden.toml here gives arch, mean/std, eps).
+"$HARDEN" patch fmnist_base.safetensors --data "$TRAIN" --out "$OUT/fmnist.hardened.safetensors" --force \
   --report "$OUT/patch-report.json"
+# The verdict on test images the base never saw: white-box APGD-CE + APGD-DLR (100 steps each) on the patched
+# model itself, and the same attacks computed on the base (transfer); base and patched side by side.
 "$HARDEN" eval "$OUT/fmnist.hardened.safetensors" --data "$TEST" --max-samples "$SAMPLES" \
-  --attack apgd-ce,apgd-dlr,fgsm --eps 0.1 --eps-sweep 0,0.05,0.1 \
-  --report "$OUT/eval-report.md" --report "$OUT/eval-report.html" --json > "$OUT/eval-report.json"
+  --attack apgd-ce,apgd-dlr --threat whitebox,transfer --report "$OUT/eval-report.md" \
+  --report "$OUT/eval-report.html" --json > "$OUT/eval-report.json"
 set +x
+python3 - "$OUT/eval-report.json" <<'PY' >&2 || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+def a(m, k):
+    v = r["models"][m]
+    x = v["clean"] if k == "clean" else v["threats"].get(k, {}).get("robust")
+    return f"{100 * x['accuracy']:.1f}%" if x else "-"
+print(f"{r['data']['n']} test images, eps {r['eps']:g}: clean base {a('base', 'clean')} / patched {a('patched', 'clean')}; "
+      f"white-box base {a('base', 'whitebox')} / patched {a('patched', 'whitebox')}; "
+      f"transfer patched {a('patched', 'transfer')}")
+PY
 echo "reports in examples/$OUT/: patch-report.json, eval-report.{json,md,html}" >&2

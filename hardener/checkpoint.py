@@ -244,6 +244,7 @@ def atomic_write(path: Path, write) -> None:
         os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # some writers (safetensors) re-create the file as 0600
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

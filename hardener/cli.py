@@ -24,11 +24,11 @@ from .errors import InputError, RunError, ThresholdError
 from .layers import suggest_sites
 from .resume import EvalStore, Interrupted, Saver, StopFlag, fingerprint, sigterm_as_interrupt
 from .patches import ACTIVATIONS, DENOISE_OPS, INPUT_SITE, PATCH_KINDS, AuxBN, select_bn_sites, select_sites
-from .recipe import PRESETS, parse_methods
+from .recipe import DEFAULT_PRESET, load_preset, parse_methods, preset_names, split_for_training
 from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, load_parent, pick_device,
                       set_deterministic)
 
-err_console = Console(stderr=True, emoji=False, highlight=False)
+err_console = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 # Fewer optimiser steps than this and patches underfit (1% of Fashion-MNIST at batch 128 and 10 epochs:
 # 50 steps, and fixers fitted 19% of their training attack).
 FEW_STEPS = 200
@@ -39,15 +39,22 @@ def out(text: str) -> None:
 
 
 class ProgressView:
-    """A rich progress bar on stderr; silent with --quiet."""
+    """Progress on stderr: a rich bar on a terminal; plain lines every HARDEN_PROGRESS_SECONDS (default 10) and at
+    the end of each phase otherwise (CI logs, pipes); nothing with --quiet."""
 
     def __init__(self, quiet: bool) -> None:
+        import os
+
         self.quiet = quiet
+        self.lines = not err_console.is_terminal
+        self.every = float(os.environ.get("HARDEN_PROGRESS_SECONDS", "10") or 10)
         self._progress = None
         self._tasks: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+        self._last = 0.0
 
     def __enter__(self) -> "ProgressView":
-        if not self.quiet:
+        if not self.quiet and not self.lines:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -62,12 +69,29 @@ class ProgressView:
             self._progress.__exit__(*exc)
 
     def __call__(self, phase: str, done: int, total: int, info: dict) -> None:
-        if self._progress is None:
+        if self.quiet:
+            return
+        text = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+        if self.lines:
+            self._line(phase, done, total, text, info)
             return
         if phase not in self._tasks:
             self._tasks[phase] = self._progress.add_task(phase, total=total, info="")
-        text = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
         self._progress.update(self._tasks[phase], completed=done, total=total, info=text)
+
+    def _line(self, phase: str, done: int, total: int, text: str, info: dict) -> None:
+        from .fit import fmt_seconds
+
+        now = time.time()
+        start = self._started.setdefault(phase, now)
+        if now - self._last < self.every and done < total:
+            return
+        self._last = now
+        elapsed = now - start
+        eta = info.get("eta") or (fmt_seconds(elapsed / done * (total - done)) if done else "?")
+        rest = " ".join(t for t in text.split() if not t.startswith("eta="))
+        click.echo(f"{phase} {done}/{total} ({done / max(1, total):.0%}) elapsed {fmt_seconds(elapsed)} eta {eta}"
+                   + (f" {rest}" if rest else ""), err=True)
 
 
 # ---------------------------------------------------------------- shared options
@@ -222,8 +246,9 @@ def _default_out(model: str) -> Path:
 @click.option("--route", type=click.Choice(["adv", "main"]),
               help="Default inference route of auxiliary BNs stored in the checkpoint (default: adv for auxbn "
                    "patches, main for advprop/advamd).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)),
-              help="A measured recipe; options given explicitly win over it (see README).")
+@click.option("--preset", type=click.Choice(preset_names()),
+              help=f"A measured recipe (a file in hardener/presets/); options given explicitly win over it. Default: "
+                   f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--bn/--adversary is given (see README).")
 @click.option("--denoise", "denoise_op", default="nonlocal-gaussian", show_default=True,
               type=click.Choice(DENOISE_OPS), help="Denoising operation of denoise patches.")
 @click.option("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
@@ -279,38 +304,45 @@ def _default_out(model: str) -> Path:
 @click.option("--save-every", type=int, default=0, show_default=True,
               help="Also save resumable state every N steps (state is always saved each epoch and on SIGINT/SIGTERM).")
 @click.option("--eval-data", help="Report data (default: the part of --data outside the subset).")
-@click.option("--eval-samples", type=int, default=1000, show_default=True,
-              help="Seeded stratified subset of the report data (0 = all).")
-@click.option("--eval-steps", type=int, default=None, help="Report attack steps (default: reference budget).")
+@click.option("--eval-samples", type=int, default=None,
+              help="Seeded stratified subset of the report data (0 = all; default 500 quick, 1000 full).")
+@click.option("--eval-steps", type=int, default=None,
+              help="Report attack steps (default 20 quick, each attack's reference budget full).")
+@click.option("--report-budget", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: white-box APGD-CE (20 steps) and its transfer on up to 500 held-out images, a check that "
+                   "costs a few percent of training, not a verdict; full: the training attack with its reference "
+                   "budget on up to 1,000 images.")
+@click.option("--holdout", default="20%", show_default=True,
+              help="When --data is all there is (no --subset leaves images aside, no --eval-data), hold out this "
+                   "stratified, seeded part of it (fraction or count, at most 1,000 images by default) for model "
+                   "selection and the report.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (.json/.md/.html).")
 @model_options
 @data_options
 def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smooth_grad, act, delta, rho, width,
           final_relu, attack_name, eps, norm, steps, alpha, eps_warmup, loss_name, beta, select_on, validate,
           validate_every, phi, betas, sigma, adversary, epochs, batch_size, lr, lam, mu, gamma, augment, cache,
-          cache_limit, out_path, force,
-          resume, save_every, eval_data, eval_samples, eval_steps, report_path, **kw):
+          cache_limit, out_path, force, resume, save_every, eval_data, eval_samples, eval_steps, report_budget,
+          holdout, report_path, **kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on
-    a small subset, write the patched file and a report. Full fine-tuning methods (adv-train, advprop, advamd)
-    write a new checkpoint instead, marked as a modified base."""
+    a small subset, write the patched file and a quick report. With no method options the recipe is the white-box
+    robust preset. Full fine-tuning methods (adv-train, advprop, advamd) write a new checkpoint instead, marked as
+    a modified base."""
     model = _check_model_arg(model)
     if not data:
         raise click.UsageError("missing --data (training data, or `data` in harden.toml)")
-    out_file = Path(out_path) if out_path else _default_out(model)
-    if out_file.resolve() == Path(model).resolve():
-        raise InputError(f"--out '{out_file}' is the input checkpoint; harden never overwrites an input")
-    if out_file.exists() and not force:
-        raise InputError(f"'{out_file}' exists; pass --force to overwrite it or choose another --out")
-    if not out_file.parent.is_dir():
-        raise InputError(f"--out '{out_file}': folder '{out_file.parent}' does not exist")
+    out_file = _check_out(model, out_path, force)
     if report_path:
         R.check_path(report_path)
+    recipe = load_preset(preset) if preset else None
     methods = parse_methods(method, bn, at or at_regex)
     eps_value = A.parse_eps(eps)
     A.expand([attack_name])  # unknown names fail before any loading
     smooth_alpha = A.parse_smooth_grad(smooth_grad)
     subset = hdata.parse_subset(kw["subset"])
     amd_betas = _parse_betas(betas)
+    if select_on and validate:
+        raise InputError("--select-on and --validate both hold out a validation split: give one")
     torch.manual_seed(kw["seed"])
     set_deterministic(kw["deterministic"])
     device = pick_device(kw["device"])
@@ -318,56 +350,35 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     ds_all = load_data(loaded, data, _dopts(kw))
     infos = finish_spec(loaded, ds_all, device)
     _announce(ds_all, kw["quiet"])
-    sites = []
-    if methods.site_kind is not None:
-        sites = select_sites(loaded.patched.net, infos, at, at_regex, final_relu, default_kind=methods.site_kind)
-        if not (at or at_regex):
-            err_console.print(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
-    shapes = {i.name: i.shape for i in infos}
-    shapes[INPUT_SITE] = list(loaded.spec.shape)
-    opts = {"rho": rho, "delta": delta, "act": act, "final_relu": final_relu, "denoise": denoise_op, "width": width}
-    for kind, site in sites:
-        c, h, w = shapes[site]
-        loaded.patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), opts))
-    if methods.auxbn:
-        for site in select_bn_sites(loaded.patched.net, bn or "all"):
-            loaded.patched.attach(site, AuxBN.from_module(loaded.patched.net.get_submodule(site)))
+    _attach(loaded, infos, methods, at, at_regex, bn, final_relu,
+            {"rho": rho, "delta": delta, "act": act, "final_relu": final_relu, "denoise": denoise_op, "width": width},
+            kw["quiet"])
     default_route = route or ("main" if methods.full in ("advprop", "advamd") else "adv")
     loaded.patched.to(device)
 
-    if subset is not None:
-        train_idx, rest_idx = hdata.stratified_split(ds_all.labels, subset, kw["seed"])
-    else:
-        train_idx, rest_idx = torch.arange(len(ds_all)), torch.empty(0, dtype=torch.int64)
-    train_ds = ds_all.take(train_idx)
-    val_ds = None
-    if select_on and validate:
-        raise InputError("--select-on and --validate both hold out a validation split: give one")
-    n_val = select_on or validate
-    if n_val:
-        if n_val >= len(rest_idx):
-            raise InputError(f"--select-on/--validate {n_val}: --data has only {len(rest_idx)} images outside the "
-                             "subset")
-        pick, keep = hdata.stratified_split(ds_all.labels[rest_idx], n_val, kw["seed"] + 1)
-        val_ds, rest_idx = ds_all.take(rest_idx[pick]), rest_idx[keep]
-    n_classes = loaded.spec.num_classes
+    split = split_for_training(ds_all.labels, subset, bool(eval_data), select_on or validate, holdout, kw["seed"])
+    for note in split.notes:
+        if not kw["quiet"] and not note.startswith("--select-on"):  # that one is a warning, printed below
+            err_console.print(f"{ds_all.source}: {note}")
+    train_ds = ds_all.take(split.train)
+    val_ds = ds_all.take(split.val) if split.val is not None else None
     spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, alpha=alpha, seed=kw["seed"],
-                        n_classes=n_classes, smooth_grad=smooth_alpha)
-    if lr is None:
-        lr = 1e-3 if methods.full else 3e-3
-    cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, mu=mu, gamma=gamma,
-                      adversary=adversary, augment=augment, seed=kw["seed"], method=methods.fit_method,
-                      loss=loss_name, beta=beta, eps_warmup=eps_warmup, select=bool(select_on),
-                      validate_every=validate_every, phi=phi,
-                      betas=amd_betas, sigma=sigma, cache=cache,
-                      cache_limit=parse_bytes(cache_limit, "--cache-limit"))
-    eval_ds, warnings = _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw)
-    n_steps = -(-len(train_ds) // batch_size) * epochs
-    if n_steps < FEW_STEPS:
-        msg = (f"only {n_steps} optimiser steps ({len(train_ds)} images, batch {batch_size}, {epochs} epochs): "
-               "patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
-        warnings.append(msg)
-        err_console.print(f"[yellow]warning:[/] {msg}")
+                        n_classes=loaded.spec.num_classes, smooth_grad=smooth_alpha)
+    cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else (1e-3 if methods.full else 3e-3),
+                      lam=lam, mu=mu, gamma=gamma, adversary=adversary, augment=augment, seed=kw["seed"],
+                      method=methods.fit_method, loss=loss_name, beta=beta, eps_warmup=eps_warmup,
+                      select=bool(select_on), validate_every=validate_every, phi=phi, betas=amd_betas, sigma=sigma,
+                      cache=cache, cache_limit=parse_bytes(cache_limit, "--cache-limit"))
+    quick = report_budget == "quick"
+    if eval_samples is None:
+        eval_samples = 500 if quick else 1000
+    eval_ds, warnings = _report_data(loaded, ds_all, split.rest, eval_data, eval_samples, kw)
+    warnings += [n for n in split.notes if n.startswith("--select-on")]
+    warnings += _recipe_warnings(recipe, cfg, methods, len(train_ds))
+    ecfg = _report_config(quick, spec, norm, eval_steps, batch_size, kw["seed"])
+    _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"])
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
     saver = Saver(out_file.with_name(out_file.name + ".partial"), resume=resume, every_steps=save_every,
                   fingerprint=fingerprint({"base": loaded.base.sha256, "data": train_ds.fingerprint(),
                                            "patches": loaded.patched.patch_specs(), "fit": asdict(cfg),
@@ -377,14 +388,28 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     parent = loaded.patched.base_copy() if cfg.full else None
     t0 = time.time()
     info: dict = {}
+    estimate: dict = {}
+
+    def on_estimate(est: dict) -> None:
+        report_s = est["unit_seconds"] * report_units(ecfg, len(eval_ds))
+        estimate.update(est, report_seconds=report_s)
+        if not kw["quiet"]:
+            err_console.print(f"estimated time left: training {F.fmt_seconds(est['train_seconds'])}"
+                              + (f" + validation {F.fmt_seconds(est['validation_seconds'])}" if val_ds else "")
+                              + f" + report {F.fmt_seconds(report_s)} = "
+                              f"{F.fmt_seconds(est['seconds'] + report_s)} (measured from the first "
+                              f"{est['timed_steps']} steps: {est['seconds_per_step']:.2f} s per step)")
+
     with ProgressView(kw["quiet"]) as progress, StopFlag().installed() as stop:
         logs = F.fit(loaded.patched, train_ds, spec, cfg, device, progress, saver=saver, stop=lambda: bool(stop),
-                     val=val_ds, info=info, cache_dir=out_file.parent)
+                     val=val_ds, info=info, cache_dir=out_file.parent, on_estimate=on_estimate)
     train_seconds = time.time() - t0
     if "cache" in info and not kw["quiet"]:
         err_console.print(f"cache: {info['cache']}")
     loaded.patched.set_route(default_route)
     training = F.record(cfg, spec, logs, train_ds, kw["subset"])
+    training["preset"] = recipe.record() if recipe else None
+    training["split"] = split.record
     if val_ds is not None:
         training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
                                   "attack": "pgd-10 (white-box, and transfer from the base)",
@@ -397,6 +422,121 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     save_patched(out_file, loaded.patched.to("cpu"), manifest)
     saver.clear()
     loaded.patched.to(device)
+    n_params = _announce_written(loaded, cfg, out_file, train_seconds)
+
+    t1 = time.time()
+    with ProgressView(kw["quiet"]) as progress:
+        result = E.evaluate(loaded.patched, eval_ds, ecfg, device, has_patches=True, progress=progress,
+                            reference=parent.to(device) if parent is not None else None)
+    report_seconds = time.time() - t1
+    full_cmd = _full_eval_command(out_file, loaded, eval_data, spec)
+    rep = R.build("patch", result, _data_record(eval_ds, warnings), _settings(result),
+                  R.environment(str(device), kw["seed"], kw["deterministic"]),
+                  {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
+                   "train_seconds": train_seconds, "report_seconds": report_seconds,
+                   "estimate": {k: v for k, v in estimate.items() if k.endswith("seconds")},
+                   "trainable_parameters": n_params, "route": default_route,
+                   "epoch_log": [asdict(e) for e in logs], "cache": info, "base_modified": cfg.full,
+                   "method": method, "preset": recipe.record() if recipe else None,
+                   "report_budget": {"budget": report_budget, "verdict": not quick,
+                                     "note": QUICK_NOTE if quick else "reference budgets of the training attack",
+                                     "full_evaluation": full_cmd}})
+    R.render_table(rep, err_console)
+    if not kw["quiet"]:
+        err_console.print(f"report: {'quick check, not a verdict' if quick else 'full'} ({report_seconds:.0f}s); "
+                          f"training took {train_seconds:.0f}s. Full verdict:\n  {full_cmd}")
+    if report_path:
+        R.write(rep, report_path)
+    out(str(out_file))
+
+
+QUICK_NOTE = ("quick check: white-box APGD-CE with a small step budget (and its transfer from the base) on a few "
+              "hundred held-out images; a weak attack gives an upper bound of robust accuracy, not a verdict: run "
+              "the full_evaluation command")
+
+
+def _check_out(model: str, out_path: str | None, force: bool) -> Path:
+    out_file = Path(out_path) if out_path else _default_out(model)
+    if out_file.resolve() == Path(model).resolve():
+        raise InputError(f"--out '{out_file}' is the input checkpoint; harden never overwrites an input")
+    if out_file.exists() and not force:
+        raise InputError(f"'{out_file}' exists; pass --force to overwrite it or choose another --out")
+    if not out_file.parent.is_dir():
+        raise InputError(f"--out '{out_file}': folder '{out_file.parent}' does not exist")
+    return out_file
+
+
+def _attach(loaded, infos, methods, at, at_regex, bn, final_relu, opts: dict, quiet: bool) -> None:
+    """Build the patches the options ask for and attach them (the base itself is never edited)."""
+    sites = []
+    if methods.site_kind is not None:
+        sites = select_sites(loaded.patched.net, infos, at, at_regex, final_relu, default_kind=methods.site_kind)
+        if not (at or at_regex) and not quiet:
+            err_console.print(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
+    shapes = {i.name: i.shape for i in infos}
+    shapes[INPUT_SITE] = list(loaded.spec.shape)
+    for kind, site in sites:
+        c, h, w = shapes[site]
+        loaded.patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), opts))
+    if methods.auxbn:
+        for site in select_bn_sites(loaded.patched.net, bn or "all"):
+            loaded.patched.attach(site, AuxBN.from_module(loaded.patched.net.get_submodule(site)))
+
+
+def _recipe_warnings(recipe, cfg: F.FitConfig, methods, n_train: int) -> list[str]:
+    warnings = []
+    n_steps = -(-n_train // cfg.batch_size) * cfg.epochs
+    if n_steps < FEW_STEPS:
+        warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, {cfg.epochs} "
+                        "epochs): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
+    if recipe is not None and recipe.warning:
+        warnings.append(recipe.warning)
+    elif not cfg.full and not cfg.adaptive:
+        warnings.append("this patch was trained only against adversarial examples of the frozen base (transfer "
+                        "threat model, --adversary base); it does not hold against an attacker who knows the patch; "
+                        "for white-box robustness use the default recipe (--preset robust) or --adversary patched")
+    return warnings
+
+
+def _report_config(quick: bool, spec: A.AttackSpec, norm: str, eval_steps: int | None, batch_size: int,
+                   seed: int) -> E.EvalConfig:
+    """The post-training report: quick (white-box APGD-CE, 20 steps, first; then its transfer) or full (the
+    training attack at its reference budget in both threat models)."""
+    if quick:
+        return E.EvalConfig(attacks=["apgd-ce"], eps=spec.eps, norm=norm, steps=eval_steps or 20,
+                            threats=("whitebox", "transfer"), batch_size=max(batch_size, 256), seed=seed, checks=False)
+    return E.EvalConfig(attacks=[spec.name], eps=spec.eps, norm=norm, steps=eval_steps,
+                        threats=("whitebox", "transfer"), batch_size=max(batch_size, 256), seed=seed, checks=False)
+
+
+def report_units(ecfg: E.EvalConfig, n: int) -> float:
+    """Forward-pass equivalents of the post-training report: per image and iterative attack, the attack on the
+    base and on the patched model (the transfer examples reuse the base's) plus a few forward passes."""
+    steps = ecfg.steps or A.DEFAULT_STEPS.get(ecfg.attacks[0], 100)
+    return n * len(ecfg.attacks) * (2 * 3 * (steps + 1) + 6)
+
+
+def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec, ecfg: E.EvalConfig, recipe,
+                quiet: bool) -> None:
+    if quiet:
+        return
+    per_epoch = -(-len(train_ds) // cfg.batch_size)
+    against = ("the model being trained" if cfg.adaptive else "the frozen base, once (transfer)")
+    att = f"{spec.name}" + (f"-{spec.steps}" if spec.steps and spec.name != "fgsm" else "")
+    units = F.train_units(cfg, spec)
+    lines = [f"recipe: {f'preset {recipe.name} ({recipe.threat_model})' if recipe else 'custom options'}",
+             f"training: {len(train_ds):,} images, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} = "
+             f"{cfg.epochs * per_epoch:,} optimiser steps; attack {att} against {against}; about {units:.0f} "
+             "forward-pass equivalents per image per step"]
+    if val_ds is not None:
+        lines.append(f"validation: {len(val_ds):,} held-out images after every {cfg.validate_every} epoch(s) "
+                     "(PGD-10 white-box and transfer)")
+    lines.append(f"report: {len(eval_ds):,} images, {', '.join(ecfg.attacks)}"
+                 f"{f' {ecfg.steps} steps' if ecfg.steps else ''}, white-box then transfer")
+    err_console.print("plan: " + "\n      ".join(lines))
+
+
+def _announce_written(loaded, cfg: F.FitConfig, out_file: Path, train_seconds: float) -> int:
     n_params = sum(p.numel() for p in loaded.patched.patch_parameters())
     if cfg.full:
         n_params += sum(p.numel() for p in loaded.patched.model.parameters())
@@ -405,24 +545,17 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     else:
         err_console.print(f"wrote {out_file} ({len(loaded.patched.sites)} patch(es), {n_params:,} parameters, "
                           f"trained in {train_seconds:.0f}s)")
+    return n_params
 
-    # Report: base and patched, the training attack in both threat models.
-    ecfg = E.EvalConfig(attacks=[spec.name], eps=spec.eps, norm=norm, steps=eval_steps,
-                        threats=("whitebox", "transfer"), batch_size=max(batch_size, 256), seed=kw["seed"],
-                        checks=False)
-    with ProgressView(kw["quiet"]) as progress:
-        result = E.evaluate(loaded.patched, eval_ds, ecfg, device, has_patches=True, progress=progress,
-                            reference=parent.to(device) if parent is not None else None)
-    rep = R.build("patch", result, _data_record(eval_ds, warnings), _settings(result),
-                  R.environment(str(device), kw["seed"], kw["deterministic"]),
-                  {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
-                   "train_seconds": train_seconds, "trainable_parameters": n_params, "route": default_route,
-                   "epoch_log": [asdict(e) for e in logs], "cache": info,
-                   "base_modified": cfg.full, "method": method})
-    R.render_table(rep, err_console)
-    if report_path:
-        R.write(rep, report_path)
-    out(str(out_file))
+
+def _full_eval_command(out_file: Path, loaded, eval_data: str | None, spec: A.AttackSpec) -> str:
+    import shlex
+
+    parts = ["harden", "eval", str(out_file), "--data", eval_data or "TEST_DATA", "--eps", f"{spec.eps:g}",
+             "--norm", spec.norm, "--attack", "apgd-ce,apgd-dlr,square", "--threat", "all"]
+    if loaded.base.arch:
+        parts += ["--arch", loaded.base.arch]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _parse_betas(text: str) -> tuple[float, float, float]:
@@ -443,11 +576,11 @@ def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple
         hdata.check_labels(eval_ds, loaded.spec.num_classes)
     else:
         if len(rest_idx) == 0:
-            raise InputError("no report data: --data has nothing outside the training subset; pass --eval-data "
-                             "or a --subset")
+            raise InputError("no report data: --data has nothing left outside the training and validation images; "
+                             "pass --eval-data, a smaller --subset or a larger --holdout")
         eval_ds = ds_all.take(rest_idx)
-        warnings.append("report data is the part of --data outside the training subset; the base may have "
-                        "been trained on it, so its clean accuracy may be optimistic")
+        warnings.append("report data is held-out images of --data; the base may have been trained on them, so its "
+                        "clean accuracy there may be optimistic")
     if eval_samples and eval_samples < len(eval_ds):
         idx, _ = hdata.stratified_split(eval_ds.labels, int(eval_samples), kw["seed"])
         eval_ds = eval_ds.take(idx)
@@ -485,7 +618,7 @@ def _settings(result: dict) -> list[dict]:
 @click.option("--restarts", type=int, default=1, show_default=True)
 @click.option("--queries", type=int, default=5000, show_default=True, help="Square's query budget.")
 @click.option("--threat", default="all", show_default=True,
-              type=click.Choice(["transfer", "whitebox", "blackbox", "all"]))
+              help="Threat models: whitebox, transfer, blackbox (Square), a comma list of them, or all.")
 @click.option("--max-samples", type=int, help="Seeded stratified subset of the data.")
 @click.option("--eps-sweep", help="Comma list of eps for a robustness curve (first iterative attack, white-box).")
 @click.option("--fail-under", help="Gates, e.g. clean=0.85,robust=0.60 (robust = white-box worst case).")
@@ -526,6 +659,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     if not data:
         raise click.UsageError("missing --data (or `eval_data` in harden.toml)")
     thresholds = R.parse_fail_under(fail_under)
+    threats = _parse_threats(threat)
     for p in report_paths:
         R.check_path(p)
     names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
@@ -555,7 +689,6 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
                        e2e_steps, (reference_data, neighbour, neighbour_steps, post_train, iterations, post_batch,
                                    adapt, post_lr))
         return
-    threats = ("whitebox", "transfer", "blackbox") if threat == "all" else (threat,)
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
                         checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad))
@@ -564,7 +697,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     state = Path(f".harden-eval-{fp[:16]}.partial")
     store = EvalStore(state, fp, resume)
     try:
-        with ProgressView(kw["quiet"] or as_json) as progress, sigterm_as_interrupt():
+        with ProgressView(kw["quiet"]) as progress, sigterm_as_interrupt():
             result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
                                 progress=progress, store=store, reference=reference,
                                 base_cache=Path(base_cache) if base_cache else None)
@@ -592,6 +725,19 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         out(json.dumps(rep, indent=2, sort_keys=True))
     if missed:
         raise ThresholdError("--fail-under missed: " + "; ".join(missed))
+
+
+THREATS = ("whitebox", "transfer", "blackbox")
+
+
+def _parse_threats(text: str) -> tuple[str, ...]:
+    parts = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if parts == ["all"]:
+        return THREATS
+    bad = [t for t in parts if t not in THREATS]
+    if bad or not parts:
+        raise InputError(f"--threat '{text}': choose whitebox, transfer, blackbox, a comma list of them, or all")
+    return tuple(t for t in THREATS if t in parts)
 
 
 def _eval_adaptive(model, loaded, ds, names, eps, norm, steps, kw, device, report_paths, as_json, e2e_samples,

@@ -76,21 +76,29 @@ class ConfigCommand(click.Command):
     then config file, then preset, then the built-in defaults)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        from .recipe import PRESETS
+        from .recipe import DEFAULT_PRESET, RECIPE_OPTIONS, load_preset
 
         path = find_config(list(args))
         defaults: dict[str, Any] = {}
         try:
             if path is not None:
                 defaults = load_defaults(path, self)
-            preset = find_option(list(args), "--preset") or defaults.get("preset")
-            if preset is not None and any(p.name == "preset" for p in self.params):
-                if preset not in PRESETS:
-                    raise InputError(f"unknown --preset '{preset}' (choose from {', '.join(sorted(PRESETS))})")
-                defaults = {**PRESETS[preset], **defaults}
+            if any(p.name == "preset" for p in self.params):
+                preset = find_option(list(args), "--preset") or defaults.get("preset")
+                if preset is None and not _gives_recipe(list(args), defaults, RECIPE_OPTIONS):
+                    preset = DEFAULT_PRESET  # no method options at all: the recipe that protects
+                if preset is not None:
+                    known = {p.name for p in self.params if p.name}
+                    defaults = {**load_preset(preset, known).options, **defaults, "preset": preset}
         except InputError as e:
             e.show()
             raise SystemExit(e.exit_code) from None
         if defaults:
             extra["default_map"] = {**defaults, **(extra.get("default_map") or {})}
         return super().make_context(info_name, args, parent=parent, **extra)
+
+
+def _gives_recipe(args: list[str], defaults: dict[str, Any], names: tuple[str, ...]) -> bool:
+    """Whether the command line or the config file sets any of the recipe-shaping options."""
+    flags = {"--" + n.replace("_", "-") for n in names}
+    return any(n in defaults for n in names) or any(a.split("=", 1)[0] in flags for a in args)

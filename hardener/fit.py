@@ -145,6 +145,77 @@ class EpochLog:
 Progress = Callable[[str, int, int, dict], None]
 
 
+# Cost units of the time estimate: one forward pass of one image. A backward pass costs about two.
+VAL_UNITS = 3 * 10 + 3  # validation per image: PGD-10 on the patched model, three forward passes (clean, wb, tr)
+
+
+def train_units(cfg: "FitConfig", spec: attacks.AttackSpec) -> float:
+    """Forward-pass equivalents per image of one optimiser step: the attack when it runs every step, the clean
+    and adversarial passes with their backward, and the base's targets."""
+    attack = 3 * int(spec.steps or 1) if not cfg.cached_adversarials else 0
+    return attack + 2 * 3 + 1
+
+
+def fmt_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Clock:
+    """Time estimates of a training run: seconds per step measured from the first steps (the very first one,
+    which pays for allocation, is not counted), validation measured once it has run (estimated from the same
+    unit cost before). `on_estimate` gets the first estimate once `TIMED` steps are measured."""
+
+    TIMED = 3
+
+    def __init__(self, steps_left: int, vals_left: int, step_units: float, val_units: float,
+                 on_estimate: Callable[[dict], None] | None = None) -> None:
+        self.steps_left, self.vals_left = steps_left, vals_left
+        self.step_units, self.val_units = step_units, val_units
+        self.on_estimate = on_estimate
+        self.skip = 1 if steps_left > self.TIMED + 1 else 0
+        self.steps, self.step_seconds, self.val_seconds, self.vals = 0, 0.0, 0.0, 0
+        self._last = time.perf_counter()
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        if self.steps >= self.skip:
+            self.step_seconds += now - self._last
+        self.steps += 1
+        self.steps_left -= 1
+        self._last = now
+        if self.on_estimate is not None and (self._timed() >= self.TIMED or self.steps_left == 0) and self._timed():
+            self.on_estimate(self.estimate())
+            self.on_estimate = None
+
+    def _timed(self) -> int:
+        return max(0, self.steps - self.skip)
+
+    def validated(self, seconds: float) -> None:
+        self.val_seconds += seconds
+        self.vals += 1
+        self.vals_left -= 1
+        self._last = time.perf_counter()
+
+    @property
+    def per_step(self) -> float:
+        return self.step_seconds / max(1, self._timed())
+
+    @property
+    def unit_seconds(self) -> float:
+        """Seconds of one forward pass of one image, as measured by the training steps."""
+        return self.per_step / max(1e-9, self.step_units)
+
+    def estimate(self) -> dict:
+        per_val = self.val_seconds / self.vals if self.vals else self.unit_seconds * self.val_units
+        train, val = self.steps_left * self.per_step, self.vals_left * per_val
+        return {"train_seconds": train, "validation_seconds": val, "seconds": train + val,
+                "seconds_per_step": self.per_step, "unit_seconds": self.unit_seconds, "timed_steps": self._timed()}
+
+    def eta_text(self) -> str:
+        return fmt_seconds(self.estimate()["seconds"]) if self._timed() else "?"
+
+
 def warmup_cosine(total: int, warmup_frac: float = 0.1) -> Callable[[int], float]:
     """Linear warm-up over the first steps, then cosine decay to zero."""
     warm = max(1, int(warmup_frac * total))
@@ -318,11 +389,13 @@ class _BaseCache:
 def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
         device: torch.device, progress: Progress | None = None, saver: Saver | None = None,
         stop: Callable[[], bool] = lambda: False, val: hdata.Dataset | None = None,
-        info: dict | None = None, cache_dir=None) -> list[EpochLog]:
+        info: dict | None = None, cache_dir=None,
+        on_estimate: Callable[[dict], None] | None = None) -> list[EpochLog]:
     """Train `patched` on `ds` by `cfg.method`. With a `saver`, state is saved atomically at the end of
     every epoch (and every `saver.every_steps` steps), and when `stop()` turns true, after which
     `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state. With `val`
-    (and `cfg.select`), the epoch with the best white-box validation accuracy is kept."""
+    (and `cfg.select`), the epoch with the best white-box validation accuracy is kept. `on_estimate` is called
+    once, after the first few timed steps, with the estimated seconds left (`Clock.estimate`)."""
     if cfg.spec.dual_bn and not patched.has_auxbn:
         raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
     if cfg.select and val is None:
@@ -390,6 +463,9 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     # Routes: patches train the twins (route adv) on every input; dual-BN methods keep clean inputs on main.
     clean_route, adv_route = ("main", "adv") if cfg.spec.dual_bn else ("adv", "adv")
     total_steps = cfg.epochs * steps_per_epoch
+    n_vals = sum(1 for e in range(start_epoch, cfg.epochs) if (e + 1) % cfg.validate_every == 0 or e + 1 == cfg.epochs)
+    clock = Clock(total_steps - (start_epoch * steps_per_epoch + start_step), n_vals if validate else 0,
+                  cfg.batch_size * train_units(cfg, spec), len(val) * VAL_UNITS if validate else 0, on_estimate)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
@@ -453,6 +529,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 loss.backward()
                 opt.step()
                 sched.step()
+                clock.step()
                 b = len(y)
                 sums["loss"] += loss.item() * b
                 sums["ce_clean"] += ce_clean.item() * b
@@ -463,7 +540,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 if progress:
                     progress("train", done + 1, total_steps,
                              {"epoch": epoch + 1, "loss": loss.item(), "ce": ce_clean.item(),
-                              "ce_adv": ce_adv.item(), "distill": distill.item()})
+                              "ce_adv": ce_adv.item(), "distill": distill.item(), "eta": clock.eta_text()})
                 if stop():
                     save(epoch, step + 1)
                     where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
@@ -476,6 +553,7 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 t_val = time.time()
                 log.val_clean, log.val_robust, log.val_transfer = validate(patched)
                 log.val_seconds = time.time() - t_val
+                clock.validated(log.val_seconds)
                 score = (log.val_robust, log.val_clean)
                 if cfg.select and (best is None or score > tuple(best["score"])):
                     best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}

@@ -1,7 +1,9 @@
 """What `harden patch --method ... [--preset ...]` asks for, checked before anything is loaded."""
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import InputError
 from .fit import FULL_METHODS
@@ -46,14 +48,135 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
     return Methods(site_kind, auxbn, full[0] if full else None)
 
 
-# Measured recipes (bench/RESULTS.md, "White-box robustness with a frozen base"). Keys are `harden patch`
-# option names; options given on the command line or in harden.toml win over them. Sites are generic -- a
-# pre-filter at the model input, a fixer after the stem and fixers at the suggested sites -- so a preset fits
-# any model; on the Fashion-MNIST example it resolves to input, prep, layer1, layer2 (run r4 of the table).
-PRESETS: dict[str, dict] = {
-    "robust": {
-        "method": "fixer", "at": "prefilter:input,stem,auto", "width": 64, "rho": 1.0,
-        "adversary": "patched", "attack_name": "pgd", "steps": 5, "loss_name": "fixer",
-        "mu": 1.0, "lam": 0.0, "epochs": 10, "select_on": 500,
-    },
-}
+# Presets are declarative files shipped with the package (hardener/presets/NAME.toml): a description, the
+# threat model the recipe is meant to withstand, an optional warning for its reports, and [options] whose keys
+# are `harden patch` option names. Options given on the command line or in harden.toml win over them.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "robust"
+# Options that shape the recipe: with none of them given (command line or config file), `harden patch` uses
+# DEFAULT_PRESET; with any of them, the built-in defaults, so an explicit recipe is never silently mixed.
+RECIPE_OPTIONS = ("method", "at", "at_regex", "bn", "adversary")
+_PRESET_KEYS = {"description", "threat_model", "warning", "options"}
+THREAT_MODELS = ("white-box", "transfer")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    threat_model: str  # what the recipe is meant to withstand: white-box or transfer
+    options: dict
+    warning: str = ""
+
+    def record(self) -> dict:
+        return {"name": self.name, "threat_model": self.threat_model, "description": self.description}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name: str, known_options: set[str] | None = None, path: Path | None = None) -> Preset:
+    """Read and validate a preset file; unknown keys (top level or under [options]) are input errors."""
+    path = path or PRESET_DIR / f"{name}.toml"
+    if path == PRESET_DIR / f"{name}.toml" and name not in preset_names():
+        raise InputError(f"unknown --preset '{name}' (choose from {', '.join(preset_names())})")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"preset file '{path}' is not valid TOML: {e}") from None
+    unknown = sorted(set(doc) - _PRESET_KEYS)
+    if unknown:
+        raise InputError(f"preset file '{path}' has unknown key '{unknown[0]}' (allowed: "
+                         f"{', '.join(sorted(_PRESET_KEYS))})")
+    options = doc.get("options", {})
+    if not isinstance(options, dict):
+        raise InputError(f"preset file '{path}': [options] must be a table")
+    if known_options is not None:
+        bad = sorted(k for k in options if k.replace("-", "_") not in known_options)
+        if bad:
+            raise InputError(f"preset file '{path}': [options] has unknown key '{bad[0]}' (keys are `harden patch` "
+                             "option names)")
+    threat = doc.get("threat_model")
+    if threat not in THREAT_MODELS:
+        raise InputError(f"preset file '{path}': threat_model must be one of {', '.join(THREAT_MODELS)}, "
+                         f"got {threat!r}")
+    for key in ("description", "warning"):
+        if not isinstance(doc.get(key, ""), str):
+            raise InputError(f"preset file '{path}': {key} must be a string")
+    return Preset(name=name, description=doc.get("description", ""), threat_model=threat,
+                  options={k.replace("-", "_"): v for k, v in options.items()}, warning=doc.get("warning", ""))
+
+
+# Held-out split of `harden patch` when --data is all the user has.
+MIN_SPLIT_IMAGES = 50
+MAX_HOLDOUT = 1000
+
+
+@dataclass
+class Split:
+    train: "torch.Tensor"
+    val: "torch.Tensor | None"  # model selection / validation images
+    rest: "torch.Tensor"  # the pool of the report data (when no --eval-data)
+    record: dict
+    notes: list[str]
+
+
+def holdout_size(text: str, n: int) -> int:
+    from .data import parse_subset
+
+    try:
+        size = parse_subset(text)
+    except InputError:
+        size = None
+    if size is None or (isinstance(size, float) and not 0 < size < 1) or (isinstance(size, int) and size < 1):
+        raise InputError(f"--holdout must be a fraction in (0, 1), a percentage or a count >= 1, got '{text}'")
+    count = min(MAX_HOLDOUT, round(size * n)) if isinstance(size, float) else size
+    return max(1, count)
+
+
+def split_for_training(labels: "torch.Tensor", subset, has_eval_data: bool, n_val: int, holdout: str,
+                       seed: int) -> Split:
+    """Training, validation and report-pool indices of --data. When nothing is left outside the training subset and
+    the run needs held-out images (model selection, or a report without --eval-data), a stratified, seeded part of
+    --data is held out (`holdout`), and the notes say so. Too little data to split is an input error."""
+    import torch
+
+    from .data import stratified_split
+
+    n = int(labels.shape[0])
+    record: dict = {"n": n, "seed": seed, "subset": subset, "carved": None}
+    notes: list[str] = []
+    if subset is not None:
+        train, rest = stratified_split(labels, subset, seed)
+    else:
+        train, rest = torch.arange(n), torch.empty(0, dtype=torch.int64)
+    if len(rest) == 0 and (n_val or not has_eval_data):
+        counts = torch.bincount(labels)
+        present = counts[counts > 0]
+        if n < MIN_SPLIT_IMAGES or int(present.min()) < 2:
+            small = int(torch.nonzero(counts == present.min()).flatten()[0])
+            raise InputError(f"--data has {n} images (class {small} has {int(present.min())}): too few to hold out "
+                             f"images for model selection and the report (needs at least {MIN_SPLIT_IMAGES} images "
+                             "and 2 per class); add images, or pass --eval-data with other labelled images and "
+                             "--select-on 0")
+        size = min(holdout_size(holdout, n), n - len(present))
+        train, rest = stratified_split(labels, n - size, seed)
+        record["carved"] = {"held_out": size, "holdout": holdout}
+        notes.append(f"held out {size:,} of {n:,} images (stratified, seed {seed}, --holdout {holdout}) for model "
+                     f"selection and the report; training on the other {n - size:,}")
+    val = None
+    if n_val:
+        avail = len(rest) if has_eval_data else len(rest) // 2
+        if avail < 1:
+            raise InputError(f"--select-on/--validate {n_val}: no images of --data are left outside the training "
+                             "subset; give a smaller --subset")
+        if n_val > avail:
+            notes.append(f"--select-on/--validate {n_val}: only {avail:,} held-out images are available for it"
+                         f"{'' if has_eval_data else ' (the other half is the report data)'}; validating on {avail:,}")
+            n_val = avail
+        pick, keep = stratified_split(labels[rest], n_val, seed + 1)
+        val, rest = rest[pick], rest[keep]
+    record.update(train=len(train), validation=0 if val is None else len(val),
+                  report_pool=0 if has_eval_data else len(rest))
+    return Split(train, val, rest, record, notes)

@@ -1,0 +1,139 @@
+"""The ordinary path (issue 14): `harden patch MODEL --data SUBSET` with nothing else works, protects by default,
+carves its own held-out split, says what it will cost, and writes files the way the user's umask says."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import hardener
+from hardener.cli import main
+from hardener.errors import InputError
+from hardener.recipe import load_preset, preset_names, split_for_training
+
+from conftest import ARCH, assert_input_error, make_data
+
+
+@pytest.fixture()
+def umask022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _npz(path, n, classes=3, seed=3):
+    imgs, labels = make_data(n=n, classes=classes, seed=seed)
+    np.savez(path, images=imgs.numpy(), labels=labels.numpy())
+    return path
+
+
+def test_literal_patch_with_only_data_succeeds_and_records_the_split(runner, tiny_ckpt, tmp_path, umask022,
+                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(tiny_ckpt.read_bytes())
+    data = _npz(tmp_path / "subset.npz", 120)
+    r = runner.invoke(main, ["patch", str(model), "--arch", ARCH, "--data", str(data), "--report", "r.json"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "model.hardened.safetensors"
+    assert r.output.strip().splitlines()[-1] == str(out)
+    # stderr (mixed in by CliRunner): the carved split, the plan, an estimate, progress lines, the full command
+    assert "held out 24 of 120 images (stratified, seed 0" in r.output
+    assert "plan: recipe: preset robust (white-box)" in r.output
+    assert "estimated time left: training" in r.output
+    assert "train 10/10 (100%)" in r.output  # not a TTY: plain progress lines
+    assert "harden eval" in r.output and "quick check, not a verdict" in r.output
+    m = hardener.load(out, arch=ARCH).manifest
+    assert m.training["preset"]["name"] == "robust" and m.training["preset"]["threat_model"] == "white-box"
+    split = m.training["split"]
+    assert split["carved"] == {"held_out": 24, "holdout": "20%"}
+    assert (split["train"], split["validation"], split["report_pool"]) == (96, 12, 12)
+    assert m.training["config"]["adversary"] == "patched"
+    assert {p["kind"] for p in m.patches} == {"prefilter", "fixer"}
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["report_budget"]["budget"] == "quick" and not rep["report_budget"]["verdict"]
+    assert rep["report_budget"]["full_evaluation"].startswith(f"harden eval {out}")
+    assert rep["estimate"]["seconds"] > 0 and rep["train_seconds"] > 0
+    # outputs follow the umask: 0644 under 022
+    for p in (out, tmp_path / "r.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p, oct(p.stat().st_mode))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.hardened.safetensors", "model.safetensors", "r.json",
+                                                          "subset.npz"]
+
+
+@pytest.mark.parametrize("n,lonely,needle", [(40, False, "40 images"), (60, True, "class 2 has 1")])
+def test_data_too_small_to_split_is_an_input_error(runner, tiny_ckpt, tmp_path, n, lonely, needle):
+    imgs, labels = make_data(n=n, classes=3)
+    if lonely:  # class 2 has a single image
+        labels = labels % 2
+        labels[0] = 2
+    path = tmp_path / "small.npz"
+    np.savez(path, images=imgs.numpy(), labels=labels.numpy())
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(path),
+                             "--out", str(tmp_path / "o.safetensors")])
+    assert_input_error(r, needle, "--eval-data")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    import torch
+
+    labels = torch.arange(300) % 3
+    a = split_for_training(labels, None, False, 500, "20%", 0)
+    b = split_for_training(labels, None, False, 500, "20%", 0)
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val) and torch.equal(a.rest, b.rest)
+    allidx = torch.cat([a.train, a.val, a.rest])
+    assert len(allidx) == 300 and len(torch.unique(allidx)) == 300
+    assert torch.bincount(labels[a.val]).tolist() == [10, 10, 10]
+    assert a.record["carved"]["held_out"] == 60 and a.record["validation"] == 30
+    # a --subset that leaves images aside needs no carving; --eval-data and no selection needs none either
+    assert split_for_training(labels, 0.5, False, 0, "20%", 0).record["carved"] is None
+    assert split_for_training(labels, None, True, 0, "20%", 0).record["train"] == 300
+    # the held-out part is capped at 1,000 images for a fraction, and a count is taken as given
+    big = torch.arange(20000) % 10
+    assert split_for_training(big, None, True, 500, "20%", 0).record["carved"]["held_out"] == 1000
+    assert split_for_training(labels, None, True, 10, "50", 0).record["carved"]["held_out"] == 50
+    with pytest.raises(InputError, match="--holdout"):
+        split_for_training(labels, None, False, 0, "1.5", 0)
+
+
+def test_presets_are_validated_files(tmp_path):
+    assert {"robust", "transfer"} <= set(preset_names())
+    known = {"method", "at", "epochs"}
+    for name in preset_names():
+        load_preset(name)  # every shipped preset is valid
+    bad = tmp_path / "bad.toml"
+    bad.write_text('threat_model = "white-box"\ncolour = "red"\n[options]\nepochs = 3\n')
+    with pytest.raises(InputError, match="unknown key 'colour'"):
+        load_preset("bad", known, path=bad)
+    bad.write_text('threat_model = "white-box"\n[options]\nepoch = 3\n')
+    with pytest.raises(InputError, match="unknown key 'epoch'"):
+        load_preset("bad", known, path=bad)
+    bad.write_text('threat_model = "unbreakable"\n[options]\n')
+    with pytest.raises(InputError, match="threat_model"):
+        load_preset("bad", known, path=bad)
+    # every shipped preset names only real `harden patch` options
+    names = {p.name for p in next(c for n, c in main.commands.items() if n == "patch").params}
+    for name in preset_names():
+        load_preset(name, names)
+
+
+def test_recipe_options_switch_the_default_preset_off_and_transfer_says_so(runner, tiny_ckpt, tiny_data, tmp_path):
+    fast = ["--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5", "--epochs", "1", "--eval-samples", "10",
+            "--eval-steps", "1", "--steps", "1", "--eps", "0.1"]
+    out = tmp_path / "t.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), *fast, "--preset", "transfer", "--out", str(out),
+                             "--report", str(tmp_path / "t.json")])
+    assert r.exit_code == 0, r.output
+    m = hardener.load(out, arch=ARCH).manifest
+    assert m.training["preset"]["name"] == "transfer" and m.training["config"]["adversary"] == "base"
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert any("does not hold against an attacker who knows the patch" in w for w in rep["data"]["warnings"])
+    out2 = tmp_path / "c.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), *fast, "--at", "block", "--out", str(out2), "--quiet"])
+    assert r.exit_code == 0, r.output
+    m = hardener.load(out2, arch=ARCH).manifest
+    assert m.training["preset"] is None and [p["site"] for p in m.patches] == ["block"]
