@@ -137,3 +137,29 @@ def test_recipe_options_switch_the_default_preset_off_and_transfer_says_so(runne
     assert r.exit_code == 0, r.output
     m = hardener.load(out2, arch=ARCH).manifest
     assert m.training["preset"] is None and [p["site"] for p in m.patches] == ["block"]
+
+
+def test_clock_estimates_from_timed_steps_and_measured_validation(monkeypatch):
+    from hardener import fit as F
+
+    now = [0.0]
+    monkeypatch.setattr(F.time, "perf_counter", lambda: now[0])
+    seen = []
+    clock = F.Clock(steps_left=20, vals_left=2, step_units=10.0, val_units=50.0, on_estimate=seen.append)
+    now[0] = 5.0  # the first step pays for allocation: not counted
+    clock.step()
+    for _ in range(3):
+        now[0] += 1.0
+        clock.step()
+    assert len(seen) == 1 and seen[0]["timed_steps"] == 3
+    est = seen[0]
+    assert est["seconds_per_step"] == pytest.approx(1.0) and est["train_seconds"] == pytest.approx(16.0)
+    # validation estimated from the unit cost (0.1 s per unit) until one has been measured
+    assert est["validation_seconds"] == pytest.approx(2 * 50 * 0.1)
+    now[0] += 30.0
+    clock.validated(7.0)
+    now[0] += 2.0  # a step that took 2 s (the validation time is not counted as step time)
+    clock.step()
+    est = clock.estimate()
+    assert est["seconds_per_step"] == pytest.approx(5 / 4) and est["validation_seconds"] == pytest.approx(7.0)
+    assert clock.eta_text() == F.fmt_seconds(est["seconds"])
