@@ -621,7 +621,11 @@ def _settings(result: dict) -> list[dict]:
               help="Threat models: whitebox, transfer, blackbox (Square), a comma list of them, or all.")
 @click.option("--max-samples", type=int, help="Seeded stratified subset of the data.")
 @click.option("--eps-sweep", help="Comma list of eps for a robustness curve (first iterative attack, white-box).")
-@click.option("--fail-under", help="Gates, e.g. clean=0.85,robust=0.60 (robust = white-box worst case).")
+@click.option("--fail-under", help="Gates, e.g. clean=0.85,robust=0.60 (robust = white-box worst case; needs an "
+                                    "iterative white-box attack in the run).")
+@click.option("--allow-weak-gate", is_flag=True,
+              help="Let --fail-under robust/transfer/blackbox gate on a run without a strong attack in that threat "
+                   "model (e.g. FGSM only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--report", "report_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Write the report: .json, .md or .html (repeatable).")
@@ -650,7 +654,7 @@ def _settings(result: dict) -> list[dict]:
 @model_options
 @data_options
 def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
-             eps_sweep, fail_under, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, route, parent,
+             eps_sweep, fail_under, allow_weak_gate, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, route, parent,
              base_cache, defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train,
              iterations, post_batch, adapt, post_lr, **kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
@@ -663,6 +667,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     for p in report_paths:
         R.check_path(p)
     names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
+    if defense != "adaptive":
+        R.check_gate_attacks(thresholds, names, threats, allow_weak_gate)
     sweep = [A.parse_eps(e) for e in eps_sweep.split(",")] if eps_sweep else None
     torch.manual_seed(kw["seed"])
     set_deterministic(kw["deterministic"])

@@ -394,31 +394,38 @@ def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cf
         fg = next((r for r in wb["attacks"] if r["attack"] == "fgsm"), None)
         has_iter = any(r["attack"] != "fgsm" for r in wb["attacks"])
         if fg and has_iter:
+            left = fg.get("attacked", len(y))
             checks.append(_check("iterative_not_weaker_than_fgsm", fg["broken"] == 0,
-                                 f"FGSM broke {fg['broken']} samples the iterative attacks left",
-                                 "single-step beats multi-step: a sign of gradient masking or too small a budget"))
+                                 f"FGSM broke {_seen(fg['broken'], left)} of the samples the iterative attacks left",
+                                 "single-step beat multi-step on these samples: a sign of gradient masking or of too "
+                                 "small a budget (not proof of either); raise --steps and compare with Square"))
     masks = res["_masks"]
     if "blackbox" in masks and "whitebox" in masks:
+        left = int(masks["whitebox"].sum())
         extra = int((masks["whitebox"] & ~masks["blackbox"]).sum())
         checks.append(_check("square_not_stronger_than_whitebox", extra == 0,
-                             f"Square broke {extra} samples the white-box attacks left "
+                             f"Square broke {_seen(extra, left)} of the samples the white-box attacks left "
                              f"(white-box {float(masks['whitebox'].float().mean()):.4f}, "
                              f"Square {float(masks['blackbox'].float().mean()):.4f})",
-                             "a gradient-free attack beating gradient attacks means the gradients mislead: "
-                             "gradient masking"))
+                             "a gradient-free attack beat the gradient attacks on these samples: a sign that the "
+                             "gradients may mislead (gradient masking); the per-sample worst case counts them"))
     if "transfer" in masks and "whitebox" in masks:
+        left = int(masks["whitebox"].sum())
         extra = int((masks["whitebox"] & ~masks["transfer"]).sum())
         checks.append(_check("transfer_not_stronger_than_whitebox", extra == 0,
-                             f"transfer attacks broke {extra} samples the white-box attacks left",
-                             "attacking the base beats attacking the model itself: its gradients are masked"))
+                             f"transfer attacks broke {_seen(extra, left)} of the samples the white-box attacks left",
+                             "attacking the base beat attacking the model itself on these samples: a sign that its "
+                             "gradients may be masked (not a verdict); the per-sample worst case counts them"))
     # 5. zero input-gradients
     xg = xs.to(device).clone().requires_grad_(True)
     loss = F.cross_entropy(model(xg), ys.to(device), reduction="sum")
     (grad,) = torch.autograd.grad(loss, xg)
-    zero = float((grad.flatten(1).abs().max(1).values == 0).float().mean())
-    checks.append(_check("nonzero_gradients", zero <= 0.01, f"{zero:.1%} of samples have an all-zero input gradient",
-                         "zero gradients stall gradient attacks (rounding, quantisation, saturation): "
-                         "robust accuracy is overstated; trust Square and transfer numbers instead"))
+    n_zero = int((grad.flatten(1).abs().max(1).values == 0).sum())
+    zero = n_zero / max(1, n)
+    checks.append(_check("nonzero_gradients", zero <= 0.01,
+                         f"{_seen(n_zero, n)} of the checked samples have an all-zero input gradient",
+                         "zero gradients stall gradient attacks (rounding, quantisation, saturation), so robust "
+                         "accuracy may be overstated on such samples; compare with Square and transfer numbers"))
     # 6. convergence: doubling the steps changes little; 7. large eps gets near chance
     name = _first_iterative(cfg)
     if name is not None and name not in ("fgsm",):
@@ -440,6 +447,14 @@ def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cf
                              "an unbounded-enough attack should reach chance: the attack is failing, not the model "
                              "holding (gradient masking)"))
     return checks
+
+
+def _seen(k: int, n: int) -> str:
+    """`k of n (p%, 95% CI [lo-hi%])`: what a check saw and how sure it is."""
+    if n <= 0:
+        return f"{k} of 0"
+    lo, hi = wilson(k, n)
+    return f"{k} of {n} ({k / n:.1%}, 95% CI {lo:.1%}-{hi:.1%})"
 
 
 def _robust_of(model, x, y, clean, spec, cfg, device) -> float:

@@ -99,6 +99,27 @@ def parse_fail_under(text: str | None) -> dict[str, float]:
     return out
 
 
+# Attacks a robustness gate can trust: iterative gradient attacks. FGSM passes gates that APGD fails (34% vs 0.0% on
+# one model), and Square alone is a black-box figure.
+WEAK_ATTACKS = ("fgsm", "square")
+
+
+def check_gate_attacks(thresholds: dict[str, float], attacks: list[str], threats: tuple[str, ...],
+                       allow_weak: bool) -> None:
+    """A `robust`/`transfer` gate needs an iterative gradient attack in that threat model: otherwise the gate would
+    pass on an attack too weak to mean anything (input error, exit 2). A gate on a threat model that did not run at
+    all is reported as missed ("not measured", exit 1) by `gate`."""
+    if allow_weak:
+        return
+    strong = [a for a in attacks if a not in WEAK_ATTACKS]
+    for key, threat in (("robust", "whitebox"), ("transfer", "transfer")):
+        if key in thresholds and (not strong or threat not in threats):
+            raise InputError(f"--fail-under {key}= needs an iterative {threat} attack (e.g. --attack apgd-ce with "
+                             f"--threat {threat} or all); with only {', '.join(attacks) or 'none'} the gate would pass "
+                             "on a weak attack (FGSM leaves 34% where APGD leaves 0%); add one, or pass "
+                             "--allow-weak-gate")
+
+
 def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
     """Missed thresholds, as sentences (empty = all met)."""
     if not thresholds:

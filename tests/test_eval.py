@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hardener.model import Classifier, InputSpec
 from hardener.patches import PatchedModel
 from hardener.patches.attach import Disabled
 
-from conftest import ARCH, HERE
+from conftest import ARCH, HERE, assert_input_error
 import tiny_model
 
 
@@ -72,6 +73,10 @@ def test_zero_gradient_model_fires_masking_warnings(runner, tmp_path, rounding_d
     checks = {c["name"]: c for c in rep["checks"]}
     assert checks["nonzero_gradients"]["status"] == "warn"
     assert checks["square_not_stronger_than_whitebox"]["status"] == "warn"
+    # what was seen and how sure: counts and an interval, never a bare verdict
+    for name in ("nonzero_gradients", "square_not_stronger_than_whitebox"):
+        assert re.search(r"\d+ of \d+ \([\d.]+%, 95% CI [\d.]+%-[\d.]+%\)", checks[name]["detail"]), checks[name]
+        assert "are masked" not in checks[name].get("hint", "")
     base = rep["models"]["base"]
     assert base["threats"]["whitebox"]["robust"]["accuracy"] == 1.0  # gradients stall APGD
     assert base["threats"]["blackbox"]["robust"]["accuracy"] < 0.5  # Square is not fooled
@@ -126,8 +131,25 @@ def test_wilson_interval():
 
 
 def _eval(runner, ckpt, data, *args):
+    weak = ["--allow-weak-gate"] if "--fail-under" in args else []  # FGSM gates: see the test below
     return runner.invoke(main, ["eval", str(ckpt), "--arch", ARCH, "--data", str(data), "--attack", "fgsm",
-                                "--eps", "0.15", "--quiet", "--no-checks", *args])
+                                "--eps", "0.15", "--quiet", "--no-checks", *weak, *args])
+
+
+def test_a_gate_on_a_weak_attack_is_an_input_error(runner, patched_ckpt, tiny_test_data):
+    fgsm = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack", "fgsm", "--eps",
+            "0.15", "--quiet", "--no-checks"]
+    weak = runner.invoke(main, [*fgsm, "--fail-under", "robust=0.30", "--threat", "whitebox"])
+    assert_input_error(weak, "--fail-under robust=", "iterative", "--allow-weak-gate")
+    assert_input_error(runner.invoke(main, [*fgsm, "--fail-under", "transfer=0.1"]), "transfer")
+    strong = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack",
+                                  "apgd-ce", "--steps", "3", "--eps", "0.15", "--quiet", "--no-checks", "--threat",
+                                  "whitebox", "--fail-under", "robust=0.0"])
+    assert strong.exit_code == 0, strong.output
+    wrong_threat = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data),
+                                        "--attack", "apgd-ce", "--steps", "3", "--eps", "0.15", "--quiet", "--no-checks",
+                                        "--threat", "transfer", "--fail-under", "robust=0.0"])
+    assert_input_error(wrong_threat, "whitebox")
 
 
 def test_fail_under_exit_codes(runner, patched_ckpt, tiny_test_data):
