@@ -248,7 +248,7 @@ def _default_out(model: str) -> Path:
                    "patches, main for advprop/advamd).")
 @click.option("--preset", type=click.Choice(preset_names()),
               help=f"A measured recipe (a file in hardener/presets/); options given explicitly win over it. Default: "
-                   f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--bn/--adversary is given (see README).")
+                   f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--adversary is given (see README).")
 @click.option("--denoise", "denoise_op", default="nonlocal-gaussian", show_default=True,
               type=click.Choice(DENOISE_OPS), help="Denoising operation of denoise patches.")
 @click.option("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
@@ -479,7 +479,13 @@ def _attach(loaded, infos, methods, at, at_regex, bn, final_relu, opts: dict, qu
         c, h, w = shapes[site]
         loaded.patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), opts))
     if methods.auxbn:
+        group = (bn or "all").strip() in ("all", "auto")
+        taken = [s for s in select_bn_sites(loaded.patched.net, bn or "all") if s in loaded.patched.sites]
+        if taken and group and not quiet:  # a site holds one patch: the fixer there stays, the BN gets no twin
+            err_console.print(f"--bn {bn or 'all'}: {', '.join(taken)} already carry a site patch; no twin there")
         for site in select_bn_sites(loaded.patched.net, bn or "all"):
+            if group and site in taken:
+                continue
             loaded.patched.attach(site, AuxBN.from_module(loaded.patched.net.get_submodule(site)))
 
 

@@ -55,7 +55,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "robust"
 # Options that shape the recipe: with none of them given (command line or config file), `harden patch` uses
 # DEFAULT_PRESET; with any of them, the built-in defaults, so an explicit recipe is never silently mixed.
-RECIPE_OPTIONS = ("method", "at", "at_regex", "bn", "adversary")
+RECIPE_OPTIONS = ("method", "at", "at_regex", "adversary")
 _PRESET_KEYS = {"description", "threat_model", "warning", "options"}
 THREAT_MODELS = ("white-box", "transfer")
 

@@ -137,6 +137,13 @@ def test_recipe_options_switch_the_default_preset_off_and_transfer_says_so(runne
     assert r.exit_code == 0, r.output
     m = hardener.load(out2, arch=ARCH).manifest
     assert m.training["preset"] is None and [p["site"] for p in m.patches] == ["block"]
+    # --bn adds BN twins to the default recipe rather than replacing it
+    out3 = tmp_path / "bn.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), *fast, "--bn", "auto", "--out", str(out3), "--quiet"])
+    assert r.exit_code == 0, r.output
+    m = hardener.load(out3, arch=ARCH).manifest
+    assert m.training["preset"]["name"] == "robust"
+    assert {p["kind"] for p in m.patches} == {"prefilter", "fixer", "auxbn"}
 
 
 def test_clock_estimates_from_timed_steps_and_measured_validation(monkeypatch):
