@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import torchattacks  # noqa: E402
 
-from hardener import attacks as A, data as hdata, evaluate as E  # noqa: E402
+from hardener import attacks as A, data as hdata, evaluation as E  # noqa: E402
 from hardener.checkpoint import load_base  # noqa: E402
 from hardener.model import Classifier, InputSpec  # noqa: E402
 

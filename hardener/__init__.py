@@ -20,4 +20,16 @@ def load(path, arch=None, trust_arch=False):
     return patched
 
 
-__all__ = ["__version__", "load"]
+def __getattr__(name):
+    """`hardener.patch`, `hardener.evaluate`, `hardener.attacks`, ... imported on first use (keeps `import hardener`
+    and the CLI's start fast)."""
+    import importlib
+
+    if name in ("patch", "evaluate", "as_dataset", "PatchOptions", "Report"):
+        return getattr(importlib.import_module(".api", __name__), name)
+    if name in ("attacks", "errors", "data"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'hardener' has no attribute '{name}'")
+
+
+__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "PatchOptions", "Report", "attacks", "errors"]

@@ -210,7 +210,7 @@ def evaluate_adaptive(pred: AdaptivePredictor, x: torch.Tensor, y: torch.Tensor,
     for it), answered by the adaptive predictor — the paper's setting. end-to-end: `end_to_end_attack` on the
     first `e2e_samples` inputs (BPDA-style approximation, named as such in the report)."""
     from . import attacks as A
-    from .evaluate import acc
+    from .evaluation import acc
 
     static, device = pred.model, pred.device
     attack = A.build(static, spec)

@@ -319,3 +319,35 @@ def parse_attack_list(text: str | list | tuple | None) -> list[str]:
         return []
     items = [text] if isinstance(text, str) else list(text)
     return expand([re.sub(r"\s+", "", t) for t in items])
+
+
+class Bound:
+    """An attack usable on its own, torchattacks-style: `atk = hardener.attacks.get("apgd-ce", eps=8/255)`, then
+    `x_adv = atk(model, x, y)` with x in [0, 1]; the result is projected onto the threat model (eps ball, [0, 1])."""
+
+    def __init__(self, spec: AttackSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return project(x, build(model, self.spec)(x, y), self.spec.eps, self.spec.norm)
+        finally:
+            model.train(was_training)
+
+    def __repr__(self) -> str:
+        return f"hardener.attacks.get({self.spec.name!r}, {self.spec.record()})"
+
+
+def get(name: str, eps: float | str = "8/255", norm: str = "Linf", steps: int | None = None, n_classes: int = 10,
+        **settings) -> Bound:
+    """One attack by name (`attack_names()`; suites like `autoattack` run through `harden eval`), with the same
+    reference budgets as `harden eval` (APGD 100 steps, Square 5,000 queries) unless `steps`/`queries` say
+    otherwise. `n_classes` matters for attacks with a minimum (DLR losses need 3 or 4 classes)."""
+    names = expand([name])
+    if len(names) != 1:
+        raise InputError(f"'{name}' is a suite of {len(names)} attacks ({', '.join(names)}): get them one by one, or "
+                         "evaluate the suite with hardener.evaluate")
+    return Bound(AttackSpec(name=names[0], eps=parse_eps(str(eps)), norm=norm, steps=steps, n_classes=n_classes,
+                            **settings))

@@ -9,21 +9,20 @@ import errno
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import click
 import torch
 from rich.console import Console
 
-from . import __version__, attacks as A, data as hdata, evaluate as E, fit as F, report as R
-from .cache import parse_bytes
+from . import __version__, api, attacks as A, data as hdata, evaluation as E, fit as F, report as R
 from .checkpoint import Manifest, atomic_write, save_patched, sha256_file
 from .config import ConfigCommand
 from .errors import InputError, RunError, ThresholdError
 from .layers import suggest_sites
 from .resume import EvalStore, Interrupted, Saver, StopFlag, fingerprint, sigterm_as_interrupt
-from .patches import ACTIVATIONS, DENOISE_OPS, INPUT_SITE, PATCH_KINDS, AuxBN, select_bn_sites, select_sites
+from .patches import ACTIVATIONS, DENOISE_OPS
 from .recipe import DEFAULT_PRESET, load_preset, parse_methods, preset_names, split_for_training
 from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, load_parent, pick_device,
                       set_deterministic)
@@ -32,6 +31,7 @@ err_console = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 # Fewer optimiser steps than this and patches underfit (1% of Fashion-MNIST at batch 128 and 10 epochs:
 # 50 steps, and fixers fitted 19% of their training attack).
 FEW_STEPS = 200
+PATCH_FIELDS = {f.name for f in fields(api.PatchOptions)}
 
 
 def out(text: str) -> None:
@@ -336,11 +336,11 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
         R.check_path(report_path)
     recipe = load_preset(preset) if preset else None
     methods = parse_methods(method, bn, at or at_regex)
-    eps_value = A.parse_eps(eps)
+    A.parse_eps(eps)  # option errors come before any loading
     A.expand([attack_name])  # unknown names fail before any loading
-    smooth_alpha = A.parse_smooth_grad(smooth_grad)
+    A.parse_smooth_grad(smooth_grad)
     subset = hdata.parse_subset(kw["subset"])
-    amd_betas = _parse_betas(betas)
+    api.parse_betas(betas)
     if select_on and validate:
         raise InputError("--select-on and --validate both hold out a validation split: give one")
     torch.manual_seed(kw["seed"])
@@ -350,9 +350,8 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     ds_all = load_data(loaded, data, _dopts(kw))
     infos = finish_spec(loaded, ds_all, device)
     _announce(ds_all, kw["quiet"])
-    _attach(loaded, infos, methods, at, at_regex, bn, final_relu,
-            {"rho": rho, "delta": delta, "act": act, "final_relu": final_relu, "denoise": denoise_op, "width": width},
-            kw["quiet"])
+    opts = api.PatchOptions(**{f: v for f, v in {**kw, **locals()}.items() if f in PATCH_FIELDS})
+    api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else err_console.print)
     default_route = route or ("main" if methods.full in ("advprop", "advamd") else "adv")
     loaded.patched.to(device)
 
@@ -362,13 +361,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
             err_console.print(f"{ds_all.source}: {note}")
     train_ds = ds_all.take(split.train)
     val_ds = ds_all.take(split.val) if split.val is not None else None
-    spec = A.AttackSpec(name=attack_name, eps=eps_value, norm=norm, steps=steps, alpha=alpha, seed=kw["seed"],
-                        n_classes=loaded.spec.num_classes, smooth_grad=smooth_alpha)
-    cfg = F.FitConfig(epochs=epochs, batch_size=batch_size, lr=lr if lr is not None else (1e-3 if methods.full else 3e-3),
-                      lam=lam, mu=mu, gamma=gamma, adversary=adversary, augment=augment, seed=kw["seed"],
-                      method=methods.fit_method, loss=loss_name, beta=beta, eps_warmup=eps_warmup,
-                      select=bool(select_on), validate_every=validate_every, phi=phi, betas=amd_betas, sigma=sigma,
-                      cache=cache, cache_limit=parse_bytes(cache_limit, "--cache-limit"))
+    spec, cfg = api.training_setup(opts, loaded.spec.num_classes)
     quick = report_budget == "quick"
     if eval_samples is None:
         eval_samples = 500 if quick else 1000
@@ -407,13 +400,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     if "cache" in info and not kw["quiet"]:
         err_console.print(f"cache: {info['cache']}")
     loaded.patched.set_route(default_route)
-    training = F.record(cfg, spec, logs, train_ds, kw["subset"])
-    training["preset"] = recipe.record() if recipe else None
-    training["split"] = split.record
-    if val_ds is not None:
-        training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
-                                  "attack": "pgd-10 (white-box, and transfer from the base)",
-                                  "selected_epoch": F.selected_epoch(logs, cfg)}
+    training = api.training_record(cfg, spec, logs, train_ds, opts, recipe, split, val_ds)
     manifest = Manifest(
         arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
         patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256, training=training,
@@ -464,29 +451,6 @@ def _check_out(model: str, out_path: str | None, force: bool) -> Path:
     if not out_file.parent.is_dir():
         raise InputError(f"--out '{out_file}': folder '{out_file.parent}' does not exist")
     return out_file
-
-
-def _attach(loaded, infos, methods, at, at_regex, bn, final_relu, opts: dict, quiet: bool) -> None:
-    """Build the patches the options ask for and attach them (the base itself is never edited)."""
-    sites = []
-    if methods.site_kind is not None:
-        sites = select_sites(loaded.patched.net, infos, at, at_regex, final_relu, default_kind=methods.site_kind)
-        if not (at or at_regex) and not quiet:
-            err_console.print(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
-    shapes = {i.name: i.shape for i in infos}
-    shapes[INPUT_SITE] = list(loaded.spec.shape)
-    for kind, site in sites:
-        c, h, w = shapes[site]
-        loaded.patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), opts))
-    if methods.auxbn:
-        group = (bn or "all").strip() in ("all", "auto")
-        taken = [s for s in select_bn_sites(loaded.patched.net, bn or "all") if s in loaded.patched.sites]
-        if taken and group and not quiet:  # a site holds one patch: the fixer there stays, the BN gets no twin
-            err_console.print(f"--bn {bn or 'all'}: {', '.join(taken)} already carry a site patch; no twin there")
-        for site in select_bn_sites(loaded.patched.net, bn or "all"):
-            if group and site in taken:
-                continue
-            loaded.patched.attach(site, AuxBN.from_module(loaded.patched.net.get_submodule(site)))
 
 
 def _recipe_warnings(recipe, cfg: F.FitConfig, methods, n_train: int) -> list[str]:
@@ -562,16 +526,6 @@ def _full_eval_command(out_file: Path, loaded, eval_data: str | None, spec: A.At
     if loaded.base.arch:
         parts += ["--arch", loaded.base.arch]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _parse_betas(text: str) -> tuple[float, float, float]:
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or any(v < 0 for v in vals):
-        raise InputError(f"--betas must be three non-negative numbers like 1,1,1, got '{text}'")
-    return vals  # type: ignore[return-value]
 
 
 def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple[hdata.Dataset, list[str]]:
@@ -669,7 +623,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     if not data:
         raise click.UsageError("missing --data (or `eval_data` in harden.toml)")
     thresholds = R.parse_fail_under(fail_under)
-    threats = _parse_threats(threat)
+    threats = api.parse_threats(threat)
     for p in report_paths:
         R.check_path(p)
     names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
@@ -737,19 +691,6 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         out(json.dumps(rep, indent=2, sort_keys=True))
     if missed:
         raise ThresholdError("--fail-under missed: " + "; ".join(missed))
-
-
-THREATS = ("whitebox", "transfer", "blackbox")
-
-
-def _parse_threats(text: str) -> tuple[str, ...]:
-    parts = [t.strip().lower() for t in str(text).split(",") if t.strip()]
-    if parts == ["all"]:
-        return THREATS
-    bad = [t for t in parts if t not in THREATS]
-    if bad or not parts:
-        raise InputError(f"--threat '{text}': choose whitebox, transfer, blackbox, a comma list of them, or all")
-    return tuple(t for t in THREATS if t in parts)
 
 
 def _eval_adaptive(model, loaded, ds, names, eps, norm, steps, kw, device, report_paths, as_json, e2e_samples,

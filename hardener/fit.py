@@ -278,7 +278,7 @@ def vulnerability(ds: hdata.Dataset, adv: torch.Tensor, source: torch.nn.Module,
     α_k^i, the difficulty of turning class k into class i, is 1 − C[k, i], where C[k, i] is the
     fraction of the class-k samples whose adversarial example the original model assigns to i.
     """
-    from .evaluate import predict
+    from .evaluation import predict
 
     pred = predict(source, adv, batch_size, device).argmax(1)
     return losses.vulnerability_from_confusion(losses.confusion(ds.labels, pred, n_classes))

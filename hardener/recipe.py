@@ -4,8 +4,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 from .fit import FULL_METHODS
 from .patches import SITE_KINDS
 

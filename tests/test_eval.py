@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hardener import attacks as A, data as hdata, evaluate as E, report as R
+from hardener import attacks as A, data as hdata, evaluation as E, report as R
 from hardener.cli import main
 from hardener.model import Classifier, InputSpec
 from hardener.patches import PatchedModel

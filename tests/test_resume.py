@@ -156,7 +156,7 @@ def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tin
     """Ctrl-C in the middle of an evaluation keeps the finished batches; --resume gives the same numbers."""
     import json
 
-    from hardener import evaluate as E
+    from hardener import evaluation as E
 
     monkeypatch.chdir(tmp_path)
     args = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack", "pgd,fgsm",

@@ -184,6 +184,21 @@ class PatchedModel(nn.Module):
     def patch_parameters(self) -> Iterator[nn.Parameter]:
         return self.patches.parameters()
 
+    def summary(self) -> str:
+        """One line, like PEFT's `print_trainable_parameters()`: patch parameters against the base's."""
+        n_patch = sum(p.numel() for p in self.patch_parameters())
+        n_base = sum(p.numel() for p in self.model.parameters())
+        kinds = ", ".join(f"{getattr(self.patches[k], 'kind', '?')}@{s}" for s, k in self.sites.items()) or "none"
+        return (f"patch parameters: {n_patch:,} || base parameters (frozen): {n_base:,} || trainable: "
+                f"{100 * n_patch / max(1, n_patch + n_base):.2f}% || patches: {kinds}")
+
+    def save(self, path, arch: str | None = None, arch_kwargs: dict | None = None) -> None:
+        """Write the patched checkpoint (base tensors + patches + manifest), atomically. `arch` is the
+        constructor to record (`package.module:callable`); loading needs it repeated (`hardener.load`)."""
+        from ..api import save_patched_model
+
+        save_patched_model(self, path, arch, arch_kwargs)
+
     # -- modes
     def train(self, mode: bool = True) -> "PatchedModel":
         self.training = mode

@@ -1,0 +1,423 @@
+"""The library: what `harden patch` and `harden eval` do, from Python, in a few lines.
+
+    import hardener
+    patched = hardener.patch(net, (x, y), mean=[0.286], std=[0.353], eps=0.1, epochs=2)
+    report = hardener.evaluate(patched, (x_test, y_test), attacks="apgd-ce", eps=0.1)
+    print(report.clean, report.robust)
+    patched.save("model.hardened.safetensors")
+    again = hardener.load("model.hardened.safetensors", arch="mypkg.models:net")
+
+`model` is an `nn.Module` (taking normalised inputs; harden wraps `mean`/`std` inside) or a checkpoint path;
+`data` is a harden `Dataset`, an `(images, labels)` pair of tensors, a torch `Dataset` of `(image, label)` items,
+a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:train`). Images are NCHW pixels in
+[0, 1] (float) or 0-255 (uint8). Errors are `hardener.errors.InputError` (bad input) and `RunError` (a failed run).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import attacks as A, data as hdata, evaluation as E, fit as F, report as R
+from .errors import InputError
+from .model import Classifier, InputSpec
+from .patches import INPUT_SITE, PATCH_KINDS, AuxBN, PatchedModel, select_bn_sites, select_sites
+from .recipe import DEFAULT_PRESET, Split, load_preset, parse_methods, split_for_training
+
+
+@dataclass
+class PatchOptions:
+    """Every `harden patch` training option with its default, stated once. Field names are the option names of the
+    command line (`--attack` is `attack_name`, `--loss` is `loss_name`, `--denoise` is `denoise_op`)."""
+
+    method: str = "fixer"
+    at: str | None = None
+    at_regex: str | None = None
+    bn: str | None = None
+    route: str | None = None
+    denoise_op: str = "nonlocal-gaussian"
+    smooth_grad: str | None = None
+    act: str = "linear"
+    delta: float = 1.0
+    rho: float = 4.0
+    width: int = 32
+    final_relu: bool = False
+    attack_name: str = "apgd"
+    eps: str | float = "8/255"
+    norm: str = "Linf"
+    steps: int = 10
+    alpha: float | None = None
+    eps_warmup: float = 0.0
+    loss_name: str = "fixer"
+    beta: float = 6.0
+    select_on: int = 0
+    validate: int = 0
+    validate_every: int = 1
+    phi: float = 0.5
+    betas: str = "1,1,1"
+    sigma: float = 0.0
+    adversary: str = "base"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float | None = None
+    lam: float = 1.0
+    mu: float = 1.0
+    gamma: float = 0.0
+    augment: bool = False
+    cache: bool = True
+    cache_limit: str | int = "2GiB"
+    subset: str | float | int | None = None
+    holdout: str = "20%"
+    seed: int = 0
+
+    ALIASES = {"attack": "attack_name", "loss": "loss_name", "denoise": "denoise_op"}
+
+    @classmethod
+    def build(cls, recipe: str | None, overrides: dict[str, Any]) -> tuple["PatchOptions", Any]:
+        """Defaults, then the recipe's options, then `overrides` (aliases allowed); unknown names are errors."""
+        names = {f.name for f in fields(cls)}
+        given = {cls.ALIASES.get(k, k): v for k, v in overrides.items()}
+        unknown = sorted(k for k in given if k not in names)
+        if unknown:
+            raise InputError(f"unknown option '{unknown[0]}' (options: {', '.join(sorted(names))})")
+        preset = load_preset(recipe, names) if recipe else None
+        values = {**(preset.options if preset else {}), **given}
+        return cls(**values), preset
+
+
+def as_dataset(data: Any, labels_required: bool = True) -> hdata.Dataset:
+    """A harden `Dataset` from what a notebook has at hand (see the module docstring)."""
+    if isinstance(data, hdata.Dataset):
+        return data
+    if isinstance(data, (str, Path)):
+        return hdata.load(str(data), None, labels_required)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        return _from_tensors(data[0], data[1], "tensors")
+    from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+    if isinstance(data, DataLoader):
+        xs, ys = [], []
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise InputError("a DataLoader must yield (images, labels) batches")
+            xs.append(torch.as_tensor(batch[0]))
+            ys.append(torch.as_tensor(batch[1]))
+        if not xs:
+            raise InputError("the DataLoader yielded no batches")
+        return _from_tensors(torch.cat(xs), torch.cat(ys), "DataLoader")
+    if isinstance(data, TorchDataset):
+        try:
+            items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        except TypeError:
+            raise InputError("a torch Dataset must have a length and return (image, label) items") from None
+        if not items:
+            raise InputError("the torch Dataset is empty")
+        return _from_tensors(torch.stack([torch.as_tensor(i[0]) for i in items]),
+                             torch.as_tensor([int(i[1]) for i in items]), "torch Dataset")
+    raise InputError(f"cannot use {type(data).__name__} as data: pass a harden Dataset, (images, labels) tensors, a "
+                     "torch Dataset, a DataLoader or a data spec (folder, tensor file, fashion-mnist:train)")
+
+
+def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str) -> hdata.Dataset:
+    if x.ndim != 4:
+        raise InputError(f"images must be N,C,H,W, got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        x = x.float()
+        if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+            raise InputError("float images must be finite pixels in [0, 1] (uint8 images 0-255 are fine too)")
+    y = y.long().flatten()
+    if len(y) != len(x):
+        raise InputError(f"{len(x)} images but {len(y)} labels")
+    return hdata.Dataset(x, y, None, source)
+
+
+def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits: str | None = None,
+               trust_pickle: bool = False) -> PatchedModel:
+    """A `PatchedModel` (no patches yet) around an `nn.Module` or the checkpoint at a path."""
+    if isinstance(model, PatchedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        from .session import ModelOptions, load_model
+
+        loaded = load_model(str(model), ModelOptions(arch=arch, trust_pickle=trust_pickle, logits=logits,
+                                                     mean=_csv(mean), std=_csv(std)), allow_patched=False)
+        loaded.patched.arch, loaded.patched.arch_kwargs = loaded.base.arch, loaded.base.arch_kwargs
+        loaded.patched.base_sha256 = loaded.base.sha256
+        return loaded.patched
+    if isinstance(model, nn.Module):
+        spec = InputSpec(mean=_floats(mean), std=_floats(std), logits=logits)
+        return PatchedModel(Classifier(model.eval(), spec))
+    raise InputError(f"cannot patch {type(model).__name__}: pass an nn.Module or a checkpoint path")
+
+
+def _floats(v) -> list[float] | None:
+    if v is None:
+        return None
+    return [float(t) for t in (v if isinstance(v, (list, tuple)) else str(v).split(","))]
+
+
+def _csv(v) -> str | None:
+    return None if v is None else ",".join(str(t) for t in (v if isinstance(v, (list, tuple)) else [v]))
+
+
+def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device) -> list:
+    """Dry-run the model on the data: record its input shape and class count; the layer table."""
+    from .session import Loaded, finish_spec
+
+    return finish_spec(Loaded(patched, None, None), ds, device)
+
+
+def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
+                   say: Callable[[str], None] = lambda s: None) -> None:
+    """Build the patches the options ask for and attach them (the base itself is never edited)."""
+    methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
+    sites = []
+    if methods.site_kind is not None:
+        sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts.final_relu,
+                             default_kind=methods.site_kind)
+        if not (opts.at or opts.at_regex):
+            say(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
+    shapes = {i.name: i.shape for i in infos}
+    shapes[INPUT_SITE] = list(patched.model.spec.shape)
+    kind_opts = {"rho": opts.rho, "delta": opts.delta, "act": opts.act, "final_relu": opts.final_relu,
+                 "denoise": opts.denoise_op, "width": opts.width}
+    for kind, site in sites:
+        c, h, w = shapes[site]
+        patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), kind_opts))
+    if methods.auxbn:
+        bn = opts.bn or "all"
+        group = bn.strip() in ("all", "auto")
+        chosen = select_bn_sites(patched.net, bn)
+        taken = [s for s in chosen if s in patched.sites]
+        if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
+            say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")
+        for site in chosen:
+            if not (group and site in taken):
+                patched.attach(site, AuxBN.from_module(patched.net.get_submodule(site)))
+
+
+def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.FitConfig]:
+    """The training attack and the trainer's configuration of `opts`."""
+    from .cache import parse_bytes
+
+    methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
+    A.expand([opts.attack_name])
+    spec = A.AttackSpec(name=opts.attack_name, eps=A.parse_eps(str(opts.eps)), norm=opts.norm, steps=opts.steps,
+                        alpha=opts.alpha, seed=opts.seed, n_classes=n_classes,
+                        smooth_grad=A.parse_smooth_grad(opts.smooth_grad))
+    cfg = F.FitConfig(epochs=opts.epochs, batch_size=opts.batch_size,
+                      lr=opts.lr if opts.lr is not None else (1e-3 if methods.full else 3e-3),
+                      lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,
+                      seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
+                      eps_warmup=opts.eps_warmup, select=bool(opts.select_on), validate_every=opts.validate_every,
+                      phi=opts.phi, betas=parse_betas(opts.betas), sigma=opts.sigma, cache=opts.cache,
+                      cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)
+                      else parse_bytes(opts.cache_limit, "--cache-limit"))
+    return spec, cfg
+
+
+def parse_betas(text: str | tuple) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or any(not v >= 0 for v in vals):
+        raise InputError(f"--betas must be three non-negative numbers like 1,1,1, got '{text}'")
+    return vals  # type: ignore[return-value]
+
+
+def pick_device(name: str | torch.device) -> torch.device:
+    from .session import pick_device as _pick
+
+    return name if isinstance(name, torch.device) else _pick(str(name))
+
+
+def patch(model: Any, data: Any, recipe: str | None = DEFAULT_PRESET, *, arch: str | None = None, mean=None,
+          std=None, logits: str | None = None, device: str | torch.device = "auto",
+          progress: F.Progress | None = None, **overrides: Any) -> PatchedModel:
+    """Splice patches into a frozen `model` and train them on `data`; returns the `PatchedModel`.
+
+    `recipe` names a preset (`"robust"`, the default: white-box robustness; `"transfer"`: the fixer paper's
+    transfer-only recipe; `None`: the built-in defaults of `PatchOptions`); `overrides` are `PatchOptions` fields
+    (`eps=0.1`, `epochs=5`, `at="layer1"`, ...) and win over the recipe. When `data` leaves nothing aside, a
+    stratified part is held out for model selection, as the CLI does. The base's weights and statistics are
+    bit-identical afterwards. The returned model carries `.training_record` (the record the checkpoint stores) and
+    `.history` (one `EpochLog` per epoch)."""
+    opts, preset = PatchOptions.build(recipe, overrides)
+    dev = pick_device(device)
+    torch.manual_seed(opts.seed)
+    patched = as_patched(model, arch, mean, std, logits)
+    if patched.sites:
+        raise InputError("the model already carries patches: patch its base instead")
+    ds = as_dataset(data)
+    infos = finish(patched, ds, dev)
+    attach_patches(patched, infos, opts)
+    patched.to(dev)
+    split = split_for_training(ds.labels, hdata.parse_subset(opts.subset), True, opts.select_on or opts.validate,
+                               opts.holdout, opts.seed)
+    train_ds = ds.take(split.train)
+    val_ds = ds.take(split.val) if split.val is not None else None
+    spec, cfg = training_setup(opts, patched.model.spec.num_classes)
+    t0 = time.time()
+    logs = F.fit(patched, train_ds, spec, cfg, dev, progress, val=val_ds)
+    patched.set_route(opts.route or ("main" if cfg.method in ("advprop", "advamd") else "adv"))
+    patched.training_record = training_record(cfg, spec, logs, train_ds, opts, preset, split, val_ds)
+    patched.train_seconds = time.time() - t0
+    patched.history = logs
+    return patched
+
+
+def training_record(cfg: F.FitConfig, spec: A.AttackSpec, logs: list, train_ds: hdata.Dataset, opts: PatchOptions,
+                    preset, split: Split, val_ds: hdata.Dataset | None) -> dict:
+    training = F.record(cfg, spec, logs, train_ds, None if opts.subset is None else str(opts.subset))
+    training["preset"] = preset.record() if preset else None
+    training["split"] = split.record
+    if val_ds is not None:
+        training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
+                                  "attack": "pgd-10 (white-box, and transfer from the base)",
+                                  "selected_epoch": F.selected_epoch(logs, cfg)}
+    return training
+
+
+def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None = None,
+                       arch_kwargs: dict | None = None) -> None:
+    from .checkpoint import Manifest, save_patched, tensor_digest
+
+    base = {k: v.detach().cpu().contiguous() for k, v in patched.base_state_dict().items()}
+    arch = arch or getattr(patched, "arch", None)
+    manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or getattr(patched, "arch_kwargs", None) or {},
+                        input=patched.model.spec.to_json(), patches=patched.patch_specs(),
+                        base_sha256=getattr(patched, "base_sha256", "") or tensor_digest(base),
+                        training=getattr(patched, "training_record", None) or {}, route=patched.current_route)
+    device = next(iter(patched.parameters()), torch.empty(0)).device
+    save_patched(Path(path), patched.to("cpu"), manifest)
+    patched.to(device)
+
+
+@dataclass
+class Report:
+    """A robustness report: attribute access to the headline numbers of the evaluated model (`clean`, `robust` =
+    white-box per-sample worst case, `transfer`, `blackbox`, `worst_case` over every threat model that ran; None
+    where it did not run), the base's (`base_clean`, `base_robust`), and `.to_json()/.to_markdown()/.to_html()`."""
+
+    data: dict = field(repr=False)
+
+    def _model(self, name: str | None = None) -> dict:
+        models = self.data["models"]
+        return models[name] if name else models.get("patched", models["base"])
+
+    def _threat(self, threat: str, name: str | None = None) -> float | None:
+        t = self._model(name)["threats"].get(threat)
+        return None if t is None else t["robust"]["accuracy"]
+
+    @property
+    def clean(self) -> float:
+        return self._model()["clean"]["accuracy"]
+
+    @property
+    def robust(self) -> float | None:
+        return self._threat("whitebox")
+
+    @property
+    def transfer(self) -> float | None:
+        return self._threat("transfer")
+
+    @property
+    def blackbox(self) -> float | None:
+        return self._threat("blackbox")
+
+    @property
+    def worst_case(self) -> float:
+        return self._model()["worst_case"]["accuracy"]
+
+    @property
+    def base_clean(self) -> float:
+        return self._model("base")["clean"]["accuracy"]
+
+    @property
+    def base_robust(self) -> float | None:
+        return self._threat("whitebox", "base")
+
+    @property
+    def checks(self) -> list[dict]:
+        return self.data.get("checks", [])
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.data, indent=2, sort_keys=True)
+
+    def to_markdown(self) -> str:
+        return R.to_markdown(self.data)
+
+    def to_html(self) -> str:
+        return R.to_html(self.data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the report (.json, .md or .html by suffix), atomically."""
+        R.write(self.data, path)
+
+    def __repr__(self) -> str:
+        def p(v):
+            return "—" if v is None else f"{100 * v:.1f}%"
+
+        return (f"Report(n={self.data['data']['n']}, eps={self.data.get('eps')}, clean={p(self.clean)}, "
+                f"robust (white-box)={p(self.robust)}, transfer={p(self.transfer)}, blackbox={p(self.blackbox)})")
+
+
+def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps: float | str = "8/255",
+             norm: str = "Linf", threat: str | tuple[str, ...] = "all", steps: int | None = None,
+             max_samples: int | None = None, batch_size: int = 256, seed: int = 0, checks: bool = True,
+             arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
+             progress: F.Progress | None = None) -> Report:
+    """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
+    each threat model's robust accuracy (white-box on the model itself, transfer from the base, black-box Square),
+    the per-sample worst case, the base side by side when the model carries patches, and the sanity checks."""
+    dev = pick_device(device)
+    if isinstance(model, (str, Path)):
+        from .session import ModelOptions, load_model
+
+        loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std)))
+        patched, has_patches = loaded.patched, loaded.has_patches
+    else:
+        patched = as_patched(model, arch, mean, std)
+        has_patches = bool(patched.sites)
+    ds = as_dataset(data)
+    finish(patched, ds, dev)
+    if max_samples and max_samples < len(ds):
+        ds = ds.take(hdata.stratified_split(ds.labels, int(max_samples), seed)[0])
+    threats = threat if isinstance(threat, tuple) else parse_threats(threat)
+    names = A.parse_attack_list(attacks)
+    cfg = E.EvalConfig(attacks=names, eps=A.parse_eps(str(eps)), norm=norm, steps=steps, threats=threats,
+                       batch_size=batch_size, seed=seed, checks=checks)
+    result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress)
+    data_rec = {"source": ds.source, "n": len(ds), "classes": ds.classes, "preprocessing": ds.notes,
+                "fingerprint": ds.fingerprint(), "warnings": []}
+    settings = []
+    for m in result["models"].values():
+        for th in m["threats"].values():
+            for r in th["attacks"]:
+                if r["settings"] not in settings:
+                    settings.append(r["settings"])
+    rep = R.build("eval", result, data_rec, settings, R.environment(str(dev), seed), {"eps": cfg.eps, "norm": norm})
+    return Report(rep)
+
+
+THREATS = ("whitebox", "transfer", "blackbox")
+
+
+def parse_threats(text: str) -> tuple[str, ...]:
+    parts = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if parts == ["all"]:
+        return THREATS
+    bad = [t for t in parts if t not in THREATS]
+    if bad or not parts:
+        raise InputError(f"threat '{text}': choose whitebox, transfer, blackbox, a comma list of them, or all")
+    return tuple(t for t in THREATS if t in parts)
+
+
+__all__ = ["PatchOptions", "Report", "as_dataset", "evaluate", "patch"]

@@ -1,0 +1,74 @@
+"""The library: what the CLI does, a notebook does in a few lines (issue 15's public API, first part)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import hardener
+from hardener.errors import InputError
+
+from conftest import ARCH, make_data, trained_tiny
+
+
+def _data(n=90, seed=0):
+    imgs, labels = make_data(n=n, seed=seed)
+    return imgs.float() / 255, labels
+
+
+FAST = dict(eps=0.1, epochs=2, steps=2, batch_size=32, select_on=10)
+
+
+def test_readme_library_example_end_to_end(tmp_path):
+    net = trained_tiny()
+    x, y = _data()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    patched = hardener.patch(net, (x, y), **FAST)
+    assert patched.training_record["preset"]["name"] == "robust"
+    assert patched.training_record["split"]["validation"] == 10 and len(patched.history) == 2
+    assert "patch parameters" in patched.summary()
+    # frozen means frozen, and a patch disabled is exactly the base
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    xt, yt = _data(45, seed=7)
+    with torch.no_grad(), patched.patches_disabled():
+        assert torch.equal(patched(xt), net(xt))
+    report = hardener.evaluate(patched, (xt, yt), attacks="apgd-ce", eps=0.1, steps=3, checks=False,
+                               threat="whitebox,transfer")
+    assert 0 <= report.robust <= report.clean <= 1 and report.transfer is not None and report.blackbox is None
+    assert report.base_robust is not None and "robust (white-box)" in repr(report)
+    assert '"schema"' in report.to_json() and report.to_markdown() and "<html" in report.to_html().lower()
+    path = tmp_path / "tiny.hardened.safetensors"
+    patched.save(path, arch=ARCH)
+    again = hardener.load(path, arch=ARCH)
+    with torch.no_grad():
+        assert torch.equal(again(xt), patched(xt))
+    assert again.manifest.training["preset"]["name"] == "robust"
+
+
+def test_dataloader_torch_dataset_and_path_are_data(tmp_path):
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    a = hardener.as_dataset(loader)
+    b = hardener.as_dataset(TensorDataset(x, y))
+    assert torch.equal(a.images, x) and torch.equal(a.labels, y) and torch.equal(b.images, x)
+    patched = hardener.patch(trained_tiny(), loader, recipe="transfer", eps=0.1, epochs=1, steps=1, batch_size=32,
+                             at="block")
+    assert patched.training_record["preset"]["name"] == "transfer" and list(patched.sites) == ["block"]
+    with pytest.raises(InputError, match="cannot use"):
+        hardener.as_dataset(42)
+    with pytest.raises(InputError, match="in \\[0, 1\\]"):
+        hardener.as_dataset((x * 255, y))
+    with pytest.raises(InputError, match="unknown option 'epoch'"):
+        hardener.patch(trained_tiny(), (x, y), epoch=3)
+
+
+def test_an_attack_alone():
+    net = trained_tiny()
+    x, y = _data(30)
+    atk = hardener.attacks.get("apgd-ce", eps=0.1, steps=5, n_classes=3)
+    adv = atk(net, x, y)
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        assert (net(adv).argmax(1) == y).float().mean() <= (net(x).argmax(1) == y).float().mean()
+    with pytest.raises(InputError, match="suite"):
+        hardener.attacks.get("autoattack", eps=0.1)
