@@ -72,3 +72,21 @@ def test_an_attack_alone():
         assert (net(adv).argmax(1) == y).float().mean() <= (net(x).argmax(1) == y).float().mean()
     with pytest.raises(InputError, match="suite"):
         hardener.attacks.get("autoattack", eps=0.1)
+
+
+def test_readme_library_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's library example, executed as written from the repository root (outputs into tmp_path)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    code = re.search(r"<!-- library-example -->\n```python\n(.*?)```", text, re.S).group(1)
+    for name in ("library-report.md", "fmnist.hardened.safetensors"):
+        code = code.replace(f'"{name}"', repr(str(tmp_path / name)))
+    monkeypatch.chdir(root)
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "library-report.md").read_text().strip()
+    assert hardener.load(tmp_path / "fmnist.hardened.safetensors",
+                         arch="examples/fmnist_model.py:resnet9_small").manifest.training["preset"]["name"] == "robust"
