@@ -128,9 +128,9 @@ class TransferBank:
             adv = self._attacks[key](self.x[sl].to(self.device), self.y[sl].to(self.device)).detach().cpu()
             self.computed += 1
             if f is not None:
-                from safetensors.torch import save_file
+                from .checkpoint import write_safetensors
 
-                atomic_write(f, lambda tmp: save_file({"adv": adv.contiguous()}, tmp))
+                write_safetensors(f, {"adv": adv.contiguous()})
         self._mem[(key, k)] = adv
         return adv
 

@@ -85,10 +85,9 @@ class Saver:
         return read_state(self.path, self.fingerprint)
 
     def save_adv(self, adv: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        from .checkpoint import write_safetensors
 
-        atomic_write(self.adv_path, lambda tmp: save_file({"adv": adv.contiguous()}, tmp,
-                                                          metadata={"fingerprint": self.fingerprint}))
+        write_safetensors(self.adv_path, {"adv": adv.contiguous()}, {"fingerprint": self.fingerprint})
 
     def load_adv(self) -> torch.Tensor | None:
         from safetensors import safe_open

@@ -86,7 +86,8 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
             raise InputError(f"'{path}' is already a harden-patched checkpoint; patch its base instead "
                              "(patching a patched model is not supported)")
         patched, manifest = load_patched(p, arch=opts.arch, trust_arch=opts.trust_arch,
-                                         arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs) or None)
+                                         arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs)
+                                         if opts.arch_kwargs else None)
         return Loaded(patched, manifest, None)
     base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
     spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(opts.mean, "--mean"),
@@ -113,8 +114,11 @@ def load_parent(loaded: Loaded, parent: str | None, opts: ModelOptions):
     if sha256_file(Path(parent)) != loaded.manifest.parent_sha256:
         raise InputError(f"--parent '{parent}' is not the checkpoint this model was fine-tuned from (sha256 differs "
                          "from the manifest's parent_sha256)")
-    arch = opts.arch or loaded.manifest.arch
-    base = load_base(parent, arch, loaded.manifest.arch_kwargs, opts.trust_pickle)
+    from .checkpoint import arch_for_manifest
+
+    choice = arch_for_manifest(loaded.manifest, opts.arch, opts.trust_arch,
+                               archspec.parse_kwargs(opts.arch_kwargs) if opts.arch_kwargs else None)
+    base = load_base(parent, choice.spec, choice.kwargs, opts.trust_pickle)
     return Classifier(base.net, InputSpec.from_json(loaded.manifest.input)).eval()
 
 
