@@ -372,6 +372,26 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     atomic_write(path, _w)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, _w)
+
+
+def write_torch(path: Path, obj: Any, jit: bool = False) -> None:
+    """torch.save / torch.jit.save through `atomic_write`, serialized in memory first: torch's zip writer
+    aborts the whole process (C++ terminate) when the disk fills up under it."""
+    import io
+
+    buf = io.BytesIO()
+    try:
+        (torch.jit.save if jit else torch.save)(obj, buf)
+    except Exception as e:  # noqa: BLE001 - serialization errors come in many types
+        raise RunError(f"cannot write '{path}': {_error_text(e)}") from None
+    write_bytes(path, buf.getvalue())
+
+
 def save_patched(path: Path, patched, manifest: Manifest) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in patched.base_state_dict().items()}
     manifest.base_tensors_sha256 = tensor_digest(tensors)

@@ -329,3 +329,40 @@ def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str,
                 raise InputError(f"{flag} '{out}' exists and is not a regular file (a pipe or device?)")
             if not force:
                 raise InputError(f"{flag} '{out}' exists; pass --force to overwrite it or choose another file")
+
+
+INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-data"), ("classes", "--classes"),
+                ("config", "--config"), ("parent", "--parent"), ("reference_data", "--reference-data"))
+
+
+def check_run(ctx, outputs: list[tuple[str, Any]], force: bool) -> None:
+    """The boundary checks of one command: option values, then output paths against the run's inputs."""
+    from .config import DEFAULT_FILE
+
+    check_options(ctx)
+    params = ctx.params
+    inputs: list[tuple[str, Any]] = [(flag, params.get(name)) for name, flag in INPUT_PARAMS if params.get(name)]
+    if not params.get("config") and Path(DEFAULT_FILE).is_file():
+        inputs.append(("config file", DEFAULT_FILE))
+    if params.get("classes"):
+        regular_input(params["classes"], "--classes file")
+    check_outputs([(flag, o) for flag, o in outputs if o], inputs, force)
+
+
+def eval_state_dir(state_dir: str | None, reports: list[str]) -> Path | None:
+    """Where `harden eval` keeps resumable state: --state-dir, HARDEN_CACHE_DIR, beside the first --report;
+    None (nothing written, nothing resumable) when none is given. Never the working directory by default."""
+    chosen = state_dir or os.environ.get("HARDEN_CACHE_DIR") or None
+    if chosen:
+        d = Path(chosen)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"state folder '{d}' cannot be created: {e.strerror}") from None
+        if not d.is_dir():
+            raise InputError(f"state folder '{d}' is not a folder")
+        return d
+    if reports:
+        parent = Path(reports[0]).parent
+        return parent if str(parent) else Path(".")
+    return None
