@@ -439,6 +439,9 @@ def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | s
         hint = (f" or add its module to {archspec.TRUST_ENV}" if archspec.module_of(stored) else "")
         raise InputError(f"the checkpoint names its architecture '{stored[:200]}'; harden does not run code a file "
                          f"names: pass --arch (and --arch-kwargs) yourself, or --trust-arch{hint} if you trust it")
+    if archspec.is_file_spec(stored) and not Path(stored.rsplit(":", 1)[0]).is_absolute():
+        raise InputError(f"the checkpoint names its architecture by a relative file path ('{stored[:200]}'), which "
+                         "would be imported from the current directory: pass --arch yourself")
     return ArchChoice(stored, dict(manifest.arch_kwargs), True)
 
 

@@ -78,7 +78,9 @@ def model_options(f):
         click.option("--arch", help="Model constructor: package.module:callable or path/to/file.py:callable."),
         click.option("--arch-kwargs", help="JSON object of keyword arguments for --arch."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a whole pickled nn.Module (runs its code)."),
-        click.option("--trust-arch", is_flag=True, help="Import a file-path architecture recorded in a checkpoint."),
+        click.option("--trust-arch", is_flag=True,
+                     help="Use the architecture and kwargs a patched checkpoint records (else only --arch or a "
+                          "HARDEN_TRUSTED_ARCH module prefix; see README, Security model)."),
         click.option("--mean", help="Per-channel mean the model expects (comma list); normalisation is wrapped "
                                     "inside the model, attacks work on [0,1] pixels."),
         click.option("--std", help="Per-channel std the model expects (comma list)."),

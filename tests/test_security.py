@@ -112,6 +112,18 @@ def test_module_in_cwd_is_never_imported(runner, tmp_path, patched_ckpt, tiny_te
     sys.modules.pop("evil", None)
 
 
+@pytest.mark.parametrize("arch", ["evil.py:net", "./evil.py:net", "sub/../evil.py:net"])
+def test_relative_file_arch_in_manifest_is_never_imported_even_trusted(runner, tmp_path, patched_ckpt,
+                                                                        tiny_test_data, monkeypatch, arch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.py").write_text(EVIL_MODULE)
+    (tmp_path / "sub").mkdir()
+    f = crafted(tmp_path, patched_ckpt, arch=arch)
+    r = _run(runner, "predict", f, tmp_path, tiny_test_data, "--trust-arch")
+    assert_input_error(r, "relative file path")
+    assert not (tmp_path / "MARKER").exists()
+
+
 def test_library_load_never_runs_manifest_code(tmp_path, patched_ckpt, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "evil.py").write_text(EVIL_MODULE)
