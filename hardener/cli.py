@@ -694,7 +694,7 @@ def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptiv
             rows = pred.predict(x, progress)
     else:
         with torch.no_grad():
-            probs = torch.cat([torch.softmax(loaded.patched(x[i:i + 256].to(device)), 1).cpu()
+            probs = torch.cat([torch.softmax(E.finite_logits(loaded.patched(x[i:i + 256].to(device))), 1).cpu()
                                for i in range(0, len(x), 256)])
         rows = [{"index": i, "prediction": int(p.argmax()), "confidence": float(p.max())} for i, p in enumerate(probs)]
     labelled = bool((ds.labels != hdata.UNLABELLED).all())

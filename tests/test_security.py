@@ -228,6 +228,10 @@ def _mutate(m: dict, t: dict, case: str):
         p0["rho"] = 1e-9
     elif case == "big_but_valid_fields":
         p0["channels"], p0["rho"] = 65536, 1.0
+    elif case == "act_list":
+        p0["act"] = ["linear"]
+    elif case == "kind_object":
+        p0["kind"] = {"fixer": 1}
     elif case == "unknown_kind":
         p0["kind"] = "rootkit"
     elif case == "unknown_key":
@@ -260,7 +264,8 @@ def _mutate(m: dict, t: dict, case: str):
     ("huge_rho", "rho"), ("big_but_valid_fields", "file holds"), ("unknown_kind", "patches[0].kind"),
     ("unknown_key", "patches[0].exec"), ("nan_patch", "nan"), ("extra_tensor", "harden.elsewhere.w"),
     ("input_not_object", "input"), ("std_zero", "input.std"), ("route", "route"), ("dup_site", "two patches"),
-    ("prefilter_mid", "input"), ("auxbn_on_conv", "batchnorm"),
+    ("prefilter_mid", "input"), ("auxbn_on_conv", "batchnorm"), ("act_list", "patches[0].act"),
+    ("kind_object", "patches[0].kind"),
 ])
 def test_crafted_manifest_is_one_error_line(runner, tmp_path, patched_ckpt, tiny_test_data, case, needle):
     m, t = read_patched(patched_ckpt)
