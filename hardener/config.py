@@ -66,13 +66,16 @@ def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
     section = section if isinstance(section, dict) else {}
     for k in list(flat) + [k for c in COMMANDS if isinstance(doc.get(c), dict) for k in doc[c]]:
         known_anywhere.add(k.replace("-", "_"))
+    for table in [doc, *(v for v in doc.values() if isinstance(v, dict))]:  # in any table, for any command
+        for key in table:
+            name = str(key).replace("-", "_")
+            if name in COMMAND_LINE_ONLY:
+                raise InputError(f"config file '{path}' sets '{key}': {name.replace('_', '-')} can only be given "
+                                 f"on the command line (--{name.replace('_', '-')})")
     out: dict[str, Any] = {}
     for source, strict in ((flat, False), (section, True)):
         for key, v in source.items():
             name = key.replace("-", "_")
-            if name in COMMAND_LINE_ONLY:
-                raise InputError(f"config file '{path}' sets '{key}': {name.replace('_', '-')} can only be given "
-                                 f"on the command line (--{name.replace('_', '-')})")
             if name not in params:
                 if strict:
                     raise InputError(f"config file '{path}': [{command.name}] has unknown key '{key}'")

@@ -183,7 +183,11 @@ class EvalStore:
 
     def flush(self) -> None:
         if self.data and self.path is not None:
-            write_state(self.path, self.fingerprint, {"data": self.data})
+            try:
+                write_state(self.path, self.fingerprint, {"data": self.data})
+            except click.ClickException as e:  # state is a convenience: the evaluation goes on without it
+                click.echo(f"warning: {e.message}; this evaluation cannot be resumed", err=True)
+                self.path = None
             self._last = time.time()
 
 

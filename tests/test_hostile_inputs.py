@@ -299,3 +299,20 @@ def test_nan_loss_in_first_epoch_leaves_no_cache_files(runner, tmp_path, tiny_ck
     if left:
         assert "out.safetensors.partial" in r.output
     assert not out.exists()
+
+
+def test_unwritable_report_folder_names_the_report_not_the_state(runner, tmp_path, patched_ckpt, tiny_test_data,
+                                                                  monkeypatch):
+    """State beside the report is a convenience: when it cannot be written the evaluation goes on, and the
+    error (exit 3) names the report the user asked for."""
+    import hardener.checkpoint as C
+
+    def fail(folder):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr(C, "_open_unnamed", fail)
+    rep = tmp_path / "r.json"
+    r = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack",
+                             "fgsm", "--max-samples", "6", "--no-checks", "--quiet", "--report", str(rep)])
+    assert_run_error(r, "r.json", "permission denied")
+    assert "cannot be resumed" in r.output
+    assert list(tmp_path.iterdir()) == []

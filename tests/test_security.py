@@ -179,10 +179,12 @@ def test_module_arch_in_manifest_is_used_when_its_prefix_is_trusted(runner, tmp_
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("key", ["trust_pickle", "trust-arch", "force"])
+@pytest.mark.parametrize("key", ["trust_pickle", "trust-arch", "force", "[eval]\ntrust_pickle",
+                                 "[patch]\ntrust-arch"])
 def test_config_file_cannot_switch_on_trust(runner, tmp_path, patched_ckpt, tiny_test_data, monkeypatch, key):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "harden.toml").write_text(f"{key} = true\n")
+    key = key.splitlines()[-1]
     r = runner.invoke(main, ["predict", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data)])
     assert_input_error(r, key, "command line")
 
