@@ -1,3 +1,11 @@
-from .cli import run
+import os
+import sys
+
+# `python -m hardener` puts the current directory first on the import path; harden imports nothing from
+# it (a stray torch.py or safetensors.py there would run): drop that entry (an explicit PYTHONPATH stays).
+if sys.path and (sys.path[0] in ("", ".") or os.path.realpath(sys.path[0]) == os.path.realpath(os.getcwd())):
+    del sys.path[0]
+
+from hardener.cli import run  # noqa: E402
 
 run()

@@ -1,10 +1,21 @@
-"""Resolve `--arch package.module:callable` or `path/to/file.py:callable` to a model constructor."""
+"""Resolve `--arch package.module:callable` or `path/to/file.py:callable` to a model constructor.
+
+Trust model (README, "Security model"): code is imported only when the *user* names it -- `--arch`,
+`arch=`, a module prefix in `--trust-arch`/`HARDEN_TRUSTED_ARCH` -- never because a checkpoint names it.
+Whatever the source, the constructor must be an `nn.Module` subclass or a plain Python function defined
+in a model package (not the standard library, not builtins, not torch itself), and what it returns must
+be an `nn.Module`. Module names are imported without the current directory on the import path; a file
+in the current directory is imported only through an explicit `file.py:callable`.
+"""
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
+import os
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,13 +23,20 @@ from torch import nn
 
 from .errors import InputError
 
+TRUST_ENV = "HARDEN_TRUSTED_ARCH"
+# Packages whose plain functions are never model constructors (they run commands, load pickles, fetch code).
+DENIED_PACKAGES = frozenset(sys.stdlib_module_names) | {
+    "builtins", "torch", "numpy", "safetensors", "hardener", "click", "pip", "setuptools", "pkg_resources",
+    "IPython", "dill", "joblib", "cloudpickle", "requests", "urllib3",
+}
+
 
 def is_file_spec(spec: str) -> bool:
     target = spec.rsplit(":", 1)[0]
     return target.endswith(".py") or "/" in target or "\\" in target
 
 
-def parse_kwargs(text: str | dict | None) -> dict[str, Any]:
+def parse_kwargs(text: str | dict | None, what: str = "--arch-kwargs") -> dict[str, Any]:
     if text is None or text == "":
         return {}
     if isinstance(text, dict):
@@ -26,49 +44,122 @@ def parse_kwargs(text: str | dict | None) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"--arch-kwargs must be a JSON object, got '{text}' ({e.msg})") from None
+        raise InputError(f"{what} must be a JSON object, got '{text}' ({e.msg})") from None
     if not isinstance(obj, dict):
-        raise InputError(f"--arch-kwargs must be a JSON object, got '{text}'")
+        raise InputError(f"{what} must be a JSON object, got '{text}'")
     return obj
 
 
-def resolve(spec: str) -> Callable[..., nn.Module]:
-    if ":" not in spec:
-        raise InputError(f"--arch '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'")
+def trusted_prefixes(extra: str | list[str] | None = None) -> list[str]:
+    """Module prefixes the user trusts for architectures stored in checkpoints (HARDEN_TRUSTED_ARCH + extra)."""
+    items: list[str] = []
+    for src in (os.environ.get(TRUST_ENV, ""), extra or ""):
+        parts = src.split(",") if isinstance(src, str) else list(src)
+        items += [p.strip() for p in parts if p and p.strip()]
+    return items
+
+
+def module_of(spec: str) -> str | None:
+    """The module a `package.module:callable` spec names (None for a file spec or a malformed one)."""
+    if ":" not in spec or is_file_spec(spec):
+        return None
+    return spec.rsplit(":", 1)[0]
+
+
+def is_trusted(spec: str, prefixes: list[str]) -> bool:
+    """A module spec whose module equals a trusted prefix or lies under it (file specs never match)."""
+    mod = module_of(spec)
+    if not mod:
+        return False
+    return any(mod == p or mod.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
+def _is_cwd(entry: str, cwd: str) -> bool:
+    if entry in ("", "."):
+        return True
+    try:
+        return os.path.realpath(entry) == cwd
+    except (OSError, ValueError):
+        return False
+
+
+def import_module(name: str, what: str) -> types.ModuleType:
+    """Import `name` with the current directory off the import path (unless PYTHONPATH puts it there)."""
+    cwd = os.path.realpath(os.getcwd()) if os.path.isdir(".") else ""
+    explicit = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if not (_is_cwd(p, cwd) and os.path.realpath(p or ".") not in explicit)]
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise InputError(f"{what}: cannot import module '{name}' ({e}); a file in the current directory "
+                         "is named as file.py:callable") from None
+    except Exception as e:  # noqa: BLE001 - a module's top level may raise anything
+        raise InputError(f"{what}: importing '{name}' failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.path[:] = saved
+
+
+def check_constructor(fn: Any, spec: str, what: str = "--arch") -> Callable[..., nn.Module]:
+    """Accept an nn.Module subclass or a plain Python function of a model package; refuse anything else."""
+    if inspect.isclass(fn):
+        if issubclass(fn, nn.Module):
+            return fn
+        raise InputError(f"{what} '{spec}' names the class {fn.__name__}, which is not a torch.nn.Module")
+    if isinstance(fn, types.FunctionType):
+        top = (getattr(fn, "__module__", None) or "").split(".")[0]
+        if top and top not in DENIED_PACKAGES and fn.__name__ != "<lambda>":
+            return fn
+        raise InputError(f"{what} '{spec}' names a function of '{fn.__module__}', which is not a model "
+                         "constructor: harden builds models only with nn.Module classes or functions of model "
+                         "packages")
+    raise InputError(f"{what} '{spec}' names a {type(fn).__name__}, not an nn.Module class or a model-building "
+                     "function")
+
+
+def resolve(spec: str, what: str = "--arch") -> Callable[..., nn.Module]:
+    if not isinstance(spec, str) or ":" not in spec:
+        raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'")
     target, attr = spec.rsplit(":", 1)
+    if not target or not attr.isidentifier():
+        raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'")
     if is_file_spec(spec):
         path = Path(target)
         if not path.is_file():
-            raise InputError(f"--arch '{spec}': file '{target}' does not exist")
+            raise InputError(f"{what} '{spec}': file '{target}' does not exist")
         mod_name = f"harden_arch_{abs(hash(str(path.resolve())))}"
         module = sys.modules.get(mod_name)
         if module is None:
             loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-            assert loader_spec is not None and loader_spec.loader is not None
+            if loader_spec is None or loader_spec.loader is None:
+                raise InputError(f"{what} '{spec}': '{target}' is not a Python file")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[mod_name] = module
             try:
                 loader_spec.loader.exec_module(module)
-            except Exception as e:  # noqa: BLE001 - user code may raise anything
+            except BaseException as e:  # noqa: BLE001 - user code may raise anything
                 del sys.modules[mod_name]
-                raise InputError(f"--arch '{spec}': importing '{target}' failed: {type(e).__name__}: {e}") from None
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise InputError(f"{what} '{spec}': importing '{target}' failed: {type(e).__name__}: {e}") from None
     else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise InputError(f"--arch '{spec}': cannot import module '{target}' ({e})") from None
+        if not all(part.isidentifier() for part in target.split(".")):
+            raise InputError(f"{what} '{spec}': '{target}' is not a module name")
+        module = import_module(target, f"{what} '{spec}'")
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
-        raise InputError(f"--arch '{spec}': '{target}' has no callable '{attr}'")
-    return fn
+        raise InputError(f"{what} '{spec}': '{target}' has no callable '{attr}'")
+    return check_constructor(fn, spec, what)
 
 
-def build(spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    fn = resolve(spec)
+def build(spec: str, kwargs: dict[str, Any], what: str = "--arch") -> nn.Module:
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InputError(f"{what} '{spec}': keyword arguments must be a JSON object")
+    fn = resolve(spec, what)
     try:
         net = fn(**kwargs)
     except Exception as e:  # noqa: BLE001 - user code may raise anything
-        raise InputError(f"--arch '{spec}' with kwargs {kwargs} failed: {type(e).__name__}: {e}") from None
+        raise InputError(f"{what} '{spec}' with kwargs {kwargs} failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, nn.Module):
-        raise InputError(f"--arch '{spec}' returned {type(net).__name__}, not a torch.nn.Module")
+        raise InputError(f"{what} '{spec}' returned {type(net).__name__}, not a torch.nn.Module")
     return net

@@ -1,6 +1,7 @@
 """Load base checkpoints; save and load patched checkpoints (one safetensors file + manifest)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 from torch import nn
 
@@ -36,17 +38,21 @@ class Manifest:
     parent_sha256: str = ""  # the checkpoint a base-modifying method started from
     format_version: int = FORMAT_VERSION
     harden_version: str = __version__
+    tensors_sha256: str = ""  # every tensor, patches included (files before 0.1.1 lack it)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        d = json.loads(text)
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise InputError(f"checkpoint format {d['format_version']} is newer than this harden "
-                             f"({__version__}) can read: upgrade harden")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+    def from_json(cls, text: str, source: str = "the checkpoint") -> "Manifest":
+        """Parse and validate a manifest: every field typed and bounded, or one InputError naming the field."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, RecursionError, TypeError) as e:
+            raise InputError(f"{source}: its manifest is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+        from .validate import validate_manifest
+
+        return cls(**validate_manifest(d, source, FORMAT_VERSION, __version__))
 
 
 @dataclass
@@ -76,7 +82,7 @@ def read_manifest(path: Path) -> Manifest | None:
         return None
     meta = _safetensors_metadata(path)
     text = meta.get(MANIFEST_KEY)
-    return Manifest.from_json(text) if text else None
+    return Manifest.from_json(text, f"'{path}'") if text is not None else None
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -234,77 +240,288 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent or "."))
-    try:  # mkstemp makes 0600 files; the output gets what open() would give it under the user's umask
-        os.fchmod(fd, 0o666 & ~current_umask())
-    finally:
-        os.close(fd)
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
+def _open_unnamed(folder: Path) -> int | None:
+    """An unnamed file in `folder` (O_TMPFILE): nothing is left behind if the process dies mid-write."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None:
+        return None
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # some writers (safetensors) re-create the file as 0600
-        os.replace(tmp, path)
+        return os.open(str(folder), flag | os.O_RDWR, 0o666 & ~current_umask())
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise RunError(f"cannot write '{path}': {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return None  # the filesystem has no O_TMPFILE: fall back to a named temporary file
         raise
 
 
-def save_patched(path: Path, patched, manifest: Manifest) -> None:
-    from safetensors.torch import save_file
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file.
 
+    `write(tmp)` gets a path to write to. Every failure -- OSError (read-only folder, disk full, permission),
+    a serializer's own error -- becomes one RunError naming `path` (exit 3), and no temporary file stays.
+    Where the filesystem allows, the temporary file has no name until it is complete (a SIGKILL leaves
+    nothing); elsewhere it is `.NAME.<pid>.xxxx.tmp`, and stale ones of dead processes are removed.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp, named = None, None, None
+    try:
+        fd = _open_unnamed(folder)
+        if fd is not None:
+            tmp = f"/proc/self/fd/{fd}"
+        else:
+            _remove_stale_temps(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=str(folder))
+            named = tmp
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600 files; outputs get the user's umask
+        write(tmp)
+        if named is not None:  # some writers (safetensors) re-create a named file as 0600
+            os.chmod(named, 0o666 & ~current_umask())
+        os.fsync(fd)
+        if named is None:  # give the complete unnamed file a name, then move it into place
+            named = _name_unnamed(fd, tmp, folder, path)
+        os.replace(named, path)
+        named = None
+    except BaseException as e:
+        if named is not None:
+            Path(named).unlink(missing_ok=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, click.ClickException)):
+            raise
+        if isinstance(e, MemoryError):
+            raise
+        raise RunError(f"cannot write '{path}': {_error_text(e)}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _name_unnamed(fd: int, tmp: str, folder: Path, path: Path) -> str:
+    """A name for a complete unnamed file: a hard link where the kernel allows it, else a fast copy."""
+    named = str(folder / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        os.link(tmp, named, follow_symlinks=True)
+        return named
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    _remove_stale_temps(path)
+    out = os.open(named, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~current_umask())
+    try:
+        size, offset = os.fstat(fd).st_size, 0
+        while offset < size:
+            sent = os.sendfile(out, fd, offset, min(size - offset, 1 << 30))
+            if sent == 0:
+                raise OSError(errno.EIO, "short copy")
+            offset += sent
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        Path(named).unlink(missing_ok=True)
+        raise
+    os.close(out)
+    return named
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """`.NAME.<pid>.xxxx.tmp` files whose writer no longer runs (killed mid-write)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        candidates = list(folder.glob(f".{glob_escape(path.name)}.*.tmp"))
+    except OSError:
+        return
+    for f in candidates:
+        pid = f.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file through `atomic_write` (serialized in memory: safetensors' own save_file renames a
+    temporary file of its own, which a kill would leave behind)."""
+    import safetensors.torch
+
+    def _w(tmp: str) -> None:
+        try:
+            data = safetensors.torch.save(tensors, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise RunError(f"cannot write '{path}': {_error_text(e)}") from None
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, _w)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, _w)
+
+
+def write_torch(path: Path, obj: Any, jit: bool = False) -> None:
+    """torch.save / torch.jit.save through `atomic_write`, serialized in memory first: torch's zip writer
+    aborts the whole process (C++ terminate) when the disk fills up under it."""
+    import io
+
+    buf = io.BytesIO()
+    try:
+        (torch.jit.save if jit else torch.save)(obj, buf)
+    except Exception as e:  # noqa: BLE001 - serialization errors come in many types
+        raise RunError(f"cannot write '{path}': {_error_text(e)}") from None
+    write_bytes(path, buf.getvalue())
+
+
+def save_patched(path: Path, patched, manifest: Manifest) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in patched.base_state_dict().items()}
     manifest.base_tensors_sha256 = tensor_digest(tensors)
     for k, v in patched.patch_state_dict().items():
         tensors[k] = v.detach().cpu().contiguous().clone()
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={MANIFEST_KEY: manifest.to_json()}))
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RunError(f"not writing '{path}': tensor '{bad[0]}' holds NaN or inf values (training diverged?)")
+    manifest.tensors_sha256 = tensor_digest(tensors)
+    write_safetensors(Path(path), tensors, {MANIFEST_KEY: manifest.to_json()})
 
 
-def _arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool) -> str:
+@dataclass
+class ArchChoice:
+    spec: str
+    kwargs: dict[str, Any]
+    trusted_manifest: bool  # the user trusts the manifest's arch and kwargs
+    note: str = ""  # why the manifest's kwargs were not used (added to a mismatch error)
+
+
+def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | str | list[str] = False,
+                      arch_kwargs: dict | None = None) -> ArchChoice:
+    """Which constructor and kwargs build a patched checkpoint's base -- never code the file alone names.
+
+    The user's `arch` wins, with the user's kwargs (the manifest's only when the user trusts the manifest:
+    `trust_arch`, or its stored arch under a HARDEN_TRUSTED_ARCH prefix). Without `arch`, the stored arch is
+    used only when trusted. `trust_arch` may be True (trust this file's arch) or module prefixes.
+    """
     stored = manifest.arch
+    prefixes = archspec.trusted_prefixes(trust_arch if isinstance(trust_arch, (str, list)) else None)
+    trusted = trust_arch is True or (stored is not None and archspec.is_trusted(stored, prefixes))
     if arch:
-        return arch
+        if arch_kwargs is not None:
+            return ArchChoice(arch, dict(arch_kwargs), trusted)
+        if trusted:
+            return ArchChoice(arch, dict(manifest.arch_kwargs), True)
+        note = ""
+        if manifest.arch_kwargs:
+            note = (f"; the checkpoint records arch kwargs {json.dumps(manifest.arch_kwargs)[:200]}, used only "
+                    "when you repeat them with --arch-kwargs or pass --trust-arch")
+        return ArchChoice(arch, {}, False, note)
     if not stored:
         raise InputError("the checkpoint records no architecture: pass --arch")
-    if archspec.is_file_spec(stored) and not trust_arch:
-        raise InputError(f"the checkpoint names its architecture by a file path ('{stored}'); harden imports "
-                         "such code only when you repeat it with --arch or pass --trust-arch")
-    return stored
+    if not trusted:
+        hint = (f" or add its module to {archspec.TRUST_ENV}" if archspec.module_of(stored) else "")
+        raise InputError(f"the checkpoint names its architecture '{stored[:200]}'; harden does not run code a file "
+                         f"names: pass --arch (and --arch-kwargs) yourself, or --trust-arch{hint} if you trust it")
+    if archspec.is_file_spec(stored) and not Path(stored.rsplit(":", 1)[0]).is_absolute():
+        raise InputError(f"the checkpoint names its architecture by a relative file path ('{stored[:200]}'), which "
+                         "would be imported from the current directory: pass --arch yourself")
+    return ArchChoice(stored, dict(manifest.arch_kwargs), True)
 
 
-def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool = False,
+def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | str | list[str] = False,
                  arch_kwargs: dict | None = None):
-    """Rebuild a PatchedModel from a harden checkpoint (inputs in [0, 1])."""
-    from .patches import PATCH_KINDS, PatchedModel
+    """Rebuild a PatchedModel from a harden checkpoint (inputs in [0, 1]).
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint '{path}' does not exist")
+    Order: manifest validated -> constructor chosen by the user's trust -> tensors checked against the
+    manifest's digests -> sites, names, shapes and values of the patch tensors checked -> loaded."""
+    from .patches import PATCH_KINDS, PatchedModel
+    from .validate import patch_numel, regular_input
+
+    path = regular_input(path, "checkpoint")
     manifest = read_manifest(path)
     if manifest is None:
         raise InputError(f"'{path}' is not a harden-patched checkpoint (no manifest); "
                          "load a plain checkpoint with --arch")
-    spec = _arch_for_manifest(manifest, arch, trust_arch)
-    net = archspec.build(spec, arch_kwargs if arch_kwargs is not None else manifest.arch_kwargs)
-    net.float()
+    choice = arch_for_manifest(manifest, arch, trust_arch, arch_kwargs)
     tensors = read_safetensors(path)
+    if manifest.tensors_sha256 and tensor_digest(tensors) != manifest.tensors_sha256:
+        raise InputError(f"'{path}': the tensors do not match the manifest's checksum (a corrupted or "
+                         "mixed-up file; this is an integrity check, not a signature)")
     base_sd = {k: v for k, v in tensors.items() if not k.startswith("harden.")}
     if manifest.base_tensors_sha256 and tensor_digest(base_sd) != manifest.base_tensors_sha256:
         raise InputError(f"'{path}': the base tensors do not match the manifest's checksum (a corrupted or "
                          "mixed-up file; this is an integrity check, not a signature)")
-    load_state_into(net, base_sd, f"'{path}'")
+    patch_sd = {k: v for k, v in tensors.items() if k.startswith("harden.")}
+    available = sum(v.numel() for v in patch_sd.values())
+    need = 0
+    for p in manifest.patches:
+        need += patch_numel(p)
+        if need > available + (1 << 20):  # bounded by the file's own tensors (names are checked exactly below)
+            raise InputError(f"'{path}': manifest patches (up to '{p['site']}') ask for {need:,} values but the "
+                             f"file holds {available:,} patch values")
+    net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch")
+    net.float()
+    try:
+        load_state_into(net, base_sd, f"'{path}'")
+    except InputError as e:
+        raise InputError(e.message + choice.note) from None
+    modules = dict(net.named_modules())
     model = Classifier(net, InputSpec.from_json(manifest.input))
     patched = PatchedModel(model)
     for p in manifest.patches:
-        kind = PATCH_KINDS.get(p["kind"])
-        if kind is None:
-            raise InputError(f"'{path}' uses patch kind '{p['kind']}', unknown to harden {__version__}")
-        patched.attach(p["site"], kind.from_spec(p))
-    patched.load_patch_state_dict(tensors)
+        kind, site = PATCH_KINDS[p["kind"]], p["site"]
+        if kind.input_only != (site == INPUT_SITE_NAME):
+            raise InputError(f"'{path}': manifest patch '{p['kind']}' cannot sit at '{site}'"
+                             + (" (pre-filters sit at 'input')" if kind.input_only else ""))
+        if site != INPUT_SITE_NAME and (site not in modules or site == ""):
+            raise InputError(f"'{path}': manifest names site '{site[:100]}', which is not a layer of the model")
+        if p["kind"] == "auxbn" and not isinstance(modules[site], nn.modules.batchnorm._BatchNorm):
+            raise InputError(f"'{path}': manifest puts an auxiliary BN at '{site}', which is a "
+                             f"{type(modules[site]).__name__}, not a BatchNorm")
+        patched.attach(site, kind.from_spec(p))
+    _load_patch_tensors(patched, patch_sd, path)
     patched.set_route(manifest.route)
     patched.eval()
     return patched, manifest
+
+
+INPUT_SITE_NAME = "input"
+
+
+def _load_patch_tensors(patched, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Patch tensors: exactly the names and shapes the manifest's specs make, finite, then loaded."""
+    expected = patched.patch_state_dict()
+    for k, t in expected.items():
+        if k not in tensors:
+            raise InputError(f"'{path}': patch tensor '{k}' is missing from the file")
+        got = tensors[k]
+        if tuple(got.shape) != tuple(t.shape):
+            raise InputError(f"'{path}': patch tensor '{k}' has shape {tuple(got.shape)}, the manifest's patch "
+                             f"spec needs {tuple(t.shape)}")
+        if t.is_floating_point() != got.is_floating_point():
+            raise InputError(f"'{path}': patch tensor '{k}' has dtype {got.dtype}, expected {t.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise InputError(f"'{path}': patch tensor '{k}' holds NaN or inf values; refusing to load it")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise InputError(f"'{path}': tensor '{extra[0]}' belongs to no patch of the manifest")
+    patched.load_patch_state_dict(tensors)

@@ -16,8 +16,8 @@ import click
 import torch
 from rich.console import Console
 
-from . import __version__, api, attacks as A, data as hdata, evaluation as E, fit as F, report as R
-from .checkpoint import Manifest, atomic_write, save_patched, sha256_file
+from . import __version__, api, attacks as A, data as hdata, evaluation as E, fit as F, report as R, validate as V
+from .checkpoint import Manifest, atomic_write, save_patched, sha256_file, write_torch
 from .config import ConfigCommand
 from .errors import InputError, RunError, ThresholdError
 from .layers import suggest_sites
@@ -102,7 +102,9 @@ def model_options(f):
         click.option("--arch", help="Model constructor: package.module:callable or path/to/file.py:callable."),
         click.option("--arch-kwargs", help="JSON object of keyword arguments for --arch."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a whole pickled nn.Module (runs its code)."),
-        click.option("--trust-arch", is_flag=True, help="Import a file-path architecture recorded in a checkpoint."),
+        click.option("--trust-arch", is_flag=True,
+                     help="Use the architecture and kwargs a patched checkpoint records (else only --arch or a "
+                          "HARDEN_TRUSTED_ARCH module prefix; see README, Security model)."),
         click.option("--mean", help="Per-channel mean the model expects (comma list); normalisation is wrapped "
                                     "inside the model, attacks work on [0,1] pixels."),
         click.option("--std", help="Per-channel std the model expects (comma list)."),
@@ -203,6 +205,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON on stdout.")
 def layers(model, data, as_json, **kw):
     """List named layers: type, output shape, parameters, and whether each is a valid fixer site."""
+    V.check_run(click.get_current_context(), [], False)
     loaded = load_model(_check_model_arg(model), _mopts(kw))
     device = pick_device(kw["device"])
     ds = load_data(loaded, data, _dopts(kw)) if data else None
@@ -331,9 +334,10 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     model = _check_model_arg(model)
     if not data:
         raise click.UsageError("missing --data (training data, or `data` in harden.toml)")
-    out_file = _check_out(model, out_path, force)
+    out_file = Path(out_path) if out_path else _default_out(model)
     if report_path:
         R.check_path(report_path)
+    V.check_run(click.get_current_context(), [("--out", out_file), ("--report", report_path)], force)
     recipe = load_preset(preset) if preset else None
     methods = parse_methods(method, bn, at or at_regex)
     A.parse_eps(eps)  # option errors come before any loading
@@ -406,7 +410,13 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
         patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256, training=training,
         route=default_route, base_modified=cfg.full, parent_sha256=loaded.base.sha256 if cfg.full else "",
     )
-    save_patched(out_file, loaded.patched.to("cpu"), manifest)
+    try:
+        save_patched(out_file, loaded.patched.to("cpu"), manifest)
+    except RunError as e:
+        if saver.path.exists():
+            raise RunError(f"{e.message}; the trained state is kept in '{saver.path}': fix that and rerun the same "
+                           "command with --resume to write it without training again") from None
+        raise
     saver.clear()
     loaded.patched.to(device)
     n_params = _announce_written(loaded, cfg, out_file, train_seconds)
@@ -440,17 +450,6 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
 QUICK_NOTE = ("quick check: white-box APGD-CE with a small step budget (and its transfer from the base) on a few "
               "hundred held-out images; a weak attack gives an upper bound of robust accuracy, not a verdict: run "
               "the full_evaluation command")
-
-
-def _check_out(model: str, out_path: str | None, force: bool) -> Path:
-    out_file = Path(out_path) if out_path else _default_out(model)
-    if out_file.resolve() == Path(model).resolve():
-        raise InputError(f"--out '{out_file}' is the input checkpoint; harden never overwrites an input")
-    if out_file.exists() and not force:
-        raise InputError(f"'{out_file}' exists; pass --force to overwrite it or choose another --out")
-    if not out_file.parent.is_dir():
-        raise InputError(f"--out '{out_file}': folder '{out_file.parent}' does not exist")
-    return out_file
 
 
 def _recipe_warnings(recipe, cfg: F.FitConfig, methods, n_train: int) -> list[str]:
@@ -592,6 +591,10 @@ def _settings(result: dict) -> list[dict]:
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted evaluation with the same settings.")
+@click.option("--force", is_flag=True, help="Overwrite existing --report files.")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Folder for resumable evaluation state (default: $HARDEN_CACHE_DIR, else beside the first "
+                   "--report; with neither, nothing is saved and nothing can be resumed).")
 @click.option("--smooth-grad", help="softplus:ALPHA — gradient attacks see the ReLUs with a parametric-softplus "
                                     "backward (probes ReLU-induced gradient masking).")
 @click.option("--route", type=click.Choice(["adv", "main"]),
@@ -626,6 +629,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     threats = api.parse_threats(threat)
     for p in report_paths:
         R.check_path(p)
+    V.check_run(click.get_current_context(), [("--report", p) for p in report_paths], kw["force"])
     names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
     if defense != "adaptive":
         R.check_gate_attacks(thresholds, names, threats, allow_weak_gate)
@@ -660,7 +664,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
                         checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad))
     fp = fingerprint({"model": sha256_file(Path(model)), "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type, "route": loaded.patched.current_route, "parent": parent})
-    state = Path(f".harden-eval-{fp[:16]}.partial")
+    state_dir = V.eval_state_dir(kw["state_dir"], list(report_paths))
+    state = state_dir / f".harden-eval-{fp[:16]}.partial" if state_dir is not None else None
     store = EvalStore(state, fp, resume)
     try:
         with ProgressView(kw["quiet"]) as progress, sigterm_as_interrupt():
@@ -669,6 +674,9 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
                                 base_cache=Path(base_cache) if base_cache else None)
     except KeyboardInterrupt:
         store.flush()
+        if state is None:
+            raise Interrupted("interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation "
+                              "resumable)") from None
         raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
     extra = {"checkpoint": model, "eps": ecfg.eps, "norm": norm}
     if result.get("base_cache"):
@@ -766,6 +774,7 @@ def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptiv
     Prints `index<TAB>class<TAB>confidence` per input (class names where known), or JSON lines with --json.
     The checkpoint is never modified."""
     model = _check_model_arg(model)
+    V.check_run(click.get_current_context(), [], False)
     if not data:
         raise click.UsageError("missing --data (the inputs to classify)")
     torch.manual_seed(kw["seed"])
@@ -785,7 +794,7 @@ def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptiv
             rows = pred.predict(x, progress)
     else:
         with torch.no_grad():
-            probs = torch.cat([torch.softmax(loaded.patched(x[i:i + 256].to(device)), 1).cpu()
+            probs = torch.cat([torch.softmax(E.finite_logits(loaded.patched(x[i:i + 256].to(device))), 1).cpu()
                                for i in range(0, len(x), 256)])
         rows = [{"index": i, "prediction": int(p.argmax()), "confidence": float(p.max())} for i, p in enumerate(probs)]
     labelled = bool((ds.labels != hdata.UNLABELLED).all())
@@ -815,12 +824,11 @@ def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptiv
 def export(model, fmt, out_path, force, **kw):
     """Export a patched checkpoint as a TorchScript file that runs without harden ([0,1] inputs)."""
     model = _check_model_arg(model)
+    target = Path(out_path) if out_path else Path(model).with_suffix(".ts.pt")
+    V.check_run(click.get_current_context(), [("--out", target)], force)
     loaded = load_model(model, _mopts(kw))
     if loaded.manifest is None:
         raise InputError(f"'{model}' is not a harden-patched checkpoint")
-    target = Path(out_path) if out_path else Path(model).with_suffix(".ts.pt")
-    if target.exists() and not force:
-        raise InputError(f"'{target}' exists; pass --force to overwrite it")
     shape = loaded.spec.shape
     if not shape:
         raise InputError("the checkpoint records no input shape")
@@ -829,7 +837,7 @@ def export(model, fmt, out_path, force, **kw):
         traced = torch.jit.trace(loaded.patched.eval(), example, check_trace=True)
     except Exception as e:  # noqa: BLE001 - tracing failures come in many types
         raise RunError(f"tracing the model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    atomic_write(target, lambda tmp: torch.jit.save(traced, tmp))
+    write_torch(target, traced, jit=True)
     out(str(target))
 
 

@@ -2,6 +2,9 @@
 
 Top-level keys apply to every command; `[patch]`, `[eval]`, ... tables to one. Keys are option
 names (`arch`, `mean`, `at`, `eval_data`, or with dashes). The command line wins over the file.
+
+A `harden.toml` found in the working directory is announced on stderr. No config file can switch on
+`trust_pickle` or `trust_arch`: trusting code is a decision made on the command line only.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import click
 from .errors import InputError
 
 DEFAULT_FILE = "harden.toml"
+COMMAND_LINE_ONLY = ("trust_pickle", "trust_arch", "force")
 COMMANDS = ("layers", "patch", "eval", "export")
 
 
@@ -46,18 +50,28 @@ def _value(v: Any, multiple: bool) -> Any:
 
 
 def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(f"config file '{path}' does not exist")
+    from .validate import regular_input
+
+    regular_input(path, "config file")
     try:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"config file '{path}' is not valid TOML: {e}") from None
+        raise InputError(f"config file '{path}' is not valid TOML: {str(e).splitlines()[0]}") from None
+    except (OSError, RecursionError) as e:
+        raise InputError(f"cannot read config file '{path}': {getattr(e, 'strerror', None) or e}") from None
     params = {p.name: p for p in command.params if p.name}
     known_anywhere = set()
     flat = {k: v for k, v in doc.items() if not isinstance(v, dict) or k not in COMMANDS}
-    section = doc.get(command.name or "", {})
-    for k in list(flat) + [k for c in COMMANDS for k in doc.get(c, {})]:
+    section = doc.get(command.name or "")
+    section = section if isinstance(section, dict) else {}
+    for k in list(flat) + [k for c in COMMANDS if isinstance(doc.get(c), dict) for k in doc[c]]:
         known_anywhere.add(k.replace("-", "_"))
+    for table in [doc, *(v for v in doc.values() if isinstance(v, dict))]:  # in any table, for any command
+        for key in table:
+            name = str(key).replace("-", "_")
+            if name in COMMAND_LINE_ONLY:
+                raise InputError(f"config file '{path}' sets '{key}': {name.replace('_', '-')} can only be given "
+                                 f"on the command line (--{name.replace('_', '-')})")
     out: dict[str, Any] = {}
     for source, strict in ((flat, False), (section, True)):
         for key, v in source.items():
@@ -81,6 +95,9 @@ class ConfigCommand(click.Command):
         path = find_config(list(args))
         defaults: dict[str, Any] = {}
         try:
+            if path is not None and find_option(list(args), "--config") is None:
+                click.echo(f"harden: reading options from '{path}' in the working directory "
+                           "(--config FILE to choose another)", err=True)
             if path is not None:
                 defaults = load_defaults(path, self)
             if any(p.name == "preset" for p in self.params):

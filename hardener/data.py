@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ FASHION_MNIST_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+MAX_PIXELS = 1 << 26  # 64 megapixels per image: larger ones are refused before decoding (decompression bombs)
 
 
 @dataclass
@@ -80,6 +82,9 @@ def load(spec: str, resize: tuple[int, int] | None = None, labels_required: bool
                          ".safetensors/.npz/.pt tensor file, or fashion-mnist:train|test)")
     if path.is_dir():
         return load_image_folder(path, resize)
+    if not path.is_file():
+        raise InputError(f"data '{spec}' is not a regular file (a pipe or device?): harden reads image folders "
+                         "and tensor files")
     loaders = {".safetensors": _load_safetensors, ".npz": _load_npz, ".pt": _load_pt, ".pth": _load_pt}
     loader = loaders.get(path.suffix.lower())
     if loader is None:
@@ -130,20 +135,28 @@ def load_image_folder(root: Path, resize: tuple[int, int] | None = None) -> Data
     notes: list[str] = []
     resized = 0
     for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise InputError(f"class folder '{d}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for p in files:
             try:
-                with Image.open(p) as im:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    im_cm = Image.open(p)
+                with im_cm as im:
+                    if im.width * im.height > MAX_PIXELS:
+                        raise InputError(f"image '{p}' is {im.width}x{im.height} pixels, more than harden decodes "
+                                         f"({MAX_PIXELS:,}); shrink it first")
                     mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
                     im = im.convert(mode)
                     if resize is not None and im.size != (resize[1], resize[0]):
                         im = im.resize((resize[1], resize[0]), Image.BILINEAR)
                         resized += 1
                     arr = np.asarray(im)
-            except (UnidentifiedImageError, OSError) as e:
-                raise InputError(f"cannot read image '{p}': {e}") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as e:
+                raise InputError(f"cannot read image '{p}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                 ) from None
             if arr.ndim == 2:
                 arr = arr[:, :, None]
             shapes.setdefault(arr.shape, p)
@@ -165,24 +178,42 @@ def load_image_folder(root: Path, resize: tuple[int, int] | None = None) -> Data
 
 
 def _load_safetensors(path: Path):
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         t = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"cannot read '{path}' as safetensors: {e}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for damaged files
+        raise InputError(f"cannot read '{path}' as safetensors: {_first_line(e)}") from None
     return t.get("images"), t.get("labels"), None
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
 def _load_npz(path: Path):
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(b"PK"):
+        what = "empty" if not head else ("a .npy array, not an .npz archive" if head.startswith(b"\x93NUM")
+                                         else f"not a zip archive (starts with {head!r})")
+        raise InputError(f"cannot read '{path}' as .npz: the file is {what}; save with numpy.savez(images=..., "
+                         "labels=...)")
     try:
         with np.load(path, allow_pickle=False) as z:
             images = z["images"] if "images" in z else None
             labels = z["labels"] if "labels" in z else None
-            classes = [str(c) for c in z["classes"]] if "classes" in z else None
-    except (ValueError, OSError) as e:
-        raise InputError(f"cannot read '{path}' as .npz: {e}") from None
+            classes = z["classes"] if "classes" in z else None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError, NotImplementedError,
+            MemoryError) as e:
+        raise InputError(f"cannot read '{path}' as .npz: {_first_line(e)}") from None
+    if classes is not None:
+        if classes.ndim != 1 or classes.dtype.kind not in "USi":
+            raise InputError(f"'{path}': 'classes' must be a 1-D array of names")
+        classes = [str(c) for c in classes]
     return images, labels, classes
 
 
@@ -193,14 +224,18 @@ def _load_pt(path: Path):
         raise InputError(f"cannot read '{path}' as a tensor file: {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict):
         raise InputError(f"'{path}' must hold a dict with 'images' and 'labels'")
-    return obj.get("images"), obj.get("labels"), obj.get("classes")
+    classes = obj.get("classes")
+    if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+        raise InputError(f"'{path}': 'classes' must be a list of names")
+    return obj.get("images"), obj.get("labels"), classes
 
 
 def _from_arrays(images, labels, classes, source: str) -> Dataset:
     if images is None or labels is None:
         raise InputError(f"'{source}' must contain both 'images' and 'labels'")
-    images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-    labels = torch.as_tensor(np.asarray(labels)) if not isinstance(labels, torch.Tensor) else labels
+    images, labels = _as_tensor(images, "images", source), _as_tensor(labels, "labels", source)
+    if labels.numel() == 0 or images.numel() == 0:
+        raise InputError(f"'{source}' holds no images")
     labels = labels.reshape(-1)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise InputError(f"'{source}': labels must be integers, got {labels.dtype}")
@@ -231,13 +266,35 @@ def _from_arrays(images, labels, classes, source: str) -> Dataset:
 # ---------------------------------------------------------------- conforming to the model
 
 
+def _as_tensor(v, what: str, source: str) -> torch.Tensor:
+    """An array of numbers as a tensor; strings, objects and nested lists are named as such."""
+    if isinstance(v, torch.Tensor):
+        return v
+    try:
+        arr = np.asarray(v)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"'{source}': {what} is not an array ({_first_line(e)})") from None
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"'{source}': {what} must be numbers, got dtype {arr.dtype}"
+                         + (" (labels are class indices 0..K-1; names go in 'classes')" if what == "labels" else ""))
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8 or arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    try:
+        return torch.as_tensor(arr)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"'{source}': {what} have an unsupported dtype {arr.dtype} ({_first_line(e)})") from None
+
+
 def parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
     if text is None or text == "":
         return None
-    m = re.fullmatch(r"\s*(\d+)\s*[,x]\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,6})\s*[,x]\s*(\d{1,6})\s*", str(text))
     if not m:
         raise InputError(f"{what} must be H,W (for example 28,28), got '{text}'")
-    return int(m.group(1)), int(m.group(2))
+    h, w = int(m.group(1)), int(m.group(2))
+    if h < 1 or w < 1 or h * w > MAX_PIXELS:
+        raise InputError(f"{what} must be two positive sizes H,W of at most {MAX_PIXELS:,} pixels, got '{text}'")
+    return h, w
 
 
 def conform(ds: Dataset, channels: int | None, resize: tuple[int, int] | None,
@@ -281,17 +338,35 @@ def apply_class_map(ds: Dataset, classes_file: str | None) -> Dataset:
     """Map folder class names to model indices with --classes (JSON list/dict or one name per line)."""
     if classes_file is None:
         return ds
-    text = Path(classes_file).read_text()
+    path = Path(classes_file)
+    if not path.is_file():
+        raise InputError(f"--classes '{classes_file}' is not a regular file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--classes {classes_file}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"cannot read --classes {classes_file}: {e.strerror}") from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith(("[", "{", '"')):
+            raise InputError(f"--classes {classes_file}: invalid JSON ({e.msg}, line {e.lineno})") from None
         obj = [line.strip() for line in text.splitlines() if line.strip()]
+    except RecursionError:
+        raise InputError(f"--classes {classes_file}: JSON nested too deeply") from None
     if isinstance(obj, dict):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 20 for v in obj.values()):
+            raise InputError(f"--classes {classes_file}: a JSON object must map names to indices 0, 1, ...")
         mapping = {str(k): int(v) for k, v in obj.items()}
     elif isinstance(obj, list):
+        if not all(isinstance(name, (str, int, float)) and not isinstance(name, bool) for name in obj):
+            raise InputError(f"--classes {classes_file}: a JSON list must hold class names")
         mapping = {str(name): i for i, name in enumerate(obj)}
     else:
         raise InputError(f"--classes {classes_file}: expected a JSON list or object, or one name per line")
+    if not mapping:
+        raise InputError(f"--classes {classes_file} names no classes")
     if ds.classes is None:
         raise InputError("--classes applies to image folders (or tensor files that store 'classes')")
     missing = [c for c in ds.classes if c not in mapping]

@@ -30,7 +30,8 @@ from . import attacks as A
 from . import data as hdata
 from .patches import PatchedModel
 from .patches.attach import Disabled
-from .checkpoint import atomic_write, tensor_digest
+from .checkpoint import atomic_write, tensor_digest, write_torch
+from .errors import RunError
 from .errors import InputError
 from .resume import EvalStore, fingerprint
 
@@ -72,12 +73,22 @@ def acc(mask: torch.Tensor) -> dict:
     return {"accuracy": k / n if n else 0.0, "correct": k, "n": n, "ci95": [lo, hi]}
 
 
+def finite_logits(logits: torch.Tensor, what: str = "inputs") -> torch.Tensor:
+    """Logits that are NaN or inf make every accuracy meaningless (argmax of NaN can land on the label):
+    an error (exit 3), never a "robust" sample."""
+    ok = torch.isfinite(logits).all(1) if logits.ndim == 2 else torch.isfinite(logits)
+    if not bool(ok.all()):
+        raise RunError(f"the model's outputs are NaN or inf on {int((~ok).sum())} of {len(ok)} {what}: "
+                       "its weights or patches are damaged, or it overflows; no accuracy can be reported")
+    return logits
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     out = []
     for i in range(0, len(x), batch_size):
         out.append(model(x[i:i + batch_size].to(device)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+    return finite_logits(torch.cat(out)) if out else torch.empty(0)
 
 
 def _spec(cfg: EvalConfig, name: str, n_classes: int, eps: float | None = None,
@@ -128,9 +139,9 @@ class TransferBank:
             adv = self._attacks[key](self.x[sl].to(self.device), self.y[sl].to(self.device)).detach().cpu()
             self.computed += 1
             if f is not None:
-                from safetensors.torch import save_file
+                from .checkpoint import write_safetensors
 
-                atomic_write(f, lambda tmp: save_file({"adv": adv.contiguous()}, tmp))
+                write_safetensors(f, {"adv": adv.contiguous()})
         self._mem[(key, k)] = adv
         return adv
 
@@ -180,7 +191,7 @@ class BaseCache:
         return res
 
     def save_base(self, res: dict) -> None:
-        atomic_write(self.dir / "base.pt", lambda tmp: torch.save(res, tmp))
+        write_torch(self.dir / "base.pt", res)
 
     def record(self, bank: TransferBank | None) -> dict:
         return {"dir": str(self.dir), "key": self.key, "base_rows_reused": self.reused_base,
@@ -232,7 +243,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
                 viol += int(bad.sum())
                 adv = A.project(xb, adv, spec.eps, spec.norm)
             with torch.no_grad():
-                ok = target(adv).argmax(1).cpu() == yb.cpu()
+                ok = finite_logits(target(adv), "adversarial examples").argmax(1).cpu() == yb.cpu()
             robust[bi] = ok
             broken += int((~ok).sum())
             if progress:

@@ -563,6 +563,14 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
             save(cfg.epochs if converged else epoch + 1, 0)
             if converged:
                 break
+    except RunError as e:
+        if saver is not None and not saver.path.exists():
+            saver.clear()  # nothing to resume from: the cached adversarial examples would only be left over
+            raise
+        if saver is not None:
+            raise RunError(f"{e.message}; the last good state is kept in '{saver.path}' (--resume continues "
+                           "from it)") from None
+        raise
     finally:
         if base_cache is not None:
             base_cache.store.close()

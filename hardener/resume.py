@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import click
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, write_torch
 from .errors import InputError
 
 STATE_VERSION = 3  # 3: transfer examples come from fixed whole-set batches
@@ -46,7 +46,7 @@ def check_start(path: Path, resume: bool, what: str) -> None:
 
 def write_state(path: Path, fingerprint: str, state: dict[str, Any]) -> None:
     state = {**state, "version": STATE_VERSION, "fingerprint": fingerprint}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    write_torch(path, state)
 
 
 def read_state(path: Path, fingerprint: str) -> dict[str, Any]:
@@ -85,10 +85,9 @@ class Saver:
         return read_state(self.path, self.fingerprint)
 
     def save_adv(self, adv: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        from .checkpoint import write_safetensors
 
-        atomic_write(self.adv_path, lambda tmp: save_file({"adv": adv.contiguous()}, tmp,
-                                                          metadata={"fingerprint": self.fingerprint}))
+        write_safetensors(self.adv_path, {"adv": adv.contiguous()}, {"fingerprint": self.fingerprint})
 
     def load_adv(self) -> torch.Tensor | None:
         from safetensors import safe_open
@@ -157,11 +156,18 @@ class EvalStore:
     the report is written. Keys name model, threat model and attack position in the chain.
     """
 
-    def __init__(self, path: Path, fingerprint: str, resume: bool, interval: float = 20.0) -> None:
+    def __init__(self, path: Path | None, fingerprint: str, resume: bool, interval: float = 20.0) -> None:
+        """`path` None: progress is kept in memory only (nothing can be resumed, nothing is written)."""
         self.path, self.fingerprint, self.interval = path, fingerprint, interval
         self._last = time.time()
+        if path is None:
+            if resume:
+                raise InputError("--resume: no evaluation state to resume from; evaluation state is kept only "
+                                 "with --state-dir DIR, HARDEN_CACHE_DIR or beside a --report")
+            self.data: dict[str, Any] = {}
+            return
         check_start(path, resume, "evaluation")
-        self.data: dict[str, Any] = read_state(path, fingerprint)["data"] if resume else {}
+        self.data = read_state(path, fingerprint)["data"] if resume else {}
 
     def get(self, key: str) -> dict | None:
         return self.data.get(key)
@@ -172,11 +178,16 @@ class EvalStore:
             self.flush()
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     def flush(self) -> None:
-        if self.data:
-            write_state(self.path, self.fingerprint, {"data": self.data})
+        if self.data and self.path is not None:
+            try:
+                write_state(self.path, self.fingerprint, {"data": self.data})
+            except click.ClickException as e:  # state is a convenience: the evaluation goes on without it
+                click.echo(f"warning: {e.message}; this evaluation cannot be resumed", err=True)
+                self.path = None
             self._last = time.time()
 
 

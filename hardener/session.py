@@ -77,16 +77,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loaded:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"checkpoint '{path}' does not exist")
+    from .validate import regular_input
+
+    p = regular_input(path, "checkpoint")
     manifest = read_manifest(p)
     if manifest is not None:
         if not allow_patched:
             raise InputError(f"'{path}' is already a harden-patched checkpoint; patch its base instead "
                              "(patching a patched model is not supported)")
         patched, manifest = load_patched(p, arch=opts.arch, trust_arch=opts.trust_arch,
-                                         arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs) or None)
+                                         arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs)
+                                         if opts.arch_kwargs else None)
         return Loaded(patched, manifest, None)
     base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
     spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(opts.mean, "--mean"),
@@ -107,14 +108,17 @@ def load_parent(loaded: Loaded, parent: str | None, opts: ModelOptions):
                          f"{loaded.manifest.training.get('config', {}).get('method', '?')}): pass --parent ORIGINAL "
                          "so that the base rows and transfer attacks use the model it started from")
     from .checkpoint import sha256_file
+    from .validate import regular_input
 
-    if not Path(parent).is_file():
-        raise InputError(f"--parent '{parent}' does not exist")
+    regular_input(parent, "--parent")
     if sha256_file(Path(parent)) != loaded.manifest.parent_sha256:
         raise InputError(f"--parent '{parent}' is not the checkpoint this model was fine-tuned from (sha256 differs "
                          "from the manifest's parent_sha256)")
-    arch = opts.arch or loaded.manifest.arch
-    base = load_base(parent, arch, loaded.manifest.arch_kwargs, opts.trust_pickle)
+    from .checkpoint import arch_for_manifest
+
+    choice = arch_for_manifest(loaded.manifest, opts.arch, opts.trust_arch,
+                               archspec.parse_kwargs(opts.arch_kwargs) if opts.arch_kwargs else None)
+    base = load_base(parent, choice.spec, choice.kwargs, opts.trust_pickle)
     return Classifier(base.net, InputSpec.from_json(loaded.manifest.input)).eval()
 
 
@@ -147,8 +151,18 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
     else:
         raise InputError("cannot tell the model's input shape: pass --input-shape C,H,W or --data")
     loaded.patched.to(device)
-    infos = probe(loaded.patched.model, x.to(device))
-    out = loaded.patched(x.to(device))
+    try:
+        infos = probe(loaded.patched.model, x.to(device))
+        with torch.no_grad():
+            out = loaded.patched(x.to(device))
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        sites = f" with patches at {', '.join(loaded.patched.sites)}" if loaded.patched.sites else ""
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"the model{sites} fails on inputs of shape {tuple(x.shape[1:])} (C,H,W): {first}") from None
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"the model's output is a {type(out).__name__}, not a tensor of logits")
     if out.ndim != 2:
         raise InputError(f"the model's output has shape {tuple(out.shape)}, not (batch, classes): "
                          "pick the logits with --logits KEY|INDEX")

@@ -144,11 +144,9 @@ def test_failed_write_leaves_no_output_and_exits_3(runner, tmp_path, tiny_ckpt, 
 
     before = tiny_ckpt.read_bytes()
 
-    def full_disk(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def full_disk(tensors, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save", full_disk)
     r, out = _patch(runner, tiny_ckpt, tiny_data, tmp_path, "--subset", "30")
     assert r.exit_code == 3 and "No space left" in r.output and "Traceback" not in r.output
     assert not out.exists() and not list(tmp_path.glob(".out.safetensors.*"))

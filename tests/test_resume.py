@@ -159,8 +159,10 @@ def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tin
     from hardener import evaluation as E
 
     monkeypatch.chdir(tmp_path)
+    state = tmp_path / "state"
     args = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack", "pgd,fgsm",
-            "--eps", "0.15", "--steps", "3", "--batch-size", "8", "--no-checks", "--json", "--quiet"]
+            "--eps", "0.15", "--steps", "3", "--batch-size", "8", "--no-checks", "--json", "--quiet",
+            "--state-dir", str(state)]
     ref = json.loads(runner.invoke(main, args).stdout)
 
     real = E.A.Attack.__call__
@@ -174,7 +176,8 @@ def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tin
     monkeypatch.setattr(E.A.Attack, "__call__", flaky)
     r = runner.invoke(main, args)
     assert r.exit_code == 130 and "--resume" in r.output
-    assert len(list(tmp_path.glob(".harden-eval-*.partial"))) == 1
+    assert len(list(state.glob(".harden-eval-*.partial"))) == 1
+    assert not list(tmp_path.glob(".harden-eval-*"))  # never the working directory
     again = runner.invoke(main, args)
     assert_input_error(again, "--resume")
     monkeypatch.setattr(E.A.Attack, "__call__", real)
@@ -187,7 +190,7 @@ def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tin
             b = [r["robust_after"] for r in got["models"][name]["threats"][t]["attacks"]]
             assert a == b
         assert got["models"][name]["worst_case"] == ref["models"][name]["worst_case"]
-    assert not list(tmp_path.glob(".harden-eval-*.partial"))
+    assert not list(state.glob(".harden-eval-*.partial"))
 
 
 def test_nan_loss_keeps_last_good_state_and_resume_continues(tmp_path, runner, monkeypatch):

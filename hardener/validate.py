@@ -1,0 +1,368 @@
+"""Validation at the boundaries: checkpoint manifests, option values, input and output paths.
+
+Everything here raises `InputError` (exit 2) with one line naming the field, flag or file.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+MAX_PATCHES = 4096
+MAX_CHANNELS = 1 << 16
+MAX_TEXT = 1000
+HEX64 = re.compile(r"[0-9a-f]{64}")
+BN_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Fields:
+    """Typed access to one JSON object of a manifest; errors name the field path."""
+
+    def __init__(self, d: Any, where: str, source: str) -> None:
+        if not isinstance(d, dict):
+            raise InputError(f"{source}: manifest field '{where}' must be a JSON object, got {_type(d)}")
+        self.d, self.where, self.source = d, where, source
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, what: str) -> InputError:
+        return InputError(f"{self.source}: manifest field '{self.name(key)}' {what}, got "
+                          f"{_show(self.d.get(key))}")
+
+    def known(self, keys: set[str]) -> None:
+        extra = sorted(set(self.d) - keys, key=str)
+        if extra:
+            raise InputError(f"{self.source}: manifest has unknown field '{self.name(str(extra[0]))}'")
+
+    def get(self, key: str, check, what: str, default: Any = ..., required: bool = False) -> Any:
+        if key not in self.d:
+            if required or default is ...:
+                raise InputError(f"{self.source}: manifest lacks the field '{self.name(key)}'")
+            return default
+        v = self.d[key]
+        if not check(v):
+            raise self.fail(key, what)
+        return v
+
+
+def _type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return _type(v) + (f" {text}" if len(text) <= 40 else "")
+
+
+def _text(limit: int = MAX_TEXT):
+    return lambda v: isinstance(v, str) and len(v) <= limit
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _int_in(lo: int, hi: int):
+    return lambda v: _is_int(v) and lo <= v <= hi
+
+
+def _num(lo: float = -math.inf, hi: float = math.inf, open_lo: bool = False):
+    return lambda v: _is_num(v) and (v > lo if open_lo else v >= lo) and v <= hi
+
+
+def _hex_or_empty(v: Any) -> bool:
+    return isinstance(v, str) and (v == "" or bool(HEX64.fullmatch(v)))
+
+
+def _num_list(n_max: int, positive: bool = False):
+    return lambda v: (isinstance(v, list) and 1 <= len(v) <= n_max
+                      and all(_is_num(x) and (x > 0 or not positive) for x in v))
+
+
+def validate_input(d: Any, source: str) -> dict:
+    f = _Fields(d, "input", source)
+    f.known({"shape", "mean", "std", "classes", "num_classes", "logits", "preprocessing"})
+    out = {
+        "shape": f.get("shape", _opt(lambda v: isinstance(v, list) and len(v) == 3
+                                     and all(_is_int(x) and 1 <= x <= MAX_CHANNELS for x in v)
+                                     and v[0] * v[1] * v[2] <= 1 << 28),
+                       "must be null or [C, H, W] of positive integers", None),
+        "mean": f.get("mean", _opt(_num_list(4096)), "must be null or a list of finite numbers", None),
+        "std": f.get("std", _opt(_num_list(4096, positive=True)), "must be null or a list of positive numbers",
+                     None),
+        "classes": f.get("classes", _opt(lambda v: isinstance(v, list) and len(v) <= 1 << 20
+                                         and all(isinstance(c, str) and len(c) <= MAX_TEXT for c in v)),
+                         "must be null or a list of strings", None),
+        "num_classes": f.get("num_classes", _opt(_int_in(1, 1 << 24)), "must be null or a positive integer", None),
+        "logits": f.get("logits", _opt(lambda v: _text(200)(v) or _int_in(-1000, 1000)(v)),
+                        "must be null, a key or an index", None),
+        "preprocessing": f.get("preprocessing", lambda v: isinstance(v, list) and all(_text()(x) for x in v),
+                               "must be a list of strings", []),
+    }
+    if out["logits"] is not None:
+        out["logits"] = str(out["logits"])
+    return out
+
+
+def _patch_fields(kind: str):
+    from .patches.denoise import OPS
+    from .patches.fixer import ACTIVATIONS
+
+    channels = (_int_in(1, MAX_CHANNELS), f"must be an integer in 1..{MAX_CHANNELS}")
+    return {
+        "fixer": {"channels": channels, "rho": (_num(0, 1e6, open_lo=True), "must be a positive number"),
+                  "delta": (_num(-1e6, 1e6), "must be a finite number"),
+                  "act": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
+                  "final_relu": (lambda v: isinstance(v, bool), "must be true or false")},
+        "prefilter": {"channels": channels, "width": (_int_in(1, 4096), "must be an integer in 1..4096"),
+                      "delta": (_num(-1e6, 1e6), "must be a finite number")},
+        "denoise": {"channels": channels, "op": (lambda v: isinstance(v, str) and v in OPS, f"must be one of {', '.join(OPS)}"),
+                    "chunk": (_int_in(1, 1 << 20), "must be an integer in 1..1048576")},
+        "auxbn": {"type": (lambda v: isinstance(v, str) and v in BN_TYPES, f"must be one of {', '.join(BN_TYPES)}"),
+                  "features": channels, "eps": (_num(0, 1, open_lo=True), "must be a small positive number"),
+                  "momentum": (_opt(_num(0, 1)), "must be null or a number in [0, 1]"),
+                  "affine": (lambda v: isinstance(v, bool), "must be true or false")},
+    }[kind]
+
+
+OPTIONAL_PATCH_KEYS = {"denoise": {"chunk": 1024}}
+
+
+def validate_patch(d: Any, i: int, source: str) -> dict:
+    from .patches import PATCH_KINDS
+
+    f = _Fields(d, f"patches[{i}]", source)
+    kind = f.get("kind", lambda v: isinstance(v, str) and v in PATCH_KINDS,
+                 f"must be one of {', '.join(PATCH_KINDS)}", required=True)
+    site = f.get("site", lambda v: isinstance(v, str) and 0 < len(v) <= MAX_TEXT, "must be a layer name",
+                 required=True)
+    fields = _patch_fields(kind)
+    f.known({"kind", "site", *fields})
+    out = {"kind": kind, "site": site}
+    for key, (check, what) in fields.items():
+        default = OPTIONAL_PATCH_KEYS.get(kind, {}).get(key, ...)
+        out[key] = f.get(key, check, what, default)
+    return out
+
+
+def patch_numel(spec: dict) -> int:
+    """Elements of the tensors a patch spec asks for, computed without allocating them."""
+    kind = spec["kind"]
+    if kind == "fixer":
+        c = spec["channels"]
+        hidden_f = c / spec["rho"]
+        if hidden_f > 1 << 24:
+            raise InputError(f"manifest patch at '{spec['site']}': rho {spec['rho']} asks for {hidden_f:.3g} "
+                             "hidden channels")
+        h = max(1, int(c // spec["rho"]))
+        return c * h + h + h * c * 9 + c
+    if kind == "prefilter":
+        c, w = spec["channels"], spec["width"]
+        return c * w * 9 + w + w * w * 9 + w + w * c * 9 + c
+    if kind == "denoise":
+        c = spec["channels"]
+        return (2 * c * max(1, c // 2) if spec["op"] == "nonlocal-gaussian" else 0) + c * c + c
+    return 4 * spec["features"] + 1  # auxbn: weight, bias, running mean and var, batches tracked
+
+
+MANIFEST_FIELDS = {"arch", "arch_kwargs", "input", "patches", "base_sha256", "training", "base_tensors_sha256",
+                   "route", "base_modified", "parent_sha256", "format_version", "harden_version",
+                   "tensors_sha256"}
+
+
+def validate_manifest(d: Any, source: str, newest: int, version: str) -> dict:
+    """The constructor arguments of `checkpoint.Manifest` from a parsed manifest, every field checked."""
+    f = _Fields(d, "", source)
+    fv = f.get("format_version", _int_in(0, 1 << 30), "must be a non-negative integer", 0)
+    if fv > newest:
+        raise InputError(f"checkpoint format {fv} is newer than this harden ({version}) can read: upgrade harden")
+    f.known(MANIFEST_FIELDS)
+    patches = f.get("patches", lambda v: isinstance(v, list) and len(v) <= MAX_PATCHES,
+                    f"must be a list of at most {MAX_PATCHES} patches", required=True)
+    out = {
+        "arch": f.get("arch", _opt(lambda v: _text()(v) and v != ""), "must be null or a 'module:callable' string",
+                      required=True),
+        "arch_kwargs": f.get("arch_kwargs", lambda v: isinstance(v, dict), "must be a JSON object", {}),
+        "input": validate_input(f.get("input", lambda v: isinstance(v, dict), "must be a JSON object",
+                                      required=True), source),
+        "patches": [validate_patch(p, i, source) for i, p in enumerate(patches)],
+        "base_sha256": f.get("base_sha256", _text(128), "must be a string", required=True),
+        "training": f.get("training", lambda v: isinstance(v, dict), "must be a JSON object", {}),
+        "base_tensors_sha256": f.get("base_tensors_sha256", _hex_or_empty, "must be a sha256 hex digest", ""),
+        "tensors_sha256": f.get("tensors_sha256", _hex_or_empty, "must be a sha256 hex digest", ""),
+        "parent_sha256": f.get("parent_sha256", _text(128), "must be a string", ""),
+        "route": f.get("route", lambda v: isinstance(v, str) and v in ("adv", "main"), "must be 'adv' or 'main'", "adv"),
+        "base_modified": f.get("base_modified", lambda v: isinstance(v, bool), "must be true or false", False),
+        "harden_version": f.get("harden_version", _text(64), "must be a string", "?"),
+        "format_version": fv,
+    }
+    sites = [p["site"] for p in out["patches"]]
+    dup = next((s for s in sites if sites.count(s) > 1), None)
+    if dup is not None:
+        raise InputError(f"{source}: manifest lists two patches at site '{dup}'")
+    return out
+
+
+# ---------------------------------------------------------------- options
+
+
+def _flag(param) -> str:
+    opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+    return max(opts, key=len) if opts else f"--{param.name.replace('_', '-')}"
+
+
+# name -> (check, requirement); None values (option not given) pass.
+def _ge(n):
+    return (lambda v: v >= n), f"must be at least {n}"
+
+
+def _finite_pos():
+    return (lambda v: math.isfinite(v) and v > 0), "must be a finite positive number"
+
+
+def _finite_nonneg():
+    return (lambda v: math.isfinite(v) and v >= 0), "must be a finite number >= 0"
+
+
+def _finite():
+    return (lambda v: math.isfinite(v)), "must be a finite number"
+
+
+OPTION_RULES: dict[str, tuple] = {
+    "batch_size": _ge(1), "steps": _ge(1), "restarts": _ge(1), "queries": _ge(1), "epochs": _ge(1),
+    "max_samples": _ge(1), "eval_samples": _ge(0), "eval_steps": _ge(1), "save_every": _ge(0),
+    "select_on": _ge(0), "validate": _ge(0), "validate_every": _ge(1), "width": _ge(1),
+    "e2e_samples": _ge(0), "e2e_steps": _ge(1), "neighbour_steps": _ge(1), "iterations": _ge(1),
+    "post_batch": _ge(2), "seed": _ge(0),
+    "lr": _finite_pos(), "post_lr": _finite_pos(), "alpha": _finite_pos(), "rho": _finite_pos(),
+    "delta": _finite(), "beta": _finite_nonneg(), "lam": _finite_nonneg(), "mu": _finite_nonneg(),
+    "gamma": _finite_nonneg(), "eps_warmup": _finite_nonneg(), "sigma": _finite_nonneg(),
+    "phi": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
+}
+
+
+def check_options(ctx) -> None:
+    """Every numeric option of the current command against OPTION_RULES, naming the user's flag."""
+    params = {p.name: p for p in ctx.command.params}
+    for name, value in ctx.params.items():
+        rule = OPTION_RULES.get(name)
+        if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        check, what = rule
+        if not check(value):
+            raise InputError(f"{_flag(params[name])} {what}, got {value}")
+
+
+def check_pair(pair: tuple[int, int] | None, what: str) -> tuple[int, int] | None:
+    if pair is not None and (pair[0] < 1 or pair[1] < 1 or pair[0] * pair[1] > 1 << 26):
+        raise InputError(f"{what} must be two positive sizes H,W (at most 64 megapixels), got {pair[0]},{pair[1]}")
+    return pair
+
+
+# ---------------------------------------------------------------- paths
+
+
+def regular_input(path: str | Path, what: str) -> Path:
+    """An input file that exists and is a regular file (a FIFO or device would hang or never end)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise InputError(f"{what} '{path}' does not exist") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} '{path}': {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe or device?)"
+        raise InputError(f"{what} '{path}' is {kind}")
+    return p
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str, str | Path | None]],
+                  force: bool) -> None:
+    """No output is an input of the same run (with --force or not); an existing output needs --force;
+    outputs go to existing folders and are regular files when they exist; no two outputs coincide."""
+    seen: list[tuple[str, Path]] = []
+    for flag, out in outputs:
+        o = Path(out)
+        for iflag, inp in inputs:
+            if inp and not str(inp).startswith("fashion-mnist:") and _same(o, Path(inp)):
+                raise InputError(f"{flag} '{out}' is also the run's input {iflag}: harden never overwrites an "
+                                 "input, --force or not")
+        for sflag, s in seen:
+            if _same(o, s):
+                raise InputError(f"{flag} '{out}' is also {sflag}: give each output its own file")
+        seen.append((flag, o))
+        parent = o.parent if str(o.parent) else Path(".")
+        if not parent.is_dir():
+            raise InputError(f"{flag} '{out}': folder '{parent}' does not exist")
+        if o.is_symlink() or o.exists():
+            if o.is_dir():
+                raise InputError(f"{flag} '{out}' is a folder")
+            if o.exists() and not o.is_file():
+                raise InputError(f"{flag} '{out}' exists and is not a regular file (a pipe or device?)")
+            if not force:
+                raise InputError(f"{flag} '{out}' exists; pass --force to overwrite it or choose another file")
+
+
+INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-data"), ("classes", "--classes"),
+                ("config", "--config"), ("parent", "--parent"), ("reference_data", "--reference-data"))
+
+
+def check_run(ctx, outputs: list[tuple[str, Any]], force: bool) -> None:
+    """The boundary checks of one command: option values, then output paths against the run's inputs."""
+    from .config import DEFAULT_FILE
+
+    check_options(ctx)
+    params = ctx.params
+    inputs: list[tuple[str, Any]] = [(flag, params.get(name)) for name, flag in INPUT_PARAMS if params.get(name)]
+    if not params.get("config") and Path(DEFAULT_FILE).is_file():
+        inputs.append(("config file", DEFAULT_FILE))
+    if params.get("classes"):
+        regular_input(params["classes"], "--classes file")
+    check_outputs([(flag, o) for flag, o in outputs if o], inputs, force)
+
+
+def eval_state_dir(state_dir: str | None, reports: list[str]) -> Path | None:
+    """Where `harden eval` keeps resumable state: --state-dir, HARDEN_CACHE_DIR, beside the first --report;
+    None (nothing written, nothing resumable) when none is given. Never the working directory by default."""
+    chosen = state_dir or os.environ.get("HARDEN_CACHE_DIR") or None
+    if chosen:
+        d = Path(chosen)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"state folder '{d}' cannot be created: {e.strerror}") from None
+        if not d.is_dir():
+            raise InputError(f"state folder '{d}' is not a folder")
+        return d
+    if reports:
+        parent = Path(reports[0]).parent
+        return parent if str(parent) else Path(".")
+    return None
