@@ -44,3 +44,13 @@ def test_patch_speed_quick(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["images_per_s"]) == {"uncached", "cached", "bound"}
     assert "is cached" in res["cache_note"]
+
+
+def test_hostile_campaign_runs(tmp_path):
+    """A slice of the hostile-input campaign (bench/hostile_campaign.py), so the script cannot rot."""
+    out = tmp_path / "c.json"
+    r = subprocess.run([sys.executable, "bench/hostile_campaign.py", "--only", "code-exec/os:system/predict",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tally = json.loads(out.read_text())["tally"]
+    assert tally["cases"] == 3 and tally["as_expected"] == 3 and tally["payload_executed"] == 0
