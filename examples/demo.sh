@@ -19,7 +19,7 @@ set -x
 # The verdict on test images the base never saw: white-box APGD-CE + APGD-DLR (100 steps each) on the patched
 # model itself, and the same attacks computed on the base (transfer); base and patched side by side.
 "$HARDEN" eval "$OUT/fmnist.hardened.safetensors" --data "$TEST" --max-samples "$SAMPLES" \
-  --attack apgd-ce,apgd-dlr --threat whitebox,transfer --report "$OUT/eval-report.md" \
+  --attack apgd-ce,apgd-dlr --threat whitebox,transfer --force --report "$OUT/eval-report.md" \
   --report "$OUT/eval-report.html" --json > "$OUT/eval-report.json"
 set +x
 python3 - "$OUT/eval-report.json" <<'PY' >&2 || true

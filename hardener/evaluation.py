@@ -30,7 +30,7 @@ from . import attacks as A
 from . import data as hdata
 from .patches import PatchedModel
 from .patches.attach import Disabled
-from .checkpoint import atomic_write, tensor_digest, write_torch
+from .checkpoint import tensor_digest, write_torch
 from .errors import RunError
 from .errors import InputError
 from .resume import EvalStore, fingerprint
