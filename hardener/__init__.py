@@ -4,8 +4,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path, arch=None, trust_arch=False, arch_kwargs=None):
-    """Load a harden-patched checkpoint as an nn.Module that takes [0, 1] pixels and returns logits.
+def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=None):
+    """Load a checkpoint as an nn.Module that takes [0, 1] pixels and returns logits: a harden-patched file, or a
+    plain state dict (built with `arch`, normalised with `mean`/`std`; it comes back with no patches, ready for
+    `hardener.patch`).
 
     The returned `PatchedModel` has `patches_disabled()` (the base, exactly), `set_strength()`, and for
     auxiliary BNs `route("adv"|"main")` (a context manager; `set_route` changes the default, which the
@@ -16,8 +18,19 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None):
     its module lies under a prefix of `trust_arch="pkg,other.pkg"` or of the HARDEN_TRUSTED_ARCH
     environment variable. The checkpoint's tensors are checked against its manifest's checksums.
     """
-    from .checkpoint import load_patched
+    from pathlib import Path
 
+    from .checkpoint import load_patched, read_manifest
+
+    if Path(path).is_file() and read_manifest(Path(path)) is None:
+        import json
+
+        from .api import as_patched
+
+        kwargs = json.dumps(arch_kwargs) if arch_kwargs else None
+        patched = as_patched(str(path), arch, mean, std, arch_kwargs=kwargs)
+        patched.manifest = None
+        return patched
     patched, manifest = load_patched(path, arch=arch, trust_arch=trust_arch, arch_kwargs=arch_kwargs)
     patched.manifest = manifest
     return patched

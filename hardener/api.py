@@ -136,7 +136,7 @@ def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str) -> hdata.Datase
 
 
 def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits: str | None = None,
-               trust_pickle: bool = False) -> PatchedModel:
+               trust_pickle: bool = False, arch_kwargs: str | None = None) -> PatchedModel:
     """A `PatchedModel` (no patches yet) around an `nn.Module` or the checkpoint at a path."""
     if isinstance(model, PatchedModel):
         return model
@@ -144,7 +144,8 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
         from .session import ModelOptions, load_model
 
         loaded = load_model(str(model), ModelOptions(arch=arch, trust_pickle=trust_pickle, logits=logits,
-                                                     mean=_csv(mean), std=_csv(std)), allow_patched=False)
+                                                     arch_kwargs=arch_kwargs, mean=_csv(mean), std=_csv(std)),
+                            allow_patched=False)
         loaded.patched.arch, loaded.patched.arch_kwargs = loaded.base.arch, loaded.base.arch_kwargs
         loaded.patched.base_sha256 = loaded.base.sha256
         return loaded.patched

@@ -90,3 +90,12 @@ def test_readme_library_example_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "library-report.md").read_text().strip()
     assert hardener.load(tmp_path / "fmnist.hardened.safetensors",
                          arch="examples/fmnist_model.py:resnet9_small").manifest.training["preset"]["name"] == "robust"
+
+
+def test_load_takes_plain_checkpoints_too(tiny_ckpt):
+    net = trained_tiny()
+    plain = hardener.load(tiny_ckpt, arch=ARCH)
+    assert plain.manifest is None and not plain.sites
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(x), net(x))
