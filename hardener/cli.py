@@ -429,7 +429,8 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     full_cmd = _full_eval_command(out_file, loaded, eval_data, spec)
     rep = R.build("patch", result, _data_record(eval_ds, warnings), _settings(result),
                   R.environment(str(device), kw["seed"], kw["deterministic"]),
-                  {"checkpoint": str(out_file), "training": manifest.training, "patches": manifest.patches,
+                  {"checkpoint": str(out_file), "checkpoint_sha256": sha256_file(out_file), "eps": spec.eps,
+                   "norm": spec.norm, "training": manifest.training, "patches": manifest.patches,
                    "train_seconds": train_seconds, "report_seconds": report_seconds,
                    "estimate": {k: v for k, v in estimate.items() if k.endswith("seconds")},
                    "trainable_parameters": n_params, "route": default_route,
@@ -662,7 +663,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
                         checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad))
-    fp = fingerprint({"model": sha256_file(Path(model)), "data": ds.fingerprint(), "eval": asdict(ecfg),
+    model_sha = sha256_file(Path(model))
+    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type, "route": loaded.patched.current_route, "parent": parent})
     state_dir = V.eval_state_dir(kw["state_dir"], list(report_paths))
     state = state_dir / f".harden-eval-{fp[:16]}.partial" if state_dir is not None else None
@@ -678,7 +680,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
             raise Interrupted("interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation "
                               "resumable)") from None
         raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
-    extra = {"checkpoint": model, "eps": ecfg.eps, "norm": norm}
+    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": norm}
     if result.get("base_cache"):
         extra["base_cache"] = result["base_cache"]
     if loaded.manifest is not None:
@@ -691,6 +693,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     rep = R.build("eval", result, _data_record(ds, []), _settings(result), env, extra)
     missed = R.gate(rep, thresholds)
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
+    rep["summary"] = R.summary(rep)
     R.render_table(rep, err_console)
     for p in report_paths:
         R.write(rep, p)

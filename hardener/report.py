@@ -55,7 +55,64 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
     }
     if extra:
         rep.update(extra)
+    import datetime
+
+    rep["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rep["summary"] = summary(rep)
     return rep
+
+
+def summary(rep: dict) -> dict:
+    """A flat block of the headline numbers (for MLflow / W&B / a CI log): fractions rounded to 4 places, None where
+    a threat model did not run. `robust` is the white-box per-sample worst case of the evaluated model."""
+    models = rep["models"]
+    name = "patched" if "patched" in models else "base"
+
+    def r4(v):
+        return None if v is None else round(float(v), 4)
+
+    def threat(m: dict, t: str):
+        return r4(m["threats"][t]["robust"]["accuracy"]) if t in m.get("threats", {}) else None
+
+    m, base = models[name], models.get("base", {})
+    out = {"model": name, "n": rep["data"].get("n"), "eps": rep.get("eps"), "norm": rep.get("norm"),
+           "clean": r4(m["clean"]["accuracy"]), "robust": threat(m, "whitebox"), "transfer": threat(m, "transfer"),
+           "blackbox": threat(m, "blackbox"), "worst_case": r4(m["worst_case"]["accuracy"]),
+           "attacks": sorted({s.get("name", "") for s in rep.get("attack_settings", [])})}
+    if name == "patched" and base:
+        out.update(base_clean=r4(base["clean"]["accuracy"]), base_robust=threat(base, "whitebox"),
+                   delta_clean=r4(m["clean"]["accuracy"] - base["clean"]["accuracy"]))
+    gates = rep.get("gates")
+    if gates and gates.get("thresholds"):
+        out["gates_passed"] = not gates.get("missed")
+    return out
+
+
+def headline(rep: dict) -> list[str]:
+    """The first lines of a Markdown/HTML report: what was evaluated, and the verdict per threat model."""
+    s = rep.get("summary") or summary(rep)
+
+    def p(v):
+        return "not run" if v is None else f"{100 * v:.1f}%"
+
+    lines = []
+    ck = rep.get("checkpoint")
+    if ck:
+        sha = rep.get("checkpoint_sha256", "")
+        lines.append(f"Model `{Path(ck).name}`" + (f" (sha256 `{sha[:16]}…`)" if sha else "")
+                     + f", data `{rep['data'].get('source')}` ({s['n']} samples, fingerprint "
+                     f"`{str(rep['data'].get('fingerprint', ''))[:12]}`), {rep.get('created', '')}.")
+    verdict = (f"**{s['model']}**: clean {p(s['clean'])}, white-box {p(s['robust'])}, transfer {p(s['transfer'])}, "
+               f"black-box {p(s['blackbox'])}; worst case over the threat models that ran {p(s['worst_case'])}"
+               f" (eps {s['eps']} {s['norm'] or ''}).")
+    lines.append(verdict)
+    if "delta_clean" in s:
+        lines.append(f"Base: clean {p(s['base_clean'])}, white-box {p(s['base_robust'])}; clean accuracy "
+                     f"{100 * s['delta_clean']:+.1f} points against the base.")
+    if "gates_passed" in s:
+        missed = rep["gates"].get("missed") or []
+        lines.append("Gates: **passed**" if s["gates_passed"] else "Gates: **missed**: " + "; ".join(missed))
+    return lines
 
 
 def validate(rep: dict) -> list[str]:
@@ -192,7 +249,7 @@ def render_table(rep: dict, console) -> None:
 
 
 def to_markdown(rep: dict) -> str:
-    lines = [f"## harden {rep['command']} report", "",
+    lines = [f"## harden {rep['command']} report", "", *[f"{h}  " for h in headline(rep)], "",
              f"Data: `{rep['data'].get('source')}`, {rep['data'].get('n')} samples. "
              f"harden {rep['harden_version']}, torch {rep['environment']['torch']}, "
              f"torchattacks {rep['environment']['torchattacks']}, seed {rep['environment']['seed']}.", ""]
@@ -244,7 +301,14 @@ def _svg_curve(sweep: list[dict]) -> str:
 
 def to_html(rep: dict) -> str:
     esc = html.escape
+    import re as _re
+
+    def md(t: str) -> str:  # the headline's **bold** and `code`, escaped
+        t = esc(t)
+        return _re.sub(r"`([^`]*)`", r"<code>\1</code>", _re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", t))
+
     body = [f"<h1>harden {esc(rep['command'])} report</h1>",
+            "<div class=headline>" + "".join(f"<p>{md(h)}</p>" for h in headline(rep)) + "</div>",
             f"<p>Data: <code>{esc(str(rep['data'].get('source')))}</code>, {rep['data'].get('n')} samples. "
             f"harden {esc(rep['harden_version'])}, torch {esc(rep['environment']['torch'])}, "
             f"seed {rep['environment']['seed']}.</p>"]

@@ -246,3 +246,25 @@ def test_deterministic_flag_is_recorded(runner, patched_ckpt, tiny_test_data):
         torch.use_deterministic_algorithms(False)
     r = _eval(runner, patched_ckpt, tiny_test_data, "--json")
     assert json.loads(r.stdout)["environment"]["deterministic"] is False
+
+
+def test_report_has_a_flat_summary_and_a_headline(runner, tmp_path, patched_ckpt, tiny_test_data):
+    md, html = tmp_path / "r.md", tmp_path / "r.html"
+    r = _eval(runner, patched_ckpt, tiny_test_data, "--json", "--fail-under", "clean=0.1", "--report", str(md),
+              "--report", str(html))
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    s = rep["summary"]
+    assert all(not isinstance(v, dict) for v in s.values())  # flat, for MLflow / W&B
+    m = rep["models"]["patched"]
+    assert s["clean"] == round(m["clean"]["accuracy"], 4) and s["robust"] == round(m["worst_whitebox"]["accuracy"], 4)
+    assert s["delta_clean"] == round(m["clean"]["accuracy"] - rep["models"]["base"]["clean"]["accuracy"], 4)
+    assert s["gates_passed"] is True and s["eps"] == 0.15
+    import hashlib
+
+    assert rep["checkpoint_sha256"] == hashlib.sha256(patched_ckpt.read_bytes()).hexdigest()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", rep["created"])
+    head = md.read_text().splitlines()[2:6]
+    assert head[0].startswith(f"Model `{patched_ckpt.name}` (sha256 `{rep['checkpoint_sha256'][:16]}")
+    assert "white-box" in head[1] and "points against the base" in head[2] and "Gates: **passed**" in head[3]
+    assert "<div class=headline>" in html.read_text() and "<b>patched</b>" in html.read_text()
