@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 from torch import nn
 
 from . import __version__, archspec
-from .errors import InputError, RunError
+from .errors import HardenError, InputError, RunError
 from .model import Classifier, InputSpec
 
 FORMAT_VERSION = 1
@@ -291,7 +290,7 @@ def atomic_write(path: Path, write) -> None:
     except BaseException as e:
         if named is not None:
             Path(named).unlink(missing_ok=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, click.ClickException)):
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, HardenError)):
             raise
         if isinstance(e, MemoryError):
             raise

@@ -19,7 +19,7 @@ from rich.console import Console
 from . import __version__, api, attacks as A, data as hdata, evaluation as E, fit as F, report as R, validate as V
 from .checkpoint import Manifest, atomic_write, save_patched, sha256_file, write_torch
 from .config import ConfigCommand
-from .errors import InputError, RunError, ThresholdError
+from .errors import HardenError, InputError, RunError, ThresholdError
 from .layers import suggest_sites
 from .resume import EvalStore, Interrupted, Saver, StopFlag, fingerprint, sigterm_as_interrupt
 from .patches import ACTIVATIONS, DENOISE_OPS
@@ -185,7 +185,25 @@ def _check_model_arg(model: str | None) -> str:
     return model
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _CliError(click.ClickException):
+    """A library error (`HardenError`) as click shows it: `Error: <message>`, the error's exit code."""
+
+    def __init__(self, e: HardenError) -> None:
+        super().__init__(e.format_message())
+        self.exit_code = e.exit_code
+
+
+class HardenGroup(click.Group):
+    """The command group: library errors raised by a command become one `Error:` line and their exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except HardenError as e:
+            raise _CliError(e) from None
+
+
+@click.group(cls=HardenGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="harden")
 def main() -> None:
     """Harden frozen PyTorch classifiers against adversarial examples with small trainable patches.
@@ -848,7 +866,7 @@ def run() -> None:
     """Console entry point: stable exit codes, no tracebacks for expected failures."""
     try:
         main.main(standalone_mode=False, prog_name="harden")
-    except click.ClickException as e:
+    except (click.ClickException, HardenError) as e:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Abort:

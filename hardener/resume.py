@@ -11,24 +11,18 @@ import contextlib
 import hashlib
 import time
 import json
+import sys
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import click
 import torch
 
 from .checkpoint import atomic_write, write_torch
-from .errors import InputError
+from .errors import HardenError, InputError, Interrupted  # noqa: F401 (Interrupted: re-exported)
 
 STATE_VERSION = 3  # 3: transfer examples come from fixed whole-set batches
-
-
-class Interrupted(click.ClickException):
-    """Stopped by SIGINT/SIGTERM after saving state: exit code 130."""
-
-    exit_code = 130
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -185,8 +179,8 @@ class EvalStore:
         if self.data and self.path is not None:
             try:
                 write_state(self.path, self.fingerprint, {"data": self.data})
-            except click.ClickException as e:  # state is a convenience: the evaluation goes on without it
-                click.echo(f"warning: {e.message}; this evaluation cannot be resumed", err=True)
+            except HardenError as e:  # state is a convenience: the evaluation goes on without it
+                print(f"warning: {e.message}; this evaluation cannot be resumed", file=sys.stderr)
                 self.path = None
             self._last = time.time()
 
