@@ -96,8 +96,17 @@ def patched_ckpt(tmp_path_factory, tiny_ckpt, tiny_data) -> Path:
 
 def assert_input_error(result, *needles: str) -> None:
     """Exit 2, one clear 'Error:' line, no traceback."""
+    assert_error(result, 2, *needles)
+
+
+def assert_run_error(result, *needles: str) -> None:
+    """Exit 3 (a failed run), one clear 'Error:' line, no traceback."""
+    assert_error(result, 3, *needles)
+
+
+def assert_error(result, code: int, *needles: str) -> None:
     text = result.output
-    assert result.exit_code == 2, text
+    assert result.exit_code == code, text
     assert "Traceback" not in text, text
     errors = [line for line in text.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, text

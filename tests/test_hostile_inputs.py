@@ -16,17 +16,7 @@ from PIL import Image
 import hardener
 from hardener.cli import main
 
-from conftest import ARCH, FAST_PATCH, assert_input_error
-
-
-def assert_run_error(result, *needles: str) -> None:
-    text = result.output
-    assert result.exit_code == 3, text
-    assert "Traceback" not in text, text
-    errors = [line for line in text.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, text
-    for n in needles:
-        assert n.lower() in errors[0].lower(), errors[0]
+from conftest import ARCH, FAST_PATCH, assert_input_error, assert_run_error
 
 
 def png_header(width: int, height: int) -> bytes:
