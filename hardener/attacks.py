@@ -21,13 +21,48 @@ from torch import nn
 
 from .errors import InputError
 
-# Reference budgets (AutoAttack / the papers), not torchattacks' cheaper defaults.
-DEFAULT_STEPS = {"fgsm": 1, "pgd": 50, "apgd-ce": 100, "apgd-dlr": 100, "apgd-t": 100, "fab-t": 100,
-                 "cw": 100, "cw-l2": 100, "deepfool": 50, "square": 0}
 ALIASES = {"apgd": "apgd-ce"}
 SUITES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"]}
-MIN_NORM = {"cw-l2", "deepfool"}
-MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+# What evaluation needs to know of an attack, instead of its name: gradient attacks (iterative, on the model's
+# gradients: white-box and transfer chains), single-step ones (FGSM: run after the iterative ones, never enough for
+# a robustness gate), query attacks (gradient-free: the black-box chain), minimum-norm ones (a sample counts as
+# broken only within eps).
+KINDS = ("gradient", "single-step", "query", "min-norm")
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    name: str
+    build: Callable  # (model, AttackSpec) -> callable (x, y) -> adversarial x
+    kind: str
+    steps: int  # reference budget (AutoAttack / the papers), not torchattacks' cheaper defaults; 0 for queries
+    min_classes: int = 2
+
+    @property
+    def iterative(self) -> bool:
+        return self.kind in ("gradient", "min-norm")
+
+
+REGISTRY: dict[str, AttackInfo] = {}
+
+
+def register_attack(name: str, kind: str, steps: int = 100, min_classes: int = 2) -> Callable:
+    """Decorator: `@register_attack("my-attack", kind="gradient", steps=50)` on a builder `(model, spec) -> attack`
+    makes `--attack my-attack`, `hardener.attacks.get("my-attack")` and evaluation chains use it."""
+    if kind not in KINDS:
+        raise ValueError(f"attack kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+    def deco(build: Callable) -> Callable:
+        REGISTRY[name] = AttackInfo(name, build, kind, steps, min_classes)
+        return build
+    return deco
+
+
+def info(name: str) -> AttackInfo:
+    name = ALIASES.get(name, name)
+    if name not in REGISTRY:
+        raise InputError(f"unknown attack '{name}' (choose from {', '.join(attack_names())})")
+    return REGISTRY[name]
 
 
 def parse_eps(text: str | float) -> float:
@@ -62,11 +97,10 @@ class AttackSpec:
             raise InputError(f"norm must be Linf or L2, got '{self.norm}'")
         if self.name == "cw" and self.norm == "L2":
             self.name = "cw-l2"
-        if self.name not in BUILDERS:
-            raise InputError(f"unknown attack '{self.name}' (choose from {', '.join(attack_names())})")
+        meta = info(self.name)
         if self.steps is None:
-            self.steps = DEFAULT_STEPS.get(self.name, 100)
-        need = MIN_CLASSES.get(self.name, 2)
+            self.steps = meta.steps
+        need = meta.min_classes
         if self.n_classes < need:
             raise InputError(f"{self.name} needs at least {need} classes (its DLR loss uses the top "
                              f"{need - 1 if self.name == 'apgd-dlr' else need} logits); the model has {self.n_classes}")
@@ -79,20 +113,21 @@ class AttackSpec:
         d = asdict(self)
         d.pop("settings")
         d.update(self.settings)
-        if self.name != "square":
+        kind = info(self.name).kind
+        if kind != "query":
             d.pop("queries")
-        if self.name in ("fgsm", "square"):
+        if kind in ("single-step", "query"):
             d.pop("steps")
         if d["alpha"] is None:
             d.pop("alpha")
         if d["smooth_grad"] is None:
             d.pop("smooth_grad")
-        d["min_norm"] = self.name in MIN_NORM
+        d["min_norm"] = kind == "min-norm"
         return d
 
 
 def attack_names() -> list[str]:
-    return sorted(set(BUILDERS) - {"cw-l2"} | set(ALIASES) | set(SUITES))
+    return sorted(set(REGISTRY) - {"cw-l2"} | set(ALIASES) | set(SUITES))
 
 
 def expand(names: list[str]) -> list[str]:
@@ -102,7 +137,7 @@ def expand(names: list[str]) -> list[str]:
         for part in [p.strip().lower() for p in n.split(",") if p.strip()]:
             for a in SUITES.get(part, [part]):
                 a = ALIASES.get(a, a)
-                if a not in BUILDERS and a != "cw":
+                if a not in REGISTRY and a != "cw":
                     raise InputError(f"unknown attack '{part}' (choose from {', '.join(attack_names())})")
                 if a not in out:
                     out.append(a)
@@ -204,18 +239,18 @@ def _deepfool(model, spec):
     return torchattacks.DeepFool(model, steps=spec.steps, overshoot=0.02)
 
 
-BUILDERS: dict[str, Callable] = {
-    "fgsm": _fgsm,
-    "pgd": lambda m, s: _pgd(m, s, "ce"),
-    "cw": lambda m, s: _pgd(m, s, "cw"),
-    "cw-l2": _cw_l2,
-    "apgd-ce": _apgd("ce"),
-    "apgd-dlr": _apgd("dlr"),
-    "apgd-t": _apgdt,
-    "fab-t": _fabt,
-    "square": _square,
-    "deepfool": _deepfool,
-}
+for _name, _build, _kind, _steps, _classes in (
+        ("fgsm", _fgsm, "single-step", 1, 2),
+        ("pgd", lambda m, s: _pgd(m, s, "ce"), "gradient", 50, 2),
+        ("cw", lambda m, s: _pgd(m, s, "cw"), "gradient", 100, 2),
+        ("cw-l2", _cw_l2, "min-norm", 100, 2),
+        ("apgd-ce", _apgd("ce"), "gradient", 100, 2),
+        ("apgd-dlr", _apgd("dlr"), "gradient", 100, 3),
+        ("apgd-t", _apgdt, "gradient", 100, 4),
+        ("fab-t", _fabt, "gradient", 100, 2),
+        ("square", _square, "query", 0, 2),
+        ("deepfool", _deepfool, "min-norm", 50, 2)):
+    register_attack(_name, _kind, _steps, _classes)(_build)
 
 
 def project(x: torch.Tensor, adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -239,7 +274,7 @@ class Attack:
     def __init__(self, model: nn.Module, spec: AttackSpec) -> None:
         self.model = model
         self.spec = spec
-        self._impl = BUILDERS[spec.name](model, spec)
+        self._impl = info(spec.name).build(model, spec)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
@@ -258,7 +293,7 @@ class Attack:
         finally:
             self.model.train(was_training)
         adv = adv.detach().to(x.dtype)
-        if self.spec.name in MIN_NORM:
+        if info(self.spec.name).kind == "min-norm":
             # Minimum-norm attacks: a sample counts as broken only within eps; outside, keep it clean.
             ok = perturbation_norm(x, adv, self.spec.norm) <= self.spec.eps * (1 + 1e-6)
             adv = torch.where(ok.view(-1, 1, 1, 1), adv, x)

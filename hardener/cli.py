@@ -500,7 +500,7 @@ def _report_config(quick: bool, spec: A.AttackSpec, norm: str, eval_steps: int |
 def report_units(ecfg: E.EvalConfig, n: int) -> float:
     """Forward-pass equivalents of the post-training report: per image and iterative attack, the attack on the
     base and on the patched model (the transfer examples reuse the base's) plus a few forward passes."""
-    steps = ecfg.steps or A.DEFAULT_STEPS.get(ecfg.attacks[0], 100)
+    steps = ecfg.steps or A.info(ecfg.attacks[0]).steps
     return n * len(ecfg.attacks) * (2 * 3 * (steps + 1) + 6)
 
 

@@ -36,7 +36,7 @@ from .errors import InputError
 from .resume import EvalStore, fingerprint
 
 THREATS = ("whitebox", "transfer", "blackbox")
-ORDER_LAST = ("fgsm", "square")  # run after the iterative attacks
+LAST_KINDS = ("single-step", "query")  # run after the iterative attacks (on what they left)
 Progress = Callable[[str, int, int, dict], None]
 
 
@@ -93,15 +93,17 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.de
 
 def _spec(cfg: EvalConfig, name: str, n_classes: int, eps: float | None = None,
           steps: int | None = None) -> A.AttackSpec:
-    s = steps if steps is not None else (cfg.steps if name not in ("fgsm", "square") else None)
+    kind = A.info(name).kind
+    s = steps if steps is not None else (cfg.steps if kind not in LAST_KINDS else None)
     return A.AttackSpec(name=name, eps=cfg.eps if eps is None else eps, norm=cfg.norm, steps=s,
                         restarts=cfg.restarts, queries=cfg.queries, seed=cfg.seed, n_classes=n_classes,
-                        smooth_grad=cfg.smooth_grad if name != "square" else None)
+                        smooth_grad=cfg.smooth_grad if kind != "query" else None)
 
 
 def ordered(names: list[str]) -> list[str]:
-    first = [n for n in names if n not in ORDER_LAST]
-    return first + [n for n in ORDER_LAST if n in names]
+    kinds = {n: A.info(n).kind for n in names}
+    last = [n for k in LAST_KINDS for n in names if kinds[n] == k]
+    return [n for n in names if n not in last] + last
 
 
 class TransferBank:
@@ -271,8 +273,8 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
     logits = predict(model, x, cfg.batch_size, device)
     clean = logits.argmax(1) == y
     names = ordered(cfg.attacks)
-    grad_specs = [_spec(cfg, n, n_classes) for n in names if n != "square"]
-    square_specs = [_spec(cfg, "square", n_classes)] if "square" in names else []
+    grad_specs = [_spec(cfg, n, n_classes) for n in names if A.info(n).kind != "query"]
+    query_specs = [_spec(cfg, n, n_classes) for n in names if A.info(n).kind == "query"]
     chains: dict[str, ChainResult] = {}
     if "whitebox" in cfg.threats and grad_specs:
         chains["whitebox"] = run_chain("whitebox", model, model, x, y, clean, grad_specs, cfg, device,
@@ -280,8 +282,8 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
     if "transfer" in cfg.threats and grad_specs and base is not None:
         chains["transfer"] = run_chain("transfer", base, model, x, y, clean, grad_specs, cfg, device,
                                        progress, f"{name} ", store, bank)
-    if "blackbox" in cfg.threats and square_specs:
-        chains["blackbox"] = run_chain("blackbox", model, model, x, y, clean, square_specs, cfg, device,
+    if "blackbox" in cfg.threats and query_specs:
+        chains["blackbox"] = run_chain("blackbox", model, model, x, y, clean, query_specs, cfg, device,
                                        progress, f"{name} ", store)
     worst = clean.clone()
     for c in chains.values():
@@ -367,7 +369,7 @@ def _check(name: str, ok: bool | None, detail: str, hint: str) -> dict:
 
 
 def _first_iterative(cfg: EvalConfig) -> str | None:
-    return next((n for n in ordered(cfg.attacks) if n not in ("fgsm", "square")), None)
+    return next((n for n in ordered(cfg.attacks) if A.info(n).iterative), None)
 
 
 def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
@@ -402,8 +404,8 @@ def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cf
     # 4. iterative attacks not weaker than FGSM / square not stronger than white-box / transfer vs white-box
     wb = res["threats"].get("whitebox")
     if wb:
-        fg = next((r for r in wb["attacks"] if r["attack"] == "fgsm"), None)
-        has_iter = any(r["attack"] != "fgsm" for r in wb["attacks"])
+        fg = next((r for r in wb["attacks"] if A.info(r["attack"]).kind == "single-step"), None)
+        has_iter = any(A.info(r["attack"]).iterative for r in wb["attacks"])
         if fg and has_iter:
             left = fg.get("attacked", len(y))
             checks.append(_check("iterative_not_weaker_than_fgsm", fg["broken"] == 0,
@@ -439,7 +441,7 @@ def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cf
                          "accuracy may be overstated on such samples; compare with Square and transfer numbers"))
     # 6. convergence: doubling the steps changes little; 7. large eps gets near chance
     name = _first_iterative(cfg)
-    if name is not None and name not in ("fgsm",):
+    if name is not None:
         clean = model(xs.to(device)).argmax(1).cpu() == ys
         sp1 = _spec(cfg, name, n_classes)
         steps = int(sp1.steps or 1)

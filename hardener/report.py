@@ -156,9 +156,8 @@ def parse_fail_under(text: str | None) -> dict[str, float]:
     return out
 
 
-# Attacks a robustness gate can trust: iterative gradient attacks. FGSM passes gates that APGD fails (34% vs 0.0% on
-# one model), and Square alone is a black-box figure.
-WEAK_ATTACKS = ("fgsm", "square")
+# Attacks a robustness gate can trust are iterative ones (attack kinds gradient and min-norm): FGSM passes gates that
+# APGD fails (34% vs 0.0% on one model), and a query attack alone is a black-box figure.
 
 
 def check_gate_attacks(thresholds: dict[str, float], attacks: list[str], threats: tuple[str, ...],
@@ -168,7 +167,9 @@ def check_gate_attacks(thresholds: dict[str, float], attacks: list[str], threats
     all is reported as missed ("not measured", exit 1) by `gate`."""
     if allow_weak:
         return
-    strong = [a for a in attacks if a not in WEAK_ATTACKS]
+    from .attacks import info
+
+    strong = [a for a in attacks if info(a).iterative]
     for key, threat in (("robust", "whitebox"), ("transfer", "transfer")):
         if key in thresholds and (not strong or threat not in threats):
             raise InputError(f"--fail-under {key}= needs an iterative {threat} attack (e.g. --attack apgd-ce with "

@@ -113,7 +113,7 @@ def test_perturbation_outside_eps_is_caught(monkeypatch):
 
     def cheat(model, spec):
         return lambda x, y: (x + 3 * spec.eps).clamp(0, 1)  # ignores the budget
-    monkeypatch.setitem(A.BUILDERS, "cheat", cheat)
+    monkeypatch.setitem(A.REGISTRY, "cheat", A.AttackInfo("cheat", cheat, "gradient", 10))
     p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
     imgs, labels = make_data(n=30, seed=5)
     cfg = E.EvalConfig(attacks=["cheat"], eps=0.05, threats=("whitebox",), check_samples=10)
