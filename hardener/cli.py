@@ -19,9 +19,9 @@ from rich.console import Console
 from . import __version__, api, attacks as A, data as hdata, evaluation as E, fit as F, report as R, validate as V
 from .checkpoint import Manifest, atomic_write, save_patched, sha256_file, write_torch
 from .config import ConfigCommand
-from .errors import HardenError, InputError, RunError, ThresholdError
+from .errors import HardenError, InputError, Interrupted, RunError, ThresholdError
 from .layers import suggest_sites
-from .resume import EvalStore, Interrupted, Saver, StopFlag, fingerprint, sigterm_as_interrupt
+from .resume import EvalStore, Saver, StopFlag, fingerprint, sigterm_as_interrupt
 from .patches import ACTIVATIONS, DENOISE_OPS
 from .recipe import DEFAULT_PRESET, load_preset, parse_methods, preset_names, split_for_training
 from .session import (DataOptions, ModelOptions, finish_spec, load_data, load_model, load_parent, pick_device,

@@ -30,10 +30,10 @@ from typing import Callable
 import torch
 
 from . import attacks, data as hdata, losses
-from .errors import InputError, RunError
+from .errors import InputError, Interrupted, RunError
 from .patches import PatchedModel
 from .patches.attach import Disabled
-from .resume import Interrupted, Saver
+from .resume import Saver
 
 @dataclass(frozen=True)
 class Method:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from .checkpoint import atomic_write, write_torch
-from .errors import HardenError, InputError, Interrupted  # noqa: F401 (Interrupted: re-exported)
+from .errors import HardenError, InputError
 
 STATE_VERSION = 3  # 3: transfer examples come from fixed whole-set batches
 

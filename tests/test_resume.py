@@ -15,7 +15,8 @@ from hardener import attacks as A, data as hdata, fit as F
 from hardener.cli import main
 from hardener.model import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel
-from hardener.resume import Interrupted, Saver
+from hardener.errors import Interrupted
+from hardener.resume import Saver
 
 from conftest import ARCH, FAST_PATCH, HERE, assert_input_error, make_data, trained_tiny
 
