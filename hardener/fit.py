@@ -35,6 +35,7 @@ from .patches import PatchedModel
 from .patches.attach import Disabled
 from .resume import Saver
 
+
 @dataclass(frozen=True)
 class Method:
     """How a training method routes and makes its adversarial examples."""
