@@ -31,8 +31,7 @@ from . import data as hdata
 from .patches import PatchedModel
 from .patches.attach import Disabled
 from .checkpoint import tensor_digest, write_torch
-from .errors import RunError
-from .errors import InputError
+from .errors import InputError, RunError
 from .resume import EvalStore, fingerprint
 
 THREATS = ("whitebox", "transfer", "blackbox")
@@ -55,6 +54,23 @@ class EvalConfig:
     checks: bool = True
     check_samples: int = 200
     smooth_grad: float | None = None  # parametric-softplus backward through ReLUs for gradient attacks
+    min_batch_size: int = 1  # out of memory: the batch halves down to this, then the run fails (exit 3)
+    oom: list = field(default_factory=list)  # what out-of-memory halvings happened (recorded in the report)
+
+
+def halve_on_oom(cfg: EvalConfig, bs: int, where: str) -> int:
+    """The batch size after an out-of-memory error at `bs`: half of it, logged and recorded in `cfg.oom`; below
+    `cfg.min_batch_size`, a RunError (exit 3) that says what to do."""
+    import sys
+
+    if bs // 2 < max(1, cfg.min_batch_size):
+        raise RunError(f"out of memory in {where} even at batch size {bs}: use a smaller model input, another "
+                       "device (--device), or free memory")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"warning: out of memory in {where} at batch size {bs}: going on with {bs // 2}", file=sys.stderr)
+    cfg.oom.append({"where": where, "from": bs, "to": bs // 2})
+    return bs // 2
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -84,10 +100,19 @@ def finite_logits(logits: torch.Tensor, what: str = "inputs") -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    out = []
-    for i in range(0, len(x), batch_size):
-        out.append(model(x[i:i + batch_size].to(device)).float().cpu())
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
+            cfg: EvalConfig | None = None) -> torch.Tensor:
+    """Logits in batches; with `cfg`, an out-of-memory error halves the batch (`halve_on_oom`) and goes on."""
+    out, i = [], 0
+    while i < len(x):
+        try:
+            out.append(model(x[i:i + batch_size].to(device)).float().cpu())
+        except torch.OutOfMemoryError:
+            if cfg is None:
+                raise
+            batch_size = halve_on_oom(cfg, batch_size, "prediction")
+            continue
+        i += batch_size
     return finite_logits(torch.cat(out)) if out else torch.empty(0)
 
 
@@ -233,25 +258,31 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
         else:
             idx, j0, broken, spent, viol = torch.nonzero(robust).flatten(), 0, 0, 0.0, 0
         t0 = time.time()
-        for j in range(j0, len(idx), cfg.batch_size):
-            bi = idx[j:j + cfg.batch_size]
+        j, bs = j0, cfg.batch_size
+        while j < len(idx):
+            bi = idx[j:j + bs]
             xb, yb = x[bi].to(device), y[bi].to(device)
-            adv = attack(xb, yb) if bank is None else bank.get(f"{i}:{spec.label}", spec, bi)
-            # Check the returned examples: inside [0, 1] and the eps-ball, else project and count.
-            tol = 1e-6 + spec.eps * 1e-5
-            bad = (A.perturbation_norm(xb, adv, spec.norm) > spec.eps + tol) | \
-                  (adv.flatten(1).min(1).values < -tol) | (adv.flatten(1).max(1).values > 1 + tol)
-            if bool(bad.any()):
-                viol += int(bad.sum())
-                adv = A.project(xb, adv, spec.eps, spec.norm)
-            with torch.no_grad():
-                ok = finite_logits(target(adv), "adversarial examples").argmax(1).cpu() == yb.cpu()
+            try:
+                adv = attack(xb, yb) if bank is None else bank.get(f"{i}:{spec.label}", spec, bi)
+                # Check the returned examples: inside [0, 1] and the eps-ball, else project and count.
+                tol = 1e-6 + spec.eps * 1e-5
+                bad = (A.perturbation_norm(xb, adv, spec.norm) > spec.eps + tol) | \
+                      (adv.flatten(1).min(1).values < -tol) | (adv.flatten(1).max(1).values > 1 + tol)
+                if bool(bad.any()):
+                    adv = A.project(xb, adv, spec.eps, spec.norm)
+                with torch.no_grad():
+                    ok = finite_logits(target(adv), "adversarial examples").argmax(1).cpu() == yb.cpu()
+            except torch.OutOfMemoryError:
+                bs = halve_on_oom(cfg, bs, f"{label}{threat} {spec.label}")
+                continue
+            j += len(bi)
+            viol += int(bad.sum())
             robust[bi] = ok
             broken += int((~ok).sum())
             if progress:
-                progress(f"{label}{threat} {spec.label}", min(j + cfg.batch_size, len(idx)), len(idx), {})
+                progress(f"{label}{threat} {spec.label}", j, len(idx), {})
             if store is not None:
-                store.put(key, {"robust": robust.clone(), "idx": idx, "j": j + cfg.batch_size, "broken": broken,
+                store.put(key, {"robust": robust.clone(), "idx": idx, "j": j, "broken": broken,
                                 "seconds": spent + time.time() - t0, "violations": viol, "row": None})
         seconds = spent + time.time() - t0
         violations += viol
@@ -270,7 +301,7 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
                    bank: TransferBank | None = None) -> dict:
     """All threat models for one model. `base` is None when the model is the base itself; `bank`
     holds (or computes) the transfer examples of `base`."""
-    logits = predict(model, x, cfg.batch_size, device)
+    logits = predict(model, x, cfg.batch_size, device, cfg)
     clean = logits.argmax(1) == y
     names = ordered(cfg.attacks)
     grad_specs = [_spec(cfg, n, n_classes) for n in names if A.info(n).kind != "query"]
@@ -357,7 +388,7 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
     if sweep is not None and cfg.checks:
         checks.append(_check_sweep(sweep, n_classes))
     return {"models": models, "checks": checks, "eps_sweep": sweep, "n": len(y), "n_classes": n_classes,
-            "base_cache": cache.record(bank) if cache is not None else None}
+            "base_cache": cache.record(bank) if cache is not None else None, "out_of_memory": list(cfg.oom)}
 
 
 # ---------------------------------------------------------------- sanity checks

@@ -51,6 +51,7 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
         "models": strip_private(result["models"]),
         "checks": result.get("checks", []),
         "eps_sweep": result.get("eps_sweep"),
+        "out_of_memory": result.get("out_of_memory") or [],
         "environment": env,
     }
     if extra:

@@ -268,3 +268,38 @@ def test_report_has_a_flat_summary_and_a_headline(runner, tmp_path, patched_ckpt
     assert head[0].startswith(f"Model `{patched_ckpt.name}` (sha256 `{rep['checkpoint_sha256'][:16]}")
     assert "white-box" in head[1] and "points against the base" in head[2] and "Gates: **passed**" in head[3]
     assert "<div class=headline>" in html.read_text() and "<b>patched</b>" in html.read_text()
+
+
+class _Picky(torch.nn.Module):
+    """Raises out-of-memory above a batch size, like a GPU that is too small."""
+
+    def __init__(self, net, limit):
+        super().__init__()
+        self.net, self.limit = net, limit
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"simulated: batch {x.shape[0]} > {self.limit}")
+        return self.net(x)
+
+
+def test_out_of_memory_halves_the_batch_and_finishes(capsys):
+    from conftest import make_data, trained_tiny
+
+    net = trained_tiny()
+    imgs, labels = make_data(n=40, seed=5)
+    ds = hdata.Dataset(imgs, labels)
+    cfg = dict(attacks=["pgd", "fgsm"], eps=0.1, steps=3, threats=("whitebox",), checks=False)
+    ref = E.evaluate(PatchedModel(Classifier(net, InputSpec(shape=[1, 8, 8]))), ds,
+                     E.EvalConfig(**cfg, batch_size=8), torch.device("cpu"), has_patches=False)
+    picky = PatchedModel(Classifier(_Picky(net, 8), InputSpec(shape=[1, 8, 8])))
+    got = E.evaluate(picky, ds, E.EvalConfig(**cfg, batch_size=32), torch.device("cpu"), has_patches=False)
+    assert [(o["from"], o["to"]) for o in got["out_of_memory"]][:2] == [(32, 16), (16, 8)]
+    assert "out of memory" in capsys.readouterr().err
+    assert got["models"]["base"]["worst_case"] == ref["models"]["base"]["worst_case"]
+    # below the floor: exit 3 with one line
+    from hardener.errors import RunError
+
+    with pytest.raises(RunError, match="out of memory .* even at batch size"):
+        E.evaluate(PatchedModel(Classifier(_Picky(net, 8), InputSpec(shape=[1, 8, 8]))), ds,
+                   E.EvalConfig(**cfg, batch_size=32, min_batch_size=16), torch.device("cpu"), has_patches=False)
