@@ -337,8 +337,8 @@ def per_class(y: torch.Tensor, clean: torch.Tensor, worst: torch.Tensor, n_class
     for c in range(n_classes):
         m = y == c
         if int(m.sum()):
-            out.append({"class": c, "n": int(m.sum()), "clean": float(clean[m].float().mean()),
-                        "worst_case": float(worst[m].float().mean())})
+            out.append({"class": c, "n": int(m.sum()), "clean": round(float(clean[m].float().mean()), 4),
+                        "worst_case": round(float(worst[m].float().mean()), 4)})
     return out
 
 

@@ -89,6 +89,18 @@ def summary(rep: dict) -> dict:
     return out
 
 
+def per_class_rows(rep: dict) -> list[tuple[str, int, str, str]]:
+    """Per-class clean and worst-case accuracy of the evaluated model, by class name where the data has names."""
+    models = rep["models"]
+    m = models.get("patched", models.get("base", {}))
+    names = rep["data"].get("classes") or []
+
+    def label(c: int) -> str:
+        return f"{c} {names[c]}" if c < len(names) else str(c)
+    return [(label(r["class"]), r["n"], f"{100 * r['clean']:.1f}%", f"{100 * r['worst_case']:.1f}%")
+            for r in m.get("per_class", [])]
+
+
 def headline(rep: dict) -> list[str]:
     """The first lines of a Markdown/HTML report: what was evaluated, and the verdict per threat model."""
     s = rep.get("summary") or summary(rep)
@@ -270,6 +282,10 @@ def to_markdown(rep: dict) -> str:
         lines += ["", "| check | status | detail |", "|---|---|---|"]
         lines += [f"| {c['name']} | {c['status']} | {c['detail']}{' — ' + c['hint'] if c['hint'] else ''} |"
                   for c in rep["checks"]]
+    pc = per_class_rows(rep)
+    if pc:
+        lines += ["", "| class | n | clean | worst case |", "|---|---|---|---|"]
+        lines += [f"| {c} | {n} | {a} | {b} |" for c, n, a, b in pc]
     if rep.get("eps_sweep"):
         lines += ["", "| eps | attack | accuracy |", "|---|---|---|"]
         lines += [f"| {s['eps']:g} | {s['attack']} | {100 * s['accuracy']:.1f}% |" for s in rep["eps_sweep"]]
@@ -322,6 +338,10 @@ def to_html(rep: dict) -> str:
     body += [f"<tr><td>{esc(m)}</td><td>{esc(t)}</td><td>{esc(r['attack'])}</td><td>{r['attacked']}</td>"
              f"<td>{r['broken']}</td><td>{r['seconds']:.1f}</td><td>{r['images_per_s'] or 0:.1f}</td></tr>"
              for m, t, r in attack_rows(rep)]
+    pc = per_class_rows(rep)
+    if pc:
+        body.append("</table><h2>Per class</h2><table><tr><th>class</th><th>n</th><th>clean</th><th>worst case</th></tr>")
+        body += ["<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>" for r in pc]
     body.append("</table><h2>Threat models</h2><ul>")
     body += [f"<li><b>{esc(k)}</b> — {esc(v)}</li>" for k, v in rep["threat_models"].items()]
     body.append("</ul><h2>Attack settings</h2><ul>")

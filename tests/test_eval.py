@@ -268,6 +268,9 @@ def test_report_has_a_flat_summary_and_a_headline(runner, tmp_path, patched_ckpt
     assert head[0].startswith(f"Model `{patched_ckpt.name}` (sha256 `{rep['checkpoint_sha256'][:16]}")
     assert "white-box" in head[1] and "points against the base" in head[2] and "Gates: **passed**" in head[3]
     assert "<div class=headline>" in html.read_text() and "<b>patched</b>" in html.read_text()
+    assert "| class | n | clean | worst case |" in md.read_text() and "<h2>Per class</h2>" in html.read_text()
+    pc = rep["models"]["patched"]["per_class"]
+    assert all(v == round(v, 4) for r in pc for v in (r["clean"], r["worst_case"]))  # no float noise
 
 
 class _Picky(torch.nn.Module):
