@@ -856,11 +856,16 @@ def _certify_md(rep: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines).")
 @click.option("--max-samples", type=int, help="Only the first N inputs.")
 @click.option("--adaptive", is_flag=True, help="Inference-time post-training per input (slow: seconds per image).")
+@click.option("--smooth", "smooth_sigma", type=float,
+              help="Predict with the smoothed model at noise σ (randomized smoothing's PREDICT: abstains unless a "
+                   "binomial test separates the top two classes at --smooth-alpha).")
+@click.option("--smooth-n", type=int, default=10_000, show_default=True, help="Noise draws per input for --smooth.")
+@click.option("--smooth-alpha", type=float, default=0.001, show_default=True, help="Test level of --smooth.")
 @adaptive_options
 @model_options
 @data_options
-def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptive_eps, neighbour, neighbour_steps,
-            post_train, iterations, post_batch, adapt, post_lr, **kw):
+def predict(model, data, as_json, max_samples, adaptive, smooth_sigma, smooth_n, smooth_alpha, reference_data,
+            adaptive_eps, neighbour, neighbour_steps, post_train, iterations, post_batch, adapt, post_lr, **kw):
     """Predict classes for inputs with a plain or patched checkpoint; --adaptive post-trains a copy per input.
 
     Prints `index<TAB>class<TAB>confidence` per input (class names where known), or JSON lines with --json.
@@ -879,7 +884,18 @@ def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptiv
         ds = ds.take(torch.arange(min(max_samples, len(ds))))
     x = hdata.to_float(ds.images)
     names = loaded.spec.classes
-    if adaptive:
+    if smooth_sigma is not None:
+        from .certify import ABSTAIN, Smoothed, SmoothingConfig
+
+        if adaptive:
+            raise InputError("--smooth and --adaptive are two different predictors: give one")
+        sm = Smoothed(loaded.patched, loaded.spec.num_classes,
+                      SmoothingConfig(sigma=smooth_sigma, n=smooth_n, alpha=smooth_alpha, seed=kw["seed"]), device)
+        rows = []
+        for i in range(len(x)):
+            c = sm.predict(x[i], i)
+            rows.append({"index": i, "prediction": c, "confidence": None, "abstained": c == ABSTAIN})
+    elif adaptive:
         pred = _adaptive(loaded, reference_data, kw, device, adaptive_eps, neighbour, neighbour_steps, post_train,
                          iterations, post_batch, adapt, post_lr)
         with ProgressView(kw["quiet"] or as_json) as progress:
@@ -891,12 +907,14 @@ def predict(model, data, as_json, max_samples, adaptive, reference_data, adaptiv
         rows = [{"index": i, "prediction": int(p.argmax()), "confidence": float(p.max())} for i, p in enumerate(probs)]
     labelled = bool((ds.labels != hdata.UNLABELLED).all())
     for r in rows:
-        if names:
+        if r.get("abstained"):
+            r["class"], r["confidence"] = "abstain", None
+        elif names:
             r["class"] = names[r["prediction"]]
         if labelled:
             r["label"] = int(ds.labels[r["index"]])
-        out(json.dumps(r, sort_keys=True) if as_json else
-            f"{r['index']}\t{r.get('class', r['prediction'])}\t{r['confidence']:.4f}")
+        conf = "" if r["confidence"] is None else f"{r['confidence']:.4f}"
+        out(json.dumps(r, sort_keys=True) if as_json else f"{r['index']}\t{r.get('class', r['prediction'])}\t{conf}")
     if labelled and not kw["quiet"]:
         hits = sum(r["prediction"] == r["label"] for r in rows)
         extra = (f"; post-trained {sum(r['post_trained'] for r in rows)} of {len(rows)} inputs, "

@@ -109,3 +109,18 @@ def test_cli_certify_writes_rows_and_report(runner, tmp_path, tiny_ckpt, tiny_te
     assert "| radius | certified accuracy |" in md.read_text()
     assert_input_error(runner.invoke(main, [*args, "--sigma", "-1"]), "sigma")
     assert_input_error(runner.invoke(main, [*args, "--report", str(rep)]), "--force")
+
+
+def test_predict_smooth_abstains_or_answers(runner, tiny_ckpt, tiny_test_data):
+    import json
+
+    from hardener.cli import main
+
+    from conftest import ARCH
+
+    r = runner.invoke(main, ["predict", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--smooth",
+                             "0.1", "--smooth-n", "200", "--max-samples", "5", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 5 and all(row["abstained"] == (row.get("class") == "abstain") for row in rows)
+    assert all(row["prediction"] in (-1, 0, 1, 2) for row in rows)
