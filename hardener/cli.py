@@ -333,6 +333,9 @@ def _default_out(model: str) -> Path:
               help="quick: white-box APGD-CE (20 steps) and its transfer on up to 500 held-out images, a check that "
                    "costs a few percent of training, not a verdict; full: the training attack with its reference "
                    "budget on up to 1,000 images.")
+@click.option("--noise-sigma", type=float, default=0.0, show_default=True,
+              help="Denoised smoothing (for harden certify): train on x + N(0, σ²) with the stability objective "
+                   "CE(f(D(x+δ)), f(x)'s class) instead of adversarial examples; --preset certify sets it.")
 @click.option("--holdout", default="20%", show_default=True,
               help="When --data is all there is (no --subset leaves images aside, no --eval-data), hold out this "
                    "stratified, seeded part of it (fraction or count, at most 1,000 images by default) for model "
@@ -344,7 +347,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
           final_relu, attack_name, eps, norm, steps, alpha, eps_warmup, loss_name, beta, select_on, validate,
           validate_every, phi, betas, sigma, adversary, epochs, batch_size, lr, lam, mu, gamma, augment, cache,
           cache_limit, out_path, force, resume, save_every, eval_data, eval_samples, eval_steps, report_budget,
-          holdout, report_path, **kw):
+          noise_sigma, holdout, report_path, **kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on
     a small subset, write the patched file and a quick report. With no method options the recipe is the white-box
     robust preset. Full fine-tuning methods (adv-train, advprop, advamd) write a new checkpoint instead, marked as
@@ -479,7 +482,7 @@ def _recipe_warnings(recipe, cfg: F.FitConfig, methods, n_train: int) -> list[st
                         "epochs): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
     if recipe is not None and recipe.warning:
         warnings.append(recipe.warning)
-    elif not cfg.full and not cfg.adaptive:
+    elif not cfg.full and not cfg.adaptive and not cfg.noise_sigma:
         warnings.append("this patch was trained only against adversarial examples of the frozen base (transfer "
                         "threat model, --adversary base); it does not hold against an attacker who knows the patch; "
                         "for white-box robustness use the default recipe (--preset robust) or --adversary patched")

@@ -92,6 +92,8 @@ class FitConfig:
     sigma: float = 0.0  # AdvAmd: stop once the epoch's mean loss is below σ
     cache: bool = True  # transfer training without augmentation: cache the frozen base's answers
     cache_limit: int = 2 << 30  # bytes of caches kept in memory; the rest spills to disk in fp16
+    noise_sigma: float = 0.0  # > 0: denoised smoothing -- the second input is x + N(0, σ²), the loss the stability
+    # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
 
     def __post_init__(self) -> None:
         if self.adversary not in ("base", "patched"):
@@ -124,7 +126,7 @@ class FitConfig:
     @property
     def cached_adversarials(self) -> bool:
         """Adversarial examples of the original model, made once for the whole subset."""
-        return self.spec.stage1 or (not self.adaptive and not self.augment)
+        return not self.noise_sigma and (self.spec.stage1 or (not self.adaptive and not self.augment))
 
 
 @dataclass
@@ -153,7 +155,7 @@ VAL_UNITS = 3 * 10 + 3  # validation per image: PGD-10 on the patched model, thr
 def train_units(cfg: "FitConfig", spec: attacks.AttackSpec) -> float:
     """Forward-pass equivalents per image of one optimiser step: the attack when it runs every step, the clean
     and adversarial passes with their backward, and the base's targets."""
-    attack = 3 * int(spec.steps or 1) if not cfg.cached_adversarials else 0
+    attack = 3 * int(spec.steps or 1) if not (cfg.cached_adversarials or cfg.noise_sigma) else 0
     return attack + 2 * 3 + 1
 
 
@@ -491,7 +493,9 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                 # This step's attack: eps ramps up over cfg.eps_warmup epochs; a fresh seed per step.
                 ramp = min(1.0, (done + 1) / (cfg.eps_warmup * steps_per_epoch)) if cfg.eps_warmup else 1.0
                 step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
-                if cached_adv is not None:
+                if cfg.noise_sigma:  # Gaussian noise from the run's generator (saved with the state: resumable)
+                    x_adv = x + cfg.noise_sigma * torch.randn(x.shape, generator=g).to(device)
+                elif cached_adv is not None:
                     x_adv = cached_adv[idx].to(device)
                 elif not cfg.adaptive:
                     x_adv = attacks.project(x, attacks.build(teacher, step_spec)(x, y), step_spec.eps, spec.norm)
@@ -513,6 +517,9 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
                     ce_adv = (abar[y] * losses.focal_ce(out_adv, y, cfg.gamma, reduction="none")).mean()
                     b1, b2, b3 = cfg.betas
                     loss = b1 * ce_clean + b2 * losses.focal_ce(out_med, y, cfg.gamma) + b3 * ce_adv
+                elif cfg.noise_sigma:  # stability: the noisy input must get the base's class of the clean one
+                    ce_adv = losses.focal_ce(out_adv, base_logits.argmax(1), cfg.gamma)
+                    loss = ce_adv
                 else:
                     ce_adv = ADV_LOSSES[cfg.loss](out_adv, out_clean, y, cfg)
                     loss = ce_clean + ce_adv

@@ -61,7 +61,7 @@ DEFAULT_PRESET = "robust"
 # DEFAULT_PRESET; with any of them, the built-in defaults, so an explicit recipe is never silently mixed.
 RECIPE_OPTIONS = ("method", "at", "at_regex", "adversary")
 _PRESET_KEYS = {"description", "threat_model", "warning", "options"}
-THREAT_MODELS = ("white-box", "transfer")
+THREAT_MODELS = ("white-box", "transfer", "certified")
 
 
 @dataclass(frozen=True)

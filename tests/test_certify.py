@@ -124,3 +124,31 @@ def test_predict_smooth_abstains_or_answers(runner, tiny_ckpt, tiny_test_data):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 5 and all(row["abstained"] == (row.get("class") == "abstain") for row in rows)
     assert all(row["prediction"] in (-1, 0, 1, 2) for row in rows)
+
+
+def test_denoiser_preset_trains_only_its_prefilter_and_the_base_stays(runner, tmp_path, tiny_ckpt, tiny_data):
+    from safetensors.torch import load_file
+
+    import hardener
+    from hardener.cli import main
+
+    from conftest import ARCH
+
+    out = tmp_path / "den.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "certify",
+                             "--noise-sigma", "0.25", "--epochs", "3", "--batch-size", "32", "--width", "8",
+                             "--eval-samples", "10", "--eval-steps", "1", "--eps", "0.1", "--out", str(out),
+                             "--quiet"])
+    assert r.exit_code == 0, r.output
+    m = hardener.load(out, arch=ARCH)
+    assert [(p["kind"], p["site"]) for p in m.manifest.patches] == [("prefilter", "input")]
+    assert m.manifest.training["config"]["noise_sigma"] == 0.25
+    assert m.manifest.training["preset"]["threat_model"] == "certified"
+    base, got = load_file(str(tiny_ckpt)), load_file(str(out))
+    assert all(torch.equal(base[k], got[k]) for k in base)  # the base is bit-identical
+    assert any(k.startswith("harden.") and got[k].abs().sum() > 0 for k in got if k.endswith("conv3.weight"))
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        denoised = m(x)
+        with m.patches_disabled():
+            assert not torch.equal(m(x), denoised)  # the denoiser changes what the base sees
