@@ -110,7 +110,7 @@ def model_options(f):
         click.option("--std", help="Per-channel std the model expects (comma list)."),
         click.option("--logits", help="Key or index of the logits in a tuple/dict/object output."),
         click.option("--input-shape", help="C,H,W where it cannot be inferred from the data."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
         click.option("--deterministic", is_flag=True,
                      help="Deterministic kernels (for GPU runs; CPU runs are deterministic for a thread count)."),
         click.option("--seed", default=0, show_default=True, type=int),

@@ -67,12 +67,20 @@ def set_deterministic(on: bool) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA, then Apple's MPS, then the CPU; `cuda`, `cuda:N`, `mps` and `cpu` when available."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, got '{name}'")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    kind, _, index = str(name).partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise InputError(f"--device must be auto, cpu, cuda, cuda:N or mps, got '{name}'")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if kind == "mps" and not has_mps:
+        raise InputError("--device mps: no Apple MPS device is available (use --device cpu or auto)")
     return torch.device(name)
 
 
