@@ -640,7 +640,8 @@ def _settings(result: dict) -> list[dict]:
 @model_options
 @data_options
 def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
-             eps_sweep, fail_under, allow_weak_gate, as_json, report_paths, batch_size, no_checks, resume, smooth_grad, route, parent,
+             eps_sweep, fail_under, allow_weak_gate, as_json, report_paths, batch_size, no_checks, resume, smooth_grad,
+             route, parent,
              base_cache, defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train,
              iterations, post_batch, adapt, post_lr, **kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""

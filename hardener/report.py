@@ -340,7 +340,8 @@ def to_html(rep: dict) -> str:
              for m, t, r in attack_rows(rep)]
     pc = per_class_rows(rep)
     if pc:
-        body.append("</table><h2>Per class</h2><table><tr><th>class</th><th>n</th><th>clean</th><th>worst case</th></tr>")
+        body.append("</table><h2>Per class</h2><table>"
+                    "<tr><th>class</th><th>n</th><th>clean</th><th>worst case</th></tr>")
         body += ["<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>" for r in pc]
     body.append("</table><h2>Threat models</h2><ul>")
     body += [f"<li><b>{esc(k)}</b> — {esc(v)}</li>" for k, v in rep["threat_models"].items()]

@@ -147,7 +147,8 @@ def test_a_gate_on_a_weak_attack_is_an_input_error(runner, patched_ckpt, tiny_te
                                   "whitebox", "--fail-under", "robust=0.0"])
     assert strong.exit_code == 0, strong.output
     wrong_threat = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data),
-                                        "--attack", "apgd-ce", "--steps", "3", "--eps", "0.15", "--quiet", "--no-checks",
+                                        "--attack", "apgd-ce", "--steps", "3", "--eps", "0.15", "--quiet",
+                                        "--no-checks",
                                         "--threat", "transfer", "--fail-under", "robust=0.0"])
     assert_input_error(wrong_threat, "whitebox")
 
