@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The built-in example: the Fashion-MNIST base (shipped, trained by examples/train_base.py), patched with harden's
 # default recipe on the shipped subset of its training set, then evaluated white-box and by transfer on shipped
-# test images. About 6 minutes on 2 CPU cores once set up. Reports land in examples/$OUT/.
+# test images. Reports land in examples/$OUT/. Time and figures measured: bench/RESULTS.md ("The ordinary path").
 set -euo pipefail
 cd "$(dirname "$0")"
 HARDEN=${HARDEN:-harden}

@@ -79,14 +79,28 @@ class PatchOptions:
 
     @classmethod
     def build(cls, recipe: str | None, overrides: dict[str, Any]) -> tuple["PatchOptions", Any]:
-        """Defaults, then the recipe's options, then `overrides` (aliases allowed); unknown names are errors."""
+        """Defaults, then the recipe's options, then `overrides` (aliases allowed); unknown names and values out of
+        range are errors. `recipe="auto"` is the CLI's rule: the default preset unless an override shapes the
+        recipe (method, at, at_regex, adversary), then the built-in defaults, never a mix."""
+        from .recipe import RECIPE_OPTIONS
+        from .validate import OPTION_RULES
+
         names = {f.name for f in fields(cls)}
         given = {cls.ALIASES.get(k, k): v for k, v in overrides.items()}
         unknown = sorted(k for k in given if k not in names)
         if unknown:
             raise InputError(f"unknown option '{unknown[0]}' (options: {', '.join(sorted(names))})")
+        if recipe == "auto":
+            recipe = None if any(k in given for k in RECIPE_OPTIONS) else DEFAULT_PRESET
         preset = load_preset(recipe, names) if recipe else None
-        values = {**(preset.options if preset else {}), **given}
+        options = dict(preset.options) if preset else {}
+        if "validate" in given:
+            options.pop("select_on", None)
+        values = {**options, **given}
+        for k, v in values.items():
+            rule = OPTION_RULES.get(k)
+            if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not rule[0](v):
+                raise InputError(f"{k} {rule[1]}, got {v}")
         return cls(**values), preset
 
 
@@ -133,6 +147,8 @@ def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str) -> hdata.Datase
     y = y.long().flatten()
     if len(y) != len(x):
         raise InputError(f"{len(x)} images but {len(y)} labels")
+    if len(y) and int(y.min()) < 0:
+        raise InputError("labels must be class indices >= 0")
     return hdata.Dataset(x, y, None, source)
 
 
@@ -239,13 +255,14 @@ def pick_device(name: str | torch.device) -> torch.device:
     return name if isinstance(name, torch.device) else _pick(str(name))
 
 
-def patch(model: Any, data: Any, recipe: str | None = DEFAULT_PRESET, *, arch: str | None = None, mean=None,
+def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | None = None, mean=None,
           std=None, logits: str | None = None, device: str | torch.device = "auto",
           progress: F.Progress | None = None, **overrides: Any) -> PatchedModel:
     """Splice patches into a frozen `model` and train them on `data`; returns the `PatchedModel`.
 
-    `recipe` names a preset (`"robust"`, the default: white-box robustness; `"transfer"`: the fixer paper's
-    transfer-only recipe; `None`: the built-in defaults of `PatchOptions`); `overrides` are `PatchOptions` fields
+    `recipe` names a preset (`"robust"`: white-box robustness; `"transfer"`: the fixer paper's transfer-only
+    recipe; `"certify"`: a denoiser for `harden certify`; `None`: the built-in defaults of `PatchOptions`; `"auto"`,
+    the default: `"robust"` unless `method`, `at`, `at_regex` or `adversary` is given); `overrides` are fields
     (`eps=0.1`, `epochs=5`, `at="layer1"`, ...) and win over the recipe. When `data` leaves nothing aside, a
     stratified part is held out for model selection, as the CLI does. The base's weights and statistics are
     bit-identical afterwards. The returned model carries `.training_record` (the record the checkpoint stores) and
@@ -274,10 +291,20 @@ def patch(model: Any, data: Any, recipe: str | None = DEFAULT_PRESET, *, arch: s
     return patched
 
 
+def effective_threat_model(cfg: F.FitConfig) -> str:
+    """What the training, as configured (preset and overrides), aims to withstand."""
+    if cfg.noise_sigma:
+        return "certified"
+    return "white-box" if cfg.full or cfg.adaptive else "transfer"
+
+
 def training_record(cfg: F.FitConfig, spec: A.AttackSpec, logs: list, train_ds: hdata.Dataset, opts: PatchOptions,
                     preset, split: Split, val_ds: hdata.Dataset | None) -> dict:
     training = F.record(cfg, spec, logs, train_ds, None if opts.subset is None else str(opts.subset))
     training["preset"] = preset.record() if preset else None
+    training["threat_model"] = effective_threat_model(cfg)
+    if preset:
+        training["preset"]["overridden"] = sorted(k for k, v in preset.options.items() if getattr(opts, k) != v)
     training["split"] = split.record
     if val_ds is not None:
         training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
@@ -380,6 +407,9 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
     each threat model's robust accuracy (white-box on the model itself, transfer from the base, black-box Square),
     the per-sample worst case, the base side by side when the model carries patches, and the sanity checks."""
+    for what, v, lo in (("batch_size", batch_size, 1), ("steps", steps, 1), ("max_samples", max_samples, 1)):
+        if v is not None and (not isinstance(v, int) or v < lo):
+            raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
     dev = pick_device(device)
     if isinstance(model, (str, Path)):
         from .session import ModelOptions, load_model

@@ -47,7 +47,13 @@ class ProgressView:
 
         self.quiet = quiet
         self.lines = not err_console.is_terminal
-        self.every = float(os.environ.get("HARDEN_PROGRESS_SECONDS", "10") or 10)
+        try:
+            self.every = float(os.environ.get("HARDEN_PROGRESS_SECONDS", "10") or 10)
+        except ValueError:
+            self.every = -1.0
+        if not self.every > 0:
+            raise InputError(f"HARDEN_PROGRESS_SECONDS must be a positive number of seconds, got "
+                             f"'{os.environ.get('HARDEN_PROGRESS_SECONDS')}'")
         self._progress = None
         self._tasks: dict[str, int] = {}
         self._started: dict[str, float] = {}
@@ -383,7 +389,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
 
     split = split_for_training(ds_all.labels, subset, bool(eval_data), select_on or validate, holdout, kw["seed"])
     for note in split.notes:
-        if not kw["quiet"] and not note.startswith("--select-on"):  # that one is a warning, printed below
+        if not kw["quiet"]:  # a note; a warning too (below) when the number was the user's
             err_console.print(f"{ds_all.source}: {note}")
     train_ds = ds_all.take(split.train)
     val_ds = ds_all.take(split.val) if split.val is not None else None
@@ -392,7 +398,8 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     if eval_samples is None:
         eval_samples = 500 if quick else 1000
     eval_ds, warnings = _report_data(loaded, ds_all, split.rest, eval_data, eval_samples, kw)
-    warnings += [n for n in split.notes if n.startswith("--select-on")]
+    if click.get_current_context().get_parameter_source("select_on") == click.core.ParameterSource.COMMANDLINE:
+        warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
     warnings += _recipe_warnings(recipe, cfg, methods, len(train_ds))
     ecfg = _report_config(quick, spec, norm, eval_steps, batch_size, kw["seed"])
     _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"])
@@ -479,11 +486,13 @@ def _recipe_warnings(recipe, cfg: F.FitConfig, methods, n_train: int) -> list[st
     warnings = []
     n_steps = -(-n_train // cfg.batch_size) * cfg.epochs
     if n_steps < FEW_STEPS:
+        src = f" (--epochs {cfg.epochs} is preset {recipe.name}'s)" if recipe and "epochs" in recipe.options else ""
         warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, {cfg.epochs} "
-                        "epochs): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
-    if recipe is not None and recipe.warning:
+                        f"epochs{src}): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
+    threat = api.effective_threat_model(cfg)
+    if recipe is not None and recipe.warning and recipe.threat_model == threat:
         warnings.append(recipe.warning)
-    elif not cfg.full and not cfg.adaptive and not cfg.noise_sigma:
+    elif threat == "transfer":
         warnings.append("this patch was trained only against adversarial examples of the frozen base (transfer "
                         "threat model, --adversary base); it does not hold against an attacker who knows the patch; "
                         "for white-box robustness use the default recipe (--preset robust) or --adversary patched")
@@ -503,9 +512,9 @@ def _report_config(quick: bool, spec: A.AttackSpec, norm: str, eval_steps: int |
 
 def report_units(ecfg: E.EvalConfig, n: int) -> float:
     """Forward-pass equivalents of the post-training report: per image and iterative attack, the attack on the
-    base and on the patched model (the transfer examples reuse the base's) plus a few forward passes."""
+    base, on the patched model and again on the base for the transfer examples, plus a few forward passes."""
     steps = ecfg.steps or A.info(ecfg.attacks[0]).steps
-    return n * len(ecfg.attacks) * (2 * 3 * (steps + 1) + 6)
+    return n * len(ecfg.attacks) * (3 * 3 * (steps + 1) + 6)
 
 
 def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec, ecfg: E.EvalConfig, recipe,
@@ -516,7 +525,8 @@ def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec,
     against = ("the model being trained" if cfg.adaptive else "the frozen base, once (transfer)")
     att = f"{spec.name}" + (f"-{spec.steps}" if spec.steps and spec.name != "fgsm" else "")
     units = F.train_units(cfg, spec)
-    lines = [f"recipe: {f'preset {recipe.name} ({recipe.threat_model})' if recipe else 'custom options'}",
+    lines = [f"recipe: {f'preset {recipe.name}' if recipe else 'custom options'}, training for the "
+             f"{api.effective_threat_model(cfg)} threat model",
              f"training: {len(train_ds):,} images, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} = "
              f"{cfg.epochs * per_epoch:,} optimiser steps; attack {att} against {against}; about {units:.0f} "
              "forward-pass equivalents per image per step"]
@@ -543,10 +553,12 @@ def _announce_written(loaded, cfg: F.FitConfig, out_file: Path, train_seconds: f
 def _full_eval_command(out_file: Path, loaded, eval_data: str | None, spec: A.AttackSpec) -> str:
     import shlex
 
-    parts = ["harden", "eval", str(out_file), "--data", eval_data or "TEST_DATA", "--eps", f"{spec.eps:g}",
+    parts = ["harden", "eval", str(out_file), "--data", eval_data or "TEST_DATA", "--eps", repr(spec.eps),
              "--norm", spec.norm, "--attack", "apgd-ce,apgd-dlr,square", "--threat", "all"]
     if loaded.base.arch:
         parts += ["--arch", loaded.base.arch]
+    if loaded.base.arch_kwargs:
+        parts += ["--arch-kwargs", json.dumps(loaded.base.arch_kwargs, sort_keys=True)]
     return " ".join(shlex.quote(p) for p in parts)
 
 

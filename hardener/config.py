@@ -106,7 +106,10 @@ class ConfigCommand(click.Command):
                     preset = DEFAULT_PRESET  # no method options at all: the recipe that protects
                 if preset is not None:
                     known = {p.name for p in self.params if p.name}
-                    defaults = {**load_preset(preset, known).options, **defaults, "preset": preset}
+                    options = dict(load_preset(preset, known).options)
+                    if "validate" in defaults or find_option(list(args), "--validate") is not None:
+                        options.pop("select_on", None)  # the user's own validation split replaces the preset's
+                    defaults = {**options, **defaults, "preset": preset}
         except InputError as e:
             e.show()
             raise SystemExit(e.exit_code) from None

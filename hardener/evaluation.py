@@ -104,6 +104,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.de
             cfg: EvalConfig | None = None) -> torch.Tensor:
     """Logits in batches; with `cfg`, an out-of-memory error halves the batch (`halve_on_oom`) and goes on."""
     out, i = [], 0
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
     while i < len(x):
         try:
             out.append(model(x[i:i + batch_size].to(device)).float().cpu())
@@ -140,8 +142,10 @@ class TransferBank:
     without one only the batches still ahead of the chain are kept in memory."""
 
     def __init__(self, source: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 device: torch.device, directory: Path | None = None) -> None:
+                 device: torch.device, directory: Path | None = None, cfg: "EvalConfig | None" = None) -> None:
         self.source, self.x, self.y, self.bs, self.device = source, x, y, batch_size, device
+        self.cfg = cfg
+        self.step = batch_size  # attack sub-batch: halves on out of memory (the bank's layout stays)
         self.directory = directory
         self._mem: dict[tuple[str, int], torch.Tensor] = {}
         self._attacks: dict[str, Callable] = {}
@@ -162,8 +166,7 @@ class TransferBank:
         else:
             if key not in self._attacks:
                 self._attacks[key] = A.build(self.source, spec)
-            sl = slice(k * self.bs, (k + 1) * self.bs)
-            adv = self._attacks[key](self.x[sl].to(self.device), self.y[sl].to(self.device)).detach().cpu()
+            adv = self._attack_range(key, k * self.bs, min((k + 1) * self.bs, len(self.y)))
             self.computed += 1
             if f is not None:
                 from .checkpoint import write_safetensors
@@ -171,6 +174,20 @@ class TransferBank:
                 write_safetensors(f, {"adv": adv.contiguous()})
         self._mem[(key, k)] = adv
         return adv
+
+    def _attack_range(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        parts, i = [], lo
+        while i < hi:
+            sl = slice(i, min(hi, i + self.step))
+            try:
+                parts.append(self._attacks[key](self.x[sl].to(self.device), self.y[sl].to(self.device)).detach().cpu())
+            except torch.OutOfMemoryError:
+                if self.cfg is None:
+                    raise
+                self.step = halve_on_oom(self.cfg, self.step, f"transfer examples {key}")
+                continue
+            i = sl.stop
+        return torch.cat(parts)
 
     def get(self, key: str, spec: A.AttackSpec, idx: torch.Tensor) -> torch.Tensor:
         """The examples of samples `idx` (ascending, as a chain walks them) under attack `key`."""
@@ -258,7 +275,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
         else:
             idx, j0, broken, spent, viol = torch.nonzero(robust).flatten(), 0, 0, 0.0, 0
         t0 = time.time()
-        j, bs = j0, cfg.batch_size
+        j, bs = j0, max(1, min([cfg.batch_size, *(o["to"] for o in cfg.oom)]))
         while j < len(idx):
             bi = idx[j:j + bs]
             xb, yb = x[bi].to(device), y[bi].to(device)
@@ -374,7 +391,7 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
             cache.save_base(models["base"])
     bank = None
     if has_patches and "transfer" in cfg.threats:
-        bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None)
+        bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None, cfg)
     if has_patches:
         models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store,
                                            bank)

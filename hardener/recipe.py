@@ -173,8 +173,9 @@ def split_for_training(labels: "torch.Tensor", subset, has_eval_data: bool, n_va
     if n_val:
         avail = len(rest) if has_eval_data else len(rest) // 2
         if avail < 1:
+            how = "a larger --holdout or --eval-data" if record["carved"] else "a smaller --subset"
             raise InputError(f"--select-on/--validate {n_val}: no images of --data are left outside the training "
-                             "subset; give a smaller --subset")
+                             f"images to validate on; give {how}")
         if n_val > avail:
             notes.append(f"--select-on/--validate {n_val}: only {avail:,} held-out images are available for it"
                          f"{'' if has_eval_data else ' (the other half is the report data)'}; validating on {avail:,}")

@@ -301,6 +301,15 @@ def test_out_of_memory_halves_the_batch_and_finishes(capsys):
     assert [(o["from"], o["to"]) for o in got["out_of_memory"]][:2] == [(32, 16), (16, 8)]
     assert "out of memory" in capsys.readouterr().err
     assert got["models"]["base"]["worst_case"] == ref["models"]["base"]["worst_case"]
+    # the transfer examples of a patched model (computed in fixed batches, shared across models) halve too
+    from hardener.patches import Fixer, FixerConfig
+
+    pp = PatchedModel(Classifier(_Picky(net, 8), InputSpec(shape=[1, 8, 8])))
+    pp.attach("net.block", Fixer(8, FixerConfig()))
+    got = E.evaluate(pp, ds, E.EvalConfig(**{**cfg, "threats": ("whitebox", "transfer")}, batch_size=32),
+                     torch.device("cpu"), has_patches=True)
+    assert any(o["where"].startswith("transfer examples") for o in got["out_of_memory"])
+    assert "transfer" in got["models"]["patched"]["threats"]
     # below the floor: exit 3 with one line
     from hardener.errors import RunError
 

@@ -99,3 +99,18 @@ def test_load_takes_plain_checkpoints_too(tiny_ckpt):
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(plain(x), net(x))
+
+
+def test_review_regressions_library(monkeypatch):
+    x, y = _data()
+    # an explicit recipe is never mixed with the default preset
+    p = hardener.patch(trained_tiny(), (x, y), at="block", eps=0.1, epochs=1, steps=1, batch_size=32)
+    assert p.training_record["preset"] is None and list(p.sites) == ["block"]
+    assert p.training_record["threat_model"] == "transfer"
+    # values out of range are input errors, not hangs or tracebacks
+    with pytest.raises(InputError, match="batch_size"):
+        hardener.patch(trained_tiny(), (x, y), batch_size=0)
+    with pytest.raises(InputError, match="batch_size"):
+        hardener.evaluate(trained_tiny(), (x, y), attacks="fgsm", eps=0.1, batch_size=0)
+    with pytest.raises(InputError, match="labels"):
+        hardener.as_dataset((x, torch.full_like(y, -1)))

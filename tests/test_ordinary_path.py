@@ -42,12 +42,13 @@ def test_literal_patch_with_only_data_succeeds_and_records_the_split(runner, tin
     assert r.output.strip().splitlines()[-1] == str(out)
     # stderr (mixed in by CliRunner): the carved split, the plan, an estimate, progress lines, the full command
     assert "held out 24 of 120 images (stratified, seed 0" in r.output
-    assert "plan: recipe: preset robust (white-box)" in r.output
+    assert "plan: recipe: preset robust, training for the white-box threat model" in r.output
     assert "estimated time left: training" in r.output
     assert "train 10/10 (100%)" in r.output  # not a TTY: plain progress lines
     assert "harden eval" in r.output and "quick check, not a verdict" in r.output
     m = hardener.load(out, arch=ARCH).manifest
     assert m.training["preset"]["name"] == "robust" and m.training["preset"]["threat_model"] == "white-box"
+    assert m.training["threat_model"] == "white-box" and m.training["preset"]["overridden"] == []
     split = m.training["split"]
     assert split["carved"] == {"held_out": 24, "holdout": "20%"}
     assert (split["train"], split["validation"], split["report_pool"]) == (96, 12, 12)
@@ -170,3 +171,22 @@ def test_clock_estimates_from_timed_steps_and_measured_validation(monkeypatch):
     est = clock.estimate()
     assert est["seconds_per_step"] == pytest.approx(5 / 4) and est["validation_seconds"] == pytest.approx(7.0)
     assert clock.eta_text() == F.fmt_seconds(est["seconds"])
+
+
+def test_review_regressions_cli(runner, tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    fast = ["--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5", "--epochs", "1", "--eval-samples", "10",
+            "--eval-steps", "1", "--steps", "1", "--eps", "0.1", "--quiet"]
+    # --validate with the default recipe: the user's split replaces the preset's --select-on
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), *fast, "--validate", "10", "--out", str(tmp_path / "v.st")])
+    assert r.exit_code == 0, r.output
+    # a preset overridden into another threat model does not carry the preset's warning
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), *fast, "--preset", "transfer", "--adversary", "patched",
+                             "--out", str(tmp_path / "t.st"), "--report", str(tmp_path / "t.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert not any("does not hold" in w for w in rep["data"]["warnings"])
+    assert rep["training"]["threat_model"] == "white-box"
+    assert rep["training"]["preset"]["overridden"] == ["adversary", "epochs", "steps"]
+    monkeypatch.setenv("HARDEN_PROGRESS_SECONDS", "5s")
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), *fast[:-1], "--out", str(tmp_path / "p.st")])
+    assert_input_error(r, "HARDEN_PROGRESS_SECONDS")
