@@ -58,6 +58,7 @@ class ProgressView:
         self._tasks: dict[str, int] = {}
         self._started: dict[str, float] = {}
         self._last = 0.0
+        self._mark = time.time()  # the last callback of any phase: where a new phase starts
 
     def __enter__(self) -> "ProgressView":
         if not self.quiet and not self.lines:
@@ -89,7 +90,8 @@ class ProgressView:
         from .fit import fmt_seconds
 
         now = time.time()
-        start = self._started.setdefault(phase, now)
+        start = self._started.setdefault(phase, self._mark)
+        self._mark = now
         if now - self._last < self.every and done < total:
             return
         self._last = now
