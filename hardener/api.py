@@ -24,9 +24,9 @@ from torch import nn
 
 from . import attacks as A, data as hdata, evaluation as E, fit as F, report as R
 from .errors import InputError
-from .model import Classifier, InputSpec
+from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, AuxBN, PatchedModel, select_bn_sites, select_sites
-from .recipe import DEFAULT_PRESET, Split, load_preset, parse_methods, split_for_training
+from .recipe import Split, parse_methods, split_for_training
 
 
 @dataclass
@@ -82,7 +82,7 @@ class PatchOptions:
         """Defaults, then the recipe's options, then `overrides` (aliases allowed); unknown names and values out of
         range are errors. `recipe="auto"` is the CLI's rule: the default preset unless an override shapes the
         recipe (method, at, at_regex, adversary), then the built-in defaults, never a mix."""
-        from .recipe import RECIPE_OPTIONS
+        from .recipe import resolve_preset
         from .validate import OPTION_RULES
 
         names = {f.name for f in fields(cls)}
@@ -90,12 +90,7 @@ class PatchOptions:
         unknown = sorted(k for k in given if k not in names)
         if unknown:
             raise InputError(f"unknown option '{unknown[0]}' (options: {', '.join(sorted(names))})")
-        if recipe == "auto":
-            recipe = None if any(k in given for k in RECIPE_OPTIONS) else DEFAULT_PRESET
-        preset = load_preset(recipe, names) if recipe else None
-        options = dict(preset.options) if preset else {}
-        if "validate" in given:
-            options.pop("select_on", None)
+        preset, options = resolve_preset(recipe, given, names)
         values = {**options, **given}
         for k, v in values.items():
             rule = OPTION_RULES.get(k)
@@ -167,15 +162,9 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
         loaded.patched.base_sha256 = loaded.base.sha256
         return loaded.patched
     if isinstance(model, nn.Module):
-        spec = InputSpec(mean=_floats(mean), std=_floats(std), logits=logits)
+        spec = InputSpec(mean=parse_floats(_csv(mean), "mean"), std=parse_floats(_csv(std), "std"), logits=logits)
         return PatchedModel(Classifier(model.eval(), spec))
     raise InputError(f"cannot patch {type(model).__name__}: pass an nn.Module or a checkpoint path")
-
-
-def _floats(v) -> list[float] | None:
-    if v is None:
-        return None
-    return [float(t) for t in (v if isinstance(v, (list, tuple)) else str(v).split(","))]
 
 
 def _csv(v) -> str | None:
@@ -428,29 +417,19 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     cfg = E.EvalConfig(attacks=names, eps=A.parse_eps(str(eps)), norm=norm, steps=steps, threats=threats,
                        batch_size=batch_size, seed=seed, checks=checks)
     result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress)
-    data_rec = {"source": ds.source, "n": len(ds), "classes": ds.classes, "preprocessing": ds.notes,
-                "fingerprint": ds.fingerprint(), "warnings": []}
-    settings = []
-    for m in result["models"].values():
-        for th in m["threats"].values():
-            for r in th["attacks"]:
-                if r["settings"] not in settings:
-                    settings.append(r["settings"])
-    rep = R.build("eval", result, data_rec, settings, R.environment(str(dev), seed), {"eps": cfg.eps, "norm": norm})
+    rep = R.build("eval", result, R.data_record(ds, []), R.attack_settings(result), R.environment(str(dev), seed),
+                  {"eps": cfg.eps, "norm": norm})
     return Report(rep)
-
-
-THREATS = ("whitebox", "transfer", "blackbox")
 
 
 def parse_threats(text: str) -> tuple[str, ...]:
     parts = [t.strip().lower() for t in str(text).split(",") if t.strip()]
     if parts == ["all"]:
-        return THREATS
-    bad = [t for t in parts if t not in THREATS]
+        return E.THREATS
+    bad = [t for t in parts if t not in E.THREATS]
     if bad or not parts:
         raise InputError(f"threat '{text}': choose whitebox, transfer, blackbox, a comma list of them, or all")
-    return tuple(t for t in THREATS if t in parts)
+    return tuple(t for t in E.THREATS if t in parts)
 
 
 __all__ = ["PatchOptions", "Report", "as_dataset", "evaluate", "patch"]

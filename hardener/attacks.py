@@ -364,12 +364,7 @@ class Bound:
         self.spec = spec
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        try:
-            return project(x, build(model, self.spec)(x, y), self.spec.eps, self.spec.norm)
-        finally:
-            model.train(was_training)
+        return project(x, build(model, self.spec)(x, y), self.spec.eps, self.spec.norm)  # Attack keeps the mode
 
     def __repr__(self) -> str:
         return f"hardener.attacks.get({self.spec.name!r}, {self.spec.record()})"

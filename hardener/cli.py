@@ -384,7 +384,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     ds_all = load_data(loaded, data, _dopts(kw))
     infos = finish_spec(loaded, ds_all, device)
     _announce(ds_all, kw["quiet"])
-    opts = api.PatchOptions(**{f: v for f, v in {**kw, **locals()}.items() if f in PATCH_FIELDS})
+    opts = api.PatchOptions(**{f: v for f, v in click.get_current_context().params.items() if f in PATCH_FIELDS})
     api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else err_console.print)
     default_route = route or ("main" if methods.full in ("advprop", "advamd") else "adv")
     loaded.patched.to(device)
@@ -402,7 +402,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     eval_ds, warnings = _report_data(loaded, ds_all, split.rest, eval_data, eval_samples, kw)
     if click.get_current_context().get_parameter_source("select_on") == click.core.ParameterSource.COMMANDLINE:
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
-    warnings += _recipe_warnings(recipe, cfg, methods, len(train_ds))
+    warnings += _recipe_warnings(recipe, cfg, len(train_ds))
     ecfg = _report_config(quick, spec, norm, eval_steps, batch_size, kw["seed"])
     _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"])
     for w in warnings:
@@ -458,7 +458,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
                             reference=parent.to(device) if parent is not None else None)
     report_seconds = time.time() - t1
     full_cmd = _full_eval_command(out_file, loaded, eval_data, spec)
-    rep = R.build("patch", result, _data_record(eval_ds, warnings), _settings(result),
+    rep = R.build("patch", result, R.data_record(eval_ds, warnings), R.attack_settings(result),
                   R.environment(str(device), kw["seed"], kw["deterministic"]),
                   {"checkpoint": str(out_file), "checkpoint_sha256": sha256_file(out_file), "eps": spec.eps,
                    "norm": spec.norm, "training": manifest.training, "patches": manifest.patches,
@@ -484,7 +484,7 @@ QUICK_NOTE = ("quick check: white-box APGD-CE with a small step budget (and its 
               "the full_evaluation command")
 
 
-def _recipe_warnings(recipe, cfg: F.FitConfig, methods, n_train: int) -> list[str]:
+def _recipe_warnings(recipe, cfg: F.FitConfig, n_train: int) -> list[str]:
     warnings = []
     n_steps = -(-n_train // cfg.batch_size) * cfg.epochs
     if n_steps < FEW_STEPS:
@@ -505,11 +505,9 @@ def _report_config(quick: bool, spec: A.AttackSpec, norm: str, eval_steps: int |
                    seed: int) -> E.EvalConfig:
     """The post-training report: quick (white-box APGD-CE, 20 steps, first; then its transfer) or full (the
     training attack at its reference budget in both threat models)."""
-    if quick:
-        return E.EvalConfig(attacks=["apgd-ce"], eps=spec.eps, norm=norm, steps=eval_steps or 20,
-                            threats=("whitebox", "transfer"), batch_size=max(batch_size, 256), seed=seed, checks=False)
-    return E.EvalConfig(attacks=[spec.name], eps=spec.eps, norm=norm, steps=eval_steps,
-                        threats=("whitebox", "transfer"), batch_size=max(batch_size, 256), seed=seed, checks=False)
+    return E.EvalConfig(attacks=["apgd-ce"] if quick else [spec.name], eps=spec.eps, norm=norm,
+                        steps=(eval_steps or 20) if quick else eval_steps, threats=("whitebox", "transfer"),
+                        batch_size=max(batch_size, 256), seed=seed, checks=False)
 
 
 def report_units(ecfg: E.EvalConfig, n: int) -> float:
@@ -585,23 +583,6 @@ def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple
     return eval_ds, warnings
 
 
-def _data_record(ds: hdata.Dataset, warnings: list[str]) -> dict:
-    return {"source": ds.source, "n": len(ds), "classes": ds.classes, "preprocessing": ds.notes,
-            "fingerprint": ds.fingerprint(), "warnings": warnings}
-
-
-def _settings(result: dict) -> list[dict]:
-    seen, outl = set(), []
-    for m in result["models"].values():
-        for th in m["threats"].values():
-            for r in th["attacks"]:
-                key = json.dumps(r["settings"], sort_keys=True)
-                if key not in seen:
-                    seen.add(key)
-                    outl.append(r["settings"])
-    return outl
-
-
 # ---------------------------------------------------------------- eval
 
 
@@ -622,7 +603,7 @@ def _settings(result: dict) -> list[dict]:
 @click.option("--fail-under", help="Gates, e.g. clean=0.85,robust=0.60 (robust = white-box worst case; needs an "
                                     "iterative white-box attack in the run).")
 @click.option("--allow-weak-gate", is_flag=True,
-              help="Let --fail-under robust/transfer/blackbox gate on a run without a strong attack in that threat "
+              help="Let --fail-under robust/transfer gate on a run without an iterative attack in that threat "
                    "model (e.g. FGSM only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--report", "report_paths", multiple=True, type=click.Path(dir_okay=False),
@@ -729,7 +710,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         if loaded.patched.has_auxbn:
             extra["route"] = loaded.patched.current_route
     env = R.environment(str(device), kw["seed"], kw["deterministic"])
-    rep = R.build("eval", result, _data_record(ds, []), _settings(result), env, extra)
+    rep = R.build("eval", result, R.data_record(ds, []), R.attack_settings(result), env, extra)
     missed = R.gate(rep, thresholds)
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
     rep["summary"] = R.summary(rep)
@@ -758,7 +739,7 @@ def _eval_adaptive(model, loaded, ds, names, eps, norm, steps, kw, device, repor
     with ProgressView(kw["quiet"] or as_json) as progress:
         res = evaluate_adaptive(pred, x, y, spec, e2e_samples, e2e_steps, progress)
     rep = {"schema": "harden.adaptive-report/1", "harden_version": __version__, "checkpoint": model,
-           "patches": loaded.manifest.patches if loaded.manifest else [], "data": _data_record(ds, []),
+           "patches": loaded.manifest.patches if loaded.manifest else [], "data": R.data_record(ds, []),
            "environment": R.environment(str(device), kw["seed"], kw["deterministic"]), **res}
     st, ad, e2e = res["static"], res["adaptive_predictor"], res["end_to_end"]
     from rich.table import Table
@@ -841,7 +822,7 @@ def certify(model, data, sigma, n0, n_samples, alpha, batch_size, max_samples, t
                         progress)
     s = res.summary()
     rep = {"schema": "harden.certify-report/1", "harden_version": __version__, "checkpoint": model,
-           "checkpoint_sha256": sha256_file(Path(model)), "data": _data_record(ds, []),
+           "checkpoint_sha256": sha256_file(Path(model)), "data": R.data_record(ds, []),
            "threat_model": f"certified: L2 radius of the smoothed model (σ = {sigma:g}), with probability "
                            f"{1 - alpha:g} over the noise", "summary": s, "rows": res.rows,
            "environment": R.environment(str(device), kw["seed"], kw["deterministic"])}
@@ -853,7 +834,8 @@ def certify(model, data, sigma, n0, n_samples, alpha, batch_size, max_samples, t
     if tsv_path:
         atomic_write(Path(tsv_path), lambda tmp: Path(tmp).write_text(res.to_tsv()))
     if report_path:
-        text = (json.dumps(rep, indent=2, sort_keys=True) if report_path.endswith(".json") else _certify_md(rep))
+        as_md = Path(report_path).suffix.lower() == ".md"
+        text = _certify_md(rep) if as_md else json.dumps(rep, indent=2, sort_keys=True)
         atomic_write(Path(report_path), lambda tmp: Path(tmp).write_text(text))
     if as_json:
         out(json.dumps(rep, indent=2, sort_keys=True))

@@ -90,7 +90,7 @@ class ConfigCommand(click.Command):
     then config file, then preset, then the built-in defaults)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        from .recipe import DEFAULT_PRESET, RECIPE_OPTIONS, load_preset
+        from .recipe import resolve_preset
 
         path = find_config(list(args))
         defaults: dict[str, Any] = {}
@@ -101,15 +101,12 @@ class ConfigCommand(click.Command):
             if path is not None:
                 defaults = load_defaults(path, self)
             if any(p.name == "preset" for p in self.params):
-                preset = find_option(list(args), "--preset") or defaults.get("preset")
-                if preset is None and not _gives_recipe(list(args), defaults, RECIPE_OPTIONS):
-                    preset = DEFAULT_PRESET  # no method options at all: the recipe that protects
+                known = {p.name for p in self.params if p.name}
+                given = set(defaults) | _on_command_line(list(args), known)
+                preset, options = resolve_preset(find_option(list(args), "--preset") or defaults.get("preset")
+                                                 or "auto", given, known)
                 if preset is not None:
-                    known = {p.name for p in self.params if p.name}
-                    options = dict(load_preset(preset, known).options)
-                    if "validate" in defaults or find_option(list(args), "--validate") is not None:
-                        options.pop("select_on", None)  # the user's own validation split replaces the preset's
-                    defaults = {**options, **defaults, "preset": preset}
+                    defaults = {**options, **defaults, "preset": preset.name}
         except InputError as e:
             e.show()
             raise SystemExit(e.exit_code) from None
@@ -118,7 +115,7 @@ class ConfigCommand(click.Command):
         return super().make_context(info_name, args, parent=parent, **extra)
 
 
-def _gives_recipe(args: list[str], defaults: dict[str, Any], names: tuple[str, ...]) -> bool:
-    """Whether the command line or the config file sets any of the recipe-shaping options."""
-    flags = {"--" + n.replace("_", "-") for n in names}
-    return any(n in defaults for n in names) or any(a.split("=", 1)[0] in flags for a in args)
+def _on_command_line(args: list[str], names: set[str]) -> set[str]:
+    """Which of the parameter `names` the command line sets (by their `--flag-name` spelling)."""
+    flags = {"--" + n.replace("_", "-"): n for n in names}
+    return {flags[a.split("=", 1)[0]] for a in args if a.split("=", 1)[0] in flags}

@@ -73,6 +73,26 @@ def halve_on_oom(cfg: EvalConfig, bs: int, where: str) -> int:
     return bs // 2
 
 
+def halving(lo: int, hi: int, bs: int, cfg: EvalConfig | None, where: str,
+            fn: Callable[[slice], torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """`fn` over slices of [lo, hi) of `bs` items; out of memory halves `bs` (`halve_on_oom`) and retries the slice
+    (without `cfg`, the error propagates). Returns the results and the batch size it ended with."""
+    if bs < 1:
+        raise InputError(f"batch size must be at least 1, got {bs}")
+    out, i = [], lo
+    while i < hi:
+        sl = slice(i, min(hi, i + bs))
+        try:
+            out.append(fn(sl))
+        except torch.OutOfMemoryError:
+            if cfg is None:
+                raise
+            bs = halve_on_oom(cfg, bs, where)
+            continue
+        i = sl.stop
+    return out, bs
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (0.0, 1.0)
@@ -103,18 +123,7 @@ def finite_logits(logits: torch.Tensor, what: str = "inputs") -> torch.Tensor:
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
             cfg: EvalConfig | None = None) -> torch.Tensor:
     """Logits in batches; with `cfg`, an out-of-memory error halves the batch (`halve_on_oom`) and goes on."""
-    out, i = [], 0
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
-    while i < len(x):
-        try:
-            out.append(model(x[i:i + batch_size].to(device)).float().cpu())
-        except torch.OutOfMemoryError:
-            if cfg is None:
-                raise
-            batch_size = halve_on_oom(cfg, batch_size, "prediction")
-            continue
-        i += batch_size
+    out, _ = halving(0, len(x), batch_size, cfg, "prediction", lambda sl: model(x[sl].to(device)).float().cpu())
     return finite_logits(torch.cat(out)) if out else torch.empty(0)
 
 
@@ -176,17 +185,9 @@ class TransferBank:
         return adv
 
     def _attack_range(self, key: str, lo: int, hi: int) -> torch.Tensor:
-        parts, i = [], lo
-        while i < hi:
-            sl = slice(i, min(hi, i + self.step))
-            try:
-                parts.append(self._attacks[key](self.x[sl].to(self.device), self.y[sl].to(self.device)).detach().cpu())
-            except torch.OutOfMemoryError:
-                if self.cfg is None:
-                    raise
-                self.step = halve_on_oom(self.cfg, self.step, f"transfer examples {key}")
-                continue
-            i = sl.stop
+        parts, self.step = halving(lo, hi, self.step, self.cfg, f"transfer examples {key}",
+                                   lambda sl: self._attacks[key](self.x[sl].to(self.device),
+                                                                 self.y[sl].to(self.device)).detach().cpu())
         return torch.cat(parts)
 
     def get(self, key: str, spec: A.AttackSpec, idx: torch.Tensor) -> torch.Tensor:

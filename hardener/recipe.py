@@ -76,6 +76,21 @@ class Preset:
         return {"name": self.name, "threat_model": self.threat_model, "description": self.description}
 
 
+def resolve_preset(name: str | None, given, known_options: set[str] | None = None) -> tuple[Preset | None, dict]:
+    """The preset a `harden patch` run uses, and the options it contributes. `name` is a preset name, None (no
+    preset), or "auto": DEFAULT_PRESET unless an option in `given` (the names the user set) shapes the recipe, so an
+    explicit recipe is never mixed with a preset. The user's --validate split replaces the preset's --select-on."""
+    if name == "auto":
+        name = None if any(k in given for k in RECIPE_OPTIONS) else DEFAULT_PRESET
+    if name is None:
+        return None, {}
+    preset = load_preset(name, known_options)
+    options = dict(preset.options)
+    if "validate" in given:
+        options.pop("select_on", None)
+    return preset, options
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 

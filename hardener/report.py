@@ -63,6 +63,25 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
     return rep
 
 
+def data_record(ds, warnings: list[str]) -> dict:
+    """The report's `data` block for a harden `Dataset`."""
+    return {"source": ds.source, "n": len(ds), "classes": ds.classes, "preprocessing": ds.notes,
+            "fingerprint": ds.fingerprint(), "warnings": warnings}
+
+
+def attack_settings(result: dict) -> list[dict]:
+    """Every distinct attack setting of an evaluation result, in the order the chains ran them."""
+    seen, out = set(), []
+    for m in result["models"].values():
+        for th in m["threats"].values():
+            for r in th["attacks"]:
+                key = json.dumps(r["settings"], sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(r["settings"])
+    return out
+
+
 def summary(rep: dict) -> dict:
     """A flat block of the headline numbers (for MLflow / W&B / a CI log): fractions rounded to 4 places, None where
     a threat model did not run. `robust` is the white-box per-sample worst case of the evaluated model."""
