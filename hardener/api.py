@@ -422,13 +422,13 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     return Report(rep)
 
 
-def parse_threats(text: str) -> tuple[str, ...]:
+def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:
     parts = [t.strip().lower() for t in str(text).split(",") if t.strip()]
     if parts == ["all"]:
         return E.THREATS
     bad = [t for t in parts if t not in E.THREATS]
     if bad or not parts:
-        raise InputError(f"threat '{text}': choose whitebox, transfer, blackbox, a comma list of them, or all")
+        raise InputError(f"{what} '{text}': choose whitebox, transfer, blackbox, a comma list of them, or all")
     return tuple(t for t in E.THREATS if t in parts)
 
 

@@ -647,7 +647,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     if not data:
         raise click.UsageError("missing --data (or `eval_data` in harden.toml)")
     thresholds = R.parse_fail_under(fail_under)
-    threats = api.parse_threats(threat)
+    threats = api.parse_threats(threat, "--threat")
     for p in report_paths:
         R.check_path(p)
     V.check_run(click.get_current_context(), [("--report", p) for p in report_paths], kw["force"])

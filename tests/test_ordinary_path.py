@@ -190,3 +190,17 @@ def test_review_regressions_cli(runner, tiny_ckpt, tiny_data, tmp_path, monkeypa
     monkeypatch.setenv("HARDEN_PROGRESS_SECONDS", "5s")
     r = runner.invoke(main, ["patch", str(tiny_ckpt), *fast[:-1], "--out", str(tmp_path / "p.st")])
     assert_input_error(r, "HARDEN_PROGRESS_SECONDS")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["patch", "--holdout", "1.5"], "--holdout"),
+    (["patch", "--noise-sigma", "-1"], "--noise-sigma"),
+    (["patch", "--device", "gpu"], "--device"),
+    (["eval", "--threat", "whitebox,bogus"], "--threat"),
+    (["certify", "--report", "c.txt"], ".json or .md"),
+    (["predict", "--smooth", "0.1", "--smooth-alpha", "2"], "--smooth-alpha"),
+])
+def test_new_options_refuse_bad_values_in_one_line(runner, tiny_ckpt, tiny_data, tmp_path, args, needle):
+    r = runner.invoke(main, [args[0], str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), *args[1:],
+                             *(["--out", str(tmp_path / "o.st")] if args[0] == "patch" else [])])
+    assert_input_error(r, needle)
