@@ -392,10 +392,12 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
              norm: str = "Linf", threat: str | tuple[str, ...] = "all", steps: int | None = None,
              max_samples: int | None = None, batch_size: int = 256, seed: int = 0, checks: bool = True,
              arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
-             progress: F.Progress | None = None) -> Report:
+             progress: F.Progress | None = None, surrogate: nn.Module | None = None) -> Report:
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
-    each threat model's robust accuracy (white-box on the model itself, transfer from the base, black-box Square),
-    the per-sample worst case, the base side by side when the model carries patches, and the sanity checks."""
+    each threat model's robust accuracy (white-box on the model itself; BPDA through the patches that may mask
+    gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
+    black-box Square), the per-sample worst case and which attack broke each sample, the base side by side when
+    the model carries patches, and the sanity checks."""
     for what, v, lo in (("batch_size", batch_size, 1), ("steps", steps, 1), ("max_samples", max_samples, 1)):
         if v is not None and (not isinstance(v, int) or v < lo):
             raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
@@ -416,7 +418,9 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     names = A.parse_attack_list(attacks)
     cfg = E.EvalConfig(attacks=names, eps=A.parse_eps(str(eps)), norm=norm, steps=steps, threats=threats,
                        batch_size=batch_size, seed=seed, checks=checks)
-    result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress)
+    if surrogate is not None:
+        surrogate = surrogate.to(dev).eval()
+    result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress, surrogate=surrogate)
     rep = R.build("eval", result, R.data_record(ds, []), R.attack_settings(result), R.environment(str(dev), seed),
                   {"eps": cfg.eps, "norm": norm})
     return Report(rep)
@@ -428,7 +432,7 @@ def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:
         return E.THREATS
     bad = [t for t in parts if t not in E.THREATS]
     if bad or not parts:
-        raise InputError(f"{what} '{text}': choose whitebox, transfer, blackbox, a comma list of them, or all")
+        raise InputError(f"{what} '{text}': choose {', '.join(E.THREATS)}, a comma list of them, or all")
     return tuple(t for t in E.THREATS if t in parts)
 
 

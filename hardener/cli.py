@@ -586,6 +586,16 @@ def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple
 # ---------------------------------------------------------------- eval
 
 
+def _load_surrogate(path: str | None, kw: dict, ds, device):
+    """The --surrogate model (plain or harden checkpoint, the model's --arch), taking [0, 1] pixels, in eval mode."""
+    if not path:
+        return None
+    V.regular_input(path, "--surrogate")
+    loaded = load_model(path, _mopts(kw))
+    finish_spec(loaded, ds, device)
+    return loaded.patched.eval()
+
+
 @main.command("eval", cls=ConfigCommand)
 @click.argument("model", required=False)
 @click.option("--data", help="Evaluation data (or `eval_data` in harden.toml).")
@@ -597,7 +607,11 @@ def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple
 @click.option("--restarts", type=int, default=1, show_default=True)
 @click.option("--queries", type=int, default=5000, show_default=True, help="Square's query budget.")
 @click.option("--threat", default="all", show_default=True,
-              help="Threat models: whitebox, transfer, blackbox (Square), a comma list of them, or all.")
+              help="Threat models: whitebox, adaptive (BPDA through patches that may mask gradients), surrogate "
+                   "(transfer from --surrogate), transfer (from the base), blackbox (Square), a comma list, or all.")
+@click.option("--surrogate", type=click.Path(dir_okay=False),
+              help="A checkpoint to transfer attacks from (e.g. an adversarially fine-tuned copy of the base, "
+                   "`harden patch --method adv-train`): attacks computed on it, scored on the model (same --arch).")
 @click.option("--max-samples", type=int, help="Seeded stratified subset of the data.")
 @click.option("--eps-sweep", help="Comma list of eps for a robustness curve (first iterative attack, white-box).")
 @click.option("--fail-under", help="Gates, e.g. clean=0.85,robust=0.60 (robust = white-box worst case; needs an "
@@ -636,7 +650,7 @@ def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple
 @(lambda f: adaptive_options(f, with_eps=False))
 @model_options
 @data_options
-def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, max_samples,
+def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, surrogate, max_samples,
              eps_sweep, fail_under, allow_weak_gate, as_json, report_paths, batch_size, no_checks, resume, smooth_grad,
              route, parent,
              base_cache, defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train,
@@ -648,6 +662,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         raise click.UsageError("missing --data (or `eval_data` in harden.toml)")
     thresholds = R.parse_fail_under(fail_under)
     threats = api.parse_threats(threat, "--threat")
+    if "surrogate" in [t.strip() for t in threat.split(",")] and not surrogate:
+        raise InputError("--threat surrogate needs --surrogate CHECKPOINT (a model to transfer attacks from)")
     for p in report_paths:
         R.check_path(p)
     V.check_run(click.get_current_context(), [("--report", p) for p in report_paths], kw["force"])
@@ -668,6 +684,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     finish_spec(loaded, ds, device)
     if reference is not None:
         reference.to(device)
+    surrogate_model = _load_surrogate(surrogate, kw, ds, device)
     _announce(ds, kw["quiet"])
     subset = hdata.parse_subset(kw["subset"])
     if max_samples and max_samples < len(ds):
@@ -685,7 +702,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
                         checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad))
     model_sha = sha256_file(Path(model))
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
-                      "device": device.type, "route": loaded.patched.current_route, "parent": parent})
+                      "device": device.type, "route": loaded.patched.current_route, "parent": parent,
+                      "surrogate": sha256_file(Path(surrogate)) if surrogate else None})
     state_dir = V.eval_state_dir(kw["state_dir"], list(report_paths))
     state = state_dir / f".harden-eval-{fp[:16]}.partial" if state_dir is not None else None
     store = EvalStore(state, fp, resume)
@@ -693,7 +711,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         with ProgressView(kw["quiet"]) as progress, sigterm_as_interrupt():
             result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
                                 progress=progress, store=store, reference=reference,
-                                base_cache=Path(base_cache) if base_cache else None)
+                                base_cache=Path(base_cache) if base_cache else None, surrogate=surrogate_model)
     except KeyboardInterrupt:
         store.flush()
         if state is None:
@@ -701,6 +719,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
                               "resumable)") from None
         raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
     extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": norm}
+    if surrogate:
+        extra["surrogate"] = {"checkpoint": surrogate, "sha256": sha256_file(Path(surrogate))}
     if result.get("base_cache"):
         extra["base_cache"] = result["base_cache"]
     if loaded.manifest is not None:

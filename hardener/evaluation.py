@@ -2,12 +2,17 @@
 
 Threat models (named in every result):
   whitebox  attacks computed on the evaluated model end to end (patches included)
+  adaptive  white-box BPDA: the same attacks with every patch that may mask gradients (a pre-filter, a
+            denoising block) replaced by the identity in the backward pass; run on what `whitebox` left
+  surrogate transfer from a surrogate the user gives (e.g. an adversarially fine-tuned copy of the base):
+            attacks computed on it, scored on the patched model; run on what `whitebox` left
   transfer  attacks computed on the base, scored on the patched model (the fixer paper's setting)
   blackbox  Square (query attack) on the evaluated model
 Within one threat model each attack runs only on samples still unbroken (AutoAttack style), so
 its final mask is the per-sample worst case over its attacks; gradient attacks run first, then
 FGSM, then Square, so that a single-step or query attack breaking what iterative attacks left is
-visible as a warning.
+visible as a warning. Every broken sample is credited to the first attack that broke it, in the order
+whitebox, adaptive, surrogate, transfer, blackbox (`broken_by`): the counts sum to clean − worst case.
 
 Transfer examples depend on the base alone: they are computed for fixed batches of the whole set
 (`TransferBank`), only where some sample of a batch needs one, so they do not depend on the
@@ -29,12 +34,13 @@ from torch import nn
 from . import attacks as A
 from . import data as hdata
 from .patches import PatchedModel
-from .patches.attach import Disabled
+from .patches.attach import Disabled, StraightThrough
 from .checkpoint import tensor_digest, write_torch
 from .errors import InputError, RunError
 from .resume import EvalStore, fingerprint
 
-THREATS = ("whitebox", "transfer", "blackbox")
+THREATS = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")
+WHITEBOX_KNOWLEDGE = ("whitebox", "adaptive")  # attacks that know the patched model: the `robust` figure
 LAST_KINDS = ("single-step", "query")  # run after the iterative attacks (on what they left)
 Progress = Callable[[str, int, int, dict], None]
 
@@ -250,6 +256,7 @@ class ChainResult:
     rows: list[dict]
     robust: torch.Tensor  # per-sample: still correct after every attack of the chain
     violations: int
+    broken_by: torch.Tensor | None = None  # per-sample: index of the attack (row) that broke it, -1 for none
 
 
 def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -262,11 +269,14 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
     `bank` (whose source is `source`), the examples come from it instead of a fresh attack."""
     robust = start.clone()
     rows, violations = [], 0
+    broken_by = torch.full((len(y),), -1, dtype=torch.int16)
     for i, spec in enumerate(specs):
         key = f"{label}{threat}/{i}:{spec.label}"
         saved = store.get(key) if store is not None else None
+        before = robust.clone()
         if saved is not None and saved["row"] is not None:  # finished before the interruption
             robust, violations = saved["robust"].clone(), violations + saved["violations"]
+            broken_by[before & ~robust] = i
             rows.append(saved["row"])
             continue
         attack = A.build(source, spec) if bank is None else None
@@ -308,46 +318,90 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
                "broken": broken, "robust_after": acc(robust), "seconds": seconds,
                "images_per_s": len(idx) / seconds if seconds > 0 and len(idx) else None}
         rows.append(row)
+        broken_by[before & ~robust] = i
         if store is not None:
             store.put(key, {"robust": robust.clone(), "violations": viol, "row": row}, force=True)
-    return ChainResult(threat, rows, robust, violations)
+    return ChainResult(threat, rows, robust, violations, broken_by)
 
 
 def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
                    cfg: EvalConfig, n_classes: int, device: torch.device,
                    progress: Progress | None = None, store: EvalStore | None = None,
-                   bank: TransferBank | None = None) -> dict:
+                   bank: TransferBank | None = None, surrogate: nn.Module | None = None) -> dict:
     """All threat models for one model. `base` is None when the model is the base itself; `bank`
-    holds (or computes) the transfer examples of `base`."""
+    holds (or computes) the transfer examples of `base`; `surrogate` is a model to transfer from."""
     logits = predict(model, x, cfg.batch_size, device, cfg)
     clean = logits.argmax(1) == y
     names = ordered(cfg.attacks)
     grad_specs = [_spec(cfg, n, n_classes) for n in names if A.info(n).kind != "query"]
     query_specs = [_spec(cfg, n, n_classes) for n in names if A.info(n).kind == "query"]
     chains: dict[str, ChainResult] = {}
+    skipped: dict[str, str] = {}
+
+    def chain(threat: str, source: nn.Module, start: torch.Tensor, specs: list, bank_=None) -> None:
+        chains[threat] = run_chain(threat, source, model, x, y, start, specs, cfg, device, progress, f"{name} ",
+                                   store, bank_)
     if "whitebox" in cfg.threats and grad_specs:
-        chains["whitebox"] = run_chain("whitebox", model, model, x, y, clean, grad_specs, cfg, device,
-                                       progress, f"{name} ", store)
+        chain("whitebox", model, clean, grad_specs)
+    after_wb = chains["whitebox"].robust if "whitebox" in chains else clean
+    if "adaptive" in cfg.threats and grad_specs and base is not None:
+        maskable = model.maskable if isinstance(model, PatchedModel) else []
+        if maskable:
+            chain("adaptive", StraightThrough(model), after_wb, grad_specs)
+        else:
+            skipped["adaptive"] = "no patch that could mask gradients (pre-filter, denoising block): BPDA would " \
+                                  "repeat the white-box attacks"
+    if "surrogate" in cfg.threats and grad_specs and base is not None:
+        if surrogate is not None:
+            chain("surrogate", surrogate, after_wb, grad_specs)
+        else:
+            skipped["surrogate"] = "no surrogate model given (--surrogate)"
     if "transfer" in cfg.threats and grad_specs and base is not None:
-        chains["transfer"] = run_chain("transfer", base, model, x, y, clean, grad_specs, cfg, device,
-                                       progress, f"{name} ", store, bank)
+        chain("transfer", base, clean, grad_specs, bank)
     if "blackbox" in cfg.threats and query_specs:
-        chains["blackbox"] = run_chain("blackbox", model, model, x, y, clean, query_specs, cfg, device,
-                                       progress, f"{name} ", store)
+        chain("blackbox", model, clean, query_specs)
     worst = clean.clone()
     for c in chains.values():
         worst &= c.robust
+    counts, per_sample = provenance(clean, chains)
     result = {
         "clean": acc(clean),
         "threats": {t: {"attacks": c.rows, "robust": acc(c.robust), "eps_violations": c.violations}
                     for t, c in chains.items()},
         "worst_case": acc(worst),
+        "broken_by": counts,
+        "per_sample_broken_by": per_sample,
         "per_class": per_class(y, clean, worst, n_classes),
         "_masks": {"clean": clean, "worst": worst, **{t: c.robust for t, c in chains.items()}},
     }
-    if "whitebox" in chains:
-        result["worst_whitebox"] = acc(chains["whitebox"].robust)
+    if skipped:
+        result["threats_skipped"] = skipped
+    wb = [chains[t].robust for t in WHITEBOX_KNOWLEDGE if t in chains]
+    if wb:
+        m = clean.clone()
+        for r in wb:
+            m &= r
+        result["worst_whitebox"] = acc(m)
+        result["_masks"]["worst_whitebox"] = m
     return result
+
+
+def provenance(clean: torch.Tensor, chains: dict[str, ChainResult]) -> tuple[dict, list[str | None]]:
+    """Which attack broke each sample: the first, in the order of THREATS and then of each chain's attacks.
+    Returns the counts (`threat/attack` -> n, plus `clean_error` and `robust`) and the per-sample labels (None for
+    a sample no attack broke, "clean_error" for one misclassified without attack)."""
+    labels: list[str | None] = ["clean_error" if not bool(c) else None for c in clean]
+    for t in THREATS:
+        c = chains.get(t)
+        if c is None or c.broken_by is None:
+            continue
+        for i in torch.nonzero(c.broken_by >= 0).flatten().tolist():
+            if labels[i] is None:
+                labels[i] = f"{t}/{c.rows[int(c.broken_by[i])]['attack']}"
+    counts: dict[str, int] = {}
+    for lab in labels:
+        counts[lab or "robust"] = counts.get(lab or "robust", 0) + 1
+    return counts, labels
 
 
 def per_class(y: torch.Tensor, clean: torch.Tensor, worst: torch.Tensor, n_classes: int) -> list[dict]:
@@ -367,7 +421,8 @@ def subset_metrics(res: dict, mask: torch.Tensor) -> dict:
 
 def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: torch.device,
              has_patches: bool, progress: Progress | None = None, store: EvalStore | None = None,
-             reference: nn.Module | None = None, base_cache: Path | None = None) -> dict:
+             reference: nn.Module | None = None, base_cache: Path | None = None,
+             surrogate: nn.Module | None = None) -> dict:
     """Evaluate the base (and the patched model, when it has patches) on `ds`.
 
     `reference` is the base to compare with and to transfer from when the patched model's own base
@@ -395,7 +450,7 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
         bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None, cfg)
     if has_patches:
         models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store,
-                                           bank)
+                                           bank, surrogate)
     base_correct = models["base"]["_masks"]["clean"]
     for res in models.values():
         res["correct_by_base"] = subset_metrics(res, base_correct)
@@ -405,6 +460,8 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
     sweep = eps_sweep(primary_model, x, y, cfg, n_classes, device, progress) if cfg.eps_sweep else None
     if sweep is not None and cfg.checks:
         checks.append(_check_sweep(sweep, n_classes))
+    if cfg.checks:
+        checks += _check_adaptive(primary)
     return {"models": models, "checks": checks, "eps_sweep": sweep, "n": len(y), "n_classes": n_classes,
             "base_cache": cache.record(bank) if cache is not None else None, "out_of_memory": list(cfg.oom)}
 
@@ -535,6 +592,27 @@ def eps_sweep(model, x, y, cfg: EvalConfig, n_classes: int, device, progress=Non
         ch = run_chain("whitebox", model, model, x, y, clean, [_spec(cfg, name, n_classes, eps=e)], cfg, device,
                        progress, f"sweep eps={e:g} ")
         out.append({"eps": e, "attack": name, **acc(ch.robust)})
+    return out
+
+
+def _check_adaptive(res: dict) -> list[dict]:
+    """BPDA and surrogate transfer run on what the white-box attacks left: anything they break is a sample where
+    the model's own gradients misled the attacker."""
+    out = []
+    left = res.get("threats", {}).get("whitebox", {}).get("robust", {}).get("correct")
+    for t, name, hint in (
+            ("adaptive", "bpda_not_stronger_than_whitebox",
+             "with the patches' backward replaced by the identity the attacks broke samples that the exact gradients "
+             "could not: the patches obfuscate gradients, and the white-box figure alone overstates robustness"),
+            ("surrogate", "surrogate_not_stronger_than_whitebox",
+             "examples transferred from the surrogate broke samples the white-box attacks left: the model's "
+             "gradients may mislead (gradient masking); the per-sample worst case counts them")):
+        th = res.get("threats", {}).get(t)
+        if th is None or left is None:
+            continue
+        broken = sum(r["broken"] for r in th["attacks"])
+        out.append(_check(name, broken == 0, f"{t} attacks broke {_seen(broken, left)} of the samples the white-box "
+                                             "attacks left", hint))
     return out
 
 

@@ -13,6 +13,10 @@ from .errors import InputError
 SCHEMA = "harden.report/1"
 THREAT_TEXT = {
     "whitebox": "white-box: attacks computed on this model end to end (patches included)",
+    "adaptive": "white-box BPDA: the same attacks with each patch that may mask gradients (pre-filter, denoising "
+                "block) replaced by the identity in the backward pass, run on what the white-box attacks left",
+    "surrogate": "transfer from a surrogate model (--surrogate), scored on this model, run on what the white-box "
+                 "attacks left",
     "transfer": "transfer: attacks computed on the base, scored on this model (attacker unaware of the patch)",
     "blackbox": "black-box: Square query attack on this model",
 }
@@ -46,7 +50,9 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
         "harden_version": __version__,
         "command": command,
         "data": data,
-        "threat_models": {t: THREAT_TEXT[t] for t in ("whitebox", "transfer", "blackbox")},
+        "threat_models": {t: THREAT_TEXT[t] for t in THREAT_TEXT
+                          if t in ("whitebox", "transfer", "blackbox")
+                          or any(t in m.get("threats", {}) for m in result["models"].values())},
         "attack_settings": attack_settings,
         "models": strip_private(result["models"]),
         "checks": result.get("checks", []),
@@ -60,7 +66,33 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
 
     rep["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rep["summary"] = summary(rep)
+    rep["robustbench"] = robustbench_entry(rep, result["models"])
     return rep
+
+
+STANDARD_AA = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def robustbench_entry(rep: dict, raw_models: dict) -> dict:
+    """A RobustBench-style entry for the evaluated model: `autoattack_acc` only when the run was the standard
+    AutoAttack (APGD-CE, APGD-T, FAB-T on the model itself, Square as its query attack: their per-sample AND), else
+    None; `external` is harden's worst case over every threat model that ran (adaptive attacks included)."""
+    models = rep["models"]
+    name = "patched" if "patched" in models else "base"
+    m = models[name]
+    ran = {(t, r["attack"]) for t, th in m.get("threats", {}).items() for r in th["attacks"]}
+    standard = {("whitebox", "apgd-ce"), ("whitebox", "apgd-t"), ("whitebox", "fab-t"), ("blackbox", "square")}
+    aa = None
+    masks = raw_models.get(name, {}).get("_masks")
+    if standard <= ran and masks is not None:
+        aa = float((masks["whitebox"] & masks["blackbox"]).float().mean())
+    training = rep.get("training") or {}
+    return {"clean_acc": round(100 * m["clean"]["accuracy"], 2),
+            "autoattack_acc": None if aa is None else round(100 * aa, 2),
+            "external": round(100 * m["worst_case"]["accuracy"], 2),
+            "eps": rep.get("eps"), "threat_model": rep.get("norm"), "number_forward_passes": 1,
+            "architecture": (rep.get("architecture") or training.get("arch") or ""),
+            "n": m["clean"]["n"], "model": name}
 
 
 def data_record(ds, warnings: list[str]) -> dict:
@@ -94,13 +126,18 @@ def summary(rep: dict) -> dict:
     def threat(m: dict, t: str):
         return r4(m["threats"][t]["robust"]["accuracy"]) if t in m.get("threats", {}) else None
 
+    def robust(mm: dict):
+        w = mm.get("worst_whitebox")
+        return r4(w["accuracy"]) if w else threat(mm, "whitebox")
+
     m, base = models[name], models.get("base", {})
     out = {"model": name, "n": rep["data"].get("n"), "eps": rep.get("eps"), "norm": rep.get("norm"),
-           "clean": r4(m["clean"]["accuracy"]), "robust": threat(m, "whitebox"), "transfer": threat(m, "transfer"),
+           "clean": r4(m["clean"]["accuracy"]), "robust": robust(m), "adaptive": threat(m, "adaptive"),
+           "surrogate": threat(m, "surrogate"), "transfer": threat(m, "transfer"),
            "blackbox": threat(m, "blackbox"), "worst_case": r4(m["worst_case"]["accuracy"]),
            "attacks": sorted({s.get("name", "") for s in rep.get("attack_settings", [])})}
     if name == "patched" and base:
-        out.update(base_clean=r4(base["clean"]["accuracy"]), base_robust=threat(base, "whitebox"),
+        out.update(base_clean=r4(base["clean"]["accuracy"]), base_robust=robust(base),
                    delta_clean=r4(m["clean"]["accuracy"] - base["clean"]["accuracy"]))
     gates = rep.get("gates")
     if gates and gates.get("thresholds"):
@@ -134,9 +171,11 @@ def headline(rep: dict) -> list[str]:
         lines.append(f"Model `{Path(ck).name}`" + (f" (sha256 `{sha[:16]}…`)" if sha else "")
                      + f", data `{rep['data'].get('source')}` ({s['n']} samples, fingerprint "
                      f"`{str(rep['data'].get('fingerprint', ''))[:12]}`), {rep.get('created', '')}.")
-    verdict = (f"**{s['model']}**: clean {p(s['clean'])}, white-box {p(s['robust'])}, transfer {p(s['transfer'])}, "
-               f"black-box {p(s['blackbox'])}; worst case over the threat models that ran {p(s['worst_case'])}"
-               f" (eps {s['eps']} {s['norm'] or ''}).")
+    adaptive = "".join(f", {label} {p(s[k])}" for k, label in (("adaptive", "after BPDA"), ("surrogate", "after "
+                       "surrogate transfer")) if s.get(k) is not None)
+    verdict = (f"**{s['model']}**: clean {p(s['clean'])}, white-box {p(s['robust'])}{adaptive}, transfer "
+               f"{p(s['transfer'])}, black-box {p(s['blackbox'])}; worst case over the threat models that ran "
+               f"{p(s['worst_case'])} (eps {s['eps']} {s['norm'] or ''}).")
     lines.append(verdict)
     if "delta_clean" in s:
         lines.append(f"Base: clean {p(s['base_clean'])}, white-box {p(s['base_robust'])}; clean accuracy "
@@ -253,6 +292,8 @@ def rows(rep: dict) -> list[tuple[str, str, str, str]]:
         out.append((name, "worst case (all threats)", "all", pct(m["worst_case"])))
         cb = m.get("correct_by_base", {})
         for key, label, threat in (("clean", "clean", "—"), ("whitebox", "worst case (whitebox)", "whitebox"),
+                                   ("adaptive", "worst case (adaptive)", "adaptive"),
+                                   ("surrogate", "worst case (surrogate)", "surrogate"),
                                    ("transfer", "worst case (transfer)", "transfer"),
                                    ("blackbox", "worst case (blackbox)", "blackbox"),
                                    ("worst", "worst case (all threats)", "all")):

@@ -334,7 +334,8 @@ def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str,
 
 
 INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-data"), ("classes", "--classes"),
-                ("config", "--config"), ("parent", "--parent"), ("reference_data", "--reference-data"))
+                ("config", "--config"), ("parent", "--parent"), ("surrogate", "--surrogate"),
+                ("reference_data", "--reference-data"))
 
 
 def check_run(ctx, outputs: list[tuple[str, Any]], force: bool) -> None:

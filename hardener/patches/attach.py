@@ -118,6 +118,7 @@ class PatchedModel(nn.Module):
         self._enabled = True
         self._capture: dict[str, torch.Tensor] | None = None
         self._route = "adv"  # which BNs serve inputs: the auxiliary twins (adv) or the base's (main)
+        self._straight = False  # BPDA: patches that may mask gradients are identity in the backward pass
         for p in model.parameters():
             p.requires_grad_(False)
         self.train(False)
@@ -157,7 +158,11 @@ class PatchedModel(nn.Module):
             return out
         if patch.kind == "auxbn":
             return patch(out, inp[0]) if self._route == "adv" else out
-        return patch(out)
+        new = patch(out)
+        if self._straight and getattr(patch, "may_mask", False) and new.shape == out.shape:
+            # forward: the patch's output, exactly; backward: identity (BPDA, Athalye et al. 2018)
+            return out + (new - out).detach()
+        return new
 
     def _make_hook(self, site: str, key: str):
         def hook(module: nn.Module, inp, out):
@@ -245,6 +250,21 @@ class PatchedModel(nn.Module):
         finally:
             self._enabled = prev
 
+    @property
+    def maskable(self) -> list[str]:
+        """Sites whose patch may mask gradients (an input transform, a denoising filter): BPDA attacks them."""
+        return [s for s, k in self.sites.items() if getattr(self.patches[k], "may_mask", False)]
+
+    @contextlib.contextmanager
+    def straight_through(self) -> Iterator["PatchedModel"]:
+        """Inside the block, every patch of `maskable` is the identity in the backward pass (its forward unchanged):
+        the gradient an attacker gets when approximating a non-differentiable or obfuscating patch by identity."""
+        prev, self._straight = self._straight, True
+        try:
+            yield self
+        finally:
+            self._straight = prev
+
     @contextlib.contextmanager
     def capture(self) -> Iterator[dict[str, torch.Tensor]]:
         """Collect the features after each patch (or the base's, when disabled) during forwards."""
@@ -328,4 +348,22 @@ class Disabled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.patched.patches_disabled():
+            return self.patched(x)
+
+
+class StraightThrough(nn.Module):
+    """A view of a PatchedModel whose gradient-masking patches are identity in the backward pass (BPDA): the same
+    logits as the model, the gradients of the model without those patches' Jacobians."""
+
+    def __init__(self, patched: PatchedModel) -> None:
+        super().__init__()
+        self.patched = patched
+
+    def train(self, mode: bool = True) -> "StraightThrough":
+        self.training = False
+        self.patched.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.patched.straight_through():
             return self.patched(x)

@@ -42,6 +42,7 @@ def _neighbours(x: torch.Tensor) -> torch.Tensor:
 class Denoise(nn.Module):
     kind = "denoise"
     input_only = False
+    may_mask = True  # median/bilateral filters can hide gradients: evaluation attacks it with BPDA too
 
     def __init__(self, channels: int, config: DenoiseConfig, spatial: tuple[int, int] | None = None) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ from ..errors import InputError
 class Prefilter(nn.Module):
     kind = "prefilter"
     input_only = True
+    may_mask = True  # an input transform: evaluation attacks it with BPDA too (identity in the backward pass)
 
     def __init__(self, channels: int, width: int = 32, delta: float = 1.0) -> None:
         super().__init__()
