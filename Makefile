@@ -10,7 +10,7 @@ setup: $(STAMP)
 
 # torch first (the CPU wheel where one is at hand), then the rest, then harden itself, and torchattacks last
 # without its requirements (torchvision, requests, tqdm: harden's code path imports none of them). Last, so that
-# no later resolver run reports its missing requirements as an ERROR.
+# no later resolver run reports its missing requirements as an ERROR. pyautoattack (tests only) likewise.
 $(STAMP): setup.cfg pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -18,6 +18,8 @@ $(STAMP): setup.cfg pyproject.toml requirements.txt
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/pip install --quiet --no-deps torchattacks==3.5.1
+	# tests only: the AutoAttack authors' reference code, to cross-check our standard suite (torch + numpy only)
+	$(BIN)/pip install --quiet --no-deps pyautoattack==0.2.0
 	touch $(STAMP)
 
 demo: setup
