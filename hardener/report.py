@@ -10,7 +10,9 @@ from typing import Any
 from . import __version__
 from .errors import InputError
 
-SCHEMA = "harden.report/1"
+SCHEMAS = {"eval": "harden.eval-report/2", "patch": "harden.patch-report/2"}  # one id per kind of report
+SCHEMA = SCHEMAS["eval"]
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "report-2.schema.json"  # JSON Schema of both (shipped)
 THREAT_TEXT = {
     "whitebox": "white-box: attacks computed on this model end to end (patches included)",
     "adaptive": "white-box BPDA: the same attacks with each patch that may mask gradients (pre-filter, denoising "
@@ -46,7 +48,7 @@ def strip_private(obj: Any) -> Any:
 def build(command: str, result: dict, data: dict, attack_settings: list, env: dict,
           extra: dict | None = None) -> dict:
     rep = {
-        "schema": SCHEMA,
+        "schema": SCHEMAS.get(command, SCHEMA),
         "harden_version": __version__,
         "command": command,
         "data": data,
@@ -189,8 +191,8 @@ def headline(rep: dict) -> list[str]:
 def validate(rep: dict) -> list[str]:
     """Errors against the report schema (empty when valid)."""
     errs = [f"missing or mistyped '{k}'" for k, t in SCHEMA_REQUIRED.items() if not isinstance(rep.get(k), t)]
-    if rep.get("schema") != SCHEMA:
-        errs.append(f"schema is {rep.get('schema')!r}, expected {SCHEMA!r}")
+    if rep.get("schema") not in SCHEMAS.values():
+        errs.append(f"schema is {rep.get('schema')!r}, expected one of {', '.join(SCHEMAS.values())}")
     for name, m in (rep.get("models") or {}).items():
         for key in ("clean", "worst_case", "threats", "correct_by_base", "per_class"):
             if key not in m:

@@ -229,3 +229,45 @@ def test_standard_autoattack_agrees_with_the_reference_implementation():
     lo, hi = E.wilson(int(ref.sum()), n)
     assert lo <= float(ours.float().mean()) <= hi
     assert int((ours != exact).sum()) <= 0.03 * n and int((ref != exact).sum()) <= 0.03 * n
+
+
+# ---------------------------------------------------------------- the shipped JSON Schema
+
+
+def test_eval_and_patch_reports_validate_against_the_shipped_schema(runner, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from hardener import report as R
+    from conftest import FAST_PATCH
+    from safetensors.torch import save_file
+
+    schema = json.loads(R.SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    torch.manual_seed(0)
+    ck = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.tiny().state_dict().items()}, str(ck))
+    xs = torch.rand(120, 1, 8, 8)
+    data = tmp_path / "d.npz"
+    np.savez(data, images=xs.numpy(), labels=((xs.mean((1, 2, 3)) * 30).long() % 3).numpy())
+    arch = f"{HERE / 'tiny_model.py'}:tiny"
+    out, prep, erep = tmp_path / "p.safetensors", tmp_path / "patch.json", tmp_path / "eval.json"
+    r = runner.invoke(main, ["patch", str(ck), "--arch", arch, "--data", str(data), "--at", "prefilter:input,auto",
+                             "--width", "4", "--out", str(out), "--report", str(prep), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["eval", str(out), "--arch", arch, "--data", str(data), "--eps", "0.1", "--steps", "2",
+                             "--attack", "apgd-ce,square", "--queries", "20", "--max-samples", "30", "--quiet",
+                             "--report", str(erep), "--fail-under", "clean=0.1"])
+    assert r.exit_code in (0, 1), r.output
+    reports = {"patch": json.loads(prep.read_text()), "eval": json.loads(erep.read_text())}
+    for kind, rep in reports.items():
+        assert rep["schema"] == f"harden.{kind}-report/2"
+        errors = sorted(validator.iter_errors(rep), key=lambda e: list(e.path))
+        assert not errors, f"{kind}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+        assert R.validate(rep) == []
+    # a report that breaks the schema is caught (the test can fail)
+    bad = json.loads(erep.read_text())
+    bad["models"]["patched"]["clean"]["accuracy"] = 1.5
+    assert list(validator.iter_errors(bad))
+    bad = json.loads(erep.read_text())
+    bad["schema"] = "harden.patch-report/2"
+    assert list(validator.iter_errors(bad))
