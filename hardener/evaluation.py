@@ -458,11 +458,13 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
     primary_model = patched if has_patches else base
     checks = run_checks(primary_model, primary, x, y, cfg, n_classes, device) if cfg.checks else []
     sweep = eps_sweep(primary_model, x, y, cfg, n_classes, device, progress) if cfg.eps_sweep else None
+    sweep_base = eps_sweep(base, x, y, cfg, n_classes, device, progress) if cfg.eps_sweep and has_patches else None
     if sweep is not None and cfg.checks:
         checks.append(_check_sweep(sweep, n_classes))
     if cfg.checks:
         checks += _check_adaptive(primary)
-    return {"models": models, "checks": checks, "eps_sweep": sweep, "n": len(y), "n_classes": n_classes,
+    return {"models": models, "checks": checks, "eps_sweep": sweep, "eps_sweep_base": sweep_base, "n": len(y),
+            "n_classes": n_classes,
             "base_cache": cache.record(bank) if cache is not None else None, "out_of_memory": list(cfg.oom)}
 
 

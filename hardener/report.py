@@ -59,6 +59,7 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
         "models": strip_private(result["models"]),
         "checks": result.get("checks", []),
         "eps_sweep": result.get("eps_sweep"),
+        "eps_sweep_base": result.get("eps_sweep_base"),
         "out_of_memory": result.get("out_of_memory") or [],
         "environment": env,
     }
@@ -348,35 +349,110 @@ def to_markdown(rep: dict) -> str:
     if pc:
         lines += ["", "| class | n | clean | worst case |", "|---|---|---|---|"]
         lines += [f"| {c} | {n} | {a} | {b} |" for c, n, a, b in pc]
+    prov = provenance_rows(rep)
+    if prov:
+        lines += ["", "Which attack broke what (each sample credited to the first attack that broke it):", "",
+                  "| model | broken by | samples |", "|---|---|---|"]
+        lines += [f"| {m} | {k} | {n} |" for m, k, n in prov]
     if rep.get("eps_sweep"):
-        lines += ["", "| eps | attack | accuracy |", "|---|---|---|"]
-        lines += [f"| {s['eps']:g} | {s['attack']} | {100 * s['accuracy']:.1f}% |" for s in rep["eps_sweep"]]
+        base = {s["eps"]: s for s in rep.get("eps_sweep_base") or []}
+        lines += ["", "| eps | attack | accuracy [95% CI] | base |", "|---|---|---|---|"]
+        lines += [f"| {s['eps']:g} | {s['attack']} | {pct(s)} | {pct(base.get(s['eps']))} |" for s in rep["eps_sweep"]]
     return "\n".join(lines) + "\n"
 
 
-def _svg_curve(sweep: list[dict]) -> str:
-    w, h, pad = 420, 260, 40
-    pts = sorted(sweep, key=lambda s: s["eps"])
-    emax = max(s["eps"] for s in pts) or 1.0
+def provenance_rows(rep: dict) -> list[tuple[str, str, int]]:
+    """(model, first attack that broke the samples or robust/clean_error, count), in the chains' order."""
+    out = []
+    for name, m in rep["models"].items():
+        counts = m.get("broken_by") or {}
+        order = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")
+        for k in sorted(counts, key=lambda k: (order.index(k.split("/")[0]) if k.split("/")[0] in order else 9,
+                                               k == "robust")):
+            out.append((name, k, counts[k]))
+    return out
+
+
+def _svg_curve(curves: list[tuple[str, str, list[dict]]]) -> str:
+    """Robust accuracy against eps, one line per (label, colour, sweep) with its 95% interval as a band."""
+    w, h, pad = 460, 280, 44
+    pts_all = [s for _, _, c in curves for s in c]
+    emax = max(s["eps"] for s in pts_all) or 1.0
 
     def xy(e, a):
         return pad + (w - 2 * pad) * e / emax, h - pad - (h - 2 * pad) * a
 
-    path = " ".join(f"{'M' if i == 0 else 'L'}{xy(s['eps'], s['accuracy'])[0]:.1f},{xy(s['eps'], s['accuracy'])[1]:.1f}"
-                    for i, s in enumerate(pts))
-    dots = "".join(f'<circle cx="{xy(s["eps"], s["accuracy"])[0]:.1f}" cy="{xy(s["eps"], s["accuracy"])[1]:.1f}" '
-                   f'r="3"><title>eps {s["eps"]:g}: {100 * s["accuracy"]:.1f}%</title></circle>' for s in pts)
-    ticks = "".join(f'<text x="{xy(s["eps"], 0)[0]:.1f}" y="{h - pad + 15}" font-size="10" '
-                    f'text-anchor="middle">{s["eps"]:g}</text>' for s in pts)
-    yt = "".join(f'<text x="{pad - 5}" y="{xy(0, a)[1] + 3:.1f}" font-size="10" '
-                 f'text-anchor="end">{int(a * 100)}%</text>' for a in (0, 0.5, 1))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">'
-            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>'
-            f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="2"/>{dots}{ticks}{yt}'
-            f'<text x="{w / 2}" y="{h - 5}" font-size="11" text-anchor="middle">eps</text>'
-            f'<text x="12" y="{h / 2}" font-size="11" transform="rotate(-90 12 {h / 2})" '
-            f'text-anchor="middle">robust accuracy ({html.escape(pts[0]["attack"])}, white-box)</text></svg>')
+    parts = [f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>']
+    for a in (0, 0.25, 0.5, 0.75, 1):
+        y = xy(0, a)[1]
+        parts.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{w - pad}" y2="{y:.1f}" stroke="#eee"/>'
+                     f'<text x="{pad - 5}" y="{y + 3:.1f}" font-size="10" text-anchor="end">{int(a * 100)}%</text>')
+    for e in sorted({s["eps"] for s in pts_all}):
+        parts.append(f'<text x="{xy(e, 0)[0]:.1f}" y="{h - pad + 15}" font-size="10" text-anchor="middle">{e:g}</text>')
+    for k, (label, colour, sweep) in enumerate(curves):
+        pts = sorted(sweep, key=lambda s: s["eps"])
+        if any("ci95" in s for s in pts):
+            upper = [xy(s["eps"], s.get("ci95", [s["accuracy"]] * 2)[1]) for s in pts]
+            lower = [xy(s["eps"], s.get("ci95", [s["accuracy"]] * 2)[0]) for s in reversed(pts)]
+            band = " ".join(f"{'M' if i == 0 else 'L'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(upper + lower))
+            parts.append(f'<path d="{band} Z" fill="{colour}" opacity="0.15"/>')
+        path = " ".join(f"{'M' if i == 0 else 'L'}{xy(s['eps'], s['accuracy'])[0]:.1f},"
+                        f"{xy(s['eps'], s['accuracy'])[1]:.1f}" for i, s in enumerate(pts))
+        parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{xy(s["eps"], s["accuracy"])[0]:.1f}" cy="{xy(s["eps"], s["accuracy"])[1]:.1f}" '
+                  f'r="3" fill="{colour}"><title>{html.escape(label)}, eps {s["eps"]:g}: '
+                  f'{100 * s["accuracy"]:.1f}%</title></circle>' for s in pts]
+        parts.append(f'<rect x="{w - pad - 110}" y="{pad - 30 + 16 * k}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{w - pad - 95}" y="{pad - 21 + 16 * k}" font-size="11">{html.escape(label)}</text>')
+    attack = html.escape(pts_all[0]["attack"]) if pts_all else ""
+    parts.append(f'<text x="{w / 2}" y="{h - 8}" font-size="11" text-anchor="middle">eps</text>'
+                 f'<text x="12" y="{h / 2}" font-size="11" transform="rotate(-90 12 {h / 2})" '
+                 f'text-anchor="middle">robust accuracy ({attack}, white-box)</text>')
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">{"".join(parts)}</svg>'
+
+
+CARDS = (("clean", "clean", "no attack"), ("robust", "white-box", "worst of the attacks that know the model"),
+         ("transfer", "transfer", "attacks computed on the base"), ("blackbox", "black-box", "Square queries"),
+         ("worst_case", "worst case", "per sample, every threat model that ran"))
+
+
+def _cards(rep: dict) -> str:
+    """The verdict at a glance: one card per figure of the summary, the base's value beside the patched one."""
+    s = rep.get("summary") or summary(rep)
+    base = rep["models"].get("base", {}) if s["model"] == "patched" else {}
+
+    def base_of(key: str):
+        if not base:
+            return None
+        if key == "clean":
+            return base["clean"]["accuracy"]
+        if key == "robust":
+            w = base.get("worst_whitebox") or base.get("threats", {}).get("whitebox", {}).get("robust")
+            return w["accuracy"] if w else None
+        if key == "worst_case":
+            return base["worst_case"]["accuracy"]
+        t = base.get("threats", {}).get(key)
+        return t["robust"]["accuracy"] if t else None
+
+    out = []
+    for key, label, note in CARDS:
+        v = s.get(key)
+        if v is None:
+            continue
+        b = base_of(key)
+        tone = "good" if v >= 0.5 else ("mid" if v >= 0.2 else "bad")
+        sub = f"base {100 * b:.1f}%" if b is not None else ""
+        out.append(f"<div class='card {tone}'><div class=lab>{html.escape(label)}</div>"
+                   f"<div class=val>{100 * v:.1f}%</div><div class=sub>{html.escape(sub)}</div>"
+                   f"<div class=note>{html.escape(note)}</div></div>")
+    if "gates_passed" in s:
+        ok = s["gates_passed"]
+        out.append(f"<div class='card {'good' if ok else 'bad'}'><div class=lab>gates</div>"
+                   f"<div class=val>{'passed' if ok else 'missed'}</div><div class=sub></div>"
+                   f"<div class=note>{html.escape('; '.join(rep['gates'].get('missed') or []) or 'all met')}</div>"
+                   "</div>")
+    return "<div class=cards>" + "".join(out) + "</div>"
 
 
 def to_html(rep: dict) -> str:
@@ -387,40 +463,65 @@ def to_html(rep: dict) -> str:
         t = esc(t)
         return _re.sub(r"`([^`]*)`", r"<code>\1</code>", _re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", t))
 
-    body = [f"<h1>harden {esc(rep['command'])} report</h1>",
-            "<div class=headline>" + "".join(f"<p>{md(h)}</p>" for h in headline(rep)) + "</div>",
-            f"<p>Data: <code>{esc(str(rep['data'].get('source')))}</code>, {rep['data'].get('n')} samples. "
-            f"harden {esc(rep['harden_version'])}, torch {esc(rep['environment']['torch'])}, "
-            f"seed {rep['environment']['seed']}.</p>"]
-    body += [f"<p class=warn><b>Warning:</b> {esc(w)}</p>" for w in rep["data"].get("warnings", [])]
-    body.append("<table><tr><th>model</th><th>measure</th><th>threat model</th><th>accuracy [95% CI]</th></tr>")
-    body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows(rep)]
-    body.append("</table><h2>Attack costs</h2><table><tr><th>model</th><th>threat model</th><th>attack</th>"
-                "<th>attacked</th><th>broken</th><th>seconds</th><th>images/s</th></tr>")
-    body += [f"<tr><td>{esc(m)}</td><td>{esc(t)}</td><td>{esc(r['attack'])}</td><td>{r['attacked']}</td>"
-             f"<td>{r['broken']}</td><td>{r['seconds']:.1f}</td><td>{r['images_per_s'] or 0:.1f}</td></tr>"
-             for m, t, r in attack_rows(rep)]
+    def table(head: list[str], rows_: list, cls: list[str] | None = None) -> str:
+        trs = "".join(f"<tr{f' class={cls[i]}' if cls else ''}>" + "".join(f"<td>{esc(str(c))}</td>" for c in r)
+                      + "</tr>" for i, r in enumerate(rows_))
+        return "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + f"</tr>{trs}</table>"
+
+    title = f"harden {rep['command']} — {Path(str(rep.get('checkpoint') or 'model')).name}"
+    body = [f"<h1>{esc(title)}</h1>", "<div class=headline>" + "".join(f"<p>{md(h)}</p>" for h in headline(rep))
+            + "</div>", _cards(rep)]
+    body += [f"<p class=warnline><b>Warning:</b> {esc(w)}</p>" for w in rep["data"].get("warnings", [])]
+    warned = [c for c in rep.get("checks", []) if c["status"] == "warn"]
+    if warned:
+        body.append("<div class=alert><b>Sanity checks that warn</b> (signs to look into, each with what was seen):"
+                    "<ul>" + "".join(f"<li><b>{esc(c['name'])}</b>: {esc(c['detail'])} — {esc(c['hint'])}</li>"
+                                     for c in warned) + "</ul></div>")
+    body.append("<h2>Accuracy by threat model</h2>" + table(["model", "measure", "threat model", "accuracy [95% CI]"],
+                                                             rows(rep)))
+    prov = provenance_rows(rep)
+    if prov:
+        body.append("<h2>Which attack broke what</h2><p>Each sample is credited to the first attack that broke it, "
+                    "in the order white-box, adaptive, surrogate, transfer, black-box; the counts sum to the "
+                    "samples.</p>" + table(["model", "broken by", "samples"], prov))
+    if rep.get("eps_sweep"):
+        curves = [("patched" if rep.get("eps_sweep_base") else "model", "#1f77b4", rep["eps_sweep"])]
+        if rep.get("eps_sweep_base"):
+            curves.append(("base", "#d62728", rep["eps_sweep_base"]))
+        body.append("<h2>Robustness curve</h2>" + _svg_curve(curves))
     pc = per_class_rows(rep)
     if pc:
-        body.append("</table><h2>Per class</h2><table>"
-                    "<tr><th>class</th><th>n</th><th>clean</th><th>worst case</th></tr>")
-        body += ["<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>" for r in pc]
-    body.append("</table><h2>Threat models</h2><ul>")
-    body += [f"<li><b>{esc(k)}</b> — {esc(v)}</li>" for k, v in rep["threat_models"].items()]
-    body.append("</ul><h2>Attack settings</h2><ul>")
-    body += [f"<li><code>{esc(json.dumps(s, sort_keys=True))}</code></li>" for s in rep["attack_settings"]]
-    body.append("</ul>")
+        body.append("<h2>Per class</h2>" + table(["class", "n", "clean", "worst case"], pc))
+    body.append("<h2>Attack costs</h2>" + table(
+        ["model", "threat model", "attack", "attacked", "broken", "seconds", "images/s"],
+        [(m, t, r["attack"], r["attacked"], r["broken"], f"{r['seconds']:.1f}", f"{r['images_per_s'] or 0:.1f}")
+         for m, t, r in attack_rows(rep)]))
     if rep.get("checks"):
-        body.append("<h2>Sanity checks</h2><table><tr><th>check</th><th>status</th><th>detail</th></tr>")
-        body += [f"<tr class={c['status']}><td>{esc(c['name'])}</td><td>{c['status']}</td>"
-                 f"<td>{esc(c['detail'])}{(' — ' + esc(c['hint'])) if c['hint'] else ''}</td></tr>"
-                 for c in rep["checks"]]
-        body.append("</table>")
-    if rep.get("eps_sweep"):
-        body.append("<h2>Robustness curve</h2>" + _svg_curve(rep["eps_sweep"]))
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px}tr.warn td{background:#fff3cd}.warn{color:#8a6d3b}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>harden report</title>"
+        body.append("<h2>Sanity checks</h2>" + table(
+            ["check", "status", "detail"], [(c["name"], c["status"], c["detail"] + (f" — {c['hint']}" if c["hint"]
+                                                                                    else "")) for c in rep["checks"]],
+            [c["status"] for c in rep["checks"]]))
+    body.append("<h2>Threat models</h2><ul>" + "".join(f"<li><b>{esc(k)}</b> — {esc(v)}</li>"
+                                                      for k, v in rep["threat_models"].items()) + "</ul>")
+    body.append("<h2>Attack settings</h2><ul>" + "".join(f"<li><code>{esc(json.dumps(a, sort_keys=True))}</code></li>"
+                                                        for a in rep["attack_settings"]) + "</ul>")
+    env = rep["environment"]
+    body.append(f"<p class=foot>harden {esc(rep['harden_version'])}, torch {esc(env['torch'])}, torchattacks "
+                f"{esc(env['torchattacks'])}, device {esc(str(env['device']))}, seed {env['seed']}; data "
+                f"<code>{esc(str(rep['data'].get('source')))}</code>, fingerprint "
+                f"<code>{esc(str(rep['data'].get('fingerprint', ''))[:16])}</code>; schema {esc(rep['schema'])}.</p>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}"
+             "h1{font-size:1.5em;margin-bottom:.3em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}"
+             "table{border-collapse:collapse;font-size:.92em}td,th{border:1px solid #ddd;padding:3px 8px;"
+             "text-align:left}th{background:#f5f5f5}tr.warn td{background:#fff3cd}tr.pass td:nth-child(2){color:#2e7d32}"
+             ".cards{display:flex;flex-wrap:wrap;gap:.7em;margin:1em 0}.card{border:1px solid #ddd;border-radius:8px;"
+             "padding:.6em .9em;min-width:9em;max-width:13em}.card .lab{font-size:.8em;text-transform:uppercase;"
+             "color:#666}.card .val{font-size:1.8em;font-weight:600}.card .sub{font-size:.85em;color:#555}"
+             ".card .note{font-size:.75em;color:#888}.good{border-left:6px solid #2e7d32}.mid{border-left:6px solid"
+             " #f9a825}.bad{border-left:6px solid #c62828}.alert{background:#fff8e1;border:1px solid #f0d58c;"
+             "padding:.5em 1em;border-radius:6px}.warnline{color:#8a6d3b}.foot{color:#777;font-size:.85em;"
+             "margin-top:2em}code{background:#f3f3f3;padding:0 3px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
