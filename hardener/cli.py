@@ -16,7 +16,8 @@ import click
 import torch
 from rich.console import Console
 
-from . import __version__, api, attacks as A, data as hdata, evaluation as E, fit as F, report as R, validate as V
+from . import __version__, api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F
+from . import report as R, validate as V
 from .checkpoint import Manifest, atomic_write, save_patched, sha256_file, write_torch
 from .config import ConfigCommand
 from .errors import HardenError, InputError, Interrupted, RunError, ThresholdError
@@ -673,7 +674,10 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     sweep = [A.parse_eps(e) for e in eps_sweep.split(",")] if eps_sweep else None
     torch.manual_seed(kw["seed"])
     set_deterministic(kw["deterministic"])
-    device = pick_device(kw["device"])
+    world = D.world()
+    device = D.init(world, pick_device(kw["device"]))
+    if not world.main:
+        kw["quiet"] = True
     loaded = load_model(model, _mopts(kw))
     reference = load_parent(loaded, parent, _mopts(kw))
     if route:
@@ -705,20 +709,28 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
                       "device": device.type, "route": loaded.patched.current_route, "parent": parent,
                       "surrogate": sha256_file(Path(surrogate)) if surrogate else None})
     state_dir = V.eval_state_dir(kw["state_dir"], list(report_paths))
-    state = state_dir / f".harden-eval-{fp[:16]}.partial" if state_dir is not None else None
+    shard = f"-rank{world.rank}of{world.size}" if world.active else ""
+    state = state_dir / f".harden-eval-{fp[:16]}{shard}.partial" if state_dir is not None else None
     store = EvalStore(state, fp, resume)
     try:
         with ProgressView(kw["quiet"]) as progress, sigterm_as_interrupt():
             result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
                                 progress=progress, store=store, reference=reference,
-                                base_cache=Path(base_cache) if base_cache else None, surrogate=surrogate_model)
+                                base_cache=Path(base_cache) if base_cache else None, surrogate=surrogate_model,
+                                world=world)
     except KeyboardInterrupt:
         store.flush()
         if state is None:
             raise Interrupted("interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation "
                               "resumable)") from None
         raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
+    if result is None:  # another rank of a sharded run: rank 0 reports
+        store.clear()
+        D.finish(world)
+        return
     extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": norm}
+    if world.active:
+        extra["processes"] = world.size
     if surrogate:
         extra["surrogate"] = {"checkpoint": surrogate, "sha256": sha256_file(Path(surrogate))}
     if result.get("base_cache"):
@@ -738,6 +750,7 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     for p in report_paths:
         R.write(rep, p)
     store.clear()
+    D.finish(world)
     if as_json:
         out(json.dumps(rep, indent=2, sort_keys=True))
     if missed:

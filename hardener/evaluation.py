@@ -280,43 +280,53 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
             rows.append(saved["row"])
             continue
         attack = A.build(source, spec) if bank is None else None
-        if saved is not None:
-            robust, idx, j0 = saved["robust"].clone(), saved["idx"], saved["j"]
+        attacked = int(before.sum())
+        if saved is not None and "k" in saved:  # resumed inside this attack, after block k
+            robust, k0 = saved["robust"].clone(), saved["k"]
             broken, spent, viol = saved["broken"], saved["seconds"], saved["violations"]
         else:
-            idx, j0, broken, spent, viol = torch.nonzero(robust).flatten(), 0, 0, 0.0, 0
+            k0, broken, spent, viol = 0, 0, 0.0, 0
         t0 = time.time()
-        j, bs = j0, max(1, min([cfg.batch_size, *(o["to"] for o in cfg.oom)]))
-        while j < len(idx):
-            bi = idx[j:j + bs]
-            xb, yb = x[bi].to(device), y[bi].to(device)
-            try:
-                adv = attack(xb, yb) if bank is None else bank.get(f"{i}:{spec.label}", spec, bi)
-                # Check the returned examples: inside [0, 1] and the eps-ball, else project and count.
-                tol = 1e-6 + spec.eps * 1e-5
-                bad = (A.perturbation_norm(xb, adv, spec.norm) > spec.eps + tol) | \
-                      (adv.flatten(1).min(1).values < -tol) | (adv.flatten(1).max(1).values > 1 + tol)
-                if bool(bad.any()):
-                    adv = A.project(xb, adv, spec.eps, spec.norm)
-                with torch.no_grad():
-                    ok = finite_logits(target(adv), "adversarial examples").argmax(1).cpu() == yb.cpu()
-            except torch.OutOfMemoryError:
-                bs = halve_on_oom(cfg, bs, f"{label}{threat} {spec.label}")
-                continue
-            j += len(bi)
-            viol += int(bad.sum())
-            robust[bi] = ok
-            broken += int((~ok).sum())
-            if progress:
-                progress(f"{label}{threat} {spec.label}", j, len(idx), {})
-            if store is not None:
-                store.put(key, {"robust": robust.clone(), "idx": idx, "j": j, "broken": broken,
+        # Fixed blocks of the sample order (block k = samples [kB, (k+1)B), the still-robust ones attacked together):
+        # what an attack does to a sample depends on its block alone, so shards made of whole blocks (several
+        # processes) give the same answers as one process.
+        B = cfg.batch_size
+        done = int(before[:k0 * B].sum())
+        bs = max(1, min([B, *(o["to"] for o in cfg.oom)]))
+        for k in range(k0, -(-len(y) // B)):
+            block = torch.nonzero(before[k * B:(k + 1) * B]).flatten() + k * B
+            s = 0
+            while s < len(block):
+                bi = block[s:s + bs]
+                xb, yb = x[bi].to(device), y[bi].to(device)
+                try:
+                    adv = attack(xb, yb) if bank is None else bank.get(f"{i}:{spec.label}", spec, bi)
+                    # Check the returned examples: inside [0, 1] and the eps-ball, else project and count.
+                    tol = 1e-6 + spec.eps * 1e-5
+                    bad = (A.perturbation_norm(xb, adv, spec.norm) > spec.eps + tol) | \
+                          (adv.flatten(1).min(1).values < -tol) | (adv.flatten(1).max(1).values > 1 + tol)
+                    if bool(bad.any()):
+                        adv = A.project(xb, adv, spec.eps, spec.norm)
+                    with torch.no_grad():
+                        ok = finite_logits(target(adv), "adversarial examples").argmax(1).cpu() == yb.cpu()
+                except torch.OutOfMemoryError:
+                    bs = halve_on_oom(cfg, bs, f"{label}{threat} {spec.label}")
+                    continue
+                s += len(bi)
+                done += len(bi)
+                viol += int(bad.sum())
+                robust[bi] = ok
+                broken += int((~ok).sum())
+                if progress:
+                    progress(f"{label}{threat} {spec.label}", done, attacked, {})
+            if store is not None and len(block):
+                store.put(key, {"robust": robust.clone(), "k": k + 1, "broken": broken,
                                 "seconds": spent + time.time() - t0, "violations": viol, "row": None})
         seconds = spent + time.time() - t0
         violations += viol
-        row = {"attack": spec.label, "settings": spec.record(), "attacked": int(len(idx)),
+        row = {"attack": spec.label, "settings": spec.record(), "attacked": attacked,
                "broken": broken, "robust_after": acc(robust), "seconds": seconds,
-               "images_per_s": len(idx) / seconds if seconds > 0 and len(idx) else None}
+               "images_per_s": attacked / seconds if seconds > 0 and attacked else None, "_after": robust.clone()}
         rows.append(row)
         broken_by[before & ~robust] = i
         if store is not None:
@@ -398,10 +408,14 @@ def provenance(clean: torch.Tensor, chains: dict[str, ChainResult]) -> tuple[dic
         for i in torch.nonzero(c.broken_by >= 0).flatten().tolist():
             if labels[i] is None:
                 labels[i] = f"{t}/{c.rows[int(c.broken_by[i])]['attack']}"
+    return count_labels(labels), labels
+
+
+def count_labels(labels: list[str | None]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for lab in labels:
         counts[lab or "robust"] = counts.get(lab or "robust", 0) + 1
-    return counts, labels
+    return counts
 
 
 def per_class(y: torch.Tensor, clean: torch.Tensor, worst: torch.Tensor, n_classes: int) -> list[dict]:
@@ -422,35 +436,39 @@ def subset_metrics(res: dict, mask: torch.Tensor) -> dict:
 def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: torch.device,
              has_patches: bool, progress: Progress | None = None, store: EvalStore | None = None,
              reference: nn.Module | None = None, base_cache: Path | None = None,
-             surrogate: nn.Module | None = None) -> dict:
+             surrogate: nn.Module | None = None, world=None) -> dict | None:
     """Evaluate the base (and the patched model, when it has patches) on `ds`.
 
     `reference` is the base to compare with and to transfer from when the patched model's own base
     was fine-tuned (full fine-tuning methods): the parent checkpoint. `base_cache` is a folder where
-    the base's rows and transfer examples are kept for later evaluations on the same base."""
+    the base's rows and transfer examples are kept for later evaluations on the same base. With a `world`
+    of several processes (`distributed.World`), each evaluates its shard and rank 0 returns the whole result
+    (the other ranks return None)."""
     x, y = hdata.to_float(ds.images), ds.labels
     n_classes = int(patched(x[:1].to(device)).shape[1])
     base = reference if reference is not None else Disabled(patched)
-    cache = None
-    if base_cache is not None:
-        # the bare network's tensors either way, so a parent checkpoint and a patched file's base match
-        tensors = getattr(reference, "net", reference).state_dict() if reference is not None \
-            else patched.base_state_dict()
-        cache = BaseCache(base_cache, base, tensors, x, ds.fingerprint(), cfg, device)
-    models: dict[str, dict] = {}
-    cached = cache.load_base() if cache is not None else None
-    if cached is not None:
-        models["base"] = cached
+    cache = bank = None
+    if world is not None and world.active:
+        from . import distributed as D
+
+        if base_cache is not None:
+            raise InputError("--base-cache is not supported with several processes yet: run without it")
+        idx = D.shard(len(y), cfg.batch_size, world)
+        part = _models(patched, base, x[idx], y[idx], cfg, n_classes, device, has_patches, progress, store,
+                       None, surrogate)[0] if len(idx) else None
+        parts = D.gather((idx, part, list(cfg.oom)), world)
+        if not world.main:
+            return None
+        models = merge_shards([(i, m) for i, m, _ in parts if m is not None], y, n_classes)
+        cfg.oom[:] = [o for _, _, oom in parts for o in oom]
     else:
-        models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store)
-        if cache is not None:
-            cache.save_base(models["base"])
-    bank = None
-    if has_patches and "transfer" in cfg.threats:
-        bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None, cfg)
-    if has_patches:
-        models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store,
-                                           bank, surrogate)
+        if base_cache is not None:
+            # the bare network's tensors either way, so a parent checkpoint and a patched file's base match
+            tensors = getattr(reference, "net", reference).state_dict() if reference is not None \
+                else patched.base_state_dict()
+            cache = BaseCache(base_cache, base, tensors, x, ds.fingerprint(), cfg, device)
+        models, bank = _models(patched, base, x, y, cfg, n_classes, device, has_patches, progress, store, cache,
+                               surrogate)
     base_correct = models["base"]["_masks"]["clean"]
     for res in models.values():
         res["correct_by_base"] = subset_metrics(res, base_correct)
@@ -466,6 +484,66 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
     return {"models": models, "checks": checks, "eps_sweep": sweep, "eps_sweep_base": sweep_base, "n": len(y),
             "n_classes": n_classes,
             "base_cache": cache.record(bank) if cache is not None else None, "out_of_memory": list(cfg.oom)}
+
+
+def _models(patched, base, x, y, cfg, n_classes, device, has_patches, progress, store, cache, surrogate):
+    """Every threat model for the base and (with patches) the patched model: ({name: result}, transfer bank)."""
+    models: dict[str, dict] = {}
+    cached = cache.load_base() if cache is not None else None
+    if cached is not None:
+        models["base"] = cached
+    else:
+        models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store)
+        if cache is not None:
+            cache.save_base(models["base"])
+    bank = None
+    if has_patches and "transfer" in cfg.threats:
+        bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None, cfg)
+    if has_patches:
+        models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store,
+                                           bank, surrogate)
+    return models, bank
+
+
+def merge_shards(parts: list[tuple[torch.Tensor, dict]], y: torch.Tensor, n_classes: int) -> dict:
+    """The models' results of several shards ((sample positions, {name: result}) each) as one result in the
+    sample order: masks scattered back, attack rows summed (seconds: the slowest shard's), accuracies recomputed."""
+    n = len(y)
+    out = {}
+    for name, m0 in parts[0][1].items():
+        per = [(idx, models[name]) for idx, models in parts]
+
+        def glob(get) -> torch.Tensor:
+            g = torch.zeros(n, dtype=torch.bool)
+            for idx, m in per:
+                g[idx] = get(m)
+            return g
+        masks = {k: glob(lambda m, k=k: m["_masks"][k]) for k in m0["_masks"]}
+        threats = {}
+        for t, th0 in m0["threats"].items():
+            rows = []
+            for i, r0 in enumerate(th0["attacks"]):
+                rs = [m["threats"][t]["attacks"][i] for _, m in per]
+                after = glob(lambda m, t=t, i=i: m["threats"][t]["attacks"][i]["_after"])
+                attacked, secs = sum(r["attacked"] for r in rs), max(r["seconds"] for r in rs)
+                rows.append({"attack": r0["attack"], "settings": r0["settings"], "attacked": attacked,
+                             "broken": sum(r["broken"] for r in rs), "robust_after": acc(after), "seconds": secs,
+                             "images_per_s": attacked / secs if secs > 0 and attacked else None, "_after": after})
+            threats[t] = {"attacks": rows, "robust": acc(masks[t]),
+                          "eps_violations": sum(m["threats"][t]["eps_violations"] for _, m in per)}
+        labels: list[str | None] = [None] * n
+        for idx, m in per:
+            for j, lab in zip(idx.tolist(), m["per_sample_broken_by"]):
+                labels[j] = lab
+        res = {"clean": acc(masks["clean"]), "threats": threats, "worst_case": acc(masks["worst"]),
+               "broken_by": count_labels(labels), "per_sample_broken_by": labels,
+               "per_class": per_class(y, masks["clean"], masks["worst"], n_classes), "_masks": masks}
+        if "threats_skipped" in m0:
+            res["threats_skipped"] = m0["threats_skipped"]
+        if "worst_whitebox" in masks:
+            res["worst_whitebox"] = acc(masks["worst_whitebox"])
+        out[name] = res
+    return out
 
 
 # ---------------------------------------------------------------- sanity checks

@@ -1,0 +1,76 @@
+"""Combine the verdict runs of bench/verdict_fmnist.sh per sample (same seeded 1,000 test images in each run).
+
+    python bench/verdict_table.py DIR [--baseline M4.test.json]   ->  DIR/verdict.json and a Markdown table
+
+Per sample, a run's `per_sample_broken_by` is None where no attack of that run broke the sample. The standard
+AutoAttack is the AND of aa-white (APGD-CE, APGD-T, FAB-T) and aa-square (Square 5,000); the worst case of
+everything is the AND over every run and threat model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hardener.evaluation import wilson
+
+
+def robust_mask(model: dict) -> list[bool]:
+    return [b is None for b in model["per_sample_broken_by"]]
+
+
+def fmt(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} [{100 * lo:.1f}–{100 * hi:.1f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--baseline", type=Path, help="harden eval JSON of full adversarial fine-tuning (m4)")
+    a = ap.parse_args()
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(a.dir.glob("*.json")) if p.stem != "verdict"}
+    runs = {k: v for k, v in runs.items() if "models" in v}
+    first = next(iter(runs.values()))
+    n = first["models"]["patched"]["clean"]["n"]
+    clean = first["models"]["patched"]["clean"]["correct"]
+    rows, cost = [], []
+    every = [True] * n
+    masks: dict[str, list[bool]] = {}
+    for name, rep in runs.items():
+        m = rep["models"]["patched"]
+        assert len(m["per_sample_broken_by"]) == n, f"{name}: not the same samples"
+        cm = [b != "clean_error" for b in m["per_sample_broken_by"]]
+        assert sum(cm) == clean, f"{name}: clean accuracy differs: not the same model or samples"
+        masks[name] = robust_mask(m)
+        every = [x and y for x, y in zip(every, masks[name])]
+        for t, th in m["threats"].items():
+            for r in th["attacks"]:
+                cost.append((name, t, r["attack"], r["attacked"], r["broken"], round(r["seconds"], 1)))
+            rows.append((f"{name}: {t} ({', '.join(r['attack'] for r in th['attacks'])})",
+                         th["robust"]["correct"]))
+    out = {"n": n, "clean": clean, "runs": list(runs), "rows": {}, "cost": cost}
+    if "aa-white" in masks and "aa-square" in masks:
+        aa = sum(x and y for x, y in zip(masks["aa-white"], masks["aa-square"]))
+        rows.append(("standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5,000; per-sample AND)", aa))
+    rows.append((f"worst case of everything above (per-sample AND over {len(runs)} runs)", sum(every)))
+    print(f"| patched, {n} test images, eps 0.1 | accuracy [95% CI] |\n|---|---|")
+    print(f"| clean | {fmt(clean, n)} |")
+    for label, k in rows:
+        print(f"| {label} | {fmt(k, n)} |")
+        out["rows"][label] = {"correct": k, "accuracy": k / n, "ci95": wilson(k, n)}
+    if a.baseline and a.baseline.exists():
+        b = json.loads(a.baseline.read_text())["models"]["patched"]
+        out["baseline"] = {"clean": b["clean"], "worst_case": b["worst_case"],
+                           "threats": {t: th["robust"] for t, th in b["threats"].items()}}
+        print(f"| full adversarial fine-tuning: clean | {fmt(b['clean']['correct'], b['clean']['n'])} |")
+        print(f"| full adversarial fine-tuning: worst case of its run | "
+              f"{fmt(b['worst_case']['correct'], b['worst_case']['n'])} |")
+    print("\n| run | threat | attack | attacked | broken | seconds |\n|---|---|---|---|---|---|")
+    for c in cost:
+        print("| " + " | ".join(str(v) for v in c) + " |")
+    (a.dir / "verdict.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

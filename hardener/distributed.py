@@ -1,0 +1,96 @@
+"""Several processes: `torchrun --nproc_per_node N -m hardener eval ...` shards an evaluation.
+
+The samples are cut into the fixed blocks the attack chains already use (block k = samples [kB, (k+1)B) for
+--batch-size B); block k goes to rank k mod N. Each process runs every threat model on its blocks (samples are
+independent, and an attack's answer on a sample depends only on its block), rank 0 gathers the per-sample masks,
+attack rows and provenance, puts them back in the sample order, and alone runs the sanity checks and the eps sweep
+and writes the report. On CPU the result is bit-identical to one process with the same seed and batch size; on GPU
+equal per sample up to the kernels' nondeterminism (unless --deterministic).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError, RunError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place, from the variables torchrun sets (one process when they are absent)."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise InputError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (they are set by torchrun)") from None
+    if size < 1 or not 0 <= rank < size:
+        raise InputError(f"RANK {rank} is outside WORLD_SIZE {size}")
+    return World(rank, size, local)
+
+
+def init(w: World, device: torch.device) -> torch.device:
+    """Join the process group (nccl on CUDA, gloo otherwise); on CUDA each process takes GPU LOCAL_RANK."""
+    import torch.distributed as dist
+
+    if not w.active or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        if w.local_rank >= torch.cuda.device_count():
+            raise InputError(f"LOCAL_RANK {w.local_rank} but only {torch.cuda.device_count()} GPUs: start at most "
+                             "that many processes per node")
+        device = torch.device("cuda", w.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (RuntimeError, ValueError) as e:
+        raise RunError(f"cannot join the process group of {w.size} processes: {str(e).splitlines()[0]}") from None
+    return device
+
+
+def shard(n: int, block: int, w: World) -> torch.Tensor:
+    """The sample positions of this rank: its whole blocks, in order."""
+    blocks = range(w.rank, -(-n // block), w.size)
+    if not blocks:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat([torch.arange(k * block, min(n, (k + 1) * block)) for k in blocks])
+
+
+def gather(obj, w: World) -> list | None:
+    """Every rank's `obj` on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    out = [None] * w.size if w.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier(w: World) -> None:
+    if w.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def finish(w: World) -> None:
+    if w.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

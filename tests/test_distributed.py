@@ -1,0 +1,85 @@
+"""Issue 17: `torchrun -m hardener eval` shards an evaluation over processes (gloo on CPU, 2 processes started by
+the test) and gives the same report as one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hardener import distributed as D
+from hardener.cli import main
+
+from conftest import ARCH, FAST_PATCH, HERE
+
+ROOT = HERE.parent
+
+
+def test_shards_are_whole_blocks_covering_every_sample_once():
+    for n, block, size in ((70, 16, 2), (70, 16, 3), (10, 16, 2), (64, 16, 4), (1, 1, 1)):
+        parts = [D.shard(n, block, D.World(r, size, r)) for r in range(size)]
+        allidx = torch.cat(parts)
+        assert sorted(allidx.tolist()) == list(range(n))
+        for r, p in enumerate(parts):
+            blocks = sorted({i // block for i in p.tolist()})
+            assert all(k % size == r for k in blocks)
+            assert p.tolist() == sorted(p.tolist())
+
+
+def _strip(rep: dict) -> dict:
+    """What must agree: everything but timings, the time stamp, the command line and the process count."""
+    def walk(o):
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()
+                    if k not in ("seconds", "images_per_s", "created", "environment", "processes", "command")}
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        return o
+    return walk(rep)
+
+
+@pytest.fixture(scope="module")
+def prefilter_ckpt(tmp_path_factory, tiny_ckpt, tiny_data):
+    out = tmp_path_factory.mktemp("dist") / "pf.safetensors"
+    r = CliRunner().invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset",
+                                  "0.5", "--at", "prefilter:input,block", "--width", "4", "--out", str(out),
+                                  *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _run(args: list[str], env_extra: dict | None = None, procs: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.update(env_extra or {})
+    launcher = [sys.executable, "-m", "hardener"] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), "-m",
+         "hardener"]
+    return subprocess.run(launcher + args, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def test_sharded_eval_equals_one_process(prefilter_ckpt, tiny_test_data, tmp_path):
+    args = ["eval", str(prefilter_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.1",
+            "--attack", "apgd-ce,fgsm,square", "--queries", "30", "--steps", "4", "--batch-size", "8",
+            "--threat", "all", "--eps-sweep", "0,0.05", "--json", "--quiet"]
+    one = _run(args)
+    assert one.returncode == 0, one.stderr
+    two = _run([*args, "--report", str(tmp_path / "r.json"), "--state-dir", str(tmp_path / "state")], procs=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 1 prints nothing: stdout is one JSON document
+    assert b["processes"] == 2
+    assert json.loads((tmp_path / "r.json").read_text())["processes"] == 2
+    assert _strip(a) == _strip(b)
+    pa, pb = a["models"]["patched"], b["models"]["patched"]
+    assert pa["per_sample_broken_by"] == pb["per_sample_broken_by"] and len(pa["per_sample_broken_by"]) == 45
+    assert {"whitebox", "adaptive", "transfer", "blackbox"} <= set(pb["threats"])
+    assert not list((tmp_path / "state").glob("*.partial"))  # every rank cleared its state
+
+
+def test_sharded_eval_refuses_base_cache_with_one_line(prefilter_ckpt, tiny_test_data, tmp_path):
+    r = _run(["eval", str(prefilter_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.1", "--steps",
+              "2", "--base-cache", str(tmp_path / "c"), "--quiet", "--no-checks"], procs=2)
+    assert r.returncode != 0 and "--base-cache is not supported with several processes" in r.stderr
