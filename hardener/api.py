@@ -417,7 +417,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     threats = threat if isinstance(threat, tuple) else parse_threats(threat)
     names = A.parse_attack_list(attacks)
     cfg = E.EvalConfig(attacks=names, eps=A.parse_eps(str(eps)), norm=norm, steps=steps, threats=threats,
-                       batch_size=batch_size, seed=seed, checks=checks)
+                       batch_size=batch_size, seed=seed, checks=checks,
+                       overrides=A.suite_settings([attacks] if isinstance(attacks, str) else list(attacks)))
     if surrogate is not None:
         surrogate = surrogate.to(dev).eval()
     result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress, surrogate=surrogate)

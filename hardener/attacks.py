@@ -22,7 +22,15 @@ from torch import nn
 from .errors import InputError
 
 ALIASES = {"apgd": "apgd-ce"}
-SUITES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"]}
+# AutoAttack's versions as the reference code sets them (fra31/auto-attack, autoattack.py `set_version`): standard
+# (APGD-CE, APGD-T and FAB-T with 9 target classes, Square 5,000 queries, 1 restart each), plus (more restarts and the
+# untargeted FAB and APGD-DLR too) and rand (for randomised defences: APGD with EOT over 20 draws per step).
+SUITES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"],
+          "autoattack-plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
+          "autoattack-rand": ["apgd-ce", "apgd-dlr"]}
+SUITE_SETTINGS = {"autoattack-plus": {"apgd-ce": {"restarts": 5}, "apgd-dlr": {"restarts": 5}, "fab": {"restarts": 5}},
+                  "autoattack-rand": {"apgd-ce": {"eot": 20}, "apgd-dlr": {"eot": 20}}}
+SUITE_VERSIONS = {"standard": "autoattack", "plus": "autoattack-plus", "rand": "autoattack-rand"}
 # What evaluation needs to know of an attack, instead of its name: gradient attacks (iterative, on the model's
 # gradients: white-box and transfer chains), single-step ones (FGSM: run after the iterative ones, never enough for
 # a robustness gate), query attacks (gradient-free: the black-box chain), minimum-norm ones (a sample counts as
@@ -89,6 +97,7 @@ class AttackSpec:
     seed: int = 0
     n_classes: int = 10
     smooth_grad: float | None = None  # α of the parametric-softplus backward through the base's ReLUs
+    eot: int = 1  # expectation over transformation: gradients averaged over this many forward passes (APGD)
     settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,6 +131,8 @@ class AttackSpec:
             d.pop("alpha")
         if d["smooth_grad"] is None:
             d.pop("smooth_grad")
+        if d["eot"] == 1:
+            d.pop("eot")
         d["min_norm"] = kind == "min-norm"
         return d
 
@@ -202,7 +213,7 @@ def _apgd(loss):
         import torchattacks
         spec.settings.update(loss=loss, rho=0.75)
         return torchattacks.APGD(model, norm=spec.norm, eps=spec.eps, steps=spec.steps,
-                                 n_restarts=spec.restarts, seed=spec.seed, loss=loss)
+                                 n_restarts=spec.restarts, seed=spec.seed, loss=loss, eot_iter=spec.eot)
     return build
 
 
@@ -211,6 +222,13 @@ def _apgdt(model, spec):
     spec.settings.update(n_target_classes=spec.n_classes - 1)
     return torchattacks.APGDT(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
                               seed=spec.seed, n_classes=spec.n_classes)
+
+
+def _fab(model, spec):
+    import torchattacks
+    spec.settings.update(multi_targeted=False)
+    return torchattacks.FAB(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
+                            seed=spec.seed, multi_targeted=False, n_classes=spec.n_classes)
 
 
 def _fabt(model, spec):
@@ -248,6 +266,7 @@ for _name, _build, _kind, _steps, _classes in (
         ("apgd-dlr", _apgd("dlr"), "gradient", 100, 3),
         ("apgd-t", _apgdt, "gradient", 100, 4),
         ("fab-t", _fabt, "gradient", 100, 2),
+        ("fab", _fab, "gradient", 100, 2),
         ("square", _square, "query", 0, 2),
         ("deepfool", _deepfool, "min-norm", 50, 2)):
     register_attack(_name, _kind, _steps, _classes)(_build)
@@ -347,6 +366,16 @@ def parse_smooth_grad(text: str | None) -> float | None:
 
 def build(model: nn.Module, spec: AttackSpec) -> Attack:
     return Attack(model, spec)
+
+
+def suite_settings(names: list[str] | tuple[str, ...]) -> dict[str, dict]:
+    """Per-attack settings the named suites fix (e.g. 5 restarts in autoattack-plus): {attack: {field: value}}."""
+    out: dict[str, dict] = {}
+    for n in names:
+        for part in [p.strip().lower() for p in str(n).split(",") if p.strip()]:
+            for attack, fields in SUITE_SETTINGS.get(part, {}).items():
+                out.setdefault(attack, {}).update(fields)
+    return out
 
 
 def parse_attack_list(text: str | list | tuple | None) -> list[str]:

@@ -602,6 +602,8 @@ def _load_surrogate(path: str | None, kw: dict, ds, device):
 @click.option("--data", help="Evaluation data (or `eval_data` in harden.toml).")
 @click.option("--eval-data", hidden=True)
 @click.option("--attack", "attack_names", multiple=True, help="Attack(s): repeat or comma list. Default: apgd-ce.")
+@click.option("--suite", type=click.Choice(list(A.SUITE_VERSIONS)),
+              help="AutoAttack as the reference code runs it: standard (= --attack autoattack), plus, rand.")
 @click.option("--eps", default="8/255", show_default=True)
 @click.option("--norm", default="Linf", show_default=True, type=click.Choice(["Linf", "L2"]))
 @click.option("--steps", type=int, help="Steps of iterative attacks (default: each one's reference budget).")
@@ -651,7 +653,7 @@ def _load_surrogate(path: str | None, kw: dict, ds, device):
 @(lambda f: adaptive_options(f, with_eps=False))
 @model_options
 @data_options
-def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, queries, threat, surrogate, max_samples,
+def eval_cmd(model, data, eval_data, attack_names, suite, eps, norm, steps, restarts, queries, threat, surrogate, max_samples,
              eps_sweep, fail_under, allow_weak_gate, as_json, report_paths, batch_size, no_checks, resume, smooth_grad,
              route, parent,
              base_cache, defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train,
@@ -668,7 +670,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
     for p in report_paths:
         R.check_path(p)
     V.check_run(click.get_current_context(), [("--report", p) for p in report_paths], kw["force"])
-    names = A.parse_attack_list(list(attack_names) or ["apgd-ce"])
+    raw = list(attack_names) + ([A.SUITE_VERSIONS[suite]] if suite else [])
+    names = A.parse_attack_list(raw or ["apgd-ce"])
     if defense != "adaptive":
         R.check_gate_attacks(thresholds, names, threats, allow_weak_gate)
     sweep = [A.parse_eps(e) for e in eps_sweep.split(",")] if eps_sweep else None
@@ -703,7 +706,8 @@ def eval_cmd(model, data, eval_data, attack_names, eps, norm, steps, restarts, q
         return
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
-                        checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad))
+                        checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad),
+                        overrides=A.suite_settings(raw))
     model_sha = sha256_file(Path(model))
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type, "route": loaded.patched.current_route, "parent": parent,

@@ -60,6 +60,7 @@ class EvalConfig:
     checks: bool = True
     check_samples: int = 200
     smooth_grad: float | None = None  # parametric-softplus backward through ReLUs for gradient attacks
+    overrides: dict = field(default_factory=dict)  # {attack: {field: value}} fixed by a suite (attacks.SUITE_SETTINGS)
     min_batch_size: int = 1  # out of memory: the batch halves down to this, then the run fails (exit 3)
     oom: list = field(default_factory=list)  # what out-of-memory halvings happened (recorded in the report)
 
@@ -137,9 +138,10 @@ def _spec(cfg: EvalConfig, name: str, n_classes: int, eps: float | None = None,
           steps: int | None = None) -> A.AttackSpec:
     kind = A.info(name).kind
     s = steps if steps is not None else (cfg.steps if kind not in LAST_KINDS else None)
+    fixed = dict(cfg.overrides.get(name, {}))
     return A.AttackSpec(name=name, eps=cfg.eps if eps is None else eps, norm=cfg.norm, steps=s,
-                        restarts=cfg.restarts, queries=cfg.queries, seed=cfg.seed, n_classes=n_classes,
-                        smooth_grad=cfg.smooth_grad if kind != "query" else None)
+                        restarts=max(cfg.restarts, fixed.pop("restarts", 1)), queries=cfg.queries, seed=cfg.seed,
+                        n_classes=n_classes, smooth_grad=cfg.smooth_grad if kind != "query" else None, **fixed)
 
 
 def ordered(names: list[str]) -> list[str]:
@@ -222,7 +224,7 @@ class BaseCache:
             "base": tensor_digest(base_tensors), "probe": tensor_digest({"logits": probe}),
             "data": data_fingerprint, "device": device.type, "version": __version__,
             "eval": {k: getattr(cfg, k) for k in ("attacks", "eps", "norm", "steps", "restarts", "queries",
-                                                  "threats", "batch_size", "seed", "smooth_grad")}})
+                                                  "threats", "batch_size", "seed", "smooth_grad", "overrides")}})
         self.dir = Path(root) / self.key[:16]
         try:
             self.dir.mkdir(parents=True, exist_ok=True)

@@ -271,3 +271,39 @@ def test_eval_and_patch_reports_validate_against_the_shipped_schema(runner, tmp_
     bad = json.loads(erep.read_text())
     bad["schema"] = "harden.patch-report/2"
     assert list(validator.iter_errors(bad))
+
+
+def test_suite_versions_follow_the_reference_settings():
+    from hardener import attacks as A
+
+    model, lin, x, y = _prototype_model()
+    rep = hardener.evaluate(model, (x[:20], y[:20]), "autoattack-plus", eps=0.02, steps=2, threat="whitebox",
+                            checks=False, device="cpu")
+    settings = {s["name"]: s for s in rep.data["attack_settings"]}
+    assert [r["attack"] for r in rep.data["models"]["base"]["threats"]["whitebox"]["attacks"]] == \
+        ["apgd-ce", "apgd-dlr", "fab", "apgd-t", "fab-t"]
+    assert settings["apgd-ce"]["restarts"] == 5 and settings["fab"]["restarts"] == 5
+    assert settings["apgd-t"]["restarts"] == 1 and settings["apgd-t"]["n_target_classes"] == 9
+    assert "eot" not in settings["apgd-ce"]
+    rand = hardener.evaluate(model, (x[:10], y[:10]), "autoattack-rand", eps=0.02, steps=2, threat="whitebox",
+                             checks=False, device="cpu")
+    assert {s["name"]: s.get("eot") for s in rand.data["attack_settings"]} == {"apgd-ce": 20, "apgd-dlr": 20}
+    assert A.SUITES["autoattack"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+def test_cli_suite_option(runner, tmp_path):
+    model, lin, x, y = _prototype_model()
+    from safetensors.torch import save_file
+    f = tmp_path / "d.npz"
+    np.savez(f, images=x[:20].numpy(), labels=y[:20].numpy())
+    ck = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
+    arch = tmp_path / "proto.py"
+    arch.write_text("import torch\nfrom torch import nn\n\ndef proto():\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 10))\n")
+    r = runner.invoke(main, ["eval", str(ck), "--arch", f"{arch}:proto", "--data", str(f), "--suite", "standard",
+                             "--eps", "0.02", "--steps", "2", "--queries", "10", "--no-checks", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["summary"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert rep["robustbench"]["autoattack_acc"] is not None
