@@ -392,7 +392,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
              norm: str = "Linf", threat: str | tuple[str, ...] = "all", steps: int | None = None,
              max_samples: int | None = None, batch_size: int = 256, seed: int = 0, checks: bool = True,
              arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
-             progress: F.Progress | None = None, surrogate: nn.Module | None = None) -> Report:
+             progress: F.Progress | None = None, surrogate: nn.Module | None = None,
+             precision: str = "fp32") -> Report:
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
     each threat model's robust accuracy (white-box on the model itself; BPDA through the patches that may mask
     gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
@@ -418,12 +419,14 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     names = A.parse_attack_list(attacks)
     cfg = E.EvalConfig(attacks=names, eps=A.parse_eps(str(eps)), norm=norm, steps=steps, threats=threats,
                        batch_size=batch_size, seed=seed, checks=checks,
-                       overrides=A.suite_settings([attacks] if isinstance(attacks, str) else list(attacks)))
+                       overrides=A.suite_settings([attacks] if isinstance(attacks, str) else list(attacks)),
+                       precision=precision)
     if surrogate is not None:
         surrogate = surrogate.to(dev).eval()
     result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress, surrogate=surrogate)
-    rep = R.build("eval", result, R.data_record(ds, []), R.attack_settings(result), R.environment(str(dev), seed),
-                  {"eps": cfg.eps, "norm": norm})
+    notes = [] if precision == "fp32" else [f"attacks ran in {precision} (autocast): robust accuracy may be overstated"]
+    rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), R.environment(str(dev), seed),
+                  {"eps": cfg.eps, "norm": norm, "precision": precision})
     return Report(rep)
 
 

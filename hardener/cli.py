@@ -602,6 +602,9 @@ def _load_surrogate(path: str | None, kw: dict, ds, device):
 @click.option("--data", help="Evaluation data (or `eval_data` in harden.toml).")
 @click.option("--eval-data", hidden=True)
 @click.option("--attack", "attack_names", multiple=True, help="Attack(s): repeat or comma list. Default: apgd-ce.")
+@click.option("--precision", type=click.Choice(list(E.PRECISIONS)), default="fp32", show_default=True,
+              help="Precision of the attacks' passes (autocast); examples are scored in fp32. Lower precision is "
+                   "faster on GPUs but its gradients can weaken attacks: the report says so.")
 @click.option("--suite", type=click.Choice(list(A.SUITE_VERSIONS)),
               help="AutoAttack as the reference code runs it: standard (= --attack autoattack), plus, rand.")
 @click.option("--eps", default="8/255", show_default=True)
@@ -653,7 +656,7 @@ def _load_surrogate(path: str | None, kw: dict, ds, device):
 @(lambda f: adaptive_options(f, with_eps=False))
 @model_options
 @data_options
-def eval_cmd(model, data, eval_data, attack_names, suite, eps, norm, steps, restarts, queries, threat, surrogate, max_samples,
+def eval_cmd(model, data, eval_data, attack_names, precision, suite, eps, norm, steps, restarts, queries, threat, surrogate, max_samples,
              eps_sweep, fail_under, allow_weak_gate, as_json, report_paths, batch_size, no_checks, resume, smooth_grad,
              route, parent,
              base_cache, defense, e2e_samples, e2e_steps, reference_data, neighbour, neighbour_steps, post_train,
@@ -707,7 +710,7 @@ def eval_cmd(model, data, eval_data, attack_names, suite, eps, norm, steps, rest
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
                         checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad),
-                        overrides=A.suite_settings(raw))
+                        overrides=A.suite_settings(raw), precision=precision)
     model_sha = sha256_file(Path(model))
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type, "route": loaded.patched.current_route, "parent": parent,
@@ -746,7 +749,11 @@ def eval_cmd(model, data, eval_data, attack_names, suite, eps, norm, steps, rest
         if loaded.patched.has_auxbn:
             extra["route"] = loaded.patched.current_route
     env = R.environment(str(device), kw["seed"], kw["deterministic"])
-    rep = R.build("eval", result, R.data_record(ds, []), R.attack_settings(result), env, extra)
+    notes = [] if precision == "fp32" else [
+        f"attacks ran in {precision} (autocast): low-precision gradients can weaken attacks, so robust accuracy may "
+        "be overstated; rerun with --precision fp32 for the verdict"]
+    extra["precision"] = precision
+    rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), env, extra)
     missed = R.gate(rep, thresholds)
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
     rep["summary"] = R.summary(rep)

@@ -61,8 +61,38 @@ class EvalConfig:
     check_samples: int = 200
     smooth_grad: float | None = None  # parametric-softplus backward through ReLUs for gradient attacks
     overrides: dict = field(default_factory=dict)  # {attack: {field: value}} fixed by a suite (attacks.SUITE_SETTINGS)
+    precision: str = "fp32"  # of the attacks' forward/backward passes (autocast); examples are always scored in fp32
     min_batch_size: int = 1  # out of memory: the batch halves down to this, then the run fails (exit 3)
     oom: list = field(default_factory=list)  # what out-of-memory halvings happened (recorded in the report)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Autocast(nn.Module):
+    """A view of a model whose forward runs under autocast at a lower precision (logits returned in fp32): what the
+    attacks of `--precision bf16|fp16` differentiate. Low-precision gradients can weaken attacks."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def train(self, mode: bool = True) -> "Autocast":
+        self.training = False
+        self.model.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            out = self.model(x)
+        return out.float()
+
+
+def attack_view(model: nn.Module, cfg: "EvalConfig") -> nn.Module:
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{cfg.precision}'")
+    dtype = PRECISIONS[cfg.precision]
+    return model if dtype is None else Autocast(model, dtype)
 
 
 def halve_on_oom(cfg: EvalConfig, bs: int, where: str) -> int:
@@ -182,7 +212,7 @@ class TransferBank:
             self.reused += 1
         else:
             if key not in self._attacks:
-                self._attacks[key] = A.build(self.source, spec)
+                self._attacks[key] = A.build(attack_view(self.source, self.cfg or EvalConfig()), spec)
             adv = self._attack_range(key, k * self.bs, min((k + 1) * self.bs, len(self.y)))
             self.computed += 1
             if f is not None:
@@ -224,7 +254,8 @@ class BaseCache:
             "base": tensor_digest(base_tensors), "probe": tensor_digest({"logits": probe}),
             "data": data_fingerprint, "device": device.type, "version": __version__,
             "eval": {k: getattr(cfg, k) for k in ("attacks", "eps", "norm", "steps", "restarts", "queries",
-                                                  "threats", "batch_size", "seed", "smooth_grad", "overrides")}})
+                                                  "threats", "batch_size", "seed", "smooth_grad", "overrides",
+                                                  "precision")}})
         self.dir = Path(root) / self.key[:16]
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +312,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
             broken_by[before & ~robust] = i
             rows.append(saved["row"])
             continue
-        attack = A.build(source, spec) if bank is None else None
+        attack = A.build(attack_view(source, cfg), spec) if bank is None else None
         attacked = int(before.sum())
         if saved is not None and "k" in saved:  # resumed inside this attack, after block k
             robust, k0 = saved["robust"].clone(), saved["k"]

@@ -83,3 +83,18 @@ def test_sharded_eval_refuses_base_cache_with_one_line(prefilter_ckpt, tiny_test
     r = _run(["eval", str(prefilter_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.1", "--steps",
               "2", "--base-cache", str(tmp_path / "c"), "--quiet", "--no-checks"], procs=2)
     assert r.returncode != 0 and "--base-cache is not supported with several processes" in r.stderr
+
+
+def test_lower_precision_attacks_are_labelled(runner, prefilter_ckpt, tiny_test_data):
+    """--precision bf16 runs the attacks under autocast, scores in fp32 and says so in the report; clean accuracy
+    (no attack) is unchanged."""
+    base = ["eval", str(prefilter_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.1", "--steps",
+            "3", "--threat", "whitebox", "--no-checks", "--json", "--quiet"]
+    a = runner.invoke(main, base)
+    b = runner.invoke(main, [*base, "--precision", "bf16"])
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    ra, rb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ra["precision"] == "fp32" and rb["precision"] == "bf16"
+    assert any("bf16" in w and "overstated" in w for w in rb["data"]["warnings"]) and not ra["data"]["warnings"]
+    assert ra["models"]["patched"]["clean"] == rb["models"]["patched"]["clean"]
+    assert abs(ra["summary"]["robust"] - rb["summary"]["robust"]) <= 0.25
