@@ -587,6 +587,38 @@ def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple
 # ---------------------------------------------------------------- eval
 
 
+class BatchSize(click.ParamType):
+    """A positive integer, or `auto` (the largest power of two that fits, probed before the evaluation)."""
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            v = int(str(value).strip())
+        except ValueError:
+            v = 0
+        if v < 1:
+            self.fail(f"must be a positive integer or auto, got '{value}'", param, ctx)
+        return v
+
+
+def _auto_batch(batch_size, loaded, ds, device, world, quiet: bool) -> int:
+    if batch_size != "auto":
+        return batch_size
+    x, y = hdata.to_float(ds.images[:64]), ds.labels[:64]
+    bs = E.find_batch_size(loaded.patched, x, y, device)
+    if world.active:  # one block layout for every rank: the smallest that fits everywhere
+        import torch.distributed as dist
+
+        t = torch.tensor([bs], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        bs = int(t.item())
+    if not quiet:
+        err_console.print(f"batch size: auto -> {bs}", highlight=False)
+    return bs
+
+
 def _load_surrogate(path: str | None, kw: dict, ds, device):
     """The --surrogate model (plain or harden checkpoint, the model's --arch), taking [0, 1] pixels, in eval mode."""
     if not path:
@@ -628,7 +660,8 @@ def _load_surrogate(path: str | None, kw: dict, ds, device):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--report", "report_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Write the report: .json, .md or .html (repeatable).")
-@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--batch-size", default=256, show_default=True, type=BatchSize(),
+              help="Images per attack batch, or auto: the largest power of two that fits in memory (probed).")
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted evaluation with the same settings.")
 @click.option("--force", is_flag=True, help="Overwrite existing --report files.")
@@ -707,6 +740,7 @@ def eval_cmd(model, data, eval_data, attack_names, precision, suite, eps, norm, 
                        e2e_steps, (reference_data, neighbour, neighbour_steps, post_train, iterations, post_batch,
                                    adapt, post_lr))
         return
+    batch_size = _auto_batch(batch_size, loaded, ds, device, world, kw["quiet"])
     ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(eps), norm=norm, steps=steps, restarts=restarts,
                         queries=queries, threats=threats, batch_size=batch_size, seed=kw["seed"], eps_sweep=sweep,
                         checks=not no_checks, smooth_grad=A.parse_smooth_grad(smooth_grad),

@@ -130,6 +130,30 @@ def halving(lo: int, hi: int, bs: int, cfg: EvalConfig | None, where: str,
     return out, bs
 
 
+def find_batch_size(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                    cap: int | None = None) -> int:
+    """`--batch-size auto`: the largest power of two (up to `cap`: 4096 on CUDA, 256 elsewhere, where memory is not
+    the limit) whose forward and backward pass, as an attack step does it, fits in memory."""
+    cap = cap or (4096 if device.type == "cuda" else 256)
+    best, bs = None, 1
+    while bs <= cap:
+        idx = torch.arange(bs) % len(x)
+        try:
+            xb = x[idx].to(device).requires_grad_(True)
+            loss = F.cross_entropy(model(xb), y[idx].to(device))
+            torch.autograd.grad(loss, xb)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        best, bs = bs, bs * 2
+    if best is None:
+        raise RunError("--batch-size auto: out of memory even for one image: use another device (--device) or a "
+                       "smaller input")
+    return best
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (0.0, 1.0)

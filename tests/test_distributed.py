@@ -98,3 +98,24 @@ def test_lower_precision_attacks_are_labelled(runner, prefilter_ckpt, tiny_test_
     assert any("bf16" in w and "overstated" in w for w in rb["data"]["warnings"]) and not ra["data"]["warnings"]
     assert ra["models"]["patched"]["clean"] == rb["models"]["patched"]["clean"]
     assert abs(ra["summary"]["robust"] - rb["summary"]["robust"]) <= 0.25
+
+
+def test_batch_size_auto_finds_the_largest_that_fits(runner, prefilter_ckpt, tiny_test_data):
+    from hardener import evaluation as E
+    from test_eval import _Picky
+    from conftest import trained_tiny
+
+    net = trained_tiny()
+    x, y = torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long)
+    assert E.find_batch_size(_Picky(net, 100), x, y, torch.device("cpu"), cap=1024) == 64
+    assert E.find_batch_size(net, x, y, torch.device("cpu")) == 256  # CPU: capped, memory is not the limit
+    with pytest.raises(Exception, match="even for one image"):
+        E.find_batch_size(_Picky(net, 0), x, y, torch.device("cpu"))
+    args = ["eval", str(prefilter_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.1", "--steps",
+            "2", "--threat", "whitebox", "--no-checks"]
+    r = runner.invoke(main, [*args, "--batch-size", "auto"])
+    assert r.exit_code == 0, r.output
+    assert "batch size: auto -> 256" in r.stderr
+    for bad in ("0", "x", "-3"):
+        r = runner.invoke(main, [*args, "--batch-size", bad])
+        assert r.exit_code == 2 and "--batch-size" in r.output and "Traceback" not in r.output
