@@ -874,10 +874,13 @@ def _adaptive(loaded, reference_data, kw, device, eps_text, neighbour, neighbour
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Report: .json or .md.")
 @click.option("--force", is_flag=True, help="Overwrite existing --tsv/--report files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted certification with the same settings.")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Folder for resumable state (default: $HARDEN_CACHE_DIR, else beside --report or --tsv).")
 @model_options
 @data_options
 def certify(model, data, sigma, n0, n_samples, alpha, batch_size, max_samples, tsv_path, report_path, force, as_json,
-            **kw):
+            resume, state_dir, **kw):
     """Certified L2 robustness of the smoothed model (randomized smoothing, Cohen et al. 2019): per sample, the
     class and a radius within which no perturbation changes it, with probability 1 - alpha over the noise."""
     from . import certify as C
@@ -895,12 +898,32 @@ def certify(model, data, sigma, n0, n_samples, alpha, batch_size, max_samples, t
     finish_spec(loaded, ds, device)
     if max_samples and max_samples < len(ds):
         ds = ds.take(hdata.stratified_split(ds.labels, max_samples, kw["seed"])[0])
-    with ProgressView(kw["quiet"]) as progress:
-        res = C.certify(loaded.patched, hdata.to_float(ds.images), ds.labels, cfg, loaded.spec.num_classes, device,
-                        progress)
+    model_sha = sha256_file(Path(model))
+    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type})
+    folder = V.eval_state_dir(state_dir, [p for p in (report_path, tsv_path) if p])
+    state = folder / f".harden-certify-{fp[:16]}.partial" if folder is not None else None
+    store = EvalStore(state, fp, resume)
+    rows = list((store.get("rows") or {}).get("rows", []))
+    if rows and not kw["quiet"]:
+        err_console.print(f"resuming: {len(rows)} of {len(ds)} samples already certified", highlight=False)
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        store.put("rows", {"rows": list(rows)})
+    try:
+        with ProgressView(kw["quiet"]) as progress, sigterm_as_interrupt():
+            res = C.certify(loaded.patched, hdata.to_float(ds.images), ds.labels, cfg, loaded.spec.num_classes,
+                            device, progress, done=list(rows), on_row=keep)
+    except KeyboardInterrupt:
+        store.flush()
+        if state is None:
+            raise Interrupted("interrupted; no progress saved (pass --state-dir DIR, --report or --tsv to make a "
+                              "certification resumable)") from None
+        raise Interrupted(f"interrupted: {len(rows)} samples saved to '{state}'; rerun the same command with "
+                          "--resume") from None
     s = res.summary()
     rep = {"schema": "harden.certify-report/1", "harden_version": __version__, "checkpoint": model,
-           "checkpoint_sha256": sha256_file(Path(model)), "data": R.data_record(ds, []),
+           "checkpoint_sha256": model_sha, "data": R.data_record(ds, []),
            "threat_model": f"certified: L2 radius of the smoothed model (σ = {sigma:g}), with probability "
                            f"{1 - alpha:g} over the noise", "summary": s, "rows": res.rows,
            "environment": R.environment(str(device), kw["seed"], kw["deterministic"])}
@@ -915,6 +938,7 @@ def certify(model, data, sigma, n0, n_samples, alpha, batch_size, max_samples, t
         as_md = Path(report_path).suffix.lower() == ".md"
         text = _certify_md(rep) if as_md else json.dumps(rep, indent=2, sort_keys=True)
         atomic_write(Path(report_path), lambda tmp: Path(tmp).write_text(text))
+    store.clear()
     if as_json:
         out(json.dumps(rep, indent=2, sort_keys=True))
 

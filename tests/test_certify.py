@@ -152,3 +152,41 @@ def test_denoiser_preset_trains_only_its_prefilter_and_the_base_stays(runner, tm
         denoised = m(x)
         with m.patches_disabled():
             assert not torch.equal(m(x), denoised)  # the denoiser changes what the base sees
+
+
+def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tiny_test_data, monkeypatch):
+    """Interrupted after 4 samples: state kept, exit 130; --resume certifies the rest and equals an uninterrupted
+    run (every sample has its own noise stream)."""
+    import json
+
+    from hardener import certify as C
+    from hardener.cli import main
+
+    from conftest import ARCH, assert_input_error
+
+    args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
+            "20", "--n", "200", "--alpha", "0.01", "--max-samples", "9", "--quiet", "--state-dir",
+            str(tmp_path / "st")]
+    whole = runner.invoke(main, [*args, "--report", str(tmp_path / "whole.json")])
+    assert whole.exit_code == 0, whole.output
+    real, calls = C.Smoothed.certify, []
+
+    def flaky(self, x, index):
+        calls.append(index)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(self, x, index)
+    monkeypatch.setattr(C.Smoothed, "certify", flaky)
+    rep = tmp_path / "r.json"
+    r = runner.invoke(main, [*args, "--report", str(rep)])
+    assert r.exit_code == 130 and "--resume" in r.output and not rep.exists()
+    assert len(list((tmp_path / "st").glob(".harden-certify-*.partial"))) == 1
+    monkeypatch.setattr(C.Smoothed, "certify", real)
+    calls.clear()
+    r = runner.invoke(main, [*args, "--report", str(rep), "--resume"])
+    assert r.exit_code == 0, r.output
+    a, b = json.loads((tmp_path / "whole.json").read_text()), json.loads(rep.read_text())
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert strip(a["rows"]) == strip(b["rows"]) and a["summary"]["certified_accuracy"] == b["summary"]["certified_accuracy"]
+    assert not list((tmp_path / "st").glob(".harden-certify-*.partial"))
+    assert_input_error(runner.invoke(main, [*args, "--report", str(tmp_path / "x.json"), "--resume"]), "--resume")
