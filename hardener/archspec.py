@@ -106,6 +106,11 @@ def check_constructor(fn: Any, spec: str, what: str = "--arch") -> Callable[...,
         if issubclass(fn, nn.Module):
             return fn
         raise InputError(f"{what} '{spec}' names the class {fn.__name__}, which is not a torch.nn.Module")
+    if isinstance(fn, types.MethodType) and inspect.isclass(fn.__self__):  # a classmethod: Class.from_config
+        fn_module = getattr(fn.__func__, "__module__", None) or ""
+        if fn_module.split(".")[0] not in DENIED_PACKAGES and fn_module:
+            return fn
+        raise InputError(f"{what} '{spec}' names a method of '{fn_module}', which is not a model constructor")
     if isinstance(fn, types.FunctionType):
         top = (getattr(fn, "__module__", None) or "").split(".")[0]
         if top and top not in DENIED_PACKAGES and fn.__name__ != "<lambda>":
@@ -121,8 +126,10 @@ def resolve(spec: str, what: str = "--arch") -> Callable[..., nn.Module]:
     if not isinstance(spec, str) or ":" not in spec:
         raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'")
     target, attr = spec.rsplit(":", 1)
-    if not target or not attr.isidentifier():
-        raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'")
+    parts = attr.split(".")  # `Class.from_config`: a dotted path inside the module, public names only
+    if not target or not all(p.isidentifier() and not p.startswith("_") for p in parts):
+        raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable' "
+                         "(callable may be dotted, e.g. Class.from_config)")
     if is_file_spec(spec):
         path = Path(target)
         if not path.is_file():
@@ -146,7 +153,9 @@ def resolve(spec: str, what: str = "--arch") -> Callable[..., nn.Module]:
         if not all(part.isidentifier() for part in target.split(".")):
             raise InputError(f"{what} '{spec}': '{target}' is not a module name")
         module = import_module(target, f"{what} '{spec}'")
-    fn = getattr(module, attr, None)
+    fn = module
+    for p in parts:
+        fn = getattr(fn, p, None)
     if fn is None or not callable(fn):
         raise InputError(f"{what} '{spec}': '{target}' has no callable '{attr}'")
     return check_constructor(fn, spec, what)

@@ -1032,14 +1032,21 @@ def predict(model, data, as_json, max_samples, adaptive, smooth_sigma, smooth_n,
 
 @main.command(cls=ConfigCommand)
 @click.argument("model", required=False)
-@click.option("--format", "fmt", default="torchscript", show_default=True, type=click.Choice(["torchscript"]))
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Default: <stem>.ts.pt")
+@click.option("--format", "fmt", default="torchscript", show_default=True,
+              type=click.Choice(["torchscript", "export", "onnx"]),
+              help="torchscript (torch.jit), export (a torch.export program, .pt2), onnx (needs the onnx package).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Default: <stem>.ts.pt, <stem>.pt2 or <stem>.onnx.")
+@click.option("--no-check", is_flag=True, help="Skip loading the file in a fresh interpreter to compare its logits.")
 @click.option("--force", is_flag=True)
 @model_options
-def export(model, fmt, out_path, force, **kw):
-    """Export a patched checkpoint as a TorchScript file that runs without harden ([0,1] inputs)."""
+def export(model, fmt, out_path, no_check, force, **kw):
+    """Export a patched checkpoint to a file that runs without harden ([0,1] inputs), checked in a fresh
+    interpreter against the patched model's logits."""
+    from . import export as X
+
     model = _check_model_arg(model)
-    target = Path(out_path) if out_path else Path(model).with_suffix(".ts.pt")
+    target = Path(out_path) if out_path else X.default_path(model, fmt)
     V.check_run(click.get_current_context(), [("--out", target)], force)
     loaded = load_model(model, _mopts(kw))
     if loaded.manifest is None:
@@ -1047,12 +1054,12 @@ def export(model, fmt, out_path, force, **kw):
     shape = loaded.spec.shape
     if not shape:
         raise InputError("the checkpoint records no input shape")
-    example = torch.rand(2, *shape)
-    try:
-        traced = torch.jit.trace(loaded.patched.eval(), example, check_trace=True)
-    except Exception as e:  # noqa: BLE001 - tracing failures come in many types
-        raise RunError(f"tracing the model failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    write_torch(target, traced, jit=True)
+    X.export(loaded.patched, shape, fmt, target)
+    if not no_check:
+        diff = X.check_in_fresh_interpreter(target, fmt, loaded.patched, shape)
+        if not kw["quiet"]:
+            err_console.print(f"checked in a fresh interpreter: largest logit difference {diff:.2g}",
+                              highlight=False)
     out(str(target))
 
 
