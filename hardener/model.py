@@ -72,6 +72,12 @@ def extract_logits(out: Any, key: str | None) -> torch.Tensor:
     if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
         return out.logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        flat = [(i, t) for i, t in enumerate(out) if isinstance(t, torch.Tensor) and t.ndim == 2]
+        if len(flat) > 1 and len({t.shape[1] for _, t in flat}) > 1:
+            # (features, logits) or (logits, features): taking element 0 would silently make a 512-class model
+            shapes = ", ".join(f"[{i}] {tuple(t.shape)}" for i, t in flat)
+            raise InputError(f"the model returns a {type(out).__name__} with several (batch, N) tensors ({shapes}): "
+                             "say which holds the logits with --logits INDEX")
         return out[0]
     raise InputError(f"cannot find logits in the model's output ({type(out).__name__}); pass --logits KEY|INDEX")
 
