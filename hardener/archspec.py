@@ -171,4 +171,6 @@ def build(spec: str, kwargs: dict[str, Any], what: str = "--arch") -> nn.Module:
         raise InputError(f"{what} '{spec}' with kwargs {kwargs} failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, nn.Module):
         raise InputError(f"{what} '{spec}' returned {type(net).__name__}, not a torch.nn.Module")
-    return net
+    # torch.compile(model) wraps the module (its keys gain `_orig_mod.`): harden hooks and saves the module itself
+    inner = getattr(net, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(net).__name__ == "OptimizedModule" else net

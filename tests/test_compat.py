@@ -137,3 +137,10 @@ def test_tuple_of_features_and_logits_needs_logits_index(runner, tmp_path, tiny_
     r = runner.invoke(main, [*args, "--logits", "1", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["models"]["base"]["clean"]["n"] == 45
+
+
+def test_an_arch_returning_a_compiled_model_is_unwrapped(tmp_path):
+    f = tmp_path / "zoo.py"
+    f.write_text(MODELS + "\n\ndef compiled(width=4):\n    return torch.compile(Net(width=width))\n")
+    net = archspec.build(f"{f}:compiled", {"width": 4})
+    assert type(net).__name__ == "Net" and not any(k.startswith("_orig_mod") for k in net.state_dict())
