@@ -54,3 +54,32 @@ def test_hostile_campaign_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     tally = json.loads(out.read_text())["tally"]
     assert tally["cases"] == 3 and tally["as_expected"] == 3 and tally["payload_executed"] == 0
+
+
+def test_verdict_table_combines_runs_per_sample(tmp_path, patched_ckpt, tiny_test_data):
+    """bench/verdict_table.py on two small evaluations of the same samples: the AND of per-sample masks."""
+    from click.testing import CliRunner
+
+    from hardener.cli import main
+
+    from conftest import ARCH
+
+    common = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.15",
+              "--max-samples", "30", "--no-checks", "--quiet"]
+    runs = {"aa-white": ["--attack", "apgd-ce", "--steps", "3", "--threat", "whitebox"],
+            "aa-square": ["--attack", "square", "--queries", "30", "--threat", "blackbox"]}
+    for name, extra in runs.items():
+        r = CliRunner().invoke(main, [*common, *extra, "--report", str(tmp_path / f"{name}.json")])
+        assert r.exit_code == 0, r.output
+    r = subprocess.run([sys.executable, "bench/verdict_table.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    v = json.loads((tmp_path / "verdict.json").read_text())
+    reps = {n: json.loads((tmp_path / f"{n}.json").read_text())["models"]["patched"] for n in runs}
+    masks = {n: [b is None for b in m["per_sample_broken_by"]] for n, m in reps.items()}
+    both = sum(a and b for a, b in zip(masks["aa-white"], masks["aa-square"]))
+    aa = next(k for k in v["rows"] if k.startswith("standard AutoAttack"))
+    assert v["rows"][aa]["correct"] == both
+    worst = next(k for k in v["rows"] if k.startswith("worst case"))
+    assert v["rows"][worst]["correct"] == both <= min(sum(m) for m in masks.values())
+    assert "| clean |" in r.stdout
