@@ -334,36 +334,33 @@ class PatchedModel(nn.Module):
                 for site, key in self.sites.items()]
 
 
-class Disabled(nn.Module):
-    """A view of a PatchedModel with its patches switched off: the base, for attacks on it."""
+class _View(nn.Module):
+    """A view of a PatchedModel, always in eval mode, whose forward runs inside one of its context managers."""
+
+    mode = ""  # name of the PatchedModel context manager
 
     def __init__(self, patched: PatchedModel) -> None:
         super().__init__()
         self.patched = patched
 
-    def train(self, mode: bool = True) -> "Disabled":
+    def train(self, mode: bool = True) -> "_View":
         self.training = False
         self.patched.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.patched.patches_disabled():
+        with getattr(self.patched, self.mode)():
             return self.patched(x)
 
 
-class StraightThrough(nn.Module):
+class Disabled(_View):
+    """A view of a PatchedModel with its patches switched off: the base, for attacks on it."""
+
+    mode = "patches_disabled"
+
+
+class StraightThrough(_View):
     """A view of a PatchedModel whose gradient-masking patches are identity in the backward pass (BPDA): the same
     logits as the model, the gradients of the model without those patches' Jacobians."""
 
-    def __init__(self, patched: PatchedModel) -> None:
-        super().__init__()
-        self.patched = patched
-
-    def train(self, mode: bool = True) -> "StraightThrough":
-        self.training = False
-        self.patched.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.patched.straight_through():
-            return self.patched(x)
+    mode = "straight_through"
