@@ -60,12 +60,9 @@ def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
     except (OSError, RecursionError) as e:
         raise InputError(f"cannot read config file '{path}': {getattr(e, 'strerror', None) or e}") from None
     params = {p.name: p for p in command.params if p.name}
-    known_anywhere = set()
     flat = {k: v for k, v in doc.items() if not isinstance(v, dict) or k not in COMMANDS}
     section = doc.get(command.name or "")
     section = section if isinstance(section, dict) else {}
-    for k in list(flat) + [k for c in COMMANDS if isinstance(doc.get(c), dict) for k in doc[c]]:
-        known_anywhere.add(k.replace("-", "_"))
     for table in [doc, *(v for v in doc.values() if isinstance(v, dict))]:  # in any table, for any command
         for key in table:
             name = str(key).replace("-", "_")

@@ -120,9 +120,3 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return extract_logits(self.net(self.normalise(x)), self.spec.logits).float()
-
-
-def freeze(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    module.eval()
