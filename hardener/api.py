@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import attacks as A, data as hdata, evaluation as E, fit as F, report as R
+from . import attacks as A, data as hdata, evaluation as E, fit as F, methods as M, report as R
 from .errors import InputError
 from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, AuxBN, PatchedModel, select_bn_sites, select_sites
@@ -217,7 +217,7 @@ def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.
                         alpha=opts.alpha, seed=opts.seed, n_classes=n_classes,
                         smooth_grad=A.parse_smooth_grad(opts.smooth_grad))
     cfg = F.FitConfig(epochs=opts.epochs, batch_size=opts.batch_size,
-                      lr=opts.lr if opts.lr is not None else (1e-3 if methods.full else 3e-3),
+                      lr=opts.lr if opts.lr is not None else M.get(methods.fit_method).default_lr,
                       lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,
                       seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
                       eps_warmup=opts.eps_warmup, select=bool(opts.select_on), validate_every=opts.validate_every,
@@ -273,7 +273,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     spec, cfg = training_setup(opts, patched.model.spec.num_classes)
     t0 = time.time()
     logs = F.fit(patched, train_ds, spec, cfg, dev, progress, val=val_ds)
-    patched.set_route(opts.route or ("main" if cfg.method in ("advprop", "advamd") else "adv"))
+    patched.set_route(opts.route or M.build(cfg).default_route)
     patched.training_record = training_record(cfg, spec, logs, train_ds, opts, preset, split, val_ds)
     patched.train_seconds = time.time() - t0
     patched.history = logs

@@ -16,7 +16,7 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +24,10 @@ from torch import nn
 
 from .errors import InputError
 from .patches import INPUT_SITE, PatchedModel
+
+if TYPE_CHECKING:
+    from .data import Dataset
+    from .fit import FitConfig
 
 
 class SpilledArray:
@@ -201,3 +205,51 @@ def parse_bytes(text: str, what: str) -> int:
     if value < 0:
         raise InputError(f"{what} must not be negative, got '{text}'")
     return int(value)
+
+
+class BaseCache:
+    """Answers of the frozen base for every training sample: logits and features at each site on the clean
+    input (the distillation targets) and, with a skippable prefix, the first site's output for the clean
+    and the adversarial input."""
+
+    def __init__(self, patched: PatchedModel, ds: "Dataset", adv: torch.Tensor, cfg: "FitConfig",
+                 device: torch.device, folder, progress=None) -> None:
+        from . import data as hdata
+
+        probe = hdata.to_float(ds.images[:8]).to(device)
+        self.prefix, self.note = FrozenPrefix.plan(patched, probe) if cfg.cache else (None, "caching off")
+        self.store = CacheStore(cfg.cache_limit, folder)
+        n, bs = len(ds), cfg.batch_size
+        with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
+            logits = patched(probe[:1])
+        self.sites = list(patched.sites)
+        self.store.create("logits", (n, logits.shape[1]))
+        for s in self.sites:
+            self.store.create(f"t:{s}", (n, *feats[s].shape[1:]))
+        if self.prefix is not None:
+            shape = tuple(feats[self.prefix.site].shape[1:])
+            self.store.create("clean_site", (n, *shape))
+            self.store.create("adv_site", (n, *shape))
+        for i in range(0, n, bs):
+            sl = slice(i, i + bs)
+            x = hdata.to_float(ds.images[sl]).to(device)
+            with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
+                self.store.put("logits", sl, patched(x))
+            for s in self.sites:
+                self.store.put(f"t:{s}", sl, feats[s])
+            if self.prefix is not None:
+                self.store.put("clean_site", sl, feats[self.prefix.site])
+                self.store.put("adv_site", sl, self.prefix.site_output(adv[sl].to(device)))
+            if progress:
+                progress("cache", min(i + bs, n), n, {})
+        if self.store.spilled:
+            self.note += f"; {len(self.store.spilled)} array(s) spilled to disk in fp16 (--cache-limit)"
+
+    def targets(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (self.store.get("logits", idx, device),
+                {s: self.store.get(f"t:{s}", idx, device) for s in self.sites})
+
+    def feeding(self, which: str, idx: torch.Tensor, device: torch.device):
+        if self.prefix is None:
+            return contextlib.nullcontext()
+        return self.prefix.feeding(self.store.get(f"{which}_site", idx, device))

@@ -16,7 +16,7 @@ import click
 import torch
 from rich.console import Console
 
-from . import __version__, api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F
+from . import __version__, api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F, methods as M
 from . import report as R, validate as V
 from .checkpoint import Manifest, atomic_write, save_patched, sha256_file, write_torch
 from .config import ConfigCommand
@@ -387,7 +387,6 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     _announce(ds_all, kw["quiet"])
     opts = api.PatchOptions(**{f: v for f, v in click.get_current_context().params.items() if f in PATCH_FIELDS})
     api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else err_console.print)
-    default_route = route or ("main" if methods.full in ("advprop", "advamd") else "adv")
     loaded.patched.to(device)
 
     split = split_for_training(ds_all.labels, subset, bool(eval_data), select_on or validate, holdout, kw["seed"])
@@ -397,6 +396,7 @@ def patch(model, data, at, at_regex, method, bn, route, preset, denoise_op, smoo
     train_ds = ds_all.take(split.train)
     val_ds = ds_all.take(split.val) if split.val is not None else None
     spec, cfg = api.training_setup(opts, loaded.spec.num_classes)
+    default_route = route or M.build(cfg).default_route
     quick = report_budget == "quick"
     if eval_samples is None:
         eval_samples = 500 if quick else 1000

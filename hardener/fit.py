@@ -1,22 +1,10 @@
-"""Training loops: patches on a frozen base (fixer paper §3.2), and the full fine-tuning methods.
+"""The trainer: one loop for every training method (`hardener.methods`), which it knows by their contract only.
 
-`method="patch"` (fixers, denoise blocks, pre-filters, auxiliary BNs): only patch parameters get
-gradients. `loss="fixer"` per batch: CE on the clean and the adversarial input, plus λ · feature
-distillation (MSE, element mean, between the features after each patch and the *base's features of
-the clean input* at that site — for the clean and the adversarial input alike: the paper's text
-says adversarial features are brought back to natural ones), plus optionally μ · KL to the base
-logits on the clean input. `loss="trades"` replaces the adversarial CE by β · KL(clean ‖ adversarial)
-(Zhang et al. 2019). Auxiliary BNs are trained on route `adv` with every input: at inference
-nothing knows which inputs are adversarial.
-
-Full fine-tuning (every base weight changes; the result is not a patch):
-  adv-train  CE (or TRADES) on clean + adversarial pairs, adversary = the model being trained;
-  advprop    clean batch through the main BNs, its adversarial counterpart (made through the
-             auxiliary BNs) through the twins; loss CE_clean + CE_adv (Xie thesis, Algorithm 2);
-  advamd     adversarials made once on the original model; mediate samples x + φ·δ and clean
-             ones through the main BNs, adversarial ones through the twins; loss
-             β1·CE_clean + β2·CE_mediate + β3·Ā_y·CE_adv; stops when the epoch loss falls below σ
-             (AdvAmd, Algorithm 1, with labels where its listing writes the model output).
+Per step: a batch (augmented with --augment), the base's answers on it (the distillation targets, cached when the
+inputs do not change), the second input the method's adversary makes (adversarial examples of the base or of the
+model being trained, or noise), a forward of each input on the method's routes, the method's loss (named parts),
+one Adam step. State is saved atomically for --resume; a held-out split is validated (and the best epoch kept with
+--select-on); the base is checked bit-identical afterwards unless the method trains it.
 """
 from __future__ import annotations
 
@@ -29,48 +17,28 @@ from typing import Callable
 
 import torch
 
-from . import attacks, data as hdata, losses
+from . import attacks, data as hdata, methods
+from .clock import VAL_UNITS, Clock, fmt_seconds, train_units  # noqa: F401  (re-exported)
 from .errors import InputError, Interrupted, RunError
+from .methods.patch import LOSSES  # noqa: F401  (re-exported)
 from .patches import PatchedModel
 from .patches.attach import Disabled
 from .resume import Saver
 
 
-@dataclass(frozen=True)
-class Method:
-    """How a training method routes and makes its adversarial examples."""
-
-    full: bool  # fine-tunes every base weight (the result is not a patch)
-    dual_bn: bool  # clean inputs through the main BNs, adversarial ones through the auxiliary twins
-    stage1: bool  # adversarial examples made once, on the original model (AdvAmd stage 1)
-    adaptive: bool | None  # adversary = the model being trained; None: as --adversary says
-    amend: bool = False  # AdvAmd loss: mediate samples and vulnerability-weighted adversarial CE; stops at σ
-
-
-METHOD_REGISTRY = {
-    "patch": Method(full=False, dual_bn=False, stage1=False, adaptive=None),
-    "adv-train": Method(full=True, dual_bn=False, stage1=False, adaptive=True),
-    "advprop": Method(full=True, dual_bn=True, stage1=False, adaptive=True),
-    "advamd": Method(full=True, dual_bn=True, stage1=True, adaptive=False, amend=True),
-}
-METHODS = tuple(METHOD_REGISTRY)
-FULL_METHODS = tuple(m for m, spec in METHOD_REGISTRY.items() if spec.full)
-
-
-def _adv_ce(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor, cfg: "FitConfig") -> torch.Tensor:
-    return losses.focal_ce(out_adv, y, cfg.gamma)
-
-
-def _adv_trades(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor, cfg: "FitConfig") -> torch.Tensor:
-    return cfg.beta * losses.trades_kl(out_adv, out_clean)
-
-
-ADV_LOSSES = {"fixer": _adv_ce, "trades": _adv_trades}  # the adversarial term of the loss, by --loss
-LOSSES = tuple(ADV_LOSSES)
+def __getattr__(name: str):
+    if name == "METHODS":  # the registered training methods, as they are now
+        return methods.names()
+    if name == "FULL_METHODS":
+        return tuple(n for n, m in methods.REGISTRY.items() if m.trains_base)
+    raise AttributeError(name)
 
 
 @dataclass
 class FitConfig:
+    """The trainer's options (stored in the checkpoint's training record). A method's own options are fields here
+    too, read by name into its config dataclass (`hardener.methods`), which validates them."""
+
     epochs: int = 20
     batch_size: int = 128
     lr: float = 3e-3
@@ -100,33 +68,28 @@ class FitConfig:
             raise InputError(f"--adversary must be base or patched, got '{self.adversary}'")
         if self.epochs < 1 or self.batch_size < 1 or self.validate_every < 1:
             raise InputError("--epochs, --batch-size and --validate-every must be at least 1")
-        if self.method not in METHODS:
-            raise InputError(f"unknown training method '{self.method}' (choose from {', '.join(METHODS)})")
-        if self.loss not in LOSSES:
-            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
-        if not 0 < self.phi < 1:
-            raise InputError(f"--phi must be in (0, 1), got {self.phi}")
+        if self.method not in methods.REGISTRY:
+            raise InputError(f"unknown training method '{self.method}' (choose from {', '.join(methods.names())})")
+        methods.check_options(self)
         if self.eps_warmup < 0 or self.eps_warmup > self.epochs:
             raise InputError(f"--eps-warmup must be between 0 and --epochs ({self.epochs}), got {self.eps_warmup}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
     @property
-    def spec(self) -> Method:
-        return METHOD_REGISTRY[self.method]
-
-    @property
     def full(self) -> bool:
-        return self.spec.full
+        """Every base weight trains (the result is not a patch)."""
+        return methods.get(self.method).trains_base
 
     @property
     def adaptive(self) -> bool:
         """Adversarial examples regenerated against the model being trained, every step."""
-        return self.spec.adaptive if self.spec.adaptive is not None else self.adversary == "patched"
+        return methods.build(self).adversary() == "model"
 
     @property
     def cached_adversarials(self) -> bool:
         """Adversarial examples of the original model, made once for the whole subset."""
-        return not self.noise_sigma and (self.spec.stage1 or (not self.adaptive and not self.augment))
+        kind = methods.build(self).adversary()
+        return kind == "once" or (kind == "base" and not self.augment)
 
 
 @dataclass
@@ -146,77 +109,7 @@ class EpochLog:
 
 
 Progress = Callable[[str, int, int, dict], None]
-
-
-# Cost units of the time estimate: one forward pass of one image. A backward pass costs about two.
-VAL_UNITS = 3 * 10 + 3  # validation per image: PGD-10 on the patched model, three forward passes (clean, wb, tr)
-
-
-def train_units(cfg: "FitConfig", spec: attacks.AttackSpec) -> float:
-    """Forward-pass equivalents per image of one optimiser step: the attack when it runs every step, the clean
-    and adversarial passes with their backward, and the base's targets."""
-    attack = 3 * int(spec.steps or 1) if not (cfg.cached_adversarials or cfg.noise_sigma) else 0
-    return attack + 2 * 3 + 1
-
-
-def fmt_seconds(s: float) -> str:
-    s = max(0, int(round(s)))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class Clock:
-    """Time estimates of a training run: seconds per step measured from the first steps (the very first one,
-    which pays for allocation, is not counted), validation measured once it has run (estimated from the same
-    unit cost before). `on_estimate` gets the first estimate once `TIMED` steps are measured."""
-
-    TIMED = 3
-
-    def __init__(self, steps_left: int, vals_left: int, step_units: float, val_units: float,
-                 on_estimate: Callable[[dict], None] | None = None) -> None:
-        self.steps_left, self.vals_left = steps_left, vals_left
-        self.step_units, self.val_units = step_units, val_units
-        self.on_estimate = on_estimate
-        self.skip = 1 if steps_left > self.TIMED + 1 else 0
-        self.steps, self.step_seconds, self.val_seconds, self.vals = 0, 0.0, 0.0, 0
-        self._last = time.perf_counter()
-
-    def step(self) -> None:
-        now = time.perf_counter()
-        if self.steps >= self.skip:
-            self.step_seconds += now - self._last
-        self.steps += 1
-        self.steps_left -= 1
-        self._last = now
-        if self.on_estimate is not None and (self._timed() >= self.TIMED or self.steps_left == 0) and self._timed():
-            self.on_estimate(self.estimate())
-            self.on_estimate = None
-
-    def _timed(self) -> int:
-        return max(0, self.steps - self.skip)
-
-    def validated(self, seconds: float) -> None:
-        self.val_seconds += seconds
-        self.vals += 1
-        self.vals_left -= 1
-        self._last = time.perf_counter()
-
-    @property
-    def per_step(self) -> float:
-        return self.step_seconds / max(1, self._timed())
-
-    @property
-    def unit_seconds(self) -> float:
-        """Seconds of one forward pass of one image, as measured by the training steps."""
-        return self.per_step / max(1e-9, self.step_units)
-
-    def estimate(self) -> dict:
-        per_val = self.val_seconds / self.vals if self.vals else self.unit_seconds * self.val_units
-        train, val = self.steps_left * self.per_step, self.vals_left * per_val
-        return {"train_seconds": train, "validation_seconds": val, "seconds": train + val,
-                "seconds_per_step": self.per_step, "unit_seconds": self.unit_seconds, "timed_steps": self._timed()}
-
-    def eta_text(self) -> str:
-        return fmt_seconds(self.estimate()["seconds"]) if self._timed() else "?"
+PARTS = ("loss", "ce_clean", "ce_adv", "distill")  # the loss parts every epoch logs
 
 
 def warmup_cosine(total: int, warmup_frac: float = 0.1) -> Callable[[int], float]:
@@ -274,19 +167,6 @@ def _spilled_adversarials(teacher, ds: hdata.Dataset, spec: attacks.AttackSpec, 
     return arr, tmp
 
 
-def vulnerability(ds: hdata.Dataset, adv: torch.Tensor, source: torch.nn.Module, n_classes: int,
-                  batch_size: int, device: torch.device) -> torch.Tensor:
-    """AdvAmd's per-class vulnerability coefficient Ā (eq. 6) from the stage-1 attack outcomes.
-
-    α_k^i, the difficulty of turning class k into class i, is 1 − C[k, i], where C[k, i] is the
-    fraction of the class-k samples whose adversarial example the original model assigns to i.
-    """
-    from .evaluation import predict
-
-    pred = predict(source, adv, batch_size, device).argmax(1)
-    return losses.vulnerability_from_confusion(losses.confusion(ds.labels, pred, n_classes))
-
-
 class _Validation:
     """Accuracy on a held-out split after every epoch: clean, white-box PGD-10 (random start) on the model
     being trained, and transfer (the same attack computed once on the original base)."""
@@ -321,72 +201,24 @@ class _Validation:
                 self._accuracy(model, self.transfer_x))
 
 
-def _trainable(patched: PatchedModel, cfg: FitConfig) -> list[torch.nn.Parameter]:
-    if cfg.full:
+def _trainable(patched: PatchedModel, method: methods.Method) -> list[torch.nn.Parameter]:
+    if method.trains_base:
         patched.finetune_base = True
         return list(patched.model.parameters()) + list(patched.patch_parameters())
     return list(patched.patch_parameters())
 
 
-def _state_of(patched: PatchedModel, cfg: FitConfig) -> dict[str, torch.Tensor]:
+def _state_of(patched: PatchedModel, full: bool) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().clone() for k, v in patched.patch_state_dict().items()}
-    if cfg.full:
+    if full:
         sd.update({f"base.{k}": v.detach().clone() for k, v in patched.base_state_dict().items()})
     return sd
 
 
-def _load_state(patched: PatchedModel, sd: dict[str, torch.Tensor], cfg: FitConfig) -> None:
+def _load_state(patched: PatchedModel, sd: dict[str, torch.Tensor], full: bool) -> None:
     patched.load_patch_state_dict({k: v for k, v in sd.items() if k.startswith("harden.")})
-    if cfg.full:
+    if full:
         patched.net.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("base.")})
-
-
-class _BaseCache:
-    """Answers of the frozen base for every training sample: logits and features at each site on the clean
-    input (the distillation targets) and, with a skippable prefix, the first site's output for the clean
-    and the adversarial input."""
-
-    def __init__(self, patched: PatchedModel, ds: hdata.Dataset, adv: torch.Tensor, cfg: FitConfig,
-                 device: torch.device, folder, progress: Progress | None) -> None:
-        from .cache import CacheStore, FrozenPrefix
-
-        probe = hdata.to_float(ds.images[:8]).to(device)
-        self.prefix, self.note = FrozenPrefix.plan(patched, probe) if cfg.cache else (None, "caching off")
-        self.store = CacheStore(cfg.cache_limit, folder)
-        n, bs = len(ds), cfg.batch_size
-        with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-            logits = patched(probe[:1])
-        self.sites = list(patched.sites)
-        self.store.create("logits", (n, logits.shape[1]))
-        for s in self.sites:
-            self.store.create(f"t:{s}", (n, *feats[s].shape[1:]))
-        if self.prefix is not None:
-            shape = tuple(feats[self.prefix.site].shape[1:])
-            self.store.create("clean_site", (n, *shape))
-            self.store.create("adv_site", (n, *shape))
-        for i in range(0, n, bs):
-            sl = slice(i, i + bs)
-            x = hdata.to_float(ds.images[sl]).to(device)
-            with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-                self.store.put("logits", sl, patched(x))
-            for s in self.sites:
-                self.store.put(f"t:{s}", sl, feats[s])
-            if self.prefix is not None:
-                self.store.put("clean_site", sl, feats[self.prefix.site])
-                self.store.put("adv_site", sl, self.prefix.site_output(adv[sl].to(device)))
-            if progress:
-                progress("cache", min(i + bs, n), n, {})
-        if self.store.spilled:
-            self.note += f"; {len(self.store.spilled)} array(s) spilled to disk in fp16 (--cache-limit)"
-
-    def targets(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return (self.store.get("logits", idx, device),
-                {s: self.store.get(f"t:{s}", idx, device) for s in self.sites})
-
-    def feeding(self, which: str, idx: torch.Tensor, device: torch.device):
-        if self.prefix is None:
-            return nullcontext()
-        return self.prefix.feeding(self.store.get(f"{which}_site", idx, device))
 
 
 def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
@@ -399,203 +231,251 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state. With `val`
     (and `cfg.select`), the epoch with the best white-box validation accuracy is kept. `on_estimate` is called
     once, after the first few timed steps, with the estimated seconds left (`Clock.estimate`)."""
-    if cfg.spec.dual_bn and not patched.has_auxbn:
-        raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
-    if cfg.select and val is None:
-        raise InputError("--select-on needs a validation split")  # (the CLI always gives one)
-    teacher = patched.base_copy() if cfg.full else Disabled(patched)
-    params = _trainable(patched, cfg)
-    if not params:
-        raise InputError("nothing to train: no patch parameters")
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch))
-    base_before = {k: v.detach().clone() for k, v in patched.base_state_dict().items()}
-    g = torch.Generator().manual_seed(cfg.seed)
-    logs: list[EpochLog] = []
-    start_epoch, start_step, perm, sums, best = 0, 0, None, None, None
-    if saver is not None and saver.resume:
-        st = saver.load()
-        _load_state(patched, st["model"], cfg)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        g.set_state(st["generator"])
+    trainer = _Trainer(patched, ds, spec, cfg, device, progress, saver, stop, val)
+    trainer.prepare(info, cache_dir, on_estimate)
+    return trainer.run()
+
+
+class _Trainer:
+    """One training run: the method, the model's trainable parameters, Adam with a warm-up cosine schedule, the
+    run's generator (batch order, augmentation, noise), the position to resume from."""
+
+    def __init__(self, patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
+                 device: torch.device, progress: Progress | None, saver: Saver | None,
+                 stop: Callable[[], bool], val: hdata.Dataset | None) -> None:
+        self.method = method = methods.build(cfg)
+        if method.auxbn == "required" and not patched.has_auxbn:
+            raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
+        if cfg.select and val is None:
+            raise InputError("--select-on needs a validation split")  # (the CLI always gives one)
+        self.val = val
+        self.patched, self.ds, self.spec, self.cfg, self.device = patched, ds, spec, cfg, device
+        self.progress, self.saver, self.stop = progress, saver, stop
+        self.full = method.trains_base
+        self.teacher = patched.base_copy() if self.full else Disabled(patched)
+        self.params = _trainable(patched, method)
+        if not self.params:
+            raise InputError("nothing to train: no patch parameters")
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(cfg.epochs * self.steps_per_epoch))
+        self.base_before = {k: v.detach().clone() for k, v in patched.base_state_dict().items()}
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        self.logs: list[EpochLog] = []
+        self.start_epoch, self.start_step, self.perm, self.sums, self.best = 0, 0, None, None, None
+        if saver is not None and saver.resume:
+            self._resume(saver.load())
+        self.cached_adv, self.base_cache, self.spill_dir = None, None, None
+        self.adversary = method.adversary()
+
+    def _resume(self, st: dict) -> None:
+        _load_state(self.patched, st["model"], self.full)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.g.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
-        logs = [EpochLog(**e) for e in st["logs"]]
-        start_epoch, start_step, perm, sums, best = st["epoch"], st["step"], st["perm"], st["sums"], st["best"]
+        self.logs = [EpochLog(**e) for e in st["logs"]]
+        self.start_epoch, self.start_step, self.perm, self.sums, self.best = (
+            st["epoch"], st["step"], st["perm"], st["sums"], st["best"])
 
-    def save(epoch: int, step: int) -> None:
-        if saver is not None:
-            saver.save({"model": _state_of(patched, cfg), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "generator": g.get_state(),
-                        "torch_rng": torch.get_rng_state(), "logs": [asdict(e) for e in logs],
-                        "epoch": epoch, "step": step, "perm": perm, "sums": sums, "best": best})
+    def save(self, epoch: int, step: int) -> None:
+        if self.saver is not None:
+            self.saver.save({"model": _state_of(self.patched, self.full), "optimizer": self.opt.state_dict(),
+                             "scheduler": self.sched.state_dict(), "generator": self.g.get_state(),
+                             "torch_rng": torch.get_rng_state(), "logs": [asdict(e) for e in self.logs],
+                             "epoch": epoch, "step": step, "perm": self.perm, "sums": self.sums, "best": self.best})
 
-    cached_adv, adv_bytes, spill_dir = None, 0, None
-    if cfg.cached_adversarials:
+    # -- before the first step
+    def _adversarials_once(self) -> int:
+        """The base's adversarial examples for the whole set, when the method's adversary allows making them once
+        (in memory, or spilled to disk in fp16 beyond --cache-limit). Returns the bytes they take in memory."""
+        cfg, ds, saver = self.cfg, self.ds, self.saver
+        if not (self.adversary == "once" or (self.adversary == "base" and not cfg.augment)):
+            return 0
         if cfg.augment:
             raise InputError(f"--method {cfg.method} makes its adversarial examples once (stage 1): drop --augment")
         adv_bytes = len(ds) * int(ds.images[0].numel()) * 4
-        if adv_bytes <= cfg.cache_limit:
-            cached_adv = saver.load_adv() if saver is not None else None
-            if cached_adv is None:
-                cached_adv = _base_adversarials(teacher, ds, spec, cfg.batch_size, device, progress, stop)
-                if cached_adv is None:  # stopped while attacking: nothing worth keeping yet
-                    raise Interrupted("interrupted before training started; nothing to resume")
-                if saver is not None:
-                    saver.save_adv(cached_adv)
-        else:  # too large for memory: fp16 on disk, which is also what a resumed run reads
-            cached_adv, spill_dir = _spilled_adversarials(teacher, ds, spec, cfg, device, progress, stop, saver,
-                                                          cache_dir)
-            adv_bytes = 0
-    base_cache = None
-    if cached_adv is not None and not cfg.full:
-        t_cache = time.time()
-        base_cache = _BaseCache(patched, ds, cached_adv, replace(cfg, cache_limit=max(0, cfg.cache_limit - adv_bytes)),
-                                device, cache_dir, progress)
-        if info is not None:
-            info.update(cache=base_cache.note, cache_seconds=time.time() - t_cache,
-                        cache_bytes_in_memory=base_cache.store.used, cache_spilled=list(base_cache.store.spilled))
-    abar = None
-    if cfg.spec.amend:
-        n_classes = spec.n_classes
-        abar = vulnerability(ds, cached_adv, teacher, n_classes, cfg.batch_size, device).to(device)
-    validate = _Validation(val, spec, max(cfg.batch_size, 256), device, teacher) if val is not None else None
-    # Routes: patches train the twins (route adv) on every input; dual-BN methods keep clean inputs on main.
-    clean_route, adv_route = ("main", "adv") if cfg.spec.dual_bn else ("adv", "adv")
-    total_steps = cfg.epochs * steps_per_epoch
-    n_vals = sum(1 for e in range(start_epoch, cfg.epochs) if (e + 1) % cfg.validate_every == 0 or e + 1 == cfg.epochs)
-    clock = Clock(total_steps - (start_epoch * steps_per_epoch + start_step), n_vals if validate else 0,
-                  cfg.batch_size * train_units(cfg, spec), len(val) * VAL_UNITS if validate else 0, on_estimate)
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.time()
-            if perm is None:
-                sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
-                perm = torch.randperm(len(ds), generator=g)
-            assert sums is not None
-            for step in range(start_step, steps_per_epoch):
-                done = epoch * steps_per_epoch + step
-                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                x, y = ds.batch(idx)
-                if cfg.augment:
-                    x = hdata.augment(x, g)
-                x, y = x.to(device), y.to(device)
-                # Targets of the distillation: the (original) base on the clean input.
-                if base_cache is not None:
-                    base_logits, targets = base_cache.targets(idx, device)
-                else:
-                    with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-                        base_logits = teacher(x) if cfg.full else patched(x)
-                    targets = {s: feats[s].detach() for s in patched.sites} if not cfg.full else {}
-                # This step's attack: eps ramps up over cfg.eps_warmup epochs; a fresh seed per step.
-                ramp = min(1.0, (done + 1) / (cfg.eps_warmup * steps_per_epoch)) if cfg.eps_warmup else 1.0
-                step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
-                if cfg.noise_sigma:  # Gaussian noise from the run's generator (saved with the state: resumable)
-                    x_adv = x + cfg.noise_sigma * torch.randn(x.shape, generator=g).to(device)
-                elif cached_adv is not None:
-                    x_adv = cached_adv[idx].to(device)
-                elif not cfg.adaptive:
-                    x_adv = attacks.project(x, attacks.build(teacher, step_spec)(x, y), step_spec.eps, spec.norm)
-                else:
-                    patched.eval()
-                    with patched.route("adv"):
-                        x_adv = attacks.project(x, attacks.build(patched, step_spec)(x, y), step_spec.eps, spec.norm)
-                patched.train()
-                feed_clean = base_cache.feeding("clean", idx, device) if base_cache is not None else nullcontext()
-                with patched.route(clean_route), patched.capture() as f_clean, feed_clean:
-                    out_clean = patched(x)
-                feed_adv = base_cache.feeding("adv", idx, device) if base_cache is not None else nullcontext()
-                with patched.route(adv_route), patched.capture() as f_adv, feed_adv:
-                    out_adv = patched(x_adv)
-                ce_clean = losses.focal_ce(out_clean, y, cfg.gamma)
-                if abar is not None:  # AdvAmd: mediate samples on the main BNs, Ā-weighted adversarial CE
-                    with patched.route("main"):
-                        out_med = patched(x + cfg.phi * (x_adv - x))
-                    ce_adv = (abar[y] * losses.focal_ce(out_adv, y, cfg.gamma, reduction="none")).mean()
-                    b1, b2, b3 = cfg.betas
-                    loss = b1 * ce_clean + b2 * losses.focal_ce(out_med, y, cfg.gamma) + b3 * ce_adv
-                elif cfg.noise_sigma:  # stability: the noisy input must get the base's class of the clean one
-                    ce_adv = losses.focal_ce(out_adv, base_logits.argmax(1), cfg.gamma)
-                    loss = ce_adv
-                else:
-                    ce_adv = ADV_LOSSES[cfg.loss](out_adv, out_clean, y, cfg)
-                    loss = ce_clean + ce_adv
-                distill = torch.zeros((), device=device)
-                if targets and cfg.lam:
-                    distill = (losses.feature_distillation(f_clean, targets)
-                               + losses.feature_distillation(f_adv, targets))
-                    loss = loss + cfg.lam * distill
-                if cfg.mu:
-                    loss = loss + cfg.mu * losses.logit_distillation(out_clean, base_logits)
-                if not torch.isfinite(loss):
-                    raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
-                                   "lower --lr or check the data")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                clock.step()
-                b = len(y)
-                sums["loss"] += loss.item() * b
-                sums["ce_clean"] += ce_clean.item() * b
-                sums["ce_adv"] += ce_adv.item() * b
-                sums["distill"] += distill.item() * b
-                sums["acc_clean"] += float((out_clean.argmax(1) == y).sum())
-                sums["acc_adv"] += float((out_adv.argmax(1) == y).sum())
-                if progress:
-                    progress("train", done + 1, total_steps,
-                             {"epoch": epoch + 1, "loss": loss.item(), "ce": ce_clean.item(),
-                              "ce_adv": ce_adv.item(), "distill": distill.item(), "eta": clock.eta_text()})
-                if stop():
-                    save(epoch, step + 1)
-                    where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
-                    raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
-                if saver is not None and saver.every_steps and (done + 1) % saver.every_steps == 0:
-                    save(epoch, step + 1)
-            n = len(ds)
-            log = EpochLog(epoch + 1, **{k: v / n for k, v in sums.items()}, seconds=time.time() - t0)
-            if validate is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
-                t_val = time.time()
-                log.val_clean, log.val_robust, log.val_transfer = validate(patched)
-                log.val_seconds = time.time() - t_val
-                clock.validated(log.val_seconds)
-                score = (log.val_robust, log.val_clean)
-                if cfg.select and (best is None or score > tuple(best["score"])):
-                    best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(patched, cfg)}
-            logs.append(log)
-            perm, sums, start_step = None, None, 0
-            converged = cfg.spec.amend and log.loss < cfg.sigma
-            save(cfg.epochs if converged else epoch + 1, 0)
-            if converged:
-                break
-    except RunError as e:
-        if saver is not None and not saver.path.exists():
-            saver.clear()  # nothing to resume from: the cached adversarial examples would only be left over
+        if adv_bytes > cfg.cache_limit:  # too large for memory: fp16 on disk, which is also what a resumed run reads
+            self.cached_adv, self.spill_dir = _spilled_adversarials(self.teacher, ds, self.spec, cfg, self.device,
+                                                                    self.progress, self.stop, saver, self.cache_dir)
+            return 0
+        self.cached_adv = saver.load_adv() if saver is not None else None
+        if self.cached_adv is None:
+            self.cached_adv = _base_adversarials(self.teacher, ds, self.spec, cfg.batch_size, self.device,
+                                                 self.progress, self.stop)
+            if self.cached_adv is None:  # stopped while attacking: nothing worth keeping yet
+                raise Interrupted("interrupted before training started; nothing to resume")
+            if saver is not None:
+                saver.save_adv(self.cached_adv)
+        return adv_bytes
+
+    def prepare(self, info: dict | None, cache_dir, on_estimate: Callable[[dict], None] | None) -> None:
+        """Before the first step: the adversarial examples made once, the base's cached answers, the method's own
+        preparation, the validation split's transfer examples, the clock."""
+        from .cache import BaseCache
+
+        cfg, spec, val = self.cfg, self.spec, self.val
+        self.cache_dir = cache_dir
+        adv_bytes = self._adversarials_once()
+        if self.cached_adv is not None and not self.full:
+            t_cache = time.time()
+            self.base_cache = BaseCache(self.patched, self.ds, self.cached_adv,
+                                        replace(cfg, cache_limit=max(0, cfg.cache_limit - adv_bytes)),
+                                        self.device, cache_dir, self.progress)
+            if info is not None:
+                info.update(cache=self.base_cache.note, cache_seconds=time.time() - t_cache,
+                            cache_bytes_in_memory=self.base_cache.store.used,
+                            cache_spilled=list(self.base_cache.store.spilled))
+        self.method.prepare(self)
+        self.validate = (_Validation(val, spec, max(cfg.batch_size, 256), self.device, self.teacher)
+                         if val is not None else None)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        n_vals = sum(1 for e in range(self.start_epoch, cfg.epochs)
+                     if (e + 1) % cfg.validate_every == 0 or e + 1 == cfg.epochs)
+        self.clock = Clock(total_steps - (self.start_epoch * self.steps_per_epoch + self.start_step),
+                           n_vals if self.validate else 0, cfg.batch_size * train_units(cfg, spec),
+                           len(val) * VAL_UNITS if self.validate else 0, on_estimate)
+
+    # -- the loop
+    def run(self) -> list[EpochLog]:
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                log = self._epoch(epoch)
+                converged = self.method.converged(log.loss)
+                self.save(self.cfg.epochs if converged else epoch + 1, 0)
+                if converged:
+                    break
+        except RunError as e:
+            saver = self.saver
+            if saver is not None and not saver.path.exists():
+                saver.clear()  # nothing to resume from: the cached adversarial examples would only be left over
+                raise
+            if saver is not None:
+                raise RunError(f"{e.message}; the last good state is kept in '{saver.path}' (--resume continues "
+                               "from it)") from None
             raise
-        if saver is not None:
-            raise RunError(f"{e.message}; the last good state is kept in '{saver.path}' (--resume continues "
-                           "from it)") from None
-        raise
-    finally:
-        if base_cache is not None:
-            base_cache.store.close()
-        if spill_dir is not None:
-            shutil.rmtree(spill_dir, ignore_errors=True)
-    if best is not None:
-        _load_state(patched, best["state"], cfg)
-    patched.eval()
-    for p in params:
-        p.requires_grad_(False)
-    patched.finetune_base = False
-    patched.train(False)
-    if not cfg.full:
-        for k, v in patched.base_state_dict().items():
-            if not torch.equal(v, base_before[k]):
-                raise RunError(f"internal error: base tensor '{k}' changed during training; nothing was written")
-    return logs
+        finally:
+            if self.base_cache is not None:
+                self.base_cache.store.close()
+            if self.spill_dir is not None:
+                shutil.rmtree(self.spill_dir, ignore_errors=True)
+        return self._finish()
+
+    def _epoch(self, epoch: int) -> EpochLog:
+        t0 = time.time()
+        if self.perm is None:
+            self.sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
+            self.perm = torch.randperm(len(self.ds), generator=self.g)
+        for step in range(self.start_step, self.steps_per_epoch):
+            self._step(epoch, step)
+        assert self.sums is not None
+        log = EpochLog(epoch + 1, **{k: v / len(self.ds) for k, v in self.sums.items()}, seconds=time.time() - t0)
+        cfg = self.cfg
+        if self.validate is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
+            t_val = time.time()
+            log.val_clean, log.val_robust, log.val_transfer = self.validate(self.patched)
+            log.val_seconds = time.time() - t_val
+            self.clock.validated(log.val_seconds)
+            score = (log.val_robust, log.val_clean)
+            if cfg.select and (self.best is None or score > tuple(self.best["score"])):
+                self.best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(self.patched, self.full)}
+        self.logs.append(log)
+        self.perm, self.sums, self.start_step = None, None, 0
+        return log
+
+    def _targets(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The distillation targets: the (original) base on the clean input, logits and features at each site."""
+        patched = self.patched
+        if self.base_cache is not None:
+            return self.base_cache.targets(idx, self.device)
+        with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
+            base_logits = self.teacher(x) if self.full else patched(x)
+        return base_logits, ({s: feats[s].detach() for s in patched.sites} if not self.full else {})
+
+    def _second_input(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, done: int) -> torch.Tensor:
+        """The method's adversary on this batch: eps ramps up over --eps-warmup epochs; a fresh seed per step."""
+        cfg, spec = self.cfg, self.spec
+        ramp = min(1.0, (done + 1) / (cfg.eps_warmup * self.steps_per_epoch)) if cfg.eps_warmup else 1.0
+        step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
+        if self.adversary == "noise":  # Gaussian noise from the run's generator (saved with the state: resumable)
+            return x + cfg.noise_sigma * torch.randn(x.shape, generator=self.g).to(self.device)
+        if self.cached_adv is not None:
+            return self.cached_adv[idx].to(self.device)
+        if self.adversary != "model":
+            return attacks.project(x, attacks.build(self.teacher, step_spec)(x, y), step_spec.eps, spec.norm)
+        self.patched.eval()
+        with self.patched.route("adv"):
+            return attacks.project(x, attacks.build(self.patched, step_spec)(x, y), step_spec.eps, spec.norm)
+
+    def _forward(self, x: torch.Tensor, which: str, route: str, idx: torch.Tensor):
+        """Logits and the features after each patch of one input on `route` (fed the cached prefix if any)."""
+        feed = self.base_cache.feeding(which, idx, self.device) if self.base_cache is not None else nullcontext()
+        with self.patched.route(route), self.patched.capture() as feats, feed:
+            out = self.patched(x)
+        return out, feats
+
+    def _batch(self, idx: torch.Tensor, done: int) -> methods.Batch:
+        x, y = self.ds.batch(idx)
+        if self.cfg.augment:
+            x = hdata.augment(x, self.g)
+        x, y = x.to(self.device), y.to(self.device)
+        base_logits, targets = self._targets(x, idx)
+        x_adv = self._second_input(x, y, idx, done)
+        self.patched.train()
+        clean_route, adv_route = self.method.routes
+        out_clean, f_clean = self._forward(x, "clean", clean_route, idx)
+        out_adv, f_adv = self._forward(x_adv, "adv", adv_route, idx)
+        return methods.Batch(self.patched, x, y, x_adv, out_clean, out_adv, f_clean, f_adv, base_logits, targets)
+
+    def _step(self, epoch: int, step: int) -> None:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        done = epoch * spe + step
+        b = self._batch(self.perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], done)
+        parts = self.method.loss(b)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
+                           "lower --lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.clock.step()
+        values = {k: float(parts[k].item()) if k in parts else 0.0 for k in PARTS}
+        n = len(b.y)
+        for k, v in values.items():
+            self.sums[k] += v * n
+        self.sums["acc_clean"] += float((b.out_clean.argmax(1) == b.y).sum())
+        self.sums["acc_adv"] += float((b.out_adv.argmax(1) == b.y).sum())
+        if self.progress:
+            self.progress("train", done + 1, cfg.epochs * spe,
+                          {"epoch": epoch + 1, "loss": values["loss"], "ce": values["ce_clean"],
+                           "ce_adv": values["ce_adv"], "distill": values["distill"], "eta": self.clock.eta_text()})
+        if self.stop():
+            self.save(epoch, step + 1)
+            saver = self.saver
+            where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
+            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
+        if self.saver is not None and self.saver.every_steps and (done + 1) % self.saver.every_steps == 0:
+            self.save(epoch, step + 1)
+
+    def _finish(self) -> list[EpochLog]:
+        """The kept epoch's state, the model back in eval with nothing trainable; the base checked unchanged."""
+        patched = self.patched
+        if self.best is not None:
+            _load_state(patched, self.best["state"], self.full)
+        patched.eval()
+        for p in self.params:
+            p.requires_grad_(False)
+        patched.finetune_base = False
+        patched.train(False)
+        if not self.full:
+            for k, v in patched.base_state_dict().items():
+                if not torch.equal(v, self.base_before[k]):
+                    raise RunError(f"internal error: base tensor '{k}' changed during training; nothing was written")
+        return self.logs
 
 
 def selected_epoch(logs: list[EpochLog], cfg: FitConfig) -> int | None:

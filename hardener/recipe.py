@@ -10,46 +10,73 @@ from .errors import InputError
 
 if TYPE_CHECKING:
     import torch
-from .fit import FULL_METHODS
-from .patches import SITE_KINDS
 
-METHOD_CHOICES = (*SITE_KINDS, "auxbn", *FULL_METHODS)
+
+def method_choices() -> tuple[str, ...]:
+    """What --method takes: the patch kinds --at places, the BatchNorm kinds --bn places, the training methods."""
+    from . import methods
+    from .patches import SITE_KINDS
+
+    return (*SITE_KINDS, "auxbn", *(n for n in methods.names() if n != methods.DEFAULT_METHOD))
+
+
+def __getattr__(name: str):
+    if name == "METHOD_CHOICES":  # as registered now
+        return method_choices()
+    raise AttributeError(name)
 
 
 @dataclass
 class Methods:
     site_kind: str | None  # fixer | denoise | prefilter: the kind of --at sites without a KIND: prefix
     auxbn: bool  # auxiliary BN twins on the --bn layers
-    full: str | None  # adv-train | advprop | advamd: fine-tune every base weight (not a patch)
+    train: str | None  # the training method --method names (None: the default, patches on a frozen base)
 
     @property
     def fit_method(self) -> str:
-        return self.full or "patch"
+        from .methods import DEFAULT_METHOD
+
+        return self.train or DEFAULT_METHOD
+
+    @property
+    def full(self) -> str | None:
+        """The training method when it fine-tunes every base weight (adv-train, advprop, advamd: not a patch)."""
+        from . import methods
+
+        return self.train if self.train and methods.get(self.train).trains_base else None
 
 
 def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
+    from . import methods
+    from .patches import SITE_KINDS
+
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in METHOD_CHOICES]
+    choices = method_choices()
+    unknown = [p for p in parts if p not in choices]
     if unknown or not parts:
-        raise InputError(f"unknown --method '{', '.join(unknown) or text}' (choose from {', '.join(METHOD_CHOICES)}; "
+        raise InputError(f"unknown --method '{', '.join(unknown) or text}' (choose from {', '.join(choices)}; "
                          "combine patch kinds with commas, e.g. fixer,auxbn)")
-    full = [p for p in parts if p in FULL_METHODS]
+    trains = [p for p in parts if p in methods.REGISTRY]
+    full = [p for p in trains if methods.get(p).trains_base]
     kinds = [p for p in parts if p in SITE_KINDS]
     if full and (len(parts) > 1 + ("auxbn" in parts)):
         raise InputError(f"--method {full[0]} fine-tunes the whole model and cannot be combined with "
                          f"{', '.join(p for p in parts if p not in full and p != 'auxbn')}")
+    if len(trains) > 1:
+        raise InputError(f"--method names two training methods ({', '.join(trains)}): give one")
     if len(kinds) > 1:
         raise InputError(f"--method names two site kinds ({', '.join(kinds)}): give one, and put others on --at "
                          "as KIND:SITE")
-    auxbn = "auxbn" in parts or bn is not None or (bool(full) and full[0] in ("advprop", "advamd"))
-    if full and full[0] == "adv-train" and auxbn:
-        raise InputError("--method adv-train fine-tunes the base's own BNs: drop auxbn / --bn")
+    train = methods.get(trains[0]) if trains else None
+    auxbn = "auxbn" in parts or bn is not None or (train is not None and train.auxbn == "required")
+    if train is not None and train.auxbn == "forbidden" and auxbn:
+        raise InputError(f"--method {train.name} fine-tunes the base's own BNs: drop auxbn / --bn")
     if full and at:
         raise InputError(f"--method {full[0]} fine-tunes the whole model: --at sites do not apply")
     site_kind = kinds[0] if kinds else ("fixer" if not full and not auxbn else None)
     if site_kind is None and at and not full:
         site_kind = "fixer"  # --at without a site kind in --method: fixers, as before
-    return Methods(site_kind, auxbn, full[0] if full else None)
+    return Methods(site_kind, auxbn, trains[0] if trains else None)
 
 
 # Presets are declarative files shipped with the package (hardener/presets/NAME.toml): a description, the

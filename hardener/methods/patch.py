@@ -1,0 +1,60 @@
+"""Patches on a frozen base (fixer paper §3.2): only patch parameters get gradients.
+
+The second input is an adversarial example of the frozen base (`--adversary base`: the transfer setting of the
+paper) or of the patched model itself (`--adversary patched`: adaptive), or Gaussian noise (`--noise-sigma`).
+Loss per batch: CE on the clean input plus the adversarial term `--loss` names (`fixer`: focal CE on the
+adversarial input; `trades`: β · KL(clean ‖ adversarial), Zhang et al. 2019), plus the distillation terms of the
+trainer (λ: features after each patch against the base's features of the clean input, for both inputs; μ: KL to
+the base logits on the clean input). With noise, the stability objective CE(f(D(x + δ)), f(x)'s class) replaces
+both CE terms (denoised smoothing, Salman et al. 2020). Auxiliary BNs are trained on route `adv` with every input:
+at inference nothing knows which inputs are adversarial.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import losses
+from ..errors import InputError
+from .base import DEFAULT_METHOD, Batch, Method, register_method
+
+
+def _adv_ce(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor, gamma: float,
+            beta: float) -> torch.Tensor:
+    return losses.focal_ce(out_adv, y, gamma)
+
+
+def _adv_trades(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor, gamma: float,
+                beta: float) -> torch.Tensor:
+    return beta * losses.trades_kl(out_adv, out_clean)
+
+
+ADV_LOSSES = {"fixer": _adv_ce, "trades": _adv_trades}  # the adversarial term of the loss, by --loss
+LOSSES = tuple(ADV_LOSSES)
+
+
+@dataclass
+class PairConfig:
+    """Options of the clean + second-input objective."""
+
+    loss: str = "fixer"  # the adversarial term: fixer (CE) or trades (β · KL)
+    beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+
+
+@register_method(DEFAULT_METHOD, config_cls=PairConfig)
+class PatchTraining(Method):
+    """CE on the clean and the second input (or the stability objective on noise), for patches on a frozen base."""
+
+    def objective(self, b: Batch) -> dict[str, torch.Tensor]:
+        o, gamma = self.options, self.cfg.gamma
+        ce_clean = losses.focal_ce(b.out_clean, b.y, gamma)
+        if self.adversary() == "noise":  # stability: the noisy input must get the base's class of the clean one
+            ce_adv = losses.focal_ce(b.out_adv, b.base_logits.argmax(1), gamma)
+            return {"loss": ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
+        ce_adv = ADV_LOSSES[o.loss](b.out_adv, b.out_clean, b.y, gamma, o.beta)
+        return {"loss": ce_clean + ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
