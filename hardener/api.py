@@ -25,7 +25,7 @@ from torch import nn
 from . import attacks as A, data as hdata, evaluation as E, fit as F, methods as M, report as R
 from .errors import InputError
 from .model import Classifier, InputSpec, parse_floats
-from .patches import INPUT_SITE, PATCH_KINDS, AuxBN, PatchedModel, select_bn_sites, select_sites
+from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
 from .recipe import Split, parse_methods, split_for_training
 
 
@@ -180,31 +180,29 @@ def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device
 
 def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
                    say: Callable[[str], None] = lambda s: None) -> None:
-    """Build the patches the options ask for and attach them (the base itself is never edited)."""
+    """Build the patches the options ask for and attach them (the base itself is never edited). Every site is
+    resolved before the first patch is attached."""
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
     sites = []
     if methods.site_kind is not None:
-        sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts.final_relu,
-                             default_kind=methods.site_kind)
+        sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind)
         if not (opts.at or opts.at_regex):
             say(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
     shapes = {i.name: i.shape for i in infos}
     shapes[INPUT_SITE] = list(patched.model.spec.shape)
-    kind_opts = {"rho": opts.rho, "delta": opts.delta, "act": opts.act, "final_relu": opts.final_relu,
-                 "denoise": opts.denoise_op, "width": opts.width}
-    for kind, site in sites:
-        c, h, w = shapes[site]
-        patched.attach(site, PATCH_KINDS[kind].from_options(c, (h, w), kind_opts))
+    twins: list[str] = []
     if methods.auxbn:
         bn = opts.bn or "all"
         group = bn.strip() in ("all", "auto")
         chosen = select_bn_sites(patched.net, bn)
-        taken = [s for s in chosen if s in patched.sites]
+        taken = [s for s in chosen if s in {site for _, site in sites}]
         if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
             say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")
-        for site in chosen:
-            if not (group and site in taken):
-                patched.attach(site, AuxBN.from_module(patched.net.get_submodule(site)))
+        twins = [s for s in chosen if not (group and s in taken)]
+    for kind, site in [*sites, *((methods.bn_kind, s) for s in twins)]:
+        cls = PATCH_KINDS[kind]
+        module = patched.net if site == INPUT_SITE else patched.net.get_submodule(site)
+        patched.attach(site, cls.build(Site(site, module, shapes.get(site)), cls.make_config(opts)))
 
 
 def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.FitConfig]:

@@ -135,14 +135,14 @@ class FrozenPrefix:
     def plan(cls, patched: PatchedModel, x: torch.Tensor) -> tuple["FrozenPrefix | None", str]:
         """The prefix to skip for these patches, checked on `x` (a batch in [0, 1]); None and the reason when
         it cannot be skipped."""
-        kinds = {site: patched.patches[key].kind for site, key in patched.sites.items()}
+        kinds = {site: getattr(patched.patches[key], "placement", "output") for site, key in patched.sites.items()}
         if INPUT_SITE in kinds:
             return None, "a patch sits at the model input: there is no frozen prefix"
         with patched.patches_disabled():
             normalised = patched.model.normalise(x)
             starts, ends, shapes = _call_order(patched.net, normalised)
         site = min(kinds, key=lambda s: ends.get(s, 1 << 30))
-        if kinds[site] == "auxbn":
+        if kinds[site] == "bn":
             return None, f"the first site '{site}' is an auxiliary BN, which needs its input: nothing to skip"
         ancestors = {site.rsplit(".", k)[0] for k in range(1, site.count(".") + 1)}
         inside = site + "."

@@ -488,12 +488,13 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
     patched = PatchedModel(model)
     for p in manifest.patches:
         kind, site = PATCH_KINDS[p["kind"]], p["site"]
-        if kind.input_only != (site == INPUT_SITE_NAME):
+        at_input = kind.placement == "input"
+        if at_input != (site == INPUT_SITE_NAME):
             raise InputError(f"'{path}': manifest patch '{p['kind']}' cannot sit at '{site}'"
-                             + (" (pre-filters sit at 'input')" if kind.input_only else ""))
+                             + (" (pre-filters sit at 'input')" if at_input else ""))
         if site != INPUT_SITE_NAME and (site not in modules or site == ""):
             raise InputError(f"'{path}': manifest names site '{site[:100]}', which is not a layer of the model")
-        if p["kind"] == "auxbn" and not isinstance(modules[site], nn.modules.batchnorm._BatchNorm):
+        if kind.placement == "bn" and not isinstance(modules[site], nn.modules.batchnorm._BatchNorm):
             raise InputError(f"'{path}': manifest puts an auxiliary BN at '{site}', which is a "
                              f"{type(modules[site]).__name__}, not a BatchNorm")
         patched.attach(site, kind.from_spec(p))

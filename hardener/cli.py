@@ -21,7 +21,7 @@ from . import report as R, validate as V
 from .checkpoint import Manifest, atomic_write, save_patched, sha256_file, write_torch
 from .config import ConfigCommand
 from .errors import HardenError, InputError, Interrupted, RunError, ThresholdError
-from .layers import suggest_sites
+from .patches import suggest_sites
 from .resume import EvalStore, Saver, StopFlag, fingerprint, sigterm_as_interrupt
 from .patches import ACTIVATIONS, DENOISE_OPS
 from .recipe import DEFAULT_PRESET, load_preset, parse_methods, preset_names, split_for_training

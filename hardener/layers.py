@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
-
 from .errors import InputError
 from .model import Classifier
+from .patches.sites import suggest_sites  # noqa: F401  (moved there: site parsing and suggestion in one module)
 
 
 @dataclass
@@ -74,34 +73,3 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
                                n_calls, shape, ok, why, nonneg.get(name)))
     return infos
 
-
-def suggest_sites(model: nn.Module, infos: list[LayerInfo], parts: int = 3) -> list[str]:
-    """Sites that split the network into about `parts` blocks by depth (the paper's b = 3).
-
-    Candidates are the valid sites among the top-level children (or, if fewer than `parts`
-    exist there, the shallowest level that has enough); we take the ones closest to the
-    1/parts, 2/parts, ... depth quantiles, never the last layer.
-    """
-    valid = {i.name for i in infos if i.site}
-    order = [i.name for i in infos]
-    for depth in range(1, 6):
-        cands = [n for n in order if n in valid and n.count(".") == depth - 1]
-        if len(cands) >= parts:
-            break
-    else:
-        cands = [n for n in order if n in valid]
-    if not cands:
-        raise InputError("the model has no valid fixer site (no module outputs a 4-D feature map once per forward)")
-    # Position by depth in the module order (forward order approximated by registration order).
-    leafs = [n for n, m in model.named_modules() if n and not list(m.children())]
-    pos = {}
-    for c in cands:
-        idx = [k for k, leaf in enumerate(leafs) if leaf == c or leaf.startswith(c + ".")]
-        pos[c] = (max(idx) + 1) / max(1, len(leafs)) if idx else 0.0
-    chosen: list[str] = []
-    for q in [k / parts for k in range(1, parts)]:
-        best = min((c for c in cands if c not in chosen and pos[c] < 0.999), key=lambda c: abs(pos[c] - q),
-                   default=None)
-        if best is not None:
-            chosen.append(best)
-    return sorted(chosen, key=order.index)

@@ -13,11 +13,12 @@ if TYPE_CHECKING:
 
 
 def method_choices() -> tuple[str, ...]:
-    """What --method takes: the patch kinds --at places, the BatchNorm kinds --bn places, the training methods."""
+    """What --method takes: the patch kinds --at places, the BatchNorm kinds --bn places, the training methods (as
+    registered now, in registration order)."""
     from . import methods
-    from .patches import SITE_KINDS
+    from .patches import bn_kinds, site_kinds
 
-    return (*SITE_KINDS, "auxbn", *(n for n in methods.names() if n != methods.DEFAULT_METHOD))
+    return (*site_kinds(), *bn_kinds(), *(n for n in methods.names() if n != methods.DEFAULT_METHOD))
 
 
 def __getattr__(name: str):
@@ -29,8 +30,9 @@ def __getattr__(name: str):
 @dataclass
 class Methods:
     site_kind: str | None  # fixer | denoise | prefilter: the kind of --at sites without a KIND: prefix
-    auxbn: bool  # auxiliary BN twins on the --bn layers
+    auxbn: bool  # BatchNorm twins (`bn_kind`) on the --bn layers
     train: str | None  # the training method --method names (None: the default, patches on a frozen base)
+    bn_kind: str = "auxbn"
 
     @property
     def fit_method(self) -> str:
@@ -48,7 +50,7 @@ class Methods:
 
 def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
     from . import methods
-    from .patches import SITE_KINDS
+    from .patches import DEFAULT_BN_KIND, DEFAULT_SITE_KIND, bn_kinds, site_kinds
 
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     choices = method_choices()
@@ -58,25 +60,25 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
                          "combine patch kinds with commas, e.g. fixer,auxbn)")
     trains = [p for p in parts if p in methods.REGISTRY]
     full = [p for p in trains if methods.get(p).trains_base]
-    kinds = [p for p in parts if p in SITE_KINDS]
-    if full and (len(parts) > 1 + ("auxbn" in parts)):
+    kinds = [p for p in parts if p in site_kinds()]
+    twins = [p for p in parts if p in bn_kinds()]
+    if full and (len(parts) > 1 + len(twins)):
         raise InputError(f"--method {full[0]} fine-tunes the whole model and cannot be combined with "
-                         f"{', '.join(p for p in parts if p not in full and p != 'auxbn')}")
-    if len(trains) > 1:
-        raise InputError(f"--method names two training methods ({', '.join(trains)}): give one")
-    if len(kinds) > 1:
-        raise InputError(f"--method names two site kinds ({', '.join(kinds)}): give one, and put others on --at "
-                         "as KIND:SITE")
+                         f"{', '.join(p for p in parts if p not in full and p not in twins)}")
+    for what, named in (("training methods", trains), ("site kinds", kinds), ("BatchNorm kinds", twins)):
+        if len(named) > 1:
+            raise InputError(f"--method names two {what} ({', '.join(named)}): give one"
+                             + (", and put others on --at as KIND:SITE" if what == "site kinds" else ""))
     train = methods.get(trains[0]) if trains else None
-    auxbn = "auxbn" in parts or bn is not None or (train is not None and train.auxbn == "required")
+    auxbn = bool(twins) or bn is not None or (train is not None and train.auxbn == "required")
     if train is not None and train.auxbn == "forbidden" and auxbn:
         raise InputError(f"--method {train.name} fine-tunes the base's own BNs: drop auxbn / --bn")
     if full and at:
         raise InputError(f"--method {full[0]} fine-tunes the whole model: --at sites do not apply")
-    site_kind = kinds[0] if kinds else ("fixer" if not full and not auxbn else None)
+    site_kind = kinds[0] if kinds else (DEFAULT_SITE_KIND if not full and not auxbn else None)
     if site_kind is None and at and not full:
-        site_kind = "fixer"  # --at without a site kind in --method: fixers, as before
-    return Methods(site_kind, auxbn, trains[0] if trains else None)
+        site_kind = DEFAULT_SITE_KIND  # --at without a site kind in --method: fixers, as before
+    return Methods(site_kind, auxbn, trains[0] if trains else None, twins[0] if twins else DEFAULT_BN_KIND)
 
 
 # Presets are declarative files shipped with the package (hardener/presets/NAME.toml): a description, the

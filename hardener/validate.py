@@ -88,6 +88,10 @@ def _num(lo: float = -math.inf, hi: float = math.inf, open_lo: bool = False):
     return lambda v: _is_num(v) and (v > lo if open_lo else v >= lo) and v <= hi
 
 
+# Public names of the rules above, for the spec fields of patch kinds (hardener.patches.base).
+int_in, number, optional, text = _int_in, _num, _opt, _text
+
+
 def _hex_or_empty(v: Any) -> bool:
     return isinstance(v, str) and (v == "" or bool(HEX64.fullmatch(v)))
 
@@ -122,31 +126,8 @@ def validate_input(d: Any, source: str) -> dict:
     return out
 
 
-def _patch_fields(kind: str):
-    from .patches.denoise import OPS
-    from .patches.fixer import ACTIVATIONS
-
-    channels = (_int_in(1, MAX_CHANNELS), f"must be an integer in 1..{MAX_CHANNELS}")
-    return {
-        "fixer": {"channels": channels, "rho": (_num(0, 1e6, open_lo=True), "must be a positive number"),
-                  "delta": (_num(-1e6, 1e6), "must be a finite number"),
-                  "act": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
-                  "final_relu": (lambda v: isinstance(v, bool), "must be true or false")},
-        "prefilter": {"channels": channels, "width": (_int_in(1, 4096), "must be an integer in 1..4096"),
-                      "delta": (_num(-1e6, 1e6), "must be a finite number")},
-        "denoise": {"channels": channels, "op": (lambda v: isinstance(v, str) and v in OPS, f"must be one of {', '.join(OPS)}"),
-                    "chunk": (_int_in(1, 1 << 20), "must be an integer in 1..1048576")},
-        "auxbn": {"type": (lambda v: isinstance(v, str) and v in BN_TYPES, f"must be one of {', '.join(BN_TYPES)}"),
-                  "features": channels, "eps": (_num(0, 1, open_lo=True), "must be a small positive number"),
-                  "momentum": (_opt(_num(0, 1)), "must be null or a number in [0, 1]"),
-                  "affine": (lambda v: isinstance(v, bool), "must be true or false")},
-    }[kind]
-
-
-OPTIONAL_PATCH_KEYS = {"denoise": {"chunk": 1024}}
-
-
 def validate_patch(d: Any, i: int, source: str) -> dict:
+    """One manifest patch spec: its kind, its site, then the fields its kind declares (`spec_fields`)."""
     from .patches import PATCH_KINDS
 
     f = _Fields(d, f"patches[{i}]", source)
@@ -154,33 +135,19 @@ def validate_patch(d: Any, i: int, source: str) -> dict:
                  f"must be one of {', '.join(PATCH_KINDS)}", required=True)
     site = f.get("site", lambda v: isinstance(v, str) and 0 < len(v) <= MAX_TEXT, "must be a layer name",
                  required=True)
-    fields = _patch_fields(kind)
+    fields = PATCH_KINDS[kind].spec_fields()
     f.known({"kind", "site", *fields})
     out = {"kind": kind, "site": site}
-    for key, (check, what) in fields.items():
-        default = OPTIONAL_PATCH_KEYS.get(kind, {}).get(key, ...)
-        out[key] = f.get(key, check, what, default)
+    for key, (check, what, *default) in fields.items():
+        out[key] = f.get(key, check, what, default[0] if default else ...)
     return out
 
 
 def patch_numel(spec: dict) -> int:
-    """Elements of the tensors a patch spec asks for, computed without allocating them."""
-    kind = spec["kind"]
-    if kind == "fixer":
-        c = spec["channels"]
-        hidden_f = c / spec["rho"]
-        if hidden_f > 1 << 24:
-            raise InputError(f"manifest patch at '{spec['site']}': rho {spec['rho']} asks for {hidden_f:.3g} "
-                             "hidden channels")
-        h = max(1, int(c // spec["rho"]))
-        return c * h + h + h * c * 9 + c
-    if kind == "prefilter":
-        c, w = spec["channels"], spec["width"]
-        return c * w * 9 + w + w * w * 9 + w + w * c * 9 + c
-    if kind == "denoise":
-        c = spec["channels"]
-        return (2 * c * max(1, c // 2) if spec["op"] == "nonlocal-gaussian" else 0) + c * c + c
-    return 4 * spec["features"] + 1  # auxbn: weight, bias, running mean and var, batches tracked
+    """Elements of the tensors a patch spec asks for, computed without allocating them (the kind's `numel`)."""
+    from .patches import PATCH_KINDS
+
+    return PATCH_KINDS[spec["kind"]].numel(spec)
 
 
 MANIFEST_FIELDS = {"arch", "arch_kwargs", "input", "patches", "base_sha256", "training", "base_tensors_sha256",

@@ -1,15 +1,27 @@
-"""Patch kinds, looked up by name."""
+"""Patch kinds, looked up by name: one module each, behind the contract of `base.py`; where they go (`sites.py`);
+how they are hooked into a frozen base (`attach.py`). The order of the imports below is the order of the
+`--method` choices."""
 from __future__ import annotations
 
-from .attach import INPUT_SITE, ROUTES, PatchedModel, parse_sites, select_sites
-from .auxbn import AuxBN, bn_names, select_bn_sites
-from .denoise import OPS as DENOISE_OPS, Denoise, DenoiseConfig
+from .base import (DEFAULT_BN_KIND, DEFAULT_SITE_KIND, INPUT_SITE, KINDS, PatchKind, Site, bn_kinds,
+                   register_patch_kind, site_kinds)
 from .fixer import ACTIVATIONS, Fixer, FixerConfig
-from .prefilter import Prefilter
+from .denoise import OPS as DENOISE_OPS, Denoise, DenoiseConfig
+from .prefilter import Prefilter, PrefilterConfig
+from .auxbn import AuxBN
+from .attach import ROUTES, PatchedModel
+from .sites import bn_names, parse_sites, select_bn_sites, select_sites, suggest_sites
 
-PATCH_KINDS = {"fixer": Fixer, "denoise": Denoise, "prefilter": Prefilter, "auxbn": AuxBN}
-SITE_KINDS = ("fixer", "denoise", "prefilter")  # kinds placed with --at (auxbn goes on BatchNorms with --bn)
+PATCH_KINDS = KINDS  # the registry itself: kinds registered later show up here too
 
-__all__ = ["ACTIVATIONS", "AuxBN", "DENOISE_OPS", "Denoise", "DenoiseConfig", "Fixer", "FixerConfig", "INPUT_SITE",
-           "PATCH_KINDS", "PatchedModel", "Prefilter", "ROUTES", "SITE_KINDS", "bn_names", "parse_sites",
-           "select_bn_sites", "select_sites"]
+
+def __getattr__(name: str):
+    if name == "SITE_KINDS":  # kinds placed with --at, as registered now (auxbn goes on BatchNorms with --bn)
+        return site_kinds()
+    raise AttributeError(name)
+
+
+__all__ = ["ACTIVATIONS", "AuxBN", "DEFAULT_BN_KIND", "DEFAULT_SITE_KIND", "DENOISE_OPS", "Denoise", "DenoiseConfig",
+           "Fixer", "FixerConfig", "INPUT_SITE", "KINDS", "PATCH_KINDS", "PatchKind", "PatchedModel", "Prefilter",
+           "PrefilterConfig", "ROUTES", "Site", "bn_kinds", "bn_names", "parse_sites", "register_patch_kind",
+           "select_bn_sites", "select_sites", "site_kinds", "suggest_sites"]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
-import re
 from typing import Iterator
 
 import torch
@@ -16,93 +14,14 @@ from torch import nn
 
 from ..errors import InputError
 from ..model import Classifier
+from .base import INPUT_SITE
 
 
-INPUT_SITE = "input"  # the model's input (after normalisation): a pre-filter site
-AUTO = "auto"  # in --at: the suggested sites (about three blocks by depth)
-STEM = "stem"  # in --at: the first valid site among the top-level modules (the network's stem)
 ROUTES = ("adv", "main")
 
 
 def _key(site: str) -> str:
     return site.replace(".", "__")
-
-
-def parse_sites(at: str | None, at_regex: str | None, names: list[str],
-                default_kind: str = "fixer") -> list[tuple[str, str]]:
-    """Resolve `--at` (comma list, `KIND:SITE` entries) and `--at-regex` to (kind, site) pairs.
-
-    Every name is checked before anything is attached; unknown names list the closest ones.
-    """
-    from . import PATCH_KINDS
-
-    out: list[tuple[str, str]] = []
-    for entry in [e.strip() for e in (at or "").split(",") if e.strip()]:
-        kind, site = entry.split(":", 1) if ":" in entry else (default_kind, entry)
-        if kind not in PATCH_KINDS:
-            raise InputError(f"unknown patch kind '{kind}' in '{entry}' (available: {', '.join(PATCH_KINDS)})")
-        if site not in names and site != INPUT_SITE:
-            close = difflib.get_close_matches(site, names, n=5, cutoff=0.3) or names[:5]
-            raise InputError(f"--at '{site}' matches no layer of the model; closest names: {', '.join(close)} "
-                             "(see `harden layers`)")
-        out.append((kind, site))
-    if at_regex:
-        try:
-            rx = re.compile(at_regex)
-        except re.error as e:
-            raise InputError(f"--at-regex '{at_regex}' is not a valid regular expression: {e}") from None
-        hits = [n for n in names if n and rx.fullmatch(n)]
-        if not hits:
-            raise InputError(f"--at-regex '{at_regex}' matches no layer name (it must match a whole name; "
-                             f"names look like: {', '.join(names[1:6])})")
-        out.extend((default_kind, n) for n in hits if (default_kind, n) not in out)
-    seen = set()
-    for _, site in out:
-        if site in seen:
-            raise InputError(f"site '{site}' is named twice")
-        seen.add(site)
-    return out
-
-
-def _stem(infos: list) -> list[str]:
-    top = [i.name for i in infos if i.site and "." not in i.name]
-    return top[:1]
-
-
-def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | None,
-                 final_relu: bool = False, default_kind: str = "fixer") -> list[tuple[str, str]]:
-    """The (kind, site) pairs to patch: named ones, checked against the dry run, or suggested ones."""
-    from ..layers import suggest_sites
-    from . import PATCH_KINDS
-
-    entries = [e.strip() for e in (at or "").split(",") if e.strip()]
-    if entries or at_regex:
-        named = [e for e in entries if e.split(":")[-1] not in (AUTO, STEM)]
-        sites = parse_sites(",".join(named), at_regex, [i.name for i in infos], default_kind)
-        for e in entries:
-            word = e.split(":")[-1]
-            if word in (AUTO, STEM):  # `auto`: the suggested sites; `stem`: the first one in the forward
-                kind = e.split(":")[0] if ":" in e else default_kind
-                picked = suggest_sites(net, infos) if word == AUTO else _stem(infos)
-                sites += [(kind, s) for s in picked if s not in {x for _, x in sites}]
-    else:
-        sites = [(default_kind, s) for s in suggest_sites(net, infos)]
-    by_name = {i.name: i for i in infos}
-    for kind, site in sites:
-        wants_input = PATCH_KINDS[kind].input_only
-        if (site == INPUT_SITE) != wants_input:
-            raise InputError(f"'{kind}' patches go {'only' if wants_input else 'never'} at the model input "
-                             f"(site '{INPUT_SITE}'): " + (f"use --at {kind}:{INPUT_SITE}" if wants_input else
-                                                          "use the prefilter kind there"))
-        if site == INPUT_SITE:
-            continue
-        info = by_name[site]
-        if not info.site:
-            raise InputError(f"'{site}' is not a valid {kind} site: {info.reason}")
-        if final_relu and kind == "fixer" and not info.nonnegative:
-            raise InputError(f"--final-relu needs non-negative features, but '{site}' outputs negative values "
-                             "(on a dry run); drop --final-relu or choose a site after a ReLU")
-    return sites
 
 
 class PatchedModel(nn.Module):
@@ -140,7 +59,7 @@ class PatchedModel(nn.Module):
             return
         module = self.net.get_submodule(site)
         self._handles[site] = module.register_forward_hook(self._make_hook(site, key))
-        if patch.kind == "auxbn":
+        if getattr(patch, "placement", "output") == "bn":
             self._guards[site] = module.register_forward_pre_hook(self._make_bn_guard(key))
 
     def _make_bn_guard(self, key: str):
@@ -156,7 +75,7 @@ class PatchedModel(nn.Module):
         patch = self.patches[key]
         if not self._enabled:
             return out
-        if patch.kind == "auxbn":
+        if getattr(patch, "placement", "output") == "bn":
             return patch(out, inp[0]) if self._route == "adv" else out
         new = patch(out)
         if self._straight and getattr(patch, "may_mask", False) and new.shape == out.shape:
@@ -240,7 +159,7 @@ class PatchedModel(nn.Module):
 
     @property
     def has_auxbn(self) -> bool:
-        return any(p.kind == "auxbn" for p in self.patches.values())
+        return any(getattr(p, "placement", "output") == "bn" for p in self.patches.values())
 
     @contextlib.contextmanager
     def patches_disabled(self) -> Iterator["PatchedModel"]:

@@ -6,61 +6,19 @@ BN's output untouched, so route main is the base. Strength s interpolates: out +
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import validate as V
 from ..errors import InputError
+from .base import BOOL, CHANNELS, PatchKind, Site, choice, register_patch_kind
 
 
-def bn_names(net: nn.Module) -> list[str]:
-    return [n for n, m in net.named_modules() if isinstance(m, _BatchNorm)]
-
-
-def select_bn_sites(net: nn.Module, spec: str) -> list[str]:
-    """`--bn NAMES|REGEX|all|auto`: BatchNorm layers with running statistics, checked one by one. `auto` is
-    `all` on a model that has such layers and none (no error) on one that has not."""
-    names = bn_names(net)
-    if spec.strip() == "auto":
-        return names
-    frozen = [n for n, m in net.named_modules() if "batchnorm" in type(m).__name__.lower() and n not in names]
-    if not names:
-        extra = f" ({len(frozen)} frozen/fused norm layers such as '{frozen[0]}' cannot get twins)" if frozen else ""
-        raise InputError(f"the model has no BatchNorm layers with running statistics{extra}: auxiliary BNs need "
-                         "them; use fixer or denoise patches instead")
-    spec = spec.strip()
-    if spec == "all":
-        chosen = names
-    elif all(p.strip() in dict(net.named_modules()) for p in spec.split(",")):
-        chosen = [p.strip() for p in spec.split(",")]
-    else:
-        try:
-            rx = re.compile(spec)
-        except re.error as e:
-            raise InputError(f"--bn '{spec}' is neither a list of layer names nor a valid regex: {e}") from None
-        chosen = [n for n in names if rx.fullmatch(n)]
-        if not chosen:
-            raise InputError(f"--bn '{spec}' matches no BatchNorm layer (they are named like: "
-                             f"{', '.join(names[:5])}); pass names, a regex matching whole names, or 'all'")
-    modules = dict(net.named_modules())
-    for n in chosen:
-        m = modules[n]
-        if not isinstance(m, _BatchNorm):
-            raise InputError(f"--bn '{n}' is a {type(m).__name__}, not a BatchNorm layer (BatchNorm layers: "
-                             f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
-        if not m.track_running_stats or m.running_mean is None:
-            raise InputError(f"--bn '{n}' keeps no running statistics (track_running_stats=False): "
-                             "it cannot get an auxiliary twin")
-    return chosen
-
-
-class AuxBN(nn.Module):
-    kind = "auxbn"
-    input_only = False
-
+@register_patch_kind("auxbn", placement="bn")
+class AuxBN(PatchKind):
     def __init__(self, bn: _BatchNorm) -> None:
         super().__init__()
         self.twin = type(bn)(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
@@ -72,6 +30,10 @@ class AuxBN(nn.Module):
         t = self.twin
         return {"type": type(t).__name__, "features": t.num_features, "eps": t.eps, "momentum": t.momentum,
                 "affine": t.affine}
+
+    @classmethod
+    def build(cls, site: Site, config: Any = None) -> "AuxBN":
+        return cls.from_module(site.module)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "AuxBN":
@@ -86,6 +48,16 @@ class AuxBN(nn.Module):
             raise InputError(f"unknown auxiliary BN type '{spec['type']}'")
         return cls(kinds[spec["type"]](spec["features"], eps=spec["eps"], momentum=spec["momentum"],
                                        affine=spec["affine"]))
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, tuple]:
+        return {"type": choice(V.BN_TYPES), "features": CHANNELS,
+                "eps": (V.number(0, 1, open_lo=True), "must be a small positive number"),
+                "momentum": (V.optional(V.number(0, 1)), "must be null or a number in [0, 1]"), "affine": BOOL}
+
+    @classmethod
+    def numel(cls, spec: dict[str, Any]) -> int:
+        return 4 * spec["features"] + 1  # weight, bias, running mean and var, batches tracked
 
     def forward(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         if self.strength == 0:

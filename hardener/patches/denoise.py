@@ -9,14 +9,16 @@ positions, the dot-product one as (X Xᵀ) X / N, which never forms the (HW)² m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate as V
 from ..errors import InputError
+from .base import CHANNELS, PatchKind, Site, choice, register_patch_kind
 
 OPS = ("nonlocal-gaussian", "nonlocal-dot", "mean", "median", "bilateral")
 MAX_POSITIONS = 65536  # H*W above which non-local Gaussian is refused (chunks would still be huge)
@@ -24,7 +26,7 @@ MAX_POSITIONS = 65536  # H*W above which non-local Gaussian is refused (chunks w
 
 @dataclass
 class DenoiseConfig:
-    op: str = "nonlocal-gaussian"
+    op: str = field(default="nonlocal-gaussian", metadata={"option": "denoise_op"})
     chunk: int = 1024  # query positions per chunk (non-local Gaussian)
 
     def __post_init__(self) -> None:
@@ -39,9 +41,8 @@ def _neighbours(x: torch.Tensor) -> torch.Tensor:
     return F.unfold(p, 3).view(n, c, 9, h, w)
 
 
-class Denoise(nn.Module):
-    kind = "denoise"
-    input_only = False
+@register_patch_kind("denoise", placement="output", config_cls=DenoiseConfig)
+class Denoise(PatchKind):
     may_mask = True  # median/bilateral filters can hide gradients: evaluation attacks it with BPDA too
 
     def __init__(self, channels: int, config: DenoiseConfig, spatial: tuple[int, int] | None = None) -> None:
@@ -68,8 +69,18 @@ class Denoise(nn.Module):
         return cls(spec["channels"], DenoiseConfig(op=spec["op"], chunk=spec.get("chunk", 1024)))
 
     @classmethod
-    def from_options(cls, channels: int, spatial: tuple[int, int], opts: dict[str, Any]) -> "Denoise":
-        return cls(channels, DenoiseConfig(op=opts.get("denoise") or "nonlocal-gaussian"), spatial)
+    def build(cls, site: Site, config: DenoiseConfig) -> "Denoise":
+        return cls(site.shape[0], config, tuple(site.shape[1:3]))
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, tuple]:
+        return {"channels": CHANNELS, "op": choice(OPS),
+                "chunk": (V.int_in(1, 1 << 20), "must be an integer in 1..1048576", 1024)}
+
+    @classmethod
+    def numel(cls, spec: dict[str, Any]) -> int:
+        c = spec["channels"]
+        return (2 * c * max(1, c // 2) if spec["op"] == "nonlocal-gaussian" else 0) + c * c + c
 
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         op = self.config.op

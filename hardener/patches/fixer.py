@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate as V
 from ..errors import InputError
+from .base import BOOL, CHANNELS, FINITE, PatchKind, choice, register_patch_kind
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "linear": lambda z: z,
@@ -35,12 +37,11 @@ class FixerConfig:
             raise InputError(f"unknown fixer activation '{self.act}' (choose from {', '.join(ACTIVATIONS)})")
         if self.rho <= 0:
             raise InputError(f"--rho must be positive, got {self.rho}")
+        self.final_relu = bool(self.final_relu)
 
 
-class Fixer(nn.Module):
-    kind = "fixer"
-    input_only = False
-
+@register_patch_kind("fixer", placement="output", config_cls=FixerConfig)
+class Fixer(PatchKind):
     def __init__(self, channels: int, config: FixerConfig) -> None:
         super().__init__()
         self.config = config
@@ -59,15 +60,30 @@ class Fixer(nn.Module):
                 "act": self.config.act, "final_relu": self.config.final_relu}
 
     @classmethod
-    def from_options(cls, channels: int, spatial: tuple[int, int], opts: dict[str, Any]) -> "Fixer":
-        cfg = FixerConfig(rho=opts.get("rho", 4.0), delta=opts.get("delta", 1.0), act=opts.get("act", "linear"),
-                          final_relu=bool(opts.get("final_relu", False)))
-        return cls(channels, cfg)
+    def check_site(cls, info: Any, config: FixerConfig) -> None:
+        if config.final_relu and not info.nonnegative:
+            raise InputError(f"--final-relu needs non-negative features, but '{info.name}' outputs negative values "
+                             "(on a dry run); drop --final-relu or choose a site after a ReLU")
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "Fixer":
         cfg = FixerConfig(rho=spec["rho"], delta=spec["delta"], act=spec["act"], final_relu=spec["final_relu"])
         return cls(spec["channels"], cfg)
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, tuple]:
+        return {"channels": CHANNELS, "rho": (V.number(0, 1e6, open_lo=True), "must be a positive number"),
+                "delta": FINITE, "act": choice(ACTIVATIONS), "final_relu": BOOL}
+
+    @classmethod
+    def numel(cls, spec: dict[str, Any]) -> int:
+        c = spec["channels"]
+        hidden_f = c / spec["rho"]
+        if hidden_f > 1 << 24:
+            raise InputError(f"manifest patch at '{spec['site']}': rho {spec['rho']} asks for {hidden_f:.3g} "
+                             "hidden channels")
+        h = max(1, int(c // spec["rho"]))
+        return c * h + h + h * c * 9 + c
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.conv2(F.relu(self.conv1(h)))

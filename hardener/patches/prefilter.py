@@ -7,18 +7,29 @@ ReLUs: it cannot quantise its input, so it cannot hide gradients the way a round
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate as V
 from ..errors import InputError
+from .base import CHANNELS, FINITE, PatchKind, Site, register_patch_kind
 
 
-class Prefilter(nn.Module):
-    kind = "prefilter"
-    input_only = True
+@dataclass
+class PrefilterConfig:
+    width: int = 32  # channels inside
+    delta: float = 1.0  # strength δ
+
+    def __post_init__(self) -> None:
+        self.width, self.delta = int(self.width), float(self.delta)
+
+
+@register_patch_kind("prefilter", placement="input", config_cls=PrefilterConfig)
+class Prefilter(PatchKind):
     may_mask = True  # an input transform: evaluation attacks it with BPDA too (identity in the backward pass)
 
     def __init__(self, channels: int, width: int = 32, delta: float = 1.0) -> None:
@@ -37,12 +48,21 @@ class Prefilter(nn.Module):
         return {"channels": self.conv1.in_channels, "width": self.conv1.out_channels, "delta": self.delta}
 
     @classmethod
-    def from_options(cls, channels: int, spatial: tuple[int, int], opts: dict[str, Any]) -> "Prefilter":
-        return cls(channels, int(opts.get("width", 32)), float(opts.get("delta", 1.0)))
+    def build(cls, site: Site, config: PrefilterConfig) -> "Prefilter":
+        return cls(site.shape[0], config.width, config.delta)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "Prefilter":
         return cls(spec["channels"], spec["width"], spec["delta"])
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, tuple]:
+        return {"channels": CHANNELS, "width": (V.int_in(1, 4096), "must be an integer in 1..4096"), "delta": FINITE}
+
+    @classmethod
+    def numel(cls, spec: dict[str, Any]) -> int:
+        c, w = spec["channels"], spec["width"]
+        return c * w * 9 + w + w * w * 9 + w + w * c * 9 + c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))

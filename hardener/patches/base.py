@@ -1,0 +1,149 @@
+"""The patch-kind contract, and the registry of kinds by name.
+
+A patch kind is an `nn.Module` class registered with `@register_patch_kind("name", placement=..., config_cls=...)`:
+
+- `placement`: where it goes. "output": on a layer's output, `h -> patch(h)` (placed with --at); "input": on the
+  model input after normalisation, site `input` (placed with --at KIND:input); "bn": the twin of a BatchNorm
+  layer, `patch(out, inp)` on route adv only (placed with --bn).
+- `config_cls`: a dataclass of its options, validated in `__post_init__`. `make_config(options)` reads its fields
+  by name from the run's options (`api.PatchOptions`, a dict, ...; `field(metadata={"option": "denoise_op"})`
+  reads another name); options that are None or absent keep the field's default.
+- `build(site, config)`: a new patch for `site` (a `Site`: its name, module and output shape C,H,W) that starts as
+  the identity (a zero-initialised last layer): the freshly patched model equals the base exactly.
+- `extra_spec()`: what the manifest stores beside kind and site; `from_spec(spec)` rebuilds the patch from it.
+- `spec_fields()`: manifest field -> (check, requirement[, default]), applied to a stored spec before anything is
+  built (checkpoints may be hostile); `numel(spec)`: the elements its tensors will take, without allocating them.
+- `check_site(info, config)`: refuse a site it cannot serve (`layers.LayerInfo` of the dry run).
+- `may_mask`: the patch may mask gradients (an input transform, a denoising filter): evaluation also attacks it
+  with BPDA (identity in the backward pass).
+
+The defaults below serve a kind whose constructor is `cls(channels, config)` and that keeps `self.config`.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .. import validate as V
+from ..errors import InputError
+
+INPUT_SITE = "input"  # the model's input (after normalisation): the site of "input" kinds
+PLACEMENTS = ("output", "input", "bn")
+DEFAULT_SITE_KIND = "fixer"  # the kind of --at sites when --method names none
+DEFAULT_BN_KIND = "auxbn"  # the kind --bn places
+
+CHANNELS = (V.int_in(1, V.MAX_CHANNELS), f"must be an integer in 1..{V.MAX_CHANNELS}")
+BOOL = (lambda v: isinstance(v, bool), "must be true or false")
+FINITE = (V.number(-1e6, 1e6), "must be a finite number")
+
+
+def choice(values) -> tuple[Callable[[Any], bool], str]:
+    """A spec-field rule: one of `values` (strings)."""
+    values = tuple(values)
+    return (lambda v: isinstance(v, str) and v in values), f"must be one of {', '.join(values)}"
+
+
+@dataclass
+class Site:
+    """Where a patch goes: the layer's name (`input` for the model input), its module, its output shape C,H,W."""
+
+    name: str
+    module: nn.Module
+    shape: list[int]
+
+
+@dataclass
+class NoOptions:
+    """The options of a kind that has none."""
+
+
+class PatchKind(nn.Module):
+    """Base class of patch kinds: the contract's defaults (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+    placement: ClassVar[str] = "output"
+    config_cls: ClassVar[type] = NoOptions
+    may_mask: ClassVar[bool] = False
+
+    @classmethod
+    def make_config(cls, options: Any = None) -> Any:
+        values = {}
+        for f in fields(cls.config_cls):
+            name = f.metadata.get("option", f.name)
+            v = options.get(name) if isinstance(options, dict) else getattr(options, name, None)
+            if v is not None:
+                values[f.name] = v
+        return cls.config_cls(**values)
+
+    @classmethod
+    def build(cls, site: Site, config: Any) -> "PatchKind":
+        return cls(site.shape[0], config)
+
+    @classmethod
+    def check_site(cls, info: Any, config: Any) -> None:
+        """Raise `InputError` when the dry run shows this kind cannot serve the site."""
+
+    def extra_spec(self) -> dict[str, Any]:
+        return {"channels": self.channels, **asdict(self.config)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "PatchKind":
+        names = {f.name for f in fields(cls.config_cls)}
+        return cls(spec["channels"], cls.config_cls(**{k: v for k, v in spec.items() if k in names}))
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, tuple]:
+        """By default: channels, then each config field checked by its type (bool, int, float, str)."""
+        rules: dict[str, tuple] = {"channels": CHANNELS}
+        by_type = {"bool": BOOL, "int": (V.int_in(-(1 << 30), 1 << 30), "must be an integer"), "float": FINITE,
+                   "str": (V.text(), "must be a string")}
+        for f in fields(cls.config_cls):
+            t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if t not in by_type:
+                raise TypeError(f"patch kind '{cls.kind}': give spec_fields() for config field '{f.name}' ({t})")
+            rules[f.name] = (*by_type[t], ... if f.default is MISSING else f.default)
+        return rules
+
+    @classmethod
+    def numel(cls, spec: dict[str, Any]) -> int:
+        """By default: the patch built on the meta device (no memory), its parameters and buffers counted."""
+        with torch.device("meta"):
+            patch = cls.from_spec(spec)
+        return sum(t.numel() for t in [*patch.parameters(), *patch.buffers()])
+
+
+KINDS: dict[str, type[PatchKind]] = {}
+
+
+def register_patch_kind(name: str, placement: str = "output",
+                        config_cls: type = NoOptions) -> Callable[[type[PatchKind]], type[PatchKind]]:
+    """Class decorator: register a patch kind under `name` (a `--method` choice, and KIND in `--at KIND:SITE`)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"patch kind '{name}': placement must be one of {', '.join(PLACEMENTS)}")
+
+    def wrap(cls: type[PatchKind]) -> type[PatchKind]:
+        if not (isinstance(cls, type) and issubclass(cls, PatchKind)):
+            raise TypeError(f"patch kind '{name}' must subclass hardener.patches.PatchKind")
+        cls.kind, cls.placement, cls.config_cls = name, placement, config_cls
+        KINDS[name] = cls
+        return cls
+    return wrap
+
+
+def get(name: str) -> type[PatchKind]:
+    if name not in KINDS:
+        raise InputError(f"unknown patch kind '{name}' (available: {', '.join(KINDS)})")
+    return KINDS[name]
+
+
+def site_kinds() -> tuple[str, ...]:
+    """Kinds placed with --at (on a layer's output or the model input), in registration order."""
+    return tuple(n for n, k in KINDS.items() if k.placement != "bn")
+
+
+def bn_kinds() -> tuple[str, ...]:
+    """Kinds placed with --bn (twins of BatchNorm layers)."""
+    return tuple(n for n, k in KINDS.items() if k.placement == "bn")
