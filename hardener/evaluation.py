@@ -617,26 +617,34 @@ def _first_iterative(cfg: EvalConfig) -> str | None:
 
 def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
                n_classes: int, device: torch.device) -> list[dict]:
-    checks = []
     n = min(cfg.check_samples, len(y))
     g = torch.Generator().manual_seed(cfg.seed)
     sel = torch.randperm(len(y), generator=g)[:n]
     xs, ys = x[sel], y[sel]
-    # 1. eval mode, deterministic, batch-size independent
+    checks = _model_checks(model, res, x, xs, cfg, device)
+    checks += _attack_order_checks(res, len(y))
+    checks.append(_gradient_check(model, xs, ys, device))
+    checks += _convergence_checks(model, xs, ys, cfg, n_classes, device)
+    return checks
+
+
+def _model_checks(model: nn.Module, res: dict, x: torch.Tensor, xs: torch.Tensor, cfg: EvalConfig,
+                  device: torch.device) -> list[dict]:
+    """1. eval mode, deterministic, batch-size independent; 2. logits, not probabilities; 3. inputs in [0, 1] and
+    perturbations within eps."""
+    n = len(xs)
     l1 = predict(model, xs, cfg.batch_size, device)
     l2 = predict(model, xs, cfg.batch_size, device)
     l3 = predict(model, xs, 1, device) if n <= 64 else predict(model, xs, 7, device)
     same = torch.equal(l1, l2)
     bsi = bool(torch.allclose(l1, l3, atol=1e-4, rtol=1e-4))
-    checks.append(_check("deterministic", same and bsi and not model.training,
-                         f"same logits twice: {same}; batch-size independent: {bsi}; eval mode: {not model.training}",
-                         "randomness or batch-dependent layers (BN in train mode) make attacks and numbers unreliable"))
-    # 2. logits, not probabilities
+    checks = [_check("deterministic", same and bsi and not model.training,
+                     f"same logits twice: {same}; batch-size independent: {bsi}; eval mode: {not model.training}",
+                     "randomness or batch-dependent layers (BN in train mode) make attacks and numbers unreliable")]
     probs_like = bool((l1 >= 0).all() and (l1 <= 1).all() and torch.allclose(l1.sum(1), torch.ones(n), atol=1e-3))
     checks.append(_check("outputs_are_logits", not probs_like,
                          "outputs look like probabilities" if probs_like else "outputs are unnormalised scores",
                          "attacks on softmax outputs saturate and understate robustness: return logits"))
-    # 3. inputs in [0, 1] and perturbations within eps
     in_range = bool(x.min() >= 0 and x.max() <= 1)
     viol = sum(t["eps_violations"] for t in res["threats"].values())
     checks.append(_check("perturbations_within_eps", in_range and viol == 0,
@@ -644,13 +652,18 @@ def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cf
                          "(projected before scoring)",
                          "an attack returned examples outside the threat model; its numbers were recomputed "
                          "after projection"))
-    # 4. iterative attacks not weaker than FGSM / square not stronger than white-box / transfer vs white-box
+    return checks
+
+
+def _attack_order_checks(res: dict, n_samples: int) -> list[dict]:
+    """4. iterative attacks not weaker than FGSM / square not stronger than white-box / transfer vs white-box."""
+    checks = []
     wb = res["threats"].get("whitebox")
     if wb:
         fg = next((r for r in wb["attacks"] if A.info(r["attack"]).kind == "single-step"), None)
         has_iter = any(A.info(r["attack"]).iterative for r in wb["attacks"])
         if fg and has_iter:
-            left = fg.get("attacked", len(y))
+            left = fg.get("attacked", n_samples)
             checks.append(_check("iterative_not_weaker_than_fgsm", fg["broken"] == 0,
                                  f"FGSM broke {_seen(fg['broken'], left)} of the samples the iterative attacks left",
                                  "single-step beat multi-step on these samples: a sign of gradient masking or of too "
@@ -672,36 +685,47 @@ def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cf
                              f"transfer attacks broke {_seen(extra, left)} of the samples the white-box attacks left",
                              "attacking the base beat attacking the model itself on these samples: a sign that its "
                              "gradients may be masked (not a verdict); the per-sample worst case counts them"))
-    # 5. zero input-gradients
+    return checks
+
+
+def _gradient_check(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, device: torch.device) -> dict:
+    """5. zero input-gradients."""
+    n = len(ys)
     xg = xs.to(device).clone().requires_grad_(True)
     loss = F.cross_entropy(model(xg), ys.to(device), reduction="sum")
     (grad,) = torch.autograd.grad(loss, xg)
     n_zero = int((grad.flatten(1).abs().max(1).values == 0).sum())
     zero = n_zero / max(1, n)
-    checks.append(_check("nonzero_gradients", zero <= 0.01,
-                         f"{_seen(n_zero, n)} of the checked samples have an all-zero input gradient",
-                         "zero gradients stall gradient attacks (rounding, quantisation, saturation), so robust "
-                         "accuracy may be overstated on such samples; compare with Square and transfer numbers"))
-    # 6. convergence: doubling the steps changes little; 7. large eps gets near chance
+    return _check("nonzero_gradients", zero <= 0.01,
+                  f"{_seen(n_zero, n)} of the checked samples have an all-zero input gradient",
+                  "zero gradients stall gradient attacks (rounding, quantisation, saturation), so robust "
+                  "accuracy may be overstated on such samples; compare with Square and transfer numbers")
+
+
+def _convergence_checks(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: EvalConfig, n_classes: int,
+                        device: torch.device) -> list[dict]:
+    """6. convergence: doubling the steps changes little; 7. large eps gets near chance."""
     name = _first_iterative(cfg)
-    if name is not None:
-        clean = model(xs.to(device)).argmax(1).cpu() == ys
-        sp1 = _spec(cfg, name, n_classes)
-        steps = int(sp1.steps or 1)
-        sp2 = _spec(cfg, name, n_classes, steps=2 * steps)
-        r1 = _robust_of(model, xs, ys, clean, sp1, cfg, device)
-        r2 = _robust_of(model, xs, ys, clean, sp2, cfg, device)
-        tol = max(0.02, 2 / n)
-        checks.append(_check("converged", r1 - r2 <= tol,
-                             f"{name} with {steps} steps: {r1:.4f}; with {2 * steps}: {r2:.4f} ({n} samples)",
-                             "more steps still break more samples: raise --steps"))
-        big = 0.5 if cfg.norm == "Linf" else 10.0
-        rb = _robust_of(model, xs, ys, clean, _spec(cfg, name, n_classes, eps=big), cfg, device)
-        chance = 1 / n_classes
-        checks.append(_check("large_eps_near_chance", rb <= chance + 0.1,
-                             f"{name} at eps={big}: {rb:.4f} (chance {chance:.2f})",
-                             "an unbounded-enough attack should reach chance: the attack is failing, not the model "
-                             "holding (gradient masking)"))
+    if name is None:
+        return []
+    n = len(ys)
+    clean = model(xs.to(device)).argmax(1).cpu() == ys
+    sp1 = _spec(cfg, name, n_classes)
+    steps = int(sp1.steps or 1)
+    sp2 = _spec(cfg, name, n_classes, steps=2 * steps)
+    r1 = _robust_of(model, xs, ys, clean, sp1, cfg, device)
+    r2 = _robust_of(model, xs, ys, clean, sp2, cfg, device)
+    tol = max(0.02, 2 / n)
+    checks = [_check("converged", r1 - r2 <= tol,
+                     f"{name} with {steps} steps: {r1:.4f}; with {2 * steps}: {r2:.4f} ({n} samples)",
+                     "more steps still break more samples: raise --steps")]
+    big = 0.5 if cfg.norm == "Linf" else 10.0
+    rb = _robust_of(model, xs, ys, clean, _spec(cfg, name, n_classes, eps=big), cfg, device)
+    chance = 1 / n_classes
+    checks.append(_check("large_eps_near_chance", rb <= chance + 0.1,
+                         f"{name} at eps={big}: {rb:.4f} (chance {chance:.2f})",
+                         "an unbounded-enough attack should reach chance: the attack is failing, not the model "
+                         "holding (gradient masking)"))
     return checks
 
 
