@@ -12,8 +12,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import click
-
 from .errors import InputError
 
 DEFAULT_FILE = "harden.toml"
@@ -49,7 +47,8 @@ def _value(v: Any, multiple: bool) -> Any:
     return v
 
 
-def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
+def load_defaults(path: Path, command: str, params: dict[str, bool]) -> dict[str, Any]:
+    """The options `path` sets for `command`, whose parameters are `params` (name -> takes several values)."""
     from .validate import regular_input
 
     regular_input(path, "config file")
@@ -59,9 +58,8 @@ def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
         raise InputError(f"config file '{path}' is not valid TOML: {str(e).splitlines()[0]}") from None
     except (OSError, RecursionError) as e:
         raise InputError(f"cannot read config file '{path}': {getattr(e, 'strerror', None) or e}") from None
-    params = {p.name: p for p in command.params if p.name}
     flat = {k: v for k, v in doc.items() if not isinstance(v, dict) or k not in COMMANDS}
-    section = doc.get(command.name or "")
+    section = doc.get(command or "")
     section = section if isinstance(section, dict) else {}
     for table in [doc, *(v for v in doc.values() if isinstance(v, dict))]:  # in any table, for any command
         for key in table:
@@ -75,41 +73,32 @@ def load_defaults(path: Path, command: click.Command) -> dict[str, Any]:
             name = key.replace("-", "_")
             if name not in params:
                 if strict:
-                    raise InputError(f"config file '{path}': [{command.name}] has unknown key '{key}'")
+                    raise InputError(f"config file '{path}': [{command}] has unknown key '{key}'")
                 continue  # a top-level key for another command
-            p = params[name]
-            out[name] = _value(v, bool(getattr(p, "multiple", False)))
+            out[name] = _value(v, params[name])
     return out
 
 
-class ConfigCommand(click.Command):
-    """A click command whose defaults come from the config file, then from a `--preset` (command line first,
-    then config file, then preset, then the built-in defaults)."""
+def command_defaults(command: str, args: list[str], params: dict[str, bool]) -> dict[str, Any]:
+    """The defaults of one command line: from the config file, then from the preset (`--preset`, in the file, or
+    the default one), so that the order is: command line, config file, preset, built-in defaults. `params` maps the
+    command's parameter names to whether each takes several values."""
+    from .console import err
+    from .recipe import resolve_preset
 
-    def make_context(self, info_name, args, parent=None, **extra):
-        from .recipe import resolve_preset
-
-        path = find_config(list(args))
-        defaults: dict[str, Any] = {}
-        try:
-            if path is not None and find_option(list(args), "--config") is None:
-                click.echo(f"harden: reading options from '{path}' in the working directory "
-                           "(--config FILE to choose another)", err=True)
-            if path is not None:
-                defaults = load_defaults(path, self)
-            if any(p.name == "preset" for p in self.params):
-                known = {p.name for p in self.params if p.name}
-                given = set(defaults) | _on_command_line(list(args), known)
-                preset, options = resolve_preset(find_option(list(args), "--preset") or defaults.get("preset")
-                                                 or "auto", given, known)
-                if preset is not None:
-                    defaults = {**options, **defaults, "preset": preset.name}
-        except InputError as e:
-            e.show()
-            raise SystemExit(e.exit_code) from None
-        if defaults:
-            extra["default_map"] = {**defaults, **(extra.get("default_map") or {})}
-        return super().make_context(info_name, args, parent=parent, **extra)
+    path = find_config(args)
+    defaults: dict[str, Any] = {}
+    if path is not None and find_option(args, "--config") is None:
+        err(f"harden: reading options from '{path}' in the working directory (--config FILE to choose another)")
+    if path is not None:
+        defaults = load_defaults(path, command, params)
+    if "preset" in params:
+        given = set(defaults) | _on_command_line(args, set(params))
+        preset, options = resolve_preset(find_option(args, "--preset") or defaults.get("preset") or "auto", given,
+                                         set(params))
+        if preset is not None:
+            defaults = {**options, **defaults, "preset": preset.name}
+    return defaults
 
 
 def _on_command_line(args: list[str], names: set[str]) -> set[str]:

@@ -34,6 +34,10 @@ class InputError(HardenError):
     exit_code = 2
 
 
+class UsageError(InputError):
+    """A missing argument or option (exit code 2): the command line shows its usage lines first."""
+
+
 class RunError(HardenError):
     """A run that failed (NaN loss, out of memory, disk full): exit code 3."""
 

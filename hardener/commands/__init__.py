@@ -1,0 +1,39 @@
+"""What each `harden` command does, without click: `cli.py` parses the options into a dict and calls the command's
+`run(call)` here, one module per command. Results go to stdout and everything else to stderr (`console`); errors
+are `HardenError`s (`UsageError` for a missing argument), which the command line turns into exit codes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import UsageError
+from ..session import DataOptions, ModelOptions
+
+
+def _no_check(outputs: list[tuple[str, Any]], force: bool) -> None:
+    """No boundary checks (a call from Python, where nothing was parsed)."""
+
+
+@dataclass
+class Call:
+    """One invocation of a command: the options by parameter name (every one present, defaults filled in), the
+    boundary checks of the command line (option values, output paths against inputs; `validate.check_run`), and
+    which options the command line set itself."""
+
+    params: dict[str, Any]
+    check_run: Callable[[list[tuple[str, Any]], bool], None] = _no_check
+    given: Callable[[str], bool] = field(default=lambda name: False)
+
+
+def model_arg(model: str | None) -> str:
+    if not model:
+        raise UsageError("missing MODEL (a checkpoint path, or `model` in harden.toml)")
+    return model
+
+
+def model_options(kw: dict) -> ModelOptions:
+    return ModelOptions(**{k: kw[k] for k in ModelOptions.__dataclass_fields__})
+
+
+def data_options(kw: dict) -> DataOptions:
+    return DataOptions(**{k: kw[k] for k in DataOptions.__dataclass_fields__})

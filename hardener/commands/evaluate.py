@@ -1,0 +1,178 @@
+"""`harden eval`: attacks in each threat model on a plain or patched checkpoint, the per-sample worst case, the
+sanity checks, gates (`--fail-under`), reports; resumable, and shardable over processes (torchrun)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, report as R, validate as V
+from ..checkpoint import sha256_file
+from ..console import ProgressView, announce, err_console, out
+from ..errors import InputError, Interrupted, ThresholdError, UsageError
+from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
+from ..session import finish_spec, load_data, load_model, load_parent, pick_device, set_deterministic
+from . import Call, adaptive, data_options, model_arg, model_options
+
+
+def run(call: Call) -> None:
+    kw = call.params
+    model, data, thresholds, threats, raw, names, sweep = _check(call)
+    torch.manual_seed(kw["seed"])
+    set_deterministic(kw["deterministic"])
+    world = D.world()
+    device = D.init(world, pick_device(kw["device"]))
+    if not world.main:
+        kw["quiet"] = True
+    loaded, reference, surrogate, ds = _load(model, data, kw, device)
+    if kw["defense"] == "adaptive":
+        adaptive.evaluate(model, loaded, ds, names, kw, device)
+        return
+    batch_size = _auto_batch(kw["batch_size"], loaded, ds, device, world, kw["quiet"])
+    ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(kw["eps"]), norm=kw["norm"], steps=kw["steps"],
+                        restarts=kw["restarts"], queries=kw["queries"], threats=threats, batch_size=batch_size,
+                        seed=kw["seed"], eps_sweep=sweep, checks=not kw["no_checks"],
+                        smooth_grad=A.parse_smooth_grad(kw["smooth_grad"]), overrides=A.suite_settings(raw),
+                        precision=kw["precision"])
+    model_sha = sha256_file(Path(model))
+    result, store = _attack(loaded, ds, ecfg, device, reference, surrogate, world, model_sha, kw)
+    if result is None:  # another rank of a sharded run: rank 0 reports
+        store.clear()
+        D.finish(world)
+        return
+    rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw)
+    store.clear()
+    D.finish(world)
+    if kw["as_json"]:
+        out(json.dumps(rep, indent=2, sort_keys=True))
+    if rep["gates"]["missed"]:
+        raise ThresholdError("--fail-under missed: " + "; ".join(rep["gates"]["missed"]))
+
+
+def _check(call: Call):
+    """Option errors before any loading: the data, gates, threat models, attacks, eps sweep, output paths."""
+    kw = call.params
+    model = model_arg(kw["model"])
+    data = kw["data"] or kw["eval_data"]
+    if not data:
+        raise UsageError("missing --data (or `eval_data` in harden.toml)")
+    thresholds = R.parse_fail_under(kw["fail_under"])
+    threats = api.parse_threats(kw["threat"], "--threat")
+    if "surrogate" in [t.strip() for t in kw["threat"].split(",")] and not kw["surrogate"]:
+        raise InputError("--threat surrogate needs --surrogate CHECKPOINT (a model to transfer attacks from)")
+    for p in kw["report_paths"]:
+        R.check_path(p)
+    call.check_run([("--report", p) for p in kw["report_paths"]], kw["force"])
+    raw = list(kw["attack_names"]) + ([A.SUITE_VERSIONS[kw["suite"]]] if kw["suite"] else [])
+    names = A.parse_attack_list(raw or ["apgd-ce"])
+    if kw["defense"] != "adaptive":
+        R.check_gate_attacks(thresholds, names, threats, kw["allow_weak_gate"])
+    sweep = [A.parse_eps(e) for e in kw["eps_sweep"].split(",")] if kw["eps_sweep"] else None
+    return model, data, thresholds, threats, raw, names, sweep
+
+
+def _auto_batch(batch_size, loaded, ds, device, world, quiet: bool) -> int:
+    """--batch-size auto: the largest power of two whose attack step fits (the smallest over the ranks)."""
+    if batch_size != "auto":
+        return batch_size
+    x, y = hdata.to_float(ds.images[:64]), ds.labels[:64]
+    bs = E.find_batch_size(loaded.patched, x, y, device)
+    if world.active:  # one block layout for every rank: the smallest that fits everywhere
+        import torch.distributed as dist
+
+        t = torch.tensor([bs], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        bs = int(t.item())
+    if not quiet:
+        err_console.print(f"batch size: auto -> {bs}", highlight=False)
+    return bs
+
+
+def _load(model: str, data: str, kw: dict, device: torch.device):
+    """The model (on --route), its --parent, the data (the seeded subset), the --surrogate."""
+    loaded = load_model(model, model_options(kw))
+    reference = load_parent(loaded, kw["parent"], model_options(kw))
+    if kw["route"]:
+        if not loaded.patched.has_auxbn:
+            raise InputError(f"--route {kw['route']}: '{model}' has no auxiliary BNs")
+        loaded.patched.set_route(kw["route"])
+    ds = load_data(loaded, data, data_options(kw))
+    finish_spec(loaded, ds, device)
+    if reference is not None:
+        reference.to(device)
+    surrogate = _load_surrogate(kw["surrogate"], kw, ds, device)
+    announce(ds, kw["quiet"])
+    subset = hdata.parse_subset(kw["subset"])
+    if kw["max_samples"] and kw["max_samples"] < len(ds):
+        subset = kw["max_samples"]
+    if subset is not None:
+        idx, _ = hdata.stratified_split(ds.labels, subset, kw["seed"])
+        ds = ds.take(idx)
+    return loaded, reference, surrogate, ds
+
+
+def _load_surrogate(path: str | None, kw: dict, ds, device):
+    """The --surrogate model (plain or harden checkpoint, the model's --arch), taking [0, 1] pixels, in eval mode."""
+    if not path:
+        return None
+    V.regular_input(path, "--surrogate")
+    loaded = load_model(path, model_options(kw))
+    finish_spec(loaded, ds, device)
+    return loaded.patched.eval()
+
+
+def _attack(loaded, ds, ecfg: E.EvalConfig, device, reference, surrogate, world, model_sha: str, kw: dict):
+    """The evaluation itself, with its state (per rank) saved on an interrupt for --resume."""
+    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
+                      "device": device.type, "route": loaded.patched.current_route, "parent": kw["parent"],
+                      "surrogate": sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None})
+    state_dir = V.eval_state_dir(kw["state_dir"], list(kw["report_paths"]))
+    shard = f"-rank{world.rank}of{world.size}" if world.active else ""
+    state = state_dir / f".harden-eval-{fp[:16]}{shard}.partial" if state_dir is not None else None
+    store = EvalStore(state, fp, kw["resume"])
+    try:
+        with ProgressView(kw["quiet"]) as progress, sigterm_as_interrupt():
+            result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
+                                progress=progress, store=store, reference=reference,
+                                base_cache=Path(kw["base_cache"]) if kw["base_cache"] else None, surrogate=surrogate,
+                                world=world)
+    except KeyboardInterrupt:
+        store.flush()
+        if state is None:
+            raise Interrupted("interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation "
+                              "resumable)") from None
+        raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
+    return result, store
+
+
+def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: dict, thresholds: dict, world,
+            device, kw: dict) -> dict:
+    """The report, with its gates: rendered on stderr, written to each --report."""
+    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"]}
+    if world.active:
+        extra["processes"] = world.size
+    if kw["surrogate"]:
+        extra["surrogate"] = {"checkpoint": kw["surrogate"], "sha256": sha256_file(Path(kw["surrogate"]))}
+    if result.get("base_cache"):
+        extra["base_cache"] = result["base_cache"]
+    if loaded.manifest is not None:
+        extra["patches"] = loaded.manifest.patches
+        extra["training"] = loaded.manifest.training
+        extra["base_modified"] = loaded.manifest.base_modified
+        if loaded.patched.has_auxbn:
+            extra["route"] = loaded.patched.current_route
+    env = R.environment(str(device), kw["seed"], kw["deterministic"])
+    notes = [] if kw["precision"] == "fp32" else [
+        f"attacks ran in {kw['precision']} (autocast): low-precision gradients can weaken attacks, so robust accuracy "
+        "may be overstated; rerun with --precision fp32 for the verdict"]
+    extra["precision"] = kw["precision"]
+    rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), env, extra)
+    missed = R.gate(rep, thresholds)
+    rep["gates"] = {"thresholds": thresholds, "missed": missed}
+    rep["summary"] = R.summary(rep)
+    R.render_table(rep, err_console)
+    for p in kw["report_paths"]:
+        R.write(rep, p)
+    return rep

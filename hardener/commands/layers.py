@@ -1,0 +1,34 @@
+"""`harden layers`: the named layers of a model (type, output shape, parameters, whether each is a valid patch site)
+and the suggested sites."""
+from __future__ import annotations
+
+import json
+
+from ..console import err_console, out
+from ..patches import suggest_sites
+from ..session import finish_spec, load_data, load_model, pick_device
+from . import Call, data_options, model_arg, model_options
+
+
+def run(call: Call) -> None:
+    kw = call.params
+    call.check_run([], False)
+    loaded = load_model(model_arg(kw["model"]), model_options(kw))
+    device = pick_device(kw["device"])
+    ds = load_data(loaded, kw["data"], data_options(kw)) if kw["data"] else None
+    infos = finish_spec(loaded, ds, device)
+    suggested = suggest_sites(loaded.patched.net, infos)
+    if kw["as_json"]:
+        out(json.dumps({"layers": [i.to_json() for i in infos], "suggested_sites": suggested}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{kw['model']}: input {tuple(loaded.spec.shape)}")
+    for col in ("name", "type", "output shape", "params", "site", "why"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.name, i.type, "×".join(map(str, i.shape)) if i.shape else "—", f"{i.params:,}",
+                      "yes" if i.site else "no", i.reason)
+    err_console.print(table)
+    err_console.print(f"suggested sites (about 3 blocks by depth): {', '.join(suggested)}")
+    out(",".join(suggested))

@@ -1,0 +1,317 @@
+"""The options of every `harden` command, as data: `cli.py` turns each `Opt` into a click option (this module does
+not import click). The defaults of `harden patch`'s training options come from `api.PatchOptions`, where each is
+stated once; choices come from the registries they name.
+
+Order matters: `--help` lists options in the order given here.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .api import PatchOptions
+from .attacks import SUITE_VERSIONS
+from .evaluation import PRECISIONS
+from .methods.patch import LOSSES
+from .patches import ACTIVATIONS, DENOISE_OPS
+from .recipe import DEFAULT_PRESET, preset_names
+
+
+class Choice(tuple):
+    """One of these strings (click.Choice)."""
+
+
+@dataclass(frozen=True)
+class PathType:
+    """A path (click.Path) with these constraints."""
+
+    exists: bool = False
+    file_okay: bool = True
+    dir_okay: bool = True
+
+
+class BatchSize:
+    """A positive integer, or `auto` (the largest power of two that fits, probed before the evaluation)."""
+
+    name = "N|auto"
+
+    @staticmethod
+    def parse(value: Any) -> int | str:
+        """The value, or ValueError with the requirement."""
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            v = int(str(value).strip())
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise ValueError(f"must be a positive integer or auto, got '{value}'")
+        return v
+
+
+FILE = PathType(dir_okay=False)
+FOLDER = PathType(file_okay=False)
+EXISTING_FILE = PathType(exists=True, dir_okay=False)
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: its declarations (flags, then the parameter name if it differs) and click's keyword arguments,
+    with `type` a Python type, a `Choice` or a `PathType`."""
+
+    decls: tuple[str, ...]
+    kwargs: dict = field(default_factory=dict)
+
+
+def opt(*decls: str, **kwargs: Any) -> Opt:
+    return Opt(decls, kwargs)
+
+
+_PATCH_DEFAULTS = {f.name: f.default for f in fields(PatchOptions) if f.default is not MISSING}
+
+
+def popt(*decls: str, **kwargs: Any) -> Opt:
+    """An option of `harden patch` that is a field of `api.PatchOptions`: its default comes from there."""
+    name = decls[1] if len(decls) > 1 else decls[0].split("/")[0].lstrip("-").replace("-", "_")
+    return Opt(decls, {"default": _PATCH_DEFAULTS[name], **kwargs})
+
+
+MODEL = (
+    opt("--arch", help="Model constructor: package.module:callable or path/to/file.py:callable."),
+    opt("--arch-kwargs", help="JSON object of keyword arguments for --arch."),
+    opt("--trust-pickle", is_flag=True, help="Allow loading a whole pickled nn.Module (runs its code)."),
+    opt("--trust-arch", is_flag=True,
+        help="Use the architecture and kwargs a patched checkpoint records (else only --arch or a "
+             "HARDEN_TRUSTED_ARCH module prefix; see README, Security model)."),
+    opt("--mean", help="Per-channel mean the model expects (comma list); normalisation is wrapped "
+                       "inside the model, attacks work on [0,1] pixels."),
+    opt("--std", help="Per-channel std the model expects (comma list)."),
+    opt("--logits", help="Key or index of the logits in a tuple/dict/object output."),
+    opt("--input-shape", help="C,H,W where it cannot be inferred from the data."),
+    opt("--device", default="auto", show_default=True,
+        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
+    opt("--deterministic", is_flag=True,
+        help="Deterministic kernels (for GPU runs; CPU runs are deterministic for a thread count)."),
+    opt("--seed", default=0, show_default=True, type=int),
+    opt("--quiet", is_flag=True, help="No progress bars."),
+    opt("--config", type=FILE, help="TOML config file (default: ./harden.toml)."),
+)
+
+DATA = (
+    opt("--subset", help="Fraction (0.1 or 10%) or count (600) of --data, stratified and seeded."),
+    opt("--classes", type=EXISTING_FILE, help="Class names in model order (JSON list/object or one per line)."),
+    opt("--resize", help="Resize images to H,W."),
+    opt("--crop", help="Centre-crop images to H,W (after --resize)."),
+)
+
+ADAPTIVE_EPS = opt("--eps", "adaptive_eps", default="8/255", show_default=True,
+                   help="Perturbation budget of the neighbour search and the post-training attacks.")
+ADAPTIVE = (
+    opt("--reference-data", help="Labelled training data the adaptive post-training samples from."),
+    opt("--neighbour", default="pgd", show_default=True, type=Choice(["pgd", "targeted"]),
+        help="pgd: untargeted PGD from the input; targeted: every other class, keep the most confident."),
+    opt("--neighbour-steps", default=20, show_default=True, type=int, help="Steps L of that search."),
+    opt("--post-train", default="fixed", show_default=True, type=Choice(["fixed", "fast", "pgd"]),
+        help="fixed: δ = x'' − x' (paper eq. 5); fast: FGSM with random start; pgd: PGD with random start."),
+    opt("--iterations", default=10, show_default=True, type=int, help="Post-training iterations K."),
+    opt("--post-batch", default=128, show_default=True, type=int,
+        help="Reference samples per iteration M (M/2 of each class)."),
+    opt("--adapt", default="patches", show_default=True, type=Choice(["patches", "all"]),
+        help="Post-train only the patches (frozen base) or every weight."),
+    opt("--post-lr", default=1e-3, show_default=True, type=float, help="SGD learning rate (momentum 0.9)."),
+)
+
+LAYERS = (
+    opt("--data", help="Data to take one batch from (instead of --input-shape)."),
+    *MODEL, *DATA,
+    opt("--json", "as_json", is_flag=True, help="Print the table as JSON on stdout."),
+)
+
+PATCH = (
+    opt("--data", help="Training data: image folder, tensor file, or fashion-mnist:train."),
+    popt("--at", help="Sites, comma-separated (KIND:SITE allowed). Default: chosen automatically."),
+    popt("--at-regex", help="Regex matching whole site names."),
+    popt("--method", show_default=True,
+         help="fixer, denoise or prefilter (the kind of --at sites), auxbn (twins of the --bn layers), "
+              "combined with commas (fixer,auxbn); or one full fine-tuning method that changes every base "
+              "weight: adv-train, advprop, advamd."),
+    popt("--bn", help="BatchNorm layers that get auxiliary twins: names, a regex, all, or auto (all if the model "
+                      "has any, else none); implies auxbn."),
+    popt("--route", type=Choice(["adv", "main"]),
+         help="Default inference route of auxiliary BNs stored in the checkpoint (default: adv for auxbn "
+              "patches, main for advprop/advamd)."),
+    opt("--preset", type=Choice(preset_names()),
+        help=f"A measured recipe (a file in hardener/presets/); options given explicitly win over it. Default: "
+             f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--adversary is given (see README)."),
+    popt("--denoise", "denoise_op", show_default=True, type=Choice(DENOISE_OPS),
+         help="Denoising operation of denoise patches."),
+    popt("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
+                               "parametric-softplus backward (forward unchanged)."),
+    popt("--act", show_default=True, type=Choice(sorted(ACTIVATIONS)), help="Fixer activation ζ."),
+    popt("--delta", show_default=True, type=float, help="Fixer strength δ."),
+    popt("--rho", show_default=True, type=float, help="Channel compression ρ."),
+    popt("--width", show_default=True, type=int, help="Channels inside a prefilter patch."),
+    popt("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only)."),
+    popt("--attack", "attack_name", show_default=True, help="Training attack."),
+    popt("--eps", show_default=True, help="Perturbation budget in pixel units (8/255, 0.1)."),
+    popt("--norm", show_default=True, type=Choice(["Linf", "L2"])),
+    popt("--steps", type=int, show_default=True, help="Training attack steps."),
+    popt("--alpha", type=float, help="Step size of the pgd training attack (default 2.5·eps/steps)."),
+    popt("--eps-warmup", show_default=True, type=float,
+         help="Epochs over which the training eps ramps up from 0 (adaptive adversary)."),
+    popt("--loss", "loss_name", show_default=True, type=Choice(LOSSES),
+         help="fixer: CE on clean and adversarial inputs; trades: CE on clean + β·KL(clean‖adversarial)."),
+    popt("--beta", show_default=True, type=float, help="TRADES weight β."),
+    popt("--select-on", type=int, show_default=True,
+         help="Hold out N images of --data outside the subset; keep the epoch with the best white-box "
+              "accuracy on them (PGD-10)."),
+    popt("--validate", type=int, show_default=True,
+         help="Hold out N images of --data outside the subset and log clean, white-box and transfer accuracy "
+              "on them after every epoch (without choosing an epoch: see --select-on)."),
+    popt("--validate-every", show_default=True, type=int,
+         help="Validate (--select-on, --validate) after every K-th epoch and the last only."),
+    popt("--phi", show_default=True, type=float,
+         help="AdvAmd mediate coefficient φ (paper: 0.7 FGSM, 0.6 DeepFool, 0.5 iterative attacks)."),
+    popt("--betas", show_default=True, help="AdvAmd loss weights β1,β2,β3."),
+    popt("--sigma", show_default=True, type=float, help="AdvAmd: stop once an epoch's mean loss is below σ."),
+    popt("--adversary", show_default=True, type=Choice(["base", "patched"]),
+         help="base: examples of the frozen base (transfer, the paper); patched: regenerated against "
+              "the patched model every step (adaptive; always so for adv-train and advprop)."),
+    popt("--epochs", show_default=True, type=int),
+    popt("--batch-size", show_default=True, type=int),
+    popt("--lr", type=float, help="Adam learning rate (default 3e-3 for patches, 1e-3 for full fine-tuning)."),
+    popt("--lam", show_default=True, type=float, help="Feature distillation weight λ."),
+    popt("--mu", show_default=True, type=float,
+         help="Logit distillation weight: KL to the base logits on clean inputs (0 = the paper's loss)."),
+    popt("--gamma", show_default=True, type=float, help="Focal CE γ (0 = cross-entropy)."),
+    popt("--augment", is_flag=True, help="Pad + random crop + flip, applied before the attack."),
+    popt("--cache/--no-cache", show_default=True,
+         help="Transfer training without augmentation: cache the frozen base's answers (adversarial examples, "
+              "distillation targets, the output before the first site) instead of recomputing them."),
+    popt("--cache-limit", show_default=True,
+         help="Memory for those caches (e.g. 512MiB, 8GiB); beyond it they spill to disk in fp16."),
+    opt("--out", "out_path", type=FILE, help="Default: <stem>.hardened.safetensors."),
+    opt("--force", is_flag=True, help="Overwrite an existing --out."),
+    opt("--resume", is_flag=True, help="Continue the interrupted run saved in <out>.partial."),
+    opt("--save-every", type=int, default=0, show_default=True,
+        help="Also save resumable state every N steps (state is always saved each epoch and on SIGINT/SIGTERM)."),
+    opt("--eval-data", help="Report data (default: the part of --data outside the subset)."),
+    opt("--eval-samples", type=int, default=None,
+        help="Seeded stratified subset of the report data (0 = all; default 500 quick, 1000 full)."),
+    opt("--eval-steps", type=int, default=None,
+        help="Report attack steps (default 20 quick, each attack's reference budget full)."),
+    opt("--report-budget", type=Choice(["quick", "full"]), default="quick", show_default=True,
+        help="quick: white-box APGD-CE (20 steps) and its transfer on up to 500 held-out images, a check that "
+             "costs a few percent of training, not a verdict; full: the training attack with its reference "
+             "budget on up to 1,000 images."),
+    popt("--noise-sigma", type=float, show_default=True,
+         help="Denoised smoothing (for harden certify): train on x + N(0, σ²) with the stability objective "
+              "CE(f(D(x+δ)), f(x)'s class) instead of adversarial examples; --preset certify sets it."),
+    popt("--holdout", show_default=True,
+         help="When --data is all there is (no --subset leaves images aside, no --eval-data), hold out this "
+              "stratified, seeded part of it (fraction or count, at most 1,000 images by default) for model "
+              "selection and the report."),
+    opt("--report", "report_path", type=FILE, help="Write the report (.json/.md/.html)."),
+    *MODEL, *DATA,
+)
+
+EVAL = (
+    opt("--data", help="Evaluation data (or `eval_data` in harden.toml)."),
+    opt("--eval-data", hidden=True),
+    opt("--attack", "attack_names", multiple=True, help="Attack(s): repeat or comma list. Default: apgd-ce."),
+    opt("--precision", type=Choice(PRECISIONS), default="fp32", show_default=True,
+        help="Precision of the attacks' passes (autocast); examples are scored in fp32. Lower precision is "
+             "faster on GPUs but its gradients can weaken attacks: the report says so."),
+    opt("--suite", type=Choice(SUITE_VERSIONS),
+        help="AutoAttack as the reference code runs it: standard (= --attack autoattack), plus, rand."),
+    opt("--eps", default="8/255", show_default=True),
+    opt("--norm", default="Linf", show_default=True, type=Choice(["Linf", "L2"])),
+    opt("--steps", type=int, help="Steps of iterative attacks (default: each one's reference budget)."),
+    opt("--restarts", type=int, default=1, show_default=True),
+    opt("--queries", type=int, default=5000, show_default=True, help="Square's query budget."),
+    opt("--threat", default="all", show_default=True,
+        help="Threat models: whitebox, adaptive (BPDA through patches that may mask gradients), surrogate "
+             "(transfer from --surrogate), transfer (from the base), blackbox (Square), a comma list, or all."),
+    opt("--surrogate", type=FILE,
+        help="A checkpoint to transfer attacks from (e.g. an adversarially fine-tuned copy of the base, "
+             "`harden patch --method adv-train`): attacks computed on it, scored on the model (same --arch)."),
+    opt("--max-samples", type=int, help="Seeded stratified subset of the data."),
+    opt("--eps-sweep", help="Comma list of eps for a robustness curve (first iterative attack, white-box)."),
+    opt("--fail-under", help="Gates, e.g. clean=0.85,robust=0.60 (robust = white-box worst case; needs an "
+                             "iterative white-box attack in the run)."),
+    opt("--allow-weak-gate", is_flag=True,
+        help="Let --fail-under robust/transfer gate on a run without an iterative attack in that threat "
+             "model (e.g. FGSM only)."),
+    opt("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+    opt("--report", "report_paths", multiple=True, type=FILE,
+        help="Write the report: .json, .md or .html (repeatable)."),
+    opt("--batch-size", default=256, show_default=True, type=BatchSize(),
+        help="Images per attack batch, or auto: the largest power of two that fits in memory (probed)."),
+    opt("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks)."),
+    opt("--resume", is_flag=True, help="Continue an interrupted evaluation with the same settings."),
+    opt("--force", is_flag=True, help="Overwrite existing --report files."),
+    opt("--state-dir", type=FOLDER,
+        help="Folder for resumable evaluation state (default: $HARDEN_CACHE_DIR, else beside the first "
+             "--report; with neither, nothing is saved and nothing can be resumed)."),
+    opt("--smooth-grad", help="softplus:ALPHA — gradient attacks see the ReLUs with a parametric-softplus "
+                              "backward (probes ReLU-induced gradient masking)."),
+    opt("--route", type=Choice(["adv", "main"]),
+        help="Auxiliary-BN route to evaluate (default: the one stored in the checkpoint)."),
+    opt("--parent", type=FILE,
+        help="The original checkpoint of a fully fine-tuned model (adv-train, advprop, advamd): the base "
+             "rows and transfer attacks use it."),
+    opt("--base-cache", type=FOLDER,
+        help="Folder that keeps what depends on the base alone (its attack rows, the transfer examples) "
+             "and reuses it when another model on the same base is evaluated with the same data and "
+             "attack settings: evaluating many variants of one base costs the base's share once."),
+    opt("--defense", default="static", show_default=True, type=Choice(["static", "adaptive"]),
+        help="adaptive: evaluate inference-time post-training (harden predict --adaptive) instead: clean and "
+             "robust accuracy on adversarial examples of the static model, plus an end-to-end attack on "
+             "--e2e-samples inputs. Uses the first --attack and --eps."),
+    opt("--e2e-samples", default=20, show_default=True, type=int,
+        help="Inputs attacked end to end through the adaptive procedure (0 = none; each costs minutes)."),
+    opt("--e2e-steps", default=10, show_default=True, type=int, help="PGD steps of that end-to-end attack."),
+    *ADAPTIVE, *MODEL, *DATA,
+)
+
+CERTIFY = (
+    opt("--data", help="Labelled images to certify (folder, tensor file, fashion-mnist:test)."),
+    opt("--sigma", type=float, default=0.25, show_default=True, help="Noise level σ (pixel units)."),
+    opt("--n0", type=int, default=100, show_default=True, help="Noise draws that select the class."),
+    opt("--n", "n_samples", type=int, default=100_000, show_default=True,
+        help="Noise draws that bound its probability (independent of the first)."),
+    opt("--alpha", type=float, default=0.001, show_default=True, help="Failure probability of a certificate."),
+    opt("--batch-size", type=int, default=1000, show_default=True, help="Noisy copies per forward pass."),
+    opt("--max-samples", type=int, help="Seeded stratified subset of the data."),
+    opt("--tsv", "tsv_path", type=FILE,
+        help="Per-sample rows: idx, label, predict, radius, correct, time (locuslab/smoothing's format)."),
+    opt("--report", "report_path", type=FILE, help="Report: .json or .md."),
+    opt("--force", is_flag=True, help="Overwrite existing --tsv/--report files."),
+    opt("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+    opt("--resume", is_flag=True, help="Continue an interrupted certification with the same settings."),
+    opt("--state-dir", type=FOLDER,
+        help="Folder for resumable state (default: $HARDEN_CACHE_DIR, else beside --report or --tsv)."),
+    *MODEL, *DATA,
+)
+
+PREDICT = (
+    opt("--data", help="Inputs: an image folder or a tensor file (labels optional)."),
+    opt("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines)."),
+    opt("--max-samples", type=int, help="Only the first N inputs."),
+    opt("--adaptive", is_flag=True, help="Inference-time post-training per input (slow: seconds per image)."),
+    opt("--smooth", "smooth_sigma", type=float,
+        help="Predict with the smoothed model at noise σ (randomized smoothing's PREDICT: abstains unless a "
+             "binomial test separates the top two classes at --smooth-alpha)."),
+    opt("--smooth-n", type=int, default=10_000, show_default=True, help="Noise draws per input for --smooth."),
+    opt("--smooth-alpha", type=float, default=0.001, show_default=True, help="Test level of --smooth."),
+    ADAPTIVE[0], ADAPTIVE_EPS, *ADAPTIVE[1:], *MODEL, *DATA,
+)
+
+EXPORT = (
+    opt("--format", "fmt", default="torchscript", show_default=True, type=Choice(["torchscript", "export", "onnx"]),
+        help="torchscript (torch.jit), export (a torch.export program, .pt2), onnx (needs the onnx package)."),
+    opt("--out", "out_path", type=FILE, help="Default: <stem>.ts.pt, <stem>.pt2 or <stem>.onnx."),
+    opt("--no-check", is_flag=True, help="Skip loading the file in a fresh interpreter to compare its logits."),
+    opt("--force", is_flag=True),
+    *MODEL,
+)
