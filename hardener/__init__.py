@@ -43,9 +43,10 @@ def __getattr__(name):
 
     if name in ("patch", "evaluate", "as_dataset", "PatchOptions", "Report"):
         return getattr(importlib.import_module(".api", __name__), name)
-    if name in ("attacks", "errors", "data"):
+    if name in ("attacks", "errors", "data", "methods", "patches"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hardener' has no attribute '{name}'")
 
 
-__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "PatchOptions", "Report", "attacks", "errors"]
+__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "PatchOptions", "Report", "attacks", "errors",
+           "methods", "patches"]

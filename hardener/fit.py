@@ -20,18 +20,9 @@ import torch
 from . import attacks, data as hdata, methods
 from .clock import VAL_UNITS, Clock, fmt_seconds, train_units  # noqa: F401  (re-exported)
 from .errors import InputError, Interrupted, RunError
-from .methods.patch import LOSSES  # noqa: F401  (re-exported)
 from .patches import PatchedModel
 from .patches.attach import Disabled
 from .resume import Saver
-
-
-def __getattr__(name: str):
-    if name == "METHODS":  # the registered training methods, as they are now
-        return methods.names()
-    if name == "FULL_METHODS":
-        return tuple(n for n, m in methods.REGISTRY.items() if m.trains_base)
-    raise AttributeError(name)
 
 
 @dataclass

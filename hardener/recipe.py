@@ -21,12 +21,6 @@ def method_choices() -> tuple[str, ...]:
     return (*site_kinds(), *bn_kinds(), *(n for n in methods.names() if n != methods.DEFAULT_METHOD))
 
 
-def __getattr__(name: str):
-    if name == "METHOD_CHOICES":  # as registered now
-        return method_choices()
-    raise AttributeError(name)
-
-
 @dataclass
 class Methods:
     site_kind: str | None  # fixer | denoise | prefilter: the kind of --at sites without a KIND: prefix

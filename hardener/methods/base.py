@@ -84,6 +84,7 @@ class Method:
         return "main" if self.dual_bn else "adv"
 
     def adversary(self) -> str:
+        """Where the second input comes from (`ADVERSARIES`): noise with --noise-sigma, else as --adversary says."""
         if self.cfg.noise_sigma:
             return "noise"
         return "model" if self.cfg.adversary == "patched" else "base"
@@ -92,6 +93,7 @@ class Method:
         """Once before training; `run` has `ds`, `cached_adv`, `teacher`, `spec`, `cfg` and `device`."""
 
     def objective(self, b: Batch) -> dict[str, torch.Tensor]:
+        """The method's own loss parts ("loss", "ce_clean", "ce_adv") on one batch."""
         raise NotImplementedError
 
     def loss(self, b: Batch) -> dict[str, torch.Tensor]:
@@ -99,6 +101,7 @@ class Method:
         return with_distillation(self.objective(b), b, self.cfg)
 
     def converged(self, epoch_loss: float) -> bool:
+        """Stop after this epoch (its mean loss given)."""
         return False
 
 
@@ -137,10 +140,12 @@ def register_method(name: str, config_cls: type = NoOptions) -> Callable[[type[M
 
 
 def names() -> tuple[str, ...]:
+    """The registered training methods, in registration order."""
     return tuple(REGISTRY)
 
 
 def get(name: str) -> type[Method]:
+    """The method class registered as `name` (an `InputError` listing the others if there is none)."""
     if name not in REGISTRY:
         raise InputError(f"unknown training method '{name}' (choose from {', '.join(REGISTRY)})")
     return REGISTRY[name]

@@ -14,13 +14,6 @@ from .sites import bn_names, parse_sites, select_bn_sites, select_sites, suggest
 
 PATCH_KINDS = KINDS  # the registry itself: kinds registered later show up here too
 
-
-def __getattr__(name: str):
-    if name == "SITE_KINDS":  # kinds placed with --at, as registered now (auxbn goes on BatchNorms with --bn)
-        return site_kinds()
-    raise AttributeError(name)
-
-
 __all__ = ["ACTIVATIONS", "AuxBN", "DEFAULT_BN_KIND", "DEFAULT_SITE_KIND", "DENOISE_OPS", "Denoise", "DenoiseConfig",
            "Fixer", "FixerConfig", "INPUT_SITE", "KINDS", "PATCH_KINDS", "PatchKind", "PatchedModel", "Prefilter",
            "PrefilterConfig", "ROUTES", "Site", "bn_kinds", "bn_names", "parse_sites", "register_patch_kind",

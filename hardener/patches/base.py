@@ -70,6 +70,7 @@ class PatchKind(nn.Module):
 
     @classmethod
     def make_config(cls, options: Any = None) -> Any:
+        """`config_cls` from the run's options (an object or a dict), field by field; None keeps the default."""
         values = {}
         for f in fields(cls.config_cls):
             name = f.metadata.get("option", f.name)
@@ -80,6 +81,7 @@ class PatchKind(nn.Module):
 
     @classmethod
     def build(cls, site: Site, config: Any) -> "PatchKind":
+        """A new patch for `site`, the identity until trained."""
         return cls(site.shape[0], config)
 
     @classmethod
@@ -87,10 +89,12 @@ class PatchKind(nn.Module):
         """Raise `InputError` when the dry run shows this kind cannot serve the site."""
 
     def extra_spec(self) -> dict[str, Any]:
+        """What the manifest stores beside kind and site."""
         return {"channels": self.channels, **asdict(self.config)}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "PatchKind":
+        """The patch a (validated) manifest spec describes, before its tensors are loaded."""
         names = {f.name for f in fields(cls.config_cls)}
         return cls(spec["channels"], cls.config_cls(**{k: v for k, v in spec.items() if k in names}))
 
@@ -134,6 +138,7 @@ def register_patch_kind(name: str, placement: str = "output",
 
 
 def get(name: str) -> type[PatchKind]:
+    """The kind registered as `name` (an `InputError` listing the others if there is none)."""
     if name not in KINDS:
         raise InputError(f"unknown patch kind '{name}' (available: {', '.join(KINDS)})")
     return KINDS[name]
