@@ -143,7 +143,7 @@ def _spilled_adversarials(teacher, ds: hdata.Dataset, spec: attacks.AttackSpec, 
 
     from .cache import SpilledArray
 
-    if saver is not None:
+    if saver is not None and not saver.readonly:
         if saver.resume and saver.spill_done():
             return SpilledArray(saver.spill_path), None
         arr, tmp = SpilledArray(saver.spill_path, tuple(ds.images.shape)), None
@@ -216,13 +216,16 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
         device: torch.device, progress: Progress | None = None, saver: Saver | None = None,
         stop: Callable[[], bool] = lambda: False, val: hdata.Dataset | None = None,
         info: dict | None = None, cache_dir=None,
-        on_estimate: Callable[[dict], None] | None = None) -> list[EpochLog]:
+        on_estimate: Callable[[dict], None] | None = None, world=None) -> list[EpochLog]:
     """Train `patched` on `ds` by `cfg.method`. With a `saver`, state is saved atomically at the end of
     every epoch (and every `saver.every_steps` steps), and when `stop()` turns true, after which
     `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state. With `val`
     (and `cfg.select`), the epoch with the best white-box validation accuracy is kept. `on_estimate` is called
-    once, after the first few timed steps, with the estimated seconds left (`Clock.estimate`)."""
-    trainer = _Trainer(patched, ds, spec, cfg, device, progress, saver, stop, val)
+    once, after the first few timed steps, with the estimated seconds left (`Clock.estimate`). With a `world` of
+    several processes (torchrun), each step's batch is split between them and the patch gradients are summed
+    across processes (data parallel over the trainable parameters only: the frozen base needs no sync); only rank 0
+    writes state (its saver), the others pass a read-only one to resume from."""
+    trainer = _Trainer(patched, ds, spec, cfg, device, progress, saver, stop, val, world)
     trainer.prepare(info, cache_dir, on_estimate)
     return trainer.run()
 
@@ -233,7 +236,10 @@ class _Trainer:
 
     def __init__(self, patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
                  device: torch.device, progress: Progress | None, saver: Saver | None,
-                 stop: Callable[[], bool], val: hdata.Dataset | None) -> None:
+                 stop: Callable[[], bool], val: hdata.Dataset | None, world=None) -> None:
+        from .distributed import World
+
+        self.world = world or World()
         self.method = method = methods.build(cfg)
         if method.auxbn == "required" and not patched.has_auxbn:
             raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
@@ -265,18 +271,28 @@ class _Trainer:
         _load_state(self.patched, st["model"], self.full)
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
-        self.g.set_state(st["generator"])
-        torch.set_rng_state(st["torch_rng"])
+        r = self.world.rank
+        self.g.set_state(st["generators"][r] if "generators" in st else st["generator"])
+        torch.set_rng_state(st["torch_rngs"][r] if "torch_rngs" in st else st["torch_rng"])
         self.logs = [EpochLog(**e) for e in st["logs"]]
-        self.start_epoch, self.start_step, self.perm, self.sums, self.best = (
-            st["epoch"], st["step"], st["perm"], st["sums"], st["best"])
+        self.start_epoch, self.start_step, self.perm, self.best = st["epoch"], st["step"], st["perm"], st["best"]
+        self.sums = st["sums_per_rank"][r] if "sums_per_rank" in st else st["sums"]
 
     def save(self, epoch: int, step: int) -> None:
-        if self.saver is not None:
-            self.saver.save({"model": _state_of(self.patched, self.full), "optimizer": self.opt.state_dict(),
-                             "scheduler": self.sched.state_dict(), "generator": self.g.get_state(),
-                             "torch_rng": torch.get_rng_state(), "logs": [asdict(e) for e in self.logs],
-                             "epoch": epoch, "step": step, "perm": self.perm, "sums": self.sums, "best": self.best})
+        if self.saver is None:
+            return
+        mine = {"generator": self.g.get_state(), "torch_rng": torch.get_rng_state(), "sums": self.sums}
+        if self.world.active:  # every process's random streams and partial sums, so that each goes on as it would
+            from .distributed import gather
+
+            every = gather(mine, self.world)
+            if not self.world.main:
+                return
+            mine.update(generators=[e["generator"] for e in every], torch_rngs=[e["torch_rng"] for e in every],
+                        sums_per_rank=[e["sums"] for e in every])
+        self.saver.save({"model": _state_of(self.patched, self.full), "optimizer": self.opt.state_dict(),
+                         "scheduler": self.sched.state_dict(), **mine, "logs": [asdict(e) for e in self.logs],
+                         "epoch": epoch, "step": step, "perm": self.perm, "best": self.best})
 
     # -- before the first step
     def _adversarials_once(self) -> int:
@@ -359,9 +375,21 @@ class _Trainer:
         if self.perm is None:
             self.sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
             self.perm = torch.randperm(len(self.ds), generator=self.g)
+            if self.world.active:  # one batch order for every process (their generators drift with augmentation)
+                import torch.distributed as dist
+
+                perm = self.perm.to(self.device)
+                dist.broadcast(perm, src=0)
+                self.perm = perm.cpu()
         for step in range(self.start_step, self.steps_per_epoch):
             self._step(epoch, step)
         assert self.sums is not None
+        if self.world.active:  # the epoch's sums over every process's share of the batches
+            import torch.distributed as dist
+
+            t = torch.tensor([self.sums[k] for k in sorted(self.sums)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            self.sums = dict(zip(sorted(self.sums), t.cpu().tolist()))
         log = EpochLog(epoch + 1, **{k: v / len(self.ds) for k, v in self.sums.items()}, seconds=time.time() - t0)
         cfg = self.cfg
         if self.validate is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
@@ -421,36 +449,73 @@ class _Trainer:
         return methods.Batch(self.patched, x, y, x_adv, out_clean, out_adv, f_clean, f_adv, base_logits, targets)
 
     def _step(self, epoch: int, step: int) -> None:
-        cfg, spe = self.cfg, self.steps_per_epoch
+        cfg, spe, w = self.cfg, self.steps_per_epoch, self.world
         done = epoch * spe + step
-        b = self._batch(self.perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], done)
-        parts = self.method.loss(b)
-        loss = parts["loss"]
-        if not torch.isfinite(loss):
-            raise RunError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
-                           "lower --lr or check the data")
+        idx = self.perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        share = idx.tensor_split(w.size)[w.rank] if w.active else idx
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        b = self._batch(share, done) if len(share) else None  # a last batch smaller than the process count
+        parts = self.method.loss(b) if b is not None else {}
+        loss = parts.get("loss")
+        if not self._finite_agreed(loss):
+            shown = loss.item() if loss is not None and not torch.isfinite(loss) else "not finite (another process)"
+            raise RunError(f"loss became {shown} at epoch {epoch + 1}, step {step + 1}: lower --lr or check the data")
+        if loss is not None:
+            (loss * (len(share) / len(idx)) if w.active else loss).backward()
+        if w.active:
+            self._all_reduce_grads()
         self.opt.step()
         self.sched.step()
         self.clock.step()
         values = {k: float(parts[k].item()) if k in parts else 0.0 for k in PARTS}
-        n = len(b.y)
-        for k, v in values.items():
-            self.sums[k] += v * n
-        self.sums["acc_clean"] += float((b.out_clean.argmax(1) == b.y).sum())
-        self.sums["acc_adv"] += float((b.out_adv.argmax(1) == b.y).sum())
+        if b is not None:
+            n = len(b.y)
+            for k, v in values.items():
+                self.sums[k] += v * n
+            self.sums["acc_clean"] += float((b.out_clean.argmax(1) == b.y).sum())
+            self.sums["acc_adv"] += float((b.out_adv.argmax(1) == b.y).sum())
         if self.progress:
             self.progress("train", done + 1, cfg.epochs * spe,
                           {"epoch": epoch + 1, "loss": values["loss"], "ce": values["ce_clean"],
                            "ce_adv": values["ce_adv"], "distill": values["distill"], "eta": self.clock.eta_text()})
-        if self.stop():
+        if self._stop_agreed():
             self.save(epoch, step + 1)
             saver = self.saver
             where = f"'{saver.path}'; rerun with --resume" if saver is not None else "nowhere (no state file)"
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step + 1}: state saved to {where}")
         if self.saver is not None and self.saver.every_steps and (done + 1) % self.saver.every_steps == 0:
             self.save(epoch, step + 1)
+
+    def _all_reduce_grads(self) -> None:
+        """Sum the trainable parameters' gradients over the processes (each scaled its loss by its share of the
+        batch, so the sum is the gradient of the whole batch's mean loss)."""
+        import torch.distributed as dist
+
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def _finite_agreed(self, loss: torch.Tensor | None) -> bool:
+        ok = loss is None or bool(torch.isfinite(loss))
+        if not self.world.active:
+            return ok
+        import torch.distributed as dist
+
+        t = torch.tensor([int(not ok)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return not bool(t.item())
+
+    def _stop_agreed(self) -> bool:
+        """Stop when any process was asked to (every process must stop at the same step)."""
+        flag = bool(self.stop())
+        if not self.world.active:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _finish(self) -> list[EpochLog]:
         """The kept epoch's state, the model back in eval with nothing trainable; the base checked unchanged."""

@@ -64,6 +64,7 @@ class Saver:
     fingerprint: str
     resume: bool = False
     every_steps: int = 0  # also save every N steps (0: at the end of each epoch only)
+    readonly: bool = False  # another process of a distributed run: reads the state to resume, never writes
 
     @property
     def adv_path(self) -> Path:
@@ -73,12 +74,16 @@ class Saver:
         check_start(self.path, self.resume, "training run")
 
     def save(self, state: dict[str, Any]) -> None:
+        if self.readonly:
+            return
         write_state(self.path, self.fingerprint, state)
 
     def load(self) -> dict[str, Any]:
         return read_state(self.path, self.fingerprint)
 
     def save_adv(self, adv: torch.Tensor) -> None:
+        if self.readonly:
+            return
         from .checkpoint import write_safetensors
 
         write_safetensors(self.adv_path, {"adv": adv.contiguous()}, {"fingerprint": self.fingerprint})
@@ -106,10 +111,14 @@ class Saver:
         return self.spill_path.exists() and tag.exists() and tag.read_text() == self.fingerprint
 
     def mark_spill_done(self) -> None:
+        if self.readonly:
+            return
         tag = self.spill_path.with_name(self.spill_path.name + ".done")
         atomic_write(tag, lambda tmp: Path(tmp).write_text(self.fingerprint))
 
     def clear(self) -> None:
+        if self.readonly:
+            return
         self.path.unlink(missing_ok=True)
         self.adv_path.unlink(missing_ok=True)
         self.spill_path.unlink(missing_ok=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .. import api, attacks as A, data as hdata, evaluation as E, fit as F, methods as M, report as R
+from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F, methods as M
+from .. import report as R
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
@@ -47,6 +48,7 @@ class Plan:
     ecfg: E.EvalConfig
     warnings: list[str]
     route: str
+    world: D.World = D.World()  # the processes of a torchrun launch (one by default)
     saver: Saver | None = None  # the resumable state beside --out, once training starts
     parent: torch.nn.Module | None = None  # the base as it was, when the method fine-tunes it
 
@@ -59,7 +61,11 @@ def run(call: Call) -> None:
     """The whole command: checks, plan, training, the checkpoint, the report."""
     plan = _plan(call)
     logs, info, estimate, train_seconds = _train(plan)
+    if not plan.world.main:  # another process of `torchrun ... -m hardener patch`: rank 0 writes and reports
+        D.finish(plan.world)
+        return
     manifest = _write(plan, logs, train_seconds)
+    D.finish(plan.world)
     _report(plan, manifest, logs, info, estimate, train_seconds)
 
 
@@ -90,7 +96,10 @@ def _plan(call: Call) -> Plan:
         raise InputError("--select-on and --validate both hold out a validation split: give one")
     torch.manual_seed(kw["seed"])
     set_deterministic(kw["deterministic"])
-    device = pick_device(kw["device"])
+    world = D.world()
+    device = D.init(world, pick_device(kw["device"]))
+    if not world.main:
+        kw["quiet"] = True
     loaded = load_model(model, model_options(kw), allow_patched=False)
     ds_all = load_data(loaded, kw["data"], data_options(kw))
     infos = finish_spec(loaded, ds_all, device)
@@ -114,7 +123,7 @@ def _plan(call: Call) -> Plan:
     warnings += _recipe_warnings(recipe, cfg, len(train_ds))
     ecfg = _report_config(quick, spec, kw["norm"], kw["eval_steps"], kw["batch_size"], kw["seed"])
     plan = Plan(kw, out_file, device, loaded, opts, recipe, split, train_ds, val_ds, eval_ds, spec, cfg, ecfg,
-                warnings, kw["route"] or M.build(cfg).default_route)
+                warnings, kw["route"] or M.build(cfg).default_route, world)
     _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"])
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
@@ -129,7 +138,9 @@ def _train(plan: Plan) -> tuple[list, dict, dict, float]:
                   fingerprint=fingerprint({"base": loaded.base.sha256, "data": plan.train_ds.fingerprint(),
                                            "patches": loaded.patched.patch_specs(), "fit": asdict(cfg),
                                            "attack": spec.record(), "device": plan.device.type,
-                                           "val": val_ds.fingerprint() if val_ds is not None else None}))
+                                           "val": val_ds.fingerprint() if val_ds is not None else None,
+                                           "processes": plan.world.size}),
+                  readonly=not plan.world.main)
     saver.check_start()
     plan.saver = saver
     plan.parent = loaded.patched.base_copy() if cfg.full else None
@@ -150,7 +161,7 @@ def _train(plan: Plan) -> tuple[list, dict, dict, float]:
     with ProgressView(kw["quiet"]) as progress, StopFlag().installed() as stop:
         logs = F.fit(loaded.patched, plan.train_ds, spec, cfg, plan.device, progress, saver=saver,
                      stop=lambda: bool(stop), val=val_ds, info=info, cache_dir=plan.out_file.parent,
-                     on_estimate=on_estimate)
+                     on_estimate=on_estimate, world=plan.world)
     train_seconds = time.time() - t0
     if "cache" in info and not kw["quiet"]:
         err_console.print(f"cache: {info['cache']}")
@@ -195,7 +206,7 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                    "norm": spec.norm, "training": manifest.training, "patches": manifest.patches,
                    "train_seconds": train_seconds, "report_seconds": report_seconds,
                    "estimate": {k: v for k, v in estimate.items() if k.endswith("seconds")},
-                   "trainable_parameters": n_params, "route": plan.route,
+                   "trainable_parameters": n_params, "route": plan.route, "processes": plan.world.size,
                    "epoch_log": [asdict(e) for e in logs], "cache": info, "base_modified": plan.cfg.full,
                    "method": kw["method"], "preset": plan.recipe.record() if plan.recipe else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
