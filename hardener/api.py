@@ -73,6 +73,7 @@ class PatchOptions:
     subset: str | float | int | None = None
     holdout: str = "20%"
     noise_sigma: float = 0.0
+    precision: str = "fp32"
     seed: int = 0
 
     ALIASES = {"attack": "attack_name", "loss": "loss_name", "denoise": "denoise_op"}
@@ -220,7 +221,7 @@ def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.
                       seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
                       eps_warmup=opts.eps_warmup, select=bool(opts.select_on), validate_every=opts.validate_every,
                       phi=opts.phi, betas=parse_betas(opts.betas), sigma=opts.sigma, cache=opts.cache,
-                      noise_sigma=opts.noise_sigma,
+                      noise_sigma=opts.noise_sigma, precision=opts.precision,
                       cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)
                       else parse_bytes(opts.cache_limit, "--cache-limit"))
     return spec, cfg

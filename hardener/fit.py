@@ -51,6 +51,7 @@ class FitConfig:
     sigma: float = 0.0  # AdvAmd: stop once the epoch's mean loss is below σ
     cache: bool = True  # transfer training without augmentation: cache the frozen base's answers
     cache_limit: int = 2 << 30  # bytes of caches kept in memory; the rest spills to disk in fp16
+    precision: str = "fp32"  # autocast of the training forwards and attack (bf16, fp16); master weights stay fp32
     noise_sigma: float = 0.0  # > 0: denoised smoothing -- the second input is x + N(0, σ²), the loss the stability
     # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
 
@@ -62,6 +63,8 @@ class FitConfig:
         if self.method not in methods.REGISTRY:
             raise InputError(f"unknown training method '{self.method}' (choose from {', '.join(methods.names())})")
         methods.check_options(self)
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise InputError(f"--precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if self.eps_warmup < 0 or self.eps_warmup > self.epochs:
             raise InputError(f"--eps-warmup must be between 0 and --epochs ({self.epochs}), got {self.eps_warmup}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -227,7 +230,11 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     writes state (its saver), the others pass a read-only one to resume from."""
     trainer = _Trainer(patched, ds, spec, cfg, device, progress, saver, stop, val, world)
     trainer.prepare(info, cache_dir, on_estimate)
-    return trainer.run()
+    try:
+        return trainer.run()
+    finally:
+        if info is not None and trainer.oom:
+            info["out_of_memory"] = list(trainer.oom)
 
 
 class _Trainer:
@@ -266,6 +273,12 @@ class _Trainer:
             self._resume(saver.load())
         self.cached_adv, self.base_cache, self.spill_dir = None, None, None
         self.adversary = method.adversary()
+        from .evaluation import PRECISIONS
+
+        self.amp = PRECISIONS[cfg.precision]  # None for fp32
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16 and device.type == "cuda")
+        self.micro = 1  # each process's share of a batch runs in this many pieces (doubled on out of memory)
+        self.oom: list[dict] = []  # what out-of-memory splits happened (recorded in the report)
 
     def _resume(self, st: dict) -> None:
         _load_state(self.patched, st["model"], self.full)
@@ -425,15 +438,19 @@ class _Trainer:
         if self.adversary != "model":
             return attacks.project(x, attacks.build(self.teacher, step_spec)(x, y), step_spec.eps, spec.norm)
         self.patched.eval()
+        from .evaluation import Autocast
+
+        target = Autocast(self.patched, self.amp) if self.amp is not None else self.patched
         with self.patched.route("adv"):
-            return attacks.project(x, attacks.build(self.patched, step_spec)(x, y), step_spec.eps, spec.norm)
+            return attacks.project(x, attacks.build(target, step_spec)(x, y), step_spec.eps, spec.norm)
 
     def _forward(self, x: torch.Tensor, which: str, route: str, idx: torch.Tensor):
         """Logits and the features after each patch of one input on `route` (fed the cached prefix if any)."""
         feed = self.base_cache.feeding(which, idx, self.device) if self.base_cache is not None else nullcontext()
-        with self.patched.route(route), self.patched.capture() as feats, feed:
+        cast = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        with self.patched.route(route), self.patched.capture() as feats, feed, cast:
             out = self.patched(x)
-        return out, feats
+        return out.float(), feats
 
     def _batch(self, idx: torch.Tensor, done: int) -> methods.Batch:
         x, y = self.ds.batch(idx)
@@ -453,27 +470,26 @@ class _Trainer:
         done = epoch * spe + step
         idx = self.perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         share = idx.tensor_split(w.size)[w.rank] if w.active else idx
-        self.opt.zero_grad(set_to_none=True)
-        b = self._batch(share, done) if len(share) else None  # a last batch smaller than the process count
-        parts = self.method.loss(b) if b is not None else {}
-        loss = parts.get("loss")
+        while True:
+            try:
+                values, counts, loss = self._accumulate(share, len(idx), done)
+                break
+            except torch.OutOfMemoryError:
+                self._split_on_oom(len(share), epoch, step)
         if not self._finite_agreed(loss):
-            shown = loss.item() if loss is not None and not torch.isfinite(loss) else "not finite (another process)"
+            shown = loss if loss is not None and not math.isfinite(loss) else "not finite (another process)"
             raise RunError(f"loss became {shown} at epoch {epoch + 1}, step {step + 1}: lower --lr or check the data")
-        if loss is not None:
-            (loss * (len(share) / len(idx)) if w.active else loss).backward()
         if w.active:
             self._all_reduce_grads()
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.sched.step()
         self.clock.step()
-        values = {k: float(parts[k].item()) if k in parts else 0.0 for k in PARTS}
-        if b is not None:
-            n = len(b.y)
-            for k, v in values.items():
-                self.sums[k] += v * n
-            self.sums["acc_clean"] += float((b.out_clean.argmax(1) == b.y).sum())
-            self.sums["acc_adv"] += float((b.out_adv.argmax(1) == b.y).sum())
+        for k, v in values.items():
+            self.sums[k] += v
+        self.sums["acc_clean"] += counts[0]
+        self.sums["acc_adv"] += counts[1]
+        values = {k: v / max(1, len(share)) for k, v in values.items()}
         if self.progress:
             self.progress("train", done + 1, cfg.epochs * spe,
                           {"epoch": epoch + 1, "loss": values["loss"], "ce": values["ce_clean"],
@@ -486,6 +502,42 @@ class _Trainer:
         if self.saver is not None and self.saver.every_steps and (done + 1) % self.saver.every_steps == 0:
             self.save(epoch, step + 1)
 
+    def _accumulate(self, share: torch.Tensor, n_batch: int, done: int):
+        """Forward and backward of this process's share of a batch, in `self.micro` pieces whose losses are weighted
+        by their size (the gradient of the batch's mean loss). Returns the loss parts summed over the samples, the
+        clean and adversarial hits, and the mean loss (None for an empty share)."""
+        self.opt.zero_grad(set_to_none=True)
+        values, hits, total = {k: 0.0 for k in PARTS}, [0.0, 0.0], None
+        pieces = [p for p in share.tensor_split(min(self.micro, max(1, len(share)))) if len(p)] if len(share) else []
+        for piece in pieces:
+            b = self._batch(piece, done)
+            parts = self.method.loss(b)
+            loss = parts["loss"]
+            if not torch.isfinite(loss):
+                return values, hits, float(loss.item())
+            self.scaler.scale(loss * (len(piece) / n_batch)).backward()
+            for k in PARTS:
+                values[k] += float(parts[k].item()) * len(piece) if k in parts else 0.0
+            hits[0] += float((b.out_clean.argmax(1) == b.y).sum())
+            hits[1] += float((b.out_adv.argmax(1) == b.y).sum())
+            total = (total or 0.0) + float(loss.item()) * len(piece)
+        return values, hits, None if total is None else total / len(share)
+
+    def _split_on_oom(self, n: int, epoch: int, step: int) -> None:
+        """Out of memory: run each share in twice as many pieces (the same batch, gradients accumulated), down to
+        one image per piece, then fail (exit 3) with what to do."""
+        import sys
+
+        if self.micro >= n:
+            raise RunError(f"out of memory at epoch {epoch + 1}, step {step + 1} even one image at a time: use a "
+                           "smaller model input, another device (--device), or free memory")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.micro *= 2
+        print(f"warning: out of memory in training at batch {n}: going on in {self.micro} pieces of "
+              f"{-(-n // self.micro)} (gradients accumulated, same batch)", file=sys.stderr)
+        self.oom.append({"where": "training", "epoch": epoch + 1, "step": step + 1, "pieces": self.micro})
+
     def _all_reduce_grads(self) -> None:
         """Sum the trainable parameters' gradients over the processes (each scaled its loss by its share of the
         batch, so the sum is the gradient of the whole batch's mean loss)."""
@@ -496,8 +548,8 @@ class _Trainer:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
-    def _finite_agreed(self, loss: torch.Tensor | None) -> bool:
-        ok = loss is None or bool(torch.isfinite(loss))
+    def _finite_agreed(self, loss: float | None) -> bool:
+        ok = loss is None or math.isfinite(loss)
         if not self.world.active:
             return ok
         import torch.distributed as dist

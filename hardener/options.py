@@ -204,6 +204,9 @@ PATCH = (
         help="quick: white-box APGD-CE (20 steps) and its transfer on up to 500 held-out images, a check that "
              "costs a few percent of training, not a verdict; full: the training attack with its reference "
              "budget on up to 1,000 images."),
+    popt("--precision", show_default=True, type=Choice(PRECISIONS),
+         help="Precision of training's forward passes and training attack (autocast; losses in fp32, loss scaling "
+              "for fp16 on CUDA). Faster on GPUs; the checkpoint is fp32."),
     popt("--noise-sigma", type=float, show_default=True,
          help="Denoised smoothing (for harden certify): train on x + N(0, σ²) with the stability objective "
               "CE(f(D(x+δ)), f(x)'s class) instead of adversarial examples; --preset certify sets it."),

@@ -186,3 +186,50 @@ def test_sharded_patch_training_resumes_to_the_uninterrupted_result(tmp_path, ti
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(str(whole)), load_file(str(cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- precision and memory in training
+
+
+def test_training_out_of_memory_splits_the_batch_and_finishes(capsys):
+    from conftest import make_data, trained_tiny
+    from test_eval import _Picky
+
+    from hardener import api, data as hdata, fit as F
+    from hardener.layers import probe
+    from hardener.model import Classifier, InputSpec
+    from hardener.patches import PatchedModel
+
+    imgs, labels = make_data(n=64)
+    ds = hdata.Dataset(imgs, labels)
+    opts = api.PatchOptions(at="net.block", epochs=2, steps=2, eps=0.1, batch_size=32, adversary="patched")
+    p = PatchedModel(Classifier(_Picky(trained_tiny(), 8), InputSpec(shape=[1, 8, 8])))
+    infos = probe(p.model, torch.rand(2, 1, 8, 8))
+    api.attach_patches(p, infos, opts, say=lambda t: None)
+    spec, cfg = api.training_setup(opts, 3)
+    info: dict = {}
+    logs = F.fit(p, ds, spec, cfg, torch.device("cpu"), info=info)
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e.loss)) for e in logs)
+    assert [o["pieces"] for o in info["out_of_memory"]] == [2, 4]  # 32 -> 16 -> 8 images per piece
+    assert "out of memory in training" in capsys.readouterr().err
+    # one image still too many: exit 3 with one line
+    from hardener.errors import RunError
+
+    p0 = PatchedModel(Classifier(_Picky(trained_tiny(), 0), InputSpec(shape=[1, 8, 8])))
+    api.attach_patches(p0, infos, opts, say=lambda t: None)  # the same layers (its own forward always fails)
+    with pytest.raises(RunError, match="even one image at a time"):
+        F.fit(p0, ds, spec, cfg, torch.device("cpu"))
+
+
+def test_training_in_bf16_keeps_an_fp32_checkpoint(runner, tmp_path, tiny_ckpt, tiny_data):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--precision",
+                             "bf16", "--out", str(out), "--report", str(tmp_path / "r.json"), *PATCH2])
+    assert r.exit_code == 0, r.output
+    t = load_file(str(out))
+    assert all(v.dtype == torch.float32 for k, v in t.items() if k.startswith("harden."))
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["training"]["config"]["precision"] == "bf16"
+    assert rep["summary"]["clean"] > 0.5

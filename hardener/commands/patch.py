@@ -207,6 +207,7 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                    "train_seconds": train_seconds, "report_seconds": report_seconds,
                    "estimate": {k: v for k, v in estimate.items() if k.endswith("seconds")},
                    "trainable_parameters": n_params, "route": plan.route, "processes": plan.world.size,
+                   "training_out_of_memory": info.get("out_of_memory", []),
                    "epoch_log": [asdict(e) for e in logs], "cache": info, "base_modified": plan.cfg.full,
                    "method": kw["method"], "preset": plan.recipe.record() if plan.recipe else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
