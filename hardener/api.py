@@ -336,9 +336,18 @@ class Report:
     def clean(self) -> float:
         return self._model()["clean"]["accuracy"]
 
+    def _robust(self, name: str | None = None) -> float | None:
+        """The worst case of the attacks that know the model (white-box and BPDA), as the summary and gates."""
+        w = self._model(name).get("worst_whitebox")
+        return w["accuracy"] if w else self._threat("whitebox", name)
+
     @property
     def robust(self) -> float | None:
-        return self._threat("whitebox")
+        return self._robust()
+
+    @property
+    def adaptive(self) -> float | None:
+        return self._threat("adaptive")
 
     @property
     def transfer(self) -> float | None:
@@ -358,7 +367,7 @@ class Report:
 
     @property
     def base_robust(self) -> float | None:
-        return self._threat("whitebox", "base")
+        return self._robust("base")
 
     @property
     def checks(self) -> list[dict]:

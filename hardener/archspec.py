@@ -109,7 +109,7 @@ def check_constructor(fn: Any, spec: str, what: str = "--arch") -> Callable[...,
     if isinstance(fn, types.MethodType) and inspect.isclass(fn.__self__):  # a classmethod: Class.from_config
         fn_module = getattr(fn.__func__, "__module__", None) or ""
         if fn_module.split(".")[0] not in DENIED_PACKAGES and fn_module:
-            return fn
+            return fn  # (`resolve` checked that the class defines it itself, in the module the spec names)
         raise InputError(f"{what} '{spec}' names a method of '{fn_module}', which is not a model constructor")
     if isinstance(fn, types.FunctionType):
         top = (getattr(fn, "__module__", None) or "").split(".")[0]
@@ -122,14 +122,19 @@ def check_constructor(fn: Any, spec: str, what: str = "--arch") -> Callable[...,
                      "function")
 
 
-def resolve(spec: str, what: str = "--arch") -> Callable[..., nn.Module]:
+def resolve(spec: str, what: str = "--arch", allow_dotted: bool = True) -> Callable[..., nn.Module]:
+    """The constructor a spec names. `Class.from_config` (a classmethod the class itself defines, the class defined
+    in the named module) only when `allow_dotted`: the user's own --arch, never a spec read from a checkpoint."""
     if not isinstance(spec, str) or ":" not in spec:
         raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'")
     target, attr = spec.rsplit(":", 1)
-    parts = attr.split(".")  # `Class.from_config`: a dotted path inside the module, public names only
-    if not target or not all(p.isidentifier() and not p.startswith("_") for p in parts):
+    parts = attr.split(".")
+    if not target or len(parts) > 2 or not all(p.isidentifier() and not p.startswith("_") for p in parts):
         raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable' "
-                         "(callable may be dotted, e.g. Class.from_config)")
+                         "(callable may be Class.classmethod, e.g. Class.from_config)")
+    if len(parts) == 2 and not allow_dotted:
+        raise InputError(f"{what} '{spec}' names a classmethod: a checkpoint's own arch must be a class or a "
+                         "function; pass --arch to use it")
     if is_file_spec(spec):
         path = Path(target)
         if not path.is_file():
@@ -153,18 +158,23 @@ def resolve(spec: str, what: str = "--arch") -> Callable[..., nn.Module]:
         if not all(part.isidentifier() for part in target.split(".")):
             raise InputError(f"{what} '{spec}': '{target}' is not a module name")
         module = import_module(target, f"{what} '{spec}'")
-    fn = module
-    for p in parts:
-        fn = getattr(fn, p, None)
+    fn = getattr(module, parts[0], None)
+    if len(parts) == 2:  # a classmethod defined by a class of this very module (not inherited, not via an import)
+        cls = fn
+        if not (inspect.isclass(cls) and cls.__module__ == module.__name__
+                and isinstance(cls.__dict__.get(parts[1]), classmethod)):
+            raise InputError(f"{what} '{spec}': '{parts[0]}' is not a class of '{target}' defining the classmethod "
+                             f"'{parts[1]}'")
+        fn = getattr(cls, parts[1])
     if fn is None or not callable(fn):
         raise InputError(f"{what} '{spec}': '{target}' has no callable '{attr}'")
     return check_constructor(fn, spec, what)
 
 
-def build(spec: str, kwargs: dict[str, Any], what: str = "--arch") -> nn.Module:
+def build(spec: str, kwargs: dict[str, Any], what: str = "--arch", allow_dotted: bool = True) -> nn.Module:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise InputError(f"{what} '{spec}': keyword arguments must be a JSON object")
-    fn = resolve(spec, what)
+    fn = resolve(spec, what, allow_dotted)
     try:
         net = fn(**kwargs)
     except Exception as e:  # noqa: BLE001 - user code may raise anything

@@ -217,11 +217,18 @@ def _apgd(loss):
     return build
 
 
+def _targets(spec) -> int:
+    """AutoAttack's number of target classes: 9, or every other class when there are fewer."""
+    return min(9, spec.n_classes - 1)
+
+
 def _apgdt(model, spec):
     import torchattacks
-    spec.settings.update(n_target_classes=spec.n_classes - 1)
-    return torchattacks.APGDT(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
-                              seed=spec.seed, n_classes=spec.n_classes)
+    spec.settings.update(n_target_classes=_targets(spec))
+    atk = torchattacks.APGDT(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
+                             seed=spec.seed, n_classes=spec.n_classes)
+    atk.n_target_classes = _targets(spec)  # torchattacks takes every other class (99 on CIFAR-100)
+    return atk
 
 
 def _fab(model, spec):
@@ -233,9 +240,11 @@ def _fab(model, spec):
 
 def _fabt(model, spec):
     import torchattacks
-    spec.settings.update(n_target_classes=spec.n_classes - 1, multi_targeted=True)
-    return torchattacks.FAB(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
-                            seed=spec.seed, multi_targeted=True, n_classes=spec.n_classes)
+    spec.settings.update(n_target_classes=_targets(spec), multi_targeted=True)
+    atk = torchattacks.FAB(model, norm=spec.norm, eps=spec.eps, steps=spec.steps, n_restarts=spec.restarts,
+                           seed=spec.seed, multi_targeted=True, n_classes=spec.n_classes)
+    atk.n_target_classes = _targets(spec)
+    return atk
 
 
 def _square(model, spec):

@@ -477,7 +477,8 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
         if need > available + (1 << 20):  # bounded by the file's own tensors (names are checked exactly below)
             raise InputError(f"'{path}': manifest patches (up to '{p['site']}') ask for {need:,} values but the "
                              f"file holds {available:,} patch values")
-    net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch")
+    net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch",
+                         allow_dotted=bool(arch))
     net.float()
     try:
         load_state_into(net, base_sd, f"'{path}'")

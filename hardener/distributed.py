@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -58,7 +59,9 @@ def init(w: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", w.local_rank)
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # shards finish at different times (more robust samples, more attack work): rank 0 waits at the gather for
+        # the slowest, far longer than the default 10 (nccl) or 30 (gloo) minutes
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=24))
     except (RuntimeError, ValueError) as e:
         raise RunError(f"cannot join the process group of {w.size} processes: {str(e).splitlines()[0]}") from None
     return device

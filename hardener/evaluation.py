@@ -418,7 +418,7 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
         else:
             skipped["adaptive"] = "no patch that could mask gradients (pre-filter, denoising block): BPDA would " \
                                   "repeat the white-box attacks"
-    if "surrogate" in cfg.threats and grad_specs and base is not None:
+    if "surrogate" in cfg.threats and grad_specs and (base is not None or surrogate is not None):
         if surrogate is not None:
             chain("surrogate", surrogate, after_wb, grad_specs)
         else:
@@ -550,7 +550,8 @@ def _models(patched, base, x, y, cfg, n_classes, device, has_patches, progress, 
     if cached is not None:
         models["base"] = cached
     else:
-        models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store)
+        models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store,
+                                        surrogate=None if has_patches else surrogate)
         if cache is not None:
             cache.save_base(models["base"])
     bank = None

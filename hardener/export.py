@@ -88,13 +88,17 @@ def check_in_fresh_interpreter(target: Path, fmt: str, model: nn.Module, shape, 
         torch.save({"x": x}, Path(d) / "in.pt")
         code = ("import sys, torch\npath = sys.argv[1]\nx = torch.load(sys.argv[2])['x']\n" + _LOADERS[fmt]
                 + "\ntorch.save({'y': y.detach().float()}, sys.argv[3])\n")
-        r = subprocess.run([sys.executable, "-c", code, str(target), str(Path(d) / "in.pt"), str(Path(d) / "out.pt")],
-                           capture_output=True, text=True, timeout=600)
+        # -P: not the working directory on the import path (a stray torch.py there must not run)
+        r = subprocess.run([sys.executable, "-P", "-c", code, str(Path(target).resolve()), str(Path(d) / "in.pt"),
+                            str(Path(d) / "out.pt")], capture_output=True, text=True, timeout=600, cwd=d)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
             raise RunError(f"the exported {fmt} file does not load in a fresh interpreter: {last}")
         got = torch.load(Path(d) / "out.pt")["y"]
+    if got.shape != expected.shape:
+        raise RunError(f"the exported {fmt} file gives logits of shape {tuple(got.shape)}, the patched model "
+                       f"{tuple(expected.shape)}")
     diff = float((got - expected).abs().max())
-    if got.shape != expected.shape or diff > atol:
+    if not diff <= atol:  # NaN fails too
         raise RunError(f"the exported {fmt} file gives other logits than the patched model (max difference {diff:.3g})")
     return diff

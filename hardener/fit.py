@@ -276,7 +276,9 @@ class _Trainer:
         from .evaluation import PRECISIONS
 
         self.amp = PRECISIONS[cfg.precision]  # None for fp32
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16 and device.type == "cuda")
+        fp16 = self.amp is torch.float16 and device.type == "cuda"
+        scaler = getattr(torch.amp, "GradScaler", None)  # torch >= 2.3; torch.cuda.amp's before
+        self.scaler = scaler(device.type, enabled=fp16) if scaler else torch.cuda.amp.GradScaler(enabled=fp16)
         self.micro = 1  # each process's share of a batch runs in this many pieces (doubled on out of memory)
         self.oom: list[dict] = []  # what out-of-memory splits happened (recorded in the report)
 
@@ -435,11 +437,12 @@ class _Trainer:
             return x + cfg.noise_sigma * torch.randn(x.shape, generator=self.g).to(self.device)
         if self.cached_adv is not None:
             return self.cached_adv[idx].to(self.device)
-        if self.adversary != "model":
-            return attacks.project(x, attacks.build(self.teacher, step_spec)(x, y), step_spec.eps, spec.norm)
-        self.patched.eval()
         from .evaluation import Autocast
 
+        if self.adversary != "model":
+            source = Autocast(self.teacher, self.amp) if self.amp is not None else self.teacher
+            return attacks.project(x, attacks.build(source, step_spec)(x, y), step_spec.eps, spec.norm)
+        self.patched.eval()
         target = Autocast(self.patched, self.amp) if self.amp is not None else self.patched
         with self.patched.route("adv"):
             return attacks.project(x, attacks.build(target, step_spec)(x, y), step_spec.eps, spec.norm)

@@ -38,8 +38,10 @@ class BatchSize:
     @staticmethod
     def parse(value: Any) -> int | str:
         """The value, or ValueError with the requirement."""
-        if isinstance(value, int) or str(value).strip().lower() == "auto":
-            return value if isinstance(value, int) else "auto"
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if str(value).strip().lower() == "auto":
+            return "auto"
         try:
             v = int(str(value).strip())
         except ValueError:

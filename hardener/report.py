@@ -83,11 +83,10 @@ def robustbench_entry(rep: dict, raw_models: dict) -> dict:
     models = rep["models"]
     name = "patched" if "patched" in models else "base"
     m = models[name]
-    ran = {(t, r["attack"]) for t, th in m.get("threats", {}).items() for r in th["attacks"]}
-    standard = {("whitebox", "apgd-ce"), ("whitebox", "apgd-t"), ("whitebox", "fab-t"), ("blackbox", "square")}
+    reason = standard_autoattack(m, rep)
     aa = None
     masks = raw_models.get(name, {}).get("_masks")
-    if standard <= ran and masks is not None:
+    if reason is None and masks is not None:
         aa = float((masks["whitebox"] & masks["blackbox"]).float().mean())
     training = rep.get("training") or {}
     return {"clean_acc": round(100 * m["clean"]["accuracy"], 2),
@@ -95,7 +94,31 @@ def robustbench_entry(rep: dict, raw_models: dict) -> dict:
             "external": round(100 * m["worst_case"]["accuracy"], 2),
             "eps": rep.get("eps"), "threat_model": rep.get("norm"), "number_forward_passes": 1,
             "architecture": (rep.get("architecture") or training.get("arch") or ""),
-            "n": m["clean"]["n"], "model": name}
+            "n": m["clean"]["n"], "model": name,
+            **({"autoattack_acc_missing": reason} if reason else {})}
+
+
+def standard_autoattack(m: dict, rep: dict) -> str | None:
+    """None when the run was AutoAttack's standard version exactly (white-box APGD-CE, APGD-T, FAB-T; Square as the
+    black-box attack; reference budgets, one restart, fp32, no EOT or smoothed gradients), else what differs."""
+    th = m.get("threats", {})
+    names = {t: [r["attack"] for r in th[t]["attacks"]] for t in ("whitebox", "blackbox") if t in th}
+    if sorted(names.get("whitebox", [])) != ["apgd-ce", "apgd-t", "fab-t"] or names.get("blackbox") != ["square"]:
+        return "not the standard suite (--suite standard, --threat including whitebox and blackbox)"
+    if rep.get("precision", "fp32") != "fp32":
+        return f"attacks ran in {rep['precision']}"
+    for t in ("whitebox", "blackbox"):
+        for r in th[t]["attacks"]:
+            s = r["settings"]
+            if s.get("restarts", 1) != 1 or s.get("eot", 1) != 1 or s.get("smooth_grad") is not None:
+                return f"{r['attack']}: restarts, EOT or smoothed gradients differ from the standard version"
+            if r["attack"] != "square" and s.get("steps") != 100:
+                return f"{r['attack']}: {s.get('steps')} steps, not 100"
+            if r["attack"] == "square" and s.get("queries") != 5000:
+                return f"square: {s.get('queries')} queries, not 5000"
+            if r["attack"] in ("apgd-t", "fab-t") and s.get("n_target_classes") != min(9, s.get("n_classes", 10) - 1):
+                return f"{r['attack']}: {s.get('n_target_classes')} target classes, not min(9, classes - 1)"
+    return None
 
 
 def data_record(ds, warnings: list[str]) -> dict:
@@ -174,9 +197,13 @@ def headline(rep: dict) -> list[str]:
         lines.append(f"Model `{Path(ck).name}`" + (f" (sha256 `{sha[:16]}…`)" if sha else "")
                      + f", data `{rep['data'].get('source')}` ({s['n']} samples, fingerprint "
                      f"`{str(rep['data'].get('fingerprint', ''))[:12]}`), {rep.get('created', '')}.")
-    adaptive = "".join(f", {label} {p(s[k])}" for k, label in (("adaptive", "after BPDA"), ("surrogate", "after "
-                       "surrogate transfer")) if s.get(k) is not None)
-    verdict = (f"**{s['model']}**: clean {p(s['clean'])}, white-box {p(s['robust'])}{adaptive}, transfer "
+    wb = (rep["models"][s["model"]].get("threats", {}).get("whitebox") or {}).get("robust")
+    if s.get("adaptive") is not None and wb is not None:
+        whitebox = f"white-box {p(wb['accuracy'])}, with BPDA too {p(s['robust'])}"
+    else:
+        whitebox = f"white-box {p(s['robust'])}"
+    extra = f", after surrogate transfer too {p(s['surrogate'])}" if s.get("surrogate") is not None else ""
+    verdict = (f"**{s['model']}**: clean {p(s['clean'])}, {whitebox}{extra}, transfer "
                f"{p(s['transfer'])}, black-box {p(s['blackbox'])}; worst case over the threat models that ran "
                f"{p(s['worst_case'])} (eps {s['eps']} {s['norm'] or ''}).")
     lines.append(verdict)

@@ -181,10 +181,15 @@ def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tin
     r = runner.invoke(main, [*args, "--report", str(rep)])
     assert r.exit_code == 130 and "--resume" in r.output and not rep.exists()
     assert len(list((tmp_path / "st").glob(".harden-certify-*.partial"))) == 1
-    monkeypatch.setattr(C.Smoothed, "certify", real)
     calls.clear()
+
+    def counted(self, x, index):
+        calls.append(index)
+        return real(self, x, index)
+    monkeypatch.setattr(C.Smoothed, "certify", counted)
     r = runner.invoke(main, [*args, "--report", str(rep), "--resume"])
     assert r.exit_code == 0, r.output
+    assert len(calls) == 5  # only the samples the interrupted run had not certified
     a, b = json.loads((tmp_path / "whole.json").read_text()), json.loads(rep.read_text())
     strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert strip(a["rows"]) == strip(b["rows"]) and a["summary"]["certified_accuracy"] == b["summary"]["certified_accuracy"]

@@ -46,7 +46,11 @@ def test_dotted_callables_build_models(tmp_path):
     for spec in (f"{f}:Net.from_config", f"{f}:Auto.from_config", f"{f}:Net"):
         net = archspec.build(spec, {"width": 5})
         assert isinstance(net, torch.nn.Module) and net.conv.out_channels == 5
-    for bad in (f"{f}:Net.__init__", f"{f}:Net._x", f"{f}:Net.from_config.", f"{f}:Nope.x", "os:path.join"):
+    f2 = tmp_path / "zoo2.py"  # walking through an import, or an inherited classmethod, is not a constructor
+    f2.write_text(MODELS + "\nimport rich\n\n\nclass Child(Net):\n    pass\n")
+    for bad in (f"{f}:Net.__init__", f"{f}:Net._x", f"{f}:Net.from_config.", f"{f}:Nope.x", "os:path.join",
+                f"{f2}:rich.print", f"{f2}:torch.load", f"{f2}:Child.from_config", f"{f}:Net.from_config.x",
+                f"{f}:Net.forward"):
         with pytest.raises(InputError):
             archspec.build(bad, {})
 

@@ -233,3 +233,21 @@ def test_training_in_bf16_keeps_an_fp32_checkpoint(runner, tmp_path, tiny_ckpt, 
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["training"]["config"]["precision"] == "bf16"
     assert rep["summary"]["clean"] > 0.5
+
+
+def test_sharded_training_sums_the_gradients_of_the_whole_batch(tmp_path, tiny_ckpt, tiny_data):
+    """Fixers only (no batch statistics), the base's adversarial examples made once, no augmentation: two processes
+    each taking half of every batch must train the same patches as one process (up to summation order)."""
+    from safetensors.torch import load_file
+
+    args = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "features,block", "--epochs",
+            "2", "--steps", "2", "--eps", "0.1", "--batch-size", "16", "--report-budget", "quick", "--eval-samples",
+            "15", "--eval-steps", "2", "--quiet", "--adversary", "base", "--subset", "0.6"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert _run([*args, "--out", str(one)]).returncode == 0
+    r = _run([*args, "--out", str(two)], procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(one)), load_file(str(two))
+    patch = [k for k in a if k.startswith("harden.")]
+    assert patch and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in patch)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in patch)  # the patches did train

@@ -28,6 +28,8 @@ def run(call: Call) -> None:
         kw["quiet"] = True
     loaded, reference, surrogate, ds = _load(model, data, kw, device)
     if kw["defense"] == "adaptive":
+        if world.active:
+            raise InputError("--defense adaptive runs in one process: start it without torchrun")
         adaptive.evaluate(model, loaded, ds, names, kw, device)
         return
     batch_size = _auto_batch(kw["batch_size"], loaded, ds, device, world, kw["quiet"])
@@ -38,12 +40,15 @@ def run(call: Call) -> None:
                         precision=kw["precision"])
     model_sha = sha256_file(Path(model))
     result, store = _attack(loaded, ds, ecfg, device, reference, surrogate, world, model_sha, kw)
-    if result is None:  # another rank of a sharded run: rank 0 reports
-        store.clear()
+    if result is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
         D.finish(world)
         return
     rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw)
     store.clear()
+    if world.active and store.path is not None:  # the other ranks' state too, now that the report is written
+        for r in range(1, world.size):
+            store.path.with_name(store.path.name.replace(f"-rank0of{world.size}", f"-rank{r}of{world.size}")) \
+                .unlink(missing_ok=True)
     D.finish(world)
     if kw["as_json"]:
         out(json.dumps(rep, indent=2, sort_keys=True))
