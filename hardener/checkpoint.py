@@ -498,7 +498,7 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
         if kind.placement == "bn" and not isinstance(modules[site], nn.modules.batchnorm._BatchNorm):
             raise InputError(f"'{path}': manifest puts an auxiliary BN at '{site}', which is a "
                              f"{type(modules[site]).__name__}, not a BatchNorm")
-        patched.attach(site, kind.from_spec(p))
+        patched.attach(site, kind.restore(p, modules.get(site)))
     _load_patch_tensors(patched, patch_sd, path)
     patched.set_route(manifest.route)
     patched.eval()

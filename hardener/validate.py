@@ -17,7 +17,6 @@ MAX_PATCHES = 4096
 MAX_CHANNELS = 1 << 16
 MAX_TEXT = 1000
 HEX64 = re.compile(r"[0-9a-f]{64}")
-BN_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
 
 
 # ---------------------------------------------------------------- manifest

@@ -1,12 +1,18 @@
 """Auxiliary batch norm (Xie et al., thesis ch. 6-7; AdvAmd §4): a trainable twin of a base BatchNorm.
 
-The twin starts as an exact copy of the base BN (affine parameters and running statistics) and
-learns its own. Route `adv` normalises the BN's *input* with the twin; route `main` leaves the base
-BN's output untouched, so route main is the base. Strength s interpolates: out + s·(twin(in) − out).
+The twin starts as an exact copy of the base BN module (a deep copy: its class, affine parameters, running
+statistics, and whatever the layer fuses after the normalisation, such as timm's `BatchNormAct2d` activation and
+drop) and learns its own. Route `adv` normalises the BN's *input* with the twin; route `main` leaves the base BN's
+output untouched, so route main is the base. Strength s interpolates: out + s·(twin(in) − out).
+
+A checkpoint records the twin's class name but is never trusted to name code: on loading, the twin is again a deep
+copy of the base's own layer at that site (which must be of the recorded class), then its trained tensors load.
 """
 from __future__ import annotations
 
 from typing import Any
+
+import copy
 
 import torch
 from torch import nn
@@ -14,16 +20,32 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import validate as V
 from ..errors import InputError
-from .base import BOOL, CHANNELS, PatchKind, Site, choice, register_patch_kind
+from .base import BOOL, CHANNELS, PatchKind, Site, register_patch_kind
+
+
+CLASS_NAME = (lambda v: isinstance(v, str) and 0 < len(v) <= 100 and v.isidentifier(), "must be a class name")
+
+
+def twin_of(bn: _BatchNorm) -> nn.Module:
+    """A trainable deep copy of `bn` (class, fused activation and drop, statistics, affine parameters), without the
+    hooks the base's layer carries (harden's own among them)."""
+    twin = copy.deepcopy(bn)
+    for m in twin.modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                      "_backward_pre_hooks"):
+            getattr(m, hooks, {}).clear()
+        m.__dict__.pop("_harden_training", None)
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    return twin
 
 
 @register_patch_kind("auxbn", placement="bn")
 class AuxBN(PatchKind):
     def __init__(self, bn: _BatchNorm) -> None:
         super().__init__()
-        self.twin = type(bn)(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                             track_running_stats=True)
-        self.twin.load_state_dict(bn.state_dict())
+        self.twin = twin_of(bn)
         self.strength = 1.0
 
     def extra_spec(self) -> dict[str, Any]:
@@ -43,15 +65,36 @@ class AuxBN(PatchKind):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "AuxBN":
+        """A twin of a plain torch BatchNorm (other classes are rebuilt from the base's layer: `restore`)."""
         kinds = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
         if spec["type"] not in kinds:
-            raise InputError(f"unknown auxiliary BN type '{spec['type']}'")
+            raise InputError(f"an auxiliary BN of type '{spec['type']}' is rebuilt from the base's own layer at "
+                             f"'{spec.get('site', '?')}', not from the manifest alone")
         return cls(kinds[spec["type"]](spec["features"], eps=spec["eps"], momentum=spec["momentum"],
                                        affine=spec["affine"]))
 
     @classmethod
+    def restore(cls, spec: dict[str, Any], module: nn.Module | None) -> "AuxBN":
+        """The twin of the base's layer at the spec's site: a deep copy of that layer, which must be the BatchNorm
+        the manifest describes (class name, features, eps, affine); the trained tensors load afterwards."""
+        site = spec.get("site", "?")
+        if not isinstance(module, _BatchNorm):
+            raise InputError(f"manifest puts an auxiliary BN at '{site}', which is a {type(module).__name__}, "
+                             "not a BatchNorm")
+        got = {"type": type(module).__name__, "features": module.num_features, "affine": module.affine}
+        want = {k: spec[k] for k in got}
+        if got != want or abs(module.eps - spec["eps"]) > 1e-12:
+            raise InputError(f"manifest's auxiliary BN at '{site}' is a {want['type']} with {want['features']} "
+                             f"features (affine {want['affine']}, eps {spec['eps']}), but the model's layer there is "
+                             f"a {got['type']} with {got['features']} (affine {got['affine']}, eps {module.eps}): "
+                             "is this the architecture the model was patched with?")
+        patch = cls(module)
+        patch.twin.momentum = spec["momentum"]
+        return patch
+
+    @classmethod
     def spec_fields(cls) -> dict[str, tuple]:
-        return {"type": choice(V.BN_TYPES), "features": CHANNELS,
+        return {"type": CLASS_NAME, "features": CHANNELS,
                 "eps": (V.number(0, 1, open_lo=True), "must be a small positive number"),
                 "momentum": (V.optional(V.number(0, 1)), "must be null or a number in [0, 1]"), "affine": BOOL}
 

@@ -10,7 +10,9 @@ A patch kind is an `nn.Module` class registered with `@register_patch_kind("name
   reads another name); options that are None or absent keep the field's default.
 - `build(site, config)`: a new patch for `site` (a `Site`: its name, module and output shape C,H,W) that starts as
   the identity (a zero-initialised last layer): the freshly patched model equals the base exactly.
-- `extra_spec()`: what the manifest stores beside kind and site; `from_spec(spec)` rebuilds the patch from it.
+- `extra_spec()`: what the manifest stores beside kind and site; `from_spec(spec)` rebuilds the patch from it;
+  `restore(spec, module)` is what loading calls, with the base's layer at the site (None at the input): by default
+  `from_spec(spec)`; a kind that copies its layer (auxbn) copies it again there.
 - `spec_fields()`: manifest field -> (check, requirement[, default]), applied to a stored spec before anything is
   built (checkpoints may be hostile); `numel(spec)`: the elements its tensors will take, without allocating them.
 - `check_site(info, config)`: refuse a site it cannot serve (`layers.LayerInfo` of the dry run).
@@ -97,6 +99,12 @@ class PatchKind(nn.Module):
         """The patch a (validated) manifest spec describes, before its tensors are loaded."""
         names = {f.name for f in fields(cls.config_cls)}
         return cls(spec["channels"], cls.config_cls(**{k: v for k, v in spec.items() if k in names}))
+
+    @classmethod
+    def restore(cls, spec: dict[str, Any], module: nn.Module | None) -> "PatchKind":
+        """The patch a (validated) manifest spec describes at `module`, the base's layer at its site (None at the
+        input), before its tensors are loaded. By default `from_spec(spec)`."""
+        return cls.from_spec(spec)
 
     @classmethod
     def spec_fields(cls) -> dict[str, tuple]:
