@@ -184,18 +184,17 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
     """Build the patches the options ask for and attach them (the base itself is never edited). Every site is
     resolved before the first patch is attached."""
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
+    bn = opts.bn or "all"
+    chosen = select_bn_sites(patched.net, bn) if methods.auxbn else []
     sites = []
     if methods.site_kind is not None:
-        sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind)
-        if not (opts.at or opts.at_regex):
-            say(f"no --at given: patching {', '.join(s for _, s in sites)} (about 3 blocks by depth)")
+        sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind,
+                             avoid=chosen, say=say)
     shapes = {i.name: i.shape for i in infos}
     shapes[INPUT_SITE] = list(patched.model.spec.shape)
     twins: list[str] = []
     if methods.auxbn:
-        bn = opts.bn or "all"
         group = bn.strip() in ("all", "auto")
-        chosen = select_bn_sites(patched.net, bn)
         taken = [s for s in chosen if s in {site for _, site in sites}]
         if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
             say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")

@@ -1,9 +1,12 @@
 """Discover named layers: output shapes, call counts, parameter counts, valid patch sites."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
+
 from .errors import InputError
 from .model import Classifier
 from .patches.sites import suggest_sites  # noqa: F401  (moved there: site parsing and suggestion in one module)
@@ -29,15 +32,17 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     calls: dict[str, int] = {}
     shapes: dict[str, list[int] | None] = {}
     nonneg: dict[str, bool] = {}
+    layouts = Layouts()
     handles = []
     named = [(n, m) for n, m in model.net.named_modules() if n]
 
     def make(name: str):
-        def hook(_m, _i, out):
+        def hook(m, inp, out):
             calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor):
                 shapes[name] = list(out.shape[1:])
                 nonneg[name] = nonneg.get(name, True) and bool((out >= 0).all())
+                layouts.see(name, m, inp, out)
             else:
                 shapes[name] = None
         return hook
@@ -55,21 +60,142 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     finally:
         for h in handles:
             h.remove()
+    attention = attention_modules(model.net)
     infos = []
     for name, m in named:
-        n_calls = calls.get(name, 0)
-        shape = shapes.get(name)
-        if n_calls == 0:
-            ok, why = False, "not called"
-        elif n_calls > 1:
-            ok, why = False, f"called {n_calls}x per forward (shared module)"
-        elif shape is None:
-            ok, why = False, "output is not a tensor"
-        elif len(shape) != 3:
-            ok, why = False, f"{len(shape) + 1}-D output, not a feature map"
-        else:
-            ok, why = True, ""
+        ok, why = _verdict(name, calls.get(name, 0), shapes.get(name), attention, layouts)
         infos.append(LayerInfo(name, type(m).__name__, sum(p.numel() for p in m.parameters()),
-                               n_calls, shape, ok, why, nonneg.get(name)))
+                               calls.get(name, 0), shapes.get(name), ok, why, nonneg.get(name)))
     return infos
 
+
+def _verdict(name: str, n_calls: int, shape: list[int] | None, attention: list[str],
+             layouts: "Layouts") -> tuple[bool, str]:
+    """Whether a module's output is a patch site (a channels-first feature map, once per forward), and why not."""
+    if n_calls == 0:
+        return False, "not called"
+    if n_calls > 1:
+        return False, f"called {n_calls}x per forward (shared module)"
+    if shape is None:
+        return False, "output is not a tensor"
+    if len(shape) != 3:
+        return False, f"{len(shape) + 1}-D output, not a feature map"
+    inside = next((a for a in attention if name.startswith(a + ".")), None)
+    if inside is not None:
+        return False, f"inside attention '{inside}' (heads x tokens x dims, not a feature map)"
+    if name in layouts.last:
+        return False, layouts.last[name]
+    return True, ""
+
+
+ATTENTION_NAMES = ("attn", "attention", "self_attn", "self_attention", "cross_attn")
+
+
+def attention_modules(net: nn.Module) -> list[str]:
+    """Names of attention modules (nn.MultiheadAttention, a class named *Attention*/*Attn*, or a layer named `attn`,
+    `attention`, ...): their internals are head-split tensors, never feature maps."""
+    out = []
+    for name, m in net.named_modules():
+        cls = type(m).__name__.lower()
+        if name and (isinstance(m, nn.MultiheadAttention) or "attention" in cls or "attn" in cls
+                     or name.rsplit(".", 1)[-1].lower() in ATTENTION_NAMES):
+            out.append(name)
+    return out
+
+
+class Layouts:
+    """Which 4-D outputs are channels-last (N,H,W,C), found during the dry run: ConvNeXt-style blocks permute a map
+    to channels-last around LayerNorm and Linear layers, and a 4-D tensor whose last axis is the channels is not a
+    channels-first feature map (a fixer there would treat the height axis as channels).
+
+    Rules, per module output: a Linear on a 4-D input acts on its last axis; a LayerNorm over the last axis of a
+    4-D input whose axis 1 is not that size (or exactly nn.LayerNorm, which always normalises the last axis); a view
+    of its input with the channel axis moved off axis 1 (a Permute module: one back from channels-last is a map
+    again); an output the same shape as a channels-last input, or the very tensor a submodule marked."""
+
+    def __init__(self) -> None:
+        self.marked: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (the tensor, kept alive so ids stay unique; why)
+        self.last: dict[str, str] = {}  # module name -> why its output is channels-last
+
+    def see(self, name: str, module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        if out.ndim != 4:
+            return
+        x = next((t for t in inp if isinstance(t, torch.Tensor)), None)
+        why = self._why(module, x, out)
+        if why:
+            self.marked[id(out)] = (out, why)
+            self.last[name] = why
+        else:
+            self.last.pop(name, None)
+
+    def _why(self, module: nn.Module, x: torch.Tensor | None, out: torch.Tensor) -> str:
+        if id(out) in self.marked:
+            return self.marked[id(out)][1]
+        if x is None or x.ndim != 4:
+            return ""
+        if isinstance(module, nn.Linear):
+            return "channels-last (N,H,W,C): a Linear on a 4-D input acts on its last axis"
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            c = module.normalized_shape[0]
+            if x.shape[-1] == c and (type(module) is nn.LayerNorm or x.shape[1] != c):
+                return "channels-last (N,H,W,C): a LayerNorm over the last axis of a 4-D input"
+        x_marked = id(x) in self.marked
+        if _is_view(x, out):
+            if out.shape[1] == x.shape[1] and out.stride(1) == x.stride(1):
+                return self.marked[id(x)][1] if x_marked else ""
+            return "" if x_marked else "channels-last (N,H,W,C): a permuted view of a channels-first map"
+        if x_marked and out.shape == x.shape:
+            return "channels-last (N,H,W,C), like its input"
+        return ""
+
+
+def _is_view(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """`out` is a re-ordered view of `x` (same storage, its axes permuted)."""
+    try:
+        same = out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    except RuntimeError:
+        return False
+    return same and sorted(out.shape) == sorted(x.shape) and (out.shape != x.shape or out.stride() != x.stride())
+
+
+def patch_cost(patched) -> dict[str, int]:
+    """What the patches add to the base (a `PatchedModel`): trainable parameters, and the multiply-adds of their
+    convolutions and linear layers per image (one forward at the recorded input shape), beside the base's."""
+    counts = {"base": 0, "patches": 0}
+
+    def count(which: str):
+        def hook(m, _inp, out):
+            per_image = out.numel() // max(1, out.shape[0])
+            fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
+            counts[which] += per_image * fan_in
+        return hook
+
+    handles = [m.register_forward_hook(count(which))
+               for which, root in (("base", patched.net), ("patches", patched.patches)) for m in root.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    dev = next((t.device for t in [*patched.parameters(), *patched.buffers()]), torch.device("cpu"))
+    was = patched.training
+    patched.eval()
+    try:
+        with torch.no_grad():
+            patched(torch.zeros(1, *patched.model.spec.shape, device=dev))
+    finally:
+        for h in handles:
+            h.remove()
+        patched.train(was)
+    return {"parameters": sum(p.numel() for p in patched.patch_parameters()),
+            "base_parameters": sum(p.numel() for p in patched.model.parameters()),
+            "macs": counts["patches"], "base_macs": counts["base"]}
+
+
+def describe_cost(cost: dict[str, int]) -> str:
+    """One line: parameters and multiply-adds the patches add, against the base's."""
+    def n(v: float) -> str:
+        return next((f"{v / d:.1f}{u}" for d, u in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if v >= d), f"{v:.0f}")
+
+    def pct(a: int, b: int) -> str:
+        return f"{100 * a / b:.1f}%" if b else "—"
+
+    return (f"patch cost: {cost['parameters']:,} parameters ({pct(cost['parameters'], cost['base_parameters'])} of "
+            f"the base's {cost['base_parameters']:,}), {n(cost['macs'])} multiply-adds per image "
+            f"({pct(cost['macs'], cost['base_macs'])} of the base's {n(cost['base_macs'])})")

@@ -93,3 +93,136 @@ def test_a_twin_is_rebuilt_only_from_the_recorded_class_at_its_site(tmp_path):
     assert type(AuxBN.restore({**spec, "type": "BatchNormAct2d"}, bn1).twin) is FM.BatchNormAct2d
     with pytest.raises(InputError, match="rebuilt from the base's own layer"):
         AuxBN.from_spec({**spec, "type": "os.system"})
+def test_fixer_and_auto_twins_on_an_efficientnet_layout(tmp_path):
+    """`--method fixer,auxbn --bn auto`: the suggested fixer sites are never BN layers, so every BN gets its twin,
+    and the patched model starts equal to the base."""
+    net = FM.efficientnet_like()
+    data = _rgb_data(tmp_path)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        base = net(x)
+    patched, notes = _attach(net, data, method="fixer,auxbn", bn="auto")
+    bns = set(select_bn_sites(patched.net, "all"))
+    kinds = {s: patched.patches[k].kind for s, k in patched.sites.items()}
+    assert {s for s, k in kinds.items() if k == "auxbn"} == bns
+    assert not {s for s, k in kinds.items() if k == "fixer"} & bns
+    with torch.no_grad():
+        assert torch.equal(patched.eval()(x), base)
+
+
+# ---------------------------------------------------------------- site discovery
+
+
+def _infos(net, size: int = 32):
+    from hardener.layers import probe
+
+    return probe(Classifier(net, InputSpec(shape=[3, size, size])), torch.rand(2, 3, size, size))
+
+
+# what the issue's probe saw suggested (stems, whole trunks) and the stems `--at stem` must not grow into
+NEVER = {"efficientnet": {"conv_stem", "bn1", "blocks"}, "convnext": {"stem", "stages"},
+         "tv_convnext": {"features", "features.0"}, "mobilenet": {"features", "features.0"}}
+STEMS = {"efficientnet": "conv_stem", "convnext": "stem", "tv_convnext": "features.0", "mobilenet": "features.0",
+         "vit": "patch_embed.proj"}
+
+
+@pytest.mark.parametrize("family", sorted(FM.FAMILIES))
+def test_suggestion_is_never_a_stem_a_trunk_or_an_attention_internal(family):
+    from hardener.patches import suggest
+
+    net = FM.FAMILIES[family]()
+    infos = _infos(net)
+    by_name = {i.name: i for i in infos}
+    sug = suggest(net, infos)
+    assert sug.stem == STEMS[family]
+    assert not set(sug.sites) & NEVER.get(family, set()), sug.sites
+    assert not any(".attn" in s or "attention" in s for s in sug.sites)
+    for s in sug.sites:  # channels-first maps with some spatial extent, each said why
+        assert by_name[s].site and by_name[s].shape[1] * by_name[s].shape[2] > 1 and "depth" in sug.why[s]
+    if family == "vit":  # token blocks are no feature maps: nothing besides the stem, and the note says so
+        assert sug.sites == [] and "besides the stem ('patch_embed.proj')" in sug.note
+    else:
+        assert len(sug.sites) == 2
+    for trunk in {"blocks", "stages", "features"} & {n for n in by_name if by_name[n].site}:
+        assert sug.skipped[trunk].startswith("trunk container")
+
+
+def test_attention_internals_are_not_sites():
+    infos = {i.name: i for i in _infos(FM.vit_like())}
+    q_norm = infos["blocks.4.attn.q_norm"]
+    assert q_norm.shape == [3, 17, 4]  # heads x tokens x head_dim: 4-D, and no feature map
+    assert not q_norm.site and "inside attention 'blocks.4.attn'" in q_norm.reason
+
+
+@pytest.mark.parametrize("family,nhwc,maps", [
+    ("tv_convnext", ["features.1.0.block.1", "features.1.0.block.2", "features.1.0.block.3", "features.1.0.block.4",
+                     "features.1.0.block.5"], ["features.1.0.block.0", "features.1.0.block.6", "features.1.0"]),
+    ("convnext", ["stages.0.blocks.0.norm", "stages.0.blocks.0.mlp", "stages.0.blocks.0.mlp.fc1",
+                  "stages.0.blocks.0.mlp.act"], ["stages.0.blocks.0.conv_dw", "stages.0.blocks.0", "stem.1"]),
+])
+def test_channels_last_internals_are_not_map_sites(family, nhwc, maps):
+    from hardener.errors import InputError
+    from hardener.patches import select_sites
+
+    net = FM.FAMILIES[family]()
+    infos = {i.name: i for i in _infos(net)}
+    for name in nhwc:
+        assert not infos[name].site and infos[name].reason.startswith("channels-last"), (name, infos[name])
+    for name in maps:
+        assert infos[name].site, (name, infos[name].reason)
+    with pytest.raises(InputError, match="channels-last"):
+        select_sites(net, list(infos.values()), nhwc[1], None)
+
+
+def test_harden_layers_says_why(runner, tmp_path):
+    from safetensors.torch import save_file
+
+    from hardener.cli import main
+
+    ck = tmp_path / "convnext.safetensors"
+    save_file({k: v.contiguous() for k, v in FM.tv_convnext_like().state_dict().items()}, str(ck))
+    args = ["layers", str(ck), "--arch", f"{FAMILY_FILE}:tv_convnext_like", "--input-shape", "3,32,32"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "channels-last" in r.stderr and "trunk container" in r.stderr and "stem: features.0" in r.stderr
+    assert r.stdout.strip() == "features.2,features.3"
+    r = runner.invoke(main, [*args, "--json"])
+    got = __import__("json").loads(r.stdout)
+    assert got["stem"] == "features.0" and got["passed_over"]["features"].startswith("trunk container")
+
+
+# ---------------------------------------------------------------- the preset's cost
+
+
+def test_robust_preset_on_a_features_style_model_costs_under_a_quarter_of_the_base(tmp_path):
+    """torchvision's features-style models put the whole trunk in one top-level `features`: `stem` is its first
+    block (16 channels at half resolution), not the trunk (576 channels at 1x1, a fixer as large as the base)."""
+    from hardener.layers import patch_cost
+
+    patched, notes = _attach(FM.mobilenet_like(), _rgb_data(tmp_path), recipe="robust")
+    sites = dict((s, patched.patches[k].kind) for s, k in patched.sites.items())
+    assert sites == {"input": "prefilter", "features.0": "fixer", "features.4": "fixer", "features.8": "fixer"}
+    assert any(n.startswith("site stem -> features.0") for n in notes)
+    assert any(n.startswith("sites auto -> features.4") and "depth" in n for n in notes)
+    cost = patch_cost(patched)
+    assert cost["base_parameters"] > 1_000_000 and cost["parameters"] <= 0.25 * cost["base_parameters"]
+    assert cost["macs"] > 0 and cost["base_macs"] > 0  # reported; the pre-filter at full resolution dominates them
+
+
+def test_patch_prints_sites_and_cost_and_reports_the_cost(runner, tmp_path, tiny_ckpt, tiny_data):
+    import json
+
+    from hardener.cli import main
+
+    from conftest import ARCH
+
+    rep = tmp_path / "r.json"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
+                             "--epochs", "1", "--steps", "1", "--select-on", "10", "--eval-samples", "10",
+                             "--eval-steps", "1", "--width", "4", "--out", str(tmp_path / "p.safetensors"),
+                             "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert "site stem -> features (" in r.stderr and "sites auto -> features.3 (" in r.stderr
+    assert "patch cost: " in r.stderr and "multiply-adds per image" in r.stderr
+    cost = json.loads(rep.read_text())["patch_cost"]
+    assert cost["parameters"] > 0 and cost["base_parameters"] > 0 and cost["macs"] > 0

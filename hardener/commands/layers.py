@@ -1,11 +1,11 @@
-"""`harden layers`: the named layers of a model (type, output shape, parameters, whether each is a valid patch site)
-and the suggested sites."""
+"""`harden layers`: the named layers of a model (type, output shape, parameters, whether each is a valid patch site
+and why not) and the suggested sites, with the stem and the valid sites the suggestion passed over."""
 from __future__ import annotations
 
 import json
 
 from ..console import err_console, out
-from ..patches import suggest_sites
+from ..patches import suggest
 from ..session import finish_spec, load_data, load_model, pick_device
 from . import Call, data_options, model_arg, model_options
 
@@ -17,9 +17,10 @@ def run(call: Call) -> None:
     device = pick_device(kw["device"])
     ds = load_data(loaded, kw["data"], data_options(kw)) if kw["data"] else None
     infos = finish_spec(loaded, ds, device)
-    suggested = suggest_sites(loaded.patched.net, infos)
+    sug = suggest(loaded.patched.net, infos)
     if kw["as_json"]:
-        out(json.dumps({"layers": [i.to_json() for i in infos], "suggested_sites": suggested}, indent=2))
+        out(json.dumps({"layers": [i.to_json() for i in infos], "suggested_sites": sug.sites, "stem": sug.stem,
+                        "why": sug.why, "passed_over": sug.skipped, "note": sug.note}, indent=2))
         return
     from rich.table import Table
 
@@ -27,8 +28,15 @@ def run(call: Call) -> None:
     for col in ("name", "type", "output shape", "params", "site", "why"):
         table.add_column(col)
     for i in infos:
+        why = i.reason or (f"not suggested: {sug.skipped[i.name]}" if i.name in sug.skipped else "")
         table.add_row(i.name, i.type, "×".join(map(str, i.shape)) if i.shape else "—", f"{i.params:,}",
-                      "yes" if i.site else "no", i.reason)
+                      "yes" if i.site else "no", why)
     err_console.print(table)
-    err_console.print(f"suggested sites (about 3 blocks by depth): {', '.join(suggested)}")
-    out(",".join(suggested))
+    if sug.stem:
+        err_console.print(f"stem: {sug.stem} ({sug.why[sug.stem]})")
+    if sug.sites:
+        err_console.print("suggested sites (about 3 blocks by depth): "
+                          + "; ".join(f"{s} ({sug.why[s]})" for s in sug.sites))
+    else:
+        err_console.print(f"suggested sites: none: {sug.note}")
+    out(",".join(sug.sites))

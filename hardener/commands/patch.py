@@ -13,11 +13,13 @@ from .. import report as R
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
+from ..layers import describe_cost, patch_cost
 from ..recipe import Split, load_preset, parse_methods, split_for_training
 from ..resume import Saver, StopFlag, fingerprint
 from ..session import Loaded, finish_spec, load_data, load_model, pick_device, set_deterministic
 from . import Call, data_options, model_arg, model_options
 
+COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
 # Fewer optimiser steps than this and patches underfit (1% of Fashion-MNIST at batch 128 and 10 epochs:
 # 50 steps, and fixers fitted 19% of their training attack).
 FEW_STEPS = 200
@@ -51,6 +53,7 @@ class Plan:
     world: D.World = D.World()  # the processes of a torchrun launch (one by default)
     saver: Saver | None = None  # the resumable state beside --out, once training starts
     parent: torch.nn.Module | None = None  # the base as it was, when the method fine-tunes it
+    cost: dict | None = None  # what the patches add: parameters and multiply-adds (layers.patch_cost)
 
     @property
     def quick(self) -> bool:
@@ -105,8 +108,11 @@ def _plan(call: Call) -> Plan:
     infos = finish_spec(loaded, ds_all, device)
     announce(ds_all, kw["quiet"])
     opts = api.PatchOptions(**{f: v for f, v in kw.items() if f in PATCH_FIELDS})
-    api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else err_console.print)
+    api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else _say)
     loaded.patched.to(device)
+    cost = patch_cost(loaded.patched) if loaded.patched.sites else None
+    if cost and not kw["quiet"]:
+        _say(describe_cost(cost))
     split = split_for_training(ds_all.labels, subset, bool(kw["eval_data"]), kw["select_on"] or kw["validate"],
                                kw["holdout"], kw["seed"])
     for note in split.notes:
@@ -121,9 +127,13 @@ def _plan(call: Call) -> Plan:
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
     warnings += _recipe_warnings(recipe, cfg, len(train_ds))
+    if cost and cost["parameters"] > COSTLY * cost["base_parameters"]:
+        share = cost["parameters"] / max(1, cost["base_parameters"])
+        warnings.append(f"the patches add {cost['parameters']:,} parameters, {share:.0%} of the base's: choose sites "
+                        "with fewer channels (`harden layers`) or a larger --rho")
     ecfg = _report_config(quick, spec, kw["norm"], kw["eval_steps"], kw["batch_size"], kw["seed"])
     plan = Plan(kw, out_file, device, loaded, opts, recipe, split, train_ds, val_ds, eval_ds, spec, cfg, ecfg,
-                warnings, kw["route"] or M.build(cfg).default_route, world)
+                warnings, kw["route"] or M.build(cfg).default_route, world, cost=cost)
     _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"])
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
@@ -208,6 +218,7 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                    "estimate": {k: v for k, v in estimate.items() if k.endswith("seconds")},
                    "trainable_parameters": n_params, "route": plan.route, "processes": plan.world.size,
                    "training_out_of_memory": info.get("out_of_memory", []),
+                   "patch_cost": plan.cost,
                    "epoch_log": [asdict(e) for e in logs], "cache": info, "base_modified": plan.cfg.full,
                    "method": kw["method"], "preset": plan.recipe.record() if plan.recipe else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
@@ -226,6 +237,10 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
 QUICK_NOTE = ("quick check: white-box APGD-CE with a small step budget (and its transfer from the base) on a few "
               "hundred held-out images; a weak attack gives an upper bound of robust accuracy, not a verdict: run "
               "the full_evaluation command")
+
+
+def _say(text: str) -> None:
+    err_console.print(text, highlight=False, markup=False)
 
 
 def _recipe_warnings(recipe, cfg: F.FitConfig, n_train: int) -> list[str]:

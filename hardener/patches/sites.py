@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from ..errors import InputError
 from .base import DEFAULT_SITE_KIND, INPUT_SITE, KINDS
 
 AUTO = "auto"  # in --at: the suggested sites (about three blocks by depth)
-STEM = "stem"  # in --at: the first valid site among the top-level modules (the network's stem)
+STEM = "stem"  # in --at: the outermost site around the first convolution that is not a trunk container
 
 
 def parse_sites(at: str | None, at_regex: str | None, names: list[str],
@@ -53,27 +55,41 @@ def parse_sites(at: str | None, at_regex: str | None, names: list[str],
     return out
 
 
-def _stem(infos: list) -> list[str]:
-    top = [i.name for i in infos if i.site and "." not in i.name]
-    return top[:1]
-
-
 def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | None, options: Any = None,
-                 default_kind: str = DEFAULT_SITE_KIND) -> list[tuple[str, str]]:
+                 default_kind: str = DEFAULT_SITE_KIND, avoid: Iterable[str] = (),
+                 say: Callable[[str], None] = lambda s: None) -> list[tuple[str, str]]:
     """The (kind, site) pairs to patch: named ones, checked against the dry run, or suggested ones. `options` (the
-    run's options) go to each kind's `check_site`."""
+    run's options) go to each kind's `check_site`; `avoid`: layers the suggestion must not pick (BatchNorm layers
+    that get twins); `say` hears what `stem` and `auto` resolved to, and why."""
     entries = [e.strip() for e in (at or "").split(",") if e.strip()]
+    sug = None
     if entries or at_regex:
         named = [e for e in entries if e.split(":")[-1] not in (AUTO, STEM)]
         sites = parse_sites(",".join(named), at_regex, [i.name for i in infos], default_kind)
         for e in entries:
             word = e.split(":")[-1]
-            if word in (AUTO, STEM):  # `auto`: the suggested sites; `stem`: the first one in the forward
+            if word in (AUTO, STEM):  # `auto`: the suggested sites; `stem`: the module around the first conv
                 kind = e.split(":")[0] if ":" in e else default_kind
-                picked = suggest_sites(net, infos) if word == AUTO else _stem(infos)
+                sug = sug or suggest(net, infos, avoid=avoid)
+                picked = sug.sites if word == AUTO else [sug.stem] if sug.stem else []
+                if not picked:
+                    say(f"--at {word}: no site ({sug.note if word == AUTO else 'the model has no feature map'})")
                 sites += [(kind, s) for s in picked if s not in {x for _, x in sites}]
+        if not sites:
+            raise InputError(f"--at {at}: no site to patch ({sug.note if sug else 'nothing named'})")
     else:
-        sites = [(default_kind, s) for s in suggest_sites(net, infos)]
+        sug = suggest(net, infos, avoid=avoid)
+        if not sug.sites:
+            raise InputError(sug.note)
+        sites = [(default_kind, s) for s in sug.sites]
+    if sug is not None:
+        for line in sug.explain(entries or [AUTO]):
+            say(line)
+    _check_sites(sites, infos, options)
+    return sites
+
+
+def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any) -> None:
     by_name = {i.name: i for i in infos}
     for kind, site in sites:
         cls = KINDS[kind]
@@ -90,39 +106,183 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
         if not info.site:
             raise InputError(f"'{site}' is not a valid {kind} site: {info.reason}")
         cls.check_site(info, cls.make_config(options))
-    return sites
 
 
-def suggest_sites(model: nn.Module, infos: list, parts: int = 3) -> list[str]:
-    """Sites that split the network into about `parts` blocks by depth (the paper's b = 3).
+def suggest_sites(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] = ()) -> list[str]:
+    """Sites that split the network into about `parts` blocks by depth (the paper's b = 3): `suggest(...).sites`,
+    an `InputError` saying why when there is none."""
+    sug = suggest(model, infos, parts, avoid)
+    if not sug.sites:
+        raise InputError(sug.note)
+    return sug.sites
 
-    Candidates are the valid sites among the top-level children (or, if fewer than `parts`
-    exist there, the shallowest level that has enough); we take the ones closest to the
-    1/parts, 2/parts, ... depth quantiles, never the last layer.
+
+@dataclass
+class Suggestion:
+    """What `auto` and `stem` resolve to, and why: the chosen sites, the stem, the valid sites the search met and
+    passed over with why (stem, trunk container, 1x1 map, a BN that gets a twin), a note when nothing was chosen."""
+
+    sites: list[str]
+    stem: str | None
+    why: dict[str, str]
+    skipped: dict[str, str]
+    note: str = ""
+
+    def explain(self, words: list[str]) -> list[str]:
+        """Lines for stderr: what each of `words` (auto, stem, or the sites named) resolved to, and why."""
+        lines = []
+        if self.stem and any(w.split(":")[-1] == STEM for w in words):
+            lines.append(f"site stem -> {self.stem} ({self.why[self.stem]})")
+        if any(w.split(":")[-1] == AUTO for w in words) and self.sites:
+            lines.append("sites auto -> " + "; ".join(f"{s} ({self.why[s]})" for s in self.sites))
+            passed = [f"{n} ({why})" for n, why in self.skipped.items()]
+            if passed:
+                lines.append("  passed over: " + "; ".join(passed[:6]) + ("; ..." if len(passed) > 6 else ""))
+        return lines
+
+
+def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] = ()) -> Suggestion:
+    """Block outputs that split the network into about `parts` parts by depth, and the stem.
+
+    Never a stem (the first conv/norm/activation group, or the module `stem` names), a whole-trunk container (one
+    holding more than half of the network's layers: torchvision's `features`, timm's `blocks` or `stages`; its
+    stages are looked at instead), a 1x1 map, anything `avoid` names or inside it; invalid
+    sites (attention internals, channels-last tensors, token outputs) never are. Candidates are the outermost
+    remaining sites (a container that is passed over is looked into); we take the ones closest to the 1/parts,
+    2/parts, ... depth quantiles (by the position of their last layer), never the last layer.
     """
-    valid = {i.name for i in infos if i.site}
-    order = [i.name for i in infos]
-    for depth in range(1, 6):
-        cands = [n for n in order if n in valid and n.count(".") == depth - 1]
-        if len(cands) >= parts:
+    tree = _Tree(model, infos)
+    stem = tree.stem()
+    skipped = {n: why for n in tree.order if tree.by_name[n].site for why in [tree.skip(n, stem, set(avoid))] if why}
+    cands = tree.frontier(tree.top, skipped, stem)
+    passed = {n: why for n, why in skipped.items() if n in tree.seen}
+    while 0 < len(cands) < parts:
+        finer = [c for n in cands for c in (tree.frontier(tree.children[n], skipped, stem) or [n])]
+        if finer == cands:
             break
-    else:
-        cands = [n for n in order if n in valid]
-    if not cands:
-        raise InputError("the model has no valid fixer site (no module outputs a 4-D feature map once per forward)")
-    # Position by depth in the module order (forward order approximated by registration order).
-    leafs = [n for n, m in model.named_modules() if n and not list(m.children())]
-    pos = {}
-    for c in cands:
-        idx = [k for k, leaf in enumerate(leafs) if leaf == c or leaf.startswith(c + ".")]
-        pos[c] = (max(idx) + 1) / max(1, len(leafs)) if idx else 0.0
+        cands = finer
     chosen: list[str] = []
     for q in [k / parts for k in range(1, parts)]:
-        best = min((c for c in cands if c not in chosen and pos[c] < 0.999), key=lambda c: abs(pos[c] - q),
+        best = min((c for c in cands if c not in chosen and tree.pos(c) < 0.999), key=lambda c: abs(tree.pos(c) - q),
                    default=None)
         if best is not None:
             chosen.append(best)
-    return sorted(chosen, key=order.index)
+    chosen.sort(key=tree.order.index)
+    why = {c: f"block output at {100 * tree.pos(c):.0f}% depth, {_shape(tree.by_name[c])}" for c in chosen}
+    if stem:
+        why[stem] = (f"the outermost module around the first convolution that is not a trunk container, "
+                     f"{_shape(tree.by_name[stem])}")
+    note = "" if chosen else (
+        "the model has no feature-map site to suggest" + (f" besides the stem ('{stem}')" if stem else "")
+        + " (a site is a module whose output is a channels-first N,C,H,W map, computed once per forward; "
+        "`harden layers` says why each module is not): name sites with --at")
+    return Suggestion(chosen, stem, why, passed, note)
+
+
+def _shape(info) -> str:
+    return "x".join(map(str, info.shape))
+
+
+class _Tree:
+    """The module tree as the dry run saw it: called leaves in order, each module's span of them."""
+
+    def __init__(self, model: nn.Module, infos: list) -> None:
+        self.by_name = {i.name: i for i in infos}
+        self.order = [i.name for i in infos]
+        mods = dict(model.named_modules())
+        self.modules = mods
+        self.children = {n: [f"{n}.{c}" if n else c for c, _ in m.named_children()] for n, m in mods.items()}
+        self.top = self.children.get("", [])
+        self.leaves = [n for n in self.order if not self.children.get(n) and self.by_name[n].calls > 0]
+        self.span: dict[str, tuple[int, int, int]] = {}  # name -> (first leaf, last leaf, leaves)
+        for k, leaf in enumerate(self.leaves):
+            parts = leaf.split(".")
+            for d in range(1, len(parts) + 1):
+                n = ".".join(parts[:d])
+                first, _, count = self.span.get(n, (k, k, 0))
+                self.span[n] = (first, k, count + 1)
+        self.stem_end = self._stem_group()
+        self.seen: set[str] = set()  # the sites `frontier` met
+
+    def pos(self, name: str) -> float:
+        """Depth of a module's output: the fraction of the network's layers that have run when it is computed."""
+        return (self.span[name][1] + 1) / max(1, len(self.leaves)) if name in self.span else 0.0
+
+    def trunk(self, name: str) -> bool:
+        return bool(self.children.get(name)) and self.span.get(name, (0, 0, 0))[2] > len(self.leaves) / 2
+
+    def _stem_group(self) -> int:
+        """Index of the last leaf of the first conv -> norm -> activation group (-1 without a convolution)."""
+        first = next((k for k, n in enumerate(self.leaves) if isinstance(self.modules[n], _ConvNd)), None)
+        if first is None:
+            return -1
+        end, seen = first, set()
+        for k in range(first + 1, len(self.leaves)):
+            kind = _role(self.modules[self.leaves[k]])
+            if kind is None or kind in seen:
+                break
+            if kind != "pass":
+                seen.add(kind)
+            end = k
+        return end
+
+    def in_stem_group(self, name: str) -> bool:
+        return name in self.span and self.span[name][1] <= self.stem_end
+
+    def stem(self) -> str | None:
+        """The outermost valid site around the network's first convolution that is not a trunk container (the first
+        valid top-level site on a model without convolutions)."""
+        first = next((n for n in self.leaves if isinstance(self.modules[n], _ConvNd)), None)
+        if first is None:
+            return next((n for n in self.top if self.by_name.get(n) and self.by_name[n].site), None)
+        around = [n for n in self.order if (first == n or first.startswith(n + ".")) and self.by_name[n].site
+                  and not self.trunk(n)]
+        return min(around, key=lambda n: n.count("."), default=None)
+
+    def skip(self, name: str, stem: str | None, avoid: set[str]) -> str:
+        """Why a valid site is never suggested ('' if it may be)."""
+        info = self.by_name[name]
+        if name == stem or self.in_stem_group(name):
+            return "stem"
+        if self.trunk(name):
+            return f"trunk container ({100 * self.span[name][2] / len(self.leaves):.0f}% of the network's layers)"
+        if info.shape[1] * info.shape[2] == 1:
+            return "1x1 map (no spatial extent left)"
+        if any(name == a or name.startswith(a + ".") for a in avoid):
+            return "a BatchNorm layer that gets an auxiliary twin"
+        return ""
+
+    def frontier(self, names: list[str], skipped: dict[str, str], stem: str | None) -> list[str]:
+        """The outermost sites under `names` that may be suggested: a site passed over as a trunk or the stem, or a
+        module that is no site (tokens, a tuple output), is looked into; attention, 1x1 maps and avoided layers
+        are not."""
+        out = []
+        for n in names:
+            info = self.by_name.get(n)
+            if info is None or info.calls == 0:
+                continue
+            self.seen.add(n)
+            if info.site and n not in skipped:
+                out.append(n)
+            elif (n == stem or self.trunk(n) or (not info.site and not info.reason.startswith("inside attention"))) \
+                    and not self.in_stem_group(n):
+                out += self.frontier(self.children.get(n, []), skipped, stem)
+        return out
+
+
+def _role(m: nn.Module) -> str | None:
+    """A layer's role in a conv -> norm -> activation group: norm, act, pass (identity, dropout) or None."""
+    cls = type(m).__name__.lower()
+    if isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)):
+        return "pass"
+    if isinstance(m, (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)) or "norm" in cls:
+        return "norm"
+    if type(m).__module__ == "torch.nn.modules.activation" or any(w in cls for w in ACT_WORDS):
+        return "act"
+    return None
+
+
+ACT_WORDS = ("relu", "silu", "swish", "gelu", "mish", "sigmoid", "tanh", "act")
 
 
 def bn_names(net: nn.Module) -> list[str]:
