@@ -138,11 +138,12 @@ def test_suggestion_is_never_a_stem_a_trunk_or_an_attention_internal(family):
     assert not set(sug.sites) & NEVER.get(family, set()), sug.sites
     assert not any(".attn" in s or "attention" in s for s in sug.sites)
     for s in sug.sites:  # channels-first maps with some spatial extent, each said why
-        assert by_name[s].site and by_name[s].shape[1] * by_name[s].shape[2] > 1 and "depth" in sug.why[s]
-    if family == "vit":  # token blocks are no feature maps: nothing besides the stem, and the note says so
-        assert sug.sites == [] and "besides the stem ('patch_embed.proj')" in sug.note
+        assert by_name[s].site and by_name[s].shape[1] * by_name[s].shape[2] > 1 and sug.why[s]
+    if family == "vit":  # token blocks are no feature maps: the stem is the last resort, and the note says so
+        assert sug.sites == ["patch_embed.proj"] and "besides the stem ('patch_embed.proj')" in sug.note
+        assert sug.why["patch_embed.proj"].startswith("the stem: no other module outputs a feature map")
     else:
-        assert len(sug.sites) == 2
+        assert len(sug.sites) == 2 and sug.stem not in sug.sites
     for trunk in {"blocks", "stages", "features"} & {n for n in by_name if by_name[n].site}:
         assert sug.skipped[trunk].startswith("trunk container")
 
@@ -226,3 +227,21 @@ def test_patch_prints_sites_and_cost_and_reports_the_cost(runner, tmp_path, tiny
     assert "patch cost: " in r.stderr and "multiply-adds per image" in r.stderr
     cost = json.loads(rep.read_text())["patch_cost"]
     assert cost["parameters"] > 0 and cost["base_parameters"] > 0 and cost["macs"] > 0
+
+
+def test_suggestion_avoids_the_layers_that_get_twins():
+    import tiny_model
+
+    from hardener.patches import suggest
+
+    net = tiny_model.tiny()
+    infos = probe_tiny(net)
+    assert "features.3" in suggest(net, infos).sites
+    sug = suggest(net, infos, avoid=["features.3"])
+    assert "features.3" not in sug.sites and sug.skipped["features.3"].startswith("a BatchNorm layer")
+
+
+def probe_tiny(net):
+    from hardener.layers import probe
+
+    return probe(Classifier(net, InputSpec(shape=[1, 8, 8])), torch.rand(2, 1, 8, 8))

@@ -175,7 +175,12 @@ def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] 
     note = "" if chosen else (
         "the model has no feature-map site to suggest" + (f" besides the stem ('{stem}')" if stem else "")
         + " (a site is a module whose output is a channels-first N,C,H,W map, computed once per forward; "
-        "`harden layers` says why each module is not): name sites with --at")
+        "`harden layers` says why each module is not)")
+    if not chosen and stem and tree.skip(stem, None, set(avoid)) in ("", "stem"):
+        chosen = [stem]  # the last resort (a ViT's patch embedding, a one-conv model): the only map there is
+        why = {stem: f"the stem: no other module outputs a feature map; {why[stem]}"}
+    elif not chosen:
+        note += ": name sites with --at"
     return Suggestion(chosen, stem, why, passed, note)
 
 
