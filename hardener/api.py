@@ -262,6 +262,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         raise InputError("the model already carries patches: patch its base instead")
     ds = as_dataset(data)
     infos = finish(patched, ds, dev)
+    _warn_class_count(ds, patched)
     attach_patches(patched, infos, opts)
     patched.to(dev)
     split = split_for_training(ds.labels, hdata.parse_subset(opts.subset), True, opts.select_on or opts.validate,
@@ -276,6 +277,15 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     patched.train_seconds = time.time() - t0
     patched.history = logs
     return patched
+
+
+def _warn_class_count(ds: hdata.Dataset, patched: PatchedModel) -> None:
+    """The model's output size against the data's classes (`data.class_count_warning`), as a Python warning."""
+    import warnings
+
+    text = hdata.class_count_warning(ds, patched.model.spec.num_classes)
+    if text:
+        warnings.warn(text, UserWarning, stacklevel=3)
 
 
 def effective_threat_model(cfg: F.FitConfig) -> str:
@@ -420,6 +430,7 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
         has_patches = bool(patched.sites)
     ds = as_dataset(data)
     finish(patched, ds, dev)
+    notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
     if max_samples and max_samples < len(ds):
         ds = ds.take(hdata.stratified_split(ds.labels, int(max_samples), seed)[0])
     threats = threat if isinstance(threat, tuple) else parse_threats(threat)
@@ -431,7 +442,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     if surrogate is not None:
         surrogate = surrogate.to(dev).eval()
     result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress, surrogate=surrogate)
-    notes = [] if precision == "fp32" else [f"attacks ran in {precision} (autocast): robust accuracy may be overstated"]
+    if precision != "fp32":
+        notes.append(f"attacks ran in {precision} (autocast): robust accuracy may be overstated")
     rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), R.environment(str(dev), seed),
                   {"eps": cfg.eps, "norm": norm, "precision": precision})
     return Report(rep)

@@ -387,6 +387,27 @@ def check_labels(ds: Dataset, num_classes: int) -> None:
                          f"outputs (0..{num_classes - 1}); fix the labels or map classes with --classes")
 
 
+def class_count_warning(ds: Dataset, num_classes: int) -> str | None:
+    """A warning when the model's output size does not fit the data's classes: the data names K classes (and no
+    --classes map says which model outputs they are) and the model has N != K outputs, or, unnamed, its labels span
+    K classes and the model has more than twice as many outputs (an output that is not the logits, such as a
+    feature vector, or a model of other classes). None when they fit, or when nothing is labelled."""
+    labelled = ds.labels[ds.labels != UNLABELLED]
+    if not len(labelled) or any(n.startswith("class names mapped") for n in ds.notes):
+        return None
+    if ds.classes:
+        if len(ds.classes) == num_classes:
+            return None
+        what = f"'{ds.source}' names {len(ds.classes)} classes"
+    else:
+        span = int(labelled.max()) + 1
+        if num_classes <= 2 * span:
+            return None
+        what = f"the labels of '{ds.source}' span only {span} classes (0..{span - 1})"
+    return (f"the model outputs {num_classes} scores per image but {what}: if that output is not the logits, pick "
+            "them with --logits; if the model's classes are other than the data's, map them with --classes")
+
+
 # ---------------------------------------------------------------- subsets and augmentation
 
 

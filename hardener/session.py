@@ -4,7 +4,7 @@ The CLI only parses options and renders; everything it needs to build lives here
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ class Loaded:
     patched: PatchedModel
     manifest: Manifest | None  # set for a harden-patched checkpoint
     base: LoadedBase | None  # set for a plain checkpoint
+    warnings: list[str] = field(default_factory=list)  # about the model and the data, for stderr and the report
 
     @property
     def has_patches(self) -> bool:
@@ -180,6 +181,7 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
     spec.num_classes = num_classes
     if ds is not None and bool((ds.labels != hdata.UNLABELLED).any()):
         hdata.check_labels(ds, num_classes)
+        loaded.warnings = [w for w in [hdata.class_count_warning(ds, num_classes)] if w]
         if ds.classes and spec.classes is None:
             spec.classes = list(ds.classes)
         spec.preprocessing = list(ds.notes)

@@ -229,6 +229,81 @@ def test_patch_prints_sites_and_cost_and_reports_the_cost(runner, tmp_path, tiny
     assert cost["parameters"] > 0 and cost["base_parameters"] > 0 and cost["macs"] > 0
 
 
+# ---------------------------------------------------------------- output size against the data's classes
+
+
+FEATS = '''
+import torch
+from torch import nn
+
+
+class FeatLogits(nn.Module):
+    """Returns (features, logits); element 0 is a 16-d feature vector, not the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        return f, self.fc(f)
+'''
+
+
+def test_an_output_that_is_not_the_data_classes_is_a_loud_warning(runner, tmp_path, tiny_test_data):
+    """`--logits 0` picks the 16-d features of a 3-class model: a 16-class model on 3-class labels, said on stderr
+    and in the report's data warnings; `--logits 1` fits and says nothing."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from hardener import archspec
+    from hardener.cli import main
+
+    f = tmp_path / "feat.py"
+    f.write_text(FEATS)
+    ck = tmp_path / "m.safetensors"
+    save_file(archspec.build(f"{f}:FeatLogits", {}).state_dict(), str(ck))
+    args = ["eval", str(ck), "--arch", f"{f}:FeatLogits", "--data", str(tiny_test_data), "--eps", "0.05", "--steps",
+            "1", "--no-checks", "--quiet", "--threat", "whitebox"]
+    r = runner.invoke(main, [*args, "--logits", "0", "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    needle = "the model outputs 16 scores per image but the labels of"
+    assert "warning:" in r.stderr and needle in r.stderr and "span only 3 classes" in r.stderr
+    assert any(needle in w for w in json.loads((tmp_path / "r.json").read_text())["data"]["warnings"])
+    r = runner.invoke(main, [*args, "--logits", "1"])
+    assert r.exit_code == 0, r.output
+    assert "scores per image" not in r.stderr
+
+
+def test_class_names_that_do_not_match_the_output_size_are_a_warning(tmp_path):
+    from hardener import data as hdata
+
+    labels = torch.arange(12) % 3
+    named = hdata.Dataset(torch.zeros(12, 1, 4, 4, dtype=torch.uint8), labels, ["a", "b", "c"], "named.npz")
+    assert hdata.class_count_warning(named, 3) is None
+    assert "names 3 classes" in hdata.class_count_warning(named, 5)
+    plain = hdata.Dataset(named.images, labels, None, "plain.npz")
+    assert hdata.class_count_warning(plain, 6) is None  # a few classes missing from a sample is no alarm
+    assert "span only 3 classes" in hdata.class_count_warning(plain, 7)
+    mapped = hdata.Dataset(named.images, labels, ["a", "b", "c"], "m", ["class names mapped to model indices by x"])
+    assert hdata.class_count_warning(mapped, 1000) is None  # --classes said which outputs they are
+
+
+def test_the_library_warns_too(tmp_path):
+    import warnings
+
+    net = FM.efficientnet_like(num_classes=10)
+    x = torch.rand(12, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = hardener.evaluate(net, (x, torch.arange(12) % 2), attacks="fgsm", eps=0.01, threat="whitebox",
+                                checks=False)
+    assert any("span only 2 classes" in w for w in rep.data["data"]["warnings"])
+    assert not [w for w in caught if "scores per image" in str(w.message)]  # evaluate reports it, patch warns
+
+
 def test_suggestion_avoids_the_layers_that_get_twins():
     import tiny_model
 

@@ -105,6 +105,8 @@ def _load(model: str, data: str, kw: dict, device: torch.device):
         loaded.patched.set_route(kw["route"])
     ds = load_data(loaded, data, data_options(kw))
     finish_spec(loaded, ds, device)
+    for w in loaded.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if reference is not None:
         reference.to(device)
     surrogate = _load_surrogate(kw["surrogate"], kw, ds, device)
@@ -169,9 +171,10 @@ def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: 
         if loaded.patched.has_auxbn:
             extra["route"] = loaded.patched.current_route
     env = R.environment(str(device), kw["seed"], kw["deterministic"])
-    notes = [] if kw["precision"] == "fp32" else [
-        f"attacks ran in {kw['precision']} (autocast): low-precision gradients can weaken attacks, so robust accuracy "
-        "may be overstated; rerun with --precision fp32 for the verdict"]
+    notes = list(loaded.warnings)
+    if kw["precision"] != "fp32":
+        notes.append(f"attacks ran in {kw['precision']} (autocast): low-precision gradients can weaken attacks, so "
+                     "robust accuracy may be overstated; rerun with --precision fp32 for the verdict")
     extra["precision"] = kw["precision"]
     rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), env, extra)
     missed = R.gate(rep, thresholds)

@@ -124,6 +124,7 @@ def _plan(call: Call) -> Plan:
     quick = kw["report_budget"] == "quick"
     eval_samples = kw["eval_samples"] if kw["eval_samples"] is not None else (500 if quick else 1000)
     eval_ds, warnings = _report_data(loaded, ds_all, split.rest, kw["eval_data"], eval_samples, kw)
+    warnings = loaded.warnings + warnings
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
     warnings += _recipe_warnings(recipe, cfg, len(train_ds))
