@@ -60,7 +60,7 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     finally:
         for h in handles:
             h.remove()
-    attention = attention_modules(model.net)
+    attention = attention_modules(model.net, shapes)
     infos = []
     for name, m in named:
         ok, why = _verdict(name, calls.get(name, 0), shapes.get(name), attention, layouts)
@@ -91,14 +91,16 @@ def _verdict(name: str, n_calls: int, shape: list[int] | None, attention: list[s
 ATTENTION_NAMES = ("attn", "attention", "self_attn", "self_attention", "cross_attn")
 
 
-def attention_modules(net: nn.Module) -> list[str]:
-    """Names of attention modules (nn.MultiheadAttention, a class named *Attention*/*Attn*, or a layer named `attn`,
-    `attention`, ...): their internals are head-split tensors, never feature maps."""
+def attention_modules(net: nn.Module, shapes: dict[str, list[int] | None]) -> list[str]:
+    """Names of attention modules, whose internals are head-split tensors, never feature maps: nn.MultiheadAttention,
+    a layer named `attn`, `attention`, ..., or a class named *Attention*/*Attn* that does not output a feature map
+    (a model class so named that wraps a whole CNN is no attention layer)."""
     out = []
     for name, m in net.named_modules():
         cls = type(m).__name__.lower()
-        if name and (isinstance(m, nn.MultiheadAttention) or "attention" in cls or "attn" in cls
-                     or name.rsplit(".", 1)[-1].lower() in ATTENTION_NAMES):
+        tokens = shapes.get(name) is None or len(shapes[name]) != 3
+        if name and (isinstance(m, nn.MultiheadAttention) or name.rsplit(".", 1)[-1].lower() in ATTENTION_NAMES
+                     or (tokens and ("attention" in cls or "attn" in cls))):
             out.append(name)
     return out
 

@@ -155,6 +155,17 @@ def test_attention_internals_are_not_sites():
     assert not q_norm.site and "inside attention 'blocks.4.attn'" in q_norm.reason
 
 
+def test_a_cnn_class_named_attention_is_no_attention_layer():
+    from torch import nn
+
+    class ResidualAttentionNet(nn.Sequential):  # a CNN whose class name says attention: its maps stay sites
+        pass
+
+    net = nn.Sequential(ResidualAttentionNet(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)), nn.Flatten())
+    infos = {i.name: i for i in _infos(net, size=8)}
+    assert infos["0.2"].site and infos["0"].site
+
+
 @pytest.mark.parametrize("family,nhwc,maps", [
     ("tv_convnext", ["features.1.0.block.1", "features.1.0.block.2", "features.1.0.block.3", "features.1.0.block.4",
                      "features.1.0.block.5"], ["features.1.0.block.0", "features.1.0.block.6", "features.1.0"]),
