@@ -343,5 +343,27 @@ def vit_like(num_classes: int = 10) -> ViTLike:
     return ViTLike(num_classes).eval()
 
 
+# ---------------------------------------------------------------- research code
+
+
+class FeaturesAndLogits(nn.Module):
+    """Returns (features, logits), as many research codebases do: element 0 is a 16-d feature vector of a 3-class
+    model on 1-channel images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        return f, self.fc(f)
+
+
+def features_and_logits() -> FeaturesAndLogits:
+    torch.manual_seed(0)
+    return FeaturesAndLogits().eval()
+
+
 FAMILIES = {"efficientnet": efficientnet_like, "convnext": convnext_like, "tv_convnext": tv_convnext_like,
             "mobilenet": mobilenet_like, "vit": vit_like}

@@ -243,25 +243,6 @@ def test_patch_prints_sites_and_cost_and_reports_the_cost(runner, tmp_path, tiny
 # ---------------------------------------------------------------- output size against the data's classes
 
 
-FEATS = '''
-import torch
-from torch import nn
-
-
-class FeatLogits(nn.Module):
-    """Returns (features, logits); element 0 is a 16-d feature vector, not the logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x):
-        f = torch.relu(self.conv(x)).mean((2, 3))
-        return f, self.fc(f)
-'''
-
-
 def test_an_output_that_is_not_the_data_classes_is_a_loud_warning(runner, tmp_path, tiny_test_data):
     """`--logits 0` picks the 16-d features of a 3-class model: a 16-class model on 3-class labels, said on stderr
     and in the report's data warnings; `--logits 1` fits and says nothing."""
@@ -269,14 +250,11 @@ def test_an_output_that_is_not_the_data_classes_is_a_loud_warning(runner, tmp_pa
 
     from safetensors.torch import save_file
 
-    from hardener import archspec
     from hardener.cli import main
 
-    f = tmp_path / "feat.py"
-    f.write_text(FEATS)
     ck = tmp_path / "m.safetensors"
-    save_file(archspec.build(f"{f}:FeatLogits", {}).state_dict(), str(ck))
-    args = ["eval", str(ck), "--arch", f"{f}:FeatLogits", "--data", str(tiny_test_data), "--eps", "0.05", "--steps",
+    save_file(FM.features_and_logits().state_dict(), str(ck))
+    args = ["eval", str(ck), "--arch", f"{FAMILY_FILE}:features_and_logits", "--data", str(tiny_test_data), "--eps", "0.05", "--steps",
             "1", "--no-checks", "--quiet", "--threat", "whitebox"]
     r = runner.invoke(main, [*args, "--logits", "0", "--report", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
