@@ -108,33 +108,16 @@ def test_export_onnx_without_the_package_says_how_to_get_it(runner, tmp_path, pa
     assert not (tmp_path / "m.onnx").exists()
 
 
-FEATS = '''
-import torch
-from torch import nn
 
-
-class FeatLogits(nn.Module):
-    """Returns (features, logits), like many research codebases: element 0 is not the logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x):
-        f = torch.relu(self.conv(x)).mean((2, 3))
-        return f, self.fc(f)
-'''
 
 
 def test_tuple_of_features_and_logits_needs_logits_index(runner, tmp_path, tiny_test_data):
     from safetensors.torch import save_file
 
-    f = tmp_path / "feat.py"
-    f.write_text(FEATS)
+    arch = f"{HERE / 'family_models.py'}:features_and_logits"  # returns (16-d features, 3 logits)
     ck = tmp_path / "m.safetensors"
-    save_file(archspec.build(f"{f}:FeatLogits", {}).state_dict(), str(ck))
-    args = ["eval", str(ck), "--arch", f"{f}:FeatLogits", "--data", str(tiny_test_data), "--eps", "0.05", "--steps",
+    save_file(archspec.build(arch, {}).state_dict(), str(ck))
+    args = ["eval", str(ck), "--arch", arch, "--data", str(tiny_test_data), "--eps", "0.05", "--steps",
             "1", "--no-checks", "--quiet", "--threat", "whitebox"]
     r = runner.invoke(main, args)
     assert_input_error(r, "--logits INDEX", "[0] (2, 16)", "[1] (2, 3)")

@@ -37,3 +37,20 @@ def model_options(kw: dict) -> ModelOptions:
 
 def data_options(kw: dict) -> DataOptions:
     return DataOptions(**{k: kw[k] for k in DataOptions.__dataclass_fields__})
+
+
+def start(kw: dict):
+    """Seed, determinism, and this process's place in a torchrun launch: (world, device). Every process but rank 0
+    is quiet (rank 0 reports)."""
+    import torch
+
+    from .. import distributed as D
+    from ..session import pick_device, set_deterministic
+
+    torch.manual_seed(kw["seed"])
+    set_deterministic(kw["deterministic"])
+    world = D.world()
+    device = D.init(world, pick_device(kw["device"]))
+    if not world.main:
+        kw["quiet"] = True
+    return world, device

@@ -13,19 +13,14 @@ from ..checkpoint import sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, Interrupted, ThresholdError, UsageError
 from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
-from ..session import finish_spec, load_data, load_model, load_parent, pick_device, set_deterministic
-from . import Call, adaptive, data_options, model_arg, model_options
+from ..session import finish_spec, load_data, load_model, load_parent
+from . import Call, adaptive, data_options, model_arg, model_options, start
 
 
 def run(call: Call) -> None:
     kw = call.params
     model, data, thresholds, threats, raw, names, sweep = _check(call)
-    torch.manual_seed(kw["seed"])
-    set_deterministic(kw["deterministic"])
-    world = D.world()
-    device = D.init(world, pick_device(kw["device"]))
-    if not world.main:
-        kw["quiet"] = True
+    world, device = start(kw)
     loaded, reference, surrogate, ds = _load(model, data, kw, device)
     if kw["defense"] == "adaptive":
         if world.active:

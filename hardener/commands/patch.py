@@ -16,8 +16,8 @@ from ..errors import InputError, RunError, UsageError
 from ..layers import describe_cost, patch_cost
 from ..recipe import Split, load_preset, parse_methods, split_for_training
 from ..resume import Saver, StopFlag, fingerprint
-from ..session import Loaded, finish_spec, load_data, load_model, pick_device, set_deterministic
-from . import Call, data_options, model_arg, model_options
+from ..session import Loaded, finish_spec, load_data, load_model
+from . import Call, data_options, model_arg, model_options, start
 
 COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
 # Fewer optimiser steps than this and patches underfit (1% of Fashion-MNIST at batch 128 and 10 epochs:
@@ -97,12 +97,7 @@ def _plan(call: Call) -> Plan:
     api.parse_betas(kw["betas"])
     if kw["select_on"] and kw["validate"]:
         raise InputError("--select-on and --validate both hold out a validation split: give one")
-    torch.manual_seed(kw["seed"])
-    set_deterministic(kw["deterministic"])
-    world = D.world()
-    device = D.init(world, pick_device(kw["device"]))
-    if not world.main:
-        kw["quiet"] = True
+    world, device = start(kw)
     loaded = load_model(model, model_options(kw), allow_patched=False)
     ds_all = load_data(loaded, kw["data"], data_options(kw))
     infos = finish_spec(loaded, ds_all, device)
