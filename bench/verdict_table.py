@@ -50,9 +50,13 @@ def main() -> None:
             rows.append((f"{name}: {t} ({', '.join(r['attack'] for r in th['attacks'])})",
                          th["robust"]["correct"]))
     out = {"n": n, "clean": clean, "runs": list(runs), "rows": {}, "cost": cost}
-    if "aa-white" in masks and "aa-square" in masks:
-        aa = sum(x and y for x, y in zip(masks["aa-white"], masks["aa-square"]))
-        rows.append(("standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5,000; per-sample AND)", aa))
+    gradient = [m for name, m in masks.items() if name in ("aa-white", "aa-fab")]
+    if len(gradient) == 2 or "aa-white" in masks and "fab-t" in str(runs["aa-white"]["attack_settings"]):
+        both = [all(v) for v in zip(*gradient)]
+        rows.append(("AutoAttack's gradient attacks (APGD-CE, APGD-T, FAB-T; per-sample AND)", sum(both)))
+        if "aa-square" in masks:
+            aa = sum(x and y for x, y in zip(both, masks["aa-square"]))
+            rows.append(("standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5,000; per-sample AND)", aa))
     rows.append((f"worst case of everything above (per-sample AND over {len(runs)} runs)", sum(every)))
     print(f"| patched, {n} test images, eps 0.1 | accuracy [95% CI] |\n|---|---|")
     print(f"| clean | {fmt(clean, n)} |")

@@ -67,6 +67,7 @@ def test_verdict_table_combines_runs_per_sample(tmp_path, patched_ckpt, tiny_tes
     common = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.15",
               "--max-samples", "30", "--no-checks", "--quiet"]
     runs = {"aa-white": ["--attack", "apgd-ce", "--steps", "3", "--threat", "whitebox"],
+            "aa-fab": ["--attack", "fab-t", "--steps", "3", "--threat", "whitebox"],
             "aa-square": ["--attack", "square", "--queries", "30", "--threat", "blackbox"]}
     for name, extra in runs.items():
         r = CliRunner().invoke(main, [*common, *extra, "--report", str(tmp_path / f"{name}.json")])
@@ -77,7 +78,7 @@ def test_verdict_table_combines_runs_per_sample(tmp_path, patched_ckpt, tiny_tes
     v = json.loads((tmp_path / "verdict.json").read_text())
     reps = {n: json.loads((tmp_path / f"{n}.json").read_text())["models"]["patched"] for n in runs}
     masks = {n: [b is None for b in m["per_sample_broken_by"]] for n, m in reps.items()}
-    both = sum(a and b for a, b in zip(masks["aa-white"], masks["aa-square"]))
+    both = sum(all(v) for v in zip(masks["aa-white"], masks["aa-fab"], masks["aa-square"]))
     aa = next(k for k in v["rows"] if k.startswith("standard AutoAttack"))
     assert v["rows"][aa]["correct"] == both
     worst = next(k for k in v["rows"] if k.startswith("worst case"))
