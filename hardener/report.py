@@ -315,7 +315,7 @@ def rows(rep: dict) -> list[tuple[str, str, str, str]]:
     out = []
     for name, m in rep["models"].items():
         out.append((name, "clean", "—", pct(m["clean"])))
-        for t, th in m["threats"].items():
+        for t, th in _in_order(m["threats"]):
             for r in th["attacks"]:
                 out.append((name, f"after {r['attack']}", t, pct(r["robust_after"])))
             out.append((name, f"worst case ({t})", t, pct(th["robust"])))
@@ -332,8 +332,15 @@ def rows(rep: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
+ORDER = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")  # as the chains run (JSON files sort keys)
+
+
+def _in_order(threats: dict) -> list[tuple[str, dict]]:
+    return sorted(threats.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER))
+
+
 def attack_rows(rep: dict) -> list[tuple[str, str, dict]]:
-    return [(name, t, r) for name, m in rep["models"].items() for t, th in m["threats"].items()
+    return [(name, t, r) for name, m in rep["models"].items() for t, th in _in_order(m["threats"])
             for r in th["attacks"]]
 
 
@@ -393,8 +400,7 @@ def provenance_rows(rep: dict) -> list[tuple[str, str, int]]:
     out = []
     for name, m in rep["models"].items():
         counts = m.get("broken_by") or {}
-        order = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")
-        for k in sorted(counts, key=lambda k: (order.index(k.split("/")[0]) if k.split("/")[0] in order else 9,
+        for k in sorted(counts, key=lambda k: (ORDER.index(k.split("/")[0]) if k.split("/")[0] in ORDER else 9,
                                                k == "robust")):
             out.append((name, k, counts[k]))
     return out
