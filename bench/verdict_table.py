@@ -52,7 +52,7 @@ def main() -> None:
                          "after each finished attack, and how far the running one got)")
     a = ap.parse_args()
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(a.dir.glob("*.json")) if p.stem != "verdict"}
-    runs = {k: v for k, v in runs.items() if "models" in v}
+    runs = {k: v for k, v in runs.items() if "per_sample_broken_by" in v.get("models", {}).get("patched", {})}
     partial = dict(from_state(*item.split("=", 1)) for item in a.state)
     first = next(iter(runs.values()))
     n = first["models"]["patched"]["clean"]["n"]
