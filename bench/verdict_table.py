@@ -82,7 +82,9 @@ def main() -> None:
     gradient = [m for name, m in masks.items() if name in ("aa-white", "aa-fab")]
     if len(gradient) == 2 or "aa-white" in runs and "fab-t" in str(runs["aa-white"]["attack_settings"]):
         both = [all(v) for v in zip(*gradient)]
-        rows.append(("AutoAttack's gradient attacks (APGD-CE, APGD-T, FAB-T; per-sample AND)", sum(both)))
+        unfinished = [n for n in ("aa-white", "aa-fab") if n in partial and " on " in partial[n][1]]
+        note = f"; {', '.join(unfinished)} not finished: see its row" if unfinished else ""
+        rows.append((f"AutoAttack's gradient attacks (APGD-CE, APGD-T, FAB-T; per-sample AND{note})", sum(both)))
         if "aa-square" in masks:
             aa = sum(x and y for x, y in zip(both, masks["aa-square"]))
             rows.append(("standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5,000; per-sample AND)", aa))
