@@ -2,7 +2,9 @@
 # Issue 17: wall time of one standard evaluation (AutoAttack standard suite, white-box + Square) with 1 and with N
 # processes (torchrun, one thread each), same model, samples and seed; and that the two reports agree.
 #   bash bench/processes_eval.sh [N_SAMPLES] [PROCS] [DEVICE]     -> bench/results/processes_eval.json
-# Default: the default recipe's checkpoint of bench/results/verdict/, 100 test images, 2 processes, cpu.
+# Default: the default recipe's checkpoint of bench/results/verdict/, 100 test images, 2 processes, cpu; BS (default 8)
+# is --batch-size, the block size of the shards: N/BS blocks are dealt to the processes (fewer blocks than processes
+# leaves processes idle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100} P=${2:-2} DEV=${3:-cpu}
@@ -10,7 +12,7 @@ OUT=bench/results; TMP=$(mktemp -d)
 export OMP_NUM_THREADS=1
 ARGS=(eval bench/results/verdict/default-10pct.safetensors --arch examples/fmnist_model.py:resnet9_small
       --data fashion-mnist:test --max-samples "$N" --eps 0.1 --suite standard --threat whitebox,blackbox
-      --no-checks --quiet --device "$DEV" --batch-size 50 --json)
+      --no-checks --quiet --device "$DEV" --batch-size "${BS:-8}" --json)
 t0=$(date +%s.%N); python -m hardener "${ARGS[@]}" > "$TMP/one.json"; t1=$(date +%s.%N)
 python -m torch.distributed.run --standalone --nproc_per_node "$P" -m hardener "${ARGS[@]}" > "$TMP/many.json"
 t2=$(date +%s.%N)
