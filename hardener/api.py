@@ -347,8 +347,7 @@ class Report:
 
     def _robust(self, name: str | None = None) -> float | None:
         """The worst case of the attacks that know the model (white-box and BPDA), as the summary and gates."""
-        w = self._model(name).get("worst_whitebox")
-        return w["accuracy"] if w else self._threat("whitebox", name)
+        return R.robust_accuracy(self._model(name))
 
     @property
     def robust(self) -> float | None:

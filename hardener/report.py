@@ -9,6 +9,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
+from .evaluation import THREATS
 
 SCHEMAS = {"eval": "harden.eval-report/2", "patch": "harden.patch-report/2"}  # one id per kind of report
 SCHEMA = SCHEMAS["eval"]
@@ -140,6 +141,13 @@ def attack_settings(result: dict) -> list[dict]:
     return out
 
 
+def robust_accuracy(m: dict) -> float | None:
+    """A model's `robust` figure: the per-sample worst case of the attacks that know it (white-box and BPDA), the
+    white-box chain's when only that ran, None when neither did."""
+    w = m.get("worst_whitebox") or m.get("threats", {}).get("whitebox", {}).get("robust")
+    return w["accuracy"] if w else None
+
+
 def summary(rep: dict) -> dict:
     """A flat block of the headline numbers (for MLflow / W&B / a CI log): fractions rounded to 4 places, None where
     a threat model did not run. `robust` is the white-box per-sample worst case of the evaluated model."""
@@ -153,8 +161,7 @@ def summary(rep: dict) -> dict:
         return r4(m["threats"][t]["robust"]["accuracy"]) if t in m.get("threats", {}) else None
 
     def robust(mm: dict):
-        w = mm.get("worst_whitebox")
-        return r4(w["accuracy"]) if w else threat(mm, "whitebox")
+        return r4(robust_accuracy(mm))
 
     m, base = models[name], models.get("base", {})
     out = {"model": name, "n": rep["data"].get("n"), "eps": rep.get("eps"), "norm": rep.get("norm"),
@@ -332,7 +339,7 @@ def rows(rep: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
-ORDER = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")  # as the chains run (JSON files sort keys)
+ORDER = THREATS  # as the chains run (JSON files sort their keys)
 
 
 def _in_order(threats: dict) -> list[tuple[str, dict]]:
@@ -461,8 +468,7 @@ def _cards(rep: dict) -> str:
         if key == "clean":
             return base["clean"]["accuracy"]
         if key == "robust":
-            w = base.get("worst_whitebox") or base.get("threats", {}).get("whitebox", {}).get("robust")
-            return w["accuracy"] if w else None
+            return robust_accuracy(base)
         if key == "worst_case":
             return base["worst_case"]["accuracy"]
         t = base.get("threats", {}).get(key)
