@@ -131,3 +131,12 @@ def test_an_arch_returning_a_compiled_model_is_unwrapped(tmp_path):
     f.write_text(MODELS + "\n\ndef compiled(width=4):\n    return torch.compile(Net(width=width))\n")
     net = archspec.build(f"{f}:compiled", {"width": 4})
     assert type(net).__name__ == "Net" and not any(k.startswith("_orig_mod") for k in net.state_dict())
+
+
+def test_a_checkpoints_own_arch_may_not_name_a_classmethod(tmp_path):
+    """Only the user's --arch may be Class.classmethod: a manifest's arch (with --trust-arch) may not."""
+    f = tmp_path / "zoo.py"
+    f.write_text(MODELS)
+    with pytest.raises(InputError, match="pass --arch"):
+        archspec.build(f"{f}:Net.from_config", {}, "the checkpoint's arch", allow_dotted=False)
+    assert isinstance(archspec.build(f"{f}:Net", {}, "the checkpoint's arch", allow_dotted=False), torch.nn.Module)
