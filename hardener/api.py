@@ -45,6 +45,7 @@ class PatchOptions:
     delta: float = 1.0
     rho: float = 4.0
     width: int = 32
+    prefilter_stride: int = 1
     final_relu: bool = False
     attack_name: str = "apgd"
     eps: str | float = "8/255"
@@ -213,7 +214,8 @@ def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.
     A.expand([opts.attack_name])
     spec = A.AttackSpec(name=opts.attack_name, eps=A.parse_eps(str(opts.eps)), norm=opts.norm, steps=opts.steps,
                         alpha=opts.alpha, seed=opts.seed, n_classes=n_classes,
-                        smooth_grad=A.parse_smooth_grad(opts.smooth_grad))
+                        smooth_grad=A.parse_smooth_grad(opts.smooth_grad),
+                        radius=A.info(opts.attack_name).train_radius)
     cfg = F.FitConfig(epochs=opts.epochs, batch_size=opts.batch_size,
                       lr=opts.lr if opts.lr is not None else M.get(methods.fit_method).default_lr,
                       lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,

@@ -45,6 +45,7 @@ class AttackInfo:
     kind: str
     steps: int  # reference budget (AutoAttack / the papers), not torchattacks' cheaper defaults; 0 for queries
     min_classes: int = 2
+    train_radius: float = 1.0  # in training, examples may reach train_radius·eps (N-FGSM: noise 2·eps + a step eps)
 
     @property
     def iterative(self) -> bool:
@@ -54,14 +55,15 @@ class AttackInfo:
 REGISTRY: dict[str, AttackInfo] = {}
 
 
-def register_attack(name: str, kind: str, steps: int = 100, min_classes: int = 2) -> Callable:
+def register_attack(name: str, kind: str, steps: int = 100, min_classes: int = 2,
+                    train_radius: float = 1.0) -> Callable:
     """Decorator: `@register_attack("my-attack", kind="gradient", steps=50)` on a builder `(model, spec) -> attack`
     makes `--attack my-attack`, `hardener.attacks.get("my-attack")` and evaluation chains use it."""
     if kind not in KINDS:
         raise ValueError(f"attack kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
     def deco(build: Callable) -> Callable:
-        REGISTRY[name] = AttackInfo(name, build, kind, steps, min_classes)
+        REGISTRY[name] = AttackInfo(name, build, kind, steps, min_classes, train_radius)
         return build
     return deco
 
@@ -98,6 +100,7 @@ class AttackSpec:
     n_classes: int = 10
     smooth_grad: float | None = None  # α of the parametric-softplus backward through the base's ReLUs
     eot: int = 1  # expectation over transformation: gradients averaged over this many forward passes (APGD)
+    radius: float = 1.0  # examples are projected to radius·eps (1 in evaluation; a training attack's train_radius)
     settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -107,7 +110,7 @@ class AttackSpec:
         if self.name == "cw" and self.norm == "L2":
             self.name = "cw-l2"
         meta = info(self.name)
-        if self.steps is None:
+        if self.steps is None or meta.kind == "single-step":
             self.steps = meta.steps
         need = meta.min_classes
         if self.n_classes < need:
@@ -133,6 +136,8 @@ class AttackSpec:
             d.pop("smooth_grad")
         if d["eot"] == 1:
             d.pop("eot")
+        if d["radius"] == 1.0:
+            d.pop("radius")
         d["min_norm"] = kind == "min-norm"
         return d
 
@@ -208,6 +213,26 @@ def _fgsm(model, spec):
     return torchattacks.FGSM(model, eps=spec.eps)
 
 
+def _nfgsm(model: nn.Module, spec: AttackSpec) -> Callable:
+    """N-FGSM (de Jorge et al., NeurIPS 2022): uniform noise in [-2·eps, 2·eps], then one signed-gradient step of
+    alpha = eps (CE), not clipped back to the eps-ball, so training examples reach 3·eps (spec.radius; in
+    evaluation, radius 1 projects them into the ball). One gradient per example: a training adversary."""
+    if spec.norm != "Linf":
+        raise InputError("n-fgsm is an Linf attack; use pgd with --norm L2")
+    eps = spec.eps
+    alpha = spec.alpha if spec.alpha is not None else eps
+    spec.settings.update(alpha=alpha, noise=2 * eps, loss="ce")
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator(device=x.device).manual_seed(spec.seed)
+        noise = (torch.rand(x.shape, generator=g, device=x.device) * 2 - 1) * (2 * eps)
+        adv = (x + noise).clamp(0, 1).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(adv), y, reduction="sum"), adv)
+        with torch.no_grad():
+            return project(x, adv + alpha * grad.sign(), spec.radius * eps, "Linf").detach()
+    return run
+
+
 def _apgd(loss):
     def build(model, spec):
         import torchattacks
@@ -268,6 +293,7 @@ def _deepfool(model, spec):
 
 for _name, _build, _kind, _steps, _classes in (
         ("fgsm", _fgsm, "single-step", 1, 2),
+        ("n-fgsm", _nfgsm, "single-step", 1, 2),
         ("pgd", lambda m, s: _pgd(m, s, "ce"), "gradient", 50, 2),
         ("cw", lambda m, s: _pgd(m, s, "cw"), "gradient", 100, 2),
         ("cw-l2", _cw_l2, "min-norm", 100, 2),
@@ -278,7 +304,7 @@ for _name, _build, _kind, _steps, _classes in (
         ("fab", _fab, "gradient", 100, 2),
         ("square", _square, "query", 0, 2),
         ("deepfool", _deepfool, "min-norm", 50, 2)):
-    register_attack(_name, _kind, _steps, _classes)(_build)
+    register_attack(_name, _kind, _steps, _classes, 3.0 if _name == "n-fgsm" else 1.0)(_build)
 
 
 def project(x: torch.Tensor, adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

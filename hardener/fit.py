@@ -100,6 +100,7 @@ class EpochLog:
     val_robust: float | None = None  # white-box PGD-10 on the model being trained
     val_transfer: float | None = None  # PGD-10 computed on the (original) base, scored on the model
     val_seconds: float | None = None
+    fallback: str | None = None  # catastrophic overfitting seen after this epoch: what training switched to
 
 
 Progress = Callable[[str, int, int, dict], None]
@@ -168,7 +169,7 @@ class _Validation:
     def __init__(self, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int, device: torch.device,
                  base: torch.nn.Module) -> None:
         self.x, self.y = hdata.to_float(ds.images), ds.labels
-        self.spec = replace(spec, name="pgd", steps=10, alpha=None, smooth_grad=None, settings={})
+        self.spec = replace(spec, name="pgd", steps=10, alpha=None, smooth_grad=None, radius=1.0, settings={})
         self.batch_size, self.device = batch_size, device
         self.transfer_x = self._attack(base)
 
@@ -292,6 +293,8 @@ class _Trainer:
         self.logs = [EpochLog(**e) for e in st["logs"]]
         self.start_epoch, self.start_step, self.perm, self.best = st["epoch"], st["step"], st["perm"], st["best"]
         self.sums = st["sums_per_rank"][r] if "sums_per_rank" in st else st["sums"]
+        if any(e.fallback for e in self.logs):  # catastrophic overfitting was seen before the interruption
+            self.spec = self._fallback_spec()
 
     def save(self, epoch: int, step: int) -> None:
         if self.saver is None:
@@ -412,12 +415,33 @@ class _Trainer:
             log.val_clean, log.val_robust, log.val_transfer = self.validate(self.patched)
             log.val_seconds = time.time() - t_val
             self.clock.validated(log.val_seconds)
+            self._guard(log)
             score = (log.val_robust, log.val_clean)
             if cfg.select and (self.best is None or score > tuple(self.best["score"])):
                 self.best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(self.patched, self.full)}
         self.logs.append(log)
         self.perm, self.sums, self.start_step = None, None, 0
         return log
+
+    FALLBACK_STEPS = 5
+
+    def _fallback_spec(self) -> attacks.AttackSpec:
+        return replace(self.spec, name="pgd", steps=self.FALLBACK_STEPS, alpha=None, radius=1.0, settings={})
+
+    def _guard(self, log: EpochLog) -> None:
+        """Catastrophic overfitting of a single-step training attack (Wong et al. 2020): the model learns to defeat
+        that attack while white-box PGD-10 on the validation split collapses. Seen when validation robust accuracy
+        falls below half its best so far, or below half the training accuracy under the single-step attack: the
+        best epoch's patches come back and the remaining epochs train with PGD-5 (recorded in the epoch log)."""
+        if attacks.info(self.spec.name).kind != "single-step" or log.val_robust is None:
+            return
+        best = max((e.val_robust for e in self.logs if e.val_robust is not None), default=None)
+        if not ((best is not None and log.val_robust < 0.5 * best) or log.val_robust < 0.5 * log.acc_adv):
+            return
+        if self.best is not None:
+            _load_state(self.patched, self.best["state"], self.full)
+        self.spec = self._fallback_spec()
+        log.fallback = f"pgd-{self.FALLBACK_STEPS}"
 
     def _targets(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The distillation targets: the (original) base on the clean input, logits and features at each site."""
@@ -441,11 +465,11 @@ class _Trainer:
 
         if self.adversary != "model":
             source = Autocast(self.teacher, self.amp) if self.amp is not None else self.teacher
-            return attacks.project(x, attacks.build(source, step_spec)(x, y), step_spec.eps, spec.norm)
+            return attacks.project(x, attacks.build(source, step_spec)(x, y), step_spec.eps * spec.radius, spec.norm)
         self.patched.eval()
         target = Autocast(self.patched, self.amp) if self.amp is not None else self.patched
         with self.patched.route("adv"):
-            return attacks.project(x, attacks.build(target, step_spec)(x, y), step_spec.eps, spec.norm)
+            return attacks.project(x, attacks.build(target, step_spec)(x, y), step_spec.eps * spec.radius, spec.norm)
 
     def _forward(self, x: torch.Tensor, which: str, route: str, idx: torch.Tensor):
         """Logits and the features after each patch of one input on `route` (fed the cached prefix if any)."""

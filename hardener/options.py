@@ -153,6 +153,9 @@ PATCH = (
     popt("--delta", show_default=True, type=float, help="Fixer strength δ."),
     popt("--rho", show_default=True, type=float, help="Channel compression ρ."),
     popt("--width", show_default=True, type=int, help="Channels inside a prefilter patch."),
+    popt("--prefilter-stride", show_default=True, type=int,
+         help="Stride of a prefilter patch's first conv: its middle conv runs at 1/S of the input's resolution "
+              "(1/S² of the multiply-adds)."),
     popt("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only)."),
     popt("--attack", "attack_name", show_default=True, help="Training attack."),
     popt("--eps", show_default=True, help="Perturbation budget in pixel units (8/255, 0.1)."),

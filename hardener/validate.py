@@ -216,6 +216,7 @@ OPTION_RULES: dict[str, tuple] = {
     "batch_size": _ge(1), "steps": _ge(1), "restarts": _ge(1), "queries": _ge(1), "epochs": _ge(1),
     "max_samples": _ge(1), "eval_samples": _ge(0), "eval_steps": _ge(1), "save_every": _ge(0),
     "select_on": _ge(0), "validate": _ge(0), "validate_every": _ge(1), "width": _ge(1),
+    "prefilter_stride": ((lambda v: isinstance(v, int) and 1 <= v <= 8), "must be an integer in 1..8"),
     "e2e_samples": _ge(0), "e2e_steps": _ge(1), "neighbour_steps": _ge(1), "iterations": _ge(1),
     "post_batch": _ge(2), "seed": _ge(0),
     "lr": _finite_pos(), "post_lr": _finite_pos(), "alpha": _finite_pos(), "rho": _finite_pos(),

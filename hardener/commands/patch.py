@@ -123,6 +123,10 @@ def _plan(call: Call) -> Plan:
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
     warnings += _recipe_warnings(recipe, cfg, len(train_ds))
+    if cfg.adaptive and A.info(spec.name).kind == "single-step" and val_ds is None:
+        warnings.append(f"training with the single-step attack {spec.name} without a validation split: catastrophic "
+                        "overfitting (PGD robustness collapsing while the training attack is defeated) would go "
+                        "unseen; pass --select-on N (or --validate N) to watch for it and fall back to PGD")
     if cost and cost["parameters"] > COSTLY * cost["base_parameters"]:
         share = cost["parameters"] / max(1, cost["base_parameters"])
         warnings.append(f"the patches add {cost['parameters']:,} parameters, {share:.0%} of the base's: choose sites "
@@ -169,6 +173,12 @@ def _train(plan: Plan) -> tuple[list, dict, dict, float]:
                      stop=lambda: bool(stop), val=val_ds, info=info, cache_dir=plan.out_file.parent,
                      on_estimate=on_estimate, world=plan.world)
     train_seconds = time.time() - t0
+    for e in logs:
+        if e.fallback:
+            plan.warnings.append(f"catastrophic overfitting of the {spec.name} training attack after epoch {e.epoch} "
+                                 f"(validation PGD-10 fell to {100 * e.val_robust:.1f}%): training went back to the "
+                                 f"best epoch and on with {e.fallback}")
+            err_console.print(f"[yellow]warning:[/] {plan.warnings[-1]}", highlight=False)
     if "cache" in info and not kw["quiet"]:
         err_console.print(f"cache: {info['cache']}")
     return logs, info, estimate, train_seconds
@@ -280,7 +290,7 @@ def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec,
         return
     per_epoch = -(-len(train_ds) // cfg.batch_size)
     against = ("the model being trained" if cfg.adaptive else "the frozen base, once (transfer)")
-    att = f"{spec.name}" + (f"-{spec.steps}" if spec.steps and spec.name != "fgsm" else "")
+    att = f"{spec.name}" + (f"-{spec.steps}" if spec.steps and A.info(spec.name).kind != "single-step" else "")
     units = F.train_units(cfg, spec)
     lines = [f"recipe: {f'preset {recipe.name}' if recipe else 'custom options'}, training for the "
              f"{api.effective_threat_model(cfg)} threat model",

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue-18 search: a cheaper white-box recipe with a frozen base (bench/RESULTS.md, "A cheaper robust recipe").
+# The protocol of bench/robust_fmnist.sh: the example base, 10% of fashion-mnist:train (6,000 images, stratified,
+# seed 0), eps 0.1 Linf; recipes compared on VALIDATION data only: 500 training images outside the subset held out
+# by --select-on (per-epoch PGD-10, picks the epoch; the preset's) and 500 more for the patch report (its quick
+# check: APGD-CE, 20 steps, white-box and transfer). Every run is `--preset robust` (the default recipe) with the
+# named changes. One thread per run; /usr/bin/time -v records CPU seconds (wall time depends on the load).
+#   bash bench/cheap_fmnist.sh [OUT_DIR] [RUN...]      # the named runs (default: all), skipping finished ones
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/out/cheap}
+shift || true
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+declare -A RUNS=(
+  [c1_nfgsm]="--attack n-fgsm"
+  [c2_nfgsm_s2]="--attack n-fgsm --prefilter-stride 2"
+  [c3_pgd5_s2]="--prefilter-stride 2"
+  [c4_nfgsm_s2_bn]="--attack n-fgsm --prefilter-stride 2 --bn auto"
+  [c5_nfgsm_w32_s2]="--attack n-fgsm --width 32 --prefilter-stride 2"
+  [a1_advtrain_nfgsm]="--method adv-train --attack n-fgsm --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
+)
+ORDER=(c1_nfgsm c2_nfgsm_s2 c3_pgd5_s2 c4_nfgsm_s2_bn c5_nfgsm_w32_s2 a1_advtrain_nfgsm)
+[ $# -gt 0 ] && ORDER=("$@")
+for name in "${ORDER[@]}"; do
+  [ -f "$OUT/$name.json" ] && continue
+  # shellcheck disable=SC2086
+  /usr/bin/time -v python -m hardener patch examples/fmnist_base.safetensors \
+    --arch examples/fmnist_model.py:resnet9_small --mean 0.2860 --std 0.3530 --data fashion-mnist:train --subset 10% \
+    --eps 0.1 --eval-samples 500 --force --quiet --out "$OUT/$name.safetensors" --report "$OUT/$name.json" \
+    ${RUNS[$name]} > "$OUT/$name.out" 2> "$OUT/$name.log" || echo "$name failed: see $OUT/$name.log" >&2
+done
