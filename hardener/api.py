@@ -26,6 +26,7 @@ from . import attacks as A, data as hdata, evaluation as E, fit as F, methods as
 from .errors import InputError
 from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
+from .patches.attach import Disabled
 from .recipe import Split, parse_methods, split_for_training
 
 
@@ -75,6 +76,9 @@ class PatchOptions:
     holdout: str = "20%"
     noise_sigma: float = 0.0
     precision: str = "fp32"
+    unlabeled: Any = None  # images without labels the frozen base labels: a data spec, "rest" (CLI), or data
+    pseudo_threshold: float = 0.0  # keep the pseudo-labelled images the base is at least this confident on
+    pseudo_ratio: float = 1.0  # pseudo-labelled images per labelled one in each epoch
     seed: int = 0
 
     ALIASES = {"attack": "attack_name", "loss": "loss_name", "denoise": "denoise_op"}
@@ -272,6 +276,10 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     train_ds = ds.take(split.train)
     val_ds = ds.take(split.val) if split.val is not None else None
     spec, cfg = training_setup(opts, patched.model.spec.num_classes)
+    if opts.unlabeled is not None:
+        pool = ds.take(split.rest) if isinstance(opts.unlabeled, str) and opts.unlabeled == "rest" \
+            else as_dataset(opts.unlabeled, labels_required=False)
+        train_ds, cfg, split.record["unlabeled"] = add_pseudo_labels(patched, train_ds, pool, opts, cfg, dev)
     t0 = time.time()
     logs = F.fit(patched, train_ds, spec, cfg, dev, progress, val=val_ds)
     patched.set_route(opts.route or M.build(cfg).default_route)
@@ -279,6 +287,51 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     patched.train_seconds = time.time() - t0
     patched.history = logs
     return patched
+
+
+def add_pseudo_labels(patched: PatchedModel, train_ds: hdata.Dataset, pool: hdata.Dataset, opts: PatchOptions,
+                      cfg: F.FitConfig, device: torch.device) -> tuple[hdata.Dataset, F.FitConfig, dict]:
+    """Robust self-training data (Carmon et al. 2019): the frozen base labels `pool` (clean inputs, eval mode); the
+    images it is at least `opts.pseudo_threshold` confident on join the training set after the labelled ones, and each
+    epoch trains on every labelled image plus `pseudo_ratio` times as many pseudo-labelled ones, in turn. Returns the
+    training set, the trainer's configuration and the record (how many were kept; where `pool` has labels of its
+    own, how often the base's labels agree with them)."""
+    from dataclasses import replace
+
+    if len(pool) == 0:
+        raise InputError("--unlabeled: no images to pseudo-label")
+    if tuple(pool.shape) != tuple(train_ds.shape):
+        raise InputError(f"--unlabeled images are {tuple(pool.shape)} but the training images are "
+                         f"{tuple(train_ds.shape)} (C,H,W): give images of the model's input size, or --resize")
+    base = Disabled(patched).eval()
+    preds, confs = [], []
+    with torch.no_grad():
+        for i in range(0, len(pool), 512):
+            x, _ = pool.batch(slice(i, i + 512))
+            p = torch.softmax(E.finite_logits(base(x.to(device)).float(), "--unlabeled images"), 1).cpu()
+            c, k = p.max(1)
+            preds.append(k)
+            confs.append(c)
+    pred, conf = torch.cat(preds), torch.cat(confs)
+    keep = conf >= opts.pseudo_threshold
+    if not bool(keep.any()):
+        raise InputError(f"--pseudo-threshold {opts.pseudo_threshold}: the base is that confident on none of the "
+                         f"{len(pool):,} --unlabeled images; lower it")
+    labelled_pool = pool.labels >= 0
+    record = {"source": pool.source, "pool": len(pool), "threshold": opts.pseudo_threshold,
+              "kept": int(keep.sum()), "ratio": opts.pseudo_ratio,
+              "per_epoch": min(int(keep.sum()), max(1, round(opts.pseudo_ratio * len(train_ds))))}
+    if bool((keep & labelled_pool).any()):  # the pool's own labels, never used for training: a diagnostic
+        m = keep & labelled_pool
+        record["agreement_with_pool_labels"] = float((pred[m] == pool.labels[m]).float().mean())
+    kept = pool.take(torch.nonzero(keep).flatten())
+    xa, xb = train_ds.images, kept.images
+    if xa.dtype != xb.dtype:
+        xa, xb = hdata.to_float(xa), hdata.to_float(xb)
+    combined = hdata.Dataset(torch.cat([xa, xb]), torch.cat([train_ds.labels, pred[keep]]), train_ds.classes,
+                             f"{train_ds.source} + {record['kept']:,} pseudo-labelled ({pool.source})",
+                             list(train_ds.notes))
+    return combined, replace(cfg, labelled=len(train_ds), pseudo_per_epoch=record["per_epoch"]), record
 
 
 def _warn_class_count(ds: hdata.Dataset, patched: PatchedModel) -> None:

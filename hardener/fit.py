@@ -52,6 +52,8 @@ class FitConfig:
     cache: bool = True  # transfer training without augmentation: cache the frozen base's answers
     cache_limit: int = 2 << 30  # bytes of caches kept in memory; the rest spills to disk in fp16
     precision: str = "fp32"  # autocast of the training forwards and attack (bf16, fp16); master weights stay fp32
+    labelled: int | None = None  # the first N images of the training set are labelled, the rest pseudo-labelled
+    pseudo_per_epoch: int = 0  # pseudo-labelled images per epoch, taken in turn from a seeded order of them
     noise_sigma: float = 0.0  # > 0: denoised smoothing -- the second input is x + N(0, σ²), the loss the stability
     # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
 
@@ -65,6 +67,8 @@ class FitConfig:
         methods.check_options(self)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise InputError(f"--precision must be fp32, bf16 or fp16, got '{self.precision}'")
+        if self.labelled is not None and (self.labelled < 1 or self.pseudo_per_epoch < 0):
+            raise InputError("pseudo-labelled training needs at least one labelled image")
         if self.eps_warmup < 0 or self.eps_warmup > self.epochs:
             raise InputError(f"--eps-warmup must be between 0 and --epochs ({self.epochs}), got {self.eps_warmup}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -264,7 +268,9 @@ class _Trainer:
         for p in self.params:
             p.requires_grad_(True)
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+        self.epoch_size = len(ds) if cfg.labelled is None else \
+            cfg.labelled + min(cfg.pseudo_per_epoch, len(ds) - cfg.labelled)
+        self.steps_per_epoch = math.ceil(self.epoch_size / cfg.batch_size)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(cfg.epochs * self.steps_per_epoch))
         self.base_before = {k: v.detach().clone() for k, v in patched.base_state_dict().items()}
         self.g = torch.Generator().manual_seed(cfg.seed)
@@ -392,7 +398,7 @@ class _Trainer:
         t0 = time.time()
         if self.perm is None:
             self.sums = dict(loss=0.0, ce_clean=0.0, ce_adv=0.0, distill=0.0, acc_clean=0.0, acc_adv=0.0)
-            self.perm = torch.randperm(len(self.ds), generator=self.g)
+            self.perm = self._epoch_indices(epoch)
             if self.world.active:  # one batch order for every process (their generators drift with augmentation)
                 import torch.distributed as dist
 
@@ -408,7 +414,7 @@ class _Trainer:
             t = torch.tensor([self.sums[k] for k in sorted(self.sums)], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             self.sums = dict(zip(sorted(self.sums), t.cpu().tolist()))
-        log = EpochLog(epoch + 1, **{k: v / len(self.ds) for k, v in self.sums.items()}, seconds=time.time() - t0)
+        log = EpochLog(epoch + 1, **{k: v / self.epoch_size for k, v in self.sums.items()}, seconds=time.time() - t0)
         cfg = self.cfg
         if self.validate is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
             t_val = time.time()
@@ -422,6 +428,19 @@ class _Trainer:
         self.logs.append(log)
         self.perm, self.sums, self.start_step = None, None, 0
         return log
+
+    def _epoch_indices(self, epoch: int) -> torch.Tensor:
+        """The epoch's images in a shuffled order: all of them; or, with pseudo-labelled images, every labelled
+        one and the next `pseudo_per_epoch` pseudo-labelled ones of a seeded order (so each is seen in turn)."""
+        n_l = self.cfg.labelled
+        if n_l is None:
+            return torch.randperm(len(self.ds), generator=self.g)
+        n_u = len(self.ds) - n_l
+        k = self.epoch_size - n_l
+        order = torch.randperm(n_u, generator=torch.Generator().manual_seed(self.cfg.seed + 104729))
+        pick = order[(torch.arange(k) + epoch * k) % n_u] + n_l if k else torch.empty(0, dtype=torch.int64)
+        idx = torch.cat([torch.arange(n_l), pick])
+        return idx[torch.randperm(len(idx), generator=self.g)]
 
     FALLBACK_STEPS = 5
 

@@ -157,6 +157,13 @@ PATCH = (
          help="Stride of a prefilter patch's first conv: its middle conv runs at 1/S of the input's resolution "
               "(1/S² of the multiply-adds)."),
     popt("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only)."),
+    popt("--unlabeled", help="Images without labels for robust self-training: the frozen base labels them and they join "
+                             "training (a folder, a tensor file, or `rest`: the images of --data outside the training, "
+                             "validation and report images, their labels ignored)."),
+    popt("--pseudo-threshold", type=float, show_default=True,
+         help="Keep --unlabeled images the base is at least this confident on (softmax)."),
+    popt("--pseudo-ratio", type=float, show_default=True,
+         help="Pseudo-labelled images per labelled image in each epoch (taken in turn from all of them)."),
     popt("--attack", "attack_name", show_default=True, help="Training attack."),
     popt("--eps", show_default=True, help="Perturbation budget in pixel units (8/255, 0.1)."),
     popt("--norm", show_default=True, type=Choice(["Linf", "L2"])),

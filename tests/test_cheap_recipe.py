@@ -146,3 +146,52 @@ def test_cli_single_step_without_validation_warns(runner, tiny_ckpt, tiny_data, 
                              "--out", str(tmp_path / "p.safetensors"), *FAST_PATCH])
     assert r.exit_code == 0, r.output
     assert "catastrophic overfitting" in r.output and "--select-on" in r.output
+
+
+def test_pseudo_labelled_epochs_take_every_labelled_image_and_the_pseudo_ones_in_turn(monkeypatch):
+    seen = []
+    real = hdata.Dataset.batch
+
+    def spy(self, idx):
+        if len(self) == 50 and torch.is_tensor(idx):  # the training batches
+            seen.append(idx.clone())
+        return real(self, idx)
+
+    monkeypatch.setattr(hdata.Dataset, "batch", spy)
+    p = _model()
+    p.attach("block", Fixer(8, FixerConfig()))
+    cfg = F.FitConfig(epochs=3, batch_size=10, mu=0, labelled=20, pseudo_per_epoch=10, adversary="patched")
+    logs = F.fit(p, _toy(50), A.AttackSpec("pgd", eps=0.05, steps=1, n_classes=3), cfg, torch.device("cpu"))
+    assert len(logs) == 3 and len(seen) == 9  # (20 + 10) / 10 steps per epoch
+    epochs = [torch.cat(seen[3 * e:3 * e + 3]) for e in range(3)]
+    for idx in epochs:
+        assert sorted(idx[idx < 20].tolist()) == list(range(20))
+        assert int((idx >= 20).sum()) == 10
+    pseudo = torch.cat([idx[idx >= 20] for idx in epochs])
+    assert sorted(pseudo.tolist()) == list(range(20, 50))  # each pseudo-labelled image once in three epochs
+
+
+def test_cli_unlabeled_rest_and_tensor_file(runner, tiny_ckpt, tiny_data, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "p.safetensors"
+    common = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.3",
+              "--at", "auto", "--eval-samples", "15", *FAST_PATCH]
+    r = runner.invoke(main, [*common, "--unlabeled", "rest", "--pseudo-ratio", "0.5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    with safe_open(str(out), framework="pt") as f:
+        t = json.loads(f.metadata()[MANIFEST_KEY])["training"]
+    rec = t["split"]["unlabeled"]
+    # 90 images: 27 train, 63 rest of which 15 are the report's: 48 left for pseudo-labelling
+    assert rec["pool"] == 48 and 0 < rec["kept"] <= 48 and rec["per_epoch"] == min(rec["kept"], 14)
+    assert 0.0 <= rec["agreement_with_pool_labels"] <= 1.0
+    assert t["data"]["n"] == 27 + rec["kept"] and t["config"]["labelled"] == 27
+    imgs, _ = make_data(n=12, seed=5)
+    np.savez(tmp_path / "u.npz", images=imgs.numpy())
+    r = runner.invoke(main, [*common, "--unlabeled", str(tmp_path / "u.npz"), "--out", str(tmp_path / "q.st")])
+    assert r.exit_code == 0, r.output
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 1, 5, 5), dtype=np.uint8))
+    r = runner.invoke(main, [*common, "--unlabeled", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "r.st")])
+    assert_input_error(r, "--resize")
+    r = runner.invoke(main, [*common, "--unlabeled", "rest", "--pseudo-threshold", "1.5", "--out", str(tmp_path / "s")])
+    assert_input_error(r, "pseudo")

@@ -118,8 +118,10 @@ def _plan(call: Call) -> Plan:
     spec, cfg = api.training_setup(opts, loaded.spec.num_classes)
     quick = kw["report_budget"] == "quick"
     eval_samples = kw["eval_samples"] if kw["eval_samples"] is not None else (500 if quick else 1000)
-    eval_ds, warnings = _report_data(loaded, ds_all, split.rest, kw["eval_data"], eval_samples, kw)
+    eval_ds, unused, warnings = _report_data(loaded, ds_all, split.rest, kw["eval_data"], eval_samples, kw)
     warnings = loaded.warnings + warnings
+    if opts.unlabeled:
+        train_ds, cfg = _pseudo_labelled(loaded, ds_all, unused, train_ds, opts, cfg, split, device, kw)
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
     warnings += _recipe_warnings(recipe, cfg, len(train_ds))
@@ -329,9 +331,33 @@ def _full_eval_command(out_file: Path, loaded, eval_data: str | None, spec: A.At
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple[hdata.Dataset, list[str]]:
-    """The data of the patch report: --eval-data, else the part of --data outside the subset."""
+def _pseudo_labelled(loaded, ds_all, unused, train_ds, opts, cfg, split, device, kw):
+    """--unlabeled: the training set with the images the frozen base labels (api.add_pseudo_labels), the
+    trainer's configuration for it; the record goes into the split's."""
+    if opts.unlabeled == "rest":
+        if len(unused) == 0:
+            raise InputError("--unlabeled rest: no images of --data are left outside the training, validation and "
+                             "report images; give a smaller --subset or --eval-samples, or a folder or tensor file")
+        pool = ds_all.take(unused)
+        pool.source = f"{ds_all.source} (rest, labels ignored)"
+    else:
+        pool = load_data(loaded, opts.unlabeled, data_options(kw), labels_required=False)
+    train_ds, cfg, split.record["unlabeled"] = api.add_pseudo_labels(loaded.patched, train_ds, pool, opts, cfg,
+                                                                     device)
+    rec = split.record["unlabeled"]
+    if not kw["quiet"]:
+        agree = (f"; they agree with the pool's own labels on {100 * rec['agreement_with_pool_labels']:.1f}%"
+                 if "agreement_with_pool_labels" in rec else "")
+        err_console.print(f"unlabeled: the base labelled {rec['kept']:,} of {rec['pool']:,} images (confidence >= "
+                          f"{rec['threshold']}){agree}; {rec['per_epoch']:,} of them join each epoch", highlight=False)
+    return train_ds, cfg
+
+
+def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw):
+    """The data of the patch report (--eval-data, else part of --data outside the subset), the indices of --data
+    it left unused, the warnings."""
     warnings = []
+    unused = rest_idx
     if eval_data:
         eval_ds = load_data(loaded, eval_data, data_options(kw))
         hdata.check_labels(eval_ds, loaded.spec.num_classes)
@@ -343,6 +369,10 @@ def _report_data(loaded, ds_all, rest_idx, eval_data, eval_samples, kw) -> tuple
         warnings.append("report data is held-out images of --data; the base may have been trained on them, so its "
                         "clean accuracy there may be optimistic")
     if eval_samples and eval_samples < len(eval_ds):
-        idx, _ = hdata.stratified_split(eval_ds.labels, int(eval_samples), kw["seed"])
+        idx, left = hdata.stratified_split(eval_ds.labels, int(eval_samples), kw["seed"])
         eval_ds = eval_ds.take(idx)
-    return eval_ds, warnings
+        if not eval_data:
+            unused = rest_idx[left]
+    elif not eval_data:
+        unused = rest_idx[:0]
+    return eval_ds, unused, warnings
