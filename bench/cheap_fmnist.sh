@@ -18,9 +18,12 @@ declare -A RUNS=(
   [c3_pgd5_s2]="--prefilter-stride 2"
   [c4_nfgsm_s2_bn]="--attack n-fgsm --prefilter-stride 2 --bn auto"
   [c5_nfgsm_w32_s2]="--attack n-fgsm --width 32 --prefilter-stride 2"
+  [p2_pgd2_s2]="--steps 2 --prefilter-stride 2"
+  [p2_pgd2_s2_ve2]="--steps 2 --prefilter-stride 2 --validate-every 2"
+  [a2_advtrain_pgd2]="--method adv-train --steps 2 --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
   [a1_advtrain_nfgsm]="--method adv-train --attack n-fgsm --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
 )
-ORDER=(c1_nfgsm c2_nfgsm_s2 c3_pgd5_s2 c4_nfgsm_s2_bn c5_nfgsm_w32_s2 a1_advtrain_nfgsm)
+ORDER=(c3_pgd5_s2 p2_pgd2_s2 c1_nfgsm)
 [ $# -gt 0 ] && ORDER=("$@")
 for name in "${ORDER[@]}"; do
   [ -f "$OUT/$name.json" ] && continue

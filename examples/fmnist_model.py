@@ -58,3 +58,32 @@ class ResNet9Small(nn.Module):
 
 def resnet9_small(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> ResNet9Small:
     return ResNet9Small(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+class VGGSiLUSmall(nn.Module):
+    """A second architecture for the recipes (issue 18): VGG-like, SiLU activations, no residual connections.
+
+    Stages: block1 (28x28) -> block2 (14x14) -> block3 (7x7) -> head; about the example's multiply-adds."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU(),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU())
+
+        w = width
+        self.block1 = block(in_channels, w)
+        self.block2 = block(w, 2 * w)
+        self.block3 = block(2 * w, 4 * w)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.block1(x))
+        x = self.pool(self.block2(x))
+        return self.head(self.block3(x))
+
+
+def vgg_silu_small(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> VGGSiLUSmall:
+    return VGGSiLUSmall(num_classes=num_classes, in_channels=in_channels, width=width)

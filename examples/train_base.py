@@ -1,6 +1,7 @@
 """Train the example base model on Fashion-MNIST and save it as .safetensors.
 
     python examples/train_base.py --epochs 4 --out examples/fmnist_base.safetensors
+    python examples/train_base.py --model vgg_silu_small --epochs 4 --out examples/fmnist_vgg_silu.safetensors
 
 Plain clean training (SGD + OneCycle, as the fixer paper's base); no adversarial examples.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fmnist_model import resnet9_small  # noqa: E402
+import fmnist_model  # noqa: E402
 
 from hardener import data as hdata  # noqa: E402
 
@@ -31,11 +32,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="fashion-mnist:train")
     ap.add_argument("--out", default="examples/fmnist_base.safetensors")
+    ap.add_argument("--model", default="resnet9_small", choices=["resnet9_small", "vgg_silu_small"],
+                    help="a constructor of examples/fmnist_model.py")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     ds = hdata.load(args.data)
-    model = resnet9_small()
+    model = getattr(fmnist_model, args.model)()
     steps = args.epochs * ((len(ds) + args.batch_size - 1) // args.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
@@ -59,7 +62,7 @@ def main() -> None:
               f"train acc {correct / len(ds):.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out,
-              metadata={"arch": "examples/fmnist_model.py:resnet9_small", "mean": str(MEAN), "std": str(STD)})
+              metadata={"arch": f"examples/fmnist_model.py:{args.model}", "mean": str(MEAN), "std": str(STD)})
     print(f"saved {args.out}", file=sys.stderr)
 
 

@@ -113,6 +113,8 @@ def as_dataset(data: Any, labels_required: bool = True) -> hdata.Dataset:
         return hdata.load(str(data), None, labels_required)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         return _from_tensors(data[0], data[1], "tensors")
+    if torch.is_tensor(data) and not labels_required:  # images alone (unlabelled)
+        return _from_tensors(data, torch.full((len(data),), hdata.UNLABELLED), "tensors", unlabelled=True)
     from torch.utils.data import DataLoader, Dataset as TorchDataset
 
     if isinstance(data, DataLoader):
@@ -138,7 +140,7 @@ def as_dataset(data: Any, labels_required: bool = True) -> hdata.Dataset:
                      "torch Dataset, a DataLoader or a data spec (folder, tensor file, fashion-mnist:train)")
 
 
-def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str) -> hdata.Dataset:
+def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str, unlabelled: bool = False) -> hdata.Dataset:
     if x.ndim != 4:
         raise InputError(f"images must be N,C,H,W, got shape {tuple(x.shape)}")
     if x.dtype != torch.uint8:
@@ -148,7 +150,7 @@ def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str) -> hdata.Datase
     y = y.long().flatten()
     if len(y) != len(x):
         raise InputError(f"{len(x)} images but {len(y)} labels")
-    if len(y) and int(y.min()) < 0:
+    if len(y) and int(y.min()) < 0 and not unlabelled:
         raise InputError("labels must be class indices >= 0")
     return hdata.Dataset(x, y, None, source)
 

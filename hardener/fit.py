@@ -421,9 +421,9 @@ class _Trainer:
             log.val_clean, log.val_robust, log.val_transfer = self.validate(self.patched)
             log.val_seconds = time.time() - t_val
             self.clock.validated(log.val_seconds)
-            self._guard(log)
+            fell_back = self._guard(log)  # the weights it scored are gone: they cannot be the kept epoch
             score = (log.val_robust, log.val_clean)
-            if cfg.select and (self.best is None or score > tuple(self.best["score"])):
+            if cfg.select and not fell_back and (self.best is None or score > tuple(self.best["score"])):
                 self.best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(self.patched, self.full)}
         self.logs.append(log)
         self.perm, self.sums, self.start_step = None, None, 0
@@ -447,20 +447,25 @@ class _Trainer:
     def _fallback_spec(self) -> attacks.AttackSpec:
         return replace(self.spec, name="pgd", steps=self.FALLBACK_STEPS, alpha=None, radius=1.0, settings={})
 
-    def _guard(self, log: EpochLog) -> None:
+    def _guard(self, log: EpochLog) -> bool:
         """Catastrophic overfitting of a single-step training attack (Wong et al. 2020): the model learns to defeat
         that attack while white-box PGD-10 on the validation split collapses. Seen when validation robust accuracy
-        falls below half its best so far, or below half the training accuracy under the single-step attack: the
-        best epoch's patches come back and the remaining epochs train with PGD-5 (recorded in the epoch log)."""
+        falls below half its best so far (and by more than 10 points), or below half the training accuracy under the
+        single-step attack (and by more than 20 points): the best epoch's patches come back and the remaining epochs
+        train with PGD-5 (recorded in the epoch log)."""
         if attacks.info(self.spec.name).kind != "single-step" or log.val_robust is None:
-            return
+            return False
         best = max((e.val_robust for e in self.logs if e.val_robust is not None), default=None)
-        if not ((best is not None and log.val_robust < 0.5 * best) or log.val_robust < 0.5 * log.acc_adv):
-            return
+        v, a = log.val_robust, log.acc_adv
+        fell = best is not None and v < 0.5 * best and best - v > 0.1
+        behind = v < 0.5 * a and a - v > 0.2  # absolute margins: early epochs are low and noisy
+        if not (fell or behind):
+            return False
         if self.best is not None:
             _load_state(self.patched, self.best["state"], self.full)
         self.spec = self._fallback_spec()
         log.fallback = f"pgd-{self.FALLBACK_STEPS}"
+        return True
 
     def _targets(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The distillation targets: the (original) base on the clean input, logits and features at each site."""

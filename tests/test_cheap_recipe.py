@@ -195,3 +195,24 @@ def test_cli_unlabeled_rest_and_tensor_file(runner, tiny_ckpt, tiny_data, tmp_pa
     assert_input_error(r, "--resize")
     r = runner.invoke(main, [*common, "--unlabeled", "rest", "--pseudo-threshold", "1.5", "--out", str(tmp_path / "s")])
     assert_input_error(r, "pseudo")
+
+
+def test_guard_ignores_low_noisy_early_epochs():
+    """Below half of the best or of the training accuracy, but by a few points only (N-FGSM's early epochs on
+    Fashion-MNIST: validation 4% then 15% while training accuracy was 28%) is not a collapse; by far more is."""
+    from types import SimpleNamespace
+
+    def log(epoch, val, acc_adv):
+        return F.EpochLog(epoch, 0.0, 0.0, 0.0, 0.0, 0.9, acc_adv, 1.0, val_clean=0.9, val_robust=val)
+
+    def guarded(history, last):
+        t = SimpleNamespace(spec=A.AttackSpec("n-fgsm", eps=0.1, radius=3.0), logs=history, best=None,
+                            FALLBACK_STEPS=F._Trainer.FALLBACK_STEPS)
+        t._fallback_spec = lambda: F._Trainer._fallback_spec(t)
+        F._Trainer._guard(t, last)
+        return last.fallback
+
+    assert guarded([log(1, 0.04, 0.05)], log(2, 0.148, 0.283)) is None
+    assert guarded([log(1, 0.08, 0.1)], log(2, 0.03, 0.1)) is None
+    assert guarded([log(1, 0.6, 0.6)], log(2, 0.2, 0.6)) == "pgd-5"  # fell from its best by 40 points
+    assert guarded([], log(1, 0.05, 0.8)) == "pgd-5"  # the training attack is defeated, PGD is not

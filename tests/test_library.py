@@ -114,3 +114,17 @@ def test_review_regressions_library(monkeypatch):
         hardener.evaluate(trained_tiny(), (x, y), attacks="fgsm", eps=0.1, batch_size=0)
     with pytest.raises(InputError, match="labels"):
         hardener.as_dataset((x, torch.full_like(y, -1)))
+
+
+def test_library_unlabeled_images_and_rest():
+    x, y = _data()
+    xu, _ = _data(30, seed=4)
+    patched = hardener.patch(trained_tiny(), (x, y), unlabeled=xu, pseudo_ratio=0.5, **FAST)
+    rec = patched.training_record["split"]["unlabeled"]
+    assert rec["pool"] == 30 and rec["kept"] == 30 and "agreement_with_pool_labels" not in rec
+    assert patched.training_record["config"]["labelled"] == 72  # 90 minus the 18 held out (--holdout 20%)
+    patched = hardener.patch(trained_tiny(), (x, y), subset=40, unlabeled="rest", **FAST)
+    rec = patched.training_record["split"]["unlabeled"]
+    assert rec["pool"] == 40 and 0 <= rec["agreement_with_pool_labels"] <= 1  # 90 - 40 train - 10 validation
+    with pytest.raises(InputError, match="pseudo_threshold"):
+        hardener.patch(trained_tiny(), (x, y), unlabeled=xu, pseudo_threshold=2.0, **FAST)
