@@ -96,4 +96,7 @@ def finish(w: World) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # together: a process that tears its group down while another still talks to it can abort (gloo,
+            # seen under load); if rank 0 fails before this, torchrun stops the others
+            dist.barrier()
             dist.destroy_process_group()
