@@ -435,7 +435,8 @@ def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | s
                     "when you repeat them with --arch-kwargs or pass --trust-arch")
         return ArchChoice(arch, {}, False, note)
     if not stored:
-        raise InputError("the checkpoint records no architecture: pass --arch")
+        raise InputError("the checkpoint records no architecture: pass --arch (its constructor, or, for a base that "
+                         "was a pickled module, that file with --trust-pickle)")
     if not trusted:
         hint = (f" or add its module to {archspec.TRUST_ENV}" if archspec.module_of(stored) else "")
         raise InputError(f"the checkpoint names its architecture '{stored[:200]}'; harden does not run code a file "
@@ -446,8 +447,31 @@ def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | s
     return ArchChoice(stored, dict(manifest.arch_kwargs), True)
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def pickled_arch(spec: str | None) -> bool:
+    """`--arch FILE.pt`: the architecture is the whole pickled module in that file (the base a patched checkpoint of
+    a pickled model came from), its weights replaced by the checkpoint's."""
+    return bool(spec) and ":" not in spec and Path(spec).suffix.lower() in PICKLE_SUFFIXES
+
+
+def _pickled_skeleton(spec: str, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise InputError(f"--arch '{spec}' is a pickled module: loading it runs its code; pass --trust-pickle if you "
+                         "trust the file")
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"--arch '{spec}' does not exist (a pickled model file, or package.module:callable)")
+    obj, _ = _read_tensors(path, True)
+    if not isinstance(obj, nn.Module):
+        raise InputError(f"--arch '{spec}' holds tensors, not a pickled nn.Module: pass the constructor instead "
+                         "(package.module:callable or path/to/file.py:callable)")
+    return obj
+
+
 def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | str | list[str] = False,
-                 arch_kwargs: dict | None = None):
+                 arch_kwargs: dict | None = None, trust_pickle: bool = False):
     """Rebuild a PatchedModel from a harden checkpoint (inputs in [0, 1]).
 
     Order: manifest validated -> constructor chosen by the user's trust -> tensors checked against the
@@ -477,8 +501,11 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
         if need > available + (1 << 20):  # bounded by the file's own tensors (names are checked exactly below)
             raise InputError(f"'{path}': manifest patches (up to '{p['site']}') ask for {need:,} values but the "
                              f"file holds {available:,} patch values")
-    net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch",
-                         allow_dotted=bool(arch))
+    if arch and pickled_arch(arch):
+        net = _pickled_skeleton(arch, trust_pickle)
+    else:
+        net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch",
+                             allow_dotted=bool(arch))
     net.float()
     try:
         load_state_into(net, base_sd, f"'{path}'")

@@ -96,7 +96,7 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
                              "(patching a patched model is not supported)")
         patched, manifest = load_patched(p, arch=opts.arch, trust_arch=opts.trust_arch,
                                          arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs)
-                                         if opts.arch_kwargs else None)
+                                         if opts.arch_kwargs else None, trust_pickle=opts.trust_pickle)
         return Loaded(patched, manifest, None)
     base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
     spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(opts.mean, "--mean"),

@@ -146,3 +146,28 @@ def test_bad_options(runner, tiny_ckpt, tiny_data, args, needle):
 def test_missing_data_is_usage_error(runner, tiny_ckpt):
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH])
     assert r.exit_code == 2 and "--data" in r.output
+
+
+def test_pickled_module_patches_then_evaluates_and_exports_with_its_file_as_arch(runner, tmp_path, tiny_data):
+    """A base saved as a whole pickled module records no constructor: `--arch THAT_FILE --trust-pickle` rebuilds
+    it for eval, export and predict (the file's weights replaced by the patched checkpoint's)."""
+    f = tmp_path / "whole.pt"
+    torch.save(trained_tiny(steps=5), f)
+    out = tmp_path / "whole.hardened.safetensors"
+    r = runner.invoke(main, ["patch", str(f), "--trust-pickle", "--data", str(tiny_data), "--subset", "0.5",
+                             "--at", "block", "--out", str(out), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    ev = ["eval", str(out), "--data", str(tiny_data), "--attack", "apgd-ce", "--steps", "2", "--eps", "0.05",
+          "--quiet", "--json"]
+    r = runner.invoke(main, ev)
+    assert_input_error(r, "--trust-pickle")  # no architecture recorded: the message names the way through
+    r = runner.invoke(main, [*ev, "--arch", str(f)])
+    assert_input_error(r, "--trust-pickle")  # the file runs code when loaded
+    r = runner.invoke(main, [*ev, "--arch", str(f), "--trust-pickle"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["export", str(out), "--arch", str(f), "--trust-pickle", "--format", "export",
+                             "--out", str(tmp_path / "e.pt2")])
+    assert r.exit_code == 0, r.output
+    torch.save(trained_tiny(steps=5).state_dict(), tmp_path / "sd.pt")
+    r = runner.invoke(main, [*ev, "--arch", str(tmp_path / "sd.pt"), "--trust-pickle"])
+    assert_input_error(r, "not a pickled nn.Module")
