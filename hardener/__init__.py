@@ -41,12 +41,12 @@ def __getattr__(name):
     and the CLI's start fast)."""
     import importlib
 
-    if name in ("patch", "evaluate", "as_dataset", "PatchOptions", "Report"):
+    if name in ("patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report"):
         return getattr(importlib.import_module(".api", __name__), name)
     if name in ("attacks", "errors", "data", "methods", "patches"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hardener' has no attribute '{name}'")
 
 
-__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "PatchOptions", "Report", "attacks", "errors",
-           "methods", "patches"]
+__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report", "attacks",
+           "errors", "methods", "patches"]

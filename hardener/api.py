@@ -156,21 +156,27 @@ def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str, unlabelled: boo
 
 
 def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits: str | None = None,
-               trust_pickle: bool = False, arch_kwargs: str | None = None) -> PatchedModel:
-    """A `PatchedModel` (no patches yet) around an `nn.Module` or the checkpoint at a path."""
+               trust_pickle: bool = False, arch_kwargs: str | None = None,
+               preprocessor: str | None = None) -> PatchedModel:
+    """A `PatchedModel` (no patches yet) around an `nn.Module` or the checkpoint at a path; `preprocessor`, a
+    Hugging Face preprocessor_config.json, gives mean and std instead."""
     if isinstance(model, PatchedModel):
         return model
     if isinstance(model, (str, Path)):
         from .session import ModelOptions, load_model
 
         loaded = load_model(str(model), ModelOptions(arch=arch, trust_pickle=trust_pickle, logits=logits,
-                                                     arch_kwargs=arch_kwargs, mean=_csv(mean), std=_csv(std)),
+                                                     arch_kwargs=arch_kwargs, mean=_csv(mean), std=_csv(std),
+                                                     preprocessor=preprocessor),
                             allow_patched=False)
         loaded.patched.arch, loaded.patched.arch_kwargs = loaded.base.arch, loaded.base.arch_kwargs
         loaded.patched.base_sha256 = loaded.base.sha256
         return loaded.patched
     if isinstance(model, nn.Module):
-        spec = InputSpec(mean=parse_floats(_csv(mean), "mean"), std=parse_floats(_csv(std), "std"), logits=logits)
+        from .model import hf_normalisation
+
+        m, sd = hf_normalisation(preprocessor, _csv(mean), _csv(std))
+        spec = InputSpec(mean=parse_floats(m, "mean"), std=parse_floats(sd, "std"), logits=logits)
         return PatchedModel(Classifier(model.eval(), spec))
     raise InputError(f"cannot patch {type(model).__name__}: pass an nn.Module or a checkpoint path")
 

@@ -42,6 +42,46 @@ def parse_floats(text: str | None, what: str) -> list[float] | None:
         raise InputError(f"{what} must be comma-separated numbers, got '{text}'") from None
 
 
+def hf_normalisation(path: str | None, mean: str | None, std: str | None) -> tuple[str | None, str | None]:
+    """--mean/--std from a Hugging Face `preprocessor_config.json` (`image_mean`, `image_std`; harden feeds [0, 1]
+    pixels, so it must rescale by 1/255 as HF processors do by default). None: the user's --mean/--std as given."""
+    if not path:
+        return mean, std
+    import json
+    import math
+
+    from .errors import InputError
+    from .validate import regular_input
+
+    if mean or std:
+        raise InputError("--preprocessor sets --mean/--std: give one or the other")
+    p = regular_input(path, "--preprocessor")
+    if p.stat().st_size > 1 << 20:
+        raise InputError(f"--preprocessor '{path}' is over 1 MiB: not a preprocessor_config.json")
+    try:
+        cfg = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--preprocessor '{path}' is not a JSON file ({str(e).splitlines()[0][:100]})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"--preprocessor '{path}' must hold a JSON object (a Hugging Face preprocessor_config.json)")
+    scale = cfg.get("rescale_factor", 1 / 255)
+    if cfg.get("do_rescale", True) is not True or not isinstance(scale, (int, float)) or \
+            not math.isclose(scale, 1 / 255, rel_tol=1e-4):
+        raise InputError(f"--preprocessor '{path}' does not rescale pixels by 1/255 (do_rescale, rescale_factor): "
+                         "harden feeds [0, 1] pixels; pass --mean/--std in those units yourself")
+    if cfg.get("do_normalize", True) is not True:
+        return None, None
+
+    def values(key: str) -> str:
+        v = cfg.get(key)
+        v = [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        if not (isinstance(v, list) and 0 < len(v) <= 64 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise InputError(f"--preprocessor '{path}': '{key}' must be a number or a list of numbers")
+        return ",".join(repr(float(x)) for x in v)
+    return values("image_mean"), values("image_std")
+
+
 def parse_shape(text: str | None) -> list[int] | None:
     if text is None or text == "":
         return None

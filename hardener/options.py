@@ -88,6 +88,7 @@ MODEL = (
     opt("--mean", help="Per-channel mean the model expects (comma list); normalisation is wrapped "
                        "inside the model, attacks work on [0,1] pixels."),
     opt("--std", help="Per-channel std the model expects (comma list)."),
+    opt("--preprocessor", help="A Hugging Face preprocessor_config.json: --mean/--std from its image_mean/image_std."),
     opt("--logits", help="Key or index of the logits in a tuple/dict/object output."),
     opt("--input-shape", help="C,H,W where it cannot be inferred from the data."),
     opt("--device", default="auto", show_default=True,

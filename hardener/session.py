@@ -13,7 +13,7 @@ from . import data as hdata
 from .checkpoint import LoadedBase, Manifest, load_base, load_patched, read_manifest
 from .errors import InputError
 from .layers import probe
-from .model import Classifier, InputSpec, parse_floats, parse_shape
+from .model import Classifier, InputSpec, hf_normalisation, parse_floats, parse_shape
 from .patches import PatchedModel
 from . import archspec
 
@@ -28,6 +28,7 @@ class ModelOptions:
     std: str | None = None
     logits: str | None = None
     input_shape: str | None = None
+    preprocessor: str | None = None
 
 
 @dataclass
@@ -99,8 +100,9 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
                                          if opts.arch_kwargs else None, trust_pickle=opts.trust_pickle)
         return Loaded(patched, manifest, None)
     base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
-    spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(opts.mean, "--mean"),
-                     std=parse_floats(opts.std, "--std"), logits=opts.logits or None)
+    mean, std = hf_normalisation(opts.preprocessor, opts.mean, opts.std)
+    spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(mean, "--mean"),
+                     std=parse_floats(std, "--std"), logits=opts.logits or None)
     return Loaded(PatchedModel(Classifier(base.net, spec)), None, base)
 
 
