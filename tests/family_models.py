@@ -3,9 +3,12 @@
 Each mimics the names, nesting and forward quirks that site discovery and BN twins meet in the real ones:
 timm's activation-fused `BatchNormAct2d`, timm EfficientNet (`conv_stem, bn1, blocks, conv_head, bn2`), timm and
 torchvision ConvNeXt (channels-last LayerNorm/Linear inside each block), torchvision's features-style models (one
-`features` Sequential holding stem, stages and the last conv), and a timm-style ViT (tokens, attention internals).
+`features` Sequential holding stem, stages and the last conv), a timm-style ViT (tokens, attention internals) and a
+torchvision-style ViT on 28x28 grayscale (nn.MultiheadAttention, `encoder.layers.encoder_layer_k`).
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -343,6 +346,86 @@ def vit_like(num_classes: int = 10) -> ViTLike:
     return ViTLike(num_classes).eval()
 
 
+# ---------------------------------------------------------------- torchvision ViT, on 28x28 grayscale
+
+
+class MLPBlock(nn.Sequential):
+    """torchvision.models.vision_transformer.MLPBlock: Linear, GELU, Dropout, Linear, Dropout."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0))
+
+
+class EncoderBlock(nn.Module):
+    """torchvision's pre-norm encoder block: ln_1, self_attention (nn.MultiheadAttention), dropout, ln_2, mlp."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, hidden)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = self.dropout(y) + x
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, tokens: int, dim: int, heads: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.dropout = nn.Dropout(0.0)
+        self.layers = nn.Sequential(OrderedDict((f"encoder_layer_{i}", EncoderBlock(dim, heads, hidden))
+                                                for i in range(depth)))
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x):
+        return self.ln(self.layers(self.dropout(x + self.pos_embedding)))
+
+
+class TVViTLike(nn.Module):
+    """torchvision vit_b_16's layout, tiny, for 28x28 grayscale: conv_proj (7x7 patches: 16 tokens), class token,
+    encoder (pos_embedding, dropout, layers.encoder_layer_k, ln), heads.head."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = 28, patch: int = 7, dim: int = 16,
+                 heads: int = 2, depth: int = 4) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(channels, dim, patch, patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = Encoder((size // patch) ** 2 + 1, dim, heads, 2 * dim, depth)
+        self.heads = nn.Sequential(OrderedDict(head=nn.Linear(dim, num_classes)))
+
+    def forward(self, x):
+        x = self.conv_proj(x)
+        n, d = x.shape[:2]
+        x = x.reshape(n, d, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], 1)
+        return self.heads(self.encoder(x)[:, 0])
+
+
+def _randomise_layernorms(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial LayerNorm scales and shifts (a fresh LayerNorm would hide a twin built wrongly)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    return net.eval()
+
+
+def tv_vit_like(num_classes: int = 10) -> TVViTLike:
+    torch.manual_seed(0)
+    net = TVViTLike(num_classes)
+    with torch.no_grad():
+        net.class_token.normal_(0, 0.5)
+    return _randomise_layernorms(net)
+
+
 # ---------------------------------------------------------------- research code
 
 
@@ -366,4 +449,5 @@ def features_and_logits() -> FeaturesAndLogits:
 
 
 FAMILIES = {"efficientnet": efficientnet_like, "convnext": convnext_like, "tv_convnext": tv_convnext_like,
-            "mobilenet": mobilenet_like, "vit": vit_like}
+            "mobilenet": mobilenet_like, "vit": vit_like, "tv_vit": tv_vit_like}
+INPUT_SHAPES = {"tv_vit": (1, 28, 28)}  # C,H,W where a family does not take 3x32x32
