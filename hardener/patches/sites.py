@@ -291,8 +291,10 @@ class _Tree:
             return "1x1 map (no spatial extent left)"
         if name in self.attention:
             return "an attention module's own output (the branch before its residual sum)"
-        if any(name == a or name.startswith(a + ".") for a in avoid):
-            return "a BatchNorm layer that gets an auxiliary twin"
+        twin = next((a for a in avoid if name == a or name.startswith(a + ".")), None)
+        if twin is not None:
+            norm = "LayerNorm" if isinstance(self.modules.get(twin), nn.LayerNorm) else "BatchNorm layer"
+            return f"a {norm} that gets an auxiliary twin"
         return ""
 
     def frontier(self, names: list[str], skipped: dict[str, str], stem: str | None) -> list[str]:
@@ -332,39 +334,56 @@ def bn_names(net: nn.Module) -> list[str]:
     return [n for n, m in net.named_modules() if isinstance(m, _BatchNorm)]
 
 
+def ln_names(net: nn.Module) -> list[str]:
+    """LayerNorm layers with affine parameters (the twin of one without would have nothing to train)."""
+    return [n for n, m in net.named_modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine]
+
+
 def select_bn_sites(net: nn.Module, spec: str) -> list[str]:
-    """`--bn NAMES|REGEX|all|auto`: BatchNorm layers with running statistics, checked one by one. `auto` is
-    `all` on a model that has such layers and none (no error) on one that has not."""
+    """`--bn NAMES|REGEX|all|auto`: the norm layers that get auxiliary twins, checked one by one: BatchNorm layers
+    with running statistics, or LayerNorm layers with affine parameters. `all` is every BatchNorm, or every LayerNorm
+    on a model without BatchNorm (a vision transformer); names and regexes may pick either; `auto` is `all` on a
+    model that has such layers and none (no error) on one that has not."""
     names = bn_names(net)
-    if spec.strip() == "auto":
-        return names
-    frozen = [n for n, m in net.named_modules() if "batchnorm" in type(m).__name__.lower() and n not in names]
-    if not names:
-        extra = f" ({len(frozen)} frozen/fused norm layers such as '{frozen[0]}' cannot get twins)" if frozen else ""
-        raise InputError(f"the model has no BatchNorm layers with running statistics{extra}: auxiliary BNs need "
-                         "them; use fixer or denoise patches instead")
+    family = names or ln_names(net)
     spec = spec.strip()
+    if spec == "auto":
+        return family
+    frozen = [n for n, m in net.named_modules() if "batchnorm" in type(m).__name__.lower() and n not in names]
+    if not family:
+        extra = f" ({len(frozen)} frozen/fused norm layers such as '{frozen[0]}' cannot get twins)" if frozen else ""
+        raise InputError(f"the model has no BatchNorm layers with running statistics and no LayerNorm layers with "
+                         f"affine parameters{extra}: auxiliary twins need them; use fixer or denoise patches instead")
+    norms = names + ln_names(net)
+    modules = dict(net.named_modules())
     if spec == "all":
-        chosen = names
-    elif all(p.strip() in dict(net.named_modules()) for p in spec.split(",")):
+        chosen = family
+    elif all(p.strip() in modules for p in spec.split(",")):
         chosen = [p.strip() for p in spec.split(",")]
     else:
         try:
             rx = re.compile(spec)
         except re.error as e:
             raise InputError(f"--bn '{spec}' is neither a list of layer names nor a valid regex: {e}") from None
-        chosen = [n for n in names if rx.fullmatch(n)]
+        chosen = [n for n in norms if rx.fullmatch(n)]
         if not chosen:
-            raise InputError(f"--bn '{spec}' matches no BatchNorm layer (they are named like: "
-                             f"{', '.join(names[:5])}); pass names, a regex matching whole names, or 'all'")
-    modules = dict(net.named_modules())
+            raise InputError(f"--bn '{spec}' matches no BatchNorm or LayerNorm layer (they are named like: "
+                             f"{', '.join(norms[:5])}); pass names, a regex matching whole names, or 'all'")
     for n in chosen:
-        m = modules[n]
-        if not isinstance(m, _BatchNorm):
-            raise InputError(f"--bn '{n}' is a {type(m).__name__}, not a BatchNorm layer (BatchNorm layers: "
-                             f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
-        if not m.track_running_stats or m.running_mean is None:
-            raise InputError(f"--bn '{n}' keeps no running statistics (track_running_stats=False): "
-                             "it cannot get an auxiliary twin")
+        _check_norm(n, modules[n], norms)
     return chosen
 
+
+def _check_norm(name: str, m: nn.Module, norms: list[str]) -> None:
+    """A layer named in --bn can get an auxiliary twin (an `InputError` saying why not)."""
+    if isinstance(m, nn.LayerNorm):
+        if not m.elementwise_affine:
+            raise InputError(f"--bn '{name}' is a LayerNorm without affine parameters: its twin would have nothing "
+                             "to train")
+        return
+    if not isinstance(m, _BatchNorm):
+        raise InputError(f"--bn '{name}' is a {type(m).__name__}, not a BatchNorm or LayerNorm layer (norm layers: "
+                         f"{', '.join(norms[:5])}{', ...' if len(norms) > 5 else ''})")
+    if not m.track_running_stats or m.running_mean is None:
+        raise InputError(f"--bn '{name}' keeps no running statistics (track_running_stats=False): "
+                         "it cannot get an auxiliary twin")
