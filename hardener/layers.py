@@ -30,6 +30,7 @@ class LayerInfo:
     reason: str  # why it is not a patch site ("" for sites)
     nonnegative: bool | None = None
     layout: str | None = None  # a site's layout: "map" (N,C,H,W) or "tokens" (N,L,D); None for no site
+    order: int | None = None  # when its first call finished, counted over the modules of the forward
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -40,6 +41,7 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     calls: dict[str, int] = {}
     shapes: dict[str, list[int] | None] = {}
     nonneg: dict[str, bool] = {}
+    finished: dict[str, int] = {}  # module name -> when its first call finished
     layouts = Layouts()
     handles = []
     named = [(n, m) for n, m in model.net.named_modules() if n]
@@ -47,6 +49,7 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     def make(name: str):
         def hook(m, inp, out):
             calls[name] = calls.get(name, 0) + 1
+            finished.setdefault(name, len(finished))
             if isinstance(out, torch.Tensor):
                 shapes[name] = list(out.shape[1:])
                 nonneg[name] = nonneg.get(name, True) and bool((out >= 0).all())
@@ -74,7 +77,8 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
         ok, why = _verdict(name, calls.get(name, 0), shapes.get(name), attention, layouts)
         layout = (MAP if len(shapes[name]) == 3 else TOKENS) if ok else None
         infos.append(LayerInfo(name, type(m).__name__, sum(p.numel() for p in m.parameters()),
-                               calls.get(name, 0), shapes.get(name), ok, why, nonneg.get(name), layout))
+                               calls.get(name, 0), shapes.get(name), ok, why, nonneg.get(name), layout,
+                               finished.get(name)))
     return infos
 
 

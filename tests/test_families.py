@@ -123,7 +123,8 @@ def _infos(net, size: int = 32, channels: int = 3):
 NEVER = {"efficientnet": {"conv_stem", "bn1", "blocks"}, "convnext": {"stem", "stages"},
          "tv_convnext": {"features", "features.0"}, "mobilenet": {"features", "features.0"}}
 STEMS = {"efficientnet": "conv_stem", "convnext": "stem", "tv_convnext": "features.0", "mobilenet": "features.0",
-         "vit": "patch_embed", "tv_vit": "conv_proj"}
+         "vit": "patch_embed", "tv_vit": "conv_proj", "hf_vit": "vit.embeddings"}
+PATCH_CONVS = {"vit": "patch_embed.proj", "tv_vit": "conv_proj", "hf_vit": "vit.embeddings.patch_embeddings.projection"}
 
 
 @pytest.mark.parametrize("family", sorted(FM.FAMILIES))
@@ -143,10 +144,10 @@ def test_suggestion_is_never_a_stem_a_trunk_or_an_attention_internal(family):
         assert info.site and sug.why[s]
         assert (info.shape[1] * info.shape[2] if info.layout == "map" else info.shape[0]) > 1, (s, info.layout)
     assert len(sug.sites) == 2 and sug.stem not in sug.sites
-    if family in ("vit", "tv_vit"):  # token blocks are sites: blocks by depth (issue 21, item 1)
+    if family in PATCH_CONVS:  # token blocks are sites: blocks by depth (issue 21, item 1)
         assert all(by_name[s].layout == "tokens" for s in sug.sites), sug.sites
         maps = suggest(net, infos, layouts=("map",))  # a map-only kind (denoise): the patch embedding's conv it is
-        conv = "patch_embed.proj" if family == "vit" else "conv_proj"
+        conv = PATCH_CONVS[family]
         assert maps.sites == [conv] and f"besides the stem ('{conv}')" in maps.note
         assert maps.why[conv].startswith("the stem: no other module outputs a feature map")
     for trunk in {"blocks", "stages", "features"} & {n for n in by_name if by_name[n].site}:

@@ -1,6 +1,7 @@
 """Issue 21, item 1: token sites. Token fixers at transformer blocks (N,L,D), LayerNorm twins, site discovery that
 offers blocks and never attention internals, and a ViT patched, evaluated and exported end to end. The ViTs are the
-small ones of tests/family_models.py (a torchvision layout on 28x28 grayscale, a timm layout on 32x32 RGB)."""
+small ones of tests/family_models.py (torchvision and Hugging Face layouts on 28x28 grayscale, timm's on 32x32
+RGB)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from hardener.patches import (AuxBN, AuxLN, Fixer, FixerConfig, PatchedModel, Si
 from conftest import HERE, assert_input_error, make_data
 
 TV_ARCH = f"{HERE / 'family_models.py'}:tv_vit_like"
-SHAPES = {"tv_vit": [1, 28, 28], "vit": [3, 32, 32]}
+SHAPES = {"tv_vit": [1, 28, 28], "vit": [3, 32, 32], "hf_vit": [1, 28, 28]}
 
 
 def _patched(family: str) -> PatchedModel:
@@ -57,7 +58,7 @@ def vit_files(tmp_path_factory):
 # ---------------------------------------------------------------- the patches start as the base
 
 
-@pytest.mark.parametrize("family", ["tv_vit", "vit"])
+@pytest.mark.parametrize("family", ["tv_vit", "vit", "hf_vit"])
 @pytest.mark.parametrize("act,delta,rho", [("linear", 1.0, 4.0), ("softplus", 0.5, 1.0), ("tanh", 2.0, 0.5)])
 def test_token_fixer_reproduces_the_base_exactly(family, act, delta, rho):
     """`fixer` at a token site builds the token fixer (zero-initialised last layer): logits bit-identical, for every
@@ -83,7 +84,7 @@ def test_token_fixer_reproduces_the_base_exactly(family, act, delta, rho):
         assert not torch.equal(p(x), base)
 
 
-@pytest.mark.parametrize("family", ["tv_vit", "vit"])
+@pytest.mark.parametrize("family", ["tv_vit", "vit", "hf_vit"])
 def test_layernorm_twins_reproduce_the_base_exactly(family):
     """`--bn auto` on a model without BatchNorm twins its LayerNorms: copies of the layer (its non-trivial scales
     and shifts), trainable, the base's output on route adv and route main alike."""
@@ -169,6 +170,28 @@ def test_vit_sites_are_blocks_never_attention_internals():
     assert not any(".attn" in s for s in finer.sites)
     with pytest.raises(InputError, match="inside attention"):
         select_sites(p.net, list(infos.values()), "blocks.2.attn.q_norm", None)
+
+
+def test_hugging_face_layers_offer_their_residual_output():
+    """transformers' ViTLayer returns a tuple and sits in a ModuleList that is never called: the search looks into
+    both, and a layer stands for itself through the site it computes last (ViTOutput: dense, dropout, + the layer's
+    input), not its norms, which it defines last but calls first."""
+    p = _patched("hf_vit")
+    infos = {i.name: i for i in _infos(p)}
+    assert not infos["vit.encoder.layer.2"].site and infos["vit.encoder.layer.2"].reason == "output is not a tensor"
+    sug = suggest(p.net, list(infos.values()))
+    assert sug.sites == ["vit.encoder.layer.1.output", "vit.encoder.layer.3.output"] and sug.stem == "vit.embeddings"
+    assert all(infos[f"vit.encoder.layer.{i}.attention.attention.query"].reason.startswith("inside attention")
+               for i in range(6))
+    x = _x("hf_vit")
+    with torch.no_grad():
+        base = p(x)
+    shapes = {n: i.shape for n, i in infos.items()}
+    for _, site in select_sites(p.net, list(infos.values()), "stem,auto", None):
+        p.attach(site, Fixer.build(Site(site, p.net.get_submodule(site), shapes[site]), FixerConfig()))
+    assert {q.kind for q in p.patches.values()} == {"token-fixer"}
+    with torch.no_grad():
+        assert torch.equal(p(x), base)
 
 
 def test_a_map_only_kind_is_refused_at_tokens_and_a_token_kind_at_maps():

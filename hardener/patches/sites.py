@@ -300,18 +300,26 @@ class _Tree:
     def frontier(self, names: list[str], skipped: dict[str, str], stem: str | None) -> list[str]:
         """The outermost sites under `names` that may be suggested: a site passed over as a trunk or the stem, or a
         module that is no site of the layouts looked for (a tuple output, tokens for a map-only kind), is looked
-        into; attention internals, 1x1 maps and avoided layers are not."""
+        into (a block with a tuple output offers the site it computes last), as are the members of a ModuleList;
+        attention internals, 1x1 maps and avoided layers are not."""
         out = []
         for n in names:
             info = self.by_name.get(n)
             if info is None or info.calls == 0:
+                if isinstance(self.modules.get(n), (nn.ModuleList, nn.ModuleDict)):  # never called: its members are
+                    out += self.frontier(self.children.get(n, []), skipped, stem)
                 continue
             self.seen.add(n)
             if self.ok(n) and n not in skipped:
                 out.append(n)
             elif (n == stem or self.trunk(n) or (not self.ok(n) and not info.reason.startswith("inside attention"))) \
                     and not self.in_stem_group(n):
-                out += self.frontier(self.children.get(n, []), skipped, stem)
+                inner = self.frontier(self.children.get(n, []), skipped, stem)
+                if inner and info.shape is None and n != stem and not self.trunk(n):
+                    # a block whose output is no tensor (Hugging Face layers return tuples): the site it computes last
+                    # (its residual sum, not the norms and branches inside) stands for its output
+                    inner = [max(inner, key=lambda c: self.by_name[c].order or 0)]
+                out += inner
         return out
 
 
