@@ -522,9 +522,11 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
                              + (" (pre-filters sit at 'input')" if at_input else ""))
         if site != INPUT_SITE_NAME and (site not in modules or site == ""):
             raise InputError(f"'{path}': manifest names site '{site[:100]}', which is not a layer of the model")
-        if kind.placement == "bn" and not isinstance(modules[site], nn.modules.batchnorm._BatchNorm):
-            raise InputError(f"'{path}': manifest puts an auxiliary BN at '{site}', which is a "
-                             f"{type(modules[site]).__name__}, not a BatchNorm")
+        norms = getattr(kind, "norm_types", (nn.modules.batchnorm._BatchNorm,))  # the layers a twin kind copies
+        if kind.placement == "bn" and not isinstance(modules[site], norms):
+            what = " or ".join(t.__name__.lstrip("_") for t in norms)
+            raise InputError(f"'{path}': manifest puts an auxiliary {what} at '{site}', which is a "
+                             f"{type(modules[site]).__name__}, not a {what}")
         patched.attach(site, kind.restore(p, modules.get(site)))
     _load_patch_tensors(patched, patch_sd, path)
     patched.set_route(manifest.route)

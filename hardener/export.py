@@ -38,7 +38,11 @@ def _write(target: Path, fmt: str, model: nn.Module, example: torch.Tensor) -> N
     from .checkpoint import write_bytes, write_torch
 
     if fmt == "torchscript":
-        write_torch(target, torch.jit.trace(model, example, check_trace=True), jit=True)
+        # without gradients: nn.MultiheadAttention (torchvision's ViT) takes one path on every call, so the trace's
+        # own check sees the same graph twice (with trainable patches it switches paths between calls)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=True)
+        write_torch(target, traced, jit=True)
         return
     buf = io.BytesIO()
     if fmt == "export":

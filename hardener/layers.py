@@ -1,4 +1,8 @@
-"""Discover named layers: output shapes, call counts, parameter counts, valid patch sites."""
+"""Discover named layers: output shapes, call counts, parameter counts, valid patch sites.
+
+A site is a module's output computed once per forward, in one of two layouts: a channels-first feature map
+(N,C,H,W: `map`) or a token tensor (N,L,D, features on the last axis: `tokens`, a transformer block's output).
+Which kinds serve which layout is each patch kind's `layouts`."""
 from __future__ import annotations
 
 import math
@@ -6,9 +10,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import InputError
 from .model import Classifier
+from .patches.base import LAYOUT_WORDS, MAP, TOKENS  # noqa: F401  (LAYOUT_WORDS: what each layout is, in words)
 from .patches.sites import suggest_sites  # noqa: F401  (moved there: site parsing and suggestion in one module)
 
 
@@ -20,8 +27,10 @@ class LayerInfo:
     calls: int
     shape: list[int] | None  # output shape without the batch dimension
     site: bool
-    reason: str  # why it is (not) a fixer site
+    reason: str  # why it is not a patch site ("" for sites)
     nonnegative: bool | None = None
+    layout: str | None = None  # a site's layout: "map" (N,C,H,W) or "tokens" (N,L,D); None for no site
+    order: int | None = None  # when its first call finished, counted over the modules of the forward
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -32,6 +41,7 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     calls: dict[str, int] = {}
     shapes: dict[str, list[int] | None] = {}
     nonneg: dict[str, bool] = {}
+    finished: dict[str, int] = {}  # module name -> when its first call finished
     layouts = Layouts()
     handles = []
     named = [(n, m) for n, m in model.net.named_modules() if n]
@@ -39,6 +49,7 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     def make(name: str):
         def hook(m, inp, out):
             calls[name] = calls.get(name, 0) + 1
+            finished.setdefault(name, len(finished))
             if isinstance(out, torch.Tensor):
                 shapes[name] = list(out.shape[1:])
                 nonneg[name] = nonneg.get(name, True) and bool((out >= 0).all())
@@ -64,25 +75,28 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     infos = []
     for name, m in named:
         ok, why = _verdict(name, calls.get(name, 0), shapes.get(name), attention, layouts)
+        layout = (MAP if len(shapes[name]) == 3 else TOKENS) if ok else None
         infos.append(LayerInfo(name, type(m).__name__, sum(p.numel() for p in m.parameters()),
-                               calls.get(name, 0), shapes.get(name), ok, why, nonneg.get(name)))
+                               calls.get(name, 0), shapes.get(name), ok, why, nonneg.get(name), layout,
+                               finished.get(name)))
     return infos
 
 
 def _verdict(name: str, n_calls: int, shape: list[int] | None, attention: list[str],
              layouts: "Layouts") -> tuple[bool, str]:
-    """Whether a module's output is a patch site (a channels-first feature map, once per forward), and why not."""
+    """Whether a module's output is a patch site (a channels-first feature map or a token tensor, once per
+    forward), and why not."""
     if n_calls == 0:
         return False, "not called"
     if n_calls > 1:
         return False, f"called {n_calls}x per forward (shared module)"
     if shape is None:
         return False, "output is not a tensor"
-    if len(shape) != 3:
-        return False, f"{len(shape) + 1}-D output, not a feature map"
+    if len(shape) not in (2, 3):
+        return False, f"{len(shape) + 1}-D output, not a feature map or tokens"
     inside = next((a for a in attention if name.startswith(a + ".")), None)
     if inside is not None:
-        return False, f"inside attention '{inside}' (heads x tokens x dims, not a feature map)"
+        return False, f"inside attention '{inside}' (queries, keys, values, heads: not a feature map or tokens)"
     if name in layouts.last:
         return False, layouts.last[name]
     return True, ""
@@ -113,17 +127,20 @@ class Layouts:
     Rules, per module output: a Linear on a 4-D input acts on its last axis; a LayerNorm over the last axis of a
     4-D input whose axis 1 is not that size (or exactly nn.LayerNorm, which always normalises the last axis); a view
     of its input with the channel axis moved off axis 1 (a Permute module: one back from channels-last is a map
-    again); an output the same shape as a channels-last input, or the very tensor a submodule marked."""
+    again); an output the same shape as a channels-last input, or the very tensor a submodule marked.
+
+    Likewise, which 3-D outputs are channels-first (N,C,L) rather than tokens (N,L,D), whose last axis is the
+    features a token fixer mixes (`_why_sequence`)."""
 
     def __init__(self) -> None:
         self.marked: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (the tensor, kept alive so ids stay unique; why)
-        self.last: dict[str, str] = {}  # module name -> why its output is channels-last
+        self.last: dict[str, str] = {}  # module name -> why its output is in the wrong layout for a site
 
     def see(self, name: str, module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        if out.ndim != 4:
+        if out.ndim not in (3, 4):
             return
         x = next((t for t in inp if isinstance(t, torch.Tensor)), None)
-        why = self._why(module, x, out)
+        why = self._why(module, x, out) if out.ndim == 4 else self._why_sequence(module, x, out)
         if why:
             self.marked[id(out)] = (out, why)
             self.last[name] = why
@@ -150,6 +167,27 @@ class Layouts:
             return "channels-last (N,H,W,C), like its input"
         return ""
 
+    def _why_sequence(self, module: nn.Module, x: torch.Tensor | None, out: torch.Tensor) -> str:
+        """Why a 3-D output is channels-first (N,C,L), not tokens (N,L,D) ('' for tokens): a 1-D convolution's or
+        a norm over axis 1's output, a flattened feature map, a permuted view of tokens, an output the same shape as
+        a channels-first input (an activation, a dropout), or the very tensor a submodule marked."""
+        if id(out) in self.marked:
+            return self.marked[id(out)][1]
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+            return "channels-first (N,C,L): a 1-D convolution's output, not tokens"
+        if x is None or isinstance(module, (nn.Linear, nn.LayerNorm)):
+            return ""
+        if x.ndim == 3 and isinstance(module, (_BatchNorm, nn.GroupNorm, _InstanceNorm)):
+            return "channels-first (N,C,L): a norm over axis 1 of a 3-D input, not tokens"
+        if x.ndim == 4 and isinstance(module, nn.Flatten) and out.shape[1] == x.shape[1] and id(x) not in self.marked:
+            return "channels-first (N,C,L): a flattened feature map, not tokens"
+        if x.ndim != 3:
+            return ""
+        x_marked = id(x) in self.marked
+        if _is_view(x, out):
+            return "" if x_marked else "channels-first (N,C,L): a permuted view of tokens"
+        return self.marked[id(x)][1] if x_marked and out.shape == x.shape else ""
+
 
 def _is_view(x: torch.Tensor, out: torch.Tensor) -> bool:
     """`out` is a re-ordered view of `x` (same storage, its axes permuted)."""
@@ -166,7 +204,10 @@ def patch_cost(patched) -> dict[str, int]:
     counts = {"base": 0, "patches": 0}
 
     def count(which: str):
-        def hook(m, _inp, out):
+        def hook(m, inp, out):
+            if isinstance(m, nn.MultiheadAttention):
+                counts[which] += _attention_macs(m, inp)
+                return
             per_image = out.numel() // max(1, out.shape[0])
             fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
             counts[which] += per_image * fan_in
@@ -174,7 +215,7 @@ def patch_cost(patched) -> dict[str, int]:
 
     handles = [m.register_forward_hook(count(which))
                for which, root in (("base", patched.net), ("patches", patched.patches)) for m in root.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention))]
     dev = next((t.device for t in [*patched.parameters(), *patched.buffers()]), torch.device("cpu"))
     was = patched.training
     patched.eval()
@@ -188,6 +229,18 @@ def patch_cost(patched) -> dict[str, int]:
     return {"parameters": sum(p.numel() for p in patched.patch_parameters()),
             "base_parameters": sum(p.numel() for p in patched.model.parameters()),
             "macs": counts["patches"], "base_macs": counts["base"]}
+
+
+def _attention_macs(m: nn.MultiheadAttention, inp: tuple) -> int:
+    """Multiply-adds of one nn.MultiheadAttention call per image (its projections and both attention products; it
+    runs them functionally, so no Linear hook sees them)."""
+    q = inp[0] if inp else None
+    k = inp[1] if len(inp) > 1 else q
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.ndim == k.ndim == 3):
+        return 0
+    axis = 1 if m.batch_first else 0
+    n_q, n_k, e = q.shape[axis], k.shape[axis], m.embed_dim
+    return 2 * n_q * e * e + n_k * (m.kdim + m.vdim) * e + 2 * n_q * n_k * e
 
 
 def describe_cost(cost: dict[str, int]) -> str:

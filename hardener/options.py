@@ -135,11 +135,12 @@ PATCH = (
     popt("--at", help="Sites, comma-separated (KIND:SITE allowed). Default: chosen automatically."),
     popt("--at-regex", help="Regex matching whole site names."),
     popt("--method", show_default=True,
-         help="fixer, denoise or prefilter (the kind of --at sites), auxbn (twins of the --bn layers), "
+         help="fixer, token-fixer, denoise or prefilter (the kind of --at sites; a fixer at a transformer's token "
+              "site is a token fixer), auxbn (twins of the --bn layers), "
               "combined with commas (fixer,auxbn); or one full fine-tuning method that changes every base "
               "weight: adv-train, advprop, advamd."),
-    popt("--bn", help="BatchNorm layers that get auxiliary twins: names, a regex, all, or auto (all if the model "
-                      "has any, else none); implies auxbn."),
+    popt("--bn", help="Norm layers that get auxiliary twins: names, a regex, all (every BatchNorm; on a model "
+                      "without, every LayerNorm), or auto (all if the model has any, else none); implies auxbn."),
     popt("--route", type=Choice(["adv", "main"]),
          help="Default inference route of auxiliary BNs stored in the checkpoint (default: adv for auxbn "
               "patches, main for advprop/advamd)."),

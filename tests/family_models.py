@@ -3,9 +3,13 @@
 Each mimics the names, nesting and forward quirks that site discovery and BN twins meet in the real ones:
 timm's activation-fused `BatchNormAct2d`, timm EfficientNet (`conv_stem, bn1, blocks, conv_head, bn2`), timm and
 torchvision ConvNeXt (channels-last LayerNorm/Linear inside each block), torchvision's features-style models (one
-`features` Sequential holding stem, stages and the last conv), and a timm-style ViT (tokens, attention internals).
+`features` Sequential holding stem, stages and the last conv), a timm-style ViT (tokens, attention internals), a
+torchvision-style ViT on 28x28 grayscale (nn.MultiheadAttention, `encoder.layers.encoder_layer_k`) and a Hugging Face
+one (layers in a ModuleList, returning tuples; dict outputs).
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -343,6 +347,212 @@ def vit_like(num_classes: int = 10) -> ViTLike:
     return ViTLike(num_classes).eval()
 
 
+# ---------------------------------------------------------------- torchvision ViT, on 28x28 grayscale
+
+
+class MLPBlock(nn.Sequential):
+    """torchvision.models.vision_transformer.MLPBlock: Linear, GELU, Dropout, Linear, Dropout."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0))
+
+
+class EncoderBlock(nn.Module):
+    """torchvision's pre-norm encoder block: ln_1, self_attention (nn.MultiheadAttention), dropout, ln_2, mlp."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, hidden)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = self.dropout(y) + x
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, tokens: int, dim: int, heads: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.dropout = nn.Dropout(0.0)
+        self.layers = nn.Sequential(OrderedDict((f"encoder_layer_{i}", EncoderBlock(dim, heads, hidden))
+                                                for i in range(depth)))
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x):
+        return self.ln(self.layers(self.dropout(x + self.pos_embedding)))
+
+
+class TVViTLike(nn.Module):
+    """torchvision vit_b_16's layout, tiny, for 28x28 grayscale: conv_proj (7x7 patches: 16 tokens), class token,
+    encoder (pos_embedding, dropout, layers.encoder_layer_k, ln), heads.head."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, size: int = 28, patch: int = 7, dim: int = 16,
+                 heads: int = 2, depth: int = 4) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(channels, dim, patch, patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = Encoder((size // patch) ** 2 + 1, dim, heads, 2 * dim, depth)
+        self.heads = nn.Sequential(OrderedDict(head=nn.Linear(dim, num_classes)))
+
+    def forward(self, x):
+        x = self.conv_proj(x)
+        n, d = x.shape[:2]
+        x = x.reshape(n, d, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], 1)
+        return self.heads(self.encoder(x)[:, 0])
+
+
+def _randomise_layernorms(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial LayerNorm scales and shifts (a fresh LayerNorm would hide a twin built wrongly)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    return net.eval()
+
+
+def tv_vit_like(num_classes: int = 10) -> TVViTLike:
+    torch.manual_seed(0)
+    net = TVViTLike(num_classes)
+    with torch.no_grad():
+        net.class_token.normal_(0, 0.5)
+    return _randomise_layernorms(net)
+
+
+# ---------------------------------------------------------------- Hugging Face ViT (transformers' ViTForImageClassification)
+
+
+class HFSelfAttention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        return (self.dropout((q @ k.transpose(1, 2) * x.shape[-1] ** -0.5).softmax(-1)) @ v,)
+
+
+class HFDenseOut(nn.Module):
+    """ViTSelfOutput (residual=False) and ViTOutput (residual=True: dense, dropout, + the block's input)."""
+
+    def __init__(self, d_in: int, d_out: int, residual: bool) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        self.dropout = nn.Dropout(0.0)
+        self.residual = residual
+
+    def forward(self, x, inp):
+        y = self.dropout(self.dense(x))
+        return y + inp if self.residual else y
+
+
+class HFAttention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attention = HFSelfAttention(dim)
+        self.output = HFDenseOut(dim, dim, residual=False)
+
+    def forward(self, x):
+        return (self.output(self.attention(x)[0], x),)
+
+
+class HFIntermediate(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, hidden)
+        self.intermediate_act_fn = nn.GELU()
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class HFLayer(nn.Module):
+    """transformers' ViTLayer: defines its norms last but calls them first, and returns a tuple."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attention = HFAttention(dim)
+        self.intermediate = HFIntermediate(dim, 2 * dim)
+        self.output = HFDenseOut(2 * dim, dim, residual=True)
+        self.layernorm_before = nn.LayerNorm(dim)
+        self.layernorm_after = nn.LayerNorm(dim)
+
+    def forward(self, h):
+        h = self.attention(self.layernorm_before(h))[0] + h
+        return (self.output(self.intermediate(self.layernorm_after(h)), h),)
+
+
+class HFEncoder(nn.Module):
+    def __init__(self, dim: int, depth: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([HFLayer(dim) for _ in range(depth)])  # never called itself
+
+    def forward(self, h):
+        for layer in self.layer:
+            h = layer(h)[0]
+        return {"last_hidden_state": h}
+
+
+class HFPatchEmbeddings(nn.Module):
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(1, dim, patch, patch)
+
+    def forward(self, x):
+        return self.projection(x).flatten(2).transpose(1, 2)
+
+
+class HFEmbeddings(nn.Module):
+    def __init__(self, dim: int, patch: int, tokens: int) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.position_embeddings = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.patch_embeddings = HFPatchEmbeddings(dim, patch)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        e = self.patch_embeddings(x)
+        return self.dropout(torch.cat([self.cls_token.expand(len(e), -1, -1), e], 1) + self.position_embeddings)
+
+
+class HFViTModel(nn.Module):
+    def __init__(self, dim: int, patch: int, depth: int, size: int) -> None:
+        super().__init__()
+        self.embeddings = HFEmbeddings(dim, patch, (size // patch) ** 2 + 1)
+        self.encoder = HFEncoder(dim, depth)
+        self.layernorm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return {"last_hidden_state": self.layernorm(self.encoder(self.embeddings(x))["last_hidden_state"])}
+
+
+class HFViTLike(nn.Module):
+    """transformers' ViTForImageClassification layout, tiny, for 28x28 grayscale: vit (embeddings, encoder.layer[k]
+    returning tuples, layernorm, outputs as dicts), classifier."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, patch: int = 7, depth: int = 6, size: int = 28) -> None:
+        super().__init__()
+        self.vit = HFViTModel(dim, patch, depth, size)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.vit(x)["last_hidden_state"][:, 0])
+
+
+def hf_vit_like(num_classes: int = 10) -> HFViTLike:
+    torch.manual_seed(0)
+    return _randomise_layernorms(HFViTLike(num_classes))
+
+
 # ---------------------------------------------------------------- research code
 
 
@@ -366,4 +576,5 @@ def features_and_logits() -> FeaturesAndLogits:
 
 
 FAMILIES = {"efficientnet": efficientnet_like, "convnext": convnext_like, "tv_convnext": tv_convnext_like,
-            "mobilenet": mobilenet_like, "vit": vit_like}
+            "mobilenet": mobilenet_like, "vit": vit_like, "tv_vit": tv_vit_like, "hf_vit": hf_vit_like}
+INPUT_SHAPES = {"tv_vit": (1, 28, 28), "hf_vit": (1, 28, 28)}  # C,H,W where a family does not take 3x32x32

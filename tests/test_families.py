@@ -113,17 +113,18 @@ def test_fixer_and_auto_twins_on_an_efficientnet_layout(tmp_path):
 # ---------------------------------------------------------------- site discovery
 
 
-def _infos(net, size: int = 32):
+def _infos(net, size: int = 32, channels: int = 3):
     from hardener.layers import probe
 
-    return probe(Classifier(net, InputSpec(shape=[3, size, size])), torch.rand(2, 3, size, size))
+    return probe(Classifier(net, InputSpec(shape=[channels, size, size])), torch.rand(2, channels, size, size))
 
 
 # what the issue's probe saw suggested (stems, whole trunks) and the stems `--at stem` must not grow into
 NEVER = {"efficientnet": {"conv_stem", "bn1", "blocks"}, "convnext": {"stem", "stages"},
          "tv_convnext": {"features", "features.0"}, "mobilenet": {"features", "features.0"}}
 STEMS = {"efficientnet": "conv_stem", "convnext": "stem", "tv_convnext": "features.0", "mobilenet": "features.0",
-         "vit": "patch_embed.proj"}
+         "vit": "patch_embed", "tv_vit": "conv_proj", "hf_vit": "vit.embeddings"}
+PATCH_CONVS = {"vit": "patch_embed.proj", "tv_vit": "conv_proj", "hf_vit": "vit.embeddings.patch_embeddings.projection"}
 
 
 @pytest.mark.parametrize("family", sorted(FM.FAMILIES))
@@ -131,19 +132,24 @@ def test_suggestion_is_never_a_stem_a_trunk_or_an_attention_internal(family):
     from hardener.patches import suggest
 
     net = FM.FAMILIES[family]()
-    infos = _infos(net)
+    c, size, _ = FM.INPUT_SHAPES.get(family, (3, 32, 32))
+    infos = _infos(net, size, c)
     by_name = {i.name: i for i in infos}
     sug = suggest(net, infos)
     assert sug.stem == STEMS[family]
     assert not set(sug.sites) & NEVER.get(family, set()), sug.sites
     assert not any(".attn" in s or "attention" in s for s in sug.sites)
-    for s in sug.sites:  # channels-first maps with some spatial extent, each said why
-        assert by_name[s].site and by_name[s].shape[1] * by_name[s].shape[2] > 1 and sug.why[s]
-    if family == "vit":  # token blocks are no feature maps: the stem is the last resort, and the note says so
-        assert sug.sites == ["patch_embed.proj"] and "besides the stem ('patch_embed.proj')" in sug.note
-        assert sug.why["patch_embed.proj"].startswith("the stem: no other module outputs a feature map")
-    else:
-        assert len(sug.sites) == 2 and sug.stem not in sug.sites
+    for s in sug.sites:  # channels-first maps with some spatial extent or several tokens, each said why
+        info = by_name[s]
+        assert info.site and sug.why[s]
+        assert (info.shape[1] * info.shape[2] if info.layout == "map" else info.shape[0]) > 1, (s, info.layout)
+    assert len(sug.sites) == 2 and sug.stem not in sug.sites
+    if family in PATCH_CONVS:  # token blocks are sites: blocks by depth (issue 21, item 1)
+        assert all(by_name[s].layout == "tokens" for s in sug.sites), sug.sites
+        maps = suggest(net, infos, layouts=("map",))  # a map-only kind (denoise): the patch embedding's conv it is
+        conv = PATCH_CONVS[family]
+        assert maps.sites == [conv] and f"besides the stem ('{conv}')" in maps.note
+        assert maps.why[conv].startswith("the stem: no other module outputs a feature map")
     for trunk in {"blocks", "stages", "features"} & {n for n in by_name if by_name[n].site}:
         assert sug.skipped[trunk].startswith("trunk container")
 

@@ -1,5 +1,6 @@
-"""`harden layers`: the named layers of a model (type, output shape, parameters, whether each is a valid patch site
-and why not) and the suggested sites, with the stem and the valid sites the suggestion passed over."""
+"""`harden layers`: the named layers of a model (type, output shape, parameters, whether each is a valid patch site,
+a feature map or tokens, and why not) and the suggested sites, with the stem and the valid sites the suggestion
+passed over."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def run(call: Call) -> None:
     for i in infos:
         why = i.reason or (f"not suggested: {sug.skipped[i.name]}" if i.name in sug.skipped else "")
         table.add_row(i.name, i.type, "×".join(map(str, i.shape)) if i.shape else "—", f"{i.params:,}",
-                      "yes" if i.site else "no", why)
+                      (i.layout or "map") if i.site else "no", why)
     err_console.print(table)
     if sug.stem:
         err_console.print(f"stem: {sug.stem} ({sug.why[sug.stem]})")

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from .base import (DEFAULT_BN_KIND, DEFAULT_SITE_KIND, INPUT_SITE, KINDS, PatchKind, Site, bn_kinds,
                    register_patch_kind, site_kinds)
-from .fixer import ACTIVATIONS, Fixer, FixerConfig
+from .fixer import ACTIVATIONS, Fixer, FixerConfig, TokenFixer
 from .denoise import OPS as DENOISE_OPS, Denoise, DenoiseConfig
 from .prefilter import Prefilter, PrefilterConfig
-from .auxbn import AuxBN
+from .auxbn import AuxBN, AuxLN
 from .attach import ROUTES, PatchedModel
-from .sites import Suggestion, bn_names, parse_sites, select_bn_sites, select_sites, suggest, suggest_sites
+from .sites import Suggestion, bn_names, ln_names, parse_sites, select_bn_sites, select_sites, suggest, suggest_sites
 
 PATCH_KINDS = KINDS  # the registry itself: kinds registered later show up here too
 
-__all__ = ["ACTIVATIONS", "AuxBN", "DEFAULT_BN_KIND", "DEFAULT_SITE_KIND", "DENOISE_OPS", "Denoise", "DenoiseConfig",
-           "Fixer", "FixerConfig", "INPUT_SITE", "KINDS", "PATCH_KINDS", "PatchKind", "PatchedModel", "Prefilter",
-           "PrefilterConfig", "ROUTES", "Site", "Suggestion", "bn_kinds", "bn_names", "parse_sites", "register_patch_kind",
-           "select_bn_sites", "select_sites", "site_kinds", "suggest", "suggest_sites"]
+__all__ = ["ACTIVATIONS", "AuxBN", "AuxLN", "DEFAULT_BN_KIND", "DEFAULT_SITE_KIND", "DENOISE_OPS", "Denoise",
+           "DenoiseConfig", "Fixer", "FixerConfig", "INPUT_SITE", "KINDS", "PATCH_KINDS", "PatchKind", "PatchedModel",
+           "Prefilter", "PrefilterConfig", "ROUTES", "Site", "Suggestion", "TokenFixer", "bn_kinds", "bn_names",
+           "ln_names", "parse_sites", "register_patch_kind", "select_bn_sites", "select_sites", "site_kinds", "suggest",
+           "suggest_sites"]

@@ -7,12 +7,16 @@ output untouched, so route main is the base. Strength s interpolates: out + s·(
 
 A checkpoint records the twin's class name but is never trusted to name code: on loading, the twin is again a deep
 copy of the base's own layer at that site (which must be of the recorded class), then its trained tensors load.
+
+LayerNorm twins (`auxln`, what --bn gives a transformer's LayerNorms) work the same way: a deep copy of the base's
+LayerNorm with its own affine parameters, route adv through the twin, route main the base. `--method auxbn` and
+`auxln` both twin each --bn layer with the kind that fits it (BatchNorm: auxbn; LayerNorm: auxln).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import copy
+import math
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,15 +57,20 @@ class AuxBN(PatchKind):
         return {"type": type(t).__name__, "features": t.num_features, "eps": t.eps, "momentum": t.momentum,
                 "affine": t.affine}
 
+    norm_types: ClassVar[tuple[type, ...]] = (_BatchNorm,)  # the layers this kind twins
+
     @classmethod
-    def build(cls, site: Site, config: Any = None) -> "AuxBN":
+    def build(cls, site: Site, config: Any = None) -> PatchKind:
         return cls.from_module(site.module)
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> "AuxBN":
+    def from_module(cls, module: nn.Module) -> PatchKind:
+        """The twin of `module`: an auxbn patch for a BatchNorm, an auxln patch for a LayerNorm."""
+        if isinstance(module, nn.LayerNorm):
+            return AuxLN(module)
         if not isinstance(module, _BatchNorm):
-            raise InputError(f"auxbn patches attach to BatchNorm layers, not {type(module).__name__}")
-        return cls(module)
+            raise InputError(f"auxiliary twins attach to BatchNorm and LayerNorm layers, not {type(module).__name__}")
+        return AuxBN(module)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "AuxBN":
@@ -107,3 +116,58 @@ class AuxBN(PatchKind):
             return out
         new = self.twin(inp)
         return new if self.strength == 1 else out + self.strength * (new - out)
+
+
+def _norm_shape(v: Any) -> bool:
+    return (isinstance(v, list) and 1 <= len(v) <= 4 and all(V.int_in(1, V.MAX_CHANNELS)(x) for x in v)
+            and math.prod(v) <= 1 << 28)
+
+
+@register_patch_kind("auxln", placement="bn")
+class AuxLN(AuxBN):
+    """A trainable twin of a base LayerNorm (its class, normalised shape, eps, affine parameters): route adv
+    normalises the layer's input with it, route main leaves the base's output."""
+
+    norm_types = (nn.LayerNorm,)
+
+    def extra_spec(self) -> dict[str, Any]:
+        t = self.twin
+        return {"type": type(t).__name__, "shape": list(t.normalized_shape), "eps": t.eps,
+                "affine": t.elementwise_affine, "bias": t.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "AuxLN":
+        """A twin of a plain torch LayerNorm (other classes are rebuilt from the base's layer: `restore`)."""
+        if spec["type"] != "LayerNorm":
+            raise InputError(f"an auxiliary LayerNorm of type '{spec['type']}' is rebuilt from the base's own layer "
+                             f"at '{spec.get('site', '?')}', not from the manifest alone")
+        return cls(nn.LayerNorm(spec["shape"], eps=spec["eps"], elementwise_affine=spec["affine"],
+                                bias=spec["bias"]))
+
+    @classmethod
+    def restore(cls, spec: dict[str, Any], module: nn.Module | None) -> "AuxLN":
+        """The twin of the base's layer at the spec's site: a deep copy of that layer, which must be the LayerNorm the
+        manifest describes (class name, shape, eps, affine, bias); the trained tensors load afterwards."""
+        site = spec.get("site", "?")
+        if not isinstance(module, nn.LayerNorm):
+            raise InputError(f"manifest puts an auxiliary LayerNorm at '{site}', which is a "
+                             f"{type(module).__name__}, not a LayerNorm")
+        got = {"type": type(module).__name__, "shape": list(module.normalized_shape),
+               "affine": module.elementwise_affine, "bias": module.bias is not None}
+        want = {k: spec[k] for k in got}
+        if got != want or abs(module.eps - spec["eps"]) > 1e-12:
+            raise InputError(f"manifest's auxiliary LayerNorm at '{site}' is a {want['type']} over {want['shape']} "
+                             f"(affine {want['affine']}, eps {spec['eps']}), but the model's layer there is a "
+                             f"{got['type']} over {got['shape']} (affine {got['affine']}, eps {module.eps}): is this "
+                             "the architecture the model was patched with?")
+        return cls(module)
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, tuple]:
+        return {"type": CLASS_NAME, "shape": (_norm_shape, "must be a list of 1 to 4 positive sizes"),
+                "eps": (V.number(0, 1, open_lo=True), "must be a small positive number"), "affine": BOOL,
+                "bias": (*BOOL, True)}
+
+    @classmethod
+    def numel(cls, spec: dict[str, Any]) -> int:
+        return math.prod(spec["shape"]) * (1 + spec["bias"]) if spec["affine"] else 0

@@ -3,13 +3,17 @@
 A patch kind is an `nn.Module` class registered with `@register_patch_kind("name", placement=..., config_cls=...)`:
 
 - `placement`: where it goes. "output": on a layer's output, `h -> patch(h)` (placed with --at); "input": on the
-  model input after normalisation, site `input` (placed with --at KIND:input); "bn": the twin of a BatchNorm
-  layer, `patch(out, inp)` on route adv only (placed with --bn).
+  model input after normalisation, site `input` (placed with --at KIND:input); "bn": the twin of a norm layer
+  (BatchNorm, LayerNorm), `patch(out, inp)` on route adv only (placed with --bn; its class attribute
+  `norm_types` names the layer classes it copies, checked on loading).
+- `layouts` (class attribute, "output" kinds): the site layouts it serves, "map" (N,C,H,W feature maps, the
+  default) and/or "tokens" (N,L,D token tensors of transformer blocks); sites of other layouts are refused, and
+  `auto`/`stem` look for sites of these layouts only. A kind serving both picks its variant in `build`.
 - `config_cls`: a dataclass of its options, validated in `__post_init__`. `make_config(options)` reads its fields
   by name from the run's options (`api.PatchOptions`, a dict, ...; `field(metadata={"option": "denoise_op"})`
   reads another name); options that are None or absent keep the field's default.
-- `build(site, config)`: a new patch for `site` (a `Site`: its name, module and output shape C,H,W) that starts as
-  the identity (a zero-initialised last layer): the freshly patched model equals the base exactly.
+- `build(site, config)`: a new patch for `site` (a `Site`: its name, module and output shape, C,H,W or L,D) that
+  starts as the identity (a zero-initialised last layer): the freshly patched model equals the base exactly.
 - `extra_spec()`: what the manifest stores beside kind and site; `from_spec(spec)` rebuilds the patch from it;
   `restore(spec, module)` is what loading calls, with the base's layer at the site (None at the input): by default
   `from_spec(spec)`; a kind that copies its layer (auxbn) copies it again there.
@@ -36,6 +40,8 @@ INPUT_SITE = "input"  # the model's input (after normalisation): the site of "in
 PLACEMENTS = ("output", "input", "bn")
 DEFAULT_SITE_KIND = "fixer"  # the kind of --at sites when --method names none
 DEFAULT_BN_KIND = "auxbn"  # the kind --bn places
+MAP, TOKENS = "map", "tokens"  # the layouts of a site's output: N,C,H,W feature maps, N,L,D token tensors
+LAYOUT_WORDS = {MAP: "a channels-first feature map (N,C,H,W)", TOKENS: "tokens (N,L,D)"}
 
 CHANNELS = (V.int_in(1, V.MAX_CHANNELS), f"must be an integer in 1..{V.MAX_CHANNELS}")
 BOOL = (lambda v: isinstance(v, bool), "must be true or false")
@@ -50,7 +56,8 @@ def choice(values) -> tuple[Callable[[Any], bool], str]:
 
 @dataclass
 class Site:
-    """Where a patch goes: the layer's name (`input` for the model input), its module, its output shape C,H,W."""
+    """Where a patch goes: the layer's name (`input` for the model input), its module, its output shape without the
+    batch axis (C,H,W for a feature map, L,D for tokens)."""
 
     name: str
     module: nn.Module
@@ -69,6 +76,7 @@ class PatchKind(nn.Module):
     placement: ClassVar[str] = "output"
     config_cls: ClassVar[type] = NoOptions
     may_mask: ClassVar[bool] = False
+    layouts: ClassVar[tuple[str, ...]] = (MAP,)
 
     @classmethod
     def make_config(cls, options: Any = None) -> Any:
@@ -158,5 +166,5 @@ def site_kinds() -> tuple[str, ...]:
 
 
 def bn_kinds() -> tuple[str, ...]:
-    """Kinds placed with --bn (twins of BatchNorm layers)."""
+    """Kinds placed with --bn (twins of BatchNorm and LayerNorm layers)."""
     return tuple(n for n, k in KINDS.items() if k.placement == "bn")

@@ -2,6 +2,11 @@
 
 φ = ζ(conv3x3(ReLU(conv1x1(h)))) − ζ(0), with the 3×3 conv zero-initialised, so φ ≡ 0 at the
 start for every ζ and the patched model starts exactly equal to the base.
+
+At a token site (N,L,D: a transformer block's output) the fixer is the token fixer, a residual bottleneck MLP over
+the feature axis applied to every token: φ = ζ(W2·GELU(W1·LN(h))) − ζ(0), W1: D -> D/ρ, W2: D/ρ -> D zero-initialised
+(LN: a LayerNorm of its own, as in a pre-norm transformer block). `--method fixer` (and `auto`, `stem`) builds it
+wherever the site holds tokens; its manifest kind is `token-fixer`, which `--at token-fixer:SITE` names directly.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from torch import nn
 
 from .. import validate as V
 from ..errors import InputError
-from .base import BOOL, CHANNELS, FINITE, PatchKind, choice, register_patch_kind
+from .base import BOOL, CHANNELS, FINITE, PatchKind, Site, choice, register_patch_kind
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "linear": lambda z: z,
@@ -42,6 +47,8 @@ class FixerConfig:
 
 @register_patch_kind("fixer", placement="output", config_cls=FixerConfig)
 class Fixer(PatchKind):
+    layouts = ("map", "tokens")  # at token sites `build` makes a TokenFixer
+
     def __init__(self, channels: int, config: FixerConfig) -> None:
         super().__init__()
         self.config = config
@@ -54,6 +61,11 @@ class Fixer(PatchKind):
         act = ACTIVATIONS[config.act]
         self._act = act
         self._act0 = float(act(torch.zeros(())))
+
+    @classmethod
+    def build(cls, site: Site, config: FixerConfig) -> PatchKind:
+        """A conv fixer at a feature map (C,H,W), a token fixer at tokens (L,D)."""
+        return TokenFixer.build(site, config) if len(site.shape) == 2 else cls(site.shape[0], config)
 
     def extra_spec(self) -> dict[str, Any]:
         return {"channels": self.conv2.out_channels, "rho": self.config.rho, "delta": self.config.delta,
@@ -77,16 +89,69 @@ class Fixer(PatchKind):
 
     @classmethod
     def numel(cls, spec: dict[str, Any]) -> int:
-        c = spec["channels"]
-        hidden_f = c / spec["rho"]
-        if hidden_f > 1 << 24:
-            raise InputError(f"manifest patch at '{spec['site']}': rho {spec['rho']} asks for {hidden_f:.3g} "
-                             "hidden channels")
-        h = max(1, int(c // spec["rho"]))
+        c, h = spec["channels"], _hidden(spec)
         return c * h + h + h * c * 9 + c
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.conv2(F.relu(self.conv1(h)))
+        phi = self._act(z) - self._act0
+        out = h + (self.strength * self.config.delta) * phi
+        return F.relu(out) if self.config.final_relu else out
+
+
+def _hidden(spec: dict[str, Any]) -> int:
+    """Hidden width of a stored fixer spec, refused when a tiny rho would ask for a huge one."""
+    hidden_f = spec["channels"] / spec["rho"]
+    if hidden_f > 1 << 24:
+        raise InputError(f"manifest patch at '{spec['site']}': rho {spec['rho']} asks for {hidden_f:.3g} "
+                         "hidden channels")
+    return max(1, int(spec["channels"] // spec["rho"]))
+
+
+@register_patch_kind("token-fixer", placement="output", config_cls=FixerConfig)
+class TokenFixer(PatchKind):
+    """h -> h + strength·δ·(ζ(W2·GELU(W1·LN(h))) − ζ(0)) on every token of an N,L,D tensor, W2 zero-initialised."""
+
+    layouts = ("tokens",)
+
+    def __init__(self, channels: int, config: FixerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.channels = channels
+        hidden = max(1, int(channels // config.rho))
+        self.norm = nn.LayerNorm(channels)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+        self.strength = 1.0
+        self._act = ACTIVATIONS[config.act]
+        self._act0 = float(self._act(torch.zeros(())))
+
+    @classmethod
+    def build(cls, site: Site, config: FixerConfig) -> "TokenFixer":
+        return cls(site.shape[-1], config)
+
+    @classmethod
+    def check_site(cls, info: Any, config: FixerConfig) -> None:
+        Fixer.check_site(info, config)
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, tuple]:
+        return Fixer.spec_fields()
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "TokenFixer":
+        cfg = FixerConfig(rho=spec["rho"], delta=spec["delta"], act=spec["act"], final_relu=spec["final_relu"])
+        return cls(spec["channels"], cfg)
+
+    @classmethod
+    def numel(cls, spec: dict[str, Any]) -> int:
+        c, h = spec["channels"], _hidden(spec)
+        return 2 * c + c * h + h + h * c + c
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(F.gelu(self.fc1(self.norm(h))))
         phi = self._act(z) - self._act0
         out = h + (self.strength * self.config.delta) * phi
         return F.relu(out) if self.config.final_relu else out

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from ..errors import InputError
-from .base import DEFAULT_SITE_KIND, INPUT_SITE, KINDS
+from .base import DEFAULT_SITE_KIND, INPUT_SITE, KINDS, LAYOUT_WORDS, MAP, TOKENS
 
 AUTO = "auto"  # in --at: the suggested sites (about three blocks by depth)
 STEM = "stem"  # in --at: the outermost site around the first convolution that is not a trunk container
@@ -59,10 +59,21 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
                  default_kind: str = DEFAULT_SITE_KIND, avoid: Iterable[str] = (),
                  say: Callable[[str], None] = lambda s: None) -> list[tuple[str, str]]:
     """The (kind, site) pairs to patch: named ones, checked against the dry run, or suggested ones. `options` (the
-    run's options) go to each kind's `check_site`; `avoid`: layers the suggestion must not pick (BatchNorm layers
-    that get twins); `say` hears what `stem` and `auto` resolved to, and why."""
+    run's options) go to each kind's `check_site`; `avoid`: layers the suggestion must not pick (norm layers that
+    get twins); `say` hears what `stem` and `auto` resolved to, and why. `auto` and `stem` look for sites of the
+    layouts their kind serves (a fixer: feature maps and tokens; a denoise block: feature maps only)."""
     entries = [e.strip() for e in (at or "").split(",") if e.strip()]
-    sug = None
+    heard: dict[tuple[str, ...], tuple[Suggestion, list[str]]] = {}  # by layouts: the suggestion, the words asking
+
+    def consult(kind: str, word: str) -> Suggestion:
+        if kind not in KINDS:
+            raise InputError(f"unknown patch kind '{kind}' in '{kind}:{word}' (available: {', '.join(KINDS)})")
+        layouts = KINDS[kind].layouts
+        if layouts not in heard:
+            heard[layouts] = (suggest(net, infos, avoid=avoid, layouts=layouts), [])
+        heard[layouts][1].append(word)
+        return heard[layouts][0]
+
     if entries or at_regex:
         named = [e for e in entries if e.split(":")[-1] not in (AUTO, STEM)]
         sites = parse_sites(",".join(named), at_regex, [i.name for i in infos], default_kind)
@@ -70,20 +81,22 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
             word = e.split(":")[-1]
             if word in (AUTO, STEM):  # `auto`: the suggested sites; `stem`: the module around the first conv
                 kind = e.split(":")[0] if ":" in e else default_kind
-                sug = sug or suggest(net, infos, avoid=avoid)
+                sug = consult(kind, word)
                 picked = sug.sites if word == AUTO else [sug.stem] if sug.stem else []
                 if not picked:
-                    say(f"--at {word}: no site ({sug.note if word == AUTO else 'the model has no feature map'})")
+                    why = sug.note if word == AUTO else "none of this kind around the first convolution"
+                    say(f"--at {e}: no site ({why})")
                 sites += [(kind, s) for s in picked if s not in {x for _, x in sites}]
         if not sites:
-            raise InputError(f"--at {at}: no site to patch ({sug.note if sug else 'nothing named'})")
+            notes = [sug.note for sug, _ in heard.values()]
+            raise InputError(f"--at {at}: no site to patch ({notes[0] if notes else 'nothing named'})")
     else:
-        sug = suggest(net, infos, avoid=avoid)
+        sug = consult(default_kind, AUTO)
         if not sug.sites:
             raise InputError(sug.note)
         sites = [(default_kind, s) for s in sug.sites]
-    if sug is not None:
-        for line in sug.explain(entries or [AUTO]):
+    for sug, words in heard.values():
+        for line in sug.explain(words):
             say(line)
     _check_sites(sites, infos, options)
     return sites
@@ -105,13 +118,20 @@ def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any) -> Non
         info = by_name[site]
         if not info.site:
             raise InputError(f"'{site}' is not a valid {kind} site: {info.reason}")
+        layout = info.layout or MAP
+        if layout not in cls.layouts:
+            takers = [n for n, k in KINDS.items() if k.placement == "output" and layout in k.layouts]
+            raise InputError(f"'{site}' outputs {LAYOUT_WORDS[layout]}, which {kind} patches do not take (they take "
+                             f"{' or '.join(LAYOUT_WORDS[w] for w in cls.layouts)})"
+                             + (f": put {' or '.join(takers)} patches there" if takers else ""))
         cls.check_site(info, cls.make_config(options))
 
 
-def suggest_sites(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] = ()) -> list[str]:
+def suggest_sites(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] = (),
+                  layouts: tuple[str, ...] = (MAP, TOKENS)) -> list[str]:
     """Sites that split the network into about `parts` blocks by depth (the paper's b = 3): `suggest(...).sites`,
     an `InputError` saying why when there is none."""
-    sug = suggest(model, infos, parts, avoid)
+    sug = suggest(model, infos, parts, avoid, layouts)
     if not sug.sites:
         raise InputError(sug.note)
     return sug.sites
@@ -141,19 +161,22 @@ class Suggestion:
         return lines
 
 
-def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] = ()) -> Suggestion:
+def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] = (),
+            layouts: tuple[str, ...] = (MAP, TOKENS)) -> Suggestion:
     """Block outputs that split the network into about `parts` parts by depth, and the stem.
 
     Never a stem (the first conv/norm/activation group, or the module `stem` names), a whole-trunk container (one
-    holding more than half of the network's layers: torchvision's `features`, timm's `blocks` or `stages`; its
-    stages are looked at instead), a 1x1 map, anything `avoid` names or inside it; invalid
-    sites (attention internals, channels-last tensors, token outputs) never are. Candidates are the outermost
-    remaining sites (a container that is passed over is looked into); we take the ones closest to the 1/parts,
-    2/parts, ... depth quantiles (by the position of their last layer), never the last layer.
+    holding more than half of the network's layers: torchvision's `features` or ViT `encoder.layers`, timm's
+    `blocks` or `stages`; its stages are looked at instead), a 1x1 map or a single token, an attention module's own
+    output, anything `avoid` names or inside it; invalid sites (attention internals, channels-last tensors) never
+    are, nor sites whose layout is not in `layouts` ("map": N,C,H,W feature maps; "tokens": N,L,D, a transformer
+    block's output). Candidates are the outermost remaining sites (a container that is passed over is looked into);
+    we take the ones closest to the 1/parts, 2/parts, ... depth quantiles (by the position of their last layer),
+    never the last layer.
     """
-    tree = _Tree(model, infos)
+    tree = _Tree(model, infos, layouts)
     stem = tree.stem()
-    skipped = {n: why for n in tree.order if tree.by_name[n].site for why in [tree.skip(n, stem, set(avoid))] if why}
+    skipped = {n: why for n in tree.order if tree.ok(n) for why in [tree.skip(n, stem, set(avoid))] if why}
     cands = tree.frontier(tree.top, skipped, stem)
     passed = {n: why for n, why in skipped.items() if n in tree.seen}
     while 0 < len(cands) < parts:
@@ -173,26 +196,32 @@ def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] 
         why[stem] = (f"the outermost module around the first convolution that is not a trunk container, "
                      f"{_shape(tree.by_name[stem])}")
     note = "" if chosen else (
-        "the model has no feature-map site to suggest" + (f" besides the stem ('{stem}')" if stem else "")
-        + " (a site is a module whose output is a channels-first N,C,H,W map, computed once per forward; "
+        f"the model has no {' or '.join({MAP: 'feature-map', TOKENS: 'token'}[w] for w in layouts)} site to suggest"
+        + (f" besides the stem ('{stem}')" if stem else "") + " (a site is a module whose output is "
+        + " or ".join(LAYOUT_WORDS[w] for w in layouts) + ", computed once per forward; "
         "`harden layers` says why each module is not)")
     if not chosen and stem and tree.skip(stem, None, set(avoid)) in ("", "stem"):
-        chosen = [stem]  # the last resort (a ViT's patch embedding, a one-conv model): the only map there is
-        why = {stem: f"the stem: no other module outputs a feature map; {why[stem]}"}
+        chosen = [stem]  # the last resort (a one-conv model, a ViT for a map-only kind): the only site there is
+        what = " or ".join({MAP: "a feature map", TOKENS: "tokens"}[w] for w in layouts)
+        why = {stem: f"the stem: no other module outputs {what}; {why[stem]}"}
     elif not chosen:
         note += ": name sites with --at"
     return Suggestion(chosen, stem, why, passed, note)
 
 
 def _shape(info) -> str:
+    if info.layout == TOKENS:
+        return f"{info.shape[0]} tokens x {info.shape[1]}"
     return "x".join(map(str, info.shape))
 
 
 class _Tree:
     """The module tree as the dry run saw it: called leaves in order, each module's span of them."""
 
-    def __init__(self, model: nn.Module, infos: list) -> None:
+    def __init__(self, model: nn.Module, infos: list, layouts: tuple[str, ...] = (MAP, TOKENS)) -> None:
+        self.layouts = layouts
         self.by_name = {i.name: i for i in infos}
+        self.attention = {i.reason.split("'")[1] for i in infos if i.reason.startswith("inside attention '")}
         self.order = [i.name for i in infos]
         mods = dict(model.named_modules())
         self.modules = mods
@@ -208,6 +237,11 @@ class _Tree:
                 self.span[n] = (first, k, count + 1)
         self.stem_end = self._stem_group()
         self.seen: set[str] = set()  # the sites `frontier` met
+
+    def ok(self, name: str) -> bool:
+        """A valid site of one of the layouts looked for."""
+        info = self.by_name.get(name)
+        return bool(info is not None and info.site and (info.layout or MAP) in self.layouts)
 
     def pos(self, name: str) -> float:
         """Depth of a module's output: the fraction of the network's layers that have run when it is computed."""
@@ -239,8 +273,8 @@ class _Tree:
         valid top-level site on a model without convolutions)."""
         first = next((n for n in self.leaves if isinstance(self.modules[n], _ConvNd)), None)
         if first is None:
-            return next((n for n in self.top if self.by_name.get(n) and self.by_name[n].site), None)
-        around = [n for n in self.order if (first == n or first.startswith(n + ".")) and self.by_name[n].site
+            return next((n for n in self.top if self.ok(n)), None)
+        around = [n for n in self.order if (first == n or first.startswith(n + ".")) and self.ok(n)
                   and not self.trunk(n)]
         return min(around, key=lambda n: n.count("."), default=None)
 
@@ -251,27 +285,41 @@ class _Tree:
             return "stem"
         if self.trunk(name):
             return f"trunk container ({100 * self.span[name][2] / len(self.leaves):.0f}% of the network's layers)"
-        if info.shape[1] * info.shape[2] == 1:
+        if info.layout == TOKENS and info.shape[0] == 1:
+            return "a single token (a pooled vector)"
+        if info.layout != TOKENS and info.shape[1] * info.shape[2] == 1:
             return "1x1 map (no spatial extent left)"
-        if any(name == a or name.startswith(a + ".") for a in avoid):
-            return "a BatchNorm layer that gets an auxiliary twin"
+        if name in self.attention:
+            return "an attention module's own output (the branch before its residual sum)"
+        twin = next((a for a in avoid if name == a or name.startswith(a + ".")), None)
+        if twin is not None:
+            norm = "LayerNorm" if isinstance(self.modules.get(twin), nn.LayerNorm) else "BatchNorm layer"
+            return f"a {norm} that gets an auxiliary twin"
         return ""
 
     def frontier(self, names: list[str], skipped: dict[str, str], stem: str | None) -> list[str]:
         """The outermost sites under `names` that may be suggested: a site passed over as a trunk or the stem, or a
-        module that is no site (tokens, a tuple output), is looked into; attention, 1x1 maps and avoided layers
-        are not."""
+        module that is no site of the layouts looked for (a tuple output, tokens for a map-only kind), is looked
+        into (a block with a tuple output offers the site it computes last), as are the members of a ModuleList;
+        attention internals, 1x1 maps and avoided layers are not."""
         out = []
         for n in names:
             info = self.by_name.get(n)
             if info is None or info.calls == 0:
+                if isinstance(self.modules.get(n), (nn.ModuleList, nn.ModuleDict)):  # never called: its members are
+                    out += self.frontier(self.children.get(n, []), skipped, stem)
                 continue
             self.seen.add(n)
-            if info.site and n not in skipped:
+            if self.ok(n) and n not in skipped:
                 out.append(n)
-            elif (n == stem or self.trunk(n) or (not info.site and not info.reason.startswith("inside attention"))) \
+            elif (n == stem or self.trunk(n) or (not self.ok(n) and not info.reason.startswith("inside attention"))) \
                     and not self.in_stem_group(n):
-                out += self.frontier(self.children.get(n, []), skipped, stem)
+                inner = self.frontier(self.children.get(n, []), skipped, stem)
+                if inner and info.shape is None and n != stem and not self.trunk(n):
+                    # a block whose output is no tensor (Hugging Face layers return tuples): the site it computes last
+                    # (its residual sum, not the norms and branches inside) stands for its output
+                    inner = [max(inner, key=lambda c: self.by_name[c].order or 0)]
+                out += inner
         return out
 
 
@@ -294,39 +342,56 @@ def bn_names(net: nn.Module) -> list[str]:
     return [n for n, m in net.named_modules() if isinstance(m, _BatchNorm)]
 
 
+def ln_names(net: nn.Module) -> list[str]:
+    """LayerNorm layers with affine parameters (the twin of one without would have nothing to train)."""
+    return [n for n, m in net.named_modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine]
+
+
 def select_bn_sites(net: nn.Module, spec: str) -> list[str]:
-    """`--bn NAMES|REGEX|all|auto`: BatchNorm layers with running statistics, checked one by one. `auto` is
-    `all` on a model that has such layers and none (no error) on one that has not."""
+    """`--bn NAMES|REGEX|all|auto`: the norm layers that get auxiliary twins, checked one by one: BatchNorm layers
+    with running statistics, or LayerNorm layers with affine parameters. `all` is every BatchNorm, or every LayerNorm
+    on a model without BatchNorm (a vision transformer); names and regexes may pick either; `auto` is `all` on a
+    model that has such layers and none (no error) on one that has not."""
     names = bn_names(net)
-    if spec.strip() == "auto":
-        return names
-    frozen = [n for n, m in net.named_modules() if "batchnorm" in type(m).__name__.lower() and n not in names]
-    if not names:
-        extra = f" ({len(frozen)} frozen/fused norm layers such as '{frozen[0]}' cannot get twins)" if frozen else ""
-        raise InputError(f"the model has no BatchNorm layers with running statistics{extra}: auxiliary BNs need "
-                         "them; use fixer or denoise patches instead")
+    family = names or ln_names(net)
     spec = spec.strip()
+    if spec == "auto":
+        return family
+    frozen = [n for n, m in net.named_modules() if "batchnorm" in type(m).__name__.lower() and n not in names]
+    if not family:
+        extra = f" ({len(frozen)} frozen/fused norm layers such as '{frozen[0]}' cannot get twins)" if frozen else ""
+        raise InputError(f"the model has no BatchNorm layers with running statistics and no LayerNorm layers with "
+                         f"affine parameters{extra}: auxiliary twins need them; use fixer or denoise patches instead")
+    norms = names + ln_names(net)
+    modules = dict(net.named_modules())
     if spec == "all":
-        chosen = names
-    elif all(p.strip() in dict(net.named_modules()) for p in spec.split(",")):
+        chosen = family
+    elif all(p.strip() in modules for p in spec.split(",")):
         chosen = [p.strip() for p in spec.split(",")]
     else:
         try:
             rx = re.compile(spec)
         except re.error as e:
             raise InputError(f"--bn '{spec}' is neither a list of layer names nor a valid regex: {e}") from None
-        chosen = [n for n in names if rx.fullmatch(n)]
+        chosen = [n for n in norms if rx.fullmatch(n)]
         if not chosen:
-            raise InputError(f"--bn '{spec}' matches no BatchNorm layer (they are named like: "
-                             f"{', '.join(names[:5])}); pass names, a regex matching whole names, or 'all'")
-    modules = dict(net.named_modules())
+            raise InputError(f"--bn '{spec}' matches no BatchNorm or LayerNorm layer (they are named like: "
+                             f"{', '.join(norms[:5])}); pass names, a regex matching whole names, or 'all'")
     for n in chosen:
-        m = modules[n]
-        if not isinstance(m, _BatchNorm):
-            raise InputError(f"--bn '{n}' is a {type(m).__name__}, not a BatchNorm layer (BatchNorm layers: "
-                             f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
-        if not m.track_running_stats or m.running_mean is None:
-            raise InputError(f"--bn '{n}' keeps no running statistics (track_running_stats=False): "
-                             "it cannot get an auxiliary twin")
+        _check_norm(n, modules[n], norms)
     return chosen
 
+
+def _check_norm(name: str, m: nn.Module, norms: list[str]) -> None:
+    """A layer named in --bn can get an auxiliary twin (an `InputError` saying why not)."""
+    if isinstance(m, nn.LayerNorm):
+        if not m.elementwise_affine:
+            raise InputError(f"--bn '{name}' is a LayerNorm without affine parameters: its twin would have nothing "
+                             "to train")
+        return
+    if not isinstance(m, _BatchNorm):
+        raise InputError(f"--bn '{name}' is a {type(m).__name__}, not a BatchNorm or LayerNorm layer (norm layers: "
+                         f"{', '.join(norms[:5])}{', ...' if len(norms) > 5 else ''})")
+    if not m.track_running_stats or m.running_mean is None:
+        raise InputError(f"--bn '{name}' keeps no running statistics (track_running_stats=False): "
+                         "it cannot get an auxiliary twin")
