@@ -87,3 +87,44 @@ class VGGSiLUSmall(nn.Module):
 
 def vgg_silu_small(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> VGGSiLUSmall:
     return VGGSiLUSmall(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.self_attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViTSmall(nn.Module):
+    """A small vision transformer for 28x28 grayscale images (issue 21): 7x7 patches (16 tokens) + a class token,
+    4 pre-norm blocks of width 64, torchvision's ViT layout (conv_proj, encoder.layers.*, heads)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, dim: int = 64, depth: int = 4, heads: int = 4,
+                 patch: int = 7, size: int = 28) -> None:
+        super().__init__()
+        self.patch = patch
+        self.conv_proj = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim) * 0.02)
+        self.encoder = nn.Sequential(*[Block(dim, heads, 2 * dim) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.heads = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.conv_proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.class_token.expand(len(t), -1, -1), t], 1) + self.pos_embedding
+        return self.heads(self.ln(self.encoder(t))[:, 0])
+
+
+def vit_small(num_classes: int = 10, in_channels: int = 1) -> ViTSmall:
+    return ViTSmall(num_classes=num_classes, in_channels=in_channels)

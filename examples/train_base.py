@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="fashion-mnist:train")
     ap.add_argument("--out", default="examples/fmnist_base.safetensors")
-    ap.add_argument("--model", default="resnet9_small", choices=["resnet9_small", "vgg_silu_small"],
+    ap.add_argument("--model", default="resnet9_small", choices=["resnet9_small", "vgg_silu_small", "vit_small"],
                     help="a constructor of examples/fmnist_model.py")
     args = ap.parse_args()
 
