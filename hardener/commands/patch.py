@@ -124,7 +124,8 @@ def _plan(call: Call) -> Plan:
         train_ds, cfg = _pseudo_labelled(loaded, ds_all, unused, train_ds, opts, cfg, split, device, kw)
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
-    warnings += _recipe_warnings(recipe, cfg, len(train_ds))
+    warnings += _recipe_warnings(recipe, cfg, len(train_ds) if cfg.labelled is None
+                                 else cfg.labelled + cfg.pseudo_per_epoch)
     if cfg.adaptive and A.info(spec.name).kind == "single-step" and val_ds is None:
         warnings.append(f"training with the single-step attack {spec.name} without a validation split: catastrophic "
                         "overfitting (PGD robustness collapsing while the training attack is defeated) would go "
@@ -290,13 +291,14 @@ def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec,
                 quiet: bool) -> None:
     if quiet:
         return
-    per_epoch = -(-len(train_ds) // cfg.batch_size)
+    n_epoch = len(train_ds) if cfg.labelled is None else cfg.labelled + cfg.pseudo_per_epoch
+    per_epoch = -(-n_epoch // cfg.batch_size)
     against = ("the model being trained" if cfg.adaptive else "the frozen base, once (transfer)")
     att = f"{spec.name}" + (f"-{spec.steps}" if spec.steps and A.info(spec.name).kind != "single-step" else "")
     units = F.train_units(cfg, spec)
     lines = [f"recipe: {f'preset {recipe.name}' if recipe else 'custom options'}, training for the "
              f"{api.effective_threat_model(cfg)} threat model",
-             f"training: {len(train_ds):,} images, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} = "
+             f"training: {n_epoch:,} images per epoch, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} = "
              f"{cfg.epochs * per_epoch:,} optimiser steps; attack {att} against {against}; about {units:.0f} "
              "forward-pass equivalents per image per step"]
     if val_ds is not None:
