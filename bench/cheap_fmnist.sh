@@ -21,9 +21,12 @@ declare -A RUNS=(
   [p2_pgd2_s2]="--steps 2 --prefilter-stride 2"
   [p2_pgd2_s2_ve2]="--steps 2 --prefilter-stride 2 --validate-every 2"
   [a2_advtrain_pgd2]="--method adv-train --steps 2 --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
+  [q1_pgd2_ep5]="--steps 2 --epochs 5"
+  [q2_pgd2_ep3]="--steps 2 --epochs 3"
+  [q3_pgd5_ep5]="--epochs 5"
   [a1_advtrain_nfgsm]="--method adv-train --attack n-fgsm --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
 )
-ORDER=(c3_pgd5_s2 p2_pgd2_s2 c1_nfgsm)
+ORDER=(q2_pgd2_ep3 q1_pgd2_ep5 q3_pgd5_ep5)
 [ $# -gt 0 ] && ORDER=("$@")
 for name in "${ORDER[@]}"; do
   [ -f "$OUT/$name.json" ] && continue
