@@ -70,8 +70,11 @@ def main() -> None:
                       fingerprint({"patched": a.patched, "start": start.tolist(), "attack": a.attack,
                                    "bs": a.batch_size}), resume=a.out.with_name(a.out.name + ".state").exists())
 
+    last = [0.0]
+
     def progress(label, done, total, _extra):
-        if done % 16 == 0 or done == total:
+        if time.time() - last[0] > 60 or done == total:
+            last[0] = time.time()
             print(f"{time.strftime('%H:%M:%S')} {label} {done}/{total}", flush=True)
 
     res = E.run_chain("whitebox" if A.info(a.attack).kind != "query" else "blackbox", model, model, x, y, start,

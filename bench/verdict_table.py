@@ -43,6 +43,27 @@ def from_state(name: str, path: str) -> tuple[str, tuple[list[bool], str, list]]
     return name, ([bool(v) for v in last["robust"].tolist()], label, info)
 
 
+def from_continued(name: str, path: str) -> tuple[str, tuple[list[bool], str, list]]:
+    """A bench/verdict_continue.py run: its OUT.json (finished), or its OUT.json.state (stopped: the blocks it
+    finished; a sample of a block not yet reached counts as robust, so the row is an upper bound)."""
+    p = Path(path)
+    if p.suffix == ".json":
+        r = json.loads(p.read_text())
+        info = [(name, "continued", r["attack"], r["attacked"], r["broken"], round(r["seconds"], 1))]
+        return name, ([bool(v) for v in r["robust"]], f"finished: {r['attack']} on {r['attacked']}", info)
+    import torch
+
+    data = torch.load(p, map_location="cpu", weights_only=True)["data"]
+    (key, v), = data.items()
+    attack = key.split(":")[1]
+    done = v["k"] * 64 if "k" in v else None
+    label = (f"stopped: {attack} on the samples of its first {v['k']} blocks of 64 (sample order up to {done}); "
+             "later samples not attacked by it" if done is not None else f"finished: {attack}")
+    info = [(name, "continued", attack, "–", v.get("broken", v.get("row", {}) and v["row"]["broken"]),
+             round(v.get("seconds", 0), 1))]
+    return name, ([bool(x) for x in v["robust"].tolist()], label, info)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir", type=Path)
@@ -50,10 +71,14 @@ def main() -> None:
     ap.add_argument("--state", action="append", default=[], metavar="NAME=FILE",
                     help="an evaluation stopped before its report: its resumable state (the per-sample robust mask "
                          "after each finished attack, and how far the running one got)")
+    ap.add_argument("--continued", action="append", default=[], metavar="NAME=FILE",
+                    help="a bench/verdict_continue.py run (OUT.json, or OUT.json.state when stopped) continuing "
+                         "aa-white's chain: fab-t, square")
     a = ap.parse_args()
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(a.dir.glob("*.json")) if p.stem != "verdict"}
     runs = {k: v for k, v in runs.items() if "per_sample_broken_by" in v.get("models", {}).get("patched", {})}
     partial = dict(from_state(*item.split("=", 1)) for item in a.state)
+    partial.update(dict(from_continued(*item.split("=", 1)) for item in a.continued))
     first = next(iter(runs.values()))
     n = first["models"]["patched"]["clean"]["n"]
     clean = first["models"]["patched"]["clean"]["correct"]
@@ -88,6 +113,12 @@ def main() -> None:
         if "aa-square" in masks:
             aa = sum(x and y for x, y in zip(both, masks["aa-square"]))
             rows.append(("standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5,000; per-sample AND)", aa))
+    if {"aa-white", "fab-t", "square"} <= set(masks):
+        aa = [all(v) for v in zip(masks["aa-white"], masks["fab-t"], masks["square"])]
+        unfinished = [k for k in ("fab-t", "square") if partial[k][1].startswith("stopped")]
+        note = f"; {', '.join(unfinished)} stopped early: an upper bound" if unfinished else ""
+        rows.append((f"standard AutoAttack: APGD-CE → APGD-T → FAB-T → Square 5,000, each on what the ones before "
+                     f"left (per-sample AND{note})", sum(aa)))
     rows.append((f"worst case of everything above (per-sample AND over {len(masks)} runs)", sum(every)))
     print(f"| patched, {n} test images, eps 0.1 | accuracy [95% CI] |\n|---|---|")
     print(f"| clean | {fmt(clean, n)} |")
