@@ -52,7 +52,7 @@ def row(out: Path, name: str) -> str:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    names = sys.argv[2:] or sorted(p.stem for p in out.glob("*.json"))
+    names = sys.argv[2:] or sorted(p.stem for p in out.glob("*.json") if "." not in p.stem)
     print("| run | clean | white-box APGD-CE-20 | transfer | best val. PGD-10 | trainable params | MACs added "
           "(% of base) | train s (wall) | CPU s | CO guard |")
     print("|---|---|---|---|---|---|---|---|---|---|")
