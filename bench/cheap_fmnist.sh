@@ -24,6 +24,8 @@ declare -A RUNS=(
   [q1_pgd2_ep5]="--steps 2 --epochs 5"
   [q2_pgd2_ep3]="--steps 2 --epochs 3"
   [q3_pgd5_ep5]="--epochs 5"
+  [u1_1pct_rest9]="--subset 1% --unlabeled rest --pseudo-ratio 9"
+  [u0_1pct_ep100]="--subset 1% --epochs 100 --validate-every 10"
   [a1_advtrain_nfgsm]="--method adv-train --attack n-fgsm --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
 )
 ORDER=(q2_pgd2_ep3 q1_pgd2_ep5 q3_pgd5_ep5)
