@@ -179,6 +179,7 @@ def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] 
     if not chosen and stem and tree.skip(stem, None, set(avoid)) in ("", "stem"):
         chosen = [stem]  # the last resort (a ViT's patch embedding, a one-conv model): the only map there is
         why = {stem: f"the stem: no other module outputs a feature map; {why[stem]}"}
+        passed.pop(stem, None)  # chosen after all: not "passed over" too (torchvision's ViT, whose conv_proj is seen)
     elif not chosen:
         note += ": name sites with --at"
     return Suggestion(chosen, stem, why, passed, note)
