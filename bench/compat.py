@@ -277,8 +277,10 @@ def run_model(name: str, work: Path, data: Path, only_recipes: list[str] | None)
         ident["seconds"] = round(time.monotonic() - t1, 1)
         record(f"identity-{recipe}", ident)
         erep = RESULTS / "reports" / f"{name}.{recipe}.eval.json"
-        rec = harden(["eval", str(out), *common, "--data", str(data), *EVAL_BUDGET, "--report", str(erep), "--force"],
-                     wd, logs / f"eval-{recipe}")
+        state = wd / f"eval-state-{recipe}"  # harden eval's resumable state: a bench run that was stopped leaves
+        shutil.rmtree(state, ignore_errors=True)  # one, which the same command then refuses without --resume
+        rec = harden(["eval", str(out), *common, "--data", str(data), *EVAL_BUDGET, "--report", str(erep), "--force",
+                      "--state-dir", str(state)], wd, logs / f"eval-{recipe}")
         if erep.is_file():
             r = json.loads(erep.read_text())
             rec["summary"] = r.get("summary")
