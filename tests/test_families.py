@@ -154,6 +154,30 @@ def test_suggestion_is_never_a_stem_a_trunk_or_an_attention_internal(family):
         assert sug.skipped[trunk].startswith("trunk container")
 
 
+def test_a_stem_chosen_as_the_last_resort_is_not_also_passed_over():
+    """torchvision's ViT: `conv_proj` sits at the top level, so the search meets it; once it is chosen as the only
+    feature map, `harden patch` must not also print it under "passed over: conv_proj (stem)" (issue 21's bench)."""
+    from torch import nn
+
+    from hardener.patches import suggest
+
+    class TvViTLike(nn.Module):
+        def __init__(self, dim: int = 12) -> None:
+            super().__init__()
+            self.conv_proj = nn.Conv2d(3, dim, 8, 8)
+            self.encoder = FM.vit_like().blocks
+            self.heads = nn.Linear(dim, 10)
+
+        def forward(self, x):
+            return self.heads(self.encoder(self.conv_proj(x).flatten(2).transpose(1, 2))[:, 0])
+
+    net = TvViTLike().eval()
+    sug = suggest(net, _infos(net))
+    assert sug.stem == "conv_proj" and sug.sites == ["conv_proj"]
+    assert "conv_proj" not in sug.skipped
+    assert not any("passed over" in line and "conv_proj" in line for line in sug.explain(["auto", "stem"]))
+
+
 def test_attention_internals_are_not_sites():
     infos = {i.name: i for i in _infos(FM.vit_like())}
     q_norm = infos["blocks.4.attn.q_norm"]

@@ -147,6 +147,23 @@ def test_recipe_options_switch_the_default_preset_off_and_transfer_says_so(runne
     assert {p["kind"] for p in m.patches} == {"prefilter", "fixer", "auxbn"}
 
 
+def test_few_steps_warning_names_the_preset_only_for_its_own_epochs():
+    """`--epochs 1` on the command line with the default recipe is the user's, not preset robust's (issue 21's bench
+    printed "(--epochs 1 is preset robust's)" while the preset says 10)."""
+    from hardener.commands.patch import _recipe_warnings
+    from hardener.fit import FitConfig
+
+    robust = load_preset("robust")
+    few = [w for w in _recipe_warnings(robust, FitConfig(epochs=1, adversary="patched"), 128, epochs_given=True)
+           if "optimiser steps" in w]
+    assert few and "preset" not in few[0]
+    few = [w for w in _recipe_warnings(robust, FitConfig(epochs=1, adversary="patched"), 128) if "optimiser" in w]
+    assert few and "preset" not in few[0]  # 1 epoch came from elsewhere (harden.toml): not the preset's 10
+    ten = robust.options["epochs"]
+    few = [w for w in _recipe_warnings(robust, FitConfig(epochs=ten, adversary="patched"), 128) if "optimiser" in w]
+    assert few and f"(--epochs {ten} is preset robust's)" in few[0]
+
+
 def test_clock_estimates_from_timed_steps_and_measured_validation(monkeypatch):
     from hardener import fit as F
 

@@ -125,7 +125,7 @@ def _plan(call: Call) -> Plan:
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
     warnings += _recipe_warnings(recipe, cfg, len(train_ds) if cfg.labelled is None
-                                 else cfg.labelled + cfg.pseudo_per_epoch)
+                                 else cfg.labelled + cfg.pseudo_per_epoch, epochs_given=call.given("epochs"))
     if cfg.adaptive and A.info(spec.name).kind == "single-step" and val_ds is None:
         warnings.append(f"training with the single-step attack {spec.name} without a validation split: catastrophic "
                         "overfitting (PGD robustness collapsing while the training attack is defeated) would go "
@@ -252,11 +252,12 @@ def _say(text: str) -> None:
     err_console.print(text, highlight=False, markup=False)
 
 
-def _recipe_warnings(recipe, cfg: F.FitConfig, n_train: int) -> list[str]:
+def _recipe_warnings(recipe, cfg: F.FitConfig, n_train: int, epochs_given: bool = False) -> list[str]:
     warnings = []
     n_steps = -(-n_train // cfg.batch_size) * cfg.epochs
     if n_steps < FEW_STEPS:
-        src = f" (--epochs {cfg.epochs} is preset {recipe.name}'s)" if recipe and "epochs" in recipe.options else ""
+        from_preset = recipe and recipe.options.get("epochs") == cfg.epochs and not epochs_given  # else the user's
+        src = f" (--epochs {cfg.epochs} is preset {recipe.name}'s)" if from_preset else ""
         warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, {cfg.epochs} "
                         f"epochs{src}): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
     threat = api.effective_threat_model(cfg)

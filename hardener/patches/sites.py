@@ -204,6 +204,7 @@ def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] 
         chosen = [stem]  # the last resort (a one-conv model, a ViT for a map-only kind): the only site there is
         what = " or ".join({MAP: "a feature map", TOKENS: "tokens"}[w] for w in layouts)
         why = {stem: f"the stem: no other module outputs {what}; {why[stem]}"}
+        passed.pop(stem, None)  # chosen after all: not "passed over" too (torchvision's ViT, whose conv_proj is seen)
     elif not chosen:
         note += ": name sites with --at"
     return Suggestion(chosen, stem, why, passed, note)
