@@ -156,7 +156,8 @@ def test_suggestion_is_never_a_stem_a_trunk_or_an_attention_internal(family):
 
 def test_a_stem_chosen_as_the_last_resort_is_not_also_passed_over():
     """torchvision's ViT: `conv_proj` sits at the top level, so the search meets it; once it is chosen as the only
-    feature map, `harden patch` must not also print it under "passed over: conv_proj (stem)" (issue 21's bench)."""
+    feature map (for a kind that takes maps only), `harden patch` must not also print it under "passed over:
+    conv_proj (stem)" (issue 21's bench)."""
     from torch import nn
 
     from hardener.patches import suggest
@@ -171,8 +172,10 @@ def test_a_stem_chosen_as_the_last_resort_is_not_also_passed_over():
         def forward(self, x):
             return self.heads(self.encoder(self.conv_proj(x).flatten(2).transpose(1, 2))[:, 0])
 
+    from hardener.patches.sites import MAP
+
     net = TvViTLike().eval()
-    sug = suggest(net, _infos(net))
+    sug = suggest(net, _infos(net), layouts=(MAP,))  # a map-only kind (denoise); fixers get the token blocks
     assert sug.stem == "conv_proj" and sug.sites == ["conv_proj"]
     assert "conv_proj" not in sug.skipped
     assert not any("passed over" in line and "conv_proj" in line for line in sug.explain(["auto", "stem"]))
