@@ -291,20 +291,20 @@ def _deepfool(model, spec):
     return torchattacks.DeepFool(model, steps=spec.steps, overshoot=0.02)
 
 
-for _name, _build, _kind, _steps, _classes in (
-        ("fgsm", _fgsm, "single-step", 1, 2),
-        ("n-fgsm", _nfgsm, "single-step", 1, 2),
-        ("pgd", lambda m, s: _pgd(m, s, "ce"), "gradient", 50, 2),
-        ("cw", lambda m, s: _pgd(m, s, "cw"), "gradient", 100, 2),
-        ("cw-l2", _cw_l2, "min-norm", 100, 2),
-        ("apgd-ce", _apgd("ce"), "gradient", 100, 2),
-        ("apgd-dlr", _apgd("dlr"), "gradient", 100, 3),
-        ("apgd-t", _apgdt, "gradient", 100, 4),
-        ("fab-t", _fabt, "gradient", 100, 2),
-        ("fab", _fab, "gradient", 100, 2),
-        ("square", _square, "query", 0, 2),
-        ("deepfool", _deepfool, "min-norm", 50, 2)):
-    register_attack(_name, _kind, _steps, _classes, 3.0 if _name == "n-fgsm" else 1.0)(_build)
+for _name, _build, _kind, _steps, _classes, _radius in (
+        ("fgsm", _fgsm, "single-step", 1, 2, 1.0),
+        ("n-fgsm", _nfgsm, "single-step", 1, 2, 3.0),
+        ("pgd", lambda m, s: _pgd(m, s, "ce"), "gradient", 50, 2, 1.0),
+        ("cw", lambda m, s: _pgd(m, s, "cw"), "gradient", 100, 2, 1.0),
+        ("cw-l2", _cw_l2, "min-norm", 100, 2, 1.0),
+        ("apgd-ce", _apgd("ce"), "gradient", 100, 2, 1.0),
+        ("apgd-dlr", _apgd("dlr"), "gradient", 100, 3, 1.0),
+        ("apgd-t", _apgdt, "gradient", 100, 4, 1.0),
+        ("fab-t", _fabt, "gradient", 100, 2, 1.0),
+        ("fab", _fab, "gradient", 100, 2, 1.0),
+        ("square", _square, "query", 0, 2, 1.0),
+        ("deepfool", _deepfool, "min-norm", 50, 2, 1.0)):
+    register_attack(_name, _kind, _steps, _classes, _radius)(_build)
 
 
 def project(x: torch.Tensor, adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

@@ -73,6 +73,11 @@ class FitConfig:
             raise InputError(f"--eps-warmup must be between 0 and --epochs ({self.epochs}), got {self.eps_warmup}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
+    def epoch_images(self, n: int) -> int:
+        """Images one epoch trains on, of a training set of `n`: all, or with pseudo-labelled images every labelled
+        one plus `pseudo_per_epoch` of the others."""
+        return n if self.labelled is None else self.labelled + min(self.pseudo_per_epoch, n - self.labelled)
+
     @property
     def full(self) -> bool:
         """Every base weight trains (the result is not a patch)."""
@@ -268,8 +273,7 @@ class _Trainer:
         for p in self.params:
             p.requires_grad_(True)
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.epoch_size = len(ds) if cfg.labelled is None else \
-            cfg.labelled + min(cfg.pseudo_per_epoch, len(ds) - cfg.labelled)
+        self.epoch_size = cfg.epoch_images(len(ds))
         self.steps_per_epoch = math.ceil(self.epoch_size / cfg.batch_size)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(cfg.epochs * self.steps_per_epoch))
         self.base_before = {k: v.detach().clone() for k, v in patched.base_state_dict().items()}

@@ -124,8 +124,7 @@ def _plan(call: Call) -> Plan:
         train_ds, cfg = _pseudo_labelled(loaded, ds_all, unused, train_ds, opts, cfg, split, device, kw)
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
-    warnings += _recipe_warnings(recipe, cfg, len(train_ds) if cfg.labelled is None
-                                 else cfg.labelled + cfg.pseudo_per_epoch, epochs_given=call.given("epochs"))
+    warnings += _recipe_warnings(recipe, cfg, cfg.epoch_images(len(train_ds)), epochs_given=call.given("epochs"))
     if cfg.adaptive and A.info(spec.name).kind == "single-step" and val_ds is None:
         warnings.append(f"training with the single-step attack {spec.name} without a validation split: catastrophic "
                         "overfitting (PGD robustness collapsing while the training attack is defeated) would go "
@@ -292,7 +291,7 @@ def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec,
                 quiet: bool) -> None:
     if quiet:
         return
-    n_epoch = len(train_ds) if cfg.labelled is None else cfg.labelled + cfg.pseudo_per_epoch
+    n_epoch = cfg.epoch_images(len(train_ds))
     per_epoch = -(-n_epoch // cfg.batch_size)
     against = ("the model being trained" if cfg.adaptive else "the frozen base, once (transfer)")
     att = f"{spec.name}" + (f"-{spec.steps}" if spec.steps and A.info(spec.name).kind != "single-step" else "")
