@@ -18,6 +18,7 @@ from . import __version__, commands, options as O, validate as V
 from .commands import certify as certify_cmd, evaluate, export as export_cmd, layers as layers_cmd
 from .commands import patch as patch_cmd, predict as predict_cmd
 from .config import command_defaults
+from .recipe import preset_help
 from .console import err_console
 from .errors import HardenError, InputError, UsageError
 
@@ -117,7 +118,18 @@ def layers(**kw):
     layers_cmd.run(_call())
 
 
-@main.command(cls=ConfigCommand)
+def _flags(opts) -> dict[str, str]:
+    """Parameter name -> first flag, for the options of one command."""
+    out = {}
+    for o in opts:
+        flags = [d for d in o.decls if d.startswith("-")]
+        names = [d for d in o.decls if not d.startswith("-")]
+        if flags:
+            out[names[0] if names else flags[0].split("/")[0].lstrip("-").replace("-", "_")] = flags[0].split("/")[0]
+    return out
+
+
+@main.command(cls=ConfigCommand, epilog=preset_help(_flags(O.PATCH), O.PATCH_DEFAULTS))
 @with_options(O.PATCH)
 def patch(**kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on

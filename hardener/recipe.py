@@ -118,6 +118,28 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
+def preset_help(flags: dict[str, str], builtin: dict[str, object]) -> str:
+    """`harden patch --help`'s epilog: the [default: ...] values shown are a plain run's (DEFAULT_PRESET's where it
+    sets them); what each preset sets, and what a custom recipe starts from instead. `flags` maps option names to
+    their flags (attack_name -> --attack), `builtin` holds the built-in defaults."""
+    def show(opts: dict) -> str:
+        return " ".join(f"{flags.get(k, '--' + k.replace('_', '-'))} {v}" for k, v in opts.items())
+
+    lines, custom = [], {}
+    for name in preset_names():
+        try:
+            p = load_preset(name)
+        except InputError:  # a broken preset file: its own error comes when it is used
+            continue
+        lines.append(f"{name} ({p.threat_model}{', the default' if name == DEFAULT_PRESET else ''}): {show(p.options)}")
+        if name == DEFAULT_PRESET:
+            custom = {k: builtin[k] for k in p.options if builtin.get(k) is not None and builtin[k] != p.options[k]}
+    head = (f"Values marked [default: ...] are those of a plain `harden patch`, which runs --preset {DEFAULT_PRESET}. "
+            "Given --method, --at, --at-regex or --adversary, the recipe is custom and starts from the built-in "
+            f"defaults instead{': ' + show(custom) if custom else ''}. Options you give win over a preset's. Presets:")
+    return "\n\n".join([head, *lines])
+
+
 def load_preset(name: str, known_options: set[str] | None = None, path: Path | None = None) -> Preset:
     """Read and validate a preset file; unknown keys (top level or under [options]) are input errors."""
     path = path or PRESET_DIR / f"{name}.toml"

@@ -221,3 +221,19 @@ def test_new_options_refuse_bad_values_in_one_line(runner, tiny_ckpt, tiny_data,
     r = runner.invoke(main, [args[0], str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), *args[1:],
                              *(["--out", str(tmp_path / "o.st")] if args[0] == "patch" else [])])
     assert_input_error(r, needle)
+
+
+def test_patch_help_says_what_the_default_preset_sets(runner):
+    # A plain `harden patch` runs the robust preset, so --help shows its values as defaults (--adversary patched);
+    # a custom recipe (--method ...) starts from the built-in defaults instead, and the help must say which differ.
+    out = runner.invoke(main, ["patch", "--help"]).output
+    text = " ".join(out.split())
+    assert "--adversary [base|patched]" in text and "[default: patched]" in text
+    robust = load_preset("robust")
+    assert "robust (white-box, the default):" in text
+    for key, flag in (("adversary", "--adversary"), ("attack_name", "--attack"), ("select_on", "--select-on")):
+        assert f"{flag} {robust.options[key]}" in text
+    assert "starts from the built-in defaults instead: " in text
+    custom = text.split("starts from the built-in defaults instead: ")[1].split(". ")[0]
+    assert "--adversary base" in custom and "--select-on 0" in custom and "None" not in custom
+    assert "--attack_name" not in text and "--loss_name" not in text
