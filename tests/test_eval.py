@@ -316,3 +316,39 @@ def test_out_of_memory_halves_the_batch_and_finishes(capsys):
     with pytest.raises(RunError, match="out of memory .* even at batch size"):
         E.evaluate(PatchedModel(Classifier(_Picky(net, 8), InputSpec(shape=[1, 8, 8]))), ds,
                    E.EvalConfig(**cfg, batch_size=32, min_batch_size=16), torch.device("cpu"), has_patches=False)
+
+
+def _ramp_attack(cap: int, calls: list):
+    """An iterative attack whose reach grows with its steps up to `cap`: FGSM's direction, min(steps, cap)/cap of
+    eps. Records (batch size, steps, eps) of every call."""
+    def build(model, spec):
+        def run(x, y):
+            calls.append((len(x), spec.steps, spec.eps))
+            xg = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y), xg)
+            return (x + spec.eps * min(spec.steps, cap) / cap * g.sign()).clamp(0, 1).detach()
+        return run
+    return build
+
+
+@pytest.mark.parametrize("cap, eps, status", [(4, 0.15, "pass"), (8, 0.3, "warn")])
+def test_convergence_check_doubles_the_steps_on_what_the_chain_left(monkeypatch, cap, eps, status):
+    from conftest import make_data, trained_tiny
+
+    calls: list = []
+    monkeypatch.setitem(A.REGISTRY, "ramp", A.AttackInfo("ramp", _ramp_attack(cap, calls), "gradient", 4))
+    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
+    imgs, labels = make_data(n=80, seed=3)
+    cfg = E.EvalConfig(attacks=["ramp"], eps=eps, steps=4, threats=("whitebox",), check_samples=40, batch_size=16)
+    res = E.evaluate(p, hdata.Dataset(imgs, labels), cfg, torch.device("cpu"), has_patches=False)
+    checks = {c["name"]: c for c in res["checks"]}
+    conv = checks["converged"]
+    # 8 steps of an attack that still gains from them (cap 8) break what 4 left; one that saturates at 4 does not
+    assert conv["status"] == status, conv
+    assert "8 steps on what it left" in conv["detail"]
+    # the check reused the chain's 4-step result: no 4-step rerun, and the 8-step run saw only what the chain left
+    chain_calls = sum(n for n, s, e in calls if s == 4 and e == eps)
+    assert chain_calls == res["models"]["base"]["threats"]["whitebox"]["attacks"][0]["attacked"]
+    doubled = sum(n for n, s, e in calls if s == 8)
+    assert 0 < doubled < 40
+    assert checks["large_eps_near_chance"]["detail"].endswith("(chance 0.33; 40 samples)")
