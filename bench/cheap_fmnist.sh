@@ -6,6 +6,9 @@
 # check: APGD-CE, 20 steps, white-box and transfer). Every run is `--preset robust` (the default recipe) with the
 # named changes. One thread per run; /usr/bin/time -v records CPU seconds (wall time depends on the load).
 #   bash bench/cheap_fmnist.sh [OUT_DIR] [RUN...]      # the named runs (default: all), skipping finished ones
+#   TEST=1 bash bench/cheap_fmnist.sh OUT_DIR RUN...   # their verdict on test, for runs chosen on validation: the
+#     verdict's 1,000 seeded stratified images of fashion-mnist:test, white-box APGD-CE -> APGD-DLR (100 steps), and
+#     BPDA through the pre-filter on what they left (threat adaptive; patches only), eps 0.1 -> RUN.test.{json,md}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/out/cheap}
@@ -26,10 +29,23 @@ declare -A RUNS=(
   [q3_pgd5_ep5]="--epochs 5"
   [u1_1pct_rest9]="--subset 1% --unlabeled rest --pseudo-ratio 9"
   [u0_1pct_ep100]="--subset 1% --epochs 100 --validate-every 10"
+  [m4u_advtrain_1pct_rest9]="--method adv-train --attack pgd --steps 5 --epochs 10 --mu 0 --lr 1e-3 --subset 1% --unlabeled rest --pseudo-ratio 9"
   [a1_advtrain_nfgsm]="--method adv-train --attack n-fgsm --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
 )
 ORDER=(q2_pgd2_ep3 q1_pgd2_ep5 q3_pgd5_ep5)
 [ $# -gt 0 ] && ORDER=("$@")
+if [ -n "${TEST:-}" ]; then
+  for name in "${ORDER[@]}"; do
+    [ -f "$OUT/$name.test.json" ] && continue
+    case "${RUNS[$name]}" in *adv-train*) P=(--parent examples/fmnist_base.safetensors --threat whitebox) ;;
+                                      *) P=(--threat whitebox,adaptive) ;; esac
+    /usr/bin/time -v python -m hardener eval "$OUT/$name.safetensors" --arch examples/fmnist_model.py:resnet9_small \
+      --data fashion-mnist:test --max-samples 1000 --attack apgd-ce,apgd-dlr --eps 0.1 "${P[@]}" --quiet --force \
+      --report "$OUT/$name.test.json" --report "$OUT/$name.test.md" > /dev/null 2> "$OUT/$name.test.log" \
+      || echo "$name test failed: see $OUT/$name.test.log" >&2
+  done
+  exit 0
+fi
 for name in "${ORDER[@]}"; do
   [ -f "$OUT/$name.json" ] && continue
   # shellcheck disable=SC2086

@@ -1,6 +1,6 @@
 """Training cost per image of each recipe variant of issue 18's search, measured side by side.
 
-    OMP_NUM_THREADS=1 python bench/step_cost.py [--images 640] [--rounds 2] [--out FILE]
+    OMP_NUM_THREADS=1 python bench/step_cost.py [--images 640] [--rounds 2] [--only bf16,PGD-2] [--out FILE]
 
 Each variant trains one epoch on the same `--images` images of fashion-mnist:train (no validation, no report) on the
 example base, through `hardener.patch`; the variants run interleaved in one process, `--rounds` times, and the
@@ -29,6 +29,7 @@ BASE = str(ROOT / "examples/fmnist_base.safetensors")
 ARCH = str(ROOT / "examples/fmnist_model.py") + ":resnet9_small"
 VARIANTS = {  # name: (recipe, options) -- the default recipe is preset robust (r4)
     "default (r4: pre-filter 64, PGD-5)": ("robust", {}),
+    "default in bf16 (--precision bf16)": ("robust", {"precision": "bf16"}),
     "PGD-2": ("robust", {"steps": 2}),
     "PGD-3": ("robust", {"steps": 3}),
     "N-FGSM": ("robust", {"attack": "n-fgsm"}),
@@ -46,7 +47,14 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=640)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", help="comma-separated substrings: run the variants whose names contain one (and the "
+                                   "default, the reference)")
     a = ap.parse_args()
+    if a.only:
+        keep = [k.strip() for k in a.only.split(",") if k.strip()]
+        for name in list(VARIANTS)[1:]:
+            if not any(k in name for k in keep):
+                del VARIANTS[name]
     torch.manual_seed(0)
     ds = hdata.load("fashion-mnist:train")
     ds = ds.take(hdata.stratified_split(ds.labels, a.images, 0)[0])
