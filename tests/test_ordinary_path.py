@@ -45,6 +45,10 @@ def test_literal_patch_with_only_data_succeeds_and_records_the_split(runner, tin
     assert "plan: recipe: preset robust, training for the white-box threat model" in r.output
     assert "estimated time left: training" in r.output
     assert "train 10/10 (100%)" in r.output  # not a TTY: plain progress lines
+    # on this tiny base the width-64 pre-filter costs many times the base: said before training, with the way out
+    warn = next(line for line in r.output.splitlines() if "multiply-adds per image," in line)
+    assert warn.startswith("warning: the patches add ") and "--prefilter-stride 2 or --width 32" in warn
+    assert r.output.index(warn) < r.output.index("train 1/10")
     assert "harden eval" in r.output and "quick check, not a verdict" in r.output
     m = hardener.load(out, arch=ARCH).manifest
     assert m.training["preset"]["name"] == "robust" and m.training["preset"]["threat_model"] == "white-box"

@@ -20,6 +20,7 @@ from ..session import Loaded, finish_spec, load_data, load_model
 from . import Call, data_options, model_arg, model_options, start
 
 COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
+COSTLY_MACS = 3.0  # ... and with more multiply-adds than this multiple of the base's (inference over 4x the base's)
 # Fewer optimiser steps than this and patches underfit (1% of Fashion-MNIST at batch 128 and 10 epochs:
 # 50 steps, and fixers fitted 19% of their training attack).
 FEW_STEPS = 200
@@ -133,6 +134,16 @@ def _plan(call: Call) -> Plan:
         share = cost["parameters"] / max(1, cost["base_parameters"])
         warnings.append(f"the patches add {cost['parameters']:,} parameters, {share:.0%} of the base's: choose sites "
                         "with fewer channels (`harden layers`) or a larger --rho")
+    if cost and cost["base_macs"] and cost["macs"] > COSTLY_MACS * cost["base_macs"]:
+        times = 1 + cost["macs"] / cost["base_macs"]
+        patched = loaded.patched
+        prefilter = any(getattr(patched.patches[k], "kind", "") == "prefilter" for k in patched.sites.values())
+        hint = ("most of it is the pre-filter at full input resolution: --prefilter-stride 2 or --width 32 cut it "
+                "at a cost in robustness (bench/RESULTS.md, 'A cheaper robust recipe')" if prefilter else
+                "choose fewer sites, or sites at lower resolution (`harden layers`)")
+        warnings.append(f"the patches add {cost['macs'] / 1e6:,.1f}M multiply-adds per image, {times - 1:.1f}x the "
+                        f"base's {cost['base_macs'] / 1e6:,.1f}M: the patched model costs {times:.1f}x the base at "
+                        f"inference and in every attack step; {hint}")
     ecfg = _report_config(quick, spec, kw["norm"], kw["eval_steps"], kw["batch_size"], kw["seed"])
     plan = Plan(kw, out_file, device, loaded, opts, recipe, split, train_ds, val_ds, eval_ds, spec, cfg, ecfg,
                 warnings, kw["route"] or M.build(cfg).default_route, world, cost=cost)
