@@ -107,14 +107,16 @@ class Method:
 
 def with_distillation(parts: dict[str, torch.Tensor], b: Batch, cfg: "FitConfig") -> dict[str, torch.Tensor]:
     """λ · feature distillation (the patched features of both inputs against the base's on the clean input) and
-    μ · KL to the base logits on the clean input, added to `parts["loss"]`."""
+    μ · KL to the base logits on the clean input, added to `parts["loss"]`; `distill` is their weighted sum (what
+    they add to the loss)."""
     loss = parts["loss"]
     distill = torch.zeros((), device=b.x.device)
     if b.targets and cfg.lam:
-        distill = losses.feature_distillation(b.f_clean, b.targets) + losses.feature_distillation(b.f_adv, b.targets)
-        loss = loss + cfg.lam * distill
+        distill = cfg.lam * (losses.feature_distillation(b.f_clean, b.targets)
+                             + losses.feature_distillation(b.f_adv, b.targets))
     if cfg.mu:
-        loss = loss + cfg.mu * losses.logit_distillation(b.out_clean, b.base_logits)
+        distill = distill + cfg.mu * losses.logit_distillation(b.out_clean, b.base_logits)
+    loss = loss + distill
     return {**parts, "loss": loss, "distill": distill}
 
 
