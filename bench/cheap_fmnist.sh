@@ -8,7 +8,8 @@
 #   bash bench/cheap_fmnist.sh [OUT_DIR] [RUN...]      # the named runs (default: all), skipping finished ones
 #   TEST=1 bash bench/cheap_fmnist.sh OUT_DIR RUN...   # their verdict on test, for runs chosen on validation: the
 #     verdict's 1,000 seeded stratified images of fashion-mnist:test, white-box APGD-CE -> APGD-DLR (100 steps), and
-#     BPDA through the pre-filter on what they left (threat adaptive; patches only), eps 0.1 -> RUN.test.{json,md}
+#     BPDA through the pre-filter on what they left (threat adaptive; patches only), transfer from the base, eps 0.1
+#     -> RUN.test.{json,md}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/out/cheap}
@@ -37,8 +38,8 @@ ORDER=(q2_pgd2_ep3 q1_pgd2_ep5 q3_pgd5_ep5)
 if [ -n "${TEST:-}" ]; then
   for name in "${ORDER[@]}"; do
     [ -f "$OUT/$name.test.json" ] && continue
-    case "${RUNS[$name]}" in *adv-train*) P=(--parent examples/fmnist_base.safetensors --threat whitebox) ;;
-                                      *) P=(--threat whitebox,adaptive) ;; esac
+    case "${RUNS[$name]}" in *adv-train*) P=(--parent examples/fmnist_base.safetensors --threat whitebox,transfer) ;;
+                                      *) P=(--threat whitebox,adaptive,transfer) ;; esac
     /usr/bin/time -v python -m hardener eval "$OUT/$name.safetensors" --arch examples/fmnist_model.py:resnet9_small \
       --data fashion-mnist:test --max-samples 1000 --attack apgd-ce,apgd-dlr --eps 0.1 "${P[@]}" --quiet --force \
       --report "$OUT/$name.test.json" --report "$OUT/$name.test.md" > /dev/null 2> "$OUT/$name.test.log" \
