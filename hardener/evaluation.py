@@ -58,7 +58,7 @@ class EvalConfig:
     seed: int = 0
     eps_sweep: list[float] | None = None
     checks: bool = True
-    check_samples: int = 200
+    check_samples: int | None = None  # samples the costlier checks use; None: check_sample_count(evaluated samples)
     smooth_grad: float | None = None  # parametric-softplus backward through ReLUs for gradient attacks
     overrides: dict = field(default_factory=dict)  # {attack: {field: value}} fixed by a suite (attacks.SUITE_SETTINGS)
     precision: str = "fp32"  # of the attacks' forward/backward passes (autocast); examples are always scored in fp32
@@ -615,13 +615,20 @@ def _check(name: str, ok: bool | None, detail: str, hint: str) -> dict:
 LARGE_EPS_SAMPLES = 100  # the eps=0.5 check: every sample should fall, so a hundred tell
 
 
+def check_sample_count(n: int) -> int:
+    """Samples the sanity checks look at, by default: a quarter of the evaluation, at least 50 and at most 200 (never
+    more than there are), so that the checks (the convergence one attacks them with twice the steps) cost a bounded
+    share of a small evaluation and keep 200 samples' power on a reference-sized one."""
+    return min(n, max(50, min(200, n // 4)))
+
+
 def _first_iterative(cfg: EvalConfig) -> str | None:
     return next((n for n in ordered(cfg.attacks) if A.info(n).iterative), None)
 
 
 def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
                n_classes: int, device: torch.device) -> list[dict]:
-    n = min(cfg.check_samples, len(y))
+    n = min(cfg.check_samples, len(y)) if cfg.check_samples else check_sample_count(len(y))
     g = torch.Generator().manual_seed(cfg.seed)
     sel = torch.randperm(len(y), generator=g)[:n]
     xs, ys = x[sel], y[sel]

@@ -173,13 +173,14 @@ def _spilled_adversarials(teacher, ds: hdata.Dataset, spec: attacks.AttackSpec, 
 
 class _Validation:
     """Accuracy on a held-out split after every epoch: clean, white-box PGD-10 (random start) on the model
-    being trained, and transfer (the same attack computed once on the original base)."""
+    being trained, and transfer (the same attack computed once on the original base). With `amp` (the training's
+    --precision), the attacks run under autocast as the training attack does; examples are scored in fp32."""
 
     def __init__(self, ds: hdata.Dataset, spec: attacks.AttackSpec, batch_size: int, device: torch.device,
-                 base: torch.nn.Module) -> None:
+                 base: torch.nn.Module, amp: torch.dtype | None = None) -> None:
         self.x, self.y = hdata.to_float(ds.images), ds.labels
         self.spec = replace(spec, name="pgd", steps=10, alpha=None, smooth_grad=None, radius=1.0, settings={})
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.amp = batch_size, device, amp
         self.transfer_x = self._attack(base)
 
     def _batches(self):
@@ -187,7 +188,9 @@ class _Validation:
             yield slice(i, i + self.batch_size)
 
     def _attack(self, model: torch.nn.Module) -> torch.Tensor:
-        attack = attacks.build(model, self.spec)
+        from .evaluation import Autocast
+
+        attack = attacks.build(Autocast(model, self.amp) if self.amp is not None else model, self.spec)
         out = torch.empty_like(self.x)
         for sl in self._batches():
             x, y = self.x[sl].to(self.device), self.y[sl].to(self.device)
@@ -364,7 +367,7 @@ class _Trainer:
                             cache_bytes_in_memory=self.base_cache.store.used,
                             cache_spilled=list(self.base_cache.store.spilled))
         self.method.prepare(self)
-        self.validate = (_Validation(val, spec, max(cfg.batch_size, 256), self.device, self.teacher)
+        self.validate = (_Validation(val, spec, max(cfg.batch_size, 256), self.device, self.teacher, self.amp)
                          if val is not None else None)
         total_steps = cfg.epochs * self.steps_per_epoch
         n_vals = sum(1 for e in range(self.start_epoch, cfg.epochs)

@@ -235,6 +235,29 @@ def test_training_in_bf16_keeps_an_fp32_checkpoint(runner, tmp_path, tiny_ckpt, 
     assert rep["summary"]["clean"] > 0.5
 
 
+def test_validation_attacks_run_at_the_training_precision(monkeypatch):
+    # --precision bf16: the per-epoch validation's PGD-10 runs under autocast like the training attack (it was fp32,
+    # 40% of a bf16 epoch on the demo); the examples are scored in fp32 by the model itself.
+    from conftest import make_data, trained_tiny
+
+    from hardener import attacks as A, data as hdata, fit as F
+    from hardener.evaluation import Autocast
+
+    seen = []
+    build = A.build
+    monkeypatch.setattr(A, "build", lambda model, spec: seen.append(model) or build(model, spec))
+    imgs, labels = make_data(n=20)
+    net = trained_tiny()
+    spec = A.AttackSpec("pgd", eps=0.1, steps=2)
+    for amp, kind in ((torch.bfloat16, Autocast), (None, type(net))):
+        seen.clear()
+        v = F._Validation(hdata.Dataset(imgs, labels), spec, 8, torch.device("cpu"), net, amp)
+        clean, robust, transfer = v(net)
+        assert [type(m) for m in seen] == [kind, kind] and 0 <= robust <= clean <= 1 and 0 <= transfer <= 1
+        if amp is not None:
+            assert all(m.dtype == torch.bfloat16 and m.model is net for m in seen)
+
+
 def test_sharded_training_sums_the_gradients_of_the_whole_batch(tmp_path, tiny_ckpt, tiny_data):
     """Fixers only (no batch statistics), the base's adversarial examples made once, no augmentation: two processes
     each taking half of every batch must train the same patches as one process (up to summation order)."""

@@ -352,3 +352,7 @@ def test_convergence_check_doubles_the_steps_on_what_the_chain_left(monkeypatch,
     doubled = sum(n for n, s, e in calls if s == 8)
     assert 0 < doubled < 40
     assert checks["large_eps_near_chance"]["detail"].endswith("(chance 0.33; 40 samples)")
+
+
+def test_check_sample_count_is_a_bounded_quarter():
+    assert [E.check_sample_count(n) for n in (10, 60, 250, 500, 1000, 10_000)] == [10, 50, 62, 125, 200, 200]
