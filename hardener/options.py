@@ -219,8 +219,9 @@ PATCH = (
              "costs a few percent of training, not a verdict; full: the training attack with its reference "
              "budget on up to 1,000 images."),
     popt("--precision", show_default=True, type=Choice(PRECISIONS),
-         help="Precision of training's forward passes and training attack (autocast; losses in fp32, loss scaling "
-              "for fp16 on CUDA). Faster on GPUs; the checkpoint is fp32."),
+         help="Precision of training's forward passes, training attack and per-epoch validation attack (autocast; "
+              "losses in fp32, loss scaling for fp16 on CUDA). Faster on GPUs and on CPUs with native bf16 "
+              "(bench/RESULTS.md); the checkpoint is fp32 and the report's attacks run in fp32."),
     popt("--noise-sigma", type=float, show_default=True,
          help="Denoised smoothing (for harden certify): train on x + N(0, σ²) with the stability objective "
               "CE(f(D(x+δ)), f(x)'s class) instead of adversarial examples; --preset certify sets it."),
