@@ -56,7 +56,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())
         print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(ds):.4f} "
               f"train acc {correct / len(ds):.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
