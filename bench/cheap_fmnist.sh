@@ -28,6 +28,7 @@ declare -A RUNS=(
   [q1_pgd2_ep5]="--steps 2 --epochs 5"
   [q2_pgd2_ep3]="--steps 2 --epochs 3"
   [q3_pgd5_ep5]="--epochs 5"
+  [s1_silu_ep5]="--epochs 5 --act silu"
   [u1_1pct_rest9]="--subset 1% --unlabeled rest --pseudo-ratio 9"
   [u0_1pct_ep100]="--subset 1% --epochs 100 --validate-every 10"
   [m4u_advtrain_1pct_rest9]="--method adv-train --attack pgd --steps 5 --epochs 10 --mu 0 --lr 1e-3 --subset 1% --unlabeled rest --pseudo-ratio 9"
