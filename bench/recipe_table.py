@@ -54,6 +54,10 @@ def _pct(a: dict | None, ci: bool = True) -> str:
     return f"{100 * a['accuracy']:.1f} [{100 * lo:.1f}–{100 * hi:.1f}]" if ci else f"{100 * a['accuracy']:.1f}"
 
 
+def _n(v) -> str:
+    return f"{v:,.0f}" if v else "–"
+
+
 def _cpu(rel: str | None) -> float | None:
     if rel is None or not (RES / rel).is_file():
         return None
@@ -71,7 +75,7 @@ def row(run: str, labels: str, what: str, patch_rel: str, test_rel: str, log_rel
         cost = patch.get("patch_cost") or (SAME_PATCHES_AS_Q3 if run.startswith("r4") else {})
         out.update(parameters=patch.get("trainable_parameters"), macs=cost.get("macs"), base_macs=cost.get("base_macs"),
                    train_seconds=patch.get("train_seconds"), cpu_seconds=_cpu(log_rel),
-                   validation=(patch.get("training") or {}).get("validation", {}).get("selected_epoch"))
+                   validation=((patch.get("training") or {}).get("validation") or {}).get("selected_epoch"))
     if test:
         m = test["models"]["patched"]
         th = m["threats"]
@@ -88,13 +92,13 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         macs = (f"{r['macs'] / 1e6:.1f}M ({100 * r['macs'] / r['base_macs']:.0f}%)" if r.get("macs") else
-                "– (trains the base)")
+                "– (trains the base)" if "parameters" in r else "–")
         bpda = _pct(r.get("adaptive"), ci=False) if r.get("adaptive") else "–"
         cpu = f"{r['cpu_seconds']:,.0f}" if r.get("cpu_seconds") else "–"
         lines.append(
             f"| {r['run']} | {r['labels']} | {r['what']} | {_pct(r.get('clean'))} | {_pct(r.get('whitebox'))} | "
-            f"{bpda} | {_pct(r.get('transfer'), ci=False)} | {r.get('parameters') or 0:,} | {macs} | "
-            f"{r.get('train_seconds') or 0:,.0f} | {cpu} |")
+            f"{bpda} | {_pct(r.get('transfer'), ci=False)} | {_n(r.get('parameters'))} | {macs} | "
+            f"{_n(r.get('train_seconds'))} | {cpu} |")
     return "\n".join(lines)
 
 

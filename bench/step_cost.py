@@ -78,7 +78,7 @@ def main() -> None:
         m = f"{x['macs_added'] / 1e6:.1f}M" if x["macs_added"] else "– (trains the base)"
         print(f"| {x['variant']} | {x['ms_per_image']:.1f} | {x['relative']:.2f} | {m} |")
     if a.out:
-        a.out.write_text(json.dumps({"rows": rows, "images": a.images, "rounds": a.rounds, "threads":
+        a.out.write_text(json.dumps({"rows": rows, "only": a.only, "images": a.images, "rounds": a.rounds, "threads":
                                      torch.get_num_threads(), "torch": torch.__version__,
                                      "machine": platform.processor() or platform.machine()}, indent=2) + "\n")
 

@@ -733,14 +733,16 @@ def _convergence_checks(model: nn.Module, res: dict, sel: torch.Tensor, xs: torc
         left = row["_after"][sel] & clean
         r1 = float(left.float().mean())
         r2 = float(run_chain("check", model, model, xs, ys, left, [sp2], cfg, device).robust.float().mean())
-        detail = (f"{name} with {steps} steps: {r1:.4f}; then {2 * steps} steps on what it left: {r2:.4f} "
-                  f"({n} samples)")
+        first = row is res["threats"]["whitebox"]["attacks"][0]
+        detail = (f"{name} with {steps} steps{'' if first else ' (after the attacks before it)'}: {r1:.4f}; then "
+                  f"{2 * steps} steps on what it left: {r2:.4f} ({n} samples)")
     else:
         r1 = _robust_of(model, xs, ys, clean, sp1, cfg, device)
         r2 = _robust_of(model, xs, ys, clean, sp2, cfg, device)
         detail = f"{name} with {steps} steps: {r1:.4f}; with {2 * steps}: {r2:.4f} ({n} samples)"
     tol = max(0.02, 2 / n)
-    checks = [_check("converged", r1 - r2 <= tol, detail, "more steps still break more samples: raise --steps")]
+    checks = [_check("converged", r1 - r2 <= tol, detail,
+                     "another run with more steps still breaks more samples: raise --steps (or --restarts)")]
     big = 0.5 if cfg.norm == "Linf" else 10.0
     m = min(n, LARGE_EPS_SAMPLES)
     rb = _robust_of(model, xs[:m], ys[:m], clean[:m], _spec(cfg, name, n_classes, eps=big), cfg, device)

@@ -123,7 +123,14 @@ def preset_help(flags: dict[str, str], builtin: dict[str, object]) -> str:
     sets them); what each preset sets, and what a custom recipe starts from instead. `flags` maps option names to
     their flags (attack_name -> --attack), `builtin` holds the built-in defaults."""
     def show(opts: dict) -> str:
-        return " ".join(f"{flags.get(k, '--' + k.replace('_', '-'))} {v}" for k, v in opts.items())
+        def one(k, v) -> str:
+            flag = flags.get(k, "--" + k.replace("_", "-"))
+            if v is None and k == "at":
+                return f"{flag} (the suggested sites, no pre-filter)"
+            if isinstance(v, bool):
+                return flag if v else f"--no-{flag[2:]}"
+            return f"{flag} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        return " ".join(one(k, v) for k, v in opts.items())
 
     lines, custom = [], {}
     for name in preset_names():
@@ -133,7 +140,8 @@ def preset_help(flags: dict[str, str], builtin: dict[str, object]) -> str:
             continue
         lines.append(f"{name} ({p.threat_model}{', the default' if name == DEFAULT_PRESET else ''}): {show(p.options)}")
         if name == DEFAULT_PRESET:
-            custom = {k: builtin[k] for k in p.options if builtin.get(k) is not None and builtin[k] != p.options[k]}
+            custom = {k: builtin.get(k) for k in p.options if (builtin.get(k) is not None or k == "at")
+                      and builtin.get(k) != p.options[k]}
     head = (f"Values marked [default: ...] are those of a plain `harden patch`, which runs --preset {DEFAULT_PRESET}. "
             "Given --method, --at, --at-regex or --adversary, the recipe is custom and starts from the built-in "
             f"defaults instead{': ' + show(custom) if custom else ''}. Options you give win over a preset's. Presets:")

@@ -240,4 +240,5 @@ def test_patch_help_says_what_the_default_preset_sets(runner):
     assert "starts from the built-in defaults instead: " in text
     custom = text.split("starts from the built-in defaults instead: ")[1].split(". ")[0]
     assert "--adversary base" in custom and "--select-on 0" in custom and "None" not in custom
+    assert "--at (the suggested sites, no pre-filter)" in custom  # the biggest difference: no pre-filter
     assert "--attack_name" not in text and "--loss_name" not in text

@@ -138,7 +138,7 @@ def _plan(call: Call) -> Plan:
         times = 1 + cost["macs"] / cost["base_macs"]
         patched = loaded.patched
         prefilter = any(getattr(patched.patches[k], "kind", "") == "prefilter" for k in patched.sites.values())
-        hint = ("most of it is the pre-filter at full input resolution: --prefilter-stride 2 or --width 32 cut it "
+        hint = ("a pre-filter at full input resolution is usually most of it: --prefilter-stride 2 or --width 32 cut it "
                 "at a cost in robustness (bench/RESULTS.md, 'A cheaper robust recipe')" if prefilter else
                 "choose fewer sites, or sites at lower resolution (`harden layers`)")
         warnings.append(f"the patches add {cost['macs'] / 1e6:,.1f}M multiply-adds per image, {times - 1:.1f}x the "
