@@ -6,6 +6,7 @@
 # check: APGD-CE, 20 steps, white-box and transfer). Every run is `--preset robust` (the default recipe) with the
 # named changes. One thread per run; /usr/bin/time -v records CPU seconds (wall time depends on the load).
 #   bash bench/cheap_fmnist.sh [OUT_DIR] [RUN...]      # the named runs (default: all), skipping finished ones
+#   RESUME=1 bash bench/cheap_fmnist.sh OUT_DIR RUN... # continue interrupted runs from OUT_DIR/RUN.safetensors.partial
 #   TEST=1 bash bench/cheap_fmnist.sh OUT_DIR RUN...   # their verdict on test, for runs chosen on validation: the
 #     verdict's 1,000 seeded stratified images of fashion-mnist:test, white-box APGD-CE -> APGD-DLR (100 steps), and
 #     BPDA through the pre-filter on what they left (threat adaptive; patches only), transfer from the base, eps 0.1
@@ -30,6 +31,7 @@ declare -A RUNS=(
   [q3_pgd5_ep5]="--epochs 5"
   [s1_silu_ep5]="--epochs 5 --act silu"
   [u1_1pct_rest9]="--subset 1% --unlabeled rest --pseudo-ratio 9"
+  [u2_10pct_rest1]="--unlabeled rest --pseudo-ratio 1"
   [u0_1pct_ep100]="--subset 1% --epochs 100 --validate-every 10"
   [m4u_advtrain_1pct_rest9]="--method adv-train --attack pgd --steps 5 --epochs 10 --mu 0 --lr 1e-3 --subset 1% --unlabeled rest --pseudo-ratio 9"
   [a1_advtrain_nfgsm]="--method adv-train --attack n-fgsm --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"
@@ -54,5 +56,5 @@ for name in "${ORDER[@]}"; do
   /usr/bin/time -v python -m hardener patch examples/fmnist_base.safetensors \
     --arch examples/fmnist_model.py:resnet9_small --mean 0.2860 --std 0.3530 --data fashion-mnist:train --subset 10% \
     --eps 0.1 --eval-samples 500 --force --quiet --out "$OUT/$name.safetensors" --report "$OUT/$name.json" \
-    ${RUNS[$name]} > "$OUT/$name.out" 2> "$OUT/$name.log" || echo "$name failed: see $OUT/$name.log" >&2
+    ${RUNS[$name]} ${RESUME:+--resume} > "$OUT/$name.out" 2>> "$OUT/$name.log" || echo "$name failed: see $OUT/$name.log" >&2
 done
