@@ -118,18 +118,17 @@ def layers(**kw):
     layers_cmd.run(_call())
 
 
-def _flags(opts) -> dict[str, str]:
-    """Parameter name -> first flag, for the options of one command."""
-    out = {}
-    for o in opts:
-        flags = [d for d in o.decls if d.startswith("-")]
-        names = [d for d in o.decls if not d.startswith("-")]
-        if flags:
-            out[names[0] if names else flags[0].split("/")[0].lstrip("-").replace("-", "_")] = flags[0].split("/")[0]
-    return out
+class PatchCommand(ConfigCommand):
+    """`harden patch`: its epilog (what each preset sets) is built when --help shows it, not at every start, from
+    the options' own flags and built-in defaults."""
+
+    def format_epilog(self, ctx: click.Context, formatter) -> None:
+        opts = [p for p in self.params if isinstance(p, click.Option)]
+        self.epilog = preset_help({p.name: p.opts[0] for p in opts}, {p.name: p.default for p in opts})
+        super().format_epilog(ctx, formatter)
 
 
-@main.command(cls=ConfigCommand, epilog=preset_help(_flags(O.PATCH), O.PATCH_DEFAULTS))
+@main.command(cls=PatchCommand)
 @with_options(O.PATCH)
 def patch(**kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on

@@ -69,13 +69,13 @@ def opt(*decls: str, **kwargs: Any) -> Opt:
     return Opt(decls, kwargs)
 
 
-PATCH_DEFAULTS = {f.name: f.default for f in fields(PatchOptions) if f.default is not MISSING}
+_PATCH_DEFAULTS = {f.name: f.default for f in fields(PatchOptions) if f.default is not MISSING}
 
 
 def popt(*decls: str, **kwargs: Any) -> Opt:
     """An option of `harden patch` that is a field of `api.PatchOptions`: its default comes from there."""
     name = decls[1] if len(decls) > 1 else decls[0].split("/")[0].lstrip("-").replace("-", "_")
-    return Opt(decls, {"default": PATCH_DEFAULTS[name], **kwargs})
+    return Opt(decls, {"default": _PATCH_DEFAULTS[name], **kwargs})
 
 
 MODEL = (
