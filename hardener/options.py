@@ -192,7 +192,9 @@ PATCH = (
          help="base: examples of the frozen base (transfer, the paper); patched: regenerated against "
               "the patched model every step (adaptive; always so for adv-train and advprop)."),
     popt("--epochs", show_default=True, type=int),
-    popt("--batch-size", show_default=True, type=int),
+    popt("--batch-size", show_default=True, type=BatchSize(),
+         help="Training batch; auto: 128, or 64 or 32 where 128 would give fewer than 400 optimiser steps (small "
+              "data underfits in few steps)."),
     popt("--lr", type=float, help="Adam learning rate (default 3e-3 for patches, 1e-3 for full fine-tuning)."),
     popt("--lam", show_default=True, type=float, help="Feature distillation weight λ."),
     popt("--mu", show_default=True, type=float,

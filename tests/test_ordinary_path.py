@@ -44,11 +44,12 @@ def test_literal_patch_with_only_data_succeeds_and_records_the_split(runner, tin
     assert "held out 24 of 120 images (stratified, seed 0" in r.output
     assert "plan: recipe: preset robust, training for the white-box threat model" in r.output
     assert "estimated time left: training" in r.output
-    assert "train 10/10 (100%)" in r.output  # not a TTY: plain progress lines
+    assert "10 epochs x 3 steps of 32 (--batch-size auto)" in r.output  # 96 images: 128 would be 10 steps
+    assert "train 30/30 (100%)" in r.output  # not a TTY: plain progress lines
     # on this tiny base the width-64 pre-filter costs many times the base: said before training, with the way out
     warn = next(line for line in r.output.splitlines() if "multiply-adds per image," in line)
     assert warn.startswith("warning: the patches add ") and "--prefilter-stride 2 or --width 32" in warn
-    assert r.output.index(warn) < r.output.index("train 1/10")
+    assert r.output.index(warn) < r.output.index("train 1/30")
     assert "harden eval" in r.output and "quick check, not a verdict" in r.output
     m = hardener.load(out, arch=ARCH).manifest
     assert m.training["preset"]["name"] == "robust" and m.training["preset"]["threat_model"] == "white-box"
@@ -242,3 +243,34 @@ def test_patch_help_says_what_the_default_preset_sets(runner):
     assert "--adversary base" in custom and "--select-on 0" in custom and "None" not in custom
     assert "--at (the suggested sites, no pre-filter)" in custom  # the biggest difference: no pre-filter
     assert "--attack_name" not in text and "--loss_name" not in text
+
+
+def test_auto_batch_size_keeps_small_data_from_underfitting():
+    """`--batch-size auto` (preset robust's): 128 while that gives 400 optimiser steps, else 64, else 32."""
+    from hardener.api import PatchOptions, auto_batch_size, settle_batch_size, training_setup
+
+    assert auto_batch_size(6000, 10) == 128  # the 10% run: 470 steps of 128, as before
+    assert auto_batch_size(3000, 10) == 64  # 240 steps of 128 -> 470 of 64
+    assert auto_batch_size(1600, 10) == 32  # the demo: 130 steps of 128 -> 500 of 32
+    assert auto_batch_size(50, 1) == 32  # never below 32
+    opts, preset = PatchOptions.build("auto", {})
+    assert preset.name == "robust" and opts.batch_size == "auto"
+    _, cfg = training_setup(opts, 10)
+    assert settle_batch_size(cfg, opts, 1600).batch_size == 32
+    mine, _ = PatchOptions.build("auto", {"batch_size": 128})
+    assert settle_batch_size(training_setup(mine, 10)[1], mine, 1600).batch_size == 128  # the user's number stays
+    with pytest.raises(InputError, match="batch_size must be a positive integer or auto"):
+        PatchOptions.build("auto", {"batch_size": "big"})
+
+
+def test_patch_plan_names_the_auto_batch_and_the_manifest_records_it(runner, tiny_ckpt, tiny_data, tmp_path):
+    out = tmp_path / "p.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--epochs", "1",
+                             "--steps", "1", "--eval-samples", "10", "--eval-steps", "1", "--select-on", "10",
+                             "--eps", "0.1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "steps of 32 (--batch-size auto)" in r.output
+    assert hardener.load(out, arch=ARCH).manifest.training["config"]["batch_size"] == 32
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--batch-size",
+                             "many", "--out", str(out), "--force"])
+    assert r.exit_code == 2 and "must be a positive integer or auto" in r.output

@@ -123,6 +123,7 @@ def _plan(call: Call) -> Plan:
     warnings = loaded.warnings + warnings
     if opts.unlabeled:
         train_ds, cfg = _pseudo_labelled(loaded, ds_all, unused, train_ds, opts, cfg, split, device, kw)
+    cfg = api.settle_batch_size(cfg, opts, len(train_ds))
     if call.given("select_on"):
         warnings += [n for n in split.notes if n.startswith("--select-on")]  # the user's number could not be met
     warnings += _recipe_warnings(recipe, cfg, cfg.epoch_images(len(train_ds)), epochs_given=call.given("epochs"))
@@ -144,10 +145,10 @@ def _plan(call: Call) -> Plan:
         warnings.append(f"the patches add {cost['macs'] / 1e6:,.1f}M multiply-adds per image, {times - 1:.1f}x the "
                         f"base's {cost['base_macs'] / 1e6:,.1f}M: the patched model costs {times:.1f}x the base at "
                         f"inference and in every attack step; {hint}")
-    ecfg = _report_config(quick, spec, kw["norm"], kw["eval_steps"], kw["batch_size"], kw["seed"])
+    ecfg = _report_config(quick, spec, kw["norm"], kw["eval_steps"], cfg.batch_size, kw["seed"])
     plan = Plan(kw, out_file, device, loaded, opts, recipe, split, train_ds, val_ds, eval_ds, spec, cfg, ecfg,
                 warnings, kw["route"] or M.build(cfg).default_route, world, cost=cost)
-    _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"])
+    _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"], opts.batch_size == "auto")
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
     return plan
@@ -299,7 +300,7 @@ def report_units(ecfg: E.EvalConfig, n: int) -> float:
 
 
 def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec, ecfg: E.EvalConfig, recipe,
-                quiet: bool) -> None:
+                quiet: bool, auto_batch: bool = False) -> None:
     if quiet:
         return
     n_epoch = cfg.epoch_images(len(train_ds))
@@ -309,8 +310,8 @@ def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec,
     units = F.train_units(cfg, spec)
     lines = [f"recipe: {f'preset {recipe.name}' if recipe else 'custom options'}, training for the "
              f"{api.effective_threat_model(cfg)} threat model",
-             f"training: {n_epoch:,} images per epoch, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size} = "
-             f"{cfg.epochs * per_epoch:,} optimiser steps; attack {att} against {against}; about {units:.0f} "
+             f"training: {n_epoch:,} images per epoch, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size}"
+             f"{' (--batch-size auto)' if auto_batch else ''} = {cfg.epochs * per_epoch:,} optimiser steps; attack {att} against {against}; about {units:.0f} "
              "forward-pass equivalents per image per step"]
     if val_ds is not None:
         lines.append(f"validation: {len(val_ds):,} held-out images after every {cfg.validate_every} epoch(s) "
