@@ -21,7 +21,7 @@ RES = Path(__file__).resolve().parent / "results"
 
 # run, labels, description, patch (or training) report, test report, time log (/usr/bin/time -v), epochs
 ROWS = [
-    ("r4 (default recipe)", "10%", "pre-filter 64 + fixers, PGD-5, 10 epochs, μ = 1 (`--preset robust`)",
+    ("r4 (the default recipe until 2026-12-01)", "10%", "pre-filter 64 + fixers, PGD-5, 10 epochs, μ = 1",
      "robust/r4_pre64_fix3_mu1.val.json", "robust/r4.test.json", None, 10),  # its report predates patch_cost:
     # the multiply-adds are q3's (the same patches), from cheap/step_cost.json
     ("q3", "10%", "r4 with `--epochs 5`", "cheap/q3_pgd5_ep5.json", "cheap/q3_pgd5_ep5.test.json",
