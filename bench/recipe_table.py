@@ -88,6 +88,10 @@ def row(run: str, labels: str, what: str, patch_rel: str, test_rel: str, log_rel
                    whitebox=m.get("worst_whitebox") or th.get("whitebox", {}).get("robust"),
                    adaptive=th.get("adaptive", {}).get("robust"), transfer=th.get("transfer", {}).get("robust"),
                    worst=m["worst_case"])
+        if out["transfer"] is None:  # a transfer-only evaluation of the same 1,000 images, run afterwards
+            extra = _load(test_rel.replace(".test.json", ".transfer.json"))
+            if extra:
+                out["transfer"] = extra["models"]["patched"]["threats"]["transfer"]["robust"]
     return out
 
 
