@@ -24,15 +24,16 @@ if [ "$what" = demo ] || [ "$what" = all ]; then
   # where the Debian package is installed (a measurement of the recipe already chosen, not a choice)
   "$CLONE"/.venv/bin/python - "$CLONE" > "$RES/demo-clean-10k.json" <<'PY' || echo '{}' > "$RES/demo-clean-10k.json"
 import json, sys, torch, hardener
-from hardener.data import load_fashion_mnist
+from hardener.data import load_fashion_mnist, to_float
+from hardener.evaluation import predict
 from hardener.patches.attach import Disabled
 root = sys.argv[1]
 m = hardener.load(f"{root}/examples/out/fmnist.hardened.safetensors", arch=f"{root}/examples/fmnist_model.py:resnet9_small").eval()
 ds = load_fashion_mnist("test")
+x = to_float(ds.images)
 def acc(net):
     with torch.no_grad():
-        return sum(int((net(ds.images[i:i + 500].float() / 255).argmax(1) == ds.labels[i:i + 500]).sum())
-                   for i in range(0, len(ds.labels), 500)) / len(ds.labels)
+        return int((predict(net, x, 500, torch.device("cpu")).argmax(1) == ds.labels).sum()) / len(ds.labels)
 print(json.dumps({"n": len(ds.labels), "base": acc(Disabled(m).eval()), "patched": acc(m)}))
 PY
   python3 - "$t0" "$t1" "$t2" "$RES" <<'PY'
