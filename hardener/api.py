@@ -54,6 +54,7 @@ class PatchOptions:
     steps: int = 10
     alpha: float | None = None
     eps_warmup: float = 0.0
+    ema: float = 0.0
     loss_name: str = "fixer"
     beta: float = 6.0
     select_on: int = 0
@@ -262,7 +263,7 @@ def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.
                       lr=opts.lr if opts.lr is not None else M.get(methods.fit_method).default_lr,
                       lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,
                       seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
-                      eps_warmup=opts.eps_warmup, select=bool(opts.select_on), validate_every=opts.validate_every,
+                      eps_warmup=opts.eps_warmup, ema=opts.ema, select=bool(opts.select_on), validate_every=opts.validate_every,
                       phi=opts.phi, betas=parse_betas(opts.betas), sigma=opts.sigma, cache=opts.cache,
                       noise_sigma=opts.noise_sigma, precision=opts.precision,
                       cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -54,6 +54,7 @@ class FitConfig:
     precision: str = "fp32"  # autocast of the training forwards and attack (bf16, fp16); master weights stay fp32
     labelled: int | None = None  # the first N images of the training set are labelled, the rest pseudo-labelled
     pseudo_per_epoch: int = 0  # pseudo-labelled images per epoch, taken in turn from a seeded order of them
+    ema: float = 0.0  # > 0: decay of an exponential moving average of the trained weights (validated and kept)
     noise_sigma: float = 0.0  # > 0: denoised smoothing -- the second input is x + N(0, σ²), the loss the stability
     # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
 
@@ -69,6 +70,8 @@ class FitConfig:
             raise InputError(f"--precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if self.labelled is not None and (self.labelled < 1 or self.pseudo_per_epoch < 0):
             raise InputError("pseudo-labelled training needs at least one labelled image")
+        if not 0.0 <= self.ema < 1.0:
+            raise InputError(f"--ema must be at least 0 (off) and below 1, got {self.ema}")
         if self.eps_warmup < 0 or self.eps_warmup > self.epochs:
             raise InputError(f"--eps-warmup must be between 0 and --epochs ({self.epochs}), got {self.eps_warmup}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -215,11 +218,39 @@ def _trainable(patched: PatchedModel, method: methods.Method) -> list[torch.nn.P
     return list(patched.patch_parameters())
 
 
-def _state_of(patched: PatchedModel, full: bool) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().clone() for k, v in patched.patch_state_dict().items()}
+def _live_state(patched: PatchedModel, full: bool) -> dict[str, torch.Tensor]:
+    """The trained tensors themselves (patches; with `full`, the base too), not copies."""
+    sd = dict(patched.patch_state_dict())
     if full:
-        sd.update({f"base.{k}": v.detach().clone() for k, v in patched.base_state_dict().items()})
+        sd.update({f"base.{k}": v for k, v in patched.base_state_dict().items()})
     return sd
+
+
+def _state_of(patched: PatchedModel, full: bool) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in _live_state(patched, full).items()}
+
+
+class _Average:
+    """An exponential moving average of the trained state (`--ema`; Polyak averaging, as in Gowal et al. 2020 for
+    adversarial training): after optimiser step t it moves towards the weights by 1 - d_t, with
+    d_t = min(decay, (1 + t) / (10 + t)), so that the first, random weights fade fast. Buffers that are not
+    floating point (BN step counts) are copied."""
+
+    def __init__(self, decay: float, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.decay, self.state = decay, state
+
+    @torch.no_grad()
+    def update(self, live: dict[str, torch.Tensor], t: int) -> None:
+        if self.state is None:
+            self.state = {k: v.detach().clone() for k, v in live.items()}
+            return
+        d = min(self.decay, (1 + t) / (10 + t))
+        for k, v in live.items():
+            a = self.state[k]
+            if a.is_floating_point():
+                a.mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                a.copy_(v)
 
 
 def _load_state(patched: PatchedModel, sd: dict[str, torch.Tensor], full: bool) -> None:
@@ -283,6 +314,7 @@ class _Trainer:
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.logs: list[EpochLog] = []
         self.start_epoch, self.start_step, self.perm, self.sums, self.best = 0, 0, None, None, None
+        self.average = _Average(cfg.ema) if cfg.ema else None
         if saver is not None and saver.resume:
             self._resume(saver.load())
         self.cached_adv, self.base_cache, self.spill_dir = None, None, None
@@ -306,6 +338,8 @@ class _Trainer:
         self.logs = [EpochLog(**e) for e in st["logs"]]
         self.start_epoch, self.start_step, self.perm, self.best = st["epoch"], st["step"], st["perm"], st["best"]
         self.sums = st["sums_per_rank"][r] if "sums_per_rank" in st else st["sums"]
+        if self.average is not None:
+            self.average.state = st.get("ema")
         if any(e.fallback for e in self.logs):  # catastrophic overfitting was seen before the interruption
             self.spec = self._fallback_spec()
 
@@ -323,7 +357,8 @@ class _Trainer:
                         sums_per_rank=[e["sums"] for e in every])
         self.saver.save({"model": _state_of(self.patched, self.full), "optimizer": self.opt.state_dict(),
                          "scheduler": self.sched.state_dict(), **mine, "logs": [asdict(e) for e in self.logs],
-                         "epoch": epoch, "step": step, "perm": self.perm, "best": self.best})
+                         "epoch": epoch, "step": step, "perm": self.perm, "best": self.best,
+                         "ema": self.average.state if self.average is not None else None})
 
     # -- before the first step
     def _adversarials_once(self) -> int:
@@ -425,16 +460,31 @@ class _Trainer:
         cfg = self.cfg
         if self.validate is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
             t_val = time.time()
-            log.val_clean, log.val_robust, log.val_transfer = self.validate(self.patched)
+            with self._averaged():  # what would be kept is what is scored
+                log.val_clean, log.val_robust, log.val_transfer = self.validate(self.patched)
+                state = _state_of(self.patched, self.full)
             log.val_seconds = time.time() - t_val
             self.clock.validated(log.val_seconds)
             fell_back = self._guard(log)  # the weights it scored are gone: they cannot be the kept epoch
             score = (log.val_robust, log.val_clean)
             if cfg.select and not fell_back and (self.best is None or score > tuple(self.best["score"])):
-                self.best = {"score": list(score), "epoch": epoch + 1, "state": _state_of(self.patched, self.full)}
+                self.best = {"score": list(score), "epoch": epoch + 1, "state": state}
         self.logs.append(log)
         self.perm, self.sums, self.start_step = None, None, 0
         return log
+
+    @contextmanager
+    def _averaged(self):
+        """The averaged weights in the model for the block (with --ema), the trained ones back after it."""
+        if self.average is None or self.average.state is None:
+            yield
+            return
+        live = _state_of(self.patched, self.full)
+        _load_state(self.patched, self.average.state, self.full)
+        try:
+            yield
+        finally:
+            _load_state(self.patched, live, self.full)
 
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
         """The epoch's images in a shuffled order: all of them; or, with pseudo-labelled images, every labelled
@@ -542,6 +592,8 @@ class _Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
+        if self.average is not None:
+            self.average.update(_live_state(self.patched, self.full), done + 1)
         self.clock.step()
         for k, v in values.items():
             self.sums[k] += v
@@ -632,6 +684,8 @@ class _Trainer:
         patched = self.patched
         if self.best is not None:
             _load_state(patched, self.best["state"], self.full)
+        elif self.average is not None and self.average.state is not None:
+            _load_state(patched, self.average.state, self.full)
         patched.eval()
         for p in self.params:
             p.requires_grad_(False)

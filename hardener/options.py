@@ -173,6 +173,9 @@ PATCH = (
     popt("--alpha", type=float, help="Step size of the pgd training attack (default 2.5·eps/steps)."),
     popt("--eps-warmup", show_default=True, type=float,
          help="Epochs over which the training eps ramps up from 0 (adaptive adversary)."),
+    popt("--ema", show_default=True, type=float,
+         help="Decay of an exponential moving average of the trained weights (e.g. 0.99; 0 = off): validation, "
+              "--select-on and the written patch use the average."),
     popt("--loss", "loss_name", show_default=True, type=Choice(LOSSES),
          help="fixer: CE on clean and adversarial inputs; trades: CE on clean + β·KL(clean‖adversarial)."),
     popt("--beta", show_default=True, type=float, help="TRADES weight β."),

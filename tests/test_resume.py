@@ -41,17 +41,18 @@ def _stopper(after: int):
     return stop
 
 
-@pytest.mark.parametrize("adversary,augment", [("base", False), ("patched", True)])
-def test_interrupted_at_random_points_resumes_bit_identical(tmp_path, adversary, augment):
+@pytest.mark.parametrize("adversary,augment,ema", [("base", False, 0.0), ("patched", True, 0.0),
+                                                  ("patched", False, 0.8)])
+def test_interrupted_at_random_points_resumes_bit_identical(tmp_path, adversary, augment, ema):
     imgs, labels = make_data(n=48, seed=4)
     ds = hdata.Dataset(imgs, labels)
     spec = A.AttackSpec("pgd", eps=0.1, steps=2, n_classes=3)
-    cfg = F.FitConfig(epochs=3, batch_size=16, adversary=adversary, augment=augment)  # 9 steps
+    cfg = F.FitConfig(epochs=3, batch_size=16, adversary=adversary, augment=augment, ema=ema)  # 9 steps
     ref = _fresh()
     F.fit(ref, ds, spec, cfg, torch.device("cpu"))
 
     path = tmp_path / "run.partial"
-    points = sorted(random.Random(adversary).sample(range(1, 9), 3))
+    points = sorted(random.Random(f"{adversary}{ema}").sample(range(1, 9), 3))
     done, resume, interruptions = 0, False, 0
     while True:
         p = _fresh()
