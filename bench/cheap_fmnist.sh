@@ -33,6 +33,7 @@ declare -A RUNS=(
   [u1_1pct_rest9]="--subset 1% --unlabeled rest --pseudo-ratio 9"
   [u2_10pct_rest1]="--unlabeled rest --pseudo-ratio 1"
   [r4_mu2]="--mu 2"
+  [r4_mu25]="--mu 2.5"
   [u0_1pct_ep100]="--subset 1% --epochs 100 --validate-every 10"
   [m4u_advtrain_1pct_rest9]="--method adv-train --attack pgd --steps 5 --epochs 10 --mu 0 --lr 1e-3 --subset 1% --unlabeled rest --pseudo-ratio 9"
   [a1_advtrain_nfgsm]="--method adv-train --attack n-fgsm --adversary patched --mu 0 --lam 0 --lr 1e-3 --select-on 500"

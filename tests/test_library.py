@@ -131,11 +131,11 @@ def test_library_unlabeled_images_and_rest():
 
 
 def test_logged_distill_is_what_the_distillation_terms_add_to_the_loss():
-    # The robust preset trains with mu = 2 and lam = 0: its logged `distill` is mu * KL(base || patched), not 0, and
+    # The robust preset trains with mu = 2.5 and lam = 0: its logged `distill` is mu * KL(base || patched), not 0, and
     # the logged parts add up to the loss (fixer loss: CE clean + CE adversarial + distillation).
     x, y = _data(n=60, seed=2)
     patched = hardener.patch(trained_tiny(), (x, y), eps=0.1, epochs=2, steps=1, batch_size=20, select_on=0, holdout=0)
-    assert patched.training_record["config"]["mu"] == 2.0
+    assert patched.training_record["config"]["mu"] == 2.5
     for log in patched.history:
         assert log.distill > 0
         assert abs(log.loss - (log.ce_clean + log.ce_adv + log.distill)) < 1e-4 * max(1.0, log.loss)
