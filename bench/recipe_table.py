@@ -30,8 +30,10 @@ ROWS = [
      "cheap/q2_pgd2_ep3.log", 3),
     ("u1", "1% + pseudo", "r4 with `--subset 1% --unlabeled rest --pseudo-ratio 9`", "cheap/u1_1pct_rest9.json",
      "cheap/u1_1pct_rest9.test.json", "cheap/u1_1pct_rest9.log", 10),
-    ("r4 μ 2 (the default recipe since 2026-12-01)", "10%", "r4 with `--mu 2` (`--batch-size auto` is 128 here)",
+    ("r4 μ 2 (the default recipe on 2026-12-01 until μ 2.5)", "10%", "r4 with `--mu 2` (`--batch-size auto` is 128 here)",
      "cheap/r4_mu2.json", "cheap/r4_mu2.test.json", "cheap/r4_mu2.log", 10),
+    ("r4 μ 2.5 (the default recipe since 2026-12-01)", "10%", "r4 with `--mu 2.5` (`--batch-size auto` is 128 here)",
+     "cheap/r4_mu25.json", "cheap/r4_mu25.test.json", "cheap/r4_mu25.log", 10),
     # u2 was stopped at epoch 5 and resumed: its log's CPU seconds are the resumed half's only (not shown)
     ("u2", "10% + pseudo", "r4 with `--unlabeled rest --pseudo-ratio 1`", "cheap/u2_10pct_rest1.json",
      "cheap/u2_10pct_rest1.test.json", None, 10),
