@@ -330,7 +330,7 @@ def test_preset_robust_is_its_explicit_recipe(runner, tiny_ckpt, tiny_data, tmp_
     sites = [(p["kind"], p["site"]) for p in hardener.load(a, arch=ARCH).manifest.patches]
     assert sites[0] == ("prefilter", "input") and sites[1] == ("fixer", "features")
     explicit = ["--at", ",".join(f"{k}:{s}" for k, s in sites), "--width", "64", "--rho", "1", "--adversary",
-                "patched", "--attack", "pgd", "--lam", "0", "--mu", "2"]
+                "patched", "--attack", "pgd", "--lam", "0", "--mu", "2.5"]
     r = runner.invoke(main, [*common, *explicit, "--out", str(b)])
     assert r.exit_code == 0, r.output
     # the same tensors and the same manifest, except that the preset's file records its preset
