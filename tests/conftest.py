@@ -50,6 +50,19 @@ def trained_tiny(seed: int = 0, steps: int = 60, **kw) -> torch.nn.Module:
     return m.eval()
 
 
+def fresh_fixed(base: torch.nn.Module):
+    """A copy of the tiny `base` with a seeded fixer after `block`: the same starting point for every training run."""
+    from hardener.model import Classifier, InputSpec
+    from hardener.patches import Fixer, FixerConfig, PatchedModel
+
+    torch.manual_seed(0)
+    net = type(base)()
+    net.load_state_dict(base.state_dict())
+    p = PatchedModel(Classifier(net.eval(), InputSpec(shape=[1, 8, 8])))
+    p.attach("block", Fixer(8, FixerConfig()))
+    return p
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"

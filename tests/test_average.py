@@ -8,21 +8,15 @@ import torch
 
 from hardener import attacks as A, data as hdata, fit as F
 from hardener.cli import main
-from hardener.model import Classifier, InputSpec
-from hardener.patches import Fixer, FixerConfig, PatchedModel
+from hardener.patches import PatchedModel
 
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+from conftest import ARCH, FAST_PATCH, assert_input_error, fresh_fixed, make_data, trained_tiny
 
 BASE = trained_tiny()
 
 
 def _fresh() -> PatchedModel:
-    torch.manual_seed(0)
-    net = type(BASE)()
-    net.load_state_dict(BASE.state_dict())
-    p = PatchedModel(Classifier(net.eval(), InputSpec(shape=[1, 8, 8])))
-    p.attach("block", Fixer(8, FixerConfig()))
-    return p
+    return fresh_fixed(BASE)
 
 
 def test_average_follows_its_formula():
