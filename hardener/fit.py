@@ -236,8 +236,9 @@ class _Average:
     d_t = min(decay, (1 + t) / (10 + t)), so that the first, random weights fade fast. Buffers that are not
     floating point (BN step counts) are copied."""
 
-    def __init__(self, decay: float, state: dict[str, torch.Tensor] | None = None) -> None:
-        self.decay, self.state = decay, state
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.state: dict[str, torch.Tensor] | None = None  # None until the first step (or a resumed run's)
 
     @torch.no_grad()
     def update(self, live: dict[str, torch.Tensor], t: int) -> None:
@@ -462,7 +463,7 @@ class _Trainer:
             t_val = time.time()
             with self._averaged():  # what would be kept is what is scored
                 log.val_clean, log.val_robust, log.val_transfer = self.validate(self.patched)
-                state = _state_of(self.patched, self.full)
+                state = _state_of(self.patched, self.full) if cfg.select else None
             log.val_seconds = time.time() - t_val
             self.clock.validated(log.val_seconds)
             fell_back = self._guard(log)  # the weights it scored are gone: they cannot be the kept epoch
