@@ -1,4 +1,5 @@
-"""Attacks by name over torchattacks, with its quirks contained.
+"""Attacks by name: our own PGD, N-FGSM and APGD (`hardener.apgd`, torchattacks' APGD to the bit, plus an early
+stop that evaluation uses), the rest over torchattacks, with its quirks contained.
 
 Every attack works on a model that takes [0, 1] pixels; eps is in pixel units. `run` isolates
 the global RNG (APGD, APGD-T, FAB and Square reseed it), keeps stdout clean (targeted modes
@@ -101,6 +102,7 @@ class AttackSpec:
     smooth_grad: float | None = None  # α of the parametric-softplus backward through the base's ReLUs
     eot: int = 1  # expectation over transformation: gradients averaged over this many forward passes (APGD)
     radius: float = 1.0  # examples are projected to radius·eps (1 in evaluation; a training attack's train_radius)
+    stop_early: bool = False  # APGD: a sample leaves the batch once misclassified (same verdict; evaluation sets it)
     settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -138,6 +140,8 @@ class AttackSpec:
             d.pop("eot")
         if d["radius"] == 1.0:
             d.pop("radius")
+        if not (d["stop_early"] and self.name in ("apgd-ce", "apgd-dlr")):
+            d.pop("stop_early")
         d["min_norm"] = kind == "min-norm"
         return d
 
@@ -235,10 +239,10 @@ def _nfgsm(model: nn.Module, spec: AttackSpec) -> Callable:
 
 def _apgd(loss):
     def build(model, spec):
-        import torchattacks
+        from .apgd import apgd
         spec.settings.update(loss=loss, rho=0.75)
-        return torchattacks.APGD(model, norm=spec.norm, eps=spec.eps, steps=spec.steps,
-                                 n_restarts=spec.restarts, seed=spec.seed, loss=loss, eot_iter=spec.eot)
+        return lambda x, y: apgd(model, x, y, eps=spec.eps, norm=spec.norm, steps=spec.steps, loss=loss,
+                                 restarts=spec.restarts, eot=spec.eot, seed=spec.seed, stop_early=spec.stop_early)
     return build
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -316,6 +316,13 @@ class ChainResult:
     broken_by: torch.Tensor | None = None  # per-sample: index of the attack (row) that broke it, -1 for none
 
 
+def _scores_as_it_attacks(source: nn.Module, target: nn.Module, cfg: EvalConfig) -> bool:
+    """Whether the attacker sees the very logits the chain scores: the model itself (or its BPDA view, same
+    forward), attacked at full precision. Only then may an attack stop on a sample the moment it is misclassified."""
+    same = source is target or (isinstance(source, StraightThrough) and source.patched is target)
+    return same and attack_view(source, cfg) is source
+
+
 def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor,
               start: torch.Tensor, specs: list[A.AttackSpec], cfg: EvalConfig, device: torch.device,
               progress: Progress | None = None, label: str = "", store: EvalStore | None = None,
@@ -336,6 +343,8 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
             broken_by[before & ~robust] = i
             rows.append(saved["row"])
             continue
+        if bank is None and _scores_as_it_attacks(source, target, cfg):
+            spec = replace(spec, stop_early=True)  # APGD drops a sample once broken: the same verdict, sooner
         attack = A.build(attack_view(source, cfg), spec) if bank is None else None
         attacked = int(before.sum())
         if saved is not None and "k" in saved:  # resumed inside this attack, after block k
