@@ -2,12 +2,15 @@
 
 The same algorithm and arithmetic as `torchattacks.APGD` (its random start drawn on the CPU, its checkpoint rule
 with the first window compared against a zero loss, its momentum 0.75), so with `stop_early=False` the result is
-the same tensor (tests/test_apgd.py checks that). One thing is added: with `stop_early=True` a sample leaves the
-batch at the step that misclassifies it. Its verdict cannot change after that (APGD counts a sample as broken once
-any iterate is misclassified), and every per-sample quantity (step size, momentum, best loss, checkpoint flags) is
-the sample's own, so the others go on exactly as before, in fewer forward and backward passes. What differs is the
-example returned for a broken sample: the first misclassified iterate, not the last. Evaluation asks for it;
-training keeps the reference behaviour, whose later iterates lie deeper across the boundary.
+the same tensor for image batches (N, C, H, W; tests/test_apgd.py checks that; other shapes work per sample where
+torchattacks would fail). The model must be in eval mode (`attacks.Attack` sees to it). One thing is added: with
+`stop_early=True` a sample leaves the batch at the step that misclassifies it. Its verdict cannot change after that
+(APGD counts a sample as broken once any iterate is misclassified), and every per-sample quantity (step size,
+momentum, best loss, checkpoint flags) is the sample's own, so for a deterministic model that answers each sample
+alone the others go on as before, in fewer forward and backward passes. What differs is the example returned for a
+broken sample: the first misclassified iterate, not the last, so just across the boundary. Evaluation asks for it
+only where that is safe (`evaluation._scores_as_it_attacks`) and attacks again, without the stop, any sample whose
+example the score calls correct; training keeps the reference behaviour.
 """
 from __future__ import annotations
 

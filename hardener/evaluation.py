@@ -276,7 +276,7 @@ class BaseCache:
         probe = predict(base, x[:cfg.batch_size], cfg.batch_size, device)
         self.key = fingerprint({
             "base": tensor_digest(base_tensors), "probe": tensor_digest({"logits": probe}),
-            "data": data_fingerprint, "device": device.type, "version": __version__,
+            "data": data_fingerprint, "device": device.type, "version": __version__, "apgd": "stop-early",
             "eval": {k: getattr(cfg, k) for k in ("attacks", "eps", "norm", "steps", "restarts", "queries",
                                                   "threats", "batch_size", "seed", "smooth_grad", "overrides",
                                                   "precision")}})
@@ -316,11 +316,46 @@ class ChainResult:
     broken_by: torch.Tensor | None = None  # per-sample: index of the attack (row) that broke it, -1 for none
 
 
-def _scores_as_it_attacks(source: nn.Module, target: nn.Module, cfg: EvalConfig) -> bool:
-    """Whether the attacker sees the very logits the chain scores: the model itself (or its BPDA view, same
-    forward), attacked at full precision. Only then may an attack stop on a sample the moment it is misclassified."""
+def _scores_as_it_attacks(source: nn.Module, target: nn.Module, cfg: EvalConfig, spec: A.AttackSpec,
+                          x: torch.Tensor, device: torch.device) -> bool:
+    """Whether APGD may stop on a sample the moment it is misclassified and keep the verdict: the attacker sees the
+    very logits the chain scores (the model itself, or its BPDA view, whose forward is the model's), at full
+    precision, with no EOT, and the model is deterministic and answers each sample alone (a model that draws noise or
+    uses batch statistics would see its batch change as samples leave)."""
     same = source is target or (isinstance(source, StraightThrough) and source.patched is target)
-    return same and attack_view(source, cfg) is source
+    if not same or spec.eot != 1 or attack_view(source, cfg) is not source or len(x) == 0:
+        return False
+    probe = x[:8].to(device)
+    with torch.no_grad():
+        a, b = target(probe), target(probe)
+        parts = torch.cat([target(probe[:1]), target(probe[1:])]) if len(probe) > 1 else a
+    return bool(torch.equal(a, b)) and bool(torch.allclose(a, parts, rtol=1e-4, atol=1e-5))
+
+
+def _attacks(spec: A.AttackSpec, source: nn.Module, target: nn.Module, cfg: EvalConfig, x: torch.Tensor,
+             device: torch.device):
+    """(spec, attack, recheck): APGD drops a sample once broken where that keeps the verdict (the same answer,
+    sooner); then `recheck`, the attack without the stop, takes on any sample it called broken that the score calls
+    correct (a rounding difference at the boundary). Other attacks: (spec, attack, None)."""
+    if spec.name in ("apgd-ce", "apgd-dlr") and _scores_as_it_attacks(source, target, cfg, spec, x, device):
+        fast = replace(spec, stop_early=True)
+        return fast, A.build(attack_view(source, cfg), fast), A.build(attack_view(source, cfg), spec)
+    return spec, A.build(attack_view(source, cfg), spec), None
+
+
+def _recheck(attack, target: nn.Module, xb: torch.Tensor, yb: torch.Tensor, adv: torch.Tensor,
+             ok: torch.Tensor) -> torch.Tensor:
+    """The scores of a block after an early-stopping APGD, with the samples it called broken but the score calls
+    correct attacked again without the stop (in place in `adv`)."""
+    moved = (adv != xb).flatten(1).any(1).cpu()
+    again = torch.nonzero(ok & moved).flatten()
+    if len(again) == 0:
+        return ok
+    d = again.to(xb.device)
+    adv[d] = A.project(xb[d], attack(xb[d], yb[d]), attack.spec.eps, attack.spec.norm)
+    with torch.no_grad():
+        ok[again] = (finite_logits(target(adv[d]), "adversarial examples").argmax(1) == yb[d]).cpu()
+    return ok
 
 
 def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -343,9 +378,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
             broken_by[before & ~robust] = i
             rows.append(saved["row"])
             continue
-        if bank is None and _scores_as_it_attacks(source, target, cfg):
-            spec = replace(spec, stop_early=True)  # APGD drops a sample once broken: the same verdict, sooner
-        attack = A.build(attack_view(source, cfg), spec) if bank is None else None
+        spec, attack, recheck = _attacks(spec, source, target, cfg, x, device) if bank is None else (spec, None, None)
         attacked = int(before.sum())
         if saved is not None and "k" in saved:  # resumed inside this attack, after block k
             robust, k0 = saved["robust"].clone(), saved["k"]
@@ -375,6 +408,8 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
                         adv = A.project(xb, adv, spec.eps, spec.norm)
                     with torch.no_grad():
                         ok = finite_logits(target(adv), "adversarial examples").argmax(1).cpu() == yb.cpu()
+                    if recheck is not None:
+                        ok = _recheck(recheck, target, xb, yb, adv, ok)
                 except torch.OutOfMemoryError:
                     bs = halve_on_oom(cfg, bs, f"{label}{threat} {spec.label}")
                     continue

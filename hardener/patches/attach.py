@@ -79,8 +79,9 @@ class PatchedModel(nn.Module):
             return patch(out, inp[0]) if self._route == "adv" else out
         new = patch(out)
         if self._straight and getattr(patch, "may_mask", False) and new.shape == out.shape:
-            # forward: the patch's output, exactly; backward: identity (BPDA, Athalye et al. 2018)
-            return out + (new - out).detach()
+            # forward: the patch's output, exactly (out - out is 0 for finite values; out + (new - out) would round);
+            # backward: identity (BPDA, Athalye et al. 2018)
+            return new.detach() + (out - out.detach())
         return new
 
     def _make_hook(self, site: str, key: str):
