@@ -293,11 +293,12 @@ def _report_config(quick: bool, spec: A.AttackSpec, norm: str, eval_steps: int |
 def report_units(ecfg: E.EvalConfig, n: int) -> float:
     """Forward-pass equivalents of the post-training report, per image and iterative attack. Three attacks run
     (on the base, on the patched model, on the base again for the transfer examples), but an attack step has no
-    parameter gradients and skips samples already broken, so the three cost about two training-step units:
-    measured on the demo, this gave 20 s for a report that took 13 s (and 94 s for 57 s under load); since APGD stops
-    on broken samples (the base's attack is then almost free), 11 s for 8.7 s."""
+    parameter gradients, and evaluation's APGD stops on a sample once it is broken: the base's own attack (a base
+    every attack breaks) costs next to nothing, the patched model's less than its steps. Together about 4/3 of a
+    training-step unit per step; measured with APGD's early stop, 2 threads: 7.5 s estimated for the demo's 8.7 s,
+    29 s for the 10% run's 25 s (it was 2 units before the early stop: 11 and 42 s)."""
     steps = ecfg.steps or A.info(ecfg.attacks[0]).steps
-    return n * len(ecfg.attacks) * (2 * 3 * (steps + 1) + 6)
+    return n * len(ecfg.attacks) * (4 * (steps + 1) + 6)
 
 
 def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec, ecfg: E.EvalConfig, recipe,
