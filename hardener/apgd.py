@@ -38,12 +38,12 @@ def _losses(name: str):
 class _Run:
     """One restart on the samples still correct: per-sample state, compacted when some of it leaves."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, steps: int,
-                 loss: str, eot: int, rho: float) -> None:
+    def __init__(self, model: nn.Module, ndim: int, eps: float, norm: str, steps: int, loss: str, eot: int,
+                 rho: float) -> None:
         self.model, self.eps, self.norm, self.steps, self.eot, self.rho = model, eps, norm, steps, eot, rho
         self.criterion = _losses(loss)
-        self.dims = tuple(range(1, x.dim()))
-        self.col = (-1,) + (1,) * (x.dim() - 1)
+        self.dims = tuple(range(1, ndim))  # the sample's own dimensions, and a per-sample scalar's shape
+        self.col = (-1,) + (1,) * (ndim - 1)
 
     def _gradient(self, x_adv: torch.Tensor, y: torch.Tensor):
         grad = torch.zeros_like(x_adv)
@@ -119,9 +119,9 @@ class _Run:
             out_broken[s["idx"][done]] = True
             out_adv[s["idx"][done]] = s["x_best_adv"][done]
             if drop:
+                keep = s["correct"]
                 for k in s:
-                    s[k] = s[k][s["correct"]] if k != "correct" else s[k]
-                s["correct"] = s["correct"][s["correct"]]
+                    s[k] = s[k][keep]
 
         since_check = 0
         for i in range(steps):
@@ -166,12 +166,12 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm
     torch.random.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.random.manual_seed(seed)
-    run = _Run(model, x, y, eps, norm, steps, loss, eot, rho)
+    run = _Run(model, x.dim(), eps, norm, steps, loss, eot, rho)
     for _ in range(restarts):
         todo = correct.nonzero().flatten()
         if todo.numel() == 0:
             continue
-        broken, found = run(x[todo].clone(), y[todo].clone(), stop_early)
+        broken, found = run(x[todo], y[todo], stop_early)  # indexing copies
         correct[todo[broken]] = False
-        adv[todo[broken]] = found[broken].clone()
+        adv[todo[broken]] = found[broken]
     return adv

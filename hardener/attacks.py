@@ -37,6 +37,8 @@ SUITE_VERSIONS = {"standard": "autoattack", "plus": "autoattack-plus", "rand": "
 # a robustness gate), query attacks (gradient-free: the black-box chain), minimum-norm ones (a sample counts as
 # broken only within eps).
 KINDS = ("gradient", "single-step", "query", "min-norm")
+# The attacks whose spec.stop_early means something (hardener.apgd: a sample leaves the batch once misclassified).
+STOPS_EARLY = ("apgd-ce", "apgd-dlr")
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class AttackSpec:
             d.pop("eot")
         if d["radius"] == 1.0:
             d.pop("radius")
-        if not (d["stop_early"] and self.name in ("apgd-ce", "apgd-dlr")):
+        if not (d["stop_early"] and self.name in STOPS_EARLY):
             d.pop("stop_early")
         d["min_norm"] = kind == "min-norm"
         return d

@@ -325,11 +325,18 @@ def _scores_as_it_attacks(source: nn.Module, target: nn.Module, cfg: EvalConfig,
     same = source is target or (isinstance(source, StraightThrough) and source.patched is target)
     if not same or spec.eot != 1 or attack_view(source, cfg) is not source or len(x) == 0:
         return False
-    probe = x[:8].to(device)
-    with torch.no_grad():
-        a, b = target(probe), target(probe)
-        parts = torch.cat([target(probe[:1]), target(probe[1:])]) if len(probe) > 1 else a
-    return bool(torch.equal(a, b)) and bool(torch.allclose(a, parts, rtol=1e-4, atol=1e-5))
+    _, same, alone = answers_alone(target, x[:8], 8, device, atol=1e-5)
+    return same and alone
+
+
+def answers_alone(model: nn.Module, xs: torch.Tensor, batch_size: int, device: torch.device,
+                  atol: float = 1e-4) -> tuple[torch.Tensor, bool, bool]:
+    """(logits; the same logits twice, to the bit; the same within rtol 1e-4 / `atol` in batches of 1, or of 7 for
+    more than 64 samples): whether the model is deterministic and answers a sample regardless of its batch."""
+    l1 = predict(model, xs, batch_size, device)
+    l2 = predict(model, xs, batch_size, device)
+    l3 = predict(model, xs, 1 if len(xs) <= 64 else 7, device)
+    return l1, torch.equal(l1, l2), bool(torch.allclose(l1, l3, atol=atol, rtol=1e-4))
 
 
 def _attacks(spec: A.AttackSpec, source: nn.Module, target: nn.Module, cfg: EvalConfig, x: torch.Tensor,
@@ -337,10 +344,11 @@ def _attacks(spec: A.AttackSpec, source: nn.Module, target: nn.Module, cfg: Eval
     """(spec, attack, recheck): APGD drops a sample once broken where that keeps the verdict (the same answer,
     sooner); then `recheck`, the attack without the stop, takes on any sample it called broken that the score calls
     correct (a rounding difference at the boundary). Other attacks: (spec, attack, None)."""
-    if spec.name in ("apgd-ce", "apgd-dlr") and _scores_as_it_attacks(source, target, cfg, spec, x, device):
+    view = attack_view(source, cfg)
+    if spec.name in A.STOPS_EARLY and _scores_as_it_attacks(source, target, cfg, spec, x, device):
         fast = replace(spec, stop_early=True)
-        return fast, A.build(attack_view(source, cfg), fast), A.build(attack_view(source, cfg), spec)
-    return spec, A.build(attack_view(source, cfg), spec), None
+        return fast, A.build(view, fast), A.build(view, spec)
+    return spec, A.build(view, spec), None
 
 
 def _recheck(attack, target: nn.Module, xb: torch.Tensor, yb: torch.Tensor, adv: torch.Tensor,
@@ -688,11 +696,7 @@ def _model_checks(model: nn.Module, res: dict, x: torch.Tensor, xs: torch.Tensor
     """1. eval mode, deterministic, batch-size independent; 2. logits, not probabilities; 3. inputs in [0, 1] and
     perturbations within eps."""
     n = len(xs)
-    l1 = predict(model, xs, cfg.batch_size, device)
-    l2 = predict(model, xs, cfg.batch_size, device)
-    l3 = predict(model, xs, 1, device) if n <= 64 else predict(model, xs, 7, device)
-    same = torch.equal(l1, l2)
-    bsi = bool(torch.allclose(l1, l3, atol=1e-4, rtol=1e-4))
+    l1, same, bsi = answers_alone(model, xs, cfg.batch_size, device)
     checks = [_check("deterministic", same and bsi and not model.training,
                      f"same logits twice: {same}; batch-size independent: {bsi}; eval mode: {not model.training}",
                      "randomness or batch-dependent layers (BN in train mode) make attacks and numbers unreliable")]
