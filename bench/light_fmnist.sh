@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 30's search: the cheapest patch that holds white-box robustness (bench/RESULTS.md, "Light patches").
+# The protocol of bench/cheap_fmnist.sh: the example bases of examples/fmnist_model.py, 10% of fashion-mnist:train
+# (6,000 images, stratified, seed 0), eps 0.1 Linf; recipes compared on VALIDATION data only (500 training images
+# outside the subset held out by --select-on: per-epoch PGD-10, picks the epoch; 500 more for the patch report's quick
+# check: APGD-CE-20 white-box and transfer). Every run is `--preset robust` (the default recipe until issue 30) with
+# the named changes; its inference cost (multiply-adds relative to the base) is the run's `cost` in the report when
+# harden records it, else bench/light_cost.py's. One thread per run; /usr/bin/time -v records CPU seconds.
+#   bash bench/light_fmnist.sh OUT_DIR RUN...          # the named runs, skipping finished ones
+#   RESUME=1 bash bench/light_fmnist.sh OUT_DIR RUN... # continue interrupted runs from OUT_DIR/RUN.safetensors.partial
+#   TEST=1 bash bench/light_fmnist.sh OUT_DIR RUN...   # the verdict on test, for runs chosen on validation: the
+#     verdict's 1,000 seeded stratified images of fashion-mnist:test, white-box APGD-CE -> APGD-DLR (100 steps), BPDA
+#     through the input patch on what they left (threat adaptive), transfer from the base, eps 0.1 -> RUN.test.*
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: light_fmnist.sh OUT_DIR RUN...}
+shift
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+declare -A ARCH=([r]=resnet9_small [v]=vgg_silu_small [t]=vit_small)
+declare -A RUNS=(
+  [L1]="--width 16 --rho 4"
+  [L2]="--width 16 --rho 4 --method fixer,auxbn --bn auto"
+  [L3]="--width 32 --prefilter-stride 2 --rho 4 --method fixer,auxbn --bn auto"
+  [L4]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto"
+)
+for run in "$@"; do
+  name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
+  if [ -n "${TEST:-}" ]; then
+    [ -f "$OUT/$run.test.json" ] && continue
+    /usr/bin/time -v python -m hardener eval "$OUT/$run.safetensors" --arch "examples/fmnist_model.py:$arch" \
+      --data fashion-mnist:test --max-samples 1000 --attack apgd-ce,apgd-dlr --eps 0.1 \
+      --threat whitebox,adaptive,transfer --quiet --force --report "$OUT/$run.test.json" --report "$OUT/$run.test.md" \
+      > /dev/null 2> "$OUT/$run.test.log" || echo "$run test failed: see $OUT/$run.test.log" >&2
+    continue
+  fi
+  [ -f "$OUT/$run.json" ] && continue
+  base=examples/fmnist_base.safetensors
+  if [ "$arch" != resnet9_small ]; then  # the other bases are trained as bench/archs_fmnist.sh trains them
+    base=$OUT/$arch.base.safetensors
+    [ -f "$base" ] || python examples/train_base.py --model "$arch" --epochs 4 --out "$base" 2> "$OUT/$arch.base.log"
+  fi
+  # shellcheck disable=SC2086
+  /usr/bin/time -v python -m hardener patch "$base" \
+    --arch "examples/fmnist_model.py:$arch" --mean 0.2860 --std 0.3530 --data fashion-mnist:train --subset 10% \
+    --eps 0.1 --eval-samples 500 --force --quiet --out "$OUT/$run.safetensors" --report "$OUT/$run.json" \
+    ${RUNS[$name]} ${RESUME:+--resume} > "$OUT/$run.out" 2>> "$OUT/$run.log" || echo "$run failed: see $OUT/$run.log" >&2
+done
