@@ -43,6 +43,6 @@ for run in "$@"; do
   # shellcheck disable=SC2086
   /usr/bin/time -v python -m hardener patch "$base" \
     --arch "examples/fmnist_model.py:$arch" --mean 0.2860 --std 0.3530 --data fashion-mnist:train --subset 10% \
-    --eps 0.1 --eval-samples 500 --force --quiet --out "$OUT/$run.safetensors" --report "$OUT/$run.json" \
+    --preset robust --eps 0.1 --eval-samples 500 --force --quiet --out "$OUT/$run.safetensors" --report "$OUT/$run.json" \
     ${RUNS[$name]} ${RESUME:+--resume} > "$OUT/$run.out" 2>> "$OUT/$run.log" || echo "$run failed: see $OUT/$run.log" >&2
 done
