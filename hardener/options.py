@@ -304,6 +304,11 @@ CERTIFY = (
     opt("--n", "n_samples", type=int, default=100_000, show_default=True,
         help="Noise draws that bound its probability (independent of the first)."),
     opt("--alpha", type=float, default=0.001, show_default=True, help="Failure probability of a certificate."),
+    opt("--sequential", is_flag=True,
+        help="Sequential CERTIFY: draw in growing batches and stop each sample once its certificate is decided, "
+             "with an anytime-valid bound (same guarantee; --n becomes the cap)."),
+    opt("--max-radius", type=float,
+        help="With --sequential: the largest radius to certify (default 2σ); a sample stops once it is reached."),
     opt("--batch-size", type=int, default=1000, show_default=True, help="Noisy copies per forward pass."),
     opt("--max-samples", type=int, help="Seeded stratified subset of the data."),
     opt("--tsv", "tsv_path", type=FILE,

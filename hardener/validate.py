@@ -223,7 +223,7 @@ OPTION_RULES: dict[str, tuple] = {
     "delta": _finite(), "beta": _finite_nonneg(), "lam": _finite_nonneg(), "mu": _finite_nonneg(),
     "gamma": _finite_nonneg(), "eps_warmup": _finite_nonneg(), "sigma": _finite_nonneg(),
     "phi": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
-    "noise_sigma": _finite_nonneg(),
+    "noise_sigma": _finite_nonneg(), "max_radius": _finite_pos(),
     "ema": ((lambda v: math.isfinite(v) and 0 <= v < 1), "must be a number in [0, 1)"),
     "pseudo_threshold": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
     "pseudo_ratio": _finite_pos(), "n0": _ge(1), "n_samples": _ge(1), "smooth_n": _ge(1),

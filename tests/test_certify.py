@@ -154,9 +154,10 @@ def test_denoiser_preset_trains_only_its_prefilter_and_the_base_stays(runner, tm
             assert not torch.equal(m(x), denoised)  # the denoiser changes what the base sees
 
 
-def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tiny_test_data, monkeypatch):
+@pytest.mark.parametrize("method", [[], ["--sequential", "--max-radius", "0.2"]], ids=["fixed", "sequential"])
+def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tiny_test_data, monkeypatch, method):
     """Interrupted after 4 samples: state kept, exit 130; --resume certifies the rest and equals an uninterrupted
-    run (every sample has its own noise stream)."""
+    run (every sample has its own noise stream), fixed-n or sequential."""
     import json
 
     from hardener import certify as C
@@ -166,17 +167,17 @@ def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tin
 
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
             "20", "--n", "200", "--alpha", "0.01", "--max-samples", "9", "--quiet", "--state-dir",
-            str(tmp_path / "st")]
+            str(tmp_path / "st"), *method]
     whole = runner.invoke(main, [*args, "--report", str(tmp_path / "whole.json")])
     assert whole.exit_code == 0, whole.output
-    real, calls = C.Smoothed.certify, []
+    real, calls = C.Smoothed.certify_row, []
 
     def flaky(self, x, index):
         calls.append(index)
         if len(calls) == 5:
             raise KeyboardInterrupt
         return real(self, x, index)
-    monkeypatch.setattr(C.Smoothed, "certify", flaky)
+    monkeypatch.setattr(C.Smoothed, "certify_row", flaky)
     rep = tmp_path / "r.json"
     r = runner.invoke(main, [*args, "--report", str(rep)])
     assert r.exit_code == 130 and "--resume" in r.output and not rep.exists()
@@ -186,7 +187,7 @@ def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tin
     def counted(self, x, index):
         calls.append(index)
         return real(self, x, index)
-    monkeypatch.setattr(C.Smoothed, "certify", counted)
+    monkeypatch.setattr(C.Smoothed, "certify_row", counted)
     r = runner.invoke(main, [*args, "--report", str(rep), "--resume"])
     assert r.exit_code == 0, r.output
     assert len(calls) == 5  # only the samples the interrupted run had not certified

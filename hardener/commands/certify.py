@@ -24,8 +24,10 @@ def run(call: Call) -> None:
     if report_path and Path(report_path).suffix.lower() not in (".json", ".md"):
         raise InputError(f"--report '{report_path}': certify writes .json or .md reports")
     sigma, alpha, n_samples = kw["sigma"], kw["alpha"], kw["n_samples"]
+    if kw["max_radius"] is not None and not kw["sequential"]:
+        raise UsageError("--max-radius needs --sequential (fixed-n CERTIFY draws --n copies whatever the radius)")
     cfg = C.SmoothingConfig(sigma=sigma, n0=kw["n0"], n=n_samples, alpha=alpha, batch_size=kw["batch_size"],
-                            seed=kw["seed"])
+                            seed=kw["seed"], sequential=kw["sequential"], max_radius=kw["max_radius"])
     device = pick_device(kw["device"])
     loaded = load_model(model, model_options(kw))
     ds = load_data(loaded, kw["data"], data_options(kw))
@@ -40,11 +42,13 @@ def run(call: Call) -> None:
            "threat_model": f"certified: L2 radius of the smoothed model (σ = {sigma:g}), with probability "
                            f"{1 - alpha:g} over the noise", "summary": s, "rows": res.rows,
            "environment": R.environment(str(device), kw["seed"], kw["deterministic"])}
-    err_console.print(f"{s['n']} samples, σ {sigma:g}, N {n_samples:,}, α {alpha:g}: smoothed clean "
+    d = s["draws_per_sample"]
+    err_console.print(f"{s['n']} samples, σ {sigma:g}, {_method_line(s)}, α {alpha:g}: smoothed clean "
                       f"{100 * s['clean_accuracy_smoothed']:.1f}%, abstained {100 * s['abstention_rate']:.1f}%; "
                       "certified at radius " + ", ".join(f"{r}: {100 * v:.1f}%"
                                                          for r, v in s["certified_accuracy"].items())
-                      + f" (largest radius N allows: {s['max_certifiable_radius']:g})")
+                      + f" (largest radius N allows: {s['max_certifiable_radius']:g}); noisy forwards per sample: "
+                      f"mean {d['mean']:,.0f}, median {d['median']:,}, max {d['max']:,}")
     if tsv_path:
         atomic_write(Path(tsv_path), lambda tmp: Path(tmp).write_text(res.to_tsv()))
     if report_path:
@@ -84,12 +88,22 @@ def _certify(loaded, ds: hdata.Dataset, cfg: C.SmoothingConfig, device, model_sh
     return res, store
 
 
+def _method_line(s: dict) -> str:
+    if s.get("method") == "sequential":
+        return f"sequential CERTIFY up to radius {s['max_radius']:g} (cap N {s['N']:,})"
+    return f"N {s['N']:,}"
+
+
 def to_markdown(rep: dict) -> str:
     s = rep["summary"]
+    d = s.get("draws_per_sample", {})
     lines = ["## harden certify report", "", f"Model `{Path(rep['checkpoint']).name}` (sha256 "
              f"`{rep['checkpoint_sha256'][:16]}…`), data `{rep['data']['source']}` ({s['n']} samples).", "",
-             f"Threat model: {rep['threat_model']}. n0 {s['n0']}, N {s['N']}, α {s['alpha']}, seed {s['seed']}; "
-             f"largest certifiable radius with this N: {s['max_certifiable_radius']}.", "",
+             f"Threat model: {rep['threat_model']}. {_method_line(s)}, n0 {s['n0']}, α {s['alpha']}, seed "
+             f"{s['seed']}; bound: {s.get('bound', 'Clopper-Pearson at n draws')}; largest certifiable radius with "
+             f"this N: {s['max_certifiable_radius']}.", "",
+             f"Noisy forwards per sample (selection included): mean {d.get('mean')}, median {d.get('median')}, "
+             f"max {d.get('max')}.", "",
              f"Smoothed clean accuracy {100 * s['clean_accuracy_smoothed']:.1f}%, abstention "
              f"{100 * s['abstention_rate']:.1f}%.", "", "| radius | certified accuracy |", "|---|---|"]
     lines += [f"| {r} | {100 * v:.1f}% |" for r, v in s["certified_accuracy"].items()]

@@ -1,0 +1,130 @@
+"""Sequential certification (issue 32): an anytime-valid bound, its stopping rules, and agreement with CERTIFY."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from hardener.certify import (ABSTAIN, SmoothingConfig, Smoothed, certify, lower_confidence_bound, mixture_bounds,
+                              sequential_estimate)
+from test_certify import Linear2
+
+
+def naive_bounds(k, t, alpha):
+    """Clopper-Pearson recomputed at every look: valid at one fixed n, over-optimistic when looked at repeatedly."""
+    return lower_confidence_bound(k, t, alpha), 1.0 - lower_confidence_bound(t - k, t, alpha)
+
+
+def overstated(bounds, p: float, cfg: SmoothingConfig, samples: int = 400) -> float:
+    """Share of simulated samples (top-class indicator ~ Bernoulli(p)) whose lower bound at the stop exceeds p, i.e.
+    whose certified radius exceeds the true one."""
+    rng = np.random.default_rng(0)
+    bad = sum(sequential_estimate(lambda m: int(rng.binomial(m, p)), cfg, bounds)[2] > p for _ in range(samples))
+    return bad / samples
+
+
+def test_the_bound_holds_at_any_look_where_a_naive_one_does_not():
+    """p_A just below the threshold of the largest radius: every look is a chance to over-state it. The confidence
+    sequence stays within alpha; Clopper-Pearson at each look does not (about 0.2 at alpha 0.05)."""
+    cfg = SmoothingConfig(sigma=0.5, n=5000, alpha=0.05, batch_size=500, sequential=True, max_radius=0.5)
+    p = float(norm.cdf(1.0)) - 0.001  # the radius-0.5 threshold is Φ(0.5 / 0.5)
+    tolerance = 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / 400)
+    assert overstated(mixture_bounds, p, cfg) <= cfg.alpha
+    assert overstated(naive_bounds, p, cfg) > cfg.alpha + tolerance
+
+
+def test_mixture_bounds_are_an_interval_around_the_estimate_and_shrink():
+    for k, t in [(0, 10), (7, 10), (10, 10), (700, 1000), (9990, 10_000)]:
+        lo, hi = mixture_bounds(k, t, 0.001)
+        assert 0 <= lo <= k / t <= hi <= 1
+        assert lo <= lower_confidence_bound(k, t, 0.001)  # never tighter than the fixed-n bound
+    assert mixture_bounds(7000, 10_000, 0.01)[1] - mixture_bounds(7000, 10_000, 0.01)[0] < \
+        mixture_bounds(70, 100, 0.01)[1] - mixture_bounds(70, 100, 0.01)[0]
+
+
+def linear_points(distances, w=(1.0, -2.0, 0.5, 1.0), b=-0.3):
+    """Images (1x2x2) at signed distances from the hyperplane of Linear2(w, b), and their true radius and class."""
+    wt = torch.tensor(w)
+    base = -b * wt / wt.norm() ** 2  # on the hyperplane
+    xs = torch.stack([base + d * wt / wt.norm() for d in distances]).view(-1, 1, 2, 2)
+    return Linear2(list(w), b), xs, torch.tensor([int(d > 0) for d in distances])
+
+
+def test_certified_radii_of_a_linear_classifier_overstate_at_most_alpha_of_the_time():
+    """Closed form: g's radius is the distance to the hyperplane. Samples just inside the largest radius asked for,
+    each with its own noise stream: the share of certificates above the true radius stays within alpha."""
+    cfg = SmoothingConfig(sigma=0.5, n0=20, n=5000, alpha=0.05, batch_size=1000, sequential=True, max_radius=0.5)
+    model, xs, ys = linear_points([0.495] * 200)
+    sm = Smoothed(model, 2, cfg, torch.device("cpu"))
+    rows = [sm.certify_row(x, i) for i, x in enumerate(xs)]
+    over = sum(r > 0.495 for _, r, _, _ in rows) / len(rows)
+    assert over <= cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / len(rows))
+    assert all(c in (1, ABSTAIN) for c, _, _, _ in rows)
+
+
+def test_sequential_and_fixed_n_certify_the_same_samples_at_each_radius_with_fewer_draws():
+    distances = [0.1, 0.35, 0.6, 0.85, 1.6, -0.4, 0.0]  # away from the reported radii, a far one and a coin flip
+    model, xs, ys = linear_points(distances)
+    fixed = SmoothingConfig(sigma=0.5, n0=100, n=20_000, alpha=0.001, batch_size=2000)
+    seq = SmoothingConfig(sigma=0.5, n0=100, n=20_000, alpha=0.001, batch_size=2000, sequential=True, max_radius=1.0)
+    a = certify(model, xs, ys, fixed, 2, torch.device("cpu")).summary()
+    s = certify(model, xs, ys, seq, 2, torch.device("cpu"))
+    assert s.summary()["certified_accuracy"] == a["certified_accuracy"]
+    for r in (0.0, 0.25, 0.5, 0.75, 1.0):
+        fixed_rows = certify(model, xs, ys, fixed, 2, torch.device("cpu")).rows
+        assert [f["correct"] and f["radius"] >= r for f in fixed_rows] == \
+            [q["correct"] and q["radius"] >= r for q in s.rows]
+        break  # the rows are deterministic: one fixed-n pass is enough for every radius below
+    stops = {d: row["stop"] for d, row in zip(distances, s.rows)}
+    assert stops[1.6] == "radius" and stops[0.0] in ("abstain", "cap")
+    assert s.summary()["draws_per_sample"]["mean"] < a["draws_per_sample"]["mean"] / 3
+    assert a["draws_per_sample"] == {"mean": 20_100.0, "median": 20_100, "max": 20_100}
+
+
+def test_stopping_rules():
+    cfg = SmoothingConfig(sigma=0.5, n=4000, alpha=0.01, batch_size=400, sequential=True, max_radius=0.5)
+    assert sequential_estimate(lambda m: m, cfg)[3] == "radius"  # every draw the top class
+    k, t, lo, stop = sequential_estimate(lambda m: 0, cfg)
+    assert stop == "abstain" and t == 100 and lo == 0.0  # decided at the first look
+    rng = np.random.default_rng(1)
+    k, t, lo, stop = sequential_estimate(lambda m: int(rng.binomial(m, 0.75)), cfg)
+    assert stop == "decided" and norm.cdf(0.5) < lo < norm.cdf(1.0)  # certifies 0.25, cannot reach 0.5
+    assert sequential_estimate(lambda m: int(rng.binomial(m, norm.cdf(1.0))), cfg)[1:4:2] == (4000, "cap")
+    draws = []
+    sequential_estimate(lambda m: draws.append(m) or int(rng.binomial(m, norm.cdf(1.0))), cfg)
+    assert draws[:4] == [100, 100, 200, 400] and max(draws) == 400  # doubling looks, capped at batch_size
+
+
+def test_summary_cuts_reported_radii_at_the_largest_one_asked_for():
+    cfg = SmoothingConfig(sigma=0.25, sequential=True)
+    assert cfg.top_radius == 0.5 and cfg.reported_radii() == (0.0, 0.25, 0.5)
+    assert SmoothingConfig(sigma=0.25).reported_radii() == (0.0, 0.25, 0.5, 0.75, 1.0)
+    with pytest.raises(Exception, match="max-radius"):
+        SmoothingConfig(sequential=True, max_radius=float("nan"))
+
+
+def test_cli_sequential_report_states_the_method_and_draws(runner, tmp_path, tiny_ckpt, tiny_test_data):
+    from hardener.cli import main
+
+    from conftest import ARCH, assert_input_error
+
+    args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
+            "20", "--n", "2000", "--alpha", "0.01", "--max-samples", "6", "--quiet"]
+    from hardener.commands.certify import to_markdown
+
+    r = runner.invoke(main, [*args, "--sequential", "--max-radius", "0.2", "--report", str(tmp_path / "r.json"),
+                             "--tsv", str(tmp_path / "r.tsv")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    s = rep["summary"]
+    assert s["method"] == "sequential" and s["max_radius"] == 0.2 and s["alpha"] == 0.01
+    assert set(s["draws_per_sample"]) == {"mean", "median", "max"} and 20 < s["draws_per_sample"]["max"] <= 2020
+    assert set(s["certified_accuracy"]) == {"0", "0.25"} or set(s["certified_accuracy"]) == {"0"}
+    assert "sequential" in to_markdown(rep) and "noisy forwards per sample" in r.output.lower()
+    assert (tmp_path / "r.tsv").read_text().splitlines()[0].endswith("\tdraws")
+    assert_input_error(runner.invoke(main, [*args, "--max-radius", "0.2"]), "--sequential")
+    assert_input_error(runner.invoke(main, [*args, "--sequential", "--max-radius", "-1"]), "--max-radius")
