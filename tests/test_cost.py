@@ -1,0 +1,131 @@
+"""Inference cost: multiply-adds counted by torch (hand counts, functional attention, the base's count) and the
+measured latency of base and patched model."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hardener import cost as C
+from hardener.model import Classifier, InputSpec
+from hardener.patches import Fixer, FixerConfig, PatchedModel, Prefilter
+
+
+class SmallConv(nn.Module):
+    """1x8x8 -> conv3x3(4) -> conv3x3/2(8) -> depthwise 3x3 -> pool -> linear(3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.bn(self.dw(F.relu(self.c2(F.relu(self.c1(x))))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+SMALL_CONV_MACS = 64 * 4 * 9 + 16 * 8 * (4 * 9) + 16 * 8 * 9 + 8 * 3  # c1, c2 (4x4 out), depthwise, fc
+
+
+class FunctionalAttention(nn.Module):
+    """Tokens from a 1x8x8 image (16 tokens of a 2x2 patch, width 8), one attention written with F.linear, matmul
+    and F.scaled_dot_product_attention: no nn.Linear or nn.MultiheadAttention for a module hook to see."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.randn(d, 4))
+        self.qkv = nn.Parameter(torch.randn(3 * d, d) * 0.1)
+        self.out = nn.Parameter(torch.randn(3, d))
+
+    def forward(self, x):
+        t = F.unfold(x, 2, stride=2).transpose(1, 2)  # N,16,4
+        t = t @ self.embed.T  # matmul: 16*4*8
+        q, k, v = F.linear(t, self.qkv).chunk(3, -1)  # 16*8*24
+        heads = [z.unflatten(-1, (2, 4)).transpose(1, 2) for z in (q, k, v)]  # 2 heads of 4
+        a = F.scaled_dot_product_attention(*heads).transpose(1, 2).flatten(2)  # 2 * 2*16*16*4
+        return F.linear(a.mean(1), self.out)  # 8*3
+
+
+ATTENTION_MACS = 16 * 4 * 8 + 16 * 8 * 24 + 2 * (2 * 16 * 16 * 4) + 8 * 3
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention over 16 tokens of width 8: under no_grad in eval mode it may take a fused fast path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.embed(F.unfold(x, 2, stride=2).transpose(1, 2))
+        return self.fc(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+MHA_MACS = 16 * 4 * 8 + 16 * 8 * 24 + 2 * 16 * 16 * 8 + 16 * 8 * 8 + 8 * 3  # embed, in_proj, QK^T and AV, out_proj, fc
+
+
+def _patched(net: nn.Module) -> PatchedModel:
+    spec = InputSpec(mean=[0.5], std=[0.25], shape=[1, 8, 8])
+    return PatchedModel(Classifier(net.eval(), spec))
+
+
+def test_counter_agrees_with_a_hand_count_on_a_small_conv_net():
+    assert C.module_macs(SmallConv(), [1, 8, 8]) == SMALL_CONV_MACS
+
+
+def test_functional_attention_is_counted_as_torch_counts_it_and_by_hand():
+    m = FunctionalAttention()
+    assert C.module_macs(m, [1, 8, 8]) == ATTENTION_MACS
+    x = torch.rand(1, 1, 8, 8)
+    with C.counter() as fc:  # torch's FlopCounterMode (with the CPU SDPA kernel's formula)
+        m(x)
+    assert fc.get_total_flops() == 2 * ATTENTION_MACS
+
+
+def test_multihead_attention_counts_the_same_in_train_and_eval_and_under_no_grad():
+    m = MHA()
+    x = torch.rand(1, 1, 8, 8)
+    assert C.module_macs(m, [1, 8, 8]) == MHA_MACS
+    m.train()
+    assert C.macs(m, x) == MHA_MACS and m.training
+    with torch.no_grad():  # the count enables grad itself: no fast path hides the attention
+        assert C.macs(m.eval(), x) == MHA_MACS
+
+
+def test_base_count_is_the_unpatched_model_and_each_patch_is_counted():
+    net = SmallConv()
+    p = _patched(net)
+    fresh = C.count(p)
+    assert fresh.macs_base == fresh.macs_patched == C.module_macs(SmallConv().eval(), [1, 8, 8]) == SMALL_CONV_MACS
+    assert fresh.macs_ratio == 1.0 and fresh.macs_per_patch == {}
+    p.attach("c2", Fixer(8, FixerConfig(rho=4)))  # 4x4 map: 1x1 8->2, 3x3 2->8
+    p.attach("input", Prefilter(1, width=4))  # 8x8: 1->4, 4->4, 4->1, all 3x3
+    got = C.count(p)
+    fixer, pre = 16 * (8 * 2 + 2 * 8 * 9), 64 * 9 * (4 + 16 + 4)
+    assert got.macs_per_patch == {"c2": fixer, "input": pre}
+    assert got.macs_base == SMALL_CONV_MACS and got.macs_patched == SMALL_CONV_MACS + fixer + pre
+    assert got.parameters_patches == sum(t.numel() for t in p.patch_parameters())
+    with torch.no_grad(), p.patches_disabled():
+        assert C.count(p).macs_patched == SMALL_CONV_MACS  # what the base runs, patches switched off
+    j = got.to_json()
+    assert j["macs_ratio"] == round(got.macs_patched / SMALL_CONV_MACS, 4) and j["latency_ratio"] is None
+
+
+def test_latency_is_measured_for_base_and_patched_at_each_batch():
+    p = _patched(SmallConv())
+    p.attach("input", Prefilter(1, width=64))
+    lat = C.measure_latency(p, batches=(1, 64), budget_s=0.3)
+    assert set(lat["batches"]) == {"1", "64"} and lat["threads"] == torch.get_num_threads()
+    for b in lat["batches"].values():
+        assert b["base_ms"] > 0 and b["patched_ms"] > 0 and b["repeats"] >= C.MIN_REPEATS
+        assert abs(b["ratio"] - b["patched_ms"] / b["base_ms"]) < 0.01 * b["ratio"]
+    cost = C.count(p)
+    cost.latency = lat
+    # a 64-wide full-resolution pre-filter is most of this model's work: slower than the base
+    assert cost.latency_ratio == max(b["ratio"] for b in lat["batches"].values()) and cost.latency_ratio > 1
+    assert not p.training
