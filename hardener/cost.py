@@ -14,6 +14,7 @@ the repeats fit a time budget, and the large batch shrinks when one forward pair
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -114,6 +115,16 @@ def kind_macs(cls, site, config) -> int:
     return macs(patch.eval(), torch.empty(1, *site.shape, device="meta"))
 
 
+def site_fixer_macs(net: nn.Module, infos: list) -> dict[str, int]:
+    """Site name -> multiply-adds per image a fixer with the default options would add there (`harden layers`)."""
+    from .patches import KINDS, Site
+
+    fixer = KINDS["fixer"]
+    config = fixer.make_config()
+    return {i.name: kind_macs(fixer, Site(i.name, net.get_submodule(i.name), i.shape), config)
+            for i in infos if i.site and i.layout in fixer.layouts}
+
+
 @dataclass
 class Cost:
     """A patched model's inference cost against its base: multiply-adds per image (counted), parameters, and the
@@ -137,7 +148,16 @@ class Cost:
             return None
         return max(b["ratio"] for b in self.latency["batches"].values())
 
-    def to_json(self) -> dict:
+    def added(self) -> dict[str, int]:
+        """What the patches add, beside the base's (the report's `patch_cost`)."""
+        return {"parameters": self.parameters_patches, "base_parameters": self.parameters_base,
+                "macs": self.macs_patched - self.macs_base, "base_macs": self.macs_base}
+
+    def to_json(self, latency: bool = True) -> dict:
+        """The JSON record; `latency=False` leaves the measurement out (the checkpoint's manifest: a model's cost,
+        not one machine's timing, and the same bytes for the same seed)."""
+        if not latency:
+            return {k: v for k, v in self.to_json().items() if not k.startswith("latency")}
         return {"macs_base": self.macs_base, "macs_patched": self.macs_patched,
                 "macs_ratio": round(self.macs_ratio, 4) if self.macs_base else None,
                 "macs_per_patch": dict(self.macs_per_patch), "parameters_base": self.parameters_base,
@@ -160,9 +180,10 @@ def _sync(device: torch.device) -> Callable[[], None]:
 def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_s: float = LATENCY_BUDGET_S,
                     seed: int = 0) -> dict:
     """Forward latency of the base (patches disabled) and the patched model, interleaved, on the model's device
-    with the current threads: per batch, the median over repeats (at least MIN_REPEATS) that fit `budget_s` split
-    evenly over the batches. A large batch whose single base+patched pair would not fit MIN_REPEATS times in its
-    share is halved until it does (the batch used is recorded)."""
+    with the current threads: per batch (smallest first), the median over repeats (at least MIN_REPEATS) that fit
+    `budget_s` split evenly over the batches, warm-up included. A large batch starts no larger than the per-image
+    time of the batch before says fits (at 4x its throughput per image), and is halved (down to 2) while one
+    base+patched pair would not fit MIN_REPEATS times in what is left of its share; the batch used is recorded."""
     device = _device(patched)
     sync = _sync(device)
     g = torch.Generator().manual_seed(seed)
@@ -175,26 +196,30 @@ def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_
         for disabled in (True, False):
             sync()
             t = time.perf_counter()
-            if disabled:
-                with patched.patches_disabled():
-                    patched(x)
-            else:
+            with patched.patches_disabled() if disabled else contextlib.nullcontext():
                 patched(x)
             sync()
             times.append(time.perf_counter() - t)
         return times[0], times[1]
 
     out: dict[str, dict] = {}
+    per_image = 0.0
     try:
         with torch.no_grad():
-            for b in batches:
+            for b in sorted(batches):
+                start = time.perf_counter()
+                if b > 1 and per_image:
+                    fits = int(4 * share / ((MIN_REPEATS + 1) * per_image))
+                    b = min(b, 1 << max(1, fits.bit_length() - 1))
                 x = torch.rand(b, *patched.model.spec.shape, generator=g).to(device)
                 first = pair(x)  # warm-up (allocations, kernels), also the estimate of one pair
-                while b > 1 and sum(first) * MIN_REPEATS > share:
-                    b = max(1, b // 2)
+                while b > 2 and sum(first) * MIN_REPEATS > share - (time.perf_counter() - start):
+                    b //= 2
                     x = x[:b]
                     first = pair(x)
-                repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(share / max(sum(first), 1e-6))))
+                per_image = sum(first) / b
+                left = share - (time.perf_counter() - start)
+                repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(left / max(sum(first), 1e-6))))
                 runs = [pair(x) for _ in range(repeats)]
                 base_s, patched_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
                 out[str(b)] = {"base_ms": round(1e3 * base_s, 4), "patched_ms": round(1e3 * patched_s, 4),

@@ -202,9 +202,7 @@ def patch_cost(patched) -> dict[str, int]:
     by torch at the recorded input shape (`cost.count`: functional ops and attention included), beside the base's."""
     from .cost import count
 
-    c = count(patched)
-    return {"parameters": c.parameters_patches, "base_parameters": c.parameters_base,
-            "macs": c.macs_patched - c.macs_base, "base_macs": c.macs_base}
+    return count(patched).added()
 
 
 def describe_cost(cost: dict[str, int]) -> str:

@@ -120,7 +120,8 @@ def test_latency_is_measured_for_base_and_patched_at_each_batch():
     p = _patched(SmallConv())
     p.attach("input", Prefilter(1, width=64))
     lat = C.measure_latency(p, batches=(1, 64), budget_s=0.3)
-    assert set(lat["batches"]) == {"1", "64"} and lat["threads"] == torch.get_num_threads()
+    large = max(int(b) for b in lat["batches"])  # 64, or halved to fit the budget on a busy machine
+    assert set(lat["batches"]) == {"1", str(large)} and 1 < large <= 64 and lat["threads"] == torch.get_num_threads()
     for b in lat["batches"].values():
         assert b["base_ms"] > 0 and b["patched_ms"] > 0 and b["repeats"] >= C.MIN_REPEATS
         assert abs(b["ratio"] - b["patched_ms"] / b["base_ms"]) < 0.01 * b["ratio"]
@@ -129,3 +130,67 @@ def test_latency_is_measured_for_base_and_patched_at_each_batch():
     # a 64-wide full-resolution pre-filter is most of this model's work: slower than the base
     assert cost.latency_ratio == max(b["ratio"] for b in lat["batches"].values()) and cost.latency_ratio > 1
     assert not p.training
+
+
+# ---------------------------------------------------------------- the plan, the manifest, the report, the library
+
+
+def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, tiny_ckpt, tiny_data):
+    import json
+
+    from conftest import ARCH
+
+    from hardener.checkpoint import load_patched, read_manifest
+    from hardener.cli import main
+
+    out, rep = tmp_path / "p.safetensors", tmp_path / "r.json"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
+                             "--epochs", "1", "--steps", "1", "--eval-samples", "10", "--eval-steps", "1",
+                             "--width", "4", "--out", str(out), "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert "cost: the patched model at " in r.stderr and "x the base's multiply-adds per image" in r.stderr
+    assert "cost: latency batch 1 " in r.stderr
+    manifest = read_manifest(out).cost
+    report = json.loads(rep.read_text())["cost"]
+    patched = load_patched(out, arch=ARCH)[0]
+    counted = C.count(patched)
+    for c in (manifest, report):
+        assert c["macs_ratio"] == round(counted.macs_ratio, 4) and c["macs_ratio"] > 1
+        assert c["macs_base"] == counted.macs_base and c["macs_per_patch"] == counted.macs_per_patch
+    # the measured latency is the run's (the report's); the checkpoint keeps the same bytes for the same seed
+    assert report["latency_ratio"] > 0 and set(report["latency"]["batches"]) <= {str(b) for b in range(1, 257)}
+    assert report["latency"]["threads"] >= 1 and report["latency"]["device"] == "cpu"
+    assert manifest == {k: v for k, v in report.items() if not k.startswith("latency")}
+
+
+def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
+    import hardener
+    from hardener.checkpoint import read_manifest
+
+    from conftest import make_data, trained_tiny
+
+    imgs, labels = make_data(n=60)
+    patched = hardener.patch(trained_tiny(), (imgs.float() / 255, labels), eps=0.1, epochs=1, steps=1, batch_size=32,
+                             width=4)
+    assert patched.cost.macs_ratio == C.count(patched).macs_ratio > 1 and patched.cost.latency_ratio > 0
+    patched.save(tmp_path / "p.safetensors")
+    got = read_manifest(tmp_path / "p.safetensors").cost
+    assert got == patched.cost.to_json(latency=False) and got["macs_ratio"] == round(patched.cost.macs_ratio, 4)
+
+
+def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):
+    import json
+
+    from conftest import ARCH
+
+    from hardener.cli import main
+
+    r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    fix = {lay["name"]: lay["fixer_macs"] for lay in got["layers"]}
+    assert fix["block"] == 16 * (8 * 2 + 2 * 8 * 9)  # 8 channels at 4x4: 1x1 8->2, 3x3 2->8
+    assert all((v is None) == (not lay["site"]) for lay, v in zip(got["layers"], fix.values()))
+    assert got["base_macs"] > 0
+    r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8"])
+    assert r.exit_code == 0 and "fixer: the multiply-adds per image a fixer" in r.stderr
