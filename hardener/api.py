@@ -47,6 +47,7 @@ class PatchOptions:
     rho: float = 4.0
     width: int = 32
     prefilter_stride: int = 1
+    prefilter_design: str = "plain"
     final_relu: bool = False
     attack_name: str = "apgd"
     eps: str | float = "8/255"

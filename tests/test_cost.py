@@ -194,3 +194,75 @@ def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):
     assert got["base_macs"] > 0
     r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8"])
     assert r.exit_code == 0 and "fixer: the multiply-adds per image a fixer" in r.stderr
+
+
+# ---------------------------------------------------------------- light pre-filter designs
+
+
+import pytest  # noqa: E402
+
+from hardener.errors import InputError  # noqa: E402
+from hardener.patches import PrefilterConfig, Site  # noqa: E402
+
+
+@pytest.mark.parametrize("design,stride,size", [("plain", 1, 8), ("separable", 1, 8), ("separable", 2, 9),
+                                                ("shuffle", 2, 8), ("shuffle", 2, 9), ("shuffle", 3, 8)])
+def test_prefilter_designs_start_as_the_identity_and_round_trip(design, stride, size):
+    from hardener.patches import Prefilter as P
+
+    torch.manual_seed(0)
+    p = _patched(SmallConv())
+    p.model.spec.shape = [1, size, size]
+    x = torch.rand(4, 1, size, size)
+    with torch.no_grad():
+        base = p(x)
+    cfg = P.make_config({"width": 8, "prefilter_stride": stride, "prefilter_design": design})
+    pf = P.build(Site("input", p.net, [1, size, size]), cfg)
+    p.attach("input", pf)
+    with torch.no_grad():
+        assert torch.equal(p(x), base)  # zero-initialised last conv: exactly the base
+    spec = pf.extra_spec()
+    assert ("design" in spec) == (design != "plain") and P.may_mask
+    assert P.numel({"site": "input", **spec}) == sum(t.numel() for t in pf.parameters())
+    again = P.from_spec(spec)
+    again.load_state_dict(pf.state_dict())  # same tensors, same names
+    torch.nn.init.normal_(pf.conv3.weight, std=0.1)
+    again.load_state_dict(pf.state_dict())
+    with torch.no_grad():
+        out = pf(x)
+        assert out.shape == x.shape and not torch.equal(out, x) and torch.equal(again(x), out)
+    if design != "plain":  # lighter than the plain pre-filter of the same width (and stride: separable; shuffle
+        # costs what a strided plain one does, its last conv at 1/s with C*s^2 outputs, and learns its upsampling)
+        plain = P(1, 8, stride=stride if design == "separable" else 1)
+        assert C.module_macs(pf, [1, size, size]) < C.module_macs(plain, [1, size, size])
+
+
+def test_prefilter_design_hand_counts_and_bad_values():
+    from hardener.patches import Prefilter as P
+
+    c, w = 1, 8
+    assert C.module_macs(P(c, w, design="separable"), [1, 8, 8]) == 64 * (c * w * 9 + w * 9 + w * w + w * c * 9)
+    # shuffle, s=2: three convs on 4x4, the last with c*4 outputs
+    assert C.module_macs(P(c, w, stride=2, design="shuffle"), [1, 8, 8]) == 16 * (c * w * 9 + w * w * 9 + w * 4 * c * 9)
+    with pytest.raises(InputError, match="prefilter-stride 2 or more"):
+        PrefilterConfig(design="shuffle")
+    with pytest.raises(InputError, match="prefilter-design must be one of"):
+        PrefilterConfig(design="fancy")
+
+
+def test_cli_trains_a_shuffle_prefilter_and_loads_it(runner, tmp_path, tiny_ckpt, tiny_data):
+    from conftest import ARCH, FAST_PATCH
+
+    from hardener.checkpoint import load_patched
+    from hardener.cli import main
+
+    out = tmp_path / "p.safetensors"
+    args = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "prefilter:input",
+            "--width", "4", "--out", str(out), *FAST_PATCH]
+    r = runner.invoke(main, [*args, "--prefilter-design", "shuffle"])
+    assert r.exit_code == 2 and "--prefilter-stride 2 or more" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, [*args, "--prefilter-design", "shuffle", "--prefilter-stride", "2"])
+    assert r.exit_code == 0, r.output
+    patched, manifest = load_patched(out, arch=ARCH)
+    assert manifest.patches[0]["design"] == "shuffle" and manifest.patches[0]["stride"] == 2
+    assert patched.patches["input"].conv3.out_channels == 4
