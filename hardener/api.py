@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import attacks as A, data as hdata, evaluation as E, fit as F, methods as M, report as R
+from . import attacks as A, cost as C, data as hdata, evaluation as E, fit as F, methods as M, report as R
 from .errors import InputError
 from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
@@ -47,6 +47,7 @@ class PatchOptions:
     rho: float = 4.0
     width: int = 32
     prefilter_stride: int = 1
+    prefilter_design: str = "plain"
     final_relu: bool = False
     attack_name: str = "apgd"
     eps: str | float = "8/255"
@@ -297,8 +298,9 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     the default: `"robust"` unless `method`, `at`, `at_regex` or `adversary` is given); `overrides` are fields
     (`eps=0.1`, `epochs=5`, `at="layer1"`, ...) and win over the recipe. When `data` leaves nothing aside, a
     stratified part is held out for model selection, as the CLI does. The base's weights and statistics are
-    bit-identical afterwards. The returned model carries `.training_record` (the record the checkpoint stores) and
-    `.history` (one `EpochLog` per epoch)."""
+    bit-identical afterwards. The returned model carries `.training_record` (the record the checkpoint stores),
+    `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`: multiply-adds counted, latency measured on
+    `device`, against the base; the checkpoint's `cost` holds the counted part)."""
     opts, preset = PatchOptions.build(recipe, overrides)
     dev = pick_device(device)
     torch.manual_seed(opts.seed)
@@ -323,6 +325,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     t0 = time.time()
     logs = F.fit(patched, train_ds, spec, cfg, dev, progress, val=val_ds)
     patched.set_route(opts.route or M.build(cfg).default_route)
+    patched.cost = C.measure(patched) if patched.sites else None  # counted, and timed on `device`
     patched.training_record = training_record(cfg, spec, logs, train_ds, opts, preset, split, val_ds)
     patched.train_seconds = time.time() - t0
     patched.history = logs
@@ -414,7 +417,8 @@ def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None
     manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or getattr(patched, "arch_kwargs", None) or {},
                         input=patched.model.spec.to_json(), patches=patched.patch_specs(),
                         base_sha256=getattr(patched, "base_sha256", "") or tensor_digest(base),
-                        training=getattr(patched, "training_record", None) or {}, route=patched.current_route)
+                        training=getattr(patched, "training_record", None) or {}, route=patched.current_route,
+                        cost=patched.cost.to_json(latency=False) if getattr(patched, "cost", None) else {})
     device = next(iter(patched.parameters()), torch.empty(0)).device
     save_patched(Path(path), patched.to("cpu"), manifest)
     patched.to(device)

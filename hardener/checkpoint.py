@@ -38,9 +38,10 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     harden_version: str = __version__
     tensors_sha256: str = ""  # every tensor, patches included (files before 0.1.1 lack it)
+    cost: dict[str, Any] = field(default_factory=dict)  # inference cost against the base (cost.Cost.to_json)
 
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+    def to_json(self) -> str:  # an empty cost is not written: such files read as before in earlier versions
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "cost" or v}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "the checkpoint") -> "Manifest":

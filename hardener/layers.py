@@ -5,7 +5,6 @@ A site is a module's output computed once per forward, in one of two layouts: a 
 Which kinds serve which layout is each patch kind's `layouts`."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -199,48 +198,11 @@ def _is_view(x: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def patch_cost(patched) -> dict[str, int]:
-    """What the patches add to the base (a `PatchedModel`): trainable parameters, and the multiply-adds of their
-    convolutions and linear layers per image (one forward at the recorded input shape), beside the base's."""
-    counts = {"base": 0, "patches": 0}
+    """What the patches add to the base (a `PatchedModel`): trainable parameters, and multiply-adds per image counted
+    by torch at the recorded input shape (`cost.count`: functional ops and attention included), beside the base's."""
+    from .cost import count
 
-    def count(which: str):
-        def hook(m, inp, out):
-            if isinstance(m, nn.MultiheadAttention):
-                counts[which] += _attention_macs(m, inp)
-                return
-            per_image = out.numel() // max(1, out.shape[0])
-            fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
-            counts[which] += per_image * fan_in
-        return hook
-
-    handles = [m.register_forward_hook(count(which))
-               for which, root in (("base", patched.net), ("patches", patched.patches)) for m in root.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention))]
-    dev = next((t.device for t in [*patched.parameters(), *patched.buffers()]), torch.device("cpu"))
-    was = patched.training
-    patched.eval()
-    try:
-        with torch.no_grad():
-            patched(torch.zeros(1, *patched.model.spec.shape, device=dev))
-    finally:
-        for h in handles:
-            h.remove()
-        patched.train(was)
-    return {"parameters": sum(p.numel() for p in patched.patch_parameters()),
-            "base_parameters": sum(p.numel() for p in patched.model.parameters()),
-            "macs": counts["patches"], "base_macs": counts["base"]}
-
-
-def _attention_macs(m: nn.MultiheadAttention, inp: tuple) -> int:
-    """Multiply-adds of one nn.MultiheadAttention call per image (its projections and both attention products; it
-    runs them functionally, so no Linear hook sees them)."""
-    q = inp[0] if inp else None
-    k = inp[1] if len(inp) > 1 else q
-    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.ndim == k.ndim == 3):
-        return 0
-    axis = 1 if m.batch_first else 0
-    n_q, n_k, e = q.shape[axis], k.shape[axis], m.embed_dim
-    return 2 * n_q * e * e + n_k * (m.kdim + m.vdim) * e + 2 * n_q * n_k * e
+    return count(patched).added()
 
 
 def describe_cost(cost: dict[str, int]) -> str:

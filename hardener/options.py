@@ -14,6 +14,7 @@ from .attacks import SUITE_VERSIONS
 from .evaluation import PRECISIONS
 from .methods.patch import LOSSES
 from .patches import ACTIVATIONS, DENOISE_OPS
+from .patches.prefilter import DESIGNS as PREFILTER_DESIGNS
 from .recipe import DEFAULT_PRESET, preset_names
 
 
@@ -158,6 +159,9 @@ PATCH = (
     popt("--prefilter-stride", show_default=True, type=int,
          help="Stride of a prefilter patch's first conv: its middle conv runs at 1/S of the input's resolution "
               "(1/S² of the multiply-adds)."),
+    popt("--prefilter-design", show_default=True, type=Choice(PREFILTER_DESIGNS),
+         help="A prefilter patch's design: plain; separable (depthwise-separable middle conv); shuffle (every conv at "
+              "1/S of the resolution, needs --prefilter-stride 2+, a pixel shuffle back to full resolution)."),
     popt("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only)."),
     popt("--unlabeled", help="Images without labels for robust self-training: the frozen base labels them and they join "
                              "training (a folder, a tensor file, or `rest`: the images of --data outside the training, "

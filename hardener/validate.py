@@ -151,7 +151,7 @@ def patch_numel(spec: dict) -> int:
 
 MANIFEST_FIELDS = {"arch", "arch_kwargs", "input", "patches", "base_sha256", "training", "base_tensors_sha256",
                    "route", "base_modified", "parent_sha256", "format_version", "harden_version",
-                   "tensors_sha256"}
+                   "tensors_sha256", "cost"}
 
 
 def validate_manifest(d: Any, source: str, newest: int, version: str) -> dict:
@@ -179,6 +179,7 @@ def validate_manifest(d: Any, source: str, newest: int, version: str) -> dict:
         "base_modified": f.get("base_modified", lambda v: isinstance(v, bool), "must be true or false", False),
         "harden_version": f.get("harden_version", _text(64), "must be a string", "?"),
         "format_version": fv,
+        "cost": f.get("cost", lambda v: isinstance(v, dict), "must be a JSON object", {}),
     }
     sites = [p["site"] for p in out["patches"]]
     dup = next((s for s in sites if sites.count(s) > 1), None)

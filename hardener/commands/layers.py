@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from .. import cost as C
 from ..console import err_console, out
 from ..patches import suggest
 from ..session import finish_spec, load_data, load_model, pick_device
@@ -19,20 +20,27 @@ def run(call: Call) -> None:
     ds = load_data(loaded, kw["data"], data_options(kw)) if kw["data"] else None
     infos = finish_spec(loaded, ds, device)
     sug = suggest(loaded.patched.net, infos)
+    base_macs, fixer_macs = C.count(loaded.patched).macs_base, C.site_fixer_macs(loaded.patched.net, infos)
     if kw["as_json"]:
-        out(json.dumps({"layers": [i.to_json() for i in infos], "suggested_sites": sug.sites, "stem": sug.stem,
+        out(json.dumps({"layers": [{**i.to_json(), "fixer_macs": fixer_macs.get(i.name)} for i in infos],
+                        "base_macs": base_macs, "suggested_sites": sug.sites, "stem": sug.stem,
                         "why": sug.why, "passed_over": sug.skipped, "note": sug.note}, indent=2))
         return
     from rich.table import Table
 
     table = Table(title=f"{kw['model']}: input {tuple(loaded.spec.shape)}")
-    for col in ("name", "type", "output shape", "params", "site", "why"):
+    for col in ("name", "type", "output shape", "params", "site", "fixer"):
         table.add_column(col)
+    table.add_column("why", min_width=16)  # its reasons stay readable beside the other columns in 80 characters
     for i in infos:
         why = i.reason or (f"not suggested: {sug.skipped[i.name]}" if i.name in sug.skipped else "")
+        m = fixer_macs.get(i.name)
         table.add_row(i.name, i.type, "×".join(map(str, i.shape)) if i.shape else "—", f"{i.params:,}",
-                      (i.layout or "map") if i.site else "no", why)
+                      (i.layout or "map") if i.site else "no",
+                      "" if m is None else f"{C.fmt(m)} {100 * m / max(1, base_macs):.0f}%", why)
     err_console.print(table)
+    err_console.print(f"fixer: the multiply-adds per image a fixer at the default --rho would add at the site, and "
+                      f"% of the base's {C.fmt(base_macs)}")
     if sug.stem:
         err_console.print(f"stem: {sug.stem} ({sug.why[sug.stem]})")
     if sug.sites:

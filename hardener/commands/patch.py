@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F, methods as M
-from .. import report as R
+from .. import cost as C, report as R
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
-from ..layers import describe_cost, patch_cost
+from ..layers import describe_cost
 from ..recipe import Split, load_preset, parse_methods, split_for_training
 from ..resume import Saver, StopFlag, fingerprint
 from ..session import Loaded, finish_spec, load_data, load_model
@@ -55,6 +55,7 @@ class Plan:
     saver: Saver | None = None  # the resumable state beside --out, once training starts
     parent: torch.nn.Module | None = None  # the base as it was, when the method fine-tunes it
     cost: dict | None = None  # what the patches add: parameters and multiply-adds (layers.patch_cost)
+    inference: C.Cost | None = None  # the patched model against the base: counted here, latency after training
 
     @property
     def quick(self) -> bool:
@@ -70,6 +71,10 @@ def run(call: Call) -> None:
         return
     manifest = _write(plan, logs, train_seconds)
     D.finish(plan.world)
+    if plan.inference is not None:  # the trained model on its inference route, the run's device and threads
+        plan.inference.latency = C.measure_latency(plan.loaded.patched)
+        if not plan.kw["quiet"]:
+            _say(f"cost: {C.describe_latency(plan.inference)}")
     _report(plan, manifest, logs, info, estimate, train_seconds)
 
 
@@ -106,7 +111,8 @@ def _plan(call: Call) -> Plan:
     opts = api.PatchOptions(**{f: v for f, v in kw.items() if f in PATCH_FIELDS})
     api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else _say)
     loaded.patched.to(device)
-    cost = patch_cost(loaded.patched) if loaded.patched.sites else None
+    inference = C.count(loaded.patched) if loaded.patched.sites else None
+    cost = inference.added() if inference else None
     if cost and not kw["quiet"]:
         _say(describe_cost(cost))
     split = split_for_training(ds_all.labels, subset, bool(kw["eval_data"]), kw["select_on"] or kw["validate"],
@@ -147,8 +153,9 @@ def _plan(call: Call) -> Plan:
                         f"inference and in every attack step; {hint}")
     ecfg = _report_config(quick, spec, kw["norm"], kw["eval_steps"], cfg.batch_size, kw["seed"])
     plan = Plan(kw, out_file, device, loaded, opts, recipe, split, train_ds, val_ds, eval_ds, spec, cfg, ecfg,
-                warnings, kw["route"] or M.build(cfg).default_route, world, cost=cost)
-    _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"], opts.batch_size == "auto")
+                warnings, kw["route"] or M.build(cfg).default_route, world, cost=cost, inference=inference)
+    _print_plan(train_ds, val_ds, eval_ds, cfg, spec, ecfg, recipe, kw["quiet"], opts.batch_size == "auto",
+                inference)
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
     return plan
@@ -208,6 +215,7 @@ def _write(plan: Plan, logs: list, train_seconds: float) -> Manifest:
         arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
         patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256, training=training,
         route=plan.route, base_modified=cfg.full, parent_sha256=loaded.base.sha256 if cfg.full else "",
+        cost=plan.inference.to_json(latency=False) if plan.inference else {},
     )
     try:
         save_patched(plan.out_file, loaded.patched.to("cpu"), manifest)
@@ -238,7 +246,7 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                    "estimate": {k: v for k, v in estimate.items() if k.endswith("seconds")},
                    "trainable_parameters": n_params, "route": plan.route, "processes": plan.world.size,
                    "training_out_of_memory": info.get("out_of_memory", []),
-                   "patch_cost": plan.cost,
+                   "patch_cost": plan.cost, "cost": plan.inference.to_json() if plan.inference else None,
                    "epoch_log": [asdict(e) for e in logs], "cache": info, "base_modified": plan.cfg.full,
                    "method": kw["method"], "preset": plan.recipe.record() if plan.recipe else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
@@ -302,7 +310,7 @@ def report_units(ecfg: E.EvalConfig, n: int) -> float:
 
 
 def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec, ecfg: E.EvalConfig, recipe,
-                quiet: bool, auto_batch: bool = False) -> None:
+                quiet: bool, auto_batch: bool = False, inference: C.Cost | None = None) -> None:
     if quiet:
         return
     n_epoch = cfg.epoch_images(len(train_ds))
@@ -320,6 +328,8 @@ def _print_plan(train_ds, val_ds, eval_ds, cfg: F.FitConfig, spec: A.AttackSpec,
                      "(PGD-10 white-box and transfer)")
     lines.append(f"report: {len(eval_ds):,} images, {', '.join(ecfg.attacks)}"
                  f"{f' {ecfg.steps} steps' if ecfg.steps else ''}, white-box then transfer")
+    if inference is not None:
+        lines.append(f"cost: the patched model at {C.describe_macs(inference)}; latency measured after training")
     err_console.print("plan: " + "\n      ".join(lines))
 
 

@@ -60,7 +60,7 @@ class Fixer(PatchKind):
         self.strength = 1.0
         act = ACTIVATIONS[config.act]
         self._act = act
-        self._act0 = float(act(torch.zeros(())))
+        self._act0 = float(act(torch.zeros((), device="cpu")))  # a number, also when built on meta
 
     @classmethod
     def build(cls, site: Site, config: FixerConfig) -> PatchKind:
@@ -126,7 +126,7 @@ class TokenFixer(PatchKind):
         nn.init.zeros_(self.fc2.bias)
         self.strength = 1.0
         self._act = ACTIVATIONS[config.act]
-        self._act0 = float(self._act(torch.zeros(())))
+        self._act0 = float(self._act(torch.zeros((), device="cpu")))
 
     @classmethod
     def build(cls, site: Site, config: FixerConfig) -> "TokenFixer":

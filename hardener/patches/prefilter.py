@@ -6,6 +6,14 @@ first conv strides by s, the middle one runs at 1/s of the resolution (1/s² of 
 the bulk of the cost) and its output is upsampled (nearest) back before the last conv. Plain convolutions and
 ReLUs: it cannot quantise its input, so it cannot hide gradients the way a rounding front-end does
 (evaluate it with Square and the gradient-masking checks all the same).
+
+Lighter designs (`design`, `--prefilter-design`; the manifest names one only when it is not "plain", so earlier
+checkpoints read the same):
+- "separable": the middle conv depthwise-separable (a depthwise 3x3, then a pointwise 1x1, no activation between),
+  9w + w² multiply-adds per position instead of 9w²;
+- "shuffle": every conv at 1/s of the resolution (s = the stride, 2 or more): the first conv strides by s, the last
+  outputs C·s² channels and `F.pixel_shuffle(s)` lays them out at full resolution again (a learned upsampling,
+  instead of nearest before a full-resolution last conv), cropped to the input's size.
 """
 from __future__ import annotations
 
@@ -18,7 +26,9 @@ from torch import nn
 
 from .. import validate as V
 from ..errors import InputError
-from .base import CHANNELS, FINITE, PatchKind, Site, register_patch_kind
+from .base import CHANNELS, FINITE, PatchKind, Site, choice, register_patch_kind
+
+DESIGNS = ("plain", "separable", "shuffle")
 
 
 @dataclass
@@ -26,25 +36,41 @@ class PrefilterConfig:
     width: int = 32  # channels inside
     delta: float = 1.0  # strength δ
     stride: int = field(default=1, metadata={"option": "prefilter_stride"})  # of the first conv (see above)
+    design: str = field(default="plain", metadata={"option": "prefilter_design"})  # see above
 
     def __post_init__(self) -> None:
         self.width, self.delta, self.stride = int(self.width), float(self.delta), int(self.stride)
         if not 1 <= self.stride <= 8:
             raise InputError(f"--prefilter-stride must be an integer in 1..8, got {self.stride}")
+        _check_design(self.design, self.stride)
+
+
+def _check_design(design: str, stride: int) -> None:
+    if design not in DESIGNS:
+        raise InputError(f"--prefilter-design must be one of {', '.join(DESIGNS)}, got '{design}'")
+    if design == "shuffle" and stride < 2:
+        raise InputError("--prefilter-design shuffle works at 1/S of the resolution: give --prefilter-stride 2 or more")
 
 
 @register_patch_kind("prefilter", placement="input", config_cls=PrefilterConfig)
 class Prefilter(PatchKind):
     may_mask = True  # an input transform: evaluation attacks it with BPDA too (identity in the backward pass)
 
-    def __init__(self, channels: int, width: int = 32, delta: float = 1.0, stride: int = 1) -> None:
+    def __init__(self, channels: int, width: int = 32, delta: float = 1.0, stride: int = 1,
+                 design: str = "plain") -> None:
         super().__init__()
         if width < 1:
             raise InputError(f"--width must be at least 1, got {width}")
-        self.delta, self.stride = delta, stride
+        _check_design(design, stride)
+        self.delta, self.stride, self.design, self.channels = delta, stride, design, channels
         self.conv1 = nn.Conv2d(channels, width, 3, padding=1, stride=stride)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-        self.conv3 = nn.Conv2d(width, channels, 3, padding=1)
+        if design == "separable":  # depthwise, then pointwise
+            self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=width)
+            self.conv2_pw = nn.Conv2d(width, width, 1)
+        else:
+            self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        out = channels * stride * stride if design == "shuffle" else channels
+        self.conv3 = nn.Conv2d(width, out, 3, padding=1)
         nn.init.zeros_(self.conv3.weight)
         nn.init.zeros_(self.conv3.bias)
         self.strength = 1.0
@@ -53,29 +79,38 @@ class Prefilter(PatchKind):
         spec = {"channels": self.conv1.in_channels, "width": self.conv1.out_channels, "delta": self.delta}
         if self.stride != 1:  # written only when used, so checkpoints of earlier versions read the same
             spec["stride"] = self.stride
+        if self.design != "plain":
+            spec["design"] = self.design
         return spec
 
     @classmethod
     def build(cls, site: Site, config: PrefilterConfig) -> "Prefilter":
-        return cls(site.shape[0], config.width, config.delta, config.stride)
+        return cls(site.shape[0], config.width, config.delta, config.stride, config.design)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "Prefilter":
-        return cls(spec["channels"], spec["width"], spec["delta"], spec.get("stride", 1))
+        return cls(spec["channels"], spec["width"], spec["delta"], spec.get("stride", 1), spec.get("design", "plain"))
 
     @classmethod
     def spec_fields(cls) -> dict[str, tuple]:
         return {"channels": CHANNELS, "width": (V.int_in(1, 4096), "must be an integer in 1..4096"), "delta": FINITE,
-                "stride": (V.int_in(1, 8), "must be an integer in 1..8", 1)}
+                "stride": (V.int_in(1, 8), "must be an integer in 1..8", 1), "design": (*choice(DESIGNS), "plain")}
 
     @classmethod
     def numel(cls, spec: dict[str, Any]) -> int:
-        c, w = spec["channels"], spec["width"]
-        return c * w * 9 + w + w * w * 9 + w + w * c * 9 + c
+        c, w, s = spec["channels"], spec["width"], spec.get("stride", 1)
+        design = spec.get("design", "plain")
+        middle = w * 9 + w + w * w + w if design == "separable" else w * w * 9 + w
+        out = c * s * s if design == "shuffle" else c
+        return c * w * 9 + w + middle + w * out * 9 + out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv2(F.relu(self.conv1(x))))
-        if self.stride != 1:
-            h = F.interpolate(h, size=x.shape[-2:], mode="nearest")
-        g = self.conv3(h)
+        h = self.conv2(F.relu(self.conv1(x)))
+        h = F.relu(self.conv2_pw(h) if self.design == "separable" else h)
+        if self.design == "shuffle":  # C·s² channels at 1/s -> C at s·(H/s) >= H, cropped
+            g = F.pixel_shuffle(self.conv3(h), self.stride)[..., :x.shape[-2], :x.shape[-1]]
+        else:
+            if self.stride != 1:
+                h = F.interpolate(h, size=x.shape[-2:], mode="nearest")
+            g = self.conv3(h)
         return x + (self.strength * self.delta) * g

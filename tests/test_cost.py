@@ -1,0 +1,268 @@
+"""Inference cost: multiply-adds counted by torch (hand counts, functional attention, the base's count) and the
+measured latency of base and patched model."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hardener import cost as C
+from hardener.model import Classifier, InputSpec
+from hardener.patches import Fixer, FixerConfig, PatchedModel, Prefilter
+
+
+class SmallConv(nn.Module):
+    """1x8x8 -> conv3x3(4) -> conv3x3/2(8) -> depthwise 3x3 -> pool -> linear(3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.bn(self.dw(F.relu(self.c2(F.relu(self.c1(x))))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+SMALL_CONV_MACS = 64 * 4 * 9 + 16 * 8 * (4 * 9) + 16 * 8 * 9 + 8 * 3  # c1, c2 (4x4 out), depthwise, fc
+
+
+class FunctionalAttention(nn.Module):
+    """Tokens from a 1x8x8 image (16 tokens of a 2x2 patch, width 8), one attention written with F.linear, matmul
+    and F.scaled_dot_product_attention: no nn.Linear or nn.MultiheadAttention for a module hook to see."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.randn(d, 4))
+        self.qkv = nn.Parameter(torch.randn(3 * d, d) * 0.1)
+        self.out = nn.Parameter(torch.randn(3, d))
+
+    def forward(self, x):
+        t = F.unfold(x, 2, stride=2).transpose(1, 2)  # N,16,4
+        t = t @ self.embed.T  # matmul: 16*4*8
+        q, k, v = F.linear(t, self.qkv).chunk(3, -1)  # 16*8*24
+        heads = [z.unflatten(-1, (2, 4)).transpose(1, 2) for z in (q, k, v)]  # 2 heads of 4
+        a = F.scaled_dot_product_attention(*heads).transpose(1, 2).flatten(2)  # 2 * 2*16*16*4
+        return F.linear(a.mean(1), self.out)  # 8*3
+
+
+ATTENTION_MACS = 16 * 4 * 8 + 16 * 8 * 24 + 2 * (2 * 16 * 16 * 4) + 8 * 3
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention over 16 tokens of width 8: under no_grad in eval mode it may take a fused fast path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.embed(F.unfold(x, 2, stride=2).transpose(1, 2))
+        return self.fc(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+MHA_MACS = 16 * 4 * 8 + 16 * 8 * 24 + 2 * 16 * 16 * 8 + 16 * 8 * 8 + 8 * 3  # embed, in_proj, QK^T and AV, out_proj, fc
+
+
+def _patched(net: nn.Module) -> PatchedModel:
+    spec = InputSpec(mean=[0.5], std=[0.25], shape=[1, 8, 8])
+    return PatchedModel(Classifier(net.eval(), spec))
+
+
+def test_counter_agrees_with_a_hand_count_on_a_small_conv_net():
+    assert C.module_macs(SmallConv(), [1, 8, 8]) == SMALL_CONV_MACS
+
+
+def test_functional_attention_is_counted_as_torch_counts_it_and_by_hand():
+    m = FunctionalAttention()
+    assert C.module_macs(m, [1, 8, 8]) == ATTENTION_MACS
+    x = torch.rand(1, 1, 8, 8)
+    with C.counter() as fc:  # torch's FlopCounterMode (with the CPU SDPA kernel's formula)
+        m(x)
+    assert fc.get_total_flops() == 2 * ATTENTION_MACS
+
+
+def test_multihead_attention_counts_the_same_in_train_and_eval_and_under_no_grad():
+    m = MHA()
+    x = torch.rand(1, 1, 8, 8)
+    assert C.module_macs(m, [1, 8, 8]) == MHA_MACS
+    m.train()
+    assert C.macs(m, x) == MHA_MACS and m.training
+    with torch.no_grad():  # the count enables grad itself: no fast path hides the attention
+        assert C.macs(m.eval(), x) == MHA_MACS
+
+
+def test_base_count_is_the_unpatched_model_and_each_patch_is_counted():
+    net = SmallConv()
+    p = _patched(net)
+    fresh = C.count(p)
+    assert fresh.macs_base == fresh.macs_patched == C.module_macs(SmallConv().eval(), [1, 8, 8]) == SMALL_CONV_MACS
+    assert fresh.macs_ratio == 1.0 and fresh.macs_per_patch == {}
+    p.attach("c2", Fixer(8, FixerConfig(rho=4)))  # 4x4 map: 1x1 8->2, 3x3 2->8
+    p.attach("input", Prefilter(1, width=4))  # 8x8: 1->4, 4->4, 4->1, all 3x3
+    got = C.count(p)
+    fixer, pre = 16 * (8 * 2 + 2 * 8 * 9), 64 * 9 * (4 + 16 + 4)
+    assert got.macs_per_patch == {"c2": fixer, "input": pre}
+    assert got.macs_base == SMALL_CONV_MACS and got.macs_patched == SMALL_CONV_MACS + fixer + pre
+    assert got.parameters_patches == sum(t.numel() for t in p.patch_parameters())
+    with torch.no_grad(), p.patches_disabled():
+        assert C.count(p).macs_patched == SMALL_CONV_MACS  # what the base runs, patches switched off
+    j = got.to_json()
+    assert j["macs_ratio"] == round(got.macs_patched / SMALL_CONV_MACS, 4) and j["latency_ratio"] is None
+
+
+def test_latency_is_measured_for_base_and_patched_at_each_batch():
+    p = _patched(SmallConv())
+    p.attach("input", Prefilter(1, width=64))
+    lat = C.measure_latency(p, batches=(1, 64), budget_s=0.3)
+    large = max(int(b) for b in lat["batches"])  # 64, or halved to fit the budget on a busy machine
+    assert set(lat["batches"]) == {"1", str(large)} and 1 < large <= 64 and lat["threads"] == torch.get_num_threads()
+    for b in lat["batches"].values():
+        assert b["base_ms"] > 0 and b["patched_ms"] > 0 and b["repeats"] >= C.MIN_REPEATS
+        assert abs(b["ratio"] - b["patched_ms"] / b["base_ms"]) < 0.01 * b["ratio"]
+    cost = C.count(p)
+    cost.latency = lat
+    # a 64-wide full-resolution pre-filter is most of this model's work: slower than the base
+    assert cost.latency_ratio == max(b["ratio"] for b in lat["batches"].values()) and cost.latency_ratio > 1
+    assert not p.training
+
+
+# ---------------------------------------------------------------- the plan, the manifest, the report, the library
+
+
+def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, tiny_ckpt, tiny_data):
+    import json
+
+    from conftest import ARCH
+
+    from hardener.checkpoint import load_patched, read_manifest
+    from hardener.cli import main
+
+    out, rep = tmp_path / "p.safetensors", tmp_path / "r.json"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
+                             "--epochs", "1", "--steps", "1", "--eval-samples", "10", "--eval-steps", "1",
+                             "--width", "4", "--out", str(out), "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert "cost: the patched model at " in r.stderr and "x the base's multiply-adds per image" in r.stderr
+    assert "cost: latency batch 1 " in r.stderr
+    manifest = read_manifest(out).cost
+    report = json.loads(rep.read_text())["cost"]
+    patched = load_patched(out, arch=ARCH)[0]
+    counted = C.count(patched)
+    for c in (manifest, report):
+        assert c["macs_ratio"] == round(counted.macs_ratio, 4) and c["macs_ratio"] > 1
+        assert c["macs_base"] == counted.macs_base and c["macs_per_patch"] == counted.macs_per_patch
+    # the measured latency is the run's (the report's); the checkpoint keeps the same bytes for the same seed
+    assert report["latency_ratio"] > 0 and set(report["latency"]["batches"]) <= {str(b) for b in range(1, 257)}
+    assert report["latency"]["threads"] >= 1 and report["latency"]["device"] == "cpu"
+    assert manifest == {k: v for k, v in report.items() if not k.startswith("latency")}
+
+
+def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
+    import hardener
+    from hardener.checkpoint import read_manifest
+
+    from conftest import make_data, trained_tiny
+
+    imgs, labels = make_data(n=60)
+    patched = hardener.patch(trained_tiny(), (imgs.float() / 255, labels), eps=0.1, epochs=1, steps=1, batch_size=32,
+                             width=4)
+    assert patched.cost.macs_ratio == C.count(patched).macs_ratio > 1 and patched.cost.latency_ratio > 0
+    patched.save(tmp_path / "p.safetensors")
+    got = read_manifest(tmp_path / "p.safetensors").cost
+    assert got == patched.cost.to_json(latency=False) and got["macs_ratio"] == round(patched.cost.macs_ratio, 4)
+
+
+def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):
+    import json
+
+    from conftest import ARCH
+
+    from hardener.cli import main
+
+    r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    fix = {lay["name"]: lay["fixer_macs"] for lay in got["layers"]}
+    assert fix["block"] == 16 * (8 * 2 + 2 * 8 * 9)  # 8 channels at 4x4: 1x1 8->2, 3x3 2->8
+    assert all((v is None) == (not lay["site"]) for lay, v in zip(got["layers"], fix.values()))
+    assert got["base_macs"] > 0
+    r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8"])
+    assert r.exit_code == 0 and "fixer: the multiply-adds per image a fixer" in r.stderr
+
+
+# ---------------------------------------------------------------- light pre-filter designs
+
+
+import pytest  # noqa: E402
+
+from hardener.errors import InputError  # noqa: E402
+from hardener.patches import PrefilterConfig, Site  # noqa: E402
+
+
+@pytest.mark.parametrize("design,stride,size", [("plain", 1, 8), ("separable", 1, 8), ("separable", 2, 9),
+                                                ("shuffle", 2, 8), ("shuffle", 2, 9), ("shuffle", 3, 8)])
+def test_prefilter_designs_start_as_the_identity_and_round_trip(design, stride, size):
+    from hardener.patches import Prefilter as P
+
+    torch.manual_seed(0)
+    p = _patched(SmallConv())
+    p.model.spec.shape = [1, size, size]
+    x = torch.rand(4, 1, size, size)
+    with torch.no_grad():
+        base = p(x)
+    cfg = P.make_config({"width": 8, "prefilter_stride": stride, "prefilter_design": design})
+    pf = P.build(Site("input", p.net, [1, size, size]), cfg)
+    p.attach("input", pf)
+    with torch.no_grad():
+        assert torch.equal(p(x), base)  # zero-initialised last conv: exactly the base
+    spec = pf.extra_spec()
+    assert ("design" in spec) == (design != "plain") and P.may_mask
+    assert P.numel({"site": "input", **spec}) == sum(t.numel() for t in pf.parameters())
+    again = P.from_spec(spec)
+    again.load_state_dict(pf.state_dict())  # same tensors, same names
+    torch.nn.init.normal_(pf.conv3.weight, std=0.1)
+    again.load_state_dict(pf.state_dict())
+    with torch.no_grad():
+        out = pf(x)
+        assert out.shape == x.shape and not torch.equal(out, x) and torch.equal(again(x), out)
+    if design != "plain":  # lighter than the plain pre-filter of the same width (and stride: separable; shuffle
+        # costs what a strided plain one does, its last conv at 1/s with C*s^2 outputs, and learns its upsampling)
+        plain = P(1, 8, stride=stride if design == "separable" else 1)
+        assert C.module_macs(pf, [1, size, size]) < C.module_macs(plain, [1, size, size])
+
+
+def test_prefilter_design_hand_counts_and_bad_values():
+    from hardener.patches import Prefilter as P
+
+    c, w = 1, 8
+    assert C.module_macs(P(c, w, design="separable"), [1, 8, 8]) == 64 * (c * w * 9 + w * 9 + w * w + w * c * 9)
+    # shuffle, s=2: three convs on 4x4, the last with c*4 outputs
+    assert C.module_macs(P(c, w, stride=2, design="shuffle"), [1, 8, 8]) == 16 * (c * w * 9 + w * w * 9 + w * 4 * c * 9)
+    with pytest.raises(InputError, match="prefilter-stride 2 or more"):
+        PrefilterConfig(design="shuffle")
+    with pytest.raises(InputError, match="prefilter-design must be one of"):
+        PrefilterConfig(design="fancy")
+
+
+def test_cli_trains_a_shuffle_prefilter_and_loads_it(runner, tmp_path, tiny_ckpt, tiny_data):
+    from conftest import ARCH, FAST_PATCH
+
+    from hardener.checkpoint import load_patched
+    from hardener.cli import main
+
+    out = tmp_path / "p.safetensors"
+    args = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "prefilter:input",
+            "--width", "4", "--out", str(out), *FAST_PATCH]
+    r = runner.invoke(main, [*args, "--prefilter-design", "shuffle"])
+    assert r.exit_code == 2 and "--prefilter-stride 2 or more" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, [*args, "--prefilter-design", "shuffle", "--prefilter-stride", "2"])
+    assert r.exit_code == 0, r.output
+    patched, manifest = load_patched(out, arch=ARCH)
+    assert manifest.patches[0]["design"] == "shuffle" and manifest.patches[0]["stride"] == 2
+    assert patched.patches["input"].conv3.out_channels == 4
