@@ -23,6 +23,8 @@ declare -A RUNS=(
   [L2]="--width 16 --rho 4 --method fixer,auxbn --bn auto"
   [L3]="--width 32 --prefilter-stride 2 --rho 4 --method fixer,auxbn --bn auto"
   [L4]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto"
+  [L5]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 --method fixer,auxbn --bn auto"
+  [L6]="--width 32 --prefilter-design separable --rho 4 --method fixer,auxbn --bn auto"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
