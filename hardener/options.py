@@ -239,6 +239,9 @@ PATCH = (
               "stratified, seeded part of it (fraction or count, at most 1,000 images by default) for model "
               "selection and the report."),
     opt("--report", "report_path", type=FILE, help="Write the report (.json/.md/.html)."),
+    opt("--mlflow", is_flag=True,
+        help="Log parameters, the numeric summary, the report(s) and the checkpoint to MLflow: the active run, "
+             "else MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
     *MODEL, *DATA,
 )
 
@@ -272,6 +275,9 @@ EVAL = (
     opt("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
     opt("--report", "report_paths", multiple=True, type=FILE,
         help="Write the report: .json, .md or .html (repeatable)."),
+    opt("--mlflow", is_flag=True,
+        help="Log parameters, the numeric summary, the report(s) and the checkpoint to MLflow: the active run, "
+             "else MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
     opt("--batch-size", default=256, show_default=True, type=BatchSize(),
         help="Images per attack batch, or auto: the largest power of two that fits in memory (probed)."),
     opt("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks)."),

@@ -14,7 +14,7 @@ from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, Interrupted, ThresholdError, UsageError
 from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
 from ..session import finish_spec, load_data, load_model, load_parent
-from . import Call, adaptive, data_options, model_arg, model_options, start
+from . import Call, adaptive, data_options, model_arg, model_options, start, track
 
 
 def run(call: Call) -> None:
@@ -45,6 +45,8 @@ def run(call: Call) -> None:
             store.path.with_name(store.path.name.replace(f"-rank0of{world.size}", f"-rank{r}of{world.size}")) \
                 .unlink(missing_ok=True)
     D.finish(world)
+    if kw["mlflow"]:
+        track(kw, rep, list(kw["report_paths"]), f"harden eval {Path(model).name}")
     if kw["as_json"]:
         out(json.dumps(rep, indent=2, sort_keys=True))
     if rep["gates"]["missed"]:

@@ -17,7 +17,7 @@ from ..layers import describe_cost
 from ..recipe import Split, load_preset, parse_methods, split_for_training
 from ..resume import Saver, StopFlag, fingerprint
 from ..session import Loaded, finish_spec, load_data, load_model
-from . import Call, data_options, model_arg, model_options, start
+from . import Call, data_options, model_arg, model_options, start, track
 
 COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
 COSTLY_MACS = 3.0  # ... and with more multiply-adds than this multiple of the base's (inference over 4x the base's)
@@ -259,7 +259,10 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                           f"verdict:\n  {full_cmd}")
     if kw["report_path"]:
         R.write(rep, kw["report_path"])
+    if kw["mlflow"]:
+        track(kw, rep, [out_file, kw["report_path"]], f"harden patch {Path(kw['model']).name}")
     out(str(out_file))
+
 
 
 QUICK_NOTE = ("quick check: white-box APGD-CE with a small step budget (and its transfer from the base) on a few "

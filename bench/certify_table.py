@@ -1,0 +1,96 @@
+"""The certification table of bench/certify_fmnist.sh (issue 32): certified accuracy per radius with 95% Wilson
+intervals, abstention, noisy forwards and CPU seconds per image, and the side-by-side of sequential and fixed-N
+CERTIFY on the same images. Reads OUT_DIR/*.json (harden certify reports) and *.log (/usr/bin/time's CPU time).
+    python bench/certify_table.py OUT_DIR [--json bench/results/certify/table.json] > table.md"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hardener.evaluation import wilson  # noqa: E402
+
+RADII = ("0", "0.25", "0.5", "0.75", "1")
+NAMES = {"a_base": "(a) base, smoothed", "b_denoiser": "(b) base + harden denoiser", "c_noise_ft": "(c) noise fine-tuned"}
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    if not path.exists():
+        return None
+    rep = json.loads(path.read_text())
+    log = folder / f"{name}.log"
+    m = re.search(r"([\d.]+) s wall, ([\d.]+) s user", log.read_text()) if log.exists() else None
+    rep["cpu_s"] = float(m.group(2)) if m else None
+    return rep
+
+
+def cell(rows: list[dict], r: float) -> str:
+    k, n = sum(1 for x in rows if x["correct"] and x["radius"] >= r), len(rows)
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def main_table(folder: Path) -> tuple[list[str], list[dict]]:
+    lines = ["| model | σ | images | " + " | ".join(f"r = {r}" for r in RADII) + " | abstained | forwards / image "
+             "(mean, median, max) | CPU s / image |", "|" + "---|" * (len(RADII) + 6)]
+    out = []
+    for key, label in NAMES.items():
+        for sigma in ("0.25", "0.5"):
+            rep = load(folder, f"{key}_s{sigma}")
+            if rep is None:
+                continue
+            s, rows = rep["summary"], rep["rows"]
+            reach = [r for r in RADII if r in s["certified_accuracy"]]
+            cells = [cell(rows, float(r)) if r in reach else "beyond max radius" for r in RADII]
+            d = s["draws_per_sample"]
+            cpu = rep["cpu_s"] / s["n"] if rep["cpu_s"] else None
+            cpu_text = f"{cpu:.2f}" if cpu else "–"
+            lines.append(f"| {label} | {sigma} | {s['n']} | " + " | ".join(cells) + f" | {100 * s['abstention_rate']:.1f}%"
+                         f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} |")
+            out.append({"model": key, "sigma": float(sigma), "summary": s, "cpu_s_per_image": cpu})
+    return lines, out
+
+
+def side_by_side(folder: Path) -> tuple[list[str], list[dict]]:
+    lines = ["| model | σ | images | r | fixed N | sequential | same verdict | forwards / image: fixed, sequential | "
+             "fewer forwards |", "|---|---|---|---|---|---|---|---|---|"]
+    out = []
+    for seq_path in sorted(folder.glob("*.seq*.json")):
+        row, n = seq_path.name.split(".seq")[0], seq_path.name.split(".seq")[1].split(".")[0]
+        seq, fixed = load(folder, f"{row}.seq{n}"), load(folder, f"{row}.fixed{n}")
+        if fixed is None:
+            continue
+        key, sigma = row.rsplit("_s", 1)
+        ds, df = seq["summary"]["draws_per_sample"]["mean"], fixed["summary"]["draws_per_sample"]["mean"]
+        for r in seq["summary"]["certified_accuracy"]:
+            ok = lambda x: x["correct"] and x["radius"] >= float(r)  # noqa: E731
+            same = sum(ok(a) == ok(b) for a, b in zip(fixed["rows"], seq["rows"]))
+            lines.append(f"| {NAMES[key]} | {sigma} | {n} | {r} | {cell(fixed['rows'], float(r))} | "
+                         f"{cell(seq['rows'], float(r))} | {same}/{len(seq['rows'])} | {df:,.0f}, {ds:,.0f} | "
+                         f"{df / ds:.1f}x |")
+            out.append({"model": key, "sigma": float(sigma), "images": int(n), "radius": float(r),
+                        "fixed": fixed["summary"]["certified_accuracy"][r], "sequential": seq["summary"]["certified_accuracy"][r],
+                        "same_verdict": same, "forwards_fixed": df, "forwards_sequential": ds})
+    return lines, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    t1, j1 = main_table(a.folder)
+    t2, j2 = side_by_side(a.folder)
+    print("\n".join(["### Certified accuracy (%, 95% Wilson interval), sequential CERTIFY", "", *t1, "",
+                     "### Fixed N = 100,000 beside sequential, same images", "", *t2]))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"table": j1, "side_by_side": j2}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
