@@ -7,16 +7,14 @@ Exit codes: 0 ok; 1 a --fail-under threshold missed; 2 usage or input error; 3 r
 from __future__ import annotations
 
 import errno
+import importlib
 import sys
 from typing import Any, Callable
 
 import click
-import torch
 from click.core import ParameterSource
 
 from . import __version__, commands, options as O, validate as V
-from .commands import certify as certify_cmd, evaluate, export as export_cmd, layers as layers_cmd
-from .commands import patch as patch_cmd, predict as predict_cmd
 from .config import command_defaults
 from .recipe import preset_help
 from .console import err_console
@@ -77,11 +75,13 @@ class ConfigCommand(click.Command):
             raise click.UsageError(e.message, ctx) from None
 
 
-def _call() -> commands.Call:
-    """The current command's options, its boundary checks and which options the command line set."""
+def _run(command: str) -> None:
+    """Run `hardener.commands.<command>` with the current command's options, its boundary checks and which options the
+    command line set. The command's module (and torch with it) is imported here, when the command runs: `--help` and
+    a usage error never import it."""
     ctx = click.get_current_context()
-    return commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
-                         given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+    importlib.import_module(f".commands.{command}", __package__).run(commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
+                         given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE))
 
 
 class _CliError(click.ClickException):
@@ -115,7 +115,7 @@ def main() -> None:
 @with_options(O.LAYERS)
 def layers(**kw):
     """List named layers: type, output shape, parameters, and whether each is a valid fixer site."""
-    layers_cmd.run(_call())
+    _run("layers")
 
 
 class PatchCommand(ConfigCommand):
@@ -135,14 +135,14 @@ def patch(**kw):
     a small subset, write the patched file and a quick report. With no method options the recipe is the white-box
     robust preset. Full fine-tuning methods (adv-train, advprop, advamd) write a new checkpoint instead, marked as
     a modified base."""
-    patch_cmd.run(_call())
+    _run("patch")
 
 
 @main.command("eval", cls=ConfigCommand)
 @with_options(O.EVAL)
 def eval_cmd(**kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
-    evaluate.run(_call())
+    _run("evaluate")
 
 
 @main.command(cls=ConfigCommand)
@@ -150,7 +150,7 @@ def eval_cmd(**kw):
 def certify(**kw):
     """Certified L2 robustness of the smoothed model (randomized smoothing, Cohen et al. 2019): per sample, the
     class and a radius within which no perturbation changes it, with probability 1 - alpha over the noise."""
-    certify_cmd.run(_call())
+    _run("certify")
 
 
 @main.command(cls=ConfigCommand)
@@ -160,7 +160,7 @@ def predict(**kw):
 
     Prints `index<TAB>class<TAB>confidence` per input (class names where known), or JSON lines with --json.
     The checkpoint is never modified."""
-    predict_cmd.run(_call())
+    _run("predict")
 
 
 @main.command(cls=ConfigCommand)
@@ -168,7 +168,7 @@ def predict(**kw):
 def export(**kw):
     """Export a patched checkpoint to a file that runs without harden ([0,1] inputs), checked in a fresh
     interpreter against the patched model's logits."""
-    export_cmd.run(_call())
+    _run("export")
 
 
 def run() -> None:
@@ -186,7 +186,9 @@ def run() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:
+        if not _gpu_out_of_memory(e):
+            raise
         click.echo("Error: out of GPU memory: lower --batch-size or use --device cpu", err=True)
         sys.exit(3)
     except MemoryError:
@@ -197,3 +199,9 @@ def run() -> None:
             click.echo("Error: disk full: free space and run again", err=True)
             sys.exit(3)
         raise
+
+
+def _gpu_out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA out-of-memory error (torch is imported by then if a command ran; not imported for this)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)

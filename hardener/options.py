@@ -1,6 +1,6 @@
 """The options of every `harden` command, as data: `cli.py` turns each `Opt` into a click option (this module does
-not import click). The defaults of `harden patch`'s training options come from `api.PatchOptions`, where each is
-stated once; choices come from the registries they name.
+not import click, nor torch: `harden --help` stays fast). The defaults of `harden patch`'s training options come from
+`PatchOptions`, where each is stated once; choices from `hardener.choices` and the presets folder.
 
 Order matters: `--help` lists options in the order given here.
 """
@@ -9,11 +9,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .api import PatchOptions
-from .attacks import SUITE_VERSIONS
-from .evaluation import PRECISIONS
-from .methods.patch import LOSSES
-from .patches import ACTIVATIONS, DENOISE_OPS
+from .choices import ACTIVATIONS, DENOISE_OPS, LOSSES, PRECISIONS, SUITE_VERSIONS
+from .patch_options import PatchOptions
 from .recipe import DEFAULT_PRESET, preset_names
 
 
@@ -73,7 +70,7 @@ _PATCH_DEFAULTS = {f.name: f.default for f in fields(PatchOptions) if f.default 
 
 
 def popt(*decls: str, **kwargs: Any) -> Opt:
-    """An option of `harden patch` that is a field of `api.PatchOptions`: its default comes from there."""
+    """An option of `harden patch` that is a field of `PatchOptions`: its default comes from there."""
     name = decls[1] if len(decls) > 1 else decls[0].split("/")[0].lstrip("-").replace("-", "_")
     return Opt(decls, {"default": _PATCH_DEFAULTS[name], **kwargs})
 

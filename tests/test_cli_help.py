@@ -1,0 +1,64 @@
+"""`harden --help` people can read, fast (issues 31 and 33): torch is imported only when a command runs."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _python(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_help_does_not_import_torch():
+    # Importing the command line and rendering every command's --help (and a usage error) must not import torch:
+    # each command's module is imported when it runs.
+    out = _python("""
+import sys
+from hardener.cli import main
+for args in (["--help"], ["patch", "--help"], ["eval", "--help"], ["certify", "--help"], ["predict", "--help"],
+             ["export", "--help"], ["layers", "--help"], ["patch", "--no-such-flag"]):
+    try:
+        main.main(args, standalone_mode=False, prog_name="harden")
+    except SystemExit:
+        pass
+    except Exception as e:  # the usage error
+        assert "no-such-flag" in str(e), e
+    assert "torch" not in sys.modules, args
+print("torch-free")
+""")
+    assert out.strip().endswith("torch-free")
+
+
+def test_help_is_fast():
+    # Issue 31 asks for under 0.5 s (median of 5); the bound here leaves room for slow, shared CI machines.
+    for args in (["--help"], ["patch", "--help"]):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "hardener", *args], env=ENV, cwd=ROOT, capture_output=True,
+                               timeout=60)
+            times.append(time.perf_counter() - t)
+            assert r.returncode == 0 and b"Usage: harden" in r.stdout, r.stderr
+        assert statistics.median(times) < 1.5, (args, times)
+
+
+def test_choices_the_help_offers_are_the_implemented_ones():
+    # `hardener.choices` states the names without torch; the tables that implement them must agree.
+    from hardener import attacks, choices, evaluation
+    from hardener.methods import patch as method_patch
+    from hardener.patches import ACTIVATIONS, DENOISE_OPS
+
+    assert tuple(ACTIVATIONS) == choices.ACTIVATIONS
+    assert tuple(evaluation.PRECISIONS) == choices.PRECISIONS
+    assert method_patch.LOSSES == choices.LOSSES
+    assert DENOISE_OPS == choices.DENOISE_OPS
+    assert set(choices.SUITE_VERSIONS.values()) <= set(attacks.SUITES)
