@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import errno
 import importlib
+import re
 import sys
+import textwrap
 from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
 
-from . import __version__, commands, options as O, validate as V
+from . import __version__, commands, options as O
 from .config import command_defaults
 from .recipe import preset_help
-from .console import err_console
 from .errors import HardenError, InputError, UsageError
 
 
@@ -74,14 +75,44 @@ class ConfigCommand(click.Command):
         except UsageError as e:
             raise click.UsageError(e.message, ctx) from None
 
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The options in their groups (`options.GROUPS`), then the command's examples (`options.EXAMPLES`)."""
+        rows: dict[str, list[tuple[str, str]]] = {}
+        help_option = self.get_help_option(ctx)
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx) if isinstance(p, click.Option) else None
+            if record:
+                group = "run" if p is help_option else O.group_of(self.name or "", p.name or "")
+                rows.setdefault(group, []).append(record)
+        for group, title in [*O.GROUPS.items(), ("", "Other options")]:
+            if group in rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows[group])
+        with formatter.section("Examples"):
+            width = max(40, (formatter.width or 80) - formatter.current_indent - 2)
+            for i, (what, command) in enumerate(O.EXAMPLES.get(self.name or "", [])):
+                if i:
+                    formatter.write_paragraph()
+                formatter.write_text(f"# {what}")
+                # as a shell takes it: long commands broken before an option, with backslashes
+                lines = [""]
+                for part in re.split(r" (?=--)", command):
+                    if lines[-1] and len(lines[-1]) + 1 + len(part) > width:
+                        lines.append("    ")
+                    lines[-1] += (" " if lines[-1].strip() else "") + part
+                formatter.write(textwrap.indent(" \\\n".join(lines), " " * formatter.current_indent) + "\n")
+
 
 def _run(command: str) -> None:
     """Run `hardener.commands.<command>` with the current command's options, its boundary checks and which options the
     command line set. The command's module (and torch with it) is imported here, when the command runs: `--help` and
     a usage error never import it."""
+    from . import validate as V
+
     ctx = click.get_current_context()
-    importlib.import_module(f".commands.{command}", __package__).run(commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
-                         given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE))
+    call = commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
+                         given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+    importlib.import_module(f".commands.{command}", __package__).run(call)
 
 
 class _CliError(click.ClickException):
@@ -179,12 +210,12 @@ def run() -> None:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        err_console.print("interrupted")
+        _interrupted()
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        _interrupted()
         sys.exit(130)
     except RuntimeError as e:
         if not _gpu_out_of_memory(e):
@@ -205,3 +236,9 @@ def _gpu_out_of_memory(e: BaseException) -> bool:
     """torch's CUDA out-of-memory error (torch is imported by then if a command ran; not imported for this)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)
+
+
+def _interrupted() -> None:
+    from .console import err_console  # rich: imported when needed, as torch is
+
+    err_console.print("interrupted")

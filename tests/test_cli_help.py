@@ -62,3 +62,32 @@ def test_choices_the_help_offers_are_the_implemented_ones():
     assert method_patch.LOSSES == choices.LOSSES
     assert DENOISE_OPS == choices.DENOISE_OPS
     assert set(choices.SUITE_VERSIONS.values()) <= set(attacks.SUITES)
+
+
+def test_help_shows_option_groups_and_examples(runner):
+    from hardener.cli import main
+
+    for command, groups in (("patch", ["Data", "Model", "Recipe", "Attack", "Training", "Output", "Run"]),
+                            ("eval", ["Data", "Model", "Attack", "Adaptive defence", "Output", "Run"])):
+        out = runner.invoke(main, [command, "--help"]).output
+        heads = [line[:-1] for line in out.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+        assert heads == [*groups, "Examples"], heads  # in this order, nothing left ungrouped
+        section = lambda title: out.split(f"\n{title}:\n")[1].split("\n\n")[0]  # noqa: E731
+        assert "--subset" in section("Data") and "--resize" in section("Data") and "--data" in section("Data")
+        assert "--eps " in section("Attack") and "--arch " in section("Model") and "--seed " in section("Run")
+        examples = out.split("\nExamples:\n")[1]
+        assert f"harden {command} " in examples and "# " in examples
+
+
+def test_every_option_has_a_help_group():
+    # An option added to a command without a group would land under "Other options": give it one in options.py.
+    from hardener import options as O
+
+    for command, specs in (("layers", O.LAYERS), ("patch", O.PATCH), ("eval", O.EVAL), ("certify", O.CERTIFY),
+                           ("predict", O.PREDICT), ("export", O.EXPORT)):
+        for spec in specs:
+            if spec.kwargs.get("hidden"):
+                continue
+            name = spec.decls[1] if len(spec.decls) > 1 else spec.decls[0].split("/")[0].lstrip("-").replace("-", "_")
+            assert O.group_of(command, name) in O.GROUPS, (command, spec.decls)
+        assert O.EXAMPLES[command], command
