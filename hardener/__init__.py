@@ -37,16 +37,23 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=Non
 
 
 def __getattr__(name):
-    """`hardener.patch`, `hardener.evaluate`, `hardener.attacks`, ... imported on first use (keeps `import hardener`
-    and the CLI's start fast)."""
+    """`hardener.patch`, `hardener.evaluate`, `hardener.PatchedModel`, `hardener.attacks`, ... imported on first use
+    (keeps `import hardener` and the CLI's start fast: no torch until one is used)."""
     import importlib
 
     if name in ("patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report"):
         return getattr(importlib.import_module(".api", __name__), name)
+    if name == "PatchedModel":
+        return importlib.import_module(".patches", __name__).PatchedModel
     if name in ("attacks", "errors", "data", "methods", "patches"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hardener' has no attribute '{name}'")
 
 
-__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report", "attacks",
-           "errors", "methods", "patches"]
+def __dir__():
+    """The public names (what `hardener.<TAB>` offers), the lazily imported ones included, and the module's dunders."""
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})
+
+
+__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "PatchedModel",
+           "Report", "attacks", "data", "errors", "methods", "patches"]

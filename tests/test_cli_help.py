@@ -91,3 +91,23 @@ def test_every_option_has_a_help_group():
             name = spec.decls[1] if len(spec.decls) > 1 else spec.decls[0].split("/")[0].lstrip("-").replace("-", "_")
             assert O.group_of(command, name) in O.GROUPS, (command, spec.decls)
         assert O.EXAMPLES[command], command
+
+
+def test_the_package_lists_its_public_names_and_stays_light():
+    # `hardener.<TAB>` offers the public names, the lazy ones included; `import hardener` imports no torch, and
+    # `hardener.PatchedModel` is the class patched models are.
+    out = _python("""
+import sys
+import hardener
+names = dir(hardener)
+assert "torch" not in sys.modules
+from hardener.patches import PatchedModel
+assert hardener.PatchedModel is PatchedModel
+print(" ".join(n for n in names if not n.startswith("__")))
+""")
+    import hardener
+
+    listed = out.split()
+    assert listed == sorted(n for n in hardener.__all__ if not n.startswith("__"))
+    for name in ("PatchedModel", "load", "patch", "evaluate", "attacks", "as_dataset"):
+        assert name in listed and getattr(hardener, name) is not None
