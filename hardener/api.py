@@ -15,6 +15,7 @@ a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:tra
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import attacks as A, data as hdata, evaluation as E, fit as F, methods as M, report as R
+from . import archspec, attacks as A, data as hdata, evaluation as E, fit as F, methods as M, report as R
 from .errors import InputError
 from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
@@ -103,7 +104,10 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
 
         m, sd = hf_normalisation(preprocessor, _csv(mean), _csv(std))
         spec = InputSpec(mean=parse_floats(m, "mean"), std=parse_floats(sd, "std"), logits=logits)
-        return PatchedModel(Classifier(model.eval(), spec))
+        patched = PatchedModel(Classifier(model.eval(), spec))
+        patched.arch = arch  # recorded by `save` (the module itself cannot say how it was built)
+        patched.arch_kwargs = archspec.parse_kwargs(arch_kwargs, "arch_kwargs") if arch_kwargs else None
+        return patched
     raise InputError(f"cannot patch {type(model).__name__}: pass an nn.Module or a checkpoint path")
 
 
@@ -330,8 +334,12 @@ def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None
     from .checkpoint import Manifest, save_patched, tensor_digest
 
     base = {k: v.detach().cpu().contiguous() for k, v in patched.base_state_dict().items()}
-    arch = arch or getattr(patched, "arch", None)
-    manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or getattr(patched, "arch_kwargs", None) or {},
+    arch = arch or patched.arch
+    if not arch:
+        warnings.warn(f"'{path}' is saved without an architecture: load it with hardener.load(path, model=<the base "
+                      "module, built as before>) or pass arch='package.module:callable' (to save() or hardener.patch)",
+                      UserWarning, stacklevel=3)
+    manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or patched.arch_kwargs or {},
                         input=patched.model.spec.to_json(), patches=patched.patch_specs(),
                         base_sha256=getattr(patched, "base_sha256", "") or tensor_digest(base),
                         training=getattr(patched, "training_record", None) or {}, route=patched.current_route)
