@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -111,3 +113,24 @@ print(" ".join(n for n in names if not n.startswith("__")))
     assert listed == sorted(n for n in hardener.__all__ if not n.startswith("__"))
     for name in ("PatchedModel", "load", "patch", "evaluate", "attacks", "as_dataset"):
         assert name in listed and getattr(hardener, name) is not None
+
+
+def test_gpu_out_of_memory_is_still_exit_3(monkeypatch, capsys):
+    # cli.py no longer imports torch at the top; torch's CUDA out-of-memory error still maps to exit 3, and another
+    # RuntimeError is not mistaken for it.
+    import torch
+
+    from hardener import cli
+
+    def boom(error):
+        def main(*a, **k):
+            raise error
+        return main
+
+    monkeypatch.setattr(cli.main, "main", boom(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    assert e.value.code == 3 and "out of GPU memory" in capsys.readouterr().err
+    monkeypatch.setattr(cli.main, "main", boom(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.run()
