@@ -4,14 +4,18 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=None):
+def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=None, model=None):
     """Load a checkpoint as an nn.Module that takes [0, 1] pixels and returns logits: a harden-patched file, or a
     plain state dict (built with `arch`, normalised with `mean`/`std`; it comes back with no patches, ready for
     `hardener.patch`).
 
+    `model=module` (PEFT's `PeftModel.from_pretrained(base, path)`): a patched file's patches attached to a base
+    module you built, with the file's normalisation; its weights must be the file's base weights, bit for bit.
+    The module is used in place (frozen, in eval mode, hooked), and no constructor is looked up.
+
     The returned `PatchedModel` has `patches_disabled()` (the base, exactly), `set_strength()`, and for
     auxiliary BNs `route("adv"|"main")` (a context manager; `set_route` changes the default, which the
-    checkpoint stores); `model.manifest` holds the checkpoint's manifest.
+    checkpoint stores); `model.manifest` holds the checkpoint's manifest; `save()` records the architecture again.
     Loading never imports or calls code the file names (README, "Security model"): `arch` (with
     `arch_kwargs`) names the architecture (`package.module:callable` or `file.py:callable`); the
     architecture stored in the checkpoint, with its kwargs, is used only with `trust_arch=True` or when
@@ -20,33 +24,46 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=Non
     """
     from pathlib import Path
 
-    from .checkpoint import load_patched, read_manifest
+    from .checkpoint import load_onto, load_patched, read_manifest
+    from .errors import InputError
 
-    if Path(path).is_file() and read_manifest(Path(path)) is None:
+    if model is not None:
+        given = [n for n, v in (("arch", arch), ("arch_kwargs", arch_kwargs), ("mean", mean), ("std", std)) if v]
+        if given:
+            raise InputError(f"give model= or {given[0]}=, not both: with model= the base is the module you built "
+                             "and the normalisation is the file's")
+        patched, manifest = load_onto(path, model)
+    elif Path(path).is_file() and read_manifest(Path(path)) is None:
         import json
 
         from .api import as_patched
 
         kwargs = json.dumps(arch_kwargs) if arch_kwargs else None
-        patched = as_patched(str(path), arch, mean, std, arch_kwargs=kwargs)
-        patched.manifest = None
-        return patched
-    patched, manifest = load_patched(path, arch=arch, trust_arch=trust_arch, arch_kwargs=arch_kwargs)
+        patched, manifest = as_patched(str(path), arch, mean, std, arch_kwargs=kwargs), None
+    else:
+        patched, manifest = load_patched(path, arch=arch, trust_arch=trust_arch, arch_kwargs=arch_kwargs)
     patched.manifest = manifest
     return patched
 
 
 def __getattr__(name):
-    """`hardener.patch`, `hardener.evaluate`, `hardener.attacks`, ... imported on first use (keeps `import hardener`
-    and the CLI's start fast)."""
+    """`hardener.patch`, `hardener.evaluate`, `hardener.PatchedModel`, `hardener.attacks`, ... imported on first use
+    (keeps `import hardener` and the CLI's start fast: no torch until one is used)."""
     import importlib
 
     if name in ("patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report"):
         return getattr(importlib.import_module(".api", __name__), name)
+    if name == "PatchedModel":
+        return importlib.import_module(".patches", __name__).PatchedModel
     if name in ("attacks", "errors", "data", "methods", "patches"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hardener' has no attribute '{name}'")
 
 
-__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report", "attacks",
-           "errors", "methods", "patches"]
+def __dir__():
+    """The public names (what `hardener.<TAB>` offers), the lazily imported ones included, and the module's dunders."""
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})
+
+
+__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "PatchedModel",
+           "Report", "attacks", "data", "errors", "methods", "patches"]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import SUITE_VERSIONS  # noqa: F401  (--suite: version -> suite)
 from .errors import InputError
 
 ALIASES = {"apgd": "apgd-ce"}
@@ -31,7 +32,6 @@ SUITES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"],
           "autoattack-rand": ["apgd-ce", "apgd-dlr"]}
 SUITE_SETTINGS = {"autoattack-plus": {"apgd-ce": {"restarts": 5}, "apgd-dlr": {"restarts": 5}, "fab": {"restarts": 5}},
                   "autoattack-rand": {"apgd-ce": {"eot": 20}, "apgd-dlr": {"eot": 20}}}
-SUITE_VERSIONS = {"standard": "autoattack", "plus": "autoattack-plus", "rand": "autoattack-rand"}
 # What evaluation needs to know of an attack, instead of its name: gradient attacks (iterative, on the model's
 # gradients: white-box and transfer chains), single-step ones (FGSM: run after the iterative ones, never enough for
 # a robustness gate), query attacks (gradient-free: the black-box chain), minimum-norm ones (a sample counts as

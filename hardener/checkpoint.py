@@ -473,12 +473,13 @@ def _pickled_skeleton(spec: str, trust_pickle: bool) -> nn.Module:
 
 def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | str | list[str] = False,
                  arch_kwargs: dict | None = None, trust_pickle: bool = False):
-    """Rebuild a PatchedModel from a harden checkpoint (inputs in [0, 1]).
+    """Rebuild a PatchedModel from a harden checkpoint (inputs in [0, 1]); it remembers the architecture it was built
+    with (`arch`, `arch_kwargs`), which saving it again records.
 
     Order: manifest validated -> constructor chosen by the user's trust -> tensors checked against the
     manifest's digests -> sites, names, shapes and values of the patch tensors checked -> loaded."""
-    from .patches import PATCH_KINDS, PatchedModel
-    from .validate import patch_numel, regular_input
+    from .patches import PatchedModel
+    from .validate import regular_input
 
     path = regular_input(path, "checkpoint")
     manifest = read_manifest(path)
@@ -486,6 +487,68 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
         raise InputError(f"'{path}' is not a harden-patched checkpoint (no manifest); "
                          "load a plain checkpoint with --arch")
     choice = arch_for_manifest(manifest, arch, trust_arch, arch_kwargs)
+    base_sd, patch_sd = _checked_tensors(path, manifest)
+    if arch and pickled_arch(arch):
+        net = _pickled_skeleton(arch, trust_pickle)
+    else:
+        net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch",
+                             allow_dotted=bool(arch))
+    net.float()
+    try:
+        load_state_into(net, base_sd, f"'{path}'")
+    except InputError as e:
+        raise InputError(e.message + choice.note) from None
+    patched = PatchedModel(Classifier(net, InputSpec.from_json(manifest.input)))
+    _attach_patches(patched, manifest, patch_sd, path)
+    pickled = pickled_arch(choice.spec)
+    patched.arch = manifest.arch if pickled else choice.spec
+    patched.arch_kwargs = manifest.arch_kwargs if pickled else choice.kwargs
+    return patched, manifest
+
+
+def load_onto(path: str | Path, net: nn.Module):
+    """`hardener.load(path, model=net)` (PEFT's `PeftModel.from_pretrained(base, path)`): the patches of a
+    harden-patched file attached to `net`, a module the caller built, whose tensors must be the file's base tensors
+    bit for bit (else one line says which differs). `net` is used in place: frozen, in eval mode, hooked."""
+    from .patches import PatchedModel
+    from .validate import regular_input
+
+    path = regular_input(path, "checkpoint")
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise InputError(f"'{path}' is not a harden-patched checkpoint (no manifest): model= takes a patched "
+                         "file; load a plain state dict with model.load_state_dict")
+    base_sd, patch_sd = _checked_tensors(path, manifest)
+    _same_base(net, base_sd, path)
+    patched = PatchedModel(Classifier(net.eval(), InputSpec.from_json(manifest.input)))
+    _attach_patches(patched, manifest, patch_sd, path)
+    patched.arch, patched.arch_kwargs = manifest.arch, manifest.arch_kwargs
+    return patched, manifest
+
+
+def _same_base(net: nn.Module, base_sd: dict[str, torch.Tensor], path: Path) -> None:
+    """`net`'s tensors are the file's base tensors: the same names, dtypes, shapes and bits."""
+    mine = net.state_dict()
+    lacks, extra = sorted(set(base_sd) - set(mine)), sorted(set(mine) - set(base_sd))
+    what = f"model= is not the base '{path}' was patched from"
+    if lacks or extra:
+        k = (lacks or extra)[0]
+        raise InputError(f"{what}: " + (f"it lacks the file's tensor '{k}'" if lacks else f"it has a tensor '{k}' "
+                                        f"the file's base lacks") + f" ({len(lacks)} missing, {len(extra)} extra)")
+    for k in sorted(base_sd):
+        a, b = mine[k].detach().cpu().contiguous(), base_sd[k].contiguous()
+        if a.dtype != b.dtype or a.shape != b.shape:
+            show = lambda t: f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)}"  # noqa: E731
+            raise InputError(f"{what}: tensor '{k}' is {show(a)}, the file's {show(b)}")
+        if a.numel() and not torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)):
+            raise InputError(f"{what}: tensor '{k}' holds other values (build it with the weights the file was "
+                             "patched from, or load with arch=)")
+
+
+def _checked_tensors(path: Path, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A patched file's tensors checked against its manifest's digests and patch sizes: (base, patch tensors)."""
+    from .validate import patch_numel
+
     tensors = read_safetensors(path)
     if manifest.tensors_sha256 and tensor_digest(tensors) != manifest.tensors_sha256:
         raise InputError(f"'{path}': the tensors do not match the manifest's checksum (a corrupted or "
@@ -502,19 +565,14 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
         if need > available + (1 << 20):  # bounded by the file's own tensors (names are checked exactly below)
             raise InputError(f"'{path}': manifest patches (up to '{p['site']}') ask for {need:,} values but the "
                              f"file holds {available:,} patch values")
-    if arch and pickled_arch(arch):
-        net = _pickled_skeleton(arch, trust_pickle)
-    else:
-        net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch",
-                             allow_dotted=bool(arch))
-    net.float()
-    try:
-        load_state_into(net, base_sd, f"'{path}'")
-    except InputError as e:
-        raise InputError(e.message + choice.note) from None
-    modules = dict(net.named_modules())
-    model = Classifier(net, InputSpec.from_json(manifest.input))
-    patched = PatchedModel(model)
+    return base_sd, patch_sd
+
+
+def _attach_patches(patched, manifest: Manifest, patch_sd: dict[str, torch.Tensor], path: Path) -> None:
+    """The manifest's patches rebuilt at their sites of `patched`'s base, their tensors loaded, its route set."""
+    from .patches import PATCH_KINDS
+
+    modules = dict(patched.net.named_modules())
     for p in manifest.patches:
         kind, site = PATCH_KINDS[p["kind"]], p["site"]
         at_input = kind.placement == "input"
@@ -532,7 +590,6 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
     _load_patch_tensors(patched, patch_sd, path)
     patched.set_route(manifest.route)
     patched.eval()
-    return patched, manifest
 
 
 INPUT_SITE_NAME = "input"

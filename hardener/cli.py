@@ -7,19 +7,18 @@ Exit codes: 0 ok; 1 a --fail-under threshold missed; 2 usage or input error; 3 r
 from __future__ import annotations
 
 import errno
+import importlib
+import re
 import sys
+import textwrap
 from typing import Any, Callable
 
 import click
-import torch
 from click.core import ParameterSource
 
-from . import __version__, commands, options as O, validate as V
-from .commands import certify as certify_cmd, evaluate, export as export_cmd, layers as layers_cmd
-from .commands import patch as patch_cmd, predict as predict_cmd
+from . import __version__, commands, options as O
 from .config import command_defaults
 from .recipe import preset_help
-from .console import err_console
 from .errors import HardenError, InputError, UsageError
 
 
@@ -76,12 +75,44 @@ class ConfigCommand(click.Command):
         except UsageError as e:
             raise click.UsageError(e.message, ctx) from None
 
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The options in their groups (`options.GROUPS`), then the command's examples (`options.EXAMPLES`)."""
+        rows: dict[str, list[tuple[str, str]]] = {}
+        help_option = self.get_help_option(ctx)
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx) if isinstance(p, click.Option) else None
+            if record:
+                group = "run" if p is help_option else O.group_of(self.name or "", p.name or "")
+                rows.setdefault(group, []).append(record)
+        for group, title in [*O.GROUPS.items(), ("", "Other options")]:
+            if group in rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows[group])
+        with formatter.section("Examples"):
+            width = max(40, (formatter.width or 80) - formatter.current_indent - 2)
+            for i, (what, command) in enumerate(O.EXAMPLES.get(self.name or "", [])):
+                if i:
+                    formatter.write_paragraph()
+                formatter.write_text(f"# {what}")
+                # as a shell takes it: long commands broken before an option, with backslashes
+                lines = [""]
+                for part in re.split(r" (?=--)", command):
+                    if lines[-1] and len(lines[-1]) + 1 + len(part) > width:
+                        lines.append("    ")
+                    lines[-1] += (" " if lines[-1].strip() else "") + part
+                formatter.write(textwrap.indent(" \\\n".join(lines), " " * formatter.current_indent) + "\n")
 
-def _call() -> commands.Call:
-    """The current command's options, its boundary checks and which options the command line set."""
+
+def _run(command: str) -> None:
+    """Run `hardener.commands.<command>` with the current command's options, its boundary checks and which options the
+    command line set. The command's module (and torch with it) is imported here, when the command runs: `--help` and
+    a usage error never import it."""
+    from . import validate as V
+
     ctx = click.get_current_context()
-    return commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
+    call = commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
                          given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+    importlib.import_module(f".commands.{command}", __package__).run(call)
 
 
 class _CliError(click.ClickException):
@@ -115,7 +146,7 @@ def main() -> None:
 @with_options(O.LAYERS)
 def layers(**kw):
     """List named layers: type, output shape, parameters, and whether each is a valid fixer site."""
-    layers_cmd.run(_call())
+    _run("layers")
 
 
 class PatchCommand(ConfigCommand):
@@ -135,14 +166,14 @@ def patch(**kw):
     a small subset, write the patched file and a quick report. With no method options the recipe is the white-box
     robust preset. Full fine-tuning methods (adv-train, advprop, advamd) write a new checkpoint instead, marked as
     a modified base."""
-    patch_cmd.run(_call())
+    _run("patch")
 
 
 @main.command("eval", cls=ConfigCommand)
 @with_options(O.EVAL)
 def eval_cmd(**kw):
     """Evaluate robustness: attacks, threat models, per-sample worst case, sanity checks, gates."""
-    evaluate.run(_call())
+    _run("evaluate")
 
 
 @main.command(cls=ConfigCommand)
@@ -150,7 +181,7 @@ def eval_cmd(**kw):
 def certify(**kw):
     """Certified L2 robustness of the smoothed model (randomized smoothing, Cohen et al. 2019): per sample, the
     class and a radius within which no perturbation changes it, with probability 1 - alpha over the noise."""
-    certify_cmd.run(_call())
+    _run("certify")
 
 
 @main.command(cls=ConfigCommand)
@@ -160,7 +191,7 @@ def predict(**kw):
 
     Prints `index<TAB>class<TAB>confidence` per input (class names where known), or JSON lines with --json.
     The checkpoint is never modified."""
-    predict_cmd.run(_call())
+    _run("predict")
 
 
 @main.command(cls=ConfigCommand)
@@ -168,7 +199,7 @@ def predict(**kw):
 def export(**kw):
     """Export a patched checkpoint to a file that runs without harden ([0,1] inputs), checked in a fresh
     interpreter against the patched model's logits."""
-    export_cmd.run(_call())
+    _run("export")
 
 
 def run() -> None:
@@ -179,14 +210,16 @@ def run() -> None:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        err_console.print("interrupted")
+        _interrupted()
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        _interrupted()
         sys.exit(130)
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:
+        if not _gpu_out_of_memory(e):
+            raise
         click.echo("Error: out of GPU memory: lower --batch-size or use --device cpu", err=True)
         sys.exit(3)
     except MemoryError:
@@ -197,3 +230,15 @@ def run() -> None:
             click.echo("Error: disk full: free space and run again", err=True)
             sys.exit(3)
         raise
+
+
+def _gpu_out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA out-of-memory error (torch is imported by then if a command ran; not imported for this)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)
+
+
+def _interrupted() -> None:
+    from .console import err_console  # rich: imported when needed, as torch is
+
+    err_console.print("interrupted")

@@ -83,12 +83,13 @@ def command_defaults(command: str, args: list[str], params: dict[str, bool]) -> 
     """The defaults of one command line: from the config file, then from the preset (`--preset`, in the file, or
     the default one), so that the order is: command line, config file, preset, built-in defaults. `params` maps the
     command's parameter names to whether each takes several values."""
-    from .console import err
     from .recipe import resolve_preset
 
     path = find_config(args)
     defaults: dict[str, Any] = {}
     if path is not None and find_option(args, "--config") is None:
+        from .console import err  # rich, imported only to say this (keeps `harden --help` fast)
+
         err(f"harden: reading options from '{path}' in the working directory (--config FILE to choose another)")
     if path is not None:
         defaults = load_defaults(path, command, params)

@@ -1,6 +1,6 @@
 """The options of every `harden` command, as data: `cli.py` turns each `Opt` into a click option (this module does
-not import click). The defaults of `harden patch`'s training options come from `api.PatchOptions`, where each is
-stated once; choices come from the registries they name.
+not import click, nor torch: `harden --help` stays fast). The defaults of `harden patch`'s training options come from
+`PatchOptions`, where each is stated once; choices from `hardener.choices` and the presets folder.
 
 Order matters: `--help` lists options in the order given here.
 """
@@ -9,12 +9,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .api import PatchOptions
-from .attacks import SUITE_VERSIONS
-from .evaluation import PRECISIONS
-from .methods.patch import LOSSES
-from .patches import ACTIVATIONS, DENOISE_OPS
-from .patches.prefilter import DESIGNS as PREFILTER_DESIGNS
+from .choices import ACTIVATIONS, DENOISE_OPS, LOSSES, PRECISIONS, PREFILTER_DESIGNS, SUITE_VERSIONS
+from .patch_options import PatchOptions
 from .recipe import DEFAULT_PRESET, preset_names
 
 
@@ -74,7 +70,7 @@ _PATCH_DEFAULTS = {f.name: f.default for f in fields(PatchOptions) if f.default 
 
 
 def popt(*decls: str, **kwargs: Any) -> Opt:
-    """An option of `harden patch` that is a field of `api.PatchOptions`: its default comes from there."""
+    """An option of `harden patch` that is a field of `PatchOptions`: its default comes from there."""
     name = decls[1] if len(decls) > 1 else decls[0].split("/")[0].lstrip("-").replace("-", "_")
     return Opt(decls, {"default": _PATCH_DEFAULTS[name], **kwargs})
 
@@ -353,3 +349,61 @@ EXPORT = (
     opt("--force", is_flag=True),
     *MODEL,
 )
+
+# `--help` shows a command's options in these groups, in this order (each in the order of its command's tuple above).
+GROUPS = {"data": "Data", "model": "Model", "recipe": "Recipe", "attack": "Attack", "training": "Training",
+          "adaptive": "Adaptive defence", "smoothing": "Randomized smoothing", "output": "Output", "run": "Run"}
+_GROUP_OF = {group: names.split() for group, names in {
+    "data": "data subset holdout classes resize crop unlabeled pseudo_threshold pseudo_ratio eval_data max_samples",
+    "model": "arch arch_kwargs trust_pickle trust_arch mean std preprocessor logits input_shape route parent",
+    "recipe": "preset method at at_regex bn denoise_op act delta rho width prefilter_stride prefilter_design "
+              "final_relu",
+    "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "
+              "threat surrogate eps_sweep precision no_checks",
+    "training": "epochs batch_size lr loss_name beta lam mu gamma augment ema select_on validate validate_every phi "
+                "betas sigma noise_sigma cache cache_limit",
+    "adaptive": "defense e2e_samples e2e_steps adaptive reference_data adaptive_eps neighbour neighbour_steps "
+                "post_train iterations post_batch adapt post_lr",
+    "smoothing": "n0 n_samples smooth_sigma smooth_n smooth_alpha sequential max_radius",
+    "output": "out_path report_path report_paths report_budget eval_samples eval_steps tsv_path fail_under "
+              "allow_weak_gate as_json fmt no_check force mlflow",
+    "run": "device deterministic seed quiet config resume save_every state_dir base_cache help",
+}.items()}
+GROUP_OF = {name: group for group, names in _GROUP_OF.items() for name in names}
+# Where one name means something else in a command.
+COMMAND_GROUP_OF = {"patch": {"precision": "training", "route": "recipe"},
+                    "eval": {"batch_size": "run"},
+                    "certify": {"sigma": "smoothing", "alpha": "smoothing", "batch_size": "run"}}
+
+
+def group_of(command: str, name: str) -> str:
+    """The `--help` group of option `name` (a parameter name) of `command` (a key of `GROUPS`; "" for none: a test
+    checks every option has one)."""
+    return COMMAND_GROUP_OF.get(command, {}).get(name) or GROUP_OF.get(name, "")
+
+
+# `--help`'s Examples block: (what it does, the command).
+EXAMPLES = {
+    "layers": [("the layers of a model and the suggested patch sites",
+                "harden layers model.safetensors --arch mypkg.models:resnet18 --input-shape 3,224,224")],
+    "patch": [("the default recipe (white-box robust) on 10% of a labelled folder",
+               "harden patch model.safetensors --arch mypkg.models:resnet18 --data train/ --subset 10%"),
+              ("fixers at two sites trained on the frozen base's examples, a full report",
+               "harden patch model.safetensors --arch mypkg.models:resnet18 --data train/ --method fixer "
+               "--at layer2,layer3 --adversary base --report-budget full --report patch.html"),
+              ("in examples/ (its harden.toml sets --arch, --mean, --std and --eps)",
+               "harden patch fmnist_base.safetensors --data data/fashion-mnist-train-2000.npz")],
+    "eval": [("APGD-CE at 8/255 on 1,000 test images, a JSON report on stdout",
+              "harden eval model.hardened.safetensors --arch mypkg.models:resnet18 --data test/ --max-samples 1000 "
+              "--json > report.json"),
+             ("AutoAttack (standard), an HTML report, and a gate for CI: exit 1 below it",
+              "harden eval model.hardened.safetensors --arch mypkg.models:resnet18 --data test/ --suite standard "
+              "--report eval.html --fail-under clean=0.85,robust=0.50")],
+    "certify": [("certified L2 radii at σ = 0.25 on 500 test images",
+                 "harden certify model.hardened.safetensors --arch mypkg.models:resnet18 --data test/ --sigma 0.25 "
+                 "--max-samples 500 --report certify.md")],
+    "predict": [("classes of a folder of images, one JSON line each",
+                 "harden predict model.hardened.safetensors --arch mypkg.models:resnet18 --data images/ --json")],
+    "export": [("a TorchScript file that runs without harden, checked against the model",
+                "harden export model.hardened.safetensors --arch mypkg.models:resnet18 --format torchscript")],
+}

@@ -142,3 +142,77 @@ def test_logged_distill_is_what_the_distillation_terms_add_to_the_loss():
     none = hardener.patch(trained_tiny(), (x, y), eps=0.1, epochs=1, steps=1, batch_size=20, select_on=0, holdout=0,
                           mu=0.0)
     assert all(log.distill == 0 for log in none.history)
+
+
+def _quick_patch(net, **kw):
+    """A fixer at `block` after one short epoch (the transfer recipe): patches that change the logits."""
+    return hardener.patch(net, _data(), recipe="transfer", eps=0.1, epochs=1, steps=1, batch_size=32, at="block", **kw)
+
+
+def test_save_remembers_the_arch_and_warns_without_one(tmp_path):
+    import warnings
+
+    from hardener.checkpoint import read_manifest
+
+    x = _data(30, seed=5)[0]
+    patched = _quick_patch(trained_tiny(), arch=ARCH)
+    assert patched.arch == ARCH
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # arch is remembered: no warning
+        patched.save(tmp_path / "a.safetensors")
+    again = hardener.load(tmp_path / "a.safetensors", trust_arch=True)  # the recorded arch, trusted
+    assert again.manifest.arch == ARCH and again.arch == ARCH
+    with torch.no_grad():
+        assert torch.equal(again(x), patched(x))
+        with patched.patches_disabled():
+            assert not torch.equal(again(x), patched(x))  # the patch matters, so the round trip means something
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ... and a loaded model remembers it too
+        again.save(tmp_path / "b.safetensors")
+    assert read_manifest(tmp_path / "b.safetensors").arch == ARCH
+    bare = _quick_patch(trained_tiny())
+    with pytest.warns(UserWarning, match="without an architecture: load it with hardener.load\\(path, model="):
+        bare.save(tmp_path / "c.safetensors")
+    assert read_manifest(tmp_path / "c.safetensors").arch is None
+
+
+def test_load_attaches_a_files_patches_to_a_module_you_built(tmp_path):
+    import tiny_model
+
+    net = trained_tiny()
+    base_sd = {k: v.clone() for k, v in net.state_dict().items()}
+    patched = _quick_patch(net)
+    path = tmp_path / "p.safetensors"
+    with pytest.warns(UserWarning):
+        patched.save(path)
+    x = _data(30, seed=5)[0]
+    mine = tiny_model.tiny().eval()  # (a forward in train mode would move its BN statistics: another base)
+    mine.load_state_dict(base_sd)
+    with torch.no_grad():
+        plain = mine(x)
+    loaded = hardener.load(path, model=mine)
+    assert isinstance(loaded, hardener.PatchedModel) and loaded.net is mine and list(loaded.sites) == ["block"]
+    assert loaded.manifest.patches and loaded.arch is None
+    with torch.no_grad():
+        assert torch.equal(loaded(x), patched(x))
+        with loaded.patches_disabled():  # the base, exactly
+            assert torch.equal(loaded(x), loaded.model(x)) and torch.equal(mine(x), plain)
+    assert all(torch.equal(v, base_sd[k]) for k, v in mine.state_dict().items())  # the base untouched
+
+    other = tiny_model.tiny()  # same architecture, other weights
+    with pytest.raises(InputError, match="model= is not the base .* tensor '.*' holds other values"):
+        hardener.load(path, model=other)
+    nudged = tiny_model.tiny()
+    nudged.load_state_dict(base_sd)
+    with torch.no_grad():  # one weight one ulp away: bit-exact means bit-exact
+        w = nudged.head[3].weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(1.0))
+    with pytest.raises(InputError, match="tensor 'head.3.weight' holds other values"):
+        hardener.load(path, model=nudged)
+    with pytest.raises(InputError, match="tensor 'block.0.bias' is float32 of shape \\(16,\\), the file's float32 of "
+                                         "shape \\(8,\\)"):
+        hardener.load(path, model=tiny_model.tiny(width=8))
+    with pytest.raises(InputError, match="it lacks the file's tensor '.*' \\(\\d+ missing, 2 extra\\)"):
+        hardener.load(path, model=torch.nn.Linear(4, 3))
+    with pytest.raises(InputError, match="give model= or arch=, not both"):
+        hardener.load(path, model=mine, arch=ARCH)

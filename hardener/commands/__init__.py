@@ -4,10 +4,12 @@ are `HardenError`s (`UsageError` for a missing argument), which the command line
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UsageError
-from ..session import DataOptions, ModelOptions
+
+if TYPE_CHECKING:  # imported where used: the command line imports this package, and --help must not import torch
+    from ..session import DataOptions, ModelOptions
 
 
 def _no_check(outputs: list[tuple[str, Any]], force: bool) -> None:
@@ -32,10 +34,14 @@ def model_arg(model: str | None) -> str:
 
 
 def model_options(kw: dict) -> ModelOptions:
+    from ..session import ModelOptions
+
     return ModelOptions(**{k: kw[k] for k in ModelOptions.__dataclass_fields__})
 
 
 def data_options(kw: dict) -> DataOptions:
+    from ..session import DataOptions
+
     return DataOptions(**{k: kw[k] for k in DataOptions.__dataclass_fields__})
 
 

@@ -38,6 +38,10 @@ class PatchedModel(nn.Module):
         self._capture: dict[str, torch.Tensor] | None = None
         self._route = "adv"  # which BNs serve inputs: the auxiliary twins (adv) or the base's (main)
         self._straight = False  # BPDA: patches that may mask gradients are identity in the backward pass
+        # The constructor the base was built with (`package.module:callable`) and its kwargs, where known (a
+        # checkpoint loaded with one, `hardener.patch(..., arch=)`): `save` records them.
+        self.arch: str | None = None
+        self.arch_kwargs: dict | None = None
         for p in model.parameters():
             p.requires_grad_(False)
         self.train(False)
@@ -118,8 +122,10 @@ class PatchedModel(nn.Module):
                 f"{100 * n_patch / max(1, n_patch + n_base):.2f}% || patches: {kinds}")
 
     def save(self, path, arch: str | None = None, arch_kwargs: dict | None = None) -> None:
-        """Write the patched checkpoint (base tensors + patches + manifest), atomically. `arch` is the
-        constructor to record (`package.module:callable`); loading needs it repeated (`hardener.load`)."""
+        """Write the patched checkpoint (base tensors + patches + manifest), atomically, recording the constructor
+        of the base (`package.module:callable`): `arch`, else the one the model was built with (`self.arch`);
+        without either it warns, and the file loads with `hardener.load(path, model=base_module)` or an `arch`.
+        Loading never runs the recorded constructor unless trusted (`hardener.load`)."""
         from ..api import save_patched_model
 
         save_patched_model(self, path, arch, arch_kwargs)

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
+from ..choices import DENOISE_OPS as OPS
 from ..errors import InputError
 from .base import CHANNELS, PatchKind, Site, choice, register_patch_kind
 
-OPS = ("nonlocal-gaussian", "nonlocal-dot", "mean", "median", "bilateral")
 MAX_POSITIONS = 65536  # H*W above which non-local Gaussian is refused (chunks would still be huge)
 
 

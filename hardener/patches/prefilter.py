@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
+from ..choices import PREFILTER_DESIGNS as DESIGNS
 from ..errors import InputError
 from .base import CHANNELS, FINITE, PatchKind, Site, choice, register_patch_kind
-
-DESIGNS = ("plain", "separable", "shuffle")
 
 
 @dataclass
