@@ -204,7 +204,8 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
     resolved before the first patch is attached."""
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
     bn = opts.bn or "all"
-    chosen = select_bn_sites(patched.net, bn) if methods.auxbn else []
+    ran = {i.name for i in infos if i.calls}  # norms the eval-mode forward never calls get no twin
+    chosen = select_bn_sites(patched.net, bn, ran, say) if methods.auxbn else []
     sites = []
     if methods.site_kind is not None:
         sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind,

@@ -1,0 +1,115 @@
+"""Issue 34: the backbones people use, correctly: auxiliary and reshaped norms, the caller's module left alone,
+channels-last stages. The models are tiny look-alikes built in tests/backbone_models.py (no torchvision or timm)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import backbone_models as BM
+import hardener
+from hardener.cache import BatchLayout, Uncacheable
+from hardener.cli import main
+
+from conftest import HERE
+
+BACKBONES = HERE / "backbone_models.py"
+
+
+def _rgb_data(tmp_path, n: int = 60, classes: int = 3):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(n, 3, 32, 32, generator=g) * 255).round().to(torch.uint8)
+    path = tmp_path / "rgb.npz"
+    np.savez(path, images=x.numpy(), labels=(torch.arange(n) % classes).numpy())
+    return path
+
+
+def _checkpoint(tmp_path, name: str):
+    net = getattr(BM, name)()
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return net, path
+
+
+PATCH = ["--epochs", "1", "--steps", "1", "--eps", "0.03", "--batch-size", "16", "--eval-samples", "6",
+         "--eval-steps", "1", "--select-on", "0", "--holdout", "10"]
+
+
+@pytest.mark.parametrize("name,no_cache", [("googlenet_like", False), ("levit_like", False), ("levit_like", True)])
+def test_auxiliary_and_reshaped_norms_patch_with_bn_auto(runner, tmp_path, name, no_cache):
+    """GoogLeNet's aux heads hold BatchNorms that never run in eval mode: they get no twin (one line says so);
+    LeViT's BatchNorm1d sees a (B·N, C) reshape: cached by layout. Exit 0, the base bit-identical, every twin used."""
+    net, ck = _checkpoint(tmp_path, name)
+    out = tmp_path / "p.safetensors"
+    r = runner.invoke(main, ["patch", str(ck), "--arch", f"{BACKBONES}:{name}", "--data", str(_rgb_data(tmp_path)),
+                             "--method", "fixer,auxbn", "--bn", "auto", "--out", str(out), *PATCH,
+                             *(["--no-cache"] if no_cache else [])])
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output
+    again = hardener.load(out, arch=f"{BACKBONES}:{name}").eval()
+    twins = {s for s, k in again.sites.items() if again.patches[k].kind == "auxbn"}
+    bns = {n for n, m in net.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    if name == "googlenet_like":
+        assert twins == {n for n in bns if not n.startswith("aux")} and twins
+        assert "never run in the eval-mode forward and get no twin (aux1.conv.bn, aux2.conv.bn)" in r.stderr
+    else:
+        assert twins == bns and "stages.0.mlp.ln1.bn" in twins
+        assert "training runs uncached" not in r.stderr and "cannot be cached" not in r.stderr
+    stored = load_file(str(out))
+    for k, v in net.state_dict().items():
+        assert torch.equal(stored[k], v), k
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+        with again.patches_disabled():
+            assert torch.equal(again(x), want)
+        again.set_strength(0.0)
+        assert torch.equal(again(x), want)
+
+
+def test_batch_layout_stores_one_entry_per_sample():
+    tokens = torch.randn(3, 5, 4)  # (B, N, C)
+    one = BatchLayout.find("bn", tokens[:1].flatten(0, 1), tokens[:2].flatten(0, 1))
+    assert (one.axis, one.rows) == (0, 5)
+    stored = one.store(tokens.flatten(0, 1), 3)
+    assert torch.equal(stored, tokens) and torch.equal(one.load(stored[[2, 0]]), tokens[[2, 0]].flatten(0, 1))
+    seq = tokens.transpose(0, 1)  # (N, B, C): the batch on axis 1
+    second = BatchLayout.find("x", seq[:, :1], seq[:, :2])
+    assert (second.axis, second.rows) == (1, 1)
+    assert torch.equal(second.load(second.store(seq, 3)[[1]]), seq[:, [1]])
+    with pytest.raises(Uncacheable, match="mixes the samples"):  # (N·B, C): rows interleaved across samples
+        BatchLayout.find("y", seq[:, :1].flatten(0, 1), seq[:, :2].flatten(0, 1))
+    with pytest.raises(Uncacheable, match="no axis that holds the batch"):
+        BatchLayout.find("z", torch.randn(4, 4), torch.randn(4, 4))
+
+
+def test_a_model_that_cannot_be_cached_trains_uncached_with_a_note():
+    """Features whose rows interleave the samples cannot be cached: training runs uncached, said once."""
+    from torch import nn
+
+    from hardener import attacks as A, data as hdata, fit as F
+    from hardener.model import Classifier, InputSpec
+    from hardener.patches import AuxBN, PatchedModel
+
+    class SeqFirst(nn.Module):  # BatchNorm1d over (N·B, C): sequence-major rows
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 4, 4)
+            self.bn = nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            t = self.conv(x).flatten(2).permute(2, 0, 1)  # (N, B, C)
+            n, b, c = t.shape
+            return self.head(self.bn(t.reshape(n * b, c)).view(n, b, c).mean(0))
+
+    torch.manual_seed(0)
+    p = PatchedModel(Classifier(SeqFirst().eval(), InputSpec(shape=[3, 16, 16])))
+    p.attach("bn", AuxBN.from_module(p.net.bn))
+    g = torch.Generator().manual_seed(0)
+    ds = hdata.Dataset((torch.rand(32, 3, 16, 16, generator=g) * 255).to(torch.uint8), torch.arange(32) % 3)
+    info: dict = {}
+    F.fit(p, ds, A.AttackSpec("pgd", eps=0.03, steps=1, n_classes=3), F.FitConfig(epochs=1, batch_size=16),
+          torch.device("cpu"), info=info)
+    assert "cannot be cached" in info["cache"] and "training runs uncached" in info["cache"], info
