@@ -7,7 +7,8 @@
     patched.save("model.hardened.safetensors")
     again = hardener.load("model.hardened.safetensors", arch="mypkg.models:net")
 
-`model` is an `nn.Module` (taking normalised inputs; harden wraps `mean`/`std` inside) or a checkpoint path;
+`model` is an `nn.Module` (taking normalised inputs; harden wraps `mean`/`std` inside; harden works on a deep copy,
+so the module itself stays as it was: weights, `requires_grad` flags, train/eval mode, hooks) or a checkpoint path;
 `data` is a harden `Dataset`, an `(images, labels)` pair of tensors, a torch `Dataset` of `(image, label)` items,
 a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:train`). Images are NCHW pixels in
 [0, 1] (float) or 0-255 (uint8). Errors are `hardener.errors.InputError` (bad input) and `RunError` (a failed run).
@@ -183,8 +184,21 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
 
         m, sd = hf_normalisation(preprocessor, _csv(mean), _csv(std))
         spec = InputSpec(mean=parse_floats(m, "mean"), std=parse_floats(sd, "std"), logits=logits)
-        return PatchedModel(Classifier(model.eval(), spec))
+        return PatchedModel(Classifier(_own_copy(model).eval(), spec))
     raise InputError(f"cannot patch {type(model).__name__}: pass an nn.Module or a checkpoint path")
+
+
+def _own_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the caller's module for harden to freeze, put in eval mode and hook patches onto: the caller's
+    own module keeps its parameters, `requires_grad` flags, train/eval mode and hooks, and its logits."""
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - whatever the module's own __deepcopy__ raises
+        raise InputError(f"cannot copy the model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                         "): harden patches a deep copy so that your module stays as it was; pass a deep-copyable "
+                         "module, or a checkpoint path") from None
 
 
 def _csv(v) -> str | None:

@@ -113,3 +113,43 @@ def test_a_model_that_cannot_be_cached_trains_uncached_with_a_note():
     F.fit(p, ds, A.AttackSpec("pgd", eps=0.03, steps=1, n_classes=3), F.FitConfig(epochs=1, batch_size=16),
           torch.device("cpu"), info=info)
     assert "cannot be cached" in info["cache"] and "training runs uncached" in info["cache"], info
+
+
+def test_patch_leaves_the_callers_module_as_it_was():
+    """`hardener.patch` works on a copy: the caller's module keeps its hooks (none added), requires_grad flags,
+    train/eval mode of every layer, and logits; `evaluate` too."""
+    from conftest import make_data, trained_tiny
+
+    net = trained_tiny()
+    net.features[0].weight.requires_grad_(False)  # the caller's own mix of flags and modes
+    net.train()
+    net.block.eval()
+    imgs, labels = make_data(n=60)
+    x, y = imgs.float() / 255, labels
+
+    def state(m):
+        hooks = sum(len(s._forward_hooks) + len(s._forward_pre_hooks) for s in m.modules())
+        return ({n: p.requires_grad for n, p in m.named_parameters()}, {n: s.training for n, s in m.named_modules()},
+                hooks, {k: v.clone() for k, v in m.state_dict().items()})
+
+    def logits(m):
+        modes = {n: s.training for n, s in m.named_modules()}
+        m.eval()
+        with torch.no_grad():
+            out = m(x[:8])
+        for n, s in m.named_modules():
+            s.training = modes[n]
+        return out
+
+    before, want = state(net), logits(net)
+    patched = hardener.patch(net, (x, y), at="block", eps=0.1, epochs=1, steps=1, batch_size=32, select_on=0,
+                             holdout=0)
+    with torch.no_grad():
+        patched.patches["block"].conv2.weight.normal_()  # a patch that changes the logits
+        assert not torch.equal(patched(x[:8]), want)
+    hardener.evaluate(net, (x[:8], y[:8]), attacks="fgsm", eps=0.1, threat="whitebox", checks=False)
+    after = state(net)
+    assert after[:3] == before[:3]
+    assert all(torch.equal(v, before[3][k]) for k, v in after[3].items())
+    assert torch.equal(logits(net), want)
+    assert patched.model.net is not net
