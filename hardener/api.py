@@ -25,6 +25,7 @@ from torch import nn
 
 from . import attacks as A, data as hdata, evaluation as E, fit as F, methods as M, report as R
 from .errors import InputError
+from .layers import site_shape
 from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
 from .patches.attach import Disabled
@@ -224,7 +225,7 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
     if methods.site_kind is not None:
         sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind,
                              avoid=chosen, say=say)
-    shapes = {i.name: i.shape for i in infos}
+    shapes = {i.name: site_shape(i) for i in infos}
     shapes[INPUT_SITE] = list(patched.model.spec.shape)
     twins: list[str] = []
     if methods.auxbn:

@@ -254,3 +254,41 @@ class SwinLike(nn.Module):
 def swin_like(num_classes: int = 10) -> SwinLike:
     torch.manual_seed(0)
     return _randomise_layernorms(SwinLike(num_classes))
+
+
+# ---------------------------------------------------------------- timm MaxViT (channels-last inside NCHW blocks)
+
+
+class MaxViTBlock(nn.Module):
+    """timm's MaxxVitBlock: an NCHW conv, then window attention and an MLP on a channels-last permute (function
+    calls), permuted back: the block's output is a channels-first map, its insides are not."""
+
+    def __init__(self, dim: int, window: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.window = SwinBlock(dim, window)  # reused for its windowed attention and MLP on (B,H,W,C)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        x = x + self.conv(x)
+        y = x.permute(0, 2, 3, 1)
+        y = y + self.drop_path(self.window._attn(self.window.norm1(y)))
+        return y.permute(0, 3, 1, 2)
+
+
+class MaxViTLike(nn.Module):
+    def __init__(self, num_classes: int = 10, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU())
+        self.stages = nn.Sequential(nn.Sequential(MaxViTBlock(dim), MaxViTBlock(dim)),
+                                    nn.Sequential(nn.Conv2d(dim, 2 * dim, 3, 2, 1), MaxViTBlock(2 * dim),
+                                                  MaxViTBlock(2 * dim)))
+        self.head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def maxvit_like(num_classes: int = 10) -> MaxViTLike:
+    torch.manual_seed(0)
+    return _randomise_layernorms(_randomise_bns(MaxViTLike(num_classes)))

@@ -153,3 +153,61 @@ def test_patch_leaves_the_callers_module_as_it_was():
     assert all(torch.equal(v, before[3][k]) for k, v in after[3].items())
     assert torch.equal(logits(net), want)
     assert patched.model.net is not net
+
+
+# ---------------------------------------------------------------- channels-last stages
+
+
+def _layers(runner, ck, name):
+    r = runner.invoke(main, ["layers", str(ck), "--arch", f"{BACKBONES}:{name}", "--input-shape", "3,32,32",
+                             "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    got = json.loads(r.stdout)
+    return {i["name"]: i for i in got["layers"]}, got
+
+
+def test_a_channels_last_trunk_is_patched_in_its_own_layout(runner, tmp_path):
+    """timm Swin: every stage is (N,H,W,C), its permutes function calls. The sites are tokens on an H,W grid (a
+    token fixer with the real channel count), the default ones stage outputs after the residual sums, never a
+    drop-path branch before its sum."""
+    net, ck = _checkpoint(tmp_path, "swin_like")
+    layers, got = _layers(runner, ck, "swin_like")
+    assert got["suggested_sites"] == ["layers.0", "layers.1"] and got["stem"] == "patch_embed"
+    dp = layers["layers.1.blocks.0.drop_path1"]
+    assert dp["site"] and dp["layout"] == "tokens" and dp["shape"] == [4, 4, 16]
+    assert not layers["layers.0.blocks.0.attn"]["site"]  # windows folded into the batch
+    assert "windows or tokens folded into the batch" in layers["layers.0.blocks.0.attn"]["reason"]
+    out = tmp_path / "p.safetensors"
+    r = runner.invoke(main, ["patch", str(ck), "--arch", f"{BACKBONES}:swin_like", "--data", str(_rgb_data(tmp_path)),
+                             "--at", "auto,layers.1.blocks.0.drop_path1", "--out", str(out), *PATCH])
+    assert r.exit_code == 0, r.output
+    again = hardener.load(out, arch=f"{BACKBONES}:swin_like").eval()
+    specs = {s["site"]: s for s in again.manifest.patches}
+    assert set(specs) == {"layers.0", "layers.1", "layers.1.blocks.0.drop_path1"}
+    assert {s["kind"] for s in specs.values()} == {"token-fixer"}
+    assert specs["layers.1.blocks.0.drop_path1"]["channels"] == 16 and specs["layers.0"]["channels"] == 8
+    stored = load_file(str(out))
+    assert all(torch.equal(stored[k], v) for k, v in net.state_dict().items())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        again.set_strength(0.0)
+        assert torch.equal(again(x), net(x))
+
+
+def test_channels_last_insides_of_channels_first_blocks_are_refused(runner, tmp_path):
+    """timm MaxViT: NCHW blocks permute to channels-last with function calls inside. Their drop-path output is no map
+    site (`harden layers` says why; `--at` on it is exit 2, one line); the suggested sites are the blocks."""
+    from conftest import assert_input_error
+
+    _, ck = _checkpoint(tmp_path, "maxvit_like")
+    layers, got = _layers(runner, ck, "maxvit_like")
+    dp = layers["stages.0.1.drop_path"]
+    assert not dp["site"] and dp["reason"].startswith("channels-last (N,H,W,C)") and dp["shape"] == [16, 16, 8]
+    assert got["suggested_sites"] == ["stages.0.0", "stages.1.1"]
+    assert all(layers[s]["layout"] == "map" for s in got["suggested_sites"])
+    r = runner.invoke(main, ["patch", str(ck), "--arch", f"{BACKBONES}:maxvit_like", "--data",
+                             str(_rgb_data(tmp_path)), "--at", "stages.0.1.drop_path", "--out", str(tmp_path / "p"),
+                             *PATCH])
+    assert_input_error(r, "stages.0.1.drop_path", "channels-last")

@@ -6,6 +6,7 @@ closest existing ones.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable
@@ -211,6 +212,8 @@ def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] 
 
 
 def _shape(info) -> str:
+    if info.layout == TOKENS and len(info.shape) == 3:  # a channels-last trunk's map: tokens on an H,W grid
+        return f"{info.shape[0]}x{info.shape[1]} tokens x {info.shape[2]} (channels-last)"
     if info.layout == TOKENS:
         return f"{info.shape[0]} tokens x {info.shape[1]}"
     return "x".join(map(str, info.shape))
@@ -286,8 +289,10 @@ class _Tree:
             return "stem"
         if self.trunk(name):
             return f"trunk container ({100 * self.span[name][2] / len(self.leaves):.0f}% of the network's layers)"
-        if info.layout == TOKENS and info.shape[0] == 1:
+        if info.layout == TOKENS and math.prod(info.shape[:-1]) == 1:
             return "a single token (a pooled vector)"
+        if _role(self.modules[name]) == "pass" and "drop" in name.rsplit(".", 1)[-1].lower():
+            return "a drop-path or dropout layer (a branch before its residual sum)"
         if info.layout != TOKENS and info.shape[1] * info.shape[2] == 1:
             return "1x1 map (no spatial extent left)"
         if name in self.attention:
