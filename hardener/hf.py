@@ -58,7 +58,7 @@ def model_class(name: Any) -> type[nn.Module]:
     """transformers' own image-classifier class called `name` (never a class from elsewhere)."""
     tf = _transformers()
     cls = getattr(tf, name, None) if isinstance(name, str) and name.isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel) and name.endswith("ForImageClassification")):
+    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel) and "ForImageClassification" in name):
         raise InputError(f"the Hugging Face architecture '{str(name)[:100]}' is not an image classifier of "
                          "transformers (a ...ForImageClassification class): harden patches image classifiers")
     return cls
