@@ -211,3 +211,22 @@ def test_channels_last_insides_of_channels_first_blocks_are_refused(runner, tmp_
                              str(_rgb_data(tmp_path)), "--at", "stages.0.1.drop_path", "--out", str(tmp_path / "p"),
                              *PATCH])
     assert_input_error(r, "stages.0.1.drop_path", "channels-last")
+
+
+def test_a_named_norm_that_never_runs_is_one_error():
+    """`--bn aux1.conv.bn`: a twin that would never be used is refused by name; `all` leaves it out and says so."""
+    from hardener.errors import InputError
+    from hardener.layers import probe
+    from hardener.model import Classifier, InputSpec
+    from hardener.patches import select_bn_sites
+
+    net = BM.googlenet_like()
+    ran = {i.name for i in probe(Classifier(net, InputSpec(shape=[3, 32, 32])), torch.rand(2, 3, 32, 32)) if i.calls}
+    with pytest.raises(InputError, match="'aux1.conv.bn' never runs in the model's forward"):
+        select_bn_sites(net, "conv1.bn,aux1.conv.bn", ran)
+    heard: list[str] = []
+    chosen = select_bn_sites(net, "all", ran, heard.append)
+    assert "conv1.bn" in chosen and not any(n.startswith("aux") for n in chosen)
+    assert len(heard) == 1 and "2 norm layer(s) never run" in heard[0]
+    with pytest.raises(InputError, match="none of the norm layers it names runs"):
+        select_bn_sites(net, "aux1.*", ran)
