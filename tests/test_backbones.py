@@ -230,3 +230,15 @@ def test_a_named_norm_that_never_runs_is_one_error():
     assert len(heard) == 1 and "2 norm layer(s) never run" in heard[0]
     with pytest.raises(InputError, match="none of the norm layers it names runs"):
         select_bn_sites(net, "aux1.*", ran)
+
+
+def test_bn_auto_on_a_model_without_norms_says_so():
+    from torch import nn
+
+    from hardener.patches import select_bn_sites
+
+    heard: list[str] = []
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU())
+    assert select_bn_sites(net, "auto", {"0", "1", "2"}, heard.append) == []
+    assert heard == ["--bn auto: the model has no BatchNorm with running statistics and no LayerNorm with affine "
+                     "parameters (its 1 GroupNorm layers get no twins): no twins; the site patches train"]

@@ -362,6 +362,10 @@ def select_bn_sites(net: nn.Module, spec: str, ran: Collection[str] | None = Non
     calls (the dry run's); a norm it never calls (GoogLeNet's auxiliary heads, which run in training only) gets no
     twin: `all`, `auto` and regexes leave it out (`say` hears which), a name is an error."""
     chosen = _pick_norms(net, spec.strip())
+    if spec.strip() == "auto" and not chosen:  # squeezenet (no norms), PoolFormer (GroupNorms): said, not silent
+        groups = sum(isinstance(m, nn.GroupNorm) for m in net.modules())
+        say("--bn auto: the model has no BatchNorm with running statistics and no LayerNorm with affine parameters"
+            + (f" (its {groups} GroupNorm layers get no twins)" if groups else "") + ": no twins; the site patches train")
     if ran is None:
         return chosen
     idle = [n for n in chosen if n not in ran]
