@@ -7,7 +7,8 @@
     patched.save("model.hardened.safetensors")
     again = hardener.load("model.hardened.safetensors", arch="mypkg.models:net")
 
-`model` is an `nn.Module` (taking normalised inputs; harden wraps `mean`/`std` inside) or a checkpoint path;
+`model` is an `nn.Module` (taking normalised inputs; harden wraps `mean`/`std` inside; harden works on a deep copy,
+so the module itself stays as it was: weights, `requires_grad` flags, train/eval mode, hooks) or a checkpoint path;
 `data` is a harden `Dataset`, an `(images, labels)` pair of tensors, a torch `Dataset` of `(image, label)` items,
 a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:train`). Images are NCHW pixels in
 [0, 1] (float) or 0-255 (uint8). Errors are `hardener.errors.InputError` (bad input) and `RunError` (a failed run).
@@ -25,6 +26,7 @@ from torch import nn
 
 from . import archspec, attacks as A, cost as C, data as hdata, evaluation as E, fit as F, methods as M, report as R
 from .errors import InputError
+from .layers import site_shape
 from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
 from .patch_options import PatchOptions
@@ -104,11 +106,24 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
 
         m, sd = hf_normalisation(preprocessor, _csv(mean), _csv(std))
         spec = InputSpec(mean=parse_floats(m, "mean"), std=parse_floats(sd, "std"), logits=logits)
-        patched = PatchedModel(Classifier(model.eval(), spec))
+        patched = PatchedModel(Classifier(_own_copy(model).eval(), spec))
         patched.arch = arch  # recorded by `save` (the module itself cannot say how it was built)
         patched.arch_kwargs = archspec.parse_kwargs(arch_kwargs, "arch_kwargs") if arch_kwargs else None
         return patched
     raise InputError(f"cannot patch {type(model).__name__}: pass an nn.Module or a checkpoint path")
+
+
+def _own_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the caller's module for harden to freeze, put in eval mode and hook patches onto: the caller's
+    own module keeps its parameters, `requires_grad` flags, train/eval mode and hooks, and its logits."""
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - whatever the module's own __deepcopy__ raises
+        raise InputError(f"cannot copy the model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                         "): harden patches a deep copy so that your module stays as it was; pass a deep-copyable "
+                         "module, or a checkpoint path") from None
 
 
 def _csv(v) -> str | None:
@@ -128,12 +143,13 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
     resolved before the first patch is attached."""
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
     bn = opts.bn or "all"
-    chosen = select_bn_sites(patched.net, bn) if methods.auxbn else []
+    ran = {i.name for i in infos if i.calls}  # norms the eval-mode forward never calls get no twin
+    chosen = select_bn_sites(patched.net, bn, ran, say) if methods.auxbn else []
     sites = []
     if methods.site_kind is not None:
         sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind,
                              avoid=chosen, say=say)
-    shapes = {i.name: i.shape for i in infos}
+    shapes = {i.name: site_shape(i) for i in infos}
     shapes[INPUT_SITE] = list(patched.model.spec.shape)
     twins: list[str] = []
     if methods.auxbn:

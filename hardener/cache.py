@@ -9,6 +9,10 @@ is used (outputs must be bit-identical to the full forward); where a model's for
 output after the site (a skip connection around it), the check fails and training runs uncached.
 
 `CacheStore` keeps arrays in memory up to a byte limit and spills the rest to disk in fp16.
+
+A site's features are stored one row per sample whatever axis holds the batch: `BatchLayout` finds it from two
+probe batches (timm LeViT's BatchNorm1d sees its tokens as one (B·N, C) tensor; a sequence-first model's (N, B, C)).
+A model whose answers cannot be stored so (`Uncacheable`) trains uncached: the trainer computes them every step.
 """
 from __future__ import annotations
 
@@ -124,6 +128,52 @@ def _call_order(net: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[s
     return starts, ends, shapes
 
 
+class Uncacheable(Exception):
+    """The base's answers at some site cannot be stored one row per sample: training computes them every step."""
+
+
+class BatchLayout:
+    """Where the batch sits in a site's output: the axis whose size grows with the batch (`rows` entries per
+    sample, batch-major: a (B·N, C) reshape of (B, N, C) tokens has axis 0 and N rows), and how to store it as
+    (B, rows, ...) and back."""
+
+    def __init__(self, axis: int, rows: int) -> None:
+        self.axis, self.rows = axis, rows
+
+    @classmethod
+    def find(cls, site: str, one: torch.Tensor, two: torch.Tensor) -> "BatchLayout":
+        """The layout of `site` from its outputs on one sample and on two (that sample first), or `Uncacheable`."""
+        grows = [a for a in range(one.ndim) if two.shape[a] == 2 * one.shape[a]]
+        same = [a for a in range(one.ndim) if two.shape[a] == one.shape[a]]
+        if one.ndim != two.ndim or len(grows) != 1 or len(same) != one.ndim - 1:
+            raise Uncacheable(f"the output of '{site}' ({tuple(one.shape)} for one image, {tuple(two.shape)} for two) "
+                              "has no axis that holds the batch")
+        layout = cls(grows[0], one.shape[grows[0]])
+        first = layout.store(two, 2)[:1]
+        if not torch.allclose(layout.store(one, 1), first, rtol=1e-3, atol=1e-4 * float(first.abs().max()) + 1e-6):
+            raise Uncacheable(f"the output of '{site}' mixes the samples of a batch along axis {grows[0]} (not one "
+                              "block of rows per sample)")
+        return layout
+
+    @property
+    def plain(self) -> bool:
+        return self.axis == 0 and self.rows == 1
+
+    def store(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """`t` (the site's output for `batch` samples) as (batch, ...): one entry per sample."""
+        if self.plain:
+            return t
+        moved = t.movedim(self.axis, 0)
+        if moved.shape[0] != batch * self.rows:
+            raise Uncacheable(f"a site's output has {moved.shape[0]} rows along axis {self.axis} for {batch} images, "
+                              f"not {self.rows} per image")
+        return moved.reshape(batch, self.rows, *moved.shape[1:])
+
+    def load(self, t: torch.Tensor) -> torch.Tensor:
+        """Stored entries (B, ...) back in the site's own layout."""
+        return t if self.plain else t.reshape(-1, *t.shape[2:]).movedim(0, self.axis)
+
+
 class FrozenPrefix:
     """Skip the base before the first patch site, feeding that site's cached output instead."""
 
@@ -150,7 +200,11 @@ class FrozenPrefix:
                  and ends.get(n, 1 << 30) < starts[site] and n in shapes]
         stubs = [n for n in stubs if not any(n.startswith(o + ".") for o in stubs)]  # outermost only
         prefix = cls(patched, site, stubs, shapes)
-        ok, why = prefix.check(x)
+        try:
+            ok, why = prefix.check(x)
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:  # a stub's placeholder did not fit
+            ok, why = False, (f"skipping the base before '{site}' fails ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]}): training runs uncached")
         return (prefix if ok else None), why
 
     @contextlib.contextmanager
@@ -210,46 +264,64 @@ def parse_bytes(text: str, what: str) -> int:
 class BaseCache:
     """Answers of the frozen base for every training sample: logits and features at each site on the clean
     input (the distillation targets) and, with a skippable prefix, the first site's output for the clean
-    and the adversarial input."""
+    and the adversarial input. `Uncacheable` where a site's features cannot be stored one entry per sample."""
 
     def __init__(self, patched: PatchedModel, ds: "Dataset", adv: torch.Tensor, cfg: "FitConfig",
                  device: torch.device, folder, progress=None) -> None:
         from . import data as hdata
 
         probe = hdata.to_float(ds.images[:8]).to(device)
+        self.sites = list(patched.sites)
+        self.layouts = self._layouts(patched, probe)
         self.prefix, self.note = FrozenPrefix.plan(patched, probe) if cfg.cache else (None, "caching off")
         self.store = CacheStore(cfg.cache_limit, folder)
-        n, bs = len(ds), cfg.batch_size
-        with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-            logits = patched(probe[:1])
-        self.sites = list(patched.sites)
-        self.store.create("logits", (n, logits.shape[1]))
-        for s in self.sites:
-            self.store.create(f"t:{s}", (n, *feats[s].shape[1:]))
-        if self.prefix is not None:
-            shape = tuple(feats[self.prefix.site].shape[1:])
-            self.store.create("clean_site", (n, *shape))
-            self.store.create("adv_site", (n, *shape))
+        try:
+            self._fill(patched, ds, adv, cfg.batch_size, device, progress)
+        except BaseException:
+            self.store.close()
+            raise
+        if self.store.spilled:
+            self.note += f"; {len(self.store.spilled)} array(s) spilled to disk in fp16 (--cache-limit)"
+
+    def _layouts(self, patched: PatchedModel, probe: torch.Tensor) -> dict[str, BatchLayout]:
+        """Each site's `BatchLayout`, from its base features on one probe image and on two."""
+        feats = []
+        for k in (1, 2):
+            with torch.no_grad(), patched.patches_disabled(), patched.capture() as f:
+                patched(probe[:1].expand(k, *probe.shape[1:]) if len(probe) < 2 else probe[:k])
+            feats.append(f)
+        missing = [s for s in self.sites if s not in feats[0] or s not in feats[1]]
+        if missing:
+            raise Uncacheable(f"'{missing[0]}' does not run in the base's forward (eval mode)")
+        return {s: BatchLayout.find(s, feats[0][s], feats[1][s]) for s in self.sites}
+
+    def _fill(self, patched: PatchedModel, ds: "Dataset", adv: torch.Tensor, bs: int, device: torch.device,
+              progress) -> None:
+        from . import data as hdata
+
+        n = len(ds)
         for i in range(0, n, bs):
             sl = slice(i, i + bs)
             x = hdata.to_float(ds.images[sl]).to(device)
             with torch.no_grad(), patched.patches_disabled(), patched.capture() as feats:
-                self.store.put("logits", sl, patched(x))
-            for s in self.sites:
-                self.store.put(f"t:{s}", sl, feats[s])
+                logits = patched(x)
+            rows = {f"t:{s}": self.layouts[s].store(feats[s], len(x)) for s in self.sites}
             if self.prefix is not None:
-                self.store.put("clean_site", sl, feats[self.prefix.site])
-                self.store.put("adv_site", sl, self.prefix.site_output(adv[sl].to(device)))
+                layout = self.layouts[self.prefix.site]
+                rows["clean_site"] = layout.store(feats[self.prefix.site], len(x))
+                rows["adv_site"] = layout.store(self.prefix.site_output(adv[sl].to(device)), len(x))
+            for name, value in {"logits": logits, **rows}.items():
+                if i == 0:
+                    self.store.create(name, (n, *value.shape[1:]))
+                self.store.put(name, sl, value)
             if progress:
                 progress("cache", min(i + bs, n), n, {})
-        if self.store.spilled:
-            self.note += f"; {len(self.store.spilled)} array(s) spilled to disk in fp16 (--cache-limit)"
 
     def targets(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return (self.store.get("logits", idx, device),
-                {s: self.store.get(f"t:{s}", idx, device) for s in self.sites})
+                {s: self.layouts[s].load(self.store.get(f"t:{s}", idx, device)) for s in self.sites})
 
     def feeding(self, which: str, idx: torch.Tensor, device: torch.device):
         if self.prefix is None:
             return contextlib.nullcontext()
-        return self.prefix.feeding(self.store.get(f"{which}_site", idx, device))
+        return self.prefix.feeding(self.layouts[self.prefix.site].load(self.store.get(f"{which}_site", idx, device)))

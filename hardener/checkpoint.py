@@ -421,8 +421,14 @@ def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | s
     The user's `arch` wins, with the user's kwargs (the manifest's only when the user trusts the manifest:
     `trust_arch`, or its stored arch under a HARDEN_TRUSTED_ARCH prefix). Without `arch`, the stored arch is
     used only when trusted. `trust_arch` may be True (trust this file's arch) or module prefixes.
+    A Hugging Face base (`hf:CLASS`, `hf.build`) is a transformers image-classifier class rebuilt from the recorded
+    config, no code: it needs no trust.
     """
+    from . import hf
+
     stored = manifest.arch
+    if hf.is_hf_arch(arch) or (not arch and hf.is_hf_arch(stored)):
+        return ArchChoice(arch or stored, dict(manifest.arch_kwargs if arch_kwargs is None else arch_kwargs), True)
     prefixes = archspec.trusted_prefixes(trust_arch if isinstance(trust_arch, (str, list)) else None)
     trusted = trust_arch is True or (stored is not None and archspec.is_trusted(stored, prefixes))
     if arch:
@@ -488,8 +494,12 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
                          "load a plain checkpoint with --arch")
     choice = arch_for_manifest(manifest, arch, trust_arch, arch_kwargs)
     base_sd, patch_sd = _checked_tensors(path, manifest)
+    from . import hf
+
     if arch and pickled_arch(arch):
         net = _pickled_skeleton(arch, trust_pickle)
+    elif hf.is_hf_arch(choice.spec):
+        net = hf.build(choice.spec, choice.kwargs, budget=sum(v.numel() for v in base_sd.values()))
     else:
         net = archspec.build(choice.spec, choice.kwargs, "--arch" if arch else "the checkpoint's arch",
                              allow_dotted=bool(arch))

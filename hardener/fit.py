@@ -388,17 +388,21 @@ class _Trainer:
     def prepare(self, info: dict | None, cache_dir, on_estimate: Callable[[dict], None] | None) -> None:
         """Before the first step: the adversarial examples made once, the base's cached answers, the method's own
         preparation, the validation split's transfer examples, the clock."""
-        from .cache import BaseCache
+        from .cache import BaseCache, Uncacheable
 
         cfg, spec, val = self.cfg, self.spec, self.val
         self.cache_dir = cache_dir
         adv_bytes = self._adversarials_once()
         if self.cached_adv is not None and not self.full:
             t_cache = time.time()
-            self.base_cache = BaseCache(self.patched, self.ds, self.cached_adv,
-                                        replace(cfg, cache_limit=max(0, cfg.cache_limit - adv_bytes)),
-                                        self.device, cache_dir, self.progress)
-            if info is not None:
+            try:
+                self.base_cache = BaseCache(self.patched, self.ds, self.cached_adv,
+                                            replace(cfg, cache_limit=max(0, cfg.cache_limit - adv_bytes)),
+                                            self.device, cache_dir, self.progress)
+            except Uncacheable as e:  # the base's answers are computed every step instead
+                if info is not None:
+                    info["cache"] = f"the base's answers cannot be cached ({e}): training runs uncached"
+            if info is not None and self.base_cache is not None:
                 info.update(cache=self.base_cache.note, cache_seconds=time.time() - t_cache,
                             cache_bytes_in_memory=self.base_cache.store.used,
                             cache_spilled=list(self.base_cache.store.spilled))

@@ -1,14 +1,18 @@
 """Discover named layers: output shapes, call counts, parameter counts, valid patch sites.
 
 A site is a module's output computed once per forward, in one of two layouts: a channels-first feature map
-(N,C,H,W: `map`) or a token tensor (N,L,D, features on the last axis: `tokens`, a transformer block's output).
-Which kinds serve which layout is each patch kind's `layouts`."""
+(N,C,H,W: `map`) or a token tensor (N,L,D, features on the last axis: `tokens`, a transformer block's output; a
+channels-last trunk's N,H,W,C map, as in Swin, is tokens on an H,W grid). Channels-last maps are found by following
+the channel axis through the forward's function calls (`ChannelAxes`), not by module types alone; outputs whose first
+axis is not the batch (attention windows) are no sites. Which kinds serve which layout is each patch kind's
+`layouts`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
@@ -41,7 +45,8 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     shapes: dict[str, list[int] | None] = {}
     nonneg: dict[str, bool] = {}
     finished: dict[str, int] = {}  # module name -> when its first call finished
-    layouts = Layouts()
+    axes = ChannelAxes()
+    layouts = Layouts(axes)
     handles = []
     named = [(n, m) for n, m in model.net.named_modules() if n]
 
@@ -53,6 +58,9 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
                 shapes[name] = list(out.shape[1:])
                 nonneg[name] = nonneg.get(name, True) and bool((out >= 0).all())
                 layouts.see(name, m, inp, out)
+                if out.ndim and out.shape[0] != len(x):
+                    layouts.last[name] = (f"its first axis holds {out.shape[0]} rows for a batch of {len(x)} (windows "
+                                          "or tokens folded into the batch), not one per image")
             else:
                 shapes[name] = None
         return hook
@@ -60,7 +68,7 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
     for name, m in named:
         handles.append(m.register_forward_hook(make(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), axes:
             model(x)
     except InputError:
         raise
@@ -71,14 +79,25 @@ def probe(model: Classifier, x: torch.Tensor) -> list[LayerInfo]:
         for h in handles:
             h.remove()
     attention = attention_modules(model.net, shapes)
+    grid = layouts.grids(shapes)
     infos = []
     for name, m in named:
         ok, why = _verdict(name, calls.get(name, 0), shapes.get(name), attention, layouts)
-        layout = (MAP if len(shapes[name]) == 3 else TOKENS) if ok else None
+        if not ok and name in grid and why == layouts.last.get(name):
+            ok, why = True, ""  # a channels-last trunk's map: tokens on an H,W grid (a token fixer takes it as it is)
+        layout = (MAP if len(shapes[name]) == 3 and name not in grid else TOKENS) if ok else None
         infos.append(LayerInfo(name, type(m).__name__, sum(p.numel() for p in m.parameters()),
                                calls.get(name, 0), shapes.get(name), ok, why, nonneg.get(name), layout,
                                finished.get(name)))
     return infos
+
+
+def site_shape(info: LayerInfo) -> list[int] | None:
+    """The shape a patch is built for at a site: C,H,W for a map, L,D for tokens (an H,W grid of tokens, a
+    channels-last trunk's map, is H·W tokens: a token fixer acts on its last axis as it is)."""
+    if info.layout == TOKENS and info.shape is not None and len(info.shape) == 3:
+        return [info.shape[0] * info.shape[1], info.shape[2]]
+    return info.shape
 
 
 def _verdict(name: str, n_calls: int, shape: list[int] | None, attention: list[str],
@@ -131,9 +150,26 @@ class Layouts:
     Likewise, which 3-D outputs are channels-first (N,C,L) rather than tokens (N,L,D), whose last axis is the
     features a token fixer mixes (`_why_sequence`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, axes: "ChannelAxes | None" = None) -> None:
         self.marked: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (the tensor, kept alive so ids stay unique; why)
         self.last: dict[str, str] = {}  # module name -> why its output is in the wrong layout for a site
+        self.axes = axes  # the channel axis of each tensor, followed through the forward's function calls
+
+    def grids(self, shapes: dict[str, list[int] | None]) -> set[str]:
+        """The channels-last (N,H,W,C) outputs of a channels-last trunk (timm and torchvision Swin): no enclosing
+        module outputs a channels-first map. Token kinds patch them as they are (tokens on an H,W grid); inside a
+        channels-first block (ConvNeXt's, MaxViT's) they stay no site: the block's own output is the map site."""
+        def channels_first(n: str) -> bool:
+            shape = shapes.get(n)
+            return shape is not None and len(shape) == 3 and not self.last.get(n, "").startswith("channels-last")
+
+        out = set()
+        for name, why in self.last.items():
+            parts = name.split(".")
+            if why.startswith("channels-last (N,H,W,C)") and len(shapes.get(name) or []) == 3 and \
+                    not any(channels_first(".".join(parts[:k])) for k in range(1, len(parts))):
+                out.add(name)
+        return out
 
     def see(self, name: str, module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         if out.ndim not in (3, 4):
@@ -149,6 +185,8 @@ class Layouts:
     def _why(self, module: nn.Module, x: torch.Tensor | None, out: torch.Tensor) -> str:
         if id(out) in self.marked:
             return self.marked[id(out)][1]
+        if self.axes is not None and self.axes.get(out) == 3:
+            return "channels-last (N,H,W,C): its channels are on the last axis (followed through the forward's permutes)"
         if x is None or x.ndim != 4:
             return ""
         if isinstance(module, nn.Linear):
@@ -186,6 +224,81 @@ class Layouts:
         if _is_view(x, out):
             return "" if x_marked else "channels-first (N,C,L): a permuted view of tokens"
         return self.marked[id(x)][1] if x_marked and out.shape == x.shape else ""
+
+
+class ChannelAxes(TorchFunctionMode):
+    """Which axis of each tensor holds the channels, followed through every torch function of one forward: the
+    input's is axis 1; convolutions, batch/group/instance norms and pools keep or put it at axis 1, `linear` and
+    `layer_norm` at the last axis; permutes, transposes and reshapes that keep the last (or the first two) axes move
+    it along; a matrix product takes its right operand's last axis; elementwise results take an input's of the same
+    shape. Unknown where no rule applies. A model that permutes a map to channels-last with a function call
+    (timm's Swin windows, MaxViT's partitions) is seen so where its modules alone would not show it."""
+
+    FIRST = ("conv", "batch_norm", "group_norm", "instance_norm", "pool", "interpolate", "upsample", "pixel_")
+    LAST = ("linear", "layer_norm", "rms_norm")
+    MOVES = ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis")
+    SHAPES = ("view", "reshape", "flatten", "unflatten", "contiguous", "expand", "clone", "to", "__getitem__", "roll",
+              "chunk", "split", "unbind", "pad")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.axis: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (the tensor, kept alive so ids stay unique; axis)
+
+    def get(self, t: torch.Tensor) -> int | None:
+        hit = self.axis.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    def __enter__(self):
+        self.axis.clear()
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        if outs and torch.is_tensor(args[0] if args else None) and not self.axis and args[0].ndim == 4:
+            self.axis[id(args[0])] = (args[0], 1)  # the model's (normalised) input: N,C,H,W
+        try:
+            for t in outs:
+                a = self._rule(getattr(func, "__name__", ""), args, kwargs or {}, t)
+                if a is not None and 0 <= a < t.ndim:
+                    self.axis[id(t)] = (t, a)
+        except (TypeError, ValueError, IndexError):  # an argument form no rule expects: the axis stays unknown
+            pass
+        return out
+
+    def _rule(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> int | None:
+        x = args[0] if args and torch.is_tensor(args[0]) else None
+        a = self.get(x) if x is not None else None
+        if any(w in name for w in self.FIRST) and out.ndim >= 3:
+            return 1
+        if any(w in name for w in self.LAST):
+            return out.ndim - 1
+        if name in ("matmul", "__matmul__", "bmm", "__rmatmul__"):
+            other = args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None
+            return out.ndim - 1 if other is not None and self.get(other) == other.ndim - 1 else None
+        if a is None:
+            if name in ("cat", "stack", "concat") and args and isinstance(args[0], (list, tuple)) and args[0]:
+                first = args[0][0]
+                return self.get(first) if torch.is_tensor(first) and first.ndim == out.ndim else None
+            same = [self.get(t) for t in args if torch.is_tensor(t) and t.shape == out.shape]
+            return next((v for v in same if v is not None), None)
+        if name in self.MOVES:
+            dims = [d for d in args[1:] if isinstance(d, int)] or [d for v in args[1:] for d in v] or \
+                list(kwargs.get("dims", ()))
+            dims = [d % x.ndim for d in dims]
+            if name == "permute":
+                return dims.index(a)
+            if len(dims) == 2:
+                return {dims[0]: dims[1], dims[1]: dims[0]}.get(a, a)
+            return None
+        if name in self.SHAPES or out.shape == x.shape:
+            if out.shape == x.shape:
+                return a
+            if a == x.ndim - 1 and out.shape[-1] == x.shape[-1]:
+                return out.ndim - 1
+            if a == 1 and out.ndim >= 2 and x.ndim >= 2 and out.shape[:2] == x.shape[:2]:
+                return 1
+        return None
 
 
 def _is_view(x: torch.Tensor, out: torch.Tensor) -> bool:

@@ -87,10 +87,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loaded:
+    from . import hf
     from .validate import regular_input
 
-    p = regular_input(path, "checkpoint")
-    manifest = read_manifest(p)
+    folder = hf.pretrained_folder(path, opts.arch)  # a Hugging Face save_pretrained folder: transformers loads it
+    p = Path(path) if folder is not None and Path(path).is_dir() else regular_input(path, "checkpoint")
+    manifest = read_manifest(p) if p.is_file() else None
     if manifest is not None:
         if not allow_patched:
             raise InputError(f"'{path}' is already a harden-patched checkpoint; patch its base instead "
@@ -99,11 +101,27 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
                                          arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs)
                                          if opts.arch_kwargs else None, trust_pickle=opts.trust_pickle)
         return Loaded(patched, manifest, None)
-    base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
+    if folder is not None:
+        base = _load_pretrained(folder)
+    else:
+        base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
     mean, std = hf_normalisation(opts.preprocessor, opts.mean, opts.std)
     spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(mean, "--mean"),
                      std=parse_floats(std, "--std"), logits=opts.logits or None)
     return Loaded(PatchedModel(Classifier(base.net, spec)), None, base)
+
+
+def _load_pretrained(folder: Path) -> LoadedBase:
+    """A `save_pretrained` folder's model, loaded by transformers (`hf.load_pretrained`), frozen; its sha256 is the
+    weights file's (the shard index's for a sharded model)."""
+    from . import hf
+    from .checkpoint import sha256_file
+
+    net, arch, kwargs = hf.load_pretrained(folder)
+    for q in net.parameters():
+        q.requires_grad_(False)
+    weights = next(folder / w for w in hf.WEIGHTS if (folder / w).is_file())
+    return LoadedBase(net, weights, sha256_file(weights), arch, kwargs, {})
 
 
 def load_parent(loaded: Loaded, parent: str | None, opts: ModelOptions):

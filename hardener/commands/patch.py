@@ -353,10 +353,12 @@ def _full_eval_command(out_file: Path, loaded, eval_data: str | None, spec: A.At
 
     parts = ["harden", "eval", str(out_file), "--data", eval_data or "TEST_DATA", "--eps", repr(spec.eps),
              "--norm", spec.norm, "--attack", "apgd-ce,apgd-dlr,square", "--threat", "all"]
-    if loaded.base.arch:
+    from ..hf import is_hf_arch
+
+    if loaded.base.arch and not is_hf_arch(loaded.base.arch):  # a Hugging Face base rebuilds from its manifest
         parts += ["--arch", loaded.base.arch]
-    if loaded.base.arch_kwargs:
-        parts += ["--arch-kwargs", json.dumps(loaded.base.arch_kwargs, sort_keys=True)]
+        if loaded.base.arch_kwargs:
+            parts += ["--arch-kwargs", json.dumps(loaded.base.arch_kwargs, sort_keys=True)]
     return " ".join(shlex.quote(p) for p in parts)
 
 

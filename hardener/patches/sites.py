@@ -6,9 +6,10 @@ closest existing ones.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -211,6 +212,8 @@ def suggest(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] 
 
 
 def _shape(info) -> str:
+    if info.layout == TOKENS and len(info.shape) == 3:  # a channels-last trunk's map: tokens on an H,W grid
+        return f"{info.shape[0]}x{info.shape[1]} tokens x {info.shape[2]} (channels-last)"
     if info.layout == TOKENS:
         return f"{info.shape[0]} tokens x {info.shape[1]}"
     return "x".join(map(str, info.shape))
@@ -286,8 +289,10 @@ class _Tree:
             return "stem"
         if self.trunk(name):
             return f"trunk container ({100 * self.span[name][2] / len(self.leaves):.0f}% of the network's layers)"
-        if info.layout == TOKENS and info.shape[0] == 1:
+        if info.layout == TOKENS and math.prod(info.shape[:-1]) == 1:
             return "a single token (a pooled vector)"
+        if _role(self.modules[name]) == "pass" and "drop" in name.rsplit(".", 1)[-1].lower():
+            return "a drop-path or dropout layer (a branch before its residual sum)"
         if info.layout != TOKENS and info.shape[1] * info.shape[2] == 1:
             return "1x1 map (no spatial extent left)"
         if name in self.attention:
@@ -348,14 +353,39 @@ def ln_names(net: nn.Module) -> list[str]:
     return [n for n, m in net.named_modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine]
 
 
-def select_bn_sites(net: nn.Module, spec: str) -> list[str]:
+def select_bn_sites(net: nn.Module, spec: str, ran: Collection[str] | None = None,
+                    say: Callable[[str], None] = lambda s: None) -> list[str]:
     """`--bn NAMES|REGEX|all|auto`: the norm layers that get auxiliary twins, checked one by one: BatchNorm layers
     with running statistics, or LayerNorm layers with affine parameters. `all` is every BatchNorm, or every LayerNorm
     on a model without BatchNorm (a vision transformer); names and regexes may pick either; `auto` is `all` on a
-    model that has such layers and none (no error) on one that has not."""
+    model that has such layers and none (no error) on one that has not. `ran`: the modules the eval-mode forward
+    calls (the dry run's); a norm it never calls (GoogLeNet's auxiliary heads, which run in training only) gets no
+    twin: `all`, `auto` and regexes leave it out (`say` hears which), a name is an error."""
+    chosen = _pick_norms(net, spec.strip())
+    if spec.strip() == "auto" and not chosen:  # squeezenet (no norms), PoolFormer (GroupNorms): said, not silent
+        groups = sum(isinstance(m, nn.GroupNorm) for m in net.modules())
+        say("--bn auto: the model has no BatchNorm with running statistics and no LayerNorm with affine parameters"
+            + (f" (its {groups} GroupNorm layers get no twins)" if groups else "") + ": no twins; the site patches train")
+    if ran is None:
+        return chosen
+    idle = [n for n in chosen if n not in ran]
+    if idle and spec.strip() not in ("all", "auto") and all(p.strip() in chosen for p in spec.split(",")):
+        raise InputError(f"--bn '{idle[0]}' never runs in the model's forward (eval mode), so its twin would never "
+                         "be used: name norm layers that run")
+    if idle:
+        say(f"--bn {spec.strip()}: {len(idle)} norm layer(s) never run in the eval-mode forward and get no twin "
+            f"({', '.join(idle[:3])}{', ...' if len(idle) > 3 else ''})")
+    chosen = [n for n in chosen if n in ran]
+    if not chosen and spec.strip() != "auto":
+        raise InputError(f"--bn {spec.strip()}: none of the norm layers it names runs in the model's forward (eval "
+                         "mode): no twin to train")
+    return chosen
+
+
+def _pick_norms(net: nn.Module, spec: str) -> list[str]:
+    """The norm layers `--bn` names (`select_bn_sites`), before asking which run."""
     names = bn_names(net)
     family = names or ln_names(net)
-    spec = spec.strip()
     if spec == "auto":
         return family
     frozen = [n for n, m in net.named_modules() if "batchnorm" in type(m).__name__.lower() and n not in names]
