@@ -48,6 +48,7 @@ class PatchOptions:
     width: int = 32
     prefilter_stride: int = 1
     prefilter_design: str = "plain"
+    budget: float | str | None = None  # inference multiply-adds relative to the base (cost.fit_budget); None: any
     final_relu: bool = False
     attack_name: str = "apgd"
     eps: str | float = "8/255"
@@ -219,6 +220,10 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
         if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
             say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")
         twins = [s for s in chosen if not (group and s in taken)]
+    budget = C.parse_budget(opts.budget)
+    if budget is not None:  # the recipe sized to the budget: which sites, and the options to build them with
+        sites, opts, note = C.fit_budget(patched, sites, shapes, opts, budget, bool(twins))
+        say(note)
     for kind, site in [*sites, *((methods.bn_kind, s) for s in twins)]:
         cls = PATCH_KINDS[kind]
         module = patched.net if site == INPUT_SITE else patched.net.get_submodule(site)

@@ -162,6 +162,8 @@ PATCH = (
     popt("--prefilter-design", show_default=True, type=Choice(PREFILTER_DESIGNS),
          help="A prefilter patch's design: plain; separable (depthwise-separable middle conv); shuffle (every conv at "
               "1/S of the resolution, needs --prefilter-stride 2+, a pixel shuffle back to full resolution)."),
+    popt("--budget", help="Inference multiply-adds of the patched model relative to the base (e.g. 1.25), or none: "
+                           "the recipe is sized to fit before training (pre-filter width and design, --rho, sites)."),
     popt("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only)."),
     popt("--unlabeled", help="Images without labels for robust self-training: the frozen base labels them and they join "
                              "training (a folder, a tensor file, or `rest`: the images of --data outside the training, "

@@ -266,3 +266,58 @@ def test_cli_trains_a_shuffle_prefilter_and_loads_it(runner, tmp_path, tiny_ckpt
     patched, manifest = load_patched(out, arch=ARCH)
     assert manifest.patches[0]["design"] == "shuffle" and manifest.patches[0]["stride"] == 2
     assert patched.patches["input"].conv3.out_channels == 4
+
+
+# ---------------------------------------------------------------- --budget
+
+
+def _robust_on_tiny(**overrides):
+    import tiny_model
+    from conftest import make_data
+
+    from hardener import api
+
+    imgs, labels = make_data(n=30)
+    torch.manual_seed(0)
+    p = api.as_patched(tiny_model.tiny(), mean=[0.5], std=[0.25])  # multiply-adds do not depend on the weights
+    infos = api.finish(p, api.as_dataset((imgs, labels)), torch.device("cpu"))
+    opts, _ = api.PatchOptions.build("robust", overrides)
+    notes = []
+    api.attach_patches(p, infos, opts, say=notes.append)
+    return p, notes
+
+
+@pytest.mark.parametrize("budget", [1.1, 1.5, 3.0])
+def test_a_budget_sizes_the_recipe_to_fit(budget):
+    free, _ = _robust_on_tiny()
+    p, notes = _robust_on_tiny(budget=budget)
+    got = C.count(p)
+    assert got.macs_ratio <= budget < C.count(free).macs_ratio  # the robust recipe is ~150x this tiny base
+    assert notes[-1].startswith(f"--budget {budget:g}: ") and f"{got.macs_ratio:.3f}x the base's" in notes[-1]
+    assert p.sites and (budget < 3 or ("input" in p.sites and len(p.sites) == 4))  # 3x: a lighter pre-filter, fixers
+    with torch.no_grad():  # still the identity at the start
+        x = torch.rand(3, 1, 8, 8)
+        with p.patches_disabled():
+            base = p(x)
+        assert torch.equal(p(x), base)
+
+
+def test_a_generous_budget_keeps_the_recipe_and_none_is_unconstrained():
+    free, _ = _robust_on_tiny()
+    for budget in (1000.0, "none", None):
+        p, notes = _robust_on_tiny(budget=budget)
+        assert p.patch_specs() == free.patch_specs()
+        assert bool(notes and notes[-1].startswith("--budget")) == (budget == 1000.0)
+
+
+@pytest.mark.parametrize("budget,says", [("0.9", "at least 1.0x"), ("1.0", "no patch of the recipe fits"),
+                                         ("lots", "must be a number")])
+def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt, tiny_data, budget, says):
+    from conftest import ARCH
+
+    from hardener.cli import main
+
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--budget", budget,
+                             "--out", str(tmp_path / "p.safetensors"), "--epochs", "1", "--quiet"])
+    assert r.exit_code == 2 and says in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("Error: --budget")
