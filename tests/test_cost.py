@@ -321,3 +321,15 @@ def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt,
                              "--out", str(tmp_path / "p.safetensors"), "--epochs", "1", "--quiet"])
     assert r.exit_code == 2 and says in r.stderr and "Traceback" not in r.output
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("Error: --budget")
+
+
+def test_budget_from_harden_toml(runner, tmp_path, tiny_ckpt, tiny_data):
+    from conftest import ARCH
+
+    from hardener.cli import main
+
+    cfg = tmp_path / "harden.toml"
+    cfg.write_text("[patch]\nbudget = 0.5\n")
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--config", str(cfg),
+                             "--out", str(tmp_path / "p.safetensors"), "--quiet"])
+    assert r.exit_code == 2 and "--budget 0.5" in r.stderr and "at least 1.0x" in r.stderr
