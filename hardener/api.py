@@ -45,6 +45,7 @@ class PatchOptions:
     act: str = "linear"
     delta: float = 1.0
     rho: float = 4.0
+    fixer_rank: int = 0
     width: int = 32
     prefilter_stride: int = 1
     prefilter_design: str = "plain"

@@ -155,6 +155,8 @@ PATCH = (
     popt("--act", show_default=True, type=Choice(sorted(ACTIVATIONS)), help="Fixer activation ζ."),
     popt("--delta", show_default=True, type=float, help="Fixer strength δ."),
     popt("--rho", show_default=True, type=float, help="Channel compression ρ."),
+    popt("--fixer-rank", show_default=True, type=int,
+         help="Rank of a fixer's 3x3 conv, factored into a 3x3 conv to R channels and a 1x1 conv (0: not factored)."),
     popt("--width", show_default=True, type=int, help="Channels inside a prefilter patch."),
     popt("--prefilter-stride", show_default=True, type=int,
          help="Stride of a prefilter patch's first conv: its middle conv runs at 1/S of the input's resolution "

@@ -333,3 +333,35 @@ def test_budget_from_harden_toml(runner, tmp_path, tiny_ckpt, tiny_data):
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--config", str(cfg),
                              "--out", str(tmp_path / "p.safetensors"), "--quiet"])
     assert r.exit_code == 2 and "--budget 0.5" in r.stderr and "at least 1.0x" in r.stderr
+
+
+# ---------------------------------------------------------------- low-rank fixers
+
+
+def test_a_low_rank_fixer_starts_as_the_identity_costs_less_and_round_trips():
+    p = _patched(SmallConv())
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        base = p(x)
+    full, low = Fixer(8, FixerConfig(rho=1)), Fixer(8, FixerConfig(rho=1, rank=2))
+    assert "rank" not in full.extra_spec() and low.extra_spec()["rank"] == 2  # earlier checkpoints read the same
+    p.attach("c2", low)
+    with torch.no_grad():
+        assert torch.equal(p(x), base)
+    # 4x4 map, hidden 8: 1x1 8->8, then 3x3 8->2 and 1x1 2->8 instead of 3x3 8->8
+    assert C.count(p).macs_per_patch == {"c2": 16 * (8 * 8 + 8 * 2 * 9 + 2 * 8)}
+    assert C.module_macs(full, [8, 4, 4]) == 16 * (8 * 8 + 8 * 8 * 9)
+    spec = {"site": "c2", **low.extra_spec()}
+    assert Fixer.numel(spec) == sum(t.numel() for t in low.parameters())
+    again = Fixer.from_spec(spec)
+    torch.nn.init.normal_(low.conv2_up.weight)
+    again.load_state_dict(low.state_dict())
+    h = torch.rand(2, 8, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(again(h), low(h)) and not torch.equal(low(h), h)
+    with pytest.raises(InputError, match="fixer-rank"):
+        FixerConfig(rank=-1)
+    from hardener.patches import TokenFixer
+    with pytest.raises(InputError, match="holds tokens"):
+        TokenFixer.build(Site("enc", None, [5, 8]), FixerConfig(rank=2))
+    assert "rank" not in TokenFixer(8, FixerConfig()).extra_spec()
