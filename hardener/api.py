@@ -158,6 +158,10 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
         if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
             say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")
         twins = [s for s in chosen if not (group and s in taken)]
+    budget = C.parse_budget(opts.budget)
+    if budget is not None:  # the recipe sized to the budget: which sites, and the options to build them with
+        sites, opts, note = C.fit_budget(patched, sites, shapes, opts, budget, bool(twins))
+        say(note)
     for kind, site in [*sites, *((methods.bn_kind, s) for s in twins)]:
         cls = PATCH_KINDS[kind]
         module = patched.net if site == INPUT_SITE else patched.net.get_submodule(site)

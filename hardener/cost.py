@@ -25,6 +25,8 @@ import torch
 import torch.utils.flop_counter as _fc
 from torch import nn
 
+from .errors import InputError
+
 LATENCY_BATCHES = (1, 256)  # batch 1 (one request) and a large batch (throughput)
 LATENCY_BUDGET_S = 1.0  # wall time the measurement may take, warm-up included (about; one pair at least)
 MIN_REPEATS, MAX_REPEATS = 3, 50
@@ -257,3 +259,94 @@ def describe_latency(cost: Cost) -> str:
              for b, v in lat.get("batches", {}).items()]
     return (f"latency {'; '.join(parts)}, median of interleaved forwards on {lat.get('device')}, "
             f"{lat.get('threads')} thread(s)")
+
+
+def parse_budget(value: Any) -> float | None:
+    """`--budget`: inference multiply-adds relative to the base (a number >= 1), or None/"none" (unconstrained)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        budget = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not math.isfinite(budget):
+        raise InputError(f"--budget must be a number (inference multiply-adds relative to the base, e.g. 1.25) or "
+                         f"none, got {value!r}")
+    if budget < 1.0:
+        raise InputError(f"--budget {value}: the patched model runs the whole base too, so it costs at least 1.0x the "
+                         "base's multiply-adds; give 1.0 or more, or none")
+    return budget
+
+
+def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, budget: float,
+               twins: bool) -> tuple[list[tuple[str, str]], Any, str]:
+    """Size a recipe to `budget` (the patched model's multiply-adds over the base's) before anything is built: BN
+    twins stay (no multiply-adds); then the pre-filter, at the largest width that fits, the heaviest setting there
+    that fits (`prefilter.lighter_settings`: the recipe's own first, then the shuffle and separable designs); then
+    the other site patches with what is left: at the smallest multiple of `rho` (x2 each try) that keeps the most of
+    them, cheapest sites first. Returns the sites kept, the options to build them with, and a line saying what it
+    chose. Nothing fitting (and no twins) is an `InputError`."""
+    from dataclasses import replace
+
+    from .patches import INPUT_SITE, KINDS, Site
+    from .patches.prefilter import lighter_settings
+
+    base = count_macs(patched)[0]
+    left = (budget - 1.0) * base
+
+    memo: dict[tuple, int] = {}
+
+    def cost_of(kind: str, site: str, o: Any) -> int:
+        cls = KINDS[kind]
+        config = cls.make_config(o)
+        if (kind, site, repr(config)) not in memo:
+            module = patched.net if site == INPUT_SITE else patched.net.get_submodule(site)
+            memo[kind, site, repr(config)] = kind_macs(cls, Site(site, module, shapes.get(site)), config)
+        return memo[kind, site, repr(config)]
+
+    pre = [(k, s) for k, s in sites if k == "prefilter"][:1]
+    rest = [(k, s) for k, s in sites if (k, s) not in pre]
+    o, kept_pre, said = opts, [], []
+    for settings in (lighter_settings(opts.width, opts.prefilter_stride, opts.prefilter_design) if pre else []):
+        fits = [(c, t) for t in settings for c in [cost_of(*pre[0], replace(opts, **t))] if c <= left]
+        if fits:
+            c, t = max(fits, key=lambda f: f[0])
+            o, kept_pre, left = replace(opts, **t), pre, left - c
+            said.append(f"pre-filter width {t['width']}, {t['prefilter_design']}, stride {t['prefilter_stride']}")
+            break
+    best: tuple[float, list[int], int] | None = None
+    before = None
+    for i in range(12):  # rho, 2 rho, 4 rho, ... (a fixer's hidden width halves each time, down to 1)
+        trial = replace(o, rho=opts.rho * 2 ** i)
+        costs = sorted((cost_of(k, s, trial), j) for j, (k, s) in enumerate(rest))
+        if costs == before:  # no cheaper any more
+            break
+        kept, used, before = [], 0, costs
+        for c, j in costs:
+            if used + c <= left:
+                kept.append(j)
+                used += c
+        if best is None or len(kept) > len(best[1]):
+            best = (trial.rho, kept, used)
+        if len(kept) == len(rest):
+            break
+    rho, kept, used = best if best else (opts.rho, [], 0)
+    if not kept_pre and not kept and not twins and sites:
+        cheapest = min((c, rest[j][1]) for c, j in before) if before else None
+        what = f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%" if cheapest else ""
+        raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {100 * (budget - 1):.1f}% of the base's "
+                         f"{fmt(base)} multiply-adds{what}; raise --budget or give none")
+    o = replace(o, rho=rho)
+    chosen = [rest[j] for j in sorted(kept)]
+    if rest:
+        dropped = [s for j, (_, s) in enumerate(rest) if j not in kept]
+        said.append((f"--rho {rho:g} at {', '.join(s for _, s in chosen)}" if chosen else "no site patch")
+                    + (f" (left out: {', '.join(dropped)})" if dropped else ""))
+    if pre and not kept_pre:
+        said.append("no pre-filter (none fits)")
+    if twins:
+        said.append("BN twins kept (no multiply-adds)")
+    spent = (budget - 1.0) * base - left + used
+    keep = set(kept_pre + chosen)
+    return [x for x in sites if x in keep], o, (f"--budget {budget:g}: {'; '.join(said)}: {1 + spent / max(1, base):.3f}x the "
+                                  f"base's multiply-adds ({fmt(base)})")

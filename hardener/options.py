@@ -151,6 +151,8 @@ PATCH = (
     popt("--act", show_default=True, type=Choice(sorted(ACTIVATIONS)), help="Fixer activation ζ."),
     popt("--delta", show_default=True, type=float, help="Fixer strength δ."),
     popt("--rho", show_default=True, type=float, help="Channel compression ρ."),
+    popt("--fixer-rank", show_default=True, type=int,
+         help="Rank of a fixer's 3x3 conv, factored into a 3x3 conv to R channels and a 1x1 conv (0: not factored)."),
     popt("--width", show_default=True, type=int, help="Channels inside a prefilter patch."),
     popt("--prefilter-stride", show_default=True, type=int,
          help="Stride of a prefilter patch's first conv: its middle conv runs at 1/S of the input's resolution "
@@ -158,6 +160,8 @@ PATCH = (
     popt("--prefilter-design", show_default=True, type=Choice(PREFILTER_DESIGNS),
          help="A prefilter patch's design: plain; separable (depthwise-separable middle conv); shuffle (every conv at "
               "1/S of the resolution, needs --prefilter-stride 2+, a pixel shuffle back to full resolution)."),
+    popt("--budget", help="Inference multiply-adds of the patched model relative to the base (e.g. 1.25), or none: "
+                           "the recipe is sized to fit before training (pre-filter width and design, --rho, sites)."),
     popt("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only)."),
     popt("--unlabeled", help="Images without labels for robust self-training: the frozen base labels them and they join "
                              "training (a folder, a tensor file, or `rest`: the images of --data outside the training, "
@@ -356,8 +360,8 @@ GROUPS = {"data": "Data", "model": "Model", "recipe": "Recipe", "attack": "Attac
 _GROUP_OF = {group: names.split() for group, names in {
     "data": "data subset holdout classes resize crop unlabeled pseudo_threshold pseudo_ratio eval_data max_samples",
     "model": "arch arch_kwargs trust_pickle trust_arch mean std preprocessor logits input_shape route parent",
-    "recipe": "preset method at at_regex bn denoise_op act delta rho width prefilter_stride prefilter_design "
-              "final_relu",
+    "recipe": "preset method at at_regex bn denoise_op act delta rho fixer_rank width prefilter_stride "
+              "prefilter_design budget final_relu",
     "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "
               "threat surrogate eps_sweep precision no_checks",
     "training": "epochs batch_size lr loss_name beta lam mu gamma augment ema select_on validate validate_every phi "

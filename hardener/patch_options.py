@@ -23,9 +23,11 @@ class PatchOptions:
     act: str = "linear"
     delta: float = 1.0
     rho: float = 4.0
+    fixer_rank: int = 0
     width: int = 32
     prefilter_stride: int = 1
     prefilter_design: str = "plain"
+    budget: float | str | None = None  # inference multiply-adds relative to the base (cost.fit_budget); None: any
     final_relu: bool = False
     attack_name: str = "apgd"
     eps: str | float = "8/255"

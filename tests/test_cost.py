@@ -266,3 +266,102 @@ def test_cli_trains_a_shuffle_prefilter_and_loads_it(runner, tmp_path, tiny_ckpt
     patched, manifest = load_patched(out, arch=ARCH)
     assert manifest.patches[0]["design"] == "shuffle" and manifest.patches[0]["stride"] == 2
     assert patched.patches["input"].conv3.out_channels == 4
+
+
+# ---------------------------------------------------------------- --budget
+
+
+def _robust_on_tiny(**overrides):
+    import tiny_model
+    from conftest import make_data
+
+    from hardener import api
+
+    imgs, labels = make_data(n=30)
+    torch.manual_seed(0)
+    p = api.as_patched(tiny_model.tiny(), mean=[0.5], std=[0.25])  # multiply-adds do not depend on the weights
+    infos = api.finish(p, api.as_dataset((imgs, labels)), torch.device("cpu"))
+    opts, _ = api.PatchOptions.build("robust", overrides)
+    notes = []
+    api.attach_patches(p, infos, opts, say=notes.append)
+    return p, notes
+
+
+@pytest.mark.parametrize("budget", [1.1, 1.5, 3.0])
+def test_a_budget_sizes_the_recipe_to_fit(budget):
+    free, _ = _robust_on_tiny()
+    p, notes = _robust_on_tiny(budget=budget)
+    got = C.count(p)
+    assert got.macs_ratio <= budget < C.count(free).macs_ratio  # the robust recipe is ~150x this tiny base
+    assert notes[-1].startswith(f"--budget {budget:g}: ") and f"{got.macs_ratio:.3f}x the base's" in notes[-1]
+    assert p.sites and (budget < 3 or ("input" in p.sites and len(p.sites) == 4))  # 3x: a lighter pre-filter, fixers
+    with torch.no_grad():  # still the identity at the start
+        x = torch.rand(3, 1, 8, 8)
+        with p.patches_disabled():
+            base = p(x)
+        assert torch.equal(p(x), base)
+
+
+def test_a_generous_budget_keeps_the_recipe_and_none_is_unconstrained():
+    free, _ = _robust_on_tiny()
+    for budget in (1000.0, "none", None):
+        p, notes = _robust_on_tiny(budget=budget)
+        assert p.patch_specs() == free.patch_specs()
+        assert bool(notes and notes[-1].startswith("--budget")) == (budget == 1000.0)
+
+
+@pytest.mark.parametrize("budget,says", [("0.9", "at least 1.0x"), ("1.0", "no patch of the recipe fits"),
+                                         ("lots", "must be a number")])
+def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt, tiny_data, budget, says):
+    from conftest import ARCH
+
+    from hardener.cli import main
+
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--budget", budget,
+                             "--out", str(tmp_path / "p.safetensors"), "--epochs", "1", "--quiet"])
+    assert r.exit_code == 2 and says in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("Error: --budget")
+
+
+def test_budget_from_harden_toml(runner, tmp_path, tiny_ckpt, tiny_data):
+    from conftest import ARCH
+
+    from hardener.cli import main
+
+    cfg = tmp_path / "harden.toml"
+    cfg.write_text("[patch]\nbudget = 0.5\n")
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--config", str(cfg),
+                             "--out", str(tmp_path / "p.safetensors"), "--quiet"])
+    assert r.exit_code == 2 and "--budget 0.5" in r.stderr and "at least 1.0x" in r.stderr
+
+
+# ---------------------------------------------------------------- low-rank fixers
+
+
+def test_a_low_rank_fixer_starts_as_the_identity_costs_less_and_round_trips():
+    p = _patched(SmallConv())
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        base = p(x)
+    full, low = Fixer(8, FixerConfig(rho=1)), Fixer(8, FixerConfig(rho=1, rank=2))
+    assert "rank" not in full.extra_spec() and low.extra_spec()["rank"] == 2  # earlier checkpoints read the same
+    p.attach("c2", low)
+    with torch.no_grad():
+        assert torch.equal(p(x), base)
+    # 4x4 map, hidden 8: 1x1 8->8, then 3x3 8->2 and 1x1 2->8 instead of 3x3 8->8
+    assert C.count(p).macs_per_patch == {"c2": 16 * (8 * 8 + 8 * 2 * 9 + 2 * 8)}
+    assert C.module_macs(full, [8, 4, 4]) == 16 * (8 * 8 + 8 * 8 * 9)
+    spec = {"site": "c2", **low.extra_spec()}
+    assert Fixer.numel(spec) == sum(t.numel() for t in low.parameters())
+    again = Fixer.from_spec(spec)
+    torch.nn.init.normal_(low.conv2_up.weight)
+    again.load_state_dict(low.state_dict())
+    h = torch.rand(2, 8, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(again(h), low(h)) and not torch.equal(low(h), h)
+    with pytest.raises(InputError, match="fixer-rank"):
+        FixerConfig(rank=-1)
+    from hardener.patches import TokenFixer
+    with pytest.raises(InputError, match="holds tokens"):
+        TokenFixer.build(Site("enc", None, [5, 8]), FixerConfig(rank=2))
+    assert "rank" not in TokenFixer(8, FixerConfig()).extra_spec()

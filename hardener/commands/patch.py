@@ -101,6 +101,7 @@ def _plan(call: Call) -> Plan:
     A.parse_smooth_grad(kw["smooth_grad"])
     subset = hdata.parse_subset(kw["subset"])
     api.parse_betas(kw["betas"])
+    C.parse_budget(kw["budget"])
     if kw["select_on"] and kw["validate"]:
         raise InputError("--select-on and --validate both hold out a validation split: give one")
     world, device = start(kw)

@@ -1,7 +1,9 @@
 """Fixer module (fixer paper §3.1, Table 7): h -> h + strength·δ·φ(h), optional final ReLU.
 
 φ = ζ(conv3x3(ReLU(conv1x1(h)))) − ζ(0), with the 3×3 conv zero-initialised, so φ ≡ 0 at the
-start for every ζ and the patched model starts exactly equal to the base.
+start for every ζ and the patched model starts exactly equal to the base. With `rank` r > 0 (`--fixer-rank`) the 3×3
+conv is factored: a 3×3 conv to r channels, then a zero-initialised 1×1 conv to C (9·h·r + r·C multiply-adds per
+position instead of 9·h·C); the manifest names `rank` only when it is set, so earlier checkpoints read the same.
 
 At a token site (N,L,D: a transformer block's output) the fixer is the token fixer, a residual bottleneck MLP over
 the feature axis applied to every token: φ = ζ(W2·GELU(W1·LN(h))) − ζ(0), W1: D -> D/ρ, W2: D/ρ -> D zero-initialised
@@ -10,7 +12,7 @@ wherever the site holds tokens; its manifest kind is `token-fixer`, which `--at 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -36,6 +38,7 @@ class FixerConfig:
     delta: float = 1.0
     act: str = "linear"
     final_relu: bool = False
+    rank: int = field(default=0, metadata={"option": "fixer_rank"})  # of the factored 3x3 conv; 0: not factored
 
     def __post_init__(self) -> None:
         if self.act not in ACTIVATIONS:
@@ -43,6 +46,8 @@ class FixerConfig:
         if self.rho <= 0:
             raise InputError(f"--rho must be positive, got {self.rho}")
         self.final_relu = bool(self.final_relu)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise InputError(f"--fixer-rank must be an integer >= 0 (0: a full 3x3 conv), got {self.rank!r}")
 
 
 @register_patch_kind("fixer", placement="output", config_cls=FixerConfig)
@@ -53,10 +58,13 @@ class Fixer(PatchKind):
         super().__init__()
         self.config = config
         hidden = max(1, int(channels // config.rho))
+        self.channels = channels
         self.conv1 = nn.Conv2d(channels, hidden, 1)
-        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        self.conv2 = nn.Conv2d(hidden, config.rank or channels, 3, padding=1)
+        self.conv2_up = nn.Conv2d(config.rank, channels, 1) if config.rank else None  # factored: the last layer
+        last = self.conv2_up or self.conv2
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.strength = 1.0
         act = ACTIVATIONS[config.act]
         self._act = act
@@ -68,8 +76,9 @@ class Fixer(PatchKind):
         return TokenFixer.build(site, config) if len(site.shape) == 2 else cls(site.shape[0], config)
 
     def extra_spec(self) -> dict[str, Any]:
-        return {"channels": self.conv2.out_channels, "rho": self.config.rho, "delta": self.config.delta,
+        spec = {"channels": self.channels, "rho": self.config.rho, "delta": self.config.delta,
                 "act": self.config.act, "final_relu": self.config.final_relu}
+        return {**spec, "rank": self.config.rank} if self.config.rank else spec
 
     @classmethod
     def check_site(cls, info: Any, config: FixerConfig) -> None:
@@ -79,21 +88,25 @@ class Fixer(PatchKind):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "Fixer":
-        cfg = FixerConfig(rho=spec["rho"], delta=spec["delta"], act=spec["act"], final_relu=spec["final_relu"])
+        cfg = FixerConfig(rho=spec["rho"], delta=spec["delta"], act=spec["act"], final_relu=spec["final_relu"],
+                          rank=spec.get("rank", 0))
         return cls(spec["channels"], cfg)
 
     @classmethod
     def spec_fields(cls) -> dict[str, tuple]:
         return {"channels": CHANNELS, "rho": (V.number(0, 1e6, open_lo=True), "must be a positive number"),
-                "delta": FINITE, "act": choice(ACTIVATIONS), "final_relu": BOOL}
+                "delta": FINITE, "act": choice(ACTIVATIONS), "final_relu": BOOL,
+                "rank": (V.int_in(0, V.MAX_CHANNELS), f"must be an integer in 0..{V.MAX_CHANNELS}", 0)}
 
     @classmethod
     def numel(cls, spec: dict[str, Any]) -> int:
-        c, h = spec["channels"], _hidden(spec)
-        return c * h + h + h * c * 9 + c
+        c, h, r = spec["channels"], _hidden(spec), spec.get("rank", 0)
+        return c * h + h + (h * r * 9 + r + r * c + c if r else h * c * 9 + c)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.conv2(F.relu(self.conv1(h)))
+        if self.conv2_up is not None:
+            z = self.conv2_up(z)
         phi = self._act(z) - self._act0
         out = h + (self.strength * self.config.delta) * phi
         return F.relu(out) if self.config.final_relu else out
@@ -130,7 +143,14 @@ class TokenFixer(PatchKind):
 
     @classmethod
     def build(cls, site: Site, config: FixerConfig) -> "TokenFixer":
+        if config.rank:
+            raise InputError(f"--fixer-rank factors the 3x3 conv of a fixer on a feature map; '{site.name}' holds "
+                             "tokens, whose fixer is a bottleneck MLP already: give --rho instead")
         return cls(site.shape[-1], config)
+
+    def extra_spec(self) -> dict[str, Any]:
+        return {"channels": self.channels, "rho": self.config.rho, "delta": self.config.delta,
+                "act": self.config.act, "final_relu": self.config.final_relu}
 
     @classmethod
     def check_site(cls, info: Any, config: FixerConfig) -> None:

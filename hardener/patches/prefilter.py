@@ -51,6 +51,16 @@ def _check_design(design: str, stride: int) -> None:
         raise InputError("--prefilter-design shuffle works at 1/S of the resolution: give --prefilter-stride 2 or more")
 
 
+def lighter_settings(width: int, stride: int, design: str) -> list[list[dict[str, Any]]]:
+    """What `--budget` may make of a pre-filter, by width from the given one down (halving, not below 4): at the
+    given width the given setting first; at each width the light designs (shuffle at stride 2 and 4, separable at
+    stride 1 and 2). Each inner list is one width's settings (options of `api.PatchOptions`)."""
+    widths = [width] + [w for w in (width >> i for i in range(1, 12)) if w >= 4]
+    light = [("shuffle", 2), ("shuffle", 4), ("separable", 1), ("separable", 2)]
+    return [[{"width": w, "prefilter_design": d, "prefilter_stride": s}
+             for d, s in ([(design, stride)] if w == width else []) + light] for w in widths]
+
+
 @register_patch_kind("prefilter", placement="input", config_cls=PrefilterConfig)
 class Prefilter(PatchKind):
     may_mask = True  # an input transform: evaluation attacks it with BPDA too (identity in the backward pass)
