@@ -25,6 +25,9 @@ declare -A RUNS=(
   [L4]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto"
   [L5]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 --method fixer,auxbn --bn auto"
   [L6]="--width 32 --prefilter-design separable --rho 4 --method fixer,auxbn --bn auto"
+  [B125]="--budget 1.25 --method fixer,auxbn --bn auto"
+  [B2]="--budget 2 --method fixer,auxbn --bn auto"
+  [L2e20]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
