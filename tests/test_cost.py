@@ -146,7 +146,8 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
     out, rep = tmp_path / "p.safetensors", tmp_path / "r.json"
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
                              "--epochs", "1", "--steps", "1", "--eval-samples", "10", "--eval-steps", "1",
-                             "--width", "4", "--out", str(out), "--report", str(rep)])
+                             "--width", "4", "--select-on", "0", "--batch-size", "64", "--out", str(out),
+                             "--report", str(rep)])
     assert r.exit_code == 0, r.output
     assert "cost: the patched model at " in r.stderr and "x the base's multiply-adds per image" in r.stderr
     assert "cost: latency batch 1 " in r.stderr
