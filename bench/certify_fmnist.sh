@@ -34,21 +34,26 @@ certify() {  # certify NAME SIGMA MODEL SAMPLES [ARGS...]: NAME.json (report), N
     --max-samples "$samples" --sigma "$sigma" --n "$N" --n0 100 --alpha 0.001 --batch-size 200 --force --quiet \
     "${resume[@]}" --state-dir "$OUT/state" --tsv "$OUT/$name.tsv" --report "$OUT/$name.json" 2> "$OUT/$name.log"
 }
-model_of() {  # the checkpoint (and its options) of a row name's model
-  case $1 in a_base_s*) echo "$BASE ${NORM[*]}" ;; b_denoiser_s*) echo "$OUT/denoiser_s${1#b_denoiser_s}.safetensors" ;;
+model_of() {  # the checkpoint of a row name's model
+  case $1 in a_base_s*) echo "$BASE" ;; b_denoiser_s*) echo "$OUT/denoiser_s${1#b_denoiser_s}.safetensors" ;;
              c_noise_ft_s*) echo "$OUT/noise_ft_s${1#c_noise_ft_s}.safetensors" ;; esac
 }
+norm_of() {  # the plain base needs its normalisation; patched files record theirs
+  case $1 in a_base_s*) echo "${NORM[*]}" ;; esac
+}
 for s in $SIGMAS; do
-  certify "a_base_s$s" "$s" $(model_of "a_base_s$s") "$SAMPLES_A" --sequential
+  certify "a_base_s$s" "$s" "$(model_of "a_base_s$s")" "$SAMPLES_A" --sequential "${NORM[@]}"
   [ -f "$OUT/denoiser_s$s.safetensors" ] || python -m hardener patch "$BASE" "${M[@]}" "${P[@]}" --preset certify \
     --noise-sigma "$s" --out "$OUT/denoiser_s$s.safetensors" 2> "$OUT/denoiser_s$s.patch.log"
-  certify "b_denoiser_s$s" "$s" $(model_of "b_denoiser_s$s") "$SAMPLES_B" --sequential
+  certify "b_denoiser_s$s" "$s" "$(model_of "b_denoiser_s$s")" "$SAMPLES_B" --sequential
   [ -f "$OUT/noise_ft_s$s.safetensors" ] || python -m hardener patch "$BASE" "${M[@]}" "${P[@]}" --method adv-train \
     --noise-sigma "$s" --lr 1e-3 --epochs 10 --out "$OUT/noise_ft_s$s.safetensors" 2> "$OUT/noise_ft_s$s.patch.log"
-  certify "c_noise_ft_s$s" "$s" $(model_of "c_noise_ft_s$s") "$SAMPLES_C" --sequential
+  certify "c_noise_ft_s$s" "$s" "$(model_of "c_noise_ft_s$s")" "$SAMPLES_C" --sequential
 done
 for row in $FIXED_ROWS; do  # side by side: the same FIXED_SAMPLES images, sequential and fixed N
   s=${row##*_s}
-  certify "$row.seq$FIXED_SAMPLES" "$s" $(model_of "$row") "$FIXED_SAMPLES" --sequential
-  certify "$row.fixed$FIXED_SAMPLES" "$s" $(model_of "$row") "$FIXED_SAMPLES"
+  # shellcheck disable=SC2046
+  certify "$row.seq$FIXED_SAMPLES" "$s" "$(model_of "$row")" "$FIXED_SAMPLES" --sequential $(norm_of "$row")
+  # shellcheck disable=SC2046
+  certify "$row.fixed$FIXED_SAMPLES" "$s" "$(model_of "$row")" "$FIXED_SAMPLES" $(norm_of "$row")
 done
