@@ -477,9 +477,7 @@ class Report:
         return self.data.get("checks", [])
 
     def to_json(self) -> str:
-        import json
-
-        return json.dumps(self.data, indent=2, sort_keys=True)
+        return R.json_text(self.data)
 
     def to_markdown(self) -> str:
         return R.to_markdown(self.data)

@@ -400,7 +400,7 @@ def parse_smooth_grad(text: str | None) -> float | None:
         alpha = float(value or 10)
     except ValueError:
         alpha = -1.0
-    if kind != "softplus" or alpha <= 0:
+    if kind != "softplus" or not math.isfinite(alpha) or alpha <= 0:
         raise InputError(f"--smooth-grad must look like softplus:10 (a positive α), got '{text}'")
     return alpha
 

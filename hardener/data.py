@@ -536,6 +536,8 @@ def stratified_split(labels: torch.Tensor, size: float | int, seed: int) -> tupl
     count = int(round(size * n)) if isinstance(size, float) else int(size)
     if count > n:
         raise InputError(f"--subset {size} asks for {count} samples but the data has only {n}")
+    if count < 1:
+        raise InputError(f"--subset {size} of {n:,} samples leaves none: give a larger --subset")
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
     chosen = []

@@ -195,9 +195,14 @@ def _flag(param) -> str:
     return max(opts, key=len) if opts else f"--{param.name.replace('_', '-')}"
 
 
-# name -> (check, requirement); None values (option not given) pass.
-def _ge(n):
-    return (lambda v: v >= n), f"must be at least {n}"
+# name -> (check, requirement); None values (option not given) pass. Counts stop at MAX_COUNT (far beyond any
+# physical run, and inside every integer type torch and numpy take); seeds span what torch.manual_seed takes.
+MAX_COUNT = 2 ** 31 - 1
+MAX_SEED = 2 ** 63 - 1
+
+
+def _ge(n, hi: int = MAX_COUNT):
+    return (lambda v: n <= v <= hi), f"must be an integer in {n}..{hi}"
 
 
 def _finite_pos():
@@ -218,7 +223,7 @@ OPTION_RULES: dict[str, tuple] = {
     "select_on": _ge(0), "validate": _ge(0), "validate_every": _ge(1), "width": _ge(1),
     "prefilter_stride": ((lambda v: isinstance(v, int) and 1 <= v <= 8), "must be an integer in 1..8"),
     "e2e_samples": _ge(0), "e2e_steps": _ge(1), "neighbour_steps": _ge(1), "iterations": _ge(1),
-    "post_batch": _ge(2), "seed": _ge(0),
+    "post_batch": _ge(2), "seed": _ge(0, MAX_SEED),
     "lr": _finite_pos(), "post_lr": _finite_pos(), "alpha": _finite_pos(), "rho": _finite_pos(),
     "delta": _finite(), "beta": _finite_nonneg(), "lam": _finite_nonneg(), "mu": _finite_nonneg(),
     "gamma": _finite_nonneg(), "eps_warmup": _finite_nonneg(), "sigma": _finite_nonneg(),
