@@ -236,6 +236,27 @@ OPTION_RULES: dict[str, tuple] = {
 }
 
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+          "dict": (dict,), "tuple": (tuple,), "list": (list,), "Any": (object,)}
+
+
+def check_arg(name: str, value: Any, annotation: str) -> Any:
+    """A library argument against its annotation ('int', 'str | float | None', ...): the type, numbers finite and
+    within 64 bits, no bool where a number belongs. The error names the Python parameter."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    ok = any(isinstance(value, _TYPES.get(k, (object,))) for k in kinds)
+    if isinstance(value, bool) and "bool" not in kinds and "Any" not in kinds:
+        ok = False
+    if not ok:
+        raise InputError(f"{name} must be {' or '.join(k.replace('None', 'None (not given)') for k in kinds)}, got "
+                         f"{_show(value)} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if _is_int(value) and abs(value) > 2 ** 63 - 1:
+        raise InputError(f"{name} = {value} is out of range (at most {2 ** 63 - 1})")
+    return value
+
+
 def check_options(ctx) -> None:
     """Every numeric option of the current command against OPTION_RULES, naming the user's flag."""
     params = {p.name: p for p in ctx.command.params}
