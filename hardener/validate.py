@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, RunError
 
 MAX_PATCHES = 4096
 MAX_CHANNELS = 1 << 16
@@ -320,6 +320,7 @@ def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str,
         parent = o.parent if str(o.parent) else Path(".")
         if not parent.is_dir():
             raise InputError(f"{flag} '{out}': folder '{parent}' does not exist")
+        writable(flag, out, parent)
         if o.is_symlink() or o.exists():
             if o.is_dir():
                 raise InputError(f"{flag} '{out}' is a folder")
@@ -327,6 +328,20 @@ def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str,
                 raise InputError(f"{flag} '{out}' exists and is not a regular file (a pipe or device?)")
             if not force:
                 raise InputError(f"{flag} '{out}' exists; pass --force to overwrite it or choose another file")
+
+
+def writable(flag: str, out: Any, parent: Path) -> None:
+    """The output's folder takes a file now, before any work (a read-only or full file system, no permission would
+    otherwise end the run after training): a probe file is created and removed (exit 3 when it cannot be)."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".harden-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunError(f"{flag} '{out}': cannot write in folder '{parent}' ({e.strerror or e}); choose a writable "
+                       "folder") from None
 
 
 INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-data"), ("classes", "--classes"),
