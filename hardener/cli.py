@@ -100,6 +100,8 @@ class HardenGroup(click.Group):
             return super().invoke(ctx)
         except HardenError as e:
             raise _CliError(e) from None
+        finally:
+            V.release_locks()
 
 
 @click.group(cls=HardenGroup, context_settings={"help_option_names": ["-h", "--help"]})

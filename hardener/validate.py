@@ -344,6 +344,45 @@ def writable(flag: str, out: Any, parent: Path) -> None:
                        "folder") from None
 
 
+_LOCKS: dict[str, tuple[int, Path]] = {}  # --out -> (the open lock file, its path), held until release_locks()
+
+
+def lock_output(out: Any) -> None:
+    """An exclusive lock on `out` (and so its side files) for this run: a second run to the same --out refuses
+    with one line instead of both writing and both reporting success. The lock is `.NAME.lock` beside the output,
+    removed by release_locks(); only rank 0 of a distributed run writes, so only it locks."""
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    path = Path(out).resolve()
+    lock = path.with_name(f".{path.name}.lock")
+    while str(path) not in _LOCKS:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(f"--out '{out}' is being written by another harden run (lock '{lock}'); wait for it "
+                             "or choose another file") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed the file between our open and lock: take the new one
+            _LOCKS[str(path)] = (fd, lock)
+        else:
+            os.close(fd)
+
+
+def release_locks() -> None:
+    """Remove and release the output locks this process holds (at the end of a command)."""
+    while _LOCKS:
+        _, (fd, lock) = _LOCKS.popitem()
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
 INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-data"), ("classes", "--classes"),
                 ("config", "--config"), ("parent", "--parent"), ("surrogate", "--surrogate"),
                 ("reference_data", "--reference-data"))
@@ -361,6 +400,9 @@ def check_run(ctx, outputs: list[tuple[str, Any]], force: bool) -> None:
     if params.get("classes"):
         regular_input(params["classes"], "--classes file")
     check_outputs([(flag, o) for flag, o in outputs if o], inputs, force)
+    for flag, o in outputs:
+        if o and flag == "--out":
+            lock_output(o)
 
 
 def eval_state_dir(state_dir: str | None, reports: list[str]) -> Path | None:

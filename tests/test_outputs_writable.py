@@ -42,3 +42,35 @@ def test_read_only_report_of_eval_fails_before_attacks(runner, patched_ckpt, tin
     r = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack",
                              "fgsm", "--report", str(ro_dir / "r.md"), "--quiet", "--no-checks"])
     assert_run_error(r, "--report", "read-only")
+
+
+def test_second_run_to_the_same_out_refuses(runner, tmp_path, tiny_ckpt, tiny_data, monkeypatch):
+    import sys
+    import time
+
+    from hardener import validate as V
+    from hardener.errors import RunError
+
+    out = tmp_path / "o.safetensors"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"),
+        str(tmp_path / ".o.safetensors.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # another run holds --out
+        args = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--out", str(out), "--quiet"]
+        r = runner.invoke(main, args)
+        assert r.exit_code == 2 and "another harden run" in r.output, r.output
+    finally:
+        holder.kill()
+        holder.wait()
+    t0 = time.time()
+
+    def failed_run(*a, **k):
+        raise RunError("stopped here")
+
+    monkeypatch.setattr(F, "fit", failed_run)  # the lock is free now; this run gets past it, and releases it
+    r = runner.invoke(main, args)
+    assert r.exit_code == 3 and "stopped here" in r.output, r.output
+    assert not (tmp_path / ".o.safetensors.lock").exists() and not V._LOCKS
+    assert time.time() - t0 < 120
