@@ -22,10 +22,22 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=Non
     its module lies under a prefix of `trust_arch="pkg,other.pkg"` or of the HARDEN_TRUSTED_ARCH
     environment variable. The checkpoint's tensors are checked against its manifest's checksums.
     """
+    import os
     from pathlib import Path
 
     from .checkpoint import load_onto, load_patched, read_manifest
     from .errors import InputError
+    from .validate import check_arg
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a checkpoint's file path (str or Path), got {type(path).__name__}")
+    check_arg("arch", arch, "str | None")
+    check_arg("arch_kwargs", arch_kwargs, "dict | None")
+    check_arg("trust_arch", trust_arch, "bool | str | list")
+    if isinstance(trust_arch, list) and not all(isinstance(p, str) for p in trust_arch):
+        raise InputError("trust_arch must be True, a comma list of module prefixes or a list of them (strings)")
+    if arch_kwargs is not None and not all(isinstance(k, str) for k in arch_kwargs):
+        raise InputError("arch_kwargs must map keyword names (strings) to values")
 
     if model is not None:
         given = [n for n, v in (("arch", arch), ("arch_kwargs", arch_kwargs), ("mean", mean), ("std", std)) if v]

@@ -76,6 +76,8 @@ def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str, unlabelled: boo
         x = x.float()
         if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
             raise InputError("float images must be finite pixels in [0, 1] (uint8 images 0-255 are fine too)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"labels must be integer class indices, got {y.dtype} (a float label 1.5 is no class)")
     y = y.long().flatten()
     if len(y) != len(x):
         raise InputError(f"{len(x)} images but {len(y)} labels")
@@ -428,9 +430,7 @@ class Report:
         return self.data.get("checks", [])
 
     def to_json(self) -> str:
-        import json
-
-        return json.dumps(self.data, indent=2, sort_keys=True)
+        return R.json_text(self.data)
 
     def to_markdown(self) -> str:
         return R.to_markdown(self.data)
@@ -461,9 +461,22 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
     black-box Square), the per-sample worst case and which attack broke each sample, the base side by side when
     the model carries patches, and the sanity checks."""
+    from .validate import MAX_SEED, check_arg
+
     for what, v, lo in (("batch_size", batch_size, 1), ("steps", steps, 1), ("max_samples", max_samples, 1)):
-        if v is not None and (not isinstance(v, int) or v < lo):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
             raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
+    for what, v, kinds in (("eps", eps, "float | str"), ("norm", norm, "str"), ("seed", seed, "int"),
+                           ("checks", checks, "bool"), ("precision", precision, "str"),
+                           ("arch", arch, "str | None"), ("threat", threat, "str | tuple")):
+        check_arg(what, v, kinds)
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+    if not (isinstance(attacks, str) or isinstance(attacks, (list, tuple)) and attacks
+            and all(isinstance(a, str) for a in attacks)):
+        raise InputError(f"attacks must be an attack name, a comma list or a list of names, got {attacks!r}")
+    if isinstance(threat, tuple):
+        threat = parse_threats(",".join(str(t) for t in threat))
     dev = pick_device(device)
     if isinstance(model, (str, Path)):
         from .session import ModelOptions, load_model
@@ -478,7 +491,7 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
     if max_samples and max_samples < len(ds):
         ds = ds.take(hdata.stratified_split(ds.labels, int(max_samples), seed)[0])
-    threats = threat if isinstance(threat, tuple) else parse_threats(threat)
+    threats = parse_threats(threat) if isinstance(threat, str) else threat
     names = A.parse_attack_list(attacks)
     cfg = E.EvalConfig(attacks=names, eps=A.parse_eps(str(eps)), norm=norm, steps=steps, threats=threats,
                        batch_size=batch_size, seed=seed, checks=checks,

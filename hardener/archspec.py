@@ -29,6 +29,8 @@ DENIED_PACKAGES = frozenset(sys.stdlib_module_names) | {
     "builtins", "torch", "numpy", "safetensors", "hardener", "click", "pip", "setuptools", "pkg_resources",
     "IPython", "dill", "joblib", "cloudpickle", "requests", "urllib3",
 }
+# Paths whose meaning depends on the reading process (its working directory, its open files), not on the file system.
+PROCESS_PATHS = ("/proc", "/dev", "/sys")
 
 
 def is_file_spec(spec: str) -> bool:
@@ -83,6 +85,63 @@ def _is_cwd(entry: str, cwd: str) -> bool:
         return False
 
 
+def denied_module(name: str) -> str | None:
+    """Why harden never imports module `name` for an architecture (None: it may). Checked before any import:
+    importing `antigravity`, `this` or a package's `__main__` already runs code (opens a browser, prints, runs
+    tests, exits). A module of a denied package that is already loaded is only looked up (torch.nn's classes)."""
+    parts = name.split(".")
+    if "__main__" in parts:
+        return "is a program's entry point, not a model package"
+    if parts[0] in DENIED_PACKAGES and name not in sys.modules:
+        return (f"belongs to '{parts[0]}' (the standard library, torch, harden or a tool that runs code), whose "
+                "modules harden never imports for an architecture")
+    return None
+
+
+def _trail(path: str, limit: int = 40) -> list[str]:
+    """Every path the lookup of the absolute `path` passes through, symlink targets included."""
+    todo, cur, seen, hops = list(reversed(Path(path).parts)), os.sep, [], 0
+    while todo:
+        part = todo.pop()
+        if part == os.sep:  # the root: the start, or an absolute link target
+            cur = os.sep
+        elif part == "..":
+            cur = os.path.dirname(cur)
+        else:
+            nxt = os.path.join(cur, part)
+            seen.append(nxt)
+            if not os.path.islink(nxt):
+                cur = nxt
+                continue
+            hops += 1
+            if hops > limit:
+                raise InputError(f"the checkpoint's architecture path '{path[:200]}' is a loop of symlinks")
+            todo += reversed(Path(os.readlink(nxt)).parts)  # a relative target continues from the link's folder
+    return seen
+
+
+def check_stored(spec: str) -> None:
+    """Path rules for an architecture a file names (checked before anything is imported, trusted or not): an
+    absolute path that names the same file whatever the working directory -- no '.'/'..' parts, and neither it nor
+    a symlink on its way passes through /proc, /dev or /sys (`/proc/self/cwd/evil.py` is `./evil.py`)."""
+    if not is_file_spec(spec):
+        return
+    target = spec.rsplit(":", 1)[0]
+    if not os.path.isabs(target) or any(p in (".", "..") for p in target.replace("\\", "/").split("/")):
+        raise InputError(f"the checkpoint names its architecture by a relative file path ('{target[:200]}'), which "
+                         "would be imported from the current directory: pass --arch yourself")
+    try:
+        trail = _trail(target)
+    except (OSError, ValueError) as e:
+        raise InputError(f"the checkpoint's architecture file '{target[:200]}' cannot be resolved ({e}): pass --arch "
+                         "yourself") from None
+    via = next((t for t in [target, *trail] if any(t == r or t.startswith(r + "/") for r in PROCESS_PATHS)), None)
+    if via is not None:
+        raise InputError(f"the checkpoint names its architecture by the path '{target[:200]}', which goes through "
+                         f"'{via[:200]}' (its meaning depends on the reading process, e.g. its working directory): "
+                         "pass --arch yourself")
+
+
 def import_module(name: str, what: str) -> types.ModuleType:
     """Import `name` with the current directory off the import path (unless PYTHONPATH puts it there)."""
     cwd = os.path.realpath(os.getcwd()) if os.path.isdir(".") else ""
@@ -94,7 +153,7 @@ def import_module(name: str, what: str) -> types.ModuleType:
     except ImportError as e:
         raise InputError(f"{what}: cannot import module '{name}' ({e}); a file in the current directory "
                          "is named as file.py:callable") from None
-    except Exception as e:  # noqa: BLE001 - a module's top level may raise anything
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a module's top level may raise (or exit) anything
         raise InputError(f"{what}: importing '{name}' failed: {type(e).__name__}: {e}") from None
     finally:
         sys.path[:] = saved
@@ -125,6 +184,9 @@ def check_constructor(fn: Any, spec: str, what: str = "--arch") -> Callable[...,
 def resolve(spec: str, what: str = "--arch", allow_dotted: bool = True) -> Callable[..., nn.Module]:
     """The constructor a spec names. `Class.from_config` (a classmethod the class itself defines, the class defined
     in the named module) only when `allow_dotted`: the user's own --arch, never a spec read from a checkpoint."""
+    if isinstance(spec, str) and not spec.isprintable():  # a newline would forge a second line of output
+        raise InputError(f"{what} {ascii(spec[:200])} holds control characters; it must be "
+                         "'package.module:callable' or 'path/to/file.py:callable'")
     if not isinstance(spec, str) or ":" not in spec:
         raise InputError(f"{what} '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'")
     target, attr = spec.rsplit(":", 1)
@@ -157,7 +219,10 @@ def resolve(spec: str, what: str = "--arch", allow_dotted: bool = True) -> Calla
     else:
         if not all(part.isidentifier() for part in target.split(".")):
             raise InputError(f"{what} '{spec}': '{target}' is not a module name")
-        module = import_module(target, f"{what} '{spec}'")
+        why = denied_module(target)
+        if why:
+            raise InputError(f"{what} '{spec}': module '{target}' {why}; name the model's own package")
+        module = sys.modules.get(target) or import_module(target, f"{what} '{spec}'")
     fn = getattr(module, parts[0], None)
     if len(parts) == 2:  # a classmethod defined by a class of this very module (not inherited, not via an import)
         cls = fn
@@ -177,7 +242,7 @@ def build(spec: str, kwargs: dict[str, Any], what: str = "--arch", allow_dotted:
     fn = resolve(spec, what, allow_dotted)
     try:
         net = fn(**kwargs)
-    except Exception as e:  # noqa: BLE001 - user code may raise anything
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code may raise (or exit) anything
         raise InputError(f"{what} '{spec}' with kwargs {kwargs} failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, nn.Module):
         raise InputError(f"{what} '{spec}' returned {type(net).__name__}, not a torch.nn.Module")

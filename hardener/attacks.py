@@ -400,7 +400,7 @@ def parse_smooth_grad(text: str | None) -> float | None:
         alpha = float(value or 10)
     except ValueError:
         alpha = -1.0
-    if kind != "softplus" or alpha <= 0:
+    if kind != "softplus" or not math.isfinite(alpha) or alpha <= 0:
         raise InputError(f"--smooth-grad must look like softplus:10 (a positive α), got '{text}'")
     return alpha
 
@@ -445,6 +445,21 @@ def get(name: str, eps: float | str = "8/255", norm: str = "Linf", steps: int | 
     """One attack by name (`attack_names()`; suites like `autoattack` run through `harden eval`), with the same
     reference budgets as `harden eval` (APGD 100 steps, Square 5,000 queries) unless `steps`/`queries` say
     otherwise. `n_classes` matters for attacks with a minimum (DLR losses need 3 or 4 classes)."""
+    import dataclasses
+
+    from .validate import MAX_COUNT, check_arg
+
+    if not isinstance(name, str):
+        raise InputError(f"name must be an attack name (a string), got {name!r}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(AttackSpec) if f.name not in ("name", "settings")}
+    given = {"eps": eps, "norm": norm, "steps": steps, "n_classes": n_classes, **settings}
+    for key, value in given.items():
+        if key not in types:
+            raise InputError(f"hardener.attacks.get has no argument '{key}' (it takes {', '.join(types)})")
+        check_arg(key, value, "float | str" if key == "eps" else types[key])
+        if key in ("steps", "restarts", "queries", "eot", "n_classes") and value is not None \
+                and not 1 <= value <= MAX_COUNT:
+            raise InputError(f"{key} must be an integer in 1..{MAX_COUNT}, got {value}")
     names = expand([name])
     if len(names) != 1:
         raise InputError(f"'{name}' is a suite of {len(names)} attacks ({', '.join(names)}): get them one by one, or "

@@ -441,6 +441,9 @@ def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | s
             note = (f"; the checkpoint records arch kwargs {json.dumps(manifest.arch_kwargs)[:200]}, used only "
                     "when you repeat them with --arch-kwargs or pass --trust-arch")
         return ArchChoice(arch, {}, False, note)
+    if stored and not stored.isprintable():  # a newline in it would forge a line of harden's output
+        raise InputError(f"the checkpoint's architecture {ascii(stored[:200])} holds control characters (a damaged "
+                         "or crafted file): pass --arch yourself")
     if not stored:
         raise InputError("the checkpoint records no architecture: pass --arch (its constructor, or, for a base that "
                          "was a pickled module, that file with --trust-pickle)")
@@ -448,9 +451,7 @@ def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | s
         hint = (f" or add its module to {archspec.TRUST_ENV}" if archspec.module_of(stored) else "")
         raise InputError(f"the checkpoint names its architecture '{stored[:200]}'; harden does not run code a file "
                          f"names: pass --arch (and --arch-kwargs) yourself, or --trust-arch{hint} if you trust it")
-    if archspec.is_file_spec(stored) and not Path(stored.rsplit(":", 1)[0]).is_absolute():
-        raise InputError(f"the checkpoint names its architecture by a relative file path ('{stored[:200]}'), which "
-                         "would be imported from the current directory: pass --arch yourself")
+    archspec.check_stored(stored)  # paths that name the same file from any directory, checked before any import
     return ArchChoice(stored, dict(manifest.arch_kwargs), True)
 
 

@@ -131,6 +131,10 @@ class HardenGroup(click.Group):
             return super().invoke(ctx)
         except HardenError as e:
             raise _CliError(e) from None
+        finally:  # output locks of the command (validate is loaded once a command ran, not for --help)
+            validate = sys.modules.get("hardener.validate")
+            if validate is not None:
+                validate.release_locks()
 
 
 @click.group(cls=HardenGroup, context_settings={"help_option_names": ["-h", "--help"]})

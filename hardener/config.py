@@ -8,6 +8,7 @@ A `harden.toml` found in the working directory is announced on stderr. No config
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ def find_config(args: list[str]) -> Path | None:
         return Path(given)
     p = Path(DEFAULT_FILE)
     return p if p.is_file() else None
+
+
+def _number(key: str, v: Any, path: Path) -> Any:
+    """A TOML number harden can hold: finite (`inf`, `nan`, 1e400 are not) and an integer within 64 bits."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise InputError(f"config file '{path}': '{key}' must be a finite number, got {v}")
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 63 - 1:
+        raise InputError(f"config file '{path}': '{key}' = {v} is out of range (at most {2 ** 63 - 1})")
+    for x in v if isinstance(v, list) else ():
+        _number(key, x, path)
+    return v
 
 
 def _value(v: Any, multiple: bool) -> Any:
@@ -75,7 +87,7 @@ def load_defaults(path: Path, command: str, params: dict[str, bool]) -> dict[str
                 if strict:
                     raise InputError(f"config file '{path}': [{command}] has unknown key '{key}'")
                 continue  # a top-level key for another command
-            out[name] = _value(v, params[name])
+            out[name] = _value(_number(key, v, path), params[name])
     return out
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import InputError, RunError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -26,6 +29,9 @@ FASHION_MNIST_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# The decoders Pillow may use, whatever a file's name: never EPS/PS (Ghostscript runs on them) or any format that
+# shells out or that harden does not read (Pillow's JPEG decoder also opens multi-picture camera JPEGs).
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 MAX_PIXELS = 1 << 26  # 64 megapixels per image: larger ones are refused before decoding (decompression bombs)
 
 
@@ -69,11 +75,43 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 UNLABELLED = -1  # label of inputs loaded without labels (harden predict)
 
 
+def memory_budget() -> int:
+    """Bytes that one data set may take once decoded: half the machine's memory (or of the address-space limit)."""
+    import resource
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return min(total, soft if soft != resource.RLIM_INFINITY else total) // 2
+
+
+def check_budget(nbytes: int, what: str) -> None:
+    budget = memory_budget()
+    if nbytes > budget:
+        raise InputError(f"{what} would take {nbytes / 2 ** 30:,.1f} GiB in memory, more than harden allows for "
+                         f"data ({budget / 2 ** 30:,.1f} GiB, half the memory): use a smaller file or --subset")
+
+
 def load(spec: str, resize: tuple[int, int] | None = None, labels_required: bool = True) -> Dataset:
     """Load `spec`: `fashion-mnist:train|test`, an image folder, or a tensor file.
 
     `resize` applies while decoding an image folder, so that images of mixed sizes can load. With
-    `labels_required=False` a tensor file may hold images only; their labels are UNLABELLED."""
+    `labels_required=False` a tensor file may hold images only; their labels are UNLABELLED. A file the system
+    will not read (permissions, a name too long) is exit 2; memory that runs out while loading, exit 3."""
+    try:
+        return _load(spec, resize, labels_required)
+    except MemoryError:
+        raise RunError(f"out of memory while loading data '{spec}': free memory or use a smaller file") from None
+    except RuntimeError as e:  # torch's allocator: "DefaultCPUAllocator: can't allocate memory"
+        if "allocate" not in str(e):
+            raise
+        raise RunError(f"out of memory while loading data '{spec}': free memory or use a smaller file") from None
+    except OSError as e:
+        raise InputError(f"cannot read data '{str(spec)[:200]}': {e.strerror or _first_line(e)}"
+                         + (f" ('{str(e.filename)[:200]}')" if e.filename and str(e.filename) != spec else "")
+                         ) from None
+
+
+def _load(spec: str, resize: tuple[int, int] | None, labels_required: bool) -> Dataset:
     if spec.startswith("fashion-mnist:"):
         return load_fashion_mnist(spec.split(":", 1)[1])
     path = Path(spec)
@@ -90,6 +128,8 @@ def load(spec: str, resize: tuple[int, int] | None = None, labels_required: bool
     if loader is None:
         raise InputError(f"data '{spec}': unsupported file type '{path.suffix}' "
                          "(use an image folder or a .safetensors/.npz/.pt file with 'images' and 'labels')")
+    if loader is not _load_npz:  # safetensors and torch.save store tensors uncompressed (npz: its members' sizes)
+        check_budget(path.stat().st_size, f"data '{spec}'")
     images, labels, classes = loader(path)
     if labels is None and images is not None and not labels_required:
         labels = np.full(len(images), UNLABELLED, dtype=np.int64)
@@ -97,12 +137,32 @@ def load(spec: str, resize: tuple[int, int] | None = None, labels_required: bool
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    """An IDX file of unsigned bytes (MNIST's format), its header checked against the data before allocating."""
+    if path.suffix == ".gz":
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                raise InputError(f"'{path}' is named .gz but is not gzip-compressed")
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\0\0\x08" or not 1 <= head[3] <= 4:
+                raise InputError(f"'{path}' is not an IDX file of unsigned bytes (header {head!r})")
+            raw_dims = f.read(4 * head[3])
+            dims = [int.from_bytes(raw_dims[4 * i: 4 * i + 4], "big") for i in range(len(raw_dims) // 4)]
+            need = math.prod(dims)
+            if len(dims) != head[3] or need == 0:
+                raise InputError(f"'{path}': truncated or empty IDX header")
+            check_budget(need, f"'{path}'")
+            if path.suffix != ".gz" and path.stat().st_size != 4 + 4 * len(dims) + need:
+                raise InputError(f"'{path}': the IDX header declares {need:,} bytes of data but the file holds "
+                                 f"{path.stat().st_size - 4 - 4 * len(dims):,}")
+            raw = f.read(need + 1)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise InputError(f"'{path}': damaged gzip data ({_first_line(e)})") from None
+    if len(raw) != need:
+        raise InputError(f"'{path}': the IDX header declares {need:,} bytes of data but the file holds "
+                         f"{'more' if len(raw) > need else f'{len(raw):,}'}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def load_fashion_mnist(split: str) -> Dataset:
@@ -133,7 +193,8 @@ def load_image_folder(root: Path, resize: tuple[int, int] | None = None) -> Data
                          "it needs one subfolder per class and at least two classes")
     arrays, labels, shapes = [], [], {}
     notes: list[str] = []
-    resized = 0
+    resized = total = 0
+    budget = memory_budget()
     for label, d in enumerate(class_dirs):
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
@@ -142,7 +203,7 @@ def load_image_folder(root: Path, resize: tuple[int, int] | None = None) -> Data
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    im_cm = Image.open(p)
+                    im_cm = Image.open(p, formats=PIL_FORMATS)
                 with im_cm as im:
                     if im.width * im.height > MAX_PIXELS:
                         raise InputError(f"image '{p}' is {im.width}x{im.height} pixels, more than harden decodes "
@@ -153,13 +214,19 @@ def load_image_folder(root: Path, resize: tuple[int, int] | None = None) -> Data
                         im = im.resize((resize[1], resize[0]), Image.BILINEAR)
                         resized += 1
                     arr = np.asarray(im)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            except UnidentifiedImageError:
+                raise InputError(f"cannot read image '{p}': not a {', '.join(PIL_FORMATS[:-1])} or WebP image "
+                                 "(the formats harden decodes, whatever the file's name)") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                     Image.DecompressionBombWarning) as e:
                 raise InputError(f"cannot read image '{p}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                  ) from None
             if arr.ndim == 2:
                 arr = arr[:, :, None]
             shapes.setdefault(arr.shape, p)
+            total += arr.nbytes
+            if total > budget:  # many images of the allowed size, or a large --resize
+                check_budget(total, f"image folder '{root}' (decoded up to '{p.name}')")
             arrays.append(arr)
             labels.append(label)
     channels = max(a.shape[2] for a in arrays)
@@ -182,6 +249,8 @@ def _load_safetensors(path: Path):
 
     try:
         t = load_file(str(path))
+    except MemoryError:
+        raise  # exit 3 (a failed run), not a bad file
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for damaged files
         raise InputError(f"cannot read '{path}' as safetensors: {_first_line(e)}") from None
     return t.get("images"), t.get("labels"), None
@@ -203,12 +272,12 @@ def _load_npz(path: Path):
         raise InputError(f"cannot read '{path}' as .npz: the file is {what}; save with numpy.savez(images=..., "
                          "labels=...)")
     try:
+        _check_npz_members(path)
         with np.load(path, allow_pickle=False) as z:
             images = z["images"] if "images" in z else None
             labels = z["labels"] if "labels" in z else None
             classes = z["classes"] if "classes" in z else None
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError, NotImplementedError,
-            MemoryError) as e:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as e:
         raise InputError(f"cannot read '{path}' as .npz: {_first_line(e)}") from None
     if classes is not None:
         if classes.ndim != 1 or classes.dtype.kind not in "USi":
@@ -217,9 +286,32 @@ def _load_npz(path: Path):
     return images, labels, classes
 
 
+def _check_npz_members(path: Path) -> None:
+    """The arrays harden reads from an npz, sized by their headers before any is decompressed: each must fit its
+    zip member (a header that lies) and together the memory budget (a zip bomb)."""
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.filename not in ("images.npy", "labels.npy", "classes.npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            need = math.prod(shape) * dtype.itemsize
+            if need > info.file_size:
+                raise InputError(f"'{path}': '{info.filename[:-4]}' declares shape {shape} ({need:,} bytes) but its "
+                                 f"member holds {info.file_size:,} bytes (a damaged or crafted file)")
+            total += need
+    check_budget(total, f"'{path}'")
+
+
 def _load_pt(path: Path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise  # exit 3 (a failed run), not a bad file
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         raise InputError(f"cannot read '{path}' as a tensor file: {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict):
@@ -237,7 +329,7 @@ def _from_arrays(images, labels, classes, source: str) -> Dataset:
     if labels.numel() == 0 or images.numel() == 0:
         raise InputError(f"'{source}' holds no images")
     labels = labels.reshape(-1)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
         raise InputError(f"'{source}': labels must be integers, got {labels.dtype}")
     labels = labels.to(torch.int64)
     if images.ndim == 3:
@@ -268,8 +360,12 @@ def _from_arrays(images, labels, classes, source: str) -> Dataset:
 
 def _as_tensor(v, what: str, source: str) -> torch.Tensor:
     """An array of numbers as a tensor; strings, objects and nested lists are named as such."""
-    if isinstance(v, torch.Tensor):
-        return v
+    if isinstance(v, torch.Tensor):  # from a .pt file: dense numbers on the CPU, nothing attached
+        if v.layout != torch.strided or v.is_nested or v.is_quantized or v.device.type != "cpu":
+            kind = "nested" if v.is_nested else "quantized" if v.is_quantized else \
+                str(v.layout).replace("torch.", "") if v.layout != torch.strided else f"{v.device.type} device"
+            raise InputError(f"'{source}': {what} is a {kind} tensor; store a dense CPU tensor (.to_dense().cpu())")
+        return v.detach()
     try:
         arr = np.asarray(v)
     except (ValueError, TypeError) as e:
@@ -304,6 +400,8 @@ def conform(ds: Dataset, channels: int | None, resize: tuple[int, int] | None,
     notes = list(ds.notes)
     if resize is not None and tuple(images.shape[2:]) != resize:
         was_uint8 = images.dtype == torch.uint8
+        check_budget(2 * 4 * images.shape[0] * images.shape[1] * resize[0] * resize[1],  # float32, twice
+                     f"resizing {images.shape[0]:,} images to {resize[0]}x{resize[1]}")
         x = F.interpolate(to_float(images), size=resize, mode="bilinear", antialias=True, align_corners=False)
         x = x.clamp_(0, 1)
         images = (x * 255).round_().to(torch.uint8) if was_uint8 else x
@@ -438,6 +536,8 @@ def stratified_split(labels: torch.Tensor, size: float | int, seed: int) -> tupl
     count = int(round(size * n)) if isinstance(size, float) else int(size)
     if count > n:
         raise InputError(f"--subset {size} asks for {count} samples but the data has only {n}")
+    if count < 1:
+        raise InputError(f"--subset {size} of {n:,} samples leaves none: give a larger --subset")
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
     chosen = []

@@ -138,6 +138,11 @@ class Classifier(nn.Module):
                 if name == "std" and min(values) <= 0:
                     raise InputError("--std values must be positive")
                 t = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+                # finite in float32, and a std whose inverse is too (--std inf zeroes every input: no gradient,
+                # robust = clean; 1e-45 makes every input inf)
+                if not bool(torch.isfinite(t).all()) or name == "std" and not bool(torch.isfinite(1 / t).all()):
+                    raise InputError(f"--{name} values must be finite{' and positive' if name == 'std' else ''} "
+                                     f"(as 32-bit floats), got {','.join(f'{v:g}' for v in values)}")
             self.register_buffer(name, t, persistent=False)
         self.trainable = False
         self.net.eval()

@@ -42,7 +42,7 @@ class PatchOptions:
     validate: int = 0
     validate_every: int = 1
     phi: float = 0.5
-    betas: str = "1,1,1"
+    betas: str | tuple = "1,1,1"
     sigma: float = 0.0
     adversary: str = "base"
     epochs: int = 20
@@ -55,7 +55,7 @@ class PatchOptions:
     cache: bool = True
     cache_limit: str | int = "2GiB"
     subset: str | float | int | None = None
-    holdout: str = "20%"
+    holdout: str | float | int = "20%"
     noise_sigma: float = 0.0
     precision: str = "fp32"
     unlabeled: Any = None  # images without labels the frozen base labels: a data spec, "rest" (CLI), or data
@@ -71,7 +71,7 @@ class PatchOptions:
         range are errors. `recipe="auto"` is the CLI's rule: the default preset unless an override shapes the
         recipe (method, at, at_regex, adversary), then the built-in defaults, never a mix."""
         from .recipe import resolve_preset
-        from .validate import OPTION_RULES
+        from .validate import OPTION_RULES, check_arg
 
         names = {f.name for f in fields(cls)}
         given = {cls.ALIASES.get(k, k): v for k, v in overrides.items()}
@@ -85,7 +85,9 @@ class PatchOptions:
             if bs.strip().lower() != "auto":
                 raise InputError(f"batch_size must be a positive integer or auto, got {bs!r}")
             values["batch_size"] = "auto"
+        types = {f.name: str(f.type) for f in fields(cls)}
         for k, v in values.items():
+            check_arg(k, v, types[k])
             rule = OPTION_RULES.get(k)
             if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not rule[0](v):
                 raise InputError(f"{k} {rule[1]}, got {v}")

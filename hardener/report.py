@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -268,22 +269,29 @@ def parse_fail_under(text: str | None) -> dict[str, float]:
 # APGD fails (34% vs 0.0% on one model), and a query attack alone is a black-box figure.
 
 
+MIN_GATE_STEPS = 2  # an iterative attack with one step is FGSM
+
+
 def check_gate_attacks(thresholds: dict[str, float], attacks: list[str], threats: tuple[str, ...],
-                       allow_weak: bool) -> None:
+                       allow_weak: bool, steps: int | None = None) -> None:
     """A `robust`/`transfer` gate needs an iterative gradient attack in that threat model: otherwise the gate would
-    pass on an attack too weak to mean anything (input error, exit 2). A gate on a threat model that did not run at
-    all is reported as missed ("not measured", exit 1) by `gate`."""
-    if allow_weak:
+    pass on an attack too weak to mean anything (input error, exit 2). Iterative means a loss maximised inside the
+    threat model's ball (kind "gradient": not a minimum-norm search such as DeepFool, which leaves 60% where
+    APGD-CE leaves 0%) for at least MIN_GATE_STEPS steps (`steps`, the run's --steps, else the attack's own budget).
+    A gate on a threat model that did not run at all is reported as missed ("not measured", exit 1) by `gate`."""
+    if allow_weak or not ({"robust", "transfer"} & set(thresholds)):
         return
     from .attacks import info
 
-    strong = [a for a in attacks if info(a).iterative]
+    strong = [a for a in attacks if info(a).kind == "gradient"
+              and (steps if steps is not None else info(a).steps) >= MIN_GATE_STEPS]
     for key, threat in (("robust", "whitebox"), ("transfer", "transfer")):
         if key in thresholds and (not strong or threat not in threats):
-            raise InputError(f"--fail-under {key}= needs an iterative {threat} attack (e.g. --attack apgd-ce with "
-                             f"--threat {threat} or all); with only {', '.join(attacks) or 'none'} the gate would pass "
-                             "on a weak attack (FGSM leaves 34% where APGD leaves 0%); add one, or pass "
-                             "--allow-weak-gate")
+            budget = f" at --steps {steps}" if steps is not None and steps < MIN_GATE_STEPS else ""
+            raise InputError(f"--fail-under {key}= needs an iterative {threat} attack of at least {MIN_GATE_STEPS} "
+                             f"steps (e.g. --attack apgd-ce with --threat {threat} or all); with only "
+                             f"{', '.join(attacks) or 'none'}{budget} the gate would pass on a weak attack (FGSM "
+                             "leaves 34% where APGD leaves 0%); add one, or pass --allow-weak-gate")
 
 
 def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
@@ -564,7 +572,23 @@ def to_html(rep: dict) -> str:
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-RENDERERS = {".json": lambda r: json.dumps(r, indent=2, sort_keys=True) + "\n", ".md": to_markdown,
+def standard(obj: Any) -> Any:
+    """`obj` with every NaN or infinity as None (null): JSON has no such numbers (Python would write `NaN`)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: standard(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [standard(v) for v in obj]
+    return obj
+
+
+def json_text(rep: Any) -> str:
+    """A report as standard JSON (NaN and infinities written as null)."""
+    return json.dumps(standard(rep), indent=2, sort_keys=True, allow_nan=False)
+
+
+RENDERERS = {".json": lambda r: json_text(r) + "\n", ".md": to_markdown,
              ".html": to_html}
 
 

@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, RunError
 
 MAX_PATCHES = 4096
 MAX_CHANNELS = 1 << 16
@@ -196,9 +196,14 @@ def _flag(param) -> str:
     return max(opts, key=len) if opts else f"--{param.name.replace('_', '-')}"
 
 
-# name -> (check, requirement); None values (option not given) pass.
-def _ge(n):
-    return (lambda v: v >= n), f"must be at least {n}"
+# name -> (check, requirement); None values (option not given) pass. Counts stop at MAX_COUNT (far beyond any
+# physical run, and inside every integer type torch and numpy take); seeds span what torch.manual_seed takes.
+MAX_COUNT = 2 ** 31 - 1
+MAX_SEED = 2 ** 63 - 1
+
+
+def _ge(n, hi: int = MAX_COUNT):
+    return (lambda v: n <= v <= hi), f"must be an integer in {n}..{hi}"
 
 
 def _finite_pos():
@@ -219,7 +224,7 @@ OPTION_RULES: dict[str, tuple] = {
     "select_on": _ge(0), "validate": _ge(0), "validate_every": _ge(1), "width": _ge(1),
     "prefilter_stride": ((lambda v: isinstance(v, int) and 1 <= v <= 8), "must be an integer in 1..8"),
     "e2e_samples": _ge(0), "e2e_steps": _ge(1), "neighbour_steps": _ge(1), "iterations": _ge(1),
-    "post_batch": _ge(2), "seed": _ge(0),
+    "post_batch": _ge(2), "seed": _ge(0, MAX_SEED),
     "lr": _finite_pos(), "post_lr": _finite_pos(), "alpha": _finite_pos(), "rho": _finite_pos(),
     "delta": _finite(), "beta": _finite_nonneg(), "lam": _finite_nonneg(), "mu": _finite_nonneg(),
     "gamma": _finite_nonneg(), "eps_warmup": _finite_nonneg(), "sigma": _finite_nonneg(),
@@ -230,6 +235,27 @@ OPTION_RULES: dict[str, tuple] = {
     "pseudo_ratio": _finite_pos(), "n0": _ge(1), "n_samples": _ge(1), "smooth_n": _ge(1),
     "smooth_alpha": ((lambda v: 0 < v < 1), "must be a number in (0, 1)"),
 }
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+          "dict": (dict,), "tuple": (tuple,), "list": (list,), "Any": (object,)}
+
+
+def check_arg(name: str, value: Any, annotation: str) -> Any:
+    """A library argument against its annotation ('int', 'str | float | None', ...): the type, numbers finite and
+    within 64 bits, no bool where a number belongs. The error names the Python parameter."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    ok = any(isinstance(value, _TYPES.get(k, (object,))) for k in kinds)
+    if isinstance(value, bool) and "bool" not in kinds and "Any" not in kinds:
+        ok = False
+    if not ok:
+        raise InputError(f"{name} must be {' or '.join(k.replace('None', 'None (not given)') for k in kinds)}, got "
+                         f"{_show(value)} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if _is_int(value) and abs(value) > 2 ** 63 - 1:
+        raise InputError(f"{name} = {value} is out of range (at most {2 ** 63 - 1})")
+    return value
 
 
 def check_options(ctx) -> None:
@@ -295,6 +321,7 @@ def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str,
         parent = o.parent if str(o.parent) else Path(".")
         if not parent.is_dir():
             raise InputError(f"{flag} '{out}': folder '{parent}' does not exist")
+        writable(flag, out, parent)
         if o.is_symlink() or o.exists():
             if o.is_dir():
                 raise InputError(f"{flag} '{out}' is a folder")
@@ -302,6 +329,59 @@ def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str,
                 raise InputError(f"{flag} '{out}' exists and is not a regular file (a pipe or device?)")
             if not force:
                 raise InputError(f"{flag} '{out}' exists; pass --force to overwrite it or choose another file")
+
+
+def writable(flag: str, out: Any, parent: Path) -> None:
+    """The output's folder takes a file now, before any work (a read-only or full file system, no permission would
+    otherwise end the run after training): a probe file is created and removed (exit 3 when it cannot be)."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".harden-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunError(f"{flag} '{out}': cannot write in folder '{parent}' ({e.strerror or e}); choose a writable "
+                       "folder") from None
+
+
+_LOCKS: dict[str, tuple[int, Path]] = {}  # --out -> (the open lock file, its path), held until release_locks()
+
+
+def lock_output(out: Any) -> None:
+    """An exclusive lock on `out` (and so its side files) for this run: a second run to the same --out refuses
+    with one line instead of both writing and both reporting success. The lock is `.NAME.lock` beside the output,
+    removed by release_locks(); only rank 0 of a distributed run writes, so only it locks."""
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    path = Path(out).resolve()
+    lock = path.with_name(f".{path.name}.lock")
+    while str(path) not in _LOCKS:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(f"--out '{out}' is being written by another harden run (lock '{lock}'); wait for it "
+                             "or choose another file") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed the file between our open and lock: take the new one
+            _LOCKS[str(path)] = (fd, lock)
+        else:
+            os.close(fd)
+
+
+def release_locks() -> None:
+    """Remove and release the output locks this process holds (at the end of a command)."""
+    while _LOCKS:
+        _, (fd, lock) = _LOCKS.popitem()
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-data"), ("classes", "--classes"),
@@ -321,6 +401,9 @@ def check_run(ctx, outputs: list[tuple[str, Any]], force: bool) -> None:
     if params.get("classes"):
         regular_input(params["classes"], "--classes file")
     check_outputs([(flag, o) for flag, o in outputs if o], inputs, force)
+    for flag, o in outputs:
+        if o and flag == "--out":
+            lock_output(o)
 
 
 def eval_state_dir(state_dir: str | None, reports: list[str]) -> Path | None:

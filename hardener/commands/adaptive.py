@@ -1,7 +1,6 @@
 """Inference-time post-training (`harden predict --adaptive`) and its evaluation (`harden eval --defense adaptive`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -48,9 +47,9 @@ def evaluate(model: str, loaded: Loaded, ds: hdata.Dataset, names: list[str], kw
            "environment": R.environment(str(device), kw["seed"], kw["deterministic"]), **res}
     _render(res, spec)
     for p in kw["report_paths"]:
-        atomic_write(Path(p), lambda tmp: Path(tmp).write_text(json.dumps(rep, indent=2, sort_keys=True)))
+        atomic_write(Path(p), lambda tmp: Path(tmp).write_text(R.json_text(rep)))
     if kw["as_json"]:
-        out(json.dumps(rep, indent=2, sort_keys=True))
+        out(R.json_text(rep))
 
 
 def _render(res: dict, spec: A.AttackSpec) -> None:

@@ -2,7 +2,6 @@
 sanity checks, gates (`--fail-under`), reports; resumable, and shardable over processes (torchrun)."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def run(call: Call) -> None:
     if kw["mlflow"]:
         track(kw, rep, list(kw["report_paths"]), f"harden eval {Path(model).name}")
     if kw["as_json"]:
-        out(json.dumps(rep, indent=2, sort_keys=True))
+        out(R.json_text(rep))
     if rep["gates"]["missed"]:
         raise ThresholdError("--fail-under missed: " + "; ".join(rep["gates"]["missed"]))
 
@@ -70,7 +69,7 @@ def _check(call: Call):
     raw = list(kw["attack_names"]) + ([A.SUITE_VERSIONS[kw["suite"]]] if kw["suite"] else [])
     names = A.parse_attack_list(raw or ["apgd-ce"])
     if kw["defense"] != "adaptive":
-        R.check_gate_attacks(thresholds, names, threats, kw["allow_weak_gate"])
+        R.check_gate_attacks(thresholds, names, threats, kw["allow_weak_gate"], kw["steps"])
     sweep = [A.parse_eps(e) for e in kw["eps_sweep"].split(",")] if kw["eps_sweep"] else None
     return model, data, thresholds, threats, raw, names, sweep
 

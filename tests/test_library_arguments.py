@@ -1,0 +1,79 @@
+"""Issue 35, item 6: the public functions check their arguments and name the Python parameter in a HardenError."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hardener
+from hardener.errors import HardenError, InputError
+
+from conftest import ARCH, make_data, trained_tiny
+
+
+@pytest.fixture(scope="module")
+def toy():
+    imgs, labels = make_data(n=30)
+    return imgs, labels
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"path": None}, "path"), ({"path": 3.5}, "path"), ({"arch": 42}, "arch"), ({"arch_kwargs": [1, 2]}, "arch_kwargs"),
+    ({"arch_kwargs": '{"width": 4}'}, "arch_kwargs"), ({"arch_kwargs": {1: 2}}, "arch_kwargs"),
+    ({"trust_arch": 1.0}, "trust_arch"), ({"trust_arch": [None]}, "trust_arch"),
+])
+def test_load_arguments(patched_ckpt, kwargs, needle):
+    kwargs = {"path": patched_ckpt, "arch": ARCH, **kwargs}
+    with pytest.raises(InputError, match=needle):
+        hardener.load(**kwargs)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"epochs": "3"}, "epochs"), ({"cache_limit": 2.0}, "cache_limit"), ({"epochs": 2.5}, "epochs"),
+    ({"eps": [0.1]}, "eps"), ({"augment": "yes"}, "augment"), ({"steps": True}, "steps"),
+    ({"lr": float("inf")}, "lr"), ({"seed": 2 ** 64}, "seed"), ({"seed": -1}, "seed"), ({"epochs": 2 ** 40}, "epochs"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_patch_arguments(toy, overrides, needle):
+    with pytest.raises(InputError, match=needle):
+        hardener.patch(trained_tiny(steps=1), toy, recipe=None, **overrides)
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([0.0, 1.5] * 15), torch.zeros(30, dtype=torch.bool),
+                                    torch.zeros(30, dtype=torch.complex64)])
+def test_float_labels_are_refused(toy, labels):
+    with pytest.raises(InputError, match="labels must be integer"):
+        hardener.as_dataset((toy[0], labels))
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"attacks": 3}, "attacks"), ({"attacks": []}, "attacks"), ({"attacks": ["fgsm", 3]}, "attacks"),
+    ({"threat": ("whitebox", "bogus")}, "threat"), ({"threat": 7}, "threat"), ({"seed": 2 ** 63}, "seed"),
+    ({"seed": "0"}, "seed"), ({"eps": None}, "eps"), ({"checks": "no"}, "checks"), ({"steps": True}, "steps"),
+    ({"norm": 2}, "norm"),
+])
+def test_evaluate_arguments(patched_ckpt, toy, kwargs, needle):
+    with pytest.raises(InputError, match=needle):
+        hardener.evaluate(hardener.load(patched_ckpt, arch=ARCH), toy, **{"attacks": "fgsm", **kwargs})
+
+
+def test_evaluate_accepts_a_threat_tuple(patched_ckpt, toy):
+    rep = hardener.evaluate(hardener.load(patched_ckpt, arch=ARCH), toy, attacks="fgsm", eps=0.1, checks=False,
+                            threat=("whitebox",), max_samples=6)
+    assert set(rep.data["models"]["patched"]["threats"]) == {"whitebox"}
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"bogus": 1}, "bogus"), ({"steps": "5"}, "steps"), ({"restarts": 0}, "restarts"), ({"eps": None}, "eps"),
+    ({"n_classes": 2.0}, "n_classes"), ({"seed": float("nan")}, "seed"), ({"settings": {}}, "settings"),
+    ({"queries": 2 ** 70}, "queries"),
+])
+def test_attacks_get_arguments(kwargs, needle):
+    with pytest.raises(HardenError, match=needle):
+        hardener.attacks.get("apgd-ce", **kwargs)
+    with pytest.raises(InputError, match="name"):
+        hardener.attacks.get(None)
+
+
+def test_valid_arguments_still_work(patched_ckpt):
+    assert hardener.attacks.get("apgd-ce", eps=0.1, steps=5, n_classes=3, restarts=2).spec.restarts == 2
+    assert hardener.load(str(patched_ckpt), arch=ARCH, arch_kwargs={}) is not None
