@@ -107,6 +107,10 @@ DATA = (
     opt("--crop", help="Centre-crop images to H,W (after --resize)."),
 )
 
+ALLOW_LOW_ACCURACY = opt(
+    "--allow-low-accuracy", is_flag=True,
+    help="Go on when the model's clean accuracy on the labelled data is near chance (by default a stop: the input "
+         "is then usually not what it was trained on: --mean/--std, --input-shape or the class map).")
 ADAPTIVE_EPS = opt("--eps", "adaptive_eps", default="8/255", show_default=True,
                    help="Perturbation budget of the neighbour search and the post-training attacks.")
 ADAPTIVE = (
@@ -235,7 +239,7 @@ PATCH = (
               "stratified, seeded part of it (fraction or count, at most 1,000 images by default) for model "
               "selection and the report."),
     opt("--report", "report_path", type=FILE, help="Write the report (.json/.md/.html)."),
-    *MODEL, *DATA,
+    ALLOW_LOW_ACCURACY, *MODEL, *DATA,
 )
 
 EVAL = (
@@ -294,7 +298,7 @@ EVAL = (
     opt("--e2e-samples", default=20, show_default=True, type=int,
         help="Inputs attacked end to end through the adaptive procedure (0 = none; each costs minutes)."),
     opt("--e2e-steps", default=10, show_default=True, type=int, help="PGD steps of that end-to-end attack."),
-    *ADAPTIVE, *MODEL, *DATA,
+    ALLOW_LOW_ACCURACY, *ADAPTIVE, *MODEL, *DATA,
 )
 
 CERTIFY = (

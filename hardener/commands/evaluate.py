@@ -3,6 +3,7 @@ sanity checks, gates (`--fail-under`), reports; resumable, and shardable over pr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from .. import api, attacks as A, data as hdata, distributed as D, evaluation as
 from ..checkpoint import sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, Interrupted, ThresholdError, UsageError
+from ..patches.attach import Disabled
 from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
-from ..session import finish_spec, load_data, load_model, load_parent
+from ..session import check_accuracy, finish_spec, load_data, load_model, load_parent
 from . import Call, adaptive, data_options, model_arg, model_options, start
 
 
@@ -69,7 +71,9 @@ def _check(call: Call):
     names = A.parse_attack_list(raw or ["apgd-ce"])
     if kw["defense"] != "adaptive":
         R.check_gate_attacks(thresholds, names, threats, kw["allow_weak_gate"])
-    sweep = [A.parse_eps(e) for e in kw["eps_sweep"].split(",")] if kw["eps_sweep"] else None
+    A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], what="--eps")
+    sweep = [A.check_eps(A.parse_eps(e), kw["norm"], what="--eps-sweep", zero=True)
+             for e in kw["eps_sweep"].split(",")] if kw["eps_sweep"] else None
     return model, data, thresholds, threats, raw, names, sweep
 
 
@@ -100,6 +104,10 @@ def _load(model: str, data: str, kw: dict, device: torch.device):
         loaded.patched.set_route(kw["route"])
     ds = load_data(loaded, data, data_options(kw))
     finish_spec(loaded, ds, device)
+    for e in [kw["eps"], *(kw["eps_sweep"].split(",") if kw["eps_sweep"] else [])]:  # L2: against the image size
+        A.check_eps(A.parse_eps(e), kw["norm"], math.prod(ds.shape), what="--eps", zero=e != kw["eps"])
+    low = check_accuracy(Disabled(loaded.patched), ds, loaded.spec.num_classes, device, kw["allow_low_accuracy"])
+    loaded.warnings += [low] if low else []
     for w in loaded.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if reference is not None:

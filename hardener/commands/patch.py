@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -14,9 +15,10 @@ from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
 from ..layers import describe_cost, patch_cost
+from ..patches.attach import Disabled
 from ..recipe import Split, load_preset, parse_methods, split_for_training
 from ..resume import Saver, StopFlag, fingerprint
-from ..session import Loaded, finish_spec, load_data, load_model
+from ..session import Loaded, check_accuracy, finish_spec, load_data, load_model
 from . import Call, data_options, model_arg, model_options, start
 
 COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
@@ -91,7 +93,7 @@ def _plan(call: Call) -> Plan:
     model, out_file = _check(call)
     recipe = load_preset(kw["preset"]) if kw["preset"] else None
     parse_methods(kw["method"], kw["bn"], kw["at"] or kw["at_regex"])
-    A.parse_eps(kw["eps"])
+    A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], what="--eps")
     A.expand([kw["attack_name"]])  # unknown names fail before any loading
     A.parse_smooth_grad(kw["smooth_grad"])
     subset = hdata.parse_subset(kw["subset"])
@@ -102,6 +104,7 @@ def _plan(call: Call) -> Plan:
     loaded = load_model(model, model_options(kw), allow_patched=False)
     ds_all = load_data(loaded, kw["data"], data_options(kw))
     infos = finish_spec(loaded, ds_all, device)
+    A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], math.prod(loaded.spec.shape), what="--eps")
     announce(ds_all, kw["quiet"])
     opts = api.PatchOptions(**{f: v for f, v in kw.items() if f in PATCH_FIELDS})
     api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else _say)
@@ -120,7 +123,8 @@ def _plan(call: Call) -> Plan:
     quick = kw["report_budget"] == "quick"
     eval_samples = kw["eval_samples"] if kw["eval_samples"] is not None else (500 if quick else 1000)
     eval_ds, unused, warnings = _report_data(loaded, ds_all, split.rest, kw["eval_data"], eval_samples, kw)
-    warnings = loaded.warnings + warnings
+    low = check_accuracy(Disabled(loaded.patched), ds_all, loaded.spec.num_classes, device, opts.allow_low_accuracy)
+    warnings = loaded.warnings + ([low] if low else []) + warnings
     if opts.unlabeled:
         train_ds, cfg = _pseudo_labelled(loaded, ds_all, unused, train_ds, opts, cfg, split, device, kw)
     cfg = api.settle_batch_size(cfg, opts, len(train_ds))
