@@ -290,14 +290,7 @@ def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
     """Missed thresholds, as sentences (empty = all met)."""
     if not thresholds:
         return []
-    name = "patched" if "patched" in rep["models"] else "base"
-    m = rep["models"][name]
-    values = {"clean": m["clean"]["accuracy"]}
-    if "worst_whitebox" in m:
-        values["robust"] = m["worst_whitebox"]["accuracy"]
-    for t in ("transfer", "blackbox"):
-        if t in m["threats"]:
-            values[t] = m["threats"][t]["robust"]["accuracy"]
+    values = gate_values(rep)
     missed = []
     for key, th in thresholds.items():
         if key not in values:
@@ -305,6 +298,25 @@ def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
         elif values[key] < th:
             missed.append(f"{key} accuracy {values[key]:.4f} < {th:.4f}")
     return missed
+
+
+def gate_values(rep: dict) -> dict[str, float]:
+    """What the gates compare: the evaluated model's clean accuracy, white-box worst case, transfer and black-box."""
+    m = rep["models"]["patched" if "patched" in rep["models"] else "base"]
+    values = {"clean": m["clean"]["accuracy"]}
+    if "worst_whitebox" in m:
+        values["robust"] = m["worst_whitebox"]["accuracy"]
+    for t in ("transfer", "blackbox"):
+        if t in m["threats"]:
+            values[t] = m["threats"][t]["robust"]["accuracy"]
+    return values
+
+
+def gates_passed_line(rep: dict, thresholds: dict[str, float]) -> str:
+    """The line a run whose gates all passed prints: each value against its threshold."""
+    values = gate_values(rep)
+    return "gates passed (--fail-under): " + ", ".join(f"{k} {100 * values[k]:.1f}% >= {100 * th:.1f}%"
+                                                       for k, th in thresholds.items())
 
 
 # ---------------------------------------------------------------- rendering

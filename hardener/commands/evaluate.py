@@ -184,6 +184,8 @@ def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: 
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
     rep["summary"] = R.summary(rep)
     R.render_table(rep, err_console)
+    if thresholds and not missed:
+        err_console.print(R.gates_passed_line(rep, thresholds), highlight=False)
     for p in kw["report_paths"]:
         R.write(rep, p)
     return rep
