@@ -414,3 +414,58 @@ def test_a_passed_gate_prints_its_line_with_thresholds(runner, patched_ckpt, tin
     assert r.exit_code == 0, r.output
     line = next(s for s in r.output.splitlines() if s.startswith("gates passed"))
     assert re.fullmatch(r"gates passed \(--fail-under\): clean \d+\.\d% >= 20\.0%, transfer \d+\.\d% >= 10\.0%", line)
+
+
+# --- reports a team lead forwards ----------------------------------------------------------------------------------
+
+def test_report_cards_budgets_metrics_and_a_reproduce_command_that_reproduces(runner, monkeypatch, tmp_path,
+                                                                              patched_ckpt, tiny_test_data):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack", "apgd-ce",
+            "--steps", "3", "--eps", "0.15", "--quiet", "--no-checks", "--threat", "whitebox,transfer",
+            "--fail-under", "clean=0.2,transfer=10%", "--report", "r.json", "--report", "r.md", "--report", "r.html"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    # metrics: the summary's numbers alone, for mlflow.log_metrics; the summary keeps its keys and meaning
+    assert rep["metrics"] and all(type(v) in (int, float) for v in rep["metrics"].values())
+    s = rep["summary"]
+    assert s["model"] == "patched" and s["blackbox"] is None and "blackbox" not in rep["metrics"]
+    assert rep["metrics"]["clean"] == s["clean"] and rep["metrics"]["gates_passed"] == 1 and s["gates_passed"] is True
+    assert {"model", "norm", "attacks"}.isdisjoint(rep["metrics"])
+    # reduced budgets, on the cards they affect: 3 steps of APGD (reference 100) on 45 images
+    red = rep["reduced_budgets"]
+    assert red["robust"][0] == "apgd-ce 3 steps (reference 100)" and red["robust"][1:] == red["clean"]
+    assert red["clean"][0].startswith("only 45 images (clean 95% CI ") and red["transfer"] == red["robust"]
+    html_text, md = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    assert "reduced: apgd-ce 3 steps (reference 100)" in html_text and "**Reduced budget**" in md
+    # gate thresholds on the card and in the headline
+    assert "clean &gt;= 20.0%, transfer &gt;= 10.0%" in html_text and "Gates: **passed** (clean >= 20.0%, transfer >= 10.0%)" in md
+    # the command line and a command that reproduces the run
+    inv = rep["invocation"]
+    assert inv["command_line"].startswith(f"harden eval {patched_ckpt} ") and "--steps 3" in inv["command_line"]
+    assert inv["working_directory"] == str(tmp_path) and f"Reproduce: `cd {tmp_path} && harden eval" in md
+    again = tmp_path / "again"
+    again.mkdir()
+    monkeypatch.chdir(again)
+    r2 = runner.invoke(main, shlex.split(inv["reproduce"])[1:])
+    assert r2.exit_code == 0, r2.output
+    assert json.loads((again / "r.json").read_text())["metrics"] == rep["metrics"]
+
+
+def test_quick_patch_report_says_so_in_every_format(runner, tmp_path, tiny_ckpt, tiny_data):
+    from conftest import FAST_PATCH
+
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
+                             "--out", str(tmp_path / "o.safetensors"), "--report", str(tmp_path / "r.json"),
+                             *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["report_budget"]["verdict"] is False and rep["report_budget"]["note"].startswith("quick check")
+    md, page = R.to_markdown(rep), R.to_html(rep)  # what --report r.md / r.html write
+    assert md.splitlines()[2].startswith("**Quick check, not a verdict**") and "harden eval" in md.splitlines()[2]
+    assert "<title>harden patch — o.safetensors (quick check, not a verdict)</title>" in page
+    assert "<b>Quick check, not a verdict</b>" in page
+    assert rep["invocation"]["command_line"].startswith(f"harden patch {tiny_ckpt} ")

@@ -16,7 +16,7 @@ from ..errors import InputError, Interrupted, ThresholdError, UsageError
 from ..patches.attach import Disabled
 from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
 from ..session import check_accuracy, finish_spec, load_data, load_model, load_parent
-from . import Call, adaptive, data_options, model_arg, model_options, start
+from . import Call, adaptive, data_options, invocation, model_arg, model_options, start
 
 
 def run(call: Call) -> None:
@@ -40,7 +40,8 @@ def run(call: Call) -> None:
     if result is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
         D.finish(world)
         return
-    rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw)
+    rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw,
+                  invocation.record("eval", call))
     store.clear()
     if world.active and store.path is not None:  # the other ranks' state too, now that the report is written
         for r in range(1, world.size):
@@ -158,9 +159,10 @@ def _attack(loaded, ds, ecfg: E.EvalConfig, device, reference, surrogate, world,
 
 
 def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: dict, thresholds: dict, world,
-            device, kw: dict) -> dict:
+            device, kw: dict, how: dict | None = None) -> dict:
     """The report, with its gates: rendered on stderr, written to each --report."""
-    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"]}
+    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"],
+             "invocation": how}
     if world.active:
         extra["processes"] = world.size
     if kw["surrogate"]:
@@ -182,7 +184,7 @@ def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: 
     rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), env, extra)
     missed = R.gate(rep, thresholds)
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
-    rep["summary"] = R.summary(rep)
+    R.summarise(rep)
     R.render_table(rep, err_console)
     if thresholds and not missed:
         err_console.print(R.gates_passed_line(rep, thresholds), highlight=False)

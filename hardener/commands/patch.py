@@ -19,7 +19,7 @@ from ..patches.attach import Disabled
 from ..recipe import Split, load_preset, parse_methods, split_for_training
 from ..resume import Saver, StopFlag, fingerprint
 from ..session import Loaded, check_accuracy, finish_spec, load_data, load_model
-from . import Call, data_options, model_arg, model_options, start
+from . import Call, data_options, invocation, model_arg, model_options, start
 
 COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
 COSTLY_MACS = 3.0  # ... and with more multiply-adds than this multiple of the base's (inference over 4x the base's)
@@ -57,6 +57,7 @@ class Plan:
     saver: Saver | None = None  # the resumable state beside --out, once training starts
     parent: torch.nn.Module | None = None  # the base as it was, when the method fine-tunes it
     cost: dict | None = None  # what the patches add: parameters and multiply-adds (layers.patch_cost)
+    invocation: dict | None = None  # the command line and a command that reproduces the run (the report's)
 
     @property
     def quick(self) -> bool:
@@ -66,6 +67,7 @@ class Plan:
 def run(call: Call) -> None:
     """The whole command: checks, plan, training, the checkpoint, the report."""
     plan = _plan(call)
+    plan.invocation = invocation.record("patch", call)
     logs, info, estimate, train_seconds = _train(plan)
     if not plan.world.main:  # another process of `torchrun ... -m hardener patch`: rank 0 writes and reports
         D.finish(plan.world)
@@ -242,7 +244,7 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                    "estimate": {k: v for k, v in estimate.items() if k.endswith("seconds")},
                    "trainable_parameters": n_params, "route": plan.route, "processes": plan.world.size,
                    "training_out_of_memory": info.get("out_of_memory", []),
-                   "patch_cost": plan.cost,
+                   "patch_cost": plan.cost, "invocation": plan.invocation,
                    "epoch_log": [asdict(e) for e in logs], "cache": info, "base_modified": plan.cfg.full,
                    "method": kw["method"], "preset": plan.recipe.record() if plan.recipe else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
