@@ -15,6 +15,7 @@ a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:tra
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_site
 from .patch_options import PatchOptions
 from .patches.attach import Disabled
 from .recipe import Split, parse_methods, split_for_training
+from .session import check_accuracy
 
 
 def as_dataset(data: Any, labels_required: bool = True) -> hdata.Dataset:
@@ -255,10 +257,13 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     ds = as_dataset(data)
     infos = finish(patched, ds, dev)
     _warn_class_count(ds, patched)
+    A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
     attach_patches(patched, infos, opts)
     patched.to(dev)
     split = split_for_training(ds.labels, hdata.parse_subset(opts.subset), True, opts.select_on or opts.validate,
                                opts.holdout, opts.seed)
+    _warn(check_accuracy(Disabled(patched), ds, patched.model.spec.num_classes, dev, opts.allow_low_accuracy,
+                         library=True))
     train_ds = ds.take(split.train)
     val_ds = ds.take(split.val) if split.val is not None else None
     spec, cfg = training_setup(opts, patched.model.spec.num_classes)
@@ -324,11 +329,15 @@ def add_pseudo_labels(patched: PatchedModel, train_ds: hdata.Dataset, pool: hdat
 
 def _warn_class_count(ds: hdata.Dataset, patched: PatchedModel) -> None:
     """The model's output size against the data's classes (`data.class_count_warning`), as a Python warning."""
+    _warn(hdata.class_count_warning(ds, patched.model.spec.num_classes), stacklevel=4)
+
+
+def _warn(text: str | None, stacklevel: int = 3) -> None:
+    """A warning about the model or the data, as a Python warning (none for None)."""
     import warnings
 
-    text = hdata.class_count_warning(ds, patched.model.spec.num_classes)
     if text:
-        warnings.warn(text, UserWarning, stacklevel=3)
+        warnings.warn(text, UserWarning, stacklevel=stacklevel)
 
 
 def effective_threat_model(cfg: F.FitConfig) -> str:
@@ -455,7 +464,7 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
              max_samples: int | None = None, batch_size: int = 256, seed: int = 0, checks: bool = True,
              arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
              progress: F.Progress | None = None, surrogate: nn.Module | None = None,
-             precision: str = "fp32") -> Report:
+             precision: str = "fp32", allow_low_accuracy: bool = False) -> Report:
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
     each threat model's robust accuracy (white-box on the model itself; BPDA through the patches that may mask
     gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
@@ -488,7 +497,11 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
         has_patches = bool(patched.sites)
     ds = as_dataset(data)
     finish(patched, ds, dev)
-    notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
+    A.check_eps(A.parse_eps(str(eps)), norm, math.prod(patched.model.spec.shape))
+    notes = [hdata.class_count_warning(ds, patched.model.spec.num_classes),
+             check_accuracy(Disabled(patched), ds, patched.model.spec.num_classes, dev, allow_low_accuracy,
+                            library=True)]
+    notes = [w for w in notes if w]
     if max_samples and max_samples < len(ds):
         ds = ds.take(hdata.stratified_split(ds.labels, int(max_samples), seed)[0])
     threats = parse_threats(threat) if isinstance(threat, str) else threat

@@ -90,6 +90,23 @@ def parse_eps(text: str | float) -> float:
     return v
 
 
+def check_eps(eps: float, norm: str, n_pixels: int | None = None, what: str = "eps", zero: bool = False) -> float:
+    """An attack budget a model of [0, 1] pixels can take: positive (0 only where `zero`: a sweep's clean point), at
+    most the whole pixel range: 1 under Linf, sqrt(C*H*W) (all black to all white) under L2 once `n_pixels` is
+    known. Larger values are almost always eps in 0-255 units (8 for 8/255), which would run and report a
+    meaningless number."""
+    if eps < 0 or (eps == 0 and not zero):
+        raise InputError(f"{what} {eps:g}: an attack needs a positive budget (the usual Linf one is 8/255)")
+    hint = f"did you mean {eps:g}/255 (= {eps / 255:.4g})?" if eps <= 255 else "eps is in [0, 1] pixel units"
+    if norm == "Linf" and eps > 1:
+        raise InputError(f"{what} {eps:g} (Linf) is more than the whole [0, 1] pixel range, so every image is "
+                         f"reachable: {hint}")
+    if norm == "L2" and n_pixels and eps > math.sqrt(n_pixels):
+        raise InputError(f"{what} {eps:g} (L2) is more than the distance from an all-black to an all-white image of "
+                         f"{n_pixels} values ({math.sqrt(n_pixels):.1f}): {hint}")
+    return eps
+
+
 @dataclass
 class AttackSpec:
     name: str

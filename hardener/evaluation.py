@@ -400,6 +400,8 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
         B = cfg.batch_size
         done = int(before[:k0 * B].sum())
         bs = max(1, min([B, *(o["to"] for o in cfg.oom)]))
+        if progress:  # the phase starts now (a bar, a heartbeat that names it), not at its first batch's end
+            progress(f"{label}{threat} {spec.label}", done, attacked, {})
         for k in range(k0, -(-len(y) // B)):
             block = torch.nonzero(before[k * B:(k + 1) * B]).flatten() + k * B
             s = 0
@@ -583,7 +585,11 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
         res["correct_by_base"] = subset_metrics(res, base_correct)
     primary = models["patched" if has_patches else "base"]
     primary_model = patched if has_patches else base
+    if progress and cfg.checks:
+        progress("sanity checks", 0, 1, {})
     checks = run_checks(primary_model, primary, x, y, cfg, n_classes, device) if cfg.checks else []
+    if progress and cfg.checks:
+        progress("sanity checks", 1, 1, {})
     sweep = eps_sweep(primary_model, x, y, cfg, n_classes, device, progress) if cfg.eps_sweep else None
     sweep_base = eps_sweep(base, x, y, cfg, n_classes, device, progress) if cfg.eps_sweep and has_patches else None
     if sweep is not None and cfg.checks:

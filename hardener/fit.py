@@ -115,6 +115,8 @@ class EpochLog:
     fallback: str | None = None  # catastrophic overfitting seen after this epoch: what training switched to
 
 
+# progress(phase, done, total, info): `info` holds figures to show beside the bar; with "line", a finished sentence
+# to print as is (the per-epoch validation line)
 Progress = Callable[[str, int, int, dict], None]
 PARTS = ("loss", "ce_clean", "ce_adv", "distill")  # the loss parts every epoch logs
 
@@ -465,6 +467,9 @@ class _Trainer:
         cfg = self.cfg
         if self.validate is not None and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
             t_val = time.time()
+            n_vals = self.clock.vals + self.clock.vals_left
+            if self.progress:  # a phase of its own: the training bar does not sit at its end meanwhile
+                self.progress("validation", self.clock.vals, n_vals, {"epoch": epoch + 1})
             with self._averaged():  # what would be kept is what is scored
                 log.val_clean, log.val_robust, log.val_transfer = self.validate(self.patched)
                 state = _state_of(self.patched, self.full) if cfg.select else None
@@ -472,11 +477,28 @@ class _Trainer:
             self.clock.validated(log.val_seconds)
             fell_back = self._guard(log)  # the weights it scored are gone: they cannot be the kept epoch
             score = (log.val_robust, log.val_clean)
-            if cfg.select and not fell_back and (self.best is None or score > tuple(self.best["score"])):
+            kept = cfg.select and not fell_back and (self.best is None or score > tuple(self.best["score"]))
+            if kept:
                 self.best = {"score": list(score), "epoch": epoch + 1, "state": state}
+            if self.progress:
+                self.progress("validation", self.clock.vals, n_vals, {"line": self._validation_line(log, kept)})
         self.logs.append(log)
         self.perm, self.sums, self.start_step = None, None, 0
         return log
+
+    def _validation_line(self, log: EpochLog, kept: bool) -> str:
+        """The epoch's validation, one line: clean, white-box and transfer accuracy, and whether the epoch is kept."""
+        if log.fallback:
+            verdict = f"not kept: catastrophic overfitting, back to the best epoch and on with {log.fallback}"
+        elif not self.cfg.select:
+            verdict = "logged (no epoch selection)"
+        else:
+            best = self.best or {"epoch": "-", "score": [0.0]}
+            verdict = "kept (best so far)" if kept else \
+                f"not kept (epoch {best['epoch']} stays, white-box {100 * best['score'][0]:.1f}%)"
+        return (f"epoch {log.epoch}/{self.cfg.epochs} validation on {len(self.validate.y):,} images: clean "
+                f"{100 * log.val_clean:.1f}%, white-box PGD-10 {100 * log.val_robust:.1f}%, transfer "
+                f"{100 * log.val_transfer:.1f}% ({log.val_seconds:.0f}s); {verdict}")
 
     @contextmanager
     def _averaged(self):

@@ -104,6 +104,10 @@ DATA = (
     opt("--crop", help="Centre-crop images to H,W (after --resize)."),
 )
 
+ALLOW_LOW_ACCURACY = opt(
+    "--allow-low-accuracy", is_flag=True,
+    help="Go on when the model's clean accuracy on the labelled data is near chance (by default a stop: the input "
+         "is then usually not what it was trained on: --mean/--std, --input-shape or the class map).")
 ADAPTIVE_EPS = opt("--eps", "adaptive_eps", default="8/255", show_default=True,
                    help="Perturbation budget of the neighbour search and the post-training attacks.")
 ADAPTIVE = (
@@ -242,7 +246,7 @@ PATCH = (
     opt("--mlflow", is_flag=True,
         help="Log parameters, the numeric summary, the report(s) and the checkpoint to MLflow: the active run, "
              "else MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
-    *MODEL, *DATA,
+    ALLOW_LOW_ACCURACY, *MODEL, *DATA,
 )
 
 EVAL = (
@@ -304,7 +308,7 @@ EVAL = (
     opt("--e2e-samples", default=20, show_default=True, type=int,
         help="Inputs attacked end to end through the adaptive procedure (0 = none; each costs minutes)."),
     opt("--e2e-steps", default=10, show_default=True, type=int, help="PGD steps of that end-to-end attack."),
-    *ADAPTIVE, *MODEL, *DATA,
+    ALLOW_LOW_ACCURACY, *ADAPTIVE, *MODEL, *DATA,
 )
 
 CERTIFY = (
@@ -359,7 +363,8 @@ GROUPS = {"data": "Data", "model": "Model", "recipe": "Recipe", "attack": "Attac
           "adaptive": "Adaptive defence", "smoothing": "Randomized smoothing", "output": "Output", "run": "Run"}
 _GROUP_OF = {group: names.split() for group, names in {
     "data": "data subset holdout classes resize crop unlabeled pseudo_threshold pseudo_ratio eval_data max_samples",
-    "model": "arch arch_kwargs trust_pickle trust_arch mean std preprocessor logits input_shape route parent",
+    "model": "arch arch_kwargs trust_pickle trust_arch mean std preprocessor logits input_shape route parent "
+             "allow_low_accuracy",
     "recipe": "preset method at at_regex bn denoise_op act delta rho fixer_rank width prefilter_stride "
               "prefilter_design budget final_relu",
     "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "

@@ -62,6 +62,7 @@ class PatchOptions:
     pseudo_threshold: float = 0.0  # keep the pseudo-labelled images the base is at least this confident on
     pseudo_ratio: float = 1.0  # pseudo-labelled images per labelled one in each epoch
     seed: int = 0
+    allow_low_accuracy: bool = False  # go on when the base's clean accuracy is near chance (session.check_accuracy)
 
     ALIASES = {"attack": "attack_name", "loss": "loss_name", "denoise": "denoise_op"}
 

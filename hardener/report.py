@@ -5,6 +5,7 @@ import html
 import json
 import math
 import platform
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,55 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
     import datetime
 
     rep["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rep["summary"] = summary(rep)
+    rep["reduced_budgets"] = reduced_budgets(rep)
+    summarise(rep)
     rep["robustbench"] = robustbench_entry(rep, result["models"])
     return rep
+
+
+def summarise(rep: dict) -> None:
+    """`summary` (the headline figures with the model, norm and attacks beside them, null where a threat model did
+    not run) and `metrics` (its numbers alone: `mlflow.log_metrics(rep["metrics"])`, gates_passed as 1/0)."""
+    rep["summary"] = summary(rep)
+    rep["metrics"] = {k: int(v) if isinstance(v, bool) else v for k, v in rep["summary"].items()
+                      if isinstance(v, (int, float)) and v is not None}
+
+
+# A report on fewer images than this gets its sample size flagged (95% intervals wider than about +-7 points).
+SMALL_N = 200
+QUERIES = 5000  # Square's reference budget (AutoAttack's)
+CARD_OF = {"whitebox": "robust", "adaptive": "robust", "transfer": "transfer", "blackbox": "blackbox"}
+
+
+def reduced_budgets(rep: dict) -> dict[str, list[str]]:
+    """What weakens the figures of the evaluated model, by the card (summary key) each affects: an attack run with
+    fewer steps or queries than its reference budget, and a small sample (every card)."""
+    from . import attacks as A
+
+    m = rep["models"]["patched" if "patched" in rep["models"] else "base"]
+    out: dict[str, list[str]] = {}
+    for t, th in _in_order(m.get("threats", {})):
+        for r in th["attacks"]:
+            s = r["settings"]
+            try:
+                ref = A.info(s.get("name", r["attack"]))
+            except InputError:  # an attack registered by a plug-in that is gone: no reference to compare with
+                continue
+            if ref.kind == "query" and s.get("queries", QUERIES) < QUERIES:
+                note = f"{r['attack']} {s['queries']} queries (reference {QUERIES})"
+            elif ref.iterative and s.get("steps") and ref.steps and s["steps"] < ref.steps:
+                note = f"{r['attack']} {s['steps']} steps (reference {ref.steps})"
+            else:
+                continue
+            for key in (CARD_OF.get(t), "worst_case"):
+                if key and note not in out.setdefault(key, []):
+                    out[key].append(note)
+    n = m["clean"]["n"]
+    if n < SMALL_N:
+        lo, hi = m["clean"]["ci95"]
+        for key in dict.fromkeys(["clean", *(CARD_OF[t] for t in m.get("threats", {}) if t in CARD_OF), "worst_case"]):
+            out.setdefault(key, []).append(f"only {n} images (clean 95% CI {100 * lo:.0f}–{100 * hi:.0f}%)")
+    return out
 
 
 STANDARD_AA = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -199,6 +246,11 @@ def headline(rep: dict) -> list[str]:
         return "not run" if v is None else f"{100 * v:.1f}%"
 
     lines = []
+    budget = rep.get("report_budget") or {}
+    if budget.get("verdict") is False:
+        note = str(budget.get("note", "")).removeprefix("quick check: ")
+        lines.append(f"**Quick check, not a verdict**: {note}. Full verdict: "
+                     f"`{budget.get('full_evaluation', '')}`")
     ck = rep.get("checkpoint")
     if ck:
         sha = rep.get("checkpoint_sha256", "")
@@ -220,8 +272,24 @@ def headline(rep: dict) -> list[str]:
                      f"{100 * s['delta_clean']:+.1f} points against the base.")
     if "gates_passed" in s:
         missed = rep["gates"].get("missed") or []
-        lines.append("Gates: **passed**" if s["gates_passed"] else "Gates: **missed**: " + "; ".join(missed))
+        lines.append(f"Gates: **passed** ({_thresholds(rep)})" if s["gates_passed"] else
+                     f"Gates: **missed** ({_thresholds(rep)}): " + "; ".join(missed))
+    notes = _budget_notes(rep)
+    if notes:
+        lines.append("**Reduced budget**, the figures are upper bounds: " + "; ".join(notes) + ".")
     return lines
+
+
+def _thresholds(rep: dict) -> str:
+    return ", ".join(f"{k} >= {100 * v:.1f}%" for k, v in ((rep.get("gates") or {}).get("thresholds") or {}).items())
+
+
+def _budget_notes(rep: dict) -> list[str]:
+    """Every reduced-budget note of the report once, in card order."""
+    out: list[str] = []
+    for notes in (rep.get("reduced_budgets") or {}).values():
+        out += [n for n in notes if n not in out]
+    return out
 
 
 def validate(rep: dict) -> list[str]:
@@ -298,14 +366,7 @@ def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
     """Missed thresholds, as sentences (empty = all met)."""
     if not thresholds:
         return []
-    name = "patched" if "patched" in rep["models"] else "base"
-    m = rep["models"][name]
-    values = {"clean": m["clean"]["accuracy"]}
-    if "worst_whitebox" in m:
-        values["robust"] = m["worst_whitebox"]["accuracy"]
-    for t in ("transfer", "blackbox"):
-        if t in m["threats"]:
-            values[t] = m["threats"][t]["robust"]["accuracy"]
+    values = gate_values(rep)
     missed = []
     for key, th in thresholds.items():
         if key not in values:
@@ -313,6 +374,25 @@ def gate(rep: dict, thresholds: dict[str, float]) -> list[str]:
         elif values[key] < th:
             missed.append(f"{key} accuracy {values[key]:.4f} < {th:.4f}")
     return missed
+
+
+def gate_values(rep: dict) -> dict[str, float]:
+    """What the gates compare: the evaluated model's clean accuracy, white-box worst case, transfer and black-box."""
+    m = rep["models"]["patched" if "patched" in rep["models"] else "base"]
+    values = {"clean": m["clean"]["accuracy"]}
+    if "worst_whitebox" in m:
+        values["robust"] = m["worst_whitebox"]["accuracy"]
+    for t in ("transfer", "blackbox"):
+        if t in m["threats"]:
+            values[t] = m["threats"][t]["robust"]["accuracy"]
+    return values
+
+
+def gates_passed_line(rep: dict, thresholds: dict[str, float]) -> str:
+    """The line a run whose gates all passed prints: each value against its threshold."""
+    values = gate_values(rep)
+    return "gates passed (--fail-under): " + ", ".join(f"{k} {100 * values[k]:.1f}% >= {100 * th:.1f}%"
+                                                       for k, th in thresholds.items())
 
 
 # ---------------------------------------------------------------- rendering
@@ -368,6 +448,9 @@ def render_table(rep: dict, console) -> None:
     for r in rows(rep):
         table.add_row(*r)
     console.print(table)
+    notes = _budget_notes(rep)
+    if notes:
+        console.print("[yellow]reduced budget[/] (upper bounds): " + "; ".join(notes), highlight=False)
     for c in rep.get("checks", []):
         style = {"pass": "green", "warn": "yellow", "skip": "dim"}[c["status"]]
         console.print(f"[{style}]{c['status']:>4}[/] {c['name']}: {c['detail']}" +
@@ -379,6 +462,7 @@ def to_markdown(rep: dict) -> str:
              f"Data: `{rep['data'].get('source')}`, {rep['data'].get('n')} samples. "
              f"harden {rep['harden_version']}, torch {rep['environment']['torch']}, "
              f"torchattacks {rep['environment']['torchattacks']}, seed {rep['environment']['seed']}.", ""]
+    lines += [f"{k}: `{v}`  " for k, v in invocation_lines(rep)]
     for w in rep["data"].get("warnings", []):
         lines.append(f"> **Warning:** {w}")
     lines += ["", "| model | measure | threat model | accuracy [95% CI] |", "|---|---|---|---|"]
@@ -408,6 +492,15 @@ def to_markdown(rep: dict) -> str:
         lines += ["", "| eps | attack | accuracy [95% CI] | base |", "|---|---|---|---|"]
         lines += [f"| {s['eps']:g} | {s['attack']} | {pct(s)} | {pct(base.get(s['eps']))} |" for s in rep["eps_sweep"]]
     return "\n".join(lines) + "\n"
+
+
+def invocation_lines(rep: dict) -> list[tuple[str, str]]:
+    """How the run was started (`invocation`, CLI runs): the command line, and a command that reproduces it."""
+    inv = rep.get("invocation")
+    if not inv:
+        return []
+    return [("Command", inv["command_line"]),
+            ("Reproduce", f"cd {shlex.quote(inv['working_directory'])} && {inv['reproduce']}")]
 
 
 def provenance_rows(rep: dict) -> list[tuple[str, str, int]]:
@@ -490,13 +583,16 @@ def _cards(rep: dict) -> str:
         b = base_of(key)
         tone = "good" if v >= 0.5 else ("mid" if v >= 0.2 else "bad")
         sub = f"base {100 * b:.1f}%" if b is not None else ""
+        reduced = (rep.get("reduced_budgets") or {}).get(key) or []
         out.append(f"<div class='card {tone}'><div class=lab>{html.escape(label)}</div>"
                    f"<div class=val>{100 * v:.1f}%</div><div class=sub>{html.escape(sub)}</div>"
-                   f"<div class=note>{html.escape(note)}</div></div>")
+                   f"<div class=note>{html.escape(note)}</div>"
+                   + "".join(f"<div class=reduced>reduced: {html.escape(r)}</div>" for r in reduced) + "</div>")
     if "gates_passed" in s:
         ok = s["gates_passed"]
         out.append(f"<div class='card {'good' if ok else 'bad'}'><div class=lab>gates</div>"
-                   f"<div class=val>{'passed' if ok else 'missed'}</div><div class=sub></div>"
+                   f"<div class=val>{'passed' if ok else 'missed'}</div>"
+                   f"<div class=sub>{html.escape(_thresholds(rep))}</div>"
                    f"<div class=note>{html.escape('; '.join(rep['gates'].get('missed') or []) or 'all met')}</div>"
                    "</div>")
     return "<div class=cards>" + "".join(out) + "</div>"
@@ -515,7 +611,8 @@ def to_html(rep: dict) -> str:
                       + "</tr>" for i, r in enumerate(rows_))
         return "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + f"</tr>{trs}</table>"
 
-    title = f"harden {rep['command']} — {Path(str(rep.get('checkpoint') or 'model')).name}"
+    quick = " (quick check, not a verdict)" if (rep.get("report_budget") or {}).get("verdict") is False else ""
+    title = f"harden {rep['command']} — {Path(str(rep.get('checkpoint') or 'model')).name}{quick}"
     body = [f"<h1>{esc(title)}</h1>", "<div class=headline>" + "".join(f"<p>{md(h)}</p>" for h in headline(rep))
             + "</div>", _cards(rep)]
     body += [f"<p class=warnline><b>Warning:</b> {esc(w)}</p>" for w in rep["data"].get("warnings", [])]
@@ -557,6 +654,7 @@ def to_html(rep: dict) -> str:
                 f"{esc(env['torchattacks'])}, device {esc(str(env['device']))}, seed {env['seed']}; data "
                 f"<code>{esc(str(rep['data'].get('source')))}</code>, fingerprint "
                 f"<code>{esc(str(rep['data'].get('fingerprint', ''))[:16])}</code>; schema {esc(rep['schema'])}.</p>")
+    body += [f"<p class=foot>{esc(k)}: <code>{esc(v)}</code></p>" for k, v in invocation_lines(rep)]
     style = ("body{font-family:system-ui,sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}"
              "h1{font-size:1.5em;margin-bottom:.3em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}"
              "table{border-collapse:collapse;font-size:.92em}td,th{border:1px solid #ddd;padding:3px 8px;"
@@ -564,7 +662,8 @@ def to_html(rep: dict) -> str:
              ".cards{display:flex;flex-wrap:wrap;gap:.7em;margin:1em 0}.card{border:1px solid #ddd;border-radius:8px;"
              "padding:.6em .9em;min-width:9em;max-width:13em}.card .lab{font-size:.8em;text-transform:uppercase;"
              "color:#666}.card .val{font-size:1.8em;font-weight:600}.card .sub{font-size:.85em;color:#555}"
-             ".card .note{font-size:.75em;color:#888}.good{border-left:6px solid #2e7d32}.mid{border-left:6px solid"
+             ".card .note{font-size:.75em;color:#888}.card .reduced{font-size:.75em;color:#b26a00;font-weight:600}"
+             ".good{border-left:6px solid #2e7d32}.mid{border-left:6px solid"
              " #f9a825}.bad{border-left:6px solid #c62828}.alert{background:#fff8e1;border:1px solid #f0d58c;"
              "padding:.5em 1em;border-radius:6px}.warnline{color:#8a6d3b}.foot{color:#777;font-size:.85em;"
              "margin-top:2em}code{background:#f3f3f3;padding:0 3px}")

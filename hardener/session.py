@@ -4,6 +4,8 @@ The CLI only parses options and renders; everything it needs to build lives here
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,13 +159,32 @@ def load_data(loaded: Loaded, spec_text: str, opts: DataOptions, labels_required
     ds = hdata.load(spec_text, resize, labels_required)
     ds = hdata.apply_class_map(ds, opts.classes)
     spec = loaded.spec
-    channels = spec.shape[0] if spec.shape else None
+    channels = spec.shape[0] if spec.shape else stem_channels(loaded.patched.net)
     crop = hdata.parse_pair(opts.crop, "--crop")
     ds = hdata.conform(ds, channels, resize, crop)
     if spec.shape is not None and list(ds.shape) != list(spec.shape):
         raise InputError(f"images of '{ds.source}' are {tuple(ds.shape)} (C,H,W) but the model takes "
                          f"{tuple(spec.shape)}: pass --resize {spec.shape[1]},{spec.shape[2]}")
     return ds
+
+
+def stem_channels(net: torch.nn.Module) -> int | None:
+    """The channel count a model without a recorded input shape takes: its first 2-D convolution's (the stem of a
+    CNN, the patch embedding of a ViT), so that grayscale and RGB data are converted to it; None without one, or
+    where that count is neither 1 nor 3 (then the first convolution registered is not the stem)."""
+    conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return int(conv.in_channels) if conv is not None and conv.in_channels in (1, 3) else None
+
+
+def _channel_mismatch(error: str, x: torch.Tensor) -> None:
+    """A model's failure on images of the wrong channel count, as the one line that says which shape it takes."""
+    want = re.search(r"expected input\[[^\]]*\] to have (\d+) channels", error)
+    if want:  # the data's channels are not the model's: a conversion that --input-shape makes, where there is one
+        c, (h, w) = int(want.group(1)), x.shape[2:]
+        fix = (f"pass --input-shape {c},{h},{w} to convert them" if c in (1, 3) and x.shape[1] in (1, 3, 4)
+               else f"give images with {c} channels")
+        raise InputError(f"the images have {x.shape[1]} channels but the model takes {c}: expected input shape "
+                         f"({c}, H, W); {fix}") from None
 
 
 def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) -> list:
@@ -181,7 +202,11 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
         raise InputError("cannot tell the model's input shape: pass --input-shape C,H,W or --data")
     loaded.patched.to(device)
     try:
-        infos = probe(loaded.patched.model, x.to(device))
+        try:
+            infos = probe(loaded.patched.model, x.to(device))
+        except InputError as e:
+            _channel_mismatch(e.message, x)
+            raise
         with torch.no_grad():
             out = loaded.patched(x.to(device))
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
@@ -189,6 +214,7 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
             raise
         sites = f" with patches at {', '.join(loaded.patched.sites)}" if loaded.patched.sites else ""
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        _channel_mismatch(first, x)
         raise InputError(f"the model{sites} fails on inputs of shape {tuple(x.shape[1:])} (C,H,W): {first}") from None
     if not isinstance(out, torch.Tensor):
         raise InputError(f"the model's output is a {type(out).__name__}, not a tensor of logits")
@@ -206,3 +232,41 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
             spec.classes = list(ds.classes)
         spec.preprocessing = list(ds.notes)
     return infos
+
+
+# The clean-accuracy check before patch and eval: one forward pass of the base on up to this many labelled images,
+# spread over the data (folders load sorted by class); fewer than MIN_ACCURACY_SAMPLES cannot tell.
+ACCURACY_SAMPLES = 256
+MIN_ACCURACY_SAMPLES = 50
+
+
+def check_accuracy(model: torch.nn.Module, ds: hdata.Dataset, num_classes: int, device: torch.device,
+                   allow: bool = False, library: bool = False) -> str | None:
+    """Stop (InputError) when `model`'s clean accuracy on `ds` is near chance: within 3 standard errors (at least 5
+    points) of the larger of 1/classes and the commonest label's share. Such a model is almost always fed inputs it
+    was not trained on (missing normalisation, the wrong input size, a shuffled class map), and every number after
+    would be meaningless. With `allow`, the warning to report instead (None when the accuracy is fine)."""
+    labelled = torch.nonzero(ds.labels != hdata.UNLABELLED).flatten()
+    if len(labelled) < MIN_ACCURACY_SAMPLES:
+        return None
+    idx = labelled[torch.linspace(0, len(labelled) - 1, min(ACCURACY_SAMPLES, len(labelled))).long()]
+    x, y = ds.batch(idx)
+    was = {m: m.training for m in model.modules()}  # a view's own flag is not its model's: each module's back
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 64].to(device)).argmax(1).cpu() for i in range(0, len(x), 64)])
+    for m, training in was.items():
+        m.training = training
+    n, acc = len(y), float((pred == y).float().mean())
+    chance = max(1 / num_classes, float(torch.bincount(y).max()) / n)
+    if acc > chance + max(0.05, 3 * math.sqrt(chance * (1 - chance) / n)) or chance >= 0.95:
+        return None
+    what = (f"the model's clean accuracy on {n} labelled images is {100 * acc:.1f}%, about chance ({100 * chance:.1f}%"
+            f": {num_classes} classes, the commonest label {100 * float(torch.bincount(y).max()) / n:.1f}%)")
+    if allow:
+        return what + "; every number of this run is measured on inputs the model may not have been trained on"
+    causes = ("mean=/std= (the normalisation the model expects), the input size and the class order of the labels; "
+              "pass allow_low_accuracy=True to go on" if library else
+              "--mean/--std (the normalisation the model expects), --input-shape/--resize and the class map (--classes"
+              "); pass --allow-low-accuracy to go on")
+    raise InputError(f"{what}: its input is probably not what it was trained on; check {causes}")

@@ -34,8 +34,8 @@ def _strip(rep: dict) -> dict:
     """What must agree: everything but timings, the time stamp, the command line and the process count."""
     def walk(o):
         if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items()
-                    if k not in ("seconds", "images_per_s", "created", "environment", "processes", "command")}
+            return {k: walk(v) for k, v in o.items() if k not in ("seconds", "images_per_s", "created", "environment",
+                                                                   "processes", "command", "invocation")}
         if isinstance(o, list):
             return [walk(v) for v in o]
         return o

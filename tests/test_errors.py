@@ -1,6 +1,8 @@
 """Bad input: exit 2 with one clear error line and no traceback."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -152,13 +154,13 @@ def test_pickled_module_patches_then_evaluates_and_exports_with_its_file_as_arch
     """A base saved as a whole pickled module records no constructor: `--arch THAT_FILE --trust-pickle` rebuilds
     it for eval, export and predict (the file's weights replaced by the patched checkpoint's)."""
     f = tmp_path / "whole.pt"
-    torch.save(trained_tiny(steps=5), f)
+    torch.save(trained_tiny(steps=5), f)  # 5 steps: it answers one class (33% on 3), hence --allow-low-accuracy
     out = tmp_path / "whole.hardened.safetensors"
     r = runner.invoke(main, ["patch", str(f), "--trust-pickle", "--data", str(tiny_data), "--subset", "0.5",
-                             "--at", "block", "--out", str(out), *FAST_PATCH])
+                             "--at", "block", "--out", str(out), "--allow-low-accuracy", *FAST_PATCH])
     assert r.exit_code == 0, r.output
     ev = ["eval", str(out), "--data", str(tiny_data), "--attack", "apgd-ce", "--steps", "2", "--eps", "0.05",
-          "--quiet", "--json"]
+          "--quiet", "--json", "--allow-low-accuracy"]
     r = runner.invoke(main, ev)
     assert_input_error(r, "--trust-pickle")  # no architecture recorded: the message names the way through
     r = runner.invoke(main, [*ev, "--arch", str(f)])
@@ -171,3 +173,91 @@ def test_pickled_module_patches_then_evaluates_and_exports_with_its_file_as_arch
     torch.save(trained_tiny(steps=5).state_dict(), tmp_path / "sd.pt")
     r = runner.invoke(main, [*ev, "--arch", str(tmp_path / "sd.pt"), "--trust-pickle"])
     assert_input_error(r, "not a pickled nn.Module")
+
+
+# --- no silent wrong number: eps in 0-255 units, a model fed inputs it was not trained on, channels -------------------
+
+def test_eps_in_255_units_suggests_the_fraction(runner, tiny_ckpt, tiny_data):
+    assert_input_error(_patch(runner, tiny_ckpt, "--arch", ARCH, "--eps", "8", data=tiny_data), "--eps 8", "8/255")
+    ev = ["eval", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--attack", "fgsm"]
+    assert_input_error(runner.invoke(main, [*ev, "--eps", "8"]), "Linf", "did you mean 8/255")
+    assert_input_error(runner.invoke(main, [*ev, "--eps", "0"]), "positive")
+    assert_input_error(runner.invoke(main, [*ev, "--eps", "0.1", "--eps-sweep", "0,4"]), "--eps-sweep 4", "4/255")
+    # L2: over sqrt(C*H*W) = 8 for 1x8x8 images, known once the data is loaded
+    assert_input_error(runner.invoke(main, [*ev, "--norm", "L2", "--eps", "9"]), "L2", "9/255")
+
+
+def test_eps_fraction_in_config_and_library(runner, tmp_path, tiny_ckpt, tiny_data, monkeypatch):
+    import hardener
+    from hardener.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "harden.toml").write_text('eps = "300/255"\n')
+    r = runner.invoke(main, ["eval", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--attack", "fgsm"])
+    assert_input_error(r, "1.176", "Linf")  # the fraction was read (300/255 > 1), then refused
+    x, y = make_data(n=60)
+    with pytest.raises(InputError, match="did you mean 8/255"):
+        hardener.evaluate(trained_tiny(), (x.float() / 255, y), attacks="fgsm", eps=8, checks=False)
+
+
+def _normalised_tiny(tmp_path, mean=0.3, std=0.05):
+    """A tiny model trained on (x - mean) / std: fed raw [0, 1] pixels, it answers one class for every image."""
+    import tiny_model
+
+    torch.manual_seed(0)
+    m = tiny_model.tiny()
+    imgs, labels = make_data(n=150, seed=1)
+    x = (imgs.float() / 255 - mean) / std
+    opt = torch.optim.Adam(m.parameters(), lr=0.02)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(m(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    f = tmp_path / "normalised.safetensors"
+    save_file({k: v.contiguous() for k, v in m.eval().state_dict().items()}, str(f))
+    return f, m
+
+
+def test_missing_normalisation_stops_with_the_mean_std_line(runner, tmp_path, tiny_data):
+    import hardener
+    from hardener.errors import InputError
+
+    f, m = _normalised_tiny(tmp_path)
+    r = _patch(runner, f, "--arch", ARCH, data=tiny_data)
+    assert_input_error(r, "about chance", "--mean/--std", "--input-shape", "--classes", "--allow-low-accuracy")
+    ev = ["eval", str(f), "--arch", ARCH, "--data", str(tiny_data), "--attack", "fgsm", "--eps", "0.1",
+          "--no-checks", "--json"]
+    assert_input_error(runner.invoke(main, ev), "33.3%", "--mean/--std")
+    ok = runner.invoke(main, [*ev, "--mean", "0.3", "--std", "0.05"])  # the right normalisation: no stop
+    assert ok.exit_code == 0, ok.output
+    allowed = runner.invoke(main, [*ev, "--allow-low-accuracy"])  # goes on; the report says why to doubt it
+    assert allowed.exit_code == 0, allowed.output
+    assert any("about chance" in n for n in json.loads(allowed.stdout)["data"]["warnings"])
+    x, y = make_data(n=90)
+    with pytest.raises(InputError, match="mean=/std="):
+        hardener.evaluate(m, (x.float() / 255, y), attacks="fgsm", eps=0.1, checks=False)
+    rep = hardener.evaluate(m, (x.float() / 255, y), attacks="fgsm", eps=0.1, checks=False, mean=[0.3], std=[0.05])
+    assert rep.clean > 0.9
+
+
+def test_rgb_data_into_a_grayscale_model_is_converted(runner, tmp_path, tiny_ckpt):
+    imgs, labels = make_data(n=90, channels=3)
+    f = tmp_path / "rgb.npz"
+    np.savez(f, images=imgs.numpy(), labels=labels.numpy())
+    r = runner.invoke(main, ["eval", str(tiny_ckpt), "--arch", ARCH, "--data", str(f), "--attack", "fgsm",
+                             "--eps", "0.1", "--no-checks", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "RGB -> grayscale" in r.output and json.loads(r.stdout)["summary"]["clean"] > 0.9
+
+
+def test_channel_mismatch_is_one_line_with_the_expected_shape(runner, tmp_path):
+    import tiny_model
+
+    f = tmp_path / "two.safetensors"  # a 2-channel stem: no conversion reaches it
+    save_file({k: v.contiguous() for k, v in tiny_model.tiny(in_channels=2).state_dict().items()}, str(f))
+    imgs, labels = make_data(n=60, channels=3)
+    d = tmp_path / "rgb.npz"
+    np.savez(d, images=imgs.numpy(), labels=labels.numpy())
+    r = runner.invoke(main, ["eval", str(f), "--arch", ARCH, "--arch-kwargs", '{"in_channels": 2}', "--data", str(d)])
+    assert_input_error(r, "3 channels", "takes 2", "(2, H, W)")

@@ -356,3 +356,116 @@ def test_convergence_check_doubles_the_steps_on_what_the_chain_left(monkeypatch,
 
 def test_check_sample_count_is_a_bounded_quarter():
     assert [E.check_sample_count(n) for n in (10, 60, 250, 500, 1000, 10_000)] == [10, 50, 62, 125, 200, 200]
+
+
+# --- progress you can trust -------------------------------------------------------------------------------------------
+
+def test_heartbeat_names_every_phase_of_a_non_tty_eval(runner, monkeypatch, tiny_ckpt, tiny_data):
+    """Off a terminal, a line at least every HARDEN_PROGRESS_SECONDS while a phase runs, even when no batch ends in
+    that time: a slow attack (each call 6 intervals) leaves the attacks, the sanity checks and the sweep silent
+    between callbacks; a heartbeat naming each of them must appear."""
+    import time
+
+    def slow(model, spec):
+        def run(x, y):
+            time.sleep(0.3)
+            return x.clone()
+        return run
+    monkeypatch.setitem(A.REGISTRY, "slow", A.AttackInfo("slow", slow, "gradient", 1))
+    monkeypatch.setenv("HARDEN_PROGRESS_SECONDS", "0.05")
+    t0 = time.time()
+    r = runner.invoke(main, ["eval", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--attack", "slow",
+                             "--eps", "0.1", "--threat", "whitebox", "--eps-sweep", "0,0.1", "--max-samples", "60"])
+    assert r.exit_code == 0, r.output
+    beats = [line for line in r.output.splitlines() if line.endswith("(heartbeat)")]
+    for phase in ("base whitebox slow 0/", "sanity checks 0/1", "sweep eps=0.1 whitebox slow 0/"):
+        assert any(line.startswith(phase) for line in beats), (phase, r.output)
+    assert time.time() - t0 < 30
+
+
+def test_heartbeat_between_callbacks_and_one_eta_on_a_terminal(monkeypatch):
+    """The heartbeat is ProgressView's (certify's long rows get it too); on a terminal the bar shows one ETA."""
+    import io
+    import time
+
+    from hardener import console
+
+    monkeypatch.setenv("HARDEN_PROGRESS_SECONDS", "0.05")
+    buf = io.StringIO()
+    monkeypatch.setattr("sys.stderr", buf)
+    with console.ProgressView(quiet=False) as progress:
+        progress("certify", 1, 4, {})
+        time.sleep(0.3)
+    assert "certify 1/4: still running" in buf.getvalue()
+    tty = io.StringIO()
+    monkeypatch.setattr(console.err_console, "_file", tty)  # not `file`: its getter would save the patched stderr
+    monkeypatch.setattr(console.err_console, "_force_terminal", True)
+    with console.ProgressView(quiet=False) as progress:
+        progress("train", 5, 10, {"epoch": 1, "eta": "1m00s"})
+        progress("validation", 1, 2, {"line": "epoch 1/2 validation on 9 images: ..."})
+    shown = tty.getvalue()
+    train = next(s for s in shown.splitlines() if s.startswith("train"))
+    assert train.count("eta") == 1 and "eta 1m00s" in train and "eta=" not in shown, shown
+    assert "epoch 1/2 validation on 9 images" in shown
+
+
+def test_a_passed_gate_prints_its_line_with_thresholds(runner, patched_ckpt, tiny_test_data):
+    r = _eval(runner, patched_ckpt, tiny_test_data, "--fail-under", "clean=0.2,transfer=10%")
+    assert r.exit_code == 0, r.output
+    line = next(s for s in r.output.splitlines() if s.startswith("gates passed"))
+    assert re.fullmatch(r"gates passed \(--fail-under\): clean \d+\.\d% >= 20\.0%, transfer \d+\.\d% >= 10\.0%", line)
+
+
+# --- reports a team lead forwards ----------------------------------------------------------------------------------
+
+def test_report_cards_budgets_metrics_and_a_reproduce_command_that_reproduces(runner, monkeypatch, tmp_path,
+                                                                              patched_ckpt, tiny_test_data):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack", "apgd-ce",
+            "--steps", "3", "--eps", "0.15", "--quiet", "--no-checks", "--threat", "whitebox,transfer",
+            "--fail-under", "clean=0.2,transfer=10%", "--report", "r.json", "--report", "r.md", "--report", "r.html"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    # metrics: the summary's numbers alone, for mlflow.log_metrics; the summary keeps its keys and meaning
+    assert rep["metrics"] and all(type(v) in (int, float) for v in rep["metrics"].values())
+    s = rep["summary"]
+    assert s["model"] == "patched" and s["blackbox"] is None and "blackbox" not in rep["metrics"]
+    assert rep["metrics"]["clean"] == s["clean"] and rep["metrics"]["gates_passed"] == 1 and s["gates_passed"] is True
+    assert {"model", "norm", "attacks"}.isdisjoint(rep["metrics"])
+    # reduced budgets, on the cards they affect: 3 steps of APGD (reference 100) on 45 images
+    red = rep["reduced_budgets"]
+    assert red["robust"][0] == "apgd-ce 3 steps (reference 100)" and red["robust"][1:] == red["clean"]
+    assert red["clean"][0].startswith("only 45 images (clean 95% CI ") and red["transfer"] == red["robust"]
+    html_text, md = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    assert "reduced: apgd-ce 3 steps (reference 100)" in html_text and "**Reduced budget**" in md
+    # gate thresholds on the card and in the headline
+    assert "clean &gt;= 20.0%, transfer &gt;= 10.0%" in html_text and "Gates: **passed** (clean >= 20.0%, transfer >= 10.0%)" in md
+    # the command line and a command that reproduces the run
+    inv = rep["invocation"]
+    assert inv["command_line"].startswith(f"harden eval {patched_ckpt} ") and "--steps 3" in inv["command_line"]
+    assert inv["working_directory"] == str(tmp_path) and f"Reproduce: `cd {tmp_path} && harden eval" in md
+    again = tmp_path / "again"
+    again.mkdir()
+    monkeypatch.chdir(again)
+    r2 = runner.invoke(main, shlex.split(inv["reproduce"])[1:])
+    assert r2.exit_code == 0, r2.output
+    assert json.loads((again / "r.json").read_text())["metrics"] == rep["metrics"]
+
+
+def test_quick_patch_report_says_so_in_every_format(runner, tmp_path, tiny_ckpt, tiny_data):
+    from conftest import FAST_PATCH
+
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
+                             "--out", str(tmp_path / "o.safetensors"), "--report", str(tmp_path / "r.json"),
+                             *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["report_budget"]["verdict"] is False and rep["report_budget"]["note"].startswith("quick check")
+    md, page = R.to_markdown(rep), R.to_html(rep)  # what --report r.md / r.html write
+    assert md.splitlines()[2].startswith("**Quick check, not a verdict**") and "harden eval" in md.splitlines()[2]
+    assert "<title>harden patch — o.safetensors (quick check, not a verdict)</title>" in page
+    assert "<b>Quick check, not a verdict</b>" in page
+    assert rep["invocation"]["command_line"].startswith(f"harden patch {tiny_ckpt} ")

@@ -14,7 +14,7 @@ from hardener.cli import main
 from hardener.errors import InputError
 from hardener.recipe import load_preset, preset_names, split_for_training
 
-from conftest import ARCH, assert_input_error, make_data
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data
 
 
 @pytest.fixture()
@@ -274,3 +274,19 @@ def test_patch_plan_names_the_auto_batch_and_the_manifest_records_it(runner, tin
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--batch-size",
                              "many", "--out", str(out), "--force"])
     assert r.exit_code == 2 and "must be a positive integer or auto" in r.output
+
+
+@pytest.mark.parametrize("flag,verdict", [("--select-on", r"kept \(best so far\)|not kept \(epoch 1 stays"),
+                                          ("--validate", r"logged \(no epoch selection\)")])
+def test_a_validation_line_per_epoch(runner, tiny_ckpt, tiny_data, tmp_path, flag, verdict):
+    import re
+
+    fast = [a for a in FAST_PATCH if a != "--quiet"]
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), flag, "15",
+                             "--out", str(tmp_path / "o.safetensors"), *fast])
+    assert r.exit_code == 0, r.output
+    lines = [s for s in r.output.splitlines() if " validation on 9 images: " in s]  # 9: half of the 18 held out
+    assert [s.split()[1] for s in lines] == ["1/2", "2/2"], r.output
+    for s in lines:
+        assert re.search(r"clean \d+\.\d%, white-box PGD-10 \d+\.\d%, transfer \d+\.\d% \(\d+s\); ", s), s
+    assert re.search(verdict, lines[1]) and (flag == "--validate" or "kept (best so far)" in lines[0]), lines

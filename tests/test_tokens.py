@@ -132,7 +132,7 @@ def test_training_token_fixers_and_layernorm_twins_keeps_the_base_bit_identical(
     net = FM.tv_vit_like()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     p = hardener.patch(net, (x, y), method="fixer,auxbn", bn="auto", at="auto", epochs=1, steps=1, batch_size=16,
-                       select_on=10, eps=0.1)
+                       select_on=10, eps=0.1, allow_low_accuracy=True)  # an untrained ViT: near chance
     kinds = {s["site"]: s["kind"] for s in p.patch_specs()}
     assert {kinds["encoder.layers.encoder_layer_0"], kinds["encoder.layers.encoder_layer_2"]} == {"token-fixer"}
     assert kinds["encoder.ln"] == kinds["encoder.layers.encoder_layer_1.ln_2"] == "auxln"
@@ -316,7 +316,7 @@ def test_patch_eval_and_export_a_vit_with_the_default_recipe(runner, tmp_path, v
     out = tmp_path / "vit.hardened.safetensors"
     r = runner.invoke(main, ["patch", str(ck), "--arch", TV_ARCH, "--data", str(data), "--epochs", "1", "--steps", "1",
                              "--select-on", "10", "--eval-samples", "10", "--eval-steps", "1", "--width", "4",
-                             "--out", str(out)])
+                             "--out", str(out), "--allow-low-accuracy"])  # an untrained ViT: near chance
     assert r.exit_code == 0, r.output
     assert "site stem -> conv_proj (" in r.stderr
     assert "sites auto -> encoder.layers.encoder_layer_0 (block output at 28% depth, 17 tokens x 16)" in r.stderr
@@ -324,7 +324,8 @@ def test_patch_eval_and_export_a_vit_with_the_default_recipe(runner, tmp_path, v
     assert kinds == {"input": "prefilter", "conv_proj": "fixer", "encoder.layers.encoder_layer_0": "token-fixer",
                      "encoder.layers.encoder_layer_2": "token-fixer"}
     r = runner.invoke(main, ["eval", str(out), "--arch", TV_ARCH, "--data", str(data), "--eps", "0.05", "--steps", "1",
-                             "--attack", "apgd-ce", "--max-samples", "10", "--no-checks", "--quiet", "--json"])
+                             "--attack", "apgd-ce", "--max-samples", "10", "--no-checks", "--quiet", "--json",
+                             "--allow-low-accuracy"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["summary"]["clean"] is not None
     fmts = ["export"] + (["onnx"] if _has("onnx") and _has("onnxruntime") else [])

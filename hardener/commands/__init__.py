@@ -68,7 +68,7 @@ def track(kw: dict, rep: dict, files: list, name: str) -> None:
     from ..console import err_console
     from ..tracking import cli_params, log_run
 
-    run_id, uri = log_run(cli_params(kw), rep["summary"], files, run_name=name,
+    run_id, uri = log_run(cli_params(kw), rep.get("metrics") or rep["summary"], files, run_name=name,
                           tags={"harden.command": str(rep.get("command", ""))})
     if not kw.get("quiet"):
         err_console.print(f"logged to MLflow: run {run_id} at {uri}", highlight=False, markup=False)

@@ -2,6 +2,8 @@
 sanity checks, gates (`--fail-under`), reports; resumable, and shardable over processes (torchrun)."""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,9 +13,10 @@ from .. import api, attacks as A, data as hdata, distributed as D, evaluation as
 from ..checkpoint import sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, Interrupted, ThresholdError, UsageError
+from ..patches.attach import Disabled
 from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
-from ..session import finish_spec, load_data, load_model, load_parent
-from . import Call, adaptive, data_options, model_arg, model_options, start, track
+from ..session import check_accuracy, finish_spec, load_data, load_model, load_parent
+from . import Call, adaptive, data_options, invocation, model_arg, model_options, start, track
 
 
 def run(call: Call) -> None:
@@ -37,7 +40,8 @@ def run(call: Call) -> None:
     if result is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
         D.finish(world)
         return
-    rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw)
+    rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw,
+                  invocation.record("eval", call))
     store.clear()
     if world.active and store.path is not None:  # the other ranks' state too, now that the report is written
         for r in range(1, world.size):
@@ -70,7 +74,9 @@ def _check(call: Call):
     names = A.parse_attack_list(raw or ["apgd-ce"])
     if kw["defense"] != "adaptive":
         R.check_gate_attacks(thresholds, names, threats, kw["allow_weak_gate"], kw["steps"])
-    sweep = [A.parse_eps(e) for e in kw["eps_sweep"].split(",")] if kw["eps_sweep"] else None
+    A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], what="--eps")
+    sweep = [A.check_eps(A.parse_eps(e), kw["norm"], what="--eps-sweep", zero=True)
+             for e in kw["eps_sweep"].split(",")] if kw["eps_sweep"] else None
     return model, data, thresholds, threats, raw, names, sweep
 
 
@@ -101,6 +107,10 @@ def _load(model: str, data: str, kw: dict, device: torch.device):
         loaded.patched.set_route(kw["route"])
     ds = load_data(loaded, data, data_options(kw))
     finish_spec(loaded, ds, device)
+    for e in [kw["eps"], *(kw["eps_sweep"].split(",") if kw["eps_sweep"] else [])]:  # L2: against the image size
+        A.check_eps(A.parse_eps(e), kw["norm"], math.prod(ds.shape), what="--eps", zero=e != kw["eps"])
+    low = check_accuracy(Disabled(loaded.patched), ds, loaded.spec.num_classes, device, kw["allow_low_accuracy"])
+    loaded.warnings += [low] if low else []
     for w in loaded.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if reference is not None:
@@ -151,9 +161,10 @@ def _attack(loaded, ds, ecfg: E.EvalConfig, device, reference, surrogate, world,
 
 
 def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: dict, thresholds: dict, world,
-            device, kw: dict) -> dict:
+            device, kw: dict, how: dict | None = None) -> dict:
     """The report, with its gates: rendered on stderr, written to each --report."""
-    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"]}
+    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"],
+             "invocation": how}
     if world.active:
         extra["processes"] = world.size
     if kw["surrogate"]:
@@ -175,8 +186,10 @@ def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: 
     rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), env, extra)
     missed = R.gate(rep, thresholds)
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
-    rep["summary"] = R.summary(rep)
+    R.summarise(rep)
     R.render_table(rep, err_console)
+    if thresholds and not missed:
+        err_console.print(R.gates_passed_line(rep, thresholds), highlight=False)
     for p in kw["report_paths"]:
         R.write(rep, p)
     return rep

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -13,11 +14,12 @@ from .. import cost as C, report as R
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
-from ..layers import describe_cost
+from ..layers import describe_cost, patch_cost
+from ..patches.attach import Disabled
 from ..recipe import Split, load_preset, parse_methods, split_for_training
 from ..resume import Saver, StopFlag, fingerprint
-from ..session import Loaded, finish_spec, load_data, load_model
-from . import Call, data_options, model_arg, model_options, start, track
+from ..session import Loaded, check_accuracy, finish_spec, load_data, load_model
+from . import Call, data_options, invocation, model_arg, model_options, start, track
 
 COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
 COSTLY_MACS = 3.0  # ... and with more multiply-adds than this multiple of the base's (inference over 4x the base's)
@@ -56,6 +58,7 @@ class Plan:
     parent: torch.nn.Module | None = None  # the base as it was, when the method fine-tunes it
     cost: dict | None = None  # what the patches add: parameters and multiply-adds (layers.patch_cost)
     inference: C.Cost | None = None  # the patched model against the base: counted here, latency after training
+    invocation: dict | None = None  # the command line and a command that reproduces the run (the report's)
 
     @property
     def quick(self) -> bool:
@@ -65,6 +68,7 @@ class Plan:
 def run(call: Call) -> None:
     """The whole command: checks, plan, training, the checkpoint, the report."""
     plan = _plan(call)
+    plan.invocation = invocation.record("patch", call)
     logs, info, estimate, train_seconds = _train(plan)
     if not plan.world.main:  # another process of `torchrun ... -m hardener patch`: rank 0 writes and reports
         D.finish(plan.world)
@@ -96,7 +100,7 @@ def _plan(call: Call) -> Plan:
     model, out_file = _check(call)
     recipe = load_preset(kw["preset"]) if kw["preset"] else None
     parse_methods(kw["method"], kw["bn"], kw["at"] or kw["at_regex"])
-    A.parse_eps(kw["eps"])
+    A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], what="--eps")
     A.expand([kw["attack_name"]])  # unknown names fail before any loading
     A.parse_smooth_grad(kw["smooth_grad"])
     subset = hdata.parse_subset(kw["subset"])
@@ -108,6 +112,7 @@ def _plan(call: Call) -> Plan:
     loaded = load_model(model, model_options(kw), allow_patched=False)
     ds_all = load_data(loaded, kw["data"], data_options(kw))
     infos = finish_spec(loaded, ds_all, device)
+    A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], math.prod(loaded.spec.shape), what="--eps")
     announce(ds_all, kw["quiet"])
     opts = api.PatchOptions(**{f: v for f, v in kw.items() if f in PATCH_FIELDS})
     api.attach_patches(loaded.patched, infos, opts, say=(lambda t: None) if kw["quiet"] else _say)
@@ -127,7 +132,8 @@ def _plan(call: Call) -> Plan:
     quick = kw["report_budget"] == "quick"
     eval_samples = kw["eval_samples"] if kw["eval_samples"] is not None else (500 if quick else 1000)
     eval_ds, unused, warnings = _report_data(loaded, ds_all, split.rest, kw["eval_data"], eval_samples, kw)
-    warnings = loaded.warnings + warnings
+    low = check_accuracy(Disabled(loaded.patched), ds_all, loaded.spec.num_classes, device, opts.allow_low_accuracy)
+    warnings = loaded.warnings + ([low] if low else []) + warnings
     if opts.unlabeled:
         train_ds, cfg = _pseudo_labelled(loaded, ds_all, unused, train_ds, opts, cfg, split, device, kw)
     cfg = api.settle_batch_size(cfg, opts, len(train_ds))
@@ -248,6 +254,7 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                    "trainable_parameters": n_params, "route": plan.route, "processes": plan.world.size,
                    "training_out_of_memory": info.get("out_of_memory", []),
                    "patch_cost": plan.cost, "cost": plan.inference.to_json() if plan.inference else None,
+                   "invocation": plan.invocation,
                    "epoch_log": [asdict(e) for e in logs], "cache": info, "base_modified": plan.cfg.full,
                    "method": kw["method"], "preset": plan.recipe.record() if plan.recipe else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
