@@ -12,6 +12,7 @@
 # et al.'s fixed-N CERTIFY (N = 100,000) and the sequential one on the same images. One thread per run: about 0.8 ms
 # per noisy forward of the base here, so fixed N is about 80 CPU-s per image for (a) and (c) and more for (b).
 #   bash bench/certify_fmnist.sh [OUT_DIR]           # resumable: finished reports are kept, interrupted runs resume
+#   ROWS="b_denoiser_s0.25" bash bench/certify_fmnist.sh OUT_DIR   # only the named rows (one process per row)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/out/certify}
@@ -28,6 +29,7 @@ P=("${NORM[@]}" --data fashion-mnist:train --subset 10% --force --quiet --eval-s
 certify() {  # certify NAME SIGMA MODEL SAMPLES [ARGS...]: NAME.json (report), NAME.tsv, NAME.log (with CPU time)
   local name=$1 sigma=$2 model=$3 samples=$4; shift 4
   [ -f "$OUT/$name.json" ] && return 0
+  [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]] && return 0  # ROWS="NAME ...": only these (parallel runs)
   local resume=(); [ -f "$OUT/$name.started" ] && resume=(--resume)
   touch "$OUT/$name.started"
   /usr/bin/time -f "%e s wall, %U s user" python -m hardener certify "$model" "${M[@]}" "$@" --data fashion-mnist:test \
@@ -43,10 +45,10 @@ norm_of() {  # the plain base needs its normalisation; patched files record thei
 }
 for s in $SIGMAS; do
   certify "a_base_s$s" "$s" "$(model_of "a_base_s$s")" "$SAMPLES_A" --sequential "${NORM[@]}"
-  [ -f "$OUT/denoiser_s$s.safetensors" ] || python -m hardener patch "$BASE" "${M[@]}" "${P[@]}" --preset certify \
+  [ -f "$OUT/denoiser_s$s.safetensors" ] || [ -n "${ROWS:-}" ] || python -m hardener patch "$BASE" "${M[@]}" "${P[@]}" --preset certify \
     --noise-sigma "$s" --out "$OUT/denoiser_s$s.safetensors" 2> "$OUT/denoiser_s$s.patch.log"
   certify "b_denoiser_s$s" "$s" "$(model_of "b_denoiser_s$s")" "$SAMPLES_B" --sequential
-  [ -f "$OUT/noise_ft_s$s.safetensors" ] || python -m hardener patch "$BASE" "${M[@]}" "${P[@]}" --method adv-train \
+  [ -f "$OUT/noise_ft_s$s.safetensors" ] || [ -n "${ROWS:-}" ] || python -m hardener patch "$BASE" "${M[@]}" "${P[@]}" --method adv-train \
     --noise-sigma "$s" --lr 1e-3 --epochs 10 --out "$OUT/noise_ft_s$s.safetensors" 2> "$OUT/noise_ft_s$s.patch.log"
   certify "c_noise_ft_s$s" "$s" "$(model_of "c_noise_ft_s$s")" "$SAMPLES_C" --sequential
 done
