@@ -18,12 +18,27 @@ NAMES = {"a_base": "(a) base, smoothed", "b_denoiser": "(b) base + harden denois
 
 
 def load(folder: Path, name: str) -> dict | None:
-    path = folder / f"{name}.json"
-    if not path.exists():
-        return None
-    rep = json.loads(path.read_text())
-    log = folder / f"{name}.log"
-    m = re.search(r"([\d.]+) s wall, ([\d.]+) s user", log.read_text()) if log.exists() else None
+    """A row's report, or (`partial: true`) the rows an interrupted run saved, summarised the same way."""
+    path, log = folder / f"{name}.json", folder / f"{name}.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    m = re.search(r"([\d.]+) s wall, ([\d.]+) s user", text)
+    if path.exists():
+        rep = json.loads(path.read_text())
+    else:
+        saved = re.search(r"samples saved to '([^']+)'", text)
+        if not saved:
+            return None
+        import torch
+
+        from hardener.certify import CertifyResult, SmoothingConfig
+
+        rows = torch.load(saved.group(1), weights_only=True)["data"]["rows"]["rows"]
+        cfg = SmoothingConfig(sigma=float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]), n0=100,
+                              n=100_000, alpha=0.001, batch_size=200, sequential=".fixed" not in name)
+        from dataclasses import asdict
+
+        res = CertifyResult(config=asdict(cfg), rows=rows)
+        rep = {"summary": res.summary(), "rows": rows, "partial": True}
     rep["cpu_s"] = float(m.group(2)) if m else None
     return rep
 
@@ -49,9 +64,11 @@ def main_table(folder: Path) -> tuple[list[str], list[dict]]:
             d = s["draws_per_sample"]
             cpu = rep["cpu_s"] / s["n"] if rep["cpu_s"] else None
             cpu_text = f"{cpu:.2f}" if cpu else "–"
-            lines.append(f"| {label} | {sigma} | {s['n']} | " + " | ".join(cells) + f" | {100 * s['abstention_rate']:.1f}%"
+            n_text = f"{s['n']} (interrupted)" if rep.get("partial") else str(s["n"])
+            lines.append(f"| {label} | {sigma} | {n_text} | " + " | ".join(cells) + f" | {100 * s['abstention_rate']:.1f}%"
                          f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} |")
-            out.append({"model": key, "sigma": float(sigma), "summary": s, "cpu_s_per_image": cpu})
+            out.append({"model": key, "sigma": float(sigma), "summary": s, "cpu_s_per_image": cpu,
+                        "partial": bool(rep.get("partial"))})
     return lines, out
 
 
