@@ -20,6 +20,9 @@ def test_cli_reference_is_current():
 
 
 def test_cli_reference_covers_every_option_group_and_example():
+    from hardener.cli import main
+
+    assert {c for c, _, _ in docs.COMMANDS} == set(main.commands), "a command is missing from hardener.docs.COMMANDS"
     text = docs.render()
     for command, specs, _ in docs.COMMANDS:
         section = text.split(f"## `harden {command} ")[1].split("\n## `harden ")[0]
