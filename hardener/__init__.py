@@ -16,7 +16,7 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=Non
     The returned `PatchedModel` has `patches_disabled()` (the base, exactly), `set_strength()`, and for
     auxiliary BNs `route("adv"|"main")` (a context manager; `set_route` changes the default, which the
     checkpoint stores); `model.manifest` holds the checkpoint's manifest; `save()` records the architecture again.
-    Loading never imports or calls code the file names (README, "Security model"): `arch` (with
+    Loading never imports or calls code the file names (docs/reliability.md, "Security model"): `arch` (with
     `arch_kwargs`) names the architecture (`package.module:callable` or `file.py:callable`); the
     architecture stored in the checkpoint, with its kwargs, is used only with `trust_arch=True` or when
     its module lies under a prefix of `trust_arch="pkg,other.pkg"` or of the HARDEN_TRUSTED_ARCH

@@ -1,6 +1,6 @@
 """Resolve `--arch package.module:callable` or `path/to/file.py:callable` to a model constructor.
 
-Trust model (README, "Security model"): code is imported only when the *user* names it -- `--arch`,
+Trust model (docs/reliability.md, "Security model"): code is imported only when the *user* names it -- `--arch`,
 `arch=`, a module prefix in `--trust-arch`/`HARDEN_TRUSTED_ARCH` -- never because a checkpoint names it.
 Whatever the source, the constructor must be an `nn.Module` subclass or a plain Python function defined
 in a model package (not the standard library, not builtins, not torch itself), and what it returns must

@@ -81,7 +81,7 @@ MODEL = (
     opt("--trust-pickle", is_flag=True, help="Allow loading a whole pickled nn.Module (runs its code)."),
     opt("--trust-arch", is_flag=True,
         help="Use the architecture and kwargs a patched checkpoint records (else only --arch or a "
-             "HARDEN_TRUSTED_ARCH module prefix; see README, Security model)."),
+             "HARDEN_TRUSTED_ARCH module prefix; see docs/reliability.md, Security model)."),
     opt("--mean", help="Per-channel mean the model expects (comma list); normalisation is wrapped "
                        "inside the model, attacks work on [0,1] pixels."),
     opt("--std", help="Per-channel std the model expects (comma list)."),
@@ -147,7 +147,7 @@ PATCH = (
               "patches, main for advprop/advamd)."),
     opt("--preset", type=Choice(preset_names()),
         help=f"A measured recipe (a file in hardener/presets/); options given explicitly win over it. Default: "
-             f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--adversary is given (see README)."),
+             f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--adversary is given (see docs/methods.md)."),
     popt("--denoise", "denoise_op", show_default=True, type=Choice(DENOISE_OPS),
          help="Denoising operation of denoise patches."),
     popt("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "

@@ -1,0 +1,42 @@
+"""Screenshots of the two HTML reports (bench/results/eval-report.png, patch-report.png): the demo's reports
+(bench/results/ordinary/demo-*-report.json, the figures in README) re-rendered by the current `hardener.report`, then
+drawn by headless Chromium (Debian: `apt-get install chromium`), cropped to the page and reduced to 64 colours.
+
+    python bench/report_screenshots.py [CHROMIUM]
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageChops
+
+from hardener import report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--hide-scrollbars",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,4000"]
+
+
+def shoot(kind: str, chromium: str, tmp: Path) -> Path:
+    rep = json.loads((RESULTS / "ordinary" / f"demo-{kind}-report.json").read_text())
+    rep["reduced_budgets"] = report.reduced_budgets(rep)  # written before reports carried it: as harden writes it now
+    page, raw = tmp / f"{kind}.html", tmp / f"{kind}.png"
+    page.write_text(report.to_html(rep), encoding="utf-8")
+    subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp / kind}", f"--screenshot={raw}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    im = Image.open(raw).convert("RGB")
+    background = Image.new("RGB", im.size, im.getpixel((im.width - 1, im.height - 1)))
+    bottom = ImageChops.difference(im, background).getbbox()[3]  # the page's end
+    out = RESULTS / f"{kind}-report.png"
+    im.crop((96, 0, 1184, min(im.height, bottom + 40))).quantize(colors=64).save(out, optimize=True)
+    return out
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as d:
+        for kind in ("eval", "patch"):
+            print(shoot(kind, sys.argv[1] if len(sys.argv) > 1 else "chromium", Path(d)))
