@@ -222,10 +222,14 @@ def run() -> None:
         _interrupted()
         sys.exit(130)
     except RuntimeError as e:
-        if not _gpu_out_of_memory(e):
-            raise
-        click.echo("Error: out of GPU memory: lower --batch-size or use --device cpu", err=True)
-        sys.exit(3)
+        if _gpu_out_of_memory(e):
+            click.echo("Error: out of GPU memory: lower --batch-size or use --device cpu", err=True)
+            sys.exit(3)
+        if "can't allocate memory" in str(e):  # torch's CPU allocator: a plain RuntimeError
+            click.echo("Error: out of memory (the CPU allocator refused a tensor): lower --batch-size, --width or "
+                       "raise --rho", err=True)
+            sys.exit(3)
+        raise
     except MemoryError:
         click.echo("Error: out of memory: lower --batch-size or --subset", err=True)
         sys.exit(3)

@@ -244,8 +244,8 @@ PATCH = (
               "selection and the report."),
     opt("--report", "report_path", type=FILE, help="Write the report (.json/.md/.html)."),
     opt("--mlflow", is_flag=True,
-        help="Log parameters, the numeric summary, the report(s) and the checkpoint to MLflow: the active run, "
-             "else MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
+        help="Log parameters, the report's metrics, the report and the checkpoint to a new MLflow run (a child of "
+             "the caller's run, if any) at MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
     ALLOW_LOW_ACCURACY, *MODEL, *DATA,
 )
 
@@ -280,8 +280,8 @@ EVAL = (
     opt("--report", "report_paths", multiple=True, type=FILE,
         help="Write the report: .json, .md or .html (repeatable)."),
     opt("--mlflow", is_flag=True,
-        help="Log parameters, the numeric summary, the report(s) and the checkpoint to MLflow: the active run, "
-             "else MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
+        help="Log parameters, the report's metrics and the report file(s) to a new MLflow run (a child of the "
+             "caller's run, if any) at MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
     opt("--batch-size", default=256, show_default=True, type=BatchSize(),
         help="Images per attack batch, or auto: the largest power of two that fits in memory (probed)."),
     opt("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks)."),

@@ -230,6 +230,7 @@ OPTION_RULES: dict[str, tuple] = {
     "gamma": _finite_nonneg(), "eps_warmup": _finite_nonneg(), "sigma": _finite_nonneg(),
     "phi": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
     "noise_sigma": _finite_nonneg(), "max_radius": _finite_pos(),
+    "fixer_rank": ((lambda v: isinstance(v, int) and 0 <= v <= 4096), "must be an integer in 0..4096 (0: full rank)"),
     "ema": ((lambda v: math.isfinite(v) and 0 <= v < 1), "must be a number in [0, 1)"),
     "pseudo_threshold": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
     "pseudo_ratio": _finite_pos(), "n0": _ge(1), "n_samples": _ge(1), "smooth_n": _ge(1),

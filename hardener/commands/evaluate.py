@@ -12,7 +12,7 @@ import torch
 from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, report as R, validate as V
 from ..checkpoint import sha256_file
 from ..console import ProgressView, announce, err_console, out
-from ..errors import InputError, Interrupted, ThresholdError, UsageError
+from ..errors import InputError, Interrupted, RunError, ThresholdError, UsageError
 from ..patches.attach import Disabled
 from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
 from ..session import check_accuracy, finish_spec, load_data, load_model, load_parent
@@ -48,12 +48,19 @@ def run(call: Call) -> None:
             store.path.with_name(store.path.name.replace(f"-rank0of{world.size}", f"-rank{r}of{world.size}")) \
                 .unlink(missing_ok=True)
     D.finish(world)
-    if kw["mlflow"]:
-        track(kw, rep, list(kw["report_paths"]), f"harden eval {Path(model).name}")
     if kw["as_json"]:
         out(R.json_text(rep))
-    if rep["gates"]["missed"]:
-        raise ThresholdError("--fail-under missed: " + "; ".join(rep["gates"]["missed"]))
+    missed = ThresholdError("--fail-under missed: " + "; ".join(rep["gates"]["missed"])) \
+        if rep["gates"]["missed"] else None
+    if kw["mlflow"]:
+        try:
+            track(kw, rep, list(kw["report_paths"]), f"harden eval {Path(model).name}")
+        except RunError as e:
+            if missed is None:
+                raise
+            err_console.print(f"Error: {e.message}", highlight=False, markup=False)  # the gate's exit code wins
+    if missed is not None:
+        raise missed
 
 
 def _check(call: Call):
@@ -63,6 +70,12 @@ def _check(call: Call):
     data = kw["data"] or kw["eval_data"]
     if not data:
         raise UsageError("missing --data (or `eval_data` in harden.toml)")
+    if kw["mlflow"]:
+        if kw["defense"] == "adaptive":
+            raise InputError("--mlflow does not log --defense adaptive evaluations: log its --report yourself")
+        from ..tracking import require
+
+        require()
     thresholds = R.parse_fail_under(kw["fail_under"])
     threats = api.parse_threats(kw["threat"], "--threat")
     if "surrogate" in [t.strip() for t in kw["threat"].split(",")] and not kw["surrogate"]:

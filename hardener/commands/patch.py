@@ -89,6 +89,10 @@ def _check(call: Call) -> tuple[str, Path]:
     if not kw["data"]:
         raise UsageError("missing --data (training data, or `data` in harden.toml)")
     out_file = Path(kw["out_path"]) if kw["out_path"] else default_out(model)
+    if kw["mlflow"]:
+        from ..tracking import require
+
+        require()
     if kw["report_path"]:
         R.check_path(kw["report_path"])
     call.check_run([("--out", out_file), ("--report", kw["report_path"])], kw["force"])
@@ -267,9 +271,9 @@ def _report(plan: Plan, manifest: Manifest, logs: list, info: dict, estimate: di
                           f"verdict:\n  {full_cmd}")
     if kw["report_path"]:
         R.write(rep, kw["report_path"])
+    out(str(out_file))
     if kw["mlflow"]:
         track(kw, rep, [out_file, kw["report_path"]], f"harden patch {Path(kw['model']).name}")
-    out(str(out_file))
 
 
 
