@@ -16,7 +16,6 @@ a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:tra
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from .model import Classifier, InputSpec, parse_floats
 from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
 from .patch_options import PatchOptions
 from .patches.attach import Disabled
-from .recipe import Split, parse_methods, split_for_training
+from .recipe import Split, parse_methods
 from .session import check_accuracy
 
 
@@ -237,17 +236,23 @@ def pick_device(name: str | torch.device) -> torch.device:
 
 def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | None = None, mean=None,
           std=None, logits: str | None = None, device: str | torch.device = "auto",
-          progress: F.Progress | None = None, **overrides: Any) -> PatchedModel:
+          progress: bool | F.Progress | None = True, **overrides: Any) -> PatchedModel:
     """Splice patches into a frozen `model` and train them on `data`; returns the `PatchedModel`.
 
     `recipe` names a preset (`"robust"`: white-box robustness; `"transfer"`: the fixer paper's transfer-only
     recipe; `"certify"`: a denoiser for `harden certify`; `None`: the built-in defaults of `PatchOptions`; `"auto"`,
     the default: `"robust"` unless `method`, `at`, `at_regex` or `adversary` is given); `overrides` are fields
     (`eps=0.1`, `epochs=5`, `at="layer1"`, ...) and win over the recipe. When `data` leaves nothing aside, a
-    stratified part is held out for model selection, as the CLI does. The base's weights and statistics are
-    bit-identical afterwards. The returned model carries `.training_record` (the record the checkpoint stores),
-    `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`: multiply-adds counted, latency measured on
-    `device`, against the base; the checkpoint's `cost` holds the counted part)."""
+    stratified part is held out for model selection, as the CLI does. The run is the command line's
+    (`hardener.run.patch_run`): `progress=True` shows progress, the plan and the notes on stderr (`False`: nothing;
+    a callable of fit's `Progress` gets the progress, the plan and notes go to the logger only); the plan and the
+    notes go to the `logging` logger "hardener" too, warnings (too few optimiser steps, ...) are `UserWarning`s.
+    The base's weights and statistics are bit-identical afterwards. The returned model carries `.training_record`
+    (the record the checkpoint stores), `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`:
+    multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
+    counted part)."""
+    from . import run as RUN
+
     opts, preset = PatchOptions.build(recipe, overrides)
     dev = pick_device(device)
     torch.manual_seed(opts.seed)
@@ -258,27 +263,13 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     infos = finish(patched, ds, dev)
     _warn_class_count(ds, patched)
     A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
-    attach_patches(patched, infos, opts)
-    patched.to(dev)
-    split = split_for_training(ds.labels, hdata.parse_subset(opts.subset), True, opts.select_on or opts.validate,
-                               opts.holdout, opts.seed)
-    _warn(check_accuracy(Disabled(patched), ds, patched.model.spec.num_classes, dev, opts.allow_low_accuracy,
-                         library=True))
-    train_ds = ds.take(split.train)
-    val_ds = ds.take(split.val) if split.val is not None else None
-    spec, cfg = training_setup(opts, patched.model.spec.num_classes)
-    if opts.unlabeled is not None:
-        pool = ds.take(split.rest) if isinstance(opts.unlabeled, str) and opts.unlabeled == "rest" \
-            else as_dataset(opts.unlabeled, labels_required=False)
-        train_ds, cfg, split.record["unlabeled"] = add_pseudo_labels(patched, train_ds, pool, opts, cfg, dev)
-    cfg = settle_batch_size(cfg, opts, len(train_ds))
-    t0 = time.time()
-    logs = F.fit(patched, train_ds, spec, cfg, dev, progress, val=val_ds)
-    patched.set_route(opts.route or M.build(cfg).default_route)
-    patched.cost = C.measure(patched) if patched.sites else None  # counted, and timed on `device`
-    patched.training_record = training_record(cfg, spec, logs, train_ds, opts, preset, split, val_ds)
-    patched.train_seconds = time.time() - t0
-    patched.history = logs
+    run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, RUN.library_hooks(progress),
+                                     given=frozenset(PatchOptions.ALIASES.get(k, k) for k in overrides)), infos)
+    RUN.measure(run)
+    patched.cost = run.inference
+    patched.training_record = run.record
+    patched.train_seconds = run.train_seconds
+    patched.history = run.logs
     return patched
 
 

@@ -66,6 +66,7 @@ class ProgressView:
         self._beat: threading.Thread | None = None
 
     def __enter__(self) -> "ProgressView":
+        self._last = self._mark = time.time()  # made before a run's planning, the view's clock starts here
         if self.quiet:
             return self
         if self.lines:

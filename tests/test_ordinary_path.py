@@ -155,7 +155,7 @@ def test_recipe_options_switch_the_default_preset_off_and_transfer_says_so(runne
 def test_few_steps_warning_names_the_preset_only_for_its_own_epochs():
     """`--epochs 1` on the command line with the default recipe is the user's, not preset robust's (issue 21's bench
     printed "(--epochs 1 is preset robust's)" while the preset says 10)."""
-    from hardener.commands.patch import _recipe_warnings
+    from hardener.run import recipe_warnings as _recipe_warnings
     from hardener.fit import FitConfig
 
     robust = load_preset("robust")

@@ -1,0 +1,71 @@
+"""One run, two faces (issue 31, item 1, for patch): `harden patch` and `hardener.patch` run the same library code
+(`hardener.run.patch_run`), and a notebook gets what the command line shows: progress, the plan, the warnings."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+
+import hardener
+from hardener import run as RUN
+from hardener.cli import main
+from hardener.run import FEW_STEPS
+
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
+
+FEW = dict(recipe="transfer", at="block", eps=0.1, epochs=1, steps=1, batch_size=32)
+
+
+def _data():
+    imgs, labels = make_data(n=90)
+    return imgs.float() / 255, labels
+
+
+def test_cli_patch_runs_the_library_run(runner, tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    calls = []
+    real = RUN.patch_run
+
+    def spy(run, infos):
+        calls.append(run)
+        return real(run, infos)
+
+    monkeypatch.setattr(RUN, "patch_run", spy)
+    out = tmp_path / "p.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "block",
+                             "--out", str(out), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1
+    run = calls[0]
+    # the command line's hooks: its resumable state, its report in the plan, flag names in messages
+    assert run.saver is not None and run.report_units > 0 and not run.hooks.library
+    written = hardener.load(out, arch=ARCH).manifest.training
+    assert written == json.loads(json.dumps(run.record))  # what the run recorded is what was written
+
+
+def test_notebook_patch_shows_progress_plan_and_the_few_steps_warning(capsys, caplog, monkeypatch):
+    monkeypatch.setenv("HARDEN_PROGRESS_SECONDS", "10")
+    caplog.set_level(logging.INFO, logger="hardener")
+    net, (x, y) = trained_tiny(), _data()
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="optimiser steps") as seen:
+        hardener.patch(net, (x, y), **FEW)
+    assert int(str(next(w.message for w in seen if "optimiser" in str(w.message))).split()[1]) < FEW_STEPS
+    assert any(w.filename == __file__ for w in seen)  # pointed at the caller's line, not at harden's
+    err = capsys.readouterr().err
+    assert "plan: recipe: preset transfer" in err and "optimiser steps" in err  # the plan
+    first = re.search(r"^train 1/(\d+) ", err, re.M)  # progress lines (off a terminal): the first and the last
+    assert first and re.search(rf"^train {first[1]}/{first[1]} ", err, re.M)
+    assert any(r.name == "hardener" and r.getMessage().startswith("plan:") for r in caplog.records)
+
+
+def test_notebook_patch_progress_false_is_silent_on_stderr(capsys):
+    net, (x, y) = trained_tiny(), _data()
+    capsys.readouterr()
+    seen = []
+    with pytest.warns(UserWarning, match="optimiser steps"):  # warnings still come, through `warnings`
+        hardener.patch(net, (x, y), progress=False, **FEW)
+        hardener.patch(net, (x, y), progress=lambda *a: seen.append(a), **FEW)
+    assert capsys.readouterr().err == ""
+    assert seen and seen[-1][0] == "train"  # a callable gets fit's progress as is
