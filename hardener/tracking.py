@@ -80,8 +80,10 @@ def log_run(params: dict[str, Any], summary: dict, files: Iterable[str | Path] =
         if default_store:  # through the variable, restored after: the process's MLflow settings stay the caller's
             os.environ["MLFLOW_TRACKING_URI"] = Path("mlruns").resolve().as_uri()
         parent = active.info.run_id if active else pipeline_run
-        try:
-            run = mlflow.start_run(run_name=run_name, nested=active is not None, parent_run_id=parent)
+        try:  # a child lives in its parent's experiment
+            experiment = mlflow.tracking.MlflowClient().get_run(parent).info.experiment_id if parent else None
+            run = mlflow.start_run(run_name=run_name, nested=active is not None, parent_run_id=parent,
+                                   experiment_id=experiment)
         except Exception as e:  # noqa: BLE001 -- any failure of the tracking backend, in one line
             raise _failed(e) from None
         status = "FAILED"
