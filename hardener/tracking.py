@@ -1,9 +1,10 @@
 """Experiment tracking: a run's parameters, its numeric summary and its files logged to MLflow (`--mlflow`).
 
 Where to: a new run, the child of the caller's run if there is one (the library's active run, or MLFLOW_RUN_ID as
-pipeline tools set it), at `MLFLOW_TRACKING_URI`, else in a local file store `./mlruns` (MLflow keeps its file store in maintenance mode and
-refuses it unless `MLFLOW_ALLOW_FILE_STORE=true`, which harden sets for that default only; point
-`MLFLOW_TRACKING_URI` at a tracking server for a team). MLflow is an extra: `pip install 'harden[mlflow]'`
+pipeline tools set it), at the tracking URI the caller set (`MLFLOW_TRACKING_URI`, `mlflow.set_tracking_uri`), else
+in a local file store `./mlruns` (MLflow keeps its file store in maintenance mode and refuses it unless
+`MLFLOW_ALLOW_FILE_STORE=true`, which harden sets for that default only, for the call; point `MLFLOW_TRACKING_URI` at
+a tracking server for a team). MLflow is an extra: `pip install 'harden[mlflow]'`
 (mlflow-skinny, the client without the server)."""
 from __future__ import annotations
 

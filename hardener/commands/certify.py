@@ -96,14 +96,14 @@ def _method_line(s: dict) -> str:
 
 def to_markdown(rep: dict) -> str:
     s = rep["summary"]
-    d = s.get("draws_per_sample", {})
+    d = s["draws_per_sample"]
     lines = ["## harden certify report", "", f"Model `{Path(rep['checkpoint']).name}` (sha256 "
              f"`{rep['checkpoint_sha256'][:16]}…`), data `{rep['data']['source']}` ({s['n']} samples).", "",
              f"Threat model: {rep['threat_model']}. {_method_line(s)}, n0 {s['n0']}, α {s['alpha']}, seed "
-             f"{s['seed']}; bound: {s.get('bound', 'Clopper-Pearson at n draws')}; largest certifiable radius with "
+             f"{s['seed']}; bound: {s['bound']}; largest certifiable radius with "
              f"this N: {s['max_certifiable_radius']}.", "",
-             f"Noisy forwards per sample (selection included): mean {d.get('mean')}, median {d.get('median')}, "
-             f"max {d.get('max')}.", "",
+             f"Noisy forwards per sample (selection included): mean {d['mean']}, median {d['median']}, "
+             f"max {d['max']}.", "",
              f"Smoothed clean accuracy {100 * s['clean_accuracy_smoothed']:.1f}%, abstention "
              f"{100 * s['abstention_rate']:.1f}%.", "", "| radius | certified accuracy |", "|---|---|"]
     lines += [f"| {r} | {100 * v:.1f}% |" for r, v in s["certified_accuracy"].items()]

@@ -2,7 +2,6 @@
 sanity checks, gates (`--fail-under`), reports; resumable, and shardable over processes (torchrun)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
