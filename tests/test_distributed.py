@@ -129,36 +129,9 @@ PATCH2 = ["--at", "features,block", "--epochs", "3", "--steps", "2", "--eps", "0
           "patched", "--subset", "0.6"]
 
 
-def test_sharded_patch_training_writes_one_checkpoint_of_the_same_shape(tmp_path, tiny_ckpt, tiny_data):
-    from safetensors.torch import load_file
-
-    import hardener
-
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    base = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), *PATCH2]
-    r1 = _run([*base, "--out", str(one)])
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = _run([*base, "--out", str(two)], procs=2)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stdout.strip() == str(two)  # rank 0 alone prints the path
-    a, b = load_file(str(one)), load_file(str(two))
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    base_keys = [k for k in a if not k.startswith("harden.")]
-    assert all(torch.equal(a[k], b[k]) for k in base_keys)  # the base stays bit-identical
-    from conftest import make_data
-
-    imgs, labels = make_data(n=90, seed=11)
-    x = imgs.float() / 255
-    accs = []
-    for f in (one, two):
-        m = hardener.load(str(f), arch=ARCH).eval()
-        with torch.no_grad():
-            accs.append(float((m(x).argmax(1) == labels).float().mean()))
-    assert abs(accs[0] - accs[1]) <= 0.15, accs  # the same accuracy range (batch statistics differ per process)
-    assert not list(tmp_path.glob("*.partial*"))
-
-
 def test_sharded_patch_training_resumes_to_the_uninterrupted_result(tmp_path, tiny_ckpt, tiny_data):
+    """Two processes write one checkpoint (rank 0 prints it, the base bit-identical), and a run stopped by SIGTERM
+    resumes to exactly the uninterrupted result. (1 vs 2 processes: the gradient test below.)"""
     import signal
     import time
 
@@ -169,6 +142,11 @@ def test_sharded_patch_training_resumes_to_the_uninterrupted_result(tmp_path, ti
             "--save-every", "1"]
     r = _run([*base, "--out", str(whole)], procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == str(whole)  # rank 0 alone prints the path
+    assert not list(tmp_path.glob("*.partial*"))  # the finished run leaves no state behind
+    a, orig = load_file(str(whole)), load_file(str(tiny_ckpt))
+    assert all(torch.equal(a[k], orig[k]) for k in orig)  # the base stays bit-identical
+    assert any(k.startswith("harden.") for k in a)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "hardener", *base, "--out", str(cut)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
