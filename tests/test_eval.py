@@ -468,4 +468,5 @@ def test_quick_patch_report_says_so_in_every_format(runner, tmp_path, tiny_ckpt,
     assert md.splitlines()[2].startswith("**Quick check, not a verdict**") and "harden eval" in md.splitlines()[2]
     assert "<title>harden patch — o.safetensors (quick check, not a verdict)</title>" in page
     assert "<b>Quick check, not a verdict</b>" in page
+    assert "full_evaluation" not in md and "full_evaluation" not in page  # the key name is not for readers
     assert rep["invocation"]["command_line"].startswith(f"harden patch {tiny_ckpt} ")
