@@ -23,7 +23,7 @@ a, b = json.load(open(f"{tmp}/one.json")), json.load(open(f"{tmp}/many.json"))
 same = a["models"]["patched"]["per_sample_broken_by"] == b["models"]["patched"]["per_sample_broken_by"]
 res = {"samples": n, "processes": p, "device": dev, "attack": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000)",
        "seconds_1": round(t1 - t0, 1), f"seconds_{p}": round(t2 - t1, 1), "speedup": round((t1 - t0) / (t2 - t1), 2),
-       "per_sample_equal": same, "robust": a["summary"]["robust"], "blackbox": a["summary"]["blackbox"]}
+       "per_sample_equal": same, "robust": a["summary"]["robust"], "blackbox": a["summary"].get("blackbox")}
 json.dump(res, open(out, "w"), indent=2)
 print(json.dumps(res, indent=2))
 PY

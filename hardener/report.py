@@ -13,9 +13,9 @@ from . import __version__
 from .errors import InputError
 from .evaluation import THREATS
 
-SCHEMAS = {"eval": "harden.eval-report/2", "patch": "harden.patch-report/2"}  # one id per kind of report
+SCHEMAS = {"eval": "harden.eval-report/3", "patch": "harden.patch-report/3"}  # one id per kind of report
 SCHEMA = SCHEMAS["eval"]
-SCHEMA_FILE = Path(__file__).parent / "schemas" / "report-2.schema.json"  # JSON Schema of both (shipped)
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "report-3.schema.json"  # JSON Schema of both (shipped)
 THREAT_TEXT = {
     "whitebox": "white-box: attacks computed on this model end to end (patches included)",
     "adaptive": "white-box BPDA: the same attacks with each patch that may mask gradients (pre-filter, denoising "
@@ -56,8 +56,7 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
         "command": command,
         "data": data,
         "threat_models": {t: THREAT_TEXT[t] for t in THREAT_TEXT
-                          if t in ("whitebox", "transfer", "blackbox")
-                          or any(t in m.get("threats", {}) for m in result["models"].values())},
+                          if any(t in m.get("threats", {}) for m in result["models"].values())},
         "attack_settings": attack_settings,
         "models": strip_private(result["models"]),
         "checks": result.get("checks", []),
@@ -72,17 +71,52 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
 
     rep["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rep["reduced_budgets"] = reduced_budgets(rep)
+    rep["threats_not_run"] = threats_not_run(rep)
     summarise(rep)
     rep["robustbench"] = robustbench_entry(rep, result["models"])
     return rep
 
 
 def summarise(rep: dict) -> None:
-    """`summary` (the headline figures with the model, norm and attacks beside them, null where a threat model did
-    not run) and `metrics` (its numbers alone: `mlflow.log_metrics(rep["metrics"])`, gates_passed as 1/0)."""
-    rep["summary"] = summary(rep)
-    rep["metrics"] = {k: int(v) if isinstance(v, bool) else v for k, v in rep["summary"].items()
-                      if isinstance(v, (int, float)) and v is not None}
+    """`summary`, the headline figures as numbers alone (`mlflow.log_metrics(rep["summary"])`: gates_passed as 1/0,
+    a threat model that did not run absent), and beside it `summary_context`, what they are of (model, norm,
+    attacks)."""
+    full = summary(rep)
+    rep["summary"] = {k: int(v) if isinstance(v, bool) else v for k, v in full.items()
+                      if isinstance(v, (int, float)) and math.isfinite(v)}
+    rep["summary_context"] = {k: full[k] for k in ("model", "norm", "attacks")}
+
+
+def threats_not_run(rep: dict) -> dict[str, str]:
+    """The threat models that did not run on the evaluated model, each with why (`threats_not_run`: the reports
+    list them on one line instead of giving them rows or figures)."""
+    from . import attacks as A
+
+    name = "patched" if "patched" in rep["models"] else "base"
+    m = rep["models"][name]
+    kinds = set()
+    for s in rep.get("attack_settings", []):
+        try:
+            kinds.add(A.info(s.get("name", "")).kind)
+        except InputError:  # a plug-in's attack that is gone
+            pass
+    out = {}
+    for t in THREAT_TEXT:
+        if t in m.get("threats", {}):
+            continue
+        if t in (m.get("threats_skipped") or {}):
+            out[t] = m["threats_skipped"][t]
+        elif rep.get("command") == "patch":
+            out[t] = "left to the full verdict (harden eval)"
+        elif t == "blackbox" and "query" not in kinds:
+            out[t] = "needs a query attack, e.g. --attack square"
+        elif t != "blackbox" and not kinds - {"query"}:
+            out[t] = "needs a gradient attack, e.g. --attack apgd-ce"
+        elif t in ("adaptive", "transfer") and name == "base":
+            out[t] = "the model has no patches"
+        else:
+            out[t] = "not in --threat"
+    return out
 
 
 # A report on fewer images than this gets its sample size flagged (95% intervals wider than about +-7 points).
@@ -238,19 +272,22 @@ def per_class_rows(rep: dict) -> list[tuple[str, int, str, str]]:
             for r in m.get("per_class", [])]
 
 
+THREAT_LABEL = {"whitebox": "white-box", "adaptive": "BPDA", "surrogate": "surrogate transfer",
+                "transfer": "transfer", "blackbox": "black-box"}
+
+
 def headline(rep: dict) -> list[str]:
-    """The first lines of a Markdown/HTML report: what was evaluated, and the verdict per threat model."""
-    s = rep.get("summary") or summary(rep)
+    """The first lines of a Markdown/HTML report: what was evaluated, and the verdict per threat model that ran."""
+    s = summary(rep)
 
     def p(v):
-        return "not run" if v is None else f"{100 * v:.1f}%"
+        return f"{100 * v:.1f}%"
 
     lines = []
     budget = rep.get("report_budget") or {}
     if budget.get("verdict") is False:
         note = str(budget.get("note", "")).removeprefix("quick check: ")
-        lines.append(f"**Quick check, not a verdict**: {note}. Full verdict: "
-                     f"`{budget.get('full_evaluation', '')}`")
+        lines.append(f"**Quick check, not a verdict**: {note}. Full verdict: `{budget.get('full_evaluation', '')}`")
     ck = rep.get("checkpoint")
     if ck:
         sha = rep.get("checkpoint_sha256", "")
@@ -258,17 +295,19 @@ def headline(rep: dict) -> list[str]:
                      + f", data `{rep['data'].get('source')}` ({s['n']} samples, fingerprint "
                      f"`{str(rep['data'].get('fingerprint', ''))[:12]}`), {rep.get('created', '')}.")
     wb = (rep["models"][s["model"]].get("threats", {}).get("whitebox") or {}).get("robust")
-    if s.get("adaptive") is not None and wb is not None:
-        whitebox = f"white-box {p(wb['accuracy'])}, with BPDA too {p(s['robust'])}"
-    else:
-        whitebox = f"white-box {p(s['robust'])}"
-    extra = f", after surrogate transfer too {p(s['surrogate'])}" if s.get("surrogate") is not None else ""
-    verdict = (f"**{s['model']}**: clean {p(s['clean'])}, {whitebox}{extra}, transfer "
-               f"{p(s['transfer'])}, black-box {p(s['blackbox'])}; worst case over the threat models that ran "
-               f"{p(s['worst_case'])} (eps {s['eps']} {s['norm'] or ''}).")
-    lines.append(verdict)
+    figures = [f"clean {p(s['clean'])}"]
+    if s.get("robust") is not None:
+        figures.append(f"white-box {p(wb['accuracy'])}, with BPDA too {p(s['robust'])}"
+                       if s.get("adaptive") is not None and wb is not None else f"white-box {p(s['robust'])}")
+    figures += [f"{label} {p(s[t])}" for t, label in (("surrogate", "after surrogate transfer too"),
+                                                        ("transfer", "transfer"), ("blackbox", "black-box"))
+                if s.get(t) is not None]
+    not_run = not_run_line(rep)
+    lines.append(f"**{s['model']}**: {', '.join(figures)}; worst case over the threat models that ran "
+                 f"{p(s['worst_case'])} (eps {s['eps']} {s['norm'] or ''})." + (f" {not_run}." if not_run else ""))
     if "delta_clean" in s:
-        lines.append(f"Base: clean {p(s['base_clean'])}, white-box {p(s['base_robust'])}; clean accuracy "
+        base_wb = f", white-box {p(s['base_robust'])}" if s.get("base_robust") is not None else ""
+        lines.append(f"Base: clean {p(s['base_clean'])}{base_wb}; clean accuracy "
                      f"{100 * s['delta_clean']:+.1f} points against the base.")
     if "gates_passed" in s:
         missed = rep["gates"].get("missed") or []
@@ -278,6 +317,18 @@ def headline(rep: dict) -> list[str]:
     if notes:
         lines.append("**Reduced budget**, the figures are upper bounds: " + "; ".join(notes) + ".")
     return lines
+
+
+def not_run_line(rep: dict) -> str:
+    """"Not run: transfer, black-box — why": the threat models that did not run, on one line, grouped by the reason
+    ("" when all ran)."""
+    missing = rep.get("threats_not_run")
+    if missing is None:  # a report written before it was recorded
+        missing = threats_not_run(rep)
+    why: dict[str, list[str]] = {}
+    for t, reason in missing.items():
+        why.setdefault(reason, []).append(THREAT_LABEL.get(t, t))
+    return ("Not run: " + "; ".join(f"{', '.join(ts)} — {reason}" for reason, ts in why.items())) if why else ""
 
 
 def _thresholds(rep: dict) -> str:
@@ -405,26 +456,67 @@ def pct(a: dict | None) -> str:
     return f"{100 * a['accuracy']:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}]"
 
 
-def rows(rep: dict) -> list[tuple[str, str, str, str]]:
-    """(model, measure, threat, accuracy) rows shared by the table, Markdown and HTML."""
+def accuracy_tables(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One accuracy table per model, (model, header, rows): a row per threat model that ran (the attacks of its chain
+    with the accuracy left after each), its accuracy, and where recorded the same on the images the base classifies
+    correctly, as a column. Threat models that did not run get no row (`not_run_line`)."""
     out = []
     for name, m in rep["models"].items():
-        out.append((name, "clean", "—", pct(m["clean"])))
-        for t, th in _in_order(m["threats"]):
-            for r in th["attacks"]:
-                out.append((name, f"after {r['attack']}", t, pct(r["robust_after"])))
-            out.append((name, f"worst case ({t})", t, pct(th["robust"])))
-        out.append((name, "worst case (all threats)", "all", pct(m["worst_case"])))
-        cb = m.get("correct_by_base", {})
-        for key, label, threat in (("clean", "clean", "—"), ("whitebox", "worst case (whitebox)", "whitebox"),
-                                   ("adaptive", "worst case (adaptive)", "adaptive"),
-                                   ("surrogate", "worst case (surrogate)", "surrogate"),
-                                   ("transfer", "worst case (transfer)", "transfer"),
-                                   ("blackbox", "worst case (blackbox)", "blackbox"),
-                                   ("worst", "worst case (all threats)", "all")):
-            if key in cb:
-                out.append((name, f"{label}, base-correct subset", threat, pct(cb[key])))
+        cb = m.get("correct_by_base") or {}
+        head = ["threat model", "attacks (accuracy after each)", "accuracy [95% CI]"]
+        if cb:
+            head.append(f"on the {cb['clean']['n']} images the base gets right" if "clean" in cb else
+                        "on the images the base gets right")
+        rows_ = [["clean", "no attack", pct(m["clean"]), pct(cb.get("clean"))]]
+        threats = _in_order(m["threats"])
+        for t, th in threats:
+            chain = th["attacks"]
+            attacks = chain[0]["attack"] if len(chain) == 1 else " → ".join(
+                f"{r['attack']} {100 * r['robust_after']['accuracy']:.1f}%" for r in chain)
+            rows_.append([THREAT_LABEL.get(t, t), attacks, pct(th["robust"]), pct(cb.get(t))])
+        if "adaptive" in m["threats"] and m.get("worst_whitebox"):
+            rows_.append(["white-box and BPDA", "per sample, both", pct(m["worst_whitebox"]), "—"])
+        if len(threats) > 1:
+            rows_.append(["worst case", "per sample, every threat model that ran", pct(m["worst_case"]),
+                          pct(cb.get("worst"))])
+        out.append((name, head, [r[:len(head)] for r in rows_]))
     return out
+
+
+SETTING_COLUMNS = (("name", "attack"), ("norm", "norm"), ("eps", "eps"), ("steps", "steps"), ("queries", "queries"),
+                   ("restarts", "restarts"), ("eot", "EOT samples"), ("loss", "loss"), ("seed", "seed"))
+
+
+def settings_table(rep: dict) -> tuple[list[str], list[list[str]]]:
+    """The attack settings as a table: the common settings as columns (those any attack has), the rest as `key=value`
+    in one column (true flags by name), and where each setting ran (model and threat model)."""
+    settings = rep.get("attack_settings") or []
+    cols = [(k, label) for k, label in SETTING_COLUMNS if any(k in s for s in settings)]
+    where: dict[str, list[str]] = {}
+    for m, t, r in attack_rows(rep):
+        where.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(f"{m} {THREAT_LABEL.get(t, t)}")
+
+    def cell(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    rows_ = []
+    for s in settings:
+        known = {k for k, _ in cols}
+        other = [k if v is True else f"{k}={cell(v)}" for k, v in sorted(s.items())
+                 if k not in known and v is not False and v is not None]
+        rows_.append([cell(s[k]) if k in s else "—" for k, _ in cols]
+                     + [", ".join(other) or "—", ", ".join(where.get(json.dumps(s, sort_keys=True), [])) or "—"])
+    return [label for _, label in cols] + ["other", "run in"], rows_
+
+
+def sweep_points(rep: dict, key: str) -> list[dict]:
+    """An eps sweep (`eps_sweep` of the evaluated model, `eps_sweep_base` of the base) from eps 0: the model's clean
+    accuracy is the eps-0 point where the sweep did not measure it."""
+    sweep = sorted(rep.get(key) or [], key=lambda p: p["eps"])
+    if not sweep or sweep[0]["eps"] == 0:
+        return sweep
+    models = rep["models"]
+    m = models["base"] if key == "eps_sweep_base" else models.get("patched", models["base"])
+    return [{"eps": 0.0, "attack": sweep[0]["attack"], **m["clean"]}, *sweep]
 
 
 ORDER = THREATS  # as the chains run (JSON files sort their keys)
@@ -442,12 +534,18 @@ def attack_rows(rep: dict) -> list[tuple[str, str, dict]]:
 def render_table(rep: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"harden {rep['command']}: {rep['data'].get('n')} samples of {rep['data'].get('source')}")
-    for col in ("model", "measure", "threat model", "accuracy [95% CI]"):
-        table.add_column(col)
-    for r in rows(rep):
-        table.add_row(*r)
-    console.print(table)
+    console.print(f"harden {rep['command']}: {rep['data'].get('n')} samples of {rep['data'].get('source')}",
+                  highlight=False, markup=False)
+    for name, head, rows_ in accuracy_tables(rep):
+        table = Table(title=name, title_justify="left")
+        for col in head:
+            table.add_column(col)
+        for r in rows_:
+            table.add_row(*r)
+        console.print(table)
+    not_run = not_run_line(rep)
+    if not_run:
+        console.print(not_run, highlight=False, markup=False)
     notes = _budget_notes(rep)
     if notes:
         console.print("[yellow]reduced budget[/] (upper bounds): " + "; ".join(notes), highlight=False)
@@ -455,6 +553,11 @@ def render_table(rep: dict, console) -> None:
         style = {"pass": "green", "warn": "yellow", "skip": "dim"}[c["status"]]
         console.print(f"[{style}]{c['status']:>4}[/] {c['name']}: {c['detail']}" +
                       (f" — {c['hint']}" if c["hint"] else ""), highlight=False)
+
+
+def _md_table(head: list[str], rows_: list) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+        ["| " + " | ".join(str(c) for c in r) + " |" for r in rows_]
 
 
 def to_markdown(rep: dict) -> str:
@@ -465,32 +568,32 @@ def to_markdown(rep: dict) -> str:
     lines += [f"{k}: `{v}`  " for k, v in invocation_lines(rep)]
     for w in rep["data"].get("warnings", []):
         lines.append(f"> **Warning:** {w}")
-    lines += ["", "| model | measure | threat model | accuracy [95% CI] |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(rep)]
+    for name, head, rows_ in accuracy_tables(rep):
+        lines += ["", f"Accuracy of **{name}**:", "", *_md_table(head, rows_)]
+    not_run = not_run_line(rep)
     lines += ["", "Threat models:", ""] + [f"- **{k}** — {v}" for k, v in rep["threat_models"].items()]
-    lines += ["", "| model | threat model | attack | attacked | broken | seconds | images/s |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {m} | {t} | {r['attack']} | {r['attacked']} | {r['broken']} | {r['seconds']:.1f} | "
-              f"{r['images_per_s'] or 0:.1f} |" for m, t, r in attack_rows(rep)]
-    lines += ["", "Attack settings:", ""]
-    lines += [f"- `{json.dumps(s, sort_keys=True)}`" for s in rep["attack_settings"]]
+    lines += [f"- {not_run}"] if not_run else []
+    lines += ["", "Attack costs:", "", *_md_table(
+        ["model", "threat model", "attack", "attacked", "broken", "seconds", "images/s"],
+        [(m, t, r["attack"], r["attacked"], r["broken"], f"{r['seconds']:.1f}", f"{r['images_per_s'] or 0:.1f}")
+         for m, t, r in attack_rows(rep)])]
+    lines += ["", "Attack settings:", "", *_md_table(*settings_table(rep))]
     if rep.get("checks"):
-        lines += ["", "| check | status | detail |", "|---|---|---|"]
-        lines += [f"| {c['name']} | {c['status']} | {c['detail']}{' — ' + c['hint'] if c['hint'] else ''} |"
-                  for c in rep["checks"]]
+        lines += ["", *_md_table(["check", "status", "detail"], [
+            (c["name"], c["status"], c["detail"] + (" — " + c["hint"] if c["hint"] else "")) for c in rep["checks"]])]
     pc = per_class_rows(rep)
     if pc:
-        lines += ["", "| class | n | clean | worst case |", "|---|---|---|---|"]
-        lines += [f"| {c} | {n} | {a} | {b} |" for c, n, a, b in pc]
+        lines += ["", *_md_table(["class", "n", "clean", "worst case"], pc)]
     prov = provenance_rows(rep)
     if prov:
         lines += ["", "Which attack broke what (each sample credited to the first attack that broke it):", "",
-                  "| model | broken by | samples |", "|---|---|---|"]
-        lines += [f"| {m} | {k} | {n} |" for m, k, n in prov]
+                  *_md_table(["model", "broken by", "samples"], prov)]
     if rep.get("eps_sweep"):
-        base = {s["eps"]: s for s in rep.get("eps_sweep_base") or []}
-        lines += ["", "| eps | attack | accuracy [95% CI] | base |", "|---|---|---|---|"]
-        lines += [f"| {s['eps']:g} | {s['attack']} | {pct(s)} | {pct(base.get(s['eps']))} |" for s in rep["eps_sweep"]]
+        base = {s["eps"]: s for s in sweep_points(rep, "eps_sweep_base")}
+        lines += ["", "Robustness curve (eps 0: clean accuracy):", "", *_md_table(
+            ["eps", "attack", "accuracy [95% CI]", "base"],
+            [(f"{s['eps']:g}", s["attack"] if s["eps"] else "none", pct(s), pct(base.get(s["eps"])))
+             for s in sweep_points(rep, "eps_sweep")])]
     return "\n".join(lines) + "\n"
 
 
@@ -514,23 +617,31 @@ def provenance_rows(rep: dict) -> list[tuple[str, str, int]]:
     return out
 
 
-def _svg_curve(curves: list[tuple[str, str, list[dict]]]) -> str:
-    """Robust accuracy against eps, one line per (label, colour, sweep) with its 95% interval as a band."""
-    w, h, pad = 460, 280, 44
+def _svg_curve(curves: list[tuple[str, str, list[dict]]], mark: float | None = None, norm: str = "") -> str:
+    """Robust accuracy against eps from eps 0, one line per (label, colour, sweep) with its 95% interval as a band,
+    the report's own eps dashed; drawn to the page's full width (a viewBox, scaled)."""
+    w, h, left, right, top, bottom = 960, 300, 56, 20, 34, 40
     pts_all = [s for _, _, c in curves for s in c]
-    emax = max(s["eps"] for s in pts_all) or 1.0
+    emax = max([s["eps"] for s in pts_all] + [mark or 0]) or 1.0
 
     def xy(e, a):
-        return pad + (w - 2 * pad) * e / emax, h - pad - (h - 2 * pad) * a
+        return left + (w - left - right) * e / emax, h - bottom - (h - top - bottom) * a
 
-    parts = [f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>']
+    parts = []
     for a in (0, 0.25, 0.5, 0.75, 1):
         y = xy(0, a)[1]
-        parts.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{w - pad}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{pad - 5}" y="{y + 3:.1f}" font-size="10" text-anchor="end">{int(a * 100)}%</text>')
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{w - right}" y2="{y:.1f}" stroke="#e5e5e5"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="12" text-anchor="end">{int(a * 100)}%</text>')
+    parts.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#333"/>'
+                 f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="#333"/>')
     for e in sorted({s["eps"] for s in pts_all}):
-        parts.append(f'<text x="{xy(e, 0)[0]:.1f}" y="{h - pad + 15}" font-size="10" text-anchor="middle">{e:g}</text>')
+        parts.append(f'<text x="{xy(e, 0)[0]:.1f}" y="{h - bottom + 16}" font-size="12" text-anchor="middle">'
+                     f'{e:g}</text>')
+    if mark:
+        x = xy(mark, 0)[0]
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{h - bottom}" stroke="#888" '
+                     f'stroke-dasharray="4 4"/><text x="{x + 4:.1f}" y="{top + 12}" font-size="12" fill="#555">'
+                     f'this report\'s eps</text>')
     for k, (label, colour, sweep) in enumerate(curves):
         pts = sorted(sweep, key=lambda s: s["eps"])
         if any("ci95" in s for s in pts):
@@ -542,15 +653,17 @@ def _svg_curve(curves: list[tuple[str, str, list[dict]]]) -> str:
                         f"{xy(s['eps'], s['accuracy'])[1]:.1f}" for i, s in enumerate(pts))
         parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
         parts += [f'<circle cx="{xy(s["eps"], s["accuracy"])[0]:.1f}" cy="{xy(s["eps"], s["accuracy"])[1]:.1f}" '
-                  f'r="3" fill="{colour}"><title>{html.escape(label)}, eps {s["eps"]:g}: '
+                  f'r="3.5" fill="{colour}"><title>{html.escape(label)}, eps {s["eps"]:g}: '
                   f'{100 * s["accuracy"]:.1f}%</title></circle>' for s in pts]
-        parts.append(f'<rect x="{w - pad - 110}" y="{pad - 30 + 16 * k}" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{w - pad - 95}" y="{pad - 21 + 16 * k}" font-size="11">{html.escape(label)}</text>')
-    attack = html.escape(pts_all[0]["attack"]) if pts_all else ""
-    parts.append(f'<text x="{w / 2}" y="{h - 8}" font-size="11" text-anchor="middle">eps</text>'
-                 f'<text x="12" y="{h / 2}" font-size="11" transform="rotate(-90 12 {h / 2})" '
-                 f'text-anchor="middle">robust accuracy ({attack}, white-box)</text>')
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">{"".join(parts)}</svg>'
+        parts.append(f'<rect x="{w - right - 120}" y="{top + 4 + 18 * k}" width="12" height="12" fill="{colour}"/>'
+                     f'<text x="{w - right - 102}" y="{top + 15 + 18 * k}" font-size="13">{html.escape(label)}</text>')
+    attack = html.escape(pts_all[-1]["attack"]) if pts_all else ""
+    parts.append(f'<text x="{(left + w - right) / 2}" y="{h - 6}" font-size="13" text-anchor="middle">eps '
+                 f'{html.escape(norm)} (0: no attack, the clean accuracy)</text>'
+                 f'<text x="{left}" y="{top - 14}" font-size="13">accuracy under white-box {attack}, with its 95% '
+                 'interval</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="100%" role="img" '
+            f'style="display:block">{"".join(parts)}</svg>')
 
 
 CARDS = (("clean", "clean", "no attack"), ("robust", "white-box", "worst of the attacks that know the model"),
@@ -560,7 +673,7 @@ CARDS = (("clean", "clean", "no attack"), ("robust", "white-box", "worst of the 
 
 def _cards(rep: dict) -> str:
     """The verdict at a glance: one card per figure of the summary, the base's value beside the patched one."""
-    s = rep.get("summary") or summary(rep)
+    s = summary(rep)
     base = rep["models"].get("base", {}) if s["model"] == "patched" else {}
 
     def base_of(key: str):
@@ -598,6 +711,49 @@ def _cards(rep: dict) -> str:
     return "<div class=cards>" + "".join(out) + "</div>"
 
 
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}"
+         "h1{font-size:1.5em;margin-bottom:.3em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}"
+         "h3{font-size:1em;margin:1em 0 .3em}"
+         "table{border-collapse:collapse;font-size:.92em}td,th{border:1px solid #ddd;padding:3px 8px;"
+         "text-align:left}th{background:#f5f5f5}tr.warn td{background:#fff3cd}tr.pass td:nth-child(2){color:#2e7d32}"
+         "table.acc{width:100%;table-layout:fixed}table.acc th:nth-child(1){width:12em}table.acc th:nth-child(3)"
+         "{width:11em}table.acc th:nth-child(4){width:16em}table.acc td:nth-child(n+3){font-variant-numeric:tabular-nums}"
+         "table.acc tr.worst td{font-weight:600}.notrun{color:#666}"
+         ".cards{display:flex;flex-wrap:wrap;gap:.7em;margin:1em 0}.card{border:1px solid #ddd;border-radius:8px;"
+         "padding:.6em .9em;min-width:9em;max-width:13em}.card .lab{font-size:.8em;text-transform:uppercase;"
+         "color:#666}.card .val{font-size:1.8em;font-weight:600}.card .sub{font-size:.85em;color:#555}"
+         ".card .note{font-size:.75em;color:#888}.card .reduced{font-size:.75em;color:#b26a00;font-weight:600}"
+         ".good{border-left:6px solid #2e7d32}.mid{border-left:6px solid"
+         " #f9a825}.bad{border-left:6px solid #c62828}.alert{background:#fff8e1;border:1px solid #f0d58c;"
+         "padding:.5em 1em;border-radius:6px}.warnline{color:#8a6d3b}.foot{color:#777;font-size:.85em;"
+         "margin-top:2em}code{background:#f3f3f3;padding:0 3px}")
+
+
+def _html_table(head: list[str], rows_: list, cls: list[str] | None = None, table_cls: str = "") -> str:
+    esc = html.escape
+    trs = "".join(f"<tr{f' class={cls[i]}' if cls and cls[i] else ''}>" + "".join(f"<td>{esc(str(c))}</td>" for c in r)
+                  + "</tr>" for i, r in enumerate(rows_))
+    return (f"<table{f' class={table_cls}' if table_cls else ''}><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head)
+            + f"</tr>{trs}</table>")
+
+
+def _html_results(rep: dict) -> list[str]:
+    """The accuracy tables (one per model), the threat models that did not run, and the robustness curve."""
+    body = ["<h2>Accuracy by threat model</h2>"]
+    for name, head, rows_ in accuracy_tables(rep):
+        cls = ["worst" if r[0] == "worst case" else "" for r in rows_]
+        body.append(f"<h3>{html.escape(name)}</h3>" + _html_table(head, rows_, cls, "acc"))
+    not_run = not_run_line(rep)
+    if not_run:
+        body.append(f"<p class=notrun>{html.escape(not_run)}.</p>")
+    if rep.get("eps_sweep"):
+        curves = [("patched" if rep.get("eps_sweep_base") else "model", "#1f77b4", sweep_points(rep, "eps_sweep"))]
+        if rep.get("eps_sweep_base"):
+            curves.append(("base", "#d62728", sweep_points(rep, "eps_sweep_base")))
+        body.append("<h2>Robustness curve</h2>" + _svg_curve(curves, rep.get("eps"), rep.get("norm") or ""))
+    return body
+
+
 def to_html(rep: dict) -> str:
     esc = html.escape
     import re as _re
@@ -606,11 +762,7 @@ def to_html(rep: dict) -> str:
         t = esc(t)
         return _re.sub(r"`([^`]*)`", r"<code>\1</code>", _re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", t))
 
-    def table(head: list[str], rows_: list, cls: list[str] | None = None) -> str:
-        trs = "".join(f"<tr{f' class={cls[i]}' if cls else ''}>" + "".join(f"<td>{esc(str(c))}</td>" for c in r)
-                      + "</tr>" for i, r in enumerate(rows_))
-        return "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + f"</tr>{trs}</table>"
-
+    table = _html_table
     quick = " (quick check, not a verdict)" if (rep.get("report_budget") or {}).get("verdict") is False else ""
     title = f"harden {rep['command']} — {Path(str(rep.get('checkpoint') or 'model')).name}{quick}"
     body = [f"<h1>{esc(title)}</h1>", "<div class=headline>" + "".join(f"<p>{md(h)}</p>" for h in headline(rep))
@@ -621,21 +773,16 @@ def to_html(rep: dict) -> str:
         body.append("<div class=alert><b>Sanity checks that warn</b> (signs to look into, each with what was seen):"
                     "<ul>" + "".join(f"<li><b>{esc(c['name'])}</b>: {esc(c['detail'])} — {esc(c['hint'])}</li>"
                                      for c in warned) + "</ul></div>")
-    body.append("<h2>Accuracy by threat model</h2>" + table(["model", "measure", "threat model", "accuracy [95% CI]"],
-                                                             rows(rep)))
+    body += _html_results(rep)
     prov = provenance_rows(rep)
     if prov:
         body.append("<h2>Which attack broke what</h2><p>Each sample is credited to the first attack that broke it, "
                     "in the order white-box, adaptive, surrogate, transfer, black-box; the counts sum to the "
                     "samples.</p>" + table(["model", "broken by", "samples"], prov))
-    if rep.get("eps_sweep"):
-        curves = [("patched" if rep.get("eps_sweep_base") else "model", "#1f77b4", rep["eps_sweep"])]
-        if rep.get("eps_sweep_base"):
-            curves.append(("base", "#d62728", rep["eps_sweep_base"]))
-        body.append("<h2>Robustness curve</h2>" + _svg_curve(curves))
     pc = per_class_rows(rep)
     if pc:
         body.append("<h2>Per class</h2>" + table(["class", "n", "clean", "worst case"], pc))
+    body.append("<h2>Attack settings</h2>" + table(*settings_table(rep)))
     body.append("<h2>Attack costs</h2>" + table(
         ["model", "threat model", "attack", "attacked", "broken", "seconds", "images/s"],
         [(m, t, r["attack"], r["attacked"], r["broken"], f"{r['seconds']:.1f}", f"{r['images_per_s'] or 0:.1f}")
@@ -647,28 +794,14 @@ def to_html(rep: dict) -> str:
             [c["status"] for c in rep["checks"]]))
     body.append("<h2>Threat models</h2><ul>" + "".join(f"<li><b>{esc(k)}</b> — {esc(v)}</li>"
                                                       for k, v in rep["threat_models"].items()) + "</ul>")
-    body.append("<h2>Attack settings</h2><ul>" + "".join(f"<li><code>{esc(json.dumps(a, sort_keys=True))}</code></li>"
-                                                        for a in rep["attack_settings"]) + "</ul>")
     env = rep["environment"]
     body.append(f"<p class=foot>harden {esc(rep['harden_version'])}, torch {esc(env['torch'])}, torchattacks "
                 f"{esc(env['torchattacks'])}, device {esc(str(env['device']))}, seed {env['seed']}; data "
                 f"<code>{esc(str(rep['data'].get('source')))}</code>, fingerprint "
                 f"<code>{esc(str(rep['data'].get('fingerprint', ''))[:16])}</code>; schema {esc(rep['schema'])}.</p>")
     body += [f"<p class=foot>{esc(k)}: <code>{esc(v)}</code></p>" for k, v in invocation_lines(rep)]
-    style = ("body{font-family:system-ui,sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}"
-             "h1{font-size:1.5em;margin-bottom:.3em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}"
-             "table{border-collapse:collapse;font-size:.92em}td,th{border:1px solid #ddd;padding:3px 8px;"
-             "text-align:left}th{background:#f5f5f5}tr.warn td{background:#fff3cd}tr.pass td:nth-child(2){color:#2e7d32}"
-             ".cards{display:flex;flex-wrap:wrap;gap:.7em;margin:1em 0}.card{border:1px solid #ddd;border-radius:8px;"
-             "padding:.6em .9em;min-width:9em;max-width:13em}.card .lab{font-size:.8em;text-transform:uppercase;"
-             "color:#666}.card .val{font-size:1.8em;font-weight:600}.card .sub{font-size:.85em;color:#555}"
-             ".card .note{font-size:.75em;color:#888}.card .reduced{font-size:.75em;color:#b26a00;font-weight:600}"
-             ".good{border-left:6px solid #2e7d32}.mid{border-left:6px solid"
-             " #f9a825}.bad{border-left:6px solid #c62828}.alert{background:#fff8e1;border:1px solid #f0d58c;"
-             "padding:.5em 1em;border-radius:6px}.warnline{color:#8a6d3b}.foot{color:#777;font-size:.85em;"
-             "margin-top:2em}code{background:#f3f3f3;padding:0 3px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def standard(obj: Any) -> Any:

@@ -260,7 +260,7 @@ def test_report_has_a_flat_summary_and_a_headline(runner, tmp_path, patched_ckpt
     m = rep["models"]["patched"]
     assert s["clean"] == round(m["clean"]["accuracy"], 4) and s["robust"] == round(m["worst_whitebox"]["accuracy"], 4)
     assert s["delta_clean"] == round(m["clean"]["accuracy"] - rep["models"]["base"]["clean"]["accuracy"], 4)
-    assert s["gates_passed"] is True and s["eps"] == 0.15
+    assert s["gates_passed"] == 1 and s["eps"] == 0.15
     import hashlib
 
     assert rep["checkpoint_sha256"] == hashlib.sha256(patched_ckpt.read_bytes()).hexdigest()
@@ -429,12 +429,12 @@ def test_report_cards_budgets_metrics_and_a_reproduce_command_that_reproduces(ru
     r = runner.invoke(main, args)
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
-    # metrics: the summary's numbers alone, for mlflow.log_metrics; the summary keeps its keys and meaning
-    assert rep["metrics"] and all(type(v) in (int, float) for v in rep["metrics"].values())
-    s = rep["summary"]
-    assert s["model"] == "patched" and s["blackbox"] is None and "blackbox" not in rep["metrics"]
-    assert rep["metrics"]["clean"] == s["clean"] and rep["metrics"]["gates_passed"] == 1 and s["gates_passed"] is True
-    assert {"model", "norm", "attacks"}.isdisjoint(rep["metrics"])
+    # summary: numbers alone, for mlflow.log_metrics; what they are of beside it in summary_context
+    assert rep["summary"] and all(type(v) in (int, float) for v in rep["summary"].values())
+    s, ctx = rep["summary"], rep["summary_context"]
+    assert ctx["model"] == "patched" and "blackbox" not in s and "blackbox" in rep["threats_not_run"]
+    assert s["clean"] == round(rep["models"]["patched"]["clean"]["accuracy"], 4) and s["gates_passed"] == 1
+    assert {"model", "norm", "attacks"}.isdisjoint(s) and ctx["attacks"] == ["apgd-ce"]
     # reduced budgets, on the cards they affect: 3 steps of APGD (reference 100) on 45 images
     red = rep["reduced_budgets"]
     assert red["robust"][0] == "apgd-ce 3 steps (reference 100)" and red["robust"][1:] == red["clean"]
@@ -452,7 +452,7 @@ def test_report_cards_budgets_metrics_and_a_reproduce_command_that_reproduces(ru
     monkeypatch.chdir(again)
     r2 = runner.invoke(main, shlex.split(inv["reproduce"])[1:])
     assert r2.exit_code == 0, r2.output
-    assert json.loads((again / "r.json").read_text())["metrics"] == rep["metrics"]
+    assert json.loads((again / "r.json").read_text())["summary"] == rep["summary"]
 
 
 def test_quick_patch_report_says_so_in_every_format(runner, tmp_path, tiny_ckpt, tiny_data):
@@ -468,4 +468,5 @@ def test_quick_patch_report_says_so_in_every_format(runner, tmp_path, tiny_ckpt,
     assert md.splitlines()[2].startswith("**Quick check, not a verdict**") and "harden eval" in md.splitlines()[2]
     assert "<title>harden patch — o.safetensors (quick check, not a verdict)</title>" in page
     assert "<b>Quick check, not a verdict</b>" in page
+    assert "full_evaluation" not in md and "full_evaluation" not in page  # the key name is not for readers
     assert rep["invocation"]["command_line"].startswith(f"harden patch {tiny_ckpt} ")

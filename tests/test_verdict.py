@@ -262,7 +262,7 @@ def test_eval_and_patch_reports_validate_against_the_shipped_schema(runner, tmp_
     assert r.exit_code in (0, 1), r.output
     reports = {"patch": json.loads(prep.read_text()), "eval": json.loads(erep.read_text())}
     for kind, rep in reports.items():
-        assert rep["schema"] == f"harden.{kind}-report/2"
+        assert rep["schema"] == f"harden.{kind}-report/3"
         errors = sorted(validator.iter_errors(rep), key=lambda e: list(e.path))
         assert not errors, f"{kind}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
         assert R.validate(rep) == []
@@ -271,7 +271,7 @@ def test_eval_and_patch_reports_validate_against_the_shipped_schema(runner, tmp_
     bad["models"]["patched"]["clean"]["accuracy"] = 1.5
     assert list(validator.iter_errors(bad))
     bad = json.loads(erep.read_text())
-    bad["schema"] = "harden.patch-report/2"
+    bad["schema"] = "harden.patch-report/3"
     assert list(validator.iter_errors(bad))
 
 
@@ -307,7 +307,7 @@ def test_cli_suite_option(runner, tmp_path):
                              "--eps", "0.02", "--steps", "2", "--queries", "10", "--no-checks", "--json", "--quiet"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["summary"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert rep["summary_context"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     # the standard suite's names with other budgets is not the standard AutoAttack: no autoattack_acc, and why
     assert rep["robustbench"]["autoattack_acc"] is None
     assert "2 steps, not 100" in rep["robustbench"]["autoattack_acc_missing"]

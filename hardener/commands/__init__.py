@@ -63,12 +63,12 @@ def start(kw: dict):
 
 
 def track(kw: dict, rep: dict, files: list, name: str) -> None:
-    """--mlflow: the run's options, the report's `metrics` (its summary's numbers, `report.summarise`) and the written
+    """--mlflow: the run's options, the report's numeric `summary` (`report.summarise`) and the written
     files to MLflow (`hardener.tracking`), one line on stderr saying where."""
     from ..console import err_console
     from ..tracking import cli_params, log_run
 
-    run_id, uri = log_run(cli_params(kw), rep["metrics"], files, run_name=name,
+    run_id, uri = log_run(cli_params(kw), rep["summary"], files, run_name=name,
                           tags={"harden.command": str(rep.get("command", ""))})
     if not kw.get("quiet"):
         err_console.print(f"logged to MLflow: run {run_id} at {uri}", highlight=False, markup=False)

@@ -203,8 +203,7 @@ def _report(plan: Plan, manifest: Manifest) -> None:
 
 
 QUICK_NOTE = ("quick check: white-box APGD-CE with a small step budget (and its transfer from the base) on a few "
-              "hundred held-out images; a weak attack gives an upper bound of robust accuracy, not a verdict: run "
-              "the full_evaluation command")
+              "hundred held-out images; a weak attack gives an upper bound of robust accuracy")
 
 
 def _say(text: str) -> None:
