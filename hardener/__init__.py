@@ -1,7 +1,7 @@
 """harden: harden frozen PyTorch classifiers against adversarial examples with small patches."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=None, model=None):

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, archspec
+from . import archspec
 from .errors import HardenError, InputError, RunError
 from .model import Classifier, InputSpec
+from .version import __version__
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "harden"

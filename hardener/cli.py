@@ -16,7 +16,8 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from . import __version__, commands, options as O
+from . import commands, options as O
+from .version import __version__
 from .config import command_defaults
 from .recipe import preset_help
 from .errors import HardenError, InputError, UsageError

@@ -271,7 +271,7 @@ class BaseCache:
 
     def __init__(self, root: Path, base: nn.Module, base_tensors: dict[str, torch.Tensor], x: torch.Tensor,
                  data_fingerprint: str, cfg: EvalConfig, device: torch.device) -> None:
-        from . import __version__
+        from .version import __version__
 
         probe = predict(base, x[:cfg.batch_size], cfg.batch_size, device)
         self.key = fingerprint({

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .errors import InputError
 from .evaluation import THREATS
 

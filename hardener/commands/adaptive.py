@@ -5,11 +5,12 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, attacks as A, data as hdata, report as R
+from .. import attacks as A, data as hdata, report as R
 from ..checkpoint import atomic_write
 from ..console import ProgressView, err_console, out
 from ..errors import InputError, UsageError
 from ..session import Loaded, load_data
+from ..version import __version__
 from . import data_options
 
 

@@ -5,12 +5,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import __version__, certify as C, data as hdata, report as R, validate as V
+from .. import certify as C, data as hdata, report as R, validate as V
 from ..checkpoint import atomic_write, sha256_file
 from ..console import ProgressView, err_console, out
 from ..errors import InputError, Interrupted, UsageError
 from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
 from ..session import finish_spec, load_data, load_model, pick_device
+from ..version import __version__
 from . import Call, data_options, model_arg, model_options
 
 
