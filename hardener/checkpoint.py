@@ -51,7 +51,7 @@ class Manifest:
             d = json.loads(text)
         except (json.JSONDecodeError, RecursionError, TypeError) as e:
             raise InputError(f"{source}: its manifest is not valid JSON ({str(e).splitlines()[0][:80]})") from None
-        from .validate import validate_manifest
+        from .manifest import validate_manifest
 
         return cls(**validate_manifest(d, source, FORMAT_VERSION, __version__))
 
@@ -559,7 +559,7 @@ def _same_base(net: nn.Module, base_sd: dict[str, torch.Tensor], path: Path) -> 
 
 def _checked_tensors(path: Path, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A patched file's tensors checked against its manifest's digests and patch sizes: (base, patch tensors)."""
-    from .validate import patch_numel
+    from .manifest import patch_numel
 
     tensors = read_safetensors(path)
     if manifest.tensors_sha256 and tensor_digest(tensors) != manifest.tensors_sha256:

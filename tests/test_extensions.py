@@ -161,7 +161,7 @@ def test_registered_patch_kind_and_method_train_through_api_and_cli(registries, 
 
 
 def test_a_stored_spec_of_a_registered_kind_is_checked_before_anything_is_built(registries, tmp_path):
-    from hardener.validate import validate_patch
+    from hardener.manifest import validate_patch
     from hardener.errors import InputError
 
     _register()

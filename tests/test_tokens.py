@@ -259,7 +259,7 @@ def test_bn_selection_of_layernorms():
 def test_stored_layernorm_twins_are_checked_against_the_base():
     """Manifest specs of token patches are validated field by field; a twin is rebuilt only from the base's own
     LayerNorm of the recorded class, shape and eps, never from a class name."""
-    from hardener import validate as V
+    from hardener import manifest as V
 
     spec = {"kind": "auxln", "site": "encoder.ln", "type": "LayerNorm", "shape": [16], "eps": 1e-6, "affine": True,
             "bias": True}
