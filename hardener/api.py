@@ -325,8 +325,6 @@ def _warn_class_count(ds: hdata.Dataset, patched: PatchedModel) -> None:
 
 def _warn(text: str | None, stacklevel: int = 3) -> None:
     """A warning about the model or the data, as a Python warning (none for None)."""
-    import warnings
-
     if text:
         warnings.warn(text, UserWarning, stacklevel=stacklevel)
 
@@ -351,26 +349,6 @@ def training_record(cfg: F.FitConfig, spec: A.AttackSpec, logs: list, train_ds: 
                                   "attack": "pgd-10 (white-box, and transfer from the base)",
                                   "selected_epoch": F.selected_epoch(logs, cfg)}
     return training
-
-
-def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None = None,
-                       arch_kwargs: dict | None = None) -> None:
-    from .checkpoint import Manifest, save_patched, tensor_digest
-
-    base = {k: v.detach().cpu().contiguous() for k, v in patched.base_state_dict().items()}
-    arch = arch or patched.arch
-    if not arch:
-        warnings.warn(f"'{path}' is saved without an architecture: load it with hardener.load(path, model=<the base "
-                      "module, built as before>) or pass arch='package.module:callable' (to save() or hardener.patch)",
-                      UserWarning, stacklevel=3)
-    manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or patched.arch_kwargs or {},
-                        input=patched.model.spec.to_json(), patches=patched.patch_specs(),
-                        base_sha256=getattr(patched, "base_sha256", "") or tensor_digest(base),
-                        training=getattr(patched, "training_record", None) or {}, route=patched.current_route,
-                        cost=patched.cost.to_json(latency=False) if getattr(patched, "cost", None) else {})
-    device = next(iter(patched.parameters()), torch.empty(0)).device
-    save_patched(Path(path), patched.to("cpu"), manifest)
-    patched.to(device)
 
 
 @dataclass

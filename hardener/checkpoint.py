@@ -7,9 +7,10 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from . import archspec
 from .errors import HardenError, InputError, RunError
 from .model import Classifier, InputSpec
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .patches import PatchedModel
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "harden"
@@ -625,3 +629,23 @@ def _load_patch_tensors(patched, tensors: dict[str, torch.Tensor], path: Path) -
     if extra:
         raise InputError(f"'{path}': tensor '{extra[0]}' belongs to no patch of the manifest")
     patched.load_patch_state_dict(tensors)
+
+
+def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None = None,
+                       arch_kwargs: dict | None = None) -> None:
+    """`PatchedModel.save`: the base's tensors, the patches and the manifest (architecture, input, patch specs,
+    training record, route, counted cost), written atomically from CPU copies."""
+    base = {k: v.detach().cpu().contiguous() for k, v in patched.base_state_dict().items()}
+    arch = arch or patched.arch
+    if not arch:
+        warnings.warn(f"'{path}' is saved without an architecture: load it with hardener.load(path, model=<the base "
+                      "module, built as before>) or pass arch='package.module:callable' (to save() or hardener.patch)",
+                      UserWarning, stacklevel=3)
+    manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or patched.arch_kwargs or {},
+                        input=patched.model.spec.to_json(), patches=patched.patch_specs(),
+                        base_sha256=getattr(patched, "base_sha256", "") or tensor_digest(base),
+                        training=getattr(patched, "training_record", None) or {}, route=patched.current_route,
+                        cost=patched.cost.to_json(latency=False) if getattr(patched, "cost", None) else {})
+    device = next(iter(patched.parameters()), torch.empty(0)).device
+    save_patched(Path(path), patched.to("cpu"), manifest)
+    patched.to(device)

@@ -126,7 +126,7 @@ class PatchedModel(nn.Module):
         of the base (`package.module:callable`): `arch`, else the one the model was built with (`self.arch`);
         without either it warns, and the file loads with `hardener.load(path, model=base_module)` or an `arch`.
         Loading never runs the recorded constructor unless trusted (`hardener.load`)."""
-        from ..api import save_patched_model
+        from ..checkpoint import save_patched_model
 
         save_patched_model(self, path, arch, arch_kwargs)
 
