@@ -19,7 +19,8 @@ from click.core import ParameterSource
 from . import __version__, commands, options as O
 from .config import command_defaults
 from .recipe import preset_help
-from .errors import HardenError, InputError, UsageError
+from .errors import HardenError, InputError, Interrupted, UsageError
+from .signals import sigterm_as_interrupt
 
 
 class _BatchSize(click.ParamType):
@@ -131,6 +132,8 @@ class HardenGroup(click.Group):
             return super().invoke(ctx)
         except HardenError as e:
             raise _CliError(e) from None
+        except KeyboardInterrupt:  # SIGINT or SIGTERM where no phase saves anything: one line, the locks released
+            raise _CliError(Interrupted("interrupted")) from None
         finally:  # output locks of the command (validate is loaded once a command ran, not for --help)
             validate = sys.modules.get("hardener.validate")
             if validate is not None:
@@ -207,9 +210,11 @@ def export(**kw):
 
 
 def run() -> None:
-    """Console entry point: stable exit codes, no tracebacks for expected failures."""
+    """Console entry point: stable exit codes, no tracebacks for expected failures; SIGTERM stops any phase as
+    Ctrl-C does (`signals`)."""
     try:
-        main.main(standalone_mode=False, prog_name="harden")
+        with sigterm_as_interrupt():
+            main.main(standalone_mode=False, prog_name="harden")
     except (click.ClickException, HardenError) as e:
         e.show()
         sys.exit(e.exit_code)
