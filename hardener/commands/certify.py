@@ -43,8 +43,8 @@ def run(call: Call) -> None:
         for path, text in ((tsv_path, res.to_tsv), (report_path, lambda: _report_text(rep, report_path))):
             if path:
                 content = text()
+                written.append(path)  # before the write: an interrupt just as the file lands removes it too
                 atomic_write(Path(path), lambda tmp, c=content: Path(tmp).write_text(c))
-                written.append(path)
     store.clear()
     if kw["as_json"]:
         out(json.dumps(rep, indent=2, sort_keys=True))

@@ -210,7 +210,7 @@ def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: 
     if thresholds and not missed:
         err_console.print(R.gates_passed_line(rep, thresholds), highlight=False)
     for p in kw["report_paths"]:
-        R.write(rep, p)
-        if written is not None:
+        if written is not None:  # before the write: an interrupt just as the file lands removes it too
             written.append(p)
+        R.write(rep, p)
     return rep

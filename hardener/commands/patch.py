@@ -168,14 +168,15 @@ def _write(plan: Plan, written: list) -> Manifest:
         route=r.route, base_modified=r.cfg.full, parent_sha256=loaded.base.sha256 if r.cfg.full else "",
         cost=r.inference.to_json(latency=False) if r.inference else {},
     )
+    written.append(plan.out_file)  # before the write: an interrupt just as the file lands removes it too
     try:
         save_patched(plan.out_file, loaded.patched.to("cpu"), manifest)
     except RunError as e:
+        written.remove(plan.out_file)
         if r.saver.path.exists():
             raise RunError(f"{e.message}; the trained state is kept in '{r.saver.path}': fix that and rerun the same "
                            "command with --resume to write it without training again") from None
         raise
-    written.append(plan.out_file)
     loaded.patched.to(r.device)
     return manifest
 
@@ -211,8 +212,8 @@ def _report(plan: Plan, manifest: Manifest, written: list) -> None:
         err_console.print(f"report: {what} ({report_seconds:.0f}s); training took {r.train_seconds:.0f}s. Full "
                           f"verdict:\n  {full_cmd}")
     if kw["report_path"]:
-        R.write(rep, kw["report_path"])
         written.append(kw["report_path"])
+        R.write(rep, kw["report_path"])
     out(str(out_file))
     if kw["mlflow"]:
         track(kw, rep, [out_file, kw["report_path"]], f"harden patch {Path(kw['model']).name}")
