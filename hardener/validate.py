@@ -271,6 +271,43 @@ def check_options(ctx) -> None:
             raise InputError(f"{_flag(params[name])} {what}, got {value}")
 
 
+def memory() -> int:
+    """Bytes of memory a run may use at most: the machine's, or the address-space limit where lower."""
+    from .data import memory_budget
+
+    return 2 * memory_budget()  # the data's budget is half of it
+
+
+def check_memory(what: str, nbytes: float, fix: str) -> None:
+    """A value whose tensors alone would not fit in memory is refused before anything is allocated (exit 2): the
+    estimate counts only what the value forces, so a refusal is physically absurd, never merely large."""
+    total = memory()
+    if nbytes > total:
+        raise InputError(f"{what} would take about {nbytes / 2 ** 30:,.1f} GiB of memory, more than this process "
+                         f"may use ({total / 2 ** 30:,.1f} GiB): {fix}")
+
+
+def check_sizes(params: dict) -> None:
+    """Options that size tensors, against the memory before any loading: --width (a 3x3 layer of width x width
+    channels, with its gradient and two optimiser moments) and --input-shape (an image, in the handful of copies a
+    forward and backward pass hold)."""
+    from .model import parse_shape
+
+    width = params.get("width")
+    if _is_int(width):
+        check_memory(f"--width {width}", 4 * 4 * 9 * width ** 2, "use a width of at most a few thousand (default 32)")
+    shape = parse_shape(params.get("input_shape"))
+    if shape:
+        check_memory(f"--input-shape {','.join(map(str, shape))}", 8 * 4 * math.prod(shape),
+                     "give the model's real input shape C,H,W")
+
+
+def check_batch_memory(batch: int, shape: list[int] | tuple[int, ...], copies: int, flag: str = "--batch-size") -> None:
+    """`batch` images of `shape` (float32), `copies` of them at once, against the memory, once the shape is known."""
+    check_memory(f"{flag} {batch} of {'x'.join(map(str, shape))} images", copies * 4 * batch * math.prod(shape),
+                 f"lower {flag}")
+
+
 def check_pair(pair: tuple[int, int] | None, what: str) -> tuple[int, int] | None:
     if pair is not None and (pair[0] < 1 or pair[1] < 1 or pair[0] * pair[1] > 1 << 26):
         raise InputError(f"{what} must be two positive sizes H,W (at most 64 megapixels), got {pair[0]},{pair[1]}")
@@ -455,6 +492,7 @@ def check_run(ctx, outputs: list[tuple[str, Any]], force: bool) -> None:
     files inside input folders), harden's own file names, then free space."""
     check_options(ctx)
     params = ctx.params
+    check_sizes(params)
     if params.get("classes"):
         regular_input(params["classes"], "--classes file")
     outputs = [(flag, o) for flag, o in outputs if o]

@@ -33,6 +33,8 @@ def run(call: Call) -> None:
     loaded = load_model(model, model_options(kw))
     ds = load_data(loaded, kw["data"], data_options(kw))
     finish_spec(loaded, ds, device)
+    # a batch of noisy copies of one image (the noise, the noisy input, the model's first activations)
+    V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), loaded.spec.shape, 3)
     if kw["max_samples"] and kw["max_samples"] < len(ds):
         ds = ds.take(hdata.stratified_split(ds.labels, kw["max_samples"], kw["seed"])[0])
     model_sha = sha256_file(Path(model))
