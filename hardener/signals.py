@@ -47,3 +47,23 @@ def outputs_or_none(stopped: Callable[[], str]) -> Iterator[list]:
         for path in written:
             Path(path).unlink(missing_ok=True)
         raise Interrupted(stopped()) from None
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGINT and SIGTERM held while the block runs, then raised as KeyboardInterrupt: for imports at start-up, where
+    an interrupt inside a module's import leaves it half initialised (numpy then recurses at its next use)."""
+    got: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, _frame: got.append(signum))
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    if got:
+        raise KeyboardInterrupt

@@ -180,8 +180,8 @@ def _attack(loaded, ds, ecfg: E.EvalConfig, device, reference, surrogate, world,
 
 
 def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: dict, thresholds: dict, world,
-            device, kw: dict, how: dict | None = None, written: list | None = None) -> dict:
-    """The report, with its gates: rendered on stderr, written to each --report."""
+            device, kw: dict, how: dict | None, written: list) -> dict:
+    """The report, with its gates: rendered on stderr, written to each --report (each listed in `written` first)."""
     extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"],
              "invocation": how}
     if world.active:
@@ -210,7 +210,6 @@ def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: 
     if thresholds and not missed:
         err_console.print(R.gates_passed_line(rep, thresholds), highlight=False)
     for p in kw["report_paths"]:
-        if written is not None:  # before the write: an interrupt just as the file lands removes it too
-            written.append(p)
+        written.append(p)  # before the write: an interrupt just as the file lands removes it too
         R.write(rep, p)
     return rep
