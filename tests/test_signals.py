@@ -223,3 +223,22 @@ def test_distributed_variables_without_a_launcher_never_hang(runner, monkeypatch
                              "fgsm", "--eps", "0.1", "--quiet", "--no-checks"])
     assert_error(r, code, needle)
     assert time.time() - t0 < 30
+
+
+def test_interrupts_at_start_up_are_one_line(tmp_path, patched_ckpt, tiny_test_data):
+    """Ctrl-C or SIGTERM while the interpreter loads harden, torch and the data: exit 130 and one line, whenever it
+    lands (it used to give a KeyboardInterrupt traceback, a bare -15, an exit by SIGINT after the line, or numpy
+    half imported and recursing). The assertion holds at any moment after the interpreter's own start (site, in
+    the first tenths of a second, is Python's), so the delays cannot race."""
+    args = [sys.executable, "-m", "hardener", "eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data),
+            "--attack", "fgsm", "--quiet", "--no-checks"]
+    runs = [(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV), sig, at)
+            for sig, at in ((signal.SIGINT, 0.8), (signal.SIGTERM, 2.0))]
+    t0 = time.time()
+    for proc, sig, at in runs:
+        time.sleep(max(0.0, t0 + at - time.time()))
+        proc.send_signal(sig)
+    for proc, sig, at in runs:
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode in (0, 130), (sig, at, proc.returncode, err)
+        assert proc.returncode == 0 or err == "Error: interrupted\n", (sig, at, err)
