@@ -242,3 +242,16 @@ def test_interrupts_at_start_up_are_one_line(tmp_path, patched_ckpt, tiny_test_d
         err = proc.communicate(timeout=120)[1]
         assert proc.returncode in (0, 130), (sig, at, proc.returncode, err)
         assert proc.returncode == 0 or err == "Error: interrupted\n", (sig, at, err)
+
+
+def test_sigterm_while_export_checks_its_file_leaves_nothing(monkeypatch, capsys, tmp_path, patched_ckpt):
+    from hardener import export as X
+
+    def check(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(X, "check_in_fresh_interpreter", check)
+    target = tmp_path / "m.ts.pt"
+    code, err = _run_cli(["export", str(patched_ckpt), "--arch", ARCH, "--out", str(target), "--quiet"], capsys)
+    assert code == 130, err
+    _one_line(err, "nothing was written")
+    assert _left(tmp_path) == []
