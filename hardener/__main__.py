@@ -6,6 +6,12 @@ import sys
 if sys.path and (sys.path[0] in ("", ".") or os.path.realpath(sys.path[0]) == os.path.realpath(os.getcwd())):
     del sys.path[0]
 
-from hardener.cli import run  # noqa: E402
+from hardener.signals import held  # noqa: E402
 
+try:
+    with held():  # Ctrl-C or SIGTERM while Python loads the command line: one line, exit 130
+        from hardener.cli import run
+except KeyboardInterrupt:
+    sys.stderr.write("Error: interrupted\n")
+    sys.exit(130)
 run()

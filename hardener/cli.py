@@ -20,7 +20,8 @@ from . import commands, options as O
 from .version import __version__
 from .config import command_defaults
 from .recipe import preset_help
-from .errors import HardenError, InputError, UsageError
+from .errors import HardenError, InputError, Interrupted, UsageError
+from .signals import held, sigterm_as_interrupt
 
 
 class _BatchSize(click.ParamType):
@@ -113,7 +114,9 @@ def _run(command: str) -> None:
     ctx = click.get_current_context()
     call = commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
                          given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
-    importlib.import_module(f".commands.{command}", __package__).run(call)
+    with held():  # the command's imports (torch among them) are not cut in half by an interrupt
+        module = importlib.import_module(f".commands.{command}", __package__)
+    module.run(call)
 
 
 class _CliError(click.ClickException):
@@ -132,6 +135,8 @@ class HardenGroup(click.Group):
             return super().invoke(ctx)
         except HardenError as e:
             raise _CliError(e) from None
+        except KeyboardInterrupt:  # SIGINT or SIGTERM where no phase saves anything: one line, the locks released
+            raise _CliError(Interrupted("interrupted")) from None
         finally:  # output locks of the command (validate is loaded once a command ran, not for --help)
             validate = sys.modules.get("hardener.validate")
             if validate is not None:
@@ -208,20 +213,22 @@ def export(**kw):
 
 
 def run() -> None:
-    """Console entry point: stable exit codes, no tracebacks for expected failures."""
+    """Console entry point: stable exit codes, no tracebacks for expected failures; SIGTERM stops any phase as
+    Ctrl-C does (`signals`)."""
     try:
-        main.main(standalone_mode=False, prog_name="harden")
+        with sigterm_as_interrupt():
+            main.main(standalone_mode=False, prog_name="harden")
     except (click.ClickException, HardenError) as e:
         e.show()
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     except click.exceptions.Abort:
         _interrupted()
-        sys.exit(130)
+        _exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         _interrupted()
-        sys.exit(130)
+        _exit(130)
     except RuntimeError as e:
         if _gpu_out_of_memory(e):
             click.echo("Error: out of GPU memory: lower --batch-size or use --device cpu", err=True)
@@ -239,6 +246,15 @@ def run() -> None:
             click.echo("Error: disk full: free space and run again", err=True)
             sys.exit(3)
         raise
+
+
+def _exit(code: int) -> None:
+    """sys.exit; for an interrupt, first clear CPython's flag that a KeyboardInterrupt raised inside exec() of a
+    string sets even when it is caught (dataclasses and others exec while harden imports): with it set, the
+    interpreter would end itself by SIGINT (-2) instead of exiting 130. A fresh exec() of a string resets it."""
+    if code == 130:
+        exec("None")  # noqa: S102 - a constant; see above
+    sys.exit(code)
 
 
 def _gpu_out_of_memory(e: BaseException) -> bool:

@@ -9,6 +9,7 @@ equal per sample up to the kernels' nondeterminism (unless --deterministic).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,13 +59,68 @@ def init(w: World, device: torch.device) -> torch.device:
                              "that many processes per node")
         device = torch.device("cuda", w.local_rank)
         torch.cuda.set_device(device)
+    store = _rendezvous(w)
     try:
         # shards finish at different times (more robust samples, more attack work): rank 0 waits at the gather for
         # the slowest, far longer than the default 10 (nccl) or 30 (gloo) minutes
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=24))
+        store.set_timeout(COLLECTIVE_TIMEOUT)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=w.rank,
+                                world_size=w.size, timeout=COLLECTIVE_TIMEOUT)
     except (RuntimeError, ValueError) as e:
         raise RunError(f"cannot join the process group of {w.size} processes: {str(e).splitlines()[0]}") from None
     return device
+
+
+COLLECTIVE_TIMEOUT = timedelta(hours=24)
+RENDEZVOUS_ENV = "HARDEN_RENDEZVOUS_SECONDS"  # how long the processes wait for each other at the start (default 120)
+
+
+def _rendezvous(w: World):
+    """The processes meet, as torchrun's env:// does, but give up after minutes, not the collectives' 24 hours:
+    WORLD_SIZE > 1 set without a launcher (no MASTER_ADDR/MASTER_PORT) is an input error at once, and processes
+    that never all arrive (a stale RANK/WORLD_SIZE in the environment, a peer that died) a one-line failure."""
+    from torch.distributed import rendezvous
+
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise InputError(f"WORLD_SIZE={w.size} and RANK={w.rank} ask for a run of {w.size} processes, but "
+                         f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start it with "
+                         "torchrun (torchrun --nproc_per_node N -m hardener ...), or unset WORLD_SIZE, RANK and "
+                         "LOCAL_RANK for one process")
+    try:
+        seconds = float(os.environ.get(RENDEZVOUS_ENV) or 120)
+        port = int(os.environ["MASTER_PORT"])
+    except ValueError:
+        raise InputError(f"MASTER_PORT must be an integer and {RENDEZVOUS_ENV} a number of seconds") from None
+    if not (seconds > 0 and math.isfinite(seconds)) or not 0 < port < 65536:
+        raise InputError(f"MASTER_PORT must be 1..65535 and {RENDEZVOUS_ENV} a positive number of seconds")
+    where = f"{os.environ['MASTER_ADDR']}:{port}"
+    fail = (f"the {w.size} processes of WORLD_SIZE={w.size} did not all meet at {where} within {seconds:g} s{{}}; "
+            "start them together with torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK for one process")
+    # a client waits for the store here first: torch's own client logs C++ traces on stderr when it gives up
+    if not w.main and not _reachable(os.environ["MASTER_ADDR"], port, seconds):
+        raise RunError(fail.format(f" (nothing listens at {where})"))
+    try:
+        store, _, _ = next(rendezvous("env://", rank=w.rank, world_size=w.size, timeout=timedelta(seconds=seconds)))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise RunError(fail.format(f" ({str(e).splitlines()[0][:200]})")) from None
+    return store
+
+
+def _reachable(host: str, port: int, seconds: float) -> bool:
+    """Whether something accepts connections at host:port within `seconds` (rank 0's store, or torchrun's)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
 
 def shard(n: int, block: int, w: World) -> torch.Tensor:

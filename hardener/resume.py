@@ -193,19 +193,3 @@ class EvalStore:
                 self.path = None
             self._last = time.time()
 
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM stop a run like Ctrl-C does (KeyboardInterrupt), so that state can be saved."""
-    def handler(_signum, _frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

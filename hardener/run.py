@@ -16,6 +16,7 @@ import torch
 
 from . import api, attacks as A, cost as C, data as hdata, distributed as D, fit as F, methods as M
 from .console import ProgressView, err
+from .errors import Interrupted
 from .layers import describe_cost
 from .patch_options import PatchOptions
 from .patches import PatchedModel
@@ -97,6 +98,7 @@ def patch_run(run: PatchRun, infos: list) -> PatchRun:
     train(run)
     run.route = run.opts.route or M.build(run.cfg).default_route
     run.patched.set_route(run.route)
+    A.build(run.patched, run.spec)  # the attack's settings, filled in by a build, also when a resumed run never built it
     run.record = api.training_record(run.cfg, run.spec, run.logs, run.train_ds, run.opts, run.preset, run.split,
                                      run.val_ds)
     return run
@@ -234,6 +236,11 @@ def train(run: PatchRun) -> None:
         run.logs = F.fit(run.patched, run.train_ds, run.spec, run.cfg, run.device, show, saver=run.saver,
                          stop=lambda: bool(flag), val=run.val_ds, info=run.info, cache_dir=h.cache_dir,
                          on_estimate=lambda est: _estimate(run, est), world=h.world)
+    if flag:  # a signal after the last step (in the last validation, or as training ended): honoured, not lost
+        saved = run.saver is not None and run.saver.path.exists()
+        raise Interrupted("interrupted after training: " + (f"the trained state is kept in '{run.saver.path}'; rerun "
+                                                            "with --resume to write the checkpoint without training "
+                                                            "again" if saved else "nothing was saved"))
     run.train_seconds = time.time() - t0
     for e in run.logs:
         if e.fallback:

@@ -174,6 +174,43 @@ def check_options(ctx) -> None:
             raise InputError(f"{_flag(params[name])} {what}, got {value}")
 
 
+def memory() -> int:
+    """Bytes of memory a run may use at most: the machine's, or the address-space limit where lower."""
+    from .data import memory_budget
+
+    return 2 * memory_budget()  # the data's budget is half of it
+
+
+def check_memory(what: str, nbytes: float, fix: str) -> None:
+    """A value whose tensors alone would not fit in memory is refused before anything is allocated (exit 2): the
+    estimate counts only what the value forces, so a refusal is physically absurd, never merely large."""
+    total = memory()
+    if nbytes > total:
+        raise InputError(f"{what} would take about {nbytes / 2 ** 30:,.1f} GiB of memory, more than this process "
+                         f"may use ({total / 2 ** 30:,.1f} GiB): {fix}")
+
+
+def check_sizes(params: dict) -> None:
+    """Options that size tensors, against the memory before any loading: --width (a 3x3 layer of width x width
+    channels, with its gradient and two optimiser moments) and --input-shape (an image, in the handful of copies a
+    forward and backward pass hold)."""
+    from .model import parse_shape
+
+    width = params.get("width")
+    if _is_int(width):
+        check_memory(f"--width {width}", 4 * 4 * 9 * width ** 2, "use a width of at most a few thousand (default 32)")
+    shape = parse_shape(params.get("input_shape"))
+    if shape:
+        check_memory(f"--input-shape {','.join(map(str, shape))}", 8 * 4 * math.prod(shape),
+                     "give the model's real input shape C,H,W")
+
+
+def check_batch_memory(batch: int, shape: list[int] | tuple[int, ...], copies: int, flag: str = "--batch-size") -> None:
+    """`batch` images of `shape` (float32), `copies` of them at once, against the memory, once the shape is known."""
+    check_memory(f"{flag} {batch} of {'x'.join(map(str, shape))} images", copies * 4 * batch * math.prod(shape),
+                 f"lower {flag}")
+
+
 def check_pair(pair: tuple[int, int] | None, what: str) -> tuple[int, int] | None:
     if pair is not None and (pair[0] < 1 or pair[1] < 1 or pair[0] * pair[1] > 1 << 26):
         raise InputError(f"{what} must be two positive sizes H,W (at most 64 megapixels), got {pair[0]},{pair[1]}")
@@ -261,7 +298,7 @@ def lock_output(out: Any) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     path = Path(out).resolve()
-    lock = path.with_name(f".{path.name}.lock")
+    lock = lock_path(out)
     while str(path) not in _LOCKS:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -290,24 +327,133 @@ def release_locks() -> None:
 
 INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-data"), ("classes", "--classes"),
                 ("config", "--config"), ("parent", "--parent"), ("surrogate", "--surrogate"),
-                ("reference_data", "--reference-data"))
+                ("reference_data", "--reference-data"), ("preprocessor", "--preprocessor"),
+                ("unlabeled", "--unlabeled"), ("base_cache", "--base-cache"), ("state_dir", "--state-dir"))
+
+
+def run_inputs(params: dict) -> list[tuple[str, Any]]:
+    """Every file and folder a command reads, by its flag: data, model (an HF folder too), class map, config file
+    (harden.toml when none is given), preprocessor, unlabeled pool, the --arch Python file, caches and state."""
+    from .config import DEFAULT_FILE
+
+    inputs: list[tuple[str, Any]] = [(flag, params.get(name)) for name, flag in INPUT_PARAMS if params.get(name)]
+    inputs = [(f, v) for f, v in inputs if not (f == "--unlabeled" and v == "rest")]
+    if not params.get("config") and Path(DEFAULT_FILE).is_file():
+        inputs.append(("config file", DEFAULT_FILE))
+    arch = params.get("arch")
+    if isinstance(arch, str) and ":" in arch and arch.rsplit(":", 1)[0].endswith(".py"):
+        inputs.append(("--arch", arch.rsplit(":", 1)[0]))
+    return inputs
+
+
+def side_files(out: Any) -> list[Path]:
+    """harden's own files beside an --out: the resumable state, its adversarial examples (cached or spilled, and
+    the spill's completion tag) and the lock."""
+    from .resume import Saver
+
+    saver = Saver(Path(f"{out}.partial"), "")
+    spill = saver.spill_path
+    return [saver.path, saver.adv_path, spill, spill.with_name(spill.name + ".done"), lock_path(out)]
+
+
+def lock_path(out: Any) -> Path:
+    path = Path(out).resolve()
+    return path.with_name(f".{path.name}.lock")
+
+
+_OWN_NAMES = re.compile(r"(\.harden-.*|.*\.partial(\.adv\..*)?|\..*\.lock)")
+
+
+def check_own_names(outputs: list[tuple[str, Any]], resume: bool) -> None:
+    """Outputs never take the names of harden's own side files (state, caches, locks: harden deletes or replaces
+    those), and a file already at a side-file name of --out is harden's only beside its interrupted run."""
+    for flag, out in outputs:
+        if _OWN_NAMES.fullmatch(Path(out).name):
+            raise InputError(f"{flag} '{out}' is named like harden's own state, cache or lock files (.partial, "
+                             ".partial.adv.*, .harden-*, .NAME.lock), which harden replaces and deletes: choose "
+                             "another name")
+        if flag != "--out":
+            continue
+        state, *others, lock = side_files(out)
+        for p in others if not (resume and state.exists()) else []:
+            if p.exists() or p.is_symlink():
+                raise InputError(f"'{p}' exists but is no part of an interrupted run of --out '{out}' (there is "
+                                 f"no '{state.name}'); harden would replace it: move it or choose another --out")
+        if lock.is_file() and lock.stat().st_size:
+            raise InputError(f"'{lock}' is not an empty lock file of harden's; move it or choose another --out")
+
+
+def _inside(out: Path, folder: Path) -> bool:
+    try:
+        return folder.is_dir() and out.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
 
 
 def check_run(ctx, outputs: list[tuple[str, Any]], force: bool) -> None:
-    """The boundary checks of one command: option values, then output paths against the run's inputs."""
-    from .config import DEFAULT_FILE
-
+    """The boundary checks of one command: option values, then output paths against the run's inputs (and the
+    files inside input folders), harden's own file names, then free space."""
     check_options(ctx)
     params = ctx.params
-    inputs: list[tuple[str, Any]] = [(flag, params.get(name)) for name, flag in INPUT_PARAMS if params.get(name)]
-    if not params.get("config") and Path(DEFAULT_FILE).is_file():
-        inputs.append(("config file", DEFAULT_FILE))
+    check_sizes(params)
     if params.get("classes"):
         regular_input(params["classes"], "--classes file")
-    check_outputs([(flag, o) for flag, o in outputs if o], inputs, force)
+    outputs = [(flag, o) for flag, o in outputs if o]
+    inputs = run_inputs(params)
     for flag, o in outputs:
-        if o and flag == "--out":
+        inside = next((f for f, i in inputs if _inside(Path(o), Path(i))), None)
+        if inside is not None and inside != "--state-dir" and (Path(o).exists() or inside == "--base-cache"):
+            raise InputError(f"{flag} '{o}' lies in the folder of the run's input {inside}: harden never "
+                             "writes into an input, --force or not")
+    check_own_names(outputs, bool(params.get("resume")))
+    sides = [(f"the resumable state or lock of --out '{o}'", p) for flag, o in outputs if flag == "--out"
+             for p in side_files(o)]
+    check_outputs(outputs, inputs + sides, force)
+    check_space([(flag, o, _rough_size(flag, params)) for flag, o in outputs])
+    for flag, o in outputs:
+        if flag == "--out":
             lock_output(o)
+
+
+SMALL_OUTPUT = 1 << 20  # a report, rows, the state of an evaluation: free space of 1 MiB at least
+
+
+def _rough_size(flag: str, params: dict) -> int:
+    """An output's rough size: a checkpoint about its base's (patches are small), anything else small."""
+    model = params.get("model")
+    if flag != "--out" or not model:
+        return SMALL_OUTPUT
+    p = Path(model)
+    try:
+        return SMALL_OUTPUT + (sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir()
+                               else p.stat().st_size)
+    except OSError:
+        return SMALL_OUTPUT
+
+
+def check_space(needs: list[tuple[str, Any, int]]) -> None:
+    """Enough free space for the outputs' rough sizes (summed per file system), before any work: exit 3 otherwise,
+    instead of a disk full after training."""
+    import shutil
+
+    per_fs: dict[int, list] = {}
+    for flag, out, size in needs:
+        parent = Path(out).parent if str(Path(out).parent) else Path(".")
+        try:
+            entry = per_fs.setdefault(parent.stat().st_dev, [parent, 0, []])
+        except OSError:
+            continue  # a missing folder is check_outputs' error
+        entry[1] += size
+        entry[2].append(flag)
+    for parent, need, flags in per_fs.values():
+        free = shutil.disk_usage(parent).free
+        if free < need:
+            raise RunError(f"{' and '.join(flags)}: not enough free space in '{parent}' ({_mb(free)} free, about "
+                           f"{_mb(need)} needed); free space or choose another folder")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 
 
 def eval_state_dir(state_dir: str | None, reports: list[str]) -> Path | None:

@@ -121,3 +121,29 @@ def test_smooth_grad_must_be_finite(runner, patched_ckpt, tiny_test_data, value)
 
 def test_seed_limit_is_what_torch_takes():
     torch.manual_seed(2 ** 63 - 1)  # the largest seed harden accepts works
+
+
+@pytest.mark.parametrize("cmd,flag,value", [
+    ("patch", "--width", "1000000"), ("patch", "--width", str(2 ** 31 - 1)),
+    ("layers", "--input-shape", "1x1000000x1000000"), ("patch", "--input-shape", "3,100000,1000000"),
+    ("certify", "--batch-size", str(2 ** 31 - 1)),
+])
+def test_sizes_beyond_the_memory_are_refused_before_allocating(runner, tmp_path, tiny_ckpt, tiny_data, tiny_test_data,
+                                                               cmd, flag, value):
+    """Values whose tensors alone exceed any memory: one line, exit 2, nothing allocated (a traceback or an
+    allocator's error before)."""
+    args = {"patch": ["--data", str(tiny_data), "--out", str(tmp_path / "o.safetensors"), "--quiet"],
+            "layers": [],
+            "certify": ["--data", str(tiny_test_data), "--n", str(2 ** 31 - 1), "--max-samples", "2", "--quiet"]}[cmd]
+    r = runner.invoke(main, [cmd, str(tiny_ckpt), "--arch", ARCH, *args, flag, value])
+    assert_input_error(r, flag, "GiB of memory")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_large_but_reasonable_sizes_pass():
+    from hardener import validate as V
+
+    V.check_sizes({"width": 2048, "input_shape": "3,1024,1024"})
+    V.check_batch_memory(1000, [3, 224, 224], 3)
+    with pytest.raises(InputError, match="--width"):
+        V.check_sizes({"width": 10 ** 6})

@@ -11,9 +11,10 @@ import torch
 from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, report as R, validate as V
 from ..checkpoint import sha256_file
 from ..console import ProgressView, announce, err_console, out
-from ..errors import InputError, Interrupted, RunError, ThresholdError, UsageError
+from ..errors import InputError, RunError, ThresholdError, UsageError
 from ..patches.attach import Disabled
-from ..resume import EvalStore, fingerprint, sigterm_as_interrupt
+from ..resume import EvalStore, fingerprint
+from ..signals import outputs_or_none
 from ..session import check_accuracy, finish_spec, load_data, load_model, load_parent
 from . import Call, adaptive, data_options, invocation, model_arg, model_options, start, track
 
@@ -35,12 +36,14 @@ def run(call: Call) -> None:
                         smooth_grad=A.parse_smooth_grad(kw["smooth_grad"]), overrides=A.suite_settings(raw),
                         precision=kw["precision"])
     model_sha = sha256_file(Path(model))
-    result, store = _attack(loaded, ds, ecfg, device, reference, surrogate, world, model_sha, kw)
-    if result is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
-        D.finish(world)
-        return
-    rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw,
-                  invocation.record("eval", call))
+    store = _store(loaded, ds, ecfg, device, world, model_sha, kw)
+    with outputs_or_none(lambda: _stopped(store)) as written:
+        result = _attack(loaded, ds, ecfg, device, reference, surrogate, world, kw, store)
+        if result is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
+            D.finish(world)
+            return
+        rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw,
+                      invocation.record("eval", call), written)
     store.clear()
     if world.active and store.path is not None:  # the other ranks' state too, now that the report is written
         for r in range(1, world.size):
@@ -148,33 +151,37 @@ def _load_surrogate(path: str | None, kw: dict, ds, device):
     return loaded.patched.eval()
 
 
-def _attack(loaded, ds, ecfg: E.EvalConfig, device, reference, surrogate, world, model_sha: str, kw: dict):
-    """The evaluation itself, with its state (per rank) saved on an interrupt for --resume."""
+def _store(loaded, ds, ecfg: E.EvalConfig, device, world, model_sha: str, kw: dict) -> EvalStore:
+    """The evaluation's resumable state (per rank): in --state-dir, HARDEN_CACHE_DIR or beside the first --report."""
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type, "route": loaded.patched.current_route, "parent": kw["parent"],
                       "surrogate": sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None})
     state_dir = V.eval_state_dir(kw["state_dir"], list(kw["report_paths"]))
     shard = f"-rank{world.rank}of{world.size}" if world.active else ""
     state = state_dir / f".harden-eval-{fp[:16]}{shard}.partial" if state_dir is not None else None
-    store = EvalStore(state, fp, kw["resume"])
-    try:
-        with ProgressView(kw["quiet"]) as progress, sigterm_as_interrupt():
-            result = E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches,
-                                progress=progress, store=store, reference=reference,
-                                base_cache=Path(kw["base_cache"]) if kw["base_cache"] else None, surrogate=surrogate,
-                                world=world)
-    except KeyboardInterrupt:
-        store.flush()
-        if state is None:
-            raise Interrupted("interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation "
-                              "resumable)") from None
-        raise Interrupted(f"interrupted: progress saved to '{state}'; rerun the same command with --resume") from None
-    return result, store
+    return EvalStore(state, fp, kw["resume"])
+
+
+def _stopped(store: EvalStore) -> str:
+    """Interrupted (in an attack, the checks, the sweep or the report): the finished attacks saved for --resume."""
+    store.flush()
+    if store.path is None:
+        return "interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation resumable)"
+    return f"interrupted: progress saved to '{store.path}'; rerun the same command with --resume"
+
+
+def _attack(loaded, ds, ecfg: E.EvalConfig, device, reference, surrogate, world, kw: dict, store: EvalStore):
+    """The evaluation itself: attacks, sanity checks, eps sweep, progress kept in `store`."""
+    with ProgressView(kw["quiet"]) as progress:
+        return E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches, progress=progress,
+                          store=store, reference=reference,
+                          base_cache=Path(kw["base_cache"]) if kw["base_cache"] else None, surrogate=surrogate,
+                          world=world)
 
 
 def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: dict, thresholds: dict, world,
-            device, kw: dict, how: dict | None = None) -> dict:
-    """The report, with its gates: rendered on stderr, written to each --report."""
+            device, kw: dict, how: dict | None, written: list) -> dict:
+    """The report, with its gates: rendered on stderr, written to each --report (each listed in `written` first)."""
     extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"],
              "invocation": how}
     if world.active:
@@ -203,5 +210,6 @@ def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: 
     if thresholds and not missed:
         err_console.print(R.gates_passed_line(rep, thresholds), highlight=False)
     for p in kw["report_paths"]:
+        written.append(p)  # before the write: an interrupt just as the file lands removes it too
         R.write(rep, p)
     return rep

@@ -8,6 +8,7 @@ from .. import export as X
 from ..console import err_console, out
 from ..errors import InputError
 from ..session import load_model
+from ..signals import outputs_or_none
 from . import Call, model_arg, model_options
 
 
@@ -22,9 +23,12 @@ def run(call: Call) -> None:
     shape = loaded.spec.shape
     if not shape:
         raise InputError("the checkpoint records no input shape")
-    X.export(loaded.patched, shape, kw["fmt"], target)
-    if not kw["no_check"]:
-        diff = X.check_in_fresh_interpreter(target, kw["fmt"], loaded.patched, shape)
-        if not kw["quiet"]:
-            err_console.print(f"checked in a fresh interpreter: largest logit difference {diff:.2g}", highlight=False)
+    with outputs_or_none(lambda: "interrupted: the export was not finished and checked, nothing was written") as done:
+        done.append(target)  # before the write: an interrupt just as the file lands removes it too
+        X.export(loaded.patched, shape, kw["fmt"], target)
+        if not kw["no_check"]:
+            diff = X.check_in_fresh_interpreter(target, kw["fmt"], loaded.patched, shape)
+            if not kw["quiet"]:
+                err_console.print(f"checked in a fresh interpreter: largest logit difference {diff:.2g}",
+                                  highlight=False)
     out(str(target))

@@ -16,6 +16,7 @@ from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
 from ..recipe import load_preset, parse_methods
 from ..resume import Saver, StopFlag, fingerprint
+from ..signals import outputs_or_none
 from ..session import Loaded, finish_spec, load_data, load_model
 from . import Call, data_options, invocation, model_arg, model_options, start, track
 
@@ -55,10 +56,24 @@ def run(call: Call) -> None:
     if not world.main:  # another process of `torchrun ... -m hardener patch`: rank 0 writes and reports
         D.finish(world)
         return
-    manifest = _write(plan)
-    D.finish(world)
-    RUN.measure(plan.run)  # the trained model on its inference route, the run's device and threads
-    _report(plan, manifest)
+    with outputs_or_none(lambda: _stopped(plan)) as written:
+        try:
+            manifest = _write(plan, written)
+            D.finish(world)
+            RUN.measure(plan.run)  # the trained model on its inference route, the run's device and threads
+            _report(plan, manifest, written)
+        except Exception:
+            if written:  # failed after the checkpoint was written: it stands, and no state is needed to redo it
+                plan.run.saver.clear()
+            raise
+    plan.run.saver.clear()  # the resumable state goes once every output is written
+
+
+def _stopped(plan: Plan) -> str:
+    """Interrupted after training (writing, timing or reporting): what was written is gone, the trained state kept."""
+    return (f"interrupted after training: this run's outputs were removed, its trained state is kept in "
+            f"'{plan.run.saver.path}'; rerun the same command with --resume to write the checkpoint and its report "
+            "without training again")
 
 
 def _check(call: Call) -> tuple[str, Path]:
@@ -144,8 +159,8 @@ def _report_plan(plan: Plan, r: RUN.PatchRun) -> tuple[str, float]:
             report_units(ecfg, len(plan.eval_ds)))
 
 
-def _write(plan: Plan) -> Manifest:
-    """The checkpoint, atomically; the resumable state goes once it is written."""
+def _write(plan: Plan, written: list) -> Manifest:
+    """The checkpoint, atomically (the resumable state stays until the report is written too)."""
     loaded, r = plan.loaded, plan.run
     manifest = Manifest(
         arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
@@ -153,19 +168,20 @@ def _write(plan: Plan) -> Manifest:
         route=r.route, base_modified=r.cfg.full, parent_sha256=loaded.base.sha256 if r.cfg.full else "",
         cost=r.inference.to_json(latency=False) if r.inference else {},
     )
+    written.append(plan.out_file)  # before the write: an interrupt just as the file lands removes it too
     try:
         save_patched(plan.out_file, loaded.patched.to("cpu"), manifest)
     except RunError as e:
+        written.remove(plan.out_file)
         if r.saver.path.exists():
             raise RunError(f"{e.message}; the trained state is kept in '{r.saver.path}': fix that and rerun the same "
                            "command with --resume to write it without training again") from None
         raise
-    r.saver.clear()
     loaded.patched.to(r.device)
     return manifest
 
 
-def _report(plan: Plan, manifest: Manifest) -> None:
+def _report(plan: Plan, manifest: Manifest, written: list) -> None:
     kw, loaded, out_file, r = plan.kw, plan.loaded, plan.out_file, plan.run
     spec, device = r.spec, r.device
     n_params = _announce_written(loaded, r.cfg, out_file, r.train_seconds)
@@ -196,6 +212,7 @@ def _report(plan: Plan, manifest: Manifest) -> None:
         err_console.print(f"report: {what} ({report_seconds:.0f}s); training took {r.train_seconds:.0f}s. Full "
                           f"verdict:\n  {full_cmd}")
     if kw["report_path"]:
+        written.append(kw["report_path"])
         R.write(rep, kw["report_path"])
     out(str(out_file))
     if kw["mlflow"]:
