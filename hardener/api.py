@@ -19,72 +19,19 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import archspec, attacks as A, cost as C, data as hdata, evaluation as E, fit as F, methods as M, report as R
+from . import archspec, attacks as A, data as hdata, evaluation as E, fit as F, report as R
+from .data import as_dataset
 from .errors import InputError
-from .layers import site_shape
 from .model import Classifier, InputSpec, parse_floats
-from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
 from .patch_options import PatchOptions
+from .patches import PatchedModel
 from .patches.attach import Disabled
-from .recipe import Split, parse_methods
 from .session import check_accuracy
-
-
-def as_dataset(data: Any, labels_required: bool = True) -> hdata.Dataset:
-    """A harden `Dataset` from what a notebook has at hand (see the module docstring)."""
-    if isinstance(data, hdata.Dataset):
-        return data
-    if isinstance(data, (str, Path)):
-        return hdata.load(str(data), None, labels_required)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        return _from_tensors(data[0], data[1], "tensors")
-    if torch.is_tensor(data) and not labels_required:  # images alone (unlabelled)
-        return _from_tensors(data, torch.full((len(data),), hdata.UNLABELLED), "tensors", unlabelled=True)
-    from torch.utils.data import DataLoader, Dataset as TorchDataset
-
-    if isinstance(data, DataLoader):
-        xs, ys = [], []
-        for batch in data:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise InputError("a DataLoader must yield (images, labels) batches")
-            xs.append(torch.as_tensor(batch[0]))
-            ys.append(torch.as_tensor(batch[1]))
-        if not xs:
-            raise InputError("the DataLoader yielded no batches")
-        return _from_tensors(torch.cat(xs), torch.cat(ys), "DataLoader")
-    if isinstance(data, TorchDataset):
-        try:
-            items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
-        except TypeError:
-            raise InputError("a torch Dataset must have a length and return (image, label) items") from None
-        if not items:
-            raise InputError("the torch Dataset is empty")
-        return _from_tensors(torch.stack([torch.as_tensor(i[0]) for i in items]),
-                             torch.as_tensor([int(i[1]) for i in items]), "torch Dataset")
-    raise InputError(f"cannot use {type(data).__name__} as data: pass a harden Dataset, (images, labels) tensors, a "
-                     "torch Dataset, a DataLoader or a data spec (folder, tensor file, fashion-mnist:train)")
-
-
-def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str, unlabelled: bool = False) -> hdata.Dataset:
-    if x.ndim != 4:
-        raise InputError(f"images must be N,C,H,W, got shape {tuple(x.shape)}")
-    if x.dtype != torch.uint8:
-        x = x.float()
-        if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
-            raise InputError("float images must be finite pixels in [0, 1] (uint8 images 0-255 are fine too)")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise InputError(f"labels must be integer class indices, got {y.dtype} (a float label 1.5 is no class)")
-    y = y.long().flatten()
-    if len(y) != len(x):
-        raise InputError(f"{len(x)} images but {len(y)} labels")
-    if len(y) and int(y.min()) < 0 and not unlabelled:
-        raise InputError("labels must be class indices >= 0")
-    return hdata.Dataset(x, y, None, source)
 
 
 def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits: str | None = None,
@@ -140,94 +87,6 @@ def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device
     return finish_spec(Loaded(patched, None, None), ds, device)
 
 
-def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
-                   say: Callable[[str], None] = lambda s: None) -> None:
-    """Build the patches the options ask for and attach them (the base itself is never edited). Every site is
-    resolved before the first patch is attached."""
-    methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
-    bn = opts.bn or "all"
-    ran = {i.name for i in infos if i.calls}  # norms the eval-mode forward never calls get no twin
-    chosen = select_bn_sites(patched.net, bn, ran, say) if methods.auxbn else []
-    sites = []
-    if methods.site_kind is not None:
-        sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind,
-                             avoid=chosen, say=say)
-    shapes = {i.name: site_shape(i) for i in infos}
-    shapes[INPUT_SITE] = list(patched.model.spec.shape)
-    twins: list[str] = []
-    if methods.auxbn:
-        group = bn.strip() in ("all", "auto")
-        taken = [s for s in chosen if s in {site for _, site in sites}]
-        if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
-            say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")
-        twins = [s for s in chosen if not (group and s in taken)]
-    budget = C.parse_budget(opts.budget)
-    if budget is not None:  # the recipe sized to the budget: which sites, and the options to build them with
-        sites, opts, note = C.fit_budget(patched, sites, shapes, opts, budget, bool(twins))
-        say(note)
-    for kind, site in [*sites, *((methods.bn_kind, s) for s in twins)]:
-        cls = PATCH_KINDS[kind]
-        module = patched.net if site == INPUT_SITE else patched.net.get_submodule(site)
-        patched.attach(site, cls.build(Site(site, module, shapes.get(site)), cls.make_config(opts)))
-
-
-# --batch-size auto: the largest of these batches that still gives MIN_AUTO_STEPS optimiser steps (else the smallest).
-# On the demo's 1,600 images, 10 epochs of 128 are 130 steps and underfit; of 32, 500 steps bought 7 points of
-# white-box accuracy on validation at the same time per image (bench/RESULTS.md, "The ordinary path").
-AUTO_BATCH = (128, 64, 32)
-MIN_AUTO_STEPS = 400
-
-
-def auto_batch_size(epoch_images: int, epochs: int) -> int:
-    """The training batch `--batch-size auto` picks for `epoch_images` images per epoch over `epochs` epochs."""
-    for b in AUTO_BATCH:
-        if -(-epoch_images // b) * epochs >= MIN_AUTO_STEPS:
-            return b
-    return AUTO_BATCH[-1]
-
-
-def settle_batch_size(cfg: F.FitConfig, opts: PatchOptions, n_train: int) -> F.FitConfig:
-    """`cfg` with `--batch-size auto` resolved for the final training set (`n_train` images, pseudo-labelled ones
-    included); the user's number is kept as it is."""
-    from dataclasses import replace
-
-    if opts.batch_size != "auto":
-        return cfg
-    return replace(cfg, batch_size=auto_batch_size(cfg.epoch_images(n_train), cfg.epochs))
-
-
-def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.FitConfig]:
-    """The training attack and the trainer's configuration of `opts`."""
-    from .cache import parse_bytes
-
-    methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
-    A.expand([opts.attack_name])
-    spec = A.AttackSpec(name=opts.attack_name, eps=A.parse_eps(str(opts.eps)), norm=opts.norm, steps=opts.steps,
-                        alpha=opts.alpha, seed=opts.seed, n_classes=n_classes,
-                        smooth_grad=A.parse_smooth_grad(opts.smooth_grad),
-                        radius=A.info(opts.attack_name).train_radius)
-    cfg = F.FitConfig(epochs=opts.epochs, batch_size=AUTO_BATCH[0] if opts.batch_size == "auto" else opts.batch_size,
-                      lr=opts.lr if opts.lr is not None else M.get(methods.fit_method).default_lr,
-                      lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,
-                      seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
-                      eps_warmup=opts.eps_warmup, ema=opts.ema, select=bool(opts.select_on), validate_every=opts.validate_every,
-                      phi=opts.phi, betas=parse_betas(opts.betas), sigma=opts.sigma, cache=opts.cache,
-                      noise_sigma=opts.noise_sigma, precision=opts.precision,
-                      cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)
-                      else parse_bytes(opts.cache_limit, "--cache-limit"))
-    return spec, cfg
-
-
-def parse_betas(text: str | tuple) -> tuple[float, float, float]:
-    try:
-        vals = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or any(not v >= 0 for v in vals):
-        raise InputError(f"--betas must be three non-negative numbers like 1,1,1, got '{text}'")
-    return vals  # type: ignore[return-value]
-
-
 def pick_device(name: str | torch.device) -> torch.device:
     from .session import pick_device as _pick
 
@@ -273,51 +132,6 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     return patched
 
 
-def add_pseudo_labels(patched: PatchedModel, train_ds: hdata.Dataset, pool: hdata.Dataset, opts: PatchOptions,
-                      cfg: F.FitConfig, device: torch.device) -> tuple[hdata.Dataset, F.FitConfig, dict]:
-    """Robust self-training data (Carmon et al. 2019): the frozen base labels `pool` (clean inputs, eval mode); the
-    images it is at least `opts.pseudo_threshold` confident on join the training set after the labelled ones, and each
-    epoch trains on every labelled image plus `pseudo_ratio` times as many pseudo-labelled ones, in turn. Returns the
-    training set, the trainer's configuration and the record (how many were kept; where `pool` has labels of its
-    own, how often the base's labels agree with them)."""
-    from dataclasses import replace
-
-    if len(pool) == 0:
-        raise InputError("--unlabeled: no images to pseudo-label")
-    if tuple(pool.shape) != tuple(train_ds.shape):
-        raise InputError(f"--unlabeled images are {tuple(pool.shape)} but the training images are "
-                         f"{tuple(train_ds.shape)} (C,H,W): give images of the model's input size, or --resize")
-    base = Disabled(patched).eval()
-    preds, confs = [], []
-    with torch.no_grad():
-        for i in range(0, len(pool), 512):
-            x, _ = pool.batch(slice(i, i + 512))
-            p = torch.softmax(E.finite_logits(base(x.to(device)).float(), "--unlabeled images"), 1).cpu()
-            c, k = p.max(1)
-            preds.append(k)
-            confs.append(c)
-    pred, conf = torch.cat(preds), torch.cat(confs)
-    keep = conf >= opts.pseudo_threshold
-    if not bool(keep.any()):
-        raise InputError(f"--pseudo-threshold {opts.pseudo_threshold}: the base is that confident on none of the "
-                         f"{len(pool):,} --unlabeled images; lower it")
-    labelled_pool = pool.labels >= 0
-    record = {"source": pool.source, "pool": len(pool), "threshold": opts.pseudo_threshold,
-              "kept": int(keep.sum()), "ratio": opts.pseudo_ratio,
-              "per_epoch": min(int(keep.sum()), max(1, round(opts.pseudo_ratio * len(train_ds))))}
-    if bool((keep & labelled_pool).any()):  # the pool's own labels, never used for training: a diagnostic
-        m = keep & labelled_pool
-        record["agreement_with_pool_labels"] = float((pred[m] == pool.labels[m]).float().mean())
-    kept = pool.take(torch.nonzero(keep).flatten())
-    xa, xb = train_ds.images, kept.images
-    if xa.dtype != xb.dtype:
-        xa, xb = hdata.to_float(xa), hdata.to_float(xb)
-    combined = hdata.Dataset(torch.cat([xa, xb]), torch.cat([train_ds.labels, pred[keep]]), train_ds.classes,
-                             f"{train_ds.source} + {record['kept']:,} pseudo-labelled ({pool.source})",
-                             list(train_ds.notes))
-    return combined, replace(cfg, labelled=len(train_ds), pseudo_per_epoch=record["per_epoch"]), record
-
-
 def _warn_class_count(ds: hdata.Dataset, patched: PatchedModel) -> None:
     """The model's output size against the data's classes (`data.class_count_warning`), as a Python warning."""
     _warn(hdata.class_count_warning(ds, patched.model.spec.num_classes), stacklevel=4)
@@ -327,28 +141,6 @@ def _warn(text: str | None, stacklevel: int = 3) -> None:
     """A warning about the model or the data, as a Python warning (none for None)."""
     if text:
         warnings.warn(text, UserWarning, stacklevel=stacklevel)
-
-
-def effective_threat_model(cfg: F.FitConfig) -> str:
-    """What the training, as configured (preset and overrides), aims to withstand."""
-    if cfg.noise_sigma:
-        return "certified"
-    return "white-box" if cfg.full or cfg.adaptive else "transfer"
-
-
-def training_record(cfg: F.FitConfig, spec: A.AttackSpec, logs: list, train_ds: hdata.Dataset, opts: PatchOptions,
-                    preset, split: Split, val_ds: hdata.Dataset | None) -> dict:
-    training = F.record(cfg, spec, logs, train_ds, None if opts.subset is None else str(opts.subset))
-    training["preset"] = preset.record() if preset else None
-    training["threat_model"] = effective_threat_model(cfg)
-    if preset:
-        training["preset"]["overridden"] = sorted(k for k, v in preset.options.items() if getattr(opts, k) != v)
-    training["split"] = split.record
-    if val_ds is not None:
-        training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
-                                  "attack": "pgd-10 (white-box, and transfer from the base)",
-                                  "selected_epoch": F.selected_epoch(logs, cfg)}
-    return training
 
 
 @dataclass

@@ -11,3 +11,4 @@ ACTIVATIONS = ("linear", "tanh", "silu", "softplus", "gelu")  # of fixers (patch
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast of training and attacks (evaluation.PRECISIONS)
 LOSSES = ("fixer", "trades")  # --loss (methods.patch.ADV_LOSSES)
 PREFILTER_DESIGNS = ("plain", "separable", "shuffle")  # of the input pre-filter (patches.prefilter.DESIGNS)
+CONFIG_FILE = "harden.toml"  # read from the working directory when there is no --config (config.DEFAULT_FILE)

@@ -109,10 +109,10 @@ def _run(command: str) -> None:
     """Run `hardener.commands.<command>` with the current command's options, its boundary checks and which options the
     command line set. The command's module (and torch with it) is imported here, when the command runs: `--help` and
     a usage error never import it."""
-    from . import validate as V
+    from . import boundary as B
 
     ctx = click.get_current_context()
-    call = commands.Call(dict(ctx.params), check_run=lambda outputs, force: V.check_run(ctx, outputs, force),
+    call = commands.Call(dict(ctx.params), check_run=lambda outputs, force: B.check_run(ctx, outputs, force),
                          given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
     with held():  # the command's imports (torch among them) are not cut in half by an interrupt
         module = importlib.import_module(f".commands.{command}", __package__)
@@ -137,10 +137,10 @@ class HardenGroup(click.Group):
             raise _CliError(e) from None
         except KeyboardInterrupt:  # SIGINT or SIGTERM where no phase saves anything: one line, the locks released
             raise _CliError(Interrupted("interrupted")) from None
-        finally:  # output locks of the command (validate is loaded once a command ran, not for --help)
-            validate = sys.modules.get("hardener.validate")
-            if validate is not None:
-                validate.release_locks()
+        finally:  # output locks of the command (boundary is loaded once a command ran, not for --help)
+            boundary = sys.modules.get("hardener.boundary")
+            if boundary is not None:
+                boundary.release_locks()
 
 
 @click.group(cls=HardenGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,9 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .choices import CONFIG_FILE as DEFAULT_FILE
 from .errors import InputError
 
-DEFAULT_FILE = "harden.toml"
 COMMAND_LINE_ONLY = ("trust_pickle", "trust_arch", "force")
 COMMANDS = ("layers", "patch", "eval", "export")
 

@@ -16,6 +16,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -571,3 +572,57 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, hflip: bo
         flip = torch.rand(n, generator=generator) < 0.5
         out[flip] = out[flip].flip(-1)
     return out.contiguous()
+
+
+def as_dataset(data: Any, labels_required: bool = True) -> Dataset:
+    """A harden `Dataset` from what a notebook has at hand: a `Dataset`, a data spec (folder, tensor file,
+    `fashion-mnist:train`), `(images, labels)` tensors (NCHW, float pixels in [0, 1] or uint8), images alone when
+    `labels_required` is False, a torch `Dataset` of `(image, label)` items or a `DataLoader` (`hardener.as_dataset`)."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, Path)):
+        return load(str(data), None, labels_required)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        return _from_tensors(data[0], data[1], "tensors")
+    if torch.is_tensor(data) and not labels_required:  # images alone (unlabelled)
+        return _from_tensors(data, torch.full((len(data),), UNLABELLED), "tensors", unlabelled=True)
+    from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+    if isinstance(data, DataLoader):
+        xs, ys = [], []
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise InputError("a DataLoader must yield (images, labels) batches")
+            xs.append(torch.as_tensor(batch[0]))
+            ys.append(torch.as_tensor(batch[1]))
+        if not xs:
+            raise InputError("the DataLoader yielded no batches")
+        return _from_tensors(torch.cat(xs), torch.cat(ys), "DataLoader")
+    if isinstance(data, TorchDataset):
+        try:
+            items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        except TypeError:
+            raise InputError("a torch Dataset must have a length and return (image, label) items") from None
+        if not items:
+            raise InputError("the torch Dataset is empty")
+        return _from_tensors(torch.stack([torch.as_tensor(i[0]) for i in items]),
+                             torch.as_tensor([int(i[1]) for i in items]), "torch Dataset")
+    raise InputError(f"cannot use {type(data).__name__} as data: pass a harden Dataset, (images, labels) tensors, a "
+                     "torch Dataset, a DataLoader or a data spec (folder, tensor file, fashion-mnist:train)")
+
+
+def _from_tensors(x: torch.Tensor, y: torch.Tensor, source: str, unlabelled: bool = False) -> Dataset:
+    if x.ndim != 4:
+        raise InputError(f"images must be N,C,H,W, got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        x = x.float()
+        if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+            raise InputError("float images must be finite pixels in [0, 1] (uint8 images 0-255 are fine too)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"labels must be integer class indices, got {y.dtype} (a float label 1.5 is no class)")
+    y = y.long().flatten()
+    if len(y) != len(x):
+        raise InputError(f"{len(x)} images but {len(y)} labels")
+    if len(y) and int(y.min()) < 0 and not unlabelled:
+        raise InputError("labels must be class indices >= 0")
+    return Dataset(x, y, None, source)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import api, attacks as A, cost as C, data as hdata, distributed as D, fit as F, methods as M
+from . import attacks as A, cost as C, data as hdata, distributed as D, fit as F, methods as M, steps as S
 from .console import ProgressView, err
 from .errors import Interrupted
 from .layers import describe_cost
@@ -99,7 +99,7 @@ def patch_run(run: PatchRun, infos: list) -> PatchRun:
     run.route = run.opts.route or M.build(run.cfg).default_route
     run.patched.set_route(run.route)
     A.build(run.patched, run.spec)  # the attack's settings, filled in by a build, also when a resumed run never built it
-    run.record = api.training_record(run.cfg, run.spec, run.logs, run.train_ds, run.opts, run.preset, run.split,
+    run.record = S.training_record(run.cfg, run.spec, run.logs, run.train_ds, run.opts, run.preset, run.split,
                                      run.val_ds)
     return run
 
@@ -108,7 +108,7 @@ def plan(run: PatchRun, infos: list) -> None:
     """Everything before training: patches attached, the split, the trainer's configuration, the plan said and the
     warnings warned."""
     o, h = run.opts, run.hooks
-    api.attach_patches(run.patched, infos, o, say=h.say)
+    S.attach_patches(run.patched, infos, o, say=h.say)
     run.patched.to(run.device)
     run.inference = C.count(run.patched) if run.patched.sites else None
     run.cost = run.inference.added() if run.inference else None
@@ -120,14 +120,14 @@ def plan(run: PatchRun, infos: list) -> None:
         h.say(f"{run.ds.source}: {note}")
     run.train_ds = run.ds.take(run.split.train)
     run.val_ds = run.ds.take(run.split.val) if run.split.val is not None else None
-    run.spec, cfg = api.training_setup(o, run.n_classes)
+    run.spec, cfg = S.training_setup(o, run.n_classes)
     aside = h.aside(run) if h.aside else []
     low = check_accuracy(Disabled(run.patched), run.ds, run.n_classes, run.device, o.allow_low_accuracy,
                          library=h.library)
     run.warnings += ([low] if low else []) + aside
     if o.unlabeled is not None and not (isinstance(o.unlabeled, str) and not o.unlabeled):
         cfg = _pseudo_labelled(run, cfg)
-    run.cfg = api.settle_batch_size(cfg, o, len(run.train_ds))
+    run.cfg = S.settle_batch_size(cfg, o, len(run.train_ds))
     if "select_on" in run.given:
         run.warnings += [n for n in run.split.notes if n.startswith("--select-on")]  # the user's number was not met
     run.warnings += recipe_warnings(run.preset, run.cfg, run.cfg.epoch_images(len(run.train_ds)),
@@ -140,15 +140,15 @@ def plan(run: PatchRun, infos: list) -> None:
 
 
 def _pseudo_labelled(run: PatchRun, cfg: F.FitConfig) -> F.FitConfig:
-    """`unlabeled`: the training set with the images the frozen base labels (api.add_pseudo_labels)."""
+    """`unlabeled`: the training set with the images the frozen base labels (S.add_pseudo_labels)."""
     o = run.opts
     if run.hooks.pool:
         pool = run.hooks.pool(run)
     elif isinstance(o.unlabeled, str) and o.unlabeled == "rest":
         pool = run.ds.take(run.split.rest)
     else:
-        pool = api.as_dataset(o.unlabeled, labels_required=False)
-    run.train_ds, cfg, rec = api.add_pseudo_labels(run.patched, run.train_ds, pool, o, cfg, run.device)
+        pool = hdata.as_dataset(o.unlabeled, labels_required=False)
+    run.train_ds, cfg, rec = S.add_pseudo_labels(run.patched, run.train_ds, pool, o, cfg, run.device)
     run.split.record["unlabeled"] = rec
     agree = (f"; they agree with the pool's own labels on {100 * rec['agreement_with_pool_labels']:.1f}%"
              if "agreement_with_pool_labels" in rec else "")
@@ -166,7 +166,7 @@ def recipe_warnings(recipe, cfg: F.FitConfig, n_train: int, epochs_given: bool =
         src = f" (--epochs {cfg.epochs} is preset {recipe.name}'s)" if from_preset else ""
         warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, {cfg.epochs} "
                         f"epochs{src}): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
-    threat = api.effective_threat_model(cfg)
+    threat = S.effective_threat_model(cfg)
     if recipe is not None and recipe.warning and recipe.threat_model == threat:
         warnings.append(recipe.warning)
     elif threat == "transfer":
@@ -210,7 +210,7 @@ def plan_text(run: PatchRun, report_line: str | None = None) -> str:
     units = F.train_units(cfg, spec)
     auto = run.opts.batch_size == "auto"
     lines = [f"recipe: {f'preset {recipe.name}' if recipe else 'custom options'}, training for the "
-             f"{api.effective_threat_model(cfg)} threat model",
+             f"{S.effective_threat_model(cfg)} threat model",
              f"training: {n_epoch:,} images per epoch, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size}"
              f"{' (--batch-size auto)' if auto else ''} = {cfg.epochs * per_epoch:,} optimiser steps; attack {att} "
              f"against {against}; about {units:.0f} forward-pass equivalents per image per step"]

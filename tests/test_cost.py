@@ -276,7 +276,7 @@ def _robust_on_tiny(**overrides):
     import tiny_model
     from conftest import make_data
 
-    from hardener import api
+    from hardener import api, steps
 
     imgs, labels = make_data(n=30)
     torch.manual_seed(0)
@@ -284,7 +284,7 @@ def _robust_on_tiny(**overrides):
     infos = api.finish(p, api.as_dataset((imgs, labels)), torch.device("cpu"))
     opts, _ = api.PatchOptions.build("robust", overrides)
     notes = []
-    api.attach_patches(p, infos, opts, say=notes.append)
+    steps.attach_patches(p, infos, opts, say=notes.append)
     return p, notes
 
 

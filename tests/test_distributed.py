@@ -173,7 +173,7 @@ def test_training_out_of_memory_splits_the_batch_and_finishes(capsys):
     from conftest import make_data, trained_tiny
     from test_eval import _Picky
 
-    from hardener import api, data as hdata, fit as F
+    from hardener import api, data as hdata, fit as F, steps
     from hardener.layers import probe
     from hardener.model import Classifier, InputSpec
     from hardener.patches import PatchedModel
@@ -183,8 +183,8 @@ def test_training_out_of_memory_splits_the_batch_and_finishes(capsys):
     opts = api.PatchOptions(at="net.block", epochs=2, steps=2, eps=0.1, batch_size=32, adversary="patched")
     p = PatchedModel(Classifier(_Picky(trained_tiny(), 8), InputSpec(shape=[1, 8, 8])))
     infos = probe(p.model, torch.rand(2, 1, 8, 8))
-    api.attach_patches(p, infos, opts, say=lambda t: None)
-    spec, cfg = api.training_setup(opts, 3)
+    steps.attach_patches(p, infos, opts, say=lambda t: None)
+    spec, cfg = steps.training_setup(opts, 3)
     info: dict = {}
     logs = F.fit(p, ds, spec, cfg, torch.device("cpu"), info=info)
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e.loss)) for e in logs)
@@ -194,7 +194,7 @@ def test_training_out_of_memory_splits_the_batch_and_finishes(capsys):
     from hardener.errors import RunError
 
     p0 = PatchedModel(Classifier(_Picky(trained_tiny(), 0), InputSpec(shape=[1, 8, 8])))
-    api.attach_patches(p0, infos, opts, say=lambda t: None)  # the same layers (its own forward always fails)
+    steps.attach_patches(p0, infos, opts, say=lambda t: None)  # the same layers (its own forward always fails)
     with pytest.raises(RunError, match="even one image at a time"):
         F.fit(p0, ds, spec, cfg, torch.device("cpu"))
 

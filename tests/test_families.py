@@ -32,13 +32,13 @@ def _rgb_data(tmp_path, n: int = 24, classes: int = 10, size: int = 32, names: l
 
 def _attach(net, data, recipe=None, **options):
     """What `harden patch` attaches (sites resolved on a dry run), without training; with what it said."""
-    from hardener import api
+    from hardener import api, steps
 
     patched = api.as_patched(net)
     infos = api.finish(patched, api.as_dataset(str(data)), torch.device("cpu"))
     opts, _ = api.PatchOptions.build(recipe, options)
     notes: list[str] = []
-    api.attach_patches(patched, infos, opts, say=notes.append)
+    steps.attach_patches(patched, infos, opts, say=notes.append)
     return patched, notes
 
 

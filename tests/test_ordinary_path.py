@@ -247,7 +247,8 @@ def test_patch_help_says_what_the_default_preset_sets(runner):
 
 def test_auto_batch_size_keeps_small_data_from_underfitting():
     """`--batch-size auto` (preset robust's): 128 while that gives 400 optimiser steps, else 64, else 32."""
-    from hardener.api import PatchOptions, auto_batch_size, settle_batch_size, training_setup
+    from hardener.api import PatchOptions
+    from hardener.steps import auto_batch_size, settle_batch_size, training_setup
 
     assert auto_batch_size(6000, 10) == 128  # the 10% run: 470 steps of 128, as before
     assert auto_batch_size(3000, 10) == 64  # 240 steps of 128 -> 470 of 64

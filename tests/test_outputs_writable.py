@@ -48,7 +48,7 @@ def test_second_run_to_the_same_out_refuses(runner, tmp_path, tiny_ckpt, tiny_da
     import sys
     import time
 
-    from hardener import validate as V
+    from hardener import boundary as V
     from hardener.errors import RunError
 
     out = tmp_path / "o.safetensors"

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import certify as C, data as hdata, report as R, validate as V
+from .. import boundary as B, certify as C, data as hdata, report as R, validate as V
 from ..checkpoint import atomic_write, sha256_file
 from ..console import ProgressView, err_console, out
 from ..errors import InputError, UsageError
@@ -79,7 +79,7 @@ def _report_text(rep: dict, path: str) -> str:
 def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, model_sha: str, kw: dict) -> tuple[EvalStore, list]:
     """The certification's resumable state (beside --report or --tsv, or --state-dir) and the rows it holds."""
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type})
-    folder = V.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
+    folder = B.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
     state = folder / f".harden-certify-{fp[:16]}.partial" if folder is not None else None
     store = EvalStore(state, fp, kw["resume"])
     return store, list((store.get("rows") or {}).get("rows", []))

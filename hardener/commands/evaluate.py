@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, report as R, validate as V
+from .. import (api, attacks as A, boundary as B, data as hdata, distributed as D, evaluation as E, report as R,
+               validate as V)
 from ..checkpoint import sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, ThresholdError, UsageError
@@ -156,7 +157,7 @@ def _store(loaded, ds, ecfg: E.EvalConfig, device, world, model_sha: str, kw: di
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type, "route": loaded.patched.current_route, "parent": kw["parent"],
                       "surrogate": sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None})
-    state_dir = V.eval_state_dir(kw["state_dir"], list(kw["report_paths"]))
+    state_dir = B.eval_state_dir(kw["state_dir"], list(kw["report_paths"]))
     shard = f"-rank{world.rank}of{world.size}" if world.active else ""
     state = state_dir / f".harden-eval-{fp[:16]}{shard}.partial" if state_dir is not None else None
     return EvalStore(state, fp, kw["resume"])

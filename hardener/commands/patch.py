@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F
-from .. import cost as C, report as R, run as RUN
+from .. import cost as C, report as R, run as RUN, steps
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
@@ -103,7 +103,7 @@ def _plan(call: Call) -> Plan:
     A.expand([kw["attack_name"]])  # unknown names fail before any loading
     A.parse_smooth_grad(kw["smooth_grad"])
     hdata.parse_subset(kw["subset"])
-    api.parse_betas(kw["betas"])
+    steps.parse_betas(kw["betas"])
     C.parse_budget(kw["budget"])
     if kw["select_on"] and kw["validate"]:
         raise InputError("--select-on and --validate both hold out a validation split: give one")

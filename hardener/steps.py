@@ -1,0 +1,171 @@
+"""The steps of a patch run that `run.patch_run` chains (and `api` re-exports for the library): the patches the
+options ask for, attached; the training attack and the trainer's configuration; `--batch-size auto`; pseudo-labels
+from the frozen base; the training record. Below `run` (the pipeline) and `api` (the library's facade)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import attacks as A, cost as C, data as hdata, evaluation as E, fit as F, methods as M
+from .errors import InputError
+from .layers import site_shape
+from .patch_options import PatchOptions
+from .patches import INPUT_SITE, PATCH_KINDS, PatchedModel, Site, select_bn_sites, select_sites
+from .patches.attach import Disabled
+from .recipe import Split, parse_methods
+
+
+def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
+                   say: Callable[[str], None] = lambda s: None) -> None:
+    """Build the patches the options ask for and attach them (the base itself is never edited). Every site is
+    resolved before the first patch is attached."""
+    methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
+    bn = opts.bn or "all"
+    ran = {i.name for i in infos if i.calls}  # norms the eval-mode forward never calls get no twin
+    chosen = select_bn_sites(patched.net, bn, ran, say) if methods.auxbn else []
+    sites = []
+    if methods.site_kind is not None:
+        sites = select_sites(patched.net, infos, opts.at, opts.at_regex, opts, default_kind=methods.site_kind,
+                             avoid=chosen, say=say)
+    shapes = {i.name: site_shape(i) for i in infos}
+    shapes[INPUT_SITE] = list(patched.model.spec.shape)
+    twins: list[str] = []
+    if methods.auxbn:
+        group = bn.strip() in ("all", "auto")
+        taken = [s for s in chosen if s in {site for _, site in sites}]
+        if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
+            say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")
+        twins = [s for s in chosen if not (group and s in taken)]
+    budget = C.parse_budget(opts.budget)
+    if budget is not None:  # the recipe sized to the budget: which sites, and the options to build them with
+        sites, opts, note = C.fit_budget(patched, sites, shapes, opts, budget, bool(twins))
+        say(note)
+    for kind, site in [*sites, *((methods.bn_kind, s) for s in twins)]:
+        cls = PATCH_KINDS[kind]
+        module = patched.net if site == INPUT_SITE else patched.net.get_submodule(site)
+        patched.attach(site, cls.build(Site(site, module, shapes.get(site)), cls.make_config(opts)))
+
+
+# --batch-size auto: the largest of these batches that still gives MIN_AUTO_STEPS optimiser steps (else the smallest).
+# On the demo's 1,600 images, 10 epochs of 128 are 130 steps and underfit; of 32, 500 steps bought 7 points of
+# white-box accuracy on validation at the same time per image (bench/RESULTS.md, "The ordinary path").
+AUTO_BATCH = (128, 64, 32)
+MIN_AUTO_STEPS = 400
+
+
+def auto_batch_size(epoch_images: int, epochs: int) -> int:
+    """The training batch `--batch-size auto` picks for `epoch_images` images per epoch over `epochs` epochs."""
+    for b in AUTO_BATCH:
+        if -(-epoch_images // b) * epochs >= MIN_AUTO_STEPS:
+            return b
+    return AUTO_BATCH[-1]
+
+
+def settle_batch_size(cfg: F.FitConfig, opts: PatchOptions, n_train: int) -> F.FitConfig:
+    """`cfg` with `--batch-size auto` resolved for the final training set (`n_train` images, pseudo-labelled ones
+    included); the user's number is kept as it is."""
+    from dataclasses import replace
+
+    if opts.batch_size != "auto":
+        return cfg
+    return replace(cfg, batch_size=auto_batch_size(cfg.epoch_images(n_train), cfg.epochs))
+
+
+def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.FitConfig]:
+    """The training attack and the trainer's configuration of `opts`."""
+    from .cache import parse_bytes
+
+    methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
+    A.expand([opts.attack_name])
+    spec = A.AttackSpec(name=opts.attack_name, eps=A.parse_eps(str(opts.eps)), norm=opts.norm, steps=opts.steps,
+                        alpha=opts.alpha, seed=opts.seed, n_classes=n_classes,
+                        smooth_grad=A.parse_smooth_grad(opts.smooth_grad),
+                        radius=A.info(opts.attack_name).train_radius)
+    cfg = F.FitConfig(epochs=opts.epochs, batch_size=AUTO_BATCH[0] if opts.batch_size == "auto" else opts.batch_size,
+                      lr=opts.lr if opts.lr is not None else M.get(methods.fit_method).default_lr,
+                      lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,
+                      seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
+                      eps_warmup=opts.eps_warmup, ema=opts.ema, select=bool(opts.select_on), validate_every=opts.validate_every,
+                      phi=opts.phi, betas=parse_betas(opts.betas), sigma=opts.sigma, cache=opts.cache,
+                      noise_sigma=opts.noise_sigma, precision=opts.precision,
+                      cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)
+                      else parse_bytes(opts.cache_limit, "--cache-limit"))
+    return spec, cfg
+
+
+def parse_betas(text: str | tuple) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or any(not v >= 0 for v in vals):
+        raise InputError(f"--betas must be three non-negative numbers like 1,1,1, got '{text}'")
+    return vals  # type: ignore[return-value]
+
+
+def add_pseudo_labels(patched: PatchedModel, train_ds: hdata.Dataset, pool: hdata.Dataset, opts: PatchOptions,
+                      cfg: F.FitConfig, device: torch.device) -> tuple[hdata.Dataset, F.FitConfig, dict]:
+    """Robust self-training data (Carmon et al. 2019): the frozen base labels `pool` (clean inputs, eval mode); the
+    images it is at least `opts.pseudo_threshold` confident on join the training set after the labelled ones, and each
+    epoch trains on every labelled image plus `pseudo_ratio` times as many pseudo-labelled ones, in turn. Returns the
+    training set, the trainer's configuration and the record (how many were kept; where `pool` has labels of its
+    own, how often the base's labels agree with them)."""
+    from dataclasses import replace
+
+    if len(pool) == 0:
+        raise InputError("--unlabeled: no images to pseudo-label")
+    if tuple(pool.shape) != tuple(train_ds.shape):
+        raise InputError(f"--unlabeled images are {tuple(pool.shape)} but the training images are "
+                         f"{tuple(train_ds.shape)} (C,H,W): give images of the model's input size, or --resize")
+    base = Disabled(patched).eval()
+    preds, confs = [], []
+    with torch.no_grad():
+        for i in range(0, len(pool), 512):
+            x, _ = pool.batch(slice(i, i + 512))
+            p = torch.softmax(E.finite_logits(base(x.to(device)).float(), "--unlabeled images"), 1).cpu()
+            c, k = p.max(1)
+            preds.append(k)
+            confs.append(c)
+    pred, conf = torch.cat(preds), torch.cat(confs)
+    keep = conf >= opts.pseudo_threshold
+    if not bool(keep.any()):
+        raise InputError(f"--pseudo-threshold {opts.pseudo_threshold}: the base is that confident on none of the "
+                         f"{len(pool):,} --unlabeled images; lower it")
+    labelled_pool = pool.labels >= 0
+    record = {"source": pool.source, "pool": len(pool), "threshold": opts.pseudo_threshold,
+              "kept": int(keep.sum()), "ratio": opts.pseudo_ratio,
+              "per_epoch": min(int(keep.sum()), max(1, round(opts.pseudo_ratio * len(train_ds))))}
+    if bool((keep & labelled_pool).any()):  # the pool's own labels, never used for training: a diagnostic
+        m = keep & labelled_pool
+        record["agreement_with_pool_labels"] = float((pred[m] == pool.labels[m]).float().mean())
+    kept = pool.take(torch.nonzero(keep).flatten())
+    xa, xb = train_ds.images, kept.images
+    if xa.dtype != xb.dtype:
+        xa, xb = hdata.to_float(xa), hdata.to_float(xb)
+    combined = hdata.Dataset(torch.cat([xa, xb]), torch.cat([train_ds.labels, pred[keep]]), train_ds.classes,
+                             f"{train_ds.source} + {record['kept']:,} pseudo-labelled ({pool.source})",
+                             list(train_ds.notes))
+    return combined, replace(cfg, labelled=len(train_ds), pseudo_per_epoch=record["per_epoch"]), record
+
+
+def effective_threat_model(cfg: F.FitConfig) -> str:
+    """What the training, as configured (preset and overrides), aims to withstand."""
+    if cfg.noise_sigma:
+        return "certified"
+    return "white-box" if cfg.full or cfg.adaptive else "transfer"
+
+
+def training_record(cfg: F.FitConfig, spec: A.AttackSpec, logs: list, train_ds: hdata.Dataset, opts: PatchOptions,
+                    preset, split: Split, val_ds: hdata.Dataset | None) -> dict:
+    training = F.record(cfg, spec, logs, train_ds, None if opts.subset is None else str(opts.subset))
+    training["preset"] = preset.record() if preset else None
+    training["threat_model"] = effective_threat_model(cfg)
+    if preset:
+        training["preset"]["overridden"] = sorted(k for k, v in preset.options.items() if getattr(opts, k) != v)
+    training["split"] = split.record
+    if val_ds is not None:
+        training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
+                                  "attack": "pgd-10 (white-box, and transfer from the base)",
+                                  "selected_epoch": F.selected_epoch(logs, cfg)}
+    return training

@@ -1,0 +1,113 @@
+"""Issue 31: the import graph of `hardener/`, built from the code. Every import statement counts, function-level ones
+included; only `if TYPE_CHECKING:` blocks are left out (they never run: annotations only). Once the imports listed in
+CONTRIBUTING.md ("Imports that point back up", each with its reason) are taken out, the graph has no cycle; each
+listed import still exists and is function-level (a module-level one would run at import time and close the cycle)."""
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "hardener"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _targets(mods: dict[str, Path], me: str, node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The hardener modules an import statement loads (`from . import x` loads the module x when there is one)."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        package = me if mods[me].name == "__init__.py" else me.rsplit(".", 1)[0]
+        base = node.module or ""
+        if node.level:
+            up = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join([*up, base] if base else up)
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+    found = []
+    for n in names:
+        while n not in mods and "." in n:
+            n = n.rsplit(".", 1)[0]
+        if n in mods and n != me:
+            found.append(n)
+    return found
+
+
+def import_graph() -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
+    """(edges, the edges made by module-level statements)."""
+    mods = _modules()
+    edges: dict[str, set[str]] = defaultdict(set)
+    top_level: set[tuple[str, str]] = set()
+    for me, path in mods.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(block.test) for stmt in block.body for n in ast.walk(stmt)}
+        module_level = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in typing_only:
+                for t in _targets(mods, me, node):
+                    edges[me].add(t)
+                    if id(node) in module_level:
+                        top_level.add((me, t))
+    return edges, top_level
+
+
+def listed_back_edges() -> dict[tuple[str, str], str]:
+    """CONTRIBUTING.md's table: | `importer` | `imported` | why |."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    section = text.split("### Imports that point back up", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| `(hardener[\w.]*)` \| `(hardener[\w.]*)` \| (.+?) \|$", section, re.M)
+    return {(a, b): why for a, b, why in rows}
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph, or None."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(v: str) -> list[str] | None:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(edges.get(v, ())):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        state[v] = 2
+        path.pop()
+        return None
+
+    for v in sorted(edges):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle_but_the_listed_function_level_imports():
+    edges, top = import_graph()
+    listed = listed_back_edges()
+    assert listed, "CONTRIBUTING.md lists the imports that point back up (or says there are none)"
+    for (a, b), why in listed.items():
+        assert b in edges.get(a, ()), f"{a} -> {b} is listed in CONTRIBUTING.md but no longer imported: drop the row"
+        assert (a, b) not in top, f"{a} -> {b} is listed as a back edge but imported at module level"
+        assert len(why.strip()) > 10, f"{a} -> {b}: say why"
+    rest = {a: {b for b in bs if (a, b) not in listed} for a, bs in edges.items()}
+    assert cycle(rest) is None, " -> ".join(cycle(rest))
+
+
+def test_the_graph_sees_function_level_imports_and_finds_a_cycle():
+    """The test above can fail: the checker finds a cycle closed by a function-level import."""
+    edges, _ = import_graph()
+    assert "hardener.errors" in edges["hardener.checkpoint"]
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": {"c"}}) is None
+    up = ast.parse("from ..api import patch").body[0]  # in hardener/patches/attach.py: hardener.api
+    assert _targets(_modules(), "hardener.patches.attach", up) == ["hardener.api"]
