@@ -15,11 +15,11 @@ TORCH=${COMPAT_TORCH:-2.14.1}
 TORCHVISION=${COMPAT_TORCHVISION:-0.29.1}
 PY=$VENV/bin/python
 
-if ! "$PY" -c "import torch, torchvision, timm, onnx, onnxruntime, torchattacks, hardener" 2>/dev/null; then
-  echo "setting up $VENV (torch $TORCH, torchvision $TORCHVISION, timm, onnx, onnxruntime)" >&2
+if ! "$PY" -c "import torch, torchvision, timm, transformers, onnx, onnxruntime, torchattacks, hardener" 2>/dev/null; then
+  echo "setting up $VENV (torch $TORCH, torchvision $TORCHVISION, timm, transformers, onnx, onnxruntime)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "torch==$TORCH" "torchvision==$TORCHVISION"
-  "$VENV/bin/pip" install -q timm onnx onnxruntime safetensors "click>=8.1" "rich>=13" "jsonschema>=4.18" \
+  "$VENV/bin/pip" install -q timm transformers onnx onnxruntime safetensors "click>=8.1" "rich>=13" "jsonschema>=4.18" \
     "numpy>=1.24" "pillow>=9" "scipy>=1.10"
   "$VENV/bin/pip" install -q --no-deps "torchattacks>=3.5"   # its requirements pin what it does not need
   "$VENV/bin/pip" install -q --no-deps -e "$ROOT"
