@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Compatibility bench (issue 21, item 4): layers -> patch -> eval -> export (torch.export and ONNX) on torchvision's
 # resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny, densenet121, vit_b_16 and timm's resnet18,
-# efficientnet_b0, convnext_atto, vit_tiny_patch16_224, random-init (10 classes) at 32x32 RGB, one CPU thread.
-# It runs in its own venv (torch 2.14.1, torchvision 0.29.1, timm, onnx, onnxruntime; the project's .venv is left
-# alone and needs no torchvision). The work is bench/compat.py's; results in bench/results/compat/ (table.md, one
-# JSON per model, logs/, reports/). Re-runnable: models with a results file are skipped (pass --force to redo).
+# efficientnet_b0, convnext_atto, vit_tiny_patch16_224, and issue 34's googlenet, swin_t, MaxVit, regnet_y_400mf,
+# shufflenet_v2_x0_5, timm levit_128s, Swin, MaxViT, DeiT distilled, mobilevit_xxs and Hugging Face ViT, DeiT, Swin,
+# ConvNext, ResNet (saved with save_pretrained, run through the README's folder route), random-init (10 classes) at
+# 32x32 RGB (MaxVit 64x64), one CPU thread.
+# It runs in its own venv (torch 2.14.1, torchvision 0.29.1, timm, transformers, onnx, onnxruntime; the project's
+# .venv is left alone and needs no torchvision). The work is bench/compat.py's; results in bench/results/compat/
+# (table.md, one JSON per model, logs/, reports/). Re-runnable: models with a results file are skipped (pass --force to redo).
 # Usage: bench/compat.sh [run|table] [--models tv_resnet18,timm_vit_tiny_patch16_224] [--recipes robust] [--force]
 #   COMPAT_VENV (default /work/venv-compat, else $ROOT/.venv-compat), COMPAT_TORCH (default 2.14.1),
 #   COMPAT_TORCHVISION (default 0.29.1).
