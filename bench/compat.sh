@@ -7,7 +7,8 @@
 # 32x32 RGB (MaxVit 64x64), one CPU thread.
 # It runs in its own venv (torch 2.14.1, torchvision 0.29.1, timm, transformers, onnx, onnxruntime; the project's
 # .venv is left alone and needs no torchvision). The work is bench/compat.py's; results in bench/results/compat/
-# (table.md, one JSON per model, logs/, reports/). Re-runnable: models with a results file are skipped (pass --force to redo).
+# (table.md, one JSON per model, logs/, reports/). Re-runnable: models with a results file are skipped (pass --force
+# to redo).
 # Usage: bench/compat.sh [run|table] [--models tv_resnet18,timm_vit_tiny_patch16_224] [--recipes robust] [--force]
 #   COMPAT_VENV (default /work/venv-compat, else $ROOT/.venv-compat), COMPAT_TORCH (default 2.14.1),
 #   COMPAT_TORCHVISION (default 0.29.1).
