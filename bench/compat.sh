@@ -19,7 +19,8 @@ TORCH=${COMPAT_TORCH:-2.14.1}
 TORCHVISION=${COMPAT_TORCHVISION:-0.29.1}
 PY=$VENV/bin/python
 
-if ! "$PY" -c "import torch, torchvision, timm, transformers, onnx, onnxruntime, torchattacks, hardener" 2>/dev/null; then
+if ! "$PY" -c "import torch, torchvision, timm, transformers, onnx, onnxruntime, torchattacks, hardener" \
+    2>/dev/null; then
   echo "setting up $VENV (torch $TORCH, torchvision $TORCHVISION, timm, transformers, onnx, onnxruntime)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "torch==$TORCH" "torchvision==$TORCHVISION"
