@@ -1,12 +1,16 @@
-"""Compatibility bench (issue 21, item 4): harden's pipeline on real torchvision and timm architectures.
+"""Compatibility bench (issue 21, item 4; issue 34, item 6): harden's pipeline on real torchvision, timm and Hugging
+Face architectures.
 
-For each model: random-init weights (seeded, num_classes=10, no network) saved as a state dict, then
+For each model: random-init weights (seeded, num_classes=10, no network) saved as a state dict (a Hugging Face model:
+with `save_pretrained` into a folder beside its `preprocessor_config.json`, run through the README's route: the folder,
+`--preprocessor`, no `--arch`), then
 `harden layers` -> `harden patch` (the default recipe; and `--method fixer,auxbn --bn auto` where the model has
 BatchNorm) -> a check that the base tensors came back bit-identical -> `harden eval` -> `harden export` (formats
 `export` and `onnx`), each step timed and recorded as ok/failed with its one-line error. Accuracy is meaningless
 here (random weights, synthetic data): this bench is about mechanics and timing.
 
-Run through bench/compat.sh, which makes the separate venv (torch + torchvision + timm + onnx) this needs:
+Run through bench/compat.sh, which makes the separate venv (torch + torchvision + timm + transformers + onnx) this
+needs:
 
     python bench/compat.py run   [--models a,b] [--force]   # results in bench/results/compat/<model>.json
     python bench/compat.py table                             # bench/results/compat/table.md
@@ -31,12 +35,24 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "compat"
 WORK = ROOT / "bench" / ".compat-work"
 
-SIZE = 32  # input height and width
+SIZE = 32  # input height and width, unless SIZES says otherwise
 N_IMAGES = 320  # synthetic data: 32 per class
 MEAN = "0.485,0.456,0.406"  # ImageNet's, as a user of these architectures would pass them
 STD = "0.229,0.224,0.225"
 
 TV = "torchvision.models"
+
+
+def _timm(name: str, **kw) -> tuple[str, dict]:
+    return "timm:create_model", {"model_name": name, "num_classes": 10, "pretrained": False, **kw}
+
+
+def _hf(cls: str, **config) -> tuple[str, dict]:
+    """A transformers image classifier as harden's manifest names it (`hf:CLASS`, `{"config": ...}`); the bench
+    builds it from the config, saves it with `save_pretrained` and hands harden the folder."""
+    return f"hf:{cls}", {"config": {**config, "num_channels": 3, "num_labels": 10}}
+
+
 # name -> (--arch, --arch-kwargs); torchvision's vit_b_16 takes image_size, timm's ViTs img_size.
 MODELS: dict[str, tuple[str, dict]] = {
     "tv_resnet18": (f"{TV}:resnet18", {"num_classes": 10}),
@@ -52,26 +68,66 @@ MODELS: dict[str, tuple[str, dict]] = {
                            {"model_name": "convnext_atto", "num_classes": 10, "pretrained": False}),
     "timm_vit_tiny_patch16_224": ("timm:create_model", {"model_name": "vit_tiny_patch16_224", "num_classes": 10,
                                                         "pretrained": False, "img_size": SIZE}),
+    # issue 34: auxiliary heads, windowed attention, channels-last blocks, BatchNorm1d over tokens, HF as saved
+    "tv_googlenet": (f"{TV}:googlenet", {"num_classes": 10, "aux_logits": True, "init_weights": True}),
+    "tv_swin_t": (f"{TV}:swin_t", {"num_classes": 10}),
+    "tv_maxvit_t": (f"{TV}.maxvit:MaxVit", {"num_classes": 10, "input_size": [64, 64], "partition_size": 2,
+                                             "stem_channels": 64, "block_channels": [64, 128, 256, 512],
+                                             "block_layers": [2, 2, 5, 2], "head_dim": 32,
+                                             "stochastic_depth_prob": 0.2}),
+    "tv_regnet_y_400mf": (f"{TV}:regnet_y_400mf", {"num_classes": 10}),
+    "tv_shufflenet_v2_x0_5": (f"{TV}:shufflenet_v2_x0_5", {"num_classes": 10}),
+    "timm_levit_128s": _timm("levit_128s", img_size=SIZE),
+    "timm_swin_tiny_patch4_window7_224": _timm("swin_tiny_patch4_window7_224", img_size=SIZE, window_size=4),
+    "timm_maxvit_rmlp_pico_rw_256": _timm("maxvit_rmlp_pico_rw_256", img_size=SIZE),
+    "timm_deit_tiny_distilled_patch16_224": _timm("deit_tiny_distilled_patch16_224", img_size=SIZE),
+    "timm_mobilevit_xxs": _timm("mobilevit_xxs"),
+    "hf_vit": _hf("ViTForImageClassification", image_size=SIZE, patch_size=4, hidden_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, intermediate_size=128),
+    "hf_deit": _hf("DeiTForImageClassification", image_size=SIZE, patch_size=4, hidden_size=64, num_hidden_layers=4,
+                   num_attention_heads=4, intermediate_size=128),
+    "hf_swin": _hf("SwinForImageClassification", image_size=SIZE, patch_size=2, embed_dim=32, depths=[2, 2, 2],
+                   num_heads=[2, 4, 8], window_size=4),
+    "hf_convnext": _hf("ConvNextForImageClassification", hidden_sizes=[24, 48, 96, 192], depths=[1, 1, 3, 1]),
+    "hf_resnet": _hf("ResNetForImageClassification", embedding_size=32, hidden_sizes=[32, 64, 128, 256],
+                     depths=[1, 1, 2, 1], layer_type="basic"),
 }
+# maxvit_t's own 7x7 partitions need 224x224 (five halvings to 7x7), minutes a step on one thread: the bench builds
+# its MaxVit with maxvit_t's configuration but 2x2 partitions, at 64x64 (maps 16, 8, 4, 2)
+SIZES = {"tv_maxvit_t": 64}
 
-# Small budgets: mechanics, not accuracy.
+# Small budgets: mechanics, not accuracy. Random weights are at chance, where harden stops unless told to go on.
 PATCH_BUDGET = ["--epochs", "1", "--subset", "128", "--steps", "1", "--select-on", "32", "--eval-samples", "32",
-                "--eval-steps", "5"]
-EVAL_BUDGET = ["--attack", "apgd-ce", "--steps", "5", "--max-samples", "32"]
+                "--eval-steps", "5", "--allow-low-accuracy"]
+EVAL_BUDGET = ["--attack", "apgd-ce", "--steps", "5", "--max-samples", "32", "--allow-low-accuracy"]
 RECIPES = {"robust": [], "auxbn": ["--method", "fixer,auxbn", "--bn", "auto"]}
 EXPORTS = {"export": ".pt2", "onnx": ".onnx"}
 STEP_TIMEOUT = 3600
+OLD_COMMIT = "8d5be55"  # what a results file from before the model files recorded their environment was measured at
+
+
+def is_hf(arch: str) -> bool:
+    return arch.startswith("hf:")
+
+
+def hf_class(arch: str):
+    """transformers' class and config class of an `hf:CLASS` arch."""
+    import transformers
+
+    name = arch[3:]
+    return getattr(transformers, name), getattr(transformers, name.removesuffix("ForImageClassification") + "Config")
 
 
 def build(name: str):
-    import importlib
-
     import torch
 
     arch, kwargs = MODELS[name]
-    mod, fn = arch.split(":")
     torch.manual_seed(0)
-    net = getattr(importlib.import_module(mod), fn)(**kwargs)
+    if is_hf(arch):
+        cls, config = hf_class(arch)
+        net = cls(config(**kwargs["config"]))
+    else:
+        net = build_from(arch, kwargs)
     head = zero_head(net)
     if head is not None:  # torchvision's ViT zero-initialises its head: constant logits, zero gradients everywhere
         torch.nn.init.normal_(dict(net.named_modules())[head].weight, std=0.02)
@@ -93,18 +149,19 @@ def has_batchnorm(net) -> bool:
     return any(isinstance(m, _BatchNorm) for m in net.modules())
 
 
-def make_data(path: Path) -> None:
-    """Synthetic 32x32 RGB images, seeded: each class a smooth colour pattern plus noise (accuracy is not the point)."""
+def make_data(path: Path, size: int) -> None:
+    """Synthetic size x size RGB images, seeded: each class a smooth colour pattern plus noise (accuracy is not the
+    point)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), N_IMAGES // 10)
     rng.shuffle(labels)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    images = np.empty((N_IMAGES, 3, SIZE, SIZE), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = np.empty((N_IMAGES, 3, size, size), dtype=np.uint8)
     for i, c in enumerate(labels):
         base = np.stack([np.sin(2 * np.pi * ((c + 1) * xx + k * yy) / 3 + k) for k in range(3)])
-        img = 0.5 + 0.3 * base + 0.2 * rng.standard_normal((3, SIZE, SIZE))
+        img = 0.5 + 0.3 * base + 0.2 * rng.standard_normal((3, size, size))
         images[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=images, labels=labels.astype(np.int64))
@@ -153,9 +210,12 @@ def stderr_sites(err: str) -> list[str]:
     return [line.rstrip() for line in err.splitlines() if line.startswith(keep)]
 
 
-def base_identity(base_file: Path, patched_file: Path, arch: str, kwargs: dict, data: Path) -> dict:
+def base_identity(base_file: Path, patched_file: Path, arch: str, kwargs: dict, data: Path, folder: Path | None
+                  ) -> dict:
     """Are the base tensors in the patched file bit-identical to the original state dict, and does
-    `hardener.load(...)` with `patches_disabled()` give exactly the base's logits?"""
+    `hardener.load(...)` with `patches_disabled()` give exactly the base's logits? A Hugging Face model (`folder`, its
+    save_pretrained folder) is loaded without --arch, as its manifest says, and compared with transformers'
+    `from_pretrained` of the folder."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -175,13 +235,19 @@ def base_identity(base_file: Path, patched_file: Path, arch: str, kwargs: dict, 
     if missing or extra or differ:
         out["tensor_mismatch"] = {"missing": missing[:5], "extra": extra[:5], "differ": differ[:5],
                                   "counts": [len(missing), len(extra), len(differ)]}
-    model = hardener.load(str(patched_file), arch=arch, arch_kwargs=kwargs)
+    if folder is not None:
+        model = hardener.load(str(patched_file))
+        out["manifest_arch"] = model.manifest.arch
+        hf = hf_class(arch)[0].from_pretrained(str(folder), local_files_only=True).eval()
+        net = lambda v: hf(v).logits  # noqa: E731
+    else:
+        model = hardener.load(str(patched_file), arch=arch, arch_kwargs=kwargs)
+        net = build_from(arch, kwargs)
+        net.load_state_dict(orig)
     out["manifest_base_modified"] = bool(getattr(model.manifest, "base_modified", False))
-    net = build_from(arch, kwargs)
-    net.load_state_dict(orig)
     x = torch.from_numpy(np.load(data)["images"][:16]).float() / 255
-    mean = torch.tensor([float(v) for v in MEAN.split(",")]).view(1, 3, 1, 1)
-    std = torch.tensor([float(v) for v in STD.split(",")]).view(1, 3, 1, 1)
+    mean = torch.tensor(floats(MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(floats(STD)).view(1, 3, 1, 1)
     with torch.no_grad():
         ref = net((x - mean) / std)
         model.eval()
@@ -195,6 +261,10 @@ def base_identity(base_file: Path, patched_file: Path, arch: str, kwargs: dict, 
     return out
 
 
+def floats(csv: str) -> list[float]:
+    return [float(v) for v in csv.split(",")]
+
+
 def build_from(arch: str, kwargs: dict):
     import importlib
 
@@ -202,26 +272,43 @@ def build_from(arch: str, kwargs: dict):
     return getattr(importlib.import_module(mod), fn)(**kwargs).eval()
 
 
-def run_model(name: str, work: Path, data: Path, only_recipes: list[str] | None) -> dict:
+def run_model(name: str, work: Path, only_recipes: list[str] | None) -> dict:
     import torch
 
     arch, kwargs = MODELS[name]
+    size = SIZES.get(name, SIZE)
+    data = work / f"synthetic-{size}.npz"
+    if not data.is_file():
+        make_data(data, size)
     wd = work / name
     wd.mkdir(parents=True, exist_ok=True)
     logs = RESULTS / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
-    res: dict = {"model": name, "arch": arch, "arch_kwargs": kwargs, "input": [3, SIZE, SIZE], "steps": {}}
+    res: dict = {"model": name, "arch": arch, "arch_kwargs": kwargs, "input": [3, size, size], "steps": {},
+                 "env": environment()}
     t0 = time.monotonic()
     net = build(name)
     res["has_batchnorm"] = has_batchnorm(net)
     res["head_reinitialised"] = net.head_reinitialised
     res["base_parameters"] = sum(p.numel() for p in net.parameters())
-    base_file = wd / "base.pth"
+    base_file = wd / "base.pth"  # the reference the base check compares with
     torch.save(net.state_dict(), base_file)
+    folder = None
+    if is_hf(arch):  # the README's route: the save_pretrained folder, its preprocessor config, no --arch
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        folder = wd / "hf"
+        shutil.rmtree(folder, ignore_errors=True)
+        net.save_pretrained(folder)
+        transformers.ViTImageProcessor(size={"height": size, "width": size}, image_mean=floats(MEAN),
+                                       image_std=floats(STD)).save_pretrained(folder)
+        model, common, norm = str(folder), [], ["--preprocessor", str(folder / "preprocessor_config.json")]
+    else:
+        model, common, norm = str(base_file), ["--arch", arch, "--arch-kwargs", json.dumps(kwargs)], \
+            ["--mean", MEAN, "--std", STD]
     res["build_seconds"] = round(time.monotonic() - t0, 1)
     del net
-    common = ["--arch", arch, "--arch-kwargs", json.dumps(kwargs)]
-    norm = ["--mean", MEAN, "--std", STD]
     steps = res["steps"]
 
     def record(step: str, rec: dict) -> dict:
@@ -232,7 +319,7 @@ def run_model(name: str, work: Path, data: Path, only_recipes: list[str] | None)
         print(f"  {name} {step}: {status} ({rec.get('seconds', 0)} s)", flush=True)
         return rec
 
-    rec = harden(["layers", str(base_file), *common, *norm, "--input-shape", f"3,{SIZE},{SIZE}", "--json"],
+    rec = harden(["layers", model, *common, *norm, "--input-shape", f"3,{size},{size}", "--json"],
                  wd, logs / "layers")
     if rec["ok"]:
         try:
@@ -254,7 +341,7 @@ def run_model(name: str, work: Path, data: Path, only_recipes: list[str] | None)
         out = wd / f"{recipe}.hardened.safetensors"
         rep = RESULTS / "reports" / f"{name}.{recipe}.patch.json"
         rep.parent.mkdir(parents=True, exist_ok=True)
-        rec = harden(["patch", str(base_file), *common, *norm, "--data", str(data), *RECIPES[recipe], *PATCH_BUDGET,
+        rec = harden(["patch", model, *common, *norm, "--data", str(data), *RECIPES[recipe], *PATCH_BUDGET,
                       "--out", str(out), "--report", str(rep), "--force"], wd, logs / f"patch-{recipe}")
         rec["stderr_sites"] = stderr_sites(rec["_stderr"])
         if rep.is_file():
@@ -271,7 +358,7 @@ def run_model(name: str, work: Path, data: Path, only_recipes: list[str] | None)
             continue
         t1 = time.monotonic()
         try:
-            ident = base_identity(base_file, out, arch, kwargs, data)
+            ident = base_identity(base_file, out, arch, kwargs, data, folder)
         except Exception as e:  # noqa: BLE001 - recorded, the bench goes on
             ident = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:400]}
         ident["seconds"] = round(time.monotonic() - t1, 1)
@@ -302,7 +389,8 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), "machine": platform.machine(),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "torchattacks", "harden"):
+    for pkg in ("torch", "torchvision", "timm", "transformers", "onnx", "onnxruntime", "onnxscript", "torchattacks",
+                "harden"):
         try:
             env[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -321,9 +409,6 @@ def cmd_run(a) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(a.work)
-    data = work / f"synthetic-{SIZE}.npz"
-    if not data.is_file():
-        make_data(data)
     names = a.models.split(",") if a.models else list(MODELS)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -336,10 +421,11 @@ def cmd_run(a) -> None:
             print(f"{name}: done before ({dest.relative_to(ROOT)}); --force to rerun", flush=True)
             continue
         print(f"{name}: {MODELS[name][0]} {json.dumps(MODELS[name][1])}", flush=True)
-        res = run_model(name, work, data, a.recipes.split(",") if a.recipes else None)
+        res = run_model(name, work, a.recipes.split(",") if a.recipes else None)
         dest.write_text(json.dumps(res, indent=2) + "\n")
         print(f"{name}: {res['seconds']} s", flush=True)
         if not a.keep:
+            shutil.rmtree(work / name / "hf", ignore_errors=True)
             for f in (work / name).glob("*"):
                 if f.suffix in (".pt2", ".onnx", ".data") or f.name.endswith(".safetensors"):
                     f.unlink()
@@ -364,9 +450,10 @@ def cmd_table(a) -> None:
     env = json.loads((RESULTS / "env.json").read_text()) if (RESULTS / "env.json").is_file() else {}
     out = [f"# Compatibility bench — `bench/compat.sh`", "",
            f"torch {env.get('torch')}, torchvision {env.get('torchvision')}, timm {env.get('timm')}, "
-           f"onnx {env.get('onnx')}, onnxruntime {env.get('onnxruntime')}; harden {env.get('harden_commit')}; "
+           f"transformers {env.get('transformers')}, onnx {env.get('onnx')}, onnxruntime {env.get('onnxruntime')}; "
+           f"harden {env.get('harden_commit')} (the last run; each row's commit in its column); "
            f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}. Random-init weights (seed 0, 10 classes), "
-           f"{N_IMAGES} synthetic {SIZE}x{SIZE} RGB images; `harden patch {' '.join(PATCH_BUDGET)}`; "
+           f"{N_IMAGES} synthetic RGB images at the row's input size; `harden patch {' '.join(PATCH_BUDGET)}`; "
            f"`harden eval {' '.join(EVAL_BUDGET)}`. Cells: ok/FAILED and wall seconds of the step (one process, "
            "from start to exit; model loading included). identical = the patched file's base tensors equal the "
            "original state dict bit for bit, and `hardener.load(...)` under `patches_disabled()` gives exactly "
@@ -375,14 +462,15 @@ def cmd_table(a) -> None:
              ("onnx", "onnx")]
     out += ["Default recipe = `--preset robust` (no method options); auxbn = `--method fixer,auxbn --bn auto` "
             "(models with BatchNorm only; – elsewhere).", "",
-            "| model | params | layers | " + " | ".join(t for _, t in steps) + " | "
-            + " | ".join(f"auxbn {t}" for _, t in steps) + " | model total |",
-            "|---|---|---|" + "---|" * (2 * len(steps)) + "---|"]
+            "| model | params | input | layers | " + " | ".join(t for _, t in steps) + " | "
+            + " | ".join(f"auxbn {t}" for _, t in steps) + " | model total | harden |",
+            "|---|---|---|---|" + "---|" * (2 * len(steps)) + "---|---|"]
     for r in rows:
         s = r["steps"]
         cells = [_cell(s.get(f"{k}-{recipe}")) for recipe in ("robust", "auxbn") for k, _ in steps]
-        out.append(f"| {r['model']} | {_n(r['base_parameters'])} | {_cell(s.get('layers'))} | "
-                   + " | ".join(cells) + f" | {r.get('seconds', 0):.0f}s |")
+        out.append(f"| {r['model']} | {_n(r['base_parameters'])} | {r['input'][1]}x{r['input'][2]} | "
+                   f"{_cell(s.get('layers'))} | " + " | ".join(cells)
+                   + f" | {r.get('seconds', 0):.0f}s | {r.get('env', {}).get('harden_commit', OLD_COMMIT)} |")
     out.append("")
     out += ["## Sites and patch cost", "",
             "| model | recipe | sites harden chose | patch parameters (of base) | patch multiply-adds (of base) |",
