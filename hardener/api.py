@@ -15,6 +15,7 @@ a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:tra
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -147,7 +148,9 @@ def _warn(text: str | None, stacklevel: int = 3) -> None:
 class Report:
     """A robustness report: attribute access to the headline numbers of the evaluated model (`clean`, `robust` =
     white-box per-sample worst case, `transfer`, `blackbox`, `worst_case` over every threat model that ran; None
-    where it did not run), the base's (`base_clean`, `base_robust`), and `.to_json()/.to_markdown()/.to_html()`."""
+    where it did not run), the base's (`base_clean`, `base_robust`), `.summary` (the flat numeric dict: name ->
+    number, ready for `mlflow.log_metrics`), `.to_dict()` (the whole report, as its JSON file holds it) and
+    `.to_json()/.to_markdown()/.to_html()`; a notebook shows the HTML report."""
 
     data: dict = field(repr=False)
 
@@ -198,6 +201,16 @@ class Report:
     @property
     def checks(self) -> list[dict]:
         return self.data.get("checks", [])
+
+    @property
+    def summary(self) -> dict[str, float]:
+        return dict(self.data["summary"])
+
+    def to_dict(self) -> dict:
+        return json.loads(self.to_json())  # standard JSON types only: a copy the caller may change
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
 
     def to_json(self) -> str:
         return R.json_text(self.data)

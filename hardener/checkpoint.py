@@ -643,9 +643,9 @@ def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None
                       UserWarning, stacklevel=3)
     manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or patched.arch_kwargs or {},
                         input=patched.model.spec.to_json(), patches=patched.patch_specs(),
-                        base_sha256=getattr(patched, "base_sha256", "") or tensor_digest(base),
-                        training=getattr(patched, "training_record", None) or {}, route=patched.current_route,
-                        cost=patched.cost.to_json(latency=False) if getattr(patched, "cost", None) else {})
+                        base_sha256=patched.base_sha256 or tensor_digest(base),
+                        training=patched.training_record or {}, route=patched.current_route,
+                        cost=patched.cost.to_json(latency=False) if patched.cost is not None else {})
     device = next(iter(patched.parameters()), torch.empty(0)).device
     save_patched(Path(path), patched.to("cpu"), manifest)
     patched.to(device)

@@ -1,6 +1,8 @@
 """The library: what the CLI does, a notebook does in a few lines (issue 15's public API, first part)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,6 +39,11 @@ def test_readme_library_example_end_to_end(tmp_path):
     assert 0 <= report.robust <= report.clean <= 1 and report.transfer is not None and report.blackbox is None
     assert report.base_robust is not None and "robust (white-box)" in repr(report)
     assert '"schema"' in report.to_json() and report.to_markdown() and "<html" in report.to_html().lower()
+    # typed enough for a notebook and a tracker: numbers only in summary, the JSON as a dict, HTML for display
+    summary = report.summary
+    assert summary and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in summary.values())
+    assert report.to_dict() == json.loads(report.to_json()) and report._repr_html_() == report.to_html()
+    assert patched.cost is not None and patched.train_seconds > 0 and patched.manifest is None
     path = tmp_path / "tiny.hardened.safetensors"
     patched.save(path, arch=ARCH)
     again = hardener.load(path, arch=ARCH)
@@ -147,6 +154,14 @@ def test_logged_distill_is_what_the_distillation_terms_add_to_the_loss():
 def _quick_patch(net, **kw):
     """A fixer at `block` after one short epoch (the transfer recipe): patches that change the logits."""
     return hardener.patch(net, _data(), recipe="transfer", eps=0.1, epochs=1, steps=1, batch_size=32, at="block", **kw)
+
+
+def test_patched_model_declares_what_a_run_or_a_load_leaves_on_it():
+    from hardener.model import Classifier, InputSpec
+
+    fresh = hardener.PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
+    assert all(getattr(fresh, k) is None for k in ("base_sha256", "manifest", "training_record", "history",
+                                                       "train_seconds", "cost", "arch", "arch_kwargs"))
 
 
 def test_save_remembers_the_arch_and_warns_without_one(tmp_path):

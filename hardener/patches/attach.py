@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -42,6 +42,15 @@ class PatchedModel(nn.Module):
         # checkpoint loaded with one, `hardener.patch(..., arch=)`): `save` records them.
         self.arch: str | None = None
         self.arch_kwargs: dict | None = None
+        # What a run or a load leaves on the model (None until then): the base's tensor digest, the checkpoint's
+        # manifest (`hardener.load`), and from `hardener.patch` the training record the checkpoint stores, one
+        # `fit.EpochLog` per epoch, the training's seconds and the inference cost (a `cost.Cost`).
+        self.base_sha256: str | None = None
+        self.manifest: Any = None
+        self.training_record: dict | None = None
+        self.history: list | None = None
+        self.train_seconds: float | None = None
+        self.cost: Any = None
         for p in model.parameters():
             p.requires_grad_(False)
         self.train(False)
