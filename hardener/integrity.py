@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -43,6 +44,10 @@ def _feed(h, obj: Any) -> None:
         h.update(f"{type(obj).__name__[0]}{len(obj)}|".encode())
         for v in obj:
             _feed(h, v)
+    elif isinstance(obj, (np.ndarray, np.generic)) and obj.dtype.kind in "biufc":
+        a = np.ascontiguousarray(obj)
+        h.update(f"N|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.reshape(-1).view(np.uint8))
     elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
         h.update(f"{type(obj).__name__}:{obj!r}|".encode())
     else:
