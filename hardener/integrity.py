@@ -138,13 +138,17 @@ def tag_text(fingerprint: str, file_digest_: str) -> str:
 def check_tag(tag: Path, data: Path, fingerprint: str, what: str, todo: str) -> None:
     """A spilled array's completion tag checked against this run and the array file's bytes."""
     try:
-        meta = json.loads(tag.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        text = tag.read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise refuse(tag, what, f"cannot be read ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})",
                      todo) from None
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        meta = None  # older versions wrote the bare fingerprint
     if not isinstance(meta, dict) or DIGEST_KEY not in meta:
-        raise refuse(data, what, "has no integrity digest (written by an older harden version; it can be "
-                                 "deleted)", todo)
+        raise refuse(data, what, f"has no integrity digest in its tag '{tag.name}' (written by an older harden "
+                                 "version, or damaged; both can be deleted)", todo)
     if meta.get(FINGERPRINT_KEY) != fingerprint:
         raise refuse(data, what, "belongs to another run (other model, data or options)", todo)
     try:

@@ -127,6 +127,9 @@ def test_spilled_adversarial_examples_are_checked(tmp_path):
     resumed = Saver(saver.path, fingerprint="x", resume=True)
     with pytest.raises(InputError, match="adv.npy.*integrity digest"):
         F.fit(fresh_fixed(BASE), ds, spec, cfg, torch.device("cpu"), saver=resumed, cache_dir=tmp_path)
+    saver.spill_path.with_name(saver.spill_path.name + ".done").write_text("x")  # an older version's bare fingerprint
+    with pytest.raises(InputError, match="no integrity digest.*older harden version"):
+        resumed.spill_done()
 
 
 # ---------------------------------------------------------------- through the command line
