@@ -11,7 +11,7 @@ was refused (exit 2 or 3). Read-only folders are made real by running those case
 shapes past memory, sparse/meta/non-finite tensors in data files, edited state/cache/adversarial-example files
 (made by the real CLI in `_states`), outputs onto inputs, options out of physical range and weak gates.
 
-    python bench/hostile_campaign.py [--jobs 2] [--out bench/results/hostile_campaign.json] [--only SUBSTR [--merge]]
+    python bench/hostile_campaign.py [--jobs 2] [--out bench/results/hostile_campaign.json] [--only SUBSTR,... [--merge]]
 """
 from __future__ import annotations
 
@@ -1081,7 +1081,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "hostile_campaign.json"))
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="run the cases whose name contains one of these (comma list)")
     ap.add_argument("--merge", action="store_true",
                     help="with --only: replace those cases in the existing --out file, keep the others' records")
     args = ap.parse_args()
@@ -1090,7 +1090,7 @@ def main() -> None:
     t0 = time.time()
     try:
         w = World(root)
-        todo = [c for c in cases(w) if args.only in c.name]
+        todo = [c for c in cases(w) if any(part in c.name for part in args.only.split(","))]
         base = root / "cases"
         base.mkdir()
         base.chmod(0o755)
