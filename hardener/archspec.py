@@ -85,6 +85,15 @@ def _is_cwd(entry: str, cwd: str) -> bool:
         return False
 
 
+def _denied_top(top: str) -> bool:
+    """A denied package, or a module of the interpreter itself: built in, or frozen into it (`__hello__` prints on
+    import and is not in sys.stdlib_module_names). Looking for a frozen module imports nothing."""
+    import importlib.machinery
+
+    return (top in DENIED_PACKAGES or top in sys.builtin_module_names
+            or importlib.machinery.FrozenImporter.find_spec(top) is not None)
+
+
 def denied_module(name: str) -> str | None:
     """Why harden never imports module `name` for an architecture (None: it may). Checked before any import:
     importing `antigravity`, `this` or a package's `__main__` already runs code (opens a browser, prints, runs
@@ -92,7 +101,7 @@ def denied_module(name: str) -> str | None:
     parts = name.split(".")
     if "__main__" in parts:
         return "is a program's entry point, not a model package"
-    if parts[0] in DENIED_PACKAGES and name not in sys.modules:
+    if _denied_top(parts[0]) and name not in sys.modules:
         return (f"belongs to '{parts[0]}' (the standard library, torch, harden or a tool that runs code), whose "
                 "modules harden never imports for an architecture")
     return None
@@ -153,7 +162,9 @@ def import_module(name: str, what: str) -> types.ModuleType:
     except ImportError as e:
         raise InputError(f"{what}: cannot import module '{name}' ({e}); a file in the current directory "
                          "is named as file.py:callable") from None
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - a module's top level may raise (or exit) anything
+    except BaseException as e:  # noqa: BLE001 - a module's top level may raise (or exit) anything
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise InputError(f"{what}: importing '{name}' failed: {type(e).__name__}: {e}") from None
     finally:
         sys.path[:] = saved
@@ -167,12 +178,12 @@ def check_constructor(fn: Any, spec: str, what: str = "--arch") -> Callable[...,
         raise InputError(f"{what} '{spec}' names the class {fn.__name__}, which is not a torch.nn.Module")
     if isinstance(fn, types.MethodType) and inspect.isclass(fn.__self__):  # a classmethod: Class.from_config
         fn_module = getattr(fn.__func__, "__module__", None) or ""
-        if fn_module.split(".")[0] not in DENIED_PACKAGES and fn_module:
+        if fn_module and not _denied_top(fn_module.split(".")[0]):
             return fn  # (`resolve` checked that the class defines it itself, in the module the spec names)
         raise InputError(f"{what} '{spec}' names a method of '{fn_module}', which is not a model constructor")
     if isinstance(fn, types.FunctionType):
         top = (getattr(fn, "__module__", None) or "").split(".")[0]
-        if top and top not in DENIED_PACKAGES and fn.__name__ != "<lambda>":
+        if top and not _denied_top(top) and fn.__name__ != "<lambda>":
             return fn
         raise InputError(f"{what} '{spec}' names a function of '{fn.__module__}', which is not a model "
                          "constructor: harden builds models only with nn.Module classes or functions of model "
@@ -242,7 +253,9 @@ def build(spec: str, kwargs: dict[str, Any], what: str = "--arch", allow_dotted:
     fn = resolve(spec, what, allow_dotted)
     try:
         net = fn(**kwargs)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code may raise (or exit) anything
+    except BaseException as e:  # noqa: BLE001 - user code may raise (or exit) anything, BaseException's kin included
+        if isinstance(e, KeyboardInterrupt):
+            raise
         raise InputError(f"{what} '{spec}' with kwargs {kwargs} failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, nn.Module):
         raise InputError(f"{what} '{spec}' returned {type(net).__name__}, not a torch.nn.Module")

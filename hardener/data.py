@@ -366,6 +366,8 @@ def _as_tensor(v, what: str, source: str) -> torch.Tensor:
             kind = "nested" if v.is_nested else "quantized" if v.is_quantized else \
                 str(v.layout).replace("torch.", "") if v.layout != torch.strided else f"{v.device.type} device"
             raise InputError(f"'{source}': {what} is a {kind} tensor; store a dense CPU tensor (.to_dense().cpu())")
+        # its shape, not its storage: a stride-0 view (x.expand) declares far more than the file holds
+        check_budget(v.numel() * v.element_size(), f"'{source}': {what} of shape {tuple(v.shape)}")
         return v.detach()
     try:
         arr = np.asarray(v)

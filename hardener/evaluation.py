@@ -213,9 +213,11 @@ class TransferBank:
     without one only the batches still ahead of the chain are kept in memory."""
 
     def __init__(self, source: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 device: torch.device, directory: Path | None = None, cfg: "EvalConfig | None" = None) -> None:
+                 device: torch.device, directory: Path | None = None, cfg: "EvalConfig | None" = None,
+                 key: str = "") -> None:
+        """`key`: the `BaseCache`'s key, which (with the attack and batch) seals each file saved in `directory`."""
         self.source, self.x, self.y, self.bs, self.device = source, x, y, batch_size, device
-        self.cfg = cfg
+        self.cfg, self.key = cfg, key
         self.step = batch_size  # attack sub-batch: halves on out of memory (the bank's layout stays)
         self.directory = directory
         self._mem: dict[tuple[str, int], torch.Tensor] = {}
@@ -229,10 +231,13 @@ class TransferBank:
         if (key, k) in self._mem:
             return self._mem[(key, k)]
         f = self._file(key, k) if self.directory is not None else None
+        seal = f"{self.key}|{key}|{k}"  # a file renamed from another batch or attack does not match
         if f is not None and f.exists():
-            from safetensors.torch import load_file
+            from . import integrity as I
 
-            adv = load_file(str(f))["adv"]
+            adv = I.read_safetensors(f, seal, "--base-cache entry", CACHE_TODO).get("adv")
+            if adv is None or len(adv) != min((k + 1) * self.bs, len(self.y)) - k * self.bs:
+                raise I.refuse(f, "--base-cache entry", "is not a file harden wrote", CACHE_TODO)
             self.reused += 1
         else:
             if key not in self._attacks:
@@ -240,9 +245,11 @@ class TransferBank:
             adv = self._attack_range(key, k * self.bs, min((k + 1) * self.bs, len(self.y)))
             self.computed += 1
             if f is not None:
+                from . import integrity as I
                 from .checkpoint import write_safetensors
 
-                write_safetensors(f, {"adv": adv.contiguous()})
+                tensors = {"adv": adv.contiguous()}
+                write_safetensors(f, tensors, I.safetensors_metadata(seal, tensors))
         self._mem[(key, k)] = adv
         return adv
 
@@ -262,12 +269,16 @@ class TransferBank:
         return torch.cat(out).to(self.device)
 
 
+CACHE_TODO = "delete it (the cache entry is computed again) or run without --base-cache"
+
+
 class BaseCache:
     """The base's share of an evaluation, kept in a folder and reused across evaluations.
 
     The key covers the base's tensors, its logits on the first batch (so preprocessing counts too),
     the data, every attack setting, the device and the harden version: any change gives a new
-    sub-folder, never a stale answer."""
+    sub-folder, never a stale answer. Each file is sealed by a digest over its content and the key (`integrity`):
+    an edited, damaged or moved file is an InputError, never numbers used unchecked."""
 
     def __init__(self, root: Path, base: nn.Module, base_tensors: dict[str, torch.Tensor], x: torch.Tensor,
                  data_fingerprint: str, cfg: EvalConfig, device: torch.device) -> None:
@@ -288,18 +299,27 @@ class BaseCache:
         self.reused_base = False
 
     def load_base(self) -> dict | None:
+        """The base's results saved by an earlier evaluation, checked against their digest; None if absent."""
+        from . import integrity as I
+
         f = self.dir / "base.pt"
         if not f.exists():
             return None
         try:
-            res = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, not trusted
-            return None
+            saved = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged file comes in many forms
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise I.refuse(f, "--base-cache entry", f"cannot be read ({why})", CACHE_TODO) from None
+        res = I.check(saved, f, self.key, "--base-cache entry", CACHE_TODO).get("result")
+        if not isinstance(res, dict):
+            raise I.refuse(f, "--base-cache entry", "is not a file harden wrote", CACHE_TODO)
         self.reused_base = True
         return res
 
     def save_base(self, res: dict) -> None:
-        write_torch(self.dir / "base.pt", res)
+        from . import integrity as I
+
+        write_torch(self.dir / "base.pt", I.seal({"fingerprint": self.key, "result": res}, self.key))
 
     def record(self, bank: TransferBank | None) -> dict:
         return {"dir": str(self.dir), "key": self.key, "base_rows_reused": self.reused_base,
@@ -614,7 +634,8 @@ def _models(patched, base, x, y, cfg, n_classes, device, has_patches, progress, 
             cache.save_base(models["base"])
     bank = None
     if has_patches and "transfer" in cfg.threats:
-        bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None, cfg)
+        bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None, cfg,
+                            cache.key if cache is not None else "")
     if has_patches:
         models["patched"] = evaluate_model("patched", patched, base, x, y, cfg, n_classes, device, progress, store,
                                            bank, surrogate)

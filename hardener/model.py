@@ -122,6 +122,23 @@ def extract_logits(out: Any, key: str | None) -> torch.Tensor:
     raise InputError(f"cannot find logits in the model's output ({type(out).__name__}); pass --logits KEY|INDEX")
 
 
+def normalisation(name: str, values: list[float] | None, channels: int | None = None) -> torch.Tensor | None:
+    """--mean or --std as a (1, C, 1, 1) buffer, checked: one value or one per channel, finite, a std positive."""
+    if values is None:
+        return None
+    if channels is not None and len(values) not in (1, channels):
+        raise InputError(f"--{name} has {len(values)} values but the input has {channels} channels")
+    if name == "std" and min(values) <= 0:
+        raise InputError("--std values must be positive")
+    t = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+    # finite in float32, and a std whose inverse is too (--std inf zeroes every input: no gradient,
+    # robust = clean; 1e-45 makes every input inf)
+    if not bool(torch.isfinite(t).all()) or name == "std" and not bool(torch.isfinite(1 / t).all()):
+        raise InputError(f"--{name} values must be finite{' and positive' if name == 'std' else ''} "
+                         f"(as 32-bit floats), got {','.join(f'{v:g}' for v in values)}")
+    return t
+
+
 class Classifier(nn.Module):
     """x in [0, 1] -> normalise -> net -> logits."""
 
@@ -131,19 +148,7 @@ class Classifier(nn.Module):
         self.spec = spec
         channels = spec.shape[0] if spec.shape else None
         for name, values in (("mean", spec.mean), ("std", spec.std)):
-            t = None
-            if values is not None:
-                if channels is not None and len(values) not in (1, channels):
-                    raise InputError(f"--{name} has {len(values)} values but the input has {channels} channels")
-                if name == "std" and min(values) <= 0:
-                    raise InputError("--std values must be positive")
-                t = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
-                # finite in float32, and a std whose inverse is too (--std inf zeroes every input: no gradient,
-                # robust = clean; 1e-45 makes every input inf)
-                if not bool(torch.isfinite(t).all()) or name == "std" and not bool(torch.isfinite(1 / t).all()):
-                    raise InputError(f"--{name} values must be finite{' and positive' if name == 'std' else ''} "
-                                     f"(as 32-bit floats), got {','.join(f'{v:g}' for v in values)}")
-            self.register_buffer(name, t, persistent=False)
+            self.register_buffer(name, normalisation(name, values, channels), persistent=False)
         self.trainable = False
         self.net.eval()
 

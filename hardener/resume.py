@@ -3,7 +3,8 @@
 `<out>.partial` holds the training state (patch weights, optimiser, scheduler, RNG states,
 epoch/step, the epoch's permutation and running sums); `<out>.partial.adv.safetensors` the cached
 adversarial examples of the frozen base. Both are written atomically and removed once the
-patched checkpoint is written. A fingerprint of the run's settings guards `--resume`.
+patched checkpoint is written. A fingerprint of the run's settings guards `--resume`, and a digest over each
+file's content and that fingerprint (`integrity`) guards against edited, damaged or foreign files.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from typing import Any, Iterator
 
 import torch
 
+from . import integrity as I
 from .checkpoint import atomic_write, write_torch
 from .errors import HardenError, InputError
 
-STATE_VERSION = 3  # 3: transfer examples come from fixed whole-set batches
+STATE_VERSION = 4  # 3: transfer examples come from fixed whole-set batches; 4: an integrity digest
+START_OVER = "delete it to start over"
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -39,23 +42,22 @@ def check_start(path: Path, resume: bool, what: str) -> None:
 
 
 def write_state(path: Path, fingerprint: str, state: dict[str, Any]) -> None:
-    state = {**state, "version": STATE_VERSION, "fingerprint": fingerprint}
-    write_torch(path, state)
+    """`state` sealed with its digest over its content and the run's fingerprint (`integrity`), atomically."""
+    write_torch(path, I.seal({**state, "version": STATE_VERSION, "fingerprint": fingerprint}, fingerprint))
 
 
 def read_state(path: Path, fingerprint: str) -> dict[str, Any]:
-    """A saved state, checked to come from this harden version and from the same settings."""
+    """A saved state, checked to come from this harden version, from the same settings and to be as written."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged state file comes in many forms
-        raise InputError(f"cannot read saved state '{path}' ({str(e).splitlines()[0]}); "
-                         "delete it to start over") from None
-    if state.get("version") != STATE_VERSION:
-        raise InputError(f"'{path}' was saved by another harden version; delete it to start over")
-    if state.get("fingerprint") != fingerprint:
-        raise InputError(f"--resume: the settings differ from the interrupted run saved in '{path}' "
-                         "(same model, data and options are needed); delete it to start over")
-    return state
+        raise InputError(f"cannot read saved state '{path}' ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                         f"; {START_OVER}") from None
+    if isinstance(state, dict) and I.DIGEST_KEY in state and state.get("version") != STATE_VERSION:
+        raise InputError(f"'{path}' was saved by another harden version; {START_OVER}")
+    return I.check(state, path, fingerprint, "saved state", START_OVER,
+                   other_run=f"--resume: the settings differ from the interrupted run saved in '{path}' "
+                             f"(same model, data and options are needed); {START_OVER}")
 
 
 @dataclass
@@ -86,20 +88,17 @@ class Saver:
             return
         from .checkpoint import write_safetensors
 
-        write_safetensors(self.adv_path, {"adv": adv.contiguous()}, {"fingerprint": self.fingerprint})
+        tensors = {"adv": adv.contiguous()}
+        write_safetensors(self.adv_path, tensors, I.safetensors_metadata(self.fingerprint, tensors))
 
     def load_adv(self) -> torch.Tensor | None:
-        from safetensors import safe_open
-
+        """The base's adversarial examples of this run saved before, checked against their digest; None if absent."""
         if not self.adv_path.exists():
             return None
-        try:
-            with safe_open(str(self.adv_path), framework="pt") as f:
-                if (f.metadata() or {}).get("fingerprint") != self.fingerprint:
-                    return None
-                return f.get_tensor("adv")
-        except Exception:  # noqa: BLE001 - a damaged cache is recomputed
-            return None
+        tensors = I.read_safetensors(self.adv_path, self.fingerprint, "saved adversarial examples", START_OVER)
+        if set(tensors) != {"adv"}:
+            raise I.refuse(self.adv_path, "saved adversarial examples", "is not a file harden wrote", START_OVER)
+        return tensors["adv"]
 
     @property
     def spill_path(self) -> Path:
@@ -107,14 +106,20 @@ class Saver:
         return self.path.with_name(self.path.name + ".adv.npy")
 
     def spill_done(self) -> bool:
+        """Whether the spilled examples are complete (their tag written); a tag or file that does not match (edited,
+        another run's) is an InputError."""
         tag = self.spill_path.with_name(self.spill_path.name + ".done")
-        return self.spill_path.exists() and tag.exists() and tag.read_text() == self.fingerprint
+        if not (self.spill_path.exists() and tag.exists()):
+            return False
+        I.check_tag(tag, self.spill_path, self.fingerprint, "saved adversarial examples", START_OVER)
+        return True
 
     def mark_spill_done(self) -> None:
         if self.readonly:
             return
         tag = self.spill_path.with_name(self.spill_path.name + ".done")
-        atomic_write(tag, lambda tmp: Path(tmp).write_text(self.fingerprint))
+        text = I.tag_text(self.fingerprint, I.file_digest(self.spill_path, self.fingerprint))
+        atomic_write(tag, lambda tmp: Path(tmp).write_text(text))
 
     def clear(self) -> None:
         if self.readonly:

@@ -15,7 +15,7 @@ from . import data as hdata
 from .checkpoint import LoadedBase, Manifest, load_base, load_patched, read_manifest
 from .errors import InputError
 from .layers import probe
-from .model import Classifier, InputSpec, hf_normalisation, parse_floats, parse_shape
+from .model import Classifier, InputSpec, hf_normalisation, normalisation, parse_floats, parse_shape
 from .patches import PatchedModel
 from . import archspec
 
@@ -95,6 +95,9 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
     folder = hf.pretrained_folder(path, opts.arch)  # a Hugging Face save_pretrained folder: transformers loads it
     p = Path(path) if folder is not None and Path(path).is_dir() else regular_input(path, "checkpoint")
     manifest = read_manifest(p) if p.is_file() else None
+    mean, std = hf_normalisation(opts.preprocessor, opts.mean, opts.std)
+    for name, values in (("mean", mean), ("std", std)):  # checked even where a patched file's own input spec wins
+        normalisation(name, parse_floats(values, f"--{name}"))
     if manifest is not None:
         if not allow_patched:
             raise InputError(f"'{path}' is already a harden-patched checkpoint; patch its base instead "
@@ -107,7 +110,6 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
         base = _load_pretrained(folder)
     else:
         base = load_base(p, opts.arch, archspec.parse_kwargs(opts.arch_kwargs), opts.trust_pickle)
-    mean, std = hf_normalisation(opts.preprocessor, opts.mean, opts.std)
     spec = InputSpec(shape=parse_shape(opts.input_shape), mean=parse_floats(mean, "--mean"),
                      std=parse_floats(std, "--std"), logits=opts.logits or None)
     return Loaded(PatchedModel(Classifier(base.net, spec)), None, base)

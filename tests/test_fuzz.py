@@ -1,4 +1,5 @@
-"""Fuzz the boundaries (issue 20): mutated manifests of a real patched file, data files, option values.
+"""Fuzz the boundaries (issue 20): mutated manifests of a real patched file, data files, option values; and
+(issue 35) data, state, cache and adversarial-example files with flipped bytes or cut short.
 
 Properties for every example: the exit code is 0, 2 or 3 (never an unhandled exception), no traceback,
 no new files besides the declared outputs, the inputs unchanged, and no payload ran. Derandomized and
@@ -9,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
@@ -197,3 +200,132 @@ def test_fuzz_option_values(tiny_ckpt, patched_ckpt, tiny_data, cmd, data, value
             value = min(int(value), 2)
         r = CliRunner().invoke(main, args + [flag, str(value)])
         check(r, root, before, inputs, allowed)
+
+
+# ---------------------------------------------------------------- damaged files (issue 35, item 7)
+
+def _damage(blob: bytes, how: str, seed: int) -> bytes:
+    """`blob` with a few bytes flipped, or cut short, at seeded positions."""
+    rng = np.random.default_rng(seed)
+    if how == "truncate":
+        return blob[: int(rng.integers(0, len(blob)))]
+    b = bytearray(blob)
+    for pos in rng.integers(0, len(b), int(rng.integers(1, 4))):
+        b[pos] ^= int(rng.integers(1, 256))
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    """One valid data file of each format harden reads (an IDX pair as fashion-mnist's layout)."""
+    import gzip
+
+    d = tmp_path_factory.mktemp("fuzzdata")
+    rng = np.random.default_rng(0)
+    images, labels = (rng.random((12, 1, 8, 8)) * 255).astype(np.uint8), rng.integers(0, 3, 12)
+    np.savez(d / "d.npz", images=images, labels=labels)
+    torch.save({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}, d / "d.pt")
+    save_file({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}, str(d / "d.safetensors"))
+    (d / "fm").mkdir()
+    (d / "fm" / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + (12).to_bytes(4, "big")
+                                                       + (8).to_bytes(4, "big") * 2 + images.tobytes())
+    (d / "fm" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + (12).to_bytes(4, "big")
+                                                                        + labels.astype(np.uint8).tobytes()))
+    return {"npz": d / "d.npz", "pt": d / "d.pt", "safetensors": d / "d.safetensors",
+            "idx": d / "fm" / "train-images-idx3-ubyte", "idx.gz": d / "fm" / "train-labels-idx1-ubyte.gz"}
+
+
+@settings(derandomize=True, max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kind=st.sampled_from(["npz", "pt", "safetensors", "idx", "idx.gz"]),
+       how=st.sampled_from(["flip", "truncate"]), seed=st.integers(0, 2 ** 16))
+def test_fuzz_damaged_data_files(patched_ckpt, data_files, kind, how, seed):
+    """A data file with flipped bytes or cut short: read (a flipped pixel is still a picture), or exit 2 or 3 with
+    one line; never a traceback."""
+    from click.testing import CliRunner
+
+    src = data_files[kind]
+    with sandbox() as root:
+        folder = root / "fm"
+        if kind.startswith("idx"):
+            shutil.copytree(src.parent, folder)
+            f, spec = folder / src.name, "fashion-mnist:train"
+        else:
+            f = root / src.name
+            spec = str(f)
+        f.write_bytes(_damage(src.read_bytes(), how, seed))
+        env = {"HARDEN_FASHION_MNIST_DIR": str(folder)}
+        r = CliRunner(env=env).invoke(main, ["predict", str(patched_ckpt), "--arch", ARCH, "--data", spec, "--quiet"])
+        _one_line_or_ok(r)
+
+
+def _one_line_or_ok(r) -> None:
+    assert r.exit_code in (0, 2, 3), (r.exit_code, r.output, r.exception)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    if r.exit_code:
+        assert len([line for line in r.output.splitlines() if line.startswith("Error:")]) == 1, r.output
+
+
+@pytest.fixture(scope="module")
+def own_files(tmp_path_factory) -> dict:
+    """Files harden writes for itself, each with the call that reads it back: a training state, an evaluation
+    state, saved adversarial examples, a spilled array with its tag, a --base-cache entry and transfer batch."""
+    from hardener import evaluation as E
+    from hardener.resume import EvalStore, Saver
+
+    from conftest import trained_tiny
+
+    d = tmp_path_factory.mktemp("own")
+    saver = Saver(d / "o.partial", fingerprint="fp")
+    saver.save({"model": {"w": torch.randn(4, 4)}, "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}},
+                "epoch": 1, "step": 0, "logs": [{"loss": 0.5}], "perm": torch.randperm(12), "best": None})
+    saver.save_adv(torch.rand(12, 1, 8, 8))
+    np.save(saver.spill_path, np.random.default_rng(1).random((12, 1, 8, 8)).astype(np.float16))
+    saver.mark_spill_done()
+    store = EvalStore(d / "e.partial", "fp", resume=False)
+    store.put("whitebox/0:pgd", {"robust": torch.ones(12, dtype=torch.bool), "row": None, "k": 1}, force=True)
+    net = trained_tiny().eval()
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % 3
+    cfg = E.EvalConfig(attacks=["fgsm"], eps=0.1, batch_size=8)
+    cache = E.BaseCache(d / "bc", net, net.state_dict(), x, "data", cfg, torch.device("cpu"))
+    cache.save_base({"_masks": {"clean": torch.ones(12, dtype=torch.bool)}, "clean": 1.0, "rows": [1, "a", None]})
+    bank = E.TransferBank(net, x, y, 8, torch.device("cpu"), cache.dir, cfg, cache.key)
+    spec = E._spec(cfg, "fgsm", 3)
+    bank._batch("0:fgsm", spec, 0)
+
+    def transfer():
+        return E.TransferBank(net, x, y, 8, torch.device("cpu"), cache.dir, cfg, cache.key)._batch("0:fgsm", spec, 0)
+    return {"state": (saver.path, lambda: Saver(saver.path, "fp", resume=True).load()),
+            "eval-state": (d / "e.partial", lambda: EvalStore(d / "e.partial", "fp", resume=True).data),
+            "adv": (saver.adv_path, saver.load_adv),
+            "spill": (saver.spill_path, saver.spill_done),
+            "spill-tag": (saver.spill_path.with_name(saver.spill_path.name + ".done"), saver.spill_done),
+            "cache-base": (cache.dir / "base.pt", cache.load_base),
+            "cache-transfer": (next(cache.dir.glob("transfer-*")), transfer)}
+
+
+@settings(derandomize=True, max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kind=st.sampled_from(["state", "eval-state", "adv", "spill", "spill-tag", "cache-base", "cache-transfer"]),
+       how=st.sampled_from(["flip", "truncate"]), seed=st.integers(0, 2 ** 16))
+def test_fuzz_damaged_state_and_cache_files(own_files, kind, how, seed):
+    """A state, cache or adversarial-example file with flipped bytes or cut short: one-line InputError (exit 2)
+    naming the file, or -- where the damage missed every byte that holds content (zip padding) -- the very same
+    content; never an unhandled exception, never different numbers."""
+    from hardener import integrity as I
+    from hardener.errors import InputError
+
+    path, read = own_files[kind]
+    good = path.read_bytes()
+    want = read()
+    try:
+        path.write_bytes(_damage(good, how, seed))
+        try:
+            got = read()
+        except InputError as e:
+            assert str(path).removesuffix(".done") in str(e) and "\n" not in str(e), str(e)
+        else:
+            assert I.digest("", got) == I.digest("", want), "damaged content was used"
+    finally:
+        path.write_bytes(good)

@@ -29,6 +29,24 @@ def test_normalisation_must_be_finite_and_std_positive(runner, tmp_path, tiny_ck
     assert not out.exists()
 
 
+@pytest.mark.parametrize("cmd", ["eval", "predict", "certify"])
+@pytest.mark.parametrize("flag,value", [("--std", "0"), ("--std", "nan"), ("--mean", "inf")])
+def test_normalisation_is_checked_for_a_patched_checkpoint_too(runner, patched_ckpt, tiny_test_data, cmd, flag,
+                                                               value):
+    """A patched file's own input spec wins over --mean/--std, but a value out of range is still refused: never a
+    run that looks as if it used it."""
+    extra = {"eval": ["--attack", "fgsm", "--no-checks"], "predict": [], "certify": ["--n0", "5", "--n", "5"]}[cmd]
+    r = runner.invoke(main, [cmd, str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--max-samples",
+                             "3", "--quiet", *extra, *(["--mean", "0"] if flag == "--std" else []), flag, value])
+    assert_input_error(r, flag)
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-3", "x"])
+def test_holdout_is_checked_where_nothing_is_held_out(runner, tmp_path, tiny_ckpt, tiny_data, value):
+    r = _patch(runner, tiny_ckpt, tiny_data, tmp_path / "o.safetensors", "--subset", "30", "--holdout", value)
+    assert_input_error(r, "--holdout")
+
+
 def test_library_normalisation_is_checked_too():
     net = trained_tiny(steps=1)
     for kw in ({"std": [float("inf")]}, {"mean": [float("nan")]}, {"std": "1e-45"}):

@@ -203,3 +203,14 @@ def test_out_of_memory_while_loading_is_exit_3(runner, tmp_path, patched_ckpt, t
     assert_run_error(r, "out of memory", "toy_test.npz")
     with pytest.raises(RunError):
         hdata.load(str(tiny_test_data))
+
+
+def test_pt_tensor_whose_shape_is_past_the_budget_is_refused_before_it_is_materialised(tmp_path):
+    """A stride-0 view saves one element of storage but declares 3e12: refused by its shape (exit 2), not by an
+    allocation that fails (exit 3) or succeeds."""
+    f = tmp_path / "d.pt"
+    torch.save({"images": torch.zeros(1, 1, 1, 1).expand(10 ** 6, 3, 1000, 1000),
+                "labels": torch.zeros(1, dtype=torch.long).expand(10 ** 6)}, f)
+    assert f.stat().st_size < 10_000
+    with pytest.raises(InputError, match="images of shape .* GiB in memory"):
+        hdata.load(str(f))

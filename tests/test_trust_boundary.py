@@ -49,7 +49,8 @@ def evil_cwd(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.mark.parametrize("arch", ["antigravity:geohash", "this:s", "unittest.__main__:main",
-                                  "torch.__main__:net", "pip.__main__:net"])
+                                  "torch.__main__:net", "pip.__main__:net",
+                                  "__hello__:main", "__phello__.spam:main"])  # frozen in, not in stdlib_module_names
 def test_denied_module_is_refused_before_import_even_trusted(tmp_path, patched_ckpt, evil_cwd, capfd, arch):
     module = arch.split(":")[0]
     loaded = module in sys.modules
@@ -106,6 +107,8 @@ EXITS = {
     "call": "import sys\n\ndef net(**kw):\n    sys.exit(0)\n",
     "import": "raise SystemExit(4)\n\ndef net(**kw):\n    pass\n",
     "quit": "def net(**kw):\n    raise SystemExit('bye')\n",
+    "base": "class Stop(BaseException):\n    pass\n\n\ndef net(**kw):\n    raise Stop('bye')\n",  # SystemExit's kin
+    "importbase": "raise GeneratorExit('bye')\n\ndef net(**kw):\n    pass\n",
 }
 
 
@@ -118,10 +121,11 @@ def test_trusted_constructor_that_exits_is_an_error(tmp_path, patched_ckpt, tiny
     (pkg / f"{name}.py").write_text(EXITS[case])
     monkeypatch.syspath_prepend(str(pkg))
     arch = f"{pkg / name}.py:net" if by == "file" else f"{name}:net"
-    with pytest.raises(HardenError, match="SystemExit") as e:
+    raised = {"base": "Stop", "importbase": "GeneratorExit"}.get(case, "SystemExit")
+    with pytest.raises(HardenError, match=raised) as e:
         hardener.load(with_arch(tmp_path, patched_ckpt, arch), trust_arch=True)
     assert e.value.exit_code == 2
-    with pytest.raises(HardenError, match="SystemExit"):  # the user's own --arch for a plain checkpoint
+    with pytest.raises(HardenError, match=raised):  # the user's own --arch for a plain checkpoint
         hardener.load(tiny_ckpt, arch=arch)
     sys.modules.pop(name, None)
 
@@ -138,3 +142,4 @@ def test_denied_module_check_is_by_name_only():
     assert archspec.denied_module("antigravity") and archspec.denied_module("mypkg.__main__")
     assert archspec.denied_module("torch.nn") is None  # already loaded: its classes are only looked up
     assert archspec.denied_module("torchvision.models") is None
+    assert archspec.denied_module("__hello__")  # frozen into the interpreter

@@ -14,7 +14,7 @@ from .. import cost as C, report as R, run as RUN, steps
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
-from ..recipe import load_preset, parse_methods
+from ..recipe import holdout_size, load_preset, parse_methods
 from ..resume import Saver, StopFlag, fingerprint
 from ..signals import outputs_or_none
 from ..session import Loaded, finish_spec, load_data, load_model
@@ -103,6 +103,7 @@ def _plan(call: Call) -> Plan:
     A.expand([kw["attack_name"]])  # unknown names fail before any loading
     A.parse_smooth_grad(kw["smooth_grad"])
     hdata.parse_subset(kw["subset"])
+    holdout_size(kw["holdout"], 1)  # checked even where --subset or --eval-data leaves nothing to hold out
     steps.parse_betas(kw["betas"])
     C.parse_budget(kw["budget"])
     if kw["select_on"] and kw["validate"]:
