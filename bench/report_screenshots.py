@@ -1,5 +1,6 @@
-"""Screenshots of the two HTML reports (bench/results/eval-report.png, patch-report.png): the demo's reports
-(bench/results/ordinary/demo-*-report.json, the figures in README) re-rendered by the current `hardener.report`, then
+"""Screenshots of the HTML reports (bench/results/eval-report.png, patch-report.png, eval-sweep-report.png): the demo's
+reports (bench/results/ordinary/demo-*-report.json, the figures in README) and an eval with an eps sweep
+(ordinary/sweep-eval-report.json), re-rendered by the current `hardener.report`, then
 drawn by headless Chromium (Debian: `apt-get install chromium`), cropped to the page and reduced to 64 colours.
 
     python bench/report_screenshots.py [CHROMIUM]
@@ -37,8 +38,14 @@ def refresh(rep: dict) -> dict:
     return rep
 
 
+# name of the screenshot -> the report drawn: the demo's two (make demo), and an eval with an eps sweep (the demo runs
+# none) of the default recipe's Fashion-MNIST patch (bench/ordinary_path.sh default; its command is in the report)
+SOURCES = {"eval": "ordinary/demo-eval-report.json", "patch": "ordinary/demo-patch-report.json",
+           "eval-sweep": "ordinary/sweep-eval-report.json"}
+
+
 def shoot(kind: str, chromium: str, tmp: Path) -> Path:
-    rep = refresh(json.loads((RESULTS / "ordinary" / f"demo-{kind}-report.json").read_text()))
+    rep = refresh(json.loads((RESULTS / SOURCES[kind]).read_text()))
     page, raw = tmp / f"{kind}.html", tmp / f"{kind}.png"
     page.write_text(report.to_html(rep), encoding="utf-8")
     subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp / kind}", f"--screenshot={raw}", page.as_uri()],
@@ -53,5 +60,5 @@ def shoot(kind: str, chromium: str, tmp: Path) -> Path:
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
-        for kind in ("eval", "patch"):
+        for kind in SOURCES:
             print(shoot(kind, sys.argv[1] if len(sys.argv) > 1 else "chromium", Path(d)))
