@@ -109,13 +109,13 @@ def _run(command: str) -> None:
     """Run `hardener.commands.<command>` with the current command's options, its boundary checks and which options the
     command line set. The command's module (and torch with it) is imported here, when the command runs: `--help` and
     a usage error never import it."""
-    from . import boundary as B
+    with held():  # the command's imports (torch among them: boundary's too) are not cut in half by an interrupt
+        from . import boundary as B
 
+        module = importlib.import_module(f".commands.{command}", __package__)
     ctx = click.get_current_context()
     call = commands.Call(dict(ctx.params), check_run=lambda outputs, force: B.check_run(ctx, outputs, force),
                          given=lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
-    with held():  # the command's imports (torch among them) are not cut in half by an interrupt
-        module = importlib.import_module(f".commands.{command}", __package__)
     module.run(call)
 
 
