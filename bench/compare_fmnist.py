@@ -33,7 +33,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -318,6 +320,8 @@ def main() -> None:
                     help="run nothing: rewrite the tables and plot from the rows finished in --out-dir")
     ap.add_argument("--out-dir", default=str(ROOT / "bench/results/compare"))
     ap.add_argument("--train-base", action="store_true", help="retrain examples/fmnist_base.safetensors first")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="rows run at once, one thread each (CI's quick run: 2 on 2 cores; timings then share the CPU)")
     ap.add_argument("--no-eval", action="store_true",
                     help="patch runs only (enough for the cost comparison, which uses per-epoch validation)")
     args = ap.parse_args()
@@ -340,14 +344,20 @@ def main() -> None:
     runs_file = out / "runs.json"
     # every row finished here before, by (method, fraction); this invocation's rows replace theirs
     rows_by = read_runs(runs_file) if args.tables_only or not args.rerun else {}
-    this = []
-    for frac in [] if args.tables_only else fractions:
-        for m in methods:
-            print(f"[compare] {m} at {frac:g}", file=sys.stderr, flush=True)
-            rows_by[(m, frac)] = one(m, frac, out, cfg, train, test, args.quick, not args.no_eval,
-                                     rows_by.get((m, frac)))
-            this.append((m, frac))
-            rows_by = save_runs(runs_file, meta, rows_by, this)
+    this: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def row(key: tuple[str, float]) -> None:
+        print(f"[compare] {key[0]} at {key[1]:g}", file=sys.stderr, flush=True)
+        done_row = one(*key, out, cfg, train, test, args.quick, not args.no_eval, rows_by.get(key))
+        with lock:  # save_runs updates rows_by in place
+            rows_by[key] = done_row
+            this.append(key)
+            save_runs(runs_file, meta, rows_by, this)
+
+    todo = [] if args.tables_only else [(m, frac) for frac in fractions for m in methods]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(row, todo))
     rows = sorted(rows_by.values(), key=lambda r: (-r["fraction"], list(METHODS).index(r["method"])))
     failed = [f"{m}-{f:g}" for m, f in this
               if rows_by[(m, f)]["patch"]["exit"] != 0 or rows_by[(m, f)].get("eval", {}).get("exit", 0) != 0]

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_compare_fmnist_quick(tmp_path):
-    r = subprocess.run([sys.executable, "bench/compare_fmnist.py", "--quick", "--out-dir", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "bench/compare_fmnist.py", "--quick", "--jobs", "2", "--out-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     methods = {s["method"] for s in summary["summary"]}
