@@ -34,7 +34,7 @@ certify() {  # certify NAME SIGMA MODEL SAMPLES [ARGS...]: NAME.json (report), N
   touch "$OUT/$name.started"
   /usr/bin/time -f "%e s wall, %U s user" python -m hardener certify "$model" "${M[@]}" "$@" --data fashion-mnist:test \
     --max-samples "$samples" --sigma "$sigma" --n "$N" --n0 100 --alpha 0.001 --batch-size 200 --force --quiet \
-    "${resume[@]}" --state-dir "$OUT/state" --tsv "$OUT/$name.tsv" --report "$OUT/$name.json" 2> "$OUT/$name.log"
+    "${resume[@]}" --state-dir "$OUT/state" --tsv "$OUT/$name.tsv" --report "$OUT/$name.json" 2>> "$OUT/$name.log"  # appended: a resumed row sums its runs' CPU time
 }
 model_of() {  # the checkpoint of a row name's model
   case $1 in a_base_s*) echo "$BASE" ;; b_denoiser_s*) echo "$OUT/denoiser_s${1#b_denoiser_s}.safetensors" ;;

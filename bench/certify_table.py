@@ -1,6 +1,7 @@
 """The certification table of bench/certify_fmnist.sh (issue 32): certified accuracy per radius with 95% Wilson
 intervals, abstention, noisy forwards and CPU seconds per image, and the side-by-side of sequential and fixed-N
-CERTIFY on the same images. Reads OUT_DIR/*.json (harden certify reports) and *.log (/usr/bin/time's CPU time).
+CERTIFY on the same images. Reads OUT_DIR/*.json (harden certify reports) and *.log (/usr/bin/time's CPU time, summed over the runs
+of a resumed row).
     python bench/certify_table.py OUT_DIR [--json bench/results/certify/table.json] > table.md"""
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def load(folder: Path, name: str) -> dict | None:
     """A row's report, or (`partial: true`) the rows an interrupted run saved, summarised the same way."""
     path, log = folder / f"{name}.json", folder / f"{name}.log"
     text = log.read_text(errors="replace") if log.exists() else ""
-    m = re.search(r"([\d.]+) s wall, ([\d.]+) s user", text)
+    runs = re.findall(r"([\d.]+) s wall, ([\d.]+) s user", text)  # one line per (resumed) run: their sum
     if path.exists():
         rep = json.loads(path.read_text())
     else:
@@ -39,7 +40,7 @@ def load(folder: Path, name: str) -> dict | None:
 
         res = CertifyResult(config=asdict(cfg), rows=rows)
         rep = {"summary": res.summary(), "rows": rows, "partial": True}
-    rep["cpu_s"] = float(m.group(2)) if m else None
+    rep["cpu_s"] = sum(float(user) for _, user in runs) if runs else None
     return rep
 
 
