@@ -24,9 +24,10 @@ ENV = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "HA
 
 
 def _signal_in_phase(args: list[str], slow: str, phase: str, sig: int) -> tuple[int, str]:
-    """Run harden with attack `slow` slowed down; send `sig` once a stderr line starts with `phase` (the phase's own
-    progress line: no fixed sleep); its exit code and stderr."""
-    proc = subprocess.Popen([sys.executable, str(HERE / "slow_cli.py"), slow, "0.3", *args], stdout=subprocess.PIPE,
+    """Run harden with attack `slow` (`NAME[@EPS]`, tests/slow_cli.py) 3 s slower a call, made in the phase alone;
+    send `sig` once a stderr line starts with `phase` (the phase's own progress line: no fixed sleep); its exit code
+    and stderr."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "slow_cli.py"), slow, "3", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(s) for s in proc.stderr] + [lines.put(None)], daemon=True).start()
@@ -113,7 +114,7 @@ def _numbers(rep: dict) -> dict:
 def test_sigterm_in_the_eps_sweep_resumes_to_the_same_numbers(runner, tmp_path, patched_ckpt, tiny_test_data):
     state, report = tmp_path / "st", tmp_path / "r.json"
     args = _eval_args(patched_ckpt, tiny_test_data, state, "--report", str(report))
-    code, err = _signal_in_phase(args, "pgd", "sweep eps=", signal.SIGTERM)
+    code, err = _signal_in_phase(args, "pgd@0.05", "sweep eps=", signal.SIGTERM)
     assert code == 130, err
     _one_line(err, "--resume")
     assert not report.exists() and len(list(state.glob(".harden-eval-*.partial"))) == 1
