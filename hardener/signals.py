@@ -17,7 +17,9 @@ from typing import Callable, Iterator
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM stop a run like Ctrl-C does (KeyboardInterrupt), so that state can be saved."""
+    """Let SIGTERM stop a run like Ctrl-C does (KeyboardInterrupt), so that state can be saved; SIGINT too where the
+    process inherited it ignored (a job started in the background by a non-interactive shell): training's stop flag
+    always took it, so every phase does."""
     def handler(_signum, _frame):
         raise KeyboardInterrupt
 
@@ -26,10 +28,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 @contextlib.contextmanager
