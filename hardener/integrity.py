@@ -86,19 +86,26 @@ def check(state: Any, path: Path, fingerprint: str, what: str, todo: str, other_
     if not isinstance(state, dict):
         raise refuse(path, what, "is not a file harden wrote", todo)
     if DIGEST_KEY not in state:
-        raise refuse(path, what, "has no integrity digest (written by an older harden version; it can be "
-                                 "deleted)", todo)
+        raise refuse(path, what, NO_DIGEST, todo)
     body = {k: v for k, v in state.items() if k != DIGEST_KEY}
     if FINGERPRINT_KEY in body and body[FINGERPRINT_KEY] != fingerprint:
-        raise InputError(other_run) if other_run else refuse(path, what, "belongs to another run (other model, "
-                                                                          "data or options)", todo)
+        raise InputError(other_run) if other_run else refuse(path, what, OTHER_RUN, todo)
+    _check_digest(path, what, todo, fingerprint, body, state[DIGEST_KEY])
+    return body
+
+
+NO_DIGEST = "has no integrity digest (written by an older harden version; it can be deleted)"
+OTHER_RUN = "belongs to another run (other model, data or options)"
+
+
+def _check_digest(path: Path, what: str, todo: str, fingerprint: str, content: Any, stored: str) -> None:
+    """The content's digest against the one stored with it (a content that cannot be digested does not match)."""
     try:
-        ok = digest(fingerprint, body) == state[DIGEST_KEY]
+        ok = digest(fingerprint, content) == stored
     except Mismatch:
         ok = False
     if not ok:
         raise refuse(path, what, "does not match its integrity digest (edited, damaged, or from another run)", todo)
-    return body
 
 
 def safetensors_metadata(fingerprint: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -117,16 +124,10 @@ def read_safetensors(path: Path, fingerprint: str, what: str, todo: str) -> dict
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on damaged files
         raise refuse(path, what, f"cannot be read ({str(e).splitlines()[0][:120]})", todo) from None
     if DIGEST_KEY not in meta:
-        raise refuse(path, what, "has no integrity digest (written by an older harden version; it can be "
-                                 "deleted)", todo)
+        raise refuse(path, what, NO_DIGEST, todo)
     if meta.get(FINGERPRINT_KEY) != fingerprint:
-        raise refuse(path, what, "belongs to another run (other model, data or options)", todo)
-    try:
-        ok = digest(fingerprint, tensors) == meta[DIGEST_KEY]
-    except Mismatch:
-        ok = False
-    if not ok:
-        raise refuse(path, what, "does not match its integrity digest (edited, damaged, or from another run)", todo)
+        raise refuse(path, what, OTHER_RUN, todo)
+    _check_digest(path, what, todo, fingerprint, tensors, meta[DIGEST_KEY])
     return tensors
 
 
@@ -150,7 +151,7 @@ def check_tag(tag: Path, data: Path, fingerprint: str, what: str, todo: str) -> 
         raise refuse(data, what, f"has no integrity digest in its tag '{tag.name}' (written by an older harden "
                                  "version, or damaged; both can be deleted)", todo)
     if meta.get(FINGERPRINT_KEY) != fingerprint:
-        raise refuse(data, what, "belongs to another run (other model, data or options)", todo)
+        raise refuse(data, what, OTHER_RUN, todo)
     try:
         ok = file_digest(data, fingerprint) == meta[DIGEST_KEY]
     except OSError as e:
