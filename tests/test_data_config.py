@@ -153,7 +153,8 @@ def test_example_on_fashion_mnist(runner, tmp_path):
                              f"{ROOT / 'examples/fmnist_model.py'}:resnet9_small", "--mean", "0.2860", "--std",
                              "0.3530", "--data", "fashion-mnist:train", "--subset", "300", "--eval-data",
                              "fashion-mnist:test", "--eval-samples", "100", "--eval-steps", "5", "--epochs", "1",
-                             "--steps", "3", "--eps", "0.1", "--out", str(out), "--report", str(rep), "--quiet"])
+                             "--steps", "3", "--eps", "0.1", "--select-on", "50", "--out", str(out), "--report", str(rep),
+                             "--quiet"])  # --select-on 50: the recipe's per-epoch validation on 500 took most of a minute
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
     assert report["models"]["base"]["clean"]["accuracy"] > 0.8  # the shipped base is a real classifier
