@@ -13,8 +13,12 @@ beta-binomial mixture of likelihood ratios (Robbins 1970; Howard et al. 2021), w
 probability at most alpha over the whole sequence (Ville's inequality). So the radius at whatever look a sample stops
 is over-stated with probability at most alpha, as CERTIFY's. A sample stops once its bound reaches the largest radius
 asked for (`max_radius`), once it can certify none (the sequence's upper end below 1/2), once its place among the
-reported radii is decided (no reported radius's threshold Φ(r/σ) lies inside the sequence), or at n draws. A
-Clopper-Pearson bound recomputed at every look would over-state radii far more often than alpha (the test shows it).
+reported radii is decided (no reported radius's threshold Φ(r/σ) lies inside the sequence), once the next threshold
+above its bound is out of reach (even an estimate REACH_Z standard errors above the observed share would leave the
+sequence's lower end below it after all n draws: the samples whose p_A sits on a threshold, which would otherwise
+all run to the cap), or at n draws. Whatever rule stops a sample, the bound at that look is valid: the rules choose
+how many draws to spend, never the guarantee. A Clopper-Pearson bound recomputed at every look would over-state
+radii far more often than alpha (the test shows it).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from .errors import InputError
 ABSTAIN = -1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 FIRST_LOOK = 100  # sequential: draws before the first look; each later batch doubles the draws, up to batch_size
+REACH_Z = 2.0  # sequential: a threshold is out of reach when p_A's estimate + REACH_Z standard errors cannot pass it
+STOPS = ("radius", "abstain", "decided", "reach", "cap")  # why a sequential sample stopped ("fixed": fixed n)
 
 
 @dataclass
@@ -96,7 +102,7 @@ def mixture_bounds(k: int, t: int, alpha: float) -> tuple[float, float]:
 def sequential_estimate(draw, cfg: SmoothingConfig, bounds=mixture_bounds) -> tuple[int, int, float, str]:
     """Draw in growing batches (`draw(m)`: the top class's count among m fresh noisy copies) until the sample's
     certificate is decided; returns (count, draws, lower bound of p_A, why it stopped: radius | abstain | decided |
-    cap). `bounds(k, t, alpha)` must be anytime-valid: tests pass a naive one to show what that means."""
+    reach | cap). `bounds(k, t, alpha)` must be anytime-valid: tests pass a naive one to show what that means."""
     from scipy.stats import norm
 
     cuts = sorted({0.5, *(float(norm.cdf(r / cfg.sigma)) for r in (*cfg.reported_radii(), cfg.top_radius))})
@@ -112,8 +118,18 @@ def sequential_estimate(draw, cfg: SmoothingConfig, bounds=mixture_bounds) -> tu
             return k, t, lo, "abstain"
         if not any(lo < c <= hi for c in cuts):
             return k, t, lo, "decided"
+        if t < cfg.n and not reachable(k, t, cfg.n, min(c for c in cuts if c > lo), cfg.alpha, bounds):
+            return k, t, lo, "reach"
         size = min(cfg.batch_size, t)
     return k, t, lo, "cap"
+
+
+def reachable(k: int, t: int, n: int, cut: float, alpha: float, bounds=mixture_bounds) -> bool:
+    """Whether the sequence's lower end could still pass `cut` by the cap: at n draws with the share an optimistic
+    estimate of p_A gives (the observed k/t plus REACH_Z standard errors, at least one draw's worth)."""
+    p = k / t
+    hope = min(1.0, p + REACH_Z * math.sqrt(max(p * (1 - p), 1 / t) / t))
+    return bounds(round(hope * n), n, alpha)[0] >= cut
 
 
 def binom_pvalue(k: int, n: int) -> float:
@@ -204,7 +220,9 @@ class CertifyResult:
                 "max_certifiable_radius": round(radius_of(bound, cfg.sigma), 4),
                 "draws_per_sample": {"mean": round(sum(draws) / max(1, n), 1),
                                      "median": draws[n // 2] if n else 0, "max": draws[-1] if n else 0},
-                "seconds_per_image": round(sum(r["seconds"] for r in self.rows) / max(1, n), 4)}
+                "seconds_per_image": round(sum(r["seconds"] for r in self.rows) / max(1, n), 4),
+                **({"stops": {why: sum(1 for r in self.rows if r.get("stop") == why) for why in STOPS},
+                    "out_of_reach_z": REACH_Z} if cfg.sequential else {})}
 
     def to_tsv(self) -> str:
         """locuslab/smoothing's columns; a sequential run adds the noisy forwards each sample took."""

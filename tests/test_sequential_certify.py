@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_sequential_and_fixed_n_certify_the_same_samples_at_each_radius_with_few
             [q["correct"] and q["radius"] >= r for q in s.rows]
         break  # the rows are deterministic: one fixed-n pass is enough for every radius below
     stops = {d: row["stop"] for d, row in zip(distances, s.rows)}
-    assert stops[1.6] == "radius" and stops[0.0] in ("abstain", "cap")
+    assert stops[1.6] == "radius" and stops[0.0] in ("abstain", "reach", "cap")
     assert s.summary()["draws_per_sample"]["mean"] < a["draws_per_sample"]["mean"] / 3
     assert a["draws_per_sample"] == {"mean": 20_100.0, "median": 20_100, "max": 20_100}
 
@@ -93,10 +94,16 @@ def test_stopping_rules():
     rng = np.random.default_rng(1)
     k, t, lo, stop = sequential_estimate(lambda m: int(rng.binomial(m, 0.75)), cfg)
     assert stop == "decided" and norm.cdf(0.5) < lo < norm.cdf(1.0)  # certifies 0.25, cannot reach 0.5
-    assert sequential_estimate(lambda m: int(rng.binomial(m, norm.cdf(1.0))), cfg)[1:4:2] == (4000, "cap")
+    # p_A on the threshold of radius 0.5 (Φ(1)): the cap cannot decide it; once that is clear it stops
+    k, t, lo, stop = sequential_estimate(lambda m: int(rng.binomial(m, norm.cdf(1.0))), cfg)
+    assert stop == "reach" and t < 4000 and lo < norm.cdf(1.0)
     draws = []
-    sequential_estimate(lambda m: draws.append(m) or int(rng.binomial(m, norm.cdf(1.0))), cfg)
+    sequential_estimate(lambda m: draws.append(m) or int(rng.binomial(m, 0.5)), replace(cfg, n=100_000))
     assert draws[:4] == [100, 100, 200, 400] and max(draws) == 400  # doubling looks, capped at batch_size
+    assert sum(draws) < 50_000  # a coin flip stops long before the cap of 100,000 (1/2 out of reach)
+    # ... and one just above a threshold that the cap can pass goes on until it does
+    k, t, lo, stop = sequential_estimate(lambda m: int(rng.binomial(m, norm.cdf(1.0) + 0.05)), cfg)
+    assert stop == "radius" and t >= 400
 
 
 def test_summary_cuts_reported_radii_at_the_largest_one_asked_for():

@@ -78,7 +78,9 @@ def _report_text(rep: dict, path: str) -> str:
 
 def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, model_sha: str, kw: dict) -> tuple[EvalStore, list]:
     """The certification's resumable state (beside --report or --tsv, or --state-dir) and the rows it holds."""
-    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type})
+    rules = {"stops": C.STOPS, "reach_z": C.REACH_Z} if cfg.sequential else {}  # a rule change is another run
+    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
+                      **rules})
     folder = B.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
     state = folder / f".harden-certify-{fp[:16]}.partial" if folder is not None else None
     store = EvalStore(state, fp, kw["resume"])
@@ -114,6 +116,15 @@ def _method_line(s: dict) -> str:
     return f"N {s['N']:,}"
 
 
+def _stops_text(s: dict) -> str:
+    """Why sequential samples stopped, e.g. ' Stopped: 41 at the largest radius, 2 next radius out of reach.'"""
+    if not s.get("stops"):
+        return ""
+    names = {"radius": "at the largest radius", "abstain": "abstained", "decided": "decided between radii",
+             "reach": f"next radius out of reach (z {s['out_of_reach_z']:g})", "cap": "at the cap"}
+    return " Stopped: " + ", ".join(f"{k} {names[w]}" for w, k in s["stops"].items() if k) + "."
+
+
 def to_markdown(rep: dict) -> str:
     s = rep["summary"]
     d = s["draws_per_sample"]
@@ -123,7 +134,7 @@ def to_markdown(rep: dict) -> str:
              f"{s['seed']}; bound: {s['bound']}; largest certifiable radius with "
              f"this N: {s['max_certifiable_radius']}.", "",
              f"Noisy forwards per sample (selection included): mean {d['mean']}, median {d['median']}, "
-             f"max {d['max']}.", "",
+             f"max {d['max']}." + _stops_text(s), "",
              f"Smoothed clean accuracy {100 * s['clean_accuracy_smoothed']:.1f}%, abstention "
              f"{100 * s['abstention_rate']:.1f}%.", "", "| radius | certified accuracy |", "|---|---|"]
     lines += [f"| {r} | {100 * v:.1f}% |" for r, v in s["certified_accuracy"].items()]
