@@ -31,7 +31,7 @@ def load(folder: Path, name: str) -> dict | None:
             return None
         import torch
 
-        from hardener.certify import CertifyResult, SmoothingConfig
+        from hardener.smoothing import CertifyResult, SmoothingConfig
 
         rows = torch.load(saved.group(1), weights_only=True)["data"]["rows"]["rows"]
         cfg = SmoothingConfig(sigma=float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]), n0=100,

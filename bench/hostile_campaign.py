@@ -611,7 +611,7 @@ def _states(w: "World") -> dict[str, Path]:
     interrupted evaluation and certification, and a --base-cache folder. {name: folder}."""
     from click.testing import CliRunner
 
-    from hardener import certify as C, evaluation as E, resume
+    from hardener import evaluation as E, resume, smoothing as C
     from hardener.cli import main as cli
 
     torch.set_num_threads(1)

@@ -65,6 +65,8 @@ def __getattr__(name):
 
     if name in ("patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report"):
         return getattr(importlib.import_module(".api", __name__), name)
+    if name in ("certify", "Certification"):
+        return getattr(importlib.import_module(".certify_run", __name__), name)
     if name == "PatchedModel":
         return importlib.import_module(".patches", __name__).PatchedModel
     if name in ("attacks", "errors", "data", "methods", "patches"):
@@ -77,5 +79,5 @@ def __dir__():
     return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})
 
 
-__all__ = ["__version__", "load", "patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "PatchedModel",
-           "Report", "attacks", "data", "errors", "methods", "patches"]
+__all__ = ["__version__", "load", "patch", "evaluate", "certify", "as_dataset", "as_patched", "PatchOptions",
+           "PatchedModel", "Report", "Certification", "attacks", "data", "errors", "methods", "patches"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hardener.certify import ABSTAIN, SmoothingConfig, Smoothed, certify, lower_confidence_bound, radius_of
+from hardener.smoothing import ABSTAIN, SmoothingConfig, Smoothed, certify, lower_confidence_bound, radius_of
 from hardener.errors import InputError
 
 
@@ -160,7 +160,7 @@ def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tin
     run (every sample has its own noise stream), fixed-n or sequential."""
     import json
 
-    from hardener import certify as C
+    from hardener import smoothing as C
     from hardener.cli import main
 
     from conftest import ARCH, assert_input_error
@@ -196,3 +196,44 @@ def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tin
     assert strip(a["rows"]) == strip(b["rows"]) and a["summary"]["certified_accuracy"] == b["summary"]["certified_accuracy"]
     assert not list((tmp_path / "st").glob(".harden-certify-*.partial"))
     assert_input_error(runner.invoke(main, [*args, "--report", str(tmp_path / "x.json"), "--resume"]), "--resume")
+
+
+def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ckpt, tiny_test_data, monkeypatch,
+                                                        capsys):
+    """`hardener.certify` runs what `harden certify` runs (the CLI calls the library's `certify_run`) and gives the
+    same rows; it shows progress unless `progress=False`, and its errors name Python parameters."""
+    import json
+
+    import hardener
+    from hardener import certify_run as CR
+    from hardener.cli import main
+    from hardener.errors import InputError
+
+    from conftest import ARCH
+
+    seen = []
+    real = CR.certify_run
+    monkeypatch.setattr(CR, "certify_run", lambda *a, **k: seen.append(k) or real(*a, **k))
+    rep = tmp_path / "r.json"
+    r = runner.invoke(main, ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma",
+                             "0.12", "--n0", "20", "--n", "300", "--alpha", "0.01", "--max-samples", "6", "--sequential",
+                             "--quiet", "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 1  # the command ran the library's certification
+    cli = json.loads(rep.read_text())
+    cert = hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sigma=0.12, n0=20, n=300, alpha=0.01,
+                            max_samples=6, batch_size=1000, device="cpu")
+    assert len(seen) == 2 and "certify" in capsys.readouterr().err  # progress on stderr by default
+    keys = ("idx", "label", "predict", "radius", "draws", "stop")
+    assert [{k: row[k] for k in keys} for row in cert.rows] == [{k: row[k] for k in keys} for row in cli["rows"]]
+    assert cert.summary["certified_accuracy"] == cli["summary"]["certified_accuracy"]
+    assert cert.to_dict()["checkpoint_sha256"] == cli["checkpoint_sha256"]
+    assert "| radius | certified accuracy |" in cert._repr_markdown_() and "Certification(n=6" in repr(cert)
+    assert cert.to_tsv().splitlines()[0].endswith("\tdraws")
+    hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sigma=0.12, n0=20, n=50, max_samples=2,
+                     progress=False, device="cpu")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(InputError, match="^max_radius needs sequential=True"):
+        hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=False, max_radius=0.5)
+    with pytest.raises(InputError, match="^n must be an integer"):
+        hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, n=0)

@@ -205,7 +205,7 @@ def test_eval_resume_refuses_edited_state(tmp_path, runner, monkeypatch, patched
 
 
 def test_certify_resume_refuses_edited_state(tmp_path, runner, monkeypatch, tiny_ckpt, tiny_test_data):
-    from hardener import certify as C
+    from hardener import smoothing as C
 
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
             "10", "--n", "50", "--max-samples", "6", "--quiet", "--state-dir", str(tmp_path / "st"), "--report",

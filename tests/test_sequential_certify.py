@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from hardener.certify import (ABSTAIN, SmoothingConfig, Smoothed, certify, lower_confidence_bound, mixture_bounds,
+from hardener.smoothing import (ABSTAIN, SmoothingConfig, Smoothed, certify, lower_confidence_bound, mixture_bounds,
                               sequential_estimate)
 from test_certify import Linear2
 
@@ -121,7 +121,7 @@ def test_cli_sequential_report_states_the_method_and_draws(runner, tmp_path, tin
 
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
             "20", "--n", "2000", "--alpha", "0.01", "--max-samples", "6", "--quiet"]
-    from hardener.commands.certify import to_markdown
+    from hardener.certify_run import to_markdown
 
     r = runner.invoke(main, [*args, "--sequential", "--max-radius", "0.2", "--report", str(tmp_path / "r.json"),
                              "--tsv", str(tmp_path / "r.tsv")])

@@ -33,7 +33,7 @@ def run(call: Call) -> None:
 
 def _predictions(loaded: Loaded, x: torch.Tensor, kw: dict, device: torch.device) -> list[dict]:
     if kw["smooth_sigma"] is not None:
-        from ..certify import ABSTAIN, Smoothed, SmoothingConfig
+        from ..smoothing import ABSTAIN, Smoothed, SmoothingConfig
 
         if kw["adaptive"]:
             raise InputError("--smooth and --adaptive are two different predictors: give one")
