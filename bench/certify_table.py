@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hardener.evaluation import wilson  # noqa: E402
+from hardener.stats import wilson  # noqa: E402
 
 RADII = ("0", "0.25", "0.5", "0.75", "1")
 NAMES = {"a_base": "(a) base, smoothed", "b_denoiser": "(b) base + harden denoiser", "c_noise_ft": "(c) noise fine-tuned"}
@@ -33,9 +33,13 @@ def load(folder: Path, name: str) -> dict | None:
 
         from hardener.smoothing import CertifyResult, SmoothingConfig
 
-        rows = torch.load(saved.group(1), weights_only=True)["data"]["rows"]["rows"]
-        cfg = SmoothingConfig(sigma=float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]), n0=100,
-                              n=100_000, alpha=0.001, batch_size=200, sequential=".fixed" not in name)
+        state = torch.load(saved.group(1), weights_only=True)["data"]["rows"]
+        rows = state["rows"]
+        if "config" in state:
+            cfg = SmoothingConfig(**state["config"])
+        else:  # states written before they carried their config: the bench's own settings
+            cfg = SmoothingConfig(sigma=float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]), n0=100,
+                                  n=100_000, alpha=0.001, batch_size=200, sequential=".fixed" not in name)
         from dataclasses import asdict
 
         res = CertifyResult(config=asdict(cfg), rows=rows)

@@ -164,5 +164,8 @@ def to_markdown(rep: dict) -> str:
              f"max {d['max']}." + stops_text(s), "",
              f"Smoothed clean accuracy {100 * s['clean_accuracy_smoothed']:.1f}%, abstention "
              f"{100 * s['abstention_rate']:.1f}%.", "", "| radius | certified accuracy |", "|---|---|"]
-    lines += [f"| {r} | {100 * v:.1f}% |" for r, v in s["certified_accuracy"].items()]
+    ci = s.get("certified_accuracy_ci95", {})
+    lines[-2:] = ["| radius | certified accuracy | 95% interval (Wilson) |", "|---|---|---|"]
+    lines += [f"| {r} | {100 * v:.1f}% | " + (f"{100 * ci[r][0]:.1f}–{100 * ci[r][1]:.1f}%" if r in ci else "–") + " |"
+              for r, v in s["certified_accuracy"].items()]
     return "\n".join(lines) + "\n"

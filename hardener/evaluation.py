@@ -38,6 +38,7 @@ from .patches.attach import Disabled, StraightThrough
 from .checkpoint import tensor_digest, write_torch
 from .errors import InputError, RunError
 from .resume import EvalStore, fingerprint
+from .stats import wilson  # noqa: F401 - evaluation.wilson, as before
 
 THREATS = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")
 WHITEBOX_KNOWLEDGE = ("whitebox", "adaptive")  # attacks that know the patched model: the `robust` figure
@@ -152,16 +153,6 @@ def find_batch_size(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
         raise RunError("--batch-size auto: out of memory even for one image: use another device (--device) or a "
                        "smaller input")
     return best
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def acc(mask: torch.Tensor) -> dict:

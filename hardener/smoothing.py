@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .stats import wilson
 
 ABSTAIN = -1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -198,9 +199,12 @@ class CertifyResult:
     config: dict
     rows: list[dict] = field(default_factory=list)  # idx, label, predict, radius, correct, seconds
 
+    def certified(self, r: float) -> int:
+        """The samples certified correct at radius r."""
+        return sum(1 for row in self.rows if row["correct"] and row["radius"] >= r)
+
     def certified_accuracy(self, r: float) -> float:
-        hits = sum(1 for row in self.rows if row["correct"] and row["radius"] >= r)
-        return hits / max(1, len(self.rows))
+        return self.certified(r) / max(1, len(self.rows))
 
     def summary(self, radii: tuple[float, ...] | None = None) -> dict:
         n, cfg = len(self.rows), SmoothingConfig(**self.config)
@@ -217,6 +221,8 @@ class CertifyResult:
                 "abstention_rate": round(abstained / max(1, n), 4),
                 "certified_accuracy": {f"{r:g}": round(self.certified_accuracy(r), 4)
                                        for r in (radii or cfg.reported_radii())},
+                "certified_accuracy_ci95": {f"{r:g}": [round(b, 4) for b in wilson(self.certified(r), n)]
+                                            for r in (radii or cfg.reported_radii())},
                 "max_certifiable_radius": round(radius_of(bound, cfg.sigma), 4),
                 "draws_per_sample": {"mean": round(sum(draws) / max(1, n), 1),
                                      "median": draws[n // 2] if n else 0, "max": draws[-1] if n else 0},

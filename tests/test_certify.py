@@ -227,6 +227,8 @@ def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ck
     keys = ("idx", "label", "predict", "radius", "draws", "stop")
     assert [{k: row[k] for k in keys} for row in cert.rows] == [{k: row[k] for k in keys} for row in cli["rows"]]
     assert cert.summary["certified_accuracy"] == cli["summary"]["certified_accuracy"]
+    for r, (lo, hi) in cert.summary["certified_accuracy_ci95"].items():  # Wilson 95% around each figure
+        assert lo <= cert.summary["certified_accuracy"][r] <= hi and hi - lo > 0.1  # 6 samples: wide
     assert cert.to_dict()["checkpoint_sha256"] == cli["checkpoint_sha256"]
     assert "| radius | certified accuracy |" in cert._repr_markdown_() and "Certification(n=6" in repr(cert)
     assert cert.to_tsv().splitlines()[0].endswith("\tdraws")

@@ -41,7 +41,7 @@ def run(call: Call) -> None:
 
     def keep(row: dict) -> None:
         rows.append(row)
-        store.put("rows", {"rows": list(rows)})
+        store.put("rows", {"rows": list(rows), "config": asdict(cfg)})  # the config: a reader can summarise it
     with outputs_or_none(lambda: _stopped(store, rows)) as written:
         with ProgressView(kw["quiet"]) as progress:
             cert = CR.certify_run(loaded.patched, ds, cfg, device, n_classes=loaded.spec.num_classes,
