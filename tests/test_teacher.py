@@ -125,9 +125,10 @@ def test_resume_with_teacher_is_bit_identical(tmp_path):
         assert torch.equal(p.patch_state_dict()[k], v), k
 
 
-def test_library_patch_with_a_teacher_file_records_it(tmp_path):
+def test_library_patch_with_a_teacher_file_records_it(tmp_path, caplog):
     path = _saved(tmp_path / "heavy.safetensors", _teacher())
     imgs, labels = make_data(n=90, seed=3)
+    caplog.set_level("INFO", logger="hardener")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         st = hardener.patch(BASE, (imgs, labels), None, method="fixer", at="features", epochs=1, steps=1, eps=0.1,
@@ -136,6 +137,7 @@ def test_library_patch_with_a_teacher_file_records_it(tmp_path):
     assert st.training_record["config"]["teacher_weight"] == pytest.approx(5 / 6)
     assert all(torch.equal(v, BASE.state_dict()[k]) for k, v in st.base_state_dict().items())
     assert list(st.sites) == ["features"]  # the teacher's patch at block is not the student's
+    assert "teacher: heavy.safetensors (--loss rslad" in caplog.text  # the plan says it
     with pytest.raises(InputError, match="teacher="):
         hardener.patch(BASE, (imgs, labels), None, loss="rslad", progress=False)
     with pytest.raises(InputError, match="teacher= .* another base"):
@@ -182,4 +184,8 @@ def test_cli_teacher_errors_exit_2_with_one_line(tmp_path, runner, tiny_ckpt, ti
                        "--teacher", "4 classes", "has 3")
     assert_input_error(_cli(runner, tiny_ckpt, tiny_data, out, "--loss", "rslad", "--teacher", str(patched_ckpt),
                             "--teacher-weight", "1.5"), "--teacher-weight", "(0, 1]")
+    toml = tmp_path / "harden.toml"  # the config file's key
+    toml.write_text(f'[patch]\nteacher = "{tmp_path / "gone.safetensors"}"\n')
+    assert_input_error(_cli(runner, tiny_ckpt, tiny_data, out, "--config", str(toml), "--loss", "rslad"), "--teacher", "gone.safetensors",
+                       "does not exist")
     assert not out.exists()
