@@ -186,6 +186,6 @@ def test_cli_teacher_errors_exit_2_with_one_line(tmp_path, runner, tiny_ckpt, ti
                             "--teacher-weight", "1.5"), "--teacher-weight", "(0, 1]")
     toml = tmp_path / "harden.toml"  # the config file's key
     toml.write_text(f'[patch]\nteacher = "{tmp_path / "gone.safetensors"}"\n')
-    assert_input_error(_cli(runner, tiny_ckpt, tiny_data, out, "--config", str(toml), "--loss", "rslad"), "--teacher", "gone.safetensors",
-                       "does not exist")
+    assert_input_error(_cli(runner, tiny_ckpt, tiny_data, out, "--config", str(toml), "--loss", "rslad"),
+                       "--teacher", "gone.safetensors", "does not exist")
     assert not out.exists()
