@@ -28,6 +28,8 @@ declare -A RUNS=(
   [B125]="--budget 1.25 --method fixer,auxbn --bn auto"
   [B2]="--budget 2 --method fixer,auxbn --bn auto"
   [L2e20]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20"
+  # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER= another file)
+  [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher ${TEACHER:-/work/keep/default-10pct.safetensors}"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)

@@ -9,6 +9,6 @@ SUITE_VERSIONS = {"standard": "autoattack", "plus": "autoattack-plus", "rand": "
 DENOISE_OPS = ("nonlocal-gaussian", "nonlocal-dot", "mean", "median", "bilateral")  # of denoise patches
 ACTIVATIONS = ("linear", "tanh", "silu", "softplus", "gelu")  # of fixers (patches.fixer.ACTIVATIONS)
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast of training and attacks (evaluation.PRECISIONS)
-LOSSES = ("fixer", "trades")  # --loss (methods.patch.ADV_LOSSES)
+LOSSES = ("fixer", "trades", "rslad")  # --loss (methods.patch.LOSSES)
 PREFILTER_DESIGNS = ("plain", "separable", "shuffle")  # of the input pre-filter (patches.prefilter.DESIGNS)
 CONFIG_FILE = "harden.toml"  # read from the working directory when there is no --config (config.DEFAULT_FILE)

@@ -15,9 +15,10 @@ VAL_UNITS = 3 * 10 + 3  # validation per image: PGD-10 on the patched model, thr
 
 def train_units(cfg: "FitConfig", spec: "AttackSpec") -> float:
     """Forward-pass equivalents per image of one optimiser step: the attack when it runs every step, the clean
-    and adversarial passes with their backward, and the base's targets."""
+    and adversarial passes with their backward, the base's targets, and a robust teacher's soft labels (one
+    forward, counted as one whatever the teacher's size)."""
     attack = 3 * int(spec.steps or 1) if not (cfg.cached_adversarials or cfg.noise_sigma) else 0
-    return attack + 2 * 3 + 1
+    return attack + 2 * 3 + 1 + (1 if cfg.teacher is not None else 0)
 
 
 def fmt_seconds(s: float) -> str:

@@ -57,6 +57,9 @@ class FitConfig:
     ema: float = 0.0  # > 0: decay of an exponential moving average of the trained weights (validated and kept)
     noise_sigma: float = 0.0  # > 0: denoised smoothing -- the second input is x + N(0, σ²), the loss the stability
     # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
+    teacher: dict | None = None  # robust distillation (--loss rslad): the teacher's record (its name and sha256);
+    # the teacher itself is fit's `teacher` argument
+    teacher_weight: float = 5 / 6  # RSLAD's weight of KL(teacher(x) || student(x_adv)); 1 - it for the clean input
 
     def __post_init__(self) -> None:
         if self.adversary not in ("base", "patched"):
@@ -213,6 +216,25 @@ class _Validation:
                 self._accuracy(model, self.transfer_x))
 
 
+def _check_teacher(teacher: torch.nn.Module | None, cfg: FitConfig, method: methods.Method,
+                   device: torch.device) -> torch.nn.Module | None:
+    """fit's `teacher` against `cfg.teacher` (its record) and the method (which must take the teacher's options),
+    frozen, in eval mode, on `device`."""
+    from dataclasses import fields
+
+    if (teacher is None) != (cfg.teacher is None):
+        raise InputError("robust distillation needs both the teacher module (fit's teacher=) and its record "
+                         "(FitConfig.teacher), or neither")
+    if teacher is None:
+        return None
+    if "teacher" not in {f.name for f in fields(method.config_cls)}:
+        raise InputError(f"--teacher: --method {cfg.method} does not distil from a teacher (the patch methods, "
+                         "adv-train and advprop do, with --loss rslad)")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
 def _trainable(patched: PatchedModel, method: methods.Method) -> list[torch.nn.Parameter]:
     if method.trains_base:
         patched.finetune_base = True
@@ -266,7 +288,8 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
         device: torch.device, progress: Progress | None = None, saver: Saver | None = None,
         stop: Callable[[], bool] = lambda: False, val: hdata.Dataset | None = None,
         info: dict | None = None, cache_dir=None,
-        on_estimate: Callable[[dict], None] | None = None, world=None) -> list[EpochLog]:
+        on_estimate: Callable[[dict], None] | None = None, world=None,
+        teacher: torch.nn.Module | None = None) -> list[EpochLog]:
     """Train `patched` on `ds` by `cfg.method`. With a `saver`, state is saved atomically at the end of
     every epoch (and every `saver.every_steps` steps), and when `stop()` turns true, after which
     `Interrupted` is raised; `saver.resume` continues bit-identically from the saved state. With `val`
@@ -274,8 +297,10 @@ def fit(patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg:
     once, after the first few timed steps, with the estimated seconds left (`Clock.estimate`). With a `world` of
     several processes (torchrun), each step's batch is split between them and the patch gradients are summed
     across processes (data parallel over the trainable parameters only: the frozen base needs no sync); only rank 0
-    writes state (its saver), the others pass a read-only one to resume from."""
-    trainer = _Trainer(patched, ds, spec, cfg, device, progress, saver, stop, val, world)
+    writes state (its saver), the others pass a read-only one to resume from. `teacher` (with `cfg.teacher` its
+    record and `--loss rslad`): a frozen model taking the same [0, 1] inputs whose logits on each clean batch are the
+    soft labels of robust distillation; it is never trained nor saved."""
+    trainer = _Trainer(patched, ds, spec, cfg, device, progress, saver, stop, val, world, teacher)
     trainer.prepare(info, cache_dir, on_estimate)
     try:
         return trainer.run()
@@ -290,11 +315,13 @@ class _Trainer:
 
     def __init__(self, patched: PatchedModel, ds: hdata.Dataset, spec: attacks.AttackSpec, cfg: FitConfig,
                  device: torch.device, progress: Progress | None, saver: Saver | None,
-                 stop: Callable[[], bool], val: hdata.Dataset | None, world=None) -> None:
+                 stop: Callable[[], bool], val: hdata.Dataset | None, world=None,
+                 teacher: torch.nn.Module | None = None) -> None:
         from .distributed import World
 
         self.world = world or World()
         self.method = method = methods.build(cfg)
+        self.soft_teacher = _check_teacher(teacher, cfg, method, device)
         if method.auxbn == "required" and not patched.has_auxbn:
             raise InputError(f"--method {cfg.method} needs auxiliary BNs (--bn all): the model has none attached")
         if cfg.select and val is None:
@@ -587,18 +614,28 @@ class _Trainer:
             out = self.patched(x)
         return out.float(), feats
 
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The robust teacher on the clean (augmented) input: RSLAD's soft labels, without gradients."""
+        if self.soft_teacher is None:
+            return None
+        cast = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        with torch.no_grad(), cast:
+            return self.soft_teacher(x).float()
+
     def _batch(self, idx: torch.Tensor, done: int) -> methods.Batch:
         x, y = self.ds.batch(idx)
         if self.cfg.augment:
             x = hdata.augment(x, self.g)
         x, y = x.to(self.device), y.to(self.device)
         base_logits, targets = self._targets(x, idx)
+        teacher_logits = self._teacher_logits(x)
         x_adv = self._second_input(x, y, idx, done)
         self.patched.train()
         clean_route, adv_route = self.method.routes
         out_clean, f_clean = self._forward(x, "clean", clean_route, idx)
         out_adv, f_adv = self._forward(x_adv, "adv", adv_route, idx)
-        return methods.Batch(self.patched, x, y, x_adv, out_clean, out_adv, f_clean, f_adv, base_logits, targets)
+        return methods.Batch(self.patched, x, y, x_adv, out_clean, out_adv, f_clean, f_adv, base_logits, targets,
+                             teacher_logits)
 
     def _step(self, epoch: int, step: int) -> None:
         cfg, spe, w = self.cfg, self.steps_per_epoch, self.world
@@ -731,12 +768,25 @@ def selected_epoch(logs: list[EpochLog], cfg: FitConfig) -> int | None:
     return -max(scored)[2] if cfg.select and scored else None
 
 
+def config_record(cfg: FitConfig) -> dict:
+    """`cfg` as the training record and the resumable state's fingerprint hold it: the teacher's fields only where
+    there is a teacher (a run without one records what it recorded before they existed)."""
+    d = asdict(cfg)
+    if cfg.teacher is None:
+        del d["teacher"], d["teacher_weight"]
+    return d
+
+
 def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog], ds: hdata.Dataset,
            subset: str | None) -> dict:
-    """The training record stored in the manifest: no wall times, so equal runs give equal files."""
+    """The training record stored in the manifest: no wall times, so equal runs give equal files. A distilled run
+    (--teacher) names its teacher under "teacher" (file name and sha256)."""
     import torchattacks
 
     epochs = [{k: v for k, v in asdict(e).items() if k not in ("seconds", "val_seconds")} for e in logs]
-    return {"config": asdict(cfg), "attack": spec.record(), "epochs": epochs, "seed": cfg.seed,
-            "data": {"source": ds.source, "fingerprint": ds.fingerprint(), "n": len(ds), "subset": subset},
-            "torch": torch.__version__, "torchattacks": torchattacks.__version__}
+    out = {"config": config_record(cfg), "attack": spec.record(), "epochs": epochs, "seed": cfg.seed,
+           "data": {"source": ds.source, "fingerprint": ds.fingerprint(), "n": len(ds), "subset": subset},
+           "torch": torch.__version__, "torchattacks": torchattacks.__version__}
+    if cfg.teacher is not None:
+        out["teacher"] = dict(cfg.teacher)
+    return out

@@ -185,8 +185,14 @@ PATCH = (
          help="Decay of an exponential moving average of the trained weights (e.g. 0.99; 0 = off): validation, "
               "--select-on and the written patch use the average."),
     popt("--loss", "loss_name", show_default=True, type=Choice(LOSSES),
-         help="fixer: CE on clean and adversarial inputs; trades: CE on clean + β·KL(clean‖adversarial)."),
+         help="fixer: CE on clean and adversarial inputs; trades: CE on clean + β·KL(clean‖adversarial); rslad: "
+              "the --teacher's soft labels on the clean input as the target of both (Zi et al. 2021), no CE."),
     popt("--beta", show_default=True, type=float, help="TRADES weight β."),
+    popt("--teacher", type=FILE,
+         help="Robust distillation (--loss rslad): a checkpoint harden patched from the same base (e.g. a heavier, "
+              "robust patch) whose soft labels on the clean input are the targets; frozen, never saved."),
+    popt("--teacher-weight", type=float,
+         help="RSLAD's weight of KL(teacher(x) ‖ model(x_adv)); the clean input's KL gets 1 − it (default 5/6)."),
     popt("--select-on", type=int, show_default=True,
          help="Hold out N images of --data outside the subset; keep the epoch with the best white-box "
               "accuracy on them (PGD-10)."),
@@ -369,8 +375,8 @@ _GROUP_OF = {group: names.split() for group, names in {
               "prefilter_design budget final_relu",
     "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "
               "threat surrogate eps_sweep precision no_checks",
-    "training": "epochs batch_size lr loss_name beta lam mu gamma augment ema select_on validate validate_every phi "
-                "betas sigma noise_sigma cache cache_limit",
+    "training": "epochs batch_size lr loss_name beta teacher teacher_weight lam mu gamma augment ema select_on "
+                "validate validate_every phi betas sigma noise_sigma cache cache_limit",
     "adaptive": "defense e2e_samples e2e_steps adaptive reference_data adaptive_eps neighbour neighbour_steps "
                 "post_train iterations post_batch adapt post_lr",
     "smoothing": "n0 n_samples smooth_sigma smooth_n smooth_alpha sequential max_radius",

@@ -38,6 +38,8 @@ class PatchOptions:
     ema: float = 0.0
     loss_name: str = "fixer"
     beta: float = 6.0
+    teacher: Any = None  # --loss rslad's robust teacher: a patched checkpoint of the same base, or a module (library)
+    teacher_weight: float = 5 / 6  # RSLAD's weight of the adversarial input's KL to the teacher
     select_on: int = 0
     validate: int = 0
     validate_every: int = 1
@@ -92,4 +94,17 @@ class PatchOptions:
             rule = OPTION_RULES.get(k)
             if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not rule[0](v):
                 raise InputError(f"{k} {rule[1]}, got {v}")
+        check_teacher(values.get("loss_name", "fixer"), values.get("teacher"), library=True)
         return cls(**values), preset
+
+
+def check_teacher(loss: str, teacher: Any, library: bool = False) -> None:
+    """A teacher and `--loss rslad` go together: RSLAD's targets are the teacher's soft labels, and no other loss
+    uses a teacher. The error names the library's parameters or the command line's flags."""
+    t, rslad, now = ("teacher=", "loss='rslad'", f"loss='{loss}'") if library else ("--teacher", "--loss rslad",
+                                                                                  f"--loss {loss}")
+    if loss == "rslad" and teacher is None:
+        raise InputError(f"{rslad} distils from a robust teacher: pass {t} (a patched checkpoint of the same base)")
+    if teacher is not None and loss != "rslad":
+        raise InputError(f"{t} is used by {rslad} only (robust soft-label distillation), not {now}: use "
+                         f"{rslad}, or drop {t}")

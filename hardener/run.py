@@ -79,6 +79,7 @@ class PatchRun:
     report_units: float = 0.0  # the caller's report, in forward-pass units (the estimate's last term)
     saver: Saver | None = None
     parent: torch.nn.Module | None = None
+    teacher: torch.nn.Module | None = None  # --teacher: the robust teacher of --loss rslad (frozen; never saved)
     logs: list = field(default_factory=list)
     info: dict = field(default_factory=dict)  # what fit says of its caches and out-of-memory retries
     estimate: dict = field(default_factory=dict)
@@ -108,6 +109,9 @@ def plan(run: PatchRun, infos: list) -> None:
     """Everything before training: patches attached, the split, the trainer's configuration, the plan said and the
     warnings warned."""
     o, h = run.opts, run.hooks
+    teacher = None  # loaded onto a copy of the base before any patch is attached to it
+    if o.teacher is not None:
+        run.teacher, teacher = S.load_teacher(run.patched, run.ds, o.teacher, run.device, library=h.library)
     S.attach_patches(run.patched, infos, o, say=h.say)
     run.patched.to(run.device)
     run.inference = C.count(run.patched) if run.patched.sites else None
@@ -120,7 +124,7 @@ def plan(run: PatchRun, infos: list) -> None:
         h.say(f"{run.ds.source}: {note}")
     run.train_ds = run.ds.take(run.split.train)
     run.val_ds = run.ds.take(run.split.val) if run.split.val is not None else None
-    run.spec, cfg = S.training_setup(o, run.n_classes)
+    run.spec, cfg = S.training_setup(o, run.n_classes, teacher)
     aside = h.aside(run) if h.aside else []
     low = check_accuracy(Disabled(run.patched), run.ds, run.n_classes, run.device, o.allow_low_accuracy,
                          library=h.library)
@@ -217,6 +221,11 @@ def plan_text(run: PatchRun, report_line: str | None = None) -> str:
     if run.val_ds is not None:
         lines.append(f"validation: {len(run.val_ds):,} held-out images after every {cfg.validate_every} epoch(s) "
                      "(PGD-10 white-box and transfer)")
+    if cfg.teacher is not None:
+        w = cfg.teacher_weight
+        lines.append(f"teacher: {cfg.teacher.get('file') or cfg.teacher.get('module')} (--loss rslad: its soft labels "
+                     f"on the clean input are the targets, weight {w:.3g} on the adversarial input, {1 - w:.3g} on the "
+                     "clean one)")
     if report_line:
         lines.append(report_line)
     if run.inference is not None:
@@ -235,7 +244,7 @@ def train(run: PatchRun) -> None:
     with progress as show, stop as flag:
         run.logs = F.fit(run.patched, run.train_ds, run.spec, run.cfg, run.device, show, saver=run.saver,
                          stop=lambda: bool(flag), val=run.val_ds, info=run.info, cache_dir=h.cache_dir,
-                         on_estimate=lambda est: _estimate(run, est), world=h.world)
+                         on_estimate=lambda est: _estimate(run, est), world=h.world, teacher=run.teacher)
     if flag:  # a signal after the last step (in the last validation, or as training ended): honoured, not lost
         saved = run.saver is not None and run.saver.path.exists()
         raise Interrupted("interrupted after training: " + (f"the trained state is kept in '{run.saver.path}'; rerun "

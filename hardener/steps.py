@@ -3,7 +3,7 @@ options ask for, attached; the training attack and the trainer's configuration; 
 from the frozen base; the training record. Below `run` (the pipeline) and `api` (the library's facade)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -72,8 +72,10 @@ def settle_batch_size(cfg: F.FitConfig, opts: PatchOptions, n_train: int) -> F.F
     return replace(cfg, batch_size=auto_batch_size(cfg.epoch_images(n_train), cfg.epochs))
 
 
-def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.FitConfig]:
-    """The training attack and the trainer's configuration of `opts`."""
+def training_setup(opts: PatchOptions, n_classes: int,
+                   teacher: dict | None = None) -> tuple[A.AttackSpec, F.FitConfig]:
+    """The training attack and the trainer's configuration of `opts` (`teacher`: the record of the robust teacher
+    `load_teacher` loaded)."""
     from .cache import parse_bytes
 
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
@@ -88,10 +90,105 @@ def training_setup(opts: PatchOptions, n_classes: int) -> tuple[A.AttackSpec, F.
                       seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
                       eps_warmup=opts.eps_warmup, ema=opts.ema, select=bool(opts.select_on), validate_every=opts.validate_every,
                       phi=opts.phi, betas=parse_betas(opts.betas), sigma=opts.sigma, cache=opts.cache,
-                      noise_sigma=opts.noise_sigma, precision=opts.precision,
+                      noise_sigma=opts.noise_sigma, precision=opts.precision, teacher=teacher,
+                      teacher_weight=opts.teacher_weight,
                       cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)
                       else parse_bytes(opts.cache_limit, "--cache-limit"))
     return spec, cfg
+
+
+def load_teacher(patched: PatchedModel, ds: hdata.Dataset, teacher: Any, device: torch.device,
+                 library: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The robust teacher of `--loss rslad` (RSLAD, Zi et al. 2021), frozen, in eval mode, on `device`, and its
+    record. A path is a checkpoint `harden patch` wrote from this run's base (`patched`, before any patch is
+    attached): its base tensors must be the base's, bit for bit (its manifest's digest is compared first), and its
+    patches are attached to a copy of the base, as `hardener.load(path, model=...)` does (no arch needed); the record
+    is its file name and sha256. A `PatchedModel` must sit on the same base; another module, taking the same [0, 1]
+    pixels, is taken as it is (a copy: the caller's stays as it was). Either must give the base's class count on the
+    data's input shape. Errors name `teacher=` (`library`) or `--teacher`."""
+    import copy
+    from pathlib import Path
+
+    from .checkpoint import tensor_digest
+
+    what = "teacher=" if library else "--teacher"
+    base_digest = tensor_digest(patched.base_state_dict())
+    if isinstance(teacher, (str, Path)):
+        try:
+            model, rec = _teacher_file(Path(teacher), patched, base_digest, what)
+        except InputError as e:
+            text = e.message if e.message.startswith(what) else f"{what} '{teacher}': {e.message}"
+            raise InputError(text, e.hint) from None
+    elif isinstance(teacher, PatchedModel):
+        if tensor_digest(teacher.base_state_dict()) != base_digest:
+            raise InputError(f"{what} sits on another base than the model being patched: distil from a model "
+                             "patched from the same base")
+        model = teacher.clone()
+        rec = {"module": "PatchedModel", "tensors_sha256": tensor_digest({**teacher.base_state_dict(),
+                                                                         **teacher.patch_state_dict()})}
+    elif isinstance(teacher, torch.nn.Module):
+        try:
+            model = copy.deepcopy(teacher)
+        except Exception as e:  # noqa: BLE001 - whatever the module's own __deepcopy__ raises
+            raise InputError(f"{what}: cannot copy the module ({type(e).__name__}); pass a deep-copyable module or "
+                             "a patched checkpoint path") from None
+        rec = {"module": type(teacher).__name__, "tensors_sha256": tensor_digest(teacher.state_dict())}
+    else:
+        raise InputError(f"{what} must be a patched checkpoint (.safetensors written by harden) or an nn.Module, got "
+                         f"{type(teacher).__name__}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = model.to(device).eval()
+    _check_teacher_output(model, ds, patched.model.spec.num_classes, device, what)
+    return model, rec
+
+
+def _teacher_file(path, patched: PatchedModel, base_digest: str, what: str) -> tuple[torch.nn.Module, dict]:
+    """A patched checkpoint of `patched`'s base as a teacher (see `load_teacher`), and its record: its class count
+    (from its manifest) and base checked before anything is built."""
+    from .checkpoint import load_onto, read_manifest, read_safetensors, sha256_file, tensor_digest
+    from .validate import regular_input
+
+    path = regular_input(path, what)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise InputError(f"{what} '{path}' is not a harden-patched checkpoint (no manifest): pass a .safetensors "
+                         "file `harden patch` wrote from this base")
+    if manifest.base_modified:
+        raise InputError(f"{what} '{path}' is a fully fine-tuned model (method "
+                         f"{manifest.training.get('config', {}).get('method', '?')}), not patches on this base: "
+                         "distil from a patched checkpoint of the same base")
+    n, theirs_n = patched.model.spec.num_classes, manifest.input.get("num_classes")
+    if n is not None and theirs_n is not None and theirs_n != n:
+        raise InputError(f"{what} '{path}' has {theirs_n} classes but the model being patched has {n}: distil from "
+                         "a checkpoint patched from the same base")
+    theirs = manifest.base_tensors_sha256 or tensor_digest(
+        {k: v for k, v in read_safetensors(path).items() if not k.startswith("harden.")})
+    if theirs != base_digest:
+        raise InputError(f"{what} '{path}' was patched from another base (its base tensors' sha256 differs from "
+                         "the model being patched): distil from a checkpoint patched from the same base")
+    model, _ = load_onto(path, patched.base_copy().net)
+    return model, {"file": path.name, "sha256": sha256_file(path)}
+
+
+def _check_teacher_output(model: torch.nn.Module, ds: hdata.Dataset, n_classes: int | None, device: torch.device,
+                          what: str) -> None:
+    """The teacher runs on two images of `ds` and gives logits of `n_classes` classes."""
+    x = ds.batch(slice(0, 2))[0].to(device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, KeyError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"{what} fails on inputs of shape {tuple(x.shape[1:])} (C,H,W): {first}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise InputError(f"{what} must return logits of shape (batch, classes), got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if n_classes is not None and out.shape[1] != n_classes:
+        raise InputError(f"{what} gives {out.shape[1]} classes but the model being patched has {n_classes}: "
+                         "distil from a model of the same classes")
 
 
 def parse_betas(text: str | tuple) -> tuple[float, float, float]:

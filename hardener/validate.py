@@ -132,6 +132,7 @@ OPTION_RULES: dict[str, tuple] = {
     "pseudo_threshold": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
     "pseudo_ratio": _finite_pos(), "n0": _ge(1), "n_samples": _ge(1), "smooth_n": _ge(1),
     "smooth_alpha": ((lambda v: 0 < v < 1), "must be a number in (0, 1)"),
+    "teacher_weight": ((lambda v: math.isfinite(v) and 0 < v <= 1), "must be a number in (0, 1]"),
 }
 
 

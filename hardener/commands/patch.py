@@ -14,6 +14,7 @@ from .. import cost as C, report as R, run as RUN, steps
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
+from ..patch_options import check_teacher
 from ..recipe import holdout_size, load_preset, parse_methods
 from ..resume import Saver, StopFlag, fingerprint
 from ..signals import outputs_or_none
@@ -105,6 +106,7 @@ def _plan(call: Call) -> Plan:
     hdata.parse_subset(kw["subset"])
     holdout_size(kw["holdout"], 1)  # checked even where --subset or --eval-data leaves nothing to hold out
     steps.parse_betas(kw["betas"])
+    check_teacher(kw["loss_name"], kw["teacher"])
     C.parse_budget(kw["budget"])
     if kw["select_on"] and kw["validate"]:
         raise InputError("--select-on and --validate both hold out a validation split: give one")
@@ -133,7 +135,7 @@ def _saver(plan: Plan, r: RUN.PatchRun) -> Saver:
     saver = Saver(plan.out_file.with_name(plan.out_file.name + ".partial"), resume=plan.kw["resume"],
                   every_steps=plan.kw["save_every"],
                   fingerprint=fingerprint({"base": loaded.base.sha256, "data": r.train_ds.fingerprint(),
-                                           "patches": loaded.patched.patch_specs(), "fit": asdict(r.cfg),
+                                           "patches": loaded.patched.patch_specs(), "fit": F.config_record(r.cfg),
                                            "attack": r.spec.record(), "device": r.device.type,
                                            "val": r.val_ds.fingerprint() if r.val_ds is not None else None,
                                            "processes": world.size}),

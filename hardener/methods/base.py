@@ -57,6 +57,7 @@ class Batch:
     f_adv: dict[str, torch.Tensor]  # the same, second input
     base_logits: torch.Tensor  # the original base on the clean input (the teacher)
     targets: dict[str, torch.Tensor]  # the base's features on the clean input at each site (patches only)
+    teacher_logits: torch.Tensor | None = None  # the robust teacher (`--teacher`) on the clean input, else None
 
 
 class Method:

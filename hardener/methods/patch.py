@@ -3,7 +3,9 @@
 The second input is an adversarial example of the frozen base (`--adversary base`: the transfer setting of the
 paper) or of the patched model itself (`--adversary patched`: adaptive), or Gaussian noise (`--noise-sigma`).
 Loss per batch: CE on the clean input plus the adversarial term `--loss` names (`fixer`: focal CE on the
-adversarial input; `trades`: β · KL(clean ‖ adversarial), Zhang et al. 2019), plus the distillation terms of the
+adversarial input; `trades`: β · KL(clean ‖ adversarial), Zhang et al. 2019), or with `rslad` a robust teacher's
+soft labels on the clean input as the target of both inputs instead of CE (`--teacher`; Zi et al. 2021, RSLAD:
+w · KL(T(x) ‖ S(x_adv)) + (1 − w) · KL(T(x) ‖ S(x)), w = 5/6), plus the distillation terms of the
 trainer (λ: features after each patch against the base's features of the clean input, for both inputs; μ: KL to
 the base logits on the clean input). With noise, the stability objective CE(f(D(x + δ)), f(x)'s class) replaces
 both CE terms (denoised smoothing, Salman et al. 2020). Auxiliary BNs are trained on route `adv` with every input:
@@ -31,19 +33,36 @@ def _adv_trades(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor,
 
 
 ADV_LOSSES = {"fixer": _adv_ce, "trades": _adv_trades}  # the adversarial term of the loss, by --loss
-LOSSES = tuple(ADV_LOSSES)
+LOSSES = (*ADV_LOSSES, "rslad")  # rslad: the teacher's soft labels replace both CE terms (`_rslad`)
+
+
+def _rslad(b: Batch, weight: float) -> dict[str, torch.Tensor]:
+    """RSLAD (Zi et al., ICCV 2021): the robust teacher's softmax on the clean input is the target of both inputs,
+    weight · KL(T(x) ‖ S(x_adv)) + (1 − weight) · KL(T(x) ‖ S(x)) at temperature 1, no CE. The logged parts are the
+    two weighted terms (ce_clean, ce_adv), so that they add up to the method's loss as with the other losses."""
+    kl_adv = losses.logit_distillation(b.out_adv, b.teacher_logits)
+    kl_clean = losses.logit_distillation(b.out_clean, b.teacher_logits)
+    ce_clean, ce_adv = (1 - weight) * kl_clean, weight * kl_adv
+    return {"loss": ce_clean + ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
 
 
 @dataclass
 class PairConfig:
     """Options of the clean + second-input objective."""
 
-    loss: str = "fixer"  # the adversarial term: fixer (CE) or trades (β · KL)
+    loss: str = "fixer"  # the adversarial term: fixer (CE) or trades (β · KL); rslad: the teacher's soft labels
     beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
+    teacher: dict | None = None  # the robust teacher's record (name, sha256) when fit is given one
+    teacher_weight: float = 5 / 6  # RSLAD's weight of the adversarial input's KL (the clean input's: 1 - it)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if (self.loss == "rslad") != (self.teacher is not None):
+            raise InputError("--loss rslad and --teacher go together (RSLAD's targets are the teacher's soft labels)"
+                             ": give both or neither")
+        if not 0 < self.teacher_weight <= 1:
+            raise InputError(f"--teacher-weight must be in (0, 1], got {self.teacher_weight}")
 
 
 @register_method(DEFAULT_METHOD, config_cls=PairConfig)
@@ -56,5 +75,7 @@ class PatchTraining(Method):
         if self.adversary() == "noise":  # stability: the noisy input must get the base's class of the clean one
             ce_adv = losses.focal_ce(b.out_adv, b.base_logits.argmax(1), gamma)
             return {"loss": ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
+        if o.loss == "rslad":
+            return _rslad(b, o.teacher_weight)
         ce_adv = ADV_LOSSES[o.loss](b.out_adv, b.out_clean, b.y, gamma, o.beta)
         return {"loss": ce_clean + ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
