@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import hardener  # noqa: E402
 from hardener.stats import wilson  # noqa: E402
 
 RADII = ("0", "0.25", "0.5", "0.75", "1")
@@ -31,19 +32,12 @@ def load(folder: Path, name: str) -> dict | None:
             return None
         import torch
 
-        from hardener.smoothing import CertifyResult, SmoothingConfig
-
         state = torch.load(saved.group(1), weights_only=True)["data"]["rows"]
-        rows = state["rows"]
-        if "config" in state:
-            cfg = SmoothingConfig(**state["config"])
-        else:  # states written before they carried their config: the bench's own settings
-            cfg = SmoothingConfig(sigma=float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]), n0=100,
-                                  n=100_000, alpha=0.001, batch_size=200, sequential=".fixed" not in name)
-        from dataclasses import asdict
-
-        res = CertifyResult(config=asdict(cfg), rows=rows)
-        rep = {"summary": res.summary(), "rows": rows, "partial": True}
+        # states written before they carried their config: the bench's own settings
+        config = state.get("config") or {"sigma": float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]),
+                                          "n0": 100, "n": 100_000, "alpha": 0.001, "batch_size": 200,
+                                          "sequential": ".fixed" not in name}
+        rep = {**hardener.Certification.from_rows(state["rows"], config).to_dict(), "partial": True}
     rep["cpu_s"] = sum(float(user) for _, user in runs) if runs else None
     return rep
 

@@ -20,7 +20,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import hardener  # noqa: E402
-from hardener import cost as C  # noqa: E402
 
 ARCHS = {"r": "resnet9_small", "v": "vgg_silu_small", "t": "vit_small"}
 
@@ -66,7 +65,7 @@ def main() -> None:
     rows = []
     for name, (ckpt, arch) in runs.items():
         model = hardener.load(str(ckpt), arch=f"{ROOT / 'examples' / 'fmnist_model.py'}:{arch}").eval()
-        cost = C.measure(model, budget_s=20.0)
+        cost = hardener.measure_cost(model, budget_s=20.0)
         lat = cost.latency["batches"]
         rows.append({"name": name, "arch": arch, "macs_base": cost.macs_base, "macs_patched": cost.macs_patched,
                      "macs_ratio": round(cost.macs_ratio, 3), "latency": {b: v["ratio"] for b, v in lat.items()},

@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT))
 
 import hardener  # noqa: E402
 from hardener import data as hdata  # noqa: E402
-from hardener.layers import patch_cost  # noqa: E402
 
 BASE = str(ROOT / "examples/fmnist_base.safetensors")
 ARCH = str(ROOT / "examples/fmnist_model.py") + ":resnet9_small"
@@ -67,7 +66,7 @@ def main() -> None:
             ms = 1000 * p.train_seconds / a.images
             best[name] = min(best.get(name, ms), ms)
             if p.sites:
-                macs[name] = patch_cost(p)["macs"]
+                macs[name] = hardener.measure_cost(p, latency=False).added()["macs"]
             print(f"round {r + 1}: {name}: {ms:.1f} ms per image", file=sys.stderr, flush=True)
     ref = best[next(iter(VARIANTS))]
     rows = [{"variant": n, "ms_per_image": best[n], "relative": best[n] / ref, "macs_added": macs.get(n)}

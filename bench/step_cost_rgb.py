@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hardener  # noqa: E402
-from hardener.layers import patch_cost  # noqa: E402
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 VARIANTS = {  # name: (recipe, options)
@@ -54,7 +53,7 @@ def main() -> None:
             ms = 1000 * p.train_seconds / a.images
             best[name] = min(best.get(name, ms), ms)
             if p.sites:
-                c = patch_cost(p)
+                c = hardener.measure_cost(p, latency=False).added()
                 macs[name] = (c["macs"], c["base_macs"])
             print(f"round {r + 1}: {name}: {ms:.1f} ms per image", file=sys.stderr, flush=True)
     ref = best["full adversarial fine-tuning, PGD-5"]

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hardener.evaluation import wilson
+from hardener.stats import wilson
 
 
 def robust_mask(model: dict) -> list[bool]:

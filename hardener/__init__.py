@@ -65,11 +65,13 @@ def __getattr__(name):
 
     if name in ("patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report"):
         return getattr(importlib.import_module(".api", __name__), name)
+    if name == "measure_cost":
+        return importlib.import_module(".cost", __name__).measure
     if name in ("certify", "Certification"):
         return getattr(importlib.import_module(".certify_run", __name__), name)
     if name == "PatchedModel":
         return importlib.import_module(".patches", __name__).PatchedModel
-    if name in ("attacks", "errors", "data", "methods", "patches"):
+    if name in ("attacks", "errors", "data", "methods", "patches", "stats"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hardener' has no attribute '{name}'")
 
@@ -80,4 +82,5 @@ def __dir__():
 
 
 __all__ = ["__version__", "load", "patch", "evaluate", "certify", "as_dataset", "as_patched", "PatchOptions",
-           "PatchedModel", "Report", "Certification", "attacks", "data", "errors", "methods", "patches"]
+           "PatchedModel", "Report", "Certification", "measure_cost", "attacks", "data", "errors", "methods", "patches",
+           "stats"]

@@ -33,6 +33,13 @@ class Certification:
     def rows(self) -> list[dict]:
         return self.result.rows
 
+    @classmethod
+    def from_rows(cls, rows: list[dict], config: dict) -> "Certification":
+        """The summary of certified `rows` (a resumable state's, or a report's) under `config` (SmoothingConfig's
+        fields, as a report's `config` or a state holds them); `to_dict()` has `summary` and `rows` only."""
+        res = C.CertifyResult(config=dict(config), rows=list(rows))
+        return cls({"summary": res.summary(), "rows": res.rows}, res)
+
     def certified_accuracy(self, radius: float) -> float:
         return self.result.certified_accuracy(radius)
 

@@ -233,7 +233,10 @@ def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_
 
 
 def measure(patched, latency: bool = True, **latency_kw: Any) -> Cost:
-    """Counted multiply-adds and parameters, and (with `latency`) the measured latency."""
+    """`hardener.measure_cost`: a `PatchedModel`'s inference cost against its base: multiply-adds per image and
+    parameters (counted by torch at the recorded input shape), and with `latency` the measured latency (base and
+    patched interleaved in this process, batch 1 and a large batch, the median of repeats; `budget_s` bounds the
+    time it takes). `.macs_ratio`, `.latency_ratio`, `.added()`, `.to_json()`."""
     cost = count(patched)
     if latency:
         cost.latency = measure_latency(patched, **latency_kw)
