@@ -124,7 +124,7 @@ def attack(run: EvalRun) -> None:
 def auto_batch(run: EvalRun) -> int:
     """Batch size "auto": the largest power of two whose attack step fits (the smallest over the ranks)."""
     x, y = hdata.to_float(run.ds.images[:64]), run.ds.labels[:64]
-    bs = E.find_batch_size(run.patched, x, y, run.device)
+    bs = E.find_batch_size(run.patched, x, y, run.device, library=run.hooks.library)
     if run.hooks.world.active:  # one block layout for every rank: the smallest that fits everywhere
         import torch.distributed as dist
 

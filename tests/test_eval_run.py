@@ -13,7 +13,7 @@ import torch
 import hardener
 from hardener import eval_run as EV
 from hardener.cli import main
-from hardener.errors import InputError
+from hardener.errors import InputError, RunError
 
 from conftest import ARCH, make_data, trained_tiny
 
@@ -107,3 +107,16 @@ def test_notebook_evaluate_progress_false_is_silent_and_warns_through_warnings(c
         hardener.evaluate(constant, (x, y), progress=False, **wrong)
     with pytest.raises(InputError, match="^precision must be one of"):
         hardener.evaluate(net, (x, y), attacks="fgsm", precision="fp8")
+
+
+class _NoMemory(torch.nn.Module):
+    def forward(self, x):
+        raise torch.OutOfMemoryError("no memory")
+
+
+def test_auto_batch_size_errors_speak_the_callers_language():
+    x, y = _data(8)
+    with pytest.raises(RunError, match=r"^batch_size='auto': out of memory .*\(device=\)"):
+        hardener.evaluation.find_batch_size(_NoMemory(), x, y, torch.device("cpu"), library=True)
+    with pytest.raises(RunError, match=r"^--batch-size auto: out of memory .*\(--device\)"):
+        hardener.evaluation.find_batch_size(_NoMemory(), x, y, torch.device("cpu"))
