@@ -243,8 +243,9 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     black-box Square), the per-sample worst case and which attack broke each sample, the base side by side when
     the model carries patches, and the sanity checks. The run is the command line's (`hardener.eval_run`):
     `progress=True` shows progress and the notes on stderr (`False`: nothing; a callable of evaluation's `Progress`
-    gets the progress), the notes go to the `logging` logger "hardener" too, warnings about the model and the data
-    are `UserWarning`s. `batch_size="auto"`: the largest that fits."""
+    gets the progress), the notes go to the `logging` logger "hardener" too; a near-chance clean accuracy let through
+    by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
+    not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
     from . import eval_run as EV
     from .validate import MAX_SEED, check_arg
 

@@ -55,7 +55,7 @@ class EvalRun:
     surrogate: nn.Module | None = None  # a model of [0, 1] pixels to transfer attacks from
     base_cache: Path | None = None  # where the base's rows and transfer examples are kept for later evaluations
     deterministic: bool = False  # the report's environment says so
-    notes: list[str] = field(default_factory=list)  # the caller's warnings (model, data) first, then the run's
+    notes: list[str] = field(default_factory=list)  # the report's: the caller's (model, data; shown by it), the run's
     extra: dict = field(default_factory=dict)  # the caller's fields of the report (checkpoint, invocation, ...)
     store: EvalStore | None = None
     result: dict | None = None  # evaluation's; None on another rank of a sharded run (rank 0 reports)
@@ -86,14 +86,14 @@ def eval_run(run: EvalRun) -> EvalRun:
 
 
 def prepare(run: EvalRun) -> None:
-    """Before the attacks: the clean-accuracy check (near chance: an error, or a note with `allow_low_accuracy`),
-    each note warned, the data said, the samples chosen."""
+    """Before the attacks: the clean-accuracy check (near chance: an error, or a warning and a note with
+    `allow_low_accuracy`), the data said, the samples chosen."""
     h = run.hooks
     low = check_accuracy(Disabled(run.patched), run.ds, run.patched.model.spec.num_classes, run.device,
                          run.allow_low_accuracy, library=h.library)
-    run.notes += [low] if low else []
-    for w in run.notes:
-        h.warn(w)
+    if low:
+        run.notes.append(low)
+        h.warn(low)
     for line in data_lines(run.ds):
         h.say(line)
     subset = run.subset

@@ -111,7 +111,7 @@ def _check(call: Call):
 
 
 def _load(model: str, data: str, kw: dict, device: torch.device):
-    """The model (on --route), its --parent, the data, the --surrogate."""
+    """The model (on --route), its --parent, the data (its warnings shown), the --surrogate."""
     loaded = load_model(model, model_options(kw))
     reference = load_parent(loaded, kw["parent"], model_options(kw))
     if kw["route"]:
@@ -122,6 +122,8 @@ def _load(model: str, data: str, kw: dict, device: torch.device):
     finish_spec(loaded, ds, device)
     for e in [kw["eps"], *(kw["eps_sweep"].split(",") if kw["eps_sweep"] else [])]:  # L2: against the image size
         A.check_eps(A.parse_eps(e), kw["norm"], math.prod(ds.shape), what="--eps", zero=e != kw["eps"])
+    for w in loaded.warnings:
+        _warn(w)
     surrogate = _load_surrogate(kw["surrogate"], kw, ds, device)
     return loaded, reference, surrogate, ds
 
