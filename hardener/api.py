@@ -31,8 +31,6 @@ from .errors import InputError
 from .model import Classifier, InputSpec, parse_floats
 from .patch_options import PatchOptions
 from .patches import PatchedModel
-from .patches.attach import Disabled
-from .session import check_accuracy
 
 
 def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits: str | None = None,
@@ -237,20 +235,27 @@ class Report:
 
 def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps: float | str = "8/255",
              norm: str = "Linf", threat: str | tuple[str, ...] = "all", steps: int | None = None,
-             max_samples: int | None = None, batch_size: int = 256, seed: int = 0, checks: bool = True,
+             max_samples: int | None = None, batch_size: int | str = 256, seed: int = 0, checks: bool = True,
              arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
-             progress: F.Progress | None = None, surrogate: nn.Module | None = None,
+             progress: bool | F.Progress | None = True, surrogate: nn.Module | None = None,
              precision: str = "fp32", allow_low_accuracy: bool = False) -> Report:
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
     each threat model's robust accuracy (white-box on the model itself; BPDA through the patches that may mask
     gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
     black-box Square), the per-sample worst case and which attack broke each sample, the base side by side when
-    the model carries patches, and the sanity checks."""
+    the model carries patches, and the sanity checks. The run is the command line's (`hardener.eval_run`):
+    `progress=True` shows progress and the notes on stderr (`False`: nothing; a callable of evaluation's `Progress`
+    gets the progress), the notes go to the `logging` logger "hardener" too; a near-chance clean accuracy let through
+    by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
+    not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
+    from . import eval_run as EV
     from .validate import MAX_SEED, check_arg
 
-    for what, v, lo in (("batch_size", batch_size, 1), ("steps", steps, 1), ("max_samples", max_samples, 1)):
+    for what, v, lo in (("batch_size", None if batch_size == "auto" else batch_size, 1), ("steps", steps, 1),
+                        ("max_samples", max_samples, 1)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-            raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
+            raise InputError(f"{what} must be an integer >= {lo}" + (" or 'auto'" if what == "batch_size" else "")
+                             + f", got {v!r}")
     for what, v, kinds in (("eps", eps, "float | str"), ("norm", norm, "str"), ("seed", seed, "int"),
                            ("checks", checks, "bool"), ("precision", precision, "str"),
                            ("arch", arch, "str | None"), ("threat", threat, "str | tuple")):
@@ -260,8 +265,9 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     if not (isinstance(attacks, str) or isinstance(attacks, (list, tuple)) and attacks
             and all(isinstance(a, str) for a in attacks)):
         raise InputError(f"attacks must be an attack name, a comma list or a list of names, got {attacks!r}")
-    if isinstance(threat, tuple):
-        threat = parse_threats(",".join(str(t) for t in threat))
+    threats = parse_threats(",".join(str(t) for t in threat) if isinstance(threat, tuple) else threat)
+    cfg = EV.config(attacks, eps, norm=norm, steps=steps, threats=threats, batch_size=batch_size, seed=seed,
+                    checks=checks, precision=precision)
     dev = pick_device(device)
     if isinstance(model, (str, Path)):
         from .session import ModelOptions, load_model
@@ -273,27 +279,12 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
         has_patches = bool(patched.sites)
     ds = as_dataset(data)
     finish(patched, ds, dev)
-    A.check_eps(A.parse_eps(str(eps)), norm, math.prod(patched.model.spec.shape))
-    notes = [hdata.class_count_warning(ds, patched.model.spec.num_classes),
-             check_accuracy(Disabled(patched), ds, patched.model.spec.num_classes, dev, allow_low_accuracy,
-                            library=True)]
-    notes = [w for w in notes if w]
-    if max_samples and max_samples < len(ds):
-        ds = ds.take(hdata.stratified_split(ds.labels, int(max_samples), seed)[0])
-    threats = parse_threats(threat) if isinstance(threat, str) else threat
-    names = A.parse_attack_list(attacks)
-    cfg = E.EvalConfig(attacks=names, eps=A.parse_eps(str(eps)), norm=norm, steps=steps, threats=threats,
-                       batch_size=batch_size, seed=seed, checks=checks,
-                       overrides=A.suite_settings([attacks] if isinstance(attacks, str) else list(attacks)),
-                       precision=precision)
-    if surrogate is not None:
-        surrogate = surrogate.to(dev).eval()
-    result = E.evaluate(patched, ds, cfg, dev, has_patches=has_patches, progress=progress, surrogate=surrogate)
-    if precision != "fp32":
-        notes.append(f"attacks ran in {precision} (autocast): robust accuracy may be overstated")
-    rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), R.environment(str(dev), seed),
-                  {"eps": cfg.eps, "norm": norm, "precision": precision})
-    return Report(rep)
+    A.check_eps(cfg.eps, norm, math.prod(patched.model.spec.shape))
+    notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
+    run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, EV.library_hooks(progress),
+                                 max_samples=max_samples, allow_low_accuracy=allow_low_accuracy, surrogate=surrogate,
+                                 notes=notes))
+    return Report(run.report)
 
 
 def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:

@@ -27,15 +27,19 @@ def err(text: str) -> None:
     sys.stderr.flush()
 
 
+def data_lines(ds) -> list[str]:
+    """Which class index is which and what preprocessing was done, a line each."""
+    classes = ([f"{ds.source}: {len(ds)} images; classes " + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes))]
+               if ds.classes else [])
+    return classes + [f"{ds.source}: {note}" for note in ds.notes]
+
+
 def announce(ds, quiet: bool) -> None:
     """Say on stderr which class index is which and what preprocessing was done."""
     if quiet:
         return
-    if ds.classes:
-        err_console.print(f"{ds.source}: {len(ds)} images; classes "
-                          + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes)))
-    for note in ds.notes:
-        err_console.print(f"{ds.source}: {note}")
+    for line in data_lines(ds):
+        err_console.print(line)
 
 
 class ProgressView:

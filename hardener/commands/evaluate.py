@@ -8,47 +8,53 @@ from pathlib import Path
 
 import torch
 
-from .. import (api, attacks as A, boundary as B, data as hdata, distributed as D, evaluation as E, report as R,
-               validate as V)
+from .. import (api, attacks as A, boundary as B, data as hdata, distributed as D, eval_run as EV, evaluation as E,
+               report as R, run as RUN, validate as V)
 from ..checkpoint import sha256_file
-from ..console import ProgressView, announce, err_console, out
+from ..console import ProgressView, err_console, out
 from ..errors import InputError, RunError, ThresholdError, UsageError
-from ..patches.attach import Disabled
 from ..resume import EvalStore, fingerprint
 from ..signals import outputs_or_none
-from ..session import check_accuracy, finish_spec, load_data, load_model, load_parent
+from ..session import finish_spec, load_data, load_model, load_parent
 from . import Call, adaptive, data_options, invocation, model_arg, model_options, start, track
 
 
 def run(call: Call) -> None:
+    """The whole command: checks, loading, the library's run (`eval_run.eval_run`), gates, reports, MLflow."""
     kw = call.params
     model, data, thresholds, threats, raw, names, sweep = _check(call)
     world, device = start(kw)
     loaded, reference, surrogate, ds = _load(model, data, kw, device)
+    cfg = EV.config(raw or ["apgd-ce"], kw["eps"], library=False, norm=kw["norm"], steps=kw["steps"],
+                    restarts=kw["restarts"], queries=kw["queries"], threats=threats, batch_size=kw["batch_size"],
+                    seed=kw["seed"], eps_sweep=sweep, checks=not kw["no_checks"],
+                    smooth_grad=A.parse_smooth_grad(kw["smooth_grad"]), precision=kw["precision"])
+    hooks = EV.Hooks(say=RUN.silent if kw["quiet"] else _say, warn=_warn, progress=ProgressView(kw["quiet"]),
+                     world=world, library=False)
+    ev = EV.EvalRun(loaded.patched, ds, cfg, device, loaded.has_patches, hooks,
+                    subset=hdata.parse_subset(kw["subset"]), max_samples=kw["max_samples"],
+                    allow_low_accuracy=kw["allow_low_accuracy"], reference=reference, surrogate=surrogate,
+                    base_cache=Path(kw["base_cache"]) if kw["base_cache"] else None, deterministic=kw["deterministic"],
+                    notes=list(loaded.warnings))
     if kw["defense"] == "adaptive":
+        EV.prepare(ev)
         if world.active:
             raise InputError("--defense adaptive runs in one process: start it without torchrun")
-        adaptive.evaluate(model, loaded, ds, names, kw, device)
+        adaptive.evaluate(model, loaded, ev.ds, names, kw, device)
         return
-    batch_size = _auto_batch(kw["batch_size"], loaded, ds, device, world, kw["quiet"])
-    ecfg = E.EvalConfig(attacks=names, eps=A.parse_eps(kw["eps"]), norm=kw["norm"], steps=kw["steps"],
-                        restarts=kw["restarts"], queries=kw["queries"], threats=threats, batch_size=batch_size,
-                        seed=kw["seed"], eps_sweep=sweep, checks=not kw["no_checks"],
-                        smooth_grad=A.parse_smooth_grad(kw["smooth_grad"]), overrides=A.suite_settings(raw),
-                        precision=kw["precision"])
     model_sha = sha256_file(Path(model))
-    store = _store(loaded, ds, ecfg, device, world, model_sha, kw)
-    with outputs_or_none(lambda: _stopped(store)) as written:
-        result = _attack(loaded, ds, ecfg, device, reference, surrogate, world, kw, store)
-        if result is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
+    hooks.store = lambda r: _store(loaded, r.ds, r.cfg, device, world, model_sha, kw)
+    ev.extra = _extra(model, model_sha, loaded, kw, invocation.record("eval", call))
+    with outputs_or_none(lambda: _stopped(ev.store)) as written:
+        EV.eval_run(ev)
+        if ev.report is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
             D.finish(world)
             return
-        rep = _report(model, model_sha, loaded, ds, ecfg, result, thresholds, world, device, kw,
-                      invocation.record("eval", call), written)
-    store.clear()
-    if world.active and store.path is not None:  # the other ranks' state too, now that the report is written
+        rep = _report(ev.report, thresholds, kw, written)
+    ev.store.clear()
+    if world.active and ev.store.path is not None:  # the other ranks' state too, now that the report is written
         for r in range(1, world.size):
-            store.path.with_name(store.path.name.replace(f"-rank0of{world.size}", f"-rank{r}of{world.size}")) \
+            ev.store.path.with_name(ev.store.path.name.replace(f"-rank0of{world.size}", f"-rank{r}of{world.size}")) \
                 .unlink(missing_ok=True)
     D.finish(world)
     if kw["as_json"]:
@@ -64,6 +70,14 @@ def run(call: Call) -> None:
             err_console.print(f"Error: {e.message}", highlight=False, markup=False)  # the gate's exit code wins
     if missed is not None:
         raise missed
+
+
+def _say(text: str) -> None:
+    err_console.print(text, highlight=False, markup=False)
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {text}", highlight=False)
 
 
 def _check(call: Call):
@@ -96,25 +110,8 @@ def _check(call: Call):
     return model, data, thresholds, threats, raw, names, sweep
 
 
-def _auto_batch(batch_size, loaded, ds, device, world, quiet: bool) -> int:
-    """--batch-size auto: the largest power of two whose attack step fits (the smallest over the ranks)."""
-    if batch_size != "auto":
-        return batch_size
-    x, y = hdata.to_float(ds.images[:64]), ds.labels[:64]
-    bs = E.find_batch_size(loaded.patched, x, y, device)
-    if world.active:  # one block layout for every rank: the smallest that fits everywhere
-        import torch.distributed as dist
-
-        t = torch.tensor([bs], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        bs = int(t.item())
-    if not quiet:
-        err_console.print(f"batch size: auto -> {bs}", highlight=False)
-    return bs
-
-
 def _load(model: str, data: str, kw: dict, device: torch.device):
-    """The model (on --route), its --parent, the data (the seeded subset), the --surrogate."""
+    """The model (on --route), its --parent, the data (its warnings shown), the --surrogate."""
     loaded = load_model(model, model_options(kw))
     reference = load_parent(loaded, kw["parent"], model_options(kw))
     if kw["route"]:
@@ -125,20 +122,9 @@ def _load(model: str, data: str, kw: dict, device: torch.device):
     finish_spec(loaded, ds, device)
     for e in [kw["eps"], *(kw["eps_sweep"].split(",") if kw["eps_sweep"] else [])]:  # L2: against the image size
         A.check_eps(A.parse_eps(e), kw["norm"], math.prod(ds.shape), what="--eps", zero=e != kw["eps"])
-    low = check_accuracy(Disabled(loaded.patched), ds, loaded.spec.num_classes, device, kw["allow_low_accuracy"])
-    loaded.warnings += [low] if low else []
     for w in loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    if reference is not None:
-        reference.to(device)
+        _warn(w)
     surrogate = _load_surrogate(kw["surrogate"], kw, ds, device)
-    announce(ds, kw["quiet"])
-    subset = hdata.parse_subset(kw["subset"])
-    if kw["max_samples"] and kw["max_samples"] < len(ds):
-        subset = kw["max_samples"]
-    if subset is not None:
-        idx, _ = hdata.stratified_split(ds.labels, subset, kw["seed"])
-        ds = ds.take(idx)
     return loaded, reference, surrogate, ds
 
 
@@ -163,47 +149,34 @@ def _store(loaded, ds, ecfg: E.EvalConfig, device, world, model_sha: str, kw: di
     return EvalStore(state, fp, kw["resume"])
 
 
-def _stopped(store: EvalStore) -> str:
+def _stopped(store: EvalStore | None) -> str:
     """Interrupted (in an attack, the checks, the sweep or the report): the finished attacks saved for --resume."""
+    if store is None:  # before the attacks began (the accuracy check, the batch size): nothing to keep
+        return "interrupted"
     store.flush()
     if store.path is None:
         return "interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation resumable)"
     return f"interrupted: progress saved to '{store.path}'; rerun the same command with --resume"
 
 
-def _attack(loaded, ds, ecfg: E.EvalConfig, device, reference, surrogate, world, kw: dict, store: EvalStore):
-    """The evaluation itself: attacks, sanity checks, eps sweep, progress kept in `store`."""
-    with ProgressView(kw["quiet"]) as progress:
-        return E.evaluate(loaded.patched, ds, ecfg, device, has_patches=loaded.has_patches, progress=progress,
-                          store=store, reference=reference,
-                          base_cache=Path(kw["base_cache"]) if kw["base_cache"] else None, surrogate=surrogate,
-                          world=world)
-
-
-def _report(model: str, model_sha: str, loaded, ds, ecfg: E.EvalConfig, result: dict, thresholds: dict, world,
-            device, kw: dict, how: dict | None, written: list) -> dict:
-    """The report, with its gates: rendered on stderr, written to each --report (each listed in `written` first)."""
-    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "eps": ecfg.eps, "norm": kw["norm"],
-             "invocation": how}
-    if world.active:
-        extra["processes"] = world.size
+def _extra(model: str, model_sha: str, loaded, kw: dict, how: dict | None) -> dict:
+    """The command line's fields of the report: the checkpoint, how it was run, the surrogate, what the manifest
+    says of the patches and their training."""
+    extra = {"checkpoint": model, "checkpoint_sha256": model_sha, "invocation": how}
     if kw["surrogate"]:
         extra["surrogate"] = {"checkpoint": kw["surrogate"], "sha256": sha256_file(Path(kw["surrogate"]))}
-    if result.get("base_cache"):
-        extra["base_cache"] = result["base_cache"]
     if loaded.manifest is not None:
         extra["patches"] = loaded.manifest.patches
         extra["training"] = loaded.manifest.training
         extra["base_modified"] = loaded.manifest.base_modified
         if loaded.patched.has_auxbn:
             extra["route"] = loaded.patched.current_route
-    env = R.environment(str(device), kw["seed"], kw["deterministic"])
-    notes = list(loaded.warnings)
-    if kw["precision"] != "fp32":
-        notes.append(f"attacks ran in {kw['precision']} (autocast): low-precision gradients can weaken attacks, so "
-                     "robust accuracy may be overstated; rerun with --precision fp32 for the verdict")
-    extra["precision"] = kw["precision"]
-    rep = R.build("eval", result, R.data_record(ds, notes), R.attack_settings(result), env, extra)
+    return extra
+
+
+def _report(rep: dict, thresholds: dict, kw: dict, written: list) -> dict:
+    """The report's gates; the report rendered on stderr, written to each --report (each listed in `written`
+    first)."""
     missed = R.gate(rep, thresholds)
     rep["gates"] = {"thresholds": thresholds, "missed": missed}
     R.summarise(rep)
