@@ -124,7 +124,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     _warn_class_count(ds, patched)
     A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
     run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, RUN.library_hooks(progress),
-                                     given=frozenset(PatchOptions.ALIASES.get(k, k) for k in overrides)), infos)
+                                     given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
     RUN.measure(run)
     patched.cost = run.inference
     patched.training_record = run.record

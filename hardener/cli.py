@@ -44,14 +44,17 @@ def _click_type(t: Any) -> Any:
     return t
 
 
+def _click_option(spec: O.Opt) -> click.Option:
+    kwargs = dict(spec.kwargs)
+    if "type" in kwargs:
+        kwargs["type"] = _click_type(kwargs["type"])
+    return click.Option(spec.decls, **kwargs)
+
+
 def with_options(specs: tuple[O.Opt, ...]) -> Callable:
     """Decorator: the options of `specs` (data, `hardener.options`) as click options, in their order."""
     def apply(f: Callable) -> Callable:
-        for spec in reversed(specs):
-            kwargs = dict(spec.kwargs)
-            if "type" in kwargs:
-                kwargs["type"] = _click_type(kwargs["type"])
-            f = click.option(*spec.decls, **kwargs)(f)
+        f.__click_params__ = [*getattr(f, "__click_params__", []), *(_click_option(s) for s in reversed(specs))]
         return click.argument("model", required=False)(f)
     return apply
 
@@ -60,8 +63,12 @@ class ConfigCommand(click.Command):
     """A click command whose defaults come from the config file, then from a `--preset` (command line first,
     then config file, then preset, then the built-in defaults); a missing argument shows the usage lines."""
 
+    def all_params(self) -> list[click.Parameter]:
+        """The command's parameters, the help option aside."""
+        return self.params
+
     def make_context(self, info_name, args, parent=None, **extra):
-        params = {p.name: bool(getattr(p, "multiple", False)) for p in self.params if p.name}
+        params = {p.name: bool(getattr(p, "multiple", False)) for p in self.all_params() if p.name}
         try:
             defaults = command_defaults(self.name or "", list(args), params)
         except InputError as e:
@@ -160,17 +167,31 @@ def layers(**kw):
 
 
 class PatchCommand(ConfigCommand):
-    """`harden patch`: its epilog (what each preset sets) is built when --help shows it, not at every start, from
-    the options' own flags and built-in defaults."""
+    """`harden patch`: the options of patch kinds and methods (`options.owned_opts`) are made when the command runs,
+    from the kinds and methods registered then (one registered from outside brings its options, to harden.toml too);
+    its epilog (what each preset sets) is built when --help shows it, from the options' own flags and defaults."""
+
+    _owned: tuple = ((), [])  # (the declarations, their click options), made again when the declarations change
+
+    def all_params(self) -> list[click.Parameter]:
+        specs = O.owned_opts()
+        if specs != self._owned[0]:
+            self._owned = (specs, [_click_option(s) for s in specs])
+        at = next(i for i, p in enumerate(self.params) if p.name == "preset") + 1
+        return [*self.params[:at], *self._owned[1], *self.params[at:]]
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        help_option = self.get_help_option(ctx)
+        return [*self.all_params(), *([help_option] if help_option is not None else [])]
 
     def format_epilog(self, ctx: click.Context, formatter) -> None:
-        opts = [p for p in self.params if isinstance(p, click.Option)]
+        opts = [p for p in self.all_params() if isinstance(p, click.Option)]
         self.epilog = preset_help({p.name: p.opts[0] for p in opts}, {p.name: p.default for p in opts})
         super().format_epilog(ctx, formatter)
 
 
 @main.command(cls=PatchCommand)
-@with_options(O.PATCH)
+@with_options(O.PATCH_CORE)
 def patch(**kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on
     a small subset, write the patched file and a quick report. With no method options the recipe is the white-box

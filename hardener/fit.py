@@ -12,12 +12,12 @@ import math
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from . import attacks, data as hdata, methods
+from . import attacks, data as hdata, methods, owners
 from .clock import VAL_UNITS, Clock, fmt_seconds, train_units  # noqa: F401  (re-exported)
 from .errors import InputError, Interrupted, RunError
 from .patches import PatchedModel
@@ -27,8 +27,10 @@ from .resume import Saver
 
 @dataclass
 class FitConfig:
-    """The trainer's options (stored in the checkpoint's training record). A method's own options are fields here
-    too, read by name into its config dataclass (`hardener.methods`), which validates them."""
+    """The trainer's options (stored in the checkpoint's training record). A method's own options (declared in its
+    config dataclass, `hardener.methods`, which checks them) are read from the fields of the same name here (those of
+    the built-in methods, kept so that records read as before: their defaults are the declarations'), else from
+    `options`, by option name (a method registered from outside, an option added later)."""
 
     epochs: int = 20
     batch_size: int = 128
@@ -41,14 +43,14 @@ class FitConfig:
     augment: bool = False
     seed: int = 0
     method: str = "patch"
-    loss: str = "fixer"
-    beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
+    loss: str = owners.default("loss_name")
+    beta: float = owners.default("beta")
     eps_warmup: float = 0.0  # epochs over which eps ramps linearly from 0 (adaptive adversary only)
     select: bool = False  # keep the epoch with the best white-box accuracy on the validation split
     validate_every: int = 1  # validate after every k-th epoch (and the last)
-    phi: float = 0.5  # AdvAmd mediate coefficient
-    betas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # AdvAmd β1..β3
-    sigma: float = 0.0  # AdvAmd: stop once the epoch's mean loss is below σ
+    phi: float = owners.default("phi")
+    betas: tuple[float, float, float] = owners.default("betas")
+    sigma: float = owners.default("sigma")
     cache: bool = True  # transfer training without augmentation: cache the frozen base's answers
     cache_limit: int = 2 << 30  # bytes of caches kept in memory; the rest spills to disk in fp16
     precision: str = "fp32"  # autocast of the training forwards and attack (bf16, fp16); master weights stay fp32
@@ -57,6 +59,7 @@ class FitConfig:
     ema: float = 0.0  # > 0: decay of an exponential moving average of the trained weights (validated and kept)
     noise_sigma: float = 0.0  # > 0: denoised smoothing -- the second input is x + N(0, σ²), the loss the stability
     # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
+    options: dict = field(default_factory=dict)  # methods' options without a field above, by option name
 
     def __post_init__(self) -> None:
         if self.adversary not in ("base", "patched"):
@@ -731,12 +734,19 @@ def selected_epoch(logs: list[EpochLog], cfg: FitConfig) -> int | None:
     return -max(scored)[2] if cfg.select and scored else None
 
 
+def config_record(cfg: FitConfig) -> dict:
+    """The configuration as the record stores it: the fields, and the `options` beside them (none: as before)."""
+    out = asdict(cfg)
+    extra = out.pop("options")
+    return {**out, **extra}
+
+
 def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog], ds: hdata.Dataset,
            subset: str | None) -> dict:
     """The training record stored in the manifest: no wall times, so equal runs give equal files."""
     import torchattacks
 
     epochs = [{k: v for k, v in asdict(e).items() if k not in ("seconds", "val_seconds")} for e in logs]
-    return {"config": asdict(cfg), "attack": spec.record(), "epochs": epochs, "seed": cfg.seed,
+    return {"config": config_record(cfg), "attack": spec.record(), "epochs": epochs, "seed": cfg.seed,
             "data": {"source": ds.source, "fingerprint": ds.fingerprint(), "n": len(ds), "subset": subset},
             "torch": torch.__version__, "torchattacks": torchattacks.__version__}

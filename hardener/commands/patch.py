@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F
-from .. import cost as C, report as R, run as RUN, steps
+from .. import cost as C, report as R, run as RUN
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
@@ -19,9 +19,6 @@ from ..resume import Saver, StopFlag, fingerprint
 from ..signals import outputs_or_none
 from ..session import Loaded, finish_spec, load_data, load_model
 from . import Call, data_options, invocation, model_arg, model_options, start, track
-
-PATCH_FIELDS = {f.name for f in fields(api.PatchOptions)}
-
 
 def default_out(model: str) -> Path:
     p = Path(model)
@@ -104,7 +101,6 @@ def _plan(call: Call) -> Plan:
     A.parse_smooth_grad(kw["smooth_grad"])
     hdata.parse_subset(kw["subset"])
     holdout_size(kw["holdout"], 1)  # checked even where --subset or --eval-data leaves nothing to hold out
-    steps.parse_betas(kw["betas"])
     C.parse_budget(kw["budget"])
     if kw["select_on"] and kw["validate"]:
         raise InputError("--select-on and --validate both hold out a validation split: give one")
@@ -115,14 +111,14 @@ def _plan(call: Call) -> Plan:
     infos = finish_spec(loaded, ds_all, device)
     A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], math.prod(loaded.spec.shape), what="--eps")
     announce(ds_all, kw["quiet"])
-    opts = api.PatchOptions(**{f: v for f, v in kw.items() if f in PATCH_FIELDS})
+    opts = api.PatchOptions.of(kw)
     plan = Plan(kw, out_file, loaded, infos)
     hooks = RUN.Hooks(say=RUN.silent if kw["quiet"] else _say, warn=_warn, progress=progress, stop=StopFlag(),
                       world=world, saver=lambda r: _saver(plan, r), aside=lambda r: _aside(plan, r),
                       pool=lambda r: _pool(plan, r), report=lambda r: _report_plan(plan, r),
                       cache_dir=out_file.parent, keep_parent=True, library=False)
     plan.run = RUN.PatchRun(loaded.patched, ds_all, opts, recipe, device, hooks,
-                            given=frozenset(f for f in PATCH_FIELDS if call.given(f)),
+                            given=frozenset(f for f in kw if call.given(f)),
                             eval_elsewhere=bool(kw["eval_data"]), warnings=list(loaded.warnings))
     return plan
 
@@ -133,7 +129,7 @@ def _saver(plan: Plan, r: RUN.PatchRun) -> Saver:
     saver = Saver(plan.out_file.with_name(plan.out_file.name + ".partial"), resume=plan.kw["resume"],
                   every_steps=plan.kw["save_every"],
                   fingerprint=fingerprint({"base": loaded.base.sha256, "data": r.train_ds.fingerprint(),
-                                           "patches": loaded.patched.patch_specs(), "fit": asdict(r.cfg),
+                                           "patches": loaded.patched.patch_specs(), "fit": F.config_record(r.cfg),
                                            "attack": r.spec.record(), "device": r.device.type,
                                            "val": r.val_ds.fingerprint() if r.val_ds is not None else None,
                                            "processes": world.size}),

@@ -5,25 +5,12 @@ the per-class vulnerability of the stage-1 outcomes (eq. 6); training stops once
 below σ."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import losses
 from ..errors import InputError
+from ..kind_options import AdvAmdConfig
 from .base import Batch, Method, register_method
-
-
-@dataclass
-class AdvAmdConfig:
-    phi: float = 0.5  # mediate coefficient
-    betas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # β1..β3
-    sigma: float = 0.0  # stop once the epoch's mean loss is below σ
-
-    def __post_init__(self) -> None:
-        if not 0 < self.phi < 1:
-            raise InputError(f"--phi must be in (0, 1), got {self.phi}")
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
 
 def vulnerability(ds, adv: torch.Tensor, source: torch.nn.Module, n_classes: int, batch_size: int,

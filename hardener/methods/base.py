@@ -16,17 +16,19 @@ A method is a class registered with `@register_method("name", config_cls=...)` (
   display, "ce_clean", "ce_adv" and "distill" (0 where absent).
 - `converged(epoch_loss)`: stop after this epoch.
 
-A method's own options are a dataclass (`config_cls`), validated in its `__post_init__`; its fields are read by
-name from the trainer's `FitConfig` (fields the trainer lacks keep their defaults).
+A method's own options are a dataclass (`config_cls`); its fields declared with `optspec.option(...)` are user
+options (default, range, help and flag stated there once). They are read by name from the trainer's `FitConfig`: its
+fields, else its `options` dict (what `steps.training_setup` fills from the run's options); others keep their
+defaults.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from .. import losses
+from .. import losses, optspec, owners
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -121,8 +123,9 @@ def with_distillation(parts: dict[str, torch.Tensor], b: Batch, cfg: "FitConfig"
 
 
 def options_from(config_cls: type, cfg: Any) -> Any:
-    """`config_cls` with the fields `cfg` has, read by name."""
-    return config_cls(**{f.name: getattr(cfg, f.name) for f in fields(config_cls) if hasattr(cfg, f.name)})
+    """`config_cls` with the fields `cfg` has (its attributes, then its `options` dict by option name), checked."""
+    extra = getattr(cfg, "options", None) or {}
+    return optspec.read(config_cls, lambda field, name: getattr(cfg, field, extra.get(name)))
 
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -136,7 +139,7 @@ def register_method(name: str, config_cls: type = NoOptions) -> Callable[[type[M
         if cls.auxbn not in AUXBN:
             raise TypeError(f"training method '{name}': auxbn must be one of {', '.join(AUXBN)}")
         cls.name, cls.config_cls = name, config_cls
-        REGISTRY[name] = cls
+        owners.admit(REGISTRY, name, cls)
         return cls
     return wrap
 

@@ -11,12 +11,10 @@ at inference nothing knows which inputs are adversarial.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import losses
-from ..errors import InputError
+from ..kind_options import PairConfig
 from .base import DEFAULT_METHOD, Batch, Method, register_method
 
 
@@ -32,18 +30,6 @@ def _adv_trades(out_adv: torch.Tensor, out_clean: torch.Tensor, y: torch.Tensor,
 
 ADV_LOSSES = {"fixer": _adv_ce, "trades": _adv_trades}  # the adversarial term of the loss, by --loss
 LOSSES = tuple(ADV_LOSSES)
-
-
-@dataclass
-class PairConfig:
-    """Options of the clean + second-input objective."""
-
-    loss: str = "fixer"  # the adversarial term: fixer (CE) or trades (β · KL)
-    beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
 
 
 @register_method(DEFAULT_METHOD, config_cls=PairConfig)
