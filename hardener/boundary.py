@@ -25,7 +25,7 @@ def check_options(ctx) -> None:
     """Every numeric option of the current command against OPTION_RULES (the options of kinds and methods against
     their declarations), naming the user's flag."""
     params = {p.name: p for p in ctx.command.get_params(ctx)}
-    owned = owners.owned()
+    owned = owners.owned() if ctx.command.name == "patch" else {}
     for name, value in ctx.params.items():
         if name in owned and value is not None:  # an option a kind or method declares: its range, parsed
             owned[name][1].check(value, _flag(params[name]))

@@ -94,6 +94,7 @@ class PatchOptions:
         owned = owners.owned()
         names = ({f.name for f in fields(cls)} - {"owned"}) | set(owned)
         given = {cls.canonical(k): v for k, v in overrides.items()}
+        spelled = {cls.canonical(k): k for k in overrides}  # errors name the keyword as the caller wrote it
         unknown = sorted(k for k in given if k not in names)
         if unknown:
             raise InputError(f"unknown option '{unknown[0]}' (options: {', '.join(sorted(names))})")
@@ -107,7 +108,7 @@ class PatchOptions:
         types = {f.name: str(f.type) for f in fields(cls)}
         for k, v in values.items():
             if k in owned:  # checked by its declaration, the error naming the Python parameter
-                values[k] = owned[k][1].check(v, k)
+                values[k] = owned[k][1].check(v, spelled.get(k, k))
                 continue
             check_arg(k, v, types[k])
             rule = OPTION_RULES.get(k)
