@@ -286,7 +286,6 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     the other site patches with what is left: at the smallest multiple of `rho` (x2 each try) that keeps the most of
     them, cheapest sites first. Returns the sites kept, the options to build them with, and a line saying what it
     chose. Nothing fitting (and no twins) is an `InputError`."""
-
     from .patches import INPUT_SITE, KINDS, Site
     from .patches.prefilter import lighter_settings
 
