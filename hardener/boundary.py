@@ -24,7 +24,7 @@ def _flag(param) -> str:
 def check_options(ctx) -> None:
     """Every numeric option of the current command against OPTION_RULES (the options of kinds and methods against
     their declarations), naming the user's flag."""
-    params = {p.name: p for p in ctx.command.get_params(ctx)}
+    params = {p.name: p for p in ctx.command.params}
     owned = owners.owned() if ctx.command.name == "patch" else {}
     for name, value in ctx.params.items():
         if name in owned and value is not None:  # an option a kind or method declares: its range, parsed

@@ -63,12 +63,8 @@ class ConfigCommand(click.Command):
     """A click command whose defaults come from the config file, then from a `--preset` (command line first,
     then config file, then preset, then the built-in defaults); a missing argument shows the usage lines."""
 
-    def all_params(self) -> list[click.Parameter]:
-        """The command's parameters, the help option aside."""
-        return self.params
-
     def make_context(self, info_name, args, parent=None, **extra):
-        params = {p.name: bool(getattr(p, "multiple", False)) for p in self.all_params() if p.name}
+        params = {p.name: bool(getattr(p, "multiple", False)) for p in self.params if p.name}
         try:
             defaults = command_defaults(self.name or "", list(args), params)
         except InputError as e:
@@ -172,20 +168,24 @@ class PatchCommand(ConfigCommand):
     its epilog (what each preset sets) is built when --help shows it, from the options' own flags and defaults."""
 
     _owned: tuple = ((), [])  # (the declarations, their click options), made again when the declarations change
+    _all: list | None = None  # the parameters: one list while the declarations stay (click appends to it, and pops)
 
-    def all_params(self) -> list[click.Parameter]:
+    @property
+    def params(self) -> list[click.Parameter]:
         specs = O.owned_opts()
         if specs != self._owned[0]:
-            self._owned = (specs, [_click_option(s) for s in specs])
-        at = next(i for i, p in enumerate(self.params) if p.name == "preset") + 1
-        return [*self.params[:at], *self._owned[1], *self.params[at:]]
+            self._owned, self._all = (specs, [_click_option(s) for s in specs]), None
+        if self._all is None:
+            at = next(i for i, p in enumerate(self._core) if p.name == "preset") + 1
+            self._all = [*self._core[:at], *self._owned[1], *self._core[at:]]
+        return self._all
 
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        help_option = self.get_help_option(ctx)
-        return [*self.all_params(), *([help_option] if help_option is not None else [])]
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._core, self._all = value, None
 
     def format_epilog(self, ctx: click.Context, formatter) -> None:
-        opts = [p for p in self.all_params() if isinstance(p, click.Option)]
+        opts = [p for p in self.params if isinstance(p, click.Option)]
         self.epilog = preset_help({p.name: p.opts[0] for p in opts}, {p.name: p.default for p in opts})
         super().format_epilog(ctx, formatter)
 
