@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from . import attacks, data as hdata, methods, owners
+from .choices import ADVERSARY_CHOICES, Adversary
 from .clock import VAL_UNITS, Clock, fmt_seconds, train_units  # noqa: F401  (re-exported)
 from .errors import InputError, Interrupted, RunError
 from .patches import PatchedModel
@@ -39,7 +40,7 @@ class FitConfig:
     lam: float = 1.0  # feature distillation weight
     mu: float = 1.0  # logit distillation weight
     gamma: float = 0.0  # focal CE
-    adversary: str = "base"  # base (transfer, the paper) | patched (adaptive)
+    adversary: str = Adversary.BASE.value  # base (transfer, the paper) | patched (adaptive): choices.ADVERSARY_CHOICES
     augment: bool = False
     seed: int = 0
     method: str = "patch"
@@ -62,8 +63,8 @@ class FitConfig:
     options: dict = field(default_factory=dict)  # methods' options without a field above, by option name
 
     def __post_init__(self) -> None:
-        if self.adversary not in ("base", "patched"):
-            raise InputError(f"--adversary must be base or patched, got '{self.adversary}'")
+        if self.adversary not in ADVERSARY_CHOICES:
+            raise InputError(f"--adversary must be {' or '.join(ADVERSARY_CHOICES)}, got '{self.adversary}'")
         if self.epochs < 1 or self.batch_size < 1 or self.validate_every < 1:
             raise InputError("--epochs, --batch-size and --validate-every must be at least 1")
         if self.method not in methods.REGISTRY:
@@ -92,13 +93,13 @@ class FitConfig:
     @property
     def adaptive(self) -> bool:
         """Adversarial examples regenerated against the model being trained, every step."""
-        return methods.build(self).adversary() == "model"
+        return methods.build(self).adversary() == Adversary.PATCHED
 
     @property
     def cached_adversarials(self) -> bool:
         """Adversarial examples of the original model, made once for the whole subset."""
         kind = methods.build(self).adversary()
-        return kind == "once" or (kind == "base" and not self.augment)
+        return kind == Adversary.ONCE or (kind == Adversary.BASE and not self.augment)
 
 
 @dataclass
@@ -371,7 +372,7 @@ class _Trainer:
         """The base's adversarial examples for the whole set, when the method's adversary allows making them once
         (in memory, or spilled to disk in fp16 beyond --cache-limit). Returns the bytes they take in memory."""
         cfg, ds, saver = self.cfg, self.ds, self.saver
-        if not (self.adversary == "once" or (self.adversary == "base" and not cfg.augment)):
+        if not (self.adversary == Adversary.ONCE or (self.adversary == Adversary.BASE and not cfg.augment)):
             return 0
         if cfg.augment:
             raise InputError(f"--method {cfg.method} makes its adversarial examples once (stage 1): drop --augment")
@@ -568,13 +569,13 @@ class _Trainer:
         cfg, spec = self.cfg, self.spec
         ramp = min(1.0, (done + 1) / (cfg.eps_warmup * self.steps_per_epoch)) if cfg.eps_warmup else 1.0
         step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
-        if self.adversary == "noise":  # Gaussian noise from the run's generator (saved with the state: resumable)
+        if self.adversary == Adversary.NOISE:  # Gaussian noise from the run's generator (saved with the state: resumable)
             return x + cfg.noise_sigma * torch.randn(x.shape, generator=self.g).to(self.device)
         if self.cached_adv is not None:
             return self.cached_adv[idx].to(self.device)
         from .evaluation import Autocast
 
-        if self.adversary != "model":
+        if self.adversary != Adversary.PATCHED:
             source = Autocast(self.teacher, self.amp) if self.amp is not None else self.teacher
             return attacks.project(x, attacks.build(source, step_spec)(x, y), step_spec.eps * spec.radius, spec.norm)
         self.patched.eval()

@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from . import optspec, owners
-from .choices import PRECISIONS, SUITE_VERSIONS
+from .choices import ADVERSARY_CHOICES, PRECISIONS, SUITE_VERSIONS
 from .patch_options import PatchOptions
 from .recipe import DEFAULT_PRESET, preset_names
 
@@ -207,7 +207,7 @@ PATCH_CORE = (
               "on them after every epoch (without choosing an epoch: see --select-on)."),
     popt("--validate-every", show_default=True, type=int,
          help="Validate (--select-on, --validate) after every K-th epoch and the last only."),
-    popt("--adversary", show_default=True, type=Choice(["base", "patched"]),
+    popt("--adversary", show_default=True, type=Choice(ADVERSARY_CHOICES),
          help="base: examples of the frozen base (transfer, the paper); patched: regenerated against "
               "the patched model every step (adaptive; always so for adv-train and advprop)."),
     popt("--epochs", show_default=True, type=int),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import losses
+from ..choices import Adversary
 from ..errors import InputError
 from ..kind_options import AdvAmdConfig
 from .base import Batch, Method, register_method
@@ -37,7 +38,7 @@ class AdvAmd(Method):
         if self.cfg.noise_sigma:
             raise InputError("--method advamd makes its adversarial examples once, on the original model: "
                              "--noise-sigma does not apply")
-        return "once"
+        return Adversary.ONCE
 
     def prepare(self, run) -> None:
         self.abar = vulnerability(run.ds, run.cached_adv, run.teacher, run.spec.n_classes, run.cfg.batch_size,

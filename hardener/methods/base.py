@@ -8,9 +8,10 @@ A method is a class registered with `@register_method("name", config_cls=...)` (
 - `routes`: which BatchNorms the clean and the second input go through: the auxiliary twins ("adv") or the
   base's own ("main"); `auxbn` says whether the method needs twins ("required"), refuses them ("forbidden")
   or takes them as they come ("optional").
-- `adversary()`: where the second input of each step comes from: "base" (adversarial examples of the frozen
-  base; made once for the whole set when the inputs do not change), "once" (of the original model, made once
-  before training, always), "model" (of the model being trained, every step), "noise" (Gaussian noise).
+- `adversary()`: where the second input of each step comes from, a `choices.Adversary` (the enum `--adversary`
+  chooses from, one meaning everywhere): "base" (adversarial examples of the frozen base; made once for the whole
+  set when the inputs do not change), "patched" (of the model being trained, every step), "once" (of the original
+  model, made once before training, always), "noise" (Gaussian noise).
 - `prepare(run)`: once, before the first step (e.g. statistics of the stage-1 adversarial examples).
 - `loss(batch)`: the loss as named parts: "loss" (the total that is minimised) and, for the log and the progress
   display, "ce_clean", "ce_adv" and "distill" (0 where absent).
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from .. import losses, optspec, owners
+from ..choices import Adversary
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from ..patches import PatchedModel
 
 DEFAULT_METHOD = "patch"  # the method of patches on a frozen base (not a --method choice: the patch kinds are)
-ADVERSARIES = ("base", "once", "model", "noise")
+ADVERSARIES = tuple(Adversary)
 AUXBN = ("required", "forbidden", "optional")
 
 
@@ -87,9 +89,7 @@ class Method:
 
     def adversary(self) -> str:
         """Where the second input comes from (`ADVERSARIES`): noise with --noise-sigma, else as --adversary says."""
-        if self.cfg.noise_sigma:
-            return "noise"
-        return "model" if self.cfg.adversary == "patched" else "base"
+        return Adversary.NOISE if self.cfg.noise_sigma else Adversary(self.cfg.adversary)
 
     def prepare(self, run: Any) -> None:
         """Once before training; `run` has `ds`, `cached_adv`, `teacher`, `spec`, `cfg` and `device`."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import losses
+from ..choices import Adversary
 from ..kind_options import PairConfig
 from .base import DEFAULT_METHOD, Batch, Method, register_method
 
@@ -39,7 +40,7 @@ class PatchTraining(Method):
     def objective(self, b: Batch) -> dict[str, torch.Tensor]:
         o, gamma = self.options, self.cfg.gamma
         ce_clean = losses.focal_ce(b.out_clean, b.y, gamma)
-        if self.adversary() == "noise":  # stability: the noisy input must get the base's class of the clean one
+        if self.adversary() == Adversary.NOISE:  # stability: the noisy input must get the base's class of the clean one
             ce_adv = losses.focal_ce(b.out_adv, b.base_logits.argmax(1), gamma)
             return {"loss": ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
         ce_adv = ADV_LOSSES[o.loss](b.out_adv, b.out_clean, b.y, gamma, o.beta)
