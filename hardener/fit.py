@@ -569,7 +569,7 @@ class _Trainer:
         cfg, spec = self.cfg, self.spec
         ramp = min(1.0, (done + 1) / (cfg.eps_warmup * self.steps_per_epoch)) if cfg.eps_warmup else 1.0
         step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
-        if self.adversary == Adversary.NOISE:  # Gaussian noise from the run's generator (saved with the state: resumable)
+        if self.adversary == Adversary.NOISE:  # Gaussian noise from the run's generator (saved with the state)
             return x + cfg.noise_sigma * torch.randn(x.shape, generator=self.g).to(self.device)
         if self.cached_adv is not None:
             return self.cached_adv[idx].to(self.device)

@@ -65,7 +65,8 @@ class PairConfig(Options):
     """Options of the clean + second-input objective."""
 
     loss: str = option("fixer", choices=LOSSES, name="loss_name", flag="--loss",
-                       help="fixer: CE on clean and adversarial inputs; trades: CE on clean + β·KL(clean‖adversarial).")
+                       help="fixer: CE on clean and adversarial inputs; trades: CE on clean + "
+                            "β·KL(clean‖adversarial).")
     beta: float = option(6.0, lo=0, help="TRADES weight β.")
 
 

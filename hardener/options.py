@@ -169,7 +169,12 @@ PATCH_CORE = (
          help="fixer, token-fixer, denoise or prefilter (the kind of --at sites; a fixer at a transformer's token "
               "site is a token fixer), auxbn (twins of the --bn layers), "
               "combined with commas (fixer,auxbn); or one full fine-tuning method that changes every base "
-              "weight: adv-train, advprop, advamd."),
+              "weight: adv-train, advprop, advamd. --patch and --train say the same apart."),
+    popt("--patch", help="What is patched: patch kinds, comma-separated: fixer, token-fixer, denoise or prefilter (the "
+                         "kind of --at sites), auxbn (twins of the --bn layers), or KIND:SITE (a kind at one site, as "
+                         "in --at). With --train, the two-part spelling of --method."),
+    popt("--train", help="What trains: patch (the patches alone, on a frozen base: the default), or a full fine-tuning "
+                         "method that changes every base weight: adv-train, advprop, advamd."),
     popt("--bn", help="Norm layers that get auxiliary twins: names, a regex, all (every BatchNorm; on a model "
                       "without, every LayerNorm), or auto (all if the model has any, else none); implies auxbn."),
     popt("--route", type=Choice(["adv", "main"]),
@@ -177,7 +182,8 @@ PATCH_CORE = (
               "patches, main for advprop/advamd)."),
     opt("--preset", type=Choice(preset_names()),
         help=f"A measured recipe (a file in hardener/presets/); options given explicitly win over it. Default: "
-             f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--adversary is given (see docs/methods.md)."),
+             f"{DEFAULT_PRESET} when none of --method/--patch/--train/--at/--at-regex/--adversary is given (see "
+             "docs/methods.md)."),
     popt("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
                                "parametric-softplus backward (forward unchanged)."),
     popt("--budget", help="Inference multiply-adds of the patched model relative to the base (e.g. 1.25), or none: "
@@ -375,7 +381,7 @@ _GROUP_OF = {group: names.split() for group, names in {
     "data": "data subset holdout classes resize crop unlabeled pseudo_threshold pseudo_ratio eval_data max_samples",
     "model": "arch arch_kwargs trust_pickle trust_arch mean std preprocessor logits input_shape route parent "
              "allow_low_accuracy",
-    "recipe": "preset method at at_regex bn budget",
+    "recipe": "preset method patch train at at_regex bn budget",
     "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "
               "threat surrogate eps_sweep precision no_checks",
     "training": "epochs batch_size lr lam mu gamma augment ema select_on validate validate_every noise_sigma cache "

@@ -52,7 +52,8 @@ class Option:
         if self.lo is not None and self.hi is not None:
             if isinstance(self.default, int):
                 return f"must be an integer in {self.lo}..{self.hi}"
-            return f"must be a number in {'(' if self.open_lo else '['}{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
+            left, right = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
+            return f"must be a number in {left}{self.lo}, {self.hi}{right}"
         if self.lo is not None:
             if isinstance(self.default, int):
                 return f"must be an integer >= {self.lo}"

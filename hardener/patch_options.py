@@ -18,7 +18,9 @@ class PatchOptions:
     `loss_name` for `--loss`, those of a kind registered from outside, ...) are read as attributes too, from `owned`
     (their defaults where not given)."""
 
-    method: str = "fixer"
+    method: str = "fixer"  # patch kinds and a training method in one list (the spelling of --patch plus --train)
+    patch: str | None = None  # patch kinds, KIND:SITE allowed: folded into method and at (`of`)
+    train: str | None = None  # the training method: folded into method
     at: str | None = None
     at_regex: str | None = None
     bn: str | None = None
@@ -71,9 +73,16 @@ class PatchOptions:
         return cls.ALIASES.get(name) or owners.aliases().get(name, name)
 
     @classmethod
-    def of(cls, values: dict[str, Any]) -> "PatchOptions":
+    def of(cls, values: dict[str, Any], method_given: bool = False) -> "PatchOptions":
         """From option values by name (the command line's), the owned ones parsed and checked into `owned` (an error
-        names the flag); other names are ignored."""
+        names the flag), `patch` and `train` folded into `method` and `at` (`recipe.split_recipe`; `method_given`:
+        the caller set `method` itself); other names are ignored."""
+        from .recipe import split_recipe
+
+        if values.get("patch") is not None or values.get("train") is not None:
+            method, at = split_recipe(values.get("method") or cls.method, values.get("patch"), values.get("train"),
+                                      values.get("at"), method_given)
+            values = {**values, "method": method, "at": at, "patch": None, "train": None}
         names, owned = {f.name for f in fields(cls)} - {"owned"}, owners.owned()
         return cls(**{k: v for k, v in values.items() if k in names},
                    owned={k: owned[k][1].check(v, optspec.flag(k, owned[k][1])) for k, v in values.items()
@@ -114,4 +123,4 @@ class PatchOptions:
             rule = OPTION_RULES.get(k)
             if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not rule[0](v):
                 raise InputError(f"{k} {rule[1]}, got {v}")
-        return cls.of(values), preset
+        return cls.of(values, method_given="method" in given), preset

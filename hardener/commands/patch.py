@@ -95,7 +95,8 @@ def _plan(call: Call) -> Plan:
     kw = call.params
     model, out_file = _check(call)
     recipe = load_preset(kw["preset"]) if kw["preset"] else None
-    parse_methods(kw["method"], kw["bn"], kw["at"] or kw["at_regex"])
+    opts = api.PatchOptions.of(kw, method_given=call.given("method"))  # --patch/--train as --method/--at say them
+    parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
     A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], what="--eps")
     A.expand([kw["attack_name"]])  # unknown names fail before any loading
     A.parse_smooth_grad(kw["smooth_grad"])
@@ -111,7 +112,6 @@ def _plan(call: Call) -> Plan:
     infos = finish_spec(loaded, ds_all, device)
     A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], math.prod(loaded.spec.shape), what="--eps")
     announce(ds_all, kw["quiet"])
-    opts = api.PatchOptions.of(kw)
     plan = Plan(kw, out_file, loaded, infos)
     hooks = RUN.Hooks(say=RUN.silent if kw["quiet"] else _say, warn=_warn, progress=progress, stop=StopFlag(),
                       world=world, saver=lambda r: _saver(plan, r), aside=lambda r: _aside(plan, r),
@@ -199,7 +199,7 @@ def _report(plan: Plan, manifest: Manifest, written: list) -> None:
                    "patch_cost": r.cost, "cost": r.inference.to_json() if r.inference else None,
                    "invocation": plan.invocation,
                    "epoch_log": [asdict(e) for e in r.logs], "cache": r.info, "base_modified": r.cfg.full,
-                   "method": kw["method"], "preset": r.preset.record() if r.preset else None,
+                   "method": r.opts.method, "preset": r.preset.record() if r.preset else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
                                      "note": QUICK_NOTE if plan.quick else "reference budgets of the training attack",
                                      "full_evaluation": full_cmd}})
