@@ -137,15 +137,15 @@ def owned_opt(name: str, spec: optspec.Option) -> Opt:
     """The `harden patch` option of an option a patch kind or method declares (`optspec.Option`)."""
     flag = optspec.flag(name, spec)
     decls = (flag,) if flag.lstrip("-").replace("-", "_") == name else (flag, name)
-    d = spec.default
-    if isinstance(d, bool):
+    d, t = spec.default, spec.value_type
+    if t is bool:
         return Opt(decls, {"default": d, "is_flag": True, "help": spec.help})
     kwargs: dict[str, Any] = {"default": ",".join(f"{v:g}" for v in d) if isinstance(d, tuple) else d,
-                              "show_default": True, "help": spec.help}
+                              "show_default": d is not None, "help": spec.help}
     if spec.choices is not None:
         kwargs["type"] = Choice(spec.choices)
-    elif isinstance(d, (int, float)):
-        kwargs["type"] = type(d)
+    elif t in (int, float):
+        kwargs["type"] = t
     return Opt(decls, kwargs)
 
 

@@ -21,7 +21,9 @@ from .errors import InputError
 class Option:
     """One option: its default, range (`lo`/`hi`, closed unless `open_lo`/`open_hi`), choices, help text, flag
     (default `--name-with-dashes`), option name (default: the field's), `--help` group (default: "recipe" for a patch
-    kind's, "training" for a method's) and `parse` (text -> value, for values written as text: CLI, TOML)."""
+    kind's, "training" for a method's), `parse` (text -> value, for values written as text: CLI, TOML) and `kind`, the
+    value's type where the default does not say it (default None: str unless `kind` says otherwise; None stays
+    allowed, as "not given")."""
 
     default: Any
     help: str = ""
@@ -34,6 +36,11 @@ class Option:
     name: str | None = None
     group: str = ""
     parse: Callable[[Any], Any] | None = None
+    kind: type | None = None
+
+    @property
+    def value_type(self) -> type:
+        return self.kind or (str if self.default is None else type(self.default))
 
     def field(self) -> Any:
         """The dataclass field that declares this option."""
@@ -43,35 +50,38 @@ class Option:
         """What a value must be, as the error says it ("must be a number in (0, 1)")."""
         if self.choices is not None:
             return f"must be one of {', '.join(self.choices)}"
-        if isinstance(self.default, bool):
+        t = self.value_type
+        if t is bool:
             return "must be true or false"
-        if isinstance(self.default, tuple):
+        if t is str:
+            return "must be a string"
+        if t is tuple:
             each = Option(0.0, lo=self.lo, hi=self.hi, open_lo=self.open_lo, open_hi=self.open_hi).requirement()
             return f"must be {len(self.default)} numbers, each {each.removeprefix('must be ')}"
-        what = "an integer" if isinstance(self.default, int) else "a number"
         if self.lo is not None and self.hi is not None:
-            if isinstance(self.default, int):
+            if t is int:
                 return f"must be an integer in {self.lo}..{self.hi}"
             left, right = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
             return f"must be a number in {left}{self.lo}, {self.hi}{right}"
         if self.lo is not None:
-            if isinstance(self.default, int):
+            if t is int:
                 return f"must be an integer >= {self.lo}"
             return "must be a finite positive number" if (self.lo, self.open_lo) == (0, True) else \
                 f"must be a finite number {'>' if self.open_lo else '>='} {self.lo}"
-        return f"must be {what}" if isinstance(self.default, int) else "must be a finite number"
+        return "must be an integer" if t is int else "must be a finite number"
 
     def ok(self, v: Any) -> bool:
         """Whether `v` (parsed) is a value of this option."""
+        t = self.value_type
+        if v is None:
+            return self.default is None
         if self.choices is not None:
             return isinstance(v, str) and v in self.choices
-        if isinstance(self.default, bool):
-            return isinstance(v, bool)
-        if isinstance(self.default, tuple):  # numbers, as many as the default has, each in the range
+        if t in (bool, str):
+            return isinstance(v, t)
+        if t is tuple:  # numbers, as many as the default has, each in the range
             return isinstance(v, tuple) and len(v) == len(self.default) and all(self._in(x) for x in v)
-        if isinstance(self.default, str):
-            return isinstance(v, str)
-        return self._in(v) and (isinstance(v, int) or not isinstance(self.default, int))
+        return self._in(v) and (isinstance(v, int) or t is not int)
 
     def _in(self, v: Any) -> bool:
         if not _number(v):

@@ -135,6 +135,7 @@ class Gate(P.PatchKind):
 @dataclass
 class WeightedConfig:
     adv_weight: float = optspec.option(1.0, lo=0, help="Weight of the adversarial CE of weighted-pair training.")
+    tag: str | None = optspec.option(None, help="A label of the run (not given: none, and the record names none).")
 
 
 SEEN: list[float] = []  # the adv_weight each optimiser step used
@@ -159,9 +160,12 @@ def test_a_registered_kind_and_method_bring_their_options_to_the_library(registr
     x = x.float() / 255
     SEEN.clear()
     patched = hardener.patch(trained_tiny(), (x, y), recipe=None, method="gate,weighted-pair", at="block", eps=0.1,
-                             epochs=1, steps=1, batch_size=32, gate_init=0.5, adv_weight=2.0, progress=False)
+                             epochs=1, steps=1, batch_size=32, gate_init=0.5, adv_weight=2.0, tag="t1",
+                             progress=False)
     assert patched.patches["block"].config.gate_init == 0.5 and set(SEEN) == {2.0}
-    assert patched.training_record["config"]["adv_weight"] == 2.0
+    assert patched.training_record["config"]["adv_weight"] == 2.0 and patched.training_record["config"]["tag"] == "t1"
+    with pytest.raises(InputError, match="^tag must be a string, got 3$"):
+        hardener.patch(trained_tiny(), (x, y), recipe=None, method="weighted-pair", tag=3)
     with pytest.raises(InputError, match=r"^gate_init must be a number in \[-1, 1\], got 5$"):
         hardener.patch(trained_tiny(), (x, y), recipe=None, method="gate", at="block", gate_init=5)
     with pytest.raises(InputError, match="unknown option 'gate_inti'"):
@@ -182,7 +186,7 @@ def test_a_registered_kind_and_method_bring_their_options_to_the_cli_and_harden_
     out = runner.invoke(main, ["patch", "--help"]).output
     recipe, training = (out.split(f"\n{t}:\n")[1].split("\n\n")[0] for t in ("Recipe", "Training"))
     assert "--gate-init FLOAT" in recipe and "Initial gate of gate patches." in recipe
-    assert "--adv-weight FLOAT" in training and "[default: 1.0]" in training
+    assert "--adv-weight FLOAT" in training and "[default: 1.0]" in training and "--tag TEXT" in training
     config = tmp_path / "harden.toml"
     config.write_text("[patch]\nadv_weight = 3.0\n")
     dest = tmp_path / "gate.hardened.safetensors"
@@ -195,6 +199,6 @@ def test_a_registered_kind_and_method_bring_their_options_to_the_cli_and_harden_
     with safe_open(str(dest), framework="pt") as f:
         manifest = json.loads(f.metadata()[MANIFEST_KEY])
     assert manifest["patches"][0]["kind"] == "gate" and manifest["patches"][0]["gate_init"] == 0.25
-    assert manifest["training"]["config"]["adv_weight"] == 3.0
+    assert manifest["training"]["config"]["adv_weight"] == 3.0 and "tag" not in manifest["training"]["config"]
     r = runner.invoke(main, [*args, "--gate-init", "5", "--force"])
     assert r.exit_code == 2 and "--gate-init must be a number in [-1, 1], got 5.0" in r.output, r.output
