@@ -12,7 +12,7 @@ from .errors import InputError
 from .optspec import Option, Options, option
 
 # fixers and pre-filters share their strength: one declaration
-DELTA = Option(1.0, lo=-1e6, hi=1e6, help="Strength δ of fixer and pre-filter patches.")
+DELTA = Option(1.0, help="Strength δ of fixer and pre-filter patches.")
 
 
 @dataclass
