@@ -99,14 +99,14 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
 
     `recipe` names a preset (`"robust"`: white-box robustness; `"transfer"`: the fixer paper's transfer-only
     recipe; `"certify"`: a denoiser for `harden certify`; `None`: the built-in defaults of `PatchOptions`; `"auto"`,
-    the default: `"robust"` unless `method`, `at`, `at_regex` or `adversary` is given); `overrides` are fields
-    (`eps=0.1`, `epochs=5`, `at="layer1"`, ...) and win over the recipe; `loss="rslad", teacher=...` distils a robust
-    teacher (a patched checkpoint path of the same base, a `PatchedModel` on it, or a module taking the same pixels).
-    When `data` leaves nothing aside, a stratified part is held out for model selection, as the CLI does. The run is
-    the command line's (`hardener.run.patch_run`): `progress=True` shows progress, the plan and the notes on stderr
-    (`False`: nothing; a callable of fit's `Progress` gets the progress, the plan and notes go to the logger only);
-    the plan and the notes go to the `logging` logger "hardener" too, warnings (too few optimiser steps, ...) are
-    `UserWarning`s.
+    the default: `"robust"` unless `method` (or `patch`, `train`), `at`, `at_regex` or `adversary` is given);
+    `overrides` are fields (`eps=0.1`, `epochs=5`, `at="layer1"`, ...) and the options of the patch kinds and
+    methods (`rho=2`, `phi=0.6`, those of a kind registered from outside), and win over the recipe; `loss="rslad", teacher=...` distils a robust teacher (a patched
+    checkpoint path of the same base, a `PatchedModel` on it, or a module taking the same pixels). When `data`
+    leaves nothing aside, a stratified part is held out for model selection, as the CLI does. The run is the command line's
+    (`hardener.run.patch_run`): `progress=True` shows progress, the plan and the notes on stderr (`False`: nothing;
+    a callable of fit's `Progress` gets the progress, the plan and notes go to the logger only); the plan and the
+    notes go to the `logging` logger "hardener" too, warnings (too few optimiser steps, ...) are `UserWarning`s.
     The base's weights and statistics are bit-identical afterwards. The returned model carries `.training_record`
     (the record the checkpoint stores), `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`:
     multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
@@ -124,7 +124,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     _warn_class_count(ds, patched)
     A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
     run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, RUN.library_hooks(progress),
-                                     given=frozenset(PatchOptions.ALIASES.get(k, k) for k in overrides)), infos)
+                                     given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
     RUN.measure(run)
     patched.cost = run.inference
     patched.training_record = run.record

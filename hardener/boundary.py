@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import owners
 from .errors import InputError, RunError
 from .model import parse_shape
 from .validate import OPTION_RULES, _is_int, check_memory, regular_input
@@ -21,9 +22,14 @@ def _flag(param) -> str:
 
 
 def check_options(ctx) -> None:
-    """Every numeric option of the current command against OPTION_RULES, naming the user's flag."""
+    """Every numeric option of the current command against OPTION_RULES (the options of kinds and methods against
+    their declarations), naming the user's flag."""
     params = {p.name: p for p in ctx.command.params}
+    owned = owners.owned() if ctx.command.name == "patch" else {}
     for name, value in ctx.params.items():
+        if name in owned and value is not None:  # an option a kind or method declares: its range, parsed
+            owned[name][1].check(value, _flag(params[name]))
+            continue
         rule = OPTION_RULES.get(name)
         if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue

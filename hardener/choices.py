@@ -4,6 +4,21 @@ by their modules; a test checks the implementations' tables (`patches.ACTIVATION
 `methods.patch.LOSSES`) against the names here."""
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class Adversary(StrEnum):
+    """Where the second input of each training step comes from, with one meaning everywhere: `--adversary` chooses
+    between the first two (`ADVERSARY_CHOICES`); a training method's `adversary()` answers with any of them."""
+
+    BASE = "base"  # adversarial examples of the frozen base (made once for the whole set when the inputs do not change)
+    PATCHED = "patched"  # of the model being trained (patched, or fully fine-tuned), every step: adaptive
+    ONCE = "once"  # of the original model, made once before training, always (AdvAmd's stage 1)
+    NOISE = "noise"  # Gaussian noise (--noise-sigma: denoised smoothing)
+
+
+ADVERSARY_CHOICES = (Adversary.BASE.value, Adversary.PATCHED.value)  # what --adversary takes
+
 # AutoAttack's versions as `--suite` names them -> the suite (`attacks.SUITES`).
 SUITE_VERSIONS = {"standard": "autoattack", "plus": "autoattack-plus", "rand": "autoattack-rand"}
 DENOISE_OPS = ("nonlocal-gaussian", "nonlocal-dot", "mean", "median", "bilateral")  # of denoise patches

@@ -44,14 +44,17 @@ def _click_type(t: Any) -> Any:
     return t
 
 
+def _click_option(spec: O.Opt) -> click.Option:
+    kwargs = dict(spec.kwargs)
+    if "type" in kwargs:
+        kwargs["type"] = _click_type(kwargs["type"])
+    return click.Option(spec.decls, **kwargs)
+
+
 def with_options(specs: tuple[O.Opt, ...]) -> Callable:
     """Decorator: the options of `specs` (data, `hardener.options`) as click options, in their order."""
     def apply(f: Callable) -> Callable:
-        for spec in reversed(specs):
-            kwargs = dict(spec.kwargs)
-            if "type" in kwargs:
-                kwargs["type"] = _click_type(kwargs["type"])
-            f = click.option(*spec.decls, **kwargs)(f)
+        f.__click_params__ = [*getattr(f, "__click_params__", []), *(_click_option(s) for s in reversed(specs))]
         return click.argument("model", required=False)(f)
     return apply
 
@@ -160,8 +163,26 @@ def layers(**kw):
 
 
 class PatchCommand(ConfigCommand):
-    """`harden patch`: its epilog (what each preset sets) is built when --help shows it, not at every start, from
-    the options' own flags and built-in defaults."""
+    """`harden patch`: the options of patch kinds and methods (`options.owned_opts`) are made when the command runs,
+    from the kinds and methods registered then (one registered from outside brings its options, to harden.toml too);
+    its epilog (what each preset sets) is built when --help shows it, from the options' own flags and defaults."""
+
+    _owned: tuple = ((), [])  # (the declarations, their click options), made again when the declarations change
+    _all: list | None = None  # the parameters: one list while the declarations stay (click appends to it, and pops)
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        specs = O.owned_opts()
+        if specs != self._owned[0]:
+            self._owned, self._all = (specs, [_click_option(s) for s in specs]), None
+        if self._all is None:
+            at = next(i for i, p in enumerate(self._core) if p.name == "preset") + 1
+            self._all = [*self._core[:at], *self._owned[1], *self._core[at:]]
+        return self._all
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._core, self._all = value, None
 
     def format_epilog(self, ctx: click.Context, formatter) -> None:
         opts = [p for p in self.params if isinstance(p, click.Option)]
@@ -170,7 +191,7 @@ class PatchCommand(ConfigCommand):
 
 
 @main.command(cls=PatchCommand)
-@with_options(O.PATCH)
+@with_options(O.PATCH_CORE)
 def patch(**kw):
     """Splice patches (fixers, denoise blocks, pre-filters, auxiliary BNs) into a frozen checkpoint, train them on
     a small subset, write the patched file and a quick report. With no method options the recipe is the white-box

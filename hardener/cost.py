@@ -289,8 +289,6 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     the other site patches with what is left: at the smallest multiple of `rho` (x2 each try) that keeps the most of
     them, cheapest sites first. Returns the sites kept, the options to build them with, and a line saying what it
     chose. Nothing fitting (and no twins) is an `InputError`."""
-    from dataclasses import replace
-
     from .patches import INPUT_SITE, KINDS, Site
     from .patches.prefilter import lighter_settings
 
@@ -311,16 +309,16 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     rest = [(k, s) for k, s in sites if (k, s) not in pre]
     o, kept_pre, said = opts, [], []
     for settings in (lighter_settings(opts.width, opts.prefilter_stride, opts.prefilter_design) if pre else []):
-        fits = [(c, t) for t in settings for c in [cost_of(*pre[0], replace(opts, **t))] if c <= left]
+        fits = [(c, t) for t in settings for c in [cost_of(*pre[0], opts.replace(**t))] if c <= left]
         if fits:
             c, t = max(fits, key=lambda f: f[0])
-            o, kept_pre, left = replace(opts, **t), pre, left - c
+            o, kept_pre, left = opts.replace(**t), pre, left - c
             said.append(f"pre-filter width {t['width']}, {t['prefilter_design']}, stride {t['prefilter_stride']}")
             break
     best: tuple[float, list[int], int] | None = None
     before = None
     for i in range(12):  # rho, 2 rho, 4 rho, ... (a fixer's hidden width halves each time, down to 1)
-        trial = replace(o, rho=opts.rho * 2 ** i)
+        trial = o.replace(rho=opts.rho * 2 ** i)
         costs = sorted((cost_of(k, s, trial), j) for j, (k, s) in enumerate(rest))
         if costs == before:  # no cheaper any more
             break
@@ -339,7 +337,7 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
         what = f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%" if cheapest else ""
         raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {100 * (budget - 1):.1f}% of the base's "
                          f"{fmt(base)} multiply-adds{what}; raise --budget or give none")
-    o = replace(o, rho=rho)
+    o = o.replace(rho=rho)
     chosen = [rest[j] for j in sorted(kept)]
     if rest:
         dropped = [s for j, (_, s) in enumerate(rest) if j not in kept]

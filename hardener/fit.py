@@ -12,12 +12,13 @@ import math
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from . import attacks, data as hdata, methods
+from . import attacks, data as hdata, methods, owners
+from .choices import ADVERSARY_CHOICES, Adversary
 from .clock import VAL_UNITS, Clock, fmt_seconds, train_units  # noqa: F401  (re-exported)
 from .errors import InputError, Interrupted, RunError
 from .patches import PatchedModel
@@ -27,8 +28,10 @@ from .resume import Saver
 
 @dataclass
 class FitConfig:
-    """The trainer's options (stored in the checkpoint's training record). A method's own options are fields here
-    too, read by name into its config dataclass (`hardener.methods`), which validates them."""
+    """The trainer's options (stored in the checkpoint's training record). A method's own options (declared in its
+    config dataclass, `hardener.methods`, which checks them) are read from the fields of the same name here (those of
+    the built-in methods, kept so that records read as before: their defaults are the declarations'), else from
+    `options`, by option name (a method registered from outside, an option added later)."""
 
     epochs: int = 20
     batch_size: int = 128
@@ -37,18 +40,18 @@ class FitConfig:
     lam: float = 1.0  # feature distillation weight
     mu: float = 1.0  # logit distillation weight
     gamma: float = 0.0  # focal CE
-    adversary: str = "base"  # base (transfer, the paper) | patched (adaptive)
+    adversary: str = Adversary.BASE.value  # base (transfer, the paper) | patched (adaptive): choices.ADVERSARY_CHOICES
     augment: bool = False
     seed: int = 0
     method: str = "patch"
-    loss: str = "fixer"
-    beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
+    loss: str = owners.default("loss_name")
+    beta: float = owners.default("beta")
     eps_warmup: float = 0.0  # epochs over which eps ramps linearly from 0 (adaptive adversary only)
     select: bool = False  # keep the epoch with the best white-box accuracy on the validation split
     validate_every: int = 1  # validate after every k-th epoch (and the last)
-    phi: float = 0.5  # AdvAmd mediate coefficient
-    betas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # AdvAmd β1..β3
-    sigma: float = 0.0  # AdvAmd: stop once the epoch's mean loss is below σ
+    phi: float = owners.default("phi")
+    betas: tuple[float, float, float] = owners.default("betas")
+    sigma: float = owners.default("sigma")
     cache: bool = True  # transfer training without augmentation: cache the frozen base's answers
     cache_limit: int = 2 << 30  # bytes of caches kept in memory; the rest spills to disk in fp16
     precision: str = "fp32"  # autocast of the training forwards and attack (bf16, fp16); master weights stay fp32
@@ -59,16 +62,20 @@ class FitConfig:
     # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
     teacher: dict | None = None  # robust distillation (--loss rslad): the teacher's record (its name and sha256);
     # the teacher itself is fit's `teacher` argument
-    teacher_weight: float = 5 / 6  # RSLAD's weight of KL(teacher(x) || student(x_adv)); 1 - it for the clean input
+    teacher_weight: float = owners.default("teacher_weight")  # RSLAD's weight of KL(teacher(x) || student(x_adv))
+    options: dict = field(default_factory=dict)  # methods' options without a field above, by option name
 
     def __post_init__(self) -> None:
-        if self.adversary not in ("base", "patched"):
-            raise InputError(f"--adversary must be base or patched, got '{self.adversary}'")
+        if self.adversary not in ADVERSARY_CHOICES:
+            raise InputError(f"--adversary must be {' or '.join(ADVERSARY_CHOICES)}, got '{self.adversary}'")
         if self.epochs < 1 or self.batch_size < 1 or self.validate_every < 1:
             raise InputError("--epochs, --batch-size and --validate-every must be at least 1")
         if self.method not in methods.REGISTRY:
             raise InputError(f"unknown training method '{self.method}' (choose from {', '.join(methods.names())})")
         methods.check_options(self)
+        if (self.loss == "rslad") != (self.teacher is not None):
+            raise InputError("--loss rslad and --teacher go together (RSLAD's targets are the teacher's soft labels)"
+                             ": give both or neither")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise InputError(f"--precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if self.labelled is not None and (self.labelled < 1 or self.pseudo_per_epoch < 0):
@@ -92,13 +99,13 @@ class FitConfig:
     @property
     def adaptive(self) -> bool:
         """Adversarial examples regenerated against the model being trained, every step."""
-        return methods.build(self).adversary() == "model"
+        return methods.build(self).adversary() == Adversary.PATCHED
 
     @property
     def cached_adversarials(self) -> bool:
         """Adversarial examples of the original model, made once for the whole subset."""
         kind = methods.build(self).adversary()
-        return kind == "once" or (kind == "base" and not self.augment)
+        return kind == Adversary.ONCE or (kind == Adversary.BASE and not self.augment)
 
 
 @dataclass
@@ -227,7 +234,7 @@ def _check_teacher(teacher: torch.nn.Module | None, cfg: FitConfig, method: meth
                          "(FitConfig.teacher), or neither")
     if teacher is None:
         return None
-    if "teacher" not in {f.name for f in fields(method.config_cls)}:
+    if "teacher_weight" not in {f.name for f in fields(method.config_cls)}:
         raise InputError(f"--teacher: --method {cfg.method} does not distil from a teacher (the patch methods, "
                          "adv-train and advprop do, with --loss rslad)")
     for p in teacher.parameters():
@@ -395,7 +402,7 @@ class _Trainer:
         """The base's adversarial examples for the whole set, when the method's adversary allows making them once
         (in memory, or spilled to disk in fp16 beyond --cache-limit). Returns the bytes they take in memory."""
         cfg, ds, saver = self.cfg, self.ds, self.saver
-        if not (self.adversary == "once" or (self.adversary == "base" and not cfg.augment)):
+        if not (self.adversary == Adversary.ONCE or (self.adversary == Adversary.BASE and not cfg.augment)):
             return 0
         if cfg.augment:
             raise InputError(f"--method {cfg.method} makes its adversarial examples once (stage 1): drop --augment")
@@ -592,13 +599,13 @@ class _Trainer:
         cfg, spec = self.cfg, self.spec
         ramp = min(1.0, (done + 1) / (cfg.eps_warmup * self.steps_per_epoch)) if cfg.eps_warmup else 1.0
         step_spec = replace(spec, eps=spec.eps * ramp, seed=spec.seed + 7919 * (done + 1), settings={})
-        if self.adversary == "noise":  # Gaussian noise from the run's generator (saved with the state: resumable)
+        if self.adversary == Adversary.NOISE:  # Gaussian noise from the run's generator (saved with the state)
             return x + cfg.noise_sigma * torch.randn(x.shape, generator=self.g).to(self.device)
         if self.cached_adv is not None:
             return self.cached_adv[idx].to(self.device)
         from .evaluation import Autocast
 
-        if self.adversary != "model":
+        if self.adversary != Adversary.PATCHED:
             source = Autocast(self.teacher, self.amp) if self.amp is not None else self.teacher
             return attacks.project(x, attacks.build(source, step_spec)(x, y), step_spec.eps * spec.radius, spec.norm)
         self.patched.eval()
@@ -769,12 +776,13 @@ def selected_epoch(logs: list[EpochLog], cfg: FitConfig) -> int | None:
 
 
 def config_record(cfg: FitConfig) -> dict:
-    """`cfg` as the training record and the resumable state's fingerprint hold it: the teacher's fields only where
-    there is a teacher (a run without one records what it recorded before they existed)."""
-    d = asdict(cfg)
+    """The configuration as the record stores it: the fields, and the `options` beside them (none: as before); the
+    teacher's fields only where there is a teacher (a run without one records what it recorded before they existed)."""
+    out = asdict(cfg)
+    extra = out.pop("options")
     if cfg.teacher is None:
-        del d["teacher"], d["teacher_weight"]
-    return d
+        del out["teacher"], out["teacher_weight"]
+    return {**out, **extra}
 
 
 def record(cfg: FitConfig, spec: attacks.AttackSpec, logs: list[EpochLog], ds: hdata.Dataset,

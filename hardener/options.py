@@ -1,6 +1,7 @@
 """The options of every `harden` command, as data: `cli.py` turns each `Opt` into a click option (this module does
 not import click, nor torch: `harden --help` stays fast). The defaults of `harden patch`'s training options come from
-`PatchOptions`, where each is stated once; choices from `hardener.choices` and the presets folder.
+`PatchOptions`, where each is stated once; the options of patch kinds and training methods are generated from their
+configs' declarations (`optspec`, `owned_opts`); choices from `hardener.choices` and the presets folder.
 
 Order matters: `--help` lists options in the order given here.
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .choices import ACTIVATIONS, DENOISE_OPS, LOSSES, PRECISIONS, PREFILTER_DESIGNS, SUITE_VERSIONS
+from . import optspec, owners
+from .choices import ADVERSARY_CHOICES, PRECISIONS, SUITE_VERSIONS
 from .patch_options import PatchOptions
 from .recipe import DEFAULT_PRESET, preset_names
 
@@ -131,7 +133,35 @@ LAYERS = (
     opt("--json", "as_json", is_flag=True, help="Print the table as JSON on stdout."),
 )
 
-PATCH = (
+def owned_opt(name: str, spec: optspec.Option) -> Opt:
+    """The `harden patch` option of an option a patch kind or method declares (`optspec.Option`)."""
+    flag = optspec.flag(name, spec)
+    decls = (flag,) if flag.lstrip("-").replace("-", "_") == name else (flag, name)
+    d, t = spec.default, spec.value_type
+    if t is bool:
+        return Opt(decls, {"default": d, "is_flag": True, "help": spec.help})
+    kwargs: dict[str, Any] = {"default": ",".join(f"{v:g}" for v in d) if isinstance(d, tuple) else d,
+                              "show_default": d is not None, "help": spec.help}
+    if spec.choices is not None:
+        kwargs["type"] = Choice(spec.choices)
+    elif t in (int, float):
+        kwargs["type"] = t
+    return Opt(decls, kwargs)
+
+
+def owned_opts() -> tuple[Opt, ...]:
+    """The options of the patch kinds and methods known now (`owners.owned()`), in their owners' order: the command
+    line builds them when a command runs, so a kind or method registered from outside brings its own."""
+    return tuple(owned_opt(name, spec) for name, (_, spec) in owners.owned().items())
+
+
+def patch_specs() -> tuple[Opt, ...]:
+    """`harden patch`'s options: its own (`PATCH_CORE`), those of the kinds and methods after `--preset`."""
+    at = next(i for i, s in enumerate(PATCH_CORE) if s.decls[0] == "--preset") + 1
+    return (*PATCH_CORE[:at], *owned_opts(), *PATCH_CORE[at:])
+
+
+PATCH_CORE = (
     opt("--data", help="Training data: image folder, tensor file, or fashion-mnist:train."),
     popt("--at", help="Sites, comma-separated (KIND:SITE allowed). Default: chosen automatically."),
     popt("--at-regex", help="Regex matching whole site names."),
@@ -139,7 +169,12 @@ PATCH = (
          help="fixer, token-fixer, denoise or prefilter (the kind of --at sites; a fixer at a transformer's token "
               "site is a token fixer), auxbn (twins of the --bn layers), "
               "combined with commas (fixer,auxbn); or one full fine-tuning method that changes every base "
-              "weight: adv-train, advprop, advamd."),
+              "weight: adv-train, advprop, advamd. --patch and --train say the same apart."),
+    popt("--patch", help="What is patched: patch kinds, comma-separated: fixer, token-fixer, denoise or prefilter (the "
+                         "kind of --at sites), auxbn (twins of the --bn layers), or KIND:SITE (a kind at one site, as "
+                         "in --at). With --train, the two-part spelling of --method."),
+    popt("--train", help="What trains: patch (the patches alone, on a frozen base: the default), or a full fine-tuning "
+                         "method that changes every base weight: adv-train, advprop, advamd."),
     popt("--bn", help="Norm layers that get auxiliary twins: names, a regex, all (every BatchNorm; on a model "
                       "without, every LayerNorm), or auto (all if the model has any, else none); implies auxbn."),
     popt("--route", type=Choice(["adv", "main"]),
@@ -147,26 +182,12 @@ PATCH = (
               "patches, main for advprop/advamd)."),
     opt("--preset", type=Choice(preset_names()),
         help=f"A measured recipe (a file in hardener/presets/); options given explicitly win over it. Default: "
-             f"{DEFAULT_PRESET} when none of --method/--at/--at-regex/--adversary is given (see docs/methods.md)."),
-    popt("--denoise", "denoise_op", show_default=True, type=Choice(DENOISE_OPS),
-         help="Denoising operation of denoise patches."),
+             f"{DEFAULT_PRESET} when none of --method/--patch/--train/--at/--at-regex/--adversary is given (see "
+             "docs/methods.md)."),
     popt("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
                                "parametric-softplus backward (forward unchanged)."),
-    popt("--act", show_default=True, type=Choice(sorted(ACTIVATIONS)), help="Fixer activation ζ."),
-    popt("--delta", show_default=True, type=float, help="Fixer strength δ."),
-    popt("--rho", show_default=True, type=float, help="Channel compression ρ."),
-    popt("--fixer-rank", show_default=True, type=int,
-         help="Rank of a fixer's 3x3 conv, factored into a 3x3 conv to R channels and a 1x1 conv (0: not factored)."),
-    popt("--width", show_default=True, type=int, help="Channels inside a prefilter patch."),
-    popt("--prefilter-stride", show_default=True, type=int,
-         help="Stride of a prefilter patch's first conv: its middle conv runs at 1/S of the input's resolution "
-              "(1/S² of the multiply-adds)."),
-    popt("--prefilter-design", show_default=True, type=Choice(PREFILTER_DESIGNS),
-         help="A prefilter patch's design: plain; separable (depthwise-separable middle conv); shuffle (every conv at "
-              "1/S of the resolution, needs --prefilter-stride 2+, a pixel shuffle back to full resolution)."),
     popt("--budget", help="Inference multiply-adds of the patched model relative to the base (e.g. 1.25), or none: "
                            "the recipe is sized to fit before training (pre-filter width and design, --rho, sites)."),
-    popt("--final-relu", is_flag=True, help="ReLU after the fixer (sites with non-negative output only)."),
     popt("--unlabeled", help="Images without labels for robust self-training: the frozen base labels them and they join "
                              "training (a folder, a tensor file, or `rest`: the images of --data outside the training, "
                              "validation and report images, their labels ignored)."),
@@ -184,15 +205,9 @@ PATCH = (
     popt("--ema", show_default=True, type=float,
          help="Decay of an exponential moving average of the trained weights (e.g. 0.99; 0 = off): validation, "
               "--select-on and the written patch use the average."),
-    popt("--loss", "loss_name", show_default=True, type=Choice(LOSSES),
-         help="fixer: CE on clean and adversarial inputs; trades: CE on clean + β·KL(clean‖adversarial); rslad: "
-              "the --teacher's soft labels on the clean input as the target of both (Zi et al. 2021), no CE."),
-    popt("--beta", show_default=True, type=float, help="TRADES weight β."),
     popt("--teacher", type=FILE,
          help="Robust distillation (--loss rslad): a checkpoint harden patched from the same base (e.g. a heavier, "
               "robust patch) whose soft labels on the clean input are the targets; frozen, never saved."),
-    popt("--teacher-weight", type=float,
-         help="RSLAD's weight of KL(teacher(x) ‖ model(x_adv)); the clean input's KL gets 1 − it (default 5/6)."),
     popt("--select-on", type=int, show_default=True,
          help="Hold out N images of --data outside the subset; keep the epoch with the best white-box "
               "accuracy on them (PGD-10)."),
@@ -201,11 +216,7 @@ PATCH = (
               "on them after every epoch (without choosing an epoch: see --select-on)."),
     popt("--validate-every", show_default=True, type=int,
          help="Validate (--select-on, --validate) after every K-th epoch and the last only."),
-    popt("--phi", show_default=True, type=float,
-         help="AdvAmd mediate coefficient φ (paper: 0.7 FGSM, 0.6 DeepFool, 0.5 iterative attacks)."),
-    popt("--betas", show_default=True, help="AdvAmd loss weights β1,β2,β3."),
-    popt("--sigma", show_default=True, type=float, help="AdvAmd: stop once an epoch's mean loss is below σ."),
-    popt("--adversary", show_default=True, type=Choice(["base", "patched"]),
+    popt("--adversary", show_default=True, type=Choice(ADVERSARY_CHOICES),
          help="base: examples of the frozen base (transfer, the paper); patched: regenerated against "
               "the patched model every step (adaptive; always so for adv-train and advprop)."),
     popt("--epochs", show_default=True, type=int),
@@ -254,6 +265,8 @@ PATCH = (
              "the caller's run, if any) at MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
     ALLOW_LOW_ACCURACY, *MODEL, *DATA,
 )
+
+PATCH = patch_specs()  # with the built-in kinds' and methods' options (a later registration: `patch_specs()`)
 
 EVAL = (
     opt("--data", help="Evaluation data (or `eval_data` in harden.toml)."),
@@ -371,12 +384,11 @@ _GROUP_OF = {group: names.split() for group, names in {
     "data": "data subset holdout classes resize crop unlabeled pseudo_threshold pseudo_ratio eval_data max_samples",
     "model": "arch arch_kwargs trust_pickle trust_arch mean std preprocessor logits input_shape route parent "
              "allow_low_accuracy",
-    "recipe": "preset method at at_regex bn denoise_op act delta rho fixer_rank width prefilter_stride "
-              "prefilter_design budget final_relu",
+    "recipe": "preset method patch train at at_regex bn budget",
     "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "
               "threat surrogate eps_sweep precision no_checks",
-    "training": "epochs batch_size lr loss_name beta teacher teacher_weight lam mu gamma augment ema select_on "
-                "validate validate_every phi betas sigma noise_sigma cache cache_limit",
+    "training": "epochs batch_size lr teacher lam mu gamma augment ema select_on validate validate_every noise_sigma cache "
+                "cache_limit",
     "adaptive": "defense e2e_samples e2e_steps adaptive reference_data adaptive_eps neighbour neighbour_steps "
                 "post_train iterations post_batch adapt post_lr",
     "smoothing": "n0 n_samples smooth_sigma smooth_n smooth_alpha sequential max_radius",
@@ -393,8 +405,9 @@ COMMAND_GROUP_OF = {"patch": {"precision": "training", "route": "recipe"},
 
 def group_of(command: str, name: str) -> str:
     """The `--help` group of option `name` (a parameter name) of `command` (a key of `GROUPS`; "" for none: a test
-    checks every option has one)."""
-    return COMMAND_GROUP_OF.get(command, {}).get(name) or GROUP_OF.get(name, "")
+    checks every option has one). Options of patch kinds and methods: their declaration's (`owners.owned`)."""
+    owned = owners.owned().get(name) if command == "patch" else None
+    return COMMAND_GROUP_OF.get(command, {}).get(name) or GROUP_OF.get(name) or (owned[0] if owned else "")
 
 
 # `--help`'s Examples block: (what it does, the command).

@@ -75,6 +75,35 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
     return Methods(site_kind, auxbn, trains[0] if trains else None, twins[0] if twins else DEFAULT_BN_KIND)
 
 
+def split_recipe(method: str, patch: str | None, train: str | None, at: str | None,
+                 method_given: bool) -> tuple[str, str | None]:
+    """`--patch KIND[:SITE],...` (what is patched) and `--train METHOD` (what trains) as `--method` and `--at` say
+    them, which the run reads: the bare kinds and the method in `method`, the KIND:SITE entries added to `at`; a run
+    spelled either way is the same run. `--method` (kinds and a method in one list) stays as an alias: giving it
+    with --patch or --train is an error. Neither given: `method` and `at` as they are."""
+    from . import methods
+    from .patches import DEFAULT_SITE_KIND, KINDS
+
+    if patch is None and train is None:
+        return method, at
+    if method_given:
+        raise InputError("--method names patch kinds and a training method in one list, --patch and --train name them "
+                         "apart: give one spelling")
+    entries = [p.strip().lower() for p in (patch or "").split(",") if p.strip()]
+    kinds = [p for p in entries if ":" not in p]
+    for kind in kinds + [p.split(":", 1)[0] for p in entries if ":" in p]:
+        if kind not in KINDS:
+            raise InputError(f"--patch '{kind}' is not a patch kind (choose from {', '.join(KINDS)}; a training "
+                             "method goes to --train)")
+    train = (train or "").strip().lower() or None
+    if train is not None and (train not in methods.REGISTRY):
+        raise InputError(f"--train '{train}' is not a training method (choose from {', '.join(methods.names())}; a "
+                         "patch kind goes to --patch)")
+    parts = [*kinds, *([train] if train and train != methods.DEFAULT_METHOD else [])]
+    sited = [p for p in entries if ":" in p]
+    return ",".join(parts or [DEFAULT_SITE_KIND]), ",".join([*([at] if at else []), *sited]) or None
+
+
 # Presets are declarative files shipped with the package (hardener/presets/NAME.toml): a description, the
 # threat model the recipe is meant to withstand, an optional warning for its reports, and [options] whose keys
 # are `harden patch` option names. Options given on the command line or in harden.toml win over them.
@@ -82,7 +111,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "robust"
 # Options that shape the recipe: with none of them given (command line or config file), `harden patch` uses
 # DEFAULT_PRESET; with any of them, the built-in defaults, so an explicit recipe is never silently mixed.
-RECIPE_OPTIONS = ("method", "at", "at_regex", "adversary")
+RECIPE_OPTIONS = ("method", "patch", "train", "at", "at_regex", "adversary")
 _PRESET_KEYS = {"description", "threat_model", "warning", "options"}
 THREAT_MODELS = ("white-box", "transfer", "certified")
 
@@ -143,8 +172,9 @@ def preset_help(flags: dict[str, str], builtin: dict[str, object]) -> str:
             custom = {k: builtin.get(k) for k in p.options if (builtin.get(k) is not None or k == "at")
                       and builtin.get(k) != p.options[k]}
     head = (f"Values marked [default: ...] are those of a plain `harden patch`, which runs --preset {DEFAULT_PRESET}. "
-            "Given --method, --at, --at-regex or --adversary, the recipe is custom and starts from the built-in "
-            f"defaults instead{': ' + show(custom) if custom else ''}. Options you give win over a preset's. Presets:")
+            "Given --method (or --patch, --train), --at, --at-regex or --adversary, the recipe is custom and starts "
+            f"from the built-in defaults instead{': ' + show(custom) if custom else ''}. Options you give win over a "
+            "preset's. Presets:")
     return "\n\n".join([head, *lines])
 
 

@@ -3,11 +3,12 @@ options ask for, attached; the training attack and the trainer's configuration; 
 from the frozen base; the training record. Below `run` (the pipeline) and `api` (the library's facade)."""
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Callable
 
 import torch
 
-from . import attacks as A, cost as C, data as hdata, evaluation as E, fit as F, methods as M
+from . import attacks as A, cost as C, data as hdata, evaluation as E, fit as F, methods as M, optspec
 from .errors import InputError
 from .layers import site_shape
 from .patch_options import PatchOptions
@@ -87,13 +88,11 @@ def training_setup(opts: PatchOptions, n_classes: int,
     cfg = F.FitConfig(epochs=opts.epochs, batch_size=AUTO_BATCH[0] if opts.batch_size == "auto" else opts.batch_size,
                       lr=opts.lr if opts.lr is not None else M.get(methods.fit_method).default_lr,
                       lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,
-                      seed=opts.seed, method=methods.fit_method, loss=opts.loss_name, beta=opts.beta,
-                      eps_warmup=opts.eps_warmup, ema=opts.ema, select=bool(opts.select_on), validate_every=opts.validate_every,
-                      phi=opts.phi, betas=parse_betas(opts.betas), sigma=opts.sigma, cache=opts.cache,
+                      seed=opts.seed, method=methods.fit_method, eps_warmup=opts.eps_warmup, ema=opts.ema,
+                      select=bool(opts.select_on), validate_every=opts.validate_every, cache=opts.cache,
                       noise_sigma=opts.noise_sigma, precision=opts.precision, teacher=teacher,
-                      teacher_weight=opts.teacher_weight,
                       cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)
-                      else parse_bytes(opts.cache_limit, "--cache-limit"))
+                      else parse_bytes(opts.cache_limit, "--cache-limit"), **method_options(opts))
     return spec, cfg
 
 
@@ -191,14 +190,20 @@ def _check_teacher_output(model: torch.nn.Module, ds: hdata.Dataset, n_classes: 
                          "distil from a model of the same classes")
 
 
-def parse_betas(text: str | tuple) -> tuple[float, float, float]:
-    try:
-        vals = tuple(float(v) for v in (text.split(",") if isinstance(text, str) else text))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or any(not v >= 0 for v in vals):
-        raise InputError(f"--betas must be three non-negative numbers like 1,1,1, got '{text}'")
-    return vals  # type: ignore[return-value]
+def method_options(opts: PatchOptions) -> dict:
+    """The options training methods own (their configs' declarations), from `opts`, as `FitConfig` takes them: by
+    field name where it has that field, else in its `options` (by option name; only those off their default, so
+    the record of a run that leaves them names none)."""
+    fit_fields = {f.name for f in fields(F.FitConfig)}
+    out: dict = {"options": {}}
+    for cls in dict.fromkeys(m.config_cls for m in M.REGISTRY.values()):
+        for field_name, name, spec in optspec.declared(cls):
+            v = getattr(opts, name)
+            if field_name in fit_fields:
+                out[field_name] = v
+            elif v != spec.default:
+                out["options"][name] = v
+    return out
 
 
 def add_pseudo_labels(patched: PatchedModel, train_ds: hdata.Dataset, pool: hdata.Dataset, opts: PatchOptions,

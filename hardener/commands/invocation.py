@@ -10,7 +10,7 @@ from typing import Any
 from .. import options as O
 from . import Call
 
-SPECS = {"patch": O.PATCH, "eval": O.EVAL}
+SPECS = {"patch": O.patch_specs, "eval": lambda: O.EVAL}  # patch: with the kinds and methods registered now
 SKIP = {"resume", "force", "config"}  # how to continue or overwrite, not what the run is
 
 
@@ -37,7 +37,7 @@ def record(command: str, call: Call) -> dict:
     """The report's `invocation` block: `command_line`, `reproduce` and `working_directory`."""
     kw = call.params
     given, every = [], []
-    for spec in SPECS[command]:
+    for spec in SPECS[command]():
         name = _dest(spec)
         if name in SKIP or name not in kw:
             continue

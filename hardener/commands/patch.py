@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .. import api, attacks as A, data as hdata, distributed as D, evaluation as E, fit as F
-from .. import cost as C, report as R, run as RUN, steps
+from .. import cost as C, report as R, run as RUN
 from ..checkpoint import Manifest, save_patched, sha256_file
 from ..console import ProgressView, announce, err_console, out
 from ..errors import InputError, RunError, UsageError
@@ -20,9 +20,6 @@ from ..resume import Saver, StopFlag, fingerprint
 from ..signals import outputs_or_none
 from ..session import Loaded, finish_spec, load_data, load_model
 from . import Call, data_options, invocation, model_arg, model_options, start, track
-
-PATCH_FIELDS = {f.name for f in fields(api.PatchOptions)}
-
 
 def default_out(model: str) -> Path:
     p = Path(model)
@@ -99,13 +96,13 @@ def _plan(call: Call) -> Plan:
     kw = call.params
     model, out_file = _check(call)
     recipe = load_preset(kw["preset"]) if kw["preset"] else None
-    parse_methods(kw["method"], kw["bn"], kw["at"] or kw["at_regex"])
+    opts = api.PatchOptions.of(kw, method_given=call.given("method"))  # --patch/--train as --method/--at say them
+    parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
     A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], what="--eps")
     A.expand([kw["attack_name"]])  # unknown names fail before any loading
     A.parse_smooth_grad(kw["smooth_grad"])
     hdata.parse_subset(kw["subset"])
     holdout_size(kw["holdout"], 1)  # checked even where --subset or --eval-data leaves nothing to hold out
-    steps.parse_betas(kw["betas"])
     check_teacher(kw["loss_name"], kw["teacher"])
     C.parse_budget(kw["budget"])
     if kw["select_on"] and kw["validate"]:
@@ -117,14 +114,13 @@ def _plan(call: Call) -> Plan:
     infos = finish_spec(loaded, ds_all, device)
     A.check_eps(A.parse_eps(kw["eps"]), kw["norm"], math.prod(loaded.spec.shape), what="--eps")
     announce(ds_all, kw["quiet"])
-    opts = api.PatchOptions(**{f: v for f, v in kw.items() if f in PATCH_FIELDS})
     plan = Plan(kw, out_file, loaded, infos)
     hooks = RUN.Hooks(say=RUN.silent if kw["quiet"] else _say, warn=_warn, progress=progress, stop=StopFlag(),
                       world=world, saver=lambda r: _saver(plan, r), aside=lambda r: _aside(plan, r),
                       pool=lambda r: _pool(plan, r), report=lambda r: _report_plan(plan, r),
                       cache_dir=out_file.parent, keep_parent=True, library=False)
     plan.run = RUN.PatchRun(loaded.patched, ds_all, opts, recipe, device, hooks,
-                            given=frozenset(f for f in PATCH_FIELDS if call.given(f)),
+                            given=frozenset(f for f in kw if call.given(f)),
                             eval_elsewhere=bool(kw["eval_data"]), warnings=list(loaded.warnings))
     return plan
 
@@ -205,7 +201,7 @@ def _report(plan: Plan, manifest: Manifest, written: list) -> None:
                    "patch_cost": r.cost, "cost": r.inference.to_json() if r.inference else None,
                    "invocation": plan.invocation,
                    "epoch_log": [asdict(e) for e in r.logs], "cache": r.info, "base_modified": r.cfg.full,
-                   "method": kw["method"], "preset": r.preset.record() if r.preset else None,
+                   "method": r.opts.method, "preset": r.preset.record() if r.preset else None,
                    "report_budget": {"budget": kw["report_budget"], "verdict": not plan.quick,
                                      "note": QUICK_NOTE if plan.quick else "reference budgets of the training attack",
                                      "full_evaluation": full_cmd}})

@@ -5,25 +5,13 @@ the per-class vulnerability of the stage-1 outcomes (eq. 6); training stops once
 below σ."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import losses
+from ..choices import Adversary
 from ..errors import InputError
+from ..kind_options import AdvAmdConfig
 from .base import Batch, Method, register_method
-
-
-@dataclass
-class AdvAmdConfig:
-    phi: float = 0.5  # mediate coefficient
-    betas: tuple[float, float, float] = (1.0, 1.0, 1.0)  # β1..β3
-    sigma: float = 0.0  # stop once the epoch's mean loss is below σ
-
-    def __post_init__(self) -> None:
-        if not 0 < self.phi < 1:
-            raise InputError(f"--phi must be in (0, 1), got {self.phi}")
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
 
 def vulnerability(ds, adv: torch.Tensor, source: torch.nn.Module, n_classes: int, batch_size: int,
@@ -50,7 +38,7 @@ class AdvAmd(Method):
         if self.cfg.noise_sigma:
             raise InputError("--method advamd makes its adversarial examples once, on the original model: "
                              "--noise-sigma does not apply")
-        return "once"
+        return Adversary.ONCE
 
     def prepare(self, run) -> None:
         self.abar = vulnerability(run.ds, run.cached_adv, run.teacher, run.spec.n_classes, run.cfg.batch_size,

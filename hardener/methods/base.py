@@ -8,25 +8,29 @@ A method is a class registered with `@register_method("name", config_cls=...)` (
 - `routes`: which BatchNorms the clean and the second input go through: the auxiliary twins ("adv") or the
   base's own ("main"); `auxbn` says whether the method needs twins ("required"), refuses them ("forbidden")
   or takes them as they come ("optional").
-- `adversary()`: where the second input of each step comes from: "base" (adversarial examples of the frozen
-  base; made once for the whole set when the inputs do not change), "once" (of the original model, made once
-  before training, always), "model" (of the model being trained, every step), "noise" (Gaussian noise).
+- `adversary()`: where the second input of each step comes from, a `choices.Adversary` (the enum `--adversary`
+  chooses from, one meaning everywhere): "base" (adversarial examples of the frozen base; made once for the whole
+  set when the inputs do not change), "patched" (of the model being trained, every step), "once" (of the original
+  model, made once before training, always), "noise" (Gaussian noise).
 - `prepare(run)`: once, before the first step (e.g. statistics of the stage-1 adversarial examples).
 - `loss(batch)`: the loss as named parts: "loss" (the total that is minimised) and, for the log and the progress
   display, "ce_clean", "ce_adv" and "distill" (0 where absent).
 - `converged(epoch_loss)`: stop after this epoch.
 
-A method's own options are a dataclass (`config_cls`), validated in its `__post_init__`; its fields are read by
-name from the trainer's `FitConfig` (fields the trainer lacks keep their defaults).
+A method's own options are a dataclass (`config_cls`); its fields declared with `optspec.option(...)` are user
+options (default, range, help and flag stated there once). They are read by name from the trainer's `FitConfig`: its
+fields, else its `options` dict (what `steps.training_setup` fills from the run's options); others keep their
+defaults.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from .. import losses
+from .. import losses, optspec, owners
+from ..choices import Adversary
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from ..patches import PatchedModel
 
 DEFAULT_METHOD = "patch"  # the method of patches on a frozen base (not a --method choice: the patch kinds are)
-ADVERSARIES = ("base", "once", "model", "noise")
+ADVERSARIES = tuple(Adversary)
 AUXBN = ("required", "forbidden", "optional")
 
 
@@ -86,9 +90,7 @@ class Method:
 
     def adversary(self) -> str:
         """Where the second input comes from (`ADVERSARIES`): noise with --noise-sigma, else as --adversary says."""
-        if self.cfg.noise_sigma:
-            return "noise"
-        return "model" if self.cfg.adversary == "patched" else "base"
+        return Adversary.NOISE if self.cfg.noise_sigma else Adversary(self.cfg.adversary)
 
     def prepare(self, run: Any) -> None:
         """Once before training; `run` has `ds`, `cached_adv`, `teacher`, `spec`, `cfg` and `device`."""
@@ -122,8 +124,9 @@ def with_distillation(parts: dict[str, torch.Tensor], b: Batch, cfg: "FitConfig"
 
 
 def options_from(config_cls: type, cfg: Any) -> Any:
-    """`config_cls` with the fields `cfg` has, read by name."""
-    return config_cls(**{f.name: getattr(cfg, f.name) for f in fields(config_cls) if hasattr(cfg, f.name)})
+    """`config_cls` with the fields `cfg` has (its attributes, then its `options` dict by option name), checked."""
+    extra = getattr(cfg, "options", None) or {}
+    return optspec.read(config_cls, lambda field, name: getattr(cfg, field, extra.get(name)))
 
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -137,7 +140,7 @@ def register_method(name: str, config_cls: type = NoOptions) -> Callable[[type[M
         if cls.auxbn not in AUXBN:
             raise TypeError(f"training method '{name}': auxbn must be one of {', '.join(AUXBN)}")
         cls.name, cls.config_cls = name, config_cls
-        REGISTRY[name] = cls
+        owners.admit(REGISTRY, name, cls)
         return cls
     return wrap
 

@@ -13,12 +13,11 @@ at inference nothing knows which inputs are adversarial.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import losses
-from ..errors import InputError
+from ..choices import Adversary
+from ..kind_options import PairConfig
 from .base import DEFAULT_METHOD, Batch, Method, register_method
 
 
@@ -46,25 +45,6 @@ def _rslad(b: Batch, weight: float) -> dict[str, torch.Tensor]:
     return {"loss": ce_clean + ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
 
 
-@dataclass
-class PairConfig:
-    """Options of the clean + second-input objective."""
-
-    loss: str = "fixer"  # the adversarial term: fixer (CE) or trades (β · KL); rslad: the teacher's soft labels
-    beta: float = 6.0  # TRADES weight of KL(clean || adversarial)
-    teacher: dict | None = None  # the robust teacher's record (name, sha256) when fit is given one
-    teacher_weight: float = 5 / 6  # RSLAD's weight of the adversarial input's KL (the clean input's: 1 - it)
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
-        if (self.loss == "rslad") != (self.teacher is not None):
-            raise InputError("--loss rslad and --teacher go together (RSLAD's targets are the teacher's soft labels)"
-                             ": give both or neither")
-        if not 0 < self.teacher_weight <= 1:
-            raise InputError(f"--teacher-weight must be in (0, 1], got {self.teacher_weight}")
-
-
 @register_method(DEFAULT_METHOD, config_cls=PairConfig)
 class PatchTraining(Method):
     """CE on the clean and the second input (or the stability objective on noise), for patches on a frozen base."""
@@ -72,7 +52,7 @@ class PatchTraining(Method):
     def objective(self, b: Batch) -> dict[str, torch.Tensor]:
         o, gamma = self.options, self.cfg.gamma
         ce_clean = losses.focal_ce(b.out_clean, b.y, gamma)
-        if self.adversary() == "noise":  # stability: the noisy input must get the base's class of the clean one
+        if self.adversary() == Adversary.NOISE:  # stability: the noisy input must get the base's class of the clean one
             ce_adv = losses.focal_ce(b.out_adv, b.base_logits.argmax(1), gamma)
             return {"loss": ce_adv, "ce_clean": ce_clean, "ce_adv": ce_adv}
         if o.loss == "rslad":

@@ -9,9 +9,11 @@ A patch kind is an `nn.Module` class registered with `@register_patch_kind("name
 - `layouts` (class attribute, "output" kinds): the site layouts it serves, "map" (N,C,H,W feature maps, the
   default) and/or "tokens" (N,L,D token tensors of transformer blocks); sites of other layouts are refused, and
   `auto`/`stem` look for sites of these layouts only. A kind serving both picks its variant in `build`.
-- `config_cls`: a dataclass of its options, validated in `__post_init__`. `make_config(options)` reads its fields
-  by name from the run's options (`api.PatchOptions`, a dict, ...; `field(metadata={"option": "denoise_op"})`
-  reads another name); options that are None or absent keep the field's default.
+- `config_cls`: a dataclass of its options. A field declared with `optspec.option(default, lo=..., help=...)` is a
+  user option (of `hardener.patch`, `harden patch` and harden.toml; its default, range, help and flag stated there
+  once, `name=` for an option name other than the field's); other fields keep their defaults. `make_config(options)`
+  reads the fields by option name from the run's options (`api.PatchOptions`, a dict, ...) and checks them; options
+  that are None or absent keep the field's default.
 - `build(site, config)`: a new patch for `site` (a `Site`: its name, module and output shape, C,H,W or L,D) that
   starts as the identity (a zero-initialised last layer): the freshly patched model equals the base exactly.
 - `extra_spec()`: what the manifest stores beside kind and site; `from_spec(spec)` rebuilds the patch from it;
@@ -33,7 +35,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from .. import validate as V
+from .. import optspec, owners, validate as V
 from ..errors import InputError
 
 INPUT_SITE = "input"  # the model's input (after normalisation): the site of "input" kinds
@@ -81,13 +83,8 @@ class PatchKind(nn.Module):
     @classmethod
     def make_config(cls, options: Any = None) -> Any:
         """`config_cls` from the run's options (an object or a dict), field by field; None keeps the default."""
-        values = {}
-        for f in fields(cls.config_cls):
-            name = f.metadata.get("option", f.name)
-            v = options.get(name) if isinstance(options, dict) else getattr(options, name, None)
-            if v is not None:
-                values[f.name] = v
-        return cls.config_cls(**values)
+        return optspec.read(cls.config_cls, lambda _, name: options.get(name) if isinstance(options, dict)
+                            else getattr(options, name, None))
 
     @classmethod
     def build(cls, site: Site, config: Any) -> "PatchKind":
@@ -148,7 +145,7 @@ def register_patch_kind(name: str, placement: str = "output",
         if not (isinstance(cls, type) and issubclass(cls, PatchKind)):
             raise TypeError(f"patch kind '{name}' must subclass hardener.patches.PatchKind")
         cls.kind, cls.placement, cls.config_cls = name, placement, config_cls
-        KINDS[name] = cls
+        owners.admit(KINDS, name, cls)
         return cls
     return wrap
 

@@ -9,7 +9,6 @@ positions, the dot-product one as (X Xᵀ) X / N, which never forms the (HW)² m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,19 +18,10 @@ from torch import nn
 from .. import validate as V
 from ..choices import DENOISE_OPS as OPS
 from ..errors import InputError
+from ..kind_options import DenoiseConfig
 from .base import CHANNELS, PatchKind, Site, choice, register_patch_kind
 
 MAX_POSITIONS = 65536  # H*W above which non-local Gaussian is refused (chunks would still be huge)
-
-
-@dataclass
-class DenoiseConfig:
-    op: str = field(default="nonlocal-gaussian", metadata={"option": "denoise_op"})
-    chunk: int = 1024  # query positions per chunk (non-local Gaussian)
-
-    def __post_init__(self) -> None:
-        if self.op not in OPS:
-            raise InputError(f"unknown denoising operation '{self.op}' (choose from {', '.join(OPS)})")
 
 
 def _neighbours(x: torch.Tensor) -> torch.Tensor:

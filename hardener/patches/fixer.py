@@ -12,7 +12,6 @@ wherever the site holds tokens; its manifest kind is `token-fixer`, which `--at 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from .. import validate as V
 from ..errors import InputError
+from ..kind_options import FixerConfig
 from .base import BOOL, CHANNELS, FINITE, PatchKind, Site, choice, register_patch_kind
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -30,24 +30,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softplus": F.softplus,
     "gelu": F.gelu,
 }
-
-
-@dataclass
-class FixerConfig:
-    rho: float = 4.0
-    delta: float = 1.0
-    act: str = "linear"
-    final_relu: bool = False
-    rank: int = field(default=0, metadata={"option": "fixer_rank"})  # of the factored 3x3 conv; 0: not factored
-
-    def __post_init__(self) -> None:
-        if self.act not in ACTIVATIONS:
-            raise InputError(f"unknown fixer activation '{self.act}' (choose from {', '.join(ACTIVATIONS)})")
-        if self.rho <= 0:
-            raise InputError(f"--rho must be positive, got {self.rho}")
-        self.final_relu = bool(self.final_relu)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise InputError(f"--fixer-rank must be an integer >= 0 (0: a full 3x3 conv), got {self.rank!r}")
 
 
 @register_patch_kind("fixer", placement="output", config_cls=FixerConfig)

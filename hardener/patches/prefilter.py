@@ -17,7 +17,6 @@ checkpoints read the same):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,21 +26,8 @@ from torch import nn
 from .. import validate as V
 from ..choices import PREFILTER_DESIGNS as DESIGNS
 from ..errors import InputError
+from ..kind_options import PrefilterConfig
 from .base import CHANNELS, FINITE, PatchKind, Site, choice, register_patch_kind
-
-
-@dataclass
-class PrefilterConfig:
-    width: int = 32  # channels inside
-    delta: float = 1.0  # strength δ
-    stride: int = field(default=1, metadata={"option": "prefilter_stride"})  # of the first conv (see above)
-    design: str = field(default="plain", metadata={"option": "prefilter_design"})  # see above
-
-    def __post_init__(self) -> None:
-        self.width, self.delta, self.stride = int(self.width), float(self.delta), int(self.stride)
-        if not 1 <= self.stride <= 8:
-            raise InputError(f"--prefilter-stride must be an integer in 1..8, got {self.stride}")
-        _check_design(self.design, self.stride)
 
 
 def _check_design(design: str, stride: int) -> None:
