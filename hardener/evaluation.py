@@ -509,10 +509,9 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
     for c in chains.values():
         worst &= c.robust
     counts, per_sample = provenance(clean, chains)
-    result = ModelResult(acc(clean), {t: ThreatResult(c.rows, acc(c.robust), c.violations, c.robust)
-                                      for t, c in chains.items()},
-                         acc(worst), counts, per_sample, per_class(y, clean, worst, n_classes), clean, worst,
-                         threats_skipped=skipped or None)
+    threats = {t: ThreatResult(c.rows, acc(c.robust), c.violations, mask=c.robust) for t, c in chains.items()}
+    result = ModelResult(acc(clean), threats, acc(worst), counts, per_sample, per_class(y, clean, worst, n_classes),
+                         clean_mask=clean, worst_mask=worst, threats_skipped=skipped or None)
     wb = [chains[t].robust for t in WHITEBOX_KNOWLEDGE if t in chains]
     if wb:
         m = clean.clone()
@@ -659,14 +658,15 @@ def merge_shards(parts: list[tuple[torch.Tensor, dict[str, ModelResult]]], y: to
                 rows.append(AttackRow(r0.attack, r0.settings, attacked, sum(r.broken for r in rs), acc(after), secs,
                                       attacked / secs if secs > 0 and attacked else None, after))
             mask = glob(lambda m, t=t: m.threats[t].mask)
-            threats[t] = ThreatResult(rows, acc(mask), sum(m.threats[t].eps_violations for _, m in per), mask)
+            threats[t] = ThreatResult(rows, acc(mask), sum(m.threats[t].eps_violations for _, m in per), mask=mask)
         labels: list[str | None] = [None] * n
         for idx, m in per:
             for j, lab in zip(idx.tolist(), m.per_sample_broken_by):
                 labels[j] = lab
         clean, worst = glob(lambda m: m.clean_mask), glob(lambda m: m.worst_mask)
         res = ModelResult(acc(clean), threats, acc(worst), count_labels(labels), labels,
-                          per_class(y, clean, worst, n_classes), clean, worst, threats_skipped=m0.threats_skipped)
+                          per_class(y, clean, worst, n_classes), clean_mask=clean, worst_mask=worst,
+                          threats_skipped=m0.threats_skipped)
         if m0.worst_whitebox_mask is not None:
             res.worst_whitebox_mask = glob(lambda m: m.worst_whitebox_mask)
             res.worst_whitebox = acc(res.worst_whitebox_mask)
@@ -740,9 +740,9 @@ def _attack_order_checks(res: ModelResult) -> list[dict]:
         fg = next((r for r in wb.attacks if A.info(r.attack).kind == "single-step"), None)
         has_iter = any(A.info(r.attack).iterative for r in wb.attacks)
         if fg and has_iter:
+            left = fg.attacked
             checks.append(_check("iterative_not_weaker_than_fgsm", fg.broken == 0,
-                                 f"FGSM broke {_seen(fg.broken, fg.attacked)} of the samples the iterative attacks "
-                                 "left",
+                                 f"FGSM broke {_seen(fg.broken, left)} of the samples the iterative attacks left",
                                  "single-step beat multi-step on these samples: a sign of gradient masking or of too "
                                  "small a budget (not proof of either); raise --steps and compare with Square"))
     masks = res.masks()
