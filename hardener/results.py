@@ -7,7 +7,7 @@ under private keys (`"_after"` of a row, `"_masks"` of a model): `to_state()` / 
 places alone, so files written by earlier versions load as they did (`torch.load(weights_only=True)`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: this module imports nothing at run time
@@ -23,8 +23,32 @@ def public(obj: Any) -> dict:
             and not (f.metadata.get("optional") and getattr(obj, f.name) is None)}
 
 
-@dataclass
-class AttackRow:
+def equal(a: Any, b: Any) -> bool:
+    """Equal values, tensors compared whole (a mask's `==` is elementwise): what `==` of two results means."""
+    if type(a) is not type(b):
+        return False
+    if hasattr(a, "equal") and hasattr(a, "dtype"):  # a tensor (this module does not import torch)
+        return a.dtype == b.dtype and a.shape == b.shape and bool(a.equal(b))
+    if is_dataclass(a):
+        return all(equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(equal, a, b))
+    return a == b
+
+
+class Result:
+    """`==` by value, masks included (`equal`)."""
+
+    def __eq__(self, other: object) -> bool:
+        return equal(self, other) if type(other) is type(self) else NotImplemented
+
+    __hash__ = None  # mutable
+
+
+@dataclass(eq=False)
+class AttackRow(Result):
     """One attack of a chain: what it was given, what it broke, how fast."""
 
     attack: str  # the spec's label
@@ -44,8 +68,8 @@ class AttackRow:
         return cls(**{f.name: d[f.name] for f in fields(cls) if not f.metadata.get("mask")}, after=d.get("_after"))
 
 
-@dataclass
-class ThreatResult:
+@dataclass(eq=False)
+class ThreatResult(Result):
     """One threat model's chain of attacks on one model."""
 
     attacks: list[AttackRow]
@@ -63,8 +87,8 @@ class ThreatResult:
         return cls([AttackRow.from_state(r) for r in d["attacks"]], d["robust"], d["eps_violations"], mask)
 
 
-@dataclass
-class ModelResult:
+@dataclass(eq=False)
+class ModelResult(Result):
     """Every threat model on one model (the base, or the patched model), with the per-sample worst case."""
 
     clean: dict
@@ -104,8 +128,8 @@ class ModelResult:
                    d.get("threats_skipped"), d.get("worst_whitebox"), m.get("worst_whitebox"), d.get("correct_by_base"))
 
 
-@dataclass
-class EvalResult:
+@dataclass(eq=False)
+class EvalResult(Result):
     """A whole evaluation: the models' results, the sanity checks, the eps sweeps and what the run used."""
 
     models: dict[str, ModelResult]  # "base", and "patched" when the model has patches

@@ -11,20 +11,7 @@ import torch
 from hardener import data as hdata, evaluation as E, report as R
 from hardener.model import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel
-from hardener.results import AttackRow, EvalResult, ModelResult
-
-
-def same(a, b) -> bool:
-    """Equal to the bit, tensors included, dict keys in the same order; a result compared field by field."""
-    if dataclasses.is_dataclass(a):
-        return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
-    return type(a) is type(b) and a == b
+from hardener.results import AttackRow, EvalResult, ModelResult, equal as same
 
 
 def private_free(obj):
@@ -59,6 +46,7 @@ def test_results_convert_to_the_saved_dict_and_back_unchanged(evaluated):
     m = res.models["patched"]
     assert isinstance(m.threats["whitebox"].attacks[0], AttackRow) and m.threats["whitebox"].mask.dtype == torch.bool
     assert not same(m.worst_mask, m.clean_mask)  # the attacks broke something: the masks below are not trivial
+    assert EvalResult.from_state(res.to_state()) == res
     assert same(EvalResult.from_state(res.to_state()), res)
     state = m.to_state()  # the format of before: masks under "_masks" (clean, worst, each threat, worst_whitebox)
     assert list(state["_masks"]) == ["clean", "worst", "whitebox", "transfer", "blackbox", "worst_whitebox"]
@@ -66,7 +54,9 @@ def test_results_convert_to_the_saved_dict_and_back_unchanged(evaluated):
     assert same(ModelResult.from_state(state).to_state(), state)
     # the typed result does not hide a difference: another mask is another result
     other = dataclasses.replace(m, worst_mask=~m.worst_mask)
-    assert not same(ModelResult.from_state(other.to_state()), m)
+    assert ModelResult.from_state(other.to_state()) != m and not same(other.to_state(), m.to_state())
+    assert not same(torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.uint8))  # a mask is a bool tensor
+    assert not same({"a": 1, "b": 2}, {"b": 2, "a": 1})  # the saved order counts
 
 
 def test_the_base_cache_file_holds_the_dict_format(evaluated):
