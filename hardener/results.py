@@ -24,7 +24,8 @@ def public(obj: Any) -> dict:
 
 
 def equal(a: Any, b: Any) -> bool:
-    """Equal values, tensors compared whole (a mask's `==` is elementwise): what `==` of two results means."""
+    """Equal values, tensors compared whole (a mask's `==` is elementwise), dicts in the same key order (the order a
+    report shows): what `==` of two results means."""
     if type(a) is not type(b):
         return False
     if hasattr(a, "equal") and hasattr(a, "dtype"):  # a tensor (this module does not import torch)
