@@ -80,8 +80,8 @@ def main() -> None:
     res = E.run_chain("whitebox" if A.info(a.attack).kind != "query" else "blackbox", model, model, x, y, start,
                       [spec], cfg, device, progress=progress, store=store)
     row = res.rows[0]
-    out = {"attack": row["attack"], "settings": row["settings"], "attacked": row["attacked"], "broken": row["broken"],
-           "seconds": row["seconds"], "violations": res.violations, "robust": res.robust.tolist(),
+    out = {"attack": row.attack, "settings": row.settings, "attacked": row.attacked, "broken": row.broken,
+           "seconds": row.seconds, "violations": res.violations, "robust": res.robust.tolist(),
            "start": start.tolist(), "clean": clean.tolist()}
     a.out.write_text(json.dumps(out))
     store.clear()

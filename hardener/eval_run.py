@@ -58,7 +58,7 @@ class EvalRun:
     notes: list[str] = field(default_factory=list)  # the report's: the caller's (model, data; shown by it), the run's
     extra: dict = field(default_factory=dict)  # the caller's fields of the report (checkpoint, invocation, ...)
     store: EvalStore | None = None
-    result: dict | None = None  # evaluation's; None on another rank of a sharded run (rank 0 reports)
+    result: E.EvalResult | None = None  # evaluation's; None on another rank of a sharded run (rank 0 reports)
     report: dict | None = None
 
 
@@ -142,8 +142,8 @@ def report(run: EvalRun) -> dict:
     extra = {**run.extra, "eps": cfg.eps, "norm": cfg.norm, "precision": cfg.precision}
     if run.hooks.world.active:
         extra["processes"] = run.hooks.world.size
-    if result.get("base_cache"):
-        extra["base_cache"] = result["base_cache"]
+    if result.base_cache:
+        extra["base_cache"] = result.base_cache
     notes = list(run.notes)
     if cfg.precision != "fp32":
         again = "precision='fp32'" if run.hooks.library else "--precision fp32"

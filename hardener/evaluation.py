@@ -38,6 +38,7 @@ from .patches.attach import Disabled, StraightThrough
 from .checkpoint import tensor_digest, write_torch
 from .errors import InputError, RunError
 from .resume import EvalStore, fingerprint
+from .results import AttackRow, EvalResult, ModelResult, ThreatResult
 from .stats import wilson  # noqa: F401 - evaluation.wilson, as before
 
 THREATS = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")
@@ -308,6 +309,18 @@ class BaseCache:
         self.reused_base = True
         return res
 
+    def load_result(self) -> ModelResult | None:
+        """`load_base` typed: the saved dict (the format every version writes) converted here, at the boundary; a
+        sealed dict of another shape is refused as one harden did not write."""
+        from . import integrity as I
+
+        saved = self.load_base()
+        try:
+            return None if saved is None else ModelResult.from_state(saved)
+        except (KeyError, TypeError, AttributeError):
+            raise I.refuse(self.dir / "base.pt", "--base-cache entry", "is not a file harden wrote",
+                           CACHE_TODO) from None
+
     def save_base(self, res: dict) -> None:
         from . import integrity as I
 
@@ -322,7 +335,7 @@ class BaseCache:
 @dataclass
 class ChainResult:
     threat: str
-    rows: list[dict]
+    rows: list[AttackRow]
     robust: torch.Tensor  # per-sample: still correct after every attack of the chain
     violations: int
     broken_by: torch.Tensor | None = None  # per-sample: index of the attack (row) that broke it, -1 for none
@@ -396,7 +409,7 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
         if saved is not None and saved["row"] is not None:  # finished before the interruption
             robust, violations = saved["robust"].clone(), violations + saved["violations"]
             broken_by[before & ~robust] = i
-            rows.append(saved["row"])
+            rows.append(AttackRow.from_state(saved["row"]))
             continue
         spec, attack, recheck = _attacks(spec, source, target, cfg, x, device) if bank is None else (spec, None, None)
         attacked = int(before.sum())
@@ -447,20 +460,19 @@ def run_chain(threat: str, source: nn.Module, target: nn.Module, x: torch.Tensor
                                 "seconds": spent + time.time() - t0, "violations": viol, "row": None})
         seconds = spent + time.time() - t0
         violations += viol
-        row = {"attack": spec.label, "settings": spec.record(), "attacked": attacked,
-               "broken": broken, "robust_after": acc(robust), "seconds": seconds,
-               "images_per_s": attacked / seconds if seconds > 0 and attacked else None, "_after": robust.clone()}
+        row = AttackRow(spec.label, spec.record(), attacked, broken, acc(robust), seconds,
+                        attacked / seconds if seconds > 0 and attacked else None, robust.clone())
         rows.append(row)
         broken_by[before & ~robust] = i
         if store is not None:
-            store.put(key, {"robust": robust.clone(), "violations": viol, "row": row}, force=True)
+            store.put(key, {"robust": robust.clone(), "violations": viol, "row": row.to_state()}, force=True)
     return ChainResult(threat, rows, robust, violations, broken_by)
 
 
 def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
                    cfg: EvalConfig, n_classes: int, device: torch.device,
                    progress: Progress | None = None, store: EvalStore | None = None,
-                   bank: TransferBank | None = None, surrogate: nn.Module | None = None) -> dict:
+                   bank: TransferBank | None = None, surrogate: nn.Module | None = None) -> ModelResult:
     """All threat models for one model. `base` is None when the model is the base itself; `bank`
     holds (or computes) the transfer examples of `base`; `surrogate` is a model to transfer from."""
     logits = predict(model, x, cfg.batch_size, device, cfg)
@@ -497,25 +509,15 @@ def evaluate_model(name: str, model: nn.Module, base: nn.Module | None, x: torch
     for c in chains.values():
         worst &= c.robust
     counts, per_sample = provenance(clean, chains)
-    result = {
-        "clean": acc(clean),
-        "threats": {t: {"attacks": c.rows, "robust": acc(c.robust), "eps_violations": c.violations}
-                    for t, c in chains.items()},
-        "worst_case": acc(worst),
-        "broken_by": counts,
-        "per_sample_broken_by": per_sample,
-        "per_class": per_class(y, clean, worst, n_classes),
-        "_masks": {"clean": clean, "worst": worst, **{t: c.robust for t, c in chains.items()}},
-    }
-    if skipped:
-        result["threats_skipped"] = skipped
+    threats = {t: ThreatResult(c.rows, acc(c.robust), c.violations, mask=c.robust) for t, c in chains.items()}
+    result = ModelResult(acc(clean), threats, acc(worst), counts, per_sample, per_class(y, clean, worst, n_classes),
+                         clean_mask=clean, worst_mask=worst, threats_skipped=skipped or None)
     wb = [chains[t].robust for t in WHITEBOX_KNOWLEDGE if t in chains]
     if wb:
         m = clean.clone()
         for r in wb:
             m &= r
-        result["worst_whitebox"] = acc(m)
-        result["_masks"]["worst_whitebox"] = m
+        result.worst_whitebox, result.worst_whitebox_mask = acc(m), m
     return result
 
 
@@ -530,7 +532,7 @@ def provenance(clean: torch.Tensor, chains: dict[str, ChainResult]) -> tuple[dic
             continue
         for i in torch.nonzero(c.broken_by >= 0).flatten().tolist():
             if labels[i] is None:
-                labels[i] = f"{t}/{c.rows[int(c.broken_by[i])]['attack']}"
+                labels[i] = f"{t}/{c.rows[int(c.broken_by[i])].attack}"
     return count_labels(labels), labels
 
 
@@ -551,15 +553,14 @@ def per_class(y: torch.Tensor, clean: torch.Tensor, worst: torch.Tensor, n_class
     return out
 
 
-def subset_metrics(res: dict, mask: torch.Tensor) -> dict:
-    m = res["_masks"]
-    return {k: acc(v[mask]) for k, v in m.items()}
+def subset_metrics(res: ModelResult, mask: torch.Tensor) -> dict:
+    return {k: acc(v[mask]) for k, v in res.masks().items()}
 
 
 def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: torch.device,
              has_patches: bool, progress: Progress | None = None, store: EvalStore | None = None,
              reference: nn.Module | None = None, base_cache: Path | None = None,
-             surrogate: nn.Module | None = None, world=None) -> dict | None:
+             surrogate: nn.Module | None = None, world=None) -> EvalResult | None:
     """Evaluate the base (and the patched model, when it has patches) on `ds`.
 
     `reference` is the base to compare with and to transfer from when the patched model's own base
@@ -592,9 +593,9 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
             cache = BaseCache(base_cache, base, tensors, x, ds.fingerprint(), cfg, device)
         models, bank = _models(patched, base, x, y, cfg, n_classes, device, has_patches, progress, store, cache,
                                surrogate)
-    base_correct = models["base"]["_masks"]["clean"]
+    base_correct = models["base"].clean_mask
     for res in models.values():
-        res["correct_by_base"] = subset_metrics(res, base_correct)
+        res.correct_by_base = subset_metrics(res, base_correct)
     primary = models["patched" if has_patches else "base"]
     primary_model = patched if has_patches else base
     if progress and cfg.checks:
@@ -608,22 +609,21 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
         checks.append(_check_sweep(sweep, n_classes))
     if cfg.checks:
         checks += _check_adaptive(primary)
-    return {"models": models, "checks": checks, "eps_sweep": sweep, "eps_sweep_base": sweep_base, "n": len(y),
-            "n_classes": n_classes,
-            "base_cache": cache.record(bank) if cache is not None else None, "out_of_memory": list(cfg.oom)}
+    return EvalResult(models, checks, sweep, sweep_base, len(y), n_classes,
+                      cache.record(bank) if cache is not None else None, list(cfg.oom))
 
 
 def _models(patched, base, x, y, cfg, n_classes, device, has_patches, progress, store, cache, surrogate):
     """Every threat model for the base and (with patches) the patched model: ({name: result}, transfer bank)."""
-    models: dict[str, dict] = {}
-    cached = cache.load_base() if cache is not None else None
+    models: dict[str, ModelResult] = {}
+    cached = cache.load_result() if cache is not None else None
     if cached is not None:
         models["base"] = cached
     else:
         models["base"] = evaluate_model("base", base, None, x, y, cfg, n_classes, device, progress, store,
                                         surrogate=None if has_patches else surrogate)
         if cache is not None:
-            cache.save_base(models["base"])
+            cache.save_base(models["base"].to_state())
     bank = None
     if has_patches and "transfer" in cfg.threats:
         bank = TransferBank(base, x, y, cfg.batch_size, device, cache.dir if cache is not None else None, cfg,
@@ -634,7 +634,8 @@ def _models(patched, base, x, y, cfg, n_classes, device, has_patches, progress, 
     return models, bank
 
 
-def merge_shards(parts: list[tuple[torch.Tensor, dict]], y: torch.Tensor, n_classes: int) -> dict:
+def merge_shards(parts: list[tuple[torch.Tensor, dict[str, ModelResult]]], y: torch.Tensor,
+                 n_classes: int) -> dict[str, ModelResult]:
     """The models' results of several shards ((sample positions, {name: result}) each) as one result in the
     sample order: masks scattered back, attack rows summed (seconds: the slowest shard's), accuracies recomputed."""
     n = len(y)
@@ -647,30 +648,28 @@ def merge_shards(parts: list[tuple[torch.Tensor, dict]], y: torch.Tensor, n_clas
             for idx, m in per:
                 g[idx] = get(m)
             return g
-        masks = {k: glob(lambda m, k=k: m["_masks"][k]) for k in m0["_masks"]}
         threats = {}
-        for t, th0 in m0["threats"].items():
+        for t, th0 in m0.threats.items():
             rows = []
-            for i, r0 in enumerate(th0["attacks"]):
-                rs = [m["threats"][t]["attacks"][i] for _, m in per]
-                after = glob(lambda m, t=t, i=i: m["threats"][t]["attacks"][i]["_after"])
-                attacked, secs = sum(r["attacked"] for r in rs), max(r["seconds"] for r in rs)
-                rows.append({"attack": r0["attack"], "settings": r0["settings"], "attacked": attacked,
-                             "broken": sum(r["broken"] for r in rs), "robust_after": acc(after), "seconds": secs,
-                             "images_per_s": attacked / secs if secs > 0 and attacked else None, "_after": after})
-            threats[t] = {"attacks": rows, "robust": acc(masks[t]),
-                          "eps_violations": sum(m["threats"][t]["eps_violations"] for _, m in per)}
+            for i, r0 in enumerate(th0.attacks):
+                rs = [m.threats[t].attacks[i] for _, m in per]
+                after = glob(lambda m, t=t, i=i: m.threats[t].attacks[i].after)
+                attacked, secs = sum(r.attacked for r in rs), max(r.seconds for r in rs)
+                rows.append(AttackRow(r0.attack, r0.settings, attacked, sum(r.broken for r in rs), acc(after), secs,
+                                      attacked / secs if secs > 0 and attacked else None, after))
+            mask = glob(lambda m, t=t: m.threats[t].mask)
+            threats[t] = ThreatResult(rows, acc(mask), sum(m.threats[t].eps_violations for _, m in per), mask=mask)
         labels: list[str | None] = [None] * n
         for idx, m in per:
-            for j, lab in zip(idx.tolist(), m["per_sample_broken_by"]):
+            for j, lab in zip(idx.tolist(), m.per_sample_broken_by):
                 labels[j] = lab
-        res = {"clean": acc(masks["clean"]), "threats": threats, "worst_case": acc(masks["worst"]),
-               "broken_by": count_labels(labels), "per_sample_broken_by": labels,
-               "per_class": per_class(y, masks["clean"], masks["worst"], n_classes), "_masks": masks}
-        if "threats_skipped" in m0:
-            res["threats_skipped"] = m0["threats_skipped"]
-        if "worst_whitebox" in masks:
-            res["worst_whitebox"] = acc(masks["worst_whitebox"])
+        clean, worst = glob(lambda m: m.clean_mask), glob(lambda m: m.worst_mask)
+        res = ModelResult(acc(clean), threats, acc(worst), count_labels(labels), labels,
+                          per_class(y, clean, worst, n_classes), clean_mask=clean, worst_mask=worst,
+                          threats_skipped=m0.threats_skipped)
+        if m0.worst_whitebox_mask is not None:
+            res.worst_whitebox_mask = glob(lambda m: m.worst_whitebox_mask)
+            res.worst_whitebox = acc(res.worst_whitebox_mask)
         out[name] = res
     return out
 
@@ -697,20 +696,20 @@ def _first_iterative(cfg: EvalConfig) -> str | None:
     return next((n for n in ordered(cfg.attacks) if A.info(n).iterative), None)
 
 
-def run_checks(model: nn.Module, res: dict, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
+def run_checks(model: nn.Module, res: ModelResult, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
                n_classes: int, device: torch.device) -> list[dict]:
     n = min(cfg.check_samples, len(y)) if cfg.check_samples else check_sample_count(len(y))
     g = torch.Generator().manual_seed(cfg.seed)
     sel = torch.randperm(len(y), generator=g)[:n]
     xs, ys = x[sel], y[sel]
     checks = _model_checks(model, res, x, xs, cfg, device)
-    checks += _attack_order_checks(res, len(y))
+    checks += _attack_order_checks(res)
     checks.append(_gradient_check(model, xs, ys, device))
     checks += _convergence_checks(model, res, sel, xs, ys, cfg, n_classes, device)
     return checks
 
 
-def _model_checks(model: nn.Module, res: dict, x: torch.Tensor, xs: torch.Tensor, cfg: EvalConfig,
+def _model_checks(model: nn.Module, res: ModelResult, x: torch.Tensor, xs: torch.Tensor, cfg: EvalConfig,
                   device: torch.device) -> list[dict]:
     """1. eval mode, deterministic, batch-size independent; 2. logits, not probabilities; 3. inputs in [0, 1] and
     perturbations within eps."""
@@ -724,7 +723,7 @@ def _model_checks(model: nn.Module, res: dict, x: torch.Tensor, xs: torch.Tensor
                          "outputs look like probabilities" if probs_like else "outputs are unnormalised scores",
                          "attacks on softmax outputs saturate and understate robustness: return logits"))
     in_range = bool(x.min() >= 0 and x.max() <= 1)
-    viol = sum(t["eps_violations"] for t in res["threats"].values())
+    viol = sum(t.eps_violations for t in res.threats.values())
     checks.append(_check("perturbations_within_eps", in_range and viol == 0,
                          f"inputs in [0,1]: {in_range}; returned examples outside eps or [0,1]: {viol} "
                          "(projected before scoring)",
@@ -733,20 +732,20 @@ def _model_checks(model: nn.Module, res: dict, x: torch.Tensor, xs: torch.Tensor
     return checks
 
 
-def _attack_order_checks(res: dict, n_samples: int) -> list[dict]:
+def _attack_order_checks(res: ModelResult) -> list[dict]:
     """4. iterative attacks not weaker than FGSM / square not stronger than white-box / transfer vs white-box."""
     checks = []
-    wb = res["threats"].get("whitebox")
+    wb = res.threats.get("whitebox")
     if wb:
-        fg = next((r for r in wb["attacks"] if A.info(r["attack"]).kind == "single-step"), None)
-        has_iter = any(A.info(r["attack"]).iterative for r in wb["attacks"])
+        fg = next((r for r in wb.attacks if A.info(r.attack).kind == "single-step"), None)
+        has_iter = any(A.info(r.attack).iterative for r in wb.attacks)
         if fg and has_iter:
-            left = fg.get("attacked", n_samples)
-            checks.append(_check("iterative_not_weaker_than_fgsm", fg["broken"] == 0,
-                                 f"FGSM broke {_seen(fg['broken'], left)} of the samples the iterative attacks left",
+            left = fg.attacked
+            checks.append(_check("iterative_not_weaker_than_fgsm", fg.broken == 0,
+                                 f"FGSM broke {_seen(fg.broken, left)} of the samples the iterative attacks left",
                                  "single-step beat multi-step on these samples: a sign of gradient masking or of too "
                                  "small a budget (not proof of either); raise --steps and compare with Square"))
-    masks = res["_masks"]
+    masks = res.masks()
     if "blackbox" in masks and "whitebox" in masks:
         left = int(masks["whitebox"].sum())
         extra = int((masks["whitebox"] & ~masks["blackbox"]).sum())
@@ -780,7 +779,7 @@ def _gradient_check(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, device
                   "accuracy may be overstated on such samples; compare with Square and transfer numbers")
 
 
-def _convergence_checks(model: nn.Module, res: dict, sel: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+def _convergence_checks(model: nn.Module, res: ModelResult, sel: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
                         cfg: EvalConfig, n_classes: int, device: torch.device) -> list[dict]:
     """6. convergence: twice the steps, run on what the white-box chain left, breaks little more; 7. large eps gets
     near chance. `sel` are the positions of the checked samples `xs` in the evaluation."""
@@ -792,15 +791,15 @@ def _convergence_checks(model: nn.Module, res: dict, sel: torch.Tensor, xs: torc
     sp1 = _spec(cfg, name, n_classes)
     steps = int(sp1.steps or 1)
     sp2 = _spec(cfg, name, n_classes, steps=2 * steps)
-    row = next((r for r in res["threats"].get("whitebox", {}).get("attacks", [])
-                if r["attack"] == sp1.label and "_after" in r), None)
+    wb = res.threats.get("whitebox")
+    row = next((r for r in (wb.attacks if wb else []) if r.attack == sp1.label and r.after is not None), None)
     if row is not None:
         # The evaluation's own result after this attack (and those before it in the chain): only what it left can
         # fall to more steps, so the doubled run attacks those alone — one run instead of two, on fewer samples.
-        left = row["_after"][sel] & clean
+        left = row.after[sel] & clean
         r1 = float(left.float().mean())
         r2 = float(run_chain("check", model, model, xs, ys, left, [sp2], cfg, device).robust.float().mean())
-        first = row is res["threats"]["whitebox"]["attacks"][0]
+        first = row is wb.attacks[0]
         detail = (f"{name} with {steps} steps{'' if first else ' (after the attacks before it)'}: {r1:.4f}; then "
                   f"{2 * steps} steps on what it left: {r2:.4f} ({n} samples)")
     else:
@@ -848,11 +847,12 @@ def eps_sweep(model, x, y, cfg: EvalConfig, n_classes: int, device, progress=Non
     return out
 
 
-def _check_adaptive(res: dict) -> list[dict]:
+def _check_adaptive(res: ModelResult) -> list[dict]:
     """BPDA and surrogate transfer run on what the white-box attacks left: anything they break is a sample where
     the model's own gradients misled the attacker."""
     out = []
-    left = res.get("threats", {}).get("whitebox", {}).get("robust", {}).get("correct")
+    wb = res.threats.get("whitebox")
+    left = wb.robust["correct"] if wb else None
     for t, name, hint in (
             ("adaptive", "bpda_not_stronger_than_whitebox",
              "with the patches' backward replaced by the identity the attacks broke samples that the exact gradients "
@@ -860,10 +860,10 @@ def _check_adaptive(res: dict) -> list[dict]:
             ("surrogate", "surrogate_not_stronger_than_whitebox",
              "examples transferred from the surrogate broke samples the white-box attacks left: the model's "
              "gradients may mislead (gradient masking); the per-sample worst case counts them")):
-        th = res.get("threats", {}).get(t)
+        th = res.threats.get(t)
         if th is None or left is None:
             continue
-        broken = sum(r["broken"] for r in th["attacks"])
+        broken = sum(r.broken for r in th.attacks)
         out.append(_check(name, broken == 0, f"{t} attacks broke {_seen(broken, left)} of the samples the white-box "
                                              "attacks left", hint))
     return out

@@ -6,12 +6,14 @@ import json
 import math
 import platform
 import shlex
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
 from .version import __version__
 from .errors import InputError
 from .evaluation import THREATS
+from .results import EvalResult, ModelResult, public
 
 SCHEMAS = {"eval": "harden.eval-report/3", "patch": "harden.patch-report/3"}  # one id per kind of report
 SCHEMA = SCHEMAS["eval"]
@@ -40,29 +42,35 @@ def environment(device: str, seed: int, deterministic: bool = False) -> dict:
             "deterministic": deterministic or torch.are_deterministic_algorithms_enabled()}
 
 
-def strip_private(obj: Any) -> Any:
+def as_json(obj: Any) -> Any:
+    """A result (`results`: a model's, a threat model's, an attack's row) as the report's JSON holds it: its public
+    fields (`results.public`: no masks), nested results converted alike."""
+    if is_dataclass(obj):
+        obj = public(obj)
     if isinstance(obj, dict):
-        return {k: strip_private(v) for k, v in obj.items() if not str(k).startswith("_")}
+        return {k: as_json(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [strip_private(v) for v in obj]
+        return [as_json(v) for v in obj]
     return obj
 
 
-def build(command: str, result: dict, data: dict, attack_settings: list, env: dict,
+def build(command: str, result: EvalResult, data: dict, attack_settings: list, env: dict,
           extra: dict | None = None) -> dict:
+    """The report of an evaluation (`harden eval`'s, or the one `harden patch` writes after training): the only place
+    its JSON is made from the typed result."""
     rep = {
         "schema": SCHEMAS.get(command, SCHEMA),
         "harden_version": __version__,
         "command": command,
         "data": data,
         "threat_models": {t: THREAT_TEXT[t] for t in THREAT_TEXT
-                          if any(t in m.get("threats", {}) for m in result["models"].values())},
+                          if any(t in m.threats for m in result.models.values())},
         "attack_settings": attack_settings,
-        "models": strip_private(result["models"]),
-        "checks": result.get("checks", []),
-        "eps_sweep": result.get("eps_sweep"),
-        "eps_sweep_base": result.get("eps_sweep_base"),
-        "out_of_memory": result.get("out_of_memory") or [],
+        "models": as_json(result.models),
+        "checks": result.checks,
+        "eps_sweep": result.eps_sweep,
+        "eps_sweep_base": result.eps_sweep_base,
+        "out_of_memory": result.out_of_memory,
         "environment": env,
     }
     if extra:
@@ -73,7 +81,7 @@ def build(command: str, result: dict, data: dict, attack_settings: list, env: di
     rep["reduced_budgets"] = reduced_budgets(rep)
     rep["threats_not_run"] = threats_not_run(rep)
     summarise(rep)
-    rep["robustbench"] = robustbench_entry(rep, result["models"])
+    rep["robustbench"] = robustbench_entry(rep, result.models)
     return rep
 
 
@@ -159,7 +167,7 @@ def reduced_budgets(rep: dict) -> dict[str, list[str]]:
 STANDARD_AA = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
-def robustbench_entry(rep: dict, raw_models: dict) -> dict:
+def robustbench_entry(rep: dict, results: dict[str, ModelResult]) -> dict:
     """A RobustBench-style entry for the evaluated model: `autoattack_acc` only when the run was the standard
     AutoAttack (APGD-CE, APGD-T, FAB-T on the model itself, Square as its query attack: their per-sample AND), else
     None; `external` is harden's worst case over every threat model that ran (adaptive attacks included)."""
@@ -168,9 +176,9 @@ def robustbench_entry(rep: dict, raw_models: dict) -> dict:
     m = models[name]
     reason = standard_autoattack(m, rep)
     aa = None
-    masks = raw_models.get(name, {}).get("_masks")
-    if reason is None and masks is not None:
-        aa = float((masks["whitebox"] & masks["blackbox"]).float().mean())
+    if reason is None and name in results:
+        th = results[name].threats
+        aa = float((th["whitebox"].mask & th["blackbox"].mask).float().mean())
     training = rep.get("training") or {}
     return {"clean_acc": round(100 * m["clean"]["accuracy"], 2),
             "autoattack_acc": None if aa is None else round(100 * aa, 2),
@@ -210,16 +218,16 @@ def data_record(ds, warnings: list[str]) -> dict:
             "fingerprint": ds.fingerprint(), "warnings": warnings}
 
 
-def attack_settings(result: dict) -> list[dict]:
+def attack_settings(result: EvalResult) -> list[dict]:
     """Every distinct attack setting of an evaluation result, in the order the chains ran them."""
     seen, out = set(), []
-    for m in result["models"].values():
-        for th in m["threats"].values():
-            for r in th["attacks"]:
-                key = json.dumps(r["settings"], sort_keys=True)
+    for m in result.models.values():
+        for th in m.threats.values():
+            for r in th.attacks:
+                key = json.dumps(r.settings, sort_keys=True)
                 if key not in seen:
                     seen.add(key)
-                    out.append(r["settings"])
+                    out.append(r.settings)
     return out
 
 

@@ -60,8 +60,8 @@ def test_stop_early_gives_the_same_verdict_in_fewer_passes(case, norm, eps):
     assert fast.samples < 0.8 * full.samples
 
 
-def _row_settings(result: dict, threat: str) -> dict:
-    return result["threats"][threat]["attacks"][0]["settings"]
+def _row_settings(result: E.ModelResult, threat: str) -> dict:
+    return result.threats[threat].attacks[0].settings
 
 
 def test_evaluation_stops_early_only_where_the_attacked_logits_are_the_scored_ones(case):
@@ -140,10 +140,10 @@ def test_chains_with_the_early_stop_give_the_reference_verdict_per_sample(case, 
     monkeypatch.setattr(E, "_scores_as_it_attacks", lambda *a, **k: False)
     ref = E.evaluate_model("patched", model, base, x, y, cfg, 3, torch.device("cpu"))
     assert "stop_early" not in _row_settings(ref, "whitebox")
-    assert 0 < fast["threats"]["whitebox"]["robust"]["correct"] < fast["clean"]["correct"]
-    assert fast["per_sample_broken_by"] == ref["per_sample_broken_by"]
+    assert 0 < fast.threats["whitebox"].robust["correct"] < fast.clean["correct"]
+    assert fast.per_sample_broken_by == ref.per_sample_broken_by
     for t in ("whitebox", "adaptive"):
-        assert torch.equal(fast["_masks"][t], ref["_masks"][t])
+        assert torch.equal(fast.threats[t].mask, ref.threats[t].mask)
 
 
 def test_no_early_stop_for_eot_randomised_or_batch_dependent_models(case):

@@ -102,9 +102,9 @@ def test_worst_case_equals_per_sample_minimum_by_hand(tiny_ckpt):
     tr = A.build(Disabled(p), A.AttackSpec("fgsm", eps=0.15))(x, y)
     with torch.no_grad():
         by_hand = clean & (p(wb).argmax(1) == y) & (p(tr).argmax(1) == y)
-    got = res["models"]["patched"]
-    assert got["worst_case"]["correct"] == int(by_hand.sum())
-    assert torch.equal(got["_masks"]["worst"], by_hand)
+    got = res.models["patched"]
+    assert got.worst_case["correct"] == int(by_hand.sum())
+    assert torch.equal(got.worst_mask, by_hand)
     assert 0 < int(by_hand.sum()) < int(clean.sum())  # the case is not trivial
 
 
@@ -119,9 +119,9 @@ def test_perturbation_outside_eps_is_caught(monkeypatch):
     cfg = E.EvalConfig(attacks=["cheat"], eps=0.05, threats=("whitebox",), check_samples=10)
     cfg.attacks = ["cheat"]
     res = E.evaluate(p, hdata.Dataset(imgs, labels), cfg, torch.device("cpu"), has_patches=False)
-    checks = {c["name"]: c for c in res["checks"]}
+    checks = {c["name"]: c for c in res.checks}
     assert checks["perturbations_within_eps"]["status"] == "warn"
-    assert res["models"]["base"]["threats"]["whitebox"]["eps_violations"] > 0
+    assert res.models["base"].threats["whitebox"].eps_violations > 0
 
 
 def test_wilson_interval():
@@ -216,11 +216,11 @@ def test_every_attack_name_runs(norm):
         res = E.evaluate(p, hdata.Dataset(imgs, labels), cfg, torch.device("cpu"), has_patches=False)
     assert buf.getvalue() == ""
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # attacks do not reseed the global RNG
-    base = res["models"]["base"]
-    ran = [r["attack"] for t in base["threats"].values() for r in t["attacks"]]
+    base = res.models["base"]
+    ran = [r.attack for t in base.threats.values() for r in t.attacks]
     assert sorted(ran) == sorted(names)
-    assert all(t["eps_violations"] == 0 for t in base["threats"].values())
-    settings = {r["attack"]: r["settings"] for t in base["threats"].values() for r in t["attacks"]}
+    assert all(t.eps_violations == 0 for t in base.threats.values())
+    settings = {r.attack: r.settings for t in base.threats.values() for r in t.attacks}
     assert settings["apgd-t"]["n_target_classes"] == 3 and settings["square"]["queries"] == 30
     assert settings["cw"]["min_norm"] is (norm == "L2")
 
@@ -298,9 +298,9 @@ def test_out_of_memory_halves_the_batch_and_finishes(capsys):
                      E.EvalConfig(**cfg, batch_size=8), torch.device("cpu"), has_patches=False)
     picky = PatchedModel(Classifier(_Picky(net, 8), InputSpec(shape=[1, 8, 8])))
     got = E.evaluate(picky, ds, E.EvalConfig(**cfg, batch_size=32), torch.device("cpu"), has_patches=False)
-    assert [(o["from"], o["to"]) for o in got["out_of_memory"]][:2] == [(32, 16), (16, 8)]
+    assert [(o["from"], o["to"]) for o in got.out_of_memory][:2] == [(32, 16), (16, 8)]
     assert "out of memory" in capsys.readouterr().err
-    assert got["models"]["base"]["worst_case"] == ref["models"]["base"]["worst_case"]
+    assert got.models["base"].worst_case == ref.models["base"].worst_case
     # the transfer examples of a patched model (computed in fixed batches, shared across models) halve too
     from hardener.patches import Fixer, FixerConfig
 
@@ -308,8 +308,8 @@ def test_out_of_memory_halves_the_batch_and_finishes(capsys):
     pp.attach("net.block", Fixer(8, FixerConfig()))
     got = E.evaluate(pp, ds, E.EvalConfig(**{**cfg, "threats": ("whitebox", "transfer")}, batch_size=32),
                      torch.device("cpu"), has_patches=True)
-    assert any(o["where"].startswith("transfer examples") for o in got["out_of_memory"])
-    assert "transfer" in got["models"]["patched"]["threats"]
+    assert any(o["where"].startswith("transfer examples") for o in got.out_of_memory)
+    assert "transfer" in got.models["patched"].threats
     # below the floor: exit 3 with one line
     from hardener.errors import RunError
 
@@ -341,14 +341,14 @@ def test_convergence_check_doubles_the_steps_on_what_the_chain_left(monkeypatch,
     imgs, labels = make_data(n=80, seed=3)
     cfg = E.EvalConfig(attacks=["ramp"], eps=eps, steps=4, threats=("whitebox",), check_samples=40, batch_size=16)
     res = E.evaluate(p, hdata.Dataset(imgs, labels), cfg, torch.device("cpu"), has_patches=False)
-    checks = {c["name"]: c for c in res["checks"]}
+    checks = {c["name"]: c for c in res.checks}
     conv = checks["converged"]
     # 8 steps of an attack that still gains from them (cap 8) break what 4 left; one that saturates at 4 does not
     assert conv["status"] == status, conv
     assert "8 steps on what it left" in conv["detail"]
     # the check reused the chain's 4-step result: no 4-step rerun, and the 8-step run saw only what the chain left
     chain_calls = sum(n for n, s, e in calls if s == 4 and e == eps)
-    assert chain_calls == res["models"]["base"]["threats"]["whitebox"]["attacks"][0]["attacked"]
+    assert chain_calls == res.models["base"].threats["whitebox"].attacks[0].attacked
     doubled = sum(n for n, s, e in calls if s == 8)
     assert 0 < doubled < 40
     assert checks["large_eps_near_chance"]["detail"].endswith("(chance 0.33; 40 samples)")

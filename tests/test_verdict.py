@@ -61,17 +61,17 @@ def _evaluate(patched, x, y, threats, surrogate=None, attacks=("apgd-ce",), chec
 def test_bpda_breaks_a_quantising_prefilter_that_plain_apgd_cannot():
     x, y = _boundary()
     res = _evaluate(_quantised(), x, y, ("whitebox", "adaptive"), checks=True)
-    m = res["models"]["patched"]
-    assert m["clean"]["accuracy"] == 1.0
+    m = res.models["patched"]
+    assert m.clean["accuracy"] == 1.0
     # zero gradients: APGD's steps go nowhere, only its random start could cross a 0.04 margin (2.8 sigma)
-    assert m["threats"]["whitebox"]["robust"]["accuracy"] >= 0.9
+    assert m.threats["whitebox"].robust["accuracy"] >= 0.9
     # BPDA (identity backward through the quantiser) sees the linear model's gradient and breaks every sample
-    assert m["threats"]["adaptive"]["robust"]["accuracy"] == 0.0
-    assert m["worst_whitebox"]["accuracy"] == 0.0 and m["worst_case"]["accuracy"] == 0.0
-    check = {c["name"]: c for c in res["checks"]}["bpda_not_stronger_than_whitebox"]
+    assert m.threats["adaptive"].robust["accuracy"] == 0.0
+    assert m.worst_whitebox["accuracy"] == 0.0 and m.worst_case["accuracy"] == 0.0
+    check = {c["name"]: c for c in res.checks}["bpda_not_stronger_than_whitebox"]
     assert check["status"] == "warn" and "of the samples the white-box attacks left" in check["detail"]
     # the base (no patches) has no BPDA chain: nothing there could mask gradients
-    assert "adaptive" not in res["models"]["base"]["threats"]
+    assert "adaptive" not in res.models["base"].threats
 
 
 def test_straight_through_keeps_the_forward_exact():
@@ -109,20 +109,20 @@ def test_no_maskable_patch_no_bpda_chain_and_it_says_so():
 
     p.attach("input", Shift())
     res = _evaluate(p, x, y, ("whitebox", "adaptive"))
-    m = res["models"]["patched"]
-    assert "adaptive" not in m["threats"] and "could mask gradients" in m["threats_skipped"]["adaptive"]
+    m = res.models["patched"]
+    assert "adaptive" not in m.threats and "could mask gradients" in m.threats_skipped["adaptive"]
 
 
 def test_surrogate_transfer_and_provenance_sum_to_the_worst_case():
     x, y = _boundary()
     res = _evaluate(_quantised(), x, y, E.THREATS, surrogate=tiny_model.fragile().eval())
-    m = res["models"]["patched"]
-    assert m["threats"]["surrogate"]["robust"]["accuracy"] == 0.0  # the bare linear model's examples transfer
-    counts, per_sample = m["broken_by"], m["per_sample_broken_by"]
+    m = res.models["patched"]
+    assert m.threats["surrogate"].robust["accuracy"] == 0.0  # the bare linear model's examples transfer
+    counts, per_sample = m.broken_by, m.per_sample_broken_by
     broken = sum(v for k, v in counts.items() if k not in ("robust", "clean_error"))
-    assert broken == m["clean"]["correct"] - m["worst_case"]["correct"]
-    assert counts.get("robust", 0) == m["worst_case"]["correct"]
-    assert len(per_sample) == len(y) and sum(v is None for v in per_sample) == m["worst_case"]["correct"]
+    assert broken == m.clean["correct"] - m.worst_case["correct"]
+    assert counts.get("robust", 0) == m.worst_case["correct"]
+    assert len(per_sample) == len(y) and sum(v is None for v in per_sample) == m.worst_case["correct"]
     # first breaker in the order whitebox, adaptive, surrogate, ...: BPDA comes before the surrogate
     assert all(k.split("/")[0] in E.THREATS for k in counts if k not in ("robust", "clean_error"))
     assert counts.get("adaptive/apgd-ce", 0) >= 36
