@@ -17,6 +17,9 @@ OUT=${1:?usage: light_fmnist.sh OUT_DIR RUN...}
 shift
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The robust teacher of the distillation runs (*T): today's default patch of the example base (the verdict's; the bench's
+# runs used that file, its sha256 in their training record); built here with the default recipe when missing.
+TEACHER=${TEACHER:-$OUT/r-default.safetensors}
 declare -A ARCH=([r]=resnet9_small [v]=vgg_silu_small [t]=vit_small)
 declare -A RUNS=(
   [L1]="--width 16 --rho 4"
@@ -29,7 +32,8 @@ declare -A RUNS=(
   [B2]="--budget 2 --method fixer,auxbn --bn auto"
   [L2e20]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20"
   # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER= another file)
-  [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher ${TEACHER:-/work/keep/default-10pct.safetensors}"
+  [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER"
+  [L2Te20T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER --epochs 20"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
@@ -42,6 +46,10 @@ for run in "$@"; do
     continue
   fi
   [ -f "$OUT/$run.json" ] && continue
+  if [[ $name == *T ]] && [ ! -f "$TEACHER" ]; then
+    python -m hardener patch examples/fmnist_base.safetensors --arch examples/fmnist_model.py:resnet9_small --mean 0.2860 \
+      --std 0.3530 --data fashion-mnist:train --subset 10% --eps 0.1 --quiet --out "$TEACHER" 2> "$OUT/teacher.log"
+  fi
   base=examples/fmnist_base.safetensors
   if [ "$arch" != resnet9_small ]; then  # the other bases are trained as bench/archs_fmnist.sh trains them
     base=$OUT/$arch.base.safetensors
