@@ -101,10 +101,11 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     recipe; `"certify"`: a denoiser for `harden certify`; `None`: the built-in defaults of `PatchOptions`; `"auto"`,
     the default: `"robust"` unless `method` (or `patch`, `train`), `at`, `at_regex` or `adversary` is given);
     `overrides` are fields (`eps=0.1`, `epochs=5`, `at="layer1"`, ...) and the options of the patch kinds and
-    methods (`rho=2`, `phi=0.6`, those of a kind registered from outside), and win over the recipe; `loss="rslad", teacher=...` distils a robust teacher (a patched
-    checkpoint path of the same base, a `PatchedModel` on it, or a module taking the same pixels). When `data`
-    leaves nothing aside, a stratified part is held out for model selection, as the CLI does. The run is the command line's
-    (`hardener.run.patch_run`): `progress=True` shows progress, the plan and the notes on stderr (`False`: nothing;
+    methods (`rho=2`, `phi=0.6`, those of a kind registered from outside), and win over the recipe;
+    `loss="rslad", teacher=...` distils a robust teacher (a patched checkpoint path of the same base, a
+    `PatchedModel` on it, or a module taking the same pixels). When `data` leaves nothing aside, a stratified part is
+    held out for model selection, as the CLI does. The run is the command line's (`hardener.run.patch_run`):
+    `progress=True` shows progress, the plan and the notes on stderr (`False`: nothing;
     a callable of fit's `Progress` gets the progress, the plan and notes go to the logger only); the plan and the
     notes go to the `logging` logger "hardener" too, warnings (too few optimiser steps, ...) are `UserWarning`s.
     The base's weights and statistics are bit-identical afterwards. The returned model carries `.training_record`

@@ -89,14 +89,15 @@ def selected(ds: hdata.Dataset, max_samples: int | None, seed: int) -> hdata.Dat
 
 
 def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0: int = 100, alpha: float = 0.001,
-            sequential: bool = True, max_radius: float | None = None, max_samples: int | None = None,
+            sequential: bool = False, max_radius: float | None = None, max_samples: int | None = None,
             batch_size: int = 1000, seed: int = 0, arch: str | None = None, mean=None, std=None,
             device: str | torch.device = "auto", progress: bool | Any = True) -> Certification:
     """Certified L2 radii of the smoothed `model` (randomized smoothing, Cohen et al. 2019) on `data`: a
     `PatchedModel`, an `nn.Module` taking [0, 1] pixels, or a checkpoint path (`arch`, `mean`, `std` as for
     `hardener.patch`). `sequential=True` (the default) stops drawing noisy copies of a sample once its certificate
     is decided (an anytime-valid confidence sequence: the same guarantee as fixed-n CERTIFY, whose `n` draws per
-    sample `sequential=False` spends); `max_radius` (default 2 `sigma`) is the largest radius it tries to certify.
+    sample `sequential=False`, the default as for `harden certify`, spends); `max_radius` (default 2 `sigma`) is the
+    largest radius it tries to certify.
     Progress goes to stderr (`progress=False`: none)."""
     from .api import _csv, as_patched, as_dataset, finish, pick_device
     from .console import ProgressView
@@ -108,6 +109,12 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
     for what, v, kinds in (("sigma", sigma, "float"), ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
                            ("max_radius", max_radius, "float | None"), ("seed", seed, "int")):
         check_arg(what, v, kinds)
+    from .validate import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+    if max_radius is not None and not (math.isfinite(max_radius) and max_radius > 0):
+        raise InputError(f"max_radius must be a positive number, got {max_radius}")
     if max_radius is not None and not sequential:
         raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
     if not (math.isfinite(sigma) and sigma > 0) or not 0 < alpha < 1:
@@ -170,9 +177,9 @@ def to_markdown(rep: dict) -> str:
              f"Noisy forwards per sample (selection included): mean {d['mean']}, median {d['median']}, "
              f"max {d['max']}." + stops_text(s), "",
              f"Smoothed clean accuracy {100 * s['clean_accuracy_smoothed']:.1f}%, abstention "
-             f"{100 * s['abstention_rate']:.1f}%.", "", "| radius | certified accuracy |", "|---|---|"]
+             f"{100 * s['abstention_rate']:.1f}%.", "", "| radius | certified accuracy | 95% interval (Wilson) |",
+             "|---|---|---|"]
     ci = s.get("certified_accuracy_ci95", {})
-    lines[-2:] = ["| radius | certified accuracy | 95% interval (Wilson) |", "|---|---|---|"]
-    lines += [f"| {r} | {100 * v:.1f}% | " + (f"{100 * ci[r][0]:.1f}–{100 * ci[r][1]:.1f}%" if r in ci else "–") + " |"
-              for r, v in s["certified_accuracy"].items()]
+    span = {r: f"{100 * lo:.1f}–{100 * hi:.1f}%" for r, (lo, hi) in ci.items()}
+    lines += [f"| {r} | {100 * v:.1f}% | {span.get(r, '–')} |" for r, v in s["certified_accuracy"].items()]
     return "\n".join(lines) + "\n"

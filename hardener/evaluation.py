@@ -21,7 +21,6 @@ every later evaluation of a model on the same base, data and attack settings.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +38,7 @@ from .checkpoint import tensor_digest, write_torch
 from .errors import InputError, RunError
 from .resume import EvalStore, fingerprint
 from .results import AttackRow, EvalResult, ModelResult, ThreatResult
-from .stats import wilson  # noqa: F401 - evaluation.wilson, as before
+from .stats import wilson
 
 THREATS = ("whitebox", "adaptive", "surrogate", "transfer", "blackbox")
 WHITEBOX_KNOWLEDGE = ("whitebox", "adaptive")  # attacks that know the patched model: the `robust` figure

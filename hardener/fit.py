@@ -12,7 +12,7 @@ import math
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -76,6 +76,13 @@ class FitConfig:
         if (self.loss == "rslad") != (self.teacher is not None):
             raise InputError("--loss rslad and --teacher go together (RSLAD's targets are the teacher's soft labels)"
                              ": give both or neither")
+        if self.teacher is not None and self.noise_sigma > 0:
+            raise InputError("--loss rslad does not apply with --noise-sigma (the stability objective of denoised "
+                             "smoothing replaces the loss): drop --teacher and --loss rslad, or --noise-sigma")
+        if self.teacher is not None and "teacher_weight" not in {f.name for f in fields(
+                methods.REGISTRY[self.method].config_cls)}:
+            raise InputError(f"--teacher: --method {self.method} does not distil from a teacher (a method whose "
+                             "options have teacher_weight does)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise InputError(f"--precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if self.labelled is not None and (self.labelled < 1 or self.pseudo_per_epoch < 0):
@@ -225,18 +232,13 @@ class _Validation:
 
 def _check_teacher(teacher: torch.nn.Module | None, cfg: FitConfig, method: methods.Method,
                    device: torch.device) -> torch.nn.Module | None:
-    """fit's `teacher` against `cfg.teacher` (its record) and the method (which must take the teacher's options),
-    frozen, in eval mode, on `device`."""
-    from dataclasses import fields
-
+    """fit's `teacher` against `cfg.teacher` (its record; `FitConfig` checks the method takes a teacher), frozen, in
+    eval mode, on `device`."""
     if (teacher is None) != (cfg.teacher is None):
         raise InputError("robust distillation needs both the teacher module (fit's teacher=) and its record "
                          "(FitConfig.teacher), or neither")
     if teacher is None:
         return None
-    if "teacher_weight" not in {f.name for f in fields(method.config_cls)}:
-        raise InputError(f"--teacher: --method {cfg.method} does not distil from a teacher (the patch methods, "
-                         "adv-train and advprop do, with --loss rslad)")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()

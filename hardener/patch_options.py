@@ -97,8 +97,8 @@ class PatchOptions:
     def build(cls, recipe: str | None, overrides: dict[str, Any]) -> tuple["PatchOptions", Any]:
         """Defaults, then the recipe's options, then `overrides` (aliases allowed); unknown names and values out of
         range are errors. `recipe="auto"` is the CLI's rule: the default preset unless an override shapes the
-        recipe (`recipe.RECIPE_OPTIONS`: method, patch, train, at, at_regex, adversary), then the built-in defaults, never
-        a mix. The options patch kinds and methods own are checked by their declarations (errors name the keyword)."""
+        recipe (`recipe.RECIPE_OPTIONS`: method, patch, train, at, at_regex, adversary), then the built-in defaults,
+        never a mix. The options patch kinds and methods own are checked by their declarations (errors name the keyword)."""
         from .recipe import resolve_preset
         from .validate import OPTION_RULES, check_arg
 

@@ -89,7 +89,11 @@ def split_recipe(method: str, patch: str | None, train: str | None, at: str | No
     if method_given:
         raise InputError("--method names patch kinds and a training method in one list, --patch and --train name them "
                          "apart: give one spelling")
-    entries = [p.strip().lower() for p in (patch or "").split(",") if p.strip()]
+    entries = []  # KIND or KIND:SITE; kinds are case-insensitive, site names are the model's own (Mixed_5b)
+    for p in (patch or "").split(","):
+        kind, sep, site = p.strip().partition(":")
+        if kind or site:
+            entries.append(f"{kind.strip().lower()}{sep}{site.strip()}")
     kinds = [p for p in entries if ":" not in p]
     for kind in kinds + [p.split(":", 1)[0] for p in entries if ":" in p]:
         if kind not in KINDS:

@@ -216,13 +216,13 @@ def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ck
     monkeypatch.setattr(CR, "certify_run", lambda *a, **k: seen.append(k) or real(*a, **k))
     rep = tmp_path / "r.json"
     r = runner.invoke(main, ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma",
-                             "0.12", "--n0", "20", "--n", "300", "--alpha", "0.01", "--max-samples", "6", "--sequential",
-                             "--quiet", "--report", str(rep)])
+                             "0.12", "--n0", "20", "--n", "300", "--alpha", "0.01", "--max-samples", "6",
+                             "--sequential", "--quiet", "--report", str(rep)])
     assert r.exit_code == 0, r.output
     assert len(seen) == 1  # the command ran the library's certification
     cli = json.loads(rep.read_text())
     cert = hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sigma=0.12, n0=20, n=300, alpha=0.01,
-                            max_samples=6, batch_size=1000, device="cpu")
+                            max_samples=6, batch_size=1000, device="cpu", sequential=True)
     assert len(seen) == 2 and "certify" in capsys.readouterr().err  # progress on stderr by default
     keys = ("idx", "label", "predict", "radius", "draws", "stop")
     assert [{k: row[k] for k in keys} for row in cert.rows] == [{k: row[k] for k in keys} for row in cli["rows"]]
@@ -237,5 +237,7 @@ def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ck
     assert capsys.readouterr().err == ""
     with pytest.raises(InputError, match="^max_radius needs sequential=True"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=False, max_radius=0.5)
+    with pytest.raises(InputError, match="^max_radius must be a positive number"):
+        hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=True, max_radius=0.0)
     with pytest.raises(InputError, match="^n must be an integer"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, n=0)

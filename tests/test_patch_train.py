@@ -17,6 +17,7 @@ from conftest import ARCH, FAST_PATCH
     ({"patch": "denoise", "train": "patch", "at": "block"}, {"method": "denoise", "at": "block"}),
     ({"train": "advamd"}, {"method": "advamd"}),
     ({"patch": "prefilter:input", "at": "block"}, {"method": "fixer", "at": "block,prefilter:input"}),
+    ({"patch": "Fixer:Mixed_5b"}, {"method": "fixer", "at": "fixer:Mixed_5b"}),  # a kind in any case, the site as is
 ])
 def test_patch_and_train_are_the_method_spelled_apart(split, joined):
     a, preset_a = PatchOptions.build("auto", split)

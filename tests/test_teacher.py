@@ -78,7 +78,9 @@ def test_rslad_loss_is_the_papers_formula():
 
 
 @pytest.mark.parametrize("bad,needle", [(dict(loss="rslad"), "--teacher"), (dict(teacher=RECORD), "--loss rslad"),
-                                        (dict(loss="rslad", teacher=RECORD, teacher_weight=0.0), "(0, 1]")])
+                                        (dict(loss="rslad", teacher=RECORD, teacher_weight=0.0), "(0, 1]"),
+                                        (dict(loss="rslad", teacher=RECORD, noise_sigma=0.25), "--noise-sigma"),
+                                        (dict(loss="rslad", teacher=RECORD, method="advamd"), "does not distil")])
 def test_fit_config_refuses_rslad_without_teacher_and_the_reverse(bad, needle):
     with pytest.raises(InputError, match=needle.replace("(", r"\(").replace("]", r"\]")):
         F.FitConfig(**bad)

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import boundary as B, certify_run as CR, data as hdata, smoothing as C
+from .. import boundary as B, certify_run as CR, data as hdata, smoothing as C, validate as V
 from ..checkpoint import atomic_write, sha256_file
 from ..console import ProgressView, err_console, out
 from ..errors import InputError, UsageError
@@ -33,6 +33,8 @@ def run(call: Call) -> None:
     loaded = load_model(model, model_options(kw))
     ds = load_data(loaded, kw["data"], data_options(kw))
     finish_spec(loaded, ds, device)
+    # a batch of noisy copies of one image (the noise, the noisy input, the model's first activations)
+    V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), loaded.spec.shape, 3)
     model_sha = sha256_file(Path(model))
     ds = CR.selected(ds, kw["max_samples"], kw["seed"])
     store, rows = _store(ds, cfg, device, model_sha, kw)
