@@ -74,15 +74,16 @@ class PatchOptions:
         return cls.ALIASES.get(name) or owners.aliases().get(name, name)
 
     @classmethod
-    def of(cls, values: dict[str, Any], method_given: bool = False) -> "PatchOptions":
+    def of(cls, values: dict[str, Any], method_given: bool = False, library: bool = False) -> "PatchOptions":
         """From option values by name (the command line's), the owned ones parsed and checked into `owned` (an error
         names the flag), `patch` and `train` folded into `method` and `at` (`recipe.split_recipe`; `method_given`:
-        the caller set `method` itself); other names are ignored."""
+        the caller set `method` itself; `library`: errors name `patch=`, `train=`, `method=`); other names are
+        ignored."""
         from .recipe import split_recipe
 
         if values.get("patch") is not None or values.get("train") is not None:
             method, at = split_recipe(values.get("method") or cls.method, values.get("patch"), values.get("train"),
-                                      values.get("at"), method_given)
+                                      values.get("at"), method_given, library)
             values = {**values, "method": method, "at": at, "patch": None, "train": None}
         names, owned = {f.name for f in fields(cls)} - {"owned"}, owners.owned()
         return cls(**{k: v for k, v in values.items() if k in names},
@@ -126,7 +127,7 @@ class PatchOptions:
             if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not rule[0](v):
                 raise InputError(f"{k} {rule[1]}, got {v}")
         check_teacher(values.get("loss_name", "fixer"), values.get("teacher"), library=True)
-        return cls.of(values, method_given="method" in given), preset
+        return cls.of(values, method_given="method" in given, library=True), preset
 
 
 def check_teacher(loss: str, teacher: Any, library: bool = False) -> None:

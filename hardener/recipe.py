@@ -76,18 +76,20 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
 
 
 def split_recipe(method: str, patch: str | None, train: str | None, at: str | None,
-                 method_given: bool) -> tuple[str, str | None]:
+                 method_given: bool, library: bool = False) -> tuple[str, str | None]:
     """`--patch KIND[:SITE],...` (what is patched) and `--train METHOD` (what trains) as `--method` and `--at` say
     them, which the run reads: the bare kinds and the method in `method`, the KIND:SITE entries added to `at`; a run
     spelled either way is the same run. `--method` (kinds and a method in one list) stays as an alias: giving it
-    with --patch or --train is an error. Neither given: `method` and `at` as they are."""
+    with --patch or --train is an error. Neither given: `method` and `at` as they are. Errors name the flags, or with
+    `library` the keywords."""
     from . import methods
     from .patches import DEFAULT_SITE_KIND, KINDS
 
     if patch is None and train is None:
         return method, at
+    m_, p_, t_ = ("method=", "patch=", "train=") if library else ("--method", "--patch", "--train")
     if method_given:
-        raise InputError("--method names patch kinds and a training method in one list, --patch and --train name them "
+        raise InputError(f"{m_} names patch kinds and a training method in one list, {p_} and {t_} name them "
                          "apart: give one spelling")
     entries = []  # KIND or KIND:SITE; kinds are case-insensitive, site names are the model's own (Mixed_5b)
     for p in (patch or "").split(","):
@@ -97,12 +99,12 @@ def split_recipe(method: str, patch: str | None, train: str | None, at: str | No
     kinds = [p for p in entries if ":" not in p]
     for kind in kinds + [p.split(":", 1)[0] for p in entries if ":" in p]:
         if kind not in KINDS:
-            raise InputError(f"--patch '{kind}' is not a patch kind (choose from {', '.join(KINDS)}; a training "
-                             "method goes to --train)")
+            raise InputError(f"{p_} '{kind}' is not a patch kind (choose from {', '.join(KINDS)}; a training "
+                             f"method goes to {t_})")
     train = (train or "").strip().lower() or None
     if train is not None and (train not in methods.REGISTRY):
-        raise InputError(f"--train '{train}' is not a training method (choose from {', '.join(methods.names())}; a "
-                         "patch kind goes to --patch)")
+        raise InputError(f"{t_} '{train}' is not a training method (choose from {', '.join(methods.names())}; a "
+                         f"patch kind goes to {p_})")
     parts = [*kinds, *([train] if train and train != methods.DEFAULT_METHOD else [])]
     sited = [p for p in entries if ":" in p]
     return ",".join(parts or [DEFAULT_SITE_KIND]), ",".join([*([at] if at else []), *sited]) or None
