@@ -280,7 +280,6 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
         has_patches = bool(patched.sites)
     ds = as_dataset(data)
     finish(patched, ds, dev)
-    A.check_eps(cfg.eps, norm, math.prod(patched.model.spec.shape))
     notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
     run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, EV.library_hooks(progress),
                                  max_samples=max_samples, allow_low_accuracy=allow_low_accuracy, surrogate=surrogate,

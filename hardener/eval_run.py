@@ -8,6 +8,7 @@ its gates, its renderings and MLflow."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -89,6 +90,9 @@ def prepare(run: EvalRun) -> None:
     """Before the attacks: the clean-accuracy check (near chance: an error, or a warning and a note with
     `allow_low_accuracy`), the data said, the samples chosen."""
     h = run.hooks
+    pixels = math.prod(run.patched.model.spec.shape)  # L2 budgets against the image size, once it is known
+    for e in [run.cfg.eps, *(run.cfg.eps_sweep or [])]:
+        A.check_eps(e, run.cfg.norm, pixels, what="eps" if h.library else "--eps", zero=e is not run.cfg.eps)
     low = check_accuracy(Disabled(run.patched), run.ds, run.patched.model.spec.num_classes, run.device,
                          run.allow_low_accuracy, library=h.library)
     if low:

@@ -2,7 +2,6 @@
 sanity checks, gates (`--fail-under`), reports; resumable, and shardable over processes (torchrun)."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -120,8 +119,6 @@ def _load(model: str, data: str, kw: dict, device: torch.device):
         loaded.patched.set_route(kw["route"])
     ds = load_data(loaded, data, data_options(kw))
     finish_spec(loaded, ds, device)
-    for e in [kw["eps"], *(kw["eps_sweep"].split(",") if kw["eps_sweep"] else [])]:  # L2: against the image size
-        A.check_eps(A.parse_eps(e), kw["norm"], math.prod(ds.shape), what="--eps", zero=e != kw["eps"])
     for w in loaded.warnings:
         _warn(w)
     surrogate = _load_surrogate(kw["surrogate"], kw, ds, device)
