@@ -125,3 +125,30 @@ def assert_error(result, code: int, *needles: str) -> None:
     assert len(errors) == 1, text
     for n in needles:
         assert n.lower() in errors[0].lower(), errors[0]
+
+
+@pytest.fixture()
+def registries():
+    """Patch kinds and training methods a test registers end with it."""
+    from hardener import methods as M, patches as P
+
+    kinds, trainers = dict(P.KINDS), dict(M.REGISTRY)
+    yield
+    P.KINDS.clear()
+    P.KINDS.update(kinds)
+    M.REGISTRY.clear()
+    M.REGISTRY.update(trainers)
+
+
+def tiny_with_a_fixer():
+    """The tiny trained model with a fixer at `block` whose last layer is not zero: a patch that changes the model."""
+    import torch
+
+    from hardener.model import Classifier, InputSpec
+    from hardener.patches import Fixer, FixerConfig, PatchedModel
+
+    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
+    fx = Fixer(8, FixerConfig())
+    torch.nn.init.normal_(fx.conv2.weight, std=0.3)
+    p.attach("block", fx)
+    return p

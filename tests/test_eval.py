@@ -84,13 +84,9 @@ def test_zero_gradient_model_fires_masking_warnings(runner, tmp_path, rounding_d
 
 
 def test_worst_case_equals_per_sample_minimum_by_hand(tiny_ckpt):
-    from conftest import make_data, trained_tiny
+    from conftest import make_data, tiny_with_a_fixer
 
-    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
-    from hardener.patches import Fixer, FixerConfig
-    fx = Fixer(8, FixerConfig())
-    torch.nn.init.normal_(fx.conv2.weight, std=0.3)  # a patch that changes the model
-    p.attach("block", fx)
+    p = tiny_with_a_fixer()
     imgs, labels = make_data(n=60, seed=11)
     ds = hdata.Dataset(imgs, labels, source="toy")
     cfg = E.EvalConfig(attacks=["fgsm"], eps=0.15, threats=("whitebox", "transfer"), checks=False, batch_size=7)

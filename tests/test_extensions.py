@@ -71,17 +71,6 @@ def test_registered_attacks_run_by_kind_through_api_and_cli(monkeypatch, runner,
 # ---------------------------------------------------------------- a patch kind and a training method
 
 
-@pytest.fixture()
-def registries():
-    """Registrations made by a test end with it."""
-    kinds, trainers = dict(P.KINDS), dict(M.REGISTRY)
-    yield
-    P.KINDS.clear()
-    P.KINDS.update(kinds)
-    M.REGISTRY.clear()
-    M.REGISTRY.update(trainers)
-
-
 @dataclass
 class GainConfig:
     limit: float = 2.0  # |gain| stays below this

@@ -101,17 +101,6 @@ def test_a_range_is_checked_from_its_declaration_naming_the_parameter_or_the_fla
 # ---------------------------------------------------------------- a kind and a method from outside, with options
 
 
-@pytest.fixture()
-def registries():
-    """Registrations made by a test end with it."""
-    kinds, trainers = dict(P.KINDS), dict(M.REGISTRY)
-    yield
-    P.KINDS.clear()
-    P.KINDS.update(kinds)
-    M.REGISTRY.clear()
-    M.REGISTRY.update(trainers)
-
-
 @dataclass
 class GateConfig:
     gate_init: float = optspec.option(0.0, lo=-1, hi=1, help="Initial gate of gate patches.")

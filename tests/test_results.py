@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from hardener import data as hdata, evaluation as E, report as R
-from hardener.model import Classifier, InputSpec
-from hardener.patches import Fixer, FixerConfig, PatchedModel
 from hardener.results import AttackRow, EvalResult, ModelResult, equal as same
 
 
@@ -25,12 +23,9 @@ def private_free(obj):
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    from conftest import make_data, trained_tiny
+    from conftest import make_data, tiny_with_a_fixer
 
-    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
-    fx = Fixer(8, FixerConfig())
-    torch.nn.init.normal_(fx.conv2.weight, std=0.3)  # a patch that changes the model
-    p.attach("block", fx)
+    p = tiny_with_a_fixer()
     imgs, labels = make_data(n=40, seed=11)
     cfg = E.EvalConfig(attacks=["fgsm", "pgd", "square"], eps=0.15, steps=3, queries=20, checks=False, batch_size=16,
                        threats=("whitebox", "transfer", "blackbox"))
