@@ -39,7 +39,7 @@ class DenoiseConfig(Options):
 
 @dataclass
 class PrefilterConfig(Options):
-    width: int = option(32, lo=1, hi=2 ** 31 - 1, help="Channels inside a prefilter patch.")
+    width: int = option(32, lo=1, hi=4096, help="Channels inside a prefilter patch (a checkpoint holds at most 4096).")
     delta: float = DELTA.field()
     stride: int = option(1, lo=1, hi=8, name="prefilter_stride",
                          help="Stride of a prefilter patch's first conv: its middle conv runs at 1/S of the input's "

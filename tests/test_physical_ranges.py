@@ -141,8 +141,16 @@ def test_seed_limit_is_what_torch_takes():
     torch.manual_seed(2 ** 63 - 1)  # the largest seed harden accepts works
 
 
+@pytest.mark.parametrize("value", ["5000", "1000000", str(2 ** 31 - 1)])
+def test_a_width_no_checkpoint_holds_is_refused(runner, tmp_path, tiny_ckpt, tiny_data, value):
+    """A pre-filter wider than a checkpoint's manifest may record (4096) would train a file that cannot be loaded."""
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--out",
+                             str(tmp_path / "o.safetensors"), "--quiet", "--width", value])
+    assert_input_error(r, "--width", "4096")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 @pytest.mark.parametrize("cmd,flag,value", [
-    ("patch", "--width", "1000000"), ("patch", "--width", str(2 ** 31 - 1)),
     ("layers", "--input-shape", "1x1000000x1000000"), ("patch", "--input-shape", "3,100000,1000000"),
     ("certify", "--batch-size", str(2 ** 31 - 1)),
 ])
