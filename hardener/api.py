@@ -86,6 +86,18 @@ def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device
     return finish_spec(Loaded(patched, None, None), ds, device)
 
 
+def model_to_run(model: Any, arch: str | None, mean, std) -> tuple[PatchedModel, bool]:
+    """The model `hardener.evaluate` and `hardener.certify` run, and whether it carries patches: a checkpoint path
+    (plain or patched) loaded, or a module (`as_patched`)."""
+    if isinstance(model, (str, Path)):
+        from .session import ModelOptions, load_model
+
+        loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std)))
+        return loaded.patched, loaded.has_patches
+    patched = as_patched(model, arch, mean, std)
+    return patched, bool(patched.sites)
+
+
 def pick_device(name: str | torch.device) -> torch.device:
     from .session import pick_device as _pick
 
@@ -270,14 +282,7 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     cfg = EV.config(attacks, eps, norm=norm, steps=steps, threats=threats, batch_size=batch_size, seed=seed,
                     checks=checks, precision=precision)
     dev = pick_device(device)
-    if isinstance(model, (str, Path)):
-        from .session import ModelOptions, load_model
-
-        loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std)))
-        patched, has_patches = loaded.patched, loaded.has_patches
-    else:
-        patched = as_patched(model, arch, mean, std)
-        has_patches = bool(patched.sites)
+    patched, has_patches = model_to_run(model, arch, mean, std)
     ds = as_dataset(data)
     finish(patched, ds, dev)
     notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]

@@ -99,9 +99,9 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
     sample `sequential=False`, the default as for `harden certify`, spends); `max_radius` (default 2 `sigma`) is the
     largest radius it tries to certify.
     Progress goes to stderr (`progress=False`: none)."""
-    from .api import _csv, as_patched, as_dataset, finish, pick_device
-    from .console import ProgressView
-    from .validate import check_arg
+    from .api import as_dataset, finish, model_to_run, pick_device
+    from .run import library_hooks
+    from .validate import MAX_SEED, check_arg
 
     for what, v, lo in (("n", n, 1), ("n0", n0, 1), ("batch_size", batch_size, 1), ("max_samples", max_samples, 1)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
@@ -109,8 +109,6 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
     for what, v, kinds in (("sigma", sigma, "float"), ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
                            ("max_radius", max_radius, "float | None"), ("seed", seed, "int")):
         check_arg(what, v, kinds)
-    from .validate import MAX_SEED
-
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
     if max_radius is not None and not (math.isfinite(max_radius) and max_radius > 0):
@@ -119,22 +117,21 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
         raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
     if not (math.isfinite(sigma) and sigma > 0) or not 0 < alpha < 1:
         raise InputError(f"sigma must be a positive number and alpha in (0, 1), got sigma={sigma}, alpha={alpha}")
+    patched, _ = model_to_run(model, arch, mean, std)
     if isinstance(model, (str, Path)):
         from .checkpoint import sha256_file
-        from .session import ModelOptions, load_model
 
-        patched = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std))).patched
         name, sha = str(model), sha256_file(Path(model))
     else:
-        patched, name, sha = as_patched(model, arch, mean, std), type(model).__name__, None
+        name, sha = type(model).__name__, None
     cfg = C.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size, seed=seed,
                             sequential=sequential, max_radius=None if max_radius is None else float(max_radius))
     dev = pick_device(device)
     ds = as_dataset(data)
     finish(patched, ds, dev)
     spec = patched.model.spec
-    view = ProgressView(quiet=False) if progress is True else (None if progress in (False, None) else progress)
-    with view if isinstance(view, ProgressView) else contextlib.nullcontext():
+    view = library_hooks(progress).progress  # as hardener.patch and hardener.evaluate show theirs
+    with view if hasattr(view, "__enter__") else contextlib.nullcontext():
         return certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, shape=tuple(spec.shape),
                            model_name=name, model_sha=sha, max_samples=max_samples, progress=view,
                            flag="batch_size")
