@@ -62,14 +62,12 @@ class Certification:
 
 
 def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device, *,
-                n_classes: int, shape: tuple[int, ...], model_name: str, model_sha: str | None,
-                max_samples: int | None = None, progress: Any = None, done: list[dict] | None = None,
-                keep: Callable[[dict], None] | None = None, deterministic: bool = False,
-                flag: str = "--batch-size") -> Certification:
+                n_classes: int, model_name: str, model_sha: str | None, max_samples: int | None = None,
+                progress: Any = None, done: list[dict] | None = None, keep: Callable[[dict], None] | None = None,
+                deterministic: bool = False) -> Certification:
     """Certify `max_samples` seeded stratified samples of `ds` (all without it) with `cfg`; `done` rows (a resumed
-    run) are kept, `keep(row)` sees each new one. Returns the report."""
-    # a batch of noisy copies of one image (the noise, the noisy input, the model's first activations)
-    V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), shape, 3, flag)
+    run) are kept, `keep(row)` sees each new one. Returns the report. Callers check the memory first
+    (`check_memory`), before any other work."""
     ds = selected(ds, max_samples, cfg.seed)
     res = C.certify(patched, hdata.to_float(ds.images), ds.labels, cfg, n_classes, device, progress,
                     done=list(done or []), on_row=keep)
@@ -79,6 +77,11 @@ def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingCon
                            f"{1 - cfg.alpha:g} over the noise", "summary": res.summary(), "rows": res.rows,
            "environment": R.environment(str(device), cfg.seed, deterministic)}
     return Certification(rep, res)
+
+
+def check_memory(cfg: C.SmoothingConfig, shape, flag: str = "--batch-size") -> None:
+    """A batch of noisy copies of one image (the noise, the noisy input, the model's first activations) must fit."""
+    V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), shape, 3, flag)
 
 
 def selected(ds: hdata.Dataset, max_samples: int | None, seed: int) -> hdata.Dataset:
@@ -130,11 +133,11 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
     ds = as_dataset(data)
     finish(patched, ds, dev)
     spec = patched.model.spec
+    check_memory(cfg, spec.shape, "batch_size")
     view = library_hooks(progress).progress  # as hardener.patch and hardener.evaluate show theirs
     with view if hasattr(view, "__enter__") else contextlib.nullcontext():
-        return certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, shape=tuple(spec.shape),
-                           model_name=name, model_sha=sha, max_samples=max_samples, progress=view,
-                           flag="batch_size")
+        return certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
+                           max_samples=max_samples, progress=view)
 
 
 def summary_line(s: dict) -> str:

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import boundary as B, certify_run as CR, data as hdata, smoothing as C, validate as V
+from .. import boundary as B, certify_run as CR, data as hdata, smoothing as C
 from ..checkpoint import atomic_write, sha256_file
 from ..console import ProgressView, err_console, out
 from ..errors import InputError, UsageError
@@ -33,8 +33,7 @@ def run(call: Call) -> None:
     loaded = load_model(model, model_options(kw))
     ds = load_data(loaded, kw["data"], data_options(kw))
     finish_spec(loaded, ds, device)
-    # a batch of noisy copies of one image (the noise, the noisy input, the model's first activations)
-    V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), loaded.spec.shape, 3)
+    CR.check_memory(cfg, loaded.spec.shape)
     model_sha = sha256_file(Path(model))
     ds = CR.selected(ds, kw["max_samples"], kw["seed"])
     store, rows = _store(ds, cfg, device, model_sha, kw)
@@ -47,7 +46,7 @@ def run(call: Call) -> None:
     with outputs_or_none(lambda: _stopped(store, rows)) as written:
         with ProgressView(kw["quiet"]) as progress:
             cert = CR.certify_run(loaded.patched, ds, cfg, device, n_classes=loaded.spec.num_classes,
-                               shape=tuple(loaded.spec.shape), model_name=model, model_sha=model_sha,
+                               model_name=model, model_sha=model_sha,
                                progress=progress, done=list(rows), keep=keep,
                                deterministic=kw["deterministic"])
         err_console.print(CR.summary_line(cert.summary), highlight=False, markup=False)
