@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hardener  # noqa: E402
-from hardener.apgd import apgd  # noqa: E402
+from hardener.attacks.apgd import apgd  # noqa: E402
 
 
 def chain(model, x, y, steps: int, stop_early: bool) -> dict:

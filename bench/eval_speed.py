@@ -23,9 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 import torchattacks  # noqa: E402
 
-from hardener import attacks as A, data as hdata, evaluation as E  # noqa: E402
-from hardener.checkpoint import load_base  # noqa: E402
-from hardener.model import Classifier, InputSpec  # noqa: E402
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.evaluation import threats as E  # noqa: E402
+from hardener.io.checkpoint import load_base  # noqa: E402
+from hardener.model.classifier import Classifier, InputSpec  # noqa: E402
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ class Pwn:
 
 
 def digest(sd):
-    from hardener.checkpoint import tensor_digest
+    from hardener.io.checkpoint import tensor_digest
     return tensor_digest(sd)
 
 
@@ -611,8 +611,10 @@ def _states(w: "World") -> dict[str, Path]:
     interrupted evaluation and certification, and a --base-cache folder. {name: folder}."""
     from click.testing import CliRunner
 
-    from hardener import evaluation as E, resume, smoothing as C
-    from hardener.cli import main as cli
+    from hardener.certification import smoothing as C
+    from hardener.cli.app import main as cli
+    from hardener.evaluation import threats as E
+    from hardener.io import resume
 
     torch.set_num_threads(1)
     made = {}

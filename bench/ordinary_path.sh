@@ -25,7 +25,7 @@ if [ "$what" = demo ] || [ "$what" = all ]; then
   "$CLONE"/.venv/bin/python - "$CLONE" > "$RES/demo-clean-10k.json" <<'PY' || echo '{}' > "$RES/demo-clean-10k.json"
 import json, sys, torch, hardener
 from hardener.data import load_fashion_mnist, to_float
-from hardener.evaluation import predict
+from hardener.evaluation.threats import predict
 from hardener.patches.attach import Disabled
 root = sys.argv[1]
 m = hardener.load(f"{root}/examples/out/fmnist.hardened.safetensors", arch=f"{root}/examples/fmnist_model.py:resnet9_small").eval()

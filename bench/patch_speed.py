@@ -28,11 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hardener import attacks as A, data as hdata, fit as F  # noqa: E402
-from hardener.cache import FrozenPrefix  # noqa: E402
-from hardener.checkpoint import load_base  # noqa: E402
-from hardener.model import Classifier, InputSpec  # noqa: E402
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.io.checkpoint import load_base  # noqa: E402
+from hardener.model.classifier import Classifier, InputSpec  # noqa: E402
 from hardener.patches import Fixer, FixerConfig, PatchedModel  # noqa: E402
+from hardener.training import fit as F  # noqa: E402
+from hardener.training.cache import FrozenPrefix  # noqa: E402
 
 
 def build(sites: list[str], shapes: dict) -> PatchedModel:

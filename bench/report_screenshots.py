@@ -1,6 +1,6 @@
 """Screenshots of the HTML reports (bench/results/eval-report.png, patch-report.png, eval-sweep-report.png): the demo's
 reports (bench/results/ordinary/demo-*-report.json, the figures in README) and an eval with an eps sweep
-(ordinary/sweep-eval-report.json), re-rendered by the current `hardener.report`, then
+(ordinary/sweep-eval-report.json), re-rendered by the current `hardener.reports.report`, then
 drawn by headless Chromium (Debian: `apt-get install chromium`), cropped to the page and reduced to 64 colours.
 
     python bench/report_screenshots.py [CHROMIUM]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops
 
-from hardener import report
+from hardener.reports import report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--hide-scrollbars",
@@ -25,7 +25,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def refresh(rep: dict) -> dict:
     """What harden derives from a report's results, as it derives it now (the demo's reports are older): the schema
     id, reduced budgets, the threat models that ran and did not, the summary, the quick note."""
-    from hardener.commands.patch import QUICK_NOTE
+    from hardener.cli.commands.patch import QUICK_NOTE
 
     rep["schema"] = report.SCHEMAS[rep["command"]]
     rep["reduced_budgets"] = report.reduced_budgets(rep)

@@ -22,9 +22,15 @@ import torch
 
 from hardener import attacks as A
 from hardener import data as hdata
-from hardener import evaluation as E
-from hardener.resume import EvalStore, fingerprint
-from hardener.session import DataOptions, ModelOptions, finish_spec, load_data, load_model
+from hardener.evaluation import threats as E
+from hardener.io.resume import EvalStore, fingerprint
+from hardener.io.session import (
+    DataOptions,
+    ModelOptions,
+    finish_spec,
+    load_data,
+    load_model,
+)
 
 ARCH = "examples/fmnist_model.py:resnet9_small"
 

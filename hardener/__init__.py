@@ -25,9 +25,9 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=Non
     import os
     from pathlib import Path
 
-    from .checkpoint import load_onto, load_patched, read_manifest
     from .errors import InputError
-    from .validate import check_arg
+    from .io.checkpoint import load_onto, load_patched, read_manifest
+    from .options.validate import check_arg
 
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint's file path (str or Path), got {type(path).__name__}")
@@ -63,12 +63,12 @@ def __getattr__(name):
     (keeps `import hardener` and the CLI's start fast: no torch until one is used)."""
     import importlib
 
-    if name in ("patch", "evaluate", "as_dataset", "as_patched", "PatchOptions", "Report"):
+    if name in ("patch", "evaluate", "certify", "as_dataset", "as_patched", "PatchOptions", "Report"):
         return getattr(importlib.import_module(".api", __name__), name)
     if name == "measure_cost":
-        return importlib.import_module(".cost", __name__).measure
-    if name in ("certify", "Certification"):
-        return getattr(importlib.import_module(".certify_run", __name__), name)
+        return importlib.import_module(".patches.cost", __name__).measure
+    if name == "Certification":
+        return importlib.import_module(".certification.run", __name__).Certification
     if name == "PatchedModel":
         return importlib.import_module(".patches", __name__).PatchedModel
     if name in ("attacks", "errors", "data", "methods", "patches", "stats"):

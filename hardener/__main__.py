@@ -6,11 +6,11 @@ import sys
 if sys.path and (sys.path[0] in ("", ".") or os.path.realpath(sys.path[0]) == os.path.realpath(os.getcwd())):
     del sys.path[0]
 
-from hardener.signals import held  # noqa: E402
+from hardener.cli.signals import held  # noqa: E402
 
 try:
     with held():  # Ctrl-C or SIGTERM while Python loads the command line: one line, exit 130
-        from hardener.cli import run
+        from hardener.cli.app import run
 except KeyboardInterrupt:
     sys.stderr.write("Error: interrupted\n")
     sys.exit(130)

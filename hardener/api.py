@@ -15,6 +15,7 @@ a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:tra
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -25,12 +26,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import archspec, attacks as A, data as hdata, evaluation as E, fit as F, report as R
+from . import attacks as A
+from . import data as hdata
+from .certification import run as CR
+from .certification import smoothing
+from .certification.run import Certification
 from .data import as_dataset
 from .errors import InputError
-from .model import Classifier, InputSpec, parse_floats
-from .patch_options import PatchOptions
+from .evaluation import threats as E
+from .model import archspec
+from .model.classifier import Classifier, InputSpec, parse_floats
+from .options.patch_options import PatchOptions
+from .options.validate import MAX_SEED, check_arg
 from .patches import PatchedModel
+from .reports import report as R
+from .runtime.console import library_voice
+from .training import fit as F
 
 
 def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits: str | None = None,
@@ -41,7 +52,7 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
     if isinstance(model, PatchedModel):
         return model
     if isinstance(model, (str, Path)):
-        from .session import ModelOptions, load_model
+        from .io.session import ModelOptions, load_model
 
         loaded = load_model(str(model), ModelOptions(arch=arch, trust_pickle=trust_pickle, logits=logits,
                                                      arch_kwargs=arch_kwargs, mean=_csv(mean), std=_csv(std),
@@ -51,7 +62,7 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
         loaded.patched.base_sha256 = loaded.base.sha256
         return loaded.patched
     if isinstance(model, nn.Module):
-        from .model import hf_normalisation
+        from .model.classifier import hf_normalisation
 
         m, sd = hf_normalisation(preprocessor, _csv(mean), _csv(std))
         spec = InputSpec(mean=parse_floats(m, "mean"), std=parse_floats(sd, "std"), logits=logits)
@@ -81,7 +92,7 @@ def _csv(v) -> str | None:
 
 def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device) -> list:
     """Dry-run the model on the data: record its input shape and class count; the layer table."""
-    from .session import Loaded, finish_spec
+    from .io.session import Loaded, finish_spec
 
     return finish_spec(Loaded(patched, None, None), ds, device)
 
@@ -90,7 +101,7 @@ def model_to_run(model: Any, arch: str | None, mean, std) -> tuple[PatchedModel,
     """The model `hardener.evaluate` and `hardener.certify` run, and whether it carries patches: a checkpoint path
     (plain or patched) loaded, or a module (`as_patched`)."""
     if isinstance(model, (str, Path)):
-        from .session import ModelOptions, load_model
+        from .io.session import ModelOptions, load_model
 
         loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std)))
         return loaded.patched, loaded.has_patches
@@ -99,7 +110,7 @@ def model_to_run(model: Any, arch: str | None, mean, std) -> tuple[PatchedModel,
 
 
 def pick_device(name: str | torch.device) -> torch.device:
-    from .session import pick_device as _pick
+    from .io.session import pick_device as _pick
 
     return name if isinstance(name, torch.device) else _pick(str(name))
 
@@ -116,7 +127,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     methods (`rho=2`, `phi=0.6`, those of a kind registered from outside), and win over the recipe;
     `loss="rslad", teacher=...` distils a robust teacher (a patched checkpoint path of the same base, a
     `PatchedModel` on it, or a module taking the same pixels). When `data` leaves nothing aside, a stratified part is
-    held out for model selection, as the CLI does. The run is the command line's (`hardener.run.patch_run`):
+    held out for model selection, as the CLI does. The run is the command line's (`hardener.training.run.patch_run`):
     `progress=True` shows progress, the plan and the notes on stderr (`False`: nothing;
     a callable of fit's `Progress` gets the progress, the plan and notes go to the logger only); the plan and the
     notes go to the `logging` logger "hardener" too, warnings (too few optimiser steps, ...) are `UserWarning`s.
@@ -124,7 +135,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     (the record the checkpoint stores), `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`:
     multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
     counted part)."""
-    from . import run as RUN
+    from .training import run as RUN
 
     opts, preset = PatchOptions.build(recipe, overrides)
     dev = pick_device(device)
@@ -256,13 +267,12 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     each threat model's robust accuracy (white-box on the model itself; BPDA through the patches that may mask
     gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
     black-box Square), the per-sample worst case and which attack broke each sample, the base side by side when
-    the model carries patches, and the sanity checks. The run is the command line's (`hardener.eval_run`):
+    the model carries patches, and the sanity checks. The run is the command line's (`hardener.evaluation.run`):
     `progress=True` shows progress and the notes on stderr (`False`: nothing; a callable of evaluation's `Progress`
     gets the progress), the notes go to the `logging` logger "hardener" too; a near-chance clean accuracy let through
     by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
     not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
-    from . import eval_run as EV
-    from .validate import MAX_SEED, check_arg
+    from .evaluation import run as EV
 
     for what, v, lo in (("batch_size", None if batch_size == "auto" else batch_size, 1), ("steps", steps, 1),
                         ("max_samples", max_samples, 1)):
@@ -290,6 +300,52 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
                                  max_samples=max_samples, allow_low_accuracy=allow_low_accuracy, surrogate=surrogate,
                                  notes=notes))
     return Report(run.report)
+
+
+def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0: int = 100, alpha: float = 0.001,
+            sequential: bool = False, max_radius: float | None = None, max_samples: int | None = None,
+            batch_size: int = 1000, seed: int = 0, arch: str | None = None, mean=None, std=None,
+            device: str | torch.device = "auto", progress: bool | Any = True) -> Certification:
+    """Certified L2 radii of the smoothed `model` (randomized smoothing, Cohen et al. 2019) on `data`: a
+    `PatchedModel`, an `nn.Module` taking [0, 1] pixels, or a checkpoint path (`arch`, `mean`, `std` as for
+    `hardener.patch`). `sequential=True` stops drawing noisy copies of a sample once its certificate is decided (an
+    anytime-valid confidence sequence: the same guarantee as fixed-n CERTIFY, whose `n` draws per sample
+    `sequential=False`, the default as for `harden certify`, spends); `max_radius` (default 2 `sigma`) is the
+    largest radius it tries to certify.
+    Progress goes to stderr (`progress=False`: none)."""
+
+    for what, v, lo in (("n", n, 1), ("n0", n0, 1), ("batch_size", batch_size, 1), ("max_samples", max_samples, 1)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+            raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
+    for what, v, kinds in (("sigma", sigma, "float"), ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
+                           ("max_radius", max_radius, "float | None"), ("seed", seed, "int")):
+        check_arg(what, v, kinds)
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+    if max_radius is not None and not (math.isfinite(max_radius) and max_radius > 0):
+        raise InputError(f"max_radius must be a positive number, got {max_radius}")
+    if max_radius is not None and not sequential:
+        raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
+    if not (math.isfinite(sigma) and sigma > 0) or not 0 < alpha < 1:
+        raise InputError(f"sigma must be a positive number and alpha in (0, 1), got sigma={sigma}, alpha={alpha}")
+    patched, _ = model_to_run(model, arch, mean, std)
+    if isinstance(model, (str, Path)):
+        from .io.checkpoint import sha256_file
+
+        name, sha = str(model), sha256_file(Path(model))
+    else:
+        name, sha = type(model).__name__, None
+    cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size, seed=seed,
+                            sequential=sequential, max_radius=None if max_radius is None else float(max_radius))
+    dev = pick_device(device)
+    ds = as_dataset(data)
+    finish(patched, ds, dev)
+    spec = patched.model.spec
+    CR.check_memory(cfg, spec.shape, "batch_size")
+    view = library_voice(progress)[2]  # as hardener.patch and hardener.evaluate show theirs
+    with view if hasattr(view, "__enter__") else contextlib.nullcontext():
+        return CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
+                           max_samples=max_samples, progress=view)
 
 
 def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:

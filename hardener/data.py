@@ -588,7 +588,8 @@ def as_dataset(data: Any, labels_required: bool = True) -> Dataset:
         return _from_tensors(data[0], data[1], "tensors")
     if torch.is_tensor(data) and not labels_required:  # images alone (unlabelled)
         return _from_tensors(data, torch.full((len(data),), UNLABELLED), "tensors", unlabelled=True)
-    from torch.utils.data import DataLoader, Dataset as TorchDataset
+    from torch.utils.data import DataLoader
+    from torch.utils.data import Dataset as TorchDataset
 
     if isinstance(data, DataLoader):
         xs, ys = [], []

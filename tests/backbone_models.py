@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from family_models import _randomise_bns, _randomise_layernorms
-
+from torch import nn
 
 # ---------------------------------------------------------------- torchvision GoogLeNet
 

@@ -52,7 +52,7 @@ def trained_tiny(seed: int = 0, steps: int = 60, **kw) -> torch.nn.Module:
 
 def fresh_fixed(base: torch.nn.Module):
     """A copy of the tiny `base` with a seeded fixer after `block`: the same starting point for every training run."""
-    from hardener.model import Classifier, InputSpec
+    from hardener.model.classifier import Classifier, InputSpec
     from hardener.patches import Fixer, FixerConfig, PatchedModel
 
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ FAST_PATCH = ["--epochs", "2", "--steps", "2", "--eps", "0.1", "--eval-samples",
 
 @pytest.fixture(scope="session")
 def patched_ckpt(tmp_path_factory, tiny_ckpt, tiny_data) -> Path:
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     out = tmp_path_factory.mktemp("patched") / "tiny.hardened.safetensors"
     r = CliRunner().invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data),
@@ -130,7 +130,8 @@ def assert_error(result, code: int, *needles: str) -> None:
 @pytest.fixture()
 def registries():
     """Patch kinds and training methods a test registers end with it."""
-    from hardener import methods as M, patches as P
+    from hardener import methods as M
+    from hardener import patches as P
 
     kinds, trainers = dict(P.KINDS), dict(M.REGISTRY)
     yield
@@ -144,7 +145,7 @@ def tiny_with_a_fixer():
     """The tiny trained model with a fixer at `block` whose last layer is not zero: a patch that changes the model."""
     import torch
 
-    from hardener.model import Classifier, InputSpec
+    from hardener.model.classifier import Classifier, InputSpec
     from hardener.patches import Fixer, FixerConfig, PatchedModel
 
     p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))

@@ -27,6 +27,6 @@ def build(model, spec):
 A.REGISTRY[name] = A.AttackInfo(name, build, real.kind, real.steps, real.min_classes, real.train_radius)
 sys.argv = ["harden", *sys.argv[3:]]
 
-from hardener.cli import run  # noqa: E402
+from hardener.cli.app import run  # noqa: E402
 
 run()

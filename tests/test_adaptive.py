@@ -6,15 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from hardener import attacks as A, data as hdata
-from hardener.adaptive import AdaptiveConfig, AdaptivePredictor
-from hardener.checkpoint import sha256_file
-from hardener.cli import main
-from hardener.model import Classifier, InputSpec
-from hardener.patches import Fixer, FixerConfig, PatchedModel
-
 from conftest import ARCH, assert_input_error, make_data, trained_tiny
+
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
+from hardener.evaluation.adaptive import AdaptiveConfig, AdaptivePredictor
+from hardener.io.checkpoint import sha256_file
+from hardener.model.classifier import Classifier, InputSpec
+from hardener.patches import Fixer, FixerConfig, PatchedModel
 
 
 def _patched() -> PatchedModel:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_data, trained_tiny
 
 from hardener import attacks as A
-from hardener import evaluation as E
-from hardener.apgd import apgd
-
-from conftest import make_data, trained_tiny
+from hardener.attacks.apgd import apgd
+from hardener.evaluation import threats as E
 
 
 class Counting(torch.nn.Module):
@@ -115,7 +114,7 @@ def _patched(base):
     """A pre-filter (non-trivial) and a fixer on a copy of `base` (patching hooks into the modules it is given)."""
     import copy
 
-    from hardener.model import Classifier, InputSpec
+    from hardener.model.classifier import Classifier, InputSpec
     from hardener.patches import Fixer, FixerConfig, PatchedModel, Prefilter
 
     torch.manual_seed(0)

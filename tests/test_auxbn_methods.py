@@ -5,18 +5,28 @@ import json
 
 import pytest
 import torch
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from safetensors import safe_open
 
 import hardener
-from hardener import attacks as A, data as hdata, fit as F, losses
-from hardener.cli import main
-from hardener.model import Classifier, InputSpec
-from hardener.patches.attach import Disabled
-from hardener.patches import AuxBN, Fixer, FixerConfig, PatchedModel, Prefilter, bn_names, select_bn_sites
-from hardener.checkpoint import MANIFEST_KEY
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
 from hardener.errors import InputError
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+from hardener.io.checkpoint import MANIFEST_KEY
+from hardener.methods import losses
+from hardener.model.classifier import Classifier, InputSpec
+from hardener.patches import (
+    AuxBN,
+    Fixer,
+    FixerConfig,
+    PatchedModel,
+    Prefilter,
+    bn_names,
+    select_bn_sites,
+)
+from hardener.patches.attach import Disabled
+from hardener.training import fit as F
 
 
 def _model() -> PatchedModel:
@@ -255,7 +265,7 @@ def test_full_methods_write_modified_base_with_parent(method, runner, tiny_ckpt,
     assert r.exit_code == 0, r.output
     with safe_open(str(out), "pt") as f:
         manifest = json.loads(f.metadata()[MANIFEST_KEY])
-    from hardener.checkpoint import sha256_file
+    from hardener.io.checkpoint import sha256_file
     assert manifest["base_modified"] is True and manifest["parent_sha256"] == sha256_file(tiny_ckpt)
     assert manifest["route"] == ("main" if method != "adv-train" else "adv")
     report = json.loads(rep.read_text())
@@ -312,7 +322,7 @@ def test_at_auto_adds_the_suggested_sites(runner, tiny_ckpt, tiny_data, tmp_path
     r = _cli_patch(runner, tiny_ckpt, tiny_data, out, "--at", "prefilter:input,auto", "--width", "4")
     assert r.exit_code == 0, r.output
     m = hardener.load(out, arch=ARCH).manifest
-    from hardener.layers import probe, suggest_sites
+    from hardener.patches.layers import probe, suggest_sites
     net = trained_tiny()
     suggested = suggest_sites(net, probe(Classifier(net, InputSpec(shape=[1, 8, 8])), torch.rand(2, 1, 8, 8)))
     assert [(p["kind"], p["site"]) for p in m.patches] == [("prefilter", "input")] + [("fixer", s) for s in suggested]

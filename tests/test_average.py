@@ -5,12 +5,20 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    ARCH,
+    FAST_PATCH,
+    assert_input_error,
+    fresh_fixed,
+    make_data,
+    trained_tiny,
+)
 
-from hardener import attacks as A, data as hdata, fit as F
-from hardener.cli import main
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
 from hardener.patches import PatchedModel
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, fresh_fixed, make_data, trained_tiny
+from hardener.training import fit as F
 
 BASE = trained_tiny()
 

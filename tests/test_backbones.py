@@ -3,17 +3,16 @@ channels-last stages. The models are tiny look-alikes built in tests/backbone_mo
 accuracy is chance, so their `harden patch` runs pass --allow-low-accuracy."""
 from __future__ import annotations
 
+import backbone_models as BM
 import numpy as np
 import pytest
 import torch
+from conftest import HERE
 from safetensors.torch import load_file, save_file
 
-import backbone_models as BM
 import hardener
-from hardener.cache import BatchLayout, Uncacheable
-from hardener.cli import main
-
-from conftest import HERE
+from hardener.cli.app import main
+from hardener.training.cache import BatchLayout, Uncacheable
 
 BACKBONES = HERE / "backbone_models.py"
 
@@ -90,9 +89,11 @@ def test_a_model_that_cannot_be_cached_trains_uncached_with_a_note():
     """Features whose rows interleave the samples cannot be cached: training runs uncached, said once."""
     from torch import nn
 
-    from hardener import attacks as A, data as hdata, fit as F
-    from hardener.model import Classifier, InputSpec
+    from hardener import attacks as A
+    from hardener import data as hdata
+    from hardener.model.classifier import Classifier, InputSpec
     from hardener.patches import AuxBN, PatchedModel
+    from hardener.training import fit as F
 
     class SeqFirst(nn.Module):  # BatchNorm1d over (N·B, C): sequence-major rows
         def __init__(self) -> None:
@@ -219,9 +220,9 @@ def test_channels_last_insides_of_channels_first_blocks_are_refused(runner, tmp_
 def test_a_named_norm_that_never_runs_is_one_error():
     """`--bn aux1.conv.bn`: a twin that would never be used is refused by name; `all` leaves it out and says so."""
     from hardener.errors import InputError
-    from hardener.layers import probe
-    from hardener.model import Classifier, InputSpec
+    from hardener.model.classifier import Classifier, InputSpec
     from hardener.patches import select_bn_sites
+    from hardener.patches.layers import probe
 
     net = BM.googlenet_like()
     ran = {i.name for i in probe(Classifier(net, InputSpec(shape=[3, 32, 32])), torch.rand(2, 3, 32, 32)) if i.calls}

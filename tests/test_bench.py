@@ -44,7 +44,7 @@ def test_compare_fmnist_rows_all_pass_the_option_checks(runner):
     and stops only at the data, which does not exist (a renamed flag or a bad value would stop it first)."""
     import importlib.util
 
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     spec = importlib.util.spec_from_file_location("compare_fmnist", ROOT / "bench" / "compare_fmnist.py")
     bench = importlib.util.module_from_spec(spec)
@@ -80,10 +80,9 @@ def test_hostile_campaign_runs(tmp_path):
 def test_verdict_table_combines_runs_per_sample(tmp_path, patched_ckpt, tiny_test_data):
     """bench/verdict_table.py on two small evaluations of the same samples: the AND of per-sample masks."""
     from click.testing import CliRunner
-
-    from hardener.cli import main
-
     from conftest import ARCH
+
+    from hardener.cli.app import main
 
     common = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.15",
               "--max-samples", "30", "--no-checks", "--quiet"]

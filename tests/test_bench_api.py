@@ -11,25 +11,26 @@ import hardener
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERNALS = {  # script: why it must reach inside
-    "apgd_stop_early.py": "compares harden's own APGD with torchattacks' to the bit (hardener.apgd)",
-    "eval_speed.py": "times the evaluation's attack chains themselves against torchattacks' (hardener.evaluation)",
+    "apgd_stop_early.py": "compares harden's own APGD with torchattacks' to the bit (hardener.attacks.apgd)",
+    "eval_speed.py": "times the evaluation's attack chains themselves against torchattacks' (hardener.evaluation.threats)",
     "hostile_campaign.py": "feeds crafted files and states to the readers that must refuse them",
-    "patch_speed.py": "times the training step with and without the frozen-prefix cache (hardener.cache, fit)",
-    "report_screenshots.py": "re-renders stored report JSON with the report renderer (hardener.report)",
+    "patch_speed.py": "times the training step with and without the frozen-prefix cache (hardener.training.cache, fit)",
+    "report_screenshots.py": "re-renders stored report JSON with the report renderer (hardener.reports.report)",
     "verdict_continue.py": "resumed a verdict's attack chains from their state, as run at the time (an archived run)",
 }
 
 
 def used_names(path: Path) -> set[str]:
     """The hardener names a script reaches: `hardener.X` (attributes, `import hardener.X`, `from hardener.X import
-    ...`) and `from hardener import X`."""
+    ...`) and `from hardener import X`; a module inside a package counts as itself (`from hardener.attacks.apgd
+    import ...`: `attacks.apgd`, not the public `attacks`)."""
     tree, names = ast.parse(path.read_text()), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hardener":
             parts = node.module.split(".")
-            names |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            names |= {".".join(parts[1:])} if len(parts) > 1 else {a.name for a in node.names}
         elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("hardener.")}
+            names |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("hardener.")}
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "hardener":
             names.add(node.attr)
     return names

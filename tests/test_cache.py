@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_data, trained_tiny
 from torch import nn
 
-from hardener import attacks as A, data as hdata, fit as F
-from hardener.cache import CacheStore, FrozenPrefix, parse_bytes
+from hardener import attacks as A
+from hardener import data as hdata
 from hardener.errors import InputError
-from hardener.model import Classifier, InputSpec
+from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import AuxBN, Fixer, FixerConfig, PatchedModel, Prefilter
-
-from conftest import make_data, trained_tiny
+from hardener.training import fit as F
+from hardener.training.cache import CacheStore, FrozenPrefix, parse_bytes
 
 
 def _patched(sites=("features", "block"), seed=0) -> PatchedModel:

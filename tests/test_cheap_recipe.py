@@ -5,17 +5,18 @@ import json
 
 import pytest
 import torch
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from safetensors import safe_open
 
-from hardener import attacks as A, data as hdata, fit as F
-from hardener.checkpoint import MANIFEST_KEY
-from hardener.cli import main
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
 from hardener.errors import InputError
-from hardener.layers import patch_cost
-from hardener.model import Classifier, InputSpec
+from hardener.io.checkpoint import MANIFEST_KEY
+from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel, Prefilter
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+from hardener.patches.layers import patch_cost
+from hardener.training import fit as F
 
 
 def _model(size: int = 8) -> PatchedModel:

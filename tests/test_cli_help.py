@@ -25,7 +25,7 @@ def test_help_does_not_import_torch():
     # each command's module is imported when it runs.
     out = _python("""
 import sys
-from hardener.cli import main
+from hardener.cli.app import main
 for args in (["--help"], ["patch", "--help"], ["eval", "--help"], ["certify", "--help"], ["predict", "--help"],
              ["export", "--help"], ["layers", "--help"], ["patch", "--no-such-flag"]):
     try:
@@ -54,9 +54,11 @@ def test_help_is_fast():
 
 
 def test_choices_the_help_offers_are_the_implemented_ones():
-    # `hardener.choices` states the names without torch; the tables that implement them must agree.
-    from hardener import attacks, choices, evaluation
+    # `hardener.options.choices` states the names without torch; the tables that implement them must agree.
+    from hardener import attacks
+    from hardener.evaluation import threats as evaluation
     from hardener.methods import patch as method_patch
+    from hardener.options import choices
     from hardener.patches import ACTIVATIONS, DENOISE_OPS
 
     assert tuple(ACTIVATIONS) == choices.ACTIVATIONS
@@ -67,7 +69,7 @@ def test_choices_the_help_offers_are_the_implemented_ones():
 
 
 def test_help_shows_option_groups_and_examples(runner):
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     for command, groups in (("patch", ["Data", "Model", "Recipe", "Attack", "Training", "Output", "Run"]),
                             ("eval", ["Data", "Model", "Attack", "Adaptive defence", "Output", "Run"])):
@@ -83,7 +85,7 @@ def test_help_shows_option_groups_and_examples(runner):
 
 def test_every_option_has_a_help_group():
     # An option added to a command without a group would land under "Other options": give it one in options.py.
-    from hardener import options as O
+    from hardener.cli import options as O
 
     for command, specs in (("layers", O.LAYERS), ("patch", O.PATCH), ("eval", O.EVAL), ("certify", O.CERTIFY),
                            ("predict", O.PREDICT), ("export", O.EXPORT)):
@@ -120,7 +122,7 @@ def test_gpu_out_of_memory_is_still_exit_3(monkeypatch, capsys):
     # RuntimeError is not mistaken for it.
     import torch
 
-    from hardener import cli
+    from hardener.cli import app as cli
 
     def boom(error):
         def main(*a, **k):

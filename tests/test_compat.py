@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
-
-from hardener import archspec
-from hardener.cli import main
-from hardener.errors import InputError
-
 from conftest import ARCH, HERE, assert_input_error
+
+from hardener.cli.app import main
+from hardener.errors import InputError
+from hardener.model import archspec
 
 MODELS = '''
 import torch
@@ -75,7 +74,7 @@ def test_export_formats_give_the_patched_logits_in_a_fresh_interpreter(runner, t
     if fmt == "onnx":
         pytest.importorskip("onnx")
         pytest.importorskip("onnxruntime")
-    from hardener import export as X
+    from hardener.io import export as X
 
     target = tmp_path / f"m{X.FORMATS[fmt]}"
     r = runner.invoke(main, ["export", str(patched_ckpt), "--arch", ARCH, "--format", fmt, "--out", str(target)])

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hardener import cost as C
-from hardener.model import Classifier, InputSpec
+from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel, Prefilter
+from hardener.patches import cost as C
 
 
 class SmallConv(nn.Module):
@@ -140,8 +140,8 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
 
     from conftest import ARCH
 
-    from hardener.checkpoint import load_patched, read_manifest
-    from hardener.cli import main
+    from hardener.cli.app import main
+    from hardener.io.checkpoint import load_patched, read_manifest
 
     out, rep = tmp_path / "p.safetensors", tmp_path / "r.json"
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
@@ -165,10 +165,10 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
 
 
 def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
-    import hardener
-    from hardener.checkpoint import read_manifest
-
     from conftest import make_data, trained_tiny
+
+    import hardener
+    from hardener.io.checkpoint import read_manifest
 
     imgs, labels = make_data(n=60)
     patched = hardener.patch(trained_tiny(), (imgs.float() / 255, labels), eps=0.1, epochs=1, steps=1, batch_size=32,
@@ -184,7 +184,7 @@ def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):
 
     from conftest import ARCH
 
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8", "--json"])
     assert r.exit_code == 0, r.output
@@ -254,8 +254,8 @@ def test_prefilter_design_hand_counts_and_bad_values():
 def test_cli_trains_a_shuffle_prefilter_and_loads_it(runner, tmp_path, tiny_ckpt, tiny_data):
     from conftest import ARCH, FAST_PATCH
 
-    from hardener.checkpoint import load_patched
-    from hardener.cli import main
+    from hardener.cli.app import main
+    from hardener.io.checkpoint import load_patched
 
     out = tmp_path / "p.safetensors"
     args = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "prefilter:input",
@@ -276,7 +276,8 @@ def _robust_on_tiny(**overrides):
     import tiny_model
     from conftest import make_data
 
-    from hardener import api, steps
+    from hardener import api
+    from hardener.training import steps
 
     imgs, labels = make_data(n=30)
     torch.manual_seed(0)
@@ -316,7 +317,7 @@ def test_a_generous_budget_keeps_the_recipe_and_none_is_unconstrained():
 def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt, tiny_data, budget, says):
     from conftest import ARCH
 
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--budget", budget,
                              "--out", str(tmp_path / "p.safetensors"), "--epochs", "1", "--quiet"])
@@ -327,7 +328,7 @@ def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt,
 def test_budget_from_harden_toml(runner, tmp_path, tiny_ckpt, tiny_data):
     from conftest import ARCH
 
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     cfg = tmp_path / "harden.toml"
     cfg.write_text("[patch]\nbudget = 0.5\n")

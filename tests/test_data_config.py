@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ARCH, HERE, make_data, trained_tiny
 from PIL import Image
 from safetensors.torch import save_file
 
 from hardener import data as hdata
-from hardener.cli import main
-
-from conftest import ARCH, HERE, make_data, trained_tiny
+from hardener.cli.app import main
 
 ROOT = HERE.parent
 
@@ -86,7 +85,7 @@ def test_config_file_supplies_options(runner, tmp_path, tiny_ckpt, tiny_data, mo
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--data", str(tiny_data), "--out", str(out),
                              "--epochs", "1", "--steps", "2", "--eval-samples", "10", "--eval-steps", "2", "--quiet"])
     assert r.exit_code == 0, r.output
-    from hardener.checkpoint import read_manifest
+    from hardener.io.checkpoint import read_manifest
     m = read_manifest(out)
     assert [p["site"] for p in m.patches] == ["block"] and m.training["attack"]["eps"] == 0.1
     # the command line wins over the file

@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-
-from hardener import distributed as D
-from hardener.cli import main
-
 from conftest import ARCH, FAST_PATCH, HERE
+
+from hardener.cli.app import main
+from hardener.runtime import distributed as D
 
 ROOT = HERE.parent
 
@@ -101,9 +100,10 @@ def test_lower_precision_attacks_are_labelled(runner, prefilter_ckpt, tiny_test_
 
 
 def test_batch_size_auto_finds_the_largest_that_fits(runner, prefilter_ckpt, tiny_test_data):
-    from hardener import evaluation as E
-    from test_eval import _Picky
     from conftest import trained_tiny
+    from test_eval import _Picky
+
+    from hardener.evaluation import threats as E
 
     net = trained_tiny()
     x, y = torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long)
@@ -173,10 +173,13 @@ def test_training_out_of_memory_splits_the_batch_and_finishes(capsys):
     from conftest import make_data, trained_tiny
     from test_eval import _Picky
 
-    from hardener import api, data as hdata, fit as F, steps
-    from hardener.layers import probe
-    from hardener.model import Classifier, InputSpec
+    from hardener import api
+    from hardener import data as hdata
+    from hardener.model.classifier import Classifier, InputSpec
     from hardener.patches import PatchedModel
+    from hardener.patches.layers import probe
+    from hardener.training import fit as F
+    from hardener.training import steps
 
     imgs, labels = make_data(n=64)
     ds = hdata.Dataset(imgs, labels)
@@ -218,8 +221,10 @@ def test_validation_attacks_run_at_the_training_precision(monkeypatch):
     # 40% of a bf16 epoch on the demo); the examples are scored in fp32 by the model itself.
     from conftest import make_data, trained_tiny
 
-    from hardener import attacks as A, data as hdata, fit as F
-    from hardener.evaluation import Autocast
+    from hardener import attacks as A
+    from hardener import data as hdata
+    from hardener.evaluation.threats import Autocast
+    from hardener.training import fit as F
 
     seen = []
     build = A.build

@@ -7,22 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hardener import docs, options as O
+from hardener.cli import docs
+from hardener.cli import options as O
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cli_reference_is_current():
     # The committed page is exactly what the options say now: a new or changed option without `python -m
-    # hardener.docs` fails here (and in CI, which runs the suite).
+    # hardener.cli.docs` fails here (and in CI, which runs the suite).
     assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == docs.render(), \
-        "docs/cli.md is out of date: run python -m hardener.docs"
+        "docs/cli.md is out of date: run python -m hardener.cli.docs"
 
 
 def test_cli_reference_covers_every_option_group_and_example():
-    from hardener.cli import main
+    from hardener.cli.app import main
 
-    assert {c for c, _, _ in docs.COMMANDS} == set(main.commands), "a command is missing from hardener.docs.COMMANDS"
+    assert {c for c, _, _ in docs.COMMANDS} == set(main.commands), "a command is missing from hardener.cli.docs.COMMANDS"
     text = docs.render()
     for command, specs, _ in docs.COMMANDS:
         section = text.split(f"## `harden {command} ")[1].split("\n## `harden ")[0]
@@ -45,7 +46,7 @@ def test_check_mode_fails_on_a_stale_page(tmp_path, monkeypatch):
 
 
 def test_render_imports_no_torch():
-    code = "import sys; from hardener import docs; docs.render(); print('torch' in sys.modules)"
+    code = "import sys; from hardener.cli import docs; docs.render(); print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

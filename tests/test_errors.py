@@ -6,12 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from PIL import Image
 from safetensors.torch import save_file
 
-from hardener.cli import main
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+from hardener.cli.app import main
 
 
 def _patch(runner, model, *args, data=None):
@@ -77,8 +76,8 @@ def test_images_of_wrong_size(runner, tmp_path, tiny_ckpt, patched_ckpt):
 
 def test_images_of_wrong_size_for_fixed_size_model(runner, tmp_path):
     # a model with a flatten+linear head fails on the wrong size: the error names the shape
-    from conftest import HERE
     import tiny_model
+    from conftest import HERE
 
     f = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.fragile().state_dict().items()}, str(f))
@@ -124,8 +123,8 @@ def test_final_relu_on_negative_site(runner, tiny_ckpt, tiny_data):
 
 
 def test_shared_module_is_not_a_site(runner, tmp_path, tiny_data):
-    from conftest import HERE
     import tiny_model
+    from conftest import HERE
 
     f = tmp_path / "s.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.shared().state_dict().items()}, str(f))

@@ -6,17 +6,19 @@ import re
 
 import numpy as np
 import pytest
+import tiny_model
 import torch
+from conftest import ARCH, HERE, assert_input_error
 from safetensors.torch import save_file
 
-from hardener import attacks as A, data as hdata, evaluation as E, report as R
-from hardener.cli import main
-from hardener.model import Classifier, InputSpec
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
+from hardener.evaluation import threats as E
+from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import PatchedModel
 from hardener.patches.attach import Disabled
-
-from conftest import ARCH, HERE, assert_input_error
-import tiny_model
+from hardener.reports import report as R
 
 
 def _save(tmp_path, model, name):
@@ -194,9 +196,10 @@ def test_eval_reads_model_and_data_from_config(runner, tmp_path, patched_ckpt, t
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_every_attack_name_runs(norm):
     """Every name of the suite runs through evaluate, its budget recorded, within eps, stdout clean."""
-    from conftest import make_data, trained_tiny
     import contextlib
     import io
+
+    from conftest import make_data, trained_tiny
 
     p = PatchedModel(Classifier(trained_tiny(num_classes=4), InputSpec(shape=[1, 8, 8])))
     imgs, labels = make_data(n=12, seed=2)
@@ -384,7 +387,7 @@ def test_heartbeat_between_callbacks_and_one_eta_on_a_terminal(monkeypatch):
     import io
     import time
 
-    from hardener import console
+    from hardener.runtime import console
 
     monkeypatch.setenv("HARDEN_PROGRESS_SECONDS", "0.05")
     buf = io.StringIO()

@@ -1,5 +1,5 @@
 """One run, two faces (issue 31, item 1, for evaluation): `harden eval` and `hardener.evaluate` run the same library
-code (`hardener.eval_run.eval_run`), give the same numbers, and a notebook gets what the command line shows: progress
+code (`hardener.evaluation.run.eval_run`), give the same numbers, and a notebook gets what the command line shows: progress
 and the warnings about the model and the data."""
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import re
 
 import pytest
 import torch
+from conftest import ARCH, make_data, trained_tiny
 
 import hardener
-from hardener import eval_run as EV
-from hardener.cli import main
+from hardener.cli.app import main
 from hardener.errors import InputError, RunError
-
-from conftest import ARCH, make_data, trained_tiny
+from hardener.evaluation import run as EV
 
 EVAL = dict(attacks="pgd", eps=0.1, steps=2, checks=False, threat="whitebox,transfer", max_samples=30, seed=3)
 CLI_EVAL = ["--attack", "pgd", "--eps", "0.1", "--steps", "2", "--no-checks", "--threat", "whitebox,transfer",
@@ -52,7 +51,7 @@ def test_cli_eval_runs_the_library_run(runner, patched_ckpt, tiny_test_data, tmp
     assert run.store is not None and run.store.path.parent == tmp_path and not run.hooks.library
     assert run.report["checkpoint"] == str(patched_ckpt) and len(run.ds) == 30
     printed = json.loads(r.stdout)
-    assert _numbers(printed["models"]) == _numbers(json.loads(hardener.report.json_text(run.report))["models"])  # what it made is shown
+    assert _numbers(printed["models"]) == _numbers(json.loads(hardener.reports.report.json_text(run.report))["models"])  # what it made is shown
 
 
 def test_library_and_cli_give_the_same_numbers(runner, patched_ckpt, tiny_test_data):
@@ -117,6 +116,6 @@ class _NoMemory(torch.nn.Module):
 def test_auto_batch_size_errors_speak_the_callers_language():
     x, y = _data(8)
     with pytest.raises(RunError, match=r"^batch_size='auto': out of memory .*\(device=\)"):
-        hardener.evaluation.find_batch_size(_NoMemory(), x, y, torch.device("cpu"), library=True)
+        hardener.evaluation.threats.find_batch_size(_NoMemory(), x, y, torch.device("cpu"), library=True)
     with pytest.raises(RunError, match=r"^--batch-size auto: out of memory .*\(--device\)"):
-        hardener.evaluation.find_batch_size(_NoMemory(), x, y, torch.device("cpu"))
+        hardener.evaluation.threats.find_batch_size(_NoMemory(), x, y, torch.device("cpu"))

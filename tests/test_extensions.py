@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 import hardener
-from hardener import attacks as A, methods as M, patches as P
-from hardener.cli import main
-
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
+from hardener import attacks as A
+from hardener import methods as M
+from hardener import patches as P
+from hardener.cli.app import main
 
 
 def _noise_attack(model, spec):
@@ -150,8 +151,8 @@ def test_registered_patch_kind_and_method_train_through_api_and_cli(registries, 
 
 
 def test_a_stored_spec_of_a_registered_kind_is_checked_before_anything_is_built(registries, tmp_path):
-    from hardener.manifest import validate_patch
     from hardener.errors import InputError
+    from hardener.io.manifest import validate_patch
 
     _register()
     assert validate_patch({"kind": "gain", "site": "block", "channels": 8}, 0, "f")["limit"] == 2.0

@@ -3,16 +3,15 @@ torchvision layouts, the preset's cost on features-style models, output size aga
 mimic those families' structure (tests/family_models.py); no torchvision or timm needed."""
 from __future__ import annotations
 
+import family_models as FM
 import numpy as np
 import pytest
 import torch
-
-import family_models as FM
-import hardener
-from hardener.model import Classifier, InputSpec
-from hardener.patches import AuxBN, PatchedModel, select_bn_sites
-
 from conftest import HERE
+
+import hardener
+from hardener.model.classifier import Classifier, InputSpec
+from hardener.patches import AuxBN, PatchedModel, select_bn_sites
 
 FAMILY_FILE = HERE / "family_models.py"
 
@@ -32,7 +31,8 @@ def _rgb_data(tmp_path, n: int = 24, classes: int = 10, size: int = 32, names: l
 
 def _attach(net, data, recipe=None, **options):
     """What `harden patch` attaches (sites resolved on a dry run), without training; with what it said."""
-    from hardener import api, steps
+    from hardener import api
+    from hardener.training import steps
 
     patched = api.as_patched(net)
     infos = api.finish(patched, api.as_dataset(str(data)), torch.device("cpu"))
@@ -114,7 +114,7 @@ def test_fixer_and_auto_twins_on_an_efficientnet_layout(tmp_path):
 
 
 def _infos(net, size: int = 32, channels: int = 3):
-    from hardener.layers import probe
+    from hardener.patches.layers import probe
 
     return probe(Classifier(net, InputSpec(shape=[channels, size, size])), torch.rand(2, channels, size, size))
 
@@ -222,7 +222,7 @@ def test_channels_last_internals_are_not_map_sites(family, nhwc, maps):
 def test_harden_layers_says_why(runner, tmp_path):
     from safetensors.torch import save_file
 
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     ck = tmp_path / "convnext.safetensors"
     save_file({k: v.contiguous() for k, v in FM.tv_convnext_like().state_dict().items()}, str(ck))
@@ -242,7 +242,7 @@ def test_harden_layers_says_why(runner, tmp_path):
 def test_robust_preset_on_a_features_style_model_costs_under_a_quarter_of_the_base(tmp_path):
     """torchvision's features-style models put the whole trunk in one top-level `features`: `stem` is its first
     block (16 channels at half resolution), not the trunk (576 channels at 1x1, a fixer as large as the base)."""
-    from hardener.layers import patch_cost
+    from hardener.patches.layers import patch_cost
 
     patched, notes = _attach(FM.mobilenet_like(), _rgb_data(tmp_path), recipe="robust")
     sites = dict((s, patched.patches[k].kind) for s, k in patched.sites.items())
@@ -257,9 +257,9 @@ def test_robust_preset_on_a_features_style_model_costs_under_a_quarter_of_the_ba
 def test_patch_prints_sites_and_cost_and_reports_the_cost(runner, tmp_path, tiny_ckpt, tiny_data):
     import json
 
-    from hardener.cli import main
-
     from conftest import ARCH
+
+    from hardener.cli.app import main
 
     rep = tmp_path / "r.json"
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
@@ -283,7 +283,7 @@ def test_an_output_that_is_not_the_data_classes_is_a_loud_warning(runner, tmp_pa
 
     from safetensors.torch import save_file
 
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     ck = tmp_path / "m.safetensors"
     save_file(FM.features_and_logits().state_dict(), str(ck))
@@ -339,6 +339,6 @@ def test_suggestion_avoids_the_layers_that_get_twins():
 
 
 def probe_tiny(net):
-    from hardener.layers import probe
+    from hardener.patches.layers import probe
 
     return probe(Classifier(net, InputSpec(shape=[1, 8, 8])), torch.rand(2, 1, 8, 8))

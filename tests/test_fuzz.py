@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-from safetensors.torch import save_file
-
-from hardener.cli import main
-
 from conftest import ARCH
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 from test_security import read_patched
+
+from hardener.cli.app import main
 
 FUZZ = settings(derandomize=True, max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -99,7 +99,7 @@ def _mutate(m, path, op, value):
 @given(data=st.data(), op=st.sampled_from(["replace", "replace", "delete", "add"]), value=HOSTILE_VALUES,
        redigest=st.booleans(), user_arch=st.booleans(), trust=st.booleans())
 def test_fuzz_manifest(patched_ckpt, tiny_test_data, data, op, value, redigest, user_arch, trust):
-    from hardener.checkpoint import tensor_digest
+    from hardener.io.checkpoint import tensor_digest
 
     m, t = read_patched(patched_ckpt)
     m["training"] = {}  # keep the path space on the fields harden interprets
@@ -271,10 +271,10 @@ def _one_line_or_ok(r) -> None:
 def own_files(tmp_path_factory) -> dict:
     """Files harden writes for itself, each with the call that reads it back: a training state, an evaluation
     state, saved adversarial examples, a spilled array with its tag, a --base-cache entry and transfer batch."""
-    from hardener import evaluation as E
-    from hardener.resume import EvalStore, Saver
-
     from conftest import trained_tiny
+
+    from hardener.evaluation import threats as E
+    from hardener.io.resume import EvalStore, Saver
 
     d = tmp_path_factory.mktemp("own")
     saver = Saver(d / "o.partial", fingerprint="fp")
@@ -313,8 +313,8 @@ def test_fuzz_damaged_state_and_cache_files(own_files, kind, how, seed):
     """A state, cache or adversarial-example file with flipped bytes or cut short: one-line InputError (exit 2)
     naming the file, or -- where the damage missed every byte that holds content (zip padding) -- the very same
     content; never an unhandled exception, never different numbers."""
-    from hardener import integrity as I
     from hardener.errors import InputError
+    from hardener.io import integrity as I
 
     path, read = own_files[kind]
     good = path.read_bytes()

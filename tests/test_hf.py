@@ -6,13 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from torch import nn
 
 import hardener
-from hardener.cli import main
+from hardener.cli.app import main
 from hardener.errors import InputError
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
 class HFLike(nn.Module):
@@ -72,7 +71,7 @@ def test_a_save_pretrained_folder_patches_evaluates_and_exports_as_saved(runner,
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    from hardener.checkpoint import read_manifest
+    from hardener.io.checkpoint import read_manifest
 
     cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=32, num_labels=3)
@@ -104,7 +103,7 @@ def test_a_save_pretrained_folder_patches_evaluates_and_exports_as_saved(runner,
     assert r.exit_code == 0, r.output
     assert "largest logit difference 0" in r.output
     # a manifest names transformers' image classifiers only, and its config cannot ask for more than the file holds
-    from hardener import hf as H
+    from hardener.model import hf as H
 
     for name in ("os", "AutoModel", "PreTrainedModel", "ViTModel", "__class__"):
         with pytest.raises(InputError, match="not an image classifier"):

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ARCH, FAST_PATCH, assert_input_error, assert_run_error
 from PIL import Image
 
 import hardener
-from hardener.cli import main
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, assert_run_error
+from hardener.cli.app import main
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -190,7 +189,7 @@ def test_non_finite_logits_are_an_error_not_robustness(runner, tmp_path, patched
 @pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES, errno.ENOSPC])
 def test_failed_report_write_is_exit_3_and_leaves_nothing(runner, tmp_path, patched_ckpt, tiny_test_data,
                                                           monkeypatch, err):
-    import hardener.checkpoint as C
+    import hardener.io.checkpoint as C
 
     outdir = tmp_path / "reports"
     outdir.mkdir()
@@ -244,7 +243,7 @@ def test_disk_full_model_file_in_a_subprocess(tmp_path, patched_ckpt):
 
 
 def test_sigkill_mid_write_leaves_no_temp_file(tmp_path):
-    code = ("import os, signal, sys; from pathlib import Path; from hardener.checkpoint import atomic_write\n"
+    code = ("import os, signal, sys; from pathlib import Path; from hardener.io.checkpoint import atomic_write\n"
             "def w(tmp):\n    open(tmp, 'w').write('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
             "atomic_write(Path(sys.argv[1]), w)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(hardener.__file__).parent.parent)}
@@ -254,13 +253,13 @@ def test_sigkill_mid_write_leaves_no_temp_file(tmp_path):
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
-    from hardener.checkpoint import atomic_write
+    from hardener.io.checkpoint import atomic_write
 
     stale = tmp_path / ".out.json.999999999.abcd.tmp"  # no such pid
     stale.write_text("")
     mine = tmp_path / f".out.json.{os.getpid()}.abcd.tmp"
     mine.write_text("")
-    import hardener.checkpoint as C
+    import hardener.io.checkpoint as C
 
     real = C._open_unnamed
     C._open_unnamed = lambda folder: None  # the named-temp path (filesystems without O_TMPFILE)
@@ -302,7 +301,7 @@ def test_unwritable_report_folder_names_the_report_not_the_state(runner, tmp_pat
                                                                   monkeypatch):
     """State beside the report is a convenience: when it cannot be written the evaluation goes on, and the
     error (exit 3) names the report the user asked for."""
-    import hardener.checkpoint as C
+    import hardener.io.checkpoint as C
 
     def fail(folder):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES))

@@ -1,7 +1,8 @@
 """Issue 31: the import graph of `hardener/`, built from the code. Every import statement counts, function-level ones
 included; only `if TYPE_CHECKING:` blocks are left out (they never run: annotations only). Once the imports listed in
-CONTRIBUTING.md ("Imports that point back up", each with its reason) are taken out, the graph has no cycle; each
-listed import still exists and is function-level (a module-level one would run at import time and close the cycle)."""
+CONTRIBUTING.md ("Imports that point back up", each with its reason) are taken out, every import points down the
+house's table ("Where things live": packages from the bottom up) and the graph has no cycle; each listed import still
+exists and is function-level (a module-level one would run at import time and close the cycle)."""
 from __future__ import annotations
 
 import ast
@@ -68,6 +69,18 @@ def listed_back_edges() -> dict[tuple[str, str], str]:
     return {(a, b): why for a, b, why in rows}
 
 
+def house() -> list[str]:
+    """CONTRIBUTING.md's house table: the packages (and leaf modules) of `hardener`, from the bottom up."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    section = text.split("## Where things live", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"^\| `(hardener[\w.]*)` \|", section, re.M)
+
+
+def part(module: str, parts: list[str]) -> str:
+    """The row of the house a module belongs to: the longest listed name it is or lies under (`hardener` last)."""
+    return max((p for p in parts if module == p or module.startswith(p + ".")), key=len, default="")
+
+
 def cycle(edges: dict[str, set[str]]) -> list[str] | None:
     """One cycle of the graph, or None."""
     state: dict[str, int] = {}
@@ -103,10 +116,33 @@ def test_the_import_graph_has_no_cycle_but_the_listed_function_level_imports():
     assert cycle(rest) is None, " -> ".join(cycle(rest))
 
 
+def test_imports_point_down_the_house():
+    """Each module of `hardener/` lies in one row of the house, and imports only from its own row and the rows below
+    (listed above it), but for the listed back edges."""
+    parts = house()
+    assert parts[-1] == "hardener" and len(parts) == len(set(parts)), parts
+    rank = {p: i for i, p in enumerate(parts)}
+    mods = _modules()
+    assert not [m for m in mods if not part(m, parts)], "modules in no row of CONTRIBUTING.md's house"
+    listed = listed_back_edges()
+    edges, _ = import_graph()
+    up = sorted(f"{a} -> {b}" for a, bs in edges.items() for b in bs
+                if rank[part(b, parts)] > rank[part(a, parts)] and (a, b) not in listed)
+    assert not up, "imports that point up the house (move one side, or list it with its reason): " + "; ".join(up)
+
+
+def test_the_house_check_can_fail():
+    parts = ["hardener.errors", "hardener.patches", "hardener.cli", "hardener"]
+    assert part("hardener.patches.attach", parts) == "hardener.patches"
+    assert part("hardener.cli.commands.patch", parts) == "hardener.cli"
+    assert part("hardener", parts) == "hardener" and part("hardener.api", parts) == "hardener"
+    assert "hardener.options" in house() and house().index("hardener.options") < house().index("hardener.cli")
+
+
 def test_the_graph_sees_function_level_imports_and_finds_a_cycle():
     """The test above can fail: the checker finds a cycle closed by a function-level import."""
     edges, _ = import_graph()
-    assert "hardener.errors" in edges["hardener.checkpoint"]
+    assert "hardener.errors" in edges["hardener.io.checkpoint"]
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": {"c"}}) is None
     up = ast.parse("from ..api import patch").body[0]  # in hardener/patches/attach.py: hardener.api

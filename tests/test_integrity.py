@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ARCH, assert_input_error, fresh_fixed, make_data, trained_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hardener import attacks as A, data as hdata, fit as F, integrity as I
-from hardener.cli import main
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
 from hardener.errors import InputError, Interrupted
-from hardener.resume import EvalStore, Saver
-
-from conftest import ARCH, assert_input_error, fresh_fixed, make_data, trained_tiny
+from hardener.io import integrity as I
+from hardener.io.resume import EvalStore, Saver
+from hardener.training import fit as F
 
 BASE = trained_tiny()
 
@@ -147,7 +149,7 @@ def _patch_args(tmp_path: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_patch_resume_refuses_edited_files_and_resumes_untouched_ones(tmp_path, runner, monkeypatch):
-    from hardener import resume
+    from hardener.io import resume
 
     ref = tmp_path / "ref.safetensors"
     r = runner.invoke(main, _patch_args(tmp_path, ref))
@@ -179,7 +181,7 @@ def test_patch_resume_refuses_edited_files_and_resumes_untouched_ones(tmp_path, 
 
 
 def test_eval_resume_refuses_edited_state(tmp_path, runner, monkeypatch, patched_ckpt, tiny_test_data):
-    from hardener import evaluation as E
+    from hardener.evaluation import threats as E
 
     state = tmp_path / "state"
     args = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack", "pgd,fgsm",
@@ -205,7 +207,7 @@ def test_eval_resume_refuses_edited_state(tmp_path, runner, monkeypatch, patched
 
 
 def test_certify_resume_refuses_edited_state(tmp_path, runner, monkeypatch, tiny_ckpt, tiny_test_data):
-    from hardener import smoothing as C
+    from hardener.certification import smoothing as C
 
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
             "10", "--n", "50", "--max-samples", "6", "--quiet", "--state-dir", str(tmp_path / "st"), "--report",

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import ARCH, make_data, trained_tiny
 from torch.utils.data import DataLoader, TensorDataset
 
 import hardener
 from hardener.errors import InputError
-
-from conftest import ARCH, make_data, trained_tiny
 
 
 def _data(n=90, seed=0):
@@ -157,7 +156,7 @@ def _quick_patch(net, **kw):
 
 
 def test_patched_model_declares_what_a_run_or_a_load_leaves_on_it():
-    from hardener.model import Classifier, InputSpec
+    from hardener.model.classifier import Classifier, InputSpec
 
     fresh = hardener.PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
     assert all(getattr(fresh, k) is None for k in ("base_sha256", "manifest", "training_record", "history",
@@ -167,7 +166,7 @@ def test_patched_model_declares_what_a_run_or_a_load_leaves_on_it():
 def test_save_remembers_the_arch_and_warns_without_one(tmp_path):
     import warnings
 
-    from hardener.checkpoint import read_manifest
+    from hardener.io.checkpoint import read_manifest
 
     x = _data(30, seed=5)[0]
     patched = _quick_patch(trained_tiny(), arch=ARCH)

@@ -8,16 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings, strategies as st
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from hardener import attacks as A, data as hdata, report as R
-from hardener.cli import main
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.patches import parse_sites
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+from hardener.reports import report as R
 
 
 def _patch(runner, model, data, tmp_path, *extra):

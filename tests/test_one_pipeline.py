@@ -1,5 +1,5 @@
 """One run, two faces (issue 31, item 1, for patch): `harden patch` and `hardener.patch` run the same library code
-(`hardener.run.patch_run`), and a notebook gets what the command line shows: progress, the plan, the warnings."""
+(`hardener.training.run.patch_run`), and a notebook gets what the command line shows: progress, the plan, the warnings."""
 from __future__ import annotations
 
 import json
@@ -7,13 +7,12 @@ import logging
 import re
 
 import pytest
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 import hardener
-from hardener import run as RUN
-from hardener.cli import main
-from hardener.run import FEW_STEPS
-
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
+from hardener.cli.app import main
+from hardener.training import run as RUN
+from hardener.training.run import FEW_STEPS
 
 FEW = dict(recipe="transfer", at="block", eps=0.1, epochs=1, steps=1, batch_size=32)
 

@@ -11,17 +11,21 @@ from dataclasses import MISSING, dataclass, fields
 
 import pytest
 import torch
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 from safetensors import safe_open
 
 import hardener
-from hardener import fit as F, methods as M, optspec, options as O, owners, patches as P, validate as V
-from hardener.checkpoint import MANIFEST_KEY
-from hardener.cli import main
+from hardener import methods as M
+from hardener import patches as P
+from hardener.cli import options as O
+from hardener.cli.app import main
 from hardener.errors import InputError
-from hardener.patch_options import PatchOptions
-from hardener.recipe import load_preset, preset_names
-
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
+from hardener.io.checkpoint import MANIFEST_KEY
+from hardener.options import optspec, owners
+from hardener.options import validate as V
+from hardener.options.patch_options import PatchOptions
+from hardener.options.recipe import load_preset, preset_names
+from hardener.training import fit as F
 
 
 def _dest(spec: O.Opt) -> str:
@@ -80,7 +84,7 @@ def test_each_option_default_and_range_is_stated_once():
 
 
 def test_a_range_is_checked_from_its_declaration_naming_the_parameter_or_the_flag(runner, tiny_ckpt, tiny_data):
-    from hardener.kind_options import AdvAmdConfig, FixerConfig
+    from hardener.options.kind_options import AdvAmdConfig, FixerConfig
 
     # AdvAmd needs φ strictly inside (0, 1): one range, wherever it is checked
     with pytest.raises(InputError, match=r"^phi must be a number in \(0, 1\), got 1.0$"):

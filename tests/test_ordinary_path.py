@@ -8,13 +8,12 @@ import stat
 
 import numpy as np
 import pytest
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data
 
 import hardener
-from hardener.cli import main
+from hardener.cli.app import main
 from hardener.errors import InputError
-from hardener.recipe import load_preset, preset_names, split_for_training
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data
+from hardener.options.recipe import load_preset, preset_names, split_for_training
 
 
 @pytest.fixture()
@@ -155,8 +154,8 @@ def test_recipe_options_switch_the_default_preset_off_and_transfer_says_so(runne
 def test_few_steps_warning_names_the_preset_only_for_its_own_epochs():
     """`--epochs 1` on the command line with the default recipe is the user's, not preset robust's (issue 21's bench
     printed "(--epochs 1 is preset robust's)" while the preset says 10)."""
-    from hardener.run import recipe_warnings as _recipe_warnings
-    from hardener.fit import FitConfig
+    from hardener.training.fit import FitConfig
+    from hardener.training.run import recipe_warnings as _recipe_warnings
 
     robust = load_preset("robust")
     few = [w for w in _recipe_warnings(robust, FitConfig(epochs=1, adversary="patched"), 128, epochs_given=True)
@@ -170,7 +169,7 @@ def test_few_steps_warning_names_the_preset_only_for_its_own_epochs():
 
 
 def test_clock_estimates_from_timed_steps_and_measured_validation(monkeypatch):
-    from hardener import fit as F
+    from hardener.training import fit as F
 
     now = [0.0]
     monkeypatch.setattr(F.time, "perf_counter", lambda: now[0])
@@ -248,7 +247,11 @@ def test_patch_help_says_what_the_default_preset_sets(runner):
 def test_auto_batch_size_keeps_small_data_from_underfitting():
     """`--batch-size auto` (preset robust's): 128 while that gives 400 optimiser steps, else 64, else 32."""
     from hardener.api import PatchOptions
-    from hardener.steps import auto_batch_size, settle_batch_size, training_setup
+    from hardener.training.steps import (
+        auto_batch_size,
+        settle_batch_size,
+        training_setup,
+    )
 
     assert auto_batch_size(6000, 10) == 128  # the 10% run: 470 steps of 128, as before
     assert auto_batch_size(3000, 10) == 64  # 240 steps of 128 -> 470 of 64

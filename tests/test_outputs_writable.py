@@ -4,11 +4,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
-from hardener import fit as F
-from hardener.cli import main
-
 from conftest import ARCH, assert_run_error
+
+from hardener.cli.app import main
+from hardener.training import fit as F
 
 
 @pytest.fixture()
@@ -48,7 +47,7 @@ def test_second_run_to_the_same_out_refuses(runner, tmp_path, tiny_ckpt, tiny_da
     import sys
     import time
 
-    from hardener import boundary as V
+    from hardener.cli import boundary as V
     from hardener.errors import RunError
 
     out = tmp_path / "o.safetensors"

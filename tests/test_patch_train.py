@@ -4,12 +4,11 @@ checkpoint."""
 from __future__ import annotations
 
 import pytest
-
-from hardener.cli import main
-from hardener.errors import InputError
-from hardener.patch_options import PatchOptions
-
 from conftest import ARCH, FAST_PATCH
+
+from hardener.cli.app import main
+from hardener.errors import InputError
+from hardener.options.patch_options import PatchOptions
 
 
 @pytest.mark.parametrize("split,joined", [

@@ -6,15 +6,16 @@ import sys
 
 import pytest
 import torch
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 from safetensors.torch import load_file
 
 import hardener
-from hardener import attacks as A, data as hdata, fit as F
-from hardener.cli import main
-from hardener.model import Classifier, InputSpec
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
+from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import ACTIVATIONS, Fixer, FixerConfig, PatchedModel
-
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
+from hardener.training import fit as F
 
 
 def _patched(act: str = "linear", sites=("features", "block"), final_relu: bool = False) -> PatchedModel:
@@ -119,7 +120,7 @@ def test_cli_patch_adversary_patched_keeps_base(tmp_path, tiny_ckpt, tiny_data, 
 
 
 def test_load_gives_same_logits_as_in_memory(tmp_path, tiny_ckpt, tiny_data):
-    from hardener.checkpoint import Manifest, save_patched
+    from hardener.io.checkpoint import Manifest, save_patched
 
     p = _patched()
     F.fit(p, _toy(), A.AttackSpec("fgsm", eps=0.1, n_classes=3), F.FitConfig(epochs=1, batch_size=16, lr=1e-2),

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import ARCH, assert_input_error, trained_tiny
 
 import hardener
-from hardener import report as R
-from hardener.cli import main
+from hardener.cli.app import main
 from hardener.errors import InputError
-
-from conftest import ARCH, assert_input_error, trained_tiny
+from hardener.reports import report as R
 
 
 def _patch(runner, ckpt, data, out, *extra):
@@ -167,7 +166,8 @@ def test_sizes_beyond_the_memory_are_refused_before_allocating(runner, tmp_path,
 
 
 def test_large_but_reasonable_sizes_pass():
-    from hardener import boundary as B, validate as V
+    from hardener.cli import boundary as B
+    from hardener.options import validate as V
 
     B.check_sizes({"width": 2048, "input_shape": "3,1024,1024"})
     V.check_batch_memory(1000, [3, 224, 224], 3)

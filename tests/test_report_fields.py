@@ -9,12 +9,11 @@ import math
 import re
 
 import pytest
-
-from hardener import report as R
-from hardener.cli import main
-from hardener.tracking import numeric_metrics
-
 from conftest import ARCH
+
+from hardener.cli.app import main
+from hardener.reports import report as R
+from hardener.reports.tracking import numeric_metrics
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +110,7 @@ def test_eps_curve_starts_at_eps_0_with_the_clean_accuracy_full_width(reports):
 
 
 def test_the_quick_note_names_no_json_key():
-    from hardener.commands.patch import QUICK_NOTE
+    from hardener.cli.commands.patch import QUICK_NOTE
 
     assert QUICK_NOTE.startswith("quick check") and "full_evaluation" not in QUICK_NOTE
     assert not re.search(r"\b[a-z]+_[a-z_]+\b", QUICK_NOTE)  # no snake_case key names in text for readers

@@ -1,4 +1,4 @@
-"""Issue 31 item 3: typed evaluation results (`hardener.results`), the masks as fields; saved results keep the dict
+"""Issue 31 item 3: typed evaluation results (`hardener.reports.results`), the masks as fields; saved results keep the dict
 format of before (`to_state`/`from_state` at the base cache and the resumable state), the report's JSON is their
 public fields."""
 from __future__ import annotations
@@ -8,8 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from hardener import data as hdata, evaluation as E, report as R
-from hardener.results import AttackRow, EvalResult, ModelResult, equal as same
+from hardener import data as hdata
+from hardener.evaluation import threats as E
+from hardener.reports import report as R
+from hardener.reports.results import AttackRow, EvalResult, ModelResult
+from hardener.reports.results import equal as same
 
 
 def private_free(obj):
@@ -72,6 +75,7 @@ def test_the_report_json_is_the_public_fields(evaluated):
 
 def test_a_sealed_base_cache_entry_of_another_shape_is_refused(tmp_path):
     from conftest import trained_tiny
+
     from hardener.errors import InputError
 
     net = trained_tiny().eval()

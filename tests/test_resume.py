@@ -10,14 +10,23 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    ARCH,
+    FAST_PATCH,
+    HERE,
+    assert_input_error,
+    fresh_fixed,
+    make_data,
+    trained_tiny,
+)
 
-from hardener import attacks as A, data as hdata, fit as F
-from hardener.cli import main
-from hardener.patches import PatchedModel
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
 from hardener.errors import Interrupted
-from hardener.resume import Saver
-
-from conftest import ARCH, FAST_PATCH, HERE, assert_input_error, fresh_fixed, make_data, trained_tiny
+from hardener.io.resume import Saver
+from hardener.patches import PatchedModel
+from hardener.training import fit as F
 
 BASE = trained_tiny()
 
@@ -152,7 +161,7 @@ def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tin
     """Ctrl-C in the middle of an evaluation keeps the finished batches; --resume gives the same numbers."""
     import json
 
-    from hardener import evaluation as E
+    from hardener.evaluation import threats as E
 
     monkeypatch.chdir(tmp_path)
     state = tmp_path / "state"
@@ -190,7 +199,7 @@ def test_interrupted_eval_resumes_to_the_same_report(tmp_path, patched_ckpt, tin
 
 
 def test_nan_loss_keeps_last_good_state_and_resume_continues(tmp_path, runner, monkeypatch):
-    from hardener import losses
+    from hardener.methods import losses
 
     out = tmp_path / "nan.safetensors"
     real = losses.focal_ce

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCH, HERE, assert_input_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hardener
-from hardener.checkpoint import tensor_digest
-from hardener.cli import main
+from hardener.cli.app import main
 from hardener.errors import InputError
-
-from conftest import ARCH, HERE, assert_input_error
+from hardener.io.checkpoint import tensor_digest
 
 EVIL_MODULE = "import pathlib\npathlib.Path('MARKER').write_text('pwned')\n\ndef net(**kw):\n    pathlib.Path('MARKER').write_text('pwned')\n"
 

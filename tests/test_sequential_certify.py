@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
-
-from hardener.smoothing import (ABSTAIN, SmoothingConfig, Smoothed, certify, lower_confidence_bound, mixture_bounds,
-                              sequential_estimate)
 from test_certify import Linear2
+
+from hardener.certification.smoothing import (
+    ABSTAIN,
+    Smoothed,
+    SmoothingConfig,
+    certify,
+    lower_confidence_bound,
+    mixture_bounds,
+    sequential_estimate,
+)
 
 
 def naive_bounds(k, t, alpha):
@@ -115,13 +122,13 @@ def test_summary_cuts_reported_radii_at_the_largest_one_asked_for():
 
 
 def test_cli_sequential_report_states_the_method_and_draws(runner, tmp_path, tiny_ckpt, tiny_test_data):
-    from hardener.cli import main
-
     from conftest import ARCH, assert_input_error
+
+    from hardener.cli.app import main
 
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
             "20", "--n", "2000", "--alpha", "0.01", "--max-samples", "6", "--quiet"]
-    from hardener.certify_run import to_markdown
+    from hardener.certification.run import to_markdown
 
     r = runner.invoke(main, [*args, "--sequential", "--max-radius", "0.2", "--report", str(tmp_path / "r.json"),
                              "--tsv", str(tmp_path / "r.tsv")])

@@ -14,11 +14,10 @@ import threading
 import time
 
 import pytest
+from conftest import ARCH, HERE
 
 from hardener import attacks as A
-from hardener.cli import main
-
-from conftest import ARCH, HERE
+from hardener.cli.app import main
 
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "HARDEN_PROGRESS_SECONDS": "0.05"}
 
@@ -132,7 +131,7 @@ def test_sigterm_in_the_eps_sweep_resumes_to_the_same_numbers(runner, tmp_path, 
 
 def _run_cli(args: list[str], capsys) -> tuple[int, str]:
     """The console entry point in this process (its SIGTERM handling included): exit code and stderr."""
-    from hardener.cli import run
+    from hardener.cli.app import run
 
     old = sys.argv
     sys.argv = ["harden", *args]
@@ -180,7 +179,7 @@ def test_sigterm_in_an_attack_saves_the_finished_attacks(monkeypatch, capsys, tm
 def test_sigterm_while_certify_writes_removes_what_it_wrote(monkeypatch, capsys, tmp_path, tiny_ckpt,
                                                           tiny_test_data):
     """Between certify's --tsv and its --report: neither is left, every certified row is saved for --resume."""
-    from hardener.commands import certify as cmd
+    from hardener.cli.commands import certify as cmd
 
     real, calls = cmd.atomic_write, []
 
@@ -252,7 +251,7 @@ def test_interrupts_at_start_up_are_one_line(tmp_path, patched_ckpt, tiny_test_d
 
 
 def test_sigterm_while_export_checks_its_file_leaves_nothing(monkeypatch, capsys, tmp_path, patched_ckpt):
-    from hardener import export as X
+    from hardener.io import export as X
 
     def check(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)

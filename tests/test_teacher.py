@@ -7,18 +7,27 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as Fn
+from conftest import (
+    ARCH,
+    FAST_PATCH,
+    assert_input_error,
+    fresh_fixed,
+    make_data,
+    trained_tiny,
+)
 from safetensors.torch import load_file
 
 import hardener
-from hardener import attacks as A, data as hdata, fit as F, methods
-from hardener.checkpoint import Manifest, read_manifest, save_patched, sha256_file
-from hardener.cli import main
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener import methods
+from hardener.cli.app import main
 from hardener.errors import InputError, Interrupted
-from hardener.model import Classifier, InputSpec
+from hardener.io.checkpoint import Manifest, read_manifest, save_patched, sha256_file
+from hardener.io.resume import Saver
+from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel
-from hardener.resume import Saver
-
-from conftest import ARCH, FAST_PATCH, assert_input_error, fresh_fixed, make_data, trained_tiny
+from hardener.training import fit as F
 
 BASE = trained_tiny()
 RECORD = {"file": "teacher.safetensors", "sha256": "0" * 64}

@@ -6,20 +6,30 @@ from __future__ import annotations
 
 import json
 
+import family_models as FM
 import numpy as np
 import pytest
 import torch
+from conftest import HERE, assert_input_error, make_data
 from torch import nn
 
-import family_models as FM
 import hardener
-from hardener.cli import main
+from hardener.cli.app import main
 from hardener.errors import InputError
-from hardener.model import Classifier, InputSpec
-from hardener.patches import (AuxBN, AuxLN, Fixer, FixerConfig, PatchedModel, Site, TokenFixer, ln_names,
-                              select_bn_sites, select_sites, suggest)
-
-from conftest import HERE, assert_input_error, make_data
+from hardener.model.classifier import Classifier, InputSpec
+from hardener.patches import (
+    AuxBN,
+    AuxLN,
+    Fixer,
+    FixerConfig,
+    PatchedModel,
+    Site,
+    TokenFixer,
+    ln_names,
+    select_bn_sites,
+    select_sites,
+    suggest,
+)
 
 TV_ARCH = f"{HERE / 'family_models.py'}:tv_vit_like"
 SHAPES = {"tv_vit": [1, 28, 28], "vit": [3, 32, 32], "hf_vit": [1, 28, 28]}
@@ -30,7 +40,7 @@ def _patched(family: str) -> PatchedModel:
 
 
 def _infos(patched: PatchedModel) -> list:
-    from hardener.layers import probe
+    from hardener.patches.layers import probe
 
     return probe(patched.model, torch.rand(2, *patched.model.spec.shape))
 
@@ -259,7 +269,7 @@ def test_bn_selection_of_layernorms():
 def test_stored_layernorm_twins_are_checked_against_the_base():
     """Manifest specs of token patches are validated field by field; a twin is rebuilt only from the base's own
     LayerNorm of the recorded class, shape and eps, never from a class name."""
-    from hardener import manifest as V
+    from hardener.io import manifest as V
 
     spec = {"kind": "auxln", "site": "encoder.ln", "type": "LayerNorm", "shape": [16], "eps": 1e-6, "affine": True,
             "bias": True}
@@ -338,7 +348,7 @@ def test_patch_eval_and_export_a_vit_with_the_default_recipe(runner, tmp_path, v
 def test_torchscript_traces_multihead_attention_with_token_patches(tmp_path):
     """torch.jit.trace's own check ran nn.MultiheadAttention on two paths (trainable patches switch it between calls)
     and failed: it is traced without gradients now."""
-    from hardener import export as X
+    from hardener.io import export as X
 
     p = _patched("tv_vit")
     infos = _infos(p)

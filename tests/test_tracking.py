@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ARCH, FAST_PATCH, assert_input_error
-from hardener.tracking import numeric_metrics
+
+from hardener.reports.tracking import numeric_metrics
 
 mlflow = pytest.importorskip("mlflow")
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def _runs(uri: str):
 
 def test_eval_logs_params_metrics_and_reports_to_the_tracking_uri(runner, tmp_path, patched_ckpt, tiny_test_data,
                                                                   monkeypatch):
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     uri = (tmp_path / "store").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -54,7 +54,7 @@ def test_eval_logs_params_metrics_and_reports_to_the_tracking_uri(runner, tmp_pa
 
 def test_patch_logs_into_a_local_store_else_a_child_of_the_callers_run(runner, tmp_path, tiny_ckpt, tiny_data,
                                                                   monkeypatch):
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own client: harden sets it only inside
@@ -87,7 +87,7 @@ def test_a_pipelines_run_id_gets_child_runs_and_stays_open(runner, tmp_path, pat
                                                           monkeypatch):
     """MLFLOW_RUN_ID (what pipeline tools set): eval logs a child run; the pipeline's run is neither taken over nor
     ended, and the variable is still set afterwards."""
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     uri = (tmp_path / "store").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -108,7 +108,7 @@ def test_a_pipelines_run_id_gets_child_runs_and_stays_open(runner, tmp_path, pat
 
 def test_an_unreachable_server_fails_after_the_output_and_a_missed_gate_keeps_exit_1(runner, tmp_path, patched_ckpt,
                                                                                     tiny_test_data, monkeypatch):
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -121,7 +121,7 @@ def test_an_unreachable_server_fails_after_the_output_and_a_missed_gate_keeps_ex
 
 
 def test_without_mlflow_installed_the_flag_is_one_line(runner, tmp_path, patched_ckpt, tiny_test_data, monkeypatch):
-    from hardener.cli import main
+    from hardener.cli.app import main
 
     monkeypatch.setitem(sys.modules, "mlflow", None)
     r = runner.invoke(main, ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--attack",

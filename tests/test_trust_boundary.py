@@ -10,16 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ARCH, assert_input_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hardener
-from hardener import archspec
-from hardener.checkpoint import tensor_digest
-from hardener.cli import main
+from hardener.cli.app import main
 from hardener.errors import HardenError, InputError
-
-from conftest import ARCH, assert_input_error
+from hardener.io.checkpoint import tensor_digest
+from hardener.model import archspec
 
 PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n\ndef net(**kw):\n" \
           "    pathlib.Path({marker!r}).write_text('ran')\n"

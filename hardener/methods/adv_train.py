@@ -3,7 +3,7 @@ changes, the result is a new base, not a patch. The adversary is the model being
 the patch method's (CE or TRADES on clean + adversarial pairs, plus μ · KL to the original base's logits)."""
 from __future__ import annotations
 
-from ..choices import Adversary
+from ..options.choices import Adversary
 from .base import register_method
 from .patch import PairConfig, PatchTraining
 

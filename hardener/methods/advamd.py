@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import losses
-from ..choices import Adversary
 from ..errors import InputError
-from ..kind_options import AdvAmdConfig
+from ..options.choices import Adversary
+from ..options.kind_options import AdvAmdConfig
+from . import losses
 from .base import Batch, Method, register_method
 
 
@@ -21,7 +21,7 @@ def vulnerability(ds, adv: torch.Tensor, source: torch.nn.Module, n_classes: int
     α_k^i, the difficulty of turning class k into class i, is 1 − C[k, i], where C[k, i] is the
     fraction of the class-k samples whose adversarial example the original model assigns to i.
     """
-    from ..evaluation import predict
+    from ..evaluation.threats import predict
 
     pred = predict(source, adv, batch_size, device).argmax(1)
     return losses.vulnerability_from_confusion(losses.confusion(ds.labels, pred, n_classes))

@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from .. import losses, optspec, owners
-from ..choices import Adversary
 from ..errors import InputError
+from ..options import optspec, owners
+from ..options.choices import Adversary
+from . import losses
 
 if TYPE_CHECKING:
-    from ..fit import FitConfig
     from ..patches import PatchedModel
+    from ..training.fit import FitConfig
 
 DEFAULT_METHOD = "patch"  # the method of patches on a frozen base (not a --method choice: the patch kinds are)
 ADVERSARIES = tuple(Adversary)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import losses
-from ..choices import Adversary
-from ..kind_options import PairConfig
+from ..options.choices import Adversary
+from ..options.kind_options import PairConfig
+from . import losses
 from .base import DEFAULT_METHOD, Batch, Method, register_method
 
 

@@ -3,14 +3,33 @@ how they are hooked into a frozen base (`attach.py`). The order of the imports b
 `--method` choices."""
 from __future__ import annotations
 
-from .base import (DEFAULT_BN_KIND, DEFAULT_SITE_KIND, INPUT_SITE, KINDS, PatchKind, Site, bn_kinds,
-                   register_patch_kind, site_kinds)
-from .fixer import ACTIVATIONS, Fixer, FixerConfig, TokenFixer
-from .denoise import OPS as DENOISE_OPS, Denoise, DenoiseConfig
-from .prefilter import Prefilter, PrefilterConfig
-from .auxbn import AuxBN, AuxLN
 from .attach import ROUTES, PatchedModel
-from .sites import Suggestion, bn_names, ln_names, parse_sites, select_bn_sites, select_sites, suggest, suggest_sites
+from .auxbn import AuxBN, AuxLN
+from .base import (
+    DEFAULT_BN_KIND,
+    DEFAULT_SITE_KIND,
+    INPUT_SITE,
+    KINDS,
+    PatchKind,
+    Site,
+    bn_kinds,
+    register_patch_kind,
+    site_kinds,
+)
+from .denoise import OPS as DENOISE_OPS
+from .denoise import Denoise, DenoiseConfig
+from .fixer import ACTIVATIONS, Fixer, FixerConfig, TokenFixer
+from .prefilter import Prefilter, PrefilterConfig
+from .sites import (
+    Suggestion,
+    bn_names,
+    ln_names,
+    parse_sites,
+    select_bn_sites,
+    select_sites,
+    suggest,
+    suggest_sites,
+)
 
 PATCH_KINDS = KINDS  # the registry itself: kinds registered later show up here too
 

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..model import Classifier
+from ..model.classifier import Classifier
 from .base import INPUT_SITE
-
 
 ROUTES = ("adv", "main")
 
@@ -135,7 +134,7 @@ class PatchedModel(nn.Module):
         of the base (`package.module:callable`): `arch`, else the one the model was built with (`self.arch`);
         without either it warns, and the file loads with `hardener.load(path, model=base_module)` or an `arch`.
         Loading never runs the recorded constructor unless trusted (`hardener.load`)."""
-        from ..checkpoint import save_patched_model
+        from ..io.checkpoint import save_patched_model
 
         save_patched_model(self, path, arch, arch_kwargs)
 

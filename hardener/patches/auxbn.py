@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import validate as V
 from ..errors import InputError
+from ..options import validate as V
 from .base import BOOL, CHANNELS, PatchKind, Site, register_patch_kind
-
 
 CLASS_NAME = (lambda v: isinstance(v, str) and 0 < len(v) <= 100 and v.isidentifier(), "must be a class name")
 

@@ -35,8 +35,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from .. import optspec, owners, validate as V
 from ..errors import InputError
+from ..options import optspec, owners
+from ..options import validate as V
 
 INPUT_SITE = "input"  # the model's input (after normalisation): the site of "input" kinds
 PLACEMENTS = ("output", "input", "bn")

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import validate as V
-from ..choices import DENOISE_OPS as OPS
 from ..errors import InputError
-from ..kind_options import DenoiseConfig
+from ..options import validate as V
+from ..options.choices import DENOISE_OPS as OPS
+from ..options.kind_options import DenoiseConfig
 from .base import CHANNELS, PatchKind, Site, choice, register_patch_kind
 
 MAX_POSITIONS = 65536  # H*W above which non-local Gaussian is refused (chunks would still be huge)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import validate as V
 from ..errors import InputError
-from ..kind_options import FixerConfig
+from ..options import validate as V
+from ..options.kind_options import FixerConfig
 from .base import BOOL, CHANNELS, FINITE, PatchKind, Site, choice, register_patch_kind
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import validate as V
-from ..choices import PREFILTER_DESIGNS as DESIGNS
 from ..errors import InputError
-from ..kind_options import PrefilterConfig
+from ..options import validate as V
+from ..options.choices import PREFILTER_DESIGNS as DESIGNS
+from ..options.kind_options import PrefilterConfig
 from .base import CHANNELS, FINITE, PatchKind, Site, choice, register_patch_kind
 
 

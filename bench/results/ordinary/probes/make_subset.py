@@ -2,9 +2,15 @@
 #   python make_subset.py OUT N  ->  the shipped 2,000 (the seed-0 stratified subset: the first 200 per class of
 #   stratified_split's per-class order) + the next N/10 - 200 per class of that order, skipping val1000's images
 #   (by content hash), so that validation stays outside the training data.
-import hashlib, sys, numpy as np, torch
+import hashlib
+import sys
+
+import numpy as np
+import torch
+
 sys.path.insert(0, "/work/snap")
 from hardener import data as hdata
+
 ds = hdata.load("fashion-mnist:train")
 labels = ds.labels; imgs = ds.images.numpy() if hasattr(ds.images, "numpy") else np.asarray(ds.images)
 h = lambda a: hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()

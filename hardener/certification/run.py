@@ -1,0 +1,136 @@
+"""One certification, for the library and the command line alike: `hardener.certify` and `harden certify` both run
+`certify_run` (the memory check, the sample selection, CERTIFY or the sequential one, the report) and render what it
+returns; what differs is where progress goes and whether finished rows are kept for a resume (`keep`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import data as hdata
+from ..options import validate as V
+from ..reports import report as R
+from ..version import __version__
+from . import smoothing as C
+
+
+@dataclass
+class Certification:
+    """A certification's report: `summary` (certified accuracy per radius, abstention, noisy forwards per sample),
+    `rows` (one per sample: class, radius, draws, why it stopped), `to_dict()` (the JSON report), `to_tsv()`
+    (locuslab/smoothing's columns), `to_markdown()`; shown as its Markdown table in a notebook."""
+
+    data: dict
+    result: C.CertifyResult
+
+    @property
+    def summary(self) -> dict:
+        return self.data["summary"]
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.result.rows
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], config: dict) -> "Certification":
+        """The summary of certified `rows` (a resumable state's, or a report's) under `config` (SmoothingConfig's
+        fields, as a report's `config` or a state holds them); `to_dict()` has `summary` and `rows` only."""
+        res = C.CertifyResult(config=dict(config), rows=list(rows))
+        return cls({"summary": res.summary(), "rows": res.rows}, res)
+
+    def certified_accuracy(self, radius: float) -> float:
+        return self.result.certified_accuracy(radius)
+
+    def to_dict(self) -> dict:
+        return self.data
+
+    def to_tsv(self) -> str:
+        return self.result.to_tsv()
+
+    def to_markdown(self) -> str:
+        return to_markdown(self.data)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def __repr__(self) -> str:
+        s = self.summary
+        radii = ", ".join(f"{r}: {100 * v:.1f}%" for r, v in s["certified_accuracy"].items())
+        return f"Certification(n={s['n']}, sigma={s['sigma']:g}, {s['method']}, certified accuracy at radius {radii})"
+
+
+def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device, *,
+                n_classes: int, model_name: str, model_sha: str | None, max_samples: int | None = None,
+                progress: Any = None, done: list[dict] | None = None, keep: Callable[[dict], None] | None = None,
+                deterministic: bool = False) -> Certification:
+    """Certify `max_samples` seeded stratified samples of `ds` (all without it) with `cfg`; `done` rows (a resumed
+    run) are kept, `keep(row)` sees each new one. Returns the report. Callers check the memory first
+    (`check_memory`), before any other work."""
+    ds = selected(ds, max_samples, cfg.seed)
+    res = C.certify(patched, hdata.to_float(ds.images), ds.labels, cfg, n_classes, device, progress,
+                    done=list(done or []), on_row=keep)
+    rep = {"schema": "harden.certify-report/1", "harden_version": __version__, "checkpoint": model_name,
+           "checkpoint_sha256": model_sha, "data": R.data_record(ds, []),
+           "threat_model": f"certified: L2 radius of the smoothed model (σ = {cfg.sigma:g}), with probability "
+                           f"{1 - cfg.alpha:g} over the noise", "summary": res.summary(), "rows": res.rows,
+           "environment": R.environment(str(device), cfg.seed, deterministic)}
+    return Certification(rep, res)
+
+
+def check_memory(cfg: C.SmoothingConfig, shape, flag: str = "--batch-size") -> None:
+    """A batch of noisy copies of one image (the noise, the noisy input, the model's first activations) must fit."""
+    V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), shape, 3, flag)
+
+
+def selected(ds: hdata.Dataset, max_samples: int | None, seed: int) -> hdata.Dataset:
+    """The samples a certification covers: `max_samples` seeded stratified ones, or all."""
+    if max_samples and max_samples < len(ds):
+        return ds.take(hdata.stratified_split(ds.labels, max_samples, seed)[0])
+    return ds
+
+
+def summary_line(s: dict) -> str:
+    """The certification in a line (the command's stderr)."""
+    d = s["draws_per_sample"]
+    return (f"{s['n']} samples, σ {s['sigma']:g}, {method_line(s)}, α {s['alpha']:g}: smoothed clean "
+            f"{100 * s['clean_accuracy_smoothed']:.1f}%, abstained {100 * s['abstention_rate']:.1f}%; certified at "
+            "radius " + ", ".join(f"{r}: {100 * v:.1f}%" for r, v in s["certified_accuracy"].items())
+            + f" (largest radius N allows: {s['max_certifiable_radius']:g}); noisy forwards per sample: "
+            f"mean {d['mean']:,.0f}, median {d['median']:,}, max {d['max']:,}")
+
+
+def method_line(s: dict) -> str:
+    if s.get("method") == "sequential":
+        return f"sequential CERTIFY up to radius {s['max_radius']:g} (cap N {s['N']:,})"
+    return f"N {s['N']:,}"
+
+
+def stops_text(s: dict) -> str:
+    """Why sequential samples stopped, e.g. ' Stopped: 41 at the largest radius, 2 next radius out of reach.'"""
+    if not s.get("stops"):
+        return ""
+    names = {"radius": "at the largest radius", "abstain": "abstained", "decided": "decided between radii",
+             "reach": f"next radius out of reach (z {s['out_of_reach_z']:g})", "cap": "at the cap"}
+    return " Stopped: " + ", ".join(f"{k} {names[w]}" for w, k in s["stops"].items() if k) + "."
+
+
+def to_markdown(rep: dict) -> str:
+    s = rep["summary"]
+    d = s["draws_per_sample"]
+    sha = f" (sha256 `{rep['checkpoint_sha256'][:16]}…`)" if rep.get("checkpoint_sha256") else ""
+    lines = ["## harden certify report", "", f"Model `{Path(rep['checkpoint']).name}`{sha}, data "
+             f"`{rep['data']['source']}` ({s['n']} samples).", "",
+             f"Threat model: {rep['threat_model']}. {method_line(s)}, n0 {s['n0']}, α {s['alpha']}, seed "
+             f"{s['seed']}; bound: {s['bound']}; largest certifiable radius with "
+             f"this N: {s['max_certifiable_radius']}.", "",
+             f"Noisy forwards per sample (selection included): mean {d['mean']}, median {d['median']}, "
+             f"max {d['max']}." + stops_text(s), "",
+             f"Smoothed clean accuracy {100 * s['clean_accuracy_smoothed']:.1f}%, abstention "
+             f"{100 * s['abstention_rate']:.1f}%.", "", "| radius | certified accuracy | 95% interval (Wilson) |",
+             "|---|---|---|"]
+    ci = s.get("certified_accuracy_ci95", {})
+    span = {r: f"{100 * lo:.1f}–{100 * hi:.1f}%" for r, (lo, hi) in ci.items()}
+    lines += [f"| {r} | {100 * v:.1f}% | {span.get(r, '–')} |" for r, v in s["certified_accuracy"].items()]
+    return "\n".join(lines) + "\n"

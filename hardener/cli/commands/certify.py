@@ -1,0 +1,90 @@
+"""`harden certify`: certified L2 radii of the smoothed model (randomized smoothing), per sample and summarised."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ... import data as hdata
+from ...certification import run as CR
+from ...certification import smoothing as C
+from ...errors import InputError, UsageError
+from ...io.checkpoint import atomic_write, sha256_file
+from ...io.resume import EvalStore, fingerprint
+from ...io.session import finish_spec, load_data, load_model, pick_device
+from ...runtime.console import ProgressView, err_console, out
+from .. import boundary as B
+from ..signals import outputs_or_none
+from . import Call, data_options, model_arg, model_options
+
+
+def run(call: Call) -> None:
+    kw = call.params
+    model = model_arg(kw["model"])
+    if not kw["data"]:
+        raise UsageError("missing --data (labelled images to certify)")
+    tsv_path, report_path = kw["tsv_path"], kw["report_path"]
+    call.check_run([("--tsv", tsv_path), ("--report", report_path)], kw["force"])
+    if report_path and Path(report_path).suffix.lower() not in (".json", ".md"):
+        raise InputError(f"--report '{report_path}': certify writes .json or .md reports")
+    sigma, alpha, n_samples = kw["sigma"], kw["alpha"], kw["n_samples"]
+    if kw["max_radius"] is not None and not kw["sequential"]:
+        raise UsageError("--max-radius needs --sequential (fixed-n CERTIFY draws --n copies whatever the radius)")
+    cfg = C.SmoothingConfig(sigma=sigma, n0=kw["n0"], n=n_samples, alpha=alpha, batch_size=kw["batch_size"],
+                            seed=kw["seed"], sequential=kw["sequential"], max_radius=kw["max_radius"])
+    device = pick_device(kw["device"])
+    loaded = load_model(model, model_options(kw))
+    ds = load_data(loaded, kw["data"], data_options(kw))
+    finish_spec(loaded, ds, device)
+    CR.check_memory(cfg, loaded.spec.shape)
+    model_sha = sha256_file(Path(model))
+    ds = CR.selected(ds, kw["max_samples"], kw["seed"])
+    store, rows = _store(ds, cfg, device, model_sha, kw)
+    if rows and not kw["quiet"]:
+        err_console.print(f"resuming: {len(rows)} of {len(ds)} samples already certified", highlight=False)
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        store.put("rows", {"rows": list(rows), "config": asdict(cfg)})  # the config: a reader can summarise it
+    with outputs_or_none(lambda: _stopped(store, rows)) as written:
+        with ProgressView(kw["quiet"]) as progress:
+            cert = CR.certify_run(loaded.patched, ds, cfg, device, n_classes=loaded.spec.num_classes,
+                               model_name=model, model_sha=model_sha,
+                               progress=progress, done=list(rows), keep=keep,
+                               deterministic=kw["deterministic"])
+        err_console.print(CR.summary_line(cert.summary), highlight=False, markup=False)
+        rep = cert.to_dict()
+        for path, text in ((tsv_path, cert.to_tsv), (report_path, lambda: _report_text(rep, report_path))):
+            if path:
+                content = text()
+                written.append(path)  # before the write: an interrupt just as the file lands removes it too
+                atomic_write(Path(path), lambda tmp, c=content: Path(tmp).write_text(c))
+    store.clear()
+    if kw["as_json"]:
+        out(json.dumps(rep, indent=2, sort_keys=True))
+
+
+def _report_text(rep: dict, path: str) -> str:
+    return CR.to_markdown(rep) if Path(path).suffix.lower() == ".md" else json.dumps(rep, indent=2, sort_keys=True)
+
+
+def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, model_sha: str, kw: dict) -> tuple[EvalStore, list]:
+    """The certification's resumable state (beside --report or --tsv, or --state-dir) and the rows it holds."""
+    rules = {"stops": C.STOPS, "reach_z": C.REACH_Z} if cfg.sequential else {}  # a rule change is another run
+    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
+                      **rules})
+    folder = B.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
+    state = folder / f".harden-certify-{fp[:16]}.partial" if folder is not None else None
+    store = EvalStore(state, fp, kw["resume"])
+    return store, list((store.get("rows") or {}).get("rows", []))
+
+
+def _stopped(store: EvalStore, rows: list) -> str:
+    """Interrupted (certifying or writing): the certified rows saved for --resume."""
+    store.flush()
+    if store.path is None:
+        return ("interrupted; no progress saved (pass --state-dir DIR, --report or --tsv to make a certification "
+                "resumable)")
+    return f"interrupted: {len(rows)} samples saved to '{store.path}'; rerun the same command with --resume"
+
+

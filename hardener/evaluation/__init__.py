@@ -1,0 +1,2 @@
+"""Evaluation: the threat models and the per-sample worst case (`threats`), typed results (`results`), one evaluation
+run for `hardener.evaluate` and `harden eval` alike (`run`), and inference-time post-training (`adaptive`)."""

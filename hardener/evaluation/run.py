@@ -1,0 +1,168 @@
+"""One `harden eval` run, for the library and the command line alike: the clean-accuracy check and the notes about
+the model and the data, the samples (a seeded stratified subset), the batch size (`auto`: the largest that fits),
+the attacks in each threat model (with a resumable store, torchrun's world, a surrogate, a fine-tuned model's parent
+as the reference, a base cache) and the report. `hardener.evaluate` and `commands/evaluate.py` both call `eval_run`;
+what differs between them is in `Hooks` (where the notes, the warnings and the progress go, the resumable store,
+the wording of messages) and in the fields the caller adds to the report (`EvalRun.extra`). The command line keeps
+its gates, its renderings and MLflow."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import attacks as A
+from .. import data as hdata
+from ..errors import InputError
+from ..io.resume import EvalStore
+from ..io.session import check_accuracy
+from ..patches import PatchedModel
+from ..patches.attach import Disabled
+from ..reports import report as R
+from ..runtime import distributed as D
+from ..runtime.console import data_lines, library_voice, silent
+from . import threats as E
+
+
+@dataclass
+class Hooks:
+    """Where an evaluation's output goes, and what its caller adds (`run.Hooks`' pattern, for evaluation)."""
+
+    say: Callable[[str], None] = silent  # the notes: the data's classes and preprocessing, the batch size chosen
+    warn: Callable[[str], None] = silent  # each warning about the model and the data, once (the report keeps them)
+    progress: Any = None  # evaluation's progress callback; one that is a context manager (ProgressView) is entered
+    world: D.World = field(default_factory=D.World)  # the processes of a torchrun launch: each attacks its shard
+    store: Callable[["EvalRun"], EvalStore] | None = None  # the resumable state, once the configuration is settled
+    library: bool = True  # messages name Python parameters (False: the command line's flags)
+
+
+@dataclass
+class EvalRun:
+    """An evaluation: its inputs (a finished `PatchedModel`, its data, the configuration), then what it made of
+    them. `cfg.batch_size` may be "auto" until the run settles it."""
+
+    patched: PatchedModel
+    ds: hdata.Dataset
+    cfg: E.EvalConfig
+    device: torch.device
+    has_patches: bool  # patches, or a fine-tuned base: the base is evaluated beside it
+    hooks: Hooks = field(default_factory=Hooks)
+    subset: int | float | None = None  # the samples: a count or a share of `ds` (data.parse_subset), seeded
+    max_samples: int | None = None  # at most this many samples (wins over `subset` when smaller than the data)
+    allow_low_accuracy: bool = False
+    reference: nn.Module | None = None  # a fine-tuned model's parent: the base rows and transfer source
+    surrogate: nn.Module | None = None  # a model of [0, 1] pixels to transfer attacks from
+    base_cache: Path | None = None  # where the base's rows and transfer examples are kept for later evaluations
+    deterministic: bool = False  # the report's environment says so
+    notes: list[str] = field(default_factory=list)  # the report's: the caller's (model, data; shown by it), the run's
+    extra: dict = field(default_factory=dict)  # the caller's fields of the report (checkpoint, invocation, ...)
+    store: EvalStore | None = None
+    result: E.EvalResult | None = None  # evaluation's; None on another rank of a sharded run (rank 0 reports)
+    report: dict | None = None
+
+
+def config(attacks: str | list[str] | tuple[str, ...], eps: float | str, library: bool = True,
+           **fields: Any) -> E.EvalConfig:
+    """The evaluation's configuration: the attacks (names, suites, comma lists; the settings suites fix), the budget
+    (a number or a fraction such as "8/255") and `EvalConfig`'s other fields as they are."""
+    names = [attacks] if isinstance(attacks, str) else list(attacks)
+    precision = fields.get("precision", "fp32")
+    if precision not in E.PRECISIONS:
+        raise InputError(f"{'precision' if library else '--precision'} must be one of {', '.join(E.PRECISIONS)}, "
+                         f"got '{precision}'")
+    return E.EvalConfig(attacks=A.parse_attack_list(names), eps=A.parse_eps(str(eps)),
+                        overrides=A.suite_settings(names), **fields)
+
+
+def eval_run(run: EvalRun) -> EvalRun:
+    """The whole evaluation of `run`'s model on its data: returns it with `result` and `report` (both None on a rank
+    other than 0 of a sharded run)."""
+    prepare(run)
+    attack(run)
+    if run.result is not None:
+        run.report = report(run)
+    return run
+
+
+def prepare(run: EvalRun) -> None:
+    """Before the attacks: the clean-accuracy check (near chance: an error, or a warning and a note with
+    `allow_low_accuracy`), the data said, the samples chosen."""
+    h = run.hooks
+    pixels = math.prod(run.patched.model.spec.shape)  # L2 budgets against the image size, once it is known
+    for e in [run.cfg.eps, *(run.cfg.eps_sweep or [])]:
+        A.check_eps(e, run.cfg.norm, pixels, what="eps" if h.library else "--eps", zero=e is not run.cfg.eps)
+    low = check_accuracy(Disabled(run.patched), run.ds, run.patched.model.spec.num_classes, run.device,
+                         run.allow_low_accuracy, library=h.library)
+    if low:
+        run.notes.append(low)
+        h.warn(low)
+    for line in data_lines(run.ds):
+        h.say(line)
+    subset = run.subset
+    if run.max_samples and run.max_samples < len(run.ds):
+        subset = run.max_samples
+    if subset is not None:
+        idx, _ = hdata.stratified_split(run.ds.labels, subset, run.cfg.seed)
+        run.ds = run.ds.take(idx)
+
+
+def attack(run: EvalRun) -> None:
+    """The batch size settled, the store opened, the attacks, the sanity checks and the eps sweep."""
+    h = run.hooks
+    if run.cfg.batch_size == "auto":
+        run.cfg.batch_size = auto_batch(run)
+    run.store = h.store(run) if h.store else None
+    view = h.progress if hasattr(h.progress, "__enter__") else contextlib.nullcontext(h.progress)
+    if run.surrogate is not None:
+        run.surrogate = run.surrogate.to(run.device).eval()
+    if run.reference is not None:
+        run.reference.to(run.device)
+    with view as progress:
+        run.result = E.evaluate(run.patched, run.ds, run.cfg, run.device, has_patches=run.has_patches,
+                                progress=progress, store=run.store, reference=run.reference,
+                                base_cache=run.base_cache, surrogate=run.surrogate, world=h.world)
+
+
+def auto_batch(run: EvalRun) -> int:
+    """Batch size "auto": the largest power of two whose attack step fits (the smallest over the ranks)."""
+    x, y = hdata.to_float(run.ds.images[:64]), run.ds.labels[:64]
+    bs = E.find_batch_size(run.patched, x, y, run.device, library=run.hooks.library)
+    if run.hooks.world.active:  # one block layout for every rank: the smallest that fits everywhere
+        import torch.distributed as dist
+
+        t = torch.tensor([bs], device=run.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        bs = int(t.item())
+    run.hooks.say(f"batch size: auto -> {bs}")
+    return bs
+
+
+def report(run: EvalRun) -> dict:
+    """The report (`report.build`): the result, the data and its notes, the attacks' settings, the environment, the
+    budget and precision, what the run used (processes, base cache) and the caller's `extra`."""
+    cfg, result = run.cfg, run.result
+    extra = {**run.extra, "eps": cfg.eps, "norm": cfg.norm, "precision": cfg.precision}
+    if run.hooks.world.active:
+        extra["processes"] = run.hooks.world.size
+    if result.base_cache:
+        extra["base_cache"] = result.base_cache
+    notes = list(run.notes)
+    if cfg.precision != "fp32":
+        again = "precision='fp32'" if run.hooks.library else "--precision fp32"
+        notes.append(f"attacks ran in {cfg.precision} (autocast): low-precision gradients can weaken attacks, so "
+                     f"robust accuracy may be overstated; rerun with {again} for the verdict")
+    env = R.environment(str(run.device), cfg.seed, run.deterministic)
+    return R.build("eval", result, R.data_record(run.ds, notes), R.attack_settings(result), env, extra)
+
+
+def library_hooks(progress: Any = True) -> Hooks:
+    """`hardener.evaluate`'s: the library's voice, as `hardener.patch` has it (`console.library_voice`): progress on
+    stderr (`True`), none (`False`/None) or a callable of evaluation's; the notes to the "hardener" logger (and stderr with `progress=True`);
+    warnings as `UserWarning`s at the caller's line."""
+    say, warn, view = library_voice(progress)
+    return Hooks(say=say, warn=warn, progress=view)

@@ -1,0 +1,2 @@
+"""Reports: JSON (the published schema in `schemas/`), Markdown, HTML and rich tables, gates (`report`); MLflow
+(`tracking`)."""

@@ -1,0 +1,285 @@
+"""One `harden patch` run, for the library and the command line alike: attach the patches, split the data, set up
+training, pseudo-label, settle the batch, plan (the plan, the notes, the warnings), train, route, record, time the
+cost. `hardener.patch` and `commands/patch.py` both call `patch_run`; what differs between them is in `Hooks`: where
+the plan, the notes, the warnings and the progress go, and what the command line adds (a resumable state beside
+--out, torchrun's world, the stop flag, its report data and the report's line of the plan)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import attacks as A
+from .. import data as hdata
+from .. import methods as M
+from ..errors import Interrupted
+from ..io.resume import Saver
+from ..io.session import check_accuracy
+from ..options.patch_options import PatchOptions
+from ..options.recipe import Split, split_for_training
+from ..patches import PatchedModel
+from ..patches import cost as C
+from ..patches.attach import Disabled
+from ..patches.layers import describe_cost
+from ..runtime import distributed as D
+from ..runtime.console import library_voice, silent
+from . import fit as F
+from . import steps as S
+
+COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
+COSTLY_MACS = 3.0  # ... and with more multiply-adds than this multiple of the base's (inference over 4x the base's)
+# Fewer optimiser steps than this and patches underfit (1% of Fashion-MNIST at batch 128 and 10 epochs:
+# 50 steps, and fixers fitted 19% of their training attack).
+FEW_STEPS = 200
+
+
+@dataclass
+class Hooks:
+    """Where a patch run's output goes, and what its caller adds. Each callable that takes the run is called once,
+    at its point of the sequence."""
+
+    say: Callable[[str], None] = silent  # the plan and the notes (sites chosen, split, pseudo-labels, estimate)
+    warn: Callable[[str], None] = silent  # each warning, once (the run's `warnings` keeps them all)
+    progress: Any = None  # fit's progress callback; one that is a context manager (ProgressView) is entered for fit
+    stop: Any = None  # a resume.StopFlag, installed around training: set, training saves and stops
+    world: D.World = field(default_factory=D.World)  # the processes of a torchrun launch
+    saver: Callable[["PatchRun"], Saver] | None = None  # the resumable state, once the training set is known
+    aside: Callable[["PatchRun"], list[str]] | None = None  # after the split: data the caller keeps (its warnings)
+    pool: Callable[["PatchRun"], hdata.Dataset] | None = None  # the images to pseudo-label (else from `unlabeled`)
+    report: Callable[["PatchRun"], tuple[str, float]] | None = None  # the caller's report: plan line, cost in units
+    cache_dir: Path | None = None  # where training caches spill
+    keep_parent: bool = False  # keep the base as it was when the method fine-tunes it (the report's reference)
+    library: bool = True  # messages name Python parameters (False: the command line's flags)
+
+
+@dataclass
+class PatchRun:
+    """A patch run: its inputs (a `PatchedModel` without patches, finished on `ds`), then what the run made of them."""
+
+    patched: PatchedModel
+    ds: hdata.Dataset
+    opts: PatchOptions
+    preset: Any  # recipe.Preset or None: the recipe the options came from
+    device: torch.device
+    hooks: Hooks = field(default_factory=Hooks)
+    given: frozenset = frozenset()  # options the caller set itself, not the preset (epochs, select_on)
+    eval_elsewhere: bool = True  # the report's data is not part of `ds`: the split keeps none of it aside
+    warnings: list[str] = field(default_factory=list)  # the caller's first (the model's), then the run's
+    split: Split | None = None
+    train_ds: hdata.Dataset | None = None
+    val_ds: hdata.Dataset | None = None
+    spec: A.AttackSpec | None = None
+    cfg: F.FitConfig | None = None
+    inference: C.Cost | None = None  # the patched model against the base: counted at attach, latency by `measure`
+    cost: dict | None = None  # what the patches add: parameters and multiply-adds
+    report_units: float = 0.0  # the caller's report, in forward-pass units (the estimate's last term)
+    saver: Saver | None = None
+    parent: torch.nn.Module | None = None
+    teacher: torch.nn.Module | None = None  # --teacher: the robust teacher of --loss rslad (frozen; never saved)
+    logs: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # what fit says of its caches and out-of-memory retries
+    estimate: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    route: str = ""
+    record: dict = field(default_factory=dict)  # the training record the checkpoint stores
+
+    @property
+    def n_classes(self) -> int:
+        return self.patched.model.spec.num_classes
+
+
+def patch_run(run: PatchRun, infos: list) -> PatchRun:
+    """The whole run on `run`'s model and data (`infos`: its layer table, `api.finish`): returns it, trained, routed
+    and recorded; `measure` times its latency after."""
+    plan(run, infos)
+    train(run)
+    run.route = run.opts.route or M.build(run.cfg).default_route
+    run.patched.set_route(run.route)
+    A.build(run.patched, run.spec)  # the attack's settings, filled in by a build, also when a resumed run never built it
+    run.record = S.training_record(run.cfg, run.spec, run.logs, run.train_ds, run.opts, run.preset, run.split,
+                                     run.val_ds)
+    return run
+
+
+def plan(run: PatchRun, infos: list) -> None:
+    """Everything before training: patches attached, the split, the trainer's configuration, the plan said and the
+    warnings warned."""
+    o, h = run.opts, run.hooks
+    teacher = None  # loaded onto a copy of the base before any patch is attached to it
+    if o.teacher is not None:
+        run.teacher, teacher = S.load_teacher(run.patched, run.ds, o.teacher, run.device, library=h.library)
+    S.attach_patches(run.patched, infos, o, say=h.say)
+    run.patched.to(run.device)
+    run.inference = C.count(run.patched) if run.patched.sites else None
+    run.cost = run.inference.added() if run.inference else None
+    if run.cost:
+        h.say(describe_cost(run.cost))
+    run.split = split_for_training(run.ds.labels, hdata.parse_subset(o.subset), run.eval_elsewhere,
+                                   o.select_on or o.validate, o.holdout, o.seed)
+    for note in run.split.notes:  # a note; a warning too (below) when the number was the user's
+        h.say(f"{run.ds.source}: {note}")
+    run.train_ds = run.ds.take(run.split.train)
+    run.val_ds = run.ds.take(run.split.val) if run.split.val is not None else None
+    run.spec, cfg = S.training_setup(o, run.n_classes, teacher)
+    aside = h.aside(run) if h.aside else []
+    low = check_accuracy(Disabled(run.patched), run.ds, run.n_classes, run.device, o.allow_low_accuracy,
+                         library=h.library)
+    run.warnings += ([low] if low else []) + aside
+    if o.unlabeled is not None and not (isinstance(o.unlabeled, str) and not o.unlabeled):
+        cfg = _pseudo_labelled(run, cfg)
+    run.cfg = S.settle_batch_size(cfg, o, len(run.train_ds))
+    if "select_on" in run.given:
+        run.warnings += [n for n in run.split.notes if n.startswith("--select-on")]  # the user's number was not met
+    run.warnings += recipe_warnings(run.preset, run.cfg, run.cfg.epoch_images(len(run.train_ds)),
+                                    epochs_given="epochs" in run.given)
+    run.warnings += _run_warnings(run)
+    report_line, run.report_units = h.report(run) if h.report else (None, 0.0)
+    h.say(plan_text(run, report_line))
+    for w in run.warnings:
+        h.warn(w)
+
+
+def _pseudo_labelled(run: PatchRun, cfg: F.FitConfig) -> F.FitConfig:
+    """`unlabeled`: the training set with the images the frozen base labels (S.add_pseudo_labels)."""
+    o = run.opts
+    if run.hooks.pool:
+        pool = run.hooks.pool(run)
+    elif isinstance(o.unlabeled, str) and o.unlabeled == "rest":
+        pool = run.ds.take(run.split.rest)
+    else:
+        pool = hdata.as_dataset(o.unlabeled, labels_required=False)
+    run.train_ds, cfg, rec = S.add_pseudo_labels(run.patched, run.train_ds, pool, o, cfg, run.device)
+    run.split.record["unlabeled"] = rec
+    agree = (f"; they agree with the pool's own labels on {100 * rec['agreement_with_pool_labels']:.1f}%"
+             if "agreement_with_pool_labels" in rec else "")
+    run.hooks.say(f"unlabeled: the base labelled {rec['kept']:,} of {rec['pool']:,} images (confidence >= "
+                  f"{rec['threshold']}){agree}; {rec['per_epoch']:,} of them join each epoch")
+    return cfg
+
+
+def recipe_warnings(recipe, cfg: F.FitConfig, n_train: int, epochs_given: bool = False) -> list[str]:
+    """Too few optimiser steps (FEW_STEPS); the recipe's own warning, or the transfer threat model's."""
+    warnings = []
+    n_steps = -(-n_train // cfg.batch_size) * cfg.epochs
+    if n_steps < FEW_STEPS:
+        from_preset = recipe and recipe.options.get("epochs") == cfg.epochs and not epochs_given  # else the user's
+        src = f" (--epochs {cfg.epochs} is preset {recipe.name}'s)" if from_preset else ""
+        warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, {cfg.epochs} "
+                        f"epochs{src}): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
+    threat = S.effective_threat_model(cfg)
+    if recipe is not None and recipe.warning and recipe.threat_model == threat:
+        warnings.append(recipe.warning)
+    elif threat == "transfer":
+        warnings.append("this patch was trained only against adversarial examples of the frozen base (transfer "
+                        "threat model, --adversary base); it does not hold against an attacker who knows the patch; "
+                        "for white-box robustness use the default recipe (--preset robust) or --adversary patched")
+    return warnings
+
+
+def _run_warnings(run: PatchRun) -> list[str]:
+    """A single-step attack with nothing to watch it; patches that cost more than the base."""
+    warnings, cfg, spec, cost = [], run.cfg, run.spec, run.cost
+    if cfg.adaptive and A.info(spec.name).kind == "single-step" and run.val_ds is None:
+        warnings.append(f"training with the single-step attack {spec.name} without a validation split: catastrophic "
+                        "overfitting (PGD robustness collapsing while the training attack is defeated) would go "
+                        "unseen; pass --select-on N (or --validate N) to watch for it and fall back to PGD")
+    if cost and cost["parameters"] > COSTLY * cost["base_parameters"]:
+        share = cost["parameters"] / max(1, cost["base_parameters"])
+        warnings.append(f"the patches add {cost['parameters']:,} parameters, {share:.0%} of the base's: choose sites "
+                        "with fewer channels (`harden layers`) or a larger --rho")
+    if cost and cost["base_macs"] and cost["macs"] > COSTLY_MACS * cost["base_macs"]:
+        times = 1 + cost["macs"] / cost["base_macs"]
+        patched = run.patched
+        prefilter = any(getattr(patched.patches[k], "kind", "") == "prefilter" for k in patched.sites.values())
+        hint = ("a pre-filter at full input resolution is usually most of it: --prefilter-stride 2 or --width 32 cut it "
+                "at a cost in robustness (bench/RESULTS.md, 'A cheaper robust recipe')" if prefilter else
+                "choose fewer sites, or sites at lower resolution (`harden layers`)")
+        warnings.append(f"the patches add {cost['macs'] / 1e6:,.1f}M multiply-adds per image, {times - 1:.1f}x the "
+                        f"base's {cost['base_macs'] / 1e6:,.1f}M: the patched model costs {times:.1f}x the base at "
+                        f"inference and in every attack step; {hint}")
+    return warnings
+
+
+def plan_text(run: PatchRun, report_line: str | None = None) -> str:
+    """The plan: recipe, training, validation, the caller's report, the cost."""
+    cfg, spec, recipe = run.cfg, run.spec, run.preset
+    n_epoch = cfg.epoch_images(len(run.train_ds))
+    per_epoch = -(-n_epoch // cfg.batch_size)
+    against = ("the model being trained" if cfg.adaptive else "the frozen base, once (transfer)")
+    att = f"{spec.name}" + (f"-{spec.steps}" if spec.steps and A.info(spec.name).kind != "single-step" else "")
+    units = F.train_units(cfg, spec)
+    auto = run.opts.batch_size == "auto"
+    lines = [f"recipe: {f'preset {recipe.name}' if recipe else 'custom options'}, training for the "
+             f"{S.effective_threat_model(cfg)} threat model",
+             f"training: {n_epoch:,} images per epoch, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size}"
+             f"{' (--batch-size auto)' if auto else ''} = {cfg.epochs * per_epoch:,} optimiser steps; attack {att} "
+             f"against {against}; about {units:.0f} forward-pass equivalents per image per step"]
+    if run.val_ds is not None:
+        lines.append(f"validation: {len(run.val_ds):,} held-out images after every {cfg.validate_every} epoch(s) "
+                     "(PGD-10 white-box and transfer)")
+    if cfg.teacher is not None:
+        w = cfg.teacher_weight
+        lines.append(f"teacher: {cfg.teacher.get('file') or cfg.teacher.get('module')} (--loss rslad: its soft labels "
+                     f"on the clean input are the targets, weight {w:.3g} on the adversarial input, {1 - w:.3g} on the "
+                     "clean one)")
+    if report_line:
+        lines.append(report_line)
+    if run.inference is not None:
+        lines.append(f"cost: the patched model at {C.describe_macs(run.inference)}; latency measured after training")
+    return "plan: " + "\n      ".join(lines)
+
+
+def train(run: PatchRun) -> None:
+    """fit, with the caller's saver, stop flag, world and progress; the estimate said once, after the first steps."""
+    h = run.hooks
+    run.saver = h.saver(run) if h.saver else None
+    run.parent = run.patched.base_copy() if run.cfg.full and h.keep_parent else None
+    t0 = time.time()
+    progress = h.progress if hasattr(h.progress, "__enter__") else contextlib.nullcontext(h.progress)
+    stop = h.stop.installed() if h.stop is not None else contextlib.nullcontext(None)
+    with progress as show, stop as flag:
+        run.logs = F.fit(run.patched, run.train_ds, run.spec, run.cfg, run.device, show, saver=run.saver,
+                         stop=lambda: bool(flag), val=run.val_ds, info=run.info, cache_dir=h.cache_dir,
+                         on_estimate=lambda est: _estimate(run, est), world=h.world, teacher=run.teacher)
+    if flag:  # a signal after the last step (in the last validation, or as training ended): honoured, not lost
+        saved = run.saver is not None and run.saver.path.exists()
+        raise Interrupted("interrupted after training: " + (f"the trained state is kept in '{run.saver.path}'; rerun "
+                                                            "with --resume to write the checkpoint without training "
+                                                            "again" if saved else "nothing was saved"))
+    run.train_seconds = time.time() - t0
+    for e in run.logs:
+        if e.fallback:
+            run.warnings.append(f"catastrophic overfitting of the {run.spec.name} training attack after epoch "
+                                f"{e.epoch} (validation PGD-10 fell to {100 * e.val_robust:.1f}%): training went back "
+                                f"to the best epoch and on with {e.fallback}")
+            h.warn(run.warnings[-1])
+    if "cache" in run.info:
+        h.say(f"cache: {run.info['cache']}")
+
+
+def _estimate(run: PatchRun, est: dict) -> None:
+    report_s = est["unit_seconds"] * run.report_units
+    run.estimate.update(est, **({"report_seconds": report_s} if run.hooks.report else {}))
+    run.hooks.say(f"estimated time left: training {F.fmt_seconds(est['train_seconds'])}"
+                  + (f" + validation {F.fmt_seconds(est['validation_seconds'])}" if run.val_ds else "")
+                  + (f" + report {F.fmt_seconds(report_s)}" if run.hooks.report else "")
+                  + f" = {F.fmt_seconds(est['seconds'] + report_s)} (measured from the first "
+                  f"{est['timed_steps']} steps: {est['seconds_per_step']:.2f} s per step)")
+
+
+def measure(run: PatchRun) -> None:
+    """The trained model on its inference route, the run's device and threads: latency against the base."""
+    if run.inference is not None:
+        run.inference.latency = C.measure_latency(run.patched)
+        run.hooks.say(f"cost: {C.describe_latency(run.inference)}")
+
+
+def library_hooks(progress: Any = True) -> Hooks:
+    """`hardener.patch`'s: the library's voice (`console.library_voice`: progress on stderr with `True`, the plan and
+    notes to the "hardener" logger, warnings as `UserWarning`s)."""
+    say, warn, view = library_voice(progress)
+    return Hooks(say=say, warn=warn, progress=view)
