@@ -28,34 +28,37 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=Non
     from .errors import InputError
     from .io.checkpoint import load_onto, load_patched, read_manifest
     from .options.validate import check_arg
+    from .options.wording import speaking_python
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"path must be a checkpoint's file path (str or Path), got {type(path).__name__}")
-    check_arg("arch", arch, "str | None")
-    check_arg("arch_kwargs", arch_kwargs, "dict | None")
-    check_arg("trust_arch", trust_arch, "bool | str | list")
-    if isinstance(trust_arch, list) and not all(isinstance(p, str) for p in trust_arch):
-        raise InputError("trust_arch must be True, a comma list of module prefixes or a list of them (strings)")
-    if arch_kwargs is not None and not all(isinstance(k, str) for k in arch_kwargs):
-        raise InputError("arch_kwargs must map keyword names (strings) to values")
+    with speaking_python({"arch": None, "trust_arch": False, "arch_kwargs": None, "mean": None, "std": None,
+                          "model": None}):
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"path must be a checkpoint's file path (str or Path), got {type(path).__name__}")
+        check_arg("arch", arch, "str | None")
+        check_arg("arch_kwargs", arch_kwargs, "dict | None")
+        check_arg("trust_arch", trust_arch, "bool | str | list")
+        if isinstance(trust_arch, list) and not all(isinstance(p, str) for p in trust_arch):
+            raise InputError("trust_arch must be True, a comma list of module prefixes or a list of them (strings)")
+        if arch_kwargs is not None and not all(isinstance(k, str) for k in arch_kwargs):
+            raise InputError("arch_kwargs must map keyword names (strings) to values")
 
-    if model is not None:
-        given = [n for n, v in (("arch", arch), ("arch_kwargs", arch_kwargs), ("mean", mean), ("std", std)) if v]
-        if given:
-            raise InputError(f"give model= or {given[0]}=, not both: with model= the base is the module you built "
-                             "and the normalisation is the file's")
-        patched, manifest = load_onto(path, model)
-    elif Path(path).is_file() and read_manifest(Path(path)) is None:
-        import json
+        if model is not None:
+            given = [n for n, v in (("arch", arch), ("arch_kwargs", arch_kwargs), ("mean", mean), ("std", std)) if v]
+            if given:
+                raise InputError(f"give model= or {given[0]}=, not both: with model= the base is the module you built "
+                                 "and the normalisation is the file's")
+            patched, manifest = load_onto(path, model)
+        elif Path(path).is_file() and read_manifest(Path(path)) is None:
+            import json
 
-        from .api import as_patched
+            from .api import as_patched
 
-        kwargs = json.dumps(arch_kwargs) if arch_kwargs else None
-        patched, manifest = as_patched(str(path), arch, mean, std, arch_kwargs=kwargs), None
-    else:
-        patched, manifest = load_patched(path, arch=arch, trust_arch=trust_arch, arch_kwargs=arch_kwargs)
-    patched.manifest = manifest
-    return patched
+            kwargs = json.dumps(arch_kwargs) if arch_kwargs else None
+            patched, manifest = as_patched(str(path), arch, mean, std, arch_kwargs=kwargs), None
+        else:
+            patched, manifest = load_patched(path, arch=arch, trust_arch=trust_arch, arch_kwargs=arch_kwargs)
+        patched.manifest = manifest
+        return patched
 
 
 def __getattr__(name):

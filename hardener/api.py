@@ -38,6 +38,7 @@ from .model import archspec
 from .model.classifier import Classifier, InputSpec, parse_floats
 from .options.patch_options import PatchOptions
 from .options.validate import MAX_SEED, check_arg
+from .options.wording import speaking_python
 from .patches import PatchedModel
 from .reports import report as R
 from .runtime.console import library_voice
@@ -115,6 +116,29 @@ def pick_device(name: str | torch.device) -> torch.device:
     return name if isinstance(name, torch.device) else _pick(str(name))
 
 
+def _keywords(fn, *more: dict[str, Any]) -> dict[str, Any]:
+    """A library function's keywords with their defaults (and `more`): the words its errors use."""
+    import inspect
+
+    out = {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    for extra in more:
+        out.update(extra)
+    return out
+
+
+def _patch_keywords() -> dict[str, Any]:
+    """`hardener.patch`'s keywords: its own, the `PatchOptions` fields and the options of every patch kind and
+    method (their flag spellings too: `loss` for `loss_name`)."""
+    from dataclasses import MISSING, fields
+
+    from .options import owners
+
+    opts = {f.name: f.default for f in fields(PatchOptions) if f.default is not MISSING}
+    owned = {n: spec.default for n, (_, spec) in owners.owned().items()}
+    spelled = {a: {**opts, **owned}.get(n) for a, n in {**PatchOptions.ALIASES, **owners.aliases()}.items()}
+    return _keywords(patch, opts, owned, spelled)
+
+
 def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | None = None, mean=None,
           std=None, logits: str | None = None, device: str | torch.device = "auto",
           progress: bool | F.Progress | None = True, **overrides: Any) -> PatchedModel:
@@ -137,24 +161,25 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     counted part)."""
     from .training import run as RUN
 
-    opts, preset = PatchOptions.build(recipe, overrides)
-    dev = pick_device(device)
-    torch.manual_seed(opts.seed)
-    patched = as_patched(model, arch, mean, std, logits)
-    if patched.sites:
-        raise InputError("the model already carries patches: patch its base instead")
-    ds = as_dataset(data)
-    infos = finish(patched, ds, dev)
-    _warn_class_count(ds, patched)
-    A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
-    run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, RUN.library_hooks(progress),
-                                     given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
-    RUN.measure(run)
-    patched.cost = run.inference
-    patched.training_record = run.record
-    patched.train_seconds = run.train_seconds
-    patched.history = run.logs
-    return patched
+    with speaking_python(_patch_keywords()):
+        opts, preset = PatchOptions.build(recipe, overrides)
+        dev = pick_device(device)
+        torch.manual_seed(opts.seed)
+        patched = as_patched(model, arch, mean, std, logits)
+        if patched.sites:
+            raise InputError("the model already carries patches: patch its base instead")
+        ds = as_dataset(data)
+        infos = finish(patched, ds, dev)
+        _warn_class_count(ds, patched)
+        A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
+        run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, RUN.library_hooks(progress),
+                                         given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
+        RUN.measure(run)
+        patched.cost = run.inference
+        patched.training_record = run.record
+        patched.train_seconds = run.train_seconds
+        patched.history = run.logs
+        return patched
 
 
 def _warn_class_count(ds: hdata.Dataset, patched: PatchedModel) -> None:
@@ -272,34 +297,35 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     gets the progress), the notes go to the `logging` logger "hardener" too; a near-chance clean accuracy let through
     by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
     not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
-    from .evaluation import run as EV
+    with speaking_python(_keywords(evaluate), {"attack": "attacks"}):
+        from .evaluation import run as EV
 
-    for what, v, lo in (("batch_size", None if batch_size == "auto" else batch_size, 1), ("steps", steps, 1),
-                        ("max_samples", max_samples, 1)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-            raise InputError(f"{what} must be an integer >= {lo}" + (" or 'auto'" if what == "batch_size" else "")
-                             + f", got {v!r}")
-    for what, v, kinds in (("eps", eps, "float | str"), ("norm", norm, "str"), ("seed", seed, "int"),
-                           ("checks", checks, "bool"), ("precision", precision, "str"),
-                           ("arch", arch, "str | None"), ("threat", threat, "str | tuple")):
-        check_arg(what, v, kinds)
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
-    if not (isinstance(attacks, str) or isinstance(attacks, (list, tuple)) and attacks
-            and all(isinstance(a, str) for a in attacks)):
-        raise InputError(f"attacks must be an attack name, a comma list or a list of names, got {attacks!r}")
-    threats = parse_threats(",".join(str(t) for t in threat) if isinstance(threat, tuple) else threat)
-    cfg = EV.config(attacks, eps, norm=norm, steps=steps, threats=threats, batch_size=batch_size, seed=seed,
-                    checks=checks, precision=precision)
-    dev = pick_device(device)
-    patched, has_patches = model_to_run(model, arch, mean, std)
-    ds = as_dataset(data)
-    finish(patched, ds, dev)
-    notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
-    run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, EV.library_hooks(progress),
-                                 max_samples=max_samples, allow_low_accuracy=allow_low_accuracy, surrogate=surrogate,
-                                 notes=notes))
-    return Report(run.report)
+        for what, v, lo in (("batch_size", None if batch_size == "auto" else batch_size, 1), ("steps", steps, 1),
+                            ("max_samples", max_samples, 1)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise InputError(f"{what} must be an integer >= {lo}" + (" or 'auto'" if what == "batch_size" else "")
+                                 + f", got {v!r}")
+        for what, v, kinds in (("eps", eps, "float | str"), ("norm", norm, "str"), ("seed", seed, "int"),
+                               ("checks", checks, "bool"), ("precision", precision, "str"),
+                               ("arch", arch, "str | None"), ("threat", threat, "str | tuple")):
+            check_arg(what, v, kinds)
+        if not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+        if not (isinstance(attacks, str) or isinstance(attacks, (list, tuple)) and attacks
+                and all(isinstance(a, str) for a in attacks)):
+            raise InputError(f"attacks must be an attack name, a comma list or a list of names, got {attacks!r}")
+        threats = parse_threats(",".join(str(t) for t in threat) if isinstance(threat, tuple) else threat)
+        cfg = EV.config(attacks, eps, norm=norm, steps=steps, threats=threats, batch_size=batch_size, seed=seed,
+                        checks=checks, precision=precision)
+        dev = pick_device(device)
+        patched, has_patches = model_to_run(model, arch, mean, std)
+        ds = as_dataset(data)
+        finish(patched, ds, dev)
+        notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
+        run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, EV.library_hooks(progress),
+                                     max_samples=max_samples, allow_low_accuracy=allow_low_accuracy, surrogate=surrogate,
+                                     notes=notes))
+        return Report(run.report)
 
 
 def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0: int = 100, alpha: float = 0.001,
@@ -313,39 +339,40 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
     `sequential=False`, the default as for `harden certify`, spends); `max_radius` (default 2 `sigma`) is the
     largest radius it tries to certify.
     Progress goes to stderr (`progress=False`: none)."""
+    with speaking_python(_keywords(certify)):
 
-    for what, v, lo in (("n", n, 1), ("n0", n0, 1), ("batch_size", batch_size, 1), ("max_samples", max_samples, 1)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-            raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
-    for what, v, kinds in (("sigma", sigma, "float"), ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
-                           ("max_radius", max_radius, "float | None"), ("seed", seed, "int")):
-        check_arg(what, v, kinds)
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
-    if max_radius is not None and not (math.isfinite(max_radius) and max_radius > 0):
-        raise InputError(f"max_radius must be a positive number, got {max_radius}")
-    if max_radius is not None and not sequential:
-        raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
-    if not (math.isfinite(sigma) and sigma > 0) or not 0 < alpha < 1:
-        raise InputError(f"sigma must be a positive number and alpha in (0, 1), got sigma={sigma}, alpha={alpha}")
-    patched, _ = model_to_run(model, arch, mean, std)
-    if isinstance(model, (str, Path)):
-        from .io.checkpoint import sha256_file
+        for what, v, lo in (("n", n, 1), ("n0", n0, 1), ("batch_size", batch_size, 1), ("max_samples", max_samples, 1)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
+        for what, v, kinds in (("sigma", sigma, "float"), ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
+                               ("max_radius", max_radius, "float | None"), ("seed", seed, "int")):
+            check_arg(what, v, kinds)
+        if not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+        if max_radius is not None and not (math.isfinite(max_radius) and max_radius > 0):
+            raise InputError(f"max_radius must be a positive number, got {max_radius}")
+        if max_radius is not None and not sequential:
+            raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
+        if not (math.isfinite(sigma) and sigma > 0) or not 0 < alpha < 1:
+            raise InputError(f"sigma must be a positive number and alpha in (0, 1), got sigma={sigma}, alpha={alpha}")
+        patched, _ = model_to_run(model, arch, mean, std)
+        if isinstance(model, (str, Path)):
+            from .io.checkpoint import sha256_file
 
-        name, sha = str(model), sha256_file(Path(model))
-    else:
-        name, sha = type(model).__name__, None
-    cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size, seed=seed,
-                            sequential=sequential, max_radius=None if max_radius is None else float(max_radius))
-    dev = pick_device(device)
-    ds = as_dataset(data)
-    finish(patched, ds, dev)
-    spec = patched.model.spec
-    CR.check_memory(cfg, spec.shape, "batch_size")
-    view = library_voice(progress)[2]  # as hardener.patch and hardener.evaluate show theirs
-    with view if hasattr(view, "__enter__") else contextlib.nullcontext():
-        return CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
-                           max_samples=max_samples, progress=view)
+            name, sha = str(model), sha256_file(Path(model))
+        else:
+            name, sha = type(model).__name__, None
+        cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size, seed=seed,
+                                sequential=sequential, max_radius=None if max_radius is None else float(max_radius))
+        dev = pick_device(device)
+        ds = as_dataset(data)
+        finish(patched, ds, dev)
+        spec = patched.model.spec
+        CR.check_memory(cfg, spec.shape, "batch_size")
+        view = library_voice(progress)[2]  # as hardener.patch and hardener.evaluate show theirs
+        with view if hasattr(view, "__enter__") else contextlib.nullcontext():
+            return CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
+                               max_samples=max_samples, progress=view)
 
 
 def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:

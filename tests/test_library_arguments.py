@@ -76,3 +76,44 @@ def test_attacks_get_arguments(kwargs, needle):
 def test_valid_arguments_still_work(patched_ckpt):
     assert hardener.attacks.get("apgd-ce", eps=0.1, steps=5, n_classes=3, restarts=2).spec.restarts == 2
     assert hardener.load(str(patched_ckpt), arch=ARCH, arch_kwargs={}) is not None
+
+
+def test_flags_become_keywords_in_the_library_words():
+    """Issue 31, item 1: messages are written once in the command line's words; the library translates the flags its
+    keywords answer to (`python_words`), and only those."""
+    from hardener.options.wording import python_words
+
+    kw = {"device": "auto", "at": None, "epochs": 10, "batch_size": 128, "trust_arch": False, "augment": True,
+          "eps": "8/255"}
+    assert python_words("--device cuda: none here (use --device cpu or auto)", kw) == \
+        "device='cuda': none here (use device='cpu' or auto)"
+    assert python_words("--at 'nope' matches no layer", kw) == "at='nope' matches no layer"
+    assert python_words("raise --epochs (or lower --batch-size)", kw) == "raise epochs (or lower batch_size)"
+    assert python_words("--eps 8/255 and --epochs 3", kw) == "eps=8/255 and epochs=3"
+    assert python_words("use --trust-arch, or --no-augment", kw) == "use trust_arch=True, or augment=False"
+    assert python_words("--out x.pt exists; rerun with --resume", kw) == "--out x.pt exists; rerun with --resume"
+    assert python_words("unknown --attack 'x'", {"attacks": "apgd"}, {"attack": "attacks"}) == "unknown attacks='x'"
+
+
+def test_library_errors_name_keywords_and_the_command_line_names_flags(toy, tiny_ckpt, tiny_data, tmp_path, runner):
+    """The same error, raised in the library: keywords from `hardener.patch`, `.evaluate` and `.load`; flags from
+    `harden patch` (the command line's words are the messages' own)."""
+    from hardener.cli.app import main
+
+    with pytest.raises(InputError) as e:
+        hardener.patch(trained_tiny(steps=1), toy, recipe=None, at="nope", progress=False)
+    assert "at='nope' matches no layer" in str(e.value) and "--at" not in str(e.value)
+    with pytest.raises(InputError) as e:
+        hardener.patch(trained_tiny(steps=1), toy, recipe=None, method="bogus", progress=False)
+    assert "unknown method='bogus'" in str(e.value) and "--method" not in str(e.value)
+    with pytest.raises(InputError) as e:
+        hardener.evaluate(trained_tiny(steps=1), toy, eps=0.1, device="no-such-device", progress=False)
+    assert "--" not in str(e.value) and "device" in str(e.value)
+    bad = tmp_path / "x.npz"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(HardenError) as e:
+        hardener.load(bad, arch=ARCH)
+    assert "--arch" not in str(e.value)
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "nope",
+                             "--out", str(tmp_path / "o.safetensors")])
+    assert r.exit_code == 2 and "--at 'nope' matches no layer" in r.output, r.output
