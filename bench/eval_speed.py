@@ -4,7 +4,7 @@
 
 Both sides attack the shipped Fashion-MNIST example base (eps 0.1, Linf) on the same seeded
 stratified test samples. "raw" is what a user would write: torchattacks.APGD over all samples in
-batches, then one scoring pass. "harden" is `evaluate.run_chain` (only clean-correct samples are
+batches, then one scoring pass. "harden" is `evaluation.threats.run_chain` (only clean-correct samples are
 attacked, every returned example is checked against eps, RNG isolated).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import torchattacks  # noqa: E402
 
-from hardener import attacks as A
-from hardener import data as hdata
+from hardener import attacks as A  # noqa: E402
+from hardener import data as hdata  # noqa: E402
 from hardener.evaluation import threats as E  # noqa: E402
 from hardener.io.checkpoint import load_base  # noqa: E402
 from hardener.model.classifier import Classifier, InputSpec  # noqa: E402

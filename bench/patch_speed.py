@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hardener import attacks as A
-from hardener import data as hdata
+from hardener import attacks as A  # noqa: E402
+from hardener import data as hdata  # noqa: E402
 from hardener.io.checkpoint import load_base  # noqa: E402
 from hardener.model.classifier import Classifier, InputSpec  # noqa: E402
 from hardener.patches import Fixer, FixerConfig, PatchedModel  # noqa: E402

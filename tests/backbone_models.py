@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from family_models import _randomise_bns, _randomise_layernorms
 from torch import nn
+
+from family_models import _randomise_bns, _randomise_layernorms
 
 # ---------------------------------------------------------------- torchvision GoogLeNet
 

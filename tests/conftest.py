@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import tiny_model  # noqa: E402
 from hypothesis import settings as _hyp  # noqa: E402
+
+import tiny_model  # noqa: E402
 
 # Property tests draw the same examples on every run (CI must be deterministic); explicit
 # @example cases carry the inputs that once failed.

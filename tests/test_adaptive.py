@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, assert_input_error, make_data, trained_tiny
 
 from hardener import attacks as A
 from hardener import data as hdata
@@ -15,6 +14,8 @@ from hardener.evaluation.adaptive import AdaptiveConfig, AdaptivePredictor
 from hardener.io.checkpoint import sha256_file
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel
+
+from conftest import ARCH, assert_input_error, make_data, trained_tiny
 
 
 def _patched() -> PatchedModel:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_data, trained_tiny
 
 from hardener import attacks as A
 from hardener.attacks.apgd import apgd
 from hardener.evaluation import threats as E
+
+from conftest import make_data, trained_tiny
 
 
 class Counting(torch.nn.Module):

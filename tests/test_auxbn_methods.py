@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from safetensors import safe_open
 
 import hardener
@@ -27,6 +26,8 @@ from hardener.patches import (
 )
 from hardener.patches.attach import Disabled
 from hardener.training import fit as F
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
 def _model() -> PatchedModel:

@@ -5,6 +5,13 @@ import json
 
 import pytest
 import torch
+
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
+from hardener.patches import PatchedModel
+from hardener.training import fit as F
+
 from conftest import (
     ARCH,
     FAST_PATCH,
@@ -13,12 +20,6 @@ from conftest import (
     make_data,
     trained_tiny,
 )
-
-from hardener import attacks as A
-from hardener import data as hdata
-from hardener.cli.app import main
-from hardener.patches import PatchedModel
-from hardener.training import fit as F
 
 BASE = trained_tiny()
 

@@ -3,16 +3,17 @@ channels-last stages. The models are tiny look-alikes built in tests/backbone_mo
 accuracy is chance, so their `harden patch` runs pass --allow-low-accuracy."""
 from __future__ import annotations
 
-import backbone_models as BM
 import numpy as np
 import pytest
 import torch
-from conftest import HERE
 from safetensors.torch import load_file, save_file
 
 import hardener
 from hardener.cli.app import main
 from hardener.training.cache import BatchLayout, Uncacheable
+
+import backbone_models as BM
+from conftest import HERE
 
 BACKBONES = HERE / "backbone_models.py"
 

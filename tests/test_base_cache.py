@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ARCH, FAST_PATCH
 
 from hardener.cli.app import main
+
+from conftest import ARCH, FAST_PATCH
 
 EVAL = ["--attack", "apgd-ce,fgsm,square", "--steps", "3", "--queries", "30", "--eps", "0.2", "--threat", "all",
         "--batch-size", "8", "--no-checks", "--quiet", "--json"]
@@ -69,8 +70,9 @@ def test_base_cache_key_follows_settings_and_base(runner, tmp_path, patched_ckpt
     b = _eval(runner, patched_ckpt, tiny_test_data, "--base-cache", str(cache), "--eps", "0.1")
     assert a["base_cache"]["dir"] != b["base_cache"]["dir"] and not b["base_cache"]["base_rows_reused"]
     # another base (the tiny model trained from another seed) under the same settings: a new entry
-    from conftest import trained_tiny
     from safetensors.torch import save_file
+
+    from conftest import trained_tiny
 
     other = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in trained_tiny(seed=5).state_dict().items()}, str(other))

@@ -80,9 +80,10 @@ def test_hostile_campaign_runs(tmp_path):
 def test_verdict_table_combines_runs_per_sample(tmp_path, patched_ckpt, tiny_test_data):
     """bench/verdict_table.py on two small evaluations of the same samples: the AND of per-sample masks."""
     from click.testing import CliRunner
-    from conftest import ARCH
 
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     common = ["eval", str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--eps", "0.15",
               "--max-samples", "30", "--no-checks", "--quiet"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_data, trained_tiny
 from torch import nn
 
 from hardener import attacks as A
@@ -13,6 +12,8 @@ from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import AuxBN, Fixer, FixerConfig, PatchedModel, Prefilter
 from hardener.training import fit as F
 from hardener.training.cache import CacheStore, FrozenPrefix, parse_bytes
+
+from conftest import make_data, trained_tiny
 
 
 def _patched(sites=("features", "block"), seed=0) -> PatchedModel:

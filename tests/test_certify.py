@@ -97,9 +97,9 @@ def test_certify_rows_summary_and_bounds():
 def test_cli_certify_writes_rows_and_report(runner, tmp_path, tiny_ckpt, tiny_test_data):
     import json
 
-    from conftest import ARCH, assert_input_error
-
     from hardener.cli.app import main
+
+    from conftest import ARCH, assert_input_error
 
     tsv, rep = tmp_path / "c.tsv", tmp_path / "c.json"
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
@@ -121,9 +121,9 @@ def test_cli_certify_writes_rows_and_report(runner, tmp_path, tiny_ckpt, tiny_te
 def test_predict_smooth_abstains_or_answers(runner, tiny_ckpt, tiny_test_data):
     import json
 
-    from conftest import ARCH
-
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     r = runner.invoke(main, ["predict", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--smooth",
                              "0.1", "--smooth-n", "200", "--max-samples", "5", "--json", "--quiet"])
@@ -134,11 +134,12 @@ def test_predict_smooth_abstains_or_answers(runner, tiny_ckpt, tiny_test_data):
 
 
 def test_denoiser_preset_trains_only_its_prefilter_and_the_base_stays(runner, tmp_path, tiny_ckpt, tiny_data):
-    from conftest import ARCH
     from safetensors.torch import load_file
 
     import hardener
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     out = tmp_path / "den.safetensors"
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "certify",
@@ -166,10 +167,10 @@ def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tin
     run (every sample has its own noise stream), fixed-n or sequential."""
     import json
 
-    from conftest import ARCH, assert_input_error
-
     from hardener.certification import smoothing as C
     from hardener.cli.app import main
+
+    from conftest import ARCH, assert_input_error
 
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
             "20", "--n", "200", "--alpha", "0.01", "--max-samples", "9", "--quiet", "--state-dir",
@@ -210,12 +211,12 @@ def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ck
     same rows; it shows progress unless `progress=False`, and its errors name Python parameters."""
     import json
 
-    from conftest import ARCH
-
     import hardener
     from hardener.certification import run as CR
     from hardener.cli.app import main
     from hardener.errors import InputError
+
+    from conftest import ARCH
 
     seen = []
     real = CR.certify_run

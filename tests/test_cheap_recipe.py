@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from safetensors import safe_open
 
 from hardener import attacks as A
@@ -17,6 +16,8 @@ from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel, Prefilter
 from hardener.patches.layers import patch_cost
 from hardener.training import fit as F
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
 def _model(size: int = 8) -> PatchedModel:

@@ -84,7 +84,7 @@ def test_help_shows_option_groups_and_examples(runner):
 
 
 def test_every_option_has_a_help_group():
-    # An option added to a command without a group would land under "Other options": give it one in options.py.
+    # An option added to a command without a group would land under "Other options": give it one in hardener/cli/options.py.
     from hardener.cli import options as O
 
     for command, specs in (("layers", O.LAYERS), ("patch", O.PATCH), ("eval", O.EVAL), ("certify", O.CERTIFY),
@@ -118,7 +118,7 @@ print(" ".join(n for n in names if not n.startswith("__")))
 
 
 def test_gpu_out_of_memory_is_still_exit_3(monkeypatch, capsys):
-    # cli.py no longer imports torch at the top; torch's CUDA out-of-memory error still maps to exit 3, and another
+    # cli/app.py no longer imports torch at the top; torch's CUDA out-of-memory error still maps to exit 3, and another
     # RuntimeError is not mistaken for it.
     import torch
 

@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH, HERE, assert_input_error
 
 from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.model import archspec
+
+from conftest import ARCH, HERE, assert_input_error
 
 MODELS = '''
 import torch

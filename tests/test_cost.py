@@ -138,10 +138,10 @@ def test_latency_is_measured_for_base_and_patched_at_each_batch():
 def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, tiny_ckpt, tiny_data):
     import json
 
-    from conftest import ARCH
-
     from hardener.cli.app import main
     from hardener.io.checkpoint import load_patched, read_manifest
+
+    from conftest import ARCH
 
     out, rep = tmp_path / "p.safetensors", tmp_path / "r.json"
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
@@ -165,10 +165,10 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
 
 
 def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
-    from conftest import make_data, trained_tiny
-
     import hardener
     from hardener.io.checkpoint import read_manifest
+
+    from conftest import make_data, trained_tiny
 
     imgs, labels = make_data(n=60)
     patched = hardener.patch(trained_tiny(), (imgs.float() / 255, labels), eps=0.1, epochs=1, steps=1, batch_size=32,
@@ -182,9 +182,9 @@ def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
 def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):
     import json
 
-    from conftest import ARCH
-
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8", "--json"])
     assert r.exit_code == 0, r.output
@@ -252,10 +252,10 @@ def test_prefilter_design_hand_counts_and_bad_values():
 
 
 def test_cli_trains_a_shuffle_prefilter_and_loads_it(runner, tmp_path, tiny_ckpt, tiny_data):
-    from conftest import ARCH, FAST_PATCH
-
     from hardener.cli.app import main
     from hardener.io.checkpoint import load_patched
+
+    from conftest import ARCH, FAST_PATCH
 
     out = tmp_path / "p.safetensors"
     args = ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "prefilter:input",
@@ -273,11 +273,11 @@ def test_cli_trains_a_shuffle_prefilter_and_loads_it(runner, tmp_path, tiny_ckpt
 
 
 def _robust_on_tiny(**overrides):
-    import tiny_model
-    from conftest import make_data
-
     from hardener import api
     from hardener.training import steps
+
+    import tiny_model
+    from conftest import make_data
 
     imgs, labels = make_data(n=30)
     torch.manual_seed(0)
@@ -315,9 +315,9 @@ def test_a_generous_budget_keeps_the_recipe_and_none_is_unconstrained():
 @pytest.mark.parametrize("budget,says", [("0.9", "at least 1.0x"), ("1.0", "no patch of the recipe fits"),
                                          ("lots", "must be a number")])
 def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt, tiny_data, budget, says):
-    from conftest import ARCH
-
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--budget", budget,
                              "--out", str(tmp_path / "p.safetensors"), "--epochs", "1", "--quiet"])
@@ -326,9 +326,9 @@ def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt,
 
 
 def test_budget_from_harden_toml(runner, tmp_path, tiny_ckpt, tiny_data):
-    from conftest import ARCH
-
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     cfg = tmp_path / "harden.toml"
     cfg.write_text("[patch]\nbudget = 0.5\n")

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, HERE, make_data, trained_tiny
 from PIL import Image
 from safetensors.torch import save_file
 
 from hardener import data as hdata
 from hardener.cli.app import main
+
+from conftest import ARCH, HERE, make_data, trained_tiny
 
 ROOT = HERE.parent
 

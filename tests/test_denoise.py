@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, trained_tiny
 
 import hardener
 from hardener import attacks as A
@@ -13,6 +12,8 @@ from hardener.cli.app import main
 from hardener.io.checkpoint import read_manifest
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import DENOISE_OPS, Denoise, DenoiseConfig, PatchedModel
+
+from conftest import ARCH, FAST_PATCH, trained_tiny
 
 
 @pytest.mark.parametrize("op", DENOISE_OPS)

@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ARCH, FAST_PATCH, HERE
 
 from hardener.cli.app import main
 from hardener.runtime import distributed as D
+
+from conftest import ARCH, FAST_PATCH, HERE
 
 ROOT = HERE.parent
 
@@ -100,10 +101,11 @@ def test_lower_precision_attacks_are_labelled(runner, prefilter_ckpt, tiny_test_
 
 
 def test_batch_size_auto_finds_the_largest_that_fits(runner, prefilter_ckpt, tiny_test_data):
-    from conftest import trained_tiny
     from test_eval import _Picky
 
     from hardener.evaluation import threats as E
+
+    from conftest import trained_tiny
 
     net = trained_tiny()
     x, y = torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long)
@@ -170,7 +172,6 @@ def test_sharded_patch_training_resumes_to_the_uninterrupted_result(tmp_path, ti
 
 
 def test_training_out_of_memory_splits_the_batch_and_finishes(capsys):
-    from conftest import make_data, trained_tiny
     from test_eval import _Picky
 
     from hardener import api
@@ -180,6 +181,8 @@ def test_training_out_of_memory_splits_the_batch_and_finishes(capsys):
     from hardener.patches.layers import probe
     from hardener.training import fit as F
     from hardener.training import steps
+
+    from conftest import make_data, trained_tiny
 
     imgs, labels = make_data(n=64)
     ds = hdata.Dataset(imgs, labels)
@@ -219,12 +222,12 @@ def test_training_in_bf16_keeps_an_fp32_checkpoint(runner, tmp_path, tiny_ckpt, 
 def test_validation_attacks_run_at_the_training_precision(monkeypatch):
     # --precision bf16: the per-epoch validation's PGD-10 runs under autocast like the training attack (it was fp32,
     # 40% of a bf16 epoch on the demo); the examples are scored in fp32 by the model itself.
-    from conftest import make_data, trained_tiny
-
     from hardener import attacks as A
     from hardener import data as hdata
     from hardener.evaluation.threats import Autocast
     from hardener.training import fit as F
+
+    from conftest import make_data, trained_tiny
 
     seen = []
     build = A.build

@@ -6,11 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from PIL import Image
 from safetensors.torch import save_file
 
 from hardener.cli.app import main
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
 def _patch(runner, model, *args, data=None):

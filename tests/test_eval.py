@@ -6,9 +6,7 @@ import re
 
 import numpy as np
 import pytest
-import tiny_model
 import torch
-from conftest import ARCH, HERE, assert_input_error
 from safetensors.torch import save_file
 
 from hardener import attacks as A
@@ -19,6 +17,9 @@ from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import PatchedModel
 from hardener.patches.attach import Disabled
 from hardener.reports import report as R
+
+import tiny_model
+from conftest import ARCH, HERE, assert_input_error
 
 
 def _save(tmp_path, model, name):

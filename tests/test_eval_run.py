@@ -9,12 +9,13 @@ import re
 
 import pytest
 import torch
-from conftest import ARCH, make_data, trained_tiny
 
 import hardener
 from hardener.cli.app import main
 from hardener.errors import InputError, RunError
 from hardener.evaluation import run as EV
+
+from conftest import ARCH, make_data, trained_tiny
 
 EVAL = dict(attacks="pgd", eps=0.1, steps=2, checks=False, threat="whitebox,transfer", max_samples=30, seed=3)
 CLI_EVAL = ["--attack", "pgd", "--eps", "0.1", "--steps", "2", "--no-checks", "--threat", "whitebox,transfer",

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 import hardener
 from hardener import attacks as A
 from hardener import methods as M
 from hardener import patches as P
 from hardener.cli.app import main
+
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 
 def _noise_attack(model, spec):

@@ -3,15 +3,16 @@ torchvision layouts, the preset's cost on features-style models, output size aga
 mimic those families' structure (tests/family_models.py); no torchvision or timm needed."""
 from __future__ import annotations
 
-import family_models as FM
 import numpy as np
 import pytest
 import torch
-from conftest import HERE
 
 import hardener
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import AuxBN, PatchedModel, select_bn_sites
+
+import family_models as FM
+from conftest import HERE
 
 FAMILY_FILE = HERE / "family_models.py"
 
@@ -257,9 +258,9 @@ def test_robust_preset_on_a_features_style_model_costs_under_a_quarter_of_the_ba
 def test_patch_prints_sites_and_cost_and_reports_the_cost(runner, tmp_path, tiny_ckpt, tiny_data):
     import json
 
-    from conftest import ARCH
-
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     rep = tmp_path / "r.json"
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "robust",
@@ -327,9 +328,9 @@ def test_the_library_warns_too(tmp_path):
 
 
 def test_suggestion_avoids_the_layers_that_get_twins():
-    import tiny_model
-
     from hardener.patches import suggest
+
+    import tiny_model
 
     net = tiny_model.tiny()
     infos = probe_tiny(net)

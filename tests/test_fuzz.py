@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from test_security import read_patched
 
 from hardener.cli.app import main
+
+from conftest import ARCH
 
 FUZZ = settings(derandomize=True, max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -271,10 +272,10 @@ def _one_line_or_ok(r) -> None:
 def own_files(tmp_path_factory) -> dict:
     """Files harden writes for itself, each with the call that reads it back: a training state, an evaluation
     state, saved adversarial examples, a spilled array with its tag, a --base-cache entry and transfer batch."""
-    from conftest import trained_tiny
-
     from hardener.evaluation import threats as E
     from hardener.io.resume import EvalStore, Saver
+
+    from conftest import trained_tiny
 
     d = tmp_path_factory.mktemp("own")
     saver = Saver(d / "o.partial", fingerprint="fp")

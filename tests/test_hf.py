@@ -6,12 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from torch import nn
 
 import hardener
 from hardener.cli.app import main
 from hardener.errors import InputError
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
 class HFLike(nn.Module):

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ARCH, FAST_PATCH, assert_input_error, assert_run_error
 from PIL import Image
 
 import hardener
 from hardener.cli.app import main
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, assert_run_error
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, assert_input_error, fresh_fixed, make_data, trained_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +20,8 @@ from hardener.errors import InputError, Interrupted
 from hardener.io import integrity as I
 from hardener.io.resume import EvalStore, Saver
 from hardener.training import fit as F
+
+from conftest import ARCH, assert_input_error, fresh_fixed, make_data, trained_tiny
 
 BASE = trained_tiny()
 

@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import ARCH, make_data, trained_tiny
 from torch.utils.data import DataLoader, TensorDataset
 
 import hardener
 from hardener.errors import InputError
+
+from conftest import ARCH, make_data, trained_tiny
 
 
 def _data(n=90, seed=0):

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCH, make_data, trained_tiny
 
 import hardener
 from hardener.errors import HardenError, InputError
+
+from conftest import ARCH, make_data, trained_tiny
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,6 +19,8 @@ from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.patches import parse_sites
 from hardener.reports import report as R
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
 def _patch(runner, model, data, tmp_path, *extra):

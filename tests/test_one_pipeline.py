@@ -7,12 +7,13 @@ import logging
 import re
 
 import pytest
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 import hardener
 from hardener.cli.app import main
 from hardener.training import run as RUN
 from hardener.training.run import FEW_STEPS
+
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 FEW = dict(recipe="transfer", at="block", eps=0.1, epochs=1, steps=1, batch_size=32)
 

@@ -11,7 +11,6 @@ from dataclasses import MISSING, dataclass, fields
 
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 from safetensors import safe_open
 
 import hardener
@@ -26,6 +25,8 @@ from hardener.options import validate as V
 from hardener.options.patch_options import PatchOptions
 from hardener.options.recipe import load_preset, preset_names
 from hardener.training import fit as F
+
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 
 def _dest(spec: O.Opt) -> str:

@@ -8,12 +8,13 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import ARCH, FAST_PATCH, assert_input_error, make_data
 
 import hardener
 from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.options.recipe import load_preset, preset_names, split_for_training
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data
 
 
 @pytest.fixture()

@@ -4,10 +4,11 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import ARCH, assert_run_error
 
 from hardener.cli.app import main
 from hardener.training import fit as F
+
+from conftest import ARCH, assert_run_error
 
 
 @pytest.fixture()

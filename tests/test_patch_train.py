@@ -4,11 +4,12 @@ checkpoint."""
 from __future__ import annotations
 
 import pytest
-from conftest import ARCH, FAST_PATCH
 
 from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.options.patch_options import PatchOptions
+
+from conftest import ARCH, FAST_PATCH
 
 
 @pytest.mark.parametrize("split,joined", [

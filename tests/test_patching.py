@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 from safetensors.torch import load_file
 
 import hardener
@@ -16,6 +15,8 @@ from hardener.cli.app import main
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import ACTIVATIONS, Fixer, FixerConfig, PatchedModel
 from hardener.training import fit as F
+
+from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
 
 
 def _patched(act: str = "linear", sites=("features", "block"), final_relu: bool = False) -> PatchedModel:

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import ARCH, assert_input_error, trained_tiny
 
 import hardener
 from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.reports import report as R
+
+from conftest import ARCH, assert_input_error, trained_tiny
 
 
 def _patch(runner, ckpt, data, out, *extra):

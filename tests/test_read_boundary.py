@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, assert_input_error, assert_run_error
 from PIL import Image
 
 import hardener
 from hardener import data as hdata
 from hardener.cli.app import main
 from hardener.errors import InputError, RunError
+
+from conftest import ARCH, assert_input_error, assert_run_error
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
 

@@ -9,11 +9,12 @@ import math
 import re
 
 import pytest
-from conftest import ARCH
 
 from hardener.cli.app import main
 from hardener.reports import report as R
 from hardener.reports.tracking import numeric_metrics
+
+from conftest import ARCH
 
 
 @pytest.fixture(scope="module")

@@ -74,9 +74,9 @@ def test_the_report_json_is_the_public_fields(evaluated):
 
 
 def test_a_sealed_base_cache_entry_of_another_shape_is_refused(tmp_path):
-    from conftest import trained_tiny
-
     from hardener.errors import InputError
+
+    from conftest import trained_tiny
 
     net = trained_tiny().eval()
     cfg = E.EvalConfig(attacks=["fgsm"], eps=0.1, batch_size=8)

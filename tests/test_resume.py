@@ -10,6 +10,15 @@ import time
 
 import pytest
 import torch
+
+from hardener import attacks as A
+from hardener import data as hdata
+from hardener.cli.app import main
+from hardener.errors import Interrupted
+from hardener.io.resume import Saver
+from hardener.patches import PatchedModel
+from hardener.training import fit as F
+
 from conftest import (
     ARCH,
     FAST_PATCH,
@@ -19,14 +28,6 @@ from conftest import (
     make_data,
     trained_tiny,
 )
-
-from hardener import attacks as A
-from hardener import data as hdata
-from hardener.cli.app import main
-from hardener.errors import Interrupted
-from hardener.io.resume import Saver
-from hardener.patches import PatchedModel
-from hardener.training import fit as F
 
 BASE = trained_tiny()
 

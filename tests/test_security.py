@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCH, HERE, assert_input_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -20,6 +19,8 @@ import hardener
 from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.io.checkpoint import tensor_digest
+
+from conftest import ARCH, HERE, assert_input_error
 
 EVIL_MODULE = "import pathlib\npathlib.Path('MARKER').write_text('pwned')\n\ndef net(**kw):\n    pathlib.Path('MARKER').write_text('pwned')\n"
 

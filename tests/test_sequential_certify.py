@@ -122,9 +122,9 @@ def test_summary_cuts_reported_radii_at_the_largest_one_asked_for():
 
 
 def test_cli_sequential_report_states_the_method_and_draws(runner, tmp_path, tiny_ckpt, tiny_test_data):
-    from conftest import ARCH, assert_input_error
-
     from hardener.cli.app import main
+
+    from conftest import ARCH, assert_input_error
 
     args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0",
             "20", "--n", "2000", "--alpha", "0.01", "--max-samples", "6", "--quiet"]

@@ -14,10 +14,11 @@ import threading
 import time
 
 import pytest
-from conftest import ARCH, HERE
 
 from hardener import attacks as A
 from hardener.cli.app import main
+
+from conftest import ARCH, HERE
 
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "HARDEN_PROGRESS_SECONDS": "0.05"}
 

@@ -7,14 +7,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as Fn
-from conftest import (
-    ARCH,
-    FAST_PATCH,
-    assert_input_error,
-    fresh_fixed,
-    make_data,
-    trained_tiny,
-)
 from safetensors.torch import load_file
 
 import hardener
@@ -28,6 +20,15 @@ from hardener.io.resume import Saver
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import Fixer, FixerConfig, PatchedModel
 from hardener.training import fit as F
+
+from conftest import (
+    ARCH,
+    FAST_PATCH,
+    assert_input_error,
+    fresh_fixed,
+    make_data,
+    trained_tiny,
+)
 
 BASE = trained_tiny()
 RECORD = {"file": "teacher.safetensors", "sha256": "0" * 64}

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import family_models as FM
 import numpy as np
 import pytest
 import torch
-from conftest import HERE, assert_input_error, make_data
 from torch import nn
 
 import hardener
@@ -30,6 +28,9 @@ from hardener.patches import (
     select_sites,
     suggest,
 )
+
+import family_models as FM
+from conftest import HERE, assert_input_error, make_data
 
 TV_ARCH = f"{HERE / 'family_models.py'}:tv_vit_like"
 SHAPES = {"tv_vit": [1, 28, 28], "vit": [3, 32, 32], "hf_vit": [1, 28, 28]}

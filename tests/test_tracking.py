@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ARCH, FAST_PATCH, assert_input_error
 
 from hardener.reports.tracking import numeric_metrics
+
+from conftest import ARCH, FAST_PATCH, assert_input_error
 
 mlflow = pytest.importorskip("mlflow")
 ROOT = Path(__file__).resolve().parent.parent

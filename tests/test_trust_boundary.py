@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ARCH, assert_input_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,6 +18,8 @@ from hardener.cli.app import main
 from hardener.errors import HardenError, InputError
 from hardener.io.checkpoint import tensor_digest
 from hardener.model import archspec
+
+from conftest import ARCH, assert_input_error
 
 PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n\ndef net(**kw):\n" \
           "    pathlib.Path({marker!r}).write_text('ran')\n"

@@ -5,9 +5,7 @@ import json
 
 import numpy as np
 import pytest
-import tiny_model
 import torch
-from conftest import HERE, assert_input_error
 from torch import nn
 
 import hardener
@@ -15,6 +13,9 @@ from hardener.cli.app import main
 from hardener.evaluation import threats as E
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import PatchedModel
+
+import tiny_model
+from conftest import HERE, assert_input_error
 
 # ---------------------------------------------------------------- a masked defence: a quantising pre-filter
 
@@ -141,9 +142,10 @@ def test_cli_surrogate_threat_needs_a_surrogate(runner, tmp_path):
 def test_cli_surrogate_runs_and_is_recorded(runner, tmp_path):
     """A patched checkpoint of Tiny evaluated with --surrogate: the surrogate chain, its sha256, the RobustBench
     entry and the provenance are in the JSON."""
+    from safetensors.torch import save_file
+
     import tiny_model as T
     from conftest import FAST_PATCH
-    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     net = T.tiny()
@@ -235,10 +237,11 @@ def test_standard_autoattack_agrees_with_the_reference_implementation():
 
 def test_eval_and_patch_reports_validate_against_the_shipped_schema(runner, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
-    from conftest import FAST_PATCH
     from safetensors.torch import save_file
 
     from hardener.reports import report as R
+
+    from conftest import FAST_PATCH
 
     schema = json.loads(R.SCHEMA_FILE.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)

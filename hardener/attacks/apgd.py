@@ -9,7 +9,7 @@ torchattacks would fail). The model must be in eval mode (`attacks.Attack` sees 
 momentum, best loss, checkpoint flags) is the sample's own, so for a deterministic model that answers each sample
 alone the others go on as before, in fewer forward and backward passes. What differs is the example returned for a
 broken sample: the first misclassified iterate, not the last, so just across the boundary. Evaluation asks for it
-only where that is safe (`evaluation._scores_as_it_attacks`) and attacks again, without the stop, any sample whose
+only where that is safe (`evaluation.threats._scores_as_it_attacks`) and attacks again, without the stop, any sample whose
 example the score calls correct; training keeps the reference behaviour.
 """
 from __future__ import annotations

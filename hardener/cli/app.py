@@ -164,7 +164,7 @@ def layers(**kw):
 
 
 class PatchCommand(ConfigCommand):
-    """`harden patch`: the options of patch kinds and methods (`options.owned_opts`) are made when the command runs,
+    """`harden patch`: the options of patch kinds and methods (`cli.options.owned_opts`) are made when the command runs,
     from the kinds and methods registered then (one registered from outside brings its options, to harden.toml too);
     its epilog (what each preset sets) is built when --help shows it, from the options' own flags and defaults."""
 

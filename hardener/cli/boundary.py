@@ -1,4 +1,4 @@
-"""The boundary of one command run (`cli._run` calls `check_run` before the command starts): numeric options against
+"""The boundary of one command run (`app._run` calls `check_run` before the command starts): numeric options against
 their ranges, options that size tensors against the memory, and the output paths: never an input, never harden's own
 side files, writable, with room for them, locked against a second run to the same --out. Above `model`, `resume` and
 `validate` (whose rules it applies)."""

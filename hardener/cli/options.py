@@ -1,4 +1,4 @@
-"""The options of every `harden` command, as data: `cli.py` turns each `Opt` into a click option (this module does
+"""The options of every `harden` command, as data: `cli/app.py` turns each `Opt` into a click option (this module does
 not import click, nor torch: `harden --help` stays fast). The defaults of `harden patch`'s training options come from
 `PatchOptions`, where each is stated once; the options of patch kinds and training methods are generated from their
 configs' declarations (`optspec`, `owned_opts`); choices from `hardener.options.choices` and the presets folder.

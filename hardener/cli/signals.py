@@ -1,6 +1,6 @@
 """SIGTERM as Ctrl-C: one mechanism for the whole of a command, so that every phase stops the same way.
 
-`harden` installs `sigterm_as_interrupt` once per command (`cli.run`): a SIGTERM (a scheduler's stop, `kill`, a
+`harden` installs `sigterm_as_interrupt` once per command (`app.run`): a SIGTERM (a scheduler's stop, `kill`, a
 container's shutdown) raises `KeyboardInterrupt` wherever the run is, exactly as SIGINT does. Each command then
 saves what can be resumed where it catches the interrupt, removes outputs it wrote but did not finish (a run writes
 all its outputs or none), releases its `--out` lock and exits 130 with one line. Training alone replaces both

@@ -1,7 +1,7 @@
 """One `harden eval` run, for the library and the command line alike: the clean-accuracy check and the notes about
 the model and the data, the samples (a seeded stratified subset), the batch size (`auto`: the largest that fits),
 the attacks in each threat model (with a resumable store, torchrun's world, a surrogate, a fine-tuned model's parent
-as the reference, a base cache) and the report. `hardener.evaluate` and `commands/evaluate.py` both call `eval_run`;
+as the reference, a base cache) and the report. `hardener.evaluate` and `cli/commands/evaluate.py` both call `eval_run`;
 what differs between them is in `Hooks` (where the notes, the warnings and the progress go, the resumable store,
 the wording of messages) and in the fields the caller adds to the report (`EvalRun.extra`). The command line keeps
 its gates, its renderings and MLflow."""
@@ -31,7 +31,7 @@ from . import threats as E
 
 @dataclass
 class Hooks:
-    """Where an evaluation's output goes, and what its caller adds (`run.Hooks`' pattern, for evaluation)."""
+    """Where an evaluation's output goes, and what its caller adds (`training.run.Hooks`' pattern, for evaluation)."""
 
     say: Callable[[str], None] = silent  # the notes: the data's classes and preprocessing, the batch size chosen
     warn: Callable[[str], None] = silent  # each warning about the model and the data, once (the report keeps them)

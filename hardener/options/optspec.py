@@ -1,6 +1,6 @@
 """Options owned by patch kinds and training methods: each is a field of its owner's config dataclass, declared with
 `option(default, lo=..., hi=..., help=...)`, and that field is the one place its default, range, help text and flag
-are stated. The command line (`options.owned_opts`), `harden.toml` (its keys are the command's options), the library
+are stated. The command line (`cli.options.owned_opts`), `harden.toml` (its keys are the command's options), the library
 (`PatchOptions.build`) and the configs themselves (`Options.__post_init__`) read them from there. Torch-free: the
 built-in configs live in `kind_options`, so `harden --help` lists them without importing torch.
 

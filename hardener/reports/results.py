@@ -57,7 +57,7 @@ class AttackRow(Result):
     settings: dict  # `AttackSpec.record()`
     attacked: int  # samples still unbroken when it started
     broken: int
-    robust_after: dict  # `evaluation.acc` of the chain's mask after it
+    robust_after: dict  # `evaluation.threats.acc` of the chain's mask after it
     seconds: float
     images_per_s: float | None
     after: Tensor | None = field(default=None, metadata=MASK)  # per-sample: unbroken after it (and those before it)
@@ -75,7 +75,7 @@ class ThreatResult(Result):
     """One threat model's chain of attacks on one model."""
 
     attacks: list[AttackRow]
-    robust: dict  # `evaluation.acc` of `mask`
+    robust: dict  # `evaluation.threats.acc` of `mask`
     eps_violations: int  # returned examples outside the eps-ball or [0, 1] (projected before scoring)
     mask: Tensor | None = field(default=None, metadata=MASK)  # per-sample: unbroken by every attack of the chain
 
@@ -141,7 +141,7 @@ class EvalResult(Result):
     n: int
     n_classes: int
     base_cache: dict | None  # `BaseCache.record`
-    out_of_memory: list[dict]  # the batch halvings (`evaluation.halve_on_oom`)
+    out_of_memory: list[dict]  # the batch halvings (`evaluation.threats.halve_on_oom`)
 
     def to_state(self) -> dict:
         return {**public(self), "models": {k: m.to_state() for k, m in self.models.items()}}

@@ -1,6 +1,6 @@
 """One `harden patch` run, for the library and the command line alike: attach the patches, split the data, set up
 training, pseudo-label, settle the batch, plan (the plan, the notes, the warnings), train, route, record, time the
-cost. `hardener.patch` and `commands/patch.py` both call `patch_run`; what differs between them is in `Hooks`: where
+cost. `hardener.patch` and `cli/commands/patch.py` both call `patch_run`; what differs between them is in `Hooks`: where
 the plan, the notes, the warnings and the progress go, and what the command line adds (a resumable state beside
 --out, torchrun's world, the stop flag, its report data and the report's line of the plan)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The steps of a patch run that `run.patch_run` chains (and `api` re-exports for the library): the patches the
+"""The steps of a patch run that `training.run.patch_run` chains (and `api` re-exports for the library): the patches the
 options ask for, attached; the training attack and the trainer's configuration; `--batch-size auto`; pseudo-labels
 from the frozen base; the training record. Below `run` (the pipeline) and `api` (the library's facade)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What each `harden` command does, without click: `cli.py` parses the options into a dict and calls the command's
+"""What each `harden` command does, without click: `cli/app.py` parses the options into a dict and calls the command's
 `run(call)` here, one module per command. Results go to stdout and everything else to stderr (`console`); errors
 are `HardenError`s (`UsageError` for a missing argument), which the command line turns into exit codes."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _no_check(outputs: list[tuple[str, Any]], force: bool) -> None:
 @dataclass
 class Call:
     """One invocation of a command: the options by parameter name (every one present, defaults filled in), the
-    boundary checks of the command line (option values, output paths against inputs; `validate.check_run`), and
+    boundary checks of the command line (option values, output paths against inputs; `boundary.check_run`), and
     which options the command line set itself."""
 
     params: dict[str, Any]

@@ -36,7 +36,7 @@ from . import (
 
 
 def run(call: Call) -> None:
-    """The whole command: checks, loading, the library's run (`eval_run.eval_run`), gates, reports, MLflow."""
+    """The whole command: checks, loading, the library's run (`evaluation.run.eval_run`), gates, reports, MLflow."""
     kw = call.params
     model, data, thresholds, threats, raw, names, sweep = _check(call)
     world, device = start(kw)

@@ -36,7 +36,7 @@ def default_out(model: str) -> Path:
 
 @dataclass
 class Plan:
-    """What a `harden patch` run works with: the library's run (`run.PatchRun`) and what the command line adds."""
+    """What a `harden patch` run works with: the library's run (`training.run.PatchRun`) and what the command line adds."""
 
     kw: dict
     out_file: Path
@@ -54,7 +54,7 @@ class Plan:
 
 
 def run(call: Call) -> None:
-    """The whole command: checks, loading, the library's run (`run.patch_run`), the checkpoint, the report."""
+    """The whole command: checks, loading, the library's run (`training.run.patch_run`), the checkpoint, the report."""
     plan = _plan(call)
     plan.invocation = invocation.record("patch", call)
     world = plan.run.hooks.world
