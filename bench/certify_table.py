@@ -1,8 +1,8 @@
 """The certification table of bench/certify_fmnist.sh (issue 32): certified accuracy per radius with 95% Wilson
 intervals, abstention, noisy forwards and CPU seconds per image, and the side-by-side of sequential and fixed-N
 CERTIFY on the same images. Reads OUT_DIR/*.json (harden certify reports) and *.log (/usr/bin/time's CPU time, summed over the runs
-of a resumed row).
-    python bench/certify_table.py OUT_DIR [--json bench/results/certify/table.json] > table.md"""
+of a resumed row); with several folders, a row comes from the last folder that has it (a rerun with a later rule).
+    python bench/certify_table.py OUT_DIR [OUT_DIR ...] [--json bench/results/certify/table.json] > table.md"""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,25 @@ RADII = ("0", "0.25", "0.5", "0.75", "1")
 NAMES = {"a_base": "(a) base, smoothed", "b_denoiser": "(b) base + harden denoiser", "c_noise_ft": "(c) noise fine-tuned"}
 
 
-def load(folder: Path, name: str) -> dict | None:
+def load(folders: list[Path], name: str) -> dict | None:
+    """A row's report from the last of `folders` that has one (see `load_one`)."""
+    for folder in reversed(folders):
+        rep = load_one(folder, name)
+        if rep is not None:
+            return rep
+    return None
+
+
+def rule(rep: dict) -> str:
+    """The stopping rule a sequential run used, read from its rows (an interrupted run's summary is rebuilt by
+    today's code): the out-of-reach rule (a sample stops once the radii it can still reach are decided: stop reason
+    "reach") or the decided-only rule of its first version."""
+    if rep["summary"].get("method") != "sequential":
+        return "fixed N"
+    return "reach rule" if any(r.get("stop") == "reach" for r in rep["rows"]) else "decided only"
+
+
+def load_one(folder: Path, name: str) -> dict | None:
     """A row's report, or (`partial: true`) the rows an interrupted run saved, summarised the same way."""
     path, log = folder / f"{name}.json", folder / f"{name}.log"
     text = log.read_text(errors="replace") if log.exists() else ""
@@ -48,9 +66,9 @@ def cell(rows: list[dict], r: float) -> str:
     return f"{100 * k / n:.1f} [{100 * lo:.0f}–{100 * hi:.0f}]"
 
 
-def main_table(folder: Path) -> tuple[list[str], list[dict]]:
+def main_table(folder: list[Path]) -> tuple[list[str], list[dict]]:
     lines = ["| model | σ | images | " + " | ".join(f"r = {r}" for r in RADII) + " | abstained | forwards / image "
-             "(mean, median, max) | CPU s / image |", "|" + "---|" * (len(RADII) + 6)]
+             "(mean, median, max) | CPU s / image | stopping |", "|" + "---|" * (len(RADII) + 7)]
     out = []
     for key, label in NAMES.items():
         for sigma in ("0.25", "0.5"):
@@ -65,17 +83,17 @@ def main_table(folder: Path) -> tuple[list[str], list[dict]]:
             cpu_text = f"{cpu:.2f}" if cpu else "–"
             n_text = f"{s['n']} (interrupted)" if rep.get("partial") else str(s["n"])
             lines.append(f"| {label} | {sigma} | {n_text} | " + " | ".join(cells) + f" | {100 * s['abstention_rate']:.1f}%"
-                         f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} |")
+                         f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} | {rule(rep)} |")
             out.append({"model": key, "sigma": float(sigma), "summary": s, "cpu_s_per_image": cpu,
-                        "partial": bool(rep.get("partial"))})
+                        "partial": bool(rep.get("partial")), "rule": rule(rep)})
     return lines, out
 
 
-def side_by_side(folder: Path) -> tuple[list[str], list[dict]]:
+def side_by_side(folder: list[Path]) -> tuple[list[str], list[dict]]:
     lines = ["| model | σ | images | r | fixed N | sequential | same verdict | forwards / image: fixed, sequential | "
              "fewer forwards |", "|---|---|---|---|---|---|---|---|---|"]
     out = []
-    for seq_path in sorted(folder.glob("*.seq*.json")):
+    for seq_path in sorted({p.name: p for f in folder for p in f.glob("*.seq*.json")}.values(), key=lambda p: p.name):
         row, n = seq_path.name.split(".seq")[0], seq_path.name.split(".seq")[1].split(".")[0]
         seq, fixed = load(folder, f"{row}.seq{n}"), load(folder, f"{row}.fixed{n}")
         if fixed is None:
@@ -96,7 +114,7 @@ def side_by_side(folder: Path) -> tuple[list[str], list[dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("folder", type=Path)
+    ap.add_argument("folder", type=Path, nargs="+")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     t1, j1 = main_table(a.folder)
