@@ -154,7 +154,7 @@ def test_cli_output_loads_and_exports_torchscript(tmp_path, patched_ckpt, runner
 def test_manifest_file_arch_needs_trust(patched_ckpt):
     from hardener.errors import InputError
 
-    with pytest.raises(InputError, match="--trust-arch"):
+    with pytest.raises(InputError, match="trust_arch=True"):
         hardener.load(patched_ckpt)
     assert hardener.load(patched_ckpt, trust_arch=True) is not None
 
