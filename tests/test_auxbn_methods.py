@@ -126,17 +126,20 @@ def test_vulnerability_coefficient_matches_hand_computation():
 
 
 class _BNSpy:
-    """Records the pixel value of every batch that reached a main BN in training mode."""
+    """Records the pixel value of every batch that moved a main BN's running statistics (on route adv the twin runs
+    in its place: the layer is called, but does not run)."""
 
     def __init__(self, p: PatchedModel, bn_site: str) -> None:
         self.current = None
+        self.count = 0
         self.seen: list[float] = []
         p.net.register_forward_pre_hook(lambda _m, inp: setattr(self, "current", float(inp[0].mean())))
         bn = p.net.get_submodule(bn_site)
-        bn.register_forward_pre_hook(self._hook)
+        bn.register_forward_pre_hook(lambda m, _inp: setattr(self, "count", int(m.num_batches_tracked)))
+        bn.register_forward_hook(self._hook)
 
-    def _hook(self, module, _inp):
-        if module.training:  # only then do its running statistics move
+    def _hook(self, module, _inp, _out):
+        if int(module.num_batches_tracked) > self.count:  # a batch in training mode: its statistics moved
             self.seen.append(self.current)
 
 

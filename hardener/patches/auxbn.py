@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InputError
 from ..options import validate as V
+from .attach import drop_twin_forward
 from .base import BOOL, CHANNELS, PatchKind, Site, register_patch_kind
 
 CLASS_NAME = (lambda v: isinstance(v, str) and 0 < len(v) <= 100 and v.isidentifier(), "must be a class name")
@@ -38,7 +39,7 @@ def twin_of(bn: _BatchNorm) -> nn.Module:
                       "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                       "_backward_pre_hooks"):
             getattr(m, hooks, {}).clear()
-        m.__dict__.pop("_harden_training", None)
+        drop_twin_forward(m)  # a layer copied from a patched model carries its twin's forward
     for p in twin.parameters():
         p.requires_grad_(True)
     return twin
@@ -110,7 +111,14 @@ class AuxBN(PatchKind):
     def numel(cls, spec: dict[str, Any]) -> int:
         return 4 * spec["features"] + 1  # weight, bias, running mean and var, batches tracked
 
-    def forward(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    @property
+    def uses_base(self) -> bool:
+        """Whether route adv needs the base layer's output (`out` of `forward`): only to blend, strength below 1."""
+        return self.strength != 1
+
+    def forward(self, out: torch.Tensor | None, inp: torch.Tensor) -> torch.Tensor:
+        """Route adv's output from the base layer's input `inp` and, when `uses_base`, its output `out` (None at
+        strength 1: the base layer does not run)."""
         if self.strength == 0:
             return out
         new = self.twin(inp)

@@ -4,8 +4,9 @@ A patch kind is an `nn.Module` class registered with `@register_patch_kind("name
 
 - `placement`: where it goes. "output": on a layer's output, `h -> patch(h)` (placed with --at); "input": on the
   model input after normalisation, site `input` (placed with --at KIND:input); "bn": the twin of a norm layer
-  (BatchNorm, LayerNorm), `patch(out, inp)` on route adv only (placed with --bn; its class attribute
-  `norm_types` names the layer classes it copies, checked on loading).
+  (BatchNorm, LayerNorm), `patch(out, inp)` on route adv only, in place of the layer (placed with --bn; its class
+  attribute `norm_types` names the layer classes it copies, checked on loading); `out`, the layer's own output, is
+  computed only when the patch's `uses_base` is true (absent: always), else it is None.
 - `layouts` (class attribute, "output" kinds): the site layouts it serves, "map" (N,C,H,W feature maps, the
   default) and/or "tokens" (N,L,D token tensors of transformer blocks); sites of other layouts are refused, and
   `auto`/`stem` look for sites of these layouts only. A kind serving both picks its variant in `build`.

@@ -86,12 +86,19 @@ class Fixer(PatchKind):
         return c * h + h + (h * r * 9 + r + r * c + c if r else h * c * 9 + c)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.conv2(F.relu(self.conv1(h)))
+        z = self.conv2(F.relu(self.conv1(h), inplace=True))  # in place: a fresh tensor no backward keeps
         if self.conv2_up is not None:
             z = self.conv2_up(z)
-        phi = self._act(z) - self._act0
-        out = h + (self.strength * self.config.delta) * phi
+        out = h + _scaled(self._act(z), self._act0, self.strength * self.config.delta)
         return F.relu(out) if self.config.final_relu else out
+
+
+def _scaled(a: torch.Tensor, a0: float, scale: float) -> torch.Tensor:
+    """scale·(a − a0), leaving out the passes that change no bit (issue 30: each is a pass over the feature map):
+    x − 0 and 1·x are x exactly, forward and backward."""
+    if a0 != 0:
+        a = a - a0
+    return a if scale == 1 else scale * a
 
 
 def _hidden(spec: dict[str, Any]) -> int:
@@ -154,6 +161,5 @@ class TokenFixer(PatchKind):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.fc2(F.gelu(self.fc1(self.norm(h))))
-        phi = self._act(z) - self._act0
-        out = h + (self.strength * self.config.delta) * phi
+        out = h + _scaled(self._act(z), self._act0, self.strength * self.config.delta)
         return F.relu(out) if self.config.final_relu else out

@@ -103,12 +103,13 @@ class Prefilter(PatchKind):
         return c * w * 9 + w + middle + w * out * 9 + out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(F.relu(self.conv1(x)))
-        h = F.relu(self.conv2_pw(h) if self.design == "separable" else h)
+        h = self.conv2(F.relu(self.conv1(x), inplace=True))  # in place: fresh tensors no backward keeps
+        h = F.relu(self.conv2_pw(h) if self.design == "separable" else h, inplace=True)
         if self.design == "shuffle":  # C·s² channels at 1/s -> C at s·(H/s) >= H, cropped
             g = F.pixel_shuffle(self.conv3(h), self.stride)[..., :x.shape[-2], :x.shape[-1]]
         else:
             if self.stride != 1:
                 h = F.interpolate(h, size=x.shape[-2:], mode="nearest")
             g = self.conv3(h)
-        return x + (self.strength * self.delta) * g
+        scale = self.strength * self.delta
+        return x + (g if scale == 1 else scale * g)  # 1·g is g exactly: a pass saved
