@@ -34,6 +34,9 @@ declare -A RUNS=(
   # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER= another file)
   [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER"
   [L2Te20T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER --epochs 20"
+  # fixers only (no pre-filter: its thin full-resolution convolutions are the slowest multiply-adds, profile.md),
+  # rho 2 at the stem and the suggested sites, BN twins: 1.20x the example base's multiply-adds
+  [L4Te20T]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER --epochs 20"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
