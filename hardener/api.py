@@ -33,9 +33,14 @@ from .certification import smoothing
 from .certification.run import Certification
 from .data import as_dataset
 from .errors import InputError
+from .evaluation import run as EV
 from .evaluation import threats as E
+from .io.checkpoint import sha256_file
+from .io.session import Loaded, finish_spec
+from .io.session import pick_device as _pick
 from .model import archspec
 from .model.classifier import Classifier, InputSpec, parse_floats
+from .options import owners
 from .options.patch_options import PatchOptions
 from .options.validate import MAX_SEED, check_arg
 from .options.wording import speaking_python
@@ -43,6 +48,7 @@ from .patches import PatchedModel
 from .reports import report as R
 from .runtime.console import library_voice
 from .training import fit as F
+from .training import run as RUN
 
 
 def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits: str | None = None,
@@ -93,8 +99,6 @@ def _csv(v) -> str | None:
 
 def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device) -> list:
     """Dry-run the model on the data: record its input shape and class count; the layer table."""
-    from .io.session import Loaded, finish_spec
-
     return finish_spec(Loaded(patched, None, None), ds, device)
 
 
@@ -111,8 +115,6 @@ def model_to_run(model: Any, arch: str | None, mean, std) -> tuple[PatchedModel,
 
 
 def pick_device(name: str | torch.device) -> torch.device:
-    from .io.session import pick_device as _pick
-
     return name if isinstance(name, torch.device) else _pick(str(name))
 
 
@@ -131,7 +133,6 @@ def _patch_keywords() -> dict[str, Any]:
     method (their flag spellings too: `loss` for `loss_name`)."""
     from dataclasses import MISSING, fields
 
-    from .options import owners
 
     opts = {f.name: f.default for f in fields(PatchOptions) if f.default is not MISSING}
     owned = {n: spec.default for n, (_, spec) in owners.owned().items()}
@@ -159,8 +160,6 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     (the record the checkpoint stores), `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`:
     multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
     counted part)."""
-    from .training import run as RUN
-
     with speaking_python(_patch_keywords()):
         opts, preset = PatchOptions.build(recipe, overrides)
         dev = pick_device(device)
@@ -298,8 +297,6 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
     by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
     not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
     with speaking_python(_keywords(evaluate), {"attack": "attacks"}):
-        from .evaluation import run as EV
-
         for what, v, lo in (("batch_size", None if batch_size == "auto" else batch_size, 1), ("steps", steps, 1),
                             ("max_samples", max_samples, 1)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
@@ -357,8 +354,6 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
             raise InputError(f"sigma must be a positive number and alpha in (0, 1), got sigma={sigma}, alpha={alpha}")
         patched, _ = model_to_run(model, arch, mean, std)
         if isinstance(model, (str, Path)):
-            from .io.checkpoint import sha256_file
-
             name, sha = str(model), sha256_file(Path(model))
         else:
             name, sha = type(model).__name__, None

@@ -61,10 +61,10 @@ def import_graph() -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
     return edges, top_level
 
 
-def listed_back_edges() -> dict[tuple[str, str], str]:
-    """CONTRIBUTING.md's table: | `importer` | `imported` | why |."""
+def listed_back_edges(heading: str = "Imports that point back up") -> dict[tuple[str, str], str]:
+    """A CONTRIBUTING.md table under `### heading`: | `importer` | `imported` | why |."""
     text = (ROOT / "CONTRIBUTING.md").read_text()
-    section = text.split("### Imports that point back up", 1)[1].split("\n#", 1)[0]
+    section = text.split(f"### {heading}", 1)[1].split("\n#", 1)[0]
     rows = re.findall(r"^\| `(hardener[\w.]*)` \| `(hardener[\w.]*)` \| (.+?) \|$", section, re.M)
     return {(a, b): why for a, b, why in rows}
 
@@ -129,6 +129,30 @@ def test_imports_point_down_the_house():
     up = sorted(f"{a} -> {b}" for a, bs in edges.items() for b in bs
                 if rank[part(b, parts)] > rank[part(a, parts)] and (a, b) not in listed)
     assert not up, "imports that point up the house (move one side, or list it with its reason): " + "; ".join(up)
+
+
+def help_path() -> set[str]:
+    """The hardener modules `harden --help` loads (what `import hardener.cli.app` imports)."""
+    import subprocess
+    import sys
+
+    code = "import sys, hardener.cli.app; print(' '.join(m for m in sys.modules if m.startswith('hardener')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return set(done.stdout.split())
+
+
+def test_function_level_imports_only_where_they_keep_help_fast():
+    """Issue 31: an import of a hardener module inside a function, in a module off the `--help` path, is a listed back
+    edge or a listed lazy import (CONTRIBUTING.md), and each listed lazy import exists and is function-level."""
+    edges, top = import_graph()
+    lazy, back = listed_back_edges("Imports kept inside functions"), listed_back_edges()
+    path = help_path()
+    assert "hardener.cli.app" in path and "hardener.api" not in path, sorted(path)
+    inside = sorted(f"{a} -> {b}" for a, bs in edges.items() for b in bs
+                    if (a, b) not in top and a not in path and (a, b) not in back and (a, b) not in lazy)
+    assert not inside, "imports inside functions that nothing needs lazy (move them to the top): " + "; ".join(inside)
+    for (a, b), why in lazy.items():
+        assert b in edges.get(a, ()) and (a, b) not in top and len(why.strip()) > 10, f"{a} -> {b}"
 
 
 def test_the_house_check_can_fail():

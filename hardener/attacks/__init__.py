@@ -22,6 +22,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..options.choices import SUITE_VERSIONS  # noqa: F401  (--suite: version -> suite)
+from ..options.validate import MAX_COUNT, check_arg
+from .apgd import apgd
 
 ALIASES = {"apgd": "apgd-ce"}
 # AutoAttack's versions as the reference code sets them (fra31/auto-attack, autoattack.py `set_version`): standard
@@ -258,7 +260,6 @@ def _nfgsm(model: nn.Module, spec: AttackSpec) -> Callable:
 
 def _apgd(loss):
     def build(model, spec):
-        from .apgd import apgd
         spec.settings.update(loss=loss, rho=0.75)
         return lambda x, y: apgd(model, x, y, eps=spec.eps, norm=spec.norm, steps=spec.steps, loss=loss,
                                  restarts=spec.restarts, eot=spec.eot, seed=spec.seed, stop_early=spec.stop_early)
@@ -464,7 +465,6 @@ def get(name: str, eps: float | str = "8/255", norm: str = "Linf", steps: int | 
     otherwise. `n_classes` matters for attacks with a minimum (DLR losses need 3 or 4 classes)."""
     import dataclasses
 
-    from ..options.validate import MAX_COUNT, check_arg
 
     if not isinstance(name, str):
         raise InputError(f"name must be an attack name (a string), got {name!r}")

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, RunError
+from ..io.resume import Saver
 from ..model.classifier import parse_shape
 from ..options import owners
+from ..options.choices import CONFIG_FILE as DEFAULT_FILE
 from ..options.validate import OPTION_RULES, _is_int, check_memory, regular_input
 
 
@@ -150,8 +152,6 @@ INPUT_PARAMS = (("model", "MODEL"), ("data", "--data"), ("eval_data", "--eval-da
 def run_inputs(params: dict) -> list[tuple[str, Any]]:
     """Every file and folder a command reads, by its flag: data, model (an HF folder too), class map, config file
     (harden.toml when none is given), preprocessor, unlabeled pool, the --arch Python file, caches and state."""
-    from ..options.choices import CONFIG_FILE as DEFAULT_FILE
-
     inputs: list[tuple[str, Any]] = [(flag, params.get(name)) for name, flag in INPUT_PARAMS if params.get(name)]
     inputs = [(f, v) for f, v in inputs if not (f == "--unlabeled" and v == "rest")]
     if not params.get("config") and Path(DEFAULT_FILE).is_file():
@@ -165,8 +165,6 @@ def run_inputs(params: dict) -> list[tuple[str, Any]]:
 def side_files(out: Any) -> list[Path]:
     """harden's own files beside an --out: the resumable state, its adversarial examples (cached or spilled, and
     the spill's completion tag) and the lock."""
-    from ..io.resume import Saver
-
     saver = Saver(Path(f"{out}.partial"), "")
     spill = saver.spill_path
     return [saver.path, saver.adv_path, spill, spill.with_name(spill.name + ".done"), lock_path(out)]

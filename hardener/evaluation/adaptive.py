@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import attacks as A
 from .. import data as hdata
 from ..errors import InputError
 from ..patches import PatchedModel
+from .threats import acc
 
 NEIGHBOURS = ("pgd", "targeted")
 POST_TRAIN = ("fast", "pgd", "fixed")
@@ -209,9 +211,6 @@ def evaluate_adaptive(pred: AdaptivePredictor, x: torch.Tensor, y: torch.Tensor,
     static-transfer: adversarial examples computed on the static model (the checkpoint as stored, white-box
     for it), answered by the adaptive predictor — the paper's setting. end-to-end: `end_to_end_attack` on the
     first `e2e_samples` inputs (BPDA-style approximation, named as such in the report)."""
-    from .. import attacks as A
-    from .threats import acc
-
     static, device = pred.model, pred.device
     attack = A.build(static, spec)
     advs = []

@@ -33,12 +33,15 @@ from torch import nn
 from .. import attacks as A
 from .. import data as hdata
 from ..errors import InputError, RunError
+from ..io import integrity as I
 from ..io.checkpoint import tensor_digest, write_torch
 from ..io.resume import EvalStore, fingerprint
 from ..patches import PatchedModel
 from ..patches.attach import Disabled, StraightThrough
 from ..reports.results import THREATS, AttackRow, EvalResult, ModelResult, ThreatResult
+from ..runtime import distributed as D
 from ..stats import wilson
+from ..version import __version__
 
 WHITEBOX_KNOWLEDGE = ("whitebox", "adaptive")  # attacks that know the patched model: the `robust` figure
 LAST_KINDS = ("single-step", "query")  # run after the iterative attacks (on what they left)
@@ -273,8 +276,6 @@ class BaseCache:
 
     def __init__(self, root: Path, base: nn.Module, base_tensors: dict[str, torch.Tensor], x: torch.Tensor,
                  data_fingerprint: str, cfg: EvalConfig, device: torch.device) -> None:
-        from ..version import __version__
-
         probe = predict(base, x[:cfg.batch_size], cfg.batch_size, device)
         self.key = fingerprint({
             "base": tensor_digest(base_tensors), "probe": tensor_digest({"logits": probe}),
@@ -291,8 +292,6 @@ class BaseCache:
 
     def load_base(self) -> dict | None:
         """The base's results saved by an earlier evaluation, checked against their digest; None if absent."""
-        from ..io import integrity as I
-
         f = self.dir / "base.pt"
         if not f.exists():
             return None
@@ -310,8 +309,6 @@ class BaseCache:
     def load_result(self) -> ModelResult | None:
         """`load_base` typed: the saved dict (the format every version writes) converted here, at the boundary; a
         sealed dict of another shape is refused as one harden did not write."""
-        from ..io import integrity as I
-
         saved = self.load_base()
         try:
             return None if saved is None else ModelResult.from_state(saved)
@@ -320,8 +317,6 @@ class BaseCache:
                            CACHE_TODO) from None
 
     def save_base(self, res: dict) -> None:
-        from ..io import integrity as I
-
         write_torch(self.dir / "base.pt", I.seal({"fingerprint": self.key, "result": res}, self.key))
 
     def record(self, bank: TransferBank | None) -> dict:
@@ -571,8 +566,6 @@ def evaluate(patched: PatchedModel, ds: hdata.Dataset, cfg: EvalConfig, device: 
     base = reference if reference is not None else Disabled(patched)
     cache = bank = None
     if world is not None and world.active:
-        from ..runtime import distributed as D
-
         if base_cache is not None:
             raise InputError("--base-cache is not supported with several processes yet: run without it")
         idx = D.shard(len(y), cfg.batch_size, world)

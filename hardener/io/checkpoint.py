@@ -10,18 +10,18 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import HardenError, InputError, RunError
-from ..model import archspec
+from ..model import archspec, hf
 from ..model.classifier import Classifier, InputSpec
+from ..options.validate import regular_input
+from ..patches import PATCH_KINDS, PatchedModel
 from ..version import __version__
-
-if TYPE_CHECKING:
-    from ..patches import PatchedModel
+from .manifest import patch_numel, validate_manifest
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "harden"
@@ -55,7 +55,6 @@ class Manifest:
             d = json.loads(text)
         except (json.JSONDecodeError, RecursionError, TypeError) as e:
             raise InputError(f"{source}: its manifest is not valid JSON ({str(e).splitlines()[0][:80]})") from None
-        from .manifest import validate_manifest
 
         return cls(**validate_manifest(d, source, FORMAT_VERSION, __version__))
 
@@ -429,8 +428,6 @@ def arch_for_manifest(manifest: Manifest, arch: str | None, trust_arch: bool | s
     A Hugging Face base (`hf:CLASS`, `hf.build`) is a transformers image-classifier class rebuilt from the recorded
     config, no code: it needs no trust.
     """
-    from ..model import hf
-
     stored = manifest.arch
     if hf.is_hf_arch(arch) or (not arch and hf.is_hf_arch(stored)):
         return ArchChoice(arch or stored, dict(manifest.arch_kwargs if arch_kwargs is None else arch_kwargs), True)
@@ -490,9 +487,6 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
 
     Order: manifest validated -> constructor chosen by the user's trust -> tensors checked against the
     manifest's digests -> sites, names, shapes and values of the patch tensors checked -> loaded."""
-    from ..options.validate import regular_input
-    from ..patches import PatchedModel
-
     path = regular_input(path, "checkpoint")
     manifest = read_manifest(path)
     if manifest is None:
@@ -500,7 +494,6 @@ def load_patched(path: str | Path, arch: str | None = None, trust_arch: bool | s
                          "load a plain checkpoint with --arch")
     choice = arch_for_manifest(manifest, arch, trust_arch, arch_kwargs)
     base_sd, patch_sd = _checked_tensors(path, manifest)
-    from ..model import hf
 
     if arch and pickled_arch(arch):
         net = _pickled_skeleton(arch, trust_pickle)
@@ -526,9 +519,6 @@ def load_onto(path: str | Path, net: nn.Module):
     """`hardener.load(path, model=net)` (PEFT's `PeftModel.from_pretrained(base, path)`): the patches of a
     harden-patched file attached to `net`, a module the caller built, whose tensors must be the file's base tensors
     bit for bit (else one line says which differs). `net` is used in place: frozen, in eval mode, hooked."""
-    from ..options.validate import regular_input
-    from ..patches import PatchedModel
-
     path = regular_input(path, "checkpoint")
     manifest = read_manifest(path)
     if manifest is None:
@@ -563,8 +553,6 @@ def _same_base(net: nn.Module, base_sd: dict[str, torch.Tensor], path: Path) -> 
 
 def _checked_tensors(path: Path, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A patched file's tensors checked against its manifest's digests and patch sizes: (base, patch tensors)."""
-    from .manifest import patch_numel
-
     tensors = read_safetensors(path)
     if manifest.tensors_sha256 and tensor_digest(tensors) != manifest.tensors_sha256:
         raise InputError(f"'{path}': the tensors do not match the manifest's checksum (a corrupted or "
@@ -586,8 +574,6 @@ def _checked_tensors(path: Path, manifest: Manifest) -> tuple[dict[str, torch.Te
 
 def _attach_patches(patched, manifest: Manifest, patch_sd: dict[str, torch.Tensor], path: Path) -> None:
     """The manifest's patches rebuilt at their sites of `patched`'s base, their tensors loaded, its route set."""
-    from ..patches import PATCH_KINDS
-
     modules = dict(patched.net.named_modules())
     for p in manifest.patches:
         kind, site = PATCH_KINDS[p["kind"]], p["site"]

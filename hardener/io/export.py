@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, RunError
+from .checkpoint import write_bytes, write_torch
 
 FORMATS = {"torchscript": ".ts.pt", "export": ".pt2", "onnx": ".onnx"}
 
@@ -35,7 +36,6 @@ def _write(target: Path, fmt: str, model: nn.Module, example: torch.Tensor) -> N
     """Serialized in memory, then written atomically (torch's zip writer aborts the process on a full disk)."""
     import io
 
-    from .checkpoint import write_bytes, write_torch
 
     if fmt == "torchscript":
         # without gradients: nn.MultiheadAttention (torchvision's ViT) takes one path on every call, so the trace's

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import HardenError, InputError
 from . import integrity as I
-from .checkpoint import atomic_write, write_torch
+from .checkpoint import atomic_write, write_safetensors, write_torch
 
 STATE_VERSION = 4  # 3: transfer examples come from fixed whole-set batches; 4: an integrity digest
 START_OVER = "delete it to start over"
@@ -86,7 +86,6 @@ class Saver:
     def save_adv(self, adv: torch.Tensor) -> None:
         if self.readonly:
             return
-        from .checkpoint import write_safetensors
 
         tensors = {"adv": adv.contiguous()}
         write_safetensors(self.adv_path, tensors, I.safetensors_metadata(self.fingerprint, tensors))

@@ -13,7 +13,7 @@ import torch
 
 from .. import data as hdata
 from ..errors import InputError
-from ..model import archspec
+from ..model import archspec, hf
 from ..model.classifier import (
     Classifier,
     InputSpec,
@@ -22,9 +22,18 @@ from ..model.classifier import (
     parse_floats,
     parse_shape,
 )
+from ..options.validate import regular_input
 from ..patches import PatchedModel
 from ..patches.layers import probe
-from .checkpoint import LoadedBase, Manifest, load_base, load_patched, read_manifest
+from .checkpoint import (
+    LoadedBase,
+    Manifest,
+    arch_for_manifest,
+    load_base,
+    load_patched,
+    read_manifest,
+    sha256_file,
+)
 
 
 @dataclass
@@ -96,9 +105,6 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loaded:
-    from ..model import hf
-    from ..options.validate import regular_input
-
     folder = hf.pretrained_folder(path, opts.arch)  # a Hugging Face save_pretrained folder: transformers loads it
     p = Path(path) if folder is not None and Path(path).is_dir() else regular_input(path, "checkpoint")
     manifest = read_manifest(p) if p.is_file() else None
@@ -125,9 +131,6 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
 def _load_pretrained(folder: Path) -> LoadedBase:
     """A `save_pretrained` folder's model, loaded by transformers (`hf.load_pretrained`), frozen; its sha256 is the
     weights file's (the shard index's for a sharded model)."""
-    from ..model import hf
-    from .checkpoint import sha256_file
-
     net, arch, kwargs = hf.load_pretrained(folder)
     for q in net.parameters():
         q.requires_grad_(False)
@@ -147,14 +150,11 @@ def load_parent(loaded: Loaded, parent: str | None, opts: ModelOptions):
         raise InputError("this checkpoint's base weights were fine-tuned (method "
                          f"{loaded.manifest.training.get('config', {}).get('method', '?')}): pass --parent ORIGINAL "
                          "so that the base rows and transfer attacks use the model it started from")
-    from ..options.validate import regular_input
-    from .checkpoint import sha256_file
 
     regular_input(parent, "--parent")
     if sha256_file(Path(parent)) != loaded.manifest.parent_sha256:
         raise InputError(f"--parent '{parent}' is not the checkpoint this model was fine-tuned from (sha256 differs "
                          "from the manifest's parent_sha256)")
-    from .checkpoint import arch_for_manifest
 
     choice = arch_for_manifest(loaded.manifest, opts.arch, opts.trust_arch,
                                archspec.parse_kwargs(opts.arch_kwargs) if opts.arch_kwargs else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
+from ..evaluation.threats import predict
 from ..options.choices import Adversary
 from ..options.kind_options import AdvAmdConfig
 from . import losses
@@ -21,8 +22,6 @@ def vulnerability(ds, adv: torch.Tensor, source: torch.nn.Module, n_classes: int
     α_k^i, the difficulty of turning class k into class i, is 1 − C[k, i], where C[k, i] is the
     fraction of the class-k samples whose adversarial example the original model assigns to i.
     """
-    from ..evaluation.threats import predict
-
     pred = predict(source, adv, batch_size, device).argmax(1)
     return losses.vulnerability_from_confusion(losses.confusion(ds.labels, pred, n_classes))
 

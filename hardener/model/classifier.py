@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..options.validate import regular_input
 
 
 @dataclass
@@ -50,8 +51,6 @@ def hf_normalisation(path: str | None, mean: str | None, std: str | None) -> tup
     import json
     import math
 
-    from ..errors import InputError
-    from ..options.validate import regular_input
 
     if mean or std:
         raise InputError("--preprocessor sets --mean/--std: give one or the other")

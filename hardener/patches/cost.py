@@ -26,6 +26,8 @@ import torch.utils.flop_counter as _fc
 from torch import nn
 
 from ..errors import InputError
+from . import INPUT_SITE, KINDS, Site
+from .prefilter import lighter_settings
 
 LATENCY_BATCHES = (1, 256)  # batch 1 (one request) and a large batch (throughput)
 LATENCY_BUDGET_S = 1.0  # wall time the measurement may take, warm-up included (about; one pair at least)
@@ -119,8 +121,6 @@ def kind_macs(cls, site, config) -> int:
 
 def site_fixer_macs(net: nn.Module, infos: list) -> dict[str, int]:
     """Site name -> multiply-adds per image a fixer with the default options would add there (`harden layers`)."""
-    from . import KINDS, Site
-
     fixer = KINDS["fixer"]
     config = fixer.make_config()
     return {i.name: kind_macs(fixer, Site(i.name, net.get_submodule(i.name), i.shape), config)
@@ -289,9 +289,6 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     the other site patches with what is left: at the smallest multiple of `rho` (x2 each try) that keeps the most of
     them, cheapest sites first. Returns the sites kept, the options to build them with, and a line saying what it
     chose. Nothing fitting (and no twins) is an `InputError`."""
-    from . import INPUT_SITE, KINDS, Site
-    from .prefilter import lighter_settings
-
     base = count_macs(patched)[0]
     left = (budget - 1.0) * base
 

@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import InputError
 from ..model.classifier import Classifier
 from .base import LAYOUT_WORDS, MAP, TOKENS  # noqa: F401  (LAYOUT_WORDS: what each layout is, in words)
+from .cost import count
 from .sites import suggest_sites  # noqa: F401  (moved there: site parsing and suggestion in one module)
 
 
@@ -313,8 +314,6 @@ def _is_view(x: torch.Tensor, out: torch.Tensor) -> bool:
 def patch_cost(patched) -> dict[str, int]:
     """What the patches add to the base (a `PatchedModel`): trainable parameters, and multiply-adds per image counted
     by torch at the recorded input shape (`cost.count`: functional ops and attention included), beside the base's."""
-    from .cost import count
-
     return count(patched).added()
 
 

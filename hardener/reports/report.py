@@ -10,7 +10,10 @@ from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import attacks as A
+from ..attacks import info
 from ..errors import InputError
+from ..io.checkpoint import atomic_write
 from ..version import __version__
 from .results import THREATS, EvalResult, ModelResult, public
 
@@ -97,8 +100,6 @@ def summarise(rep: dict) -> None:
 def threats_not_run(rep: dict) -> dict[str, str]:
     """The threat models that did not run on the evaluated model, each with why (`threats_not_run`: the reports
     list them on one line instead of giving them rows or figures)."""
-    from .. import attacks as A
-
     name = "patched" if "patched" in rep["models"] else "base"
     m = rep["models"][name]
     kinds = set()
@@ -135,8 +136,6 @@ CARD_OF = {"whitebox": "robust", "adaptive": "robust", "transfer": "transfer", "
 def reduced_budgets(rep: dict) -> dict[str, list[str]]:
     """What weakens the figures of the evaluated model, by the card (summary key) each affects: an attack run with
     fewer steps or queries than its reference budget, and a small sample (every card)."""
-    from .. import attacks as A
-
     m = rep["models"]["patched" if "patched" in rep["models"] else "base"]
     out: dict[str, list[str]] = {}
     for t, th in _in_order(m.get("threats", {})):
@@ -407,7 +406,6 @@ def check_gate_attacks(thresholds: dict[str, float], attacks: list[str], threats
     A gate on a threat model that did not run at all is reported as missed ("not measured", exit 1) by `gate`."""
     if allow_weak or not ({"robust", "transfer"} & set(thresholds)):
         return
-    from ..attacks import info
 
     strong = [a for a in attacks if info(a).kind == "gradient"
               and (steps if steps is not None else info(a).steps) >= MIN_GATE_STEPS]
@@ -840,8 +838,6 @@ def check_path(path: str | Path) -> Path:
 
 
 def write(rep: dict, path: str | Path) -> None:
-    from ..io.checkpoint import atomic_write
-
     path = check_path(path)
     text = RENDERERS[path.suffix.lower()](rep)
 

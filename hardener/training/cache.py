@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import data as hdata
 from ..errors import InputError
 from ..patches import INPUT_SITE, PatchedModel
 
@@ -268,8 +269,6 @@ class BaseCache:
 
     def __init__(self, patched: PatchedModel, ds: "Dataset", adv: torch.Tensor, cfg: "FitConfig",
                  device: torch.device, folder, progress=None) -> None:
-        from .. import data as hdata
-
         probe = hdata.to_float(ds.images[:8]).to(device)
         self.sites = list(patched.sites)
         self.layouts = self._layouts(patched, probe)
@@ -297,8 +296,6 @@ class BaseCache:
 
     def _fill(self, patched: PatchedModel, ds: "Dataset", adv: torch.Tensor, bs: int, device: torch.device,
               progress) -> None:
-        from .. import data as hdata
-
         n = len(ds)
         for i in range(0, n, bs):
             sl = slice(i, i + bs)

@@ -20,12 +20,15 @@ import torch
 from .. import attacks, methods
 from .. import data as hdata
 from ..errors import InputError, Interrupted, RunError
+from ..evaluation.threats import PRECISIONS, Autocast
 from ..io.resume import Saver
 from ..options import owners
 from ..options.choices import ADVERSARY_CHOICES, Adversary
 from ..patches import PatchedModel
 from ..patches.attach import Disabled
 from ..runtime.clock import VAL_UNITS, Clock, fmt_seconds, train_units  # noqa: F401  (re-exported)
+from ..runtime.distributed import World
+from .cache import BaseCache, SpilledArray, Uncacheable
 
 
 @dataclass
@@ -178,7 +181,6 @@ def _spilled_adversarials(teacher, ds: hdata.Dataset, spec: attacks.AttackSpec, 
     import tempfile
     from pathlib import Path
 
-    from .cache import SpilledArray
 
     if saver is not None and not saver.readonly:
         if saver.resume and saver.spill_done():
@@ -212,8 +214,6 @@ class _Validation:
             yield slice(i, i + self.batch_size)
 
     def _attack(self, model: torch.nn.Module) -> torch.Tensor:
-        from ..evaluation.threats import Autocast
-
         attack = attacks.build(Autocast(model, self.amp) if self.amp is not None else model, self.spec)
         out = torch.empty_like(self.x)
         for sl in self._batches():
@@ -328,8 +328,6 @@ class _Trainer:
                  device: torch.device, progress: Progress | None, saver: Saver | None,
                  stop: Callable[[], bool], val: hdata.Dataset | None, world=None,
                  teacher: torch.nn.Module | None = None) -> None:
-        from ..runtime.distributed import World
-
         self.world = world or World()
         self.method = method = methods.build(cfg)
         self.soft_teacher = _check_teacher(teacher, cfg, method, device)
@@ -360,7 +358,6 @@ class _Trainer:
             self._resume(saver.load())
         self.cached_adv, self.base_cache, self.spill_dir = None, None, None
         self.adversary = method.adversary()
-        from ..evaluation.threats import PRECISIONS
 
         self.amp = PRECISIONS[cfg.precision]  # None for fp32
         fp16 = self.amp is torch.float16 and device.type == "cuda"
@@ -428,8 +425,6 @@ class _Trainer:
     def prepare(self, info: dict | None, cache_dir, on_estimate: Callable[[dict], None] | None) -> None:
         """Before the first step: the adversarial examples made once, the base's cached answers, the method's own
         preparation, the validation split's transfer examples, the clock."""
-        from .cache import BaseCache, Uncacheable
-
         cfg, spec, val = self.cfg, self.spec, self.val
         self.cache_dir = cache_dir
         adv_bytes = self._adversarials_once()
@@ -607,7 +602,6 @@ class _Trainer:
             return x + cfg.noise_sigma * torch.randn(x.shape, generator=self.g).to(self.device)
         if self.cached_adv is not None:
             return self.cached_adv[idx].to(self.device)
-        from ..evaluation.threats import Autocast
 
         if self.adversary != Adversary.PATCHED:
             source = Autocast(self.teacher, self.amp) if self.amp is not None else self.teacher

@@ -13,9 +13,17 @@ from .. import data as hdata
 from .. import methods as M
 from ..errors import InputError
 from ..evaluation import threats as E
+from ..io.checkpoint import (
+    load_onto,
+    read_manifest,
+    read_safetensors,
+    sha256_file,
+    tensor_digest,
+)
 from ..options import optspec
 from ..options.patch_options import PatchOptions
 from ..options.recipe import Split, parse_methods
+from ..options.validate import regular_input
 from ..patches import (
     INPUT_SITE,
     PATCH_KINDS,
@@ -28,6 +36,7 @@ from ..patches import cost as C
 from ..patches.attach import Disabled
 from ..patches.layers import site_shape
 from . import fit as F
+from .cache import parse_bytes
 
 
 def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
@@ -90,8 +99,6 @@ def training_setup(opts: PatchOptions, n_classes: int,
                    teacher: dict | None = None) -> tuple[A.AttackSpec, F.FitConfig]:
     """The training attack and the trainer's configuration of `opts` (`teacher`: the record of the robust teacher
     `load_teacher` loaded)."""
-    from .cache import parse_bytes
-
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
     A.expand([opts.attack_name])
     spec = A.AttackSpec(name=opts.attack_name, eps=A.parse_eps(str(opts.eps)), norm=opts.norm, steps=opts.steps,
@@ -121,7 +128,6 @@ def load_teacher(patched: PatchedModel, ds: hdata.Dataset, teacher: Any, device:
     import copy
     from pathlib import Path
 
-    from ..io.checkpoint import tensor_digest
 
     what = "teacher=" if library else "--teacher"
     base_digest = tensor_digest(patched.base_state_dict())
@@ -158,15 +164,6 @@ def load_teacher(patched: PatchedModel, ds: hdata.Dataset, teacher: Any, device:
 def _teacher_file(path, patched: PatchedModel, base_digest: str, what: str) -> tuple[torch.nn.Module, dict]:
     """A patched checkpoint of `patched`'s base as a teacher (see `load_teacher`), and its record: its class count
     (from its manifest) and base checked before anything is built."""
-    from ..io.checkpoint import (
-        load_onto,
-        read_manifest,
-        read_safetensors,
-        sha256_file,
-        tensor_digest,
-    )
-    from ..options.validate import regular_input
-
     path = regular_input(path, what)
     manifest = read_manifest(path)
     if manifest is None:

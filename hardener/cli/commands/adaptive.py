@@ -8,6 +8,7 @@ import torch
 from ... import attacks as A
 from ... import data as hdata
 from ...errors import InputError, UsageError
+from ...evaluation.adaptive import AdaptiveConfig, AdaptivePredictor, evaluate_adaptive
 from ...io.checkpoint import atomic_write
 from ...io.session import Loaded, load_data
 from ...reports import report as R
@@ -18,8 +19,6 @@ from . import data_options
 
 def predictor(loaded: Loaded, kw: dict, device: torch.device, eps_text: str):
     """The adaptive predictor of the options (--reference-data, --neighbour..., --post-lr) at budget `eps_text`."""
-    from ...evaluation.adaptive import AdaptiveConfig, AdaptivePredictor
-
     if not kw["reference_data"]:
         raise UsageError("--adaptive needs --reference-data (labelled training data to post-train on)")
     cfg = AdaptiveConfig(eps=A.parse_eps(eps_text), neighbour=kw["neighbour"], neighbour_steps=kw["neighbour_steps"],
@@ -34,8 +33,6 @@ def evaluate(model: str, loaded: Loaded, ds: hdata.Dataset, names: list[str], kw
              device: torch.device) -> None:
     """`harden eval --defense adaptive`: clean and robust accuracy of the adaptive predictor on adversarial examples
     of the static model, plus an end-to-end attack; a JSON report."""
-    from ...evaluation.adaptive import evaluate_adaptive
-
     for p in kw["report_paths"]:
         if Path(p).suffix.lower() != ".json":
             raise InputError(f"--defense adaptive writes JSON reports only, not '{p}'")

@@ -18,6 +18,7 @@ from ...io.resume import EvalStore, fingerprint
 from ...io.session import finish_spec, load_data, load_model, load_parent
 from ...options import validate as V
 from ...reports import report as R
+from ...reports.tracking import require
 from ...runtime import distributed as D
 from ...runtime.console import ProgressView, err_console, out
 from ...training import run as RUN
@@ -106,7 +107,6 @@ def _check(call: Call):
     if kw["mlflow"]:
         if kw["defense"] == "adaptive":
             raise InputError("--mlflow does not log --defense adaptive evaluations: log its --report yourself")
-        from ...reports.tracking import require
 
         require()
     thresholds = R.parse_fail_under(kw["fail_under"])

@@ -17,10 +17,12 @@ from ...evaluation import threats as E
 from ...io.checkpoint import Manifest, save_patched, sha256_file
 from ...io.resume import Saver, StopFlag, fingerprint
 from ...io.session import Loaded, finish_spec, load_data, load_model
+from ...model.hf import is_hf_arch
 from ...options.patch_options import check_teacher
 from ...options.recipe import holdout_size, load_preset, parse_methods
 from ...patches import cost as C
 from ...reports import report as R
+from ...reports.tracking import require
 from ...runtime import distributed as D
 from ...runtime.console import ProgressView, announce, err_console, out
 from ...training import fit as F
@@ -90,8 +92,6 @@ def _check(call: Call) -> tuple[str, Path]:
         raise UsageError("missing --data (training data, or `data` in harden.toml)")
     out_file = Path(kw["out_path"]) if kw["out_path"] else default_out(model)
     if kw["mlflow"]:
-        from ...reports.tracking import require
-
         require()
     if kw["report_path"]:
         R.check_path(kw["report_path"])
@@ -275,7 +275,6 @@ def _full_eval_command(out_file: Path, loaded, eval_data: str | None, spec: A.At
 
     parts = ["harden", "eval", str(out_file), "--data", eval_data or "TEST_DATA", "--eps", repr(spec.eps),
              "--norm", spec.norm, "--attack", "apgd-ce,apgd-dlr,square", "--threat", "all"]
-    from ...model.hf import is_hf_arch
 
     if loaded.base.arch and not is_hf_arch(loaded.base.arch):  # a Hugging Face base rebuilds from its manifest
         parts += ["--arch", loaded.base.arch]

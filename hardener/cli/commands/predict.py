@@ -7,6 +7,7 @@ import json
 import torch
 
 from ... import data as hdata
+from ...certification.smoothing import ABSTAIN, Smoothed, SmoothingConfig
 from ...errors import InputError, UsageError
 from ...evaluation import threats as E
 from ...io.session import (
@@ -41,8 +42,6 @@ def run(call: Call) -> None:
 
 def _predictions(loaded: Loaded, x: torch.Tensor, kw: dict, device: torch.device) -> list[dict]:
     if kw["smooth_sigma"] is not None:
-        from ...certification.smoothing import ABSTAIN, Smoothed, SmoothingConfig
-
         if kw["adaptive"]:
             raise InputError("--smooth and --adaptive are two different predictors: give one")
         sm = Smoothed(loaded.patched, loaded.spec.num_classes,
