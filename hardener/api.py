@@ -43,7 +43,7 @@ from .model.classifier import Classifier, InputSpec, parse_floats
 from .options import owners
 from .options.patch_options import PatchOptions
 from .options.validate import MAX_SEED, check_arg
-from .options.wording import speaking_python
+from .options.wording import python_words, speaking_python
 from .patches import PatchedModel
 from .reports import report as R
 from .runtime.console import library_voice
@@ -173,7 +173,8 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
         run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, RUN.library_hooks(progress),
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
-        RUN.measure(run)
+        over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
+        _warn(over and python_words(over, _patch_keywords()))
         patched.cost = run.inference
         patched.training_record = run.record
         patched.train_seconds = run.train_seconds

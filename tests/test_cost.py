@@ -367,3 +367,36 @@ def test_a_low_rank_fixer_starts_as_the_identity_costs_less_and_round_trips():
     with pytest.raises(InputError, match="holds tokens"):
         TokenFixer.build(Site("enc", None, [5, 8]), FixerConfig(rank=2))
     assert "rank" not in TokenFixer(8, FixerConfig()).extra_spec()
+
+
+def test_a_latency_past_the_budget_is_a_warning_in_each_face(monkeypatch, runner, tmp_path, tiny_ckpt, tiny_data):
+    """`--budget` counts multiply-adds; the run then times the patched model, and a latency past the budget is a
+    warning: `budget=` at the caller's line from the library, `--budget` on stderr from the command line (the
+    timing is replaced by a slow one here; `measure_latency` itself is tested above)."""
+    import warnings
+
+    import hardener
+    from hardener.cli.app import main
+
+    from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
+
+    slow = {"device": "cpu", "threads": 1, "batches": {"1": {"ratio": 150.0, "base_ms": 1.0, "patched_ms": 150.0}}}
+    monkeypatch.setattr(C, "measure_latency", lambda *a, **k: slow)
+    imgs, labels = make_data(n=60)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        p = hardener.patch(trained_tiny(), (imgs.float() / 255, labels), eps=0.1, epochs=1, steps=1, batch_size=32,
+                           budget=100, progress=False)
+    over = [w for w in seen if "latency" in str(w.message)]
+    assert p.cost.macs_ratio <= 100 and len(over) == 1, [str(w.message) for w in seen]
+    assert "fits budget=100" in str(over[0].message) and "150.00x" in str(over[0].message)
+    assert "--" not in str(over[0].message) and over[0].filename == __file__
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "block",
+                             "--budget", "100", "--out", str(tmp_path / "p.safetensors"), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    assert "fits --budget 100 in multiply-adds" in r.stderr and "150.00x the base's latency" in r.stderr
+    monkeypatch.setattr(C, "measure_latency", lambda *a, **k: {**slow, "batches": {"1": {**slow["batches"]["1"],
+                                                                                             "ratio": 1.1}}})
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "block",
+                             "--budget", "100", "--out", str(tmp_path / "q.safetensors"), *FAST_PATCH])
+    assert r.exit_code == 0 and "latency here" not in r.stderr, r.output

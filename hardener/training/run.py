@@ -271,11 +271,24 @@ def _estimate(run: PatchRun, est: dict) -> None:
                   f"{est['timed_steps']} steps: {est['seconds_per_step']:.2f} s per step)")
 
 
-def measure(run: PatchRun) -> None:
-    """The trained model on its inference route, the run's device and threads: latency against the base."""
-    if run.inference is not None:
-        run.inference.latency = C.measure_latency(run.patched)
-        run.hooks.say(f"cost: {C.describe_latency(run.inference)}")
+def measure(run: PatchRun) -> str | None:
+    """The trained model on its inference route, the run's device and threads: latency against the base. With a
+    `--budget`, a measured latency past it is a warning, returned for the caller to give (it is also the run's last
+    `warnings`): the budget counts multiply-adds, which do not see that a thin convolution costs more time per
+    multiply-add than the base's."""
+    if run.inference is None:
+        return None
+    run.inference.latency = C.measure_latency(run.patched)
+    run.hooks.say(f"cost: {C.describe_latency(run.inference)}")
+    budget, ratio = C.parse_budget(run.opts.budget), run.inference.latency_ratio
+    if budget is not None and ratio is not None and ratio > budget:
+        text = (f"the patched model fits --budget {budget:g} in multiply-adds ({run.inference.macs_ratio:.2f}x the "
+                f"base's) but measured {ratio:.2f}x the base's latency here ({C.describe_latency(run.inference)}): "
+                "thin patch convolutions cost more time per multiply-add than the base's; time it where it will "
+                "serve, or lower --budget")
+        run.warnings.append(text)
+        return text
+    return None
 
 
 def library_hooks(progress: Any = True) -> Hooks:
