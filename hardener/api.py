@@ -128,6 +128,11 @@ def _keywords(fn, *more: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _words(keywords: dict[str, Any], aliases: dict[str, str] | None = None):
+    """Text -> the same text in the library's words (`wording.python_words`)."""
+    return lambda text: python_words(text, keywords, aliases)
+
+
 def _patch_keywords() -> dict[str, Any]:
     """`hardener.patch`'s keywords: its own, the `PatchOptions` fields and the options of every patch kind and
     method (their flag spellings too: `loss` for `loss_name`)."""
@@ -171,7 +176,8 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         infos = finish(patched, ds, dev)
         _warn_class_count(ds, patched)
         A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
-        run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, RUN.library_hooks(progress),
+        hooks = RUN.library_hooks(progress, _words(_patch_keywords()))
+        run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
         over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
         _warn(over and python_words(over, _patch_keywords()))
@@ -320,9 +326,10 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
         ds = as_dataset(data)
         finish(patched, ds, dev)
         notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
-        run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, EV.library_hooks(progress),
-                                     max_samples=max_samples, allow_low_accuracy=allow_low_accuracy, surrogate=surrogate,
-                                     notes=notes))
+        hooks = EV.library_hooks(progress, _words(_keywords(evaluate), {"attack": "attacks"}))
+        run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, hooks,
+                                     max_samples=max_samples, allow_low_accuracy=allow_low_accuracy,
+                                     surrogate=surrogate, notes=notes))
         return Report(run.report)
 
 
@@ -358,8 +365,9 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
             name, sha = str(model), sha256_file(Path(model))
         else:
             name, sha = type(model).__name__, None
-        cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size, seed=seed,
-                                sequential=sequential, max_radius=None if max_radius is None else float(max_radius))
+        cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
+                                        seed=seed, sequential=sequential,
+                                        max_radius=None if max_radius is None else float(max_radius))
         dev = pick_device(device)
         ds = as_dataset(data)
         finish(patched, ds, dev)

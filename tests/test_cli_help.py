@@ -41,7 +41,7 @@ print("torch-free")
 
 
 def test_help_is_fast():
-    # Issue 31 asks for under 0.5 s (median of 5); the bound here leaves room for slow, shared CI machines.
+    # Issue 31: under 0.5 s, the median of 5 (about 0.1-0.2 s here, on a machine running two other jobs).
     for args in (["--help"], ["patch", "--help"]):
         times = []
         for _ in range(5):
@@ -50,7 +50,7 @@ def test_help_is_fast():
                                timeout=60)
             times.append(time.perf_counter() - t)
             assert r.returncode == 0 and b"Usage: harden" in r.stdout, r.stderr
-        assert statistics.median(times) < 1.5, (args, times)
+        assert statistics.median(times) < 0.5, (args, times)
 
 
 def test_choices_the_help_offers_are_the_implemented_ones():

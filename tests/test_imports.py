@@ -123,7 +123,8 @@ def test_imports_point_down_the_house():
     assert parts[-1] == "hardener" and len(parts) == len(set(parts)), parts
     rank = {p: i for i, p in enumerate(parts)}
     mods = _modules()
-    assert not [m for m in mods if not part(m, parts)], "modules in no row of CONTRIBUTING.md's house"
+    homeless = [m for m in mods if part(m, parts) == "hardener" and m not in ("hardener", "hardener.__main__")]
+    assert not homeless, f"modules in no row of CONTRIBUTING.md's house: {homeless}"
     listed = listed_back_edges()
     edges, _ = import_graph()
     up = sorted(f"{a} -> {b}" for a, bs in edges.items() for b in bs
@@ -159,7 +160,7 @@ def test_the_house_check_can_fail():
     parts = ["hardener.errors", "hardener.patches", "hardener.cli", "hardener"]
     assert part("hardener.patches.attach", parts) == "hardener.patches"
     assert part("hardener.cli.commands.patch", parts) == "hardener.cli"
-    assert part("hardener", parts) == "hardener" and part("hardener.api", parts) == "hardener"
+    assert part("hardener", parts) == "hardener" and part("hardener.api", parts) == "hardener"  # no row: homeless
     assert "hardener.options" in house() and house().index("hardener.options") < house().index("hardener.cli")
 
 

@@ -58,6 +58,8 @@ def test_notebook_patch_shows_progress_plan_and_the_few_steps_warning(capsys, ca
     first = re.search(r"^train 1/(\d+) ", err, re.M)  # progress lines (off a terminal): the first and the last
     assert first and re.search(rf"^train {first[1]}/{first[1]} ", err, re.M)
     assert any(r.name == "hardener" and r.getMessage().startswith("plan:") for r in caplog.records)
+    few = str(next(w.message for w in seen if "optimiser" in str(w.message)))
+    assert "raise epochs" in few and "--epochs" not in few  # the library's words (the command line says --epochs)
 
 
 def test_notebook_patch_progress_false_is_silent_on_stderr(capsys):

@@ -160,9 +160,9 @@ def report(run: EvalRun) -> dict:
     return R.build("eval", result, R.data_record(run.ds, notes), R.attack_settings(result), env, extra)
 
 
-def library_hooks(progress: Any = True) -> Hooks:
+def library_hooks(progress: Any = True, words: Callable[[str], str] | None = None) -> Hooks:
     """`hardener.evaluate`'s: the library's voice, as `hardener.patch` has it (`console.library_voice`): progress on
-    stderr (`True`), none (`False`/None) or a callable of evaluation's; the notes to the "hardener" logger (and stderr with `progress=True`);
-    warnings as `UserWarning`s at the caller's line."""
-    say, warn, view = library_voice(progress)
+    stderr (`True`), none (`False`/None) or a callable of evaluation's; the notes to the "hardener" logger (and
+    stderr with `progress=True`); warnings as `UserWarning`s at the caller's line; `words`: the library's words."""
+    say, warn, view = library_voice(progress, words)
     return Hooks(say=say, warn=warn, progress=view)

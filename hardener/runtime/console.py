@@ -56,7 +56,7 @@ class ProgressView:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.lines = not err_console.is_terminal
+        self.lines = not (err_console.is_terminal or err_console.is_jupyter)  # a bar in a terminal or a notebook
         try:
             self.every = float(os.environ.get("HARDEN_PROGRESS_SECONDS", "10") or 10)
         except ValueError:
@@ -162,21 +162,25 @@ class ProgressView:
                     err(f"still running after {phase}: {fmt_seconds(now - self._mark)} since (heartbeat)")
 
 
-def library_voice(progress=True):
+def library_voice(progress=True, words=None):
     """How a library run (`hardener.patch`, `.evaluate`, `.certify`) speaks: `(say, warn, progress)`. Progress on
     stderr (`True`), none (`False`/None) or the caller's callable; the plan and the notes to the "hardener" logger,
-    and on stderr too with `progress=True`; warnings as `UserWarning`s, pointed at the library call's caller."""
+    and on stderr too with `progress=True`; warnings as `UserWarning`s, pointed at the library call's caller. `words`
+    (text -> text) puts the notes and warnings in the library's words (`wording.python_words`: keywords, not
+    flags)."""
     import warnings
 
     shown = progress is True
     log = logging.getLogger("hardener")
 
     def say(text: str) -> None:
+        text = words(text) if words else text
         log.info(text)
         if shown:
             err(text)
 
     def warn(text: str) -> None:
+        text = words(text) if words else text
         warnings.warn(text, UserWarning, stacklevel=5)  # the caller of hardener.patch (warn, plan, patch_run, patch)
 
     view = ProgressView(quiet=False) if shown else (None if progress is False else progress)

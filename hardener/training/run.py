@@ -291,8 +291,8 @@ def measure(run: PatchRun) -> str | None:
     return None
 
 
-def library_hooks(progress: Any = True) -> Hooks:
+def library_hooks(progress: Any = True, words: Callable[[str], str] | None = None) -> Hooks:
     """`hardener.patch`'s: the library's voice (`console.library_voice`: progress on stderr with `True`, the plan and
     notes to the "hardener" logger, warnings as `UserWarning`s)."""
-    say, warn, view = library_voice(progress)
+    say, warn, view = library_voice(progress, words)
     return Hooks(say=say, warn=warn, progress=view)
