@@ -41,6 +41,7 @@ from .io.session import pick_device as _pick
 from .model import archspec
 from .model.classifier import Classifier, InputSpec, parse_floats
 from .options import owners
+from .options.defaults import CERTIFY, EVAL
 from .options.patch_options import PatchOptions
 from .options.validate import MAX_SEED, check_arg
 from .options.wording import python_words, speaking_python
@@ -288,12 +289,12 @@ class Report:
                 f"robust (white-box)={p(self.robust)}, transfer={p(self.transfer)}, blackbox={p(self.blackbox)})")
 
 
-def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps: float | str = "8/255",
-             norm: str = "Linf", threat: str | tuple[str, ...] = "all", steps: int | None = None,
-             max_samples: int | None = None, batch_size: int | str = 256, seed: int = 0, checks: bool = True,
-             arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
+def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *, eps: float | str = EVAL["eps"],
+             norm: str = EVAL["norm"], threat: str | tuple[str, ...] = EVAL["threat"], steps: int | None = None,
+             max_samples: int | None = None, batch_size: int | str = EVAL["batch_size"], seed: int = EVAL["seed"],
+             checks: bool = True, arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
              progress: bool | F.Progress | None = True, surrogate: nn.Module | None = None,
-             precision: str = "fp32", allow_low_accuracy: bool = False) -> Report:
+             precision: str = EVAL["precision"], allow_low_accuracy: bool = False) -> Report:
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
     each threat model's robust accuracy (white-box on the model itself; BPDA through the patches that may mask
     gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
@@ -333,9 +334,10 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = "apgd-ce", *, eps
         return Report(run.report)
 
 
-def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0: int = 100, alpha: float = 0.001,
-            sequential: bool = False, max_radius: float | None = None, max_samples: int | None = None,
-            batch_size: int = 1000, seed: int = 0, arch: str | None = None, mean=None, std=None,
+def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = CERTIFY["n"], n0: int = CERTIFY["n0"],
+            alpha: float = CERTIFY["alpha"], sequential: bool = False, max_radius: float | None = None,
+            max_samples: int | None = None, batch_size: int = CERTIFY["batch_size"], seed: int = CERTIFY["seed"],
+            arch: str | None = None, mean=None, std=None,
             device: str | torch.device = "auto", progress: bool | Any = True) -> Certification:
     """Certified L2 radii of the smoothed `model` (randomized smoothing, Cohen et al. 2019) on `data`: a
     `PatchedModel`, an `nn.Module` taking [0, 1] pixels, or a checkpoint path (`arch`, `mean`, `std` as for
@@ -354,20 +356,17 @@ def certify(model: Any, data: Any, *, sigma: float = 0.25, n: int = 100_000, n0:
             check_arg(what, v, kinds)
         if not 0 <= seed <= MAX_SEED:
             raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
-        if max_radius is not None and not (math.isfinite(max_radius) and max_radius > 0):
-            raise InputError(f"max_radius must be a positive number, got {max_radius}")
         if max_radius is not None and not sequential:
             raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
-        if not (math.isfinite(sigma) and sigma > 0) or not 0 < alpha < 1:
-            raise InputError(f"sigma must be a positive number and alpha in (0, 1), got sigma={sigma}, alpha={alpha}")
+        # the ranges of sigma, alpha and max_radius: SmoothingConfig's, checked before the model loads
+        cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
+                                        seed=seed, sequential=sequential,
+                                        max_radius=None if max_radius is None else float(max_radius))
         patched, _ = model_to_run(model, arch, mean, std)
         if isinstance(model, (str, Path)):
             name, sha = str(model), sha256_file(Path(model))
         else:
             name, sha = type(model).__name__, None
-        cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
-                                        seed=seed, sequential=sequential,
-                                        max_radius=None if max_radius is None else float(max_radius))
         dev = pick_device(device)
         ds = as_dataset(data)
         finish(patched, ds, dev)

@@ -196,3 +196,40 @@ def test_a_registered_kind_and_method_bring_their_options_to_the_cli_and_harden_
     assert manifest["training"]["config"]["adv_weight"] == 3.0 and "tag" not in manifest["training"]["config"]
     r = runner.invoke(main, [*args, "--gate-init", "5", "--force"])
     assert r.exit_code == 2 and "--gate-init must be a number in [-1, 1], got 5.0" in r.output, r.output
+
+
+def test_eval_and_certify_defaults_are_stated_once():
+    """Issue 31: `harden eval`'s and `harden certify`'s defaults live in `options.defaults`; the command line's
+    options, the library's keywords and the runs' configs read them there and state none of their own."""
+    from hardener import api
+    from hardener import attacks as A
+    from hardener.certification.smoothing import SmoothingConfig
+    from hardener.evaluation.threats import EvalConfig
+    from hardener.options import defaults as D
+
+    def sig(fn):
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
+
+    ev, ce, cfg = sig(api.evaluate), sig(api.certify), EvalConfig()
+    assert ev["attacks"] == D.EVAL["attack"] and cfg.attacks == D.EVAL["attack"].split(",")
+    assert cfg.eps == A.parse_eps(D.EVAL["eps"]) and cfg.threats == api.parse_threats(D.EVAL["threat"])
+    for k in ("eps", "norm", "threat", "batch_size", "seed", "precision"):
+        assert ev[k] == D.EVAL[k], k
+    for k in ("norm", "restarts", "queries", "batch_size", "seed", "precision"):
+        assert getattr(cfg, k) == D.EVAL[k], k
+    assert {k: ce[k] for k in D.CERTIFY} == D.CERTIFY
+    assert {k: getattr(SmoothingConfig(), k) for k in D.CERTIFY} == D.CERTIFY
+    cli = {_dest(s): s.kwargs.get("default") for s in O.EVAL}
+    assert {k: cli[k] for k in ("eps", "norm", "restarts", "queries", "threat", "batch_size", "precision")} == \
+        {k: D.EVAL[k] for k in ("eps", "norm", "restarts", "queries", "threat", "batch_size", "precision")}
+    cli = {_dest(s): s.kwargs.get("default") for s in O.CERTIFY}
+    assert {"sigma": cli["sigma"], "n0": cli["n0"], "n": cli["n_samples"], "alpha": cli["alpha"],
+            "batch_size": cli["batch_size"]} == {k: D.CERTIFY[k] for k in ("sigma", "n0", "n", "alpha", "batch_size")}
+    # and none states its own: no default literal in the signatures, the configs or the options' sources
+    heads = [inspect.getsource(api.evaluate).split(") ->")[0], inspect.getsource(api.certify).split(") ->")[0],
+             inspect.getsource(EvalConfig), inspect.getsource(SmoothingConfig)]
+    for literal in ('"8/255"', "8 / 255", '"apgd-ce"', "5000", "100_000", "0.001", "= 0.25", '"Linf"', '"all"'):
+        assert not [h for h in heads if literal in h], literal
+    options_src = inspect.getsource(O)
+    for literal in ("default=5000", "default=100_000", "default=0.001", "default=0.25"):
+        assert literal not in options_src, literal

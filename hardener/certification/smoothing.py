@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..options.defaults import CERTIFY
 from ..stats import wilson
 
 ABSTAIN = -1
@@ -41,12 +42,12 @@ STOPS = ("radius", "abstain", "decided", "reach", "cap")  # why a sequential sam
 
 @dataclass
 class SmoothingConfig:
-    sigma: float = 0.25
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    batch_size: int = 1000
-    seed: int = 0
+    sigma: float = CERTIFY["sigma"]
+    n0: int = CERTIFY["n0"]
+    n: int = CERTIFY["n"]
+    alpha: float = CERTIFY["alpha"]
+    batch_size: int = CERTIFY["batch_size"]
+    seed: int = CERTIFY["seed"]
     sequential: bool = False
     max_radius: float | None = None  # sequential: stop once this radius is certified (None: 2σ)
 

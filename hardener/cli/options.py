@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from ..options import defaults as DEFAULTS
 from ..options import optspec, owners
 from ..options.choices import ADVERSARY_CHOICES, PRECISIONS, SUITE_VERSIONS
 from ..options.patch_options import PatchOptions
@@ -271,18 +272,19 @@ PATCH = patch_specs()  # with the built-in kinds' and methods' options (a later 
 EVAL = (
     opt("--data", help="Evaluation data (or `eval_data` in harden.toml)."),
     opt("--eval-data", hidden=True),
-    opt("--attack", "attack_names", multiple=True, help="Attack(s): repeat or comma list. Default: apgd-ce."),
-    opt("--precision", type=Choice(PRECISIONS), default="fp32", show_default=True,
+    opt("--attack", "attack_names", multiple=True,
+        help=f"Attack(s): repeat or comma list. Default: {DEFAULTS.EVAL['attack']}."),
+    opt("--precision", type=Choice(PRECISIONS), default=DEFAULTS.EVAL["precision"], show_default=True,
         help="Precision of the attacks' passes (autocast); examples are scored in fp32. Lower precision is "
              "faster on GPUs but its gradients can weaken attacks: the report says so."),
     opt("--suite", type=Choice(SUITE_VERSIONS),
         help="AutoAttack as the reference code runs it: standard (= --attack autoattack), plus, rand."),
-    opt("--eps", default="8/255", show_default=True),
-    opt("--norm", default="Linf", show_default=True, type=Choice(["Linf", "L2"])),
+    opt("--eps", default=DEFAULTS.EVAL["eps"], show_default=True),
+    opt("--norm", default=DEFAULTS.EVAL["norm"], show_default=True, type=Choice(["Linf", "L2"])),
     opt("--steps", type=int, help="Steps of iterative attacks (default: each one's reference budget)."),
-    opt("--restarts", type=int, default=1, show_default=True),
-    opt("--queries", type=int, default=5000, show_default=True, help="Square's query budget."),
-    opt("--threat", default="all", show_default=True,
+    opt("--restarts", type=int, default=DEFAULTS.EVAL["restarts"], show_default=True),
+    opt("--queries", type=int, default=DEFAULTS.EVAL["queries"], show_default=True, help="Square's query budget."),
+    opt("--threat", default=DEFAULTS.EVAL["threat"], show_default=True,
         help="Threat models: whitebox, adaptive (BPDA through patches that may mask gradients), surrogate "
              "(transfer from --surrogate), transfer (from the base), blackbox (Square), a comma list, or all."),
     opt("--surrogate", type=FILE,
@@ -301,7 +303,7 @@ EVAL = (
     opt("--mlflow", is_flag=True,
         help="Log parameters, the report's metrics and the report file(s) to a new MLflow run (a child of the "
              "caller's run, if any) at MLFLOW_TRACKING_URI, else ./mlruns (needs harden[mlflow])."),
-    opt("--batch-size", default=256, show_default=True, type=BatchSize(),
+    opt("--batch-size", default=DEFAULTS.EVAL["batch_size"], show_default=True, type=BatchSize(),
         help="Images per attack batch, or auto: the largest power of two that fits in memory (probed)."),
     opt("--no-checks", is_flag=True, help="Skip the sanity checks (they cost a few extra attacks)."),
     opt("--resume", is_flag=True, help="Continue an interrupted evaluation with the same settings."),
@@ -332,17 +334,20 @@ EVAL = (
 
 CERTIFY = (
     opt("--data", help="Labelled images to certify (folder, tensor file, fashion-mnist:test)."),
-    opt("--sigma", type=float, default=0.25, show_default=True, help="Noise level σ (pixel units)."),
-    opt("--n0", type=int, default=100, show_default=True, help="Noise draws that select the class."),
-    opt("--n", "n_samples", type=int, default=100_000, show_default=True,
+    opt("--sigma", type=float, default=DEFAULTS.CERTIFY["sigma"], show_default=True,
+        help="Noise level σ (pixel units)."),
+    opt("--n0", type=int, default=DEFAULTS.CERTIFY["n0"], show_default=True, help="Noise draws that select the class."),
+    opt("--n", "n_samples", type=int, default=DEFAULTS.CERTIFY["n"], show_default=True,
         help="Noise draws that bound its probability (independent of the first)."),
-    opt("--alpha", type=float, default=0.001, show_default=True, help="Failure probability of a certificate."),
+    opt("--alpha", type=float, default=DEFAULTS.CERTIFY["alpha"], show_default=True,
+        help="Failure probability of a certificate."),
     opt("--sequential", is_flag=True,
         help="Sequential CERTIFY: draw in growing batches and stop each sample once its certificate is decided, "
              "with an anytime-valid bound (same guarantee; --n becomes the cap)."),
     opt("--max-radius", type=float,
         help="With --sequential: the largest radius to certify (default 2σ); a sample stops once it is reached."),
-    opt("--batch-size", type=int, default=1000, show_default=True, help="Noisy copies per forward pass."),
+    opt("--batch-size", type=int, default=DEFAULTS.CERTIFY["batch_size"], show_default=True,
+        help="Noisy copies per forward pass."),
     opt("--max-samples", type=int, help="Seeded stratified subset of the data."),
     opt("--tsv", "tsv_path", type=FILE,
         help="Per-sample rows: idx, label, predict, radius, correct, time (locuslab/smoothing's format)."),
@@ -364,7 +369,8 @@ PREDICT = (
         help="Predict with the smoothed model at noise σ (randomized smoothing's PREDICT: abstains unless a "
              "binomial test separates the top two classes at --smooth-alpha)."),
     opt("--smooth-n", type=int, default=10_000, show_default=True, help="Noise draws per input for --smooth."),
-    opt("--smooth-alpha", type=float, default=0.001, show_default=True, help="Test level of --smooth."),
+    opt("--smooth-alpha", type=float, default=DEFAULTS.CERTIFY["alpha"], show_default=True,
+        help="Test level of --smooth."),
     ADAPTIVE[0], ADAPTIVE_EPS, *ADAPTIVE[1:], *MODEL, *DATA,
 )
 

@@ -36,6 +36,7 @@ from ..errors import InputError, RunError
 from ..io import integrity as I
 from ..io.checkpoint import tensor_digest, write_torch
 from ..io.resume import EvalStore, fingerprint
+from ..options.defaults import EVAL
 from ..patches import PatchedModel
 from ..patches.attach import Disabled, StraightThrough
 from ..reports.results import THREATS, AttackRow, EvalResult, ModelResult, ThreatResult
@@ -50,21 +51,21 @@ Progress = Callable[[str, int, int, dict], None]
 
 @dataclass
 class EvalConfig:
-    attacks: list[str] = field(default_factory=lambda: ["apgd-ce"])
-    eps: float = 8 / 255
-    norm: str = "Linf"
+    attacks: list[str] = field(default_factory=lambda: EVAL["attack"].split(","))
+    eps: float = A.parse_eps(EVAL["eps"])
+    norm: str = EVAL["norm"]
     steps: int | None = None  # None: each attack's reference budget
-    restarts: int = 1
-    queries: int = 5000
-    threats: tuple[str, ...] = THREATS
-    batch_size: int = 256
-    seed: int = 0
+    restarts: int = EVAL["restarts"]
+    queries: int = EVAL["queries"]
+    threats: tuple[str, ...] = THREATS  # every threat model: what EVAL["threat"] asks for
+    batch_size: int = EVAL["batch_size"]
+    seed: int = EVAL["seed"]
     eps_sweep: list[float] | None = None
     checks: bool = True
     check_samples: int | None = None  # samples the costlier checks use; None: check_sample_count(evaluated samples)
     smooth_grad: float | None = None  # parametric-softplus backward through ReLUs for gradient attacks
     overrides: dict = field(default_factory=dict)  # {attack: {field: value}} fixed by a suite (attacks.SUITE_SETTINGS)
-    precision: str = "fp32"  # of the attacks' forward/backward passes (autocast); examples are always scored in fp32
+    precision: str = EVAL["precision"]  # of the attacks' forward/backward passes (autocast); examples are always scored in fp32
     min_batch_size: int = 1  # out of memory: the batch halves down to this, then the run fails (exit 3)
     oom: list = field(default_factory=list)  # what out-of-memory halvings happened (recorded in the report)
 

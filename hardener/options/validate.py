@@ -120,7 +120,7 @@ OPTION_RULES: dict[str, tuple] = {
     "post_batch": _ge(2), "seed": _ge(0, MAX_SEED),
     "lr": _finite_pos(), "post_lr": _finite_pos(), "alpha": _finite_pos(), "lam": _finite_nonneg(),
     "mu": _finite_nonneg(), "gamma": _finite_nonneg(), "eps_warmup": _finite_nonneg(),
-    "sigma": _finite_nonneg(),  # harden certify's noise level (harden patch's --sigma is AdvAmd's, declared there)
+    "sigma": _finite_pos(),  # harden certify's noise level (as SmoothingConfig has it) (harden patch's --sigma is AdvAmd's, declared there)
     "noise_sigma": _finite_nonneg(), "max_radius": _finite_pos(),
     "ema": ((lambda v: math.isfinite(v) and 0 <= v < 1), "must be a number in [0, 1)"),
     "pseudo_threshold": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
