@@ -233,3 +233,16 @@ def test_eval_and_certify_defaults_are_stated_once():
     options_src = inspect.getsource(O)
     for literal in ("default=5000", "default=100_000", "default=0.001", "default=0.25"):
         assert literal not in options_src, literal
+
+
+def test_every_builtin_owner_of_options_is_known_without_torch():
+    """`harden patch --help` and its flags are made before torch loads, from `kind_options.BUILTIN`: a built-in patch
+    kind or method whose config declares options but is missing there would lose its flags in a real `harden`
+    process (an in-process CLI test would not notice: the registries are loaded there)."""
+    from hardener.options import kind_options
+
+    known = {cls for _, cls in kind_options.BUILTIN}
+    builtin = [k for k in P.KINDS.values() if k.__module__.startswith("hardener.")] + \
+        [m for m in M.REGISTRY.values() if m.__module__.startswith("hardener.")]
+    missing = [c.__name__ for c in builtin if optspec.declared(c.config_cls) and c.config_cls not in known]
+    assert not missing, f"add their configs to kind_options.BUILTIN: {missing}"
