@@ -43,6 +43,10 @@ def load(path, arch=None, trust_arch=False, arch_kwargs=None, mean=None, std=Non
             raise InputError("arch_kwargs must map keyword names (strings) to values")
 
         if model is not None:
+            import torch
+
+            if not isinstance(model, torch.nn.Module):
+                raise InputError(f"model must be the base nn.Module you built, got {type(model).__name__}")
             given = [n for n, v in (("arch", arch), ("arch_kwargs", arch_kwargs), ("mean", mean), ("std", std)) if v]
             if given:
                 raise InputError(f"give model= or {given[0]}=, not both: with model= the base is the module you built "

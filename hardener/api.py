@@ -316,6 +316,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
             check_arg(what, v, kinds)
         if not 0 <= seed <= MAX_SEED:
             raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+        if surrogate is not None and not isinstance(surrogate, nn.Module):
+            raise InputError(f"surrogate must be an nn.Module taking [0, 1] pixels, got {type(surrogate).__name__}")
         if not (isinstance(attacks, str) or isinstance(attacks, (list, tuple)) and attacks
                 and all(isinstance(a, str) for a in attacks)):
             raise InputError(f"attacks must be an attack name, a comma list or a list of names, got {attacks!r}")

@@ -118,3 +118,10 @@ def test_library_errors_name_keywords_and_the_command_line_names_flags(toy, tiny
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "nope",
                              "--out", str(tmp_path / "o.safetensors")])
     assert r.exit_code == 2 and "--at 'nope' matches no layer" in r.output, r.output
+
+
+def test_a_module_argument_that_is_no_module_is_an_input_error(toy, patched_ckpt):
+    with pytest.raises(InputError, match="^model must be the base nn.Module you built, got str"):
+        hardener.load(patched_ckpt, model="resnet")
+    with pytest.raises(InputError, match="^surrogate must be an nn.Module"):
+        hardener.evaluate(trained_tiny(steps=1), toy, eps=0.1, surrogate="resnet", progress=False)
