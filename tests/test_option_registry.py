@@ -196,6 +196,15 @@ def test_a_registered_kind_and_method_bring_their_options_to_the_cli_and_harden_
     assert manifest["training"]["config"]["adv_weight"] == 3.0 and "tag" not in manifest["training"]["config"]
     r = runner.invoke(main, [*args, "--gate-init", "5", "--force"])
     assert r.exit_code == 2 and "--gate-init must be a number in [-1, 1], got 5.0" in r.output, r.output
+    # the other way round: the kind's option from harden.toml, the method's from its flag
+    config.write_text("[patch]\ngate_init = -0.5\n")
+    SEEN.clear()
+    r = runner.invoke(main, [*args, "--adv-weight", "1.5", "--force"])
+    assert r.exit_code == 0, r.output
+    with safe_open(str(dest), framework="pt") as f:
+        manifest = json.loads(f.metadata()[MANIFEST_KEY])
+    assert manifest["patches"][0]["gate_init"] == -0.5 and manifest["training"]["config"]["adv_weight"] == 1.5
+    assert set(SEEN) == {1.5}
 
 
 def test_eval_and_certify_defaults_are_stated_once():
