@@ -231,3 +231,19 @@ def test_load_attaches_a_files_patches_to_a_module_you_built(tmp_path):
         hardener.load(path, model=torch.nn.Linear(4, 3))
     with pytest.raises(InputError, match="give model= or arch=, not both"):
         hardener.load(path, model=mine, arch=ARCH)
+
+
+def test_the_training_record_is_typed_and_is_what_the_checkpoint_stores(tmp_path):
+    """Issue 31, item 3: `hardener.patch` leaves a `TrainingRecord` on the model; its `to_dict()` is the manifest's
+    "training" object, byte for byte once saved, and fields read as the dict had them."""
+    from hardener.io.checkpoint import read_manifest
+    from hardener.training.record import TrainingRecord
+
+    x, y = _data()
+    patched = hardener.patch(trained_tiny(), (x, y), recipe="transfer", epochs=1, steps=1, batch_size=32,
+                             progress=False)
+    rec = patched.training_record
+    assert isinstance(rec, TrainingRecord) and rec.threat_model == "transfer" and rec.preset["name"] == "transfer"
+    assert rec["config"] == rec.config and "teacher" not in rec.to_dict() and rec.split is not None
+    patched.save(tmp_path / "p.safetensors", arch=ARCH)
+    assert read_manifest(tmp_path / "p.safetensors").training == json.loads(json.dumps(rec.to_dict()))

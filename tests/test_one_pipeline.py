@@ -41,7 +41,7 @@ def test_cli_patch_runs_the_library_run(runner, tiny_ckpt, tiny_data, tmp_path, 
     # the command line's hooks: its resumable state, its report in the plan, flag names in messages
     assert run.saver is not None and run.report_units > 0 and not run.hooks.library
     written = hardener.load(out, arch=ARCH).manifest.training
-    assert written == json.loads(json.dumps(run.record))  # what the run recorded is what was written
+    assert written == json.loads(json.dumps(run.record.to_dict()))  # what the run recorded is what was written
 
 
 def test_notebook_patch_shows_progress_plan_and_the_few_steps_warning(capsys, caplog, monkeypatch):

@@ -149,7 +149,7 @@ def test_library_patch_with_a_teacher_file_records_it(tmp_path, caplog):
     assert st.training_record["config"]["teacher_weight"] == pytest.approx(5 / 6)
     assert all(torch.equal(v, BASE.state_dict()[k]) for k, v in st.base_state_dict().items())
     assert list(st.sites) == ["features"]  # the teacher's patch at block is not the student's
-    assert "teacher: heavy.safetensors (--loss rslad" in caplog.text  # the plan says it
+    assert "teacher: heavy.safetensors (loss='rslad'" in caplog.text  # the plan says it, in the library's words
     with pytest.raises(InputError, match="teacher="):
         hardener.patch(BASE, (imgs, labels), None, loss="rslad", progress=False)
     with pytest.raises(InputError, match="teacher= .* another base"):

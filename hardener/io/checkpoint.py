@@ -617,6 +617,11 @@ def _load_patch_tensors(patched, tensors: dict[str, torch.Tensor], path: Path) -
     patched.load_patch_state_dict(tensors)
 
 
+def _record(record: Any) -> dict:
+    """A run's training record (`training.record.TrainingRecord`) as the manifest stores it; none: {}."""
+    return record.to_dict() if hasattr(record, "to_dict") else dict(record or {})
+
+
 def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None = None,
                        arch_kwargs: dict | None = None) -> None:
     """`PatchedModel.save`: the base's tensors, the patches and the manifest (architecture, input, patch specs,
@@ -630,7 +635,7 @@ def save_patched_model(patched: PatchedModel, path: str | Path, arch: str | None
     manifest = Manifest(arch=arch, arch_kwargs=arch_kwargs or patched.arch_kwargs or {},
                         input=patched.model.spec.to_json(), patches=patched.patch_specs(),
                         base_sha256=patched.base_sha256 or tensor_digest(base),
-                        training=patched.training_record or {}, route=patched.current_route,
+                        training=_record(patched.training_record), route=patched.current_route,
                         cost=patched.cost.to_json(latency=False) if patched.cost is not None else {})
     device = next(iter(patched.parameters()), torch.empty(0)).device
     save_patched(Path(path), patched.to("cpu"), manifest)

@@ -12,13 +12,14 @@ from typing import Any, Iterator
 from ..errors import HardenError
 
 LITERALS = frozenset({"cpu", "cuda", "auto", "mps", "none", "all"})  # bare values that follow a flag: quoted
-FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ('[^']*'|\"[^\"]*\"|\d[\d./e+-]*(?<![./e+-])|[a-z][a-z0-9-]*))?")
+FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ('[^']*'|\"[^\"]*\"|\d[\d./e+-]*(?<![./e+-])|[a-z][a-z0-9-]*(?:,[a-z0-9-]+)*))?")
 
 
 def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | None = None) -> str:
     """`text` with each `--flag [value]` whose keyword (dashes as underscores, or `aliases[...]`) is in `keywords`
-    (name -> default) written as a keyword: `flag=value` for a quoted value, a number or one of LITERALS (quoted),
-    `flag=True` (`False` for `--no-flag`) for a flag whose default is False, the bare keyword otherwise."""
+    (name -> default) written as a keyword: `flag=value` for a quoted value, a number, one of LITERALS or a word
+    after a flag whose default is text (quoted), `flag=True` (`False` for `--no-flag`) for a flag whose default is
+    False, the bare keyword otherwise."""
     aliases = aliases or {}
 
     def sub(m: re.Match) -> str:
@@ -31,7 +32,7 @@ def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | 
             return f"{key}=False{rest}"
         if value and (value[0] in "'\"" or value[0].isdigit()):
             return f"{key}={value}"
-        if value in LITERALS:
+        if value in LITERALS or (value and isinstance(keywords[key], str)):  # a word for a text option: its value
             return f"{key}={value!r}"
         if keywords[key] is False:
             return f"{key}=True{rest}"

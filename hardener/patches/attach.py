@@ -57,7 +57,7 @@ class PatchedModel(nn.Module):
         # `fit.EpochLog` per epoch, the training's seconds and the inference cost (a `cost.Cost`).
         self.base_sha256: str | None = None
         self.manifest: Any = None
-        self.training_record: dict | None = None
+        self.training_record: Any = None  # a training.record.TrainingRecord
         self.history: list | None = None
         self.train_seconds: float | None = None
         self.cost: Any = None

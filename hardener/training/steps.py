@@ -37,6 +37,7 @@ from ..patches.attach import Disabled
 from ..patches.layers import site_shape
 from . import fit as F
 from .cache import parse_bytes
+from .record import TrainingRecord
 
 
 def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
@@ -275,15 +276,15 @@ def effective_threat_model(cfg: F.FitConfig) -> str:
 
 
 def training_record(cfg: F.FitConfig, spec: A.AttackSpec, logs: list, train_ds: hdata.Dataset, opts: PatchOptions,
-                    preset, split: Split, val_ds: hdata.Dataset | None) -> dict:
-    training = F.record(cfg, spec, logs, train_ds, None if opts.subset is None else str(opts.subset))
-    training["preset"] = preset.record() if preset else None
-    training["threat_model"] = effective_threat_model(cfg)
+                    preset, split: Split, val_ds: hdata.Dataset | None) -> TrainingRecord:
+    training = TrainingRecord(**F.record(cfg, spec, logs, train_ds, None if opts.subset is None else str(opts.subset)))
+    training.preset = preset.record() if preset else None
+    training.threat_model = effective_threat_model(cfg)
     if preset:
-        training["preset"]["overridden"] = sorted(k for k, v in preset.options.items() if getattr(opts, k) != v)
-    training["split"] = split.record
+        training.preset["overridden"] = sorted(k for k, v in preset.options.items() if getattr(opts, k) != v)
+    training.split = split.record
     if val_ds is not None:
-        training["validation"] = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
-                                  "attack": "pgd-10 (white-box, and transfer from the base)",
-                                  "selected_epoch": F.selected_epoch(logs, cfg)}
+        training.validation = {"n": len(val_ds), "fingerprint": val_ds.fingerprint(),
+                               "attack": "pgd-10 (white-box, and transfer from the base)",
+                               "selected_epoch": F.selected_epoch(logs, cfg)}
     return training

@@ -173,7 +173,7 @@ def _write(plan: Plan, written: list) -> Manifest:
     loaded, r = plan.loaded, plan.run
     manifest = Manifest(
         arch=loaded.base.arch, arch_kwargs=loaded.base.arch_kwargs, input=loaded.spec.to_json(),
-        patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256, training=r.record,
+        patches=loaded.patched.patch_specs(), base_sha256=loaded.base.sha256, training=r.record.to_dict(),
         route=r.route, base_modified=r.cfg.full, parent_sha256=loaded.base.sha256 if r.cfg.full else "",
         cost=r.inference.to_json(latency=False) if r.inference else {},
     )
