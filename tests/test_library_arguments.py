@@ -125,3 +125,12 @@ def test_a_module_argument_that_is_no_module_is_an_input_error(toy, patched_ckpt
         hardener.load(patched_ckpt, model="resnet")
     with pytest.raises(InputError, match="^surrogate must be an nn.Module"):
         hardener.evaluate(trained_tiny(steps=1), toy, eps=0.1, surrogate="resnet", progress=False)
+
+
+def test_a_word_after_a_flag_is_its_value_only_where_the_phrase_ends():
+    from hardener.options.wording import python_words
+
+    kw = {"loss": "fixer", "eps": "8/255", "method": "fixer"}
+    assert python_words("(--loss rslad: soft labels)", kw) == "(loss='rslad': soft labels)"
+    assert python_words("(--method fixer,auxbn)", kw) == "(method='fixer,auxbn')"
+    assert python_words("--eps must be below 1", kw) == "eps must be below 1"  # prose, not a value

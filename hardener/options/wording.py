@@ -18,7 +18,7 @@ FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ('[^']*'|\"[^\"]*\"|\d[\d./e+-]
 def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | None = None) -> str:
     """`text` with each `--flag [value]` whose keyword (dashes as underscores, or `aliases[...]`) is in `keywords`
     (name -> default) written as a keyword: `flag=value` for a quoted value, a number, one of LITERALS or a word
-    after a flag whose default is text (quoted), `flag=True` (`False` for `--no-flag`) for a flag whose default is
+    that ends a phrase after a flag whose default is text (quoted), `flag=True` (`False` for `--no-flag`) for a flag whose default is
     False, the bare keyword otherwise."""
     aliases = aliases or {}
 
@@ -32,13 +32,19 @@ def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | 
             return f"{key}=False{rest}"
         if value and (value[0] in "'\"" or value[0].isdigit()):
             return f"{key}={value}"
-        if value in LITERALS or (value and isinstance(keywords[key], str)):  # a word for a text option: its value
-            return f"{key}={value!r}"
+        if value in LITERALS or (value and isinstance(keywords[key], str) and not _prose(m)):
+            return f"{key}={value!r}"  # a known value, or a word that ends a phrase after a text option: its value
         if keywords[key] is False:
             return f"{key}=True{rest}"
         return f"{key}{rest}"
 
     return FLAG.sub(sub, text)
+
+
+def _prose(m: re.Match) -> bool:
+    """The word after the flag goes on as a sentence ("--eps must be ..."), rather than ending there as a value
+    ("--loss rslad: ...", "(--method fixer,auxbn)")."""
+    return bool(re.match(r" [a-z]", m.string[m.end():]))
 
 
 @contextlib.contextmanager
