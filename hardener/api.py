@@ -43,7 +43,7 @@ from .model.classifier import Classifier, InputSpec, parse_floats
 from .options import owners
 from .options.defaults import CERTIFY, EVAL
 from .options.patch_options import PatchOptions
-from .options.validate import MAX_SEED, check_arg
+from .options.validate import check_arg, check_range
 from .options.wording import python_words, speaking_python
 from .patches import PatchedModel
 from .reports import report as R
@@ -305,17 +305,16 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
     by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
     not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
     with speaking_python(_keywords(evaluate), {"attack": "attacks"}):
-        for what, v, lo in (("batch_size", None if batch_size == "auto" else batch_size, 1), ("steps", steps, 1),
-                            ("max_samples", max_samples, 1)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-                raise InputError(f"{what} must be an integer >= {lo}" + (" or 'auto'" if what == "batch_size" else "")
-                                 + f", got {v!r}")
-        for what, v, kinds in (("eps", eps, "float | str"), ("norm", norm, "str"), ("seed", seed, "int"),
-                               ("checks", checks, "bool"), ("precision", precision, "str"),
-                               ("arch", arch, "str | None"), ("threat", threat, "str | tuple")):
+        for what, v, kinds in (("batch_size", batch_size, "int | str"), ("steps", steps, "int | None"),
+                               ("max_samples", max_samples, "int | None"), ("eps", eps, "float | str"),
+                               ("norm", norm, "str"), ("seed", seed, "int"), ("checks", checks, "bool"),
+                               ("precision", precision, "str"), ("arch", arch, "str | None"),
+                               ("threat", threat, "str | tuple")):
             check_arg(what, v, kinds)
-        if not 0 <= seed <= MAX_SEED:
-            raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+        if isinstance(batch_size, str) and batch_size != "auto":
+            raise InputError(f"batch_size must be an integer or 'auto', got {batch_size!r}")
+        for what, v in (("batch_size", batch_size), ("steps", steps), ("max_samples", max_samples), ("seed", seed)):
+            check_range(what, v)  # the command line's range of each, stated once (validate.OPTION_RULES)
         if surrogate is not None and not isinstance(surrogate, nn.Module):
             raise InputError(f"surrogate must be an nn.Module taking [0, 1] pixels, got {type(surrogate).__name__}")
         if not (isinstance(attacks, str) or isinstance(attacks, (list, tuple)) and attacks
@@ -350,14 +349,14 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
     Progress goes to stderr (`progress=False`: none)."""
     with speaking_python(_keywords(certify)):
 
-        for what, v, lo in (("n", n, 1), ("n0", n0, 1), ("batch_size", batch_size, 1), ("max_samples", max_samples, 1)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-                raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
-        for what, v, kinds in (("sigma", sigma, "float"), ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
+        for what, v, kinds in (("n", n, "int"), ("n0", n0, "int"), ("batch_size", batch_size, "int"),
+                               ("max_samples", max_samples, "int | None"), ("sigma", sigma, "float"),
+                               ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
                                ("max_radius", max_radius, "float | None"), ("seed", seed, "int")):
             check_arg(what, v, kinds)
-        if not 0 <= seed <= MAX_SEED:
-            raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+        for what, v, rule in (("n", n, "n_samples"), ("n0", n0, None), ("batch_size", batch_size, None),
+                              ("max_samples", max_samples, None), ("seed", seed, None)):
+            check_range(what, v, rule)  # the command line's ranges, stated once (validate.OPTION_RULES)
         if max_radius is not None and not sequential:
             raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
         # the ranges of sigma, alpha and max_radius: SmoothingConfig's, checked before the model loads

@@ -244,7 +244,7 @@ def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ck
     assert capsys.readouterr().err == ""
     with pytest.raises(InputError, match="^max_radius needs sequential=True"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=False, max_radius=0.5)
-    with pytest.raises(InputError, match="^max_radius must be a positive number"):
+    with pytest.raises(InputError, match="^max_radius must be a finite positive number"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=True, max_radius=0.0)
     with pytest.raises(InputError, match="^n must be an integer"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, n=0)

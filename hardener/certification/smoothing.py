@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..options.defaults import CERTIFY
+from ..options.validate import check_range
 from ..stats import wilson
 
 ABSTAIN = -1
@@ -52,12 +53,12 @@ class SmoothingConfig:
     max_radius: float | None = None  # sequential: stop once this radius is certified (None: 2σ)
 
     def __post_init__(self) -> None:
-        if self.max_radius is not None and not (math.isfinite(self.max_radius) and self.max_radius > 0):
-            raise InputError(f"--max-radius must be a positive number, got {self.max_radius}")
-        if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise InputError(f"--sigma must be a positive number, got {self.sigma}")
-        if self.n0 < 1 or self.n < 1 or self.batch_size < 1:
-            raise InputError("--n0, --n and --batch-size must be at least 1")
+        # the options' ranges (validate.OPTION_RULES, what the command line's boundary checks too), and alpha's
+        # own: a failure probability (harden patch's --alpha, a step size, shares only the positivity)
+        for flag, v, rule in (("--max-radius", self.max_radius, "max_radius"), ("--sigma", self.sigma, "sigma"),
+                              ("--n0", self.n0, "n0"), ("--n", self.n, "n_samples"),
+                              ("--batch-size", self.batch_size, "batch_size")):
+            check_range(flag, v, rule)
         if not 0 < self.alpha < 1:
             raise InputError(f"--alpha must be in (0, 1), got {self.alpha}")
 

@@ -101,7 +101,7 @@ class PatchOptions:
         recipe (`recipe.RECIPE_OPTIONS`: method, patch, train, at, at_regex, adversary), then the built-in defaults,
         never a mix. The options patch kinds and methods own are checked by their declarations (errors name the keyword)."""
         from .recipe import resolve_preset
-        from .validate import OPTION_RULES, check_arg
+        from .validate import OPTION_RULES, check_arg, check_range
 
         owned = owners.owned()
         names = ({f.name for f in fields(cls)} - {"owned"}) | set(owned)
@@ -123,9 +123,8 @@ class PatchOptions:
                 values[k] = owned[k][1].check(v, spelled.get(k, k))
                 continue
             check_arg(k, v, types[k])
-            rule = OPTION_RULES.get(k)
-            if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not rule[0](v):
-                raise InputError(f"{k} {rule[1]}, got {v}")
+            if k in OPTION_RULES:
+                check_range(k, v)
         check_teacher(values.get("loss_name", "fixer"), values.get("teacher"), library=True)
         return cls.of(values, method_given="method" in given, library=True), preset
 

@@ -129,6 +129,14 @@ OPTION_RULES: dict[str, tuple] = {
 }
 
 
+def check_range(name: str, value: Any, rule: str | None = None) -> None:
+    """A library argument against its option's range (`OPTION_RULES[rule or name]`, the one the command line's
+    boundary checks), the error naming the Python parameter; None (not given) and non-numbers pass."""
+    check, requirement = OPTION_RULES[rule or name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not check(value):
+        raise InputError(f"{name} {requirement}, got {value}")
+
+
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
           "dict": (dict,), "tuple": (tuple,), "list": (list,), "Any": (object,)}
 
