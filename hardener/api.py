@@ -139,7 +139,6 @@ def _patch_keywords() -> dict[str, Any]:
     method (their flag spellings too: `loss` for `loss_name`)."""
     from dataclasses import MISSING, fields
 
-
     opts = {f.name: f.default for f in fields(PatchOptions) if f.default is not MISSING}
     owned = {n: spec.default for n, (_, spec) in owners.owned().items()}
     spelled = {a: {**opts, **owned}.get(n) for a, n in {**PatchOptions.ALIASES, **owners.aliases()}.items()}
@@ -166,7 +165,8 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     (the record the checkpoint stores), `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`:
     multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
     counted part)."""
-    with speaking_python(_patch_keywords()):
+    keywords = _patch_keywords()  # the library's words for the flags of every message below
+    with speaking_python(keywords):
         opts, preset = PatchOptions.build(recipe, overrides)
         dev = pick_device(device)
         torch.manual_seed(opts.seed)
@@ -177,11 +177,12 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         infos = finish(patched, ds, dev)
         _warn_class_count(ds, patched)
         A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
-        hooks = RUN.library_hooks(progress, _words(_patch_keywords()))
+        words = _words(keywords)
+        hooks = RUN.library_hooks(progress, words)
         run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
         over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
-        _warn(over and python_words(over, _patch_keywords()))
+        _warn(over and words(over))
         patched.cost = run.inference
         patched.training_record = run.record
         patched.train_seconds = run.train_seconds
@@ -304,7 +305,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
     gets the progress), the notes go to the `logging` logger "hardener" too; a near-chance clean accuracy let through
     by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
     not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
-    with speaking_python(_keywords(evaluate), {"attack": "attacks"}):
+    keywords, aliases = _keywords(evaluate), {"attack": "attacks"}
+    with speaking_python(keywords, aliases):
         for what, v, kinds in (("batch_size", batch_size, "int | str"), ("steps", steps, "int | None"),
                                ("max_samples", max_samples, "int | None"), ("eps", eps, "float | str"),
                                ("norm", norm, "str"), ("seed", seed, "int"), ("checks", checks, "bool"),
@@ -328,7 +330,7 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
         ds = as_dataset(data)
         finish(patched, ds, dev)
         notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
-        hooks = EV.library_hooks(progress, _words(_keywords(evaluate), {"attack": "attacks"}))
+        hooks = EV.library_hooks(progress, _words(keywords, aliases))
         run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, hooks,
                                      max_samples=max_samples, allow_low_accuracy=allow_low_accuracy,
                                      surrogate=surrogate, notes=notes))
@@ -348,7 +350,6 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
     largest radius it tries to certify.
     Progress goes to stderr (`progress=False`: none)."""
     with speaking_python(_keywords(certify)):
-
         for what, v, kinds in (("n", n, "int"), ("n0", n0, "int"), ("batch_size", batch_size, "int"),
                                ("max_samples", max_samples, "int | None"), ("sigma", sigma, "float"),
                                ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
@@ -376,7 +377,7 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
         view = library_voice(progress)[2]  # as hardener.patch and hardener.evaluate show theirs
         with view if hasattr(view, "__enter__") else contextlib.nullcontext():
             return CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
-                               max_samples=max_samples, progress=view)
+                                  max_samples=max_samples, progress=view)
 
 
 def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:

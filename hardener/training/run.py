@@ -29,6 +29,7 @@ from ..runtime import distributed as D
 from ..runtime.console import library_voice, silent
 from . import fit as F
 from . import steps as S
+from .record import TrainingRecord
 
 COSTLY = 1.0  # patches with more parameters than this fraction of the base's get a warning (the base itself)
 COSTLY_MACS = 3.0  # ... and with more multiply-adds than this multiple of the base's (inference over 4x the base's)
@@ -85,7 +86,7 @@ class PatchRun:
     estimate: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     route: str = ""
-    record: dict = field(default_factory=dict)  # the training record the checkpoint stores
+    record: TrainingRecord | None = None  # the training record the checkpoint stores
 
     @property
     def n_classes(self) -> int:
@@ -101,7 +102,7 @@ def patch_run(run: PatchRun, infos: list) -> PatchRun:
     run.patched.set_route(run.route)
     A.build(run.patched, run.spec)  # the attack's settings, filled in by a build, also when a resumed run never built it
     run.record = S.training_record(run.cfg, run.spec, run.logs, run.train_ds, run.opts, run.preset, run.split,
-                                     run.val_ds)
+                                   run.val_ds)
     return run
 
 
