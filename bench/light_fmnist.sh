@@ -17,9 +17,9 @@ OUT=${1:?usage: light_fmnist.sh OUT_DIR RUN...}
 shift
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# The robust teacher of the distillation runs (*T): today's default patch of the example base (the verdict's; the bench's
-# runs used that file, its sha256 in their training record); built here with the default recipe when missing.
-TEACHER=${TEACHER:-$OUT/r-default.safetensors}
+# The robust teacher of the distillation runs (*T): today's default (heavy) patch of the run's base, the run A-default
+# (for r, the bench's runs used the verdict's file, TEACHER=..., its sha256 in their training record); built first with
+# the default recipe when missing.
 declare -A ARCH=([r]=resnet9_small [v]=vgg_silu_small [t]=vit_small)
 declare -A RUNS=(
   [L1]="--width 16 --rho 4"
@@ -30,16 +30,20 @@ declare -A RUNS=(
   [L6]="--width 32 --prefilter-design separable --rho 4 --method fixer,auxbn --bn auto"
   [B125]="--budget 1.25 --method fixer,auxbn --bn auto"
   [B2]="--budget 2 --method fixer,auxbn --bn auto"
+  [default]=""  # today's heavy default recipe: the teacher, and the frontier's top row
   [L2e20]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20"
-  # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER= another file)
-  [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER"
-  [L2Te20T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER --epochs 20"
+  # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER=FILE another file)
+  [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@"
+  [L2Te20T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
   # fixers only (no pre-filter: its thin full-resolution convolutions are the slowest multiply-adds, profile.md),
   # rho 2 at the stem and the suggested sites, BN twins: 1.20x the example base's multiply-adds
-  [L4Te20T]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher $TEACHER --epochs 20"
+  [L4Te20T]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
+  # whatever --budget 1.25 builds on the architecture, distilled from its heavy default for 20 epochs
+  [B125Te20T]="--budget 1.25 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
+  teacher=${TEACHER:-$OUT/${run%%-*}-default.safetensors}
   if [ -n "${TEST:-}" ]; then
     [ -f "$OUT/$run.test.json" ] && continue
     /usr/bin/time -v python -m hardener eval "$OUT/$run.safetensors" --arch "examples/fmnist_model.py:$arch" \
@@ -49,9 +53,8 @@ for run in "$@"; do
     continue
   fi
   [ -f "$OUT/$run.json" ] && continue
-  if [[ $name == *T ]] && [ ! -f "$TEACHER" ]; then
-    python -m hardener patch examples/fmnist_base.safetensors --arch examples/fmnist_model.py:resnet9_small --mean 0.2860 \
-      --std 0.3530 --data fashion-mnist:train --subset 10% --eps 0.1 --quiet --out "$TEACHER" 2> "$OUT/teacher.log"
+  if [[ $name == *T ]] && [ ! -f "$teacher" ]; then
+    bash "$0" "$OUT" "${run%%-*}-default"
   fi
   base=examples/fmnist_base.safetensors
   if [ "$arch" != resnet9_small ]; then  # the other bases are trained as bench/archs_fmnist.sh trains them
@@ -62,5 +65,5 @@ for run in "$@"; do
   /usr/bin/time -v python -m hardener patch "$base" \
     --arch "examples/fmnist_model.py:$arch" --mean 0.2860 --std 0.3530 --data fashion-mnist:train --subset 10% \
     --preset robust --eps 0.1 --eval-samples 500 --force --quiet --out "$OUT/$run.safetensors" --report "$OUT/$run.json" \
-    ${RUNS[$name]} ${RESUME:+--resume} > "$OUT/$run.out" 2>> "$OUT/$run.log" || echo "$run failed: see $OUT/$run.log" >&2
+    ${RUNS[$name]//@TEACHER@/$teacher} ${RESUME:+--resume} > "$OUT/$run.out" 2>> "$OUT/$run.log" || echo "$run failed: see $OUT/$run.log" >&2
 done
