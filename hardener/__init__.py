@@ -70,7 +70,8 @@ def __getattr__(name):
     (keeps `import hardener` and the CLI's start fast: no torch until one is used)."""
     import importlib
 
-    if name in ("patch", "evaluate", "certify", "as_dataset", "as_patched", "PatchOptions", "Report"):
+    if name in ("patch", "evaluate", "certify", "layers", "as_dataset", "as_patched", "PatchOptions", "Report",
+                "Layers"):
         return getattr(importlib.import_module(".api", __name__), name)
     if name == "measure_cost":
         return importlib.import_module(".patches.cost", __name__).measure
@@ -88,6 +89,6 @@ def __dir__():
     return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})
 
 
-__all__ = ["__version__", "load", "patch", "evaluate", "certify", "as_dataset", "as_patched", "PatchOptions",
-           "PatchedModel", "Report", "Certification", "measure_cost", "attacks", "data", "errors", "methods", "patches",
-           "stats"]
+__all__ = ["__version__", "load", "patch", "evaluate", "certify", "layers", "as_dataset", "as_patched", "PatchOptions",
+           "PatchedModel", "Report", "Certification", "Layers", "measure_cost", "attacks", "data", "errors", "methods",
+           "patches", "stats"]

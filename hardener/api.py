@@ -45,10 +45,12 @@ from .options.defaults import CERTIFY, EVAL
 from .options.patch_options import PatchOptions
 from .options.validate import check_arg, check_range
 from .options.wording import python_words, speaking_python
-from .patches import PatchedModel
+from .patches import PatchedModel, suggest
+from .patches import cost as C
 from .reports import report as R
 from .runtime.console import library_voice
 from .training import fit as F
+from .training import report as TR
 from .training import run as RUN
 
 
@@ -103,16 +105,17 @@ def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device
     return finish_spec(Loaded(patched, None, None), ds, device)
 
 
-def model_to_run(model: Any, arch: str | None, mean, std) -> tuple[PatchedModel, bool]:
-    """The model `hardener.evaluate` and `hardener.certify` run, and whether it carries patches: a checkpoint path
-    (plain or patched) loaded, or a module (`as_patched`)."""
+def model_to_run(model: Any, arch: str | None, mean, std) -> tuple[PatchedModel, bool, str | None]:
+    """The model `hardener.evaluate` and `hardener.certify` run, whether it carries patches, and the sha256 of a plain
+    checkpoint file (loading computed it; None for a patched file and for a module): a checkpoint path (plain or
+    patched) loaded, or a module (`as_patched`)."""
     if isinstance(model, (str, Path)):
         from .io.session import ModelOptions, load_model
 
         loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std)))
-        return loaded.patched, loaded.has_patches
+        return loaded.patched, loaded.has_patches, loaded.base.sha256 if loaded.base is not None else None
     patched = as_patched(model, arch, mean, std)
-    return patched, bool(patched.sites)
+    return patched, bool(patched.sites), None
 
 
 def pick_device(name: str | torch.device) -> torch.device:
@@ -145,9 +148,13 @@ def _patch_keywords() -> dict[str, Any]:
     return _keywords(patch, opts, owned, spelled)
 
 
+PATCH_ALIASES = {"preset": "recipe"}  # `--preset robust` is `recipe="robust"`
+
+
 def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | None = None, mean=None,
           std=None, logits: str | None = None, device: str | torch.device = "auto",
-          progress: bool | F.Progress | None = True, **overrides: Any) -> PatchedModel:
+          progress: bool | F.Progress | None = True, report: str | None = None, eval_data: Any = None,
+          eval_samples: int | None = None, eval_steps: int | None = None, **overrides: Any) -> PatchedModel:
     """Splice patches into a frozen `model` and train them on `data`; returns the `PatchedModel`.
 
     `recipe` names a preset (`"robust"`: white-box robustness; `"transfer"`: the fixer paper's transfer-only
@@ -161,13 +168,25 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     `progress=True` shows progress, the plan and the notes on stderr (`False`: nothing;
     a callable of fit's `Progress` gets the progress, the plan and notes go to the logger only); the plan and the
     notes go to the `logging` logger "hardener" too, warnings (too few optimiser steps, ...) are `UserWarning`s.
+    `report="quick"` (`harden patch`'s: white-box APGD-CE at 20 steps or `eval_steps`, then its transfer from the
+    base; a check, not a verdict) or `"full"` (the training attack at its reference budget) attacks the trained
+    model after training, on `eval_data` or else on held-out images of `data` outside the training and validation
+    images (`eval_samples` of them: 500 quick, 1,000 full), and its cost is part of the plan's estimate; `None`, the
+    default, runs none and keeps no images of `data` aside for one.
     The base's weights and statistics are bit-identical afterwards. The returned model carries `.training_record`
-    (the record the checkpoint stores), `.history` (one `EpochLog` per epoch) and `.cost` (a `cost.Cost`:
+    (the record the checkpoint stores), `.history` (one `EpochLog` per epoch), `.cost` (a `cost.Cost`:
     multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
-    counted part)."""
+    counted part) and `.report` (a `Report`, with `report=`; else None)."""
     keywords = _patch_keywords()  # the library's words for the flags of every message below
-    with speaking_python(keywords):
+    with speaking_python(keywords, PATCH_ALIASES):
         opts, preset = PatchOptions.build(recipe, overrides)
+        for what, v, kinds in (("report", report, "str | None"), ("eval_samples", eval_samples, "int | None"),
+                               ("eval_steps", eval_steps, "int | None")):
+            check_arg(what, v, kinds)
+        check_range("eval_samples", eval_samples)
+        check_range("eval_steps", eval_steps)
+        post = None if report is None else TR.PostReport(
+            report, None if eval_data is None else as_dataset(eval_data), eval_samples, eval_steps)
         dev = pick_device(device)
         torch.manual_seed(opts.seed)
         patched = as_patched(model, arch, mean, std, logits)
@@ -177,9 +196,9 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         infos = finish(patched, ds, dev)
         _warn_class_count(ds, patched)
         A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
-        words = _words(keywords)
+        words = _words(keywords, PATCH_ALIASES)
         hooks = RUN.library_hooks(progress, words)
-        run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks,
+        run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks, post_report=post,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
         over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
         _warn(over and words(over))
@@ -187,6 +206,11 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         patched.training_record = run.record
         patched.train_seconds = run.train_seconds
         patched.history = run.logs
+        if post is not None:
+            view = library_voice(progress)[2]  # a view of its own, as `harden patch` shows the report's progress
+            full = (f"hardener.evaluate(model, TEST_DATA, attacks='apgd-ce,apgd-dlr,square', eps={run.spec.eps!r}, "
+                    f"norm={run.spec.norm!r}, threat='all')")
+            patched.report = Report(TR.run(run, view, extra={"report_budget": {"full_evaluation": full}}))
         return patched
 
 
@@ -326,7 +350,7 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
         cfg = EV.config(attacks, eps, norm=norm, steps=steps, threats=threats, batch_size=batch_size, seed=seed,
                         checks=checks, precision=precision)
         dev = pick_device(device)
-        patched, has_patches = model_to_run(model, arch, mean, std)
+        patched, has_patches, _ = model_to_run(model, arch, mean, std)
         ds = as_dataset(data)
         finish(patched, ds, dev)
         notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
@@ -364,11 +388,9 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
         cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
                                         seed=seed, sequential=sequential,
                                         max_radius=None if max_radius is None else float(max_radius))
-        patched, _ = model_to_run(model, arch, mean, std)
-        if isinstance(model, (str, Path)):
-            name, sha = str(model), sha256_file(Path(model))
-        else:
-            name, sha = type(model).__name__, None
+        patched, _, sha = model_to_run(model, arch, mean, std)  # a plain file's sha256 is hashed once, as it loads
+        name, path = (str(model), True) if isinstance(model, (str, Path)) else (type(model).__name__, False)
+        sha = sha or (sha256_file(Path(model)) if path else None)
         dev = pick_device(device)
         ds = as_dataset(data)
         finish(patched, ds, dev)
@@ -378,6 +400,51 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
         with view if hasattr(view, "__enter__") else contextlib.nullcontext():
             return CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
                                   max_samples=max_samples, progress=view)
+
+
+@dataclass
+class Layers:
+    """The named layers of a model, as `harden layers` shows them: `rows` (one dict per module: name, type, output
+    shape, parameters, whether it is a patch site and why not, and `fixer_macs`: what a fixer at the default `rho`
+    would add there, per image), the suggested sites with the stem and why (`why`), the valid sites the suggestion
+    passed over (`passed_over`), the base's multiply-adds per image; `to_dict()` is `harden layers --json`."""
+
+    input_shape: tuple
+    rows: list[dict]
+    base_macs: int
+    suggested_sites: list[str]
+    stem: str | None
+    why: dict
+    passed_over: dict
+    note: str
+
+    def to_dict(self) -> dict:
+        return {"layers": self.rows, "base_macs": self.base_macs, "suggested_sites": self.suggested_sites,
+                "stem": self.stem, "why": self.why, "passed_over": self.passed_over, "note": self.note}
+
+    def __repr__(self) -> str:
+        sites = [r["name"] for r in self.rows if r["site"]]
+        return (f"Layers(input {self.input_shape}: {len(self.rows)} modules, {len(sites)} sites; suggested "
+                f"{', '.join(self.suggested_sites) or 'none'}; stem {self.stem})")
+
+
+def layers(model: Any, data: Any = None, *, arch: str | None = None, mean=None, std=None,
+           device: str | torch.device = "auto") -> Layers:
+    """The named layers of `model` (an `nn.Module`, a `PatchedModel` or a checkpoint path, as for `hardener.patch`)
+    on one forward of `data` (or of random images of its recorded input shape): where patches can go, what a fixer
+    would cost at each site, and the sites `hardener.patch` would suggest. `harden layers` shows the same."""
+    with speaking_python(_keywords(layers)):
+        patched = as_patched(model, arch, mean, std)
+        return layer_table(patched, None if data is None else as_dataset(data), pick_device(device))
+
+
+def layer_table(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device) -> Layers:
+    """`hardener.layers` of a loaded model, in the command line's words (`harden layers` renders it)."""
+    infos = finish(patched, ds, device)
+    sug = suggest(patched.net, infos)
+    fixer = C.site_fixer_macs(patched.net, infos)
+    return Layers(tuple(patched.model.spec.shape), [{**i.to_json(), "fixer_macs": fixer.get(i.name)} for i in infos],
+                  C.count(patched).macs_base, sug.sites, sug.stem, sug.why, sug.skipped, sug.note)
 
 
 def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:
@@ -390,4 +457,4 @@ def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:
     return tuple(t for t in E.THREATS if t in parts)
 
 
-__all__ = ["PatchOptions", "Report", "as_dataset", "evaluate", "patch"]
+__all__ = ["Layers", "PatchOptions", "Report", "as_dataset", "evaluate", "layers", "patch"]

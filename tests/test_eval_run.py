@@ -49,7 +49,7 @@ def test_cli_eval_runs_the_library_run(runner, patched_ckpt, tiny_test_data, tmp
     assert len(calls) == 1
     run = calls[0]
     # the command line's hooks: its resumable store, flag names in messages; its fields in the report
-    assert run.store is not None and run.store.path.parent == tmp_path and not run.hooks.library
+    assert run.store is not None and run.store.path.parent == tmp_path and run.hooks.words is str  # its own words
     assert run.report["checkpoint"] == str(patched_ckpt) and len(run.ds) == 30
     printed = json.loads(r.stdout)
     assert _numbers(printed["models"]) == _numbers(json.loads(hardener.reports.report.json_text(run.report))["models"])  # what it made is shown
@@ -115,8 +115,12 @@ class _NoMemory(torch.nn.Module):
 
 
 def test_auto_batch_size_errors_speak_the_callers_language():
+    from hardener.api import _keywords
+    from hardener.options.wording import python_words
+
     x, y = _data(8)
-    with pytest.raises(RunError, match=r"^batch_size='auto': out of memory .*\(device=\)"):
-        hardener.evaluation.threats.find_batch_size(_NoMemory(), x, y, torch.device("cpu"), library=True)
-    with pytest.raises(RunError, match=r"^--batch-size auto: out of memory .*\(--device\)"):
+    with pytest.raises(RunError, match=r"^--batch-size auto: out of memory .*\(--device\)") as e:
         hardener.evaluation.threats.find_batch_size(_NoMemory(), x, y, torch.device("cpu"))
+    # the same message, as `hardener.evaluate` raises it (its words: options.wording)
+    assert re.match(r"^batch_size='auto': out of memory .*\(device=\)",
+                    python_words(e.value.message, _keywords(hardener.evaluate)))

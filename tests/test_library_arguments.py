@@ -134,3 +134,16 @@ def test_a_word_after_a_flag_is_its_value_only_where_the_phrase_ends():
     assert python_words("(--loss rslad: soft labels)", kw) == "(loss='rslad': soft labels)"
     assert python_words("(--method fixer,auxbn)", kw) == "(method='fixer,auxbn')"
     assert python_words("--eps must be below 1", kw) == "eps must be below 1"  # prose, not a value
+
+
+def test_mean_and_std_of_the_wrong_length_are_named_not_blamed_on_the_images(toy, tiny_ckpt, tiny_data, runner):
+    """Three mean values on 1-channel images used to broadcast them to 3 channels, and the model's channel error then
+    said "the images have 1 channels but the model takes 1"."""
+    from hardener.cli.app import main
+
+    with pytest.raises(InputError, match=r"^mean has 3 values but the images have 1 channel: give one value, or one "
+                                         r"per channel \(1\)$"):
+        hardener.evaluate(trained_tiny(steps=1), toy, eps=0.1, mean=[0.1, 0.2, 0.3], std=[0.3], progress=False)
+    r = runner.invoke(main, ["eval", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--std", "0.2,0.3",
+                             "--eps", "0.1", "--attack", "fgsm"])
+    assert r.exit_code == 2 and "--std has 2 values but the images have 1 channel" in r.output, r.output

@@ -10,6 +10,7 @@ import pytest
 
 import hardener
 from hardener.cli.app import main
+from hardener.errors import InputError
 from hardener.training import run as RUN
 from hardener.training.run import FEW_STEPS
 
@@ -39,7 +40,7 @@ def test_cli_patch_runs_the_library_run(runner, tiny_ckpt, tiny_data, tmp_path, 
     assert len(calls) == 1
     run = calls[0]
     # the command line's hooks: its resumable state, its report in the plan, flag names in messages
-    assert run.saver is not None and run.report_units > 0 and not run.hooks.library
+    assert run.saver is not None and run.report_units > 0 and run.hooks.words is str  # its own words
     written = hardener.load(out, arch=ARCH).manifest.training
     assert written == json.loads(json.dumps(run.record.to_dict()))  # what the run recorded is what was written
 
@@ -71,3 +72,41 @@ def test_notebook_patch_progress_false_is_silent_on_stderr(capsys):
         hardener.patch(net, (x, y), progress=lambda *a: seen.append(a), **FEW)
     assert capsys.readouterr().err == ""
     assert seen and seen[-1][0] == "train"  # a callable gets fit's progress as is
+
+
+def test_notebook_patch_gets_the_post_training_report_the_cli_writes(runner, tiny_ckpt, tiny_data, tmp_path, capsys):
+    """Issue 31: the report after training is the library's (`training.report`): `hardener.patch(report="quick")`
+    returns the report `harden patch` writes, on held-out images of the data, with the same fields; its images leave
+    `unlabeled="rest"`; `report=None` (the default) runs none."""
+    net, (x, y) = trained_tiny(), _data()
+    capsys.readouterr()
+    with pytest.warns(UserWarning):
+        patched = hardener.patch(net, (x, y), subset=40, unlabeled="rest", report="quick", eval_samples=15,
+                                 eval_steps=2, **FEW)
+    rep = patched.report
+    assert isinstance(rep, hardener.Report) and rep.data["command"] == "patch" and rep.data["data"]["n"] == 15
+    assert rep.clean is not None and rep.robust is not None and rep.transfer is not None
+    assert rep.data["report_budget"]["budget"] == "quick" and not rep.data["report_budget"]["verdict"]
+    assert rep.data["report_budget"]["full_evaluation"].startswith("hardener.evaluate(")
+    assert rep.to_dict()["training"] == json.loads(json.dumps(patched.training_record.to_dict()))
+    assert patched.training_record["split"]["unlabeled"]["pool"] == 90 - 40 - 15  # the report's images left out
+    err = capsys.readouterr().err
+    assert re.search(r"^      report: 15 images, apgd-ce 2 steps", err, re.M)  # in the plan, and in its estimate
+    out = tmp_path / "p.safetensors"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "block",
+                             "--out", str(out), "--report", str(tmp_path / "r.json"), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    cli = json.loads((tmp_path / "r.json").read_text())
+    assert set(cli) - set(rep.data) == {"checkpoint", "checkpoint_sha256", "invocation"}
+    assert set(rep.data) <= set(cli) and set(cli["report_budget"]) == set(rep.data["report_budget"])
+    with pytest.warns(UserWarning):
+        assert hardener.patch(net, (x, y), **FEW).report is None
+
+
+def test_library_report_arguments_are_checked():
+    net, (x, y) = trained_tiny(), _data()
+    for kw, match in ((dict(report="verdict"), "report budget 'verdict': choose 'quick' or 'full'"),
+                      (dict(report="quick", eval_samples=-1), "eval_samples"),
+                      (dict(report="quick", eval_steps=0), "eval_steps"), (dict(report=1), "report")):
+        with pytest.raises(InputError, match=match):
+            hardener.patch(net, (x, y), **kw, **FEW)

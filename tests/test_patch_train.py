@@ -4,7 +4,9 @@ checkpoint."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+import hardener
 from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.options.patch_options import PatchOptions
@@ -30,10 +32,10 @@ def test_patch_and_train_are_the_method_spelled_apart(split, joined):
 def test_patch_and_train_refuse_the_other_spelling_and_each_others_names():
     with pytest.raises(InputError, match="give one spelling"):
         PatchOptions.build("auto", {"patch": "fixer", "method": "fixer"})
-    with pytest.raises(InputError, match="^patch= 'advamd' is not a patch kind .* goes to train="):
-        PatchOptions.build("auto", {"patch": "advamd"})  # the library's keywords
-    with pytest.raises(InputError, match="^train= 'fixer' is not a training method"):
-        PatchOptions.build("auto", {"train": "fixer"})
+    with pytest.raises(InputError, match="^patch='advamd' is not a patch kind .* goes to train="):
+        hardener.patch(torch.nn.Linear(2, 2), None, patch="advamd")  # the library's keywords
+    with pytest.raises(InputError, match="^train='fixer' is not a training method"):
+        hardener.patch(torch.nn.Linear(2, 2), None, train="fixer")
     with pytest.raises(InputError, match="^--train 'fixer' is not a training method .* goes to --patch"):
         PatchOptions.of({"train": "fixer"})  # the command line's flags
 

@@ -111,7 +111,7 @@ def test_eps_curve_starts_at_eps_0_with_the_clean_accuracy_full_width(reports):
 
 
 def test_the_quick_note_names_no_json_key():
-    from hardener.cli.commands.patch import QUICK_NOTE
+    from hardener.training.report import QUICK_NOTE
 
     assert QUICK_NOTE.startswith("quick check") and "full_evaluation" not in QUICK_NOTE
     assert not re.search(r"\b[a-z]+_[a-z_]+\b", QUICK_NOTE)  # no snake_case key names in text for readers

@@ -152,7 +152,7 @@ def test_library_patch_with_a_teacher_file_records_it(tmp_path, caplog):
     assert "teacher: heavy.safetensors (loss='rslad'" in caplog.text  # the plan says it, in the library's words
     with pytest.raises(InputError, match="teacher="):
         hardener.patch(BASE, (imgs, labels), None, loss="rslad", progress=False)
-    with pytest.raises(InputError, match="teacher= .* another base"):
+    with pytest.raises(InputError, match="teacher=.* another base"):
         hardener.patch(trained_tiny(seed=1), (imgs, labels), None, loss="rslad", teacher=str(path), progress=False)
 
 

@@ -38,7 +38,7 @@ class Hooks:
     progress: Any = None  # evaluation's progress callback; one that is a context manager (ProgressView) is entered
     world: D.World = field(default_factory=D.World)  # the processes of a torchrun launch: each attacks its shard
     store: Callable[["EvalRun"], EvalStore] | None = None  # the resumable state, once the configuration is settled
-    library: bool = True  # messages name Python parameters (False: the command line's flags)
+    words: Callable[[str], str] = str  # the caller's words for the report's notes (the library's: `options.wording`)
 
 
 @dataclass
@@ -66,15 +66,13 @@ class EvalRun:
     report: dict | None = None
 
 
-def config(attacks: str | list[str] | tuple[str, ...], eps: float | str, library: bool = True,
-           **fields: Any) -> E.EvalConfig:
+def config(attacks: str | list[str] | tuple[str, ...], eps: float | str, **fields: Any) -> E.EvalConfig:
     """The evaluation's configuration: the attacks (names, suites, comma lists; the settings suites fix), the budget
     (a number or a fraction such as "8/255") and `EvalConfig`'s other fields as they are."""
     names = [attacks] if isinstance(attacks, str) else list(attacks)
     precision = fields.get("precision", "fp32")
     if precision not in E.PRECISIONS:
-        raise InputError(f"{'precision' if library else '--precision'} must be one of {', '.join(E.PRECISIONS)}, "
-                         f"got '{precision}'")
+        raise InputError(f"--precision must be one of {', '.join(E.PRECISIONS)}, got '{precision}'")
     return E.EvalConfig(attacks=A.parse_attack_list(names), eps=A.parse_eps(str(eps)),
                         overrides=A.suite_settings(names), **fields)
 
@@ -95,9 +93,9 @@ def prepare(run: EvalRun) -> None:
     h = run.hooks
     pixels = math.prod(run.patched.model.spec.shape)  # L2 budgets against the image size, once it is known
     for e in [run.cfg.eps, *(run.cfg.eps_sweep or [])]:
-        A.check_eps(e, run.cfg.norm, pixels, what="eps" if h.library else "--eps", zero=e is not run.cfg.eps)
+        A.check_eps(e, run.cfg.norm, pixels, what="--eps", zero=e is not run.cfg.eps)
     low = check_accuracy(Disabled(run.patched), run.ds, run.patched.model.spec.num_classes, run.device,
-                         run.allow_low_accuracy, library=h.library)
+                         run.allow_low_accuracy)
     if low:
         run.notes.append(low)
         h.warn(low)
@@ -131,7 +129,7 @@ def attack(run: EvalRun) -> None:
 def auto_batch(run: EvalRun) -> int:
     """Batch size "auto": the largest power of two whose attack step fits (the smallest over the ranks)."""
     x, y = hdata.to_float(run.ds.images[:64]), run.ds.labels[:64]
-    bs = E.find_batch_size(run.patched, x, y, run.device, library=run.hooks.library)
+    bs = E.find_batch_size(run.patched, x, y, run.device)
     if run.hooks.world.active:  # one block layout for every rank: the smallest that fits everywhere
         import torch.distributed as dist
 
@@ -153,9 +151,9 @@ def report(run: EvalRun) -> dict:
         extra["base_cache"] = result.base_cache
     notes = list(run.notes)
     if cfg.precision != "fp32":
-        again = "precision='fp32'" if run.hooks.library else "--precision fp32"
         notes.append(f"attacks ran in {cfg.precision} (autocast): low-precision gradients can weaken attacks, so "
-                     f"robust accuracy may be overstated; rerun with {again} for the verdict")
+                     "robust accuracy may be overstated; for the verdict, rerun with --precision fp32")
+    notes = [run.hooks.words(n) for n in notes]
     env = R.environment(str(run.device), cfg.seed, run.deterministic)
     return R.build("eval", result, R.data_record(run.ds, notes), R.attack_settings(result), env, extra)
 
@@ -165,4 +163,4 @@ def library_hooks(progress: Any = True, words: Callable[[str], str] | None = Non
     stderr (`True`), none (`False`/None) or a callable of evaluation's; the notes to the "hardener" logger (and
     stderr with `progress=True`); warnings as `UserWarning`s at the caller's line; `words`: the library's words."""
     say, warn, view = library_voice(progress, words)
-    return Hooks(say=say, warn=warn, progress=view)
+    return Hooks(say=say, warn=warn, progress=view, words=words or str)

@@ -135,10 +135,9 @@ def halving(lo: int, hi: int, bs: int, cfg: EvalConfig | None, where: str,
 
 
 def find_batch_size(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                    cap: int | None = None, library: bool = False) -> int:
+                    cap: int | None = None) -> int:
     """`--batch-size auto`: the largest power of two (up to `cap`: 4096 on CUDA, 256 elsewhere, where memory is not
-    the limit) whose forward and backward pass, as an attack step does it, fits in memory. `library`: the error
-    names Python parameters."""
+    the limit) whose forward and backward pass, as an attack step does it, fits in memory."""
     cap = cap or (4096 if device.type == "cuda" else 256)
     best, bs = None, 1
     while bs <= cap:
@@ -154,8 +153,8 @@ def find_batch_size(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
                 torch.cuda.empty_cache()
         best, bs = bs, bs * 2
     if best is None:
-        what, dev = ("batch_size='auto'", "device=") if library else ("--batch-size auto", "--device")
-        raise RunError(f"{what}: out of memory even for one image: use another device ({dev}) or a smaller input")
+        raise RunError("--batch-size auto: out of memory even for one image: use another device (--device) or a "
+                       "smaller input")
     return best
 
 

@@ -196,6 +196,15 @@ def _channel_mismatch(error: str, x: torch.Tensor) -> None:
                          f"({c}, H, W); {fix}") from None
 
 
+def _check_normalisation(spec, channels: int) -> None:
+    """--mean/--std give one value for all channels or one per channel of the images: 3 values on 1-channel images
+    would broadcast them to 3 channels (and the model's channel error would then blame the data)."""
+    for name, values in (("mean", spec.mean), ("std", spec.std)):
+        if values is not None and len(values) not in (1, channels):
+            raise InputError(f"--{name} has {len(values)} values but the images have {channels} channel"
+                             f"{'s' if channels != 1 else ''}: give one value, or one per channel ({channels})")
+
+
 def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) -> list:
     """Dry-run the model on the data's shape; record shape and class count; validate labels.
 
@@ -209,6 +218,7 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
         x = torch.rand(2, *spec.shape)
     else:
         raise InputError("cannot tell the model's input shape: pass --input-shape C,H,W or --data")
+    _check_normalisation(spec, x.shape[1])
     loaded.patched.to(device)
     try:
         try:
@@ -250,7 +260,7 @@ MIN_ACCURACY_SAMPLES = 50
 
 
 def check_accuracy(model: torch.nn.Module, ds: hdata.Dataset, num_classes: int, device: torch.device,
-                   allow: bool = False, library: bool = False) -> str | None:
+                   allow: bool = False) -> str | None:
     """Stop (InputError) when `model`'s clean accuracy on `ds` is near chance: within 3 standard errors (at least 5
     points) of the larger of 1/classes and the commonest label's share. Such a model is almost always fed inputs it
     was not trained on (missing normalisation, the wrong input size, a shuffled class map), and every number after
@@ -274,8 +284,6 @@ def check_accuracy(model: torch.nn.Module, ds: hdata.Dataset, num_classes: int, 
             f": {num_classes} classes, the commonest label {100 * float(torch.bincount(y).max()) / n:.1f}%)")
     if allow:
         return what + "; every number of this run is measured on inputs the model may not have been trained on"
-    causes = ("mean=/std= (the normalisation the model expects), the input size and the class order of the labels; "
-              "pass allow_low_accuracy=True to go on" if library else
-              "--mean/--std (the normalisation the model expects), --input-shape/--resize and the class map (--classes"
+    causes = ("--mean/--std (the normalisation the model expects), --input-shape/--resize and the class map (--classes"
               "); pass --allow-low-accuracy to go on")
     raise InputError(f"{what}: its input is probably not what it was trained on; check {causes}")

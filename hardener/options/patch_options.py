@@ -74,7 +74,7 @@ class PatchOptions:
         return cls.ALIASES.get(name) or owners.aliases().get(name, name)
 
     @classmethod
-    def of(cls, values: dict[str, Any], method_given: bool = False, library: bool = False) -> "PatchOptions":
+    def of(cls, values: dict[str, Any], method_given: bool = False) -> "PatchOptions":
         """From option values by name (the command line's), the owned ones parsed and checked into `owned` (an error
         names the flag), `patch` and `train` folded into `method` and `at` (`recipe.split_recipe`; `method_given`:
         the caller set `method` itself; `library`: errors name `patch=`, `train=`, `method=`); other names are
@@ -83,7 +83,7 @@ class PatchOptions:
 
         if values.get("patch") is not None or values.get("train") is not None:
             method, at = split_recipe(values.get("method") or cls.method, values.get("patch"), values.get("train"),
-                                      values.get("at"), method_given, library)
+                                      values.get("at"), method_given)
             values = {**values, "method": method, "at": at, "patch": None, "train": None}
         names, owned = {f.name for f in fields(cls)} - {"owned"}, owners.owned()
         return cls(**{k: v for k, v in values.items() if k in names},
@@ -125,15 +125,14 @@ class PatchOptions:
             check_arg(k, v, types[k])
             if k in OPTION_RULES:
                 check_range(k, v)
-        check_teacher(values.get("loss_name", "fixer"), values.get("teacher"), library=True)
-        return cls.of(values, method_given="method" in given, library=True), preset
+        check_teacher(values.get("loss_name", "fixer"), values.get("teacher"))
+        return cls.of(values, method_given="method" in given), preset
 
 
-def check_teacher(loss: str, teacher: Any, library: bool = False) -> None:
+def check_teacher(loss: str, teacher: Any) -> None:
     """A teacher and `--loss rslad` go together: RSLAD's targets are the teacher's soft labels, and no other loss
-    uses a teacher. The error names the library's parameters or the command line's flags."""
-    t, rslad, now = ("teacher=", "loss='rslad'", f"loss='{loss}'") if library else ("--teacher", "--loss rslad",
-                                                                                  f"--loss {loss}")
+    uses a teacher. The error names the command line's flags (the library's keywords: `options.wording`)."""
+    t, rslad, now = "--teacher", "--loss rslad", f"--loss {loss}"
     if loss == "rslad" and teacher is None:
         raise InputError(f"{rslad} distils from a robust teacher: pass {t} (a patched checkpoint of the same base)")
     if teacher is not None and loss != "rslad":

@@ -76,18 +76,18 @@ def parse_methods(text: str, bn: str | None, at: str | None) -> Methods:
 
 
 def split_recipe(method: str, patch: str | None, train: str | None, at: str | None,
-                 method_given: bool, library: bool = False) -> tuple[str, str | None]:
+                 method_given: bool) -> tuple[str, str | None]:
     """`--patch KIND[:SITE],...` (what is patched) and `--train METHOD` (what trains) as `--method` and `--at` say
     them, which the run reads: the bare kinds and the method in `method`, the KIND:SITE entries added to `at`; a run
     spelled either way is the same run. `--method` (kinds and a method in one list) stays as an alias: giving it
-    with --patch or --train is an error. Neither given: `method` and `at` as they are. Errors name the flags, or with
-    `library` the keywords."""
+    with --patch or --train is an error. Neither given: `method` and `at` as they are. Errors name the flags (the
+    library's entry points say them as keywords: `options.wording`)."""
     from .. import methods
     from ..patches import DEFAULT_SITE_KIND, KINDS
 
     if patch is None and train is None:
         return method, at
-    m_, p_, t_ = ("method=", "patch=", "train=") if library else ("--method", "--patch", "--train")
+    m_, p_, t_ = "--method", "--patch", "--train"
     if method_given:
         raise InputError(f"{m_} names patch kinds and a training method in one list, {p_} and {t_} name them "
                          "apart: give one spelling")

@@ -1,8 +1,11 @@
 """The library speaks Python: an error raised under `speaking_python(keywords)` names keywords (`device='cpu'`,
-`trust_arch=True`, `epochs`), not the command line's flags (`--device cpu`, `--trust-arch`, `--epochs`). Messages are
-written once, in the command line's words; the library's entry points (`hardener.patch`, `.evaluate`, `.certify`,
-`.load`) translate the flags their own keywords answer to, and leave any other (a flag with no keyword stays as it
-is, `harden layers` too)."""
+`trust_arch=True`, `teacher=`, `raise epochs`), not the command line's flags (`--device cpu`, `--trust-arch`,
+`--teacher`, `raise --epochs`). Messages are written once, in the command line's words, and this is the one place
+that turns them into the library's: the library's entry points (`hardener.patch`, `.evaluate`, `.certify`, `.load`,
+`.layers`) translate their errors, their notes and warnings, and the notes of the reports they return. A flag their
+keywords answer to becomes the keyword; the few flags of the data and model options that no keyword answers to
+(`--resize`, `--classes`, `--trust-pickle`, ...) and `harden layers` become what a library caller does instead
+(PHRASES); any other flag (a command line's own: `--out`, `--resume`) stays as it is."""
 from __future__ import annotations
 
 import contextlib
@@ -12,15 +15,37 @@ from typing import Any, Iterator
 from ..errors import HardenError
 
 LITERALS = frozenset({"cpu", "cuda", "auto", "mps", "none", "all"})  # bare values that follow a flag: quoted
+QUANTITY = re.compile(r"\b(raise|lower|smaller|larger|higher|fewer|more)\s+$")  # "raise epochs": a bare keyword
+# What a library caller does where a message names a data or model option that no library keyword answers to (the
+# library takes tensors, datasets and modules it does not decode, resize or unpickle): (pattern, the library's words).
+PHRASES = (
+    (r"--input-shape/--resize", "the input size"),
+    (r"\(check --input-shape, --resize or the data\)", "(check the data's input size)"),
+    (r"pass --input-shape C,H,W or --data", "pass data"),
+    (r"pass --input-shape (\d+),(\d+),(\d+) to convert them", r"give images of shape (\1, \2, \3)"),
+    (r"pass --resize (H,W|\d+,\d+)", r"resize the images to \1"),
+    (r"give images of the model's input size, or --resize", "give images of the model's input size"),
+    (r"the class map \(--classes\)", "the class order of the labels"),
+    (r"map classes with --classes", "map the labels to the model's class indices"),
+    (r"map them with --classes", "map the labels to the model's class indices"),
+    (r"\(--logits\)|with --logits", "with logits="),
+    (r"load it only if you trust it, with --trust-pickle", "load it yourself only if you trust it "
+     "(torch.load(path, weights_only=False)) and pass the module"),
+    (r"that file with --trust-pickle", "that module"),
+    (r"`harden layers`", "`hardener.layers(model, data)`"),
+)
 FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ('[^']*'|\"[^\"]*\"|\d[\d./e+-]*(?<![./e+-])|[a-z][a-z0-9-]*(?:,[a-z0-9-]+)*))?")
 
 
 def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | None = None) -> str:
     """`text` with each `--flag [value]` whose keyword (dashes as underscores, or `aliases[...]`) is in `keywords`
     (name -> default) written as a keyword: `flag=value` for a quoted value, a number, one of LITERALS or a word
-    that ends a phrase after a flag whose default is text (quoted), `flag=True` (`False` for `--no-flag`) for a flag whose default is
-    False, the bare keyword otherwise."""
+    that ends a phrase after a flag whose default is text (quoted); `flag=True` (`False` for `--no-flag`) for a flag
+    whose default is False; the bare keyword as the subject of a sentence or after a quantity ("raise epochs"),
+    `flag=` otherwise ("pass teacher="). PHRASES first."""
     aliases = aliases or {}
+    for pattern, words in PHRASES:
+        text = re.sub(pattern, words, text)
 
     def sub(m: re.Match) -> str:
         neg, flag, value = m.groups()
@@ -36,7 +61,9 @@ def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | 
             return f"{key}={value!r}"  # a known value, or a word that ends a phrase after a text option: its value
         if keywords[key] is False:
             return f"{key}=True{rest}"
-        return f"{key}{rest}"
+        if value or QUANTITY.search(m.string[:m.start()]):
+            return f"{key}{rest}"  # the subject of a sentence ("eps must be ..."), a quantity ("raise epochs")
+        return f"{key}="  # what to pass ("pass teacher= (a patched checkpoint)", "(device=)")
 
     return FLAG.sub(sub, text)
 

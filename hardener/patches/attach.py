@@ -54,13 +54,15 @@ class PatchedModel(nn.Module):
         self.arch_kwargs: dict | None = None
         # What a run or a load leaves on the model (None until then): the base's tensor digest, the checkpoint's
         # manifest (`hardener.load`), and from `hardener.patch` the training record the checkpoint stores, one
-        # `fit.EpochLog` per epoch, the training's seconds and the inference cost (a `cost.Cost`).
+        # `fit.EpochLog` per epoch, the training's seconds, the inference cost (a `cost.Cost`) and the report after
+        # training (an `api.Report`, when one was asked).
         self.base_sha256: str | None = None
         self.manifest: Any = None
         self.training_record: Any = None  # a training.record.TrainingRecord
         self.history: list | None = None
         self.train_seconds: float | None = None
         self.cost: Any = None
+        self.report: Any = None
         for p in model.parameters():
             p.requires_grad_(False)
         self.train(False)

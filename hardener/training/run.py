@@ -1,8 +1,8 @@
 """One `harden patch` run, for the library and the command line alike: attach the patches, split the data, set up
 training, pseudo-label, settle the batch, plan (the plan, the notes, the warnings), train, route, record, time the
-cost. `hardener.patch` and `cli/commands/patch.py` both call `patch_run`; what differs between them is in `Hooks`: where
-the plan, the notes, the warnings and the progress go, and what the command line adds (a resumable state beside
---out, torchrun's world, the stop flag, its report data and the report's line of the plan)."""
+cost. `hardener.patch` and `cli/commands/patch.py` both call `patch_run` (and `training.report` for the report after
+it); what differs between them is in `Hooks`: where the plan, the notes, the warnings and the progress go, and what
+the command line adds (a resumable state beside --out, torchrun's world, the stop flag, its data options)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +16,7 @@ import torch
 from .. import attacks as A
 from .. import data as hdata
 from .. import methods as M
-from ..errors import Interrupted
+from ..errors import InputError, Interrupted
 from ..io.resume import Saver
 from ..io.session import check_accuracy
 from ..options.patch_options import PatchOptions
@@ -28,6 +28,7 @@ from ..patches.layers import describe_cost
 from ..runtime import distributed as D
 from ..runtime.console import library_voice, silent
 from . import fit as F
+from . import report as TR
 from . import steps as S
 from .record import TrainingRecord
 
@@ -49,12 +50,10 @@ class Hooks:
     stop: Any = None  # a resume.StopFlag, installed around training: set, training saves and stops
     world: D.World = field(default_factory=D.World)  # the processes of a torchrun launch
     saver: Callable[["PatchRun"], Saver] | None = None  # the resumable state, once the training set is known
-    aside: Callable[["PatchRun"], list[str]] | None = None  # after the split: data the caller keeps (its warnings)
-    pool: Callable[["PatchRun"], hdata.Dataset] | None = None  # the images to pseudo-label (else from `unlabeled`)
-    report: Callable[["PatchRun"], tuple[str, float]] | None = None  # the caller's report: plan line, cost in units
+    load_data: Callable[[Any], hdata.Dataset] | None = None  # `unlabeled` data, with the caller's data options
     cache_dir: Path | None = None  # where training caches spill
     keep_parent: bool = False  # keep the base as it was when the method fine-tunes it (the report's reference)
-    library: bool = True  # messages name Python parameters (False: the command line's flags)
+    words: Callable[[str], str] = str  # the caller's words for the report's notes (the library's: `options.wording`)
 
 
 @dataclass
@@ -68,7 +67,7 @@ class PatchRun:
     device: torch.device
     hooks: Hooks = field(default_factory=Hooks)
     given: frozenset = frozenset()  # options the caller set itself, not the preset (epochs, select_on)
-    eval_elsewhere: bool = True  # the report's data is not part of `ds`: the split keeps none of it aside
+    post_report: TR.PostReport | None = None  # the report after training (`training.report`), when one is asked
     warnings: list[str] = field(default_factory=list)  # the caller's first (the model's), then the run's
     split: Split | None = None
     train_ds: hdata.Dataset | None = None
@@ -77,7 +76,7 @@ class PatchRun:
     cfg: F.FitConfig | None = None
     inference: C.Cost | None = None  # the patched model against the base: counted at attach, latency by `measure`
     cost: dict | None = None  # what the patches add: parameters and multiply-adds
-    report_units: float = 0.0  # the caller's report, in forward-pass units (the estimate's last term)
+    report_units: float = 0.0  # the post-training report, in forward-pass units (the estimate's last term)
     saver: Saver | None = None
     parent: torch.nn.Module | None = None
     teacher: torch.nn.Module | None = None  # --teacher: the robust teacher of --loss rslad (frozen; never saved)
@@ -91,6 +90,11 @@ class PatchRun:
     @property
     def n_classes(self) -> int:
         return self.patched.model.spec.num_classes
+
+    @property
+    def eval_elsewhere(self) -> bool:
+        """The report's data is not part of `ds` (or there is no report): the split keeps none of `ds` aside for it."""
+        return self.post_report is None or self.post_report.eval_data is not None
 
 
 def patch_run(run: PatchRun, infos: list) -> PatchRun:
@@ -112,7 +116,7 @@ def plan(run: PatchRun, infos: list) -> None:
     o, h = run.opts, run.hooks
     teacher = None  # loaded onto a copy of the base before any patch is attached to it
     if o.teacher is not None:
-        run.teacher, teacher = S.load_teacher(run.patched, run.ds, o.teacher, run.device, library=h.library)
+        run.teacher, teacher = S.load_teacher(run.patched, run.ds, o.teacher, run.device)
     S.attach_patches(run.patched, infos, o, say=h.say)
     run.patched.to(run.device)
     run.inference = C.count(run.patched) if run.patched.sites else None
@@ -126,9 +130,8 @@ def plan(run: PatchRun, infos: list) -> None:
     run.train_ds = run.ds.take(run.split.train)
     run.val_ds = run.ds.take(run.split.val) if run.split.val is not None else None
     run.spec, cfg = S.training_setup(o, run.n_classes, teacher)
-    aside = h.aside(run) if h.aside else []
-    low = check_accuracy(Disabled(run.patched), run.ds, run.n_classes, run.device, o.allow_low_accuracy,
-                         library=h.library)
+    aside = TR.aside(run) if run.post_report else []
+    low = check_accuracy(Disabled(run.patched), run.ds, run.n_classes, run.device, o.allow_low_accuracy)
     run.warnings += ([low] if low else []) + aside
     if o.unlabeled is not None and not (isinstance(o.unlabeled, str) and not o.unlabeled):
         cfg = _pseudo_labelled(run, cfg)
@@ -138,7 +141,7 @@ def plan(run: PatchRun, infos: list) -> None:
     run.warnings += recipe_warnings(run.preset, run.cfg, run.cfg.epoch_images(len(run.train_ds)),
                                     epochs_given="epochs" in run.given)
     run.warnings += _run_warnings(run)
-    report_line, run.report_units = h.report(run) if h.report else (None, 0.0)
+    report_line = TR.prepare(run) if run.post_report else None
     h.say(plan_text(run, report_line))
     for w in run.warnings:
         h.warn(w)
@@ -147,10 +150,15 @@ def plan(run: PatchRun, infos: list) -> None:
 def _pseudo_labelled(run: PatchRun, cfg: F.FitConfig) -> F.FitConfig:
     """`unlabeled`: the training set with the images the frozen base labels (S.add_pseudo_labels)."""
     o = run.opts
-    if run.hooks.pool:
-        pool = run.hooks.pool(run)
-    elif isinstance(o.unlabeled, str) and o.unlabeled == "rest":
-        pool = run.ds.take(run.split.rest)
+    if isinstance(o.unlabeled, str) and o.unlabeled == "rest":
+        rest = run.post_report.unused if run.post_report else run.split.rest
+        if len(rest) == 0:
+            raise InputError("--unlabeled rest: no images of --data are left outside the training, validation and "
+                             "report images; give a smaller --subset or --eval-samples, or a folder or tensor file")
+        pool = run.ds.take(rest)
+        pool.source = f"{run.ds.source} (rest, labels ignored)"
+    elif run.hooks.load_data:
+        pool = run.hooks.load_data(o.unlabeled)
     else:
         pool = hdata.as_dataset(o.unlabeled, labels_required=False)
     run.train_ds, cfg, rec = S.add_pseudo_labels(run.patched, run.train_ds, pool, o, cfg, run.device)
@@ -264,10 +272,10 @@ def train(run: PatchRun) -> None:
 
 def _estimate(run: PatchRun, est: dict) -> None:
     report_s = est["unit_seconds"] * run.report_units
-    run.estimate.update(est, **({"report_seconds": report_s} if run.hooks.report else {}))
+    run.estimate.update(est, **({"report_seconds": report_s} if run.post_report else {}))
     run.hooks.say(f"estimated time left: training {F.fmt_seconds(est['train_seconds'])}"
                   + (f" + validation {F.fmt_seconds(est['validation_seconds'])}" if run.val_ds else "")
-                  + (f" + report {F.fmt_seconds(report_s)}" if run.hooks.report else "")
+                  + (f" + report {F.fmt_seconds(report_s)}" if run.post_report else "")
                   + f" = {F.fmt_seconds(est['seconds'] + report_s)} (measured from the first "
                   f"{est['timed_steps']} steps: {est['seconds_per_step']:.2f} s per step)")
 
@@ -296,4 +304,4 @@ def library_hooks(progress: Any = True, words: Callable[[str], str] | None = Non
     """`hardener.patch`'s: the library's voice (`console.library_voice`: progress on stderr with `True`, the plan and
     notes to the "hardener" logger, warnings as `UserWarning`s)."""
     say, warn, view = library_voice(progress, words)
-    return Hooks(say=say, warn=warn, progress=view)
+    return Hooks(say=say, warn=warn, progress=view, words=words or str)

@@ -118,19 +118,19 @@ def training_setup(opts: PatchOptions, n_classes: int,
 
 
 def load_teacher(patched: PatchedModel, ds: hdata.Dataset, teacher: Any, device: torch.device,
-                 library: bool = True) -> tuple[torch.nn.Module, dict]:
+                 ) -> tuple[torch.nn.Module, dict]:
     """The robust teacher of `--loss rslad` (RSLAD, Zi et al. 2021), frozen, in eval mode, on `device`, and its
     record. A path is a checkpoint `harden patch` wrote from this run's base (`patched`, before any patch is
     attached): its base tensors must be the base's, bit for bit (its manifest's digest is compared first), and its
     patches are attached to a copy of the base, as `hardener.load(path, model=...)` does (no arch needed); the record
     is its file name and sha256. A `PatchedModel` must sit on the same base; another module, taking the same [0, 1]
     pixels, is taken as it is (a copy: the caller's stays as it was). Either must give the base's class count on the
-    data's input shape. Errors name `teacher=` (`library`) or `--teacher`."""
+    data's input shape. Errors name `--teacher` (the library's `teacher=`: `options.wording`)."""
     import copy
     from pathlib import Path
 
 
-    what = "teacher=" if library else "--teacher"
+    what = "--teacher"
     base_digest = tensor_digest(patched.base_state_dict())
     if isinstance(teacher, (str, Path)):
         try:

@@ -42,12 +42,12 @@ def run(call: Call) -> None:
     model, data, thresholds, threats, raw, names, sweep = _check(call)
     world, device = start(kw)
     loaded, reference, surrogate, ds = _load(model, data, kw, device)
-    cfg = EV.config(raw or ["apgd-ce"], kw["eps"], library=False, norm=kw["norm"], steps=kw["steps"],
+    cfg = EV.config(raw or ["apgd-ce"], kw["eps"], norm=kw["norm"], steps=kw["steps"],
                     restarts=kw["restarts"], queries=kw["queries"], threats=threats, batch_size=kw["batch_size"],
                     seed=kw["seed"], eps_sweep=sweep, checks=not kw["no_checks"],
                     smooth_grad=A.parse_smooth_grad(kw["smooth_grad"]), precision=kw["precision"])
     hooks = EV.Hooks(say=RUN.silent if kw["quiet"] else _say, warn=_warn, progress=ProgressView(kw["quiet"]),
-                     world=world, library=False)
+                     world=world)
     ev = EV.EvalRun(loaded.patched, ds, cfg, device, loaded.has_patches, hooks,
                     subset=hdata.parse_subset(kw["subset"]), max_samples=kw["max_samples"],
                     allow_low_accuracy=kw["allow_low_accuracy"], reference=reference, surrogate=surrogate,
