@@ -57,6 +57,12 @@ def load_one(folder: Path, name: str) -> dict | None:
                                           "sequential": ".fixed" not in name}
         rep = {**hardener.Certification.from_rows(state["rows"], config).to_dict(), "partial": True}
     rep["cpu_s"] = sum(float(user) for _, user in runs) if runs else None
+    # a run killed outright (a session's end) writes no time line: its CPU seconds are missing when the rows' own
+    # wall times add up to more than the runs' recorded wall time
+    tsv = folder / f"{name}.tsv"
+    if runs and tsv.exists():
+        rows_wall = sum(float(line.split("\t")[5]) for line in tsv.read_text().splitlines()[1:] if line.strip())
+        rep["cpu_s_incomplete"] = rows_wall > 1.05 * sum(float(wall) for wall, _ in runs)
     return rep
 
 
@@ -80,11 +86,13 @@ def main_table(folder: list[Path]) -> tuple[list[str], list[dict]]:
             cells = [cell(rows, float(r)) if r in reach else "beyond max radius" for r in RADII]
             d = s["draws_per_sample"]
             cpu = rep["cpu_s"] / s["n"] if rep["cpu_s"] else None
-            cpu_text = f"{cpu:.2f}" if cpu else "–"
+            cpu_text = (f"≥ {cpu:.2f} (a run's time not recorded)" if rep.get("cpu_s_incomplete") else f"{cpu:.2f}") \
+                if cpu else "–"
             n_text = f"{s['n']} (interrupted)" if rep.get("partial") else str(s["n"])
             lines.append(f"| {label} | {sigma} | {n_text} | " + " | ".join(cells) + f" | {100 * s['abstention_rate']:.1f}%"
                          f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} | {rule(rep)} |")
             out.append({"model": key, "sigma": float(sigma), "summary": s, "cpu_s_per_image": cpu,
+                        "cpu_s_incomplete": bool(rep.get("cpu_s_incomplete")),
                         "partial": bool(rep.get("partial")), "rule": rule(rep)})
     return lines, out
 
