@@ -28,7 +28,6 @@ PHRASES = (
     (r"the class map \(--classes\)", "the class order of the labels"),
     (r"map classes with --classes", "map the labels to the model's class indices"),
     (r"map them with --classes", "map the labels to the model's class indices"),
-    (r"\(--logits\)|with --logits", "with logits="),
     (r"load it only if you trust it, with --trust-pickle", "load it yourself only if you trust it "
      "(torch.load(path, weights_only=False)) and pass the module"),
     (r"that file with --trust-pickle", "that module"),
