@@ -148,7 +148,8 @@ def _patch_keywords() -> dict[str, Any]:
     return _keywords(patch, opts, owned, spelled)
 
 
-PATCH_ALIASES = {"preset": "recipe"}  # `--preset robust` is `recipe="robust"`
+# `--preset robust` is `recipe="robust"`, `--report-budget` `report=`; `--report` (a file) has no keyword here
+PATCH_ALIASES = {"preset": "recipe", "report-budget": "report", "report": "report_path"}
 
 
 def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | None = None, mean=None,
@@ -171,8 +172,8 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     `report="quick"` (`harden patch`'s: white-box APGD-CE at 20 steps or `eval_steps`, then its transfer from the
     base; a check, not a verdict) or `"full"` (the training attack at its reference budget) attacks the trained
     model after training, on `eval_data` or else on held-out images of `data` outside the training and validation
-    images (`eval_samples` of them: 500 quick, 1,000 full), and its cost is part of the plan's estimate; `None`, the
-    default, runs none and keeps no images of `data` aside for one.
+    images (`eval_samples` of them: 500 quick, 1,000 full; 0: all), and its cost is part of the plan's estimate;
+    `None`, the default, runs none and keeps no images of `data` aside for one.
     The base's weights and statistics are bit-identical afterwards. The returned model carries `.training_record`
     (the record the checkpoint stores), `.history` (one `EpochLog` per epoch), `.cost` (a `cost.Cost`:
     multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
@@ -185,8 +186,9 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
             check_arg(what, v, kinds)
         check_range("eval_samples", eval_samples)
         check_range("eval_steps", eval_steps)
-        post = None if report is None else TR.PostReport(
-            report, None if eval_data is None else as_dataset(eval_data), eval_samples, eval_steps)
+        if report is None and (eval_data is not None or eval_samples is not None or eval_steps is not None):
+            raise InputError("eval_data, eval_samples and eval_steps are the report's: pass report='quick' or 'full'")
+        post = None if report is None else TR.PostReport(report, _eval_data(eval_data), eval_samples, eval_steps)
         dev = pick_device(device)
         torch.manual_seed(opts.seed)
         patched = as_patched(model, arch, mean, std, logits)
@@ -198,6 +200,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         A.check_eps(A.parse_eps(str(opts.eps)), opts.norm, math.prod(patched.model.spec.shape))
         words = _words(keywords, PATCH_ALIASES)
         hooks = RUN.library_hooks(progress, words)
+        hooks.keep_parent = post is not None  # a method that fine-tunes the base: the report's base is the original
         run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks, post_report=post,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
         over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
@@ -210,8 +213,19 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
             view = library_voice(progress)[2]  # a view of its own, as `harden patch` shows the report's progress
             full = (f"hardener.evaluate(model, TEST_DATA, attacks='apgd-ce,apgd-dlr,square', eps={run.spec.eps!r}, "
                     f"norm={run.spec.norm!r}, threat='all')")
-            patched.report = Report(TR.run(run, view, extra={"report_budget": {"full_evaluation": full}}))
+            patched.report = Report(TR.build(run, view, extra={"report_budget": {"full_evaluation": full}}))
         return patched
+
+
+def _eval_data(eval_data: Any) -> hdata.Dataset | None:
+    """`hardener.patch`'s `eval_data` as a `Dataset`; its errors name it (`as_dataset`'s say `data`)."""
+    if eval_data is None:
+        return None
+    try:
+        return as_dataset(eval_data)
+    except InputError as e:
+        text = e.message[len("data"):] if e.message.startswith("data ") else f": {e.message}"
+        raise InputError(f"eval_data{text}", e.hint) from None
 
 
 def _warn_class_count(ds: hdata.Dataset, patched: PatchedModel) -> None:
@@ -430,11 +444,11 @@ class Layers:
 
 def layers(model: Any, data: Any = None, *, arch: str | None = None, mean=None, std=None,
            device: str | torch.device = "auto") -> Layers:
-    """The named layers of `model` (an `nn.Module`, a `PatchedModel` or a checkpoint path, as for `hardener.patch`)
+    """The named layers of `model` (an `nn.Module`, a `PatchedModel` or a checkpoint path, plain or patched)
     on one forward of `data` (or of random images of its recorded input shape): where patches can go, what a fixer
     would cost at each site, and the sites `hardener.patch` would suggest. `harden layers` shows the same."""
     with speaking_python(_keywords(layers)):
-        patched = as_patched(model, arch, mean, std)
+        patched = model_to_run(model, arch, mean, std)[0]  # a patched checkpoint too, as `harden layers` takes it
         return layer_table(patched, None if data is None else as_dataset(data), pick_device(device))
 
 

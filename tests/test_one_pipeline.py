@@ -7,6 +7,7 @@ import logging
 import re
 
 import pytest
+import torch
 
 import hardener
 from hardener.cli.app import main
@@ -105,8 +106,45 @@ def test_notebook_patch_gets_the_post_training_report_the_cli_writes(runner, tin
 
 def test_library_report_arguments_are_checked():
     net, (x, y) = trained_tiny(), _data()
-    for kw, match in ((dict(report="verdict"), "report budget 'verdict': choose 'quick' or 'full'"),
+    for kw, match in ((dict(report="verdict"), "^report='verdict': choose quick or full$"),
+                      (dict(eval_samples=10), "^eval_data, eval_samples and eval_steps are the report's"),
+                      (dict(report="quick", eval_data="no/such/dir/"), "^eval_data 'no/such/dir/'"),
+                      (dict(report="quick", eval_data=(torch.rand(9, 3, 8, 8), torch.zeros(9).long())),
+                       r"^eval_data images are \(3, 8, 8\) \(C,H,W\) but the training images are \(1, 8, 8\)"),
                       (dict(report="quick", eval_samples=-1), "eval_samples"),
                       (dict(report="quick", eval_steps=0), "eval_steps"), (dict(report=1), "report")):
         with pytest.raises(InputError, match=match):
             hardener.patch(net, (x, y), **kw, **FEW)
+
+
+def test_the_report_of_a_method_that_fine_tunes_the_base_keeps_the_original_as_its_base(capsys):
+    """`method="adv-train"` fine-tunes every base weight: the report's base rows are the original model's (the command
+    line keeps it; so does the library when a report is asked), not the fine-tuned one's."""
+    net, (x, y) = trained_tiny(), _data()
+    xe, ye = x[:30], y[:30]
+    with pytest.warns(UserWarning):
+        patched = hardener.patch(net, (x[30:], y[30:]), method="adv-train", report="quick", eval_data=(xe, ye),
+                                 eval_samples=0, eval_steps=1, eps=0.1, epochs=1, steps=1, batch_size=32, lr=0.5,
+                                 progress=False)
+    original = hardener.evaluate(net, (xe, ye), attacks="fgsm", eps=0.1, checks=False, threat="whitebox",
+                                 progress=False)
+    assert patched.report.data["data"]["n"] == 30
+    assert patched.report.base_clean == original.clean
+
+
+def test_cli_patch_enters_each_progress_view_once(runner, tiny_ckpt, tiny_data, tmp_path, monkeypatch):
+    """A view entered twice would leave its first live display running on a terminal (its cursor hidden)."""
+    from hardener.cli.commands import patch as cmd
+
+    entered = []
+
+    class Counting(cmd.ProgressView):
+        def __enter__(self):
+            entered.append(id(self))
+            return super().__enter__()
+
+    monkeypatch.setattr(cmd, "ProgressView", Counting)
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", "block",
+                             "--out", str(tmp_path / "p.safetensors"), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    assert len(entered) >= 2 and len(entered) == len(set(entered))  # training's and the report's, once each

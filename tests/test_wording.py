@@ -23,16 +23,13 @@ from conftest import ARCH, trained_tiny
 
 # Flags that reach a message of the library's modules only from the command line, each with why.
 COMMAND_LINE_ONLY = {
-    "resume": "resumable state beside --out: the command line's", "out": "the command line's output",
+    "resume": "resumable state beside --out: the command line's",
     "state-dir": "harden certify's resumable state", "mlflow": "harden patch/eval --mlflow",
     "fail-under": "harden eval's gates", "allow-weak-gate": "harden eval's gates", "suite": "harden eval's gates",
     "adapt": "harden adaptive", "iterations": "harden adaptive", "neighbour": "harden adaptive",
     "neighbour-steps": "harden adaptive", "post-train": "harden adaptive", "reference-data": "harden adaptive",
     "nproc": "torchrun launches", "format": "harden export", "check": "harden export --no-check",
-    "json": "harden layers --json",
-    "config": "harden.toml", "help": "the command line's help", "quiet": "the command line's progress",
-    "base-cache": "harden eval --base-cache", "deterministic": "harden patch/eval --deterministic",
-    "parent": "harden eval --parent", "restarts": "harden eval --restarts",
+    "base-cache": "harden eval --base-cache", "parent": "harden eval --parent",
     "crop": "a data option of the command line: named only when it was given",
     "classes": "a data option of the command line: named only when it was given (else PHRASES say it)",
     "preprocessor": "as_patched(preprocessor=) and the command line: named only when it was given",
@@ -44,31 +41,43 @@ PLACEHOLDERS = {"flag", "no-flag", "name-with-dashes", "no-"}  # the wording mod
 
 
 def _literals(path: Path):
-    """Every string literal of a module, implicit concatenations joined, an f-string's fields as {}."""
-    for node in ast.walk(ast.parse(path.read_text())):
+    """Every string literal of a module but its docstrings, implicit concatenations joined, an f-string's fields as 0
+    (a number: "--input-shape {c},{h},{w}" reads as the message does), or as nothing where glued to a word."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
         if isinstance(node, ast.JoinedStr):
-            yield "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = ""
+            for v in node.values:  # a field after a space or a comma is a value; glued to a name, part of it
+                text += v.value if isinstance(v, ast.Constant) else ("0" if text[-1:] in (" ", ",", "") else "")
+            yield text
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
             yield node.value
 
 
 def test_every_flag_a_library_message_names_has_the_librarys_words():
-    keywords = {*api._patch_keywords(), *api.PATCH_ALIASES, *api._keywords(api.evaluate), "attack",
+    aliases = (f.replace("-", "_") for f, k in api.PATCH_ALIASES.items() if k != "report_path")
+    keywords = {*api._patch_keywords(), *aliases,
+                *api._keywords(api.evaluate), "attack",
                 *api._keywords(api.certify), *api._keywords(api.layers), *inspect.signature(hardener.load).parameters}
     root = Path(hardener.__file__).parent
-    missing = set()
+    missing, seen = set(), set()
     for path in root.rglob("*.py"):
-        if "cli" in path.relative_to(root).parts:
+        if "cli" in path.relative_to(root).parts or path.name == "wording.py":  # its literals are the patterns
             continue
         for text in _literals(path):
             for pattern, words in PHRASES:
                 text = re.sub(pattern, words, text)
             for m in re.finditer(r"--(no-)?([a-z][a-z0-9-]*)", text):
                 flag = m.group(2)
+                seen.add(flag)
                 if flag.replace("-", "_") not in keywords and flag not in {*COMMAND_LINE_ONLY, "no"} \
                         and m.group(0).lstrip("-") not in PLACEHOLDERS:
                     missing.add(f"{path.relative_to(root)}: {m.group(0)}")
     assert not missing, f"name a keyword, add a PHRASE or list the flag as the command line's: {sorted(missing)}"
+    assert not set(COMMAND_LINE_ONLY) - seen, "no message names these any more: drop them from COMMAND_LINE_ONLY"
 
 
 def test_the_library_says_what_to_do_where_no_keyword_answers_a_flag():
@@ -87,6 +96,21 @@ def test_the_library_says_what_to_do_where_no_keyword_answers_a_flag():
         "pass teacher= (a checkpoint); use another device (device=)"
 
 
+@pytest.mark.parametrize("cli, library", [
+    ("--loss rslad distils from a robust teacher", "loss='rslad' distils from a robust teacher"),  # a choice
+    ("use pgd with --norm L2", "use pgd with norm='L2'"),
+    ("pass --select-on N (or --validate N) to watch", "pass select_on=N (or validate=N) to watch"),  # placeholders
+    ("give a larger --holdout or --eval-data", "give a larger holdout or eval_data"),  # "or" is no value
+    ("held-out images of --data; the base", "held-out images of data; the base"),  # positional: bare
+    ("--epochs, --batch-size and --lr", "epochs, batch_size and lr"),
+    ("pass --arch yourself", "pass arch= yourself"),
+    ("--report-budget 'x': choose quick or full", "report='x': choose quick or full"),
+    ("write it beside a --report", "write it beside a --report"),  # the report file has no keyword here
+])
+def test_flags_become_keywords_by_what_they_say(cli, library):
+    assert python_words(cli, api._patch_keywords(), api.PATCH_ALIASES) == library
+
+
 def test_report_notes_speak_python_in_the_library_and_flags_on_the_command_line(runner, tiny_ckpt, tiny_test_data,
                                                                                  tmp_path):
     """A note the run adds to the report (low-precision attacks) in each face's words."""
@@ -101,13 +125,14 @@ def test_report_notes_speak_python_in_the_library_and_flags_on_the_command_line(
     assert any("rerun with --precision fp32" in n for n in json.loads(out.read_text())["data"]["warnings"])
 
 
-def test_hardener_layers_is_harden_layers(runner, tiny_ckpt):
+def test_hardener_layers_is_harden_layers(runner, tiny_ckpt, patched_ckpt):
     """`harden layers` renders the library's table; the library's errors name what to pass, not flags."""
     r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8", "--json"])
     assert r.exit_code == 0, r.output
     lay = hardener.layers(tiny_ckpt, (torch.rand(2, 1, 8, 8), torch.tensor([0, 1])), arch=ARCH)
     assert json.loads(r.stdout) == json.loads(json.dumps(lay.to_dict()))
     assert lay.input_shape == (1, 8, 8) and lay.suggested_sites and "sites" in repr(lay)
+    assert hardener.layers(patched_ckpt, arch=ARCH).rows  # a patched checkpoint too, as harden layers takes it
     with pytest.raises(InputError, match=r"^cannot tell the model's input shape: pass data$"):
         hardener.layers(trained_tiny(steps=1))
     r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH])

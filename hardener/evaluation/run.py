@@ -155,7 +155,20 @@ def report(run: EvalRun) -> dict:
                      "robust accuracy may be overstated; for the verdict, rerun with --precision fp32")
     notes = [run.hooks.words(n) for n in notes]
     env = R.environment(str(run.device), cfg.seed, run.deterministic)
-    return R.build("eval", result, R.data_record(run.ds, notes), R.attack_settings(result), env, extra)
+    rep = R.build("eval", result, R.data_record(run.ds, notes), R.attack_settings(result), env, extra)
+    return words_of_report(rep, run.hooks.words)
+
+
+def words_of_report(rep: dict, words: Callable[[str], str]) -> dict:
+    """A report's advice in the caller's words (the library's: `options.wording`): why a threat model did not run
+    and each check's hint (the data's notes are translated as they are gathered)."""
+    if words is str:
+        return rep
+    rep["threats_not_run"] = {k: words(v) for k, v in rep.get("threats_not_run", {}).items()}
+    for c in rep.get("checks", []):
+        if c.get("hint"):
+            c["hint"] = words(c["hint"])
+    return rep
 
 
 def library_hooks(progress: Any = True, words: Callable[[str], str] | None = None) -> Hooks:

@@ -196,13 +196,24 @@ def _channel_mismatch(error: str, x: torch.Tensor) -> None:
                          f"({c}, H, W); {fix}") from None
 
 
-def _check_normalisation(spec, channels: int) -> None:
-    """--mean/--std give one value for all channels or one per channel of the images: 3 values on 1-channel images
-    would broadcast them to 3 channels (and the model's channel error would then blame the data)."""
+def _check_normalisation(spec, x: torch.Tensor, model_channels: int | None) -> None:
+    """The normalisation has one value for all channels or one per channel of the images: 3 values on 1-channel images
+    would broadcast them to 3 channels, and the model's channel error would then blame the wrong thing. Where the
+    values count the model's own channels (a checkpoint's or a preprocessor's normalisation), the images are what
+    is wrong; else the values are."""
+    channels = x.shape[1]
     for name, values in (("mean", spec.mean), ("std", spec.std)):
-        if values is not None and len(values) not in (1, channels):
-            raise InputError(f"--{name} has {len(values)} values but the images have {channels} channel"
-                             f"{'s' if channels != 1 else ''}: give one value, or one per channel ({channels})")
+        if values is None or len(values) in (1, channels):
+            continue
+        if len(values) == model_channels:
+            h, w = x.shape[2:]
+            convert = model_channels in (1, 3) and channels in (1, 3, 4)
+            fix = (f"pass --input-shape {model_channels},{h},{w} to convert them" if convert
+                   else f"give images with {model_channels} channels")
+            raise InputError(f"the images have {channels} channel{'s' if channels != 1 else ''} but the model takes "
+                             f"{model_channels} (its normalisation has {len(values)} values): {fix}")
+        raise InputError(f"--{name} has {len(values)} values but the images have {channels} channel"
+                         f"{'s' if channels != 1 else ''}: give one value, or one per channel ({channels})")
 
 
 def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) -> list:
@@ -218,7 +229,7 @@ def finish_spec(loaded: Loaded, ds: hdata.Dataset | None, device: torch.device) 
         x = torch.rand(2, *spec.shape)
     else:
         raise InputError("cannot tell the model's input shape: pass --input-shape C,H,W or --data")
-    _check_normalisation(spec, x.shape[1])
+    _check_normalisation(spec, x, stem_channels(loaded.patched.net))
     loaded.patched.to(device)
     try:
         try:

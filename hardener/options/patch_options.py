@@ -77,8 +77,8 @@ class PatchOptions:
     def of(cls, values: dict[str, Any], method_given: bool = False) -> "PatchOptions":
         """From option values by name (the command line's), the owned ones parsed and checked into `owned` (an error
         names the flag), `patch` and `train` folded into `method` and `at` (`recipe.split_recipe`; `method_given`:
-        the caller set `method` itself; `library`: errors name `patch=`, `train=`, `method=`); other names are
-        ignored."""
+        the caller set `method` itself); other names are ignored. Errors name flags (`hardener.patch` says them as
+        keywords: `options.wording`)."""
         from .recipe import split_recipe
 
         if values.get("patch") is not None or values.get("train") is not None:
@@ -99,7 +99,8 @@ class PatchOptions:
         """Defaults, then the recipe's options, then `overrides` (aliases allowed); unknown names and values out of
         range are errors. `recipe="auto"` is the CLI's rule: the default preset unless an override shapes the
         recipe (`recipe.RECIPE_OPTIONS`: method, patch, train, at, at_regex, adversary), then the built-in defaults,
-        never a mix. The options patch kinds and methods own are checked by their declarations (errors name the keyword)."""
+        never a mix. The options patch kinds and methods own are checked by their declarations. The errors of the
+        rules shared with the command line name flags; `hardener.patch` says them as keywords (`options.wording`)."""
         from .recipe import resolve_preset
         from .validate import OPTION_RULES, check_arg, check_range
 

@@ -14,8 +14,19 @@ from typing import Any, Iterator
 
 from ..errors import HardenError
 
+from .choices import ACTIVATIONS, ADVERSARY_CHOICES, DENOISE_OPS, LOSSES, PRECISIONS, PREFILTER_DESIGNS
+
 LITERALS = frozenset({"cpu", "cuda", "auto", "mps", "none", "all"})  # bare values that follow a flag: quoted
+# The values a keyword takes, where they are a fixed set: after its flag such a word is its value, whatever follows
+# ("--loss rslad distils ..." is loss='rslad'); another word is its value only where the phrase ends there.
+CHOICES = {"loss": LOSSES, "loss_name": LOSSES, "norm": ("Linf", "L2"), "precision": PRECISIONS,
+           "adversary": ADVERSARY_CHOICES, "prefilter_design": PREFILTER_DESIGNS, "denoise": DENOISE_OPS,
+           "denoise_op": DENOISE_OPS, "activation": ACTIVATIONS, "report": ("quick", "full")}
+STOP = frozenset("a an and are as at but by for from if in is it itself not of on only or that the to too was when "
+                 "where which with yourself must also again instead first".split())  # never a flag's value
+POSITIONAL = frozenset({"model", "data"})  # the entry points' first arguments: named bare
 QUANTITY = re.compile(r"\b(raise|lower|smaller|larger|higher|fewer|more)\s+$")  # "raise epochs": a bare keyword
+ASK = re.compile(r"(\b(pass|give|use|with|drop|set|check|to)\s+|[(/])$")  # "pass teacher=", "(device=)", "mean=/std="
 # What a library caller does where a message names a data or model option that no library keyword answers to (the
 # library takes tensors, datasets and modules it does not decode, resize or unpickle): (pattern, the library's words).
 PHRASES = (
@@ -32,16 +43,20 @@ PHRASES = (
      "(torch.load(path, weights_only=False)) and pass the module"),
     (r"that file with --trust-pickle", "that module"),
     (r"`harden layers`", "`hardener.layers(model, data)`"),
+    (r"\(harden eval\)", "(hardener.evaluate)"),
+    (r" \(or --restarts\)", ""),  # hardener.evaluate has no restarts: raise steps
 )
-FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ('[^']*'|\"[^\"]*\"|\d[\d./e+-]*(?<![./e+-])|[a-z][a-z0-9-]*(?:,[a-z0-9-]+)*))?")
+FLAG = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ('[^']*'|\"[^\"]*\"|\d[\d./e+-]*(?<![./e+-])"
+                  r"|[a-z][a-z0-9-]*(?:,[a-z0-9-]+)*|[A-Z][A-Za-z0-9]*(?:[|,][A-Za-z0-9]+)*))?")
 
 
 def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | None = None) -> str:
     """`text` with each `--flag [value]` whose keyword (dashes as underscores, or `aliases[...]`) is in `keywords`
-    (name -> default) written as a keyword: `flag=value` for a quoted value, a number, one of LITERALS or a word
-    that ends a phrase after a flag whose default is text (quoted); `flag=True` (`False` for `--no-flag`) for a flag
-    whose default is False; the bare keyword as the subject of a sentence or after a quantity ("raise epochs"),
-    `flag=` otherwise ("pass teacher="). PHRASES first."""
+    (name -> default) written as a keyword: `flag=value` for a quoted value, a number, an upper-case placeholder
+    (`select_on=N`), one of the keyword's CHOICES or of LITERALS, or a word that ends the phrase after a flag whose
+    default is text (quoted); `flag=True` (`False` for `--no-flag`) for a flag whose default is False; otherwise the
+    bare keyword (the subject of a sentence, "raise epochs", "of data"), or `flag=` where the text asks for it ("pass
+    teacher=", "(device=)"). PHRASES first."""
     aliases = aliases or {}
     for pattern, words in PHRASES:
         text = re.sub(pattern, words, text)
@@ -51,18 +66,23 @@ def python_words(text: str, keywords: dict[str, Any], aliases: dict[str, str] | 
         key = aliases.get(flag, flag.replace("-", "_"))
         if key not in keywords:
             return m.group(0)
-        rest = f" {value}" if value else ""
         if neg:
-            return f"{key}=False{rest}"
+            return f"{key}=False{f' {value}' if value else ''}"
         if value and (value[0] in "'\"" or value[0].isdigit()):
             return f"{key}={value}"
-        if value in LITERALS or (value and isinstance(keywords[key], str) and not _prose(m)):
-            return f"{key}={value!r}"  # a known value, or a word that ends a phrase after a text option: its value
+        if value in CHOICES.get(key, ()) or value in LITERALS:
+            return f"{key}={value!r}"
+        if value and value[0].isupper():
+            return f"{key}={value}"  # a placeholder: N, KEY|INDEX, C,H,W
+        if value and value not in STOP and isinstance(keywords[key], str) and not _prose(m):
+            return f"{key}={value!r}"  # a word that ends a phrase after a text option: its value
+        rest = f" {value}" if value else ""
         if keywords[key] is False:
             return f"{key}=True{rest}"
-        if value or QUANTITY.search(m.string[:m.start()]):
-            return f"{key}{rest}"  # the subject of a sentence ("eps must be ..."), a quantity ("raise epochs")
-        return f"{key}="  # what to pass ("pass teacher= (a patched checkpoint)", "(device=)")
+        before = m.string[:m.start()]
+        if key not in POSITIONAL and not QUANTITY.search(before) and ASK.search(before):
+            return f"{key}={rest}"
+        return f"{key}{rest}"
 
     return FLAG.sub(sub, text)
 

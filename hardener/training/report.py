@@ -7,7 +7,7 @@ budget in both threat models.
 Its data is `eval_data` when given, else images of the run's own data that the split left outside training and
 validation (stratified, `eval_samples` of them); the rest of those stay for `unlabeled="rest"`. It is planned after the
 split (`aside`: its data; `prepare`: its line of the plan and its share of the estimate) and run after training
-(`run`)."""
+(`build`)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +20,7 @@ import torch
 from .. import attacks as A
 from .. import data as hdata
 from ..errors import InputError
+from ..evaluation import run as EV
 from ..evaluation import threats as E
 from ..reports import report as R
 
@@ -45,7 +46,7 @@ class PostReport:
 
     def __post_init__(self) -> None:
         if self.budget not in BUDGETS:
-            raise InputError(f"report budget {self.budget!r}: choose 'quick' or 'full'")
+            raise InputError(f"--report-budget '{self.budget}': choose quick or full")
 
     @property
     def quick(self) -> bool:
@@ -76,6 +77,9 @@ def _data(run: Any, rep: PostReport) -> tuple[hdata.Dataset, torch.Tensor, list[
     unused = rest
     if rep.eval_data is not None:
         eval_ds = rep.eval_data
+        if tuple(eval_ds.shape) != tuple(run.ds.shape):  # found before training, not after it
+            raise InputError(f"--eval-data images are {tuple(eval_ds.shape)} (C,H,W) but the training images are "
+                             f"{tuple(run.ds.shape)}: give report images of the model's input size")
         hdata.check_labels(eval_ds, run.n_classes)
     else:
         if len(rest) == 0:
@@ -115,7 +119,7 @@ def units(ecfg: E.EvalConfig, n: int) -> float:
     return n * len(ecfg.attacks) * (4 * (steps + 1) + 6)
 
 
-def run(run: Any, progress: Any = None, extra: dict | None = None, deterministic: bool = False) -> dict:
+def build(run: Any, progress: Any = None, extra: dict | None = None, deterministic: bool = False) -> dict:
     """The trained model of a finished patch run attacked on the report's data: the report (`reports.report.build`),
     with what the run knows of itself; `extra` adds the caller's (the checkpoint, the command line)."""
     rep: PostReport = run.post_report
@@ -140,6 +144,7 @@ def run(run: Any, progress: Any = None, extra: dict | None = None, deterministic
                                 "note": QUICK_NOTE if rep.quick else "reference budgets of the training attack"}}
     for k, v in (extra or {}).items():
         fields[k] = {**fields[k], **v} if isinstance(v, dict) and isinstance(fields.get(k), dict) else v
-    return R.build("patch", result, R.data_record(rep.eval_ds, [run.hooks.words(w) for w in run.warnings]),
-                   R.attack_settings(result), R.environment(str(run.device), run.opts.seed, deterministic), fields)
+    out = R.build("patch", result, R.data_record(rep.eval_ds, [run.hooks.words(w) for w in run.warnings]),
+                  R.attack_settings(result), R.environment(str(run.device), run.opts.seed, deterministic), fields)
+    return EV.words_of_report(out, run.hooks.words)
 

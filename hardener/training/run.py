@@ -52,7 +52,8 @@ class Hooks:
     saver: Callable[["PatchRun"], Saver] | None = None  # the resumable state, once the training set is known
     load_data: Callable[[Any], hdata.Dataset] | None = None  # `unlabeled` data, with the caller's data options
     cache_dir: Path | None = None  # where training caches spill
-    keep_parent: bool = False  # keep the base as it was when the method fine-tunes it (the report's reference)
+    keep_parent: bool = False  # keep the base as it was when the method fine-tunes it: the report's base (the
+    # command line always; the library when a report is asked)
     words: Callable[[str], str] = str  # the caller's words for the report's notes (the library's: `options.wording`)
 
 
@@ -154,7 +155,9 @@ def _pseudo_labelled(run: PatchRun, cfg: F.FitConfig) -> F.FitConfig:
         rest = run.post_report.unused if run.post_report else run.split.rest
         if len(rest) == 0:
             raise InputError("--unlabeled rest: no images of --data are left outside the training, validation and "
-                             "report images; give a smaller --subset or --eval-samples, or a folder or tensor file")
+                             "report images; give a smaller --subset or --eval-samples, or a folder or tensor file"
+                             if run.post_report else "--unlabeled rest: no images of --data are left outside the "
+                             "training and validation images; give a smaller --subset, or a folder or tensor file")
         pool = run.ds.take(rest)
         pool.source = f"{run.ds.source} (rest, labels ignored)"
     elif run.hooks.load_data:

@@ -37,7 +37,7 @@ def run(call: Call) -> None:
     ds = load_data(loaded, kw["data"], data_options(kw))
     finish_spec(loaded, ds, device)
     CR.check_memory(cfg, loaded.spec.shape)
-    model_sha = sha256_file(Path(model))
+    model_sha = loaded.base.sha256 if loaded.base is not None else sha256_file(Path(model))  # a plain file: hashed once
     ds = CR.selected(ds, kw["max_samples"], kw["seed"])
     store, rows = _store(ds, cfg, device, model_sha, kw)
     if rows and not kw["quiet"]:

@@ -165,15 +165,14 @@ def _write(plan: Plan, written: list) -> Manifest:
 
 
 def _report(plan: Plan, manifest: Manifest, written: list) -> None:
-    """The library's post-training report (`training.report.run`), with the checkpoint and the command line; shown,
+    """The library's post-training report (`training.report.build`), with the checkpoint and the command line; shown,
     written, tracked."""
     kw, loaded, out_file, r = plan.kw, plan.loaded, plan.out_file, plan.run
     _announce_written(loaded, r.cfg, out_file, r.train_seconds)
     full_cmd = _full_eval_command(out_file, loaded, kw["eval_data"], r.spec)
-    with ProgressView(kw["quiet"]) as progress:
-        rep = TR.run(r, progress, deterministic=kw["deterministic"],
-                     extra={"checkpoint": str(out_file), "checkpoint_sha256": sha256_file(out_file),
-                            "invocation": plan.invocation, "report_budget": {"full_evaluation": full_cmd}})
+    rep = TR.build(r, ProgressView(kw["quiet"]), deterministic=kw["deterministic"],  # entered by the run, once
+                 extra={"checkpoint": str(out_file), "checkpoint_sha256": sha256_file(out_file),
+                        "invocation": plan.invocation, "report_budget": {"full_evaluation": full_cmd}})
     R.render_table(rep, err_console)
     if not kw["quiet"]:
         what = "quick check, not a verdict" if r.post_report.quick else "full"
