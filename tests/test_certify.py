@@ -248,3 +248,31 @@ def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ck
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=True, max_radius=0.0)
     with pytest.raises(InputError, match="^n must be an integer"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, n=0)
+
+
+def test_a_plain_checkpoint_is_hashed_once(tiny_ckpt, tiny_test_data, monkeypatch, runner):
+    """Loading a plain checkpoint hashes it (its record's sha256); the certification's report reuses that digest
+    instead of reading the file again, in the library and on the command line."""
+    import hardener.api
+    import hardener.cli.commands.certify as cmd
+    import hardener.io.checkpoint as ck
+    from conftest import ARCH
+    from hardener.cli.app import main
+
+    hashed = []
+    real = ck.sha256_file
+
+    def counting(path):
+        hashed.append(str(path))
+        return real(path)
+
+    for module in (ck, hardener.api, cmd):
+        monkeypatch.setattr(module, "sha256_file", counting)
+    cert = hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sigma=0.12, n0=20, n=50, max_samples=2,
+                            progress=False, device="cpu")
+    assert hashed == [str(tiny_ckpt)] and cert.to_dict()["checkpoint_sha256"] == real(tiny_ckpt)
+    hashed.clear()
+    r = runner.invoke(main, ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma",
+                             "0.12", "--n0", "20", "--n", "50", "--max-samples", "2", "--quiet", "--force"])
+    assert r.exit_code == 0, r.output
+    assert hashed == [str(tiny_ckpt)]
