@@ -256,8 +256,9 @@ def test_a_plain_checkpoint_is_hashed_once(tiny_ckpt, tiny_test_data, monkeypatc
     import hardener.api
     import hardener.cli.commands.certify as cmd
     import hardener.io.checkpoint as ck
-    from conftest import ARCH
     from hardener.cli.app import main
+
+    from conftest import ARCH
 
     hashed = []
     real = ck.sha256_file
