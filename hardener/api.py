@@ -105,16 +105,17 @@ def finish(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.device
     return finish_spec(Loaded(patched, None, None), ds, device)
 
 
-def model_to_run(model: Any, arch: str | None, mean, std) -> tuple[PatchedModel, bool, str | None]:
+def model_to_run(model: Any, arch: str | None, mean, std, logits: str | None = None
+                 ) -> tuple[PatchedModel, bool, str | None]:
     """The model `hardener.evaluate` and `hardener.certify` run, whether it carries patches, and the sha256 of a plain
     checkpoint file (loading computed it; None for a patched file and for a module): a checkpoint path (plain or
     patched) loaded, or a module (`as_patched`)."""
     if isinstance(model, (str, Path)):
         from .io.session import ModelOptions, load_model
 
-        loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std)))
+        loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std), logits=logits))
         return loaded.patched, loaded.has_patches, loaded.base.sha256 if loaded.base is not None else None
-    patched = as_patched(model, arch, mean, std)
+    patched = as_patched(model, arch, mean, std, logits)
     return patched, bool(patched.sites), None
 
 
@@ -331,7 +332,8 @@ class Report:
 def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *, eps: float | str = EVAL["eps"],
              norm: str = EVAL["norm"], threat: str | tuple[str, ...] = EVAL["threat"], steps: int | None = None,
              max_samples: int | None = None, batch_size: int | str = EVAL["batch_size"], seed: int = EVAL["seed"],
-             checks: bool = True, arch: str | None = None, mean=None, std=None, device: str | torch.device = "auto",
+             checks: bool = True, arch: str | None = None, mean=None, std=None, logits: str | None = None,
+             device: str | torch.device = "auto",
              progress: bool | F.Progress | None = True, surrogate: nn.Module | None = None,
              precision: str = EVAL["precision"], allow_low_accuracy: bool = False) -> Report:
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
@@ -342,13 +344,15 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
     `progress=True` shows progress and the notes on stderr (`False`: nothing; a callable of evaluation's `Progress`
     gets the progress), the notes go to the `logging` logger "hardener" too; a near-chance clean accuracy let through
     by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
-    not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits."""
+    not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits. `arch`, `mean`,
+    `std`, `logits` (the key or index of the logits in a dict or tuple output) as for `hardener.patch`."""
     keywords, aliases = _keywords(evaluate), {"attack": "attacks"}
     with speaking_python(keywords, aliases):
         for what, v, kinds in (("batch_size", batch_size, "int | str"), ("steps", steps, "int | None"),
                                ("max_samples", max_samples, "int | None"), ("eps", eps, "float | str"),
                                ("norm", norm, "str"), ("seed", seed, "int"), ("checks", checks, "bool"),
                                ("precision", precision, "str"), ("arch", arch, "str | None"),
+                               ("logits", logits, "str | None"),
                                ("threat", threat, "str | tuple")):
             check_arg(what, v, kinds)
         if isinstance(batch_size, str) and batch_size != "auto":
@@ -364,7 +368,7 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
         cfg = EV.config(attacks, eps, norm=norm, steps=steps, threats=threats, batch_size=batch_size, seed=seed,
                         checks=checks, precision=precision)
         dev = pick_device(device)
-        patched, has_patches, _ = model_to_run(model, arch, mean, std)
+        patched, has_patches, _ = model_to_run(model, arch, mean, std, logits)
         ds = as_dataset(data)
         finish(patched, ds, dev)
         notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
@@ -378,10 +382,10 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
 def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = CERTIFY["n"], n0: int = CERTIFY["n0"],
             alpha: float = CERTIFY["alpha"], sequential: bool = False, max_radius: float | None = None,
             max_samples: int | None = None, batch_size: int = CERTIFY["batch_size"], seed: int = CERTIFY["seed"],
-            arch: str | None = None, mean=None, std=None,
+            arch: str | None = None, mean=None, std=None, logits: str | None = None,
             device: str | torch.device = "auto", progress: bool | Any = True) -> Certification:
     """Certified L2 radii of the smoothed `model` (randomized smoothing, Cohen et al. 2019) on `data`: a
-    `PatchedModel`, an `nn.Module` taking [0, 1] pixels, or a checkpoint path (`arch`, `mean`, `std` as for
+    `PatchedModel`, an `nn.Module` taking [0, 1] pixels, or a checkpoint path (`arch`, `mean`, `std`, `logits` as for
     `hardener.patch`). `sequential=True` stops drawing noisy copies of a sample once its certificate is decided (an
     anytime-valid confidence sequence: the same guarantee as fixed-n CERTIFY, whose `n` draws per sample
     `sequential=False`, the default as for `harden certify`, spends); `max_radius` (default 2 `sigma`) is the
@@ -391,7 +395,8 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
         for what, v, kinds in (("n", n, "int"), ("n0", n0, "int"), ("batch_size", batch_size, "int"),
                                ("max_samples", max_samples, "int | None"), ("sigma", sigma, "float"),
                                ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
-                               ("max_radius", max_radius, "float | None"), ("seed", seed, "int")):
+                               ("max_radius", max_radius, "float | None"), ("seed", seed, "int"),
+                               ("logits", logits, "str | None")):
             check_arg(what, v, kinds)
         for what, v, rule in (("n", n, "n_samples"), ("n0", n0, None), ("batch_size", batch_size, None),
                               ("max_samples", max_samples, None), ("seed", seed, None)):
@@ -402,7 +407,7 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
         cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
                                         seed=seed, sequential=sequential,
                                         max_radius=None if max_radius is None else float(max_radius))
-        patched, _, sha = model_to_run(model, arch, mean, std)  # a plain file's sha256 is hashed once, as it loads
+        patched, _, sha = model_to_run(model, arch, mean, std, logits)  # a plain file: hashed once, as it loads
         name, path = (str(model), True) if isinstance(model, (str, Path)) else (type(model).__name__, False)
         sha = sha or (sha256_file(Path(model)) if path else None)
         dev = pick_device(device)
@@ -442,13 +447,13 @@ class Layers:
                 f"{', '.join(self.suggested_sites) or 'none'}; stem {self.stem})")
 
 
-def layers(model: Any, data: Any = None, *, arch: str | None = None, mean=None, std=None,
+def layers(model: Any, data: Any = None, *, arch: str | None = None, mean=None, std=None, logits: str | None = None,
            device: str | torch.device = "auto") -> Layers:
     """The named layers of `model` (an `nn.Module`, a `PatchedModel` or a checkpoint path, plain or patched)
     on one forward of `data` (or of random images of its recorded input shape): where patches can go, what a fixer
     would cost at each site, and the sites `hardener.patch` would suggest. `harden layers` shows the same."""
     with speaking_python(_keywords(layers)):
-        patched = model_to_run(model, arch, mean, std)[0]  # a patched checkpoint too, as `harden layers` takes it
+        patched = model_to_run(model, arch, mean, std, logits)[0]  # patched checkpoints too, as harden layers
         return layer_table(patched, None if data is None else as_dataset(data), pick_device(device))
 
 

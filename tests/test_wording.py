@@ -137,3 +137,30 @@ def test_hardener_layers_is_harden_layers(runner, tiny_ckpt, patched_ckpt):
         hardener.layers(trained_tiny(steps=1))
     r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH])
     assert r.exit_code == 2 and "pass --input-shape C,H,W or --data" in r.output
+
+
+class _DictOut(torch.nn.Module):
+    """A model whose output is a dict (a Hugging Face model's is an object of that kind)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"scores": self.net(x), "hidden": x.flatten(1)}
+
+
+def test_evaluate_certify_and_layers_take_logits_and_say_so():
+    """The logits of a dict output are picked with `logits=` in every entry point, which its error names (the
+    command line's --logits)."""
+    model, x = _DictOut(trained_tiny(steps=1)), torch.rand(6, 1, 8, 8)
+    data = (x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(InputError, match="logits=") as e:
+        hardener.evaluate(model, data, attacks="fgsm", eps=0.1, checks=False, progress=False)
+    assert "--logits" not in str(e.value)
+    rep = hardener.evaluate(model, data, attacks="fgsm", eps=0.1, checks=False, threat="whitebox", progress=False,
+                            logits="scores")
+    assert rep.clean is not None
+    assert hardener.layers(model, data, logits="scores").rows
+    cert = hardener.certify(model, data, logits="scores", sigma=0.12, n0=10, n=20, max_samples=2, progress=False)
+    assert len(cert.rows) == 2
