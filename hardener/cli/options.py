@@ -12,7 +12,7 @@ from typing import Any
 
 from ..options import defaults as DEFAULTS
 from ..options import optspec, owners
-from ..options.choices import ADVERSARY_CHOICES, PRECISIONS, SUITE_VERSIONS
+from ..options.choices import ADVERSARY_CHOICES, NORMS, PRECISIONS, REPORT_BUDGETS, SUITE_VERSIONS
 from ..options.patch_options import PatchOptions
 from ..options.recipe import DEFAULT_PRESET, preset_names
 
@@ -198,7 +198,7 @@ PATCH_CORE = (
          help="Pseudo-labelled images per labelled image in each epoch (taken in turn from all of them)."),
     popt("--attack", "attack_name", show_default=True, help="Training attack."),
     popt("--eps", show_default=True, help="Perturbation budget in pixel units (8/255, 0.1)."),
-    popt("--norm", show_default=True, type=Choice(["Linf", "L2"])),
+    popt("--norm", show_default=True, type=Choice(list(NORMS))),
     popt("--steps", type=int, show_default=True, help="Training attack steps."),
     popt("--alpha", type=float, help="Step size of the pgd training attack (default 2.5·eps/steps)."),
     popt("--eps-warmup", show_default=True, type=float,
@@ -245,7 +245,7 @@ PATCH_CORE = (
         help="Seeded stratified subset of the report data (0 = all; default 500 quick, 1000 full)."),
     opt("--eval-steps", type=int, default=None,
         help="Report attack steps (default 20 quick, each attack's reference budget full)."),
-    opt("--report-budget", type=Choice(["quick", "full"]), default="quick", show_default=True,
+    opt("--report-budget", type=Choice(list(REPORT_BUDGETS)), default="quick", show_default=True,
         help="quick: white-box APGD-CE (20 steps) and its transfer on up to 500 held-out images, a check that "
              "costs a few percent of training, not a verdict; full: the training attack with its reference "
              "budget on up to 1,000 images."),
@@ -280,7 +280,7 @@ EVAL = (
     opt("--suite", type=Choice(SUITE_VERSIONS),
         help="AutoAttack as the reference code runs it: standard (= --attack autoattack), plus, rand."),
     opt("--eps", default=DEFAULTS.EVAL["eps"], show_default=True),
-    opt("--norm", default=DEFAULTS.EVAL["norm"], show_default=True, type=Choice(["Linf", "L2"])),
+    opt("--norm", default=DEFAULTS.EVAL["norm"], show_default=True, type=Choice(list(NORMS))),
     opt("--steps", type=int, help="Steps of iterative attacks (default: each one's reference budget)."),
     opt("--restarts", type=int, default=DEFAULTS.EVAL["restarts"], show_default=True),
     opt("--queries", type=int, default=DEFAULTS.EVAL["queries"], show_default=True, help="Square's query budget."),

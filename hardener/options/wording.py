@@ -13,15 +13,23 @@ import re
 from typing import Any, Iterator
 
 from ..errors import HardenError
-
-from .choices import ACTIVATIONS, ADVERSARY_CHOICES, DENOISE_OPS, LOSSES, PRECISIONS, PREFILTER_DESIGNS
+from .choices import (
+    ACTIVATIONS,
+    ADVERSARY_CHOICES,
+    DENOISE_OPS,
+    LOSSES,
+    NORMS,
+    PRECISIONS,
+    PREFILTER_DESIGNS,
+    REPORT_BUDGETS,
+)
 
 LITERALS = frozenset({"cpu", "cuda", "auto", "mps", "none", "all"})  # bare values that follow a flag: quoted
 # The values a keyword takes, where they are a fixed set: after its flag such a word is its value, whatever follows
 # ("--loss rslad distils ..." is loss='rslad'); another word is its value only where the phrase ends there.
-CHOICES = {"loss": LOSSES, "loss_name": LOSSES, "norm": ("Linf", "L2"), "precision": PRECISIONS,
+CHOICES = {"loss": LOSSES, "loss_name": LOSSES, "norm": NORMS, "precision": PRECISIONS,
            "adversary": ADVERSARY_CHOICES, "prefilter_design": PREFILTER_DESIGNS, "denoise": DENOISE_OPS,
-           "denoise_op": DENOISE_OPS, "activation": ACTIVATIONS, "report": ("quick", "full")}
+           "denoise_op": DENOISE_OPS, "activation": ACTIVATIONS, "report": REPORT_BUDGETS}
 STOP = frozenset("a an and are as at but by for from if in is it itself not of on only or that the to too was when "
                  "where which with yourself must also again instead first".split())  # never a flag's value
 POSITIONAL = frozenset({"model", "data"})  # the entry points' first arguments: named bare
