@@ -22,9 +22,9 @@ from .. import data as hdata
 from ..errors import InputError
 from ..evaluation import run as EV
 from ..evaluation import threats as E
+from ..options.choices import REPORT_BUDGETS
 from ..reports import report as R
 
-BUDGETS = ("quick", "full")
 SAMPLES = {"quick": 500, "full": 1000}  # report images when `eval_samples` is not given
 QUICK_STEPS = 20  # the quick check's APGD-CE steps when `eval_steps` is not given
 QUICK_NOTE = ("quick check: white-box APGD-CE with a small step budget (and its transfer from the base) on a few "
@@ -45,7 +45,7 @@ class PostReport:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.budget not in BUDGETS:
+        if self.budget not in REPORT_BUDGETS:
             raise InputError(f"--report-budget '{self.budget}': choose quick or full")
 
     @property
@@ -119,6 +119,12 @@ def units(ecfg: E.EvalConfig, n: int) -> float:
     return n * len(ecfg.attacks) * (4 * (steps + 1) + 6)
 
 
+def trainable_parameters(patched: Any, full: bool) -> int:
+    """The parameters a run trained: its patches', and every base weight too for a method that fine-tunes the base."""
+    n = sum(p.numel() for p in patched.patch_parameters())
+    return n + (sum(p.numel() for p in patched.model.parameters()) if full else 0)
+
+
 def build(run: Any, progress: Any = None, extra: dict | None = None, deterministic: bool = False) -> dict:
     """The trained model of a finished patch run attacked on the report's data: the report (`reports.report.build`),
     with what the run knows of itself; `extra` adds the caller's (the checkpoint, the command line)."""
@@ -129,13 +135,10 @@ def build(run: Any, progress: Any = None, extra: dict | None = None, determinist
         result = E.evaluate(run.patched, rep.eval_ds, rep.ecfg, run.device, has_patches=True, progress=show,
                             reference=run.parent.to(run.device) if run.parent is not None else None)
     rep.seconds = time.time() - t0
-    n_params = sum(p.numel() for p in run.patched.patch_parameters())
-    if run.cfg.full:
-        n_params += sum(p.numel() for p in run.patched.model.parameters())
     fields = {"eps": run.spec.eps, "norm": run.spec.norm, "training": run.record.to_dict(),
               "patches": run.patched.patch_specs(), "train_seconds": run.train_seconds, "report_seconds": rep.seconds,
               "estimate": {k: v for k, v in run.estimate.items() if k.endswith("seconds")},
-              "trainable_parameters": n_params, "route": run.route, "processes": run.hooks.world.size,
+              "trainable_parameters": trainable_parameters(run.patched, run.cfg.full), "route": run.route, "processes": run.hooks.world.size,
               "training_out_of_memory": run.info.get("out_of_memory", []), "patch_cost": run.cost,
               "cost": run.inference.to_json() if run.inference else None,
               "epoch_log": [asdict(e) for e in run.logs], "cache": run.info, "base_modified": run.cfg.full,

@@ -195,9 +195,8 @@ def _warn(text: str) -> None:
 
 
 def _announce_written(loaded, cfg: F.FitConfig, out_file: Path, train_seconds: float) -> None:
-    n_params = sum(p.numel() for p in loaded.patched.patch_parameters())
+    n_params = TR.trainable_parameters(loaded.patched, cfg.full)
     if cfg.full:
-        n_params += sum(p.numel() for p in loaded.patched.model.parameters())
         err_console.print(f"wrote {out_file} (method {cfg.method}: every base weight fine-tuned, {n_params:,} "
                           f"parameters; not a patch), trained in {train_seconds:.0f}s")
     else:
