@@ -147,3 +147,13 @@ def test_mean_and_std_of_the_wrong_length_are_named_not_blamed_on_the_images(toy
     r = runner.invoke(main, ["eval", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--std", "0.2,0.3",
                              "--eps", "0.1", "--attack", "fgsm"])
     assert r.exit_code == 2 and "--std has 2 values but the images have 1 channel" in r.output, r.output
+
+
+def test_a_normalisation_that_counts_the_models_channels_blames_the_images():
+    """A model of 3 channels with a 3-value normalisation, fed grayscale images: the images are what is wrong."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3))
+    gray = (torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(InputError, match=r"^the images have 1 channel but the model takes 3 \(its normalisation has 3 "
+                                         r"values\): give images of shape \(3, 8, 8\)$"):
+        hardener.evaluate(net, gray, eps=0.1, mean=[0.5] * 3, std=[0.2] * 3, progress=False)

@@ -188,12 +188,18 @@ def stem_channels(net: torch.nn.Module) -> int | None:
 def _channel_mismatch(error: str, x: torch.Tensor) -> None:
     """A model's failure on images of the wrong channel count, as the one line that says which shape it takes."""
     want = re.search(r"expected input\[[^\]]*\] to have (\d+) channels", error)
-    if want:  # the data's channels are not the model's: a conversion that --input-shape makes, where there is one
-        c, (h, w) = int(want.group(1)), x.shape[2:]
-        fix = (f"pass --input-shape {c},{h},{w} to convert them" if c in (1, 3) and x.shape[1] in (1, 3, 4)
-               else f"give images with {c} channels")
+    if want:  # the data's channels are not the model's
+        c = int(want.group(1))
         raise InputError(f"the images have {x.shape[1]} channels but the model takes {c}: expected input shape "
-                         f"({c}, H, W); {fix}") from None
+                         f"({c}, H, W); {_channel_fix(c, x)}") from None
+
+
+def _channel_fix(c: int, x: torch.Tensor) -> str:
+    """What turns images `x` into the `c` channels a model takes: the conversion --input-shape makes, where there is
+    one."""
+    h, w = x.shape[2:]
+    return (f"pass --input-shape {c},{h},{w} to convert them" if c in (1, 3) and x.shape[1] in (1, 3, 4)
+            else f"give images with {c} channels")
 
 
 def _check_normalisation(spec, x: torch.Tensor, model_channels: int | None) -> None:
@@ -206,12 +212,9 @@ def _check_normalisation(spec, x: torch.Tensor, model_channels: int | None) -> N
         if values is None or len(values) in (1, channels):
             continue
         if len(values) == model_channels:
-            h, w = x.shape[2:]
-            convert = model_channels in (1, 3) and channels in (1, 3, 4)
-            fix = (f"pass --input-shape {model_channels},{h},{w} to convert them" if convert
-                   else f"give images with {model_channels} channels")
             raise InputError(f"the images have {channels} channel{'s' if channels != 1 else ''} but the model takes "
-                             f"{model_channels} (its normalisation has {len(values)} values): {fix}")
+                             f"{model_channels} (its normalisation has {len(values)} values): "
+                             f"{_channel_fix(model_channels, x)}")
         raise InputError(f"--{name} has {len(values)} values but the images have {channels} channel"
                          f"{'s' if channels != 1 else ''}: give one value, or one per channel ({channels})")
 
