@@ -408,8 +408,10 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
                                         seed=seed, sequential=sequential,
                                         max_radius=None if max_radius is None else float(max_radius))
         patched, _, sha = model_to_run(model, arch, mean, std, logits)  # a plain file: hashed once, as it loads
-        name, path = (str(model), True) if isinstance(model, (str, Path)) else (type(model).__name__, False)
-        sha = sha or (sha256_file(Path(model)) if path else None)
+        if isinstance(model, (str, Path)):
+            name, sha = str(model), sha or sha256_file(Path(model))  # a patched file: its own digest, here
+        else:
+            name = type(model).__name__
         dev = pick_device(device)
         ds = as_dataset(data)
         finish(patched, ds, dev)
