@@ -40,6 +40,8 @@ declare -A RUNS=(
   [L4Te20T]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
   # whatever --budget 1.25 builds on the architecture, distilled from its heavy default for 20 epochs
   [B125Te20T]="--budget 1.25 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
+  # the same at --budget 2: where between 1.25x and the heavy 3.4x (r) robustness is held
+  [B2Te20T]="--budget 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
