@@ -120,6 +120,27 @@ def side_by_side(folder: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, out
 
 
+def bench_time(folder: list[Path], table: list[dict], pairs: list[dict]) -> list[str]:
+    """The whole bench's CPU time (user seconds, one thread per run, summed over resumed runs): the certification
+    rows in the tables, the side-by-side runs and the trainings of (b) and (c). On a quiet core, one run at a time,
+    wall time is about this CPU time; the bench's own runs shared the cores, so their wall times say less."""
+    names = [f"{r['model']}_s{r['sigma']:g}" for r in table]
+    names += sorted({f"{p['model']}_s{p['sigma']:g}.{kind}{p['images']}" for p in pairs for kind in ("seq", "fixed")})
+    rows = {n: load(folder, n) for n in names}
+    cert = sum((rep or {}).get("cpu_s") or 0.0 for rep in rows.values())
+    short = [n for n, rep in rows.items() if rep is None or not rep.get("cpu_s") or rep.get("cpu_s_incomplete")]
+    train, trained = 0.0, set()
+    for f in reversed(folder):
+        for log in f.glob("*.patch.log"):
+            found = re.findall(r"([\d.]+) s wall, ([\d.]+) s user", log.read_text(errors="replace"))
+            if found and log.name not in trained:
+                trained.add(log.name)
+                train += sum(float(user) for _, user in found)
+    note = f" (a lower bound: {', '.join(short)} without a complete time record)" if short else ""
+    return [(f"Whole bench, CPU time (user, one thread per run): certification {cert / 3600:.1f} h over {len(rows)} "
+             f"runs, {len(trained)} trainings {train / 3600:.2f} h, **{(cert + train) / 3600:.1f} h in all**{note}.")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path, nargs="+")
@@ -128,7 +149,8 @@ def main() -> None:
     t1, j1 = main_table(a.folder)
     t2, j2 = side_by_side(a.folder)
     print("\n".join(["### Certified accuracy (%, 95% Wilson interval), sequential CERTIFY", "", *t1, "",
-                     "### Fixed N = 100,000 beside sequential, same images", "", *t2]))
+                     "### Fixed N = 100,000 beside sequential, same images", "", *t2, "",
+                     *bench_time(a.folder, j1, j2)]))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"table": j1, "side_by_side": j2}, indent=1))
