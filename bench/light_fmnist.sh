@@ -45,6 +45,7 @@ declare -A RUNS=(
   # demo's compute")
   [L2Te20Tm1]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1"
   [L2Te20Tm0]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 0"
+  [L2Te20Tm15]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1.5"
   # mu 0 with more of RSLAD's weight on the clean input (the teacher's clean answers keep clean accuracy, not the
   # base's): weight 1/2 instead of 5/6 on the adversarial term
   [L2Te20Tm0w5]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 0 --teacher-weight 0.5"
