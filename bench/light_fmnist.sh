@@ -32,6 +32,7 @@ declare -A RUNS=(
   [B2]="--budget 2 --method fixer,auxbn --bn auto"
   [default]=""  # today's heavy default recipe: the teacher, and the frontier's top row
   [L2e20]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20"
+  [L2e20m1]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20 --mu 1"  # no teacher: one stage
   # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER=FILE another file)
   [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@"
   [L2Te20T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
