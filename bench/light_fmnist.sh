@@ -39,6 +39,7 @@ declare -A RUNS=(
   # fixers only (no pre-filter: its thin full-resolution convolutions are the slowest multiply-adds, profile.md),
   # rho 2 at the stem and the suggested sites, BN twins: 1.20x the example base's multiply-adds
   [L4Te20T]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
+  [L4Te20Tm1]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1"
   # whatever --budget 1.25 builds on the architecture, distilled from its heavy default for 20 epochs
   [B125Te20T]="--budget 1.25 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
   # L2Te20T with less pull to the base's clean logits (the preset's mu 2.5 outweighs RSLAD's own terms, whose
