@@ -42,6 +42,7 @@ declare -A RUNS=(
   [L4Te20Tm1]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1"
   # whatever --budget 1.25 builds on the architecture, distilled from its heavy default for 20 epochs
   [B125Te20T]="--budget 1.25 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
+  [B125Te20Tm1]="--budget 1.25 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1"
   # L2Te20T with less pull to the base's clean logits (the preset's mu 2.5 outweighs RSLAD's own terms, whose
   # teacher already keeps clean accuracy): mu trades white-box for clean accuracy (RESULTS.md, "The frontier at the
   # demo's compute")
