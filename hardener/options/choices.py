@@ -5,6 +5,7 @@ by their modules; a test checks the implementations' tables (`patches.ACTIVATION
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 
 class Adversary(StrEnum):
@@ -29,3 +30,7 @@ PREFILTER_DESIGNS = ("plain", "separable", "shuffle")  # of the input pre-filter
 NORMS = ("Linf", "L2")  # the threat model's norm (--norm)
 REPORT_BUDGETS = ("quick", "full")  # of harden patch's report after training (--report-budget; training.report)
 CONFIG_FILE = "harden.toml"  # read from the working directory when there is no --config (config.DEFAULT_FILE)
+
+# The recipes `--preset` names: the files shipped in hardener/presets/ (`recipe.load_preset` reads them)
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from .choices import PRESET_DIR, PRESETS
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +114,6 @@ def split_recipe(method: str, patch: str | None, train: str | None, at: str | No
 # Presets are declarative files shipped with the package (hardener/presets/NAME.toml): a description, the
 # threat model the recipe is meant to withstand, an optional warning for its reports, and [options] whose keys
 # are `harden patch` option names. Options given on the command line or in harden.toml win over them.
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_PRESET = "robust"
 # Options that shape the recipe: with none of them given (command line or config file), `harden patch` uses
 # DEFAULT_PRESET; with any of them, the built-in defaults, so an explicit recipe is never silently mixed.
@@ -150,7 +150,7 @@ def resolve_preset(name: str | None, given, known_options: set[str] | None = Non
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    return list(PRESETS)
 
 
 def preset_help(flags: dict[str, str], builtin: dict[str, object]) -> str:

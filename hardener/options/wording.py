@@ -21,6 +21,7 @@ from .choices import (
     NORMS,
     PRECISIONS,
     PREFILTER_DESIGNS,
+    PRESETS,
     REPORT_BUDGETS,
 )
 
@@ -29,7 +30,7 @@ LITERALS = frozenset({"cpu", "cuda", "auto", "mps", "none", "all"})  # bare valu
 # ("--loss rslad distils ..." is loss='rslad'); another word is its value only where the phrase ends there.
 CHOICES = {"loss": LOSSES, "loss_name": LOSSES, "norm": NORMS, "precision": PRECISIONS,
            "adversary": ADVERSARY_CHOICES, "prefilter_design": PREFILTER_DESIGNS, "denoise": DENOISE_OPS,
-           "denoise_op": DENOISE_OPS, "activation": ACTIVATIONS, "report": REPORT_BUDGETS}
+           "denoise_op": DENOISE_OPS, "activation": ACTIVATIONS, "report": REPORT_BUDGETS, "recipe": PRESETS}
 STOP = frozenset("a an and are as at but by for from if in is it itself not of on only or that the to too was when "
                  "where which with yourself must also again instead first".split())  # never a flag's value
 POSITIONAL = frozenset({"model", "data"})  # the entry points' first arguments: named bare
