@@ -21,39 +21,37 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # (for r, the bench's runs used the verdict's file, TEACHER=..., its sha256 in their training record); built first with
 # the default recipe when missing.
 declare -A ARCH=([r]=resnet9_small [v]=vgg_silu_small [t]=vit_small)
+TWINS="--method fixer,auxbn --bn auto"  # BN twins beside the recipe's patches (no multiply-adds)
+L2="--width 16 --rho 4 $TWINS"  # a width-16 pre-filter and fixers at rho 4: 1.233x the example base's multiply-adds
+L4="--at stem,auto --rho 2 $TWINS"  # fixers only, rho 2 at the stem and the suggested sites: 1.20x
+T20="--loss rslad --teacher @TEACHER@ --epochs 20"  # RSLAD from the run's heavy default patch, for 20 epochs
 declare -A RUNS=(
   [L1]="--width 16 --rho 4"
-  [L2]="--width 16 --rho 4 --method fixer,auxbn --bn auto"
-  [L3]="--width 32 --prefilter-stride 2 --rho 4 --method fixer,auxbn --bn auto"
-  [L4]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto"
-  [L5]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 --method fixer,auxbn --bn auto"
-  [L6]="--width 32 --prefilter-design separable --rho 4 --method fixer,auxbn --bn auto"
-  [B125]="--budget 1.25 --method fixer,auxbn --bn auto"
-  [B2]="--budget 2 --method fixer,auxbn --bn auto"
+  [L2]="$L2"
+  [L3]="--width 32 --prefilter-stride 2 --rho 4 $TWINS"
+  [L4]="$L4"
+  [L5]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS"
+  [L6]="--width 32 --prefilter-design separable --rho 4 $TWINS"
+  [B125]="--budget 1.25 $TWINS"
+  [B2]="--budget 2 $TWINS"
   [default]=""  # today's heavy default recipe: the teacher, and the frontier's top row
-  [L2e20]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20"
-  [L2e20m1]="--width 16 --rho 4 --method fixer,auxbn --bn auto --epochs 20 --mu 1"  # no teacher: one stage
+  [L2e20]="$L2 --epochs 20"
+  [L2e20m1]="$L2 --epochs 20 --mu 1"  # no teacher: one stage
   # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER=FILE another file)
-  [L2T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@"
-  [L2Te20T]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
-  # fixers only (no pre-filter: its thin full-resolution convolutions are the slowest multiply-adds, profile.md),
-  # rho 2 at the stem and the suggested sites, BN twins: 1.20x the example base's multiply-adds
-  [L4Te20T]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
-  [L4Te20Tm1]="--at stem,auto --rho 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1"
-  # whatever --budget 1.25 builds on the architecture, distilled from its heavy default for 20 epochs
-  [B125Te20T]="--budget 1.25 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
-  [B125Te20Tm1]="--budget 1.25 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1"
+  [L2T]="$L2 --loss rslad --teacher @TEACHER@"
+  [L2Te20T]="$L2 $T20"
+  # fixers only (no pre-filter: its thin full-resolution convolutions are the slowest multiply-adds, profile.md)
+  [L4Te20T]="$L4 $T20"
+  [L4Te20Tm1]="$L4 $T20 --mu 1"
+  # whatever --budget 1.25 builds on the architecture, distilled from its heavy default for 20 epochs; the same at 2
+  [B125Te20T]="--budget 1.25 $TWINS $T20"
+  [B125Te20Tm1]="--budget 1.25 $TWINS $T20 --mu 1"
+  [B2Te20T]="--budget 2 $TWINS $T20"
   # L2Te20T with less pull to the base's clean logits (the preset's mu 2.5 outweighs RSLAD's own terms, whose
-  # teacher already keeps clean accuracy): mu trades white-box for clean accuracy (RESULTS.md, "The frontier at the
-  # demo's compute")
-  [L2Te20Tm1]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1"
-  [L2Te20Tm0]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 0"
-  [L2Te20Tm15]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 1.5"
-  # mu 0 with more of RSLAD's weight on the clean input (the teacher's clean answers keep clean accuracy, not the
-  # base's): weight 1/2 instead of 5/6 on the adversarial term
-  [L2Te20Tm0w5]="--width 16 --rho 4 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20 --mu 0 --teacher-weight 0.5"
-  # the same at --budget 2: where between 1.25x and the heavy 3.4x (r) robustness is held
-  [B2Te20T]="--budget 2 --method fixer,auxbn --bn auto --loss rslad --teacher @TEACHER@ --epochs 20"
+  # teacher already keeps clean accuracy): mu trades white-box for clean accuracy; 1.5 is --preset light's
+  [L2Te20Tm1]="$L2 $T20 --mu 1"
+  [L2Te20Tm0]="$L2 $T20 --mu 0"
+  [L2Te20Tm15]="$L2 $T20 --mu 1.5"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
