@@ -16,6 +16,7 @@ import hardener  # noqa: E402
 from hardener.stats import wilson  # noqa: E402
 
 RADII = ("0", "0.25", "0.5", "0.75", "1")
+TIME_LINE = re.compile(r"([\d.]+) s wall, ([\d.]+) s user")  # /usr/bin/time's line, one per (resumed) run
 NAMES = {"a_base": "(a) base, smoothed", "b_denoiser": "(b) base + harden denoiser", "c_noise_ft": "(c) noise fine-tuned"}
 
 
@@ -41,7 +42,7 @@ def load_one(folder: Path, name: str) -> dict | None:
     """A row's report, or (`partial: true`) the rows an interrupted run saved, summarised the same way."""
     path, log = folder / f"{name}.json", folder / f"{name}.log"
     text = log.read_text(errors="replace") if log.exists() else ""
-    runs = re.findall(r"([\d.]+) s wall, ([\d.]+) s user", text)  # one line per (resumed) run: their sum
+    runs = TIME_LINE.findall(text)  # one line per (resumed) run: their sum
     if path.exists():
         rep = json.loads(path.read_text())
     else:
@@ -132,7 +133,7 @@ def bench_time(folder: list[Path], table: list[dict], pairs: list[dict]) -> list
     train, trained = 0.0, set()
     for f in reversed(folder):
         for log in f.glob("*.patch.log"):
-            found = re.findall(r"([\d.]+) s wall, ([\d.]+) s user", log.read_text(errors="replace"))
+            found = TIME_LINE.findall(log.read_text(errors="replace"))
             if found and log.name not in trained:
                 trained.add(log.name)
                 train += sum(float(user) for _, user in found)
