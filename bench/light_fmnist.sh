@@ -39,6 +39,7 @@ declare -A RUNS=(
   [L2e20m1]="$L2 --epochs 20 --mu 1"  # no teacher: one stage
   [L2e20m15]="$L2 --epochs 20 --mu 1.5"  # no teacher, --preset light's mu: does the teacher matter?
   [L4e20m1]="$L4 --epochs 20 --mu 1"  # fixers only, no teacher: the design inside 1.25x in latency, one stage
+  [B125e20m1]="--budget 1.25 $TWINS --epochs 20 --mu 1"  # --preset light without a teacher, at mu 1 (r: = L2e20m1)
   # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER=FILE another file)
   [L2T]="$L2 --loss rslad --teacher @TEACHER@"
   [L2Te20T]="$L2 $T20"
