@@ -126,18 +126,14 @@ class PatchOptions:
             check_arg(k, v, types[k])
             if k in OPTION_RULES:
                 check_range(k, v)
-        check_teacher(values.get("loss_name", "fixer"), values.get("teacher"), preset)
+        check_teacher(values.get("loss_name", "fixer"), values.get("teacher"))
         return cls.of(values, method_given="method" in given), preset
 
 
-def check_teacher(loss: str, teacher: Any, preset: Any = None) -> None:
+def check_teacher(loss: str, teacher: Any) -> None:
     """A teacher and `--loss rslad` go together: RSLAD's targets are the teacher's soft labels, and no other loss
-    uses a teacher. `preset`: the run's preset (a distilling one, `--preset light`, says how to make its teacher).
-    The error names the command line's flags (the library's keywords: `options.wording`)."""
+    uses a teacher. The error names the command line's flags (the library's keywords: `options.wording`)."""
     t, rslad, now = "--teacher", "--loss rslad", f"--loss {loss}"
-    if loss == "rslad" and teacher is None and preset is not None and preset.options.get("loss_name") == "rslad":
-        raise InputError(f"--preset {preset.name} distils a heavy patch of the same base: patch the base with the "
-                         f"default recipe first (--preset robust) and pass that checkpoint with {t}")
     if loss == "rslad" and teacher is None:
         raise InputError(f"{rslad} distils from a robust teacher: pass {t} (a patched checkpoint of the same base)")
     if teacher is not None and loss != "rslad":

@@ -103,7 +103,7 @@ def _plan(call: Call) -> Plan:
     A.parse_smooth_grad(kw["smooth_grad"])
     hdata.parse_subset(kw["subset"])
     holdout_size(kw["holdout"], 1)  # checked even where --subset or --eval-data leaves nothing to hold out
-    check_teacher(kw["loss_name"], kw["teacher"], recipe)
+    check_teacher(kw["loss_name"], kw["teacher"])
     C.parse_budget(kw["budget"])
     if kw["select_on"] and kw["validate"]:
         raise InputError("--select-on and --validate both hold out a validation split: give one")
