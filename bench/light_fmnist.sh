@@ -40,6 +40,10 @@ declare -A RUNS=(
   [L2e20m15]="$L2 --epochs 20 --mu 1.5"  # no teacher, --preset light's mu: does the teacher matter?
   [L4e20m1]="$L4 --epochs 20 --mu 1"  # fixers only, no teacher: the design inside 1.25x in latency, one stage
   [B125e20m1]="--budget 1.25 $TWINS --epochs 20 --mu 1"  # --preset light without a teacher, at mu 1 (r: = L2e20m1)
+  # the same with the lighter pre-filter designs tried first (vit_small: a shuffle pre-filter of width 16 at stride 2,
+  # or a separable one of width 16, where the plain design fits only width 8)
+  [B125Se20m1]="--budget 1.25 --prefilter-design shuffle --prefilter-stride 2 $TWINS --epochs 20 --mu 1"
+  [B125Pe20m1]="--budget 1.25 --prefilter-design separable $TWINS --epochs 20 --mu 1"
   # L2 distilled from the heavy default patch (RSLAD: its soft labels on the clean input; TEACHER=FILE another file)
   [L2T]="$L2 --loss rslad --teacher @TEACHER@"
   [L2Te20T]="$L2 $T20"
