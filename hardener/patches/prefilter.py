@@ -37,24 +37,17 @@ def _check_design(design: str, stride: int) -> None:
         raise InputError("--prefilter-design shuffle works at 1/S of the resolution: give --prefilter-stride 2 or more")
 
 
-WIDE = 16  # narrower pre-filters are the budget's last resort (issue 30: see lighter_settings)
-
-
 def lighter_settings(width: int, stride: int, design: str) -> list[list[dict[str, Any]]]:
-    """What `--budget` may make of a pre-filter: one inner list per design and width range, in the order the budget
-    tries them (the first with a width that fits wins, at its largest such width): first at widths from the given one
-    down to WIDE (halving), the recipe's own setting, then separable at stride 1, shuffle at stride 2, separable at
-    stride 2, shuffle at stride 4; then the same designs below WIDE (not below 8). The order is measured (issue 30,
-    bench/RESULTS.md "Light patches", validation PGD-10): on the example base at 1.2-1.24x its multiply-adds, a
-    full-resolution plain pre-filter of width 16 kept 58.0%, a stride-2 shuffle of width 32 56.2%, a stride-4 shuffle of
-    width 64 54.0%; on vit_small at 1.25x, where the plain design fits only width 8 (62.0%), a separable one of width
-    16 kept 67.8% and a stride-2 shuffle of width 16 58.0%."""
+    """What `--budget` may make of a pre-filter, resolution before width: one inner list per design, in the order
+    the budget tries them (the first with a width that fits wins, at its largest such width): the recipe's own
+    setting, shuffle at stride 2, separable at strides 1 and 2, shuffle at stride 4; each at widths from the given
+    one down (halving, not below 8). The order is measured (issue 30, bench/RESULTS.md "Light patches"): at 1.2-1.24x
+    the example's multiply-adds, a full-resolution width-16 pre-filter kept 58.0% validation PGD-10, a stride-2
+    shuffle at width 32 56.2%, a stride-4 shuffle at width 64 54.0%."""
     widths = [w for w in (width >> i for i in range(12)) if w >= 8] or [width]
-    order = [(design, stride), ("separable", 1), ("shuffle", 2), ("separable", 2), ("shuffle", 4)]
-    order = [x for i, x in enumerate(order) if x not in order[:i]]
-    ranges = ([w for w in widths if w >= WIDE], [w for w in widths if w < WIDE])
-    return [[{"width": w, "prefilter_design": d, "prefilter_stride": s} for w in ws]
-            for ws in ranges if ws for d, s in order]
+    order = [(design, stride), ("shuffle", 2), ("separable", 1), ("separable", 2), ("shuffle", 4)]
+    return [[{"width": w, "prefilter_design": d, "prefilter_stride": s} for w in widths]
+            for i, (d, s) in enumerate(order) if (d, s) not in order[:i]]
 
 
 @register_patch_kind("prefilter", placement="input", config_cls=PrefilterConfig)
