@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
 import hardener
 from hardener.cli.app import main
+from hardener.errors import InputError
 from hardener.io.checkpoint import read_manifest, sha256_file
 from hardener.options.patch_options import PatchOptions
 from hardener.options.recipe import load_preset
 
-from conftest import ARCH, FAST_PATCH, make_data, trained_tiny
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
 def test_the_light_preset_is_the_robust_recipe_sized_to_a_budget():
@@ -45,3 +48,12 @@ def test_light_distils_a_heavy_patch_when_given_one(patched_ckpt):
     assert rec["preset"]["name"] == "light" and rec["config"]["loss"] == "rslad"
     assert rec["teacher"] == {"file": patched_ckpt.name, "sha256": sha256_file(patched_ckpt)}
     assert light.cost.macs_ratio <= 3.0
+    # rslad asked of the light preset without a teacher: the plain rslad error, in the library's words
+    with pytest.raises(InputError, match=r"^loss='rslad' distils from a robust teacher"):
+        hardener.patch(trained_tiny(), (imgs, labels), "light", loss="rslad", progress=False)
+
+
+def test_light_with_rslad_and_no_teacher_exits_2_with_the_plain_rslad_line(runner, tiny_ckpt, tiny_data, tmp_path):
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--preset", "light",
+                             "--loss", "rslad", "--out", str(tmp_path / "x.safetensors")])
+    assert_input_error(r, "--loss rslad distils from a robust teacher", "pass --teacher")
