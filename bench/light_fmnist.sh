@@ -37,7 +37,7 @@ declare -A RUNS=(
   [default]=""  # today's heavy default recipe: the teacher, and the frontier's top row
   [L2e20]="$L2 --epochs 20"
   [L2e20m1]="$L2 --epochs 20 --mu 1"  # no teacher: one stage
-  [L2e20m15]="$L2 --epochs 20 --mu 1.5"  # no teacher, --preset light's mu: does the teacher matter?
+  [L2e20m15]="$L2 --epochs 20 --mu 1.5"  # no teacher at the mu chosen for distillation: the clean/robust trade
   [L4e20m1]="$L4 --epochs 20 --mu 1"  # fixers only, no teacher: the design inside 1.25x in latency, one stage
   [B125e20m1]="--budget 1.25 $TWINS --epochs 20 --mu 1"  # --preset light without a teacher, at mu 1 (r: = L2e20m1)
   # the same with the lighter pre-filter designs tried first (vit_small: a shuffle pre-filter of width 16 at stride 2,
@@ -55,7 +55,7 @@ declare -A RUNS=(
   [B125Te20Tm1]="--budget 1.25 $TWINS $T20 --mu 1"
   [B2Te20T]="--budget 2 $TWINS $T20"
   # L2Te20T with less pull to the base's clean logits (the preset's mu 2.5 outweighs RSLAD's own terms, whose
-  # teacher already keeps clean accuracy): mu trades white-box for clean accuracy; 1.5 is --preset light's
+  # teacher already keeps clean accuracy): mu trades white-box for clean accuracy
   [L2Te20Tm1]="$L2 $T20 --mu 1"
   [L2Te20Tm0]="$L2 $T20 --mu 0"
   [L2Te20Tm15]="$L2 $T20 --mu 1.5"
