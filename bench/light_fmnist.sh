@@ -39,6 +39,12 @@ declare -A RUNS=(
   [L2e20m1]="$L2 --epochs 20 --mu 1"  # no teacher: one stage
   [L2e20m15]="$L2 --epochs 20 --mu 1.5"  # no teacher at the mu chosen for distillation: the clean/robust trade
   [L4e20m1]="$L4 --epochs 20 --mu 1"  # fixers only, no teacher: the design inside 1.25x in latency, one stage
+  # the pre-filter alone (no fixers: every fixer adds thin convolutions, the slowest multiply-adds per unit, profile.md)
+  # with BN twins, one stage: plain width 16 at full resolution (1.12x), shuffle width 32 at stride 2 (1.14x); and the
+  # stride-2 shuffle beside rho-4 fixers (= L5, 1.24x) under the one-stage recipe
+  [P16e20m1]="--at prefilter:input --width 16 $TWINS --epochs 20 --mu 1"
+  [S32e20m1]="--at prefilter:input --width 32 --prefilter-stride 2 --prefilter-design shuffle $TWINS --epochs 20 --mu 1"
+  [L5e20m1]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS --epochs 20 --mu 1"
   [B125e20m1]="--budget 1.25 $TWINS --epochs 20 --mu 1"  # --preset light without a teacher, at mu 1 (r: = L2e20m1)
   # the same with the lighter pre-filter designs tried first (vit_small: a shuffle pre-filter of width 16 at stride 2,
   # or a separable one of width 16, where the plain design fits only width 8)
