@@ -2,7 +2,11 @@
 intervals, abstention, noisy forwards and CPU seconds per image, and the side-by-side of sequential and fixed-N
 CERTIFY on the same images. Reads OUT_DIR/*.json (harden certify reports) and *.log (/usr/bin/time's CPU time, summed over the runs
 of a resumed row); with several folders, a row comes from the last folder that has it (a rerun with a later rule).
-    python bench/certify_table.py OUT_DIR [OUT_DIR ...] [--json bench/results/certify/table.json] > table.md"""
+`--previous TABLE.json` (the committed table) keeps the rows, side-by-side pairs and CPU times that no folder holds
+any more (the run folders do not outlive a machine; the table is the bench's record), so a session adds its rows to
+it and replaces those it reran:
+    python bench/certify_table.py OUT_DIR [OUT_DIR ...] [--previous bench/results/certify/table.json] \
+        [--json bench/results/certify/table.json] > table.md"""
 from __future__ import annotations
 
 import argparse
@@ -73,41 +77,70 @@ def cell(rows: list[dict], r: float) -> str:
     return f"{100 * k / n:.1f} [{100 * lo:.0f}–{100 * hi:.0f}]"
 
 
-def main_table(folder: list[Path]) -> tuple[list[str], list[dict]]:
+def cell_of(acc: float, n: int) -> str:
+    """`cell` from a summary's certified accuracy (a kept row of --previous: k = acc·n exactly, n at most 10,000)."""
+    k = round(acc * n)
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def main_table(folder: list[Path], previous: dict | None = None) -> tuple[list[str], list[dict]]:
     lines = ["| model | σ | images | " + " | ".join(f"r = {r}" for r in RADII) + " | abstained | forwards / image "
              "(mean, median, max) | CPU s / image | stopping |", "|" + "---|" * (len(RADII) + 7)]
     out = []
+    kept = {(r["model"], f"{r['sigma']:g}"): r for r in (previous or {}).get("table", [])}
     for key, label in NAMES.items():
         for sigma in ("0.25", "0.5"):
             rep = load(folder, f"{key}_s{sigma}")
+            if rep is None and (key, sigma) in kept:  # a row of an earlier session, from the table it left
+                old = kept[(key, sigma)]
+                rep = {"summary": old["summary"], "rows": None, "partial": old["partial"], "rule": old["rule"],
+                       "cpu_s": old["cpu_s_per_image"] * old["summary"]["n"] if old["cpu_s_per_image"] else None,
+                       "cpu_s_incomplete": old["cpu_s_incomplete"]}
             if rep is None:
                 continue
             s, rows = rep["summary"], rep["rows"]
             reach = [r for r in RADII if r in s["certified_accuracy"]]
-            cells = [cell(rows, float(r)) if r in reach else "beyond max radius" for r in RADII]
+            cells = [(cell(rows, float(r)) if rows is not None else cell_of(s["certified_accuracy"][r], s["n"]))
+                     if r in reach else "beyond max radius" for r in RADII]
             d = s["draws_per_sample"]
             cpu = rep["cpu_s"] / s["n"] if rep["cpu_s"] else None
             cpu_text = (f"≥ {cpu:.2f} (a run's time not recorded)" if rep.get("cpu_s_incomplete") else f"{cpu:.2f}") \
                 if cpu else "–"
             n_text = f"{s['n']} (interrupted)" if rep.get("partial") else str(s["n"])
+            how = rep.get("rule") or rule(rep)
             lines.append(f"| {label} | {sigma} | {n_text} | " + " | ".join(cells) + f" | {100 * s['abstention_rate']:.1f}%"
-                         f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} | {rule(rep)} |")
+                         f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} | {how} |")
             out.append({"model": key, "sigma": float(sigma), "summary": s, "cpu_s_per_image": cpu,
                         "cpu_s_incomplete": bool(rep.get("cpu_s_incomplete")),
-                        "partial": bool(rep.get("partial")), "rule": rule(rep)})
+                        "partial": bool(rep.get("partial")), "rule": how})
     return lines, out
 
 
-def side_by_side(folder: list[Path]) -> tuple[list[str], list[dict]]:
+def side_by_side(folder: list[Path], previous: dict | None = None) -> tuple[list[str], list[dict]]:
     lines = ["| model | σ | images | r | fixed N | sequential | same verdict | forwards / image: fixed, sequential | "
              "fewer forwards |", "|---|---|---|---|---|---|---|---|---|"]
-    out = []
+    out, pairs = [], {}
     for seq_path in sorted({p.name: p for f in folder for p in f.glob("*.seq*.json")}.values(), key=lambda p: p.name):
         row, n = seq_path.name.split(".seq")[0], seq_path.name.split(".seq")[1].split(".")[0]
         seq, fixed = load(folder, f"{row}.seq{n}"), load(folder, f"{row}.fixed{n}")
-        if fixed is None:
-            continue
+        if fixed is not None:
+            pairs[(row, n)] = (seq, fixed)
+    for p in (previous or {}).get("side_by_side", []):  # pairs of earlier sessions, from the table they left
+        row, n = f"{p['model']}_s{p['sigma']:g}", str(p["images"])
+        if not isinstance(pairs.get((row, n)), tuple):
+            pairs.setdefault((row, n), []).append(p)
+    for (row, n), pair in sorted(pairs.items()):
         key, sigma = row.rsplit("_s", 1)
+        if isinstance(pair, list):
+            for p in pair:
+                r, df, ds = f"{p['radius']:g}", p["forwards_fixed"], p["forwards_sequential"]
+                lines.append(f"| {NAMES[key]} | {sigma} | {n} | {r} | {cell_of(p['fixed'], p['images'])} | "
+                             f"{cell_of(p['sequential'], p['images'])} | {p['same_verdict']}/{n} | {df:,.0f}, {ds:,.0f} | "
+                             f"{df / ds:.1f}x |")
+                out.append(p)
+            continue
+        seq, fixed = pair
         ds, df = seq["summary"]["draws_per_sample"]["mean"], fixed["summary"]["draws_per_sample"]["mean"]
         for r in seq["summary"]["certified_accuracy"]:
             ok = lambda x: x["correct"] and x["radius"] >= float(r)  # noqa: E731
@@ -121,40 +154,60 @@ def side_by_side(folder: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, out
 
 
-def bench_time(folder: list[Path], table: list[dict], pairs: list[dict]) -> list[str]:
+def bench_time(folder: list[Path], table: list[dict], pairs: list[dict],
+               previous: dict | None = None) -> tuple[list[str], dict]:
     """The whole bench's CPU time (user seconds, one thread per run, summed over resumed runs): the certification
-    rows in the tables, the side-by-side runs and the trainings of (b) and (c). On a quiet core, one run at a time,
-    wall time is about this CPU time; the bench's own runs shared the cores, so their wall times say less."""
+    rows in the tables, the side-by-side runs and the trainings of (b) and (c), with `previous`'s record for runs no
+    folder holds (a training rerun on a new machine counts once, as its last run). On a quiet core, one run at a
+    time, wall time is about this CPU time; the bench's own runs shared the cores, so their wall times say less.
+    Returns the line and the record (`cpu`: per run and per training, None where a time is missing)."""
+    kept = (previous or {}).get("cpu", {"runs": {}, "trainings": {}})
     names = [f"{r['model']}_s{r['sigma']:g}" for r in table]
     names += sorted({f"{p['model']}_s{p['sigma']:g}.{kind}{p['images']}" for p in pairs for kind in ("seq", "fixed")})
-    rows = {n: load(folder, n) for n in names}
-    cert = sum((rep or {}).get("cpu_s") or 0.0 for rep in rows.values())
-    short = [n for n, rep in rows.items() if rep is None or not rep.get("cpu_s") or rep.get("cpu_s_incomplete")]
-    train, trained = 0.0, set()
+    runs, short = {}, []
+    for n in names:
+        rep = load(folder, n)
+        if rep is None:
+            row = next((r for r in table if f"{r['model']}_s{r['sigma']:g}" == n), None)
+            cpu = kept["runs"].get(n, row["cpu_s_per_image"] * row["summary"]["n"]
+                                   if row and row["cpu_s_per_image"] else None)
+            incomplete = bool(row and row["cpu_s_incomplete"])
+        else:
+            cpu, incomplete = rep.get("cpu_s"), bool(rep.get("cpu_s_incomplete"))
+        runs[n] = cpu
+        if not cpu or incomplete:
+            short.append(n)
+    trainings = dict(kept["trainings"])
+    seen = set()
     for f in reversed(folder):
         for log in f.glob("*.patch.log"):
             found = TIME_LINE.findall(log.read_text(errors="replace"))
-            if found and log.name not in trained:
-                trained.add(log.name)
-                train += sum(float(user) for _, user in found)
+            name = log.name.removesuffix(".patch.log")
+            if found and name not in seen and name not in kept.get("covered", []):  # covered: in an earlier sum
+                seen.add(name)
+                trainings[name] = sum(float(user) for _, user in found)
+    cert, train = sum(c or 0.0 for c in runs.values()), sum(trainings.values())
     note = f" (a lower bound: {', '.join(short)} without a complete time record)" if short else ""
-    return [(f"Whole bench, CPU time (user, one thread per run): certification {cert / 3600:.1f} h over {len(rows)} "
-             f"runs, {len(trained)} trainings {train / 3600:.2f} h, **{(cert + train) / 3600:.1f} h in all**{note}.")]
+    line = (f"Whole bench, CPU time (user, one thread per run): certification {cert / 3600:.1f} h over {len(runs)} "
+            f"runs, trainings {train / 3600:.2f} h, **{(cert + train) / 3600:.1f} h in all**{note}.")
+    return [line], {"runs": runs, "trainings": trainings, **({"covered": kept["covered"]} if "covered" in kept else {})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path, nargs="+")
+    ap.add_argument("--previous", type=Path, help="the committed table.json: rows no folder holds are kept from it")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    t1, j1 = main_table(a.folder)
-    t2, j2 = side_by_side(a.folder)
+    previous = json.loads(a.previous.read_text()) if a.previous else None
+    t1, j1 = main_table(a.folder, previous)
+    t2, j2 = side_by_side(a.folder, previous)
+    t3, cpu = bench_time(a.folder, j1, j2, previous)
     print("\n".join(["### Certified accuracy (%, 95% Wilson interval), sequential CERTIFY", "", *t1, "",
-                     "### Fixed N = 100,000 beside sequential, same images", "", *t2, "",
-                     *bench_time(a.folder, j1, j2)]))
+                     "### Fixed N = 100,000 beside sequential, same images", "", *t2, "", *t3]))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"table": j1, "side_by_side": j2}, indent=1))
+        a.json.write_text(json.dumps({"table": j1, "side_by_side": j2, "cpu": cpu}, indent=1))
 
 
 if __name__ == "__main__":
