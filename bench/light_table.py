@@ -7,7 +7,9 @@ APGD-DLR, BPDA through the input patch, transfer).
     OMP_NUM_THREADS=1 python bench/light_table.py OUT_DIR [NAME=CHECKPOINT:ARCH ...] --json J > table.md
 
 NAME=CHECKPOINT:ARCH adds a checkpoint that is not a run of OUT_DIR (e.g. today's heavy default). Latency is a
-timing: run it on a quiet machine (the bench paused the background runs while it measured)."""
+timing: run it on a quiet machine (the bench paused the background runs while it measured). `--previous J` (the
+committed table.json) keeps the rows whose checkpoints are gone (run folders do not outlive a machine), marked †:
+their latency ratios come from the run that wrote J, not this one, so compare ratios within one run only."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path)
     ap.add_argument("extra", nargs="*")
+    ap.add_argument("--previous", type=Path, help="the committed table.json: rows no checkpoint here re-times")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -70,16 +73,24 @@ def main() -> None:
         rows.append({"name": name, "arch": arch, "macs_base": cost.macs_base, "macs_patched": cost.macs_patched,
                      "macs_ratio": round(cost.macs_ratio, 3), "latency": {b: v["ratio"] for b, v in lat.items()},
                      "parameters_patches": cost.parameters_patches, **figures(a.folder, name)})
+    timed = {r["name"] for r in rows}
+    for r in json.loads(a.previous.read_text()) if a.previous else []:
+        if r["name"] not in timed:  # a run of an earlier session: its figures and its run's timing, as recorded
+            rows.append({**r, "timed_earlier": r.get("timed_earlier", True)})
+    rows.sort(key=lambda r: ("-" not in r["name"], r["name"]))  # runs, then the named extras
     print("| run | arch | MACs ratio | latency ratio (batch 1, 256) | patch params | val clean | val APGD-CE-20 | "
           "val best PGD-10 | test clean | test white-box | test worst case |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         v, t = r.get("val", {}), r.get("test", {})
         f = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
-        print(f"| {r['name']} | {r['arch']} | {r['macs_ratio']:.2f} | "
+        print(f"| {r['name']}{' †' if r.get('timed_earlier') else ''} | {r['arch']} | {r['macs_ratio']:.2f} | "
               + ", ".join(f"{x:.2f}" for x in r["latency"].values()) + f" | {r['parameters_patches']:,} | "
               f"{f(v.get('clean'))} | {f(v.get('whitebox_apgd_ce20'))} | {f(v.get('best_pgd10'))} | "
               f"{f(t.get('clean'))} | {f(t.get('whitebox'))} | {f(t.get('worst_case'))} |")
+    if any(r.get("timed_earlier") for r in rows):
+        print("\n† timed in an earlier run of this table (its checkpoint is gone): compare its latency ratios with "
+              "each other, not with the rows timed here.")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=1))
