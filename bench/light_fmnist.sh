@@ -43,6 +43,7 @@ declare -A RUNS=(
   # with BN twins, one stage: plain width 16 at full resolution (1.12x), shuffle width 32 at stride 2 (1.14x); and the
   # stride-2 shuffle beside rho-4 fixers (= L5, 1.24x) under the one-stage recipe
   [P16e20m1]="--at prefilter:input --width 16 $TWINS --epochs 20 --mu 1"
+  [P16e20m15]="--at prefilter:input --width 16 $TWINS --epochs 20 --mu 1.5"  # P16e20m1's clean/robust trade at mu 1.5
   [P12e20m1]="--at prefilter:input --width 12 $TWINS --epochs 20 --mu 1"  # vgg_silu_small: the widest inside 1.25x (1.16x)
   [P8e20m1]="--at prefilter:input --width 8 $TWINS --epochs 20 --mu 1"  # vit_small: the widest inside 1.25x (1.25x)
   [S32e20m1]="--at prefilter:input --width 32 --prefilter-stride 2 --prefilter-design shuffle $TWINS --epochs 20 --mu 1"
