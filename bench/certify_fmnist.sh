@@ -57,5 +57,5 @@ for row in $FIXED_ROWS; do  # side by side: the same FIXED_SAMPLES images, seque
   # shellcheck disable=SC2046
   certify "$row.seq$FIXED_SAMPLES" "$s" "$(model_of "$row")" "$FIXED_SAMPLES" --sequential $(norm_of "$row")
   # shellcheck disable=SC2046
-  certify "$row.fixed$FIXED_SAMPLES" "$s" "$(model_of "$row")" "$FIXED_SAMPLES" $(norm_of "$row")
+  certify "$row.fixed$FIXED_SAMPLES" "$s" "$(model_of "$row")" "$FIXED_SAMPLES" --fixed $(norm_of "$row")
 done

@@ -380,16 +380,16 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
 
 
 def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = CERTIFY["n"], n0: int = CERTIFY["n0"],
-            alpha: float = CERTIFY["alpha"], sequential: bool = False, max_radius: float | None = None,
+            alpha: float = CERTIFY["alpha"], sequential: bool = CERTIFY["sequential"], max_radius: float | None = None,
             max_samples: int | None = None, batch_size: int = CERTIFY["batch_size"], seed: int = CERTIFY["seed"],
             arch: str | None = None, mean=None, std=None, logits: str | None = None,
             device: str | torch.device = "auto", progress: bool | Any = True) -> Certification:
     """Certified L2 radii of the smoothed `model` (randomized smoothing, Cohen et al. 2019) on `data`: a
     `PatchedModel`, an `nn.Module` taking [0, 1] pixels, or a checkpoint path (`arch`, `mean`, `std`, `logits` as for
-    `hardener.patch`). `sequential=True` stops drawing noisy copies of a sample once its certificate is decided (an
-    anytime-valid confidence sequence: the same guarantee as fixed-n CERTIFY, whose `n` draws per sample
-    `sequential=False`, the default as for `harden certify`, spends); `max_radius` (default 2 `sigma`) is the
-    largest radius it tries to certify.
+    `hardener.patch`). `sequential=True`, the default as for `harden certify`, stops drawing noisy copies of a sample
+    once its certificate is decided (an anytime-valid confidence sequence: the same guarantee as fixed-n CERTIFY,
+    whose `n` draws per sample `sequential=False` spends); `max_radius` (default 2 `sigma`) is the largest radius it
+    tries to certify.
     Progress goes to stderr (`progress=False`: none)."""
     with speaking_python(_keywords(certify)):
         for what, v, kinds in (("n", n, "int"), ("n0", n0, "int"), ("batch_size", batch_size, "int"),
@@ -402,7 +402,8 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
                               ("max_samples", max_samples, None), ("seed", seed, None)):
             check_range(what, v, rule)  # the command line's ranges, stated once (validate.OPTION_RULES)
         if max_radius is not None and not sequential:
-            raise InputError("max_radius needs sequential=True (fixed-n CERTIFY draws n copies whatever the radius)")
+            raise InputError("max_radius applies to sequential certification: drop sequential=False (fixed-n CERTIFY "
+                             "draws n copies whatever the radius) or drop max_radius")
         # the ranges of sigma, alpha and max_radius: SmoothingConfig's, checked before the model loads
         cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
                                         seed=seed, sequential=sequential,

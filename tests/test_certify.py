@@ -32,7 +32,7 @@ def test_linear_radius_is_a_lower_bound_close_to_the_distance():
     """For a linear binary classifier, g's radius is exactly the distance to the hyperplane, |w·x+b|/|w|."""
     w, b = [1.0, -2.0, 0.5, 1.0], -0.3
     model = Linear2(w, b)
-    cfg = SmoothingConfig(sigma=0.25, n0=100, n=20_000, alpha=0.001, batch_size=5000)
+    cfg = SmoothingConfig(sigma=0.25, n0=100, n=20_000, alpha=0.001, batch_size=5000, sequential=False)
     sm = Smoothed(model, 2, cfg, torch.device("cpu"))
     wt = torch.tensor(w)
     for i, x in enumerate(torch.tensor([[0.6, 0.1, 0.5, 0.2], [0.1, 0.6, 0.2, 0.3], [0.9, 0.0, 0.9, 0.9]])):
@@ -47,7 +47,7 @@ def test_linear_radius_is_a_lower_bound_close_to_the_distance():
 
 def test_abstains_when_the_top_class_is_a_coin_flip():
     model = Linear2([1.0, 0.0, 0.0, 0.0], -0.5)
-    sm = Smoothed(model, 2, SmoothingConfig(sigma=0.5, n0=100, n=2000), torch.device("cpu"))
+    sm = Smoothed(model, 2, SmoothingConfig(sigma=0.5, n0=100, n=2000, sequential=False), torch.device("cpu"))
     x = torch.tensor([0.5, 0.3, 0.3, 0.3]).view(1, 2, 2)  # on the hyperplane: p = 1/2
     assert sm.certify(x, 0) == (ABSTAIN, 0.0)
     assert sm.predict(x, 0) == ABSTAIN
@@ -61,8 +61,8 @@ def test_selection_and_estimation_use_independent_noise():
             seen.append(x.clone())
             return super().forward(x)
 
-    sm = Smoothed(Spy([1.0, 1.0, 1.0, 1.0], -1.0), 2, SmoothingConfig(sigma=0.25, n0=50, n=50, batch_size=50),
-                  torch.device("cpu"))
+    sm = Smoothed(Spy([1.0, 1.0, 1.0, 1.0], -1.0), 2,
+                  SmoothingConfig(sigma=0.25, n0=50, n=50, batch_size=50, sequential=False), torch.device("cpu"))
     x = torch.full((1, 2, 2), 0.5)
     sm.certify(x, 0)
     assert len(seen) == 2 and not torch.equal(seen[0], seen[1])  # ART once drew the noise once (PR #1678)
@@ -78,7 +78,7 @@ def test_certify_rows_summary_and_bounds():
     model = Linear2([1.0, -1.0, 1.0, -1.0], 0.0)
     x = torch.rand(6, 1, 2, 2)
     y = (x.flatten(1) @ torch.tensor([1.0, -1.0, 1.0, -1.0]) > 0).long()
-    cfg = SmoothingConfig(sigma=0.25, n0=20, n=500, alpha=0.01, batch_size=250)
+    cfg = SmoothingConfig(sigma=0.25, n0=20, n=500, alpha=0.01, batch_size=250, sequential=False)
     res = certify(model, x, y, cfg, 2, torch.device("cpu"))
     s = res.summary()
     assert s["n"] == 6 and 0 <= s["certified_accuracy"]["0.5"] <= s["certified_accuracy"]["0"] <= 1
@@ -106,10 +106,14 @@ def test_cli_certify_writes_rows_and_report(runner, tmp_path, tiny_ckpt, tiny_te
             "20", "--n", "200", "--alpha", "0.01", "--max-samples", "9", "--quiet"]
     r = runner.invoke(main, [*args, "--tsv", str(tsv), "--report", str(rep)])
     assert r.exit_code == 0, r.output
-    rows = tsv.read_text().splitlines()
-    assert rows[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(rows) == 10
+    rows = tsv.read_text().splitlines()  # sequential by default: the TSV adds the noisy forwards each sample took
+    assert rows[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tdraws" and len(rows) == 10
     data = json.loads(rep.read_text())
     assert data["schema"] == "harden.certify-report/1" and data["summary"]["N"] == 200
+    assert data["summary"]["method"] == "sequential" and data["summary"]["max_radius"] == 0.24  # 2σ
+    fixed = tmp_path / "f.tsv"  # --fixed: Cohen et al.'s CERTIFY, locuslab/smoothing's columns, n draws each
+    assert runner.invoke(main, [*args, "--fixed", "--tsv", str(fixed)]).exit_code == 0
+    assert fixed.read_text().splitlines()[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
     assert "certified" in data["threat_model"] and len(data["rows"]) == 9
     md = tmp_path / "c.md"
     assert runner.invoke(main, [*args, "--report", str(md)]).exit_code == 0
@@ -161,7 +165,7 @@ def test_denoiser_preset_trains_only_its_prefilter_and_the_base_stays(runner, tm
             assert not torch.equal(m(x), denoised)  # the denoiser changes what the base sees
 
 
-@pytest.mark.parametrize("method", [[], ["--sequential", "--max-radius", "0.2"]], ids=["fixed", "sequential"])
+@pytest.mark.parametrize("method", [["--fixed"], ["--sequential", "--max-radius", "0.2"]], ids=["fixed", "sequential"])
 def test_cli_certify_resumes_an_interrupted_run(runner, tmp_path, tiny_ckpt, tiny_test_data, monkeypatch, method):
     """Interrupted after 4 samples: state kept, exit 130; --resume certifies the rest and equals an uninterrupted
     run (every sample has its own noise stream), fixed-n or sequential."""
@@ -239,10 +243,11 @@ def test_library_certify_is_the_commands_certification(runner, tmp_path, tiny_ck
     assert cert.to_dict()["checkpoint_sha256"] == cli["checkpoint_sha256"]
     assert "| radius | certified accuracy |" in cert._repr_markdown_() and "Certification(n=6" in repr(cert)
     assert cert.to_tsv().splitlines()[0].endswith("\tdraws")
-    hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sigma=0.12, n0=20, n=50, max_samples=2,
-                     progress=False, device="cpu")
+    quiet = hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sigma=0.12, n0=20, n=50, max_samples=2,
+                             progress=False, device="cpu")
     assert capsys.readouterr().err == ""
-    with pytest.raises(InputError, match="^max_radius needs sequential=True"):
+    assert quiet.summary["method"] == "sequential"  # the default, as on the command line; sequential=False: fixed n
+    with pytest.raises(InputError, match="^max_radius applies to sequential certification"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=False, max_radius=0.5)
     with pytest.raises(InputError, match="^max_radius must be a finite positive number"):
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, sequential=True, max_radius=0.0)

@@ -77,7 +77,7 @@ def test_certified_radii_of_a_linear_classifier_overstate_at_most_alpha_of_the_t
 def test_sequential_and_fixed_n_certify_the_same_samples_at_each_radius_with_fewer_draws():
     distances = [0.1, 0.35, 0.6, 0.85, 1.6, -0.4, 0.0]  # away from the reported radii, a far one and a coin flip
     model, xs, ys = linear_points(distances)
-    fixed = SmoothingConfig(sigma=0.5, n0=100, n=20_000, alpha=0.001, batch_size=2000)
+    fixed = SmoothingConfig(sigma=0.5, n0=100, n=20_000, alpha=0.001, batch_size=2000, sequential=False)
     seq = SmoothingConfig(sigma=0.5, n0=100, n=20_000, alpha=0.001, batch_size=2000, sequential=True, max_radius=1.0)
     a = certify(model, xs, ys, fixed, 2, torch.device("cpu")).summary()
     s = certify(model, xs, ys, seq, 2, torch.device("cpu"))
@@ -116,7 +116,7 @@ def test_stopping_rules():
 def test_summary_cuts_reported_radii_at_the_largest_one_asked_for():
     cfg = SmoothingConfig(sigma=0.25, sequential=True)
     assert cfg.top_radius == 0.5 and cfg.reported_radii() == (0.0, 0.25, 0.5)
-    assert SmoothingConfig(sigma=0.25).reported_radii() == (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert SmoothingConfig(sigma=0.25, sequential=False).reported_radii() == (0.0, 0.25, 0.5, 0.75, 1.0)
     with pytest.raises(Exception, match="max-radius"):
         SmoothingConfig(sequential=True, max_radius=float("nan"))
 
@@ -140,5 +140,5 @@ def test_cli_sequential_report_states_the_method_and_draws(runner, tmp_path, tin
     assert set(s["certified_accuracy"]) == {"0", "0.25"} or set(s["certified_accuracy"]) == {"0"}
     assert "sequential" in to_markdown(rep) and "noisy forwards per sample" in r.output.lower()
     assert (tmp_path / "r.tsv").read_text().splitlines()[0].endswith("\tdraws")
-    assert_input_error(runner.invoke(main, [*args, "--max-radius", "0.2"]), "--sequential")
+    assert_input_error(runner.invoke(main, [*args, "--fixed", "--max-radius", "0.2"]), "--fixed")
     assert_input_error(runner.invoke(main, [*args, "--sequential", "--max-radius", "-1"]), "--max-radius")

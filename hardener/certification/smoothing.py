@@ -49,7 +49,7 @@ class SmoothingConfig:
     alpha: float = CERTIFY["alpha"]
     batch_size: int = CERTIFY["batch_size"]
     seed: int = CERTIFY["seed"]
-    sequential: bool = False
+    sequential: bool = CERTIFY["sequential"]
     max_radius: float | None = None  # sequential: stop once this radius is certified (None: 2σ)
 
     def __post_init__(self) -> None:

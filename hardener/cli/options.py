@@ -338,14 +338,15 @@ CERTIFY = (
         help="Noise level σ (pixel units)."),
     opt("--n0", type=int, default=DEFAULTS.CERTIFY["n0"], show_default=True, help="Noise draws that select the class."),
     opt("--n", "n_samples", type=int, default=DEFAULTS.CERTIFY["n"], show_default=True,
-        help="Noise draws that bound its probability (independent of the first)."),
+        help="Noise draws that bound its probability (independent of the first; a sequential run's cap)."),
     opt("--alpha", type=float, default=DEFAULTS.CERTIFY["alpha"], show_default=True,
         help="Failure probability of a certificate."),
-    opt("--sequential", is_flag=True,
-        help="Sequential CERTIFY: draw in growing batches and stop each sample once its certificate is decided, "
-             "with an anytime-valid bound (same guarantee; --n becomes the cap)."),
+    opt("--sequential/--fixed", default=DEFAULTS.CERTIFY["sequential"], show_default=True,
+        help="Sequential CERTIFY draws in growing batches and stops each sample once its certificate is decided, "
+             "with an anytime-valid bound (same guarantee; --n becomes the cap); --fixed is Cohen et al.'s CERTIFY, "
+             "--n draws per sample, the reference, whose radii are not capped at --max-radius."),
     opt("--max-radius", type=float,
-        help="With --sequential: the largest radius to certify (default 2σ); a sample stops once it is reached."),
+        help="The largest radius a sequential run certifies (default 2σ); a sample stops once it is reached."),
     opt("--batch-size", type=int, default=DEFAULTS.CERTIFY["batch_size"], show_default=True,
         help="Noisy copies per forward pass."),
     opt("--max-samples", type=int, help="Seeded stratified subset of the data."),

@@ -23,4 +23,8 @@ CERTIFY = {
     "alpha": 0.001,  # the failure probability of a certificate
     "batch_size": 1000,  # noisy copies per forward pass
     "seed": 0,
+    # sequential CERTIFY (anytime-valid, stops each sample once decided), not fixed n: on the smoothed example base
+    # at sigma 0.25 / 0.5 it certified what fixed n = 100,000 certifies on the same 50 images at every reported radius
+    # with 35x / 12.5x fewer noisy forwards (bench/RESULTS.md, "Certified robustness on a CPU")
+    "sequential": True,
 }
