@@ -71,14 +71,9 @@ def load_one(folder: Path, name: str) -> dict | None:
     return rep
 
 
-def cell(rows: list[dict], r: float) -> str:
-    k, n = sum(1 for x in rows if x["correct"] and x["radius"] >= r), len(rows)
-    lo, hi = wilson(k, n)
-    return f"{100 * k / n:.1f} [{100 * lo:.0f}–{100 * hi:.0f}]"
-
-
-def cell_of(acc: float, n: int) -> str:
-    """`cell` from a summary's certified accuracy (a kept row of --previous: k = acc·n exactly, n at most 10,000)."""
+def cell(acc: float, n: int) -> str:
+    """A certified accuracy with its 95% Wilson interval; k = acc·n exactly (summaries round to 4 digits, n is at
+    most 10,000)."""
     k = round(acc * n)
     lo, hi = wilson(k, n)
     return f"{100 * k / n:.1f} [{100 * lo:.0f}–{100 * hi:.0f}]"
@@ -92,91 +87,84 @@ def main_table(folder: list[Path], previous: dict | None = None) -> tuple[list[s
     for key, label in NAMES.items():
         for sigma in ("0.25", "0.5"):
             rep = load(folder, f"{key}_s{sigma}")
-            if rep is None and (key, sigma) in kept:  # a row of an earlier session, from the table it left
-                old = kept[(key, sigma)]
-                rep = {"summary": old["summary"], "rows": None, "partial": old["partial"], "rule": old["rule"],
-                       "cpu_s": old["cpu_s_per_image"] * old["summary"]["n"] if old["cpu_s_per_image"] else None,
-                       "cpu_s_incomplete": old["cpu_s_incomplete"]}
-            if rep is None:
+            if rep is not None:
+                s = rep["summary"]
+                row = {"model": key, "sigma": float(sigma), "summary": s,
+                       "cpu_s_per_image": rep["cpu_s"] / s["n"] if rep["cpu_s"] else None,
+                       "cpu_s_incomplete": bool(rep.get("cpu_s_incomplete")), "partial": bool(rep.get("partial")),
+                       "rule": rule(rep)}
+            elif (key, sigma) in kept:  # a row of an earlier session, from the table it left
+                row = kept[(key, sigma)]
+            else:
                 continue
-            s, rows = rep["summary"], rep["rows"]
-            reach = [r for r in RADII if r in s["certified_accuracy"]]
-            cells = [(cell(rows, float(r)) if rows is not None else cell_of(s["certified_accuracy"][r], s["n"]))
-                     if r in reach else "beyond max radius" for r in RADII]
+            s, cpu = row["summary"], row["cpu_s_per_image"]
+            cells = [cell(s["certified_accuracy"][r], s["n"]) if r in s["certified_accuracy"] else "beyond max radius"
+                     for r in RADII]
             d = s["draws_per_sample"]
-            cpu = rep["cpu_s"] / s["n"] if rep["cpu_s"] else None
-            cpu_text = (f"≥ {cpu:.2f} (a run's time not recorded)" if rep.get("cpu_s_incomplete") else f"{cpu:.2f}") \
+            cpu_text = (f"≥ {cpu:.2f} (a run's time not recorded)" if row["cpu_s_incomplete"] else f"{cpu:.2f}") \
                 if cpu else "–"
-            n_text = f"{s['n']} (interrupted)" if rep.get("partial") else str(s["n"])
-            how = rep.get("rule") or rule(rep)
+            n_text = f"{s['n']} (interrupted)" if row["partial"] else str(s["n"])
             lines.append(f"| {label} | {sigma} | {n_text} | " + " | ".join(cells) + f" | {100 * s['abstention_rate']:.1f}%"
-                         f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} | {how} |")
-            out.append({"model": key, "sigma": float(sigma), "summary": s, "cpu_s_per_image": cpu,
-                        "cpu_s_incomplete": bool(rep.get("cpu_s_incomplete")),
-                        "partial": bool(rep.get("partial")), "rule": how})
+                         f" | {d['mean']:,.0f} / {d['median']:,} / {d['max']:,} | {cpu_text} | {row['rule']} |")
+            out.append(row)
     return lines, out
 
 
 def side_by_side(folder: list[Path], previous: dict | None = None) -> tuple[list[str], list[dict]]:
-    lines = ["| model | σ | images | r | fixed N | sequential | same verdict | forwards / image: fixed, sequential | "
-             "fewer forwards |", "|---|---|---|---|---|---|---|---|---|"]
-    out, pairs = [], {}
+    """Per pair and reported radius: fixed-N and sequential certified accuracy, the images they decide alike, the
+    mean noisy forwards of each; pairs no folder holds come from `previous`."""
+    pairs: dict[tuple[str, int], list[dict]] = {}
     for seq_path in sorted({p.name: p for f in folder for p in f.glob("*.seq*.json")}.values(), key=lambda p: p.name):
         row, n = seq_path.name.split(".seq")[0], seq_path.name.split(".seq")[1].split(".")[0]
         seq, fixed = load(folder, f"{row}.seq{n}"), load(folder, f"{row}.fixed{n}")
-        if fixed is not None:
-            pairs[(row, n)] = (seq, fixed)
-    for p in (previous or {}).get("side_by_side", []):  # pairs of earlier sessions, from the table they left
-        row, n = f"{p['model']}_s{p['sigma']:g}", str(p["images"])
-        if not isinstance(pairs.get((row, n)), tuple):
-            pairs.setdefault((row, n), []).append(p)
-    for (row, n), pair in sorted(pairs.items()):
-        key, sigma = row.rsplit("_s", 1)
-        if isinstance(pair, list):
-            for p in pair:
-                r, df, ds = f"{p['radius']:g}", p["forwards_fixed"], p["forwards_sequential"]
-                lines.append(f"| {NAMES[key]} | {sigma} | {n} | {r} | {cell_of(p['fixed'], p['images'])} | "
-                             f"{cell_of(p['sequential'], p['images'])} | {p['same_verdict']}/{n} | {df:,.0f}, {ds:,.0f} | "
-                             f"{df / ds:.1f}x |")
-                out.append(p)
+        if fixed is None:
             continue
-        seq, fixed = pair
+        key, sigma = row.rsplit("_s", 1)
         ds, df = seq["summary"]["draws_per_sample"]["mean"], fixed["summary"]["draws_per_sample"]["mean"]
         for r in seq["summary"]["certified_accuracy"]:
-            ok = lambda x: x["correct"] and x["radius"] >= float(r)  # noqa: E731
+            def ok(x, r=float(r)):
+                return x["correct"] and x["radius"] >= r
             same = sum(ok(a) == ok(b) for a, b in zip(fixed["rows"], seq["rows"]))
-            lines.append(f"| {NAMES[key]} | {sigma} | {n} | {r} | {cell(fixed['rows'], float(r))} | "
-                         f"{cell(seq['rows'], float(r))} | {same}/{len(seq['rows'])} | {df:,.0f}, {ds:,.0f} | "
-                         f"{df / ds:.1f}x |")
-            out.append({"model": key, "sigma": float(sigma), "images": int(n), "radius": float(r),
-                        "fixed": fixed["summary"]["certified_accuracy"][r], "sequential": seq["summary"]["certified_accuracy"][r],
-                        "same_verdict": same, "forwards_fixed": df, "forwards_sequential": ds})
+            pairs.setdefault((row, int(n)), []).append(
+                {"model": key, "sigma": float(sigma), "images": int(n), "radius": float(r),
+                 "fixed": fixed["summary"]["certified_accuracy"][r],
+                 "sequential": seq["summary"]["certified_accuracy"][r], "same_verdict": same,
+                 "forwards_fixed": df, "forwards_sequential": ds})
+    ran = set(pairs)
+    for p in (previous or {}).get("side_by_side", []):  # pairs of earlier sessions, from the table they left
+        if (f"{p['model']}_s{p['sigma']:g}", p["images"]) not in ran:
+            pairs.setdefault((f"{p['model']}_s{p['sigma']:g}", p["images"]), []).append(p)
+    lines = ["| model | σ | images | r | fixed N | sequential | same verdict | forwards / image: fixed, sequential | "
+             "fewer forwards |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [p for _, ps in sorted(pairs.items()) for p in ps]
+    for p in out:
+        n, df, ds = p["images"], p["forwards_fixed"], p["forwards_sequential"]
+        lines.append(f"| {NAMES[p['model']]} | {p['sigma']:g} | {n} | {p['radius']:g} | {cell(p['fixed'], n)} | "
+                     f"{cell(p['sequential'], n)} | {p['same_verdict']}/{n} | {df:,.0f}, {ds:,.0f} | {df / ds:.1f}x |")
     return lines, out
 
 
 def bench_time(folder: list[Path], table: list[dict], pairs: list[dict],
                previous: dict | None = None) -> tuple[list[str], dict]:
     """The whole bench's CPU time (user seconds, one thread per run, summed over resumed runs): the certification
-    rows in the tables, the side-by-side runs and the trainings of (b) and (c), with `previous`'s record for runs no
-    folder holds (a training rerun on a new machine counts once, as its last run). On a quiet core, one run at a
-    time, wall time is about this CPU time; the bench's own runs shared the cores, so their wall times say less.
-    Returns the line and the record (`cpu`: per run and per training, None where a time is missing)."""
+    rows in the tables (their CPU time as `main_table` found it), the side-by-side runs and the trainings of (b) and
+    (c), with `previous`'s record for runs no folder holds (a training rerun on a new machine counts once, as its
+    last run). On a quiet core, one run at a time, wall time is about this CPU time; the bench's own runs shared the
+    cores, so their wall times say less. Returns the line and the record (`cpu`: per run and per training, None
+    where a time is missing)."""
     kept = (previous or {}).get("cpu", {"runs": {}, "trainings": {}})
-    names = [f"{r['model']}_s{r['sigma']:g}" for r in table]
-    names += sorted({f"{p['model']}_s{p['sigma']:g}.{kind}{p['images']}" for p in pairs for kind in ("seq", "fixed")})
     runs, short = {}, []
-    for n in names:
-        rep = load(folder, n)
-        if rep is None:
-            row = next((r for r in table if f"{r['model']}_s{r['sigma']:g}" == n), None)
-            cpu = kept["runs"].get(n, row["cpu_s_per_image"] * row["summary"]["n"]
-                                   if row and row["cpu_s_per_image"] else None)
-            incomplete = bool(row and row["cpu_s_incomplete"])
-        else:
-            cpu, incomplete = rep.get("cpu_s"), bool(rep.get("cpu_s_incomplete"))
-        runs[n] = cpu
-        if not cpu or incomplete:
-            short.append(n)
+    for r in table:
+        name, cpu = f"{r['model']}_s{r['sigma']:g}", r["cpu_s_per_image"]
+        runs[name] = cpu * r["summary"]["n"] if cpu else None
+        if not cpu or r["cpu_s_incomplete"]:
+            short.append(name)
+    pair_runs = {f"{p['model']}_s{p['sigma']:g}.{kind}{p['images']}" for p in pairs for kind in ("seq", "fixed")}
+    for name in sorted(pair_runs):
+        rep = load(folder, name)
+        runs[name] = kept["runs"].get(name) if rep is None else rep.get("cpu_s")
+        if not runs[name] or (rep is not None and rep.get("cpu_s_incomplete")):
+            short.append(name)
     trainings = dict(kept["trainings"])
     seen = set()
     for f in reversed(folder):
