@@ -24,6 +24,7 @@ declare -A ARCH=([r]=resnet9_small [v]=vgg_silu_small [t]=vit_small)
 TWINS="--method fixer,auxbn --bn auto"  # BN twins beside the recipe's patches (no multiply-adds)
 L2="--width 16 --rho 4 $TWINS"  # a width-16 pre-filter and fixers at rho 4: 1.233x the example base's multiply-adds
 L4="--at stem,auto --rho 2 $TWINS"  # fixers only, rho 2 at the stem and the suggested sites: 1.20x
+PRE="--at prefilter:input $TWINS --epochs 20"  # the pre-filter alone with BN twins, one stage (the P and S runs)
 T20="--loss rslad --teacher @TEACHER@ --epochs 20"  # RSLAD from the run's heavy default patch, for 20 epochs
 declare -A RUNS=(
   [L1]="--width 16 --rho 4"
@@ -40,13 +41,13 @@ declare -A RUNS=(
   [L2e20m15]="$L2 --epochs 20 --mu 1.5"  # no teacher at the mu chosen for distillation: the clean/robust trade
   [L4e20m1]="$L4 --epochs 20 --mu 1"  # fixers only, no teacher: the design inside 1.25x in latency, one stage
   # the pre-filter alone (no fixers: every fixer adds thin convolutions, the slowest multiply-adds per unit, profile.md)
-  # with BN twins, one stage: plain width 16 at full resolution (1.12x), shuffle width 32 at stride 2 (1.14x); and the
+  # with BN twins, one stage: plain width 16 at full resolution (1.13x), shuffle width 32 at stride 2 (1.14x); and the
   # stride-2 shuffle beside rho-4 fixers (= L5, 1.24x) under the one-stage recipe
-  [P16e20m1]="--at prefilter:input --width 16 $TWINS --epochs 20 --mu 1"
-  [P16e20m15]="--at prefilter:input --width 16 $TWINS --epochs 20 --mu 1.5"  # P16e20m1's clean/robust trade at mu 1.5
-  [P12e20m1]="--at prefilter:input --width 12 $TWINS --epochs 20 --mu 1"  # vgg_silu_small: the widest inside 1.25x (1.16x)
-  [P8e20m1]="--at prefilter:input --width 8 $TWINS --epochs 20 --mu 1"  # vit_small: the widest inside 1.25x (1.25x)
-  [S32e20m1]="--at prefilter:input --width 32 --prefilter-stride 2 --prefilter-design shuffle $TWINS --epochs 20 --mu 1"
+  [P16e20m1]="$PRE --width 16 --mu 1"
+  [P16e20m15]="$PRE --width 16 --mu 1.5"  # P16e20m1's clean/robust trade at mu 1.5
+  [P12e20m1]="$PRE --width 12 --mu 1"  # vgg_silu_small: the widest plain one inside 1.25x (1.16x)
+  [P8e20m1]="$PRE --width 8 --mu 1"  # vit_small: the widest plain one inside 1.25x (1.23x)
+  [S32e20m1]="$PRE --width 32 --prefilter-stride 2 --prefilter-design shuffle --mu 1"
   [L5e20m1]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS --epochs 20 --mu 1"
   [B125e20m1]="--budget 1.25 $TWINS --epochs 20 --mu 1"  # --preset light without a teacher, at mu 1 (r: = L2e20m1)
   # the same with the lighter pre-filter designs tried first (vit_small: a shuffle pre-filter of width 16 at stride 2,
