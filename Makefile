@@ -26,7 +26,7 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto  # one worker per core (pytest-xdist), one thread each (tests/conftest.py)
 
 clean:
 	rm -rf $(VENV) examples/out

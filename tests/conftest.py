@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Parallel workers (pytest-xdist, `make test`) share the cores: each takes its share of them as threads, and so do
+# the processes the tests start (OMP_NUM_THREADS), so that workers do not thrash each other's OpenMP threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 import numpy as np
 import pytest

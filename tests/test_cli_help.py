@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,14 +41,16 @@ print("torch-free")
 
 
 def test_help_is_fast():
-    # Issue 31: under 0.5 s, the median of 5 (about 0.1-0.2 s here, on a machine running two other jobs).
+    # Issue 31: under 0.5 s of the process's CPU time (user + system), the median of 5 (about 0.1-0.2 s here). CPU
+    # time, not wall time: the suite runs in parallel workers, and a busy neighbour must not fail this test.
     for args in (["--help"], ["patch", "--help"]):
         times = []
         for _ in range(5):
-            t = time.perf_counter()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             r = subprocess.run([sys.executable, "-m", "hardener", *args], env=ENV, cwd=ROOT, capture_output=True,
                                timeout=60)
-            times.append(time.perf_counter() - t)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            times.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             assert r.returncode == 0 and b"Usage: harden" in r.stdout, r.stderr
         assert statistics.median(times) < 0.5, (args, times)
 
