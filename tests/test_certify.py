@@ -94,6 +94,27 @@ def test_certify_rows_summary_and_bounds():
     assert lower_confidence_bound(0, 10, 0.01) == 0.0
 
 
+def test_a_shard_certifies_its_positions_with_the_whole_runs_noise_and_resumes(monkeypatch):
+    """A torchrun rank certifies only its positions (`positions`), each with the noise the whole run gives that
+    sample, and a resumed rank skips the rows it had."""
+    model = Linear2([1.0, -1.0, 1.0, -1.0], 0.0)
+    x = torch.rand(8, 1, 2, 2)
+    y = (x.flatten(1) @ torch.tensor([1.0, -1.0, 1.0, -1.0]) > 0).long()
+    cfg = SmoothingConfig(sigma=0.25, n0=20, n=400, alpha=0.01, batch_size=100)
+    whole = {r["idx"]: r for r in certify(model, x, y, cfg, 2, torch.device("cpu")).rows}
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    shard = certify(model, x, y, cfg, 2, torch.device("cpu"), positions=[1, 4, 7])
+    assert [strip(r) for r in shard.rows] == [strip(whole[i]) for i in (1, 4, 7)]
+    real, calls = Smoothed.certify_row, []
+
+    def counted(self, xi, index):
+        calls.append(index)
+        return real(self, xi, index)
+    monkeypatch.setattr(Smoothed, "certify_row", counted)
+    again = certify(model, x, y, cfg, 2, torch.device("cpu"), positions=[1, 4, 7], done=shard.rows[:1])
+    assert calls == [4, 7] and [strip(r) for r in again.rows] == [strip(r) for r in shard.rows]
+
+
 def test_cli_certify_writes_rows_and_report(runner, tmp_path, tiny_ckpt, tiny_test_data):
     import json
 

@@ -34,8 +34,9 @@ def _strip(rep: dict) -> dict:
     """What must agree: everything but timings, the time stamp, the command line and the process count."""
     def walk(o):
         if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items() if k not in ("seconds", "images_per_s", "created", "environment",
-                                                                   "processes", "command", "invocation")}
+            return {k: walk(v) for k, v in o.items() if k not in ("seconds", "seconds_per_image", "images_per_s",
+                                                                   "created", "environment", "processes", "command",
+                                                                   "invocation")}
         if isinstance(o, list):
             return [walk(v) for v in o]
         return o
@@ -77,6 +78,23 @@ def test_sharded_eval_equals_one_process(prefilter_ckpt, tiny_test_data, tmp_pat
     assert pa["per_sample_broken_by"] == pb["per_sample_broken_by"] and len(pa["per_sample_broken_by"]) == 45
     assert {"whitebox", "adaptive", "transfer", "blackbox"} <= set(pb["threats"])
     assert not list((tmp_path / "state").glob("*.partial"))  # every rank cleared its state
+
+
+def test_sharded_certify_equals_one_process(tiny_ckpt, tiny_test_data, tmp_path):
+    """`torchrun -m hardener certify`: each process certifies every other sample, rank 0 writes the report and the
+    TSV; the rows are one process's (each sample's noise is seeded by its position), and no state is left."""
+    args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0", "20",
+            "--draws", "300", "--alpha", "0.01", "--max-samples", "11", "--json", "--quiet"]  # --n: torchrun's
+    one = _run(args)
+    assert one.returncode == 0, one.stderr
+    two = _run([*args, "--tsv", str(tmp_path / "r.tsv"), "--state-dir", str(tmp_path / "state")], procs=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 1 prints nothing: stdout is one JSON document
+    assert b["processes"] == 2 and "processes" not in a
+    assert _strip(a) == _strip(b) and len(b["rows"]) == 11
+    assert [r["idx"] for r in b["rows"]] == list(range(11))
+    assert len((tmp_path / "r.tsv").read_text().splitlines()) == 12
+    assert not list((tmp_path / "state").glob(".harden-certify-*"))  # every rank cleared its state
 
 
 def test_sharded_eval_refuses_base_cache_with_one_line(prefilter_ckpt, tiny_test_data, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from .. import data as hdata
 from ..options import validate as V
 from ..reports import report as R
+from ..runtime import distributed as D
 from ..version import __version__
 from . import smoothing as C
 
@@ -64,18 +65,28 @@ class Certification:
 def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device, *,
                 n_classes: int, model_name: str, model_sha: str | None, max_samples: int | None = None,
                 progress: Any = None, done: list[dict] | None = None, keep: Callable[[dict], None] | None = None,
-                deterministic: bool = False) -> Certification:
+                deterministic: bool = False, world: D.World | None = None) -> Certification | None:
     """Certify `max_samples` seeded stratified samples of `ds` (all without it) with `cfg`; `done` rows (a resumed
     run) are kept, `keep(row)` sees each new one. Returns the report. Callers check the memory first
-    (`check_memory`), before any other work."""
+    (`check_memory`), before any other work. With the `world` of a torchrun launch each process certifies every
+    size-th sample (sample i on rank i mod size: costs vary by sample, so neighbours are spread), rank 0 gathers the
+    rows and returns the report, the other ranks None; a sample's noise is seeded by its position, so the rows are
+    those of one process."""
     ds = selected(ds, max_samples, cfg.seed)
+    shard = world is not None and world.active
     res = C.certify(patched, hdata.to_float(ds.images), ds.labels, cfg, n_classes, device, progress,
-                    done=list(done or []), on_row=keep)
+                    done=list(done or []), on_row=keep, positions=D.shard(len(ds), 1, world).tolist() if shard else None)
+    if shard:
+        parts = D.gather(res.rows, world)
+        if parts is None:
+            return None
+        res = C.CertifyResult(config=res.config, rows=sorted((r for p in parts for r in p), key=lambda r: r["idx"]))
     rep = {"schema": "harden.certify-report/1", "harden_version": __version__, "checkpoint": model_name,
            "checkpoint_sha256": model_sha, "data": R.data_record(ds, []),
            "threat_model": f"certified: L2 radius of the smoothed model (σ = {cfg.sigma:g}), with probability "
                            f"{1 - cfg.alpha:g} over the noise", "summary": res.summary(), "rows": res.rows,
-           "environment": R.environment(str(device), cfg.seed, deterministic)}
+           "environment": R.environment(str(device), cfg.seed, deterministic),
+           **({"processes": world.size} if shard else {})}
     return Certification(rep, res)
 
 

@@ -243,12 +243,14 @@ class CertifyResult:
 
 def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SmoothingConfig, n_classes: int,
             device: torch.device, progress=None, done: list[dict] | None = None,
-            on_row=None) -> CertifyResult:
-    """CERTIFY every sample of (x, y); `done` rows (a resumed run) are kept and skipped."""
+            on_row=None, positions: list[int] | None = None) -> CertifyResult:
+    """CERTIFY every sample of (x, y), or those at `positions` (a process's shard); `done` rows (a resumed run) are
+    kept and skipped. A sample's noise is seeded by its position, so a shard's rows are the whole run's."""
     res = CertifyResult(config=asdict(cfg), rows=list(done or []))
     seen = {r["idx"] for r in res.rows}
     sm = Smoothed(model, n_classes, cfg, device)
-    for i in range(len(x)):
+    todo = range(len(x)) if positions is None else positions
+    for i in todo:
         if i in seen:
             continue
         t0 = time.time()
@@ -259,7 +261,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SmoothingCo
         if on_row is not None:
             on_row(row)
         if progress:
-            progress("certify", len(res.rows), len(x), {"certified_acc_r0": res.certified_accuracy(0.0),
+            progress("certify", len(res.rows), len(todo), {"certified_acc_r0": res.certified_accuracy(0.0),
                                                         "draws": draws})
     res.rows.sort(key=lambda r: r["idx"])
     return res

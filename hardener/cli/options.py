@@ -337,8 +337,9 @@ CERTIFY = (
     opt("--sigma", type=float, default=DEFAULTS.CERTIFY["sigma"], show_default=True,
         help="Noise level σ (pixel units)."),
     opt("--n0", type=int, default=DEFAULTS.CERTIFY["n0"], show_default=True, help="Noise draws that select the class."),
-    opt("--n", "n_samples", type=int, default=DEFAULTS.CERTIFY["n"], show_default=True,
-        help="Noise draws that bound its probability (independent of the first; a sequential run's cap)."),
+    opt("--n", "n_samples", "--draws", type=int, default=DEFAULTS.CERTIFY["n"], show_default=True,
+        help="Noise draws that bound its probability (independent of the first; a sequential run's cap). Under "
+             "torchrun give --draws: torchrun's own parser takes --n for an abbreviation of its --nnodes."),
     opt("--alpha", type=float, default=DEFAULTS.CERTIFY["alpha"], show_default=True,
         help="Failure probability of a certificate."),
     opt("--sequential/--fixed", default=DEFAULTS.CERTIFY["sequential"], show_default=True,

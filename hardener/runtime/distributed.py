@@ -131,6 +131,18 @@ def shard(n: int, block: int, w: World) -> torch.Tensor:
     return torch.cat([torch.arange(k * block, min(n, (k + 1) * block)) for k in blocks])
 
 
+def state_suffix(w: World) -> str:
+    """What a process adds to the name of its resumable state file in a sharded run ("-rank<r>of<N>")."""
+    return f"-rank{w.rank}of{w.size}" if w.active else ""
+
+
+def clear_other_states(path, w: World) -> None:
+    """Rank 0, once the report is written: the other ranks' state files beside its own `path` (None: none kept)."""
+    if w.active and path is not None:
+        for r in range(1, w.size):
+            path.with_name(path.name.replace(state_suffix(w), f"-rank{r}of{w.size}")).unlink(missing_ok=True)
+
+
 def gather(obj, w: World) -> list | None:
     """Every rank's `obj` on rank 0 (None elsewhere)."""
     import torch.distributed as dist

@@ -11,11 +11,12 @@ from ...certification import smoothing as C
 from ...errors import InputError, UsageError
 from ...io.checkpoint import atomic_write, sha256_file
 from ...io.resume import EvalStore, fingerprint
-from ...io.session import finish_spec, load_data, load_model, pick_device
+from ...io.session import finish_spec, load_data, load_model
+from ...runtime import distributed as D
 from ...runtime.console import ProgressView, err_console, out
 from .. import boundary as B
 from ..signals import outputs_or_none
-from . import Call, data_options, model_arg, model_options
+from . import Call, data_options, model_arg, model_options, start
 
 
 def run(call: Call) -> None:
@@ -33,16 +34,17 @@ def run(call: Call) -> None:
                          "copies whatever the radius) or drop --max-radius")
     cfg = C.SmoothingConfig(sigma=sigma, n0=kw["n0"], n=n_samples, alpha=alpha, batch_size=kw["batch_size"],
                             seed=kw["seed"], sequential=kw["sequential"], max_radius=kw["max_radius"])
-    device = pick_device(kw["device"])
+    world, device = start(kw)
     loaded = load_model(model, model_options(kw))
     ds = load_data(loaded, kw["data"], data_options(kw))
     finish_spec(loaded, ds, device)
     CR.check_memory(cfg, loaded.spec.shape)
     model_sha = loaded.base.sha256 if loaded.base is not None else sha256_file(Path(model))  # a plain file: hashed once
     ds = CR.selected(ds, kw["max_samples"], kw["seed"])
-    store, rows = _store(ds, cfg, device, model_sha, kw)
+    store, rows = _store(ds, cfg, device, world, model_sha, kw)
     if rows and not kw["quiet"]:
-        err_console.print(f"resuming: {len(rows)} of {len(ds)} samples already certified", highlight=False)
+        mine = f"this process's {len(range(world.rank, len(ds), world.size))}" if world.active else str(len(ds))
+        err_console.print(f"resuming: {len(rows)} of {mine} samples already certified", highlight=False)
 
     def keep(row: dict) -> None:
         rows.append(row)
@@ -52,7 +54,10 @@ def run(call: Call) -> None:
             cert = CR.certify_run(loaded.patched, ds, cfg, device, n_classes=loaded.spec.num_classes,
                                model_name=model, model_sha=model_sha,
                                progress=progress, done=list(rows), keep=keep,
-                               deterministic=kw["deterministic"])
+                               deterministic=kw["deterministic"], world=world)
+        if cert is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
+            D.finish(world)
+            return
         err_console.print(CR.summary_line(cert.summary), highlight=False, markup=False)
         rep = cert.to_dict()
         for path, text in ((tsv_path, cert.to_tsv), (report_path, lambda: _report_text(rep, report_path))):
@@ -61,6 +66,8 @@ def run(call: Call) -> None:
                 written.append(path)  # before the write: an interrupt just as the file lands removes it too
                 atomic_write(Path(path), lambda tmp, c=content: Path(tmp).write_text(c))
     store.clear()
+    D.clear_other_states(store.path, world)  # the other ranks' state too, now that the report is written
+    D.finish(world)
     if kw["as_json"]:
         out(json.dumps(rep, indent=2, sort_keys=True))
 
@@ -69,13 +76,15 @@ def _report_text(rep: dict, path: str) -> str:
     return CR.to_markdown(rep) if Path(path).suffix.lower() == ".md" else json.dumps(rep, indent=2, sort_keys=True)
 
 
-def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, model_sha: str, kw: dict) -> tuple[EvalStore, list]:
-    """The certification's resumable state (beside --report or --tsv, or --state-dir) and the rows it holds."""
+def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, world: D.World, model_sha: str,
+           kw: dict) -> tuple[EvalStore, list]:
+    """The certification's resumable state (beside --report or --tsv, or --state-dir; one per rank of a sharded run)
+    and the rows it holds."""
     rules = {"stops": C.STOPS, "reach_z": C.REACH_Z} if cfg.sequential else {}  # a rule change is another run
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
                       **rules})
     folder = B.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
-    state = folder / f".harden-certify-{fp[:16]}.partial" if folder is not None else None
+    state = folder / f".harden-certify-{fp[:16]}{D.state_suffix(world)}.partial" if folder is not None else None
     store = EvalStore(state, fp, kw["resume"])
     return store, list((store.get("rows") or {}).get("rows", []))
 

@@ -69,10 +69,7 @@ def run(call: Call) -> None:
             return
         rep = _report(ev.report, thresholds, kw, written)
     ev.store.clear()
-    if world.active and ev.store.path is not None:  # the other ranks' state too, now that the report is written
-        for r in range(1, world.size):
-            ev.store.path.with_name(ev.store.path.name.replace(f"-rank0of{world.size}", f"-rank{r}of{world.size}")) \
-                .unlink(missing_ok=True)
+    D.clear_other_states(ev.store.path, world)  # the other ranks' state too, now that the report is written
     D.finish(world)
     if kw["as_json"]:
         out(R.json_text(rep))
@@ -158,8 +155,7 @@ def _store(loaded, ds, ecfg: E.EvalConfig, device, world, model_sha: str, kw: di
                       "device": device.type, "route": loaded.patched.current_route, "parent": kw["parent"],
                       "surrogate": sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None})
     state_dir = B.eval_state_dir(kw["state_dir"], list(kw["report_paths"]))
-    shard = f"-rank{world.rank}of{world.size}" if world.active else ""
-    state = state_dir / f".harden-eval-{fp[:16]}{shard}.partial" if state_dir is not None else None
+    state = state_dir / f".harden-eval-{fp[:16]}{D.state_suffix(world)}.partial" if state_dir is not None else None
     return EvalStore(state, fp, kw["resume"])
 
 
