@@ -13,6 +13,8 @@
 # per noisy forward of the base here, so fixed N is about 80 CPU-s per image for (a) and (c) and more for (b).
 #   bash bench/certify_fmnist.sh [OUT_DIR]           # resumable: finished reports are kept, interrupted runs resume
 #   ROWS="b_denoiser_s0.25" bash bench/certify_fmnist.sh OUT_DIR   # only the named rows (one process per row)
+#   PROCS=2 ROWS=... bash bench/certify_fmnist.sh OUT_DIR           # each row over 2 processes (torchrun), one
+#     thread each: the same rows, about half the wall time; resume a row with the PROCS it started with
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/out/certify}
@@ -32,8 +34,10 @@ certify() {  # certify NAME SIGMA MODEL SAMPLES [ARGS...]: NAME.json (report), N
   [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]] && return 0  # ROWS="NAME ...": only these (parallel runs)
   local resume=(); [ -f "$OUT/$name.started" ] && resume=(--resume)
   touch "$OUT/$name.started"
-  /usr/bin/time -f "%e s wall, %U s user" python -m hardener certify "$model" "${M[@]}" "$@" --data fashion-mnist:test \
-    --max-samples "$samples" --sigma "$sigma" --n "$N" --n0 100 --alpha 0.001 --batch-size 200 --force --quiet \
+  local run=(python -m hardener)  # PROCS=2: one row over 2 processes (torchrun; sample i on process i mod 2)
+  [ "${PROCS:-1}" -gt 1 ] && run=(python -m torch.distributed.run --standalone --nproc_per_node "$PROCS" -m hardener)
+  /usr/bin/time -f "%e s wall, %U s user" "${run[@]}" certify "$model" "${M[@]}" "$@" --data fashion-mnist:test \
+    --max-samples "$samples" --sigma "$sigma" --draws "$N" --n0 100 --alpha 0.001 --batch-size 200 --force --quiet \
     "${resume[@]}" --state-dir "$OUT/state" --tsv "$OUT/$name.tsv" --report "$OUT/$name.json" 2>> "$OUT/$name.log"  # appended: a resumed row sums its runs' CPU time
 }
 model_of() {  # the checkpoint of a row name's model
