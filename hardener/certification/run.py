@@ -74,8 +74,9 @@ def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingCon
     those of one process."""
     ds = selected(ds, max_samples, cfg.seed)
     shard = world is not None and world.active
+    positions = D.shard(len(ds), 1, world).tolist() if shard else None
     res = C.certify(patched, hdata.to_float(ds.images), ds.labels, cfg, n_classes, device, progress,
-                    done=list(done or []), on_row=keep, positions=D.shard(len(ds), 1, world).tolist() if shard else None)
+                    done=list(done or []), on_row=keep, positions=positions)
     if shard:
         parts = D.gather(res.rows, world)
         if parts is None:
