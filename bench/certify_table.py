@@ -117,7 +117,7 @@ def side_by_side(folder: list[Path], previous: dict | None = None) -> tuple[list
     for seq_path in sorted({p.name: p for f in folder for p in f.glob("*.seq*.json")}.values(), key=lambda p: p.name):
         row, n = seq_path.name.split(".seq")[0], seq_path.name.split(".seq")[1].split(".")[0]
         seq, fixed = load(folder, f"{row}.seq{n}"), load(folder, f"{row}.fixed{n}")
-        if fixed is None:
+        if fixed is None or fixed.get("partial") or seq.get("partial"):  # a pair compares finished runs only
             continue
         key, sigma = row.rsplit("_s", 1)
         ds, df = seq["summary"]["draws_per_sample"]["mean"], fixed["summary"]["draws_per_sample"]["mean"]
