@@ -132,8 +132,9 @@ def side_by_side(folder: list[Path], previous: dict | None = None) -> tuple[list
                  "forwards_fixed": df, "forwards_sequential": ds})
     ran = set(pairs)
     for p in (previous or {}).get("side_by_side", []):  # pairs of earlier sessions, from the table they left
-        if (f"{p['model']}_s{p['sigma']:g}", p["images"]) not in ran:
-            pairs.setdefault((f"{p['model']}_s{p['sigma']:g}", p["images"]), []).append(p)
+        key = (f"{p['model']}_s{p['sigma']:g}", p["images"])
+        if key not in ran:
+            pairs.setdefault(key, []).append(p)
     lines = ["| model | σ | images | r | fixed N | sequential | same verdict | forwards / image: fixed, sequential | "
              "fewer forwards |", "|---|---|---|---|---|---|---|---|---|"]
     out = [p for _, ps in sorted(pairs.items()) for p in ps]

@@ -43,7 +43,7 @@ def run(call: Call) -> None:
     ds = CR.selected(ds, kw["max_samples"], kw["seed"])
     store, rows = _store(ds, cfg, device, world, model_sha, kw)
     if rows and not kw["quiet"]:
-        mine = f"this process's {len(range(world.rank, len(ds), world.size))}" if world.active else str(len(ds))
+        mine = f"this process's {len(D.shard(len(ds), 1, world))}" if world.active else str(len(ds))
         err_console.print(f"resuming: {len(rows)} of {mine} samples already certified", highlight=False)
 
     def keep(row: dict) -> None:
