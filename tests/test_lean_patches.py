@@ -203,8 +203,40 @@ def test_fixers_compute_what_they_did(act, strength, delta, rank, final_relu):
 
 @pytest.mark.parametrize("design,stride", [("plain", 1), ("plain", 2), ("separable", 1), ("shuffle", 2)])
 @pytest.mark.parametrize("strength,delta", [(1.0, 1.0), (0.5, 1.0), (1.0, 2.0)])
-def test_prefilters_compute_what_they_did(design, stride, strength, delta):
+def test_prefilters_compute_what_they_did(design, stride, strength, delta, monkeypatch):
+    """In the base's layout, to the bit (the channels-last layout changes the order of the sums: the next test)."""
+    monkeypatch.setattr(Prefilter, "channels_last", False)
     torch.manual_seed(2)
     f = Prefilter(3, width=4, delta=delta, stride=stride, design=design)
     f.strength = strength
     _same_forward_and_backward(f, _old_prefilter, torch.randn(2, 3, 7, 7))
+
+
+@pytest.mark.parametrize("design,stride", [("plain", 1), ("plain", 2), ("separable", 1), ("shuffle", 2)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_prefilter_channels_last_computes_the_same_in_the_bases_layout(design, stride, channels, monkeypatch):
+    """On the CPU the pre-filter's hidden layers run channels-last (faster thin convolutions at large batches):
+    outputs and gradients as in NCHW up to float rounding, handed back in the input's NCHW layout; untrained or at
+    strength 0 it still returns its input exactly."""
+    torch.manual_seed(3)
+    f = Prefilter(channels, width=16, stride=stride, design=design)
+    x = torch.randn(4, channels, 9, 9)
+    assert torch.equal(f(x), x)  # zero-initialised last layer: the base's input, to the bit
+    with torch.no_grad():
+        for t in f.parameters():
+            t.add_(0.3 * torch.randn_like(t))
+    runs = []
+    for layout in (False, True):
+        monkeypatch.setattr(Prefilter, "channels_last", layout)
+        xi = x.clone().requires_grad_(True)
+        f.zero_grad()
+        y = f(xi)
+        y.square().sum().backward()
+        assert y.is_contiguous()
+        runs.append([y.detach(), xi.grad, *[t.grad.clone() for t in f.parameters()]])
+    assert not torch.equal(runs[0][0], runs[1][0]) or channels == 1 and design == "shuffle"  # the layout ran
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*runs):  # gradients: a ReLU input within rounding of 0 may take the other side of its kink
+        assert (b - a).norm() <= 1e-4 * a.norm(), (b - a).norm() / a.norm()
+    f.strength = 0.0
+    assert torch.equal(f(x), x)
