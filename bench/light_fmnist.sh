@@ -10,7 +10,8 @@
 #   RESUME=1 bash bench/light_fmnist.sh OUT_DIR RUN... # continue interrupted runs from OUT_DIR/RUN.safetensors.partial
 #   TEST=1 bash bench/light_fmnist.sh OUT_DIR RUN...   # the verdict on test, for runs chosen on validation: the
 #     verdict's 1,000 seeded stratified images of fashion-mnist:test, white-box APGD-CE -> APGD-DLR (100 steps), BPDA
-#     through the input patch on what they left (threat adaptive), transfer from the base, eps 0.1 -> RUN.test.*
+#     through the input patch on what they left (threat adaptive), transfer from the base, eps 0.1 -> RUN.test.*;
+#     an evaluation it started before resumes, and the base's own attack rows are kept in OUT_DIR/base-cache
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: light_fmnist.sh OUT_DIR RUN...}
@@ -75,10 +76,12 @@ for run in "$@"; do
   teacher=${TEACHER:-$OUT/${run%%-*}-default.safetensors}
   if [ -n "${TEST:-}" ]; then
     [ -f "$OUT/$run.test.json" ] && continue
+    resume=()  # an evaluation this script started before resumes (its state is beside the report)
+    if [ -f "$OUT/$run.test.started" ]; then resume=(--resume); else touch "$OUT/$run.test.started"; fi
     /usr/bin/time -v python -m hardener eval "$OUT/$run.safetensors" --arch "examples/fmnist_model.py:$arch" \
       --data fashion-mnist:test --max-samples 1000 --attack apgd-ce,apgd-dlr --eps 0.1 \
       --threat whitebox,adaptive,transfer --quiet --force --report "$OUT/$run.test.json" --report "$OUT/$run.test.md" \
-      > /dev/null 2> "$OUT/$run.test.log" || echo "$run test failed: see $OUT/$run.test.log" >&2
+      --base-cache "$OUT/base-cache" "${resume[@]}" > /dev/null 2> "$OUT/$run.test.log" || echo "$run test failed: see $OUT/$run.test.log" >&2
     continue
   fi
   [ -f "$OUT/$run.json" ] && continue
