@@ -47,6 +47,7 @@ def figures(folder: Path, name: str) -> dict:
         th = m["threats"]
         out["test"] = {"n": t["summary"]["n"], "clean": m["clean"]["accuracy"],
                        "whitebox": th["whitebox"]["robust"]["accuracy"],
+                       "bpda": (th.get("adaptive") or {}).get("robust", {}).get("accuracy"),
                        "worst_case": t["summary"].get("worst_case"),
                        "transfer": (th.get("transfer") or {}).get("robust", {}).get("accuracy")}
     return out
@@ -76,18 +77,19 @@ def main() -> None:
     timed = {r["name"] for r in rows}
     for r in json.loads(a.previous.read_text()) if a.previous else []:
         if r["name"] not in timed:  # a run of an earlier session: its figures and its run's timing, as recorded
-            rows.append({**r, "timed_earlier": r.get("timed_earlier", True)})
+            # its figures again from the reports committed beside J, where they are (a BPDA column added since)
+            rows.append({**r, **figures(a.previous.parent, r["name"]), "timed_earlier": r.get("timed_earlier", True)})
     rows.sort(key=lambda r: ("-" not in r["name"], r["name"]))  # runs, then the named extras
     print("| run | arch | MACs ratio | latency ratio (batch 1, 256) | patch params | val clean | val APGD-CE-20 | "
-          "val best PGD-10 | test clean | test white-box | test worst case |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "val best PGD-10 | test clean | test white-box | test BPDA | test worst case |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         v, t = r.get("val", {}), r.get("test", {})
         f = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
         print(f"| {r['name']}{' †' if r.get('timed_earlier') else ''} | {r['arch']} | {r['macs_ratio']:.2f} | "
               + ", ".join(f"{x:.2f}" for x in r["latency"].values()) + f" | {r['parameters_patches']:,} | "
               f"{f(v.get('clean'))} | {f(v.get('whitebox_apgd_ce20'))} | {f(v.get('best_pgd10'))} | "
-              f"{f(t.get('clean'))} | {f(t.get('whitebox'))} | {f(t.get('worst_case'))} |")
+              f"{f(t.get('clean'))} | {f(t.get('whitebox'))} | {f(t.get('bpda'))} | {f(t.get('worst_case'))} |")
     if any(r.get("timed_earlier") for r in rows):
         print("\n† timed in an earlier run of this table (its checkpoint is gone): compare its latency ratios with "
               "each other, not with the rows timed here.")
