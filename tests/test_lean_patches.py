@@ -234,7 +234,7 @@ def test_prefilter_channels_last_computes_the_same_in_the_bases_layout(design, s
         y.square().sum().backward()
         assert y.is_contiguous()
         runs.append([y.detach(), xi.grad, *[t.grad.clone() for t in f.parameters()]])
-    assert not torch.equal(runs[0][0], runs[1][0]) or channels == 1 and design == "shuffle"  # the layout ran
+    assert not torch.equal(runs[0][0], runs[1][0])  # the layout ran: other sums, other roundings
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(*runs):  # gradients: a ReLU input within rounding of 0 may take the other side of its kink
         assert (b - a).norm() <= 1e-4 * a.norm(), (b - a).norm() / a.norm()
