@@ -4,7 +4,7 @@ the base's own NCHW, side by side in one process, as latency against the base at
     OMP_NUM_THREADS=1 python bench/prefilter_layout.py --json results/light/prefilter_layout.json > layout.md
 
 For each architecture of `examples/fmnist_model.py` it builds the heavy default (`--preset robust`) and
-`--preset light` patches (one epoch on 64 random images: latency does not depend on the weights, so the bases are
+`--preset light` patches, the latter also with the separable pre-filter design (one epoch on 64 random images: latency does not depend on the weights, so the bases are
 random too), then times the base, the patched model with `Prefilter.channels_last` off and on, interleaved, one
 forward each per round, and reports medians over the rounds. Run it on a quiet machine."""
 from __future__ import annotations
@@ -27,7 +27,8 @@ import hardener  # noqa: E402
 from hardener.patches.prefilter import Prefilter  # noqa: E402
 
 ARCHS = ("resnet9_small", "vgg_silu_small", "vit_small")
-RECIPES = {"heavy default": {"recipe": "robust"}, "--preset light": {"recipe": "light"}}
+RECIPES = {"heavy default": {"recipe": "robust"}, "--preset light": {"recipe": "light"},
+           "--preset light --prefilter-design separable": {"recipe": "light", "prefilter_design": "separable"}}
 
 
 def shapes(arch: str, recipe: dict) -> hardener.PatchedModel:
@@ -74,10 +75,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--rounds", type=int, nargs="+", default=[200, 11], help="rounds at each batch")
     ap.add_argument("--archs", nargs="+", default=list(ARCHS))
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), help="names of RECIPES")
     a = ap.parse_args()
     rows = []
     for arch in a.archs:
-        for name, recipe in RECIPES.items():
+        for name in a.recipes:
+            recipe = RECIPES[name]
             model = shapes(arch, recipe)
             row = {"arch": arch, "recipe": name, "macs_ratio": round(model.cost.macs_ratio, 3),
                    "batches": {b: timings(model, b, r) for b, r in zip(a.batches, a.rounds)}}

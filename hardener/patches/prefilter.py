@@ -55,8 +55,8 @@ class Prefilter(PatchKind):
     may_mask = True  # an input transform: evaluation attacks it with BPDA too (identity in the backward pass)
     # On the CPU the hidden layers run channels-last (NHWC), handed back in the base's layout: oneDNN's convolutions
     # over few channels are faster in it from batch 16 on (bench/prefilter_layout.py, quiet, one thread: at batch 256
-    # the heavy default from 3.78x the example base's latency to 3.27x, `--preset light` from 1.29x to 1.19x); at
-    # batch 1 it is within about ±0.1 of NCHW, and a training step measured the same. The bench turns it off to compare.
+    # the heavy default from 3.47x the example base's latency to 3.06x, the light preset by 0.03-0.10); at batch 1 it
+    # is within the spread of NCHW, and a training step measured the same. The bench turns it off to compare.
     channels_last = True
 
     def __init__(self, channels: int, width: int = 32, delta: float = 1.0, stride: int = 1,
