@@ -12,7 +12,7 @@ from hardener.cli.app import main
 from hardener.errors import InputError
 from hardener.model import archspec
 
-from conftest import ARCH, HERE, assert_input_error
+from conftest import ARCH, FAST_PATCH, HERE, assert_input_error
 
 MODELS = '''
 import torch
@@ -70,8 +70,22 @@ def test_dotted_callable_through_the_cli(runner, tmp_path):
                                             "1,8,8"]), "Class.from_config")
 
 
+@pytest.fixture(scope="module")
+def prefilter_patched(tmp_path_factory, tiny_ckpt, tiny_data):
+    """A pre-filter beside a fixer: the pre-filter's hidden layers run channels-last on the CPU."""
+    from click.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("pf") / "pf.safetensors"
+    r = CliRunner().invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "0.5",
+                                  "--at", "prefilter:input,block", "--width", "4", "--out", str(out), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "export", "onnx"])
-def test_export_formats_give_the_patched_logits_in_a_fresh_interpreter(runner, tmp_path, patched_ckpt, fmt):
+@pytest.mark.parametrize("patches", ["fixers", "prefilter"])
+def test_export_formats_give_the_patched_logits_in_a_fresh_interpreter(runner, tmp_path, request, patches, fmt):
+    patched_ckpt = request.getfixturevalue("patched_ckpt" if patches == "fixers" else "prefilter_patched")
     if fmt == "onnx":
         pytest.importorskip("onnx")
         pytest.importorskip("onnxruntime")
