@@ -512,6 +512,16 @@ def class_count_warning(ds: Dataset, num_classes: int) -> str | None:
 # ---------------------------------------------------------------- subsets and augmentation
 
 
+def samples(ds: "Dataset", subset: float | int | None, max_samples: int | None, seed: int) -> "Dataset":
+    """The samples a run covers (`harden eval`, `harden certify`): `max_samples` seeded stratified ones when fewer
+    than the data holds, else `subset` (a count or a share, `parse_subset`), else all of `ds`."""
+    if max_samples and max_samples < len(ds):
+        subset = max_samples
+    if subset is None:
+        return ds
+    return ds.take(stratified_split(ds.labels, subset, seed)[0])
+
+
 def parse_subset(text: str | float | int | None) -> float | int | None:
     """'10%' or '0.1' -> fraction; '600' -> count."""
     if text is None or text == "":

@@ -303,3 +303,82 @@ def test_a_plain_checkpoint_is_hashed_once(tiny_ckpt, tiny_test_data, monkeypatc
                              "0.12", "--n0", "20", "--n", "50", "--max-samples", "2", "--quiet", "--force"])
     assert r.exit_code == 0, r.output
     assert hashed == [str(tiny_ckpt)]
+
+
+def test_cli_certify_takes_a_subset_and_refuses_a_noise_level_beyond_the_pixel_range(runner, tmp_path, tiny_ckpt,
+                                                                                      tiny_test_data):
+    """`--subset` picks the samples as `harden eval`'s does (a count or a share, seeded and stratified; --max-samples
+    wins); a σ above 1 (pixel units: 25 meant for 25/255) and a failure probability outside (0, 1) exit 2 with one
+    line, in the command line's words and the library's."""
+    import json
+
+    import hardener
+    from hardener.cli.app import main
+
+    from conftest import ARCH, assert_input_error
+
+    args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0", "20",
+            "--n", "100", "--alpha", "0.01", "--quiet", "--json"]
+    for subset, n in (("7", 7), ("20%", 9), ("0.2", 9)):  # the 45 test images
+        r = runner.invoke(main, [*args, "--subset", subset])
+        assert r.exit_code == 0, r.output
+        assert len(json.loads(r.stdout)["rows"]) == n, subset
+    r = runner.invoke(main, [*args, "--subset", "20", "--max-samples", "5"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["rows"]) == 5
+    assert_input_error(runner.invoke(main, [*args, "--subset", "abc"]), "--subset")
+    assert_input_error(runner.invoke(main, [*args, "--subset", "150%"]), "--subset")
+    assert_input_error(runner.invoke(main, [*args, "--sigma", "25"]), "--sigma", "(0, 1]", "25/255")
+    assert_input_error(runner.invoke(main, [*args, "--alpha", "0"]), "--alpha must be a number in (0, 1)")
+    assert_input_error(runner.invoke(main, [*args, "--alpha", "1.5"]), "--alpha must be a number in (0, 1)")
+    assert_input_error(runner.invoke(main, [*args, "--n", "0"]), "--n/--draws")
+    for kw, says in (({"sigma": 3.0}, "sigma must be a number in (0, 1]"), ({"alpha": 0.0}, "alpha must be a number")):
+        with pytest.raises(InputError, match=r"^" + says.split(" (")[0]):
+            hardener.certify(str(tiny_ckpt), str(tiny_test_data), arch=ARCH, progress=False, **kw)
+    out = tmp_path / "p.safetensors"
+    assert_input_error(runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data),
+                                            "--preset", "certify", "--noise-sigma", "2", "--out", str(out)]),
+                       "--noise-sigma must be a number in [0, 1]")
+
+
+def test_cli_certify_resume_under_other_settings_names_the_saved_state(runner, tmp_path, tiny_ckpt, tiny_test_data,
+                                                                        monkeypatch):
+    """`--resume` with settings no interrupted run was saved under says so, and names the states in the folder saved
+    under other settings; an interrupt before the first sample says there is nothing to resume."""
+    from hardener.certification import smoothing as C
+    from hardener.cli.app import main
+
+    from conftest import ARCH, assert_input_error
+
+    args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--sigma", "0.12", "--n0", "20",
+            "--alpha", "0.01", "--max-samples", "6", "--quiet", "--state-dir", str(tmp_path / "st")]
+    real, calls = C.Smoothed.certify_row, []
+
+    def interrupted_after(k):
+        def row(self, x, index):
+            calls.append(index)
+            if len(calls) > k:
+                raise KeyboardInterrupt
+            return real(self, x, index)
+        return row
+    monkeypatch.setattr(C.Smoothed, "certify_row", interrupted_after(0))
+    r = runner.invoke(main, [*args, "--n", "200"])
+    assert r.exit_code == 130 and "before the first sample" in r.output and "--resume" not in r.output
+    assert not list((tmp_path / "st").glob("*.partial"))
+    calls.clear()
+    monkeypatch.setattr(C.Smoothed, "certify_row", interrupted_after(2))
+    assert runner.invoke(main, [*args, "--n", "200"]).exit_code == 130
+    saved = [p.name for p in (tmp_path / "st").glob(".harden-certify-*.partial")]
+    assert len(saved) == 1
+    assert_input_error(runner.invoke(main, [*args, "--n", "300", "--resume"]), "no saved certification",
+                       "for these settings", "other settings", saved[0])
+
+
+def test_an_output_whose_folder_is_a_file_says_so(runner, tmp_path, tiny_ckpt, tiny_test_data):
+    from hardener.cli.app import main
+
+    from conftest import ARCH, assert_input_error
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert_input_error(runner.invoke(main, ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data),
+                                            "--report", str(tmp_path / "notes.txt" / "r.json")]),
+                       "is a file, not a folder")

@@ -72,7 +72,7 @@ def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingCon
     size-th sample (sample i on rank i mod size: costs vary by sample, so neighbours are spread), rank 0 gathers the
     rows and returns the report, the other ranks None; a sample's noise is seeded by its position, so the rows are
     those of one process."""
-    ds = selected(ds, max_samples, cfg.seed)
+    ds = hdata.samples(ds, None, max_samples, cfg.seed)
     shard = world is not None and world.active
     positions = D.shard(len(ds), 1, world).tolist() if shard else None
     res = C.certify(patched, hdata.to_float(ds.images), ds.labels, cfg, n_classes, device, progress,
@@ -96,11 +96,6 @@ def check_memory(cfg: C.SmoothingConfig, shape, flag: str = "--batch-size") -> N
     V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), shape, 3, flag)
 
 
-def selected(ds: hdata.Dataset, max_samples: int | None, seed: int) -> hdata.Dataset:
-    """The samples a certification covers: `max_samples` seeded stratified ones, or all."""
-    if max_samples and max_samples < len(ds):
-        return ds.take(hdata.stratified_split(ds.labels, max_samples, seed)[0])
-    return ds
 
 
 def summary_line(s: dict) -> str:

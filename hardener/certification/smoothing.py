@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import InputError
 from ..options.defaults import CERTIFY
 from ..options.validate import check_range
 from ..stats import wilson
@@ -53,14 +52,12 @@ class SmoothingConfig:
     max_radius: float | None = None  # sequential: stop once this radius is certified (None: 2σ)
 
     def __post_init__(self) -> None:
-        # the options' ranges (validate.OPTION_RULES, what the command line's boundary checks too), and alpha's
-        # own: a failure probability (harden patch's --alpha, a step size, shares only the positivity)
+        # the options' ranges (validate.OPTION_RULES, what the command line's boundary checks too; alpha a failure
+        # probability, not harden patch's step size: validate.COMMAND_RULES)
         for flag, v, rule in (("--max-radius", self.max_radius, "max_radius"), ("--sigma", self.sigma, "sigma"),
                               ("--n0", self.n0, "n0"), ("--n", self.n, "n_samples"),
-                              ("--batch-size", self.batch_size, "batch_size")):
+                              ("--batch-size", self.batch_size, "batch_size"), ("--alpha", self.alpha, "certify_alpha")):
             check_range(flag, v, rule)
-        if not 0 < self.alpha < 1:
-            raise InputError(f"--alpha must be in (0, 1), got {self.alpha}")
 
     @property
     def top_radius(self) -> float:

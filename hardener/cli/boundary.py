@@ -15,12 +15,13 @@ from ..io.resume import Saver
 from ..model.classifier import parse_shape
 from ..options import owners
 from ..options.choices import CONFIG_FILE as DEFAULT_FILE
-from ..options.validate import OPTION_RULES, _is_int, check_memory, regular_input
+from ..options.validate import COMMAND_RULES, OPTION_RULES, _is_int, check_memory, regular_input
 
 
 def _flag(param) -> str:
+    """The option's long flags as the help shows them (`--n/--draws`: the error cannot know which one was typed)."""
     opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-    return max(opts, key=len) if opts else f"--{param.name.replace('_', '-')}"
+    return "/".join(opts) if opts else f"--{param.name.replace('_', '-')}"
 
 
 def check_options(ctx) -> None:
@@ -32,7 +33,7 @@ def check_options(ctx) -> None:
         if name in owned and value is not None:  # an option a kind or method declares: its range, parsed
             owned[name][1].check(value, _flag(params[name]))
             continue
-        rule = OPTION_RULES.get(name)
+        rule = OPTION_RULES.get(COMMAND_RULES.get(ctx.command.name, {}).get(name, name))
         if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         check, what = rule
@@ -79,7 +80,8 @@ def check_outputs(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str,
         seen.append((flag, o))
         parent = o.parent if str(o.parent) else Path(".")
         if not parent.is_dir():
-            raise InputError(f"{flag} '{out}': folder '{parent}' does not exist")
+            what = "is a file, not a folder" if parent.exists() else "does not exist"
+            raise InputError(f"{flag} '{out}': folder '{parent}' {what}")
         writable(flag, out, parent)
         if o.is_symlink() or o.exists():
             if o.is_dir():

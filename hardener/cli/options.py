@@ -352,7 +352,8 @@ CERTIFY = (
         help="Noisy copies per forward pass."),
     opt("--max-samples", type=int, help="Seeded stratified subset of the data."),
     opt("--tsv", "tsv_path", type=FILE,
-        help="Per-sample rows: idx, label, predict, radius, correct, time (locuslab/smoothing's format)."),
+        help="Per-sample rows: idx, label, predict, radius, correct, time (locuslab/smoothing's format), and draws "
+             "when sequential."),
     opt("--report", "report_path", type=FILE, help="Report: .json or .md."),
     opt("--force", is_flag=True, help="Overwrite existing --tsv/--report files."),
     opt("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),

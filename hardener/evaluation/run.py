@@ -101,12 +101,7 @@ def prepare(run: EvalRun) -> None:
         h.warn(low)
     for line in data_lines(run.ds):
         h.say(line)
-    subset = run.subset
-    if run.max_samples and run.max_samples < len(run.ds):
-        subset = run.max_samples
-    if subset is not None:
-        idx, _ = hdata.stratified_split(run.ds.labels, subset, run.cfg.seed)
-        run.ds = run.ds.take(idx)
+    run.ds = hdata.samples(run.ds, run.subset, run.max_samples, run.cfg.seed)
 
 
 def attack(run: EvalRun) -> None:

@@ -32,10 +32,16 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_start(path: Path, resume: bool, what: str) -> None:
-    """Refuse to silently discard an interrupted run, or to resume one that is not there."""
+def check_start(path: Path, resume: bool, what: str, others: str | None = None) -> None:
+    """Refuse to silently discard an interrupted run, or to resume one that is not there. `others`: a glob of the
+    states of runs like this one with other settings (their file names hold the settings' fingerprint), named when
+    there is nothing to resume under these settings."""
     if resume and not path.exists():
-        raise InputError(f"--resume: no saved {what} at '{path}' (nothing to resume; drop --resume)")
+        rest = sorted(p.name for p in path.parent.glob(others)) if others and path.parent.is_dir() else []
+        hint = (f"; '{path.parent}' holds {len(rest)} interrupted {what}(s) with other settings ({', '.join(rest[:3])}"
+                f"{', ...' if len(rest) > 3 else ''}): rerun that command exactly to resume one") if rest else ""
+        raise InputError(f"--resume: no saved {what} at '{path}' for these settings (nothing to resume; drop "
+                         f"--resume){hint}")
     if not resume and path.exists():
         raise InputError(f"'{path}' holds an interrupted {what}: pass --resume to continue it, "
                          "or delete it to start over")
@@ -163,17 +169,19 @@ class EvalStore:
     the report is written. Keys name model, threat model and attack position in the chain.
     """
 
-    def __init__(self, path: Path | None, fingerprint: str, resume: bool, interval: float = 20.0) -> None:
-        """`path` None: progress is kept in memory only (nothing can be resumed, nothing is written)."""
+    def __init__(self, path: Path | None, fingerprint: str, resume: bool, interval: float = 20.0,
+                 what: str = "evaluation", others: str | None = None) -> None:
+        """`path` None: progress is kept in memory only (nothing can be resumed, nothing is written). `what` names
+        the run in messages (`harden certify` keeps its rows here too), `others` globs its siblings (`check_start`)."""
         self.path, self.fingerprint, self.interval = path, fingerprint, interval
         self._last = time.time()
         if path is None:
             if resume:
-                raise InputError("--resume: no evaluation state to resume from; evaluation state is kept only "
+                raise InputError(f"--resume: no {what} state to resume from; {what} state is kept only "
                                  "with --state-dir DIR, HARDEN_CACHE_DIR or beside a --report")
             self.data: dict[str, Any] = {}
             return
-        check_start(path, resume, "evaluation")
+        check_start(path, resume, what, others)
         self.data = read_state(path, fingerprint)["data"] if resume else {}
 
     def get(self, key: str) -> dict | None:

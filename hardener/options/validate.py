@@ -112,6 +112,17 @@ def _finite_nonneg():
     return (lambda v: math.isfinite(v) and v >= 0), "must be a finite number >= 0"
 
 
+def _pixel_sigma(low: float | None):
+    """A noise level in [0, 1] pixel units: above `low` (None: 0 allowed, it means no noise), at most 1."""
+    if low is None:
+        return (lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1] (pixel units: 25/255 is 0.098)"
+    return (lambda v: math.isfinite(v) and low < v <= 1), "must be a number in (0, 1] (pixel units: 25/255 is 0.098)"
+
+
+def _open_unit():
+    return (lambda v: math.isfinite(v) and 0 < v < 1), "must be a number in (0, 1)"
+
+
 OPTION_RULES: dict[str, tuple] = {
     "batch_size": _ge(1), "steps": _ge(1), "restarts": _ge(1), "queries": _ge(1), "epochs": _ge(1),
     "max_samples": _ge(1), "eval_samples": _ge(0), "eval_steps": _ge(1), "save_every": _ge(0),
@@ -120,13 +131,18 @@ OPTION_RULES: dict[str, tuple] = {
     "post_batch": _ge(2), "seed": _ge(0, MAX_SEED),
     "lr": _finite_pos(), "post_lr": _finite_pos(), "alpha": _finite_pos(), "lam": _finite_nonneg(),
     "mu": _finite_nonneg(), "gamma": _finite_nonneg(), "eps_warmup": _finite_nonneg(),
-    "sigma": _finite_pos(),  # harden certify's noise level (as SmoothingConfig has it) (harden patch's --sigma is AdvAmd's, declared there)
-    "noise_sigma": _finite_nonneg(), "max_radius": _finite_pos(),
+    # harden certify's noise level (as SmoothingConfig has it; harden patch's --sigma is AdvAmd's, declared there) and
+    # the training's: a standard deviation in [0, 1] pixel units, so at most the whole pixel range (a σ of 25 meant
+    # for 25/255 would certify radii beyond any image's diameter)
+    "sigma": _pixel_sigma(0), "noise_sigma": _pixel_sigma(None), "max_radius": _finite_pos(),
     "ema": ((lambda v: math.isfinite(v) and 0 <= v < 1), "must be a number in [0, 1)"),
     "pseudo_threshold": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
     "pseudo_ratio": _finite_pos(), "n0": _ge(1), "n_samples": _ge(1), "smooth_n": _ge(1),
-    "smooth_alpha": ((lambda v: 0 < v < 1), "must be a number in (0, 1)"),
+    "smooth_alpha": _open_unit(), "certify_alpha": _open_unit(),  # failure probabilities
 }
+# Options whose name means something else in one command: harden certify's --alpha is a failure probability
+# (harden patch's is a step size, OPTION_RULES["alpha"])
+COMMAND_RULES: dict[str, dict[str, str]] = {"certify": {"alpha": "certify_alpha"}}
 
 
 def check_range(name: str, value: Any, rule: str | None = None) -> None:

@@ -28,6 +28,7 @@ def run(call: Call) -> None:
     call.check_run([("--tsv", tsv_path), ("--report", report_path)], kw["force"])
     if report_path and Path(report_path).suffix.lower() not in (".json", ".md"):
         raise InputError(f"--report '{report_path}': certify writes .json or .md reports")
+    subset = hdata.parse_subset(kw["subset"])
     sigma, alpha, n_samples = kw["sigma"], kw["alpha"], kw["n_samples"]
     if kw["max_radius"] is not None and not kw["sequential"]:
         raise UsageError("--max-radius applies to sequential certification: drop --fixed (fixed-n CERTIFY draws --n "
@@ -40,7 +41,7 @@ def run(call: Call) -> None:
     finish_spec(loaded, ds, device)
     CR.check_memory(cfg, loaded.spec.shape)
     model_sha = loaded.base.sha256 if loaded.base is not None else sha256_file(Path(model))  # a plain file: hashed once
-    ds = CR.selected(ds, kw["max_samples"], kw["seed"])
+    ds = hdata.samples(ds, subset, kw["max_samples"], kw["seed"])
     store, rows = _store(ds, cfg, device, world, model_sha, kw)
     if rows and not kw["quiet"]:
         mine = f"this process's {len(D.shard(len(ds), 1, world))}" if world.active else str(len(ds))
@@ -85,13 +86,15 @@ def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, world: D.World, mo
                       **rules})
     folder = B.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
     state = folder / f".harden-certify-{fp[:16]}{D.state_suffix(world)}.partial" if folder is not None else None
-    store = EvalStore(state, fp, kw["resume"])
+    store = EvalStore(state, fp, kw["resume"], what="certification", others=".harden-certify-*.partial")
     return store, list((store.get("rows") or {}).get("rows", []))
 
 
 def _stopped(store: EvalStore, rows: list) -> str:
     """Interrupted (certifying or writing): the certified rows saved for --resume."""
     store.flush()
+    if not rows:
+        return "interrupted before the first sample was certified: nothing to resume, rerun the command"
     if store.path is None:
         return ("interrupted; no progress saved (pass --state-dir DIR, --report or --tsv to make a certification "
                 "resumable)")

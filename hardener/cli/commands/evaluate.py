@@ -156,7 +156,7 @@ def _store(loaded, ds, ecfg: E.EvalConfig, device, world, model_sha: str, kw: di
                       "surrogate": sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None})
     state_dir = B.eval_state_dir(kw["state_dir"], list(kw["report_paths"]))
     state = state_dir / f".harden-eval-{fp[:16]}{D.state_suffix(world)}.partial" if state_dir is not None else None
-    return EvalStore(state, fp, kw["resume"])
+    return EvalStore(state, fp, kw["resume"], others=".harden-eval-*.partial")
 
 
 def _stopped(store: EvalStore | None) -> str:
