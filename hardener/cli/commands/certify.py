@@ -31,7 +31,7 @@ def run(call: Call) -> None:
     subset = hdata.parse_subset(kw["subset"])
     sigma, alpha, n_samples = kw["sigma"], kw["alpha"], kw["n_samples"]
     if kw["max_radius"] is not None and not kw["sequential"]:
-        raise UsageError("--max-radius applies to sequential certification: drop --fixed (fixed-n CERTIFY draws --n "
+        raise InputError("--max-radius applies to sequential certification: drop --fixed (fixed-n CERTIFY draws --n "
                          "copies whatever the radius) or drop --max-radius")
     cfg = C.SmoothingConfig(sigma=sigma, n0=kw["n0"], n=n_samples, alpha=alpha, batch_size=kw["batch_size"],
                             seed=kw["seed"], sequential=kw["sequential"], max_radius=kw["max_radius"])
