@@ -427,9 +427,10 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
 @dataclass
 class Layers:
     """The named layers of a model, as `harden layers` shows them: `rows` (one dict per module: name, type, output
-    shape, parameters, whether it is a patch site and why not, and `fixer_macs`: what a fixer at the default `rho`
-    would add there, per image), the suggested sites with the stem and why (`why`), the valid sites the suggestion
-    passed over (`passed_over`), the base's multiply-adds per image; `to_dict()` is `harden layers --json`."""
+    shape, parameters, whether it is a patch site and why not, and `fixer_macs`: what a fixer of the default
+    recipe (`recipe`: `rho`) would add there, per image), the suggested sites with the stem and why (`why`), the valid
+    sites the suggestion passed over (`passed_over`), the base's multiply-adds per image and what the default recipe's
+    pre-filter would add (`prefilter_macs`, at `recipe`'s `width`); `to_dict()` is `harden layers --json`."""
 
     input_shape: tuple
     rows: list[dict]
@@ -439,10 +440,13 @@ class Layers:
     why: dict
     passed_over: dict
     note: str
+    prefilter_macs: int | None = None
+    recipe: dict = field(default_factory=dict)  # the default recipe's sizes the costs assume
 
     def to_dict(self) -> dict:
         return {"layers": self.rows, "base_macs": self.base_macs, "suggested_sites": self.suggested_sites,
-                "stem": self.stem, "why": self.why, "passed_over": self.passed_over, "note": self.note}
+                "stem": self.stem, "why": self.why, "passed_over": self.passed_over, "note": self.note,
+                "prefilter_macs": self.prefilter_macs, "recipe": self.recipe}
 
     def __repr__(self) -> str:
         sites = [r["name"] for r in self.rows if r["site"]]
@@ -464,9 +468,13 @@ def layer_table(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.d
     """`hardener.layers` of a loaded model, in the command line's words (`harden layers` renders it)."""
     infos = finish(patched, ds, device)
     sug = suggest(patched.net, infos)
-    fixer = C.site_fixer_macs(patched.net, infos)
-    return Layers(tuple(patched.model.spec.shape), [{**i.to_json(), "fixer_macs": fixer.get(i.name)} for i in infos],
-                  C.count(patched).macs_base, sug.sites, sug.stem, sug.why, sug.skipped, sug.note)
+    recipe = PatchOptions.build("robust", {})[0]  # the default recipe's sizes (`harden patch` with no method options)
+    fixer = C.site_fixer_macs(patched.net, infos, recipe)
+    shape = tuple(patched.model.spec.shape)
+    return Layers(shape, [{**i.to_json(), "fixer_macs": fixer.get(i.name)} for i in infos],
+                  C.count(patched).macs_base, sug.sites, sug.stem, sug.why, sug.skipped, sug.note,
+                  C.prefilter_macs(patched.net, shape, recipe),
+                  {"preset": "robust", "rho": recipe.rho, "width": recipe.width})
 
 
 def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:

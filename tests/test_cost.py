@@ -2,6 +2,8 @@
 measured latency of base and patched model."""
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,6 +134,27 @@ def test_latency_is_measured_for_base_and_patched_at_each_batch():
     assert not p.training
 
 
+def test_latency_that_varies_between_repeats_is_marked_noisy():
+    """A busy machine makes repeats disagree: a patch whose time swings between repeats (a stand-in for another job
+    on the cores) is marked noisy, per batch and as a whole, and the line says so."""
+    import itertools
+
+    class Swinging(nn.Module):
+        turns = itertools.cycle([0.0, 0.03])
+
+        def forward(self, x):
+            time.sleep(next(self.turns))
+            return x
+
+    p = _patched(SmallConv())
+    p.attach("input", Swinging())
+    cost = C.count(p)
+    cost.latency = C.measure_latency(p, batches=(1,), budget_s=0.5)
+    b = cost.latency["batches"]["1"]
+    assert b["noisy"] and b["spread"] > C.NOISY_SPREAD and "quiet" in cost.latency["noisy"]
+    assert "noisy" in C.describe_latency(cost)
+
+
 # ---------------------------------------------------------------- the plan, the manifest, the report, the library
 
 
@@ -190,11 +213,15 @@ def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     fix = {lay["name"]: lay["fixer_macs"] for lay in got["layers"]}
-    assert fix["block"] == 16 * (8 * 2 + 2 * 8 * 9)  # 8 channels at 4x4: 1x1 8->2, 3x3 2->8
+    # at the default recipe's sizes (`--preset robust`: rho 1, a width-64 pre-filter), which it records
+    assert got["recipe"] == {"preset": "robust", "rho": 1.0, "width": 64}
+    assert fix["block"] == 16 * (8 * 8 + 8 * 8 * 9)  # 8 channels at 4x4: 1x1 8->8, 3x3 8->8
+    assert got["prefilter_macs"] == 64 * (9 * 64 + 9 * 64 * 64 + 9 * 64)  # 1x8x8: 3x3 1->64, 64->64, 64->1
     assert all((v is None) == (not lay["site"]) for lay, v in zip(got["layers"], fix.values()))
     assert got["base_macs"] > 0
     r = runner.invoke(main, ["layers", str(tiny_ckpt), "--arch", ARCH, "--input-shape", "1,8,8"])
-    assert r.exit_code == 0 and "fixer: the multiply-adds per image a fixer" in r.stderr
+    assert r.exit_code == 0 and "a fixer of the default recipe (--rho 1)" in r.stderr
+    assert "pre-filter at the input (the default recipe's, --width 64): 2.43M" in r.stderr
 
 
 # ---------------------------------------------------------------- light pre-filter designs

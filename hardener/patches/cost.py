@@ -32,6 +32,9 @@ from .prefilter import lighter_settings
 LATENCY_BATCHES = (1, 256)  # batch 1 (one request) and a large batch (throughput)
 LATENCY_BUDGET_S = 1.0  # wall time the measurement may take, warm-up included (about; one pair at least)
 MIN_REPEATS, MAX_REPEATS = 3, 50
+# A measurement is marked noisy when the repeats' own patched/base ratios span more than this share of the median
+# ratio, or when the patched model measured faster than its base (it runs the whole base: only noise does that)
+NOISY_SPREAD, NOISY_BELOW = 0.25, 0.95
 
 
 def _sdpa_cpu_flop(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -119,12 +122,21 @@ def kind_macs(cls, site, config) -> int:
     return macs(patch.eval(), torch.empty(1, *site.shape, device="meta"))
 
 
-def site_fixer_macs(net: nn.Module, infos: list) -> dict[str, int]:
-    """Site name -> multiply-adds per image a fixer with the default options would add there (`harden layers`)."""
+def site_fixer_macs(net: nn.Module, infos: list, options: Any = None) -> dict[str, int]:
+    """Site name -> multiply-adds per image a fixer built with `options` (a run's options; None: the kind's
+    defaults) would add there (`harden layers`, at the default recipe's)."""
     fixer = KINDS["fixer"]
-    config = fixer.make_config()
+    config = fixer.make_config(options)
     return {i.name: kind_macs(fixer, Site(i.name, net.get_submodule(i.name), i.shape), config)
             for i in infos if i.site and i.layout in fixer.layouts}
+
+
+def prefilter_macs(net: nn.Module, shape, options: Any = None) -> int | None:
+    """Multiply-adds per image a pre-filter built with `options` would add at the input (None: no image input)."""
+    if shape is None or len(shape) != 3:
+        return None
+    pre = KINDS["prefilter"]
+    return kind_macs(pre, Site(INPUT_SITE, net, tuple(shape)), pre.make_config(options))
 
 
 @dataclass
@@ -224,12 +236,22 @@ def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_
                 repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(left / max(sum(first), 1e-6))))
                 runs = [pair(x) for _ in range(repeats)]
                 base_s, patched_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
+                ratio = patched_s / max(base_s, 1e-9)
+                pairs = sorted(p / max(b_, 1e-9) for b_, p in runs)  # each repeat's own ratio: how much they vary
+                spread = (pairs[-1] - pairs[0]) / max(ratio, 1e-9)
                 out[str(b)] = {"base_ms": round(1e3 * base_s, 4), "patched_ms": round(1e3 * patched_s, 4),
-                               "ratio": round(patched_s / max(base_s, 1e-9), 4), "repeats": repeats}
+                               "ratio": round(ratio, 4), "repeats": repeats, "spread": round(spread, 4),
+                               "noisy": spread > NOISY_SPREAD or ratio < NOISY_BELOW}
     finally:
         patched.train(was)
-    return {"device": str(device), "threads": torch.get_num_threads(), "budget_s": budget_s,
-            "statistic": "median of interleaved base/patched forwards, no grad, eval mode", "batches": out}
+    rec = {"device": str(device), "threads": torch.get_num_threads(), "budget_s": budget_s,
+           "statistic": "median of interleaved base/patched forwards, no grad, eval mode; latency_ratio is the worst "
+                        "batch's", "batches": out}
+    if any(v["noisy"] for v in out.values()):
+        rec["noisy"] = (f"the repeats' ratios varied by more than {NOISY_SPREAD:.0%} of the median (spread), or the "
+                        f"patched model measured faster than its base, which it runs whole: the machine was busy; "
+                        "time it on a quiet one (hardener.measure_cost(model, budget_s=20))")
+    return rec
 
 
 def measure(patched, latency: bool = True, **latency_kw: Any) -> Cost:
@@ -258,10 +280,11 @@ def describe_macs(cost: Cost) -> str:
 def describe_latency(cost: Cost) -> str:
     """The measured latency in a line (batch: ratio, base and patched milliseconds)."""
     lat = cost.latency or {}
-    parts = [f"batch {b} {v['ratio']:.2f}x ({v['base_ms']:.2f} -> {v['patched_ms']:.2f} ms)"
+    parts = [f"batch {b} {v['ratio']:.2f}x ({v['base_ms']:.2f} -> {v['patched_ms']:.2f} ms"
+             + (f", noisy: repeats spread {v['spread']:.0%}" if v.get("noisy") else "") + ")"
              for b, v in lat.get("batches", {}).items()]
     return (f"latency {'; '.join(parts)}, median of interleaved forwards on {lat.get('device')}, "
-            f"{lat.get('threads')} thread(s)")
+            f"{lat.get('threads')} thread(s)" + ("; noisy: time it on a quiet machine" if lat.get("noisy") else ""))
 
 
 def parse_budget(value: Any) -> float | None:

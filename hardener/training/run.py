@@ -294,10 +294,12 @@ def measure(run: PatchRun) -> str | None:
     run.hooks.say(f"cost: {C.describe_latency(run.inference)}")
     budget, ratio = C.parse_budget(run.opts.budget), run.inference.latency_ratio
     if budget is not None and ratio is not None and ratio > budget:
+        noisy = run.inference.latency.get("noisy")
         text = (f"the patched model fits --budget {budget:g} in multiply-adds ({run.inference.macs_ratio:.2f}x the "
                 f"base's) but measured {ratio:.2f}x the base's latency here ({C.describe_latency(run.inference)}): "
-                "thin patch convolutions cost more time per multiply-add than the base's; time it where it will "
-                "serve, or lower --budget")
+                + ("the timings were noisy (a busy machine?), so time it on a quiet one before you act on this"
+                   if noisy else "thin patch convolutions cost more time per multiply-add than the base's; time it "
+                   "where it will serve, or lower --budget"))
         run.warnings.append(text)
         return text
     return None

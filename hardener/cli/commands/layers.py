@@ -35,8 +35,13 @@ def run(call: Call) -> None:
         table.add_row(i["name"], i["type"], shape, f"{i['params']:,}", (i["layout"] or "map") if i["site"] else "no",
                       "" if m is None else f"{C.fmt(m)} {100 * m / max(1, lay.base_macs):.0f}%", why)
     err_console.print(table)
-    err_console.print(f"fixer: the multiply-adds per image a fixer at the default --rho would add at the site, and "
-                      f"% of the base's {C.fmt(lay.base_macs)}")
+    rec = lay.recipe
+    err_console.print(f"fixer: the multiply-adds per image a fixer of the default recipe (--rho {rec['rho']:g}) would "
+                      f"add at the site, and % of the base's {C.fmt(lay.base_macs)}")
+    if lay.prefilter_macs is not None:
+        err_console.print(f"pre-filter at the input (the default recipe's, --width {rec['width']}): "
+                          f"{C.fmt(lay.prefilter_macs)} {100 * lay.prefilter_macs / max(1, lay.base_macs):.0f}%; "
+                          "--budget sizes both to fit")
     if lay.stem:
         err_console.print(f"stem: {lay.stem} ({lay.why[lay.stem]})")
     if lay.suggested_sites:
