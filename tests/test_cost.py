@@ -185,6 +185,7 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
     assert report["latency_ratio"] > 0 and set(report["latency"]["batches"]) <= {str(b) for b in range(1, 257)}
     assert report["latency"]["threads"] >= 1 and report["latency"]["device"] == "cpu"
     assert manifest == {k: v for k, v in report.items() if not k.startswith("latency")}
+    assert manifest["budget"] is None and "sizing" not in manifest  # unconstrained: nothing was sized
 
 
 def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):

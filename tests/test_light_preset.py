@@ -34,6 +34,7 @@ def test_light_trains_within_its_budget_without_a_teacher(runner, tiny_ckpt, tin
     m = read_manifest(out)
     assert m.training["preset"]["name"] == "light" and m.training["config"]["loss"] == "fixer"
     assert "teacher" not in m.training and m.cost["macs_ratio"] <= 3.0
+    assert m.cost["budget"] == 3.0 and m.cost["sizing"].startswith("--budget 3: ")  # what was asked, what it chose
     kinds = {p["kind"] for p in m.patches}
     assert "auxbn" in kinds and kinds & {"prefilter", "fixer"}
 

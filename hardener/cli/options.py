@@ -96,7 +96,8 @@ MODEL = (
     opt("--deterministic", is_flag=True,
         help="Deterministic kernels (for GPU runs; CPU runs are deterministic for a thread count)."),
     opt("--seed", default=0, show_default=True, type=int),
-    opt("--quiet", is_flag=True, help="No progress bars."),
+    opt("--quiet", is_flag=True,
+        help="No progress bars and no plan or notes on stderr (warnings, errors and the summary line stay)."),
     opt("--config", type=FILE, help="TOML config file (default: ./harden.toml)."),
 )
 

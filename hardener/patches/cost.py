@@ -150,6 +150,8 @@ class Cost:
     parameters_base: int = 0
     parameters_patches: int = 0
     latency: dict | None = None  # device, threads, budget, and per batch: base_ms, patched_ms, ratio, repeats
+    budget: float | None = None  # the --budget the recipe was sized to (None: unconstrained)
+    sizing: str | None = None  # what the budget chose (`fit_budget`'s line)
 
     @property
     def macs_ratio(self) -> float:
@@ -172,7 +174,8 @@ class Cost:
         not one machine's timing, and the same bytes for the same seed)."""
         if not latency:
             return {k: v for k, v in self.to_json().items() if not k.startswith("latency")}
-        return {"macs_base": self.macs_base, "macs_patched": self.macs_patched,
+        return {"budget": self.budget, **({"sizing": self.sizing} if self.sizing else {}),
+                "macs_base": self.macs_base, "macs_patched": self.macs_patched,
                 "macs_ratio": round(self.macs_ratio, 4) if self.macs_base else None,
                 "macs_per_patch": dict(self.macs_per_patch), "parameters_base": self.parameters_base,
                 "parameters_patches": self.parameters_patches,

@@ -118,9 +118,11 @@ def plan(run: PatchRun, infos: list) -> None:
     teacher = None  # loaded onto a copy of the base before any patch is attached to it
     if o.teacher is not None:
         run.teacher, teacher = S.load_teacher(run.patched, run.ds, o.teacher, run.device)
-    S.attach_patches(run.patched, infos, o, say=h.say)
+    sizing = S.attach_patches(run.patched, infos, o, say=h.say)
     run.patched.to(run.device)
     run.inference = C.count(run.patched) if run.patched.sites else None
+    if run.inference is not None:  # the budget asked for and what it chose, recorded beside the cost
+        run.inference.budget, run.inference.sizing = C.parse_budget(o.budget), sizing
     run.cost = run.inference.added() if run.inference else None
     if run.cost:
         h.say(describe_cost(run.cost))

@@ -41,9 +41,9 @@ from .record import TrainingRecord
 
 
 def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
-                   say: Callable[[str], None] = lambda s: None) -> None:
+                   say: Callable[[str], None] = lambda s: None) -> str | None:
     """Build the patches the options ask for and attach them (the base itself is never edited). Every site is
-    resolved before the first patch is attached."""
+    resolved before the first patch is attached. Returns what `--budget` chose (None without one)."""
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
     bn = opts.bn or "all"
     ran = {i.name for i in infos if i.calls}  # norms the eval-mode forward never calls get no twin
@@ -61,7 +61,7 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
         if taken and group:  # a site holds one patch: the patch there stays, the BN gets no twin
             say(f"--bn {bn}: {', '.join(taken)} already carry a site patch; no twin there")
         twins = [s for s in chosen if not (group and s in taken)]
-    budget = C.parse_budget(opts.budget)
+    budget, note = C.parse_budget(opts.budget), None
     if budget is not None:  # the recipe sized to the budget: which sites, and the options to build them with
         sites, opts, note = C.fit_budget(patched, sites, shapes, opts, budget, bool(twins))
         say(note)
@@ -69,6 +69,7 @@ def attach_patches(patched: PatchedModel, infos: list, opts: PatchOptions,
         cls = PATCH_KINDS[kind]
         module = patched.net if site == INPUT_SITE else patched.net.get_submodule(site)
         patched.attach(site, cls.build(Site(site, module, shapes.get(site)), cls.make_config(opts)))
+    return note
 
 
 # --batch-size auto: the largest of these batches that still gives MIN_AUTO_STEPS optimiser steps (else the smallest).
