@@ -341,7 +341,7 @@ def test_a_generous_budget_keeps_the_recipe_and_none_is_unconstrained():
 
 
 @pytest.mark.parametrize("budget,says", [("0.9", "at least 1.0x"), ("1.0", "no patch of the recipe fits"),
-                                         ("lots", "must be a number")])
+                                         ("1.0001", "fits in 0.01% of the base's"), ("lots", "must be a number")])
 def test_an_impossible_budget_exits_2_with_one_line(runner, tmp_path, tiny_ckpt, tiny_data, budget, says):
     from hardener.cli.app import main
 
