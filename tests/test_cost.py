@@ -332,6 +332,14 @@ def test_a_budget_sizes_the_recipe_to_fit(budget):
         assert torch.equal(p(x), base)
 
 
+def test_a_budget_names_the_fixers_it_squeezed_thin():
+    """The pre-filter is sized first, so a larger budget can buy a wider one and leave thinner fixers (12x: width 16,
+    rho 4; 8x: width 8, rho 1): the sizing line names fixers left with fewer than MIN_HIDDEN hidden channels."""
+    roomy, thin = (_robust_on_tiny(budget=b)[1][-1] for b in (8, 12))
+    assert "--rho 1 at" in roomy and "thin" not in roomy
+    assert "--rho 4 at" in thin and "(thin: hidden channels 2 at features, 2 at features.3, 2 at block;" in thin
+
+
 def test_a_generous_budget_keeps_the_recipe_and_none_is_unconstrained():
     free, _ = _robust_on_tiny()
     for budget in (1000.0, "none", None):

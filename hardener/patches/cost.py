@@ -35,6 +35,7 @@ MIN_REPEATS, MAX_REPEATS = 3, 50
 # A measurement is marked noisy when the repeats' own patched/base ratios span more than this share of the median
 # ratio, or when the patched model measured faster than its base (it runs the whole base: only noise does that)
 NOISY_SPREAD, NOISY_BELOW = 0.25, 0.95
+MIN_HIDDEN = 4  # --budget names the fixers it squeezed below this many hidden channels
 
 
 def _sdpa_cpu_flop(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -364,8 +365,14 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     chosen = [rest[j] for j in sorted(kept)]
     if rest:
         dropped = [s for j, (_, s) in enumerate(rest) if j not in kept]
+        # a fixer squeezed to fewer than MIN_HIDDEN channels is named: a larger budget can buy a wider pre-filter
+        # and leave the fixers thinner than a smaller one did (the pre-filter is sized first)
+        thin = [f"{max(1, int(shapes[s][0 if len(shapes[s]) == 3 else -1] // rho))} at {s}" for _, s in chosen
+                if shapes.get(s) and shapes[s][0 if len(shapes[s]) == 3 else -1] // rho < MIN_HIDDEN]
         said.append((f"--rho {rho:g} at {', '.join(s for _, s in chosen)}" if chosen else "no site patch")
-                    + (f" (left out: {', '.join(dropped)})" if dropped else ""))
+                    + (f" (left out: {', '.join(dropped)})" if dropped else "")
+                    + (f" (thin: hidden channels {', '.join(thin)}; fewer --at sites or a narrower --width leave "
+                       "them wider)" if thin else ""))
     if pre and not kept_pre:
         said.append("no pre-filter (none fits)")
     if twins:
