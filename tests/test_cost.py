@@ -186,6 +186,10 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
     assert report["latency"]["threads"] >= 1 and report["latency"]["device"] == "cpu"
     assert manifest == {k: v for k, v in report.items() if not k.startswith("latency")}
     assert manifest["budget"] is None and "sizing" not in manifest  # unconstrained: nothing was sized
+    r = runner.invoke(main, ["eval", str(out), "--arch", ARCH, "--data", str(tiny_data), "--max-samples", "8",
+                             "--steps", "1", "--eps", "0.1", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cost"] == manifest  # harden eval reports the checkpoint's counted cost
 
 
 def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):

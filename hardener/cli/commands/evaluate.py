@@ -179,6 +179,8 @@ def _extra(model: str, model_sha: str, loaded, kw: dict, how: dict | None) -> di
         extra["patches"] = loaded.manifest.patches
         extra["training"] = loaded.manifest.training
         extra["base_modified"] = loaded.manifest.base_modified
+        if loaded.manifest.cost:  # what the patches cost, counted when they were trained (no latency: a machine's)
+            extra["cost"] = loaded.manifest.cost
         if loaded.patched.has_auxbn:
             extra["route"] = loaded.patched.current_route
     return extra
