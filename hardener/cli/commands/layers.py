@@ -25,7 +25,10 @@ def run(call: Call) -> None:
     from rich.table import Table
 
     table = Table(title=f"{kw['model']}: input {lay.input_shape}")
-    for col in ("name", "type", "output shape", "params", "site", "fixer"):
+    widest = max((len(i["name"]) for i in lay.rows), default=4)
+    # wrapped past 30 characters, never cut: a site name is what the user types next
+    table.add_column("name", overflow="fold", min_width=min(30, widest))
+    for col in ("type", "output shape", "params", "site", "fixer"):
         table.add_column(col)
     table.add_column("why", min_width=16)  # its reasons stay readable beside the other columns in 80 characters
     for i in lay.rows:
@@ -45,7 +48,7 @@ def run(call: Call) -> None:
     if lay.stem:
         err_console.print(f"stem: {lay.stem} ({lay.why[lay.stem]})")
     if lay.suggested_sites:
-        err_console.print("suggested sites (about 3 blocks by depth): "
+        err_console.print("suggested sites (up to 3 blocks, by depth): "
                           + "; ".join(f"{s} ({lay.why[s]})" for s in lay.suggested_sites))
     else:
         err_console.print(f"suggested sites: none: {lay.note}")
