@@ -76,12 +76,12 @@ for run in "$@"; do
   teacher=${TEACHER:-$OUT/${run%%-*}-default.safetensors}
   if [ -n "${TEST:-}" ]; then
     [ -f "$OUT/$run.test.json" ] && continue
-    resume=()  # an evaluation this script started before resumes (its state is beside the report)
-    if [ -f "$OUT/$run.test.started" ]; then resume=(--resume); else touch "$OUT/$run.test.started"; fi
+    state="$OUT/state-$run.test" resume=()  # an evaluation interrupted after its first save resumes
+    if compgen -G "$state/.harden-eval-*.partial" > /dev/null; then resume=(--resume); fi
     /usr/bin/time -v python -m hardener eval "$OUT/$run.safetensors" --arch "examples/fmnist_model.py:$arch" \
       --data fashion-mnist:test --max-samples 1000 --attack apgd-ce,apgd-dlr --eps 0.1 \
       --threat whitebox,adaptive,transfer --quiet --force --report "$OUT/$run.test.json" --report "$OUT/$run.test.md" \
-      --base-cache "$OUT/base-cache" "${resume[@]}" > /dev/null 2> "$OUT/$run.test.log" || echo "$run test failed: see $OUT/$run.test.log" >&2
+      --base-cache "$OUT/base-cache" --state-dir "$state" ${resume[@]+"${resume[@]}"} > /dev/null 2> "$OUT/$run.test.log" || echo "$run test failed: see $OUT/$run.test.log" >&2
     continue
   fi
   [ -f "$OUT/$run.json" ] && continue

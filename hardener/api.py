@@ -43,6 +43,7 @@ from .model.classifier import Classifier, InputSpec, parse_floats
 from .options import owners
 from .options.defaults import CERTIFY, EVAL
 from .options.patch_options import PatchOptions
+from .options.recipe import DEFAULT_PRESET
 from .options.validate import check_arg, check_range
 from .options.wording import python_words, speaking_python
 from .patches import PatchedModel, suggest
@@ -468,13 +469,13 @@ def layer_table(patched: PatchedModel, ds: hdata.Dataset | None, device: torch.d
     """`hardener.layers` of a loaded model, in the command line's words (`harden layers` renders it)."""
     infos = finish(patched, ds, device)
     sug = suggest(patched.net, infos)
-    recipe = PatchOptions.build("robust", {})[0]  # the default recipe's sizes (`harden patch` with no method options)
+    recipe = PatchOptions.build(DEFAULT_PRESET, {})[0]  # the default recipe's sizes (a plain `harden patch`)
     fixer = C.site_fixer_macs(patched.net, infos, recipe)
     shape = tuple(patched.model.spec.shape)
     return Layers(shape, [{**i.to_json(), "fixer_macs": fixer.get(i.name)} for i in infos],
                   C.count(patched).macs_base, sug.sites, sug.stem, sug.why, sug.skipped, sug.note,
                   C.prefilter_macs(patched.net, shape, recipe),
-                  {"preset": "robust", "rho": recipe.rho, "width": recipe.width})
+                  {"preset": DEFAULT_PRESET, "rho": recipe.rho, "width": recipe.width})
 
 
 def parse_threats(text: str, what: str = "threat") -> tuple[str, ...]:

@@ -136,23 +136,38 @@ def test_latency_is_measured_for_base_and_patched_at_each_batch():
 
 def test_latency_that_varies_between_repeats_is_marked_noisy():
     """A busy machine makes repeats disagree: a patch whose time swings between repeats (a stand-in for another job
-    on the cores) is marked noisy, per batch and as a whole, and the line says so."""
+    on the cores) is marked noisy, per batch and as a whole, and the line says so; one that costs the same each time
+    is not. The base and the patches sleep, so the ratios are set by the sleeps, not by this machine's load."""
     import itertools
 
-    class Swinging(nn.Module):
-        turns = itertools.cycle([0.0, 0.03])
+    class Sleeping(nn.Module):
+        def __init__(self, *seconds: float) -> None:
+            super().__init__()
+            self.turns = itertools.cycle(seconds)
 
         def forward(self, x):
             time.sleep(next(self.turns))
             return x
 
-    p = _patched(SmallConv())
-    p.attach("input", Swinging())
-    cost = C.count(p)
-    cost.latency = C.measure_latency(p, batches=(1,), budget_s=0.5)
-    b = cost.latency["batches"]["1"]
-    assert b["noisy"] and b["spread"] > C.NOISY_SPREAD and "quiet" in cost.latency["noisy"]
-    assert "noisy" in C.describe_latency(cost)
+    def measured(*patch_seconds: float):
+        p = _patched(nn.Sequential(Sleeping(0.05), SmallConv()))
+        p.attach("input", Sleeping(*patch_seconds))
+        cost = C.count(p)
+        cost.latency = C.measure_latency(p, batches=(1,), budget_s=1.2)
+        return cost
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny convolution in microseconds, whatever else runs on the cores
+    try:
+        swinging, steady = measured(0.0, 0.15), measured(0.05)
+    finally:
+        torch.set_num_threads(threads)
+    b = swinging.latency["batches"]["1"]
+    assert b["noisy"] and b["spread"] > C.NOISY_SPREAD
+    assert swinging.latency["noisy"] and "quiet" in swinging.latency["noisy_note"]
+    assert "noisy: the repeats' ratios spread" in C.describe_latency(swinging)
+    s = steady.latency["batches"]["1"]
+    assert not s["noisy"] and not steady.latency["noisy"] and "noisy_note" not in steady.latency
+    assert 1.5 < s["ratio"] < 2.5 and "noisy" not in C.describe_latency(steady)
 
 
 # ---------------------------------------------------------------- the plan, the manifest, the report, the library

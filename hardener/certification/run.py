@@ -96,8 +96,6 @@ def check_memory(cfg: C.SmoothingConfig, shape, flag: str = "--batch-size") -> N
     V.check_batch_memory(min(cfg.batch_size, max(cfg.n0, cfg.n)), shape, 3, flag)
 
 
-
-
 def summary_line(s: dict) -> str:
     """The certification in a line (the command's stderr)."""
     d = s["draws_per_sample"]

@@ -97,7 +97,8 @@ MODEL = (
         help="Deterministic kernels (for GPU runs; CPU runs are deterministic for a thread count)."),
     opt("--seed", default=0, show_default=True, type=int),
     opt("--quiet", is_flag=True,
-        help="No progress bars and no plan or notes on stderr (warnings, errors and the summary line stay)."),
+        help="No progress bars; patch, eval and certify also leave out their plan and notes (warnings, errors and "
+             "the summary stay)."),
     opt("--config", type=FILE, help="TOML config file (default: ./harden.toml)."),
 )
 

@@ -37,7 +37,9 @@ def check_start(path: Path, resume: bool, what: str, others: str | None = None) 
     states of runs like this one with other settings (their file names hold the settings' fingerprint), named when
     there is nothing to resume under these settings."""
     if resume and not path.exists():
-        rest = sorted(p.name for p in path.parent.glob(others)) if others and path.parent.is_dir() else []
+        own = path.name.split("-rank")[0].removesuffix(".partial")  # this run's settings (any rank of it)
+        rest = (sorted(p.name for p in path.parent.glob(others) if not p.name.startswith(own))
+                if others and path.parent.is_dir() else [])
         hint = (f"; '{path.parent}' holds {len(rest)} interrupted {what}(s) with other settings ({', '.join(rest[:3])}"
                 f"{', ...' if len(rest) > 3 else ''}): rerun that command exactly to resume one") if rest else ""
         raise InputError(f"--resume: no saved {what} at '{path}' for these settings (nothing to resume; drop "
@@ -170,15 +172,16 @@ class EvalStore:
     """
 
     def __init__(self, path: Path | None, fingerprint: str, resume: bool, interval: float = 20.0,
-                 what: str = "evaluation", others: str | None = None) -> None:
+                 what: str = "evaluation", others: str | None = None, beside: str = "a --report") -> None:
         """`path` None: progress is kept in memory only (nothing can be resumed, nothing is written). `what` names
-        the run in messages (`harden certify` keeps its rows here too), `others` globs its siblings (`check_start`)."""
-        self.path, self.fingerprint, self.interval = path, fingerprint, interval
+        the run in messages (`harden certify` keeps its rows here too), `others` globs its siblings (`check_start`),
+        `beside` says which outputs the state is kept beside."""
+        self.path, self.fingerprint, self.interval, self.what = path, fingerprint, interval, what
         self._last = time.time()
         if path is None:
             if resume:
                 raise InputError(f"--resume: no {what} state to resume from; {what} state is kept only "
-                                 "with --state-dir DIR, HARDEN_CACHE_DIR or beside a --report")
+                                 f"with --state-dir DIR, HARDEN_CACHE_DIR or beside {beside}")
             self.data: dict[str, Any] = {}
             return
         check_start(path, resume, what, others)
@@ -201,7 +204,7 @@ class EvalStore:
             try:
                 write_state(self.path, self.fingerprint, {"data": self.data})
             except HardenError as e:  # state is a convenience: the evaluation goes on without it
-                print(f"warning: {e.message}; this evaluation cannot be resumed", file=sys.stderr)
+                print(f"warning: {e.message}; this {self.what} cannot be resumed", file=sys.stderr)
                 self.path = None
             self._last = time.time()
 

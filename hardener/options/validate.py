@@ -134,7 +134,8 @@ OPTION_RULES: dict[str, tuple] = {
     # harden certify's noise level (as SmoothingConfig has it; harden patch's --sigma is AdvAmd's, declared there) and
     # the training's: a standard deviation in [0, 1] pixel units, so at most the whole pixel range (a σ of 25 meant
     # for 25/255 would certify radii beyond any image's diameter)
-    "sigma": _pixel_sigma(0), "noise_sigma": _pixel_sigma(None), "max_radius": _finite_pos(),
+    "sigma": _pixel_sigma(0), "smooth_sigma": _pixel_sigma(0), "noise_sigma": _pixel_sigma(None),
+    "max_radius": _finite_pos(),
     "ema": ((lambda v: math.isfinite(v) and 0 <= v < 1), "must be a number in [0, 1)"),
     "pseudo_threshold": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),
     "pseudo_ratio": _finite_pos(), "n0": _ge(1), "n_samples": _ge(1), "smooth_n": _ge(1),

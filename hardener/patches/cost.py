@@ -27,13 +27,15 @@ from torch import nn
 
 from ..errors import InputError
 from . import INPUT_SITE, KINDS, Site
+from .fixer import hidden_width
 from .prefilter import lighter_settings
 
 LATENCY_BATCHES = (1, 256)  # batch 1 (one request) and a large batch (throughput)
 LATENCY_BUDGET_S = 1.0  # wall time the measurement may take, warm-up included (about; one pair at least)
 MIN_REPEATS, MAX_REPEATS = 3, 50
-# A measurement is marked noisy when the repeats' own patched/base ratios span more than this share of the median
-# ratio, or when the patched model measured faster than its base (it runs the whole base: only noise does that)
+# A measurement is marked noisy when the interquartile range of the repeats' own patched/base ratios exceeds this
+# share of the median ratio, or when the patched model measured faster than its base (it runs the whole base: only
+# noise does that)
 NOISY_SPREAD, NOISY_BELOW = 0.25, 0.95
 MIN_HIDDEN = 4  # --budget names the fixers it squeezed below this many hidden channels
 
@@ -241,8 +243,10 @@ def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_
                 runs = [pair(x) for _ in range(repeats)]
                 base_s, patched_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
                 ratio = patched_s / max(base_s, 1e-9)
-                pairs = sorted(p / max(b_, 1e-9) for b_, p in runs)  # each repeat's own ratio: how much they vary
-                spread = (pairs[-1] - pairs[0]) / max(ratio, 1e-9)
+                # how much the repeats' own ratios vary: their interquartile range over the median ratio (not the
+                # range: it grows with the number of repeats, and batch 1 gets many)
+                q1, _, q3 = statistics.quantiles([p / max(b_, 1e-9) for b_, p in runs], n=4)
+                spread = (q3 - q1) / max(ratio, 1e-9)
                 out[str(b)] = {"base_ms": round(1e3 * base_s, 4), "patched_ms": round(1e3 * patched_s, 4),
                                "ratio": round(ratio, 4), "repeats": repeats, "spread": round(spread, 4),
                                "noisy": spread > NOISY_SPREAD or ratio < NOISY_BELOW}
@@ -251,10 +255,11 @@ def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_
     rec = {"device": str(device), "threads": torch.get_num_threads(), "budget_s": budget_s,
            "statistic": "median of interleaved base/patched forwards, no grad, eval mode; latency_ratio is the worst "
                         "batch's", "batches": out}
-    if any(v["noisy"] for v in out.values()):
-        rec["noisy"] = (f"the repeats' ratios varied by more than {NOISY_SPREAD:.0%} of the median (spread), or the "
-                        f"patched model measured faster than its base, which it runs whole: the machine was busy; "
-                        "time it on a quiet one (hardener.measure_cost(model, budget_s=20))")
+    rec["noisy"] = any(v["noisy"] for v in out.values())
+    if rec["noisy"]:
+        rec["noisy_note"] = (f"the repeats' ratios varied by more than {NOISY_SPREAD:.0%} of the median (spread), or "
+                             "the patched model measured faster than its base, which it runs whole: a busy machine? "
+                             "Time it on a quiet one")
     return rec
 
 
@@ -264,6 +269,8 @@ def measure(patched, latency: bool = True, **latency_kw: Any) -> Cost:
     patched interleaved in this process, batch 1 and a large batch, the median of repeats; `budget_s` bounds the
     time it takes). `.macs_ratio`, `.latency_ratio`, `.added()`, `.to_json()`."""
     cost = count(patched)
+    recorded = getattr(getattr(patched, "manifest", None), "cost", None) or {}  # a loaded checkpoint's, as trained
+    cost.budget, cost.sizing = recorded.get("budget"), recorded.get("sizing")
     if latency:
         cost.latency = measure_latency(patched, **latency_kw)
     return cost
@@ -284,11 +291,15 @@ def describe_macs(cost: Cost) -> str:
 def describe_latency(cost: Cost) -> str:
     """The measured latency in a line (batch: ratio, base and patched milliseconds)."""
     lat = cost.latency or {}
-    parts = [f"batch {b} {v['ratio']:.2f}x ({v['base_ms']:.2f} -> {v['patched_ms']:.2f} ms"
-             + (f", noisy: repeats spread {v['spread']:.0%}" if v.get("noisy") else "") + ")"
+    def noise(v: dict) -> str:
+        if not v.get("noisy"):
+            return ""
+        return (", noisy: faster than its base" if v["ratio"] < NOISY_BELOW
+                else f", noisy: the repeats' ratios spread {v['spread']:.0%}")
+    parts = [f"batch {b} {v['ratio']:.2f}x ({v['base_ms']:.2f} -> {v['patched_ms']:.2f} ms{noise(v)})"
              for b, v in lat.get("batches", {}).items()]
     return (f"latency {'; '.join(parts)}, median of interleaved forwards on {lat.get('device')}, "
-            f"{lat.get('threads')} thread(s)" + ("; noisy: time it on a quiet machine" if lat.get("noisy") else ""))
+            f"{lat.get('threads')} thread(s)")
 
 
 def parse_budget(value: Any) -> float | None:
@@ -359,20 +370,20 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     if not kept_pre and not kept and not twins and sites:
         cheapest = min((c, rest[j][1]) for c, j in before) if before else None
         what = f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%" if cheapest else ""
-        raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {100 * (budget - 1):.3g}% of the base's "
+        raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {f'{100 * (budget - 1):.2f}'.rstrip('0').rstrip('.')}% of the base's "
                          f"{fmt(base)} multiply-adds{what}; raise --budget or give none")
     o = o.replace(rho=rho)
     chosen = [rest[j] for j in sorted(kept)]
     if rest:
         dropped = [s for j, (_, s) in enumerate(rest) if j not in kept]
-        # a fixer squeezed to fewer than MIN_HIDDEN channels is named: a larger budget can buy a wider pre-filter
-        # and leave the fixers thinner than a smaller one did (the pre-filter is sized first)
-        thin = [f"{max(1, int(shapes[s][0 if len(shapes[s]) == 3 else -1] // rho))} at {s}" for _, s in chosen
-                if shapes.get(s) and shapes[s][0 if len(shapes[s]) == 3 else -1] // rho < MIN_HIDDEN]
+        # a fixer the budget squeezed to fewer than MIN_HIDDEN channels is named: a larger budget can buy a wider
+        # pre-filter and leave the fixers thinner than a smaller one did (the pre-filter is sized first)
+        widths = {s: hidden_width(shapes.get(s), rho) for k, s in chosen if k == "fixer"} if rho > opts.rho else {}
+        thin = [f"{w} at {s}" for s, w in widths.items() if w is not None and w < MIN_HIDDEN]
         said.append((f"--rho {rho:g} at {', '.join(s for _, s in chosen)}" if chosen else "no site patch")
                     + (f" (left out: {', '.join(dropped)})" if dropped else "")
-                    + (f" (thin: hidden channels {', '.join(thin)}; fewer --at sites or a narrower --width leave "
-                       "them wider)" if thin else ""))
+                    + (f" (thin: hidden channels {', '.join(thin)}; fewer --at sites"
+                       + (" or a narrower --width" if kept_pre else "") + " leave them wider)" if thin else ""))
     if pre and not kept_pre:
         said.append("no pre-filter (none fits)")
     if twins:

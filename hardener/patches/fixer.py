@@ -39,7 +39,7 @@ class Fixer(PatchKind):
     def __init__(self, channels: int, config: FixerConfig) -> None:
         super().__init__()
         self.config = config
-        hidden = max(1, int(channels // config.rho))
+        hidden = width_at(channels, config.rho)
         self.channels = channels
         self.conv1 = nn.Conv2d(channels, hidden, 1)
         self.conv2 = nn.Conv2d(hidden, config.rank or channels, 3, padding=1)
@@ -101,13 +101,26 @@ def _scaled(a: torch.Tensor, a0: float, scale: float) -> torch.Tensor:
     return a if scale == 1 else scale * a
 
 
+def width_at(channels: int, rho: float) -> int:
+    """A fixer's hidden width over `channels` channels (or features) at reduction `rho`."""
+    return max(1, int(channels // rho))
+
+
+def hidden_width(shape: Any, rho: float) -> int | None:
+    """A fixer's hidden width at a site of `shape` (C,H,W: C channels; L,D: D features), as `Fixer` and `TokenFixer`
+    build it; None for another shape."""
+    if not shape or len(shape) not in (2, 3):
+        return None
+    return width_at(shape[0 if len(shape) == 3 else -1], rho)
+
+
 def _hidden(spec: dict[str, Any]) -> int:
     """Hidden width of a stored fixer spec, refused when a tiny rho would ask for a huge one."""
     hidden_f = spec["channels"] / spec["rho"]
     if hidden_f > 1 << 24:
         raise InputError(f"manifest patch at '{spec['site']}': rho {spec['rho']} asks for {hidden_f:.3g} "
                          "hidden channels")
-    return max(1, int(spec["channels"] // spec["rho"]))
+    return width_at(spec["channels"], spec["rho"])
 
 
 @register_patch_kind("token-fixer", placement="output", config_cls=FixerConfig)
@@ -120,7 +133,7 @@ class TokenFixer(PatchKind):
         super().__init__()
         self.config = config
         self.channels = channels
-        hidden = max(1, int(channels // config.rho))
+        hidden = width_at(channels, config.rho)
         self.norm = nn.LayerNorm(channels)
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, channels)

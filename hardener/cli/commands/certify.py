@@ -86,7 +86,8 @@ def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, world: D.World, mo
                       **rules})
     folder = B.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
     state = folder / f".harden-certify-{fp[:16]}{D.state_suffix(world)}.partial" if folder is not None else None
-    store = EvalStore(state, fp, kw["resume"], what="certification", others=".harden-certify-*.partial")
+    store = EvalStore(state, fp, kw["resume"], what="certification", others=".harden-certify-*.partial",
+                      beside="a --report or --tsv")
     return store, list((store.get("rows") or {}).get("rows", []))
 
 

@@ -48,7 +48,7 @@ def run(call: Call) -> None:
     if lay.stem:
         err_console.print(f"stem: {lay.stem} ({lay.why[lay.stem]})")
     if lay.suggested_sites:
-        err_console.print("suggested sites (up to 3 blocks, by depth): "
+        err_console.print("suggested sites (about 3 blocks by depth): "
                           + "; ".join(f"{s} ({lay.why[s]})" for s in lay.suggested_sites))
     else:
         err_console.print(f"suggested sites: none: {lay.note}")
