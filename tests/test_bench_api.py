@@ -14,7 +14,7 @@ INTERNALS = {  # script: why it must reach inside
     "apgd_stop_early.py": "compares harden's own APGD with torchattacks' to the bit (hardener.attacks.apgd)",
     "eval_speed.py": "times the evaluation's attack chains themselves against torchattacks' (hardener.evaluation.threats)",
     "hostile_campaign.py": "feeds crafted files and states to the readers that must refuse them",
-    "prefilter_layout.py": "times the pre-filter in both CPU layouts (hardener.patches.prefilter.Prefilter.channels_last)",
+    "prefilter_layout.py": "times the pre-filter in both CPU layouts (hardener.patches.prefilter.Prefilter)",
     "patch_speed.py": "times the training step with and without the frozen-prefix cache (hardener.training.cache, fit)",
     "report_screenshots.py": "re-renders stored report JSON with the report renderer (hardener.reports.report)",
     "verdict_continue.py": "resumed a verdict's attack chains from their state, as run at the time (an archived run)",
