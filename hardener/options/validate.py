@@ -112,11 +112,10 @@ def _finite_nonneg():
     return (lambda v: math.isfinite(v) and v >= 0), "must be a finite number >= 0"
 
 
-def _pixel_sigma(low: float | None):
-    """A noise level in [0, 1] pixel units: above `low` (None: 0 allowed, it means no noise), at most 1."""
-    if low is None:
-        return (lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1] (pixel units: 25/255 is 0.098)"
-    return (lambda v: math.isfinite(v) and low < v <= 1), "must be a number in (0, 1] (pixel units: 25/255 is 0.098)"
+def _pixel_sigma(zero_ok: bool):
+    """A noise level in pixel units: at most 1 (the whole pixel range), above 0 (or 0 too, meaning no noise)."""
+    return ((lambda v: math.isfinite(v) and (0 <= v if zero_ok else 0 < v) and v <= 1),
+            f"must be a number in {'[' if zero_ok else '('}0, 1] (pixel units: 25/255 is 0.098)")
 
 
 def _open_unit():
@@ -134,7 +133,7 @@ OPTION_RULES: dict[str, tuple] = {
     # harden certify's noise level (as SmoothingConfig has it; harden patch's --sigma is AdvAmd's, declared there) and
     # the training's: a standard deviation in [0, 1] pixel units, so at most the whole pixel range (a σ of 25 meant
     # for 25/255 would certify radii beyond any image's diameter)
-    "sigma": _pixel_sigma(0), "smooth_sigma": _pixel_sigma(0), "noise_sigma": _pixel_sigma(None),
+    "sigma": _pixel_sigma(False), "smooth_sigma": _pixel_sigma(False), "noise_sigma": _pixel_sigma(True),
     "max_radius": _finite_pos(),
     "ema": ((lambda v: math.isfinite(v) and 0 <= v < 1), "must be a number in [0, 1)"),
     "pseudo_threshold": ((lambda v: math.isfinite(v) and 0 <= v <= 1), "must be a number in [0, 1]"),

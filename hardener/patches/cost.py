@@ -370,7 +370,8 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     if not kept_pre and not kept and not twins and sites:
         cheapest = min((c, rest[j][1]) for c, j in before) if before else None
         what = f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%" if cheapest else ""
-        raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {f'{100 * (budget - 1):.2f}'.rstrip('0').rstrip('.')}% of the base's "
+        room = f"{100 * (budget - 1):.2f}".rstrip("0").rstrip(".")  # 0.01, not 0.0
+        raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {room}% of the base's "
                          f"{fmt(base)} multiply-adds{what}; raise --budget or give none")
     o = o.replace(rho=rho)
     chosen = [rest[j] for j in sorted(kept)]
