@@ -50,17 +50,22 @@ def load_one(folder: Path, name: str) -> dict | None:
     if path.exists():
         rep = json.loads(path.read_text())
     else:
-        saved = re.search(r"samples saved to '([^']+)'", text)
-        if not saved:
+        states = saved_states(text)
+        if not states:
             return None
         import torch
 
-        state = torch.load(saved.group(1), weights_only=True)["data"]["rows"]
+        rows, config = {}, None
+        for path in states:  # one per process of a sharded run (PROCS=2): each holds its own samples
+            state = torch.load(path, weights_only=True)["data"]["rows"]
+            rows.update({r["idx"]: r for r in state["rows"]})
+            config = config or state.get("config")
         # states written before they carried their config: the bench's own settings
-        config = state.get("config") or {"sigma": float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]),
-                                          "n0": 100, "n": 100_000, "alpha": 0.001, "batch_size": 200,
-                                          "sequential": ".fixed" not in name}
-        rep = {**hardener.Certification.from_rows(state["rows"], config).to_dict(), "partial": True}
+        config = config or {"sigma": float(name.split("_s")[-1].split(".seq")[0].split(".fixed")[0]),
+                            "n0": 100, "n": 100_000, "alpha": 0.001, "batch_size": 200,
+                            "sequential": ".fixed" not in name}
+        rep = {**hardener.Certification.from_rows([rows[i] for i in sorted(rows)], config).to_dict(),
+               "partial": True}
     rep["cpu_s"] = sum(float(user) for _, user in runs) if runs else None
     # a run killed outright (a session's end) writes no time line: its CPU seconds are missing when the rows' own
     # wall times add up to more than the runs' recorded wall time
@@ -69,6 +74,19 @@ def load_one(folder: Path, name: str) -> dict | None:
         rows_wall = sum(float(line.split("\t")[5]) for line in tsv.read_text().splitlines()[1:] if line.strip())
         rep["cpu_s_incomplete"] = rows_wall > 1.05 * sum(float(wall) for wall, _ in runs)
     return rep
+
+
+def saved_states(log: str) -> list[Path]:
+    """The state files of an interrupted row: the last one its log names ("N samples saved to 'PATH'"), and for a
+    sharded run (PATH's name holds -rank<r>of<N>) every process's file, whichever process's line the log kept."""
+    named = re.findall(r"samples saved to '([^']+)'", log)
+    if not named:
+        return []
+    last = Path(named[-1])
+    shard = re.fullmatch(r"(.*)-rank\d+of(\d+)(.*)", last.name)
+    paths = [last] if not shard else \
+        [last.with_name(f"{shard[1]}-rank{r}of{shard[2]}{shard[3]}") for r in range(int(shard[2]))]
+    return [p for p in paths if p.exists()]
 
 
 def cell(acc: float, n: int) -> str:
