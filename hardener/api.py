@@ -41,6 +41,7 @@ from .io.session import pick_device as _pick
 from .model import archspec
 from .model.classifier import Classifier, InputSpec, parse_floats
 from .options import owners
+from .options import validate as V
 from .options.defaults import CERTIFY, EVAL
 from .options.patch_options import PatchOptions
 from .options.recipe import DEFAULT_PRESET
@@ -74,6 +75,12 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
         return loaded.patched
     if isinstance(model, nn.Module):
         from .model.classifier import hf_normalisation
+        from .patches.attach import carries_patches
+
+        if carries_patches(model):
+            raise InputError("the module carries the patches of a PatchedModel (hardener.load(path, model=...) hooks "
+                             "the module it is given): evaluate or certify that PatchedModel itself, and patch a fresh base "
+                             "module")
 
         m, sd = hf_normalisation(preprocessor, _csv(mean), _csv(std))
         spec = InputSpec(mean=parse_floats(m, "mean"), std=parse_floats(sd, "std"), logits=logits)
@@ -207,6 +214,8 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
         over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
         _warn(over and words(over))
+        if run.inference is not None and run.inference.sizing:  # what the budget chose, in the same words
+            run.inference.sizing = words(run.inference.sizing)
         patched.cost = run.inference
         patched.training_record = run.record
         patched.train_seconds = run.train_seconds
@@ -380,8 +389,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
         return Report(run.report)
 
 
-def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = CERTIFY["n"], n0: int = CERTIFY["n0"],
-            alpha: float = CERTIFY["alpha"], sequential: bool = CERTIFY["sequential"], max_radius: float | None = None,
+def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: int = CERTIFY["n"],
+            n0: int = CERTIFY["n0"], alpha: float = CERTIFY["alpha"], sequential: bool = CERTIFY["sequential"], max_radius: float | None = None,
             max_samples: int | None = None, batch_size: int = CERTIFY["batch_size"], seed: int = CERTIFY["seed"],
             arch: str | None = None, mean=None, std=None, logits: str | None = None,
             device: str | torch.device = "auto", progress: bool | Any = True) -> Certification:
@@ -390,11 +399,13 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
     `hardener.patch`). `sequential=True`, the default as for `harden certify`, stops drawing noisy copies of a sample
     once its certificate is decided (an anytime-valid confidence sequence: the same guarantee as fixed-n CERTIFY,
     whose `n` draws per sample `sequential=False` spends); `max_radius` (default 2 `sigma`) is the largest radius it
-    tries to certify.
-    Progress goes to stderr (`progress=False`: none)."""
-    with speaking_python(_keywords(certify)):
+    tries to certify; `sigma` in pixel units, or a fraction like "64/255". A `max_radius` beyond what `n` draws can
+    certify is a `UserWarning`, an `n` that can certify nothing an `InputError`. Progress goes to stderr
+    (`progress=False`: none, a callable gets it). `.save(path)` writes the report (.json, .md) or its samples (.tsv)."""
+    keywords = _keywords(certify)
+    with speaking_python(keywords):
         for what, v, kinds in (("n", n, "int"), ("n0", n0, "int"), ("batch_size", batch_size, "int"),
-                               ("max_samples", max_samples, "int | None"), ("sigma", sigma, "float"),
+                               ("max_samples", max_samples, "int | None"), ("sigma", sigma, "float | str"),
                                ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
                                ("max_radius", max_radius, "float | None"), ("seed", seed, "int"),
                                ("logits", logits, "str | None")):
@@ -405,10 +416,17 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
         if max_radius is not None and not sequential:
             raise InputError("max_radius applies to sequential certification: drop sequential=False (fixed-n CERTIFY "
                              "draws n copies whatever the radius) or drop max_radius")
+        try:
+            sigma = V.parse_level(sigma)  # 0.25, or a fraction like "64/255"
+        except ValueError as e:
+            raise InputError(f"sigma {e}") from None
         # the ranges of sigma, alpha and max_radius: SmoothingConfig's, checked before the model loads
-        cfg = smoothing.SmoothingConfig(sigma=float(sigma), n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
+        cfg = smoothing.SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=float(alpha), batch_size=batch_size,
                                         seed=seed, sequential=sequential,
                                         max_radius=None if max_radius is None else float(max_radius))
+        note = cfg.check_reach()  # n too small to certify anything: an error; too small for max_radius: a warning
+        view = library_voice(progress)[2]  # as hardener.patch and hardener.evaluate show theirs (checked here)
+        _warn(note and _words(keywords)(note))
         patched, _, sha = model_to_run(model, arch, mean, std, logits)  # a plain file: hashed once, as it loads
         if isinstance(model, (str, Path)):
             name, sha = str(model), sha or sha256_file(Path(model))  # a patched file: its own digest, here
@@ -419,7 +437,6 @@ def certify(model: Any, data: Any, *, sigma: float = CERTIFY["sigma"], n: int = 
         finish(patched, ds, dev)
         spec = patched.model.spec
         CR.check_memory(cfg, spec.shape, "batch_size")
-        view = library_voice(progress)[2]  # as hardener.patch and hardener.evaluate show theirs
         with view if hasattr(view, "__enter__") else contextlib.nullcontext():
             return CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
                                   max_samples=max_samples, progress=view)

@@ -586,17 +586,24 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, hflip: bo
     return out.contiguous()
 
 
+def _array_like(t: Any) -> bool:
+    """A tensor, or an array torch reads as one (numpy's: `__array_interface__`)."""
+    return torch.is_tensor(t) or hasattr(t, "__array_interface__")
+
+
 def as_dataset(data: Any, labels_required: bool = True) -> Dataset:
     """A harden `Dataset` from what a notebook has at hand: a `Dataset`, a data spec (folder, tensor file,
-    `fashion-mnist:train`), `(images, labels)` tensors (NCHW, float pixels in [0, 1] or uint8), images alone when
-    `labels_required` is False, a torch `Dataset` of `(image, label)` items or a `DataLoader` (`hardener.as_dataset`)."""
+    `fashion-mnist:train`), `(images, labels)` tensors or numpy arrays (NCHW, float pixels in [0, 1] or uint8),
+    images alone when `labels_required` is False, a torch `Dataset` of `(image, label)` items or a `DataLoader`
+    (`hardener.as_dataset`)."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, (str, Path)):
         return load(str(data), None, labels_required)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        return _from_tensors(data[0], data[1], "tensors")
-    if torch.is_tensor(data) and not labels_required:  # images alone (unlabelled)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(_array_like(t) for t in data):
+        return _from_tensors(torch.as_tensor(data[0]), torch.as_tensor(data[1]), "tensors")
+    if _array_like(data) and not isinstance(data, (tuple, list)) and not labels_required:  # images alone
+        data = torch.as_tensor(data)
         return _from_tensors(data, torch.full((len(data),), UNLABELLED), "tensors", unlabelled=True)
     from torch.utils.data import DataLoader
     from torch.utils.data import Dataset as TorchDataset

@@ -382,3 +382,50 @@ def test_an_output_whose_folder_is_a_file_says_so(runner, tmp_path, tiny_ckpt, t
     assert_input_error(runner.invoke(main, ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data),
                                             "--report", str(tmp_path / "notes.txt" / "r.json")]),
                        "is a file, not a folder")
+
+
+def test_library_certify_odds_and_ends(runner, tmp_path, tiny_ckpt, tiny_test_data):
+    """What a notebook meets around `hardener.certify`: progress must be a bool or a callable; σ as a fraction;
+    numpy arrays as data; the summary's `stops` in both methods; `.save` by suffix; an `n` that can certify nothing
+    is an error and one too small for `max_radius` a warning, on the command line too."""
+    import json
+
+    import hardener
+    from hardener import data as hdata
+    from hardener.cli.app import main
+
+    from conftest import ARCH, assert_input_error
+
+    common = dict(arch=ARCH, n0=20, n=300, alpha=0.01, max_samples=4, device="cpu", progress=False)
+    with pytest.raises(InputError, match="^progress must be True, False or a callable"):
+        hardener.certify(str(tiny_ckpt), str(tiny_test_data), **{**common, "progress": "yes"})
+    frac = hardener.certify(str(tiny_ckpt), str(tiny_test_data), sigma="32/255", max_radius=0.2, **common)
+    same = hardener.certify(str(tiny_ckpt), str(tiny_test_data), sigma=32 / 255, max_radius=0.2, **common)
+    assert frac.summary["sigma"] == same.summary["sigma"] and frac.rows == [
+        {**r, "seconds": f["seconds"]} for r, f in zip(same.rows, frac.rows)]
+    with pytest.raises(InputError, match="^sigma must be a number or a fraction like 64/255"):
+        hardener.certify(str(tiny_ckpt), str(tiny_test_data), sigma="a/b", **common)
+    ds = hdata.as_dataset(str(tiny_test_data))
+    arrays = (hdata.to_float(ds.images).numpy(), ds.labels.numpy())
+    fixed = hardener.certify(str(tiny_ckpt), arrays, sigma=32 / 255, sequential=False, **common)
+    assert fixed.summary["n"] == 4 and fixed.summary["stops"] == {"fixed": 4}
+    assert set(same.summary["stops"]) == {"radius", "abstain", "decided", "reach", "cap"}
+    for suffix, check in ((".json", lambda t: json.loads(t)["summary"]["n"] == 4),
+                          (".md", lambda t: t.startswith("## harden certify report")),
+                          (".tsv", lambda t: len(t.splitlines()) == 5 and t.startswith("idx\tlabel"))):
+        fixed.save(tmp_path / f"c{suffix}")
+        assert check((tmp_path / f"c{suffix}").read_text()), suffix
+    with pytest.raises(InputError, match="saved as .json, .md or .tsv"):
+        fixed.save(tmp_path / "c.txt")
+    with pytest.raises(InputError, match=r"^n=10 draws cannot certify any radius at alpha=0.001: .* give n=\d+ or more"):
+        hardener.certify(str(tiny_ckpt), str(tiny_test_data), sigma=0.12, **{**common, "n": 10, "alpha": 0.001})
+    with pytest.warns(UserWarning, match=r"radius 0.24 \(2σ, the default max_radius\) is beyond what n=300 draws"):
+        hardener.certify(str(tiny_ckpt), str(tiny_test_data), sigma=0.12, **common)
+    args = ["certify", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--n0", "20", "--n", "300",
+            "--alpha", "0.01", "--max-samples", "2", "--json"]
+    r = runner.invoke(main, [*args, "--sigma", "32/255", "--max-radius", "0.2"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["summary"]["sigma"] == 32 / 255 and "warning" not in r.stderr
+    r = runner.invoke(main, [*args, "--sigma", "0.12"])
+    assert r.exit_code == 0 and "warning: radius 0.24 (2σ, the default --max-radius) is beyond what --n 300" in r.stderr
+    assert_input_error(runner.invoke(main, [*args, "--sigma", "0.12", "--n", "10", "--alpha", "0.001"]),
+                       "--n 10 draws cannot certify any radius")

@@ -114,7 +114,8 @@ def test_base_count_is_the_unpatched_model_and_each_patch_is_counted():
     assert got.parameters_patches == sum(t.numel() for t in p.patch_parameters())
     with torch.no_grad(), p.patches_disabled():
         assert C.count(p).macs_patched == SMALL_CONV_MACS  # what the base runs, patches switched off
-    j = got.to_json()
+    j = got.to_dict()
+    assert j == got.to_json()  # the older name
     assert j["macs_ratio"] == round(got.macs_patched / SMALL_CONV_MACS, 4) and j["latency_ratio"] is None
 
 
@@ -389,7 +390,28 @@ def test_budget_from_harden_toml(runner, tmp_path, tiny_ckpt, tiny_data):
     cfg.write_text("[patch]\nbudget = 0.5\n")
     r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--config", str(cfg),
                              "--out", str(tmp_path / "p.safetensors"), "--quiet"])
-    assert r.exit_code == 2 and "--budget 0.5" in r.stderr and "at least 1.0x" in r.stderr
+    assert r.exit_code == 2 and "--budget must be 1.0 or more, or none, got 0.5" in r.stderr and "at least 1.0x" in r.stderr
+
+
+def test_a_budget_nothing_fits_names_the_least_that_does(runner, tmp_path, tiny_ckpt, tiny_data):
+    """The refusal names the smallest budget that fits the cheapest patch, and that budget does fit."""
+    import re
+
+    from hardener.cli.app import main
+    from hardener.io.checkpoint import read_manifest
+
+    from conftest import ARCH
+
+    def run(budget: str):
+        return runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--budget",
+                                    budget, "--out", str(tmp_path / f"p{budget}.safetensors"), "--epochs", "1",
+                                    "--quiet", "--allow-low-accuracy"])
+    r = run("1.0001")
+    least = re.search(r"--budget (\d+\.\d\d) or more fits it", r.stderr)
+    assert r.exit_code == 2 and least, r.stderr
+    ok = run(least.group(1))
+    assert ok.exit_code == 0, ok.output
+    assert read_manifest(tmp_path / f"p{least.group(1)}.safetensors").cost["macs_ratio"] <= float(least.group(1))
 
 
 # ---------------------------------------------------------------- low-rank fixers

@@ -231,6 +231,14 @@ def test_load_attaches_a_files_patches_to_a_module_you_built(tmp_path):
         hardener.load(path, model=torch.nn.Linear(4, 3))
     with pytest.raises(InputError, match="give model= or arch=, not both"):
         hardener.load(path, model=mine, arch=ARCH)
+    # `mine` is hooked now: a second load onto it, or patching a copy of it, would run the first load's patches too
+    with pytest.raises(InputError, match="model= already carries the patches of a PatchedModel"):
+        hardener.load(path, model=mine)
+    for call in (lambda: hardener.patch(mine, _data(30), epochs=1, progress=False),
+                 lambda: hardener.evaluate(mine, _data(30), progress=False)):
+        with pytest.raises(InputError, match="the module carries the patches of a PatchedModel"):
+            call()
+    assert hardener.evaluate(loaded, _data(30), "apgd-ce", steps=2, progress=False).clean is not None
 
 
 def test_the_training_record_is_typed_and_is_what_the_checkpoint_stores(tmp_path):

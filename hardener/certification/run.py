@@ -3,6 +3,7 @@
 returns; what differs is where progress goes and whether finished rows are kept for a resume (`keep`)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +53,20 @@ class Certification:
 
     def to_markdown(self) -> str:
         return to_markdown(self.data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the report by suffix, atomically: .json (the JSON report), .md (its Markdown) or .tsv (one row per
+        sample, locuslab/smoothing's columns)."""
+        from ..errors import InputError
+        from ..io.checkpoint import atomic_write
+
+        path = Path(path)
+        kinds = {".json": lambda: json.dumps(self.data, indent=2, sort_keys=True), ".md": self.to_markdown,
+                 ".tsv": self.to_tsv}
+        if path.suffix.lower() not in kinds:
+            raise InputError(f"'{path}': a certification is saved as .json, .md or .tsv")
+        text = kinds[path.suffix.lower()]()
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     def _repr_markdown_(self) -> str:
         return self.to_markdown()
@@ -114,7 +129,7 @@ def method_line(s: dict) -> str:
 
 def stops_text(s: dict) -> str:
     """Why sequential samples stopped, e.g. ' Stopped: 41 at the largest radius, 2 next radius out of reach.'"""
-    if not s.get("stops"):
+    if not s.get("stops") or s.get("method") != "sequential":
         return ""
     names = {"radius": "at the largest radius", "abstain": "abstained", "decided": "decided between radii",
              "reach": f"next radius out of reach (z {s['out_of_reach_z']:g})", "cap": "at the cap"}

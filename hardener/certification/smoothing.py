@@ -59,6 +59,39 @@ class SmoothingConfig:
                               ("--batch-size", self.batch_size, "batch_size"), ("--alpha", self.alpha, "certify_alpha")):
             check_range(flag, v, rule)
 
+    def most_certifiable(self) -> float:
+        """The largest radius `n` draws can certify at `alpha` (every draw the top class): the bound's radius, for the
+        sequential confidence sequence or the fixed-n Clopper-Pearson one."""
+        bound = mixture_bounds(self.n, self.n, self.alpha)[0] if self.sequential else \
+            lower_confidence_bound(self.n, self.n, self.alpha)
+        return radius_of(bound, self.sigma)
+
+    def check_reach(self) -> str | None:
+        """An `InputError` when `n` draws can certify no radius at all; a note (a warning) when the largest radius a
+        sequential run aims for (`max_radius`, default 2σ) lies beyond what they can certify: its samples then stop
+        below it and the radius reports 0% by construction."""
+        from ..errors import InputError
+
+        most = self.most_certifiable()
+        if most <= 0:
+            lo, hi = self.n, 2 * self.n  # the least n that certifies something: bisection (it grows with n)
+            while SmoothingConfig(**{**asdict(self), "n": hi, "max_radius": None}).most_certifiable() <= 0:
+                lo, hi = hi, 2 * hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                ok = SmoothingConfig(**{**asdict(self), "n": mid, "max_radius": None}).most_certifiable() > 0
+                lo, hi = (lo, mid) if ok else (mid, hi)
+            least = hi
+            raise InputError(f"--n {self.n} draws cannot certify any radius at --alpha {self.alpha:g}: even with every "
+                             f"draw for the top class its lower bound stays below 1/2; give --n {least} or more "
+                             "(100,000 is Cohen et al.'s)")
+        if self.sequential and self.top_radius > most + 1e-12:
+            asked = f"--max-radius {self.max_radius:g}" if self.max_radius is not None else \
+                f"radius {self.top_radius:g} (2σ, the default --max-radius)"
+            return (f"{asked} is beyond what --n {self.n} draws can certify at --alpha {self.alpha:g} (at most "
+                    f"{most:.3f}): radii above {most:.3f} report 0% by construction; raise --n or lower --max-radius")
+        return None
+
     @property
     def top_radius(self) -> float:
         """The largest radius a sequential run certifies (`max_radius`, default 2σ)."""
@@ -226,8 +259,10 @@ class CertifyResult:
                 "draws_per_sample": {"mean": round(sum(draws) / max(1, n), 1),
                                      "median": draws[n // 2] if n else 0, "max": draws[-1] if n else 0},
                 "seconds_per_image": round(sum(r["seconds"] for r in self.rows) / max(1, n), 4),
-                **({"stops": {why: sum(1 for r in self.rows if r.get("stop") == why) for why in STOPS},
-                    "out_of_reach_z": REACH_Z} if cfg.sequential else {})}
+                # why samples stopped: the same key in both methods (fixed n: every sample at n draws)
+                "stops": {why: sum(1 for r in self.rows if r.get("stop", "fixed") == why)
+                          for why in (STOPS if cfg.sequential else ("fixed",))},
+                **({"out_of_reach_z": REACH_Z} if cfg.sequential else {})}
 
     def to_tsv(self) -> str:
         """locuslab/smoothing's columns; a sequential run adds the noisy forwards each sample took."""

@@ -35,9 +35,21 @@ class _BatchSize(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class _PixelLevel(click.ParamType):
+    name = O.PixelLevel.name
+
+    def convert(self, value, param, ctx):
+        try:
+            return O.PixelLevel.parse(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def _click_type(t: Any) -> Any:
     if isinstance(t, O.BatchSize):
         return _BatchSize()
+    if isinstance(t, O.PixelLevel):
+        return _PixelLevel()
     if isinstance(t, O.Choice):
         return click.Choice(list(t))
     if isinstance(t, O.PathType):

@@ -34,7 +34,7 @@ def _metavar(spec: O.Opt) -> str:
         return ""
     if isinstance(t, O.Choice):
         return "|".join(t)
-    if isinstance(t, O.BatchSize):
+    if isinstance(t, (O.BatchSize, O.PixelLevel)):
         return t.name
     if isinstance(t, O.PathType):
         return "DIR" if not t.file_okay else "FILE"

@@ -51,6 +51,19 @@ class BatchSize:
         return v
 
 
+class PixelLevel:
+    """A number in pixel units, or a fraction like 64/255 (`validate.parse_level`)."""
+
+    name = "X|A/B"
+
+    @staticmethod
+    def parse(value: Any) -> float:
+        from ..options.validate import parse_level
+
+        return parse_level(value)
+
+
+PIXEL_LEVEL = PixelLevel()
 FILE = PathType(dir_okay=False)
 FOLDER = PathType(file_okay=False)
 EXISTING_FILE = PathType(exists=True, dir_okay=False)
@@ -255,7 +268,7 @@ PATCH_CORE = (
          help="Precision of training's forward passes, training attack and per-epoch validation attack (autocast; "
               "losses in fp32, loss scaling for fp16 on CUDA). Faster on GPUs and on CPUs with native bf16 "
               "(bench/RESULTS.md); the checkpoint is fp32 and the report's attacks run in fp32."),
-    popt("--noise-sigma", type=float, show_default=True,
+    popt("--noise-sigma", type=PIXEL_LEVEL, show_default=True,
          help="Denoised smoothing (for harden certify): train on x + N(0, σ²) with the stability objective "
               "CE(f(D(x+δ)), f(x)'s class) instead of adversarial examples; --preset certify sets it."),
     popt("--holdout", show_default=True,
@@ -336,8 +349,8 @@ EVAL = (
 
 CERTIFY = (
     opt("--data", help="Labelled images to certify (folder, tensor file, fashion-mnist:test)."),
-    opt("--sigma", type=float, default=DEFAULTS.CERTIFY["sigma"], show_default=True,
-        help="Noise level σ (pixel units)."),
+    opt("--sigma", type=PIXEL_LEVEL, default=DEFAULTS.CERTIFY["sigma"], show_default=True,
+        help="Noise level σ (pixel units, or a fraction like 64/255)."),
     opt("--n0", type=int, default=DEFAULTS.CERTIFY["n0"], show_default=True, help="Noise draws that select the class."),
     opt("--n", "n_samples", "--draws", type=int, default=DEFAULTS.CERTIFY["n"], show_default=True,
         help="Noise draws that bound its probability (independent of the first; a sequential run's cap). Under "
@@ -370,7 +383,7 @@ PREDICT = (
     opt("--json", "as_json", is_flag=True, help="One JSON object per input on stdout (JSON lines)."),
     opt("--max-samples", type=int, help="Only the first N inputs."),
     opt("--adaptive", is_flag=True, help="Inference-time post-training per input (slow: seconds per image)."),
-    opt("--smooth", "smooth_sigma", type=float,
+    opt("--smooth", "smooth_sigma", type=PIXEL_LEVEL,
         help="Predict with the smoothed model at noise σ (randomized smoothing's PREDICT: abstains unless a "
              "binomial test separates the top two classes at --smooth-alpha)."),
     opt("--smooth-n", type=int, default=10_000, show_default=True, help="Noise draws per input for --smooth."),

@@ -524,6 +524,11 @@ def load_onto(path: str | Path, net: nn.Module):
     if manifest is None:
         raise InputError(f"'{path}' is not a harden-patched checkpoint (no manifest): model= takes a patched "
                          "file; load a plain state dict with model.load_state_dict")
+    from ..patches.attach import carries_patches
+
+    if carries_patches(net):
+        raise InputError("model= already carries the patches of a PatchedModel (an earlier hardener.load(..., "
+                         "model=it) hooked it): pass a fresh base module")
     base_sd, patch_sd = _checked_tensors(path, manifest)
     _same_base(net, base_sd, path)
     patched = PatchedModel(Classifier(net.eval(), InputSpec.from_json(manifest.input)))

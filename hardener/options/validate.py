@@ -118,6 +118,22 @@ def _pixel_sigma(zero_ok: bool):
             f"must be a number in {'[' if zero_ok else '('}0, 1] (pixel units: 25/255 is 0.098)")
 
 
+def parse_level(value: Any) -> float:
+    """A noise level or any pixel-unit number as a user writes it: 0.25, '0.25' or a fraction like '64/255';
+    ValueError with the requirement otherwise (the range is `OPTION_RULES`')."""
+    from fractions import Fraction
+
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number or a fraction like 64/255, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"must be a number or a fraction like 64/255, got '{value}'") from None
+
+
 def _open_unit():
     return (lambda v: math.isfinite(v) and 0 < v < 1), "must be a number in (0, 1)"
 

@@ -111,6 +111,7 @@ class PatchedModel(nn.Module):
                 self._capture[site] = new.clone()
             return new
         forward.harden_twin = True  # marks it for the copies that drop it
+        forward.harden_patch = True  # what `carries_patches` looks for
         return forward
 
     def _patch_output(self, key: str, out: torch.Tensor) -> torch.Tensor:
@@ -133,6 +134,7 @@ class PatchedModel(nn.Module):
                 # clone: a later in-place op (ReLU(inplace=True)) must not rewrite the captured features
                 self._capture[site] = new.clone()
             return new if new is not out else None
+        hook.harden_patch = True
         return hook
 
     def _make_pre_hook(self, site: str, key: str):
@@ -142,6 +144,7 @@ class PatchedModel(nn.Module):
             if self._capture is not None:
                 self._capture[site] = new.clone()
             return (new, *inp[1:]) if new is not x else None
+        hook.harden_patch = True
         return hook
 
     def patch_parameters(self) -> Iterator[nn.Parameter]:
@@ -325,3 +328,13 @@ class StraightThrough(_View):
     logits as the model, the gradients of the model without those patches' Jacobians."""
 
     mode = "straight_through"
+
+
+def carries_patches(module: nn.Module) -> bool:
+    """Whether `module` is hooked by a `PatchedModel` (`hardener.load(path, model=module)` patches the module it is
+    given in place): a copy of it would carry that model's patches, its hooks calling them."""
+    for m in module.modules():
+        hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values(), m.__dict__.get("forward"))
+        if any(getattr(h, "harden_patch", False) for h in hooks):
+            return True
+    return False

@@ -172,9 +172,13 @@ class Cost:
         return {"parameters": self.parameters_patches, "base_parameters": self.parameters_base,
                 "macs": self.macs_patched - self.macs_base, "base_macs": self.macs_base}
 
+    def to_dict(self, latency: bool = True) -> dict:
+        """The JSON record, a dict (as `Report.to_dict()`); `latency=False` leaves the measurement out (the
+        checkpoint's manifest: a model's cost, not one machine's timing, and the same bytes for the same seed)."""
+        return self.to_json(latency)
+
     def to_json(self, latency: bool = True) -> dict:
-        """The JSON record; `latency=False` leaves the measurement out (the checkpoint's manifest: a model's cost,
-        not one machine's timing, and the same bytes for the same seed)."""
+        """The JSON record (a dict: `to_dict`, the name the library's other results use)."""
         if not latency:
             return {k: v for k, v in self.to_json().items() if not k.startswith("latency")}
         return {"budget": self.budget, **({"sizing": self.sizing} if self.sizing else {}),
@@ -267,7 +271,7 @@ def measure(patched, latency: bool = True, **latency_kw: Any) -> Cost:
     """`hardener.measure_cost`: a `PatchedModel`'s inference cost against its base: multiply-adds per image and
     parameters (counted by torch at the recorded input shape), and with `latency` the measured latency (base and
     patched interleaved in this process, batch 1 and a large batch, the median of repeats; `budget_s` bounds the
-    time it takes). `.macs_ratio`, `.latency_ratio`, `.added()`, `.to_json()`."""
+    time it takes). `.macs_ratio`, `.latency_ratio`, `.added()`, `.to_dict()`."""
     cost = count(patched)
     recorded = getattr(getattr(patched, "manifest", None), "cost", None) or {}  # a loaded checkpoint's, as trained
     cost.budget, cost.sizing = recorded.get("budget"), recorded.get("sizing")
@@ -314,8 +318,8 @@ def parse_budget(value: Any) -> float | None:
         raise InputError(f"--budget must be a number (inference multiply-adds relative to the base, e.g. 1.25) or "
                          f"none, got {value!r}")
     if budget < 1.0:
-        raise InputError(f"--budget {value}: the patched model runs the whole base too, so it costs at least 1.0x the "
-                         "base's multiply-adds; give 1.0 or more, or none")
+        raise InputError(f"--budget must be 1.0 or more, or none, got {value}: the patched model runs the whole base "
+                         "too, so it costs at least 1.0x the base's multiply-adds")
     return budget
 
 
@@ -369,10 +373,13 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
     rho, kept, used = best if best else (opts.rho, [], 0)
     if not kept_pre and not kept and not twins and sites:
         cheapest = min((c, rest[j][1]) for c, j in before) if before else None
-        what = f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%" if cheapest else ""
+        # the smallest budget that fits the cheapest, to 2 decimals, rounded up
+        least = math.ceil(100 * (1 + cheapest[0] / max(1, base)) - 1e-9) / 100 if cheapest else None
+        what = (f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%: --budget "
+                f"{least:.2f} or more fits it" if cheapest else "; raise --budget")
         room = f"{100 * (budget - 1):.2f}".rstrip("0").rstrip(".")  # 0.01, not 0.0
         raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {room}% of the base's "
-                         f"{fmt(base)} multiply-adds{what}; raise --budget or give none")
+                         f"{fmt(base)} multiply-adds{what}, or give none")
     o = o.replace(rho=rho)
     chosen = [rest[j] for j in sorted(kept)]
     if rest:

@@ -170,6 +170,9 @@ def library_voice(progress=True, words=None):
     flags)."""
     import warnings
 
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise InputError(f"progress must be True, False or a callable (phase, done, total, info), got "
+                         f"{type(progress).__name__} {progress!r}")
     shown = progress is True
     log = logging.getLogger("hardener")
 

@@ -182,8 +182,8 @@ def recipe_warnings(recipe, cfg: F.FitConfig, n_train: int, epochs_given: bool =
     if n_steps < FEW_STEPS:
         from_preset = recipe and recipe.options.get("epochs") == cfg.epochs and not epochs_given  # else the user's
         src = f" (--epochs {cfg.epochs} is preset {recipe.name}'s)" if from_preset else ""
-        warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, {cfg.epochs} "
-                        f"epochs{src}): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
+        warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, "
+                        f"{plural(cfg.epochs, 'epoch')}{src}): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
     threat = S.effective_threat_model(cfg)
     if recipe is not None and recipe.warning and recipe.threat_model == threat:
         warnings.append(recipe.warning)
@@ -212,10 +212,15 @@ def _run_warnings(run: PatchRun) -> list[str]:
         hint = ("a pre-filter at full input resolution is usually most of it: --prefilter-stride 2 or --width 32 cut it "
                 "at a cost in robustness (bench/RESULTS.md, 'A cheaper robust recipe')" if prefilter else
                 "choose fewer sites, or sites at lower resolution (`harden layers`)")
-        warnings.append(f"the patches add {cost['macs'] / 1e6:,.1f}M multiply-adds per image, {times - 1:.1f}x the "
-                        f"base's {cost['base_macs'] / 1e6:,.1f}M: the patched model costs {times:.1f}x the base at "
+        warnings.append(f"the patches add {C.fmt(cost['macs'])} multiply-adds per image, {times - 1:.1f}x the "
+                        f"base's {C.fmt(cost['base_macs'])}: the patched model costs {times:.1f}x the base at "
                         f"inference and in every attack step; {hint}")
     return warnings
+
+
+def plural(n: int, word: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def plan_text(run: PatchRun, report_line: str | None = None) -> str:
@@ -229,7 +234,8 @@ def plan_text(run: PatchRun, report_line: str | None = None) -> str:
     auto = run.opts.batch_size == "auto"
     lines = [f"recipe: {f'preset {recipe.name}' if recipe else 'custom options'}, training for the "
              f"{S.effective_threat_model(cfg)} threat model",
-             f"training: {n_epoch:,} images per epoch, {cfg.epochs} epochs x {per_epoch} steps of {cfg.batch_size}"
+             f"training: {n_epoch:,} images per epoch, {plural(cfg.epochs, 'epoch')} x {plural(per_epoch, 'step')} "
+             f"of {cfg.batch_size}"
              f"{' (--batch-size auto)' if auto else ''} = {cfg.epochs * per_epoch:,} optimiser steps; attack {att} "
              f"against {against}; about {units:.0f} forward-pass equivalents per image per step"]
     if run.val_ds is not None:

@@ -35,6 +35,9 @@ def run(call: Call) -> None:
                          "copies whatever the radius) or drop --max-radius")
     cfg = C.SmoothingConfig(sigma=sigma, n0=kw["n0"], n=n_samples, alpha=alpha, batch_size=kw["batch_size"],
                             seed=kw["seed"], sequential=kw["sequential"], max_radius=kw["max_radius"])
+    note = cfg.check_reach()  # --n too small to certify anything: an error; too small for --max-radius: a warning
+    if note:
+        err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
     world, device = start(kw)
     loaded = load_model(model, model_options(kw))
     ds = load_data(loaded, kw["data"], data_options(kw))
@@ -61,20 +64,17 @@ def run(call: Call) -> None:
             return
         err_console.print(CR.summary_line(cert.summary), highlight=False, markup=False)
         rep = cert.to_dict()
-        for path, text in ((tsv_path, cert.to_tsv), (report_path, lambda: _report_text(rep, report_path))):
-            if path:
-                content = text()
-                written.append(path)  # before the write: an interrupt just as the file lands removes it too
-                atomic_write(Path(path), lambda tmp, c=content: Path(tmp).write_text(c))
+        if tsv_path:  # the table of samples, whatever its suffix
+            written.append(tsv_path)  # before the write: an interrupt just as the file lands removes it too
+            atomic_write(Path(tsv_path), lambda tmp: Path(tmp).write_text(cert.to_tsv()))
+        if report_path:  # .json or .md (checked first)
+            written.append(report_path)
+            cert.save(report_path)
     store.clear()
     D.clear_other_states(store.path, world)  # the other ranks' state too, now that the report is written
     D.finish(world)
     if kw["as_json"]:
         out(json.dumps(rep, indent=2, sort_keys=True))
-
-
-def _report_text(rep: dict, path: str) -> str:
-    return CR.to_markdown(rep) if Path(path).suffix.lower() == ".md" else json.dumps(rep, indent=2, sort_keys=True)
 
 
 def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, world: D.World, model_sha: str,
