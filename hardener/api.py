@@ -32,10 +32,11 @@ from .certification import run as CR
 from .certification import smoothing
 from .certification.run import Certification
 from .data import as_dataset
-from .errors import InputError
+from .errors import InputError, Interrupted
 from .evaluation import run as EV
 from .evaluation import threats as E
-from .io.checkpoint import sha256_file
+from .io.checkpoint import sha256_file, tensor_digest
+from .io.resume import state_folder
 from .io.session import Loaded, finish_spec
 from .io.session import pick_device as _pick
 from .model import archspec
@@ -390,10 +391,12 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
 
 
 def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: int = CERTIFY["n"],
-            n0: int = CERTIFY["n0"], alpha: float = CERTIFY["alpha"], sequential: bool = CERTIFY["sequential"], max_radius: float | None = None,
+            n0: int = CERTIFY["n0"], alpha: float = CERTIFY["alpha"], sequential: bool = CERTIFY["sequential"],
+            max_radius: float | None = None,
             max_samples: int | None = None, batch_size: int = CERTIFY["batch_size"], seed: int = CERTIFY["seed"],
             arch: str | None = None, mean=None, std=None, logits: str | None = None,
-            device: str | torch.device = "auto", progress: bool | Any = True) -> Certification:
+            device: str | torch.device = "auto", progress: bool | Any = True, state_dir: str | Path | None = None,
+            resume: bool = False) -> Certification:
     """Certified L2 radii of the smoothed `model` (randomized smoothing, Cohen et al. 2019) on `data`: a
     `PatchedModel`, an `nn.Module` taking [0, 1] pixels, or a checkpoint path (`arch`, `mean`, `std`, `logits` as for
     `hardener.patch`). `sequential=True`, the default as for `harden certify`, stops drawing noisy copies of a sample
@@ -401,14 +404,18 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
     whose `n` draws per sample `sequential=False` spends); `max_radius` (default 2 `sigma`) is the largest radius it
     tries to certify; `sigma` in pixel units, or a fraction like "64/255". A `max_radius` beyond what `n` draws can
     certify is a `UserWarning`, an `n` that can certify nothing an `InputError`. Progress goes to stderr
-    (`progress=False`: none, a callable gets it). `.save(path)` writes the report (.json, .md) or its samples (.tsv)."""
+    (`progress=False`: none, a callable gets it). `.save(path)` writes the report (.json, .md) or its samples (.tsv).
+    With `state_dir`, each certified sample is kept in a state file there (named by the model's tensors, the samples
+    and the settings, as `harden certify --state-dir` keeps it); an interrupt (Ctrl-C) raises
+    `hardener.errors.Interrupted` saying how many were saved, and the same call with `resume=True` certifies only
+    the rest. The state file is removed once the certification returns."""
     keywords = _keywords(certify)
     with speaking_python(keywords):
         for what, v, kinds in (("n", n, "int"), ("n0", n0, "int"), ("batch_size", batch_size, "int"),
                                ("max_samples", max_samples, "int | None"), ("sigma", sigma, "float | str"),
                                ("alpha", alpha, "float"), ("sequential", sequential, "bool"),
                                ("max_radius", max_radius, "float | None"), ("seed", seed, "int"),
-                               ("logits", logits, "str | None")):
+                               ("logits", logits, "str | None"), ("resume", resume, "bool")):
             check_arg(what, v, kinds)
         for what, v, rule in (("n", n, "n_samples"), ("n0", n0, None), ("batch_size", batch_size, None),
                               ("max_samples", max_samples, None), ("seed", seed, None)):
@@ -416,6 +423,9 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
         if max_radius is not None and not sequential:
             raise InputError("max_radius applies to sequential certification: drop sequential=False (fixed-n CERTIFY "
                              "draws n copies whatever the radius) or drop max_radius")
+        if state_dir is not None and not isinstance(state_dir, (str, Path)):
+            raise InputError(f"state_dir must be a folder path, got {type(state_dir).__name__}")
+        folder = state_folder(str(state_dir), [], env=False) if state_dir is not None else None
         try:
             sigma = V.parse_level(sigma)  # 0.25, or a fraction like "64/255"
         except ValueError as e:
@@ -437,9 +447,21 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
         finish(patched, ds, dev)
         spec = patched.model.spec
         CR.check_memory(cfg, spec.shape, "batch_size")
-        with view if hasattr(view, "__enter__") else contextlib.nullcontext():
-            return CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name, model_sha=sha,
-                                  max_samples=max_samples, progress=view)
+        ds = hdata.samples(ds, None, max_samples, cfg.seed)  # the samples, before the state that names them
+        # a module in memory has no file digest: its tensors name it (patches included)
+        store, rows = CR.state_store(ds, cfg, dev, None, sha or tensor_digest(patched.state_dict()), folder, resume,
+                                     beside=None)
+        if rows:
+            library_voice(progress)[0](f"resuming: {len(rows)} of {len(ds)} samples already certified")
+        try:
+            with view if hasattr(view, "__enter__") else contextlib.nullcontext():
+                cert = CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name,
+                                      model_sha=sha, progress=view, done=list(rows),
+                                      keep=CR.keeper(store, rows, cfg))
+        except KeyboardInterrupt:
+            raise Interrupted(CR.stopped(store, rows, "call again with resume=True")) from None
+        store.clear()
+        return cert
 
 
 @dataclass

@@ -429,3 +429,46 @@ def test_library_certify_odds_and_ends(runner, tmp_path, tiny_ckpt, tiny_test_da
     assert r.exit_code == 0 and "warning: radius 0.24 (2σ, the default --max-radius) is beyond what --n 300" in r.stderr
     assert_input_error(runner.invoke(main, [*args, "--sigma", "0.12", "--n", "10", "--alpha", "0.001"]),
                        "--n 10 draws cannot certify any radius")
+
+
+def test_library_certify_resumes_an_interrupted_run(tmp_path, tiny_ckpt, tiny_test_data):
+    """`hardener.certify(..., state_dir=D)`: an interrupt saves the certified samples and says how to go on;
+    `resume=True` certifies only the rest, and the rows equal an uninterrupted run's; the state names the model's
+    tensors, so another module's run does not pick it up."""
+    import hardener
+    from hardener.errors import Interrupted
+
+    from conftest import ARCH
+
+    common = dict(sigma=0.12, n0=20, n=300, alpha=0.01, max_radius=0.2, max_samples=6, device="cpu")
+    model = hardener.as_patched(str(tiny_ckpt), arch=ARCH)
+    whole = hardener.certify(model, str(tiny_test_data), progress=False, **common)
+    calls = []
+
+    def stop_at_third(phase, done, total, info):
+        calls.append(done)
+        if done == 3:
+            raise KeyboardInterrupt
+    state = tmp_path / "state"
+    with pytest.raises(Interrupted, match=r"^interrupted: 3 samples saved to '.*'; call again with resume=True"):
+        hardener.certify(model, str(tiny_test_data), progress=stop_at_third, state_dir=state, **common)
+    assert len(list(state.glob(".harden-certify-*.partial"))) == 1
+    with pytest.raises(InputError, match="holds an interrupted certification: pass resume=True"):
+        hardener.certify(model, str(tiny_test_data), progress=False, state_dir=state, **common)
+    other = hardener.as_patched(str(tiny_ckpt), arch=ARCH)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.01)  # another model, the same settings
+    with pytest.raises(InputError, match="no saved certification .* for these settings .* 1 interrupted"):
+        hardener.certify(other, str(tiny_test_data), progress=False, state_dir=state, resume=True, **common)
+    calls.clear()
+    done = hardener.certify(model, str(tiny_test_data), progress=lambda *a: calls.append(a[1]), state_dir=state,
+                            resume=True, **common)
+    assert calls == [4, 5, 6]  # only the rest was certified
+    keys = ("idx", "label", "predict", "radius", "draws", "stop")
+    assert [{k: r[k] for k in keys} for r in done.rows] == [{k: r[k] for k in keys} for r in whole.rows]
+    assert not list(state.glob(".harden-certify-*.partial"))  # removed once the certification returned
+    with pytest.raises(InputError, match=r"^resume=True: no saved certification .*drop resume=True"):
+        hardener.certify(model, str(tiny_test_data), progress=False, state_dir=state, resume=True, **common)
+    with pytest.raises(InputError, match="^resume=True: no certification state to resume from; .* only with "
+                                         "state_dir=DIR$"):
+        hardener.certify(model, str(tiny_test_data), progress=False, resume=True, **common)

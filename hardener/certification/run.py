@@ -4,13 +4,14 @@ returns; what differs is where progress goes and whether finished rows are kept 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .. import data as hdata
+from ..io.resume import EvalStore, fingerprint
 from ..options import validate as V
 from ..reports import report as R
 from ..runtime import distributed as D
@@ -104,6 +105,41 @@ def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingCon
            "environment": R.environment(str(device), cfg.seed, deterministic),
            **({"processes": world.size} if shard else {})}
     return Certification(rep, res)
+
+
+def state_store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device, world: D.World | None,
+                model_sha: str | None, folder: Path | None, resume: bool,
+                beside: str | None = "a --report or --tsv") -> tuple[EvalStore, list[dict]]:
+    """A certification's resumable state in `folder` (None: kept in memory only, nothing to resume; one file per
+    process of a sharded run), named by a fingerprint of the model, the selected samples and the settings, and the
+    rows it already holds (`resume`)."""
+    rules = {"stops": C.STOPS, "reach_z": C.REACH_Z} if cfg.sequential else {}  # a rule change is another run
+    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
+                      **rules})
+    suffix = D.state_suffix(world) if world is not None else ""
+    state = folder / f".harden-certify-{fp[:16]}{suffix}.partial" if folder is not None else None
+    store = EvalStore(state, fp, resume, what="certification", others=".harden-certify-*.partial", beside=beside)
+    return store, list((store.get("rows") or {}).get("rows", []))
+
+
+def keeper(store: EvalStore, rows: list[dict], cfg: C.SmoothingConfig) -> Callable[[dict], None]:
+    """`certify_run`'s `keep`: each certified row added to `rows` and to the state (with the settings, so that a
+    reader can summarise a partial state)."""
+    def keep(row: dict) -> None:
+        rows.append(row)
+        store.put("rows", {"rows": list(rows), "config": asdict(cfg)})
+    return keep
+
+
+def stopped(store: EvalStore, rows: list, again: str = "rerun the same command with --resume") -> str:
+    """Interrupted: the certified rows saved for a resume, said in a line."""
+    store.flush()
+    if not rows:
+        return f"interrupted before the first sample was certified: nothing to resume, {again.split(' with ')[0]}"
+    if store.path is None:
+        return ("interrupted; no progress saved (pass --state-dir DIR, --report or --tsv to make a certification "
+                "resumable)")
+    return f"interrupted: {len(rows)} samples saved to '{store.path}'; {again}"
 
 
 def check_memory(cfg: C.SmoothingConfig, shape, flag: str = "--batch-size") -> None:

@@ -270,22 +270,3 @@ def check_space(needs: list[tuple[str, Any, int]]) -> None:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
-
-
-def eval_state_dir(state_dir: str | None, reports: list[str]) -> Path | None:
-    """Where `harden eval` keeps resumable state: --state-dir, HARDEN_CACHE_DIR, beside the first --report;
-    None (nothing written, nothing resumable) when none is given. Never the working directory by default."""
-    chosen = state_dir or os.environ.get("HARDEN_CACHE_DIR") or None
-    if chosen:
-        d = Path(chosen)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"state folder '{d}' cannot be created: {e.strerror}") from None
-        if not d.is_dir():
-            raise InputError(f"state folder '{d}' is not a folder")
-        return d
-    if reports:
-        parent = Path(reports[0]).parent
-        return parent if str(parent) else Path(".")
-    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -172,16 +173,16 @@ class EvalStore:
     """
 
     def __init__(self, path: Path | None, fingerprint: str, resume: bool, interval: float = 20.0,
-                 what: str = "evaluation", others: str | None = None, beside: str = "a --report") -> None:
+                 what: str = "evaluation", others: str | None = None, beside: str | None = "a --report") -> None:
         """`path` None: progress is kept in memory only (nothing can be resumed, nothing is written). `what` names
         the run in messages (`harden certify` keeps its rows here too), `others` globs its siblings (`check_start`),
-        `beside` says which outputs the state is kept beside."""
+        `beside` says which outputs the state is kept beside (None: only in a state folder given, the library's)."""
         self.path, self.fingerprint, self.interval, self.what = path, fingerprint, interval, what
         self._last = time.time()
         if path is None:
             if resume:
-                raise InputError(f"--resume: no {what} state to resume from; {what} state is kept only "
-                                 f"with --state-dir DIR, HARDEN_CACHE_DIR or beside {beside}")
+                where = f"--state-dir DIR, HARDEN_CACHE_DIR or beside {beside}" if beside else "--state-dir DIR"
+                raise InputError(f"--resume: no {what} state to resume from; {what} state is kept only with {where}")
             self.data: dict[str, Any] = {}
             return
         check_start(path, resume, what, others)
@@ -208,3 +209,22 @@ class EvalStore:
                 self.path = None
             self._last = time.time()
 
+
+def state_folder(state_dir: str | None, reports: list[str], env: bool = True) -> Path | None:
+    """Where `harden eval` and `harden certify` keep resumable state: --state-dir, HARDEN_CACHE_DIR, beside the first
+    of `reports`; None (nothing written, nothing resumable) when none is given. Never the working directory by
+    default. The library's `state_dir=` is the first of these only (`reports` empty, `env` False)."""
+    chosen = state_dir or (os.environ.get("HARDEN_CACHE_DIR") if env else None) or None
+    if chosen:
+        d = Path(chosen)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"state folder '{d}' cannot be created: {e.strerror}") from None
+        if not d.is_dir():
+            raise InputError(f"state folder '{d}' is not a folder")
+        return d
+    if reports:
+        parent = Path(reports[0]).parent
+        return parent if str(parent) else Path(".")
+    return None

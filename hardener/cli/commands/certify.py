@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from ... import data as hdata
@@ -10,11 +9,10 @@ from ...certification import run as CR
 from ...certification import smoothing as C
 from ...errors import InputError, UsageError
 from ...io.checkpoint import atomic_write, sha256_file
-from ...io.resume import EvalStore, fingerprint
+from ...io.resume import state_folder
 from ...io.session import finish_spec, load_data, load_model
 from ...runtime import distributed as D
 from ...runtime.console import ProgressView, err_console, out
-from .. import boundary as B
 from ..signals import outputs_or_none
 from . import Call, data_options, model_arg, model_options, start
 
@@ -45,19 +43,16 @@ def run(call: Call) -> None:
     CR.check_memory(cfg, loaded.spec.shape)
     model_sha = loaded.base.sha256 if loaded.base is not None else sha256_file(Path(model))  # a plain file: hashed once
     ds = hdata.samples(ds, subset, kw["max_samples"], kw["seed"])
-    store, rows = _store(ds, cfg, device, world, model_sha, kw)
+    folder = state_folder(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
+    store, rows = CR.state_store(ds, cfg, device, world, model_sha, folder, kw["resume"])
     if rows and not kw["quiet"]:
         mine = f"this process's {len(D.shard(len(ds), 1, world))}" if world.active else str(len(ds))
         err_console.print(f"resuming: {len(rows)} of {mine} samples already certified", highlight=False)
-
-    def keep(row: dict) -> None:
-        rows.append(row)
-        store.put("rows", {"rows": list(rows), "config": asdict(cfg)})  # the config: a reader can summarise it
-    with outputs_or_none(lambda: _stopped(store, rows)) as written:
+    with outputs_or_none(lambda: CR.stopped(store, rows)) as written:
         with ProgressView(kw["quiet"]) as progress:
             cert = CR.certify_run(loaded.patched, ds, cfg, device, n_classes=loaded.spec.num_classes,
                                model_name=model, model_sha=model_sha,
-                               progress=progress, done=list(rows), keep=keep,
+                               progress=progress, done=list(rows), keep=CR.keeper(store, rows, cfg),
                                deterministic=kw["deterministic"], world=world)
         if cert is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
             D.finish(world)
@@ -75,30 +70,3 @@ def run(call: Call) -> None:
     D.finish(world)
     if kw["as_json"]:
         out(json.dumps(rep, indent=2, sort_keys=True))
-
-
-def _store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device, world: D.World, model_sha: str,
-           kw: dict) -> tuple[EvalStore, list]:
-    """The certification's resumable state (beside --report or --tsv, or --state-dir; one per rank of a sharded run)
-    and the rows it holds."""
-    rules = {"stops": C.STOPS, "reach_z": C.REACH_Z} if cfg.sequential else {}  # a rule change is another run
-    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
-                      **rules})
-    folder = B.eval_state_dir(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
-    state = folder / f".harden-certify-{fp[:16]}{D.state_suffix(world)}.partial" if folder is not None else None
-    store = EvalStore(state, fp, kw["resume"], what="certification", others=".harden-certify-*.partial",
-                      beside="a --report or --tsv")
-    return store, list((store.get("rows") or {}).get("rows", []))
-
-
-def _stopped(store: EvalStore, rows: list) -> str:
-    """Interrupted (certifying or writing): the certified rows saved for --resume."""
-    store.flush()
-    if not rows:
-        return "interrupted before the first sample was certified: nothing to resume, rerun the command"
-    if store.path is None:
-        return ("interrupted; no progress saved (pass --state-dir DIR, --report or --tsv to make a certification "
-                "resumable)")
-    return f"interrupted: {len(rows)} samples saved to '{store.path}'; rerun the same command with --resume"
-
-

@@ -14,7 +14,7 @@ from ...errors import InputError, RunError, ThresholdError, UsageError
 from ...evaluation import run as EV
 from ...evaluation import threats as E
 from ...io.checkpoint import sha256_file
-from ...io.resume import EvalStore, fingerprint
+from ...io.resume import EvalStore, fingerprint, state_folder
 from ...io.session import finish_spec, load_data, load_model, load_parent
 from ...options import validate as V
 from ...reports import report as R
@@ -22,7 +22,6 @@ from ...reports.tracking import require
 from ...runtime import distributed as D
 from ...runtime.console import ProgressView, err_console, out
 from ...training import run as RUN
-from .. import boundary as B
 from ..signals import outputs_or_none
 from . import (
     Call,
@@ -154,7 +153,7 @@ def _store(loaded, ds, ecfg: E.EvalConfig, device, world, model_sha: str, kw: di
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
                       "device": device.type, "route": loaded.patched.current_route, "parent": kw["parent"],
                       "surrogate": sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None})
-    state_dir = B.eval_state_dir(kw["state_dir"], list(kw["report_paths"]))
+    state_dir = state_folder(kw["state_dir"], list(kw["report_paths"]))
     state = state_dir / f".harden-eval-{fp[:16]}{D.state_suffix(world)}.partial" if state_dir is not None else None
     return EvalStore(state, fp, kw["resume"], others=".harden-eval-*.partial")
 
