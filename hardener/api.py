@@ -36,7 +36,7 @@ from .errors import InputError, Interrupted
 from .evaluation import run as EV
 from .evaluation import threats as E
 from .io.checkpoint import sha256_file, tensor_digest
-from .io.resume import state_folder
+from .io.resume import StopFlag, state_folder
 from .io.session import Loaded, finish_spec
 from .io.session import pick_device as _pick
 from .model import archspec
@@ -80,8 +80,8 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
 
         if carries_patches(model):
             raise InputError("the module carries the patches of a PatchedModel (hardener.load(path, model=...) hooks "
-                             "the module it is given): evaluate or certify that PatchedModel itself, and patch a fresh base "
-                             "module")
+                             "the module it is given): evaluate or certify that PatchedModel itself, and patch a "
+                             "fresh base module")
 
         m, sd = hf_normalisation(preprocessor, _csv(mean), _csv(std))
         spec = InputSpec(mean=parse_floats(m, "mean"), std=parse_floats(sd, "std"), logits=logits)
@@ -165,7 +165,8 @@ PATCH_ALIASES = {"preset": "recipe", "report-budget": "report", "report": "repor
 def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | None = None, mean=None,
           std=None, logits: str | None = None, device: str | torch.device = "auto",
           progress: bool | F.Progress | None = True, report: str | None = None, eval_data: Any = None,
-          eval_samples: int | None = None, eval_steps: int | None = None, **overrides: Any) -> PatchedModel:
+          eval_samples: int | None = None, eval_steps: int | None = None, state: str | Path | None = None,
+          resume: bool = False, **overrides: Any) -> PatchedModel:
     """Splice patches into a frozen `model` and train them on `data`; returns the `PatchedModel`.
 
     `recipe` names a preset (`"robust"`: white-box robustness; `"transfer"`: the fixer paper's transfer-only
@@ -184,6 +185,9 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     model after training, on `eval_data` or else on held-out images of `data` outside the training and validation
     images (`eval_samples` of them: 500 quick, 1,000 full; 0: all), and its cost is part of the plan's estimate;
     `None`, the default, runs none and keeps no images of `data` aside for one.
+    `state="run.partial"` keeps the training's state in that file (at each epoch's end, and when interrupted:
+    Ctrl-C stops at the next step, saves and raises `hardener.errors.Interrupted`); the same call with `resume=True`
+    continues from it as if never stopped. It is removed once `patch` returns.
     The base's weights and statistics are bit-identical afterwards. The returned model carries `.training_record`
     (the record the checkpoint stores), `.history` (one `EpochLog` per epoch), `.cost` (a `cost.Cost`:
     multiply-adds counted, latency measured on `device`, against the base; the checkpoint's `cost` holds the
@@ -192,8 +196,14 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
     with speaking_python(keywords, PATCH_ALIASES):
         opts, preset = PatchOptions.build(recipe, overrides)
         for what, v, kinds in (("report", report, "str | None"), ("eval_samples", eval_samples, "int | None"),
-                               ("eval_steps", eval_steps, "int | None")):
+                               ("eval_steps", eval_steps, "int | None"), ("resume", resume, "bool")):
             check_arg(what, v, kinds)
+        if state is not None and not isinstance(state, (str, Path)):
+            raise InputError(f"state must be a file path (the training's resumable state), got {type(state).__name__}")
+        if resume and state is None:
+            raise InputError("resume=True needs state=: the file the interrupted run kept its state in")
+        if state is not None and not Path(state).parent.is_dir():
+            raise InputError(f"state '{state}': the folder '{Path(state).parent}' does not exist")
         check_range("eval_samples", eval_samples)
         check_range("eval_steps", eval_steps)
         if report is None and (eval_data is not None or eval_samples is not None or eval_steps is not None):
@@ -211,8 +221,14 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         words = _words(keywords, PATCH_ALIASES)
         hooks = RUN.library_hooks(progress, words)
         hooks.keep_parent = post is not None  # a method that fine-tunes the base: the report's base is the original
+        if state is not None:  # resumable, as harden patch is beside --out: Ctrl-C saves at the next step
+            base_sha = patched.base_sha256 or tensor_digest(patched.model.state_dict())
+            hooks.saver = lambda r: RUN.saver_at(Path(state), r, base_sha, resume)
+            hooks.stop, hooks.cache_dir = StopFlag(), Path(state).parent
         run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks, post_report=post,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
+        if run.saver is not None:
+            run.saver.clear()  # trained: the model is the caller's now
         over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
         _warn(over and words(over))
         if run.inference is not None and run.inference.sizing:  # what the budget chose, in the same words
@@ -346,7 +362,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
              checks: bool = True, arch: str | None = None, mean=None, std=None, logits: str | None = None,
              device: str | torch.device = "auto",
              progress: bool | F.Progress | None = True, surrogate: nn.Module | None = None,
-             precision: str = EVAL["precision"], allow_low_accuracy: bool = False) -> Report:
+             precision: str = EVAL["precision"], allow_low_accuracy: bool = False,
+             state_dir: str | Path | None = None, resume: bool = False) -> Report:
     """Attack `model` (a `PatchedModel`, an `nn.Module`, or a checkpoint path) on `data` and report: clean accuracy,
     each threat model's robust accuracy (white-box on the model itself; BPDA through the patches that may mask
     gradients; transfer from `surrogate`, a model taking [0, 1] pixels, when given; transfer from the base;
@@ -356,7 +373,10 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
     gets the progress), the notes go to the `logging` logger "hardener" too; a near-chance clean accuracy let through
     by `allow_low_accuracy=True` is a `UserWarning`, and it and the notes about the data (an output size that does
     not fit its classes) are the report's `data.warnings`. `batch_size="auto"`: the largest that fits. `arch`, `mean`,
-    `std`, `logits` (the key or index of the logits in a dict or tuple output) as for `hardener.patch`."""
+    `std`, `logits` (the key or index of the logits in a dict or tuple output) as for `hardener.patch`. With
+    `state_dir`, the finished attacks and batches are kept in a state file there (as `harden eval --state-dir`
+    keeps them): an interrupt (Ctrl-C) raises `hardener.errors.Interrupted`, and the same call with `resume=True`
+    goes on from there; the file is removed once the report is made."""
     keywords, aliases = _keywords(evaluate), {"attack": "attacks"}
     with speaking_python(keywords, aliases):
         for what, v, kinds in (("batch_size", batch_size, "int | str"), ("steps", steps, "int | None"),
@@ -364,8 +384,9 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
                                ("norm", norm, "str"), ("seed", seed, "int"), ("checks", checks, "bool"),
                                ("precision", precision, "str"), ("arch", arch, "str | None"),
                                ("logits", logits, "str | None"),
-                               ("threat", threat, "str | tuple")):
+                               ("threat", threat, "str | tuple"), ("resume", resume, "bool")):
             check_arg(what, v, kinds)
+        folder = _state_dir(state_dir)
         if isinstance(batch_size, str) and batch_size != "auto":
             raise InputError(f"batch_size must be an integer or 'auto', got {batch_size!r}")
         for what, v in (("batch_size", batch_size), ("steps", steps), ("max_samples", max_samples), ("seed", seed)):
@@ -384,9 +405,24 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
         finish(patched, ds, dev)
         notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
         hooks = EV.library_hooks(progress, _words(keywords, aliases))
-        run = EV.eval_run(EV.EvalRun(patched, ds, cfg, dev, has_patches, hooks,
-                                     max_samples=max_samples, allow_low_accuracy=allow_low_accuracy,
-                                     surrogate=surrogate, notes=notes))
+        if folder is not None or resume:  # a module in memory has no file digest: its tensors name it
+            sha = _digest(model, patched)
+            hooks.store = lambda r: EV.state_store(
+                r, sha, folder, resume, surrogate_sha=None if surrogate is None else
+                tensor_digest(surrogate.state_dict()), beside=None)
+        run = EV.EvalRun(patched, ds, cfg, dev, has_patches, hooks, max_samples=max_samples,
+                         allow_low_accuracy=allow_low_accuracy, surrogate=surrogate, notes=notes)
+        try:
+            EV.eval_run(run)
+        except KeyboardInterrupt:
+            if run.store is None:
+                raise Interrupted("interrupted before the attacks began: nothing to resume") from None
+            run.store.flush()
+            raise Interrupted(f"interrupted: progress saved to '{run.store.path}'; call again with resume=True"
+                              if run.store.path is not None and run.store.data else
+                              "interrupted before the first batch was attacked: nothing to resume") from None
+        if run.store is not None:
+            run.store.clear()
         return Report(run.report)
 
 
@@ -423,9 +459,7 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
         if max_radius is not None and not sequential:
             raise InputError("max_radius applies to sequential certification: drop sequential=False (fixed-n CERTIFY "
                              "draws n copies whatever the radius) or drop max_radius")
-        if state_dir is not None and not isinstance(state_dir, (str, Path)):
-            raise InputError(f"state_dir must be a folder path, got {type(state_dir).__name__}")
-        folder = state_folder(str(state_dir), [], env=False) if state_dir is not None else None
+        folder = _state_dir(state_dir)
         try:
             sigma = V.parse_level(sigma)  # 0.25, or a fraction like "64/255"
         except ValueError as e:
@@ -448,9 +482,7 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
         spec = patched.model.spec
         CR.check_memory(cfg, spec.shape, "batch_size")
         ds = hdata.samples(ds, None, max_samples, cfg.seed)  # the samples, before the state that names them
-        # a module in memory has no file digest: its tensors name it (patches included)
-        store, rows = CR.state_store(ds, cfg, dev, None, sha or tensor_digest(patched.state_dict()), folder, resume,
-                                     beside=None)
+        store, rows = CR.state_store(ds, cfg, dev, None, _digest(model, patched, sha), folder, resume, beside=None)
         if rows:
             library_voice(progress)[0](f"resuming: {len(rows)} of {len(ds)} samples already certified")
         try:
@@ -462,6 +494,25 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
             raise Interrupted(CR.stopped(store, rows, "call again with resume=True")) from None
         store.clear()
         return cert
+
+
+def _state_dir(state_dir: Any) -> Path | None:
+    """The library's `state_dir=`: a folder made if missing (None: no state kept)."""
+    if state_dir is None:
+        return None
+    if not isinstance(state_dir, (str, Path)):
+        raise InputError(f"state_dir must be a folder path, got {type(state_dir).__name__}")
+    return state_folder(str(state_dir), [], env=False)
+
+
+def _digest(model: Any, patched: PatchedModel, sha: str | None = None) -> str:
+    """What names the model in a resumable state: a checkpoint file's digest, else its tensors' (patches included:
+    a module in memory has no file)."""
+    if sha:
+        return sha
+    if isinstance(model, (str, Path)):
+        return sha256_file(Path(model))
+    return tensor_digest(patched.state_dict())
 
 
 @dataclass

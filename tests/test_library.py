@@ -255,3 +255,66 @@ def test_the_training_record_is_typed_and_is_what_the_checkpoint_stores(tmp_path
     assert rec["config"] == rec.config and "teacher" not in rec.to_dict() and rec.split is not None
     patched.save(tmp_path / "p.safetensors", arch=ARCH)
     assert read_manifest(tmp_path / "p.safetensors").training == json.loads(json.dumps(rec.to_dict()))
+
+
+def test_library_patch_resumes_an_interrupted_run(tmp_path):
+    """`hardener.patch(..., state=F)`: an interrupt (SIGINT, as Ctrl-C in a notebook) stops at the next step, saves
+    the training's state and raises `Interrupted` in the library's words; `resume=True` continues to the same
+    patches as an uninterrupted run, bit for bit, and the state file goes once `patch` returns."""
+    import os
+    import signal
+
+    from hardener.errors import Interrupted
+
+    net = trained_tiny()
+    kw = dict(**FAST, seed=3)
+    whole = hardener.patch(net, _data(), progress=False, **kw)
+    state = tmp_path / "run.partial"
+
+    def interrupt(phase, done, total, info):
+        if phase == "train" and done == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(Interrupted, match=r"interrupted at epoch \d+, step \d+: state saved to '.*run.partial'; rerun "
+                                          r"with resume=True"):
+        hardener.patch(net, _data(), progress=interrupt, state=state, **kw)
+    assert state.exists()
+    with pytest.raises(InputError, match="holds an interrupted training run: pass resume=True"):
+        hardener.patch(net, _data(), progress=False, state=state, **kw)
+    with pytest.raises(InputError, match="resume=True: the settings differ"):
+        hardener.patch(net, _data(), progress=False, state=state, resume=True, **{**kw, "seed": 4})
+    done = hardener.patch(net, _data(), progress=False, state=state, resume=True, **kw)
+    mine, ref = done.patches.state_dict(), whole.patches.state_dict()
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert not state.exists()
+    with pytest.raises(InputError, match="^resume=True needs state="):
+        hardener.patch(net, _data(), progress=False, resume=True, **kw)
+    with pytest.raises(InputError, match="does not exist"):
+        hardener.patch(net, _data(), progress=False, state=tmp_path / "no" / "run.partial", **kw)
+
+
+def test_library_evaluate_resumes_an_interrupted_run(tmp_path):
+    """`hardener.evaluate(..., state_dir=D)`: an interrupt keeps the finished attacks and batches and says how to go
+    on; `resume=True` finishes from there with the uninterrupted run's figures; the state goes with the report."""
+    from hardener.errors import Interrupted
+
+    patched = _quick_patch(trained_tiny(), progress=False)
+    x, y = _data(60, seed=9)
+    kw = dict(attacks="apgd-ce,apgd-dlr", steps=3, batch_size=16, eps=0.1)
+    whole = hardener.evaluate(patched, (x, y), progress=False, **kw)
+    seen = []
+
+    def stop_in_second_attack(*a):
+        seen.append(a)
+        if len(seen) == 6:
+            raise KeyboardInterrupt
+    state = tmp_path / "state"
+    with pytest.raises(Interrupted, match=r"^interrupted: progress saved to '.*'; call again with resume=True"):
+        hardener.evaluate(patched, (x, y), progress=stop_in_second_attack, state_dir=state, **kw)
+    assert len(list(state.glob(".harden-eval-*.partial"))) == 1
+    with pytest.raises(InputError, match="holds an interrupted evaluation: pass resume=True"):
+        hardener.evaluate(patched, (x, y), progress=False, state_dir=state, **kw)
+    done = hardener.evaluate(patched, (x, y), progress=False, state_dir=state, resume=True, **kw)
+    assert done.summary == whole.summary and done.robust == whole.robust
+    assert not list(state.glob(".harden-eval-*.partial"))
+    with pytest.raises(InputError, match="^resume=True: no evaluation state to resume from; .* only with state_dir=DIR$"):
+        hardener.evaluate(patched, (x, y), progress=False, resume=True, **kw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +19,7 @@ from torch import nn
 from .. import attacks as A
 from .. import data as hdata
 from ..errors import InputError
-from ..io.resume import EvalStore
+from ..io.resume import EvalStore, fingerprint
 from ..io.session import check_accuracy
 from ..patches import PatchedModel
 from ..patches.attach import Disabled
@@ -164,6 +164,18 @@ def words_of_report(rep: dict, words: Callable[[str], str]) -> dict:
         if c.get("hint"):
             c["hint"] = words(c["hint"])
     return rep
+
+
+def state_store(run: EvalRun, model_sha: str | None, folder: Path | None, resume: bool, parent: str | None = None,
+                surrogate_sha: str | None = None, beside: str | None = "a --report") -> EvalStore:
+    """The evaluation's resumable state in `folder` (None: in memory only, nothing to resume; one file per process
+    of a sharded run), named by a fingerprint of the model, the data, the configuration, the device, the route, the
+    fine-tuned model's parent and the surrogate."""
+    fp = fingerprint({"model": model_sha, "data": run.ds.fingerprint(), "eval": asdict(run.cfg),
+                      "device": run.device.type, "route": run.patched.current_route, "parent": parent,
+                      "surrogate": surrogate_sha})
+    state = folder / f".harden-eval-{fp[:16]}{D.state_suffix(run.hooks.world)}.partial" if folder is not None else None
+    return EvalStore(state, fp, resume, others=".harden-eval-*.partial", beside=beside)
 
 
 def library_hooks(progress: Any = True, words: Callable[[str], str] | None = None) -> Hooks:

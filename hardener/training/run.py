@@ -17,7 +17,7 @@ from .. import attacks as A
 from .. import data as hdata
 from .. import methods as M
 from ..errors import InputError, Interrupted
-from ..io.resume import Saver
+from ..io.resume import Saver, fingerprint
 from ..io.session import check_accuracy
 from ..options.patch_options import PatchOptions
 from ..options.recipe import Split, split_for_training
@@ -183,7 +183,8 @@ def recipe_warnings(recipe, cfg: F.FitConfig, n_train: int, epochs_given: bool =
         from_preset = recipe and recipe.options.get("epochs") == cfg.epochs and not epochs_given  # else the user's
         src = f" (--epochs {cfg.epochs} is preset {recipe.name}'s)" if from_preset else ""
         warnings.append(f"only {n_steps} optimiser steps ({n_train} images, batch {cfg.batch_size}, "
-                        f"{plural(cfg.epochs, 'epoch')}{src}): patches trained this briefly underfit; raise --epochs (or lower --batch-size)")
+                        f"{plural(cfg.epochs, 'epoch')}{src}): patches trained this briefly underfit; raise --epochs "
+                        "(or lower --batch-size)")
     threat = S.effective_threat_model(cfg)
     if recipe is not None and recipe.warning and recipe.threat_model == threat:
         warnings.append(recipe.warning)
@@ -312,6 +313,22 @@ def measure(run: PatchRun) -> str | None:
         run.warnings.append(text)
         return text
     return None
+
+
+def saver_at(path: Path, run: PatchRun, base_sha256: str, resume: bool, every_steps: int = 0) -> Saver:
+    """The training's resumable state at `path`, for this base, data, patches, configuration, device and world (the
+    command line's beside --out, the library's `state=`); an interrupted run there is neither lost (without
+    `resume`) nor resumed under other settings."""
+    world = run.hooks.world
+    saver = Saver(path, resume=resume, every_steps=every_steps,
+                  fingerprint=fingerprint({"base": base_sha256, "data": run.train_ds.fingerprint(),
+                                           "patches": run.patched.patch_specs(), "fit": F.config_record(run.cfg),
+                                           "attack": run.spec.record(), "device": run.device.type,
+                                           "val": run.val_ds.fingerprint() if run.val_ds is not None else None,
+                                           "processes": world.size}),
+                  readonly=not world.main)
+    saver.check_start()
+    return saver
 
 
 def library_hooks(progress: Any = True, words: Callable[[str], str] | None = None) -> Hooks:

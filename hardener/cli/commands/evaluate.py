@@ -2,7 +2,6 @@
 sanity checks, gates (`--fail-under`), reports; resumable, and shardable over processes (torchrun)."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -12,9 +11,8 @@ from ... import attacks as A
 from ... import data as hdata
 from ...errors import InputError, RunError, ThresholdError, UsageError
 from ...evaluation import run as EV
-from ...evaluation import threats as E
 from ...io.checkpoint import sha256_file
-from ...io.resume import EvalStore, fingerprint, state_folder
+from ...io.resume import EvalStore, state_folder
 from ...io.session import finish_spec, load_data, load_model, load_parent
 from ...options import validate as V
 from ...reports import report as R
@@ -59,7 +57,7 @@ def run(call: Call) -> None:
         adaptive.evaluate(model, loaded, ev.ds, names, kw, device)
         return
     model_sha = sha256_file(Path(model))
-    hooks.store = lambda r: _store(loaded, r.ds, r.cfg, device, world, model_sha, kw)
+    hooks.store = lambda r: _store(r, model_sha, kw)
     ev.extra = _extra(model, model_sha, loaded, kw, invocation.record("eval", call))
     with outputs_or_none(lambda: _stopped(ev.store)) as written:
         EV.eval_run(ev)
@@ -148,14 +146,11 @@ def _load_surrogate(path: str | None, kw: dict, ds, device):
     return loaded.patched.eval()
 
 
-def _store(loaded, ds, ecfg: E.EvalConfig, device, world, model_sha: str, kw: dict) -> EvalStore:
+def _store(run: EV.EvalRun, model_sha: str, kw: dict) -> EvalStore:
     """The evaluation's resumable state (per rank): in --state-dir, HARDEN_CACHE_DIR or beside the first --report."""
-    fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "eval": asdict(ecfg),
-                      "device": device.type, "route": loaded.patched.current_route, "parent": kw["parent"],
-                      "surrogate": sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None})
-    state_dir = state_folder(kw["state_dir"], list(kw["report_paths"]))
-    state = state_dir / f".harden-eval-{fp[:16]}{D.state_suffix(world)}.partial" if state_dir is not None else None
-    return EvalStore(state, fp, kw["resume"], others=".harden-eval-*.partial")
+    return EV.state_store(run, model_sha, state_folder(kw["state_dir"], list(kw["report_paths"])), kw["resume"],
+                          parent=kw["parent"],
+                          surrogate_sha=sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None)
 
 
 def _stopped(store: EvalStore | None) -> str:

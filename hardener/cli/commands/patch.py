@@ -11,7 +11,7 @@ from ... import attacks as A
 from ... import data as hdata
 from ...errors import InputError, RunError, UsageError
 from ...io.checkpoint import Manifest, save_patched, sha256_file
-from ...io.resume import Saver, StopFlag, fingerprint
+from ...io.resume import Saver, StopFlag
 from ...io.session import Loaded, finish_spec, load_data, load_model
 from ...model.hf import is_hf_arch
 from ...options.patch_options import check_teacher
@@ -128,18 +128,9 @@ def _plan(call: Call) -> Plan:
 
 
 def _saver(plan: Plan, r: RUN.PatchRun) -> Saver:
-    """The resumable state beside --out, for this base, data, patches, configuration, device and world."""
-    loaded, world = plan.loaded, r.hooks.world
-    saver = Saver(plan.out_file.with_name(plan.out_file.name + ".partial"), resume=plan.kw["resume"],
-                  every_steps=plan.kw["save_every"],
-                  fingerprint=fingerprint({"base": loaded.base.sha256, "data": r.train_ds.fingerprint(),
-                                           "patches": loaded.patched.patch_specs(), "fit": F.config_record(r.cfg),
-                                           "attack": r.spec.record(), "device": r.device.type,
-                                           "val": r.val_ds.fingerprint() if r.val_ds is not None else None,
-                                           "processes": world.size}),
-                  readonly=not world.main)
-    saver.check_start()
-    return saver
+    """The resumable state beside --out."""
+    return RUN.saver_at(plan.out_file.with_name(plan.out_file.name + ".partial"), r, plan.loaded.base.sha256,
+                        plan.kw["resume"], plan.kw["save_every"])
 
 
 def _write(plan: Plan, written: list) -> Manifest:
