@@ -36,10 +36,13 @@ def load(folders: list[Path], name: str) -> dict | None:
 def rule(rep: dict) -> str:
     """The stopping rule a sequential run used, read from its rows (an interrupted run's summary is rebuilt by
     today's code): the out-of-reach rule (a sample stops once the radii it can still reach are decided: stop reason
-    "reach") or the decided-only rule of its first version."""
+    "reach") or the decided-only rule of its first version; "+ cap look" when its report says the confidence
+    sequence kept a share of alpha for one fixed-n look at the cap (`cap_share`, stop 46). An interrupted run's
+    summary is rebuilt by today's code, so only finished reports can say it."""
     if rep["summary"].get("method") != "sequential":
         return "fixed N"
-    return "reach rule" if any(r.get("stop") == "reach" for r in rep["rows"]) else "decided only"
+    name = "reach rule" if any(r.get("stop") == "reach" for r in rep["rows"]) else "decided only"
+    return name + (" + cap look" if rep["summary"].get("cap_share") and not rep.get("partial") else "")
 
 
 def load_one(folder: Path, name: str) -> dict | None:

@@ -142,3 +142,34 @@ def test_cli_sequential_report_states_the_method_and_draws(runner, tmp_path, tin
     assert (tmp_path / "r.tsv").read_text().splitlines()[0].endswith("\tdraws")
     assert_input_error(runner.invoke(main, [*args, "--fixed", "--max-radius", "0.2"]), "--fixed")
     assert_input_error(runner.invoke(main, [*args, "--sequential", "--max-radius", "-1"]), "--max-radius")
+
+
+def test_the_cap_look_gives_a_capped_sample_the_fixed_n_answer_and_keeps_the_guarantee(monkeypatch):
+    """A sample that runs to the cap gets one Clopper-Pearson look there at CAP_SHARE of alpha (the sequence runs at
+    the rest): a p_A just above a threshold that the sequence alone leaves below it is certified, as fixed n
+    certifies it; and samples forced to the cap over-state p_A at most alpha of the time (union bound)."""
+    import hardener.certification.smoothing as S
+
+    cfg = SmoothingConfig(sigma=0.25, n=20_000, alpha=0.001, batch_size=2000, sequential=True, max_radius=0.5)
+    cut = float(norm.cdf(0.5 / 0.25))  # the threshold of radius 0.5
+    # a share at the cap whose Clopper-Pearson bound at alpha / 10 passes the cut and the sequence's does not
+    k = next(k for k in range(int(cut * cfg.n), cfg.n)
+             if lower_confidence_bound(k, cfg.n, cfg.alpha * S.CAP_SHARE) >= cut)
+    assert mixture_bounds(k, cfg.n, cfg.alpha * (1 - S.CAP_SHARE))[0] < cut <= lower_confidence_bound(k, cfg.n,
+                                                                                                       cfg.alpha)
+    p = k / cfg.n
+    seen = [0]
+
+    def exact(m):  # counts that total exactly floor(t p) after t draws: no luck either way
+        before, seen[0] = seen[0], seen[0] + m
+        return math.floor(seen[0] * p + 1e-9) - math.floor(before * p + 1e-9)
+    got_k, t, lo, stop = sequential_estimate(exact, cfg)
+    assert (got_k, t, stop) == (k, cfg.n, "radius") and lo >= cut  # at the cap, radius 0.5, as fixed n certifies
+    monkeypatch.setattr(S, "CAP_SHARE", 0.0)  # the sequence alone, at all of alpha
+    seen[0] = 0
+    assert sequential_estimate(exact, cfg)[2] < cut
+    monkeypatch.setattr(S, "CAP_SHARE", 0.1)
+    monkeypatch.setattr(S, "REACH_Z", 1e6)  # nothing out of reach: every sample runs to the cap
+    loose = replace(cfg, n=2000, alpha=0.05, batch_size=500)
+    q = float(norm.cdf(0.5 / 0.25)) - 0.002
+    assert overstated(mixture_bounds, q, loose) <= loose.alpha + 3 * math.sqrt(loose.alpha * (1 - loose.alpha) / 400)

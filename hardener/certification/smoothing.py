@@ -10,12 +10,14 @@ space without clipping, as in the paper.
 Sequential CERTIFY (`sequential=True`) keeps the selection step and replaces the fixed-n estimation by draws in
 growing batches with a bound that holds at every look at once: the lower end of a confidence sequence for p_A, the
 beta-binomial mixture of likelihood ratios (Robbins 1970; Howard et al. 2021), whose martingale exceeds 1/alpha with
-probability at most alpha over the whole sequence (Ville's inequality). So the radius at whatever look a sample stops
-is over-stated with probability at most alpha, as CERTIFY's. A sample stops once its bound reaches the largest radius
+probability at most alpha over the whole sequence (Ville's inequality), run at (1 - CAP_SHARE) alpha; a sample that
+reaches the cap (n draws) also gets one Clopper-Pearson look at CAP_SHARE alpha, the better bound kept. By a union
+bound the radius at whatever look a sample stops is over-stated with probability at most alpha, as CERTIFY's, and a
+sample that runs to the cap is never certified much below what fixed-n CERTIFY gives it. A sample stops once its bound reaches the largest radius
 asked for (`max_radius`), once it can certify none (the sequence's upper end below 1/2), once its place among the
 reported radii is decided (no reported radius's threshold Φ(r/σ) lies inside the sequence), once the next threshold
 above its bound is out of reach (even an estimate REACH_Z standard errors above the observed share would leave the
-sequence's lower end below it after all n draws: the samples whose p_A sits on a threshold, which would otherwise
+bound below it after all n draws: the samples whose p_A sits on a threshold, which would otherwise
 all run to the cap), or at n draws. Whatever rule stops a sample, the bound at that look is valid: the rules choose
 how many draws to spend, never the guarantee. A Clopper-Pearson bound recomputed at every look would over-state
 radii far more often than alpha (the test shows it).
@@ -37,6 +39,10 @@ ABSTAIN = -1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 FIRST_LOOK = 100  # sequential: draws before the first look; each later batch doubles the draws, up to batch_size
 REACH_Z = 2.0  # sequential: a threshold is out of reach when p_A's estimate + REACH_Z standard errors cannot pass it
+# sequential: the share of alpha kept for one fixed-n look (Clopper-Pearson) at the cap; the confidence sequence gets
+# the rest. By a union bound the guarantee stays alpha; a sample that runs to the cap is then never certified much
+# below what fixed-n CERTIFY would give it (a bound valid at every look is wider than one valid at one)
+CAP_SHARE = 0.1
 STOPS = ("radius", "abstain", "decided", "reach", "cap")  # why a sequential sample stopped ("fixed": fixed n)
 
 
@@ -62,7 +68,7 @@ class SmoothingConfig:
     def most_certifiable(self) -> float:
         """The largest radius `n` draws can certify at `alpha` (every draw the top class): the bound's radius, for the
         sequential confidence sequence or the fixed-n Clopper-Pearson one."""
-        bound = mixture_bounds(self.n, self.n, self.alpha)[0] if self.sequential else \
+        bound = cap_lower(self.n, self.n, self.alpha) if self.sequential else \
             lower_confidence_bound(self.n, self.n, self.alpha)
         return radius_of(bound, self.sigma)
 
@@ -132,10 +138,17 @@ def mixture_bounds(k: int, t: int, alpha: float) -> tuple[float, float]:
     return (0.0 if k == 0 else edge(hat, 0.0)), (1.0 if k == t else edge(hat, 1.0))
 
 
+def cap_lower(k: int, n: int, alpha: float, bounds=mixture_bounds) -> float:
+    """The sequential lower bound of p_A at the cap (n draws): the better of the confidence sequence's, at its share
+    of alpha, and Clopper-Pearson's at n, at CAP_SHARE of it."""
+    return max(bounds(k, n, alpha * (1 - CAP_SHARE))[0], lower_confidence_bound(k, n, alpha * CAP_SHARE))
+
+
 def sequential_estimate(draw, cfg: SmoothingConfig, bounds=mixture_bounds) -> tuple[int, int, float, str]:
     """Draw in growing batches (`draw(m)`: the top class's count among m fresh noisy copies) until the sample's
     certificate is decided; returns (count, draws, lower bound of p_A, why it stopped: radius | abstain | decided |
-    reach | cap). `bounds(k, t, alpha)` must be anytime-valid: tests pass a naive one to show what that means."""
+    reach | cap). `bounds(k, t, alpha)` must be anytime-valid: tests pass a naive one to show what that means. The
+    sequence runs at (1 - CAP_SHARE) alpha; at the cap, one fixed-n look at the rest (`cap_lower`)."""
     from scipy.stats import norm
 
     cuts = sorted({0.5, *(float(norm.cdf(r / cfg.sigma)) for r in (*cfg.reported_radii(), cfg.top_radius))})
@@ -144,7 +157,9 @@ def sequential_estimate(draw, cfg: SmoothingConfig, bounds=mixture_bounds) -> tu
     while t < cfg.n:
         m = min(size, cfg.n - t)
         k, t = k + draw(m), t + m
-        lo, hi = bounds(k, t, cfg.alpha)
+        lo, hi = bounds(k, t, cfg.alpha * (1 - CAP_SHARE))
+        if t == cfg.n:  # the cap: the fixed-n look too
+            lo = cap_lower(k, t, cfg.alpha, bounds)
         if lo >= cuts[-1]:
             return k, t, lo, "radius"
         if hi < 0.5:
@@ -162,7 +177,7 @@ def reachable(k: int, t: int, n: int, cut: float, alpha: float, bounds=mixture_b
     estimate of p_A gives (the observed k/t plus REACH_Z standard errors, at least one draw's worth)."""
     p = k / t
     hope = min(1.0, p + REACH_Z * math.sqrt(max(p * (1 - p), 1 / t) / t))
-    return bounds(round(hope * n), n, alpha)[0] >= cut
+    return cap_lower(round(hope * n), n, alpha, bounds) >= cut
 
 
 def binom_pvalue(k: int, n: int) -> float:
@@ -242,11 +257,12 @@ class CertifyResult:
         n, cfg = len(self.rows), SmoothingConfig(**self.config)
         abstained = sum(1 for row in self.rows if row["predict"] == ABSTAIN)
         draws = sorted(int(r.get("draws", cfg.n0 + cfg.n)) for r in self.rows)  # rows of older runs: fixed n
-        bound = mixture_bounds(cfg.n, cfg.n, cfg.alpha)[0] if cfg.sequential else \
+        bound = cap_lower(cfg.n, cfg.n, cfg.alpha) if cfg.sequential else \
             lower_confidence_bound(cfg.n, cfg.n, cfg.alpha)
         return {"n": n, "sigma": cfg.sigma, "n0": cfg.n0, "N": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
                 "method": "sequential" if cfg.sequential else "fixed",
-                "bound": "beta-binomial mixture confidence sequence (anytime-valid)" if cfg.sequential
+                "bound": f"beta-binomial mixture confidence sequence (anytime-valid) at {1 - CAP_SHARE:g} alpha, "
+                         f"and Clopper-Pearson at the cap at {CAP_SHARE:g} alpha" if cfg.sequential
                 else "Clopper-Pearson at n draws",
                 "max_radius": round(cfg.top_radius, 4) if cfg.sequential else None,
                 "clean_accuracy_smoothed": round(self.certified_accuracy(0.0), 4),
@@ -262,7 +278,7 @@ class CertifyResult:
                 # why samples stopped: the same key in both methods (fixed n: every sample at n draws)
                 "stops": {why: sum(1 for r in self.rows if r.get("stop", "fixed") == why)
                           for why in (STOPS if cfg.sequential else ("fixed",))},
-                **({"out_of_reach_z": REACH_Z} if cfg.sequential else {})}
+                **({"out_of_reach_z": REACH_Z, "cap_share": CAP_SHARE} if cfg.sequential else {})}
 
     def to_tsv(self) -> str:
         """locuslab/smoothing's columns; a sequential run adds the noisy forwards each sample took."""
