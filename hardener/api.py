@@ -222,26 +222,32 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         hooks = RUN.library_hooks(progress, words)
         hooks.keep_parent = post is not None  # a method that fine-tunes the base: the report's base is the original
         if state is not None:  # resumable, as harden patch is beside --out: Ctrl-C saves at the next step
-            base_sha = patched.base_sha256 or tensor_digest(patched.model.state_dict())
+            base_sha = _digest(model, patched, patched.base_sha256)
             hooks.saver = lambda r: RUN.saver_at(Path(state), r, base_sha, resume)
             hooks.stop, hooks.cache_dir = StopFlag(), Path(state).parent
         run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks, post_report=post,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
+        try:  # after training: the state stays until the model is the caller's (the latency, the report)
+            over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
+            _warn(over and words(over))
+            if run.inference is not None and run.inference.sizing:  # what the budget chose, in the same words
+                run.inference.sizing = words(run.inference.sizing)
+            patched.cost = run.inference
+            patched.training_record = run.record
+            patched.train_seconds = run.train_seconds
+            patched.history = run.logs
+            if post is not None:
+                view = library_voice(progress)[2]  # a view of its own, as `harden patch` shows the report's progress
+                full = (f"hardener.evaluate(model, TEST_DATA, attacks='apgd-ce,apgd-dlr,square', "
+                        f"eps={run.spec.eps!r}, norm={run.spec.norm!r}, threat='all')")
+                patched.report = Report(TR.build(run, view, extra={"report_budget": {"full_evaluation": full}}))
+        except KeyboardInterrupt:
+            if run.saver is None or not run.saver.path.exists():
+                raise
+            raise Interrupted(f"interrupted after training: the trained state is kept in '{run.saver.path}'; call "
+                              "again with resume=True to finish without training again") from None
         if run.saver is not None:
-            run.saver.clear()  # trained: the model is the caller's now
-        over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
-        _warn(over and words(over))
-        if run.inference is not None and run.inference.sizing:  # what the budget chose, in the same words
-            run.inference.sizing = words(run.inference.sizing)
-        patched.cost = run.inference
-        patched.training_record = run.record
-        patched.train_seconds = run.train_seconds
-        patched.history = run.logs
-        if post is not None:
-            view = library_voice(progress)[2]  # a view of its own, as `harden patch` shows the report's progress
-            full = (f"hardener.evaluate(model, TEST_DATA, attacks='apgd-ce,apgd-dlr,square', eps={run.spec.eps!r}, "
-                    f"norm={run.spec.norm!r}, threat='all')")
-            patched.report = Report(TR.build(run, view, extra={"report_budget": {"full_evaluation": full}}))
+            run.saver.clear()  # the model is the caller's now
         return patched
 
 
@@ -387,6 +393,8 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
                                ("threat", threat, "str | tuple"), ("resume", resume, "bool")):
             check_arg(what, v, kinds)
         folder = _state_dir(state_dir)
+        if resume and folder is None:
+            raise InputError("resume=True needs state_dir=: the folder the interrupted evaluation kept its state in")
         if isinstance(batch_size, str) and batch_size != "auto":
             raise InputError(f"batch_size must be an integer or 'auto', got {batch_size!r}")
         for what, v in (("batch_size", batch_size), ("steps", steps), ("max_samples", max_samples), ("seed", seed)):
@@ -400,27 +408,24 @@ def evaluate(model: Any, data: Any, attacks: str | list[str] = EVAL["attack"], *
         cfg = EV.config(attacks, eps, norm=norm, steps=steps, threats=threats, batch_size=batch_size, seed=seed,
                         checks=checks, precision=precision)
         dev = pick_device(device)
-        patched, has_patches, _ = model_to_run(model, arch, mean, std, logits)
+        patched, has_patches, sha = model_to_run(model, arch, mean, std, logits)
         ds = as_dataset(data)
         finish(patched, ds, dev)
         notes = [w for w in [hdata.class_count_warning(ds, patched.model.spec.num_classes)] if w]
         hooks = EV.library_hooks(progress, _words(keywords, aliases))
-        if folder is not None or resume:  # a module in memory has no file digest: its tensors name it
-            sha = _digest(model, patched)
+        if folder is not None:
+            name = _digest(model, patched, sha)
             hooks.store = lambda r: EV.state_store(
-                r, sha, folder, resume, surrogate_sha=None if surrogate is None else
+                r, name, folder, resume, surrogate_sha=None if surrogate is None else
                 tensor_digest(surrogate.state_dict()), beside=None)
         run = EV.EvalRun(patched, ds, cfg, dev, has_patches, hooks, max_samples=max_samples,
                          allow_low_accuracy=allow_low_accuracy, surrogate=surrogate, notes=notes)
         try:
             EV.eval_run(run)
         except KeyboardInterrupt:
-            if run.store is None:
-                raise Interrupted("interrupted before the attacks began: nothing to resume") from None
-            run.store.flush()
-            raise Interrupted(f"interrupted: progress saved to '{run.store.path}'; call again with resume=True"
-                              if run.store.path is not None and run.store.data else
-                              "interrupted before the first batch was attacked: nothing to resume") from None
+            if folder is None:  # nothing kept: Python's own interrupt
+                raise
+            raise Interrupted(EV.stopped(run.store, "call again with resume=True")) from None
         if run.store is not None:
             run.store.clear()
         return Report(run.report)
@@ -460,6 +465,9 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
             raise InputError("max_radius applies to sequential certification: drop sequential=False (fixed-n CERTIFY "
                              "draws n copies whatever the radius) or drop max_radius")
         folder = _state_dir(state_dir)
+        if resume and folder is None:
+            raise InputError("resume=True needs state_dir=: the folder the interrupted certification kept its state "
+                             "in")
         try:
             sigma = V.parse_level(sigma)  # 0.25, or a fraction like "64/255"
         except ValueError as e:
@@ -491,6 +499,8 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
                                       model_sha=sha, progress=view, done=list(rows),
                                       keep=CR.keeper(store, rows, cfg))
         except KeyboardInterrupt:
+            if folder is None:  # nothing kept: Python's own interrupt
+                raise
             raise Interrupted(CR.stopped(store, rows, "call again with resume=True")) from None
         store.clear()
         return cert
@@ -506,13 +516,17 @@ def _state_dir(state_dir: Any) -> Path | None:
 
 
 def _digest(model: Any, patched: PatchedModel, sha: str | None = None) -> str:
-    """What names the model in a resumable state: a checkpoint file's digest, else its tensors' (patches included:
-    a module in memory has no file)."""
-    if sha:
-        return sha
-    if isinstance(model, (str, Path)):
-        return sha256_file(Path(model))
-    return tensor_digest(patched.state_dict())
+    """What names the model in a resumable state: a checkpoint file's digest (`sha`, when its load computed it) or,
+    for a module in memory, its tensors (patches included); with what neither holds: the input normalisation (a
+    `mean=`/`std=` given with the call), the logits' key and the route."""
+    import hashlib
+    import json
+
+    if not sha:
+        sha = sha256_file(Path(model)) if isinstance(model, (str, Path)) else tensor_digest(patched.state_dict())
+    rest = json.dumps({"spec": patched.model.spec.to_json(), "route": patched.current_route}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256((sha + rest).encode()).hexdigest()
 
 
 @dataclass

@@ -591,6 +591,21 @@ def _array_like(t: Any) -> bool:
     return torch.is_tensor(t) or hasattr(t, "__array_interface__")
 
 
+def _tensor(t: Any, what: str) -> torch.Tensor:
+    """A tensor, or a numpy array as one (copied when its strides are negative, as after np.flip); an array torch
+    cannot hold (object or string dtype) is an `InputError`."""
+    if torch.is_tensor(t):
+        return t
+    import numpy as np
+
+    try:
+        return torch.as_tensor(np.ascontiguousarray(t))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{what}: an array of dtype {getattr(t, 'dtype', type(t).__name__)} torch cannot hold "
+                         f"({str(e).splitlines()[0][:100]}); pass numbers (uint8 or float pixels, integer labels)"
+                         ) from None
+
+
 def as_dataset(data: Any, labels_required: bool = True) -> Dataset:
     """A harden `Dataset` from what a notebook has at hand: a `Dataset`, a data spec (folder, tensor file,
     `fashion-mnist:train`), `(images, labels)` tensors or numpy arrays (NCHW, float pixels in [0, 1] or uint8),
@@ -601,9 +616,9 @@ def as_dataset(data: Any, labels_required: bool = True) -> Dataset:
     if isinstance(data, (str, Path)):
         return load(str(data), None, labels_required)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(_array_like(t) for t in data):
-        return _from_tensors(torch.as_tensor(data[0]), torch.as_tensor(data[1]), "tensors")
+        return _from_tensors(_tensor(data[0], "images"), _tensor(data[1], "labels"), "tensors")
     if _array_like(data) and not isinstance(data, (tuple, list)) and not labels_required:  # images alone
-        data = torch.as_tensor(data)
+        data = _tensor(data, "images")
         return _from_tensors(data, torch.full((len(data),), UNLABELLED), "tensors", unlabelled=True)
     from torch.utils.data import DataLoader
     from torch.utils.data import Dataset as TorchDataset

@@ -407,6 +407,12 @@ def test_library_certify_odds_and_ends(runner, tmp_path, tiny_ckpt, tiny_test_da
         hardener.certify(str(tiny_ckpt), str(tiny_test_data), sigma="a/b", **common)
     ds = hdata.as_dataset(str(tiny_test_data))
     arrays = (hdata.to_float(ds.images).numpy(), ds.labels.numpy())
+    import numpy as np
+
+    flipped = hardener.as_dataset((np.flip(arrays[0], -1), arrays[1]))  # negative strides: copied, not refused
+    assert torch.equal(hdata.to_float(flipped.images), torch.from_numpy(arrays[0].copy()).flip(-1))
+    with pytest.raises(InputError, match="^labels: an array of dtype object torch cannot hold"):
+        hardener.as_dataset((arrays[0], np.array(["a"] * len(arrays[1]), dtype=object)))
     fixed = hardener.certify(str(tiny_ckpt), arrays, sigma=32 / 255, sequential=False, **common)
     assert fixed.summary["n"] == 4 and fixed.summary["stops"] == {"fixed": 4}
     assert set(same.summary["stops"]) == {"radius", "abstain", "decided", "reach", "cap"}
@@ -471,6 +477,12 @@ def test_library_certify_resumes_an_interrupted_run(tmp_path, tiny_ckpt, tiny_te
     assert not list(state.glob(".harden-certify-*.partial"))  # removed once the certification returned
     with pytest.raises(InputError, match=r"^resume=True: no saved certification .*drop resume=True"):
         hardener.certify(model, str(tiny_test_data), progress=False, state_dir=state, resume=True, **common)
-    with pytest.raises(InputError, match="^resume=True: no certification state to resume from; .* only with "
-                                         "state_dir=DIR$"):
+    with pytest.raises(InputError, match="^resume=True needs state_dir="):
         hardener.certify(model, str(tiny_test_data), progress=False, resume=True, **common)
+    with pytest.raises(KeyboardInterrupt):  # nothing kept: Python's own interrupt
+        hardener.certify(model, str(tiny_test_data), progress=stop_at_third, **common)
+    other_norm = hardener.as_patched(str(tiny_ckpt), arch=ARCH, mean=[0.3], std=[0.4])  # same tensors, other inputs
+    with pytest.raises(Interrupted):
+        hardener.certify(model, str(tiny_test_data), progress=stop_at_third, state_dir=state, **common)
+    with pytest.raises(InputError, match="no saved certification .* for these settings"):
+        hardener.certify(other_norm, str(tiny_test_data), progress=False, state_dir=state, resume=True, **common)

@@ -268,6 +268,7 @@ def test_library_patch_resumes_an_interrupted_run(tmp_path):
 
     net = trained_tiny()
     kw = dict(**FAST, seed=3)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     whole = hardener.patch(net, _data(), progress=False, **kw)
     state = tmp_path / "run.partial"
 
@@ -278,6 +279,7 @@ def test_library_patch_resumes_an_interrupted_run(tmp_path):
                                           r"with resume=True"):
         hardener.patch(net, _data(), progress=interrupt, state=state, **kw)
     assert state.exists()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
     with pytest.raises(InputError, match="holds an interrupted training run: pass resume=True"):
         hardener.patch(net, _data(), progress=False, state=state, **kw)
     with pytest.raises(InputError, match="resume=True: the settings differ"):
@@ -300,21 +302,39 @@ def test_library_evaluate_resumes_an_interrupted_run(tmp_path):
     patched = _quick_patch(trained_tiny(), progress=False)
     x, y = _data(60, seed=9)
     kw = dict(attacks="apgd-ce,apgd-dlr", steps=3, batch_size=16, eps=0.1)
-    whole = hardener.evaluate(patched, (x, y), progress=False, **kw)
+    calls = []
+    whole = hardener.evaluate(patched, (x, y), progress=lambda *a: calls.append(a[:3]), **kw)
+    first = ("base whitebox apgd-ce", 60, 60)
+    assert first in calls and ("patched whitebox apgd-ce", 32, 60) in calls
     seen = []
 
-    def stop_in_second_attack(*a):
-        seen.append(a)
-        if len(seen) == 6:
+    def stop_in_the_patched_models_first_attack(*a):
+        seen.append(a[:3])
+        if a[:3] == ("patched whitebox apgd-ce", 32, 60):  # the base's attacks done, two batches of this one
             raise KeyboardInterrupt
     state = tmp_path / "state"
     with pytest.raises(Interrupted, match=r"^interrupted: progress saved to '.*'; call again with resume=True"):
-        hardener.evaluate(patched, (x, y), progress=stop_in_second_attack, state_dir=state, **kw)
+        hardener.evaluate(patched, (x, y), progress=stop_in_the_patched_models_first_attack, state_dir=state, **kw)
     assert len(list(state.glob(".harden-eval-*.partial"))) == 1
     with pytest.raises(InputError, match="holds an interrupted evaluation: pass resume=True"):
         hardener.evaluate(patched, (x, y), progress=False, state_dir=state, **kw)
-    done = hardener.evaluate(patched, (x, y), progress=False, state_dir=state, resume=True, **kw)
+    again = []
+    done = hardener.evaluate(patched, (x, y), progress=lambda *a: again.append(a[:3]), state_dir=state, resume=True,
+                             **kw)
     assert done.summary == whole.summary and done.robust == whole.robust
+    assert not any(c[0].startswith("base") and c[1] < c[2] for c in again)  # the base's finished attacks not redone
+    assert len(again) < len(calls)
     assert not list(state.glob(".harden-eval-*.partial"))
-    with pytest.raises(InputError, match="^resume=True: no evaluation state to resume from; .* only with state_dir=DIR$"):
+    with pytest.raises(InputError, match="^resume=True needs state_dir="):
         hardener.evaluate(patched, (x, y), progress=False, resume=True, **kw)
+    with pytest.raises(KeyboardInterrupt):  # nothing kept: Python's own interrupt
+        hardener.evaluate(patched, (x, y), progress=stop_in_the_patched_models_first_attack, **kw)
+
+
+def test_noise_sigma_takes_a_fraction_in_the_library_as_on_the_command_line():
+    from hardener.options.patch_options import PatchOptions
+
+    opts, _ = PatchOptions.build("certify", {"noise_sigma": "64/255"})
+    assert opts.noise_sigma == 64 / 255
+    with pytest.raises(InputError, match="^noise_sigma must be a number or a fraction like 64/255"):
+        PatchOptions.build("certify", {"noise_sigma": "lots"})

@@ -132,14 +132,15 @@ def keeper(store: EvalStore, rows: list[dict], cfg: C.SmoothingConfig) -> Callab
     return keep
 
 
-def stopped(store: EvalStore, rows: list, again: str = "rerun the same command with --resume") -> str:
-    """Interrupted: the certified rows saved for a resume, said in a line."""
+def stopped(store: EvalStore, rows: list, again: str = "rerun the same command with --resume",
+            keep: str = "pass --state-dir DIR, --report or --tsv to make a certification resumable") -> str:
+    """Interrupted: the certified rows saved for a resume, said in a line (`again`: how to go on; `keep`: how to
+    make a run resumable that kept nothing)."""
     store.flush()
     if not rows:
-        return f"interrupted before the first sample was certified: nothing to resume, {again.split(' with ')[0]}"
+        return "interrupted before the first sample was certified: nothing to resume"
     if store.path is None:
-        return ("interrupted; no progress saved (pass --state-dir DIR, --report or --tsv to make a certification "
-                "resumable)")
+        return f"interrupted; no progress saved ({keep})"
     return f"interrupted: {len(rows)} samples saved to '{store.path}'; {again}"
 
 

@@ -257,8 +257,6 @@ class CertifyResult:
         n, cfg = len(self.rows), SmoothingConfig(**self.config)
         abstained = sum(1 for row in self.rows if row["predict"] == ABSTAIN)
         draws = sorted(int(r.get("draws", cfg.n0 + cfg.n)) for r in self.rows)  # rows of older runs: fixed n
-        bound = cap_lower(cfg.n, cfg.n, cfg.alpha) if cfg.sequential else \
-            lower_confidence_bound(cfg.n, cfg.n, cfg.alpha)
         return {"n": n, "sigma": cfg.sigma, "n0": cfg.n0, "N": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
                 "method": "sequential" if cfg.sequential else "fixed",
                 "bound": f"beta-binomial mixture confidence sequence (anytime-valid) at {1 - CAP_SHARE:g} alpha, "
@@ -271,7 +269,7 @@ class CertifyResult:
                                        for r in (radii or cfg.reported_radii())},
                 "certified_accuracy_ci95": {f"{r:g}": [round(b, 4) for b in wilson(self.certified(r), n)]
                                             for r in (radii or cfg.reported_radii())},
-                "max_certifiable_radius": round(radius_of(bound, cfg.sigma), 4),
+                "max_certifiable_radius": round(cfg.most_certifiable(), 4),
                 "draws_per_sample": {"mean": round(sum(draws) / max(1, n), 1),
                                      "median": draws[n // 2] if n else 0, "max": draws[-1] if n else 0},
                 "seconds_per_image": round(sum(r["seconds"] for r in self.rows) / max(1, n), 4),

@@ -178,6 +178,20 @@ def state_store(run: EvalRun, model_sha: str | None, folder: Path | None, resume
     return EvalStore(state, fp, resume, others=".harden-eval-*.partial", beside=beside)
 
 
+def stopped(store: EvalStore | None, again: str = "rerun the same command with --resume",
+            keep: str = "pass --state-dir DIR or --report to make an evaluation resumable") -> str:
+    """Interrupted (in an attack, the checks, the sweep or the report): the finished attacks saved for a resume, said
+    in a line (`again`: how to go on; `keep`: how to make a run resumable that kept nothing)."""
+    if store is None:  # before the attacks began (the accuracy check, the batch size): nothing to keep
+        return "interrupted"
+    store.flush()
+    if store.path is None:
+        return f"interrupted; no progress saved ({keep})"
+    if not store.data:
+        return "interrupted before the first batch was attacked: nothing to resume"
+    return f"interrupted: progress saved to '{store.path}'; {again}"
+
+
 def library_hooks(progress: Any = True, words: Callable[[str], str] | None = None) -> Hooks:
     """`hardener.evaluate`'s: the library's voice, as `hardener.patch` has it (`console.library_voice`): progress on
     stderr (`True`), none (`False`/None) or a callable of evaluation's; the notes to the "hardener" logger (and

@@ -102,7 +102,7 @@ class PatchOptions:
         never a mix. The options patch kinds and methods own are checked by their declarations. The errors of the
         rules shared with the command line name flags; `hardener.patch` says them as keywords (`options.wording`)."""
         from .recipe import resolve_preset
-        from .validate import OPTION_RULES, check_arg, check_range
+        from .validate import OPTION_RULES, check_arg, check_range, parse_level
 
         owned = owners.owned()
         names = ({f.name for f in fields(cls)} - {"owned"}) | set(owned)
@@ -118,6 +118,11 @@ class PatchOptions:
             if bs.strip().lower() != "auto":
                 raise InputError(f"batch_size must be a positive integer or auto, got {bs!r}")
             values["batch_size"] = "auto"
+        if isinstance(values.get("noise_sigma"), str):  # a fraction like "64/255", as the command line takes it
+            try:
+                values["noise_sigma"] = parse_level(values["noise_sigma"])
+            except ValueError as e:
+                raise InputError(f"noise_sigma {e}") from None
         types = {f.name: str(f.type) for f in fields(cls)}
         for k, v in values.items():
             if k in owned:  # checked by its declaration, the error naming the Python parameter

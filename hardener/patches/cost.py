@@ -372,11 +372,18 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
             break
     rho, kept, used = best if best else (opts.rho, [], 0)
     if not kept_pre and not kept and not twins and sites:
-        cheapest = min((c, rest[j][1]) for c, j in before) if before else None
-        # the smallest budget that fits the cheapest, to 2 decimals, rounded up
-        least = math.ceil(100 * (1 + cheapest[0] / max(1, base)) - 1e-9) / 100 if cheapest else None
-        what = (f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%: --budget "
-                f"{least:.2f} or more fits it" if cheapest else "; raise --budget")
+        options = [(c, rest[j][1]) for c, j in before or []]  # the site patches at their thinnest
+        options += [(cost_of(*pre[0], opts.replace(**t)), pre[0][1])  # the pre-filter at its lightest settings
+                    for settings in (lighter_settings(opts.width, opts.prefilter_stride, opts.prefilter_design)
+                                     if pre else []) for t in settings]
+        cheapest = min(options) if options else None
+        what = "; raise --budget"
+        if cheapest:  # the smallest budget that fits it, to 2 decimals, by the test above (c <= (budget - 1) base)
+            least = math.ceil(100 * (1 + cheapest[0] / max(1, base)) - 1e-9) / 100
+            while (least - 1.0) * base < cheapest[0]:
+                least = round(least + 0.01, 2)
+            what = (f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%: --budget "
+                    f"{least:.2f} or more fits it")
         room = f"{100 * (budget - 1):.2f}".rstrip("0").rstrip(".")  # 0.01, not 0.0
         raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {room}% of the base's "
                          f"{fmt(base)} multiply-adds{what}, or give none")

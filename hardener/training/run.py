@@ -269,7 +269,7 @@ def train(run: PatchRun) -> None:
     if flag:  # a signal after the last step (in the last validation, or as training ended): honoured, not lost
         saved = run.saver is not None and run.saver.path.exists()
         raise Interrupted("interrupted after training: " + (f"the trained state is kept in '{run.saver.path}'; rerun "
-                                                            "with --resume to write the checkpoint without training "
+                                                            "with --resume to finish without training "
                                                             "again" if saved else "nothing was saved"))
     run.train_seconds = time.time() - t0
     for e in run.logs:

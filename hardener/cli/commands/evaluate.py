@@ -59,7 +59,7 @@ def run(call: Call) -> None:
     model_sha = sha256_file(Path(model))
     hooks.store = lambda r: _store(r, model_sha, kw)
     ev.extra = _extra(model, model_sha, loaded, kw, invocation.record("eval", call))
-    with outputs_or_none(lambda: _stopped(ev.store)) as written:
+    with outputs_or_none(lambda: EV.stopped(ev.store)) as written:
         EV.eval_run(ev)
         if ev.report is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
             D.finish(world)
@@ -151,16 +151,6 @@ def _store(run: EV.EvalRun, model_sha: str, kw: dict) -> EvalStore:
     return EV.state_store(run, model_sha, state_folder(kw["state_dir"], list(kw["report_paths"])), kw["resume"],
                           parent=kw["parent"],
                           surrogate_sha=sha256_file(Path(kw["surrogate"])) if kw["surrogate"] else None)
-
-
-def _stopped(store: EvalStore | None) -> str:
-    """Interrupted (in an attack, the checks, the sweep or the report): the finished attacks saved for --resume."""
-    if store is None:  # before the attacks began (the accuracy check, the batch size): nothing to keep
-        return "interrupted"
-    store.flush()
-    if store.path is None:
-        return "interrupted; no progress saved (pass --state-dir DIR or --report to make an evaluation resumable)"
-    return f"interrupted: progress saved to '{store.path}'; rerun the same command with --resume"
 
 
 def _extra(model: str, model_sha: str, loaded, kw: dict, how: dict | None) -> dict:
