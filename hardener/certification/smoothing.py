@@ -13,9 +13,9 @@ beta-binomial mixture of likelihood ratios (Robbins 1970; Howard et al. 2021), w
 probability at most alpha over the whole sequence (Ville's inequality), run at (1 - CAP_SHARE) alpha; a sample that
 reaches the cap (n draws) also gets one Clopper-Pearson look at CAP_SHARE alpha, the better bound kept. By a union
 bound the radius at whatever look a sample stops is over-stated with probability at most alpha, as CERTIFY's, and a
-sample that runs to the cap is never certified much below what fixed-n CERTIFY gives it. A sample stops once its bound reaches the largest radius
-asked for (`max_radius`), once it can certify none (the sequence's upper end below 1/2), once its place among the
-reported radii is decided (no reported radius's threshold Φ(r/σ) lies inside the sequence), once the next threshold
+sample that runs to the cap is never certified much below what fixed-n CERTIFY gives it. A sample stops once its
+bound reaches the largest radius asked for (`max_radius`), once it can certify none (the sequence's upper end below
+1/2), once its place among the reported radii is decided (no reported radius's threshold Φ(r/σ) lies inside the sequence), once the next threshold
 above its bound is out of reach (even an estimate REACH_Z standard errors above the observed share would leave the
 bound below it after all n draws: the samples whose p_A sits on a threshold, which would otherwise
 all run to the cap), or at n draws. Whatever rule stops a sample, the bound at that look is valid: the rules choose
