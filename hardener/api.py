@@ -490,7 +490,8 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
         spec = patched.model.spec
         CR.check_memory(cfg, spec.shape, "batch_size")
         ds = hdata.samples(ds, None, max_samples, cfg.seed)  # the samples, before the state that names them
-        store, rows = CR.state_store(ds, cfg, dev, None, _digest(model, patched, sha), folder, resume, beside=None)
+        store, rows = CR.state_store(ds, cfg, dev, None, _digest(model, patched, sha), folder, resume,
+                                     spec.to_json(), beside=None)
         if rows:
             library_voice(progress)[0](f"resuming: {len(rows)} of {len(ds)} samples already certified")
         try:

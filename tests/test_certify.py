@@ -371,6 +371,9 @@ def test_cli_certify_resume_under_other_settings_names_the_saved_state(runner, t
     assert len(saved) == 1
     assert_input_error(runner.invoke(main, [*args, "--n", "300", "--resume"]), "no saved certification",
                        "for these settings", "other settings", saved[0])
+    # the same file and settings, another normalisation of its inputs: another run
+    assert_input_error(runner.invoke(main, [*args, "--n", "200", "--mean", "0.3", "--std", "0.4", "--resume"]),
+                       "no saved certification", "for these settings", saved[0])
 
 
 def test_an_output_whose_folder_is_a_file_says_so(runner, tmp_path, tiny_ckpt, tiny_test_data):

@@ -108,7 +108,7 @@ def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingCon
 
 
 def state_store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device, world: D.World | None,
-                model_sha: str | None, folder: Path | None, resume: bool,
+                model_sha: str | None, folder: Path | None, resume: bool, spec: dict | None = None,
                 beside: str | None = "a --report or --tsv") -> tuple[EvalStore, list[dict]]:
     """A certification's resumable state in `folder` (None: kept in memory only, nothing to resume; one file per
     process of a sharded run), named by a fingerprint of the model, the selected samples and the settings, and the
@@ -116,7 +116,7 @@ def state_store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device,
     rules = {"stops": C.STOPS, "reach_z": C.REACH_Z, "cap_share": C.CAP_SHARE} if cfg.sequential else {}  # a rule
     # change is another run
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
-                      **rules})
+                      "input": spec, **rules})  # spec: the input's normalisation (--mean/--std too)
     suffix = D.state_suffix(world) if world is not None else ""
     state = folder / f".harden-certify-{fp[:16]}{suffix}.partial" if folder is not None else None
     store = EvalStore(state, fp, resume, what="certification", others=".harden-certify-*.partial", beside=beside)

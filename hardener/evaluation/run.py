@@ -170,10 +170,10 @@ def state_store(run: EvalRun, model_sha: str | None, folder: Path | None, resume
                 surrogate_sha: str | None = None, beside: str | None = "a --report") -> EvalStore:
     """The evaluation's resumable state in `folder` (None: in memory only, nothing to resume; one file per process
     of a sharded run), named by a fingerprint of the model, the data, the configuration, the device, the route, the
-    fine-tuned model's parent and the surrogate."""
+    fine-tuned model's parent, the surrogate and the input's normalisation (given with the command or the call)."""
     fp = fingerprint({"model": model_sha, "data": run.ds.fingerprint(), "eval": asdict(run.cfg),
                       "device": run.device.type, "route": run.patched.current_route, "parent": parent,
-                      "surrogate": surrogate_sha})
+                      "surrogate": surrogate_sha, "input": run.patched.model.spec.to_json()})  # --mean/--std too
     state = folder / f".harden-eval-{fp[:16]}{D.state_suffix(run.hooks.world)}.partial" if folder is not None else None
     return EvalStore(state, fp, resume, others=".harden-eval-*.partial", beside=beside)
 

@@ -44,7 +44,7 @@ def run(call: Call) -> None:
     model_sha = loaded.base.sha256 if loaded.base is not None else sha256_file(Path(model))  # a plain file: hashed once
     ds = hdata.samples(ds, subset, kw["max_samples"], kw["seed"])
     folder = state_folder(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
-    store, rows = CR.state_store(ds, cfg, device, world, model_sha, folder, kw["resume"])
+    store, rows = CR.state_store(ds, cfg, device, world, model_sha, folder, kw["resume"], loaded.spec.to_json())
     if rows and not kw["quiet"]:
         mine = f"this process's {len(D.shard(len(ds), 1, world))}" if world.active else str(len(ds))
         err_console.print(f"resuming: {len(rows)} of {mine} samples already certified", highlight=False)
