@@ -204,6 +204,9 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
             raise InputError("resume=True needs state=: the file the interrupted run kept its state in")
         if state is not None and not Path(state).parent.is_dir():
             raise InputError(f"state '{state}': the folder '{Path(state).parent}' does not exist")
+        if state is not None and Path(state).is_dir():
+            raise InputError(f"state '{state}' is a folder: give a file for the training's state, e.g. "
+                             f"'{Path(state) / 'run.partial'}'")
         check_range("eval_samples", eval_samples)
         check_range("eval_steps", eval_steps)
         if report is None and (eval_data is not None or eval_samples is not None or eval_steps is not None):

@@ -292,6 +292,8 @@ def test_library_patch_resumes_an_interrupted_run(tmp_path):
         hardener.patch(net, _data(), progress=False, resume=True, **kw)
     with pytest.raises(InputError, match="does not exist"):
         hardener.patch(net, _data(), progress=False, state=tmp_path / "no" / "run.partial", **kw)
+    with pytest.raises(InputError, match="is a folder: give a file"):
+        hardener.patch(net, _data(), progress=False, state=tmp_path, **kw)
 
 
 def test_library_evaluate_resumes_an_interrupted_run(tmp_path):
