@@ -25,31 +25,23 @@ from .config import command_defaults
 from .signals import held, sigterm_as_interrupt
 
 
-class _BatchSize(click.ParamType):
-    name = O.BatchSize.name
+class _Parsed(click.ParamType):
+    """A click type around one of `options`' parsed types (`BatchSize`, `PixelLevel`): its name, its `parse`, and
+    its ValueError as click's one-line usage error."""
+
+    def __init__(self, kind: Any) -> None:
+        self.kind, self.name = kind, kind.name
 
     def convert(self, value, param, ctx):
         try:
-            return O.BatchSize.parse(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-class _PixelLevel(click.ParamType):
-    name = O.PixelLevel.name
-
-    def convert(self, value, param, ctx):
-        try:
-            return O.PixelLevel.parse(value)
+            return self.kind.parse(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
 
 
 def _click_type(t: Any) -> Any:
-    if isinstance(t, O.BatchSize):
-        return _BatchSize()
-    if isinstance(t, O.PixelLevel):
-        return _PixelLevel()
+    if isinstance(t, (O.BatchSize, O.PixelLevel)):
+        return _Parsed(t)
     if isinstance(t, O.Choice):
         return click.Choice(list(t))
     if isinstance(t, O.PathType):
