@@ -131,15 +131,32 @@ def main_table(folder: list[Path], previous: dict | None = None) -> tuple[list[s
     return lines, out
 
 
-def side_by_side(folder: list[Path], previous: dict | None = None) -> tuple[list[str], list[dict]]:
+def fixed_from_tsv(path: Path) -> dict | None:
+    """A finished fixed-N run's rows from its committed TSV (locuslab/smoothing's columns), when no folder holds its
+    report any more: the rows a pair needs, and the bench's fixed draws per image (n0 100 + N 100,000)."""
+    if not path.exists():
+        return None
+    lines = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
+    rows = [{"idx": int(c[0]), "label": int(c[1]), "predict": int(c[2]), "radius": float(c[3]), "correct": c[4] == "1"}
+            for c in lines]
+    return {"rows": rows, "summary": {"draws_per_sample": {"mean": 100_100.0}}, "from_tsv": str(path)}
+
+
+def side_by_side(folder: list[Path], previous: dict | None = None,
+                 tsvs: Path | None = None) -> tuple[list[str], list[dict]]:
     """Per pair and reported radius: fixed-N and sequential certified accuracy, the images they decide alike, the
-    mean noisy forwards of each; pairs no folder holds come from `previous`."""
+    mean noisy forwards of each, the sequential run's stopping rule; a fixed-N run no folder holds is read from its
+    TSV in `tsvs` (the committed results), and pairs no folder holds come from `previous`."""
     pairs: dict[tuple[str, int], list[dict]] = {}
     for seq_path in sorted({p.name: p for f in folder for p in f.glob("*.seq*.json")}.values(), key=lambda p: p.name):
         row, n = seq_path.name.split(".seq")[0], seq_path.name.split(".seq")[1].split(".")[0]
         seq, fixed = load(folder, f"{row}.seq{n}"), load(folder, f"{row}.fixed{n}")
+        if fixed is None and tsvs is not None:
+            fixed = fixed_from_tsv(tsvs / f"{row}.fixed{n}.tsv")
         if fixed is None or fixed.get("partial") or seq.get("partial"):  # a pair compares finished runs only
             continue
+        if [r["idx"] for r in fixed["rows"]] != [r["idx"] for r in seq["rows"]]:
+            raise SystemExit(f"{row}: the fixed-N and sequential runs certified different images")
         key, sigma = row.rsplit("_s", 1)
         ds, df = seq["summary"]["draws_per_sample"]["mean"], fixed["summary"]["draws_per_sample"]["mean"]
         for r in seq["summary"]["certified_accuracy"]:
@@ -148,21 +165,22 @@ def side_by_side(folder: list[Path], previous: dict | None = None) -> tuple[list
             same = sum(ok(a) == ok(b) for a, b in zip(fixed["rows"], seq["rows"]))
             pairs.setdefault((row, int(n)), []).append(
                 {"model": key, "sigma": float(sigma), "images": int(n), "radius": float(r),
-                 "fixed": fixed["summary"]["certified_accuracy"][r],
+                 "fixed": sum(map(ok, fixed["rows"])) / len(fixed["rows"]),
                  "sequential": seq["summary"]["certified_accuracy"][r], "same_verdict": same,
-                 "forwards_fixed": df, "forwards_sequential": ds})
+                 "forwards_fixed": df, "forwards_sequential": ds, "rule": rule(seq)})
     ran = set(pairs)
     for p in (previous or {}).get("side_by_side", []):  # pairs of earlier sessions, from the table they left
         key = (f"{p['model']}_s{p['sigma']:g}", p["images"])
         if key not in ran:
             pairs.setdefault(key, []).append(p)
     lines = ["| model | σ | images | r | fixed N | sequential | same verdict | forwards / image: fixed, sequential | "
-             "fewer forwards |", "|---|---|---|---|---|---|---|---|---|"]
+             "fewer forwards | sequential stopping |", "|---|---|---|---|---|---|---|---|---|---|"]
     out = [p for _, ps in sorted(pairs.items()) for p in ps]
     for p in out:
         n, df, ds = p["images"], p["forwards_fixed"], p["forwards_sequential"]
         lines.append(f"| {NAMES[p['model']]} | {p['sigma']:g} | {n} | {p['radius']:g} | {cell(p['fixed'], n)} | "
-                     f"{cell(p['sequential'], n)} | {p['same_verdict']}/{n} | {df:,.0f}, {ds:,.0f} | {df / ds:.1f}x |")
+                     f"{cell(p['sequential'], n)} | {p['same_verdict']}/{n} | {df:,.0f}, {ds:,.0f} | {df / ds:.1f}x | "
+                     f"{p.get('rule', 'reach rule')} |")
     return lines, out
 
 
@@ -208,10 +226,12 @@ def main() -> None:
     ap.add_argument("folder", type=Path, nargs="+")
     ap.add_argument("--previous", type=Path, help="the committed table.json: rows no folder holds are kept from it")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tsvs", type=Path, help="the committed TSVs (default: beside --previous): fixed-N runs no "
+                                               "folder holds, paired with sequential runs of a folder")
     a = ap.parse_args()
     previous = json.loads(a.previous.read_text()) if a.previous else None
     t1, j1 = main_table(a.folder, previous)
-    t2, j2 = side_by_side(a.folder, previous)
+    t2, j2 = side_by_side(a.folder, previous, a.tsvs or (a.previous.parent if a.previous else None))
     t3, cpu = bench_time(a.folder, j1, j2, previous)
     print("\n".join(["### Certified accuracy (%, 95% Wilson interval), sequential CERTIFY", "", *t1, "",
                      "### Fixed N = 100,000 beside sequential, same images", "", *t2, "", *t3]))
