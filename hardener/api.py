@@ -49,6 +49,7 @@ from .options.recipe import DEFAULT_PRESET
 from .options.validate import check_arg, check_range
 from .options.wording import python_words, speaking_python
 from .patches import PatchedModel, suggest
+from .patches.attach import carries_patches
 from .patches import cost as C
 from .reports import report as R
 from .runtime.console import library_voice
@@ -76,7 +77,6 @@ def as_patched(model: Any, arch: str | None = None, mean=None, std=None, logits:
         return loaded.patched
     if isinstance(model, nn.Module):
         from .model.classifier import hf_normalisation
-        from .patches.attach import carries_patches
 
         if carries_patches(model):
             raise InputError("the module carries the patches of a PatchedModel (hardener.load(path, model=...) hooks "
@@ -198,15 +198,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         for what, v, kinds in (("report", report, "str | None"), ("eval_samples", eval_samples, "int | None"),
                                ("eval_steps", eval_steps, "int | None"), ("resume", resume, "bool")):
             check_arg(what, v, kinds)
-        if state is not None and not isinstance(state, (str, Path)):
-            raise InputError(f"state must be a file path (the training's resumable state), got {type(state).__name__}")
-        if resume and state is None:
-            raise InputError("resume=True needs state=: the file the interrupted run kept its state in")
-        if state is not None and not Path(state).parent.is_dir():
-            raise InputError(f"state '{state}': the folder '{Path(state).parent}' does not exist")
-        if state is not None and Path(state).is_dir():
-            raise InputError(f"state '{state}' is a folder: give a file for the training's state, e.g. "
-                             f"'{Path(state) / 'run.partial'}'")
+        _check_state(state, resume)
         check_range("eval_samples", eval_samples)
         check_range("eval_steps", eval_steps)
         if report is None and (eval_data is not None or eval_samples is not None or eval_steps is not None):
@@ -225,9 +217,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         hooks = RUN.library_hooks(progress, words)
         hooks.keep_parent = post is not None  # a method that fine-tunes the base: the report's base is the original
         if state is not None:  # resumable, as harden patch is beside --out: Ctrl-C saves at the next step
-            base_sha = _digest(model, patched, patched.base_sha256)
-            hooks.saver = lambda r: RUN.saver_at(Path(state), r, base_sha, resume)
-            hooks.stop, hooks.cache_dir = StopFlag(), Path(state).parent
+            _keep_state(hooks, Path(state), resume, _digest(model, patched, patched.base_sha256))
         run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks, post_report=post,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
         try:  # after training: the state stays until the model is the caller's (the latency, the report)
@@ -252,6 +242,26 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
         if run.saver is not None:
             run.saver.clear()  # the model is the caller's now
         return patched
+
+
+def _check_state(state: Any, resume: bool) -> None:
+    """`hardener.patch`'s `state=` (a file, in a folder that exists) and `resume=`, before any work."""
+    if state is not None and not isinstance(state, (str, Path)):
+        raise InputError(f"state must be a file path (the training's resumable state), got {type(state).__name__}")
+    if resume and state is None:
+        raise InputError("resume=True needs state=: the file the interrupted run kept its state in")
+    if state is not None and not Path(state).parent.is_dir():
+        raise InputError(f"state '{state}': the folder '{Path(state).parent}' does not exist")
+    if state is not None and Path(state).is_dir():
+        raise InputError(f"state '{state}' is a folder: give a file for the training's state, e.g. "
+                         f"'{Path(state) / 'run.partial'}'")
+
+
+def _keep_state(hooks: RUN.Hooks, state: Path, resume: bool, base: str) -> None:
+    """A patch run kept resumable in `state`: the saver (for this base, `base`'s digest, and the run's settings),
+    and a stop flag that SIGINT/SIGTERM set so that training saves at the next step."""
+    hooks.saver = lambda r: RUN.saver_at(state, r, base, resume)
+    hooks.stop, hooks.cache_dir = StopFlag(), state.parent
 
 
 def _eval_data(eval_data: Any) -> hdata.Dataset | None:
@@ -494,7 +504,7 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
         CR.check_memory(cfg, spec.shape, "batch_size")
         ds = hdata.samples(ds, None, max_samples, cfg.seed)  # the samples, before the state that names them
         store, rows = CR.state_store(ds, cfg, dev, None, _digest(model, patched, sha), folder, resume,
-                                     spec.to_json(), beside=None)
+                                     spec.to_json())
         if rows:
             library_voice(progress)[0](f"resuming: {len(rows)} of {len(ds)} samples already certified")
         try:

@@ -35,7 +35,7 @@ def test_normalisation_is_checked_for_a_patched_checkpoint_too(runner, patched_c
                                                                value):
     """A patched file's own input spec wins over --mean/--std, but a value out of range is still refused: never a
     run that looks as if it used it."""
-    extra = {"eval": ["--attack", "fgsm", "--no-checks"], "predict": [], "certify": ["--n0", "5", "--n", "5"]}[cmd]
+    extra = {"eval": ["--attack", "fgsm", "--no-checks"], "predict": [], "certify": ["--n0", "5", "--n", "20"]}[cmd]
     r = runner.invoke(main, [cmd, str(patched_ckpt), "--arch", ARCH, "--data", str(tiny_test_data), "--max-samples",
                              "3", "--quiet", *extra, *(["--mean", "0"] if flag == "--std" else []), flag, value])
     assert_input_error(r, flag)

@@ -11,6 +11,8 @@ from typing import Any, Callable
 import torch
 
 from .. import data as hdata
+from ..errors import InputError
+from ..io.checkpoint import atomic_write
 from ..io.resume import EvalStore, fingerprint
 from ..options import validate as V
 from ..reports import report as R
@@ -58,9 +60,6 @@ class Certification:
     def save(self, path: str | Path) -> None:
         """Write the report by suffix, atomically: .json (the JSON report), .md (its Markdown) or .tsv (one row per
         sample, locuslab/smoothing's columns)."""
-        from ..errors import InputError
-        from ..io.checkpoint import atomic_write
-
         path = Path(path)
         kinds = {".json": lambda: json.dumps(self.data, indent=2, sort_keys=True), ".md": self.to_markdown,
                  ".tsv": self.to_tsv}
@@ -109,10 +108,10 @@ def certify_run(patched: torch.nn.Module, ds: hdata.Dataset, cfg: C.SmoothingCon
 
 def state_store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device, world: D.World | None,
                 model_sha: str | None, folder: Path | None, resume: bool, spec: dict | None = None,
-                beside: str | None = "a --report or --tsv") -> tuple[EvalStore, list[dict]]:
+                beside: str | None = None) -> tuple[EvalStore, list[dict]]:
     """A certification's resumable state in `folder` (None: kept in memory only, nothing to resume; one file per
     process of a sharded run), named by a fingerprint of the model, the selected samples and the settings, and the
-    rows it already holds (`resume`)."""
+    rows it already holds (`resume`); `beside`: the outputs it is kept beside too (the command line's)."""
     rules = {"stops": C.STOPS, "reach_z": C.REACH_Z, "cap_share": C.CAP_SHARE} if cfg.sequential else {}  # a rule
     # change is another run
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
@@ -132,8 +131,7 @@ def keeper(store: EvalStore, rows: list[dict], cfg: C.SmoothingConfig) -> Callab
     return keep
 
 
-def stopped(store: EvalStore, rows: list, again: str = "rerun the same command with --resume",
-            keep: str = "pass --state-dir DIR, --report or --tsv to make a certification resumable") -> str:
+def stopped(store: EvalStore, rows: list, again: str, keep: str = "") -> str:
     """Interrupted: the certified rows saved for a resume, said in a line (`again`: how to go on; `keep`: how to
     make a run resumable that kept nothing)."""
     store.flush()

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..options.defaults import CERTIFY
 from ..options.validate import check_range
 from ..stats import wilson
@@ -76,8 +77,6 @@ class SmoothingConfig:
         """An `InputError` when `n` draws can certify no radius at all; a note (a warning) when the largest radius a
         sequential run aims for (`max_radius`, default 2σ) lies beyond what they can certify: its samples then stop
         below it and the radius reports 0% by construction."""
-        from ..errors import InputError
-
         most = self.most_certifiable()
         if most <= 0:
             lo, hi = self.n, 2 * self.n  # the least n that certifies something: bisection (it grows with n)

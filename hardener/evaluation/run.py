@@ -178,8 +178,7 @@ def state_store(run: EvalRun, model_sha: str | None, folder: Path | None, resume
     return EvalStore(state, fp, resume, others=".harden-eval-*.partial", beside=beside)
 
 
-def stopped(store: EvalStore | None, again: str = "rerun the same command with --resume",
-            keep: str = "pass --state-dir DIR or --report to make an evaluation resumable") -> str:
+def stopped(store: EvalStore | None, again: str, keep: str = "") -> str:
     """Interrupted (in an attack, the checks, the sweep or the report): the finished attacks saved for a resume, said
     in a line (`again`: how to go on; `keep`: how to make a run resumable that kept nothing)."""
     if store is None:  # before the attacks began (the accuracy check, the batch size): nothing to keep

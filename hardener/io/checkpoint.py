@@ -20,6 +20,7 @@ from ..model import archspec, hf
 from ..model.classifier import Classifier, InputSpec
 from ..options.validate import regular_input
 from ..patches import PATCH_KINDS, PatchedModel
+from ..patches.attach import carries_patches
 from ..version import __version__
 from .manifest import patch_numel, validate_manifest
 
@@ -524,8 +525,6 @@ def load_onto(path: str | Path, net: nn.Module):
     if manifest is None:
         raise InputError(f"'{path}' is not a harden-patched checkpoint (no manifest): model= takes a patched "
                          "file; load a plain state dict with model.load_state_dict")
-    from ..patches.attach import carries_patches
-
     if carries_patches(net):
         raise InputError("model= already carries the patches of a PatchedModel (an earlier hardener.load(..., "
                          "model=it) hooked it): pass a fresh base module")

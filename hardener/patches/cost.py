@@ -323,6 +323,21 @@ def parse_budget(value: Any) -> float | None:
     return budget
 
 
+def _nothing_fits(budget: float, base: int, cheapest: tuple[int, str] | None) -> str:
+    """The refusal of a budget that fits no patch: the room it leaves, the cheapest patch (multiply-adds, site) and
+    the smallest budget, to 2 decimals, that fits it by `fit_budget`'s own test (cost <= (budget - 1) base)."""
+    what = "; raise --budget"
+    if cheapest:
+        least = math.ceil(100 * (1 + cheapest[0] / max(1, base)) - 1e-9) / 100
+        while (least - 1.0) * base < cheapest[0]:
+            least = round(least + 0.01, 2)
+        what = (f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%: --budget "
+                f"{least:.2f} or more fits it")
+    room = f"{100 * (budget - 1):.2f}".rstrip("0").rstrip(".")  # 0.01, not 0.0
+    return (f"--budget {budget:g}: no patch of the recipe fits in {room}% of the base's {fmt(base)} "
+            f"multiply-adds{what}, or give none")
+
+
 def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, budget: float,
                twins: bool) -> tuple[list[tuple[str, str]], Any, str]:
     """Size a recipe to `budget` (the patched model's multiply-adds over the base's) before anything is built: BN
@@ -376,17 +391,7 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
         options += [(cost_of(*pre[0], opts.replace(**t)), pre[0][1])  # the pre-filter at its lightest settings
                     for settings in (lighter_settings(opts.width, opts.prefilter_stride, opts.prefilter_design)
                                      if pre else []) for t in settings]
-        cheapest = min(options) if options else None
-        what = "; raise --budget"
-        if cheapest:  # the smallest budget that fits it, to 2 decimals, by the test above (c <= (budget - 1) base)
-            least = math.ceil(100 * (1 + cheapest[0] / max(1, base)) - 1e-9) / 100
-            while (least - 1.0) * base < cheapest[0]:
-                least = round(least + 0.01, 2)
-            what = (f"; the cheapest, at '{cheapest[1]}', adds {100 * cheapest[0] / max(1, base):.1f}%: --budget "
-                    f"{least:.2f} or more fits it")
-        room = f"{100 * (budget - 1):.2f}".rstrip("0").rstrip(".")  # 0.01, not 0.0
-        raise InputError(f"--budget {budget:g}: no patch of the recipe fits in {room}% of the base's "
-                         f"{fmt(base)} multiply-adds{what}, or give none")
+        raise InputError(_nothing_fits(budget, base, min(options) if options else None))
     o = o.replace(rho=rho)
     chosen = [rest[j] for j in sorted(kept)]
     if rest:

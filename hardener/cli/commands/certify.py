@@ -44,11 +44,14 @@ def run(call: Call) -> None:
     model_sha = loaded.base.sha256 if loaded.base is not None else sha256_file(Path(model))  # a plain file: hashed once
     ds = hdata.samples(ds, subset, kw["max_samples"], kw["seed"])
     folder = state_folder(kw["state_dir"], [p for p in (kw["report_path"], kw["tsv_path"]) if p])
-    store, rows = CR.state_store(ds, cfg, device, world, model_sha, folder, kw["resume"], loaded.spec.to_json())
+    store, rows = CR.state_store(ds, cfg, device, world, model_sha, folder, kw["resume"], loaded.spec.to_json(),
+                                 beside="a --report or --tsv")
     if rows and not kw["quiet"]:
         mine = f"this process's {len(D.shard(len(ds), 1, world))}" if world.active else str(len(ds))
         err_console.print(f"resuming: {len(rows)} of {mine} samples already certified", highlight=False)
-    with outputs_or_none(lambda: CR.stopped(store, rows)) as written:
+    with outputs_or_none(lambda: CR.stopped(
+            store, rows, "rerun the same command with --resume",
+            "pass --state-dir DIR, --report or --tsv to make a certification resumable")) as written:
         with ProgressView(kw["quiet"]) as progress:
             cert = CR.certify_run(loaded.patched, ds, cfg, device, n_classes=loaded.spec.num_classes,
                                model_name=model, model_sha=model_sha,
