@@ -59,8 +59,9 @@ def run(call: Call) -> None:
     model_sha = sha256_file(Path(model))
     hooks.store = lambda r: _store(r, model_sha, kw)
     ev.extra = _extra(model, model_sha, loaded, kw, invocation.record("eval", call))
-    with outputs_or_none(lambda: EV.stopped(ev.store, "rerun the same command with --resume",
-                                                 "pass --state-dir DIR or --report to make an evaluation resumable")) as written:
+    stopped = lambda: EV.stopped(ev.store, "rerun the same command with --resume",  # noqa: E731
+                                 "pass --state-dir DIR or --report to make an evaluation resumable")
+    with outputs_or_none(stopped) as written:
         EV.eval_run(ev)
         if ev.report is None:  # another rank of a sharded run: rank 0 reports (and clears every rank's state after)
             D.finish(world)
