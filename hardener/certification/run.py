@@ -112,8 +112,8 @@ def state_store(ds: hdata.Dataset, cfg: C.SmoothingConfig, device: torch.device,
     """A certification's resumable state in `folder` (None: kept in memory only, nothing to resume; one file per
     process of a sharded run), named by a fingerprint of the model, the selected samples and the settings, and the
     rows it already holds (`resume`); `beside`: the outputs it is kept beside too (the command line's)."""
-    rules = {"stops": C.STOPS, "reach_z": C.REACH_Z, "cap_share": C.CAP_SHARE} if cfg.sequential else {}  # a rule
-    # change is another run
+    rules = {"stops": C.STOPS, "reach_z": C.REACH_Z, "cap_share": C.CAP_SHARE, "reach": "sequence"} \
+        if cfg.sequential else {}  # a rule change is another run
     fp = fingerprint({"model": model_sha, "data": ds.fingerprint(), "certify": asdict(cfg), "device": device.type,
                       "input": spec, **rules})  # spec: the input's normalisation (--mean/--std too)
     suffix = D.state_suffix(world) if world is not None else ""
