@@ -16,6 +16,7 @@ a `DataLoader`, or a data spec string (`folder/`, `file.npz`, `fashion-mnist:tra
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import warnings
@@ -490,7 +491,7 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
                                         seed=seed, sequential=sequential,
                                         max_radius=None if max_radius is None else float(max_radius))
         note = cfg.check_reach()  # n too small to certify anything: an error; too small for max_radius: a warning
-        view = library_voice(progress)[2]  # as hardener.patch and hardener.evaluate show theirs (checked here)
+        say, _, view = library_voice(progress)  # as hardener.patch and hardener.evaluate speak (checked here)
         _warn(note and _words(keywords)(note))
         patched, _, sha = model_to_run(model, arch, mean, std, logits)  # a plain file: hashed once, as it loads
         if isinstance(model, (str, Path)):
@@ -506,7 +507,7 @@ def certify(model: Any, data: Any, *, sigma: float | str = CERTIFY["sigma"], n: 
         store, rows = CR.state_store(ds, cfg, dev, None, _digest(model, patched, sha), folder, resume,
                                      spec.to_json())
         if rows:
-            library_voice(progress)[0](f"resuming: {len(rows)} of {len(ds)} samples already certified")
+            say(f"resuming: {len(rows)} of {len(ds)} samples already certified")
         try:
             with view if hasattr(view, "__enter__") else contextlib.nullcontext():
                 cert = CR.certify_run(patched, ds, cfg, dev, n_classes=spec.num_classes, model_name=name,
@@ -533,9 +534,6 @@ def _digest(model: Any, patched: PatchedModel, sha: str | None = None) -> str:
     """What names the model in a resumable state: a checkpoint file's digest (`sha`, when its load computed it) or,
     for a module in memory, its tensors (patches included); with what neither holds: the input normalisation (a
     `mean=`/`std=` given with the call), the logits' key and the route."""
-    import hashlib
-    import json
-
     if not sha:
         sha = sha256_file(Path(model)) if isinstance(model, (str, Path)) else tensor_digest(patched.state_dict())
     rest = json.dumps({"spec": patched.model.spec.to_json(), "route": patched.current_route}, sort_keys=True,

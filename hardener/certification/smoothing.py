@@ -15,18 +15,18 @@ reaches the cap (n draws) also gets one Clopper-Pearson look at CAP_SHARE alpha,
 bound the radius at whatever look a sample stops is over-stated with probability at most alpha, as CERTIFY's, and a
 sample that runs to the cap is never certified much below what fixed-n CERTIFY gives it. A sample stops once its
 bound reaches the largest radius asked for (`max_radius`), once it can certify none (the sequence's upper end below
-1/2), once its place among the reported radii is decided (no reported radius's threshold Φ(r/σ) lies inside the sequence), once the next threshold
-above its bound is out of reach (even an estimate REACH_Z standard errors above the observed share would leave the
-bound below it after all n draws: the samples whose p_A sits on a threshold, which would otherwise
-all run to the cap), or at n draws. Whatever rule stops a sample, the bound at that look is valid: the rules choose
-how many draws to spend, never the guarantee. A Clopper-Pearson bound recomputed at every look would over-state
-radii far more often than alpha (the test shows it).
+1/2), once its place among the reported radii is decided (no reported radius's threshold Φ(r/σ) lies inside the
+sequence), once the next threshold above its bound is out of reach (even an estimate REACH_Z standard errors above
+the observed share would leave the bound below it after all n draws: the samples whose p_A sits on a threshold,
+which would otherwise all run to the cap), or at n draws. Whatever rule stops a sample, the bound at that look is
+valid: the rules choose how many draws to spend, never the guarantee. A Clopper-Pearson bound recomputed at every
+look would over-state radii far more often than alpha (the test shows it).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -79,13 +79,14 @@ class SmoothingConfig:
         below it and the radius reports 0% by construction."""
         most = self.most_certifiable()
         if most <= 0:
+            def certifies(n: int) -> bool:
+                return replace(self, n=n, max_radius=None).most_certifiable() > 0
             lo, hi = self.n, 2 * self.n  # the least n that certifies something: bisection (it grows with n)
-            while SmoothingConfig(**{**asdict(self), "n": hi, "max_radius": None}).most_certifiable() <= 0:
+            while not certifies(hi):
                 lo, hi = hi, 2 * hi
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                ok = SmoothingConfig(**{**asdict(self), "n": mid, "max_radius": None}).most_certifiable() > 0
-                lo, hi = (lo, mid) if ok else (mid, hi)
+                lo, hi = (lo, mid) if certifies(mid) else (mid, hi)
             least = hi
             raise InputError(f"--n {self.n} draws cannot certify any radius at --alpha {self.alpha:g}: even with every "
                              f"draw for the top class its lower bound stays below 1/2; give --n {least} or more "

@@ -31,7 +31,7 @@ def _key(site: str) -> str:
 
 def drop_twin_forward(module: nn.Module) -> None:
     """Remove a twin's forward (`PatchedModel._twin_forward`) from a copy of a norm layer: its own method again."""
-    if getattr(module.__dict__.get("forward"), "harden_twin", False):
+    if getattr(module.__dict__.get("forward"), "harden_patch", False):
         del module.forward
 
 
@@ -110,8 +110,7 @@ class PatchedModel(nn.Module):
             if self._capture is not None:
                 self._capture[site] = new.clone()
             return new
-        forward.harden_twin = True  # marks it for the copies that drop it
-        forward.harden_patch = True  # what `carries_patches` looks for
+        forward.harden_patch = True  # marks it for the copies that drop it, and for `carries_patches`
         return forward
 
     def _patch_output(self, key: str, out: torch.Tensor) -> torch.Tensor:

@@ -161,11 +161,16 @@ class Cost:
         return self.macs_patched / self.macs_base if self.macs_base else math.inf
 
     @property
-    def latency_ratio(self) -> float | None:
-        """The worst ratio over the measured batches (None before measuring)."""
+    def worst_batch(self) -> dict | None:
+        """The measured batch with the worst patched/base ratio (None before measuring)."""
         if not self.latency:
             return None
-        return max(b["ratio"] for b in self.latency["batches"].values())
+        return max(self.latency["batches"].values(), key=lambda b: b["ratio"])
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """The worst ratio over the measured batches (None before measuring)."""
+        return None if self.worst_batch is None else self.worst_batch["ratio"]
 
     def added(self) -> dict[str, int]:
         """What the patches add, beside the base's (the report's `patch_cost`)."""

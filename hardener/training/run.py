@@ -303,8 +303,7 @@ def measure(run: PatchRun) -> str | None:
     run.hooks.say(f"cost: {C.describe_latency(run.inference)}")
     budget, ratio = C.parse_budget(run.opts.budget), run.inference.latency_ratio
     if budget is not None and ratio is not None and ratio > budget:
-        batches = run.inference.latency["batches"]
-        noisy = max(batches.values(), key=lambda v: v["ratio"]).get("noisy")  # the batch past the budget
+        noisy = run.inference.worst_batch.get("noisy")  # the batch past the budget
         text = (f"the patched model fits --budget {budget:g} in multiply-adds ({run.inference.macs_ratio:.2f}x the "
                 f"base's) but measured {ratio:.2f}x the base's latency here ({C.describe_latency(run.inference)}): "
                 + ("the timings were noisy (a busy machine?), so time it on a quiet one before you act on this"
