@@ -221,9 +221,7 @@ def patch(model: Any, data: Any, recipe: str | None = "auto", *, arch: str | Non
             _keep_state(hooks, Path(state), resume, _digest(model, patched, patched.base_sha256))
         run = RUN.patch_run(RUN.PatchRun(patched, ds, opts, preset, dev, hooks, post_report=post,
                                          given=frozenset(PatchOptions.canonical(k) for k in overrides)), infos)
-        try:  # after training: the state stays until the model is the caller's (the latency, the report)
-            over = RUN.measure(run)  # a latency past the budget: a warning at the caller's line, in the library's words
-            _warn(over and words(over))
+        try:  # after training: the state stays until the model is the caller's (the report)
             if run.inference is not None and run.inference.sizing:  # what the budget chose, in the same words
                 run.inference.sizing = words(run.inference.sizing)
             patched.cost = run.inference

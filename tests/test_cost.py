@@ -189,7 +189,9 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
                              "--report", str(rep)])
     assert r.exit_code == 0, r.output
     assert "cost: the patched model at " in r.stderr and "x the base's multiply-adds per image" in r.stderr
-    assert "cost: latency batch 1 " in r.stderr
+    plan = r.stderr[r.stderr.index("plan: "):]
+    assert "x the base's multiply-adds per image" in plan and "; latency batch 1 " in plan  # said before training
+    assert plan.index("; latency batch 1 ") < plan.index("train 1/")
     manifest = read_manifest(out).cost
     report = json.loads(rep.read_text())["cost"]
     patched = load_patched(out, arch=ARCH)[0]
@@ -448,9 +450,9 @@ def test_a_low_rank_fixer_starts_as_the_identity_costs_less_and_round_trips():
 
 
 def test_a_latency_past_the_budget_is_a_warning_in_each_face(monkeypatch, runner, tmp_path, tiny_ckpt, tiny_data):
-    """`--budget` counts multiply-adds; the run then times the patched model, and a latency past the budget is a
-    warning: `budget=` at the caller's line from the library, `--budget` on stderr from the command line (the
-    timing is replaced by a slow one here; `measure_latency` itself is tested above)."""
+    """`--budget` counts multiply-adds; the plan then times the patched model, and a latency past the budget is a
+    warning before any training: `budget=` at the caller's line from the library, `--budget` on stderr from the
+    command line (the timing is replaced by a slow one here; `measure_latency` itself is tested above)."""
     import warnings
 
     import hardener
@@ -461,10 +463,12 @@ def test_a_latency_past_the_budget_is_a_warning_in_each_face(monkeypatch, runner
     slow = {"device": "cpu", "threads": 1, "batches": {"1": {"ratio": 150.0, "base_ms": 1.0, "patched_ms": 150.0}}}
     monkeypatch.setattr(C, "measure_latency", lambda *a, **k: slow)
     imgs, labels = make_data(n=60)
+    first_step: list = []  # the warnings given when training's first step is shown: the latency one is among them
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         p = hardener.patch(trained_tiny(), (imgs.float() / 255, labels), eps=0.1, epochs=1, steps=1, batch_size=32,
-                           budget=100, progress=False)
+                           budget=100, progress=lambda *a: first_step or first_step.append(list(seen)))
+    assert any("latency" in str(w.message) for w in first_step[0])
     over = [w for w in seen if "latency" in str(w.message)]
     assert p.cost.macs_ratio <= 100 and len(over) == 1, [str(w.message) for w in seen]
     assert "fits budget=100" in str(over[0].message) and "150.00x" in str(over[0].message)

@@ -75,7 +75,7 @@ class PatchRun:
     val_ds: hdata.Dataset | None = None
     spec: A.AttackSpec | None = None
     cfg: F.FitConfig | None = None
-    inference: C.Cost | None = None  # the patched model against the base: counted at attach, latency by `measure`
+    inference: C.Cost | None = None  # the patched model against the base: counted at attach, timed in the plan
     cost: dict | None = None  # what the patches add: parameters and multiply-adds
     report_units: float = 0.0  # the post-training report, in forward-pass units (the estimate's last term)
     saver: Saver | None = None
@@ -100,7 +100,7 @@ class PatchRun:
 
 def patch_run(run: PatchRun, infos: list) -> PatchRun:
     """The whole run on `run`'s model and data (`infos`: its layer table, `api.finish`): returns it, trained, routed
-    and recorded; `measure` times its latency after."""
+    and recorded (its latency timed in the plan: `time_inference`)."""
     plan(run, infos)
     train(run)
     run.route = run.opts.route or M.build(run.cfg).default_route
@@ -144,6 +144,8 @@ def plan(run: PatchRun, infos: list) -> None:
     run.warnings += recipe_warnings(run.preset, run.cfg, run.cfg.epoch_images(len(run.train_ds)),
                                     epochs_given="epochs" in run.given)
     run.warnings += _run_warnings(run)
+    over = time_inference(run)
+    run.warnings += [over] if over else []
     report_line = TR.prepare(run) if run.post_report else None
     h.say(plan_text(run, report_line))
     for w in run.warnings:
@@ -250,7 +252,8 @@ def plan_text(run: PatchRun, report_line: str | None = None) -> str:
     if report_line:
         lines.append(report_line)
     if run.inference is not None:
-        lines.append(f"cost: the patched model at {C.describe_macs(run.inference)}; latency measured after training")
+        lines.append(f"cost: the patched model at {C.describe_macs(run.inference)}"
+                     + (f"; {C.describe_latency(run.inference)}" if run.inference.latency else ""))
     return "plan: " + "\n      ".join(lines)
 
 
@@ -292,26 +295,25 @@ def _estimate(run: PatchRun, est: dict) -> None:
                   f"{est['timed_steps']} steps: {est['seconds_per_step']:.2f} s per step)")
 
 
-def measure(run: PatchRun) -> str | None:
-    """The trained model on its inference route, the run's device and threads: latency against the base. With a
-    `--budget`, a measured latency past it is a warning, returned for the caller to give (it is also the run's last
-    `warnings`): the budget counts multiply-adds, which do not see that a thin convolution costs more time per
-    multiply-add than the base's."""
-    if run.inference is None:
+def time_inference(run: PatchRun) -> str | None:
+    """The patched model's latency against the base, timed before training, so that the plan says it (the weights do
+    not change it: the same patches, untrained, run the same operations) on the route it will serve on, the run's
+    device and threads; by the main process only (the others would share its cores). With a `--budget`, a measured
+    latency past it is returned as a warning: the budget counts multiply-adds, which do not see that a thin
+    convolution costs more time per multiply-add than the base's."""
+    if run.inference is None or not run.hooks.world.main:
         return None
-    run.inference.latency = C.measure_latency(run.patched)
-    run.hooks.say(f"cost: {C.describe_latency(run.inference)}")
+    with run.patched.route(run.opts.route or M.build(run.cfg).default_route):
+        run.inference.latency = C.measure_latency(run.patched)
     budget, ratio = C.parse_budget(run.opts.budget), run.inference.latency_ratio
-    if budget is not None and ratio is not None and ratio > budget:
-        noisy = run.inference.worst_batch.get("noisy")  # the batch past the budget
-        text = (f"the patched model fits --budget {budget:g} in multiply-adds ({run.inference.macs_ratio:.2f}x the "
-                f"base's) but measured {ratio:.2f}x the base's latency here ({C.describe_latency(run.inference)}): "
-                + ("the timings were noisy (a busy machine?), so time it on a quiet one before you act on this"
-                   if noisy else "thin patch convolutions cost more time per multiply-add than the base's; time it "
-                   "where it will serve, or lower --budget"))
-        run.warnings.append(text)
-        return text
-    return None
+    if budget is None or ratio is None or ratio <= budget:
+        return None
+    noisy = run.inference.worst_batch.get("noisy")  # the batch past the budget
+    return (f"the patched model fits --budget {budget:g} in multiply-adds ({run.inference.macs_ratio:.2f}x the "
+            f"base's) but measured {ratio:.2f}x the base's latency here ({C.describe_latency(run.inference)}): "
+            + ("the timings were noisy (a busy machine?), so time it on a quiet one before you act on this"
+               if noisy else "thin patch convolutions cost more time per multiply-add than the base's; time it "
+               "where it will serve, or lower --budget"))
 
 
 def saver_at(path: Path, run: PatchRun, base_sha256: str, resume: bool, every_steps: int = 0) -> Saver:

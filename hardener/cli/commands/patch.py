@@ -58,9 +58,6 @@ def run(call: Call) -> None:
         try:
             manifest = _write(plan, written)
             D.finish(world)
-            over = RUN.measure(plan.run)  # the trained model on its inference route, the run's device and threads
-            if over:
-                plan.run.hooks.warn(over)
             _report(plan, manifest, written)
         except Exception:
             if written:  # failed after the checkpoint was written: it stands, and no state is needed to redo it
