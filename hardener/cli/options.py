@@ -203,7 +203,8 @@ PATCH_CORE = (
     popt("--smooth-grad", help="softplus:ALPHA — attacks in training see the base's ReLUs with a "
                                "parametric-softplus backward (forward unchanged)."),
     popt("--budget", help="Inference multiply-adds of the patched model relative to the base (e.g. 1.25), or none: "
-                           "the recipe is sized to fit before training (pre-filter width and design, --rho, sites)."),
+                           "the recipe is sized to fit before training (pre-filter width and design, --rho, sites); "
+                           "a measured latency past it is a warning in the plan."),
     popt("--unlabeled", help="Images without labels for robust self-training: the frozen base labels them and they join "
                              "training (a folder, a tensor file, or `rest`: the images of --data outside the training, "
                              "validation and report images, their labels ignored)."),
