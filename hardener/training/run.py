@@ -1,8 +1,9 @@
 """One `harden patch` run, for the library and the command line alike: attach the patches, split the data, set up
-training, pseudo-label, settle the batch, plan (the plan, the notes, the warnings), train, route, record, time the
-cost. `hardener.patch` and `cli/commands/patch.py` both call `patch_run` (and `training.report` for the report after
-it); what differs between them is in `Hooks`: where the plan, the notes, the warnings and the progress go, and what
-the command line adds (a resumable state beside --out, torchrun's world, the stop flag, its data options)."""
+training, pseudo-label, settle the batch, time the patched model, plan (the plan, the notes, the warnings), train,
+route, record. `hardener.patch` and `cli/commands/patch.py` both call `patch_run` (and `training.report` for the
+report after it); what differs between them is in `Hooks`: where the plan, the notes, the warnings and the progress
+go, and what the command line adds (a resumable state beside --out, torchrun's world, the stop flag, its data
+options)."""
 from __future__ import annotations
 
 import contextlib
@@ -85,7 +86,7 @@ class PatchRun:
     info: dict = field(default_factory=dict)  # what fit says of its caches and out-of-memory retries
     estimate: dict = field(default_factory=dict)
     train_seconds: float = 0.0
-    route: str = ""
+    route: str = ""  # the route the trained model serves on (set in the plan, once the method is known)
     record: TrainingRecord | None = None  # the training record the checkpoint stores
 
     @property
@@ -103,7 +104,6 @@ def patch_run(run: PatchRun, infos: list) -> PatchRun:
     and recorded (its latency timed in the plan: `time_inference`)."""
     plan(run, infos)
     train(run)
-    run.route = run.opts.route or M.build(run.cfg).default_route
     run.patched.set_route(run.route)
     A.build(run.patched, run.spec)  # the attack's settings, filled in by a build, also when a resumed run never built it
     run.record = S.training_record(run.cfg, run.spec, run.logs, run.train_ds, run.opts, run.preset, run.split,
@@ -139,6 +139,7 @@ def plan(run: PatchRun, infos: list) -> None:
     if o.unlabeled is not None and not (isinstance(o.unlabeled, str) and not o.unlabeled):
         cfg = _pseudo_labelled(run, cfg)
     run.cfg = S.settle_batch_size(cfg, o, len(run.train_ds))
+    run.route = o.route or M.build(run.cfg).default_route
     if "select_on" in run.given:
         run.warnings += [n for n in run.split.notes if n.startswith("--select-on")]  # the user's number was not met
     run.warnings += recipe_warnings(run.preset, run.cfg, run.cfg.epoch_images(len(run.train_ds)),
@@ -303,7 +304,7 @@ def time_inference(run: PatchRun) -> str | None:
     convolution costs more time per multiply-add than the base's."""
     if run.inference is None or not run.hooks.world.main:
         return None
-    with run.patched.route(run.opts.route or M.build(run.cfg).default_route):
+    with run.patched.route(run.route):
         run.inference.latency = C.measure_latency(run.patched)
     budget, ratio = C.parse_budget(run.opts.budget), run.inference.latency_ratio
     if budget is None or ratio is None or ratio <= budget:
