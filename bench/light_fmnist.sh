@@ -48,6 +48,11 @@ declare -A RUNS=(
   [P16e20m15]="$PRE --width 16 --mu 1.5"  # P16e20m1's clean/robust trade at mu 1.5
   [P12e20m1]="$PRE --width 12 --mu 1"  # vgg_silu_small: the widest plain one inside 1.25x (1.16x)
   [P8e20m1]="$PRE --width 8 --mu 1"  # vit_small: the widest plain one inside 1.25x (1.23x)
+  # P16e20m1 distilled from the heavy default (RSLAD) at mu 1.5: the teacher kept L2's robustness at less pull to the
+  # base (L2Te20Tm15); and P16e20m1 without the BN twins (the pre-filter alone on the base's own BN statistics, whose
+  # serving route keeps the base's clean normalisation)
+  [P16Te20Tm15]="$PRE --width 16 $T20 --mu 1.5"
+  [Q16e20m1]="--at prefilter:input --epochs 20 --width 16 --mu 1"
   [S32e20m1]="$PRE --width 32 --prefilter-stride 2 --prefilter-design shuffle --mu 1"
   [L5e20m1]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS --epochs 20 --mu 1"
   [B125e20m1]="--budget 1.25 $TWINS --epochs 20 --mu 1"  # --preset light without a teacher, at mu 1 (r: = L2e20m1)
