@@ -90,7 +90,7 @@ for run in "$@"; do
     continue
   fi
   [ -f "$OUT/$run.json" ] && continue
-  if [[ $name == *T ]] && [ ! -f "$teacher" ]; then
+  if [[ ${RUNS[$name]} == *@TEACHER@* ]] && [ ! -f "$teacher" ]; then  # a distilled run builds its teacher first
     bash "$0" "$OUT" "${run%%-*}-default"
   fi
   base=examples/fmnist_base.safetensors
