@@ -135,6 +135,35 @@ def test_latency_is_measured_for_base_and_patched_at_each_batch():
     assert not p.training
 
 
+def test_latency_halves_a_batch_that_runs_out_of_memory():
+    """A large batch that does not fit (a big model on a small GPU) is timed at the largest half that does; one image
+    that does not fit is the caller's error (an evaluation then keeps its report without the latency)."""
+    class Cramped(nn.Module):
+        def __init__(self, most: int) -> None:
+            super().__init__()
+            self.most, self.seen = most, []
+
+        def forward(self, x):
+            self.seen.append(x.shape[0])
+            if x.shape[0] > self.most:
+                raise torch.OutOfMemoryError(f"CUDA out of memory: batch {x.shape[0]}")
+            return x
+
+    cramped = Cramped(16)
+    p = _patched(nn.Sequential(cramped, SmallConv()))
+    p.attach("input", Prefilter(1, width=4))
+    lat = C.measure_latency(p, batches=(256,), budget_s=0.5)
+    (b, got), = lat["batches"].items()
+    assert 1 < int(b) <= 16 and got["repeats"] >= C.MIN_REPEATS  # 16, or halved again on a busy machine
+    assert cramped.seen[:5] == [256, 128, 64, 32, 16]
+    p = _patched(nn.Sequential(Cramped(0), SmallConv()))
+    try:
+        C.measure_latency(p, batches=(1,), budget_s=0.1)
+        raise AssertionError("one image out of memory was not raised")
+    except torch.OutOfMemoryError:
+        assert not p.training
+
+
 def test_latency_that_varies_between_repeats_is_marked_noisy():
     """A busy machine makes repeats disagree: a patch whose time swings between repeats (a stand-in for another job
     on the cores) is marked noisy, per batch and as a whole, and the line says so; one that costs the same each time
@@ -204,10 +233,16 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
     assert report["latency"]["threads"] >= 1 and report["latency"]["device"] == "cpu"
     assert manifest == {k: v for k, v in report.items() if not k.startswith("latency")}
     assert manifest["budget"] is None and "sizing" not in manifest  # unconstrained: nothing was sized
+    md = tmp_path / "eval.md"
     r = runner.invoke(main, ["eval", str(out), "--arch", ARCH, "--data", str(tiny_data), "--max-samples", "8",
-                             "--steps", "1", "--eps", "0.1", "--json", "--quiet"])
+                             "--steps", "1", "--eps", "0.1", "--json", "--report", str(md)])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["cost"] == manifest  # harden eval reports the checkpoint's counted cost
+    got = json.loads(r.stdout)["cost"]  # harden eval counts the cost and times it on the machine it runs on
+    assert {k: v for k, v in got.items() if not k.startswith("latency")} == manifest
+    assert got["latency_ratio"] > 0 and got["latency"]["device"] == "cpu" and "1" in got["latency"]["batches"]
+    assert "Inference cost: " in r.stderr and "x the base's multiply-adds per image" in r.stderr
+    line = next(ln for ln in md.read_text().splitlines() if ln.startswith("Inference cost: "))
+    assert f"{manifest['macs_ratio']:.2f}x the base's multiply-adds" in line and "latency batch 1 " in line
 
 
 def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
@@ -223,6 +258,14 @@ def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
     patched.save(tmp_path / "p.safetensors")
     got = read_manifest(tmp_path / "p.safetensors").cost
     assert got == patched.cost.to_json(latency=False) and got["macs_ratio"] == round(patched.cost.macs_ratio, 4)
+    rep = hardener.evaluate(patched, (imgs[:8].float() / 255, labels[:8]), "apgd-ce", eps=0.1, steps=1, checks=False,
+                            progress=False)
+    cost = rep.to_dict()["cost"]  # the library's evaluation measures it too, on the machine it runs on
+    assert cost["macs_ratio"] == got["macs_ratio"] and cost["latency_ratio"] > 0 and cost["budget"] is None
+    assert "Inference cost: " in rep.to_markdown()
+    plain = hardener.evaluate(trained_tiny(), (imgs[:8].float() / 255, labels[:8]), "apgd-ce", eps=0.1, steps=1,
+                              checks=False, progress=False)
+    assert "cost" not in plain.to_dict() and "Inference cost" not in plain.to_markdown()  # no patches, no cost
 
 
 def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):

@@ -31,12 +31,13 @@ def test_shards_are_whole_blocks_covering_every_sample_once():
 
 
 def _strip(rep: dict) -> dict:
-    """What must agree: everything but timings, the time stamp, the command line and the process count."""
+    """What must agree: everything but timings (the attacks', the latency), the time stamp, the command line and the
+    process count."""
     def walk(o):
         if isinstance(o, dict):
             return {k: walk(v) for k, v in o.items() if k not in ("seconds", "seconds_per_image", "images_per_s",
                                                                    "created", "environment", "processes", "command",
-                                                                   "invocation")}
+                                                                   "invocation", "latency", "latency_ratio")}
         if isinstance(o, list):
             return [walk(v) for v in o]
         return o

@@ -265,9 +265,10 @@ def test_report_has_a_flat_summary_and_a_headline(runner, tmp_path, patched_ckpt
 
     assert rep["checkpoint_sha256"] == hashlib.sha256(patched_ckpt.read_bytes()).hexdigest()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", rep["created"])
-    head = md.read_text().splitlines()[2:6]
+    head = md.read_text().splitlines()[2:8]
     assert head[0].startswith(f"Model `{patched_ckpt.name}` (sha256 `{rep['checkpoint_sha256'][:16]}")
     assert "white-box" in head[1] and "points against the base" in head[2] and "Gates: **passed**" in head[3]
+    assert head[4].startswith("**Reduced budget**") and head[5].startswith("Inference cost: ")  # measured here
     assert "<div class=headline>" in html.read_text() and "<b>patched</b>" in html.read_text()
     assert "| class | n | clean | worst case |" in md.read_text() and "<h2>Per class</h2>" in html.read_text()
     pc = rep["models"]["patched"]["per_class"]

@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..io.resume import EvalStore, fingerprint
 from ..io.session import check_accuracy
 from ..patches import PatchedModel
+from ..patches import cost as C
 from ..patches.attach import Disabled
 from ..reports import report as R
 from ..runtime import distributed as D
@@ -140,6 +141,9 @@ def report(run: EvalRun) -> dict:
     budget and precision, what the run used (processes, base cache) and the caller's `extra`."""
     cfg, result = run.cfg, run.result
     extra = {**run.extra, "eps": cfg.eps, "norm": cfg.norm, "precision": cfg.precision}
+    cost = inference_cost(run)
+    if cost is not None:
+        extra["cost"] = cost
     if run.hooks.world.active:
         extra["processes"] = run.hooks.world.size
     if result.base_cache:
@@ -152,6 +156,24 @@ def report(run: EvalRun) -> dict:
     env = R.environment(str(run.device), cfg.seed, run.deterministic)
     rep = R.build("eval", result, R.data_record(run.ds, notes), R.attack_settings(result), env, extra)
     return words_of_report(rep, run.hooks.words)
+
+
+def inference_cost(run: EvalRun) -> dict | None:
+    """What the evaluated patches cost at inference against the base (`cost.measure`): multiply-adds counted, and the
+    latency measured here, on the run's device and threads, after the attacks (the machine this evaluation runs on,
+    where a checkpoint's manifest keeps no timing: its bytes do not depend on the machine that trained it). The
+    budget and what it sized are the training's (the caller's `extra["cost"]`, the checkpoint's manifest). None
+    for a model without patches or a fine-tuned base (`reference`: no patches to switch off)."""
+    if not run.has_patches or run.reference is not None or not run.patched.patch_specs():
+        return None
+    try:
+        cost = C.measure(run.patched)
+    except torch.OutOfMemoryError:  # even one image: the report keeps the counted cost and says why
+        cost = C.measure(run.patched, latency=False)
+        run.notes.append("the latency was not measured: out of memory timing one image after the attacks")
+    recorded = run.extra.get("cost") or {}
+    cost.budget, cost.sizing = recorded.get("budget", cost.budget), recorded.get("sizing", cost.sizing)
+    return cost.to_json()
 
 
 def words_of_report(rep: dict, words: Callable[[str], str]) -> dict:

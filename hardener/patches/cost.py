@@ -182,6 +182,13 @@ class Cost:
         checkpoint's manifest: a model's cost, not one machine's timing, and the same bytes for the same seed)."""
         return self.to_json(latency)
 
+    @classmethod
+    def from_json(cls, rec: dict) -> Cost:
+        """The `Cost` a JSON record (`to_json`) describes: a report's or a manifest's `cost`."""
+        return cls(int(rec.get("macs_base") or 0), int(rec.get("macs_patched") or 0),
+                   dict(rec.get("macs_per_patch") or {}), int(rec.get("parameters_base") or 0),
+                   int(rec.get("parameters_patches") or 0), rec.get("latency"), rec.get("budget"), rec.get("sizing"))
+
     def to_json(self, latency: bool = True) -> dict:
         """The JSON record (a dict: `to_dict`, the name the library's other results use)."""
         if not latency:
@@ -212,7 +219,8 @@ def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_
     with the current threads: per batch (smallest first), the median over repeats (at least MIN_REPEATS) that fit
     `budget_s` split evenly over the batches, warm-up included. A large batch starts no larger than the per-image
     time of the batch before says fits (at 4x its throughput per image), and is halved (down to 2) while one
-    base+patched pair would not fit MIN_REPEATS times in what is left of its share; the batch used is recorded."""
+    base+patched pair would not fit MIN_REPEATS times in what is left of its share, or runs out of memory; the batch
+    used is recorded."""
     device = _device(patched)
     sync = _sync(device)
     g = torch.Generator().manual_seed(seed)
@@ -241,16 +249,26 @@ def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_
                     fits = int(4 * share / ((MIN_REPEATS + 1) * per_image))
                     b = min(b, 1 << max(1, fits.bit_length() - 1))
                 x = torch.rand(b, *patched.model.spec.shape, generator=g).to(device)
-                first = pair(x)  # warm-up (allocations, kernels), also the estimate of one pair
+                while True:  # out of memory at a large batch: half of it (an evaluation's report must not be lost)
+                    try:
+                        first = pair(x)  # warm-up (allocations, kernels), also the estimate of one pair
+                        break
+                    except torch.OutOfMemoryError:
+                        if b == 1:
+                            raise
+                        b //= 2
+                        x = x[:b]
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                 while b > 2 and sum(first) * MIN_REPEATS > share - (time.perf_counter() - start):
                     b //= 2
                     x = x[:b]
                     first = pair(x)
-                per_image = sum(first) / b
                 left = share - (time.perf_counter() - start)
                 repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(left / max(sum(first), 1e-6))))
                 runs = [pair(x) for _ in range(repeats)]
                 base_s, patched_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
+                per_image = (base_s + patched_s) / b  # the median pair's, not the warm-up's (a cold start's first)
                 ratio = patched_s / max(base_s, 1e-9)
                 # how much the repeats' own ratios vary: their interquartile range over the median ratio (not the
                 # range: it grows with the number of repeats, and batch 1 gets many)
@@ -279,6 +297,9 @@ def measure(patched, latency: bool = True, **latency_kw: Any) -> Cost:
     time it takes). `.macs_ratio`, `.latency_ratio`, `.added()`, `.to_dict()`."""
     cost = count(patched)
     recorded = getattr(getattr(patched, "manifest", None), "cost", None) or {}  # a loaded checkpoint's, as trained
+    trained = getattr(patched, "cost", None)  # `hardener.patch`'s model: the cost its run recorded
+    if not recorded and isinstance(trained, Cost):
+        recorded = {"budget": trained.budget, "sizing": trained.sizing}
     cost.budget, cost.sizing = recorded.get("budget"), recorded.get("sizing")
     if latency:
         cost.latency = measure_latency(patched, **latency_kw)
@@ -295,6 +316,11 @@ def describe_macs(cost: Cost) -> str:
     """The counted cost in a line: the patched model's multiply-adds against the base's."""
     return (f"{cost.macs_ratio:.2f}x the base's multiply-adds per image ({fmt(cost.macs_patched)} against "
             f"{fmt(cost.macs_base)}, counted by torch at the input shape)")
+
+
+def describe(cost: Cost) -> str:
+    """The whole cost in a line: the counted multiply-adds, and the latency where it was measured."""
+    return describe_macs(cost) + (f"; {describe_latency(cost)}" if cost.latency else "")
 
 
 def describe_latency(cost: Cost) -> str:

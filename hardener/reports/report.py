@@ -322,7 +322,23 @@ def headline(rep: dict) -> list[str]:
     notes = _budget_notes(rep)
     if notes:
         lines.append("**Reduced budget**, the figures are upper bounds: " + "; ".join(notes) + ".")
+    cost = cost_line(rep)
+    if cost:
+        lines.append(cost + ".")
     return lines
+
+
+def cost_line(rep: dict) -> str | None:
+    """"Inference cost: 1.13x the base's multiply-adds ...; latency batch 1 1.27x ...": what the patches cost at
+    inference (a patch run's or an evaluation's `cost`), None where the report has none."""
+    from ..patches import cost as C
+
+    rec = rep.get("cost")
+    if not rec or not rec.get("macs_base"):
+        return None
+    budget = rec.get("budget")
+    return (f"Inference cost: {C.describe(C.Cost.from_json(rec))}"
+            + (f" (sized to a budget of {budget:g}x)" if isinstance(budget, (int, float)) else ""))
 
 
 def not_run_line(rep: dict) -> str:
@@ -551,6 +567,9 @@ def render_table(rep: dict, console) -> None:
     not_run = not_run_line(rep)
     if not_run:
         console.print(not_run, highlight=False, markup=False)
+    cost = cost_line(rep)
+    if cost:
+        console.print(cost, highlight=False, markup=False)
     notes = _budget_notes(rep)
     if notes:
         console.print("[yellow]reduced budget[/] (upper bounds): " + "; ".join(notes), highlight=False)

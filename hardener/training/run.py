@@ -253,8 +253,7 @@ def plan_text(run: PatchRun, report_line: str | None = None) -> str:
     if report_line:
         lines.append(report_line)
     if run.inference is not None:
-        lines.append(f"cost: the patched model at {C.describe_macs(run.inference)}"
-                     + (f"; {C.describe_latency(run.inference)}" if run.inference.latency else ""))
+        lines.append(f"cost: the patched model at {C.describe(run.inference)}")
     return "plan: " + "\n      ".join(lines)
 
 
