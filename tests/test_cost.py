@@ -245,7 +245,7 @@ def test_patch_states_cost_and_manifest_and_report_carry_it(runner, tmp_path, ti
     assert f"{manifest['macs_ratio']:.2f}x the base's multiply-adds" in line and "latency batch 1 " in line
 
 
-def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
+def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path, monkeypatch):
     import hardener
     from hardener.io.checkpoint import read_manifest
 
@@ -266,6 +266,15 @@ def test_library_patch_carries_the_cost_into_the_checkpoint(tmp_path):
     plain = hardener.evaluate(trained_tiny(), (imgs[:8].float() / 255, labels[:8]), "apgd-ce", eps=0.1, steps=1,
                               checks=False, progress=False)
     assert "cost" not in plain.to_dict() and "Inference cost" not in plain.to_markdown()  # no patches, no cost
+
+    def broken(*a, **k):
+        raise RuntimeError("a patch that cannot be timed\nsecond line")
+    monkeypatch.setattr(C, "measure", broken)  # the measurement is an extra: the finished evaluation keeps its report
+    rep = hardener.evaluate(patched, (imgs[:8].float() / 255, labels[:8]), "apgd-ce", eps=0.1, steps=1, checks=False,
+                            progress=False)
+    assert rep.clean is not None and "cost" not in rep.to_dict()
+    assert "the inference cost was not measured after the attacks (RuntimeError: a patch that cannot be timed)" in \
+        rep.to_dict()["data"]["warnings"]
 
 
 def test_layers_shows_what_a_fixer_would_cost_at_each_site(runner, tiny_ckpt):
@@ -443,6 +452,8 @@ def test_a_budget_nothing_fits_names_the_least_that_does(runner, tmp_path, tiny_
     """The refusal names the smallest budget that fits the cheapest patch, and that budget does fit."""
     import re
 
+    import hardener
+
     from hardener.cli.app import main
     from hardener.io.checkpoint import read_manifest
 
@@ -457,7 +468,11 @@ def test_a_budget_nothing_fits_names_the_least_that_does(runner, tmp_path, tiny_
     assert r.exit_code == 2 and least, r.stderr
     ok = run(least.group(1))
     assert ok.exit_code == 0, ok.output
-    assert read_manifest(tmp_path / f"p{least.group(1)}.safetensors").cost["macs_ratio"] <= float(least.group(1))
+    path = tmp_path / f"p{least.group(1)}.safetensors"
+    assert read_manifest(path).cost["macs_ratio"] <= float(least.group(1))
+    rep = hardener.evaluate(str(path), str(tiny_data), "apgd-ce", arch=ARCH, eps=0.1, steps=1, max_samples=8,
+                            checks=False, progress=False)  # the library reads the budget from the file's manifest
+    assert rep.to_dict()["cost"]["budget"] == float(least.group(1)) and "sized to a budget of" in rep.to_markdown()
 
 
 # ---------------------------------------------------------------- low-rank fixers

@@ -210,7 +210,9 @@ def count(patched) -> Cost:
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":  # this device's work, not the current one's (cuda:1 without set_device)
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def measure_latency(patched, batches: tuple[int, ...] = LATENCY_BATCHES, budget_s: float = LATENCY_BUDGET_S,
