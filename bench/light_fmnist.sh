@@ -53,6 +53,7 @@ declare -A RUNS=(
   # serving route keeps the base's clean normalisation)
   [P16Te20Tm15]="$PRE --width 16 $T20 --mu 1.5"
   [Q16e20m1]="--at prefilter:input --epochs 20 --width 16 --mu 1"
+  [P12Te20Tm15]="$PRE --width 12 $T20 --mu 1.5"  # vgg_silu_small: P16Te20Tm15's recipe at its widest plain width
   [S32e20m1]="$PRE --width 32 --prefilter-stride 2 --prefilter-design shuffle --mu 1"
   [L5e20m1]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS --epochs 20 --mu 1"
   [B125e20m1]="--budget 1.25 $TWINS --epochs 20 --mu 1"  # --preset light without a teacher, at mu 1 (r: = L2e20m1)
