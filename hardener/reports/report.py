@@ -14,6 +14,7 @@ from .. import attacks as A
 from ..attacks import info
 from ..errors import InputError
 from ..io.checkpoint import atomic_write
+from ..patches import cost as C
 from ..version import __version__
 from .results import THREATS, EvalResult, ModelResult, public
 
@@ -331,8 +332,6 @@ def headline(rep: dict) -> list[str]:
 def cost_line(rep: dict) -> str | None:
     """"Inference cost: 1.13x the base's multiply-adds ...; latency batch 1 1.27x ...": what the patches cost at
     inference (a patch run's or an evaluation's `cost`), None where the report has none."""
-    from ..patches import cost as C
-
     rec = rep.get("cost")
     if not rec or not rec.get("macs_base"):
         return None
