@@ -53,6 +53,12 @@ declare -A RUNS=(
   # serving route keeps the base's clean normalisation)
   [P16Te20Tm15]="$PRE --width 16 $T20 --mu 1.5"
   [Q16e20m1]="--at prefilter:input --epochs 20 --width 16 --mu 1"
+  # P16e20m1 with BN twins at the example base's first blocks only (E) or its last ones only (L): where the twins'
+  # robustness is, and whether the base's own statistics elsewhere keep the clean accuracy (resnet9_small's names)
+  [P16e20m1E]="--at prefilter:input --method fixer,auxbn --bn prep.1,layer1.conv.1,layer1.res.a.1,layer1.res.b.1 \
+--epochs 20 --width 16 --mu 1"
+  [P16e20m1L]="--at prefilter:input --method fixer,auxbn --bn layer2.conv.1,layer3.conv.1,layer3.res.a.1,layer3.res.b.1 \
+--epochs 20 --width 16 --mu 1"
   [P12Te20Tm15]="$PRE --width 12 $T20 --mu 1.5"  # vgg_silu_small: P16Te20Tm15's recipe at its widest plain width
   [S32e20m1]="$PRE --width 32 --prefilter-stride 2 --prefilter-design shuffle --mu 1"
   [L5e20m1]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS --epochs 20 --mu 1"
