@@ -124,7 +124,6 @@ def model_to_run(model: Any, arch: str | None, mean, std, logits: str | None = N
         from .io.session import ModelOptions, load_model
 
         loaded = load_model(str(model), ModelOptions(arch=arch, mean=_csv(mean), std=_csv(std), logits=logits))
-        loaded.patched.manifest = loaded.manifest  # as `hardener.load` keeps it: the budget its patches were sized to
         return loaded.patched, loaded.has_patches, loaded.base.sha256 if loaded.base is not None else None
     patched = as_patched(model, arch, mean, std, logits)
     return patched, bool(patched.sites), None

@@ -162,19 +162,17 @@ def inference_cost(run: EvalRun) -> dict | None:
     """What the evaluated patches cost at inference against the base (`cost.measure`): multiply-adds counted, and the
     latency measured here, on the run's device and threads, after the attacks (the machine this evaluation runs on,
     where a checkpoint's manifest keeps no timing: its bytes do not depend on the machine that trained it). The
-    budget and what it sized are the training's (the caller's `extra["cost"]`, the checkpoint's manifest). None
-    for a model without patches or a fine-tuned base (`reference`: no patches to switch off)."""
+    budget and what it sized are the training's (`cost.measure` reads them from the loaded checkpoint's manifest or
+    `hardener.patch`'s record). None for a model without patches or a fine-tuned base (`reference`: no patches to
+    switch off)."""
     if not run.has_patches or run.reference is not None or not run.patched.sites:
         return None
-    recorded = run.extra.get("cost") or {}
     try:
-        cost = C.measure(run.patched)
+        return C.measure(run.patched).to_json()
     except Exception as e:  # noqa: BLE001 -- an extra: it never costs the finished evaluation its report
         run.notes.append(f"the inference cost was not measured after the attacks ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no message'})")
-        return recorded or None
-    cost.budget, cost.sizing = recorded.get("budget", cost.budget), recorded.get("sizing", cost.sizing)
-    return cost.to_json()
+        return run.extra.get("cost") or None  # the manifest's counted cost, as the caller gave it
 
 
 def words_of_report(rep: dict, words: Callable[[str], str]) -> dict:

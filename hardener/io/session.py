@@ -118,6 +118,7 @@ def load_model(path: str, opts: ModelOptions, allow_patched: bool = True) -> Loa
         patched, manifest = load_patched(p, arch=opts.arch, trust_arch=opts.trust_arch,
                                          arch_kwargs=archspec.parse_kwargs(opts.arch_kwargs)
                                          if opts.arch_kwargs else None, trust_pickle=opts.trust_pickle)
+        patched.manifest = manifest  # as `hardener.load` keeps it: `cost.measure` reads the budget it was sized to
         return Loaded(patched, manifest, None)
     if folder is not None:
         base = _load_pretrained(folder)

@@ -165,7 +165,7 @@ def _extra(model: str, model_sha: str, loaded, kw: dict, how: dict | None) -> di
         extra["patches"] = loaded.manifest.patches
         extra["training"] = loaded.manifest.training
         extra["base_modified"] = loaded.manifest.base_modified
-        if loaded.manifest.cost:  # the budget the patches were sized to; the run measures their cost here
+        if loaded.manifest.cost:  # the counted cost, kept if the run cannot measure it here
             extra["cost"] = loaded.manifest.cost
         if loaded.patched.has_auxbn:
             extra["route"] = loaded.patched.current_route
