@@ -59,6 +59,11 @@ declare -A RUNS=(
 --epochs 20 --width 16 --mu 1"
   [P16e20m1L]="--at prefilter:input --method fixer,auxbn --bn layer2.conv.1,layer3.conv.1,layer3.res.a.1,layer3.res.b.1 \
 --epochs 20 --width 16 --mu 1"
+  # P16e20m1 with its twins trained as they serve (--twin-stats): clean and adversarial inputs in one batch (J), whose
+  # statistics the running ones average as at inference, or on the base's running statistics, affine only (F): the
+  # clean points the twins cost (P16e20m1E/L) come from normalisation learned apart from how it serves?
+  [P16e20m1J]="$PRE --width 16 --mu 1 --twin-stats joint"
+  [P16e20m1F]="$PRE --width 16 --mu 1 --twin-stats frozen"
   [P12Te20Tm15]="$PRE --width 12 $T20 --mu 1.5"  # vgg_silu_small: P16Te20Tm15's recipe at its widest plain width
   [S32e20m1]="$PRE --width 32 --prefilter-stride 2 --prefilter-design shuffle --mu 1"
   [L5e20m1]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS --epochs 20 --mu 1"

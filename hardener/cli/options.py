@@ -12,7 +12,7 @@ from typing import Any
 
 from ..options import defaults as DEFAULTS
 from ..options import optspec, owners
-from ..options.choices import ADVERSARY_CHOICES, NORMS, PRECISIONS, REPORT_BUDGETS, SUITE_VERSIONS
+from ..options.choices import ADVERSARY_CHOICES, NORMS, PRECISIONS, REPORT_BUDGETS, SUITE_VERSIONS, TWIN_STATS
 from ..options.patch_options import PatchOptions
 from ..options.recipe import DEFAULT_PRESET, preset_names
 
@@ -222,6 +222,10 @@ PATCH_CORE = (
     popt("--ema", show_default=True, type=float,
          help="Decay of an exponential moving average of the trained weights (e.g. 0.99; 0 = off): validation, "
               "--select-on and the written patch use the average."),
+    popt("--twin-stats", show_default=True, type=Choice(TWIN_STATS),
+         help="How BN twins normalise while training: batch (each input by its own batch's statistics); joint (the "
+              "clean and adversarial inputs in one batch, as the running statistics serve both); frozen (the "
+              "base's running statistics throughout: the twins learn only their affine parameters)."),
     popt("--teacher", type=FILE,
          help="Robust distillation (--loss rslad): a checkpoint harden patched from the same base (e.g. a heavier, "
               "robust patch) whose soft labels on the clean input are the targets; frozen, never saved."),
@@ -412,7 +416,7 @@ _GROUP_OF = {group: names.split() for group, names in {
     "recipe": "preset method patch train at at_regex bn budget",
     "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "
               "threat surrogate eps_sweep precision no_checks",
-    "training": "epochs batch_size lr teacher lam mu gamma augment ema select_on validate validate_every noise_sigma "
+    "training": "epochs batch_size lr teacher lam mu gamma augment ema twin_stats select_on validate validate_every noise_sigma "
                 "cache cache_limit",
     "adaptive": "defense e2e_samples e2e_steps adaptive reference_data adaptive_eps neighbour neighbour_steps "
                 "post_train iterations post_batch adapt post_lr",

@@ -27,6 +27,7 @@ ACTIVATIONS = ("linear", "tanh", "silu", "softplus", "gelu")  # of fixers (patch
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast of training and attacks (evaluation.threats.PRECISIONS)
 LOSSES = ("fixer", "trades", "rslad")  # --loss (methods.patch.LOSSES)
 PREFILTER_DESIGNS = ("plain", "separable", "shuffle")  # of the input pre-filter (patches.prefilter.DESIGNS)
+TWIN_STATS = ("batch", "joint", "frozen")  # how BN twins normalise while training (--twin-stats; training.fit)
 NORMS = ("Linf", "L2")  # the threat model's norm (--norm)
 REPORT_BUDGETS = ("quick", "full")  # of harden patch's report after training (--report-budget; training.report)
 CONFIG_FILE = "harden.toml"  # read from the working directory when there is no --config (config.DEFAULT_FILE)

@@ -34,6 +34,7 @@ class PatchOptions:
     alpha: float | None = None
     eps_warmup: float = 0.0
     ema: float = 0.0
+    twin_stats: str = "batch"  # how BN twins normalise while training (FitConfig.twin_stats)
     teacher: Any = None  # --loss rslad's robust teacher: a patched checkpoint of the same base, or a module (library)
     select_on: int = 0
     validate: int = 0

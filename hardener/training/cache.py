@@ -319,6 +319,10 @@ class BaseCache:
                 {s: self.layouts[s].load(self.store.get(f"t:{s}", idx, device)) for s in self.sites})
 
     def feeding(self, which: str, idx: torch.Tensor, device: torch.device):
+        """Forwards skip the cached prefix and start from the site's output of input `which` (clean, adv, or joint:
+        clean then adv, one batch of both)."""
         if self.prefix is None:
             return contextlib.nullcontext()
-        return self.prefix.feeding(self.layouts[self.prefix.site].load(self.store.get(f"{which}_site", idx, device)))
+        layout = self.layouts[self.prefix.site]
+        parts = ("clean", "adv") if which == "joint" else (which,)
+        return self.prefix.feeding(torch.cat([layout.load(self.store.get(f"{w}_site", idx, device)) for w in parts]))

@@ -23,8 +23,8 @@ from ..errors import InputError, Interrupted, RunError
 from ..evaluation.threats import PRECISIONS, Autocast
 from ..io.resume import Saver
 from ..options import owners
-from ..options.choices import ADVERSARY_CHOICES, Adversary
-from ..patches import PatchedModel
+from ..options.choices import ADVERSARY_CHOICES, TWIN_STATS, Adversary
+from ..patches import AuxBN, PatchedModel
 from ..patches.attach import Disabled
 from ..runtime.clock import VAL_UNITS, Clock, fmt_seconds, train_units  # noqa: F401  (re-exported)
 from ..runtime.distributed import World
@@ -63,6 +63,9 @@ class FitConfig:
     labelled: int | None = None  # the first N images of the training set are labelled, the rest pseudo-labelled
     pseudo_per_epoch: int = 0  # pseudo-labelled images per epoch, taken in turn from a seeded order of them
     ema: float = 0.0  # > 0: decay of an exponential moving average of the trained weights (validated and kept)
+    twin_stats: str = "batch"  # BN twins in training: batch (each input's own batch statistics), joint (clean and
+    # second input in one batch, one forward: normalised as the running statistics will serve both), frozen (the
+    # base's running statistics throughout, eval-mode twins: only their affine parameters learn)
     noise_sigma: float = 0.0  # > 0: denoised smoothing -- the second input is x + N(0, σ²), the loss the stability
     # objective CE(f(D(x + δ)), f(x)'s class) (Salman et al. 2020) instead of clean + adversarial CE
     teacher: dict | None = None  # robust distillation (--loss rslad): the teacher's record (its name and sha256);
@@ -94,6 +97,11 @@ class FitConfig:
             raise InputError("pseudo-labelled training needs at least one labelled image")
         if not 0.0 <= self.ema < 1.0:
             raise InputError(f"--ema must be at least 0 (off) and below 1, got {self.ema}")
+        if self.twin_stats not in TWIN_STATS:
+            raise InputError(f"--twin-stats must be {', '.join(TWIN_STATS)}, got '{self.twin_stats}'")
+        if self.twin_stats == "joint" and methods.get(self.method).dual_bn:
+            raise InputError(f"--twin-stats joint: --method {self.method} sends clean inputs through the base's BNs "
+                             "and adversarial ones through the twins; there is no batch to share (use batch or frozen)")
         if self.eps_warmup < 0 or self.eps_warmup > self.epochs:
             raise InputError(f"--eps-warmup must be between 0 and --epochs ({self.epochs}), got {self.eps_warmup}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -611,6 +619,15 @@ class _Trainer:
         with self.patched.route("adv"):
             return attacks.project(x, attacks.build(target, step_spec)(x, y), step_spec.eps * spec.radius, spec.norm)
 
+    def _train_mode(self) -> None:
+        """Training mode; with --twin-stats frozen the BN twins stay in eval mode, normalising with their running
+        statistics (the base's, never updated), so that only their affine parameters learn."""
+        self.patched.train()
+        if self.cfg.twin_stats == "frozen":
+            for p in self.patched.patches.values():
+                if isinstance(p, AuxBN):
+                    p.twin.eval()
+
     def _forward(self, x: torch.Tensor, which: str, route: str, idx: torch.Tensor):
         """Logits and the features after each patch of one input on `route` (fed the cached prefix if any)."""
         feed = self.base_cache.feeding(which, idx, self.device) if self.base_cache is not None else nullcontext()
@@ -635,10 +652,16 @@ class _Trainer:
         base_logits, targets = self._targets(x, idx)
         teacher_logits = self._teacher_logits(x)
         x_adv = self._second_input(x, y, idx, done)
-        self.patched.train()
+        self._train_mode()
         clean_route, adv_route = self.method.routes
-        out_clean, f_clean = self._forward(x, "clean", clean_route, idx)
-        out_adv, f_adv = self._forward(x_adv, "adv", adv_route, idx)
+        if self.cfg.twin_stats == "joint":  # one forward of both: the twins' batch statistics are of both
+            out, feats = self._forward(torch.cat([x, x_adv]), "joint", adv_route, idx)
+            n = len(x)
+            out_clean, out_adv = out[:n], out[n:]
+            f_clean, f_adv = {s: f[:n] for s, f in feats.items()}, {s: f[n:] for s, f in feats.items()}
+        else:
+            out_clean, f_clean = self._forward(x, "clean", clean_route, idx)
+            out_adv, f_adv = self._forward(x_adv, "adv", adv_route, idx)
         return methods.Batch(self.patched, x, y, x_adv, out_clean, out_adv, f_clean, f_adv, base_logits, targets,
                              teacher_logits)
 

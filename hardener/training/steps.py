@@ -102,6 +102,9 @@ def training_setup(opts: PatchOptions, n_classes: int,
     """The training attack and the trainer's configuration of `opts` (`teacher`: the record of the robust teacher
     `load_teacher` loaded)."""
     methods = parse_methods(opts.method, opts.bn, opts.at or opts.at_regex)
+    if opts.twin_stats != "batch" and not methods.auxbn:
+        raise InputError(f"--twin-stats {opts.twin_stats} sets how BN twins train, and the recipe has none: add auxbn "
+                         "to --method (or give --bn), or drop --twin-stats")
     A.expand([opts.attack_name])
     spec = A.AttackSpec(name=opts.attack_name, eps=A.parse_eps(str(opts.eps)), norm=opts.norm, steps=opts.steps,
                         alpha=opts.alpha, seed=opts.seed, n_classes=n_classes,
@@ -111,6 +114,7 @@ def training_setup(opts: PatchOptions, n_classes: int,
                       lr=opts.lr if opts.lr is not None else M.get(methods.fit_method).default_lr,
                       lam=opts.lam, mu=opts.mu, gamma=opts.gamma, adversary=opts.adversary, augment=opts.augment,
                       seed=opts.seed, method=methods.fit_method, eps_warmup=opts.eps_warmup, ema=opts.ema,
+                      twin_stats=opts.twin_stats,
                       select=bool(opts.select_on), validate_every=opts.validate_every, cache=opts.cache,
                       noise_sigma=opts.noise_sigma, precision=opts.precision, teacher=teacher,
                       cache_limit=opts.cache_limit if isinstance(opts.cache_limit, int)
