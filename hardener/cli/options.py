@@ -416,8 +416,8 @@ _GROUP_OF = {group: names.split() for group, names in {
     "recipe": "preset method patch train at at_regex bn budget",
     "attack": "attack_name attack_names suite eps norm steps alpha restarts queries adversary eps_warmup smooth_grad "
               "threat surrogate eps_sweep precision no_checks",
-    "training": "epochs batch_size lr teacher lam mu gamma augment ema twin_stats select_on validate validate_every noise_sigma "
-                "cache cache_limit",
+    "training": "epochs batch_size lr teacher lam mu gamma augment ema twin_stats select_on validate validate_every "
+                "noise_sigma cache cache_limit",
     "adaptive": "defense e2e_samples e2e_steps adaptive reference_data adaptive_eps neighbour neighbour_steps "
                 "post_train iterations post_batch adapt post_lr",
     "smoothing": "n0 n_samples smooth_sigma smooth_n smooth_alpha sequential max_radius",
