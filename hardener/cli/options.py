@@ -225,7 +225,8 @@ PATCH_CORE = (
     popt("--twin-stats", show_default=True, type=Choice(TWIN_STATS),
          help="How BN twins normalise while training: batch (each input by its own batch's statistics); joint (the "
               "clean and adversarial inputs in one batch, as the running statistics serve both); frozen (the "
-              "base's running statistics throughout: the twins learn only their affine parameters)."),
+              "base's running statistics throughout: the twins learn only their affine parameters). LayerNorm twins "
+              "normalise each input alone: unchanged."),
     popt("--teacher", type=FILE,
          help="Robust distillation (--loss rslad): a checkpoint harden patched from the same base (e.g. a heavier, "
               "robust patch) whose soft labels on the clean input are the targets; frozen, never saved."),
