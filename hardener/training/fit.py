@@ -658,7 +658,9 @@ class _Trainer:
             out, feats = self._forward(torch.cat([x, x_adv]), "joint", adv_route, idx)
             n = len(x)
             out_clean, out_adv = out[:n], out[n:]
-            f_clean, f_adv = {s: f[:n] for s, f in feats.items()}, {s: f[n:] for s, f in feats.items()}
+            # halves, not n rows: a layer may see the batch flattened with its tokens (LeViT's (B·N, C) BatchNorm1d)
+            f_clean, f_adv = ({s: f[:len(f) // 2] for s, f in feats.items()},
+                              {s: f[len(f) // 2:] for s, f in feats.items()})
         else:
             out_clean, f_clean = self._forward(x, "clean", clean_route, idx)
             out_adv, f_adv = self._forward(x_adv, "adv", adv_route, idx)
