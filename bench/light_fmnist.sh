@@ -64,6 +64,9 @@ declare -A RUNS=(
   # clean points the twins cost (P16e20m1E/L) come from normalisation learned apart from how it serves?
   [P16e20m1J]="$PRE --width 16 --mu 1 --twin-stats joint"
   [P16e20m1F]="$PRE --width 16 --mu 1 --twin-stats frozen"
+  [P12e20m1J]="$PRE --width 12 --mu 1 --twin-stats joint"  # vgg_silu_small: P12e20m1 with joint twins
+  # --preset light with joint twins (r: L2e20m1J; v: a width-8 pre-filter, fixers rho 8): does the preset take them?
+  [B125e20m1J]="--budget 1.25 $TWINS --epochs 20 --mu 1 --twin-stats joint"
   [P12Te20Tm15]="$PRE --width 12 $T20 --mu 1.5"  # vgg_silu_small: P16Te20Tm15's recipe at its widest plain width
   [S32e20m1]="$PRE --width 32 --prefilter-stride 2 --prefilter-design shuffle --mu 1"
   [L5e20m1]="--width 32 --prefilter-stride 2 --prefilter-design shuffle --rho 4 $TWINS --epochs 20 --mu 1"
