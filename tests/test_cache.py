@@ -113,3 +113,20 @@ def test_parse_bytes():
     assert parse_bytes("100", "x") == 100
     with pytest.raises(InputError):
         parse_bytes("lots", "--cache-limit")
+
+
+def test_cached_prefix_feeds_joint_twins_as_uncached_training_does(tmp_path):
+    """--twin-stats joint with a cached frozen prefix: the site's cached clean and adversarial outputs go in as one
+    batch, and training lands where uncached training lands."""
+    def twinned() -> PatchedModel:
+        p = _patched(("features.3",))
+        p.attach("features.4", AuxBN.from_module(p.net.get_submodule("features.4")))
+        return p
+
+    a, b = twinned(), twinned()
+    info: dict = {}
+    _train(a, F.FitConfig(epochs=2, batch_size=16, cache=True, twin_stats="joint"), info, tmp_path)
+    assert "is cached" in info["cache"] and "features.3" in info["cache"], info
+    _train(b, F.FitConfig(epochs=2, batch_size=16, cache=False, twin_stats="joint"))
+    for k, v in a.patch_state_dict().items():
+        assert torch.allclose(v, b.patch_state_dict()[k], atol=1e-5, rtol=1e-4), k
