@@ -72,7 +72,7 @@ def test_joint_twins_normalise_clean_and_adversarial_inputs_as_one_batch():
 
 def test_joint_running_statistics_are_those_of_the_shared_batch():
     p = _twinned()
-    site, patch = next(iter(_twins(p).items()))
+    patch = next(iter(_twins(p).values()))
     patch.twin.momentum = 1.0  # the running statistics are the last training batch's
     inputs: list[torch.Tensor] = []
     hook = patch.twin.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()) if m.training else None)
