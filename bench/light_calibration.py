@@ -71,13 +71,27 @@ def table(rows: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
+def val2k_table(results: Path) -> str:
+    """Every run measured on val2k, against its base's heavy default (A-default) there."""
+    runs = {p.name[: -len(".val2k.json")]: _patched(p) for p in sorted(results.glob("*.val2k.json"))}
+    lines = ["| run | val2k clean | val2k white-box | against the heavy default: clean / white-box |", "|---|---|---|---|"]
+    for run, p in runs.items():
+        ref = runs.get(run.split("-")[0] + "-default")
+        clean, robust = 100 * p["clean"]["accuracy"], _robust(p)
+        vs = "—" if ref is None or run.endswith("-default") else \
+            f"{clean - 100 * ref['clean']['accuracy']:+.2f} / {robust - _robust(ref):+.2f}"
+        lines.append(f"| {run} | {clean:.2f} | {robust:.2f} | {vs} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description="issue 30: validation figures against test, per run and per pair")
     parser.add_argument("results", nargs="?", default=str(HERE / "results" / "light"))
     parser.add_argument("--json", help="also write the per-run figures here")
     args = parser.parse_args(argv)
     rows = figures(Path(args.results))
-    print(table(rows))
+    print(table(rows) + "\n\nEvery run on val2k (2,000 images; white-box APGD-CE -> APGD-DLR, 20 steps each).\n")
+    print(val2k_table(Path(args.results)))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -64,6 +64,10 @@ declare -A RUNS=(
   # clean points the twins cost (P16e20m1E/L) come from normalisation learned apart from how it serves?
   [P16e20m1J]="$PRE --width 16 --mu 1 --twin-stats joint"
   [P16e20m1F]="$PRE --width 16 --mu 1 --twin-stats frozen"
+  # P16e20m1 pulled harder towards the base's clean logits: the clean / robust frontier of the pre-filter alone, read
+  # on val2k (bench/light_val2k.sh), where mu 1 -> 1.5 bought +0.4 clean for -0.45 white-box
+  [P16e20m2]="$PRE --width 16 --mu 2"
+  [P16e20m3]="$PRE --width 16 --mu 3"
   [P12e20m1J]="$PRE --width 12 --mu 1 --twin-stats joint"  # vgg_silu_small: P12e20m1 with joint twins
   # --preset light with joint twins (r: L2e20m1J; v: a width-8 pre-filter, fixers rho 8): does the preset take them?
   [B125e20m1J]="--budget 1.25 $TWINS --epochs 20 --mu 1 --twin-stats joint"
