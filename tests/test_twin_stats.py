@@ -92,6 +92,10 @@ def test_twin_stats_is_recorded_and_reaches_the_library(tmp_path):
     assert m.training_record["config"]["twin_stats"] == "frozen"
     m.save(out)
     assert read_manifest(out).training["config"]["twin_stats"] == "frozen"
+    # the default records nothing: a run that does not use the option writes, and resumes from, what it did before
+    plain = hardener.patch(trained_tiny(), (imgs, labels), method="fixer,auxbn", bn="all", epochs=1, steps=1, eps=0.1,
+                           batch_size=32, progress=False)
+    assert "twin_stats" not in plain.training_record["config"]
     with pytest.raises(InputError, match=r"twin_stats"):
         hardener.patch(trained_tiny(), (imgs, labels), twin_stats="sideways", progress=False)
 

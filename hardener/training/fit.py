@@ -800,11 +800,14 @@ def selected_epoch(logs: list[EpochLog], cfg: FitConfig) -> int | None:
 
 def config_record(cfg: FitConfig) -> dict:
     """The configuration as the record stores it: the fields, and the `options` beside them (none: as before); the
-    teacher's fields only where there is a teacher (a run without one records what it recorded before they existed)."""
+    teacher's fields only where there is a teacher, and `twin_stats` only where it is not the default "batch" (a run
+    without them records, and resumes from, what it recorded before they existed)."""
     out = asdict(cfg)
     extra = out.pop("options")
     if cfg.teacher is None:
         del out["teacher"], out["teacher_weight"]
+    if cfg.twin_stats == "batch":
+        del out["twin_stats"]
     return {**out, **extra}
 
 
