@@ -656,11 +656,10 @@ class _Trainer:
         clean_route, adv_route = self.method.routes
         if self.cfg.twin_stats == "joint":  # one forward of both: the twins' batch statistics are of both
             out, feats = self._forward(torch.cat([x, x_adv]), "joint", adv_route, idx)
-            n = len(x)
-            out_clean, out_adv = out[:n], out[n:]
-            # halves, not n rows: a layer may see the batch flattened with its tokens (LeViT's (B·N, C) BatchNorm1d)
-            f_clean, f_adv = ({s: f[:len(f) // 2] for s, f in feats.items()},
-                              {s: f[len(f) // 2:] for s, f in feats.items()})
+            # halves, not len(x) rows: a layer may see the batch flattened with its tokens (LeViT's (B·N, C) BN1d)
+            out_clean, out_adv = out.chunk(2)
+            halves = {s: f.chunk(2) for s, f in feats.items()}
+            f_clean, f_adv = {s: h[0] for s, h in halves.items()}, {s: h[1] for s, h in halves.items()}
         else:
             out_clean, f_clean = self._forward(x, "clean", clean_route, idx)
             out_adv, f_adv = self._forward(x_adv, "adv", adv_route, idx)
