@@ -94,6 +94,11 @@ declare -A RUNS=(
   [L2Te20Tm1]="$L2 $T20 --mu 1"
   [L2Te20Tm0]="$L2 $T20 --mu 0"
   [L2Te20Tm15]="$L2 $T20 --mu 1.5"
+  # lora weight deltas (rank 8) on every conv and linear layer, merged when served: capacity at no multiply-adds per
+  # image. With BN twins alone (R8: 1.00x) and beside P16e20m1's pre-filter (P16R8: the pre-filter's 1.13x): does
+  # capacity the served model does not pay for buy back the clean points the light patches lose?
+  [R8e20m1]="--at lora:auto --lora-rank 8 $TWINS --epochs 20 --mu 1"
+  [P16R8e20m1]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 16 --mu 1"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)

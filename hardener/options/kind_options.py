@@ -61,6 +61,13 @@ class PrefilterConfig(Options):
 
 
 @dataclass
+class LoraConfig(Options):
+    rank: int = option(4, lo=1, hi=4096, name="lora_rank",
+                       help="Rank R of lora patches: the delta B·A added to a layer's weight, B (out × R) and A (R × "
+                            "the rest), merged into the weight when served (no added multiply-adds per image).")
+
+
+@dataclass
 class PairConfig(Options):
     """Options of the clean + second-input objective."""
 
@@ -99,5 +106,5 @@ class AdvAmdConfig(Options):
 
 
 # (`--help` group, config) of the built-in owners, in the order `--help` lists their options
-BUILTIN = [("recipe", DenoiseConfig), ("recipe", FixerConfig), ("recipe", PrefilterConfig),
+BUILTIN = [("recipe", DenoiseConfig), ("recipe", FixerConfig), ("recipe", PrefilterConfig), ("recipe", LoraConfig),
            ("training", PairConfig), ("training", AdvAmdConfig)]

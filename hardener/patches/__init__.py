@@ -19,6 +19,7 @@ from .base import (
 from .denoise import OPS as DENOISE_OPS
 from .denoise import Denoise, DenoiseConfig
 from .fixer import ACTIVATIONS, Fixer, FixerConfig, TokenFixer
+from .lora import Lora
 from .prefilter import Prefilter, PrefilterConfig
 from .sites import (
     Suggestion,
@@ -35,6 +36,6 @@ PATCH_KINDS = KINDS  # the registry itself: kinds registered later show up here 
 
 __all__ = ["ACTIVATIONS", "AuxBN", "AuxLN", "DEFAULT_BN_KIND", "DEFAULT_SITE_KIND", "DENOISE_OPS", "Denoise",
            "DenoiseConfig", "Fixer", "FixerConfig", "INPUT_SITE", "KINDS", "PATCH_KINDS", "PatchKind", "PatchedModel",
-           "Prefilter", "PrefilterConfig", "ROUTES", "Site", "Suggestion", "TokenFixer", "bn_kinds", "bn_names",
+           "Lora", "Prefilter", "PrefilterConfig", "ROUTES", "Site", "Suggestion", "TokenFixer", "bn_kinds", "bn_names",
            "ln_names", "parse_sites", "register_patch_kind", "select_bn_sites", "select_sites", "site_kinds", "suggest",
            "suggest_sites"]

@@ -3,9 +3,9 @@
 The base module tree, its names and buffers are never edited; a patch receives the output
 of its site and returns a new output. `PatchedModel.train()` only ever trains the patches.
 
-A norm layer's twin (placement "bn") is no hook: it replaces the layer's computation, through an instance attribute
-`forward` that shadows the layer's own method (`_twin_forward`), so that route adv runs the twin *instead of* the
-base layer (a hook would run the base layer first and throw its output away: in issue 30's profile of a light patch
+A norm layer's twin (placement "bn") is no hook, nor is a lora weight delta (placement "layer"): each replaces its
+layer's computation, through an instance attribute `forward` that shadows the layer's own method (`_twin_forward`),
+so that route adv runs the patch *instead of* the base layer (a hook would run the base layer first and throw its output away: in issue 30's profile of a light patch
 at batch 256, batch norm went from 4% to 10% of the patched forward's op time). The attribute holds no tensors
 (state_dict and named_modules are the base's) and copies of the base drop it (`_bare_copy`, `auxbn.twin_of`).
 """
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..model.classifier import Classifier
-from .base import INPUT_SITE
+from .base import INPUT_SITE, REPLACING
 
 ROUTES = ("adv", "main")
 
@@ -83,7 +83,7 @@ class PatchedModel(nn.Module):
             self._handles[site] = self.net.register_forward_pre_hook(self._make_pre_hook(site, key))
             return
         module = self.net.get_submodule(site)
-        if getattr(patch, "placement", "output") == "bn":
+        if getattr(patch, "placement", "output") in REPLACING:
             module.forward = self._twin_forward(site, key, module)
             return
         self._handles[site] = module.register_forward_hook(self._make_hook(site, key))
@@ -104,7 +104,7 @@ class PatchedModel(nn.Module):
                         out = own(x, *args, **kwargs)
                     finally:
                         module.training = was
-                new = patch(out, x)
+                new = patch(out, x, module) if patch.placement == "layer" else patch(out, x)
             else:
                 new = own(x, *args, **kwargs)
             if self._capture is not None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import INPUT_SITE, KINDS, Site
+from .base import REPLACING
 from .fixer import hidden_width
 from .prefilter import lighter_settings
 
@@ -79,40 +80,53 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def count_macs(patched) -> tuple[int, int, dict[str, int]]:
-    """Multiply-adds per image of a `PatchedModel` at its recorded input shape, in eval mode: the base's (patches
-    disabled), the patched model's, and each patch's own (site -> MACs)."""
+    """Multiply-adds per image of a `PatchedModel` at its recorded input shape, in eval mode, as served: the base's
+    (patches disabled), the patched model's, and each patch's own (site -> MACs). A patch that runs instead of its
+    layer (a BN twin, a lora delta) adds its own less the layer's; patch parameters count as not trained (a lora
+    delta serves its merged weight, computed once: no multiply-adds per image)."""
     x = torch.rand(1, *patched.model.spec.shape, device=_device(patched))
     per_site: dict[str, int] = {}
     mode: list = []
 
-    def before(site):
-        def hook(_m, _inp):
-            per_site[site] = -mode[0].get_total_flops()
-        return hook
+    def tally(modules: dict[str, nn.Module], sign: int) -> list:
+        """Hooks adding `sign` times each module's multiply-adds to its site's count."""
+        def pre(site):
+            def hook(_m, _inp):
+                per_site[site] = per_site.get(site, 0) - sign * mode[-1].get_total_flops()
+            return hook
 
-    def after(site):
-        def hook(_m, _inp, _out):
-            per_site[site] += mode[0].get_total_flops()
-        return hook
+        def post(site):
+            def hook(_m, _inp, _out):
+                per_site[site] += sign * mode[-1].get_total_flops()
+            return hook
+        return [h for site, m in modules.items()
+                for h in (m.register_forward_pre_hook(pre(site)), m.register_forward_hook(post(site)))]
 
-    was = patched.training
-    patched.eval()
-    try:
-        with patched.patches_disabled():
-            base = macs(patched, x)
-        handles = [h for site, key in patched.sites.items()
-                   for h in (patched.patches[key].register_forward_pre_hook(before(site)),
-                             patched.patches[key].register_forward_hook(after(site)))]
+    def run(handles: list, disabled: bool) -> int:
         try:
-            x = x.clone().requires_grad_(True)
-            with torch.enable_grad(), counter() as fc:
+            with torch.enable_grad(), counter() as fc, \
+                    patched.patches_disabled() if disabled else contextlib.nullcontext():
                 mode.append(fc)
-                patched(x)
-            total = fc.get_total_flops() // 2
+                patched(x.clone().requires_grad_(True))
         finally:
             for h in handles:
                 h.remove()
+        return fc.get_total_flops() // 2
+
+    replaced = {site: patched.net.get_submodule(site) for site, key in patched.sites.items()
+                if getattr(patched.patches[key], "placement", "output") in REPLACING}
+    was, grads = patched.training, {p: p.requires_grad for p in patched.patch_parameters()}
+    patched.eval()
+    try:
+        base = run(tally(replaced, -1), disabled=True)  # the replaced layers' own multiply-adds, taken off
+        for p in grads:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            patched(x)  # a lora delta merges its weight here, outside the count
+        total = run(tally({site: patched.patches[key] for site, key in patched.sites.items()}, 1), disabled=False)
     finally:
+        for p, g in grads.items():
+            p.requires_grad_(g)
         patched.train(was)
     return base, total, {s: v // 2 for s, v in per_site.items()}
 

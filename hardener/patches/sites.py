@@ -17,6 +17,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import InputError
 from .base import DEFAULT_SITE_KIND, INPUT_SITE, KINDS, LAYOUT_WORDS, MAP, TOKENS
+from .lora import layer_ok
 
 AUTO = "auto"  # in --at: the suggested sites (about three blocks by depth)
 STEM = "stem"  # in --at: the outermost site around the first convolution that is not a trunk container
@@ -82,6 +83,12 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
             word = e.split(":")[-1]
             if word in (AUTO, STEM):  # `auto`: the suggested sites; `stem`: the module around the first conv
                 kind = e.split(":")[0] if ":" in e else default_kind
+                if kind in KINDS and KINDS[kind].placement == "layer":  # every layer it serves; `stem`: the first
+                    picked = layer_sites(net, infos, KINDS[kind].layer_types)[:1 if word == STEM else None]
+                    say(f"--at {e}: {len(picked)} layer(s) ({', '.join(picked[:4])}{', ...' if len(picked) > 4 else ''})"
+                        if picked else f"--at {e}: no site (no {kind} layer runs in the forward)")
+                    sites += [(kind, s) for s in picked if s not in {x for _, x in sites}]
+                    continue
                 sug = consult(kind, word)
                 picked = sug.sites if word == AUTO else [sug.stem] if sug.stem else []
                 if not picked:
@@ -91,6 +98,10 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
         if not sites:
             notes = [sug.note for sug, _ in heard.values()]
             raise InputError(f"--at {at}: no site to patch ({notes[0] if notes else 'nothing named'})")
+    elif default_kind in KINDS and KINDS[default_kind].placement == "layer":
+        sites = [(default_kind, s) for s in layer_sites(net, infos, KINDS[default_kind].layer_types)]
+        if not sites:
+            raise InputError(f"no {default_kind} layer runs in the model's forward: nothing to patch")
     else:
         sug = consult(default_kind, AUTO)
         if not sug.sites:
@@ -99,16 +110,27 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
     for sug, words in heard.values():
         for line in sug.explain(words):
             say(line)
-    _check_sites(sites, infos, options)
+    _check_sites(sites, infos, options, net)
     return sites
 
 
-def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any) -> None:
+def layer_sites(net: nn.Module, infos: list, types: tuple[type, ...]) -> list[str]:
+    """The layers of `types` that the eval-mode forward runs (the dry run's `infos`), in the order they finish."""
+    modules = dict(net.named_modules())
+    ran = sorted((i for i in infos if i.calls and i.name in modules and isinstance(modules[i.name], types)),
+                 key=lambda i: i.order if i.order is not None else 1 << 30)
+    return [i.name for i in ran]
+
+
+def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any, net: nn.Module | None = None) -> None:
     by_name = {i.name: i for i in infos}
     for kind, site in sites:
         cls = KINDS[kind]
         if cls.placement == "bn":
             raise InputError(f"'{kind}' patches are twins of BatchNorm layers: name those with --bn, not --at")
+        if cls.placement == "layer":
+            _check_layer_site(kind, site, by_name, net)
+            continue
         wants_input = cls.placement == "input"
         if (site == INPUT_SITE) != wants_input:
             raise InputError(f"'{kind}' patches go {'only' if wants_input else 'never'} at the model input "
@@ -126,6 +148,18 @@ def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any) -> Non
                              f"{' or '.join(LAYOUT_WORDS[w] for w in cls.layouts)})"
                              + (f": put {' or '.join(takers)} patches there" if takers else ""))
         cls.check_site(info, cls.make_config(options))
+
+
+def _check_layer_site(kind: str, site: str, by_name: dict, net: nn.Module | None) -> None:
+    """A site of a kind that replaces its layer (lora): a layer of the kind's types that the forward runs."""
+    if site == INPUT_SITE:
+        raise InputError(f"'{kind}' patches go on a layer's weight, not at the model input: name a layer")
+    why = layer_ok(net.get_submodule(site)) if net is not None else ""
+    if why:
+        raise InputError(f"--at {kind}:{site}: '{site}' {why}")
+    if not by_name[site].calls:
+        raise InputError(f"--at {kind}:{site}: '{site}' never runs in the model's forward (eval mode), so its "
+                         "patch would never be used")
 
 
 def suggest_sites(model: nn.Module, infos: list, parts: int = 3, avoid: Iterable[str] = (),

@@ -193,8 +193,9 @@ class FrozenPrefix:
             normalised = patched.model.normalise(x)
             starts, ends, shapes = _call_order(patched.net, normalised)
         site = min(kinds, key=lambda s: ends.get(s, 1 << 30))
-        if kinds[site] == "bn":
-            return None, f"the first site '{site}' is an auxiliary BN, which needs its input: nothing to skip"
+        if kinds[site] in ("bn", "layer"):
+            what = "an auxiliary BN" if kinds[site] == "bn" else "a layer's replacement (lora)"
+            return None, f"the first site '{site}' is {what}, which needs its input: nothing to skip"
         ancestors = {site.rsplit(".", k)[0] for k in range(1, site.count(".") + 1)}
         inside = site + "."
         stubs = [n for n in starts if n not in ancestors and n != site and not n.startswith(inside)
