@@ -40,7 +40,9 @@ def _write(target: Path, fmt: str, model: nn.Module, example: torch.Tensor) -> N
     if fmt == "torchscript":
         # without gradients: nn.MultiheadAttention (torchvision's ViT) takes one path on every call, so the trace's
         # own check sees the same graph twice (with trainable patches it switches paths between calls)
+        # a forward first: a lora patch merges its weight there once, so that every traced call runs the same graph
         with torch.no_grad():
+            model(example)
             traced = torch.jit.trace(model, example, check_trace=True)
         write_torch(target, traced, jit=True)
         return

@@ -5,9 +5,10 @@ of its site and returns a new output. `PatchedModel.train()` only ever trains th
 
 A norm layer's twin (placement "bn") is no hook, nor is a lora weight delta (placement "layer"): each replaces its
 layer's computation, through an instance attribute `forward` that shadows the layer's own method (`_twin_forward`),
-so that route adv runs the patch *instead of* the base layer (a hook would run the base layer first and throw its output away: in issue 30's profile of a light patch
-at batch 256, batch norm went from 4% to 10% of the patched forward's op time). The attribute holds no tensors
-(state_dict and named_modules are the base's) and copies of the base drop it (`_bare_copy`, `auxbn.twin_of`).
+so that route adv runs the patch *instead of* the base layer (a hook would run the base layer first and throw its
+output away: in issue 30's profile of a light patch at batch 256, batch norm went from 4% to 10% of the patched
+forward's op time). The attribute holds no tensors (state_dict and named_modules are the base's) and copies of the
+base drop it (`_bare_copy`, `auxbn.twin_of`).
 """
 from __future__ import annotations
 

@@ -85,8 +85,9 @@ def select_sites(net: nn.Module, infos: list, at: str | None, at_regex: str | No
                 kind = e.split(":")[0] if ":" in e else default_kind
                 if kind in KINDS and KINDS[kind].placement == "layer":  # every layer it serves; `stem`: the first
                     picked = layer_sites(net, infos, KINDS[kind].layer_types)[:1 if word == STEM else None]
-                    say(f"--at {e}: {len(picked)} layer(s) ({', '.join(picked[:4])}{', ...' if len(picked) > 4 else ''})"
-                        if picked else f"--at {e}: no site (no {kind} layer runs in the forward)")
+                    shown = ", ".join(picked[:4]) + (", ..." if len(picked) > 4 else "")
+                    say(f"--at {e}: {len(picked)} layer(s) ({shown})" if picked else
+                        f"--at {e}: no site (no {kind} layer runs in the forward)")
                     sites += [(kind, s) for s in picked if s not in {x for _, x in sites}]
                     continue
                 sug = consult(kind, word)

@@ -1,0 +1,212 @@
+"""lora patches (issue 30): low-rank weight deltas on conv and linear layers, merged into the weight when served, so
+that the patched model runs the base's own multiply-adds."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hardener
+from hardener.cli.app import main
+from hardener.io.checkpoint import MANIFEST_KEY, read_manifest
+from hardener.model.classifier import Classifier, InputSpec
+from hardener.patches import AuxBN, Lora, PatchedModel, Site
+from hardener.patches import cost as C
+from hardener.patches.lora import LoraConfig
+
+from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+
+LAYERS = ["features.0", "features.3", "block.0", "head.3"]  # the tiny model's convs and its linear head
+
+
+def _lora(seed: int = 1, rank: int = 2, trained: bool = True) -> PatchedModel:
+    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
+    for site in LAYERS:
+        p.attach(site, Lora.build(Site(site, p.net.get_submodule(site), []), LoraConfig(rank=rank)))
+    if trained:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for t in p.patches.parameters():
+                t.add_(0.3 * torch.randn_like(t))
+    return p.eval()
+
+
+def _by_hand(p: PatchedModel, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The patched model's logits computed without the patches: a copy of the base whose weights are W + s·B·A."""
+    net = copy.deepcopy(p._bare_copy().net)
+    with torch.no_grad():
+        for site, key in p.sites.items():
+            patch = p.patches[key]
+            layer = net.get_submodule(site)
+            layer.weight.add_(strength * (patch.up @ patch.down).view_as(layer.weight))
+    return net(p.model.normalise(x))
+
+
+def test_a_fresh_lora_patch_is_the_base_and_strength_zero_is_the_base_exactly():
+    x = torch.rand(5, 1, 8, 8)
+    fresh = _lora(trained=False)
+    with fresh.patches_disabled():
+        base = fresh(x)
+    assert torch.equal(fresh(x), base)  # B starts at zero: W + 0 is W, bit for bit
+    p = _lora()
+    assert not torch.equal(p(x), base)
+    p.set_strength(0)
+    assert torch.equal(p(x), base)
+    with p.route("main"):
+        p.set_strength(1)
+        assert torch.equal(p(x), base)  # route main runs the base's own layers
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_lora_computes_the_merged_weight_with_and_without_gradients(strength):
+    p, x = _lora(), torch.rand(6, 1, 8, 8)
+    p.set_strength(strength)
+    want = _by_hand(p, x, strength)
+    with torch.no_grad():
+        served = p(x)  # the kept merged weight
+    assert torch.allclose(served, want, atol=1e-5)
+    for t in p.model.parameters():
+        t.grad = None  # left by the base's own training
+    live = p(x)  # grad enabled on A and B: the merge is in the forward
+    assert torch.allclose(live, want, atol=1e-5)
+    live.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in p.patches.parameters())
+    assert all(t.grad is None for t in p.model.parameters())  # frozen means frozen
+
+
+def test_the_kept_merge_follows_changes_of_the_factors_and_the_strength():
+    p, x = _lora(), torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        first = p(x)
+        assert torch.equal(p(x), first)
+        next(iter(p.patches.values())).up.mul_(2)  # an optimiser step writes in place: a new version
+        moved = p(x)
+        assert not torch.equal(moved, first)
+        assert torch.allclose(moved, _by_hand(p, x), atol=1e-5)
+        p.set_strength(0.5)
+        assert torch.allclose(p(x), _by_hand(p, x, 0.5), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # one optimiser step, transfer recipe: what this test wants
+def test_training_leaves_the_base_bit_identical_and_moves_the_factors():
+    imgs, labels = make_data(n=60)
+    base = trained_tiny()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    m = hardener.patch(base, (imgs, labels), at="lora:auto", lora_rank=2, epochs=1, steps=1, eps=0.1, batch_size=32,
+                       progress=False)
+    assert sorted(m.sites) == sorted(LAYERS)
+    assert all(torch.equal(v, before[k]) for k, v in m.base_state_dict().items())
+    assert any(p.up.abs().sum() > 0 for p in m.patches.values())
+    assert all(p.config.rank == 2 for p in m.patches.values())
+
+
+def test_lora_costs_no_multiply_adds_per_image_and_counts_its_parameters():
+    p = _lora(rank=3)
+    base, total, per_site = C.count_macs(p)
+    assert total == base and set(per_site.values()) == {0}
+    # the counted twins and lora together: still the base's multiply-adds (a twin normalises; a lora merges)
+    p.attach("features.1", AuxBN.from_module(p.net.get_submodule("features.1")))
+    assert C.count_macs(p)[1] == base
+    shapes = {s: list(p.net.get_submodule(s).weight.shape) for s in LAYERS}
+    hand = sum(3 * (w[0] + torch.Size(w[1:]).numel()) for w in shapes.values())
+    assert sum(t.numel() for k in LAYERS for t in p.patches[k.replace(".", "__")].parameters()) == hand
+    assert all(Lora.numel({"weight_shape": shapes[s], "rank": 3}) == 3 * (shapes[s][0] + torch.Size(shapes[s][1:])
+                                                                          .numel()) for s in LAYERS)
+    with torch.no_grad():
+        p.set_strength(1)
+        assert all(t.requires_grad for t in p.patch_parameters())  # the count left them as they were
+
+
+def test_a_copy_is_independent_and_computes_the_same():
+    p, x = _lora(), torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        want = p(x)
+        c = p.clone()
+        assert torch.equal(c(x), want)
+        next(iter(c.patches.values())).up.zero_()
+        assert not torch.equal(c(x), want) and torch.equal(p(x), want)
+
+
+def test_lora_round_trips_through_a_checkpoint_and_is_checked_on_loading(tmp_path):
+    p, x = _lora(), torch.rand(4, 1, 8, 8)
+    p.arch = ARCH
+    out = tmp_path / "lora.safetensors"
+    p.save(out)
+    specs = read_manifest(out).patches
+    assert {s["kind"] for s in specs} == {"lora"}
+    assert next(s for s in specs if s["site"] == "head.3")["weight_shape"] == [3, 8]
+    m = hardener.load(out, arch=ARCH)
+    with torch.no_grad():
+        assert torch.equal(m(x), p(x))
+
+
+def _edited(tmp_path, src, edit) -> str:
+    """A copy of checkpoint `src` whose manifest's patches went through `edit`: a hostile or damaged file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    manifest = json.loads(meta[MANIFEST_KEY])
+    edit(manifest["patches"])
+    meta[MANIFEST_KEY] = json.dumps(manifest)
+    out = tmp_path / "edited.safetensors"
+    save_file(tensors, str(out), metadata=meta)
+    return str(out)
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda ps: ps[0].update(site="features.1"), ["lora", "features.1", "BatchNorm2d", "not a Conv1d"]),
+    (lambda ps: ps[0].update(weight_shape=[9, 9, 3, 3]), ["lora", "weight of shape [9, 9, 3, 3]", "architecture"]),
+    (lambda ps: ps[0].update(rank=0), ["rank", "1..4096"]),
+])
+def test_a_manifest_that_misplaces_a_lora_patch_exits_2(edit, needles, runner, tmp_path, tiny_data):
+    p = _lora()
+    p.arch = ARCH
+    src = tmp_path / "lora.safetensors"
+    p.save(src)
+    bad = _edited(tmp_path, src, edit)
+    r = runner.invoke(main, ["eval", bad, "--arch", ARCH, "--data", str(tiny_data), "--eps", "0.1", "--steps", "2"])
+    assert_input_error(r, *needles)
+
+
+@pytest.mark.parametrize("at, needles", [
+    ("lora:features.1", ["lora:features.1", "BatchNorm2d", "not a Conv1d"]),
+    ("lora:input", ["lora", "not at the model input"]),
+])
+def test_lora_at_a_layer_it_cannot_serve_exits_2(at, needles, runner, tiny_ckpt, tiny_data, tmp_path):
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--at", at,
+                             "--out", str(tmp_path / "x.safetensors"), *FAST_PATCH])
+    assert_input_error(r, *needles)
+
+
+def test_cli_trains_lora_beside_twins_and_a_prefilter_and_reports_its_cost(runner, tiny_ckpt, tiny_data, tmp_path):
+    out, report = tmp_path / "lora.safetensors", tmp_path / "lora.json"
+    r = runner.invoke(main, ["patch", str(tiny_ckpt), "--arch", ARCH, "--data", str(tiny_data), "--subset", "30",
+                             "--at", "prefilter:input,lora:auto", "--lora-rank", "3", "--method", "fixer,auxbn",
+                             "--bn", "all", "--width", "4", "--out", str(out), "--report", str(report), *FAST_PATCH])
+    assert r.exit_code == 0, r.output
+    kinds = {p["site"]: p["kind"] for p in read_manifest(out).patches}
+    assert [s for s, k in kinds.items() if k == "lora"] == LAYERS
+    rep = json.loads(report.read_text())
+    assert rep["cost"]["macs_per_patch"]["features.0"] == 0 and rep["cost"]["macs_per_patch"]["input"] > 0
+    e = runner.invoke(main, ["eval", str(out), "--arch", ARCH, "--data", str(tiny_data), "--attack", "apgd",
+                             "--eps", "0.1", "--steps", "2", "--max-samples", "10"])
+    assert e.exit_code == 0, e.output
+    # a traced export carries the merged weight: the same graph on every call, checked in a fresh interpreter
+    x = runner.invoke(main, ["export", str(out), "--arch", ARCH, "--format", "torchscript",
+                             "--out", str(tmp_path / "lora.ts.pt")])
+    assert x.exit_code == 0, x.output
+
+
+def test_a_linear_layer_takes_the_delta_as_a_matrix():
+    layer = nn.Linear(5, 4)
+    patch = Lora.build(Site("fc", layer, [4]), LoraConfig(rank=2))
+    with torch.no_grad():
+        patch.up.normal_()
+    x = torch.randn(3, 5)
+    assert torch.allclose(patch(None, x, layer), F.linear(x, layer.weight + patch.up @ patch.down, layer.bias))
