@@ -210,3 +210,16 @@ def test_a_linear_layer_takes_the_delta_as_a_matrix():
         patch.up.normal_()
     x = torch.randn(3, 5)
     assert torch.allclose(patch(None, x, layer), F.linear(x, layer.weight + patch.up @ patch.down, layer.bias))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # one optimiser step: what this test wants
+def test_a_budget_keeps_the_lora_deltas_and_sizes_the_rest():
+    imgs, labels = make_data(n=60)
+    m = hardener.patch(trained_tiny(), (imgs, labels), at="prefilter:input,lora:auto", budget=1.05, width=8,
+                       epochs=1, steps=1, eps=0.1, batch_size=32, progress=False)
+    kinds = {site: type(m.patches[key]).__name__ for site, key in m.sites.items()}
+    assert [s for s, k in kinds.items() if k == "Lora"] == LAYERS
+    assert m.cost.macs_ratio <= 1.05
+    only = hardener.patch(trained_tiny(), (imgs, labels), at="lora:auto", budget=1.0, epochs=1, steps=1, eps=0.1,
+                          batch_size=32, progress=False)
+    assert only.cost.macs_ratio == 1.0

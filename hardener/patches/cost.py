@@ -133,7 +133,10 @@ def count_macs(patched) -> tuple[int, int, dict[str, int]]:
 
 def kind_macs(cls, site, config) -> int:
     """Multiply-adds per image a patch of kind `cls` would add at `site` (a `patches.Site`, shape C,H,W or L,D),
-    built and run on the meta device (no memory, no weights)."""
+    built and run on the meta device (no memory, no weights); a kind that replaces its layer by a merged weight
+    (lora) adds none."""
+    if cls.placement == "layer":
+        return 0
     with torch.device("meta"):
         patch = cls.build(site, config)
     return macs(patch.eval(), torch.empty(1, *site.shape, device="meta"))
@@ -388,7 +391,7 @@ def _nothing_fits(budget: float, base: int, cheapest: tuple[int, str] | None) ->
 def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, budget: float,
                twins: bool) -> tuple[list[tuple[str, str]], Any, str]:
     """Size a recipe to `budget` (the patched model's multiply-adds over the base's) before anything is built: BN
-    twins stay (no multiply-adds); then the pre-filter, resolution before width (`prefilter.lighter_settings`: the
+    twins and lora deltas stay (no multiply-adds); then the pre-filter, resolution before width (`prefilter.lighter_settings`: the
     recipe's own design first, at the largest width that fits, then the lighter designs, as measured); then
     the other site patches with what is left: at the smallest multiple of `rho` (x2 each try) that keeps the most of
     them, cheapest sites first. Returns the sites kept, the options to build them with, and a line saying what it
@@ -407,7 +410,8 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
         return memo[kind, site, repr(config)]
 
     pre = [(k, s) for k, s in sites if k == "prefilter"][:1]
-    rest = [(k, s) for k, s in sites if (k, s) not in pre]
+    free = [(k, s) for k, s in sites if KINDS[k].placement == "layer"]  # lora deltas: merged, no multiply-adds
+    rest = [(k, s) for k, s in sites if (k, s) not in pre and (k, s) not in free]
     o, kept_pre, said = opts, [], []
     for settings in (lighter_settings(opts.width, opts.prefilter_stride, opts.prefilter_design) if pre else []):
         fits = [(c, t) for t in settings for c in [cost_of(*pre[0], opts.replace(**t))] if c <= left]
@@ -433,7 +437,7 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
         if len(kept) == len(rest):
             break
     rho, kept, used = best if best else (opts.rho, [], 0)
-    if not kept_pre and not kept and not twins and sites:
+    if not kept_pre and not kept and not twins and not free and sites:
         options = [(c, rest[j][1]) for c, j in before or []]  # the site patches at their thinnest
         options += [(cost_of(*pre[0], opts.replace(**t)), pre[0][1])  # the pre-filter at its lightest settings
                     for settings in (lighter_settings(opts.width, opts.prefilter_stride, opts.prefilter_design)
@@ -453,9 +457,11 @@ def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, b
                        + (" or a narrower --width" if kept_pre else "") + " leave them wider)" if thin else ""))
     if pre and not kept_pre:
         said.append("no pre-filter (none fits)")
+    if free:
+        said.append(f"{len(free)} lora delta(s) kept (merged into their layers' weights: no multiply-adds)")
     if twins:
         said.append("BN twins kept (no multiply-adds)")
     spent = (budget - 1.0) * base - left + used
-    keep = set(kept_pre + chosen)
+    keep = set(kept_pre + chosen + free)
     return [x for x in sites if x in keep], o, (f"--budget {budget:g}: {'; '.join(said)}: {1 + spent / max(1, base):.3f}x the "
                                   f"base's multiply-adds ({fmt(base)})")
