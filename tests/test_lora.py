@@ -163,6 +163,7 @@ def _edited(tmp_path, src, edit) -> str:
     (lambda ps: ps[0].update(site="features.1"), ["lora", "features.1", "BatchNorm2d", "not a Conv1d"]),
     (lambda ps: ps[0].update(weight_shape=[9, 9, 3, 3]), ["lora", "weight of shape [9, 9, 3, 3]", "architecture"]),
     (lambda ps: ps[0].update(rank=0), ["rank", "1..4096"]),
+    (lambda ps: ps[0].update(rank=3), ["features.0"]),  # the file's tensors are rank 2
 ])
 def test_a_manifest_that_misplaces_a_lora_patch_exits_2(edit, needles, runner, tmp_path, tiny_data):
     p = _lora()

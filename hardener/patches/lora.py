@@ -9,7 +9,7 @@ only (R·(out + fan-in) values).
 
 Served, the delta costs nothing per image: the merged weight W + s·B·A is computed once and kept, and every forward
 runs the base layer's own operation on it (the same multiply-adds as the base). It is recomputed when A, B, W or the
-strength change (their tensor versions are its key). While A or B can receive gradients (training, or any forward
+strength change (their tensor versions are its key); it takes the memory of one more copy of the weight. While A or B can receive gradients (training, or any forward
 with grad enabled on them) the merge is part of each forward instead, so that gradients reach them; an exported
 model (torch.jit.trace under no_grad, `harden export`) carries the merged weight as a constant.
 
