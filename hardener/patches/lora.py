@@ -7,11 +7,12 @@ nn.Linear's default initialisation, B (out-channels × R) at zero, so the freshl
 Route main, and strength 0, run the base layer itself. The base's weight is never written: the patch holds A and B
 only (R·(out + fan-in) values).
 
-Served, the delta costs nothing per image: the merged weight W + s·B·A is computed once and kept, and every forward
-runs the base layer's own operation on it (the same multiply-adds as the base). It is recomputed when A, B, W or the
-strength change (their tensor versions are its key); it takes the memory of one more copy of the weight. While A or B can receive gradients (training, or any forward
-with grad enabled on them) the merge is part of each forward instead, so that gradients reach them; an exported
-model (torch.jit.trace under no_grad, `harden export`) carries the merged weight as a constant.
+Served, the delta costs nothing per image: the merged weight W + s·B·A is computed once and kept (the memory of one
+more copy of the weight), and every forward runs the base layer's own operation on it (the same multiply-adds as the
+base). It is recomputed when A, B, W or the strength change (their tensor versions are its key). While A or B can
+receive gradients (training, or any forward with grad enabled on them) the merge is part of each forward instead, so
+that gradients reach them; an exported model (torch.jit.trace under no_grad, `harden export`) carries the merged
+weight as a constant.
 
 It is placed with `--at lora:SITE` (a Conv1d/2d/3d or Linear layer) or `--at lora:auto` (every such layer the
 eval-mode forward runs), `--lora-rank R`. Like a BN twin, it replaces its layer's computation on route adv (placement
