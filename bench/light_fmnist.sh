@@ -99,6 +99,10 @@ declare -A RUNS=(
   # capacity the served model does not pay for buy back the clean points the light patches lose?
   [R8e20m1]="--at lora:auto --lora-rank 8 $TWINS --epochs 20 --mu 1"
   [P16R8e20m1]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 16 --mu 1"
+  # R8e20m1 at rank 16 (more capacity, still 1.00x), and without the BN twins (lora alone: do the twins still pay
+  # for themselves beside the deltas, or cost clean points?)
+  [R16e20m1]="--at lora:auto --lora-rank 16 $TWINS --epochs 20 --mu 1"
+  [R8e20m1N]="--at lora:auto --lora-rank 8 --epochs 20 --mu 1"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
