@@ -391,11 +391,11 @@ def _nothing_fits(budget: float, base: int, cheapest: tuple[int, str] | None) ->
 def fit_budget(patched, sites: list[tuple[str, str]], shapes: dict, opts: Any, budget: float,
                twins: bool) -> tuple[list[tuple[str, str]], Any, str]:
     """Size a recipe to `budget` (the patched model's multiply-adds over the base's) before anything is built: BN
-    twins and lora deltas stay (no multiply-adds); then the pre-filter, resolution before width (`prefilter.lighter_settings`: the
-    recipe's own design first, at the largest width that fits, then the lighter designs, as measured); then
-    the other site patches with what is left: at the smallest multiple of `rho` (x2 each try) that keeps the most of
-    them, cheapest sites first. Returns the sites kept, the options to build them with, and a line saying what it
-    chose. Nothing fitting (and no twins) is an `InputError`."""
+    twins and lora deltas stay (no multiply-adds); then the pre-filter, resolution before width
+    (`prefilter.lighter_settings`: the recipe's own design first, at the largest width that fits, then the lighter
+    designs, as measured); then the other site patches with what is left: at the smallest multiple of `rho` (x2 each
+    try) that keeps the most of them, cheapest sites first. Returns the sites kept, the options to build them with,
+    and a line saying what it chose. Nothing fitting (and no twins or lora deltas) is an `InputError`."""
     base = count_macs(patched)[0]
     left = (budget - 1.0) * base
 

@@ -123,7 +123,7 @@ def layer_sites(net: nn.Module, infos: list, types: tuple[type, ...]) -> list[st
     return [i.name for i in ran]
 
 
-def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any, net: nn.Module | None = None) -> None:
+def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any, net: nn.Module) -> None:
     by_name = {i.name: i for i in infos}
     for kind, site in sites:
         cls = KINDS[kind]
@@ -151,11 +151,11 @@ def _check_sites(sites: list[tuple[str, str]], infos: list, options: Any, net: n
         cls.check_site(info, cls.make_config(options))
 
 
-def _check_layer_site(kind: str, site: str, by_name: dict, net: nn.Module | None) -> None:
+def _check_layer_site(kind: str, site: str, by_name: dict, net: nn.Module) -> None:
     """A site of a kind that replaces its layer (lora): a layer of the kind's types that the forward runs."""
     if site == INPUT_SITE:
         raise InputError(f"'{kind}' patches go on a layer's weight, not at the model input: name a layer")
-    why = layer_ok(net.get_submodule(site)) if net is not None else ""
+    why = layer_ok(net.get_submodule(site))
     if why:
         raise InputError(f"--at {kind}:{site}: '{site}' {why}")
     if not by_name[site].calls:
