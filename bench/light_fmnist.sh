@@ -103,6 +103,13 @@ declare -A RUNS=(
   # for themselves beside the deltas, or cost clean points?)
   [R16e20m1]="--at lora:auto --lora-rank 16 $TWINS --epochs 20 --mu 1"
   [R8e20m1N]="--at lora:auto --lora-rank 8 --epochs 20 --mu 1"
+  # P16R8e20m1 held white-box with room to spare and lost clean points: μ 2 trades the one for the other; a width-8
+  # pre-filter (about half its multiply-adds and latency) beside the deltas; and the pre-filter alone with lora on
+  # vgg_silu_small (P12, as v-P12e20m1) and vit_small (P8, as t-P8e20m1)
+  [P16R8e20m2]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 16 --mu 2"
+  [P8R8e20m2]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 8 --mu 2"
+  [P12R8e20m1]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 12 --mu 1"
+  [P8R8e20m1]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 8 --mu 1"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
