@@ -12,13 +12,14 @@ from torch import nn
 
 import hardener
 from hardener.cli.app import main
-from hardener.io.checkpoint import MANIFEST_KEY, read_manifest
+from hardener.io.checkpoint import read_manifest
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import AuxBN, Lora, PatchedModel, Site
 from hardener.patches import cost as C
 from hardener.patches.lora import LoraConfig
 
 from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
+from test_security import read_patched, write_patched
 
 LAYERS = ["features.0", "features.3", "block.0", "head.3"]  # the tiny model's convs and its linear head
 
@@ -144,21 +145,6 @@ def test_lora_round_trips_through_a_checkpoint_and_is_checked_on_loading(tmp_pat
         assert torch.equal(m(x), p(x))
 
 
-def _edited(tmp_path, src, edit) -> str:
-    """A copy of checkpoint `src` whose manifest's patches went through `edit`: a hostile or damaged file."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    manifest = json.loads(meta[MANIFEST_KEY])
-    edit(manifest["patches"])
-    meta[MANIFEST_KEY] = json.dumps(manifest)
-    out = tmp_path / "edited.safetensors"
-    save_file(tensors, str(out), metadata=meta)
-    return str(out)
-
-
 @pytest.mark.parametrize("edit, needles", [
     (lambda ps: ps[0].update(site="features.1"), ["lora", "features.1", "BatchNorm2d", "not a Conv1d"]),
     (lambda ps: ps[0].update(weight_shape=[9, 9, 3, 3]), ["lora", "weight of shape [9, 9, 3, 3]", "architecture"]),
@@ -170,8 +156,10 @@ def test_a_manifest_that_misplaces_a_lora_patch_exits_2(edit, needles, runner, t
     p.arch = ARCH
     src = tmp_path / "lora.safetensors"
     p.save(src)
-    bad = _edited(tmp_path, src, edit)
-    r = runner.invoke(main, ["eval", bad, "--arch", ARCH, "--data", str(tiny_data), "--eps", "0.1", "--steps", "2"])
+    manifest, tensors = read_patched(src)
+    edit(manifest["patches"])  # a hostile or damaged file
+    bad = write_patched(tmp_path / "edited.safetensors", manifest, tensors)
+    r = runner.invoke(main, ["eval", str(bad), "--arch", ARCH, "--data", str(tiny_data), "--eps", "0.1", "--steps", "2"])
     assert_input_error(r, *needles)
 
 

@@ -133,10 +133,7 @@ def count_macs(patched) -> tuple[int, int, dict[str, int]]:
 
 def kind_macs(cls, site, config) -> int:
     """Multiply-adds per image a patch of kind `cls` would add at `site` (a `patches.Site`, shape C,H,W or L,D),
-    built and run on the meta device (no memory, no weights); a kind that replaces its layer by a merged weight
-    (lora) adds none."""
-    if cls.placement == "layer":
-        return 0
+    built and run on the meta device (no memory, no weights)."""
     with torch.device("meta"):
         patch = cls.build(site, config)
     return macs(patch.eval(), torch.empty(1, *site.shape, device="meta"))
