@@ -110,6 +110,10 @@ declare -A RUNS=(
   [P8R8e20m2]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 8 --mu 2"
   [P12R8e20m1]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 12 --mu 1"
   [P8R8e20m1]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 8 --mu 1"
+  # the μ-2 recipe on vgg_silu_small (its widest plain pre-filter inside 1.25x, as v-P12R8e20m1) and vit_small (P8),
+  # and on vit_small with rank-16 deltas (a quarter of its width-64 layers' rank: capacity at no multiply-adds)
+  [P12R8e20m2]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 12 --mu 2"
+  [P8R16e20m2]="--at prefilter:input,lora:auto --lora-rank 16 $TWINS --epochs 20 --width 8 --mu 2"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
