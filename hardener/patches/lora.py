@@ -120,10 +120,15 @@ class Lora(PatchKind):
     def weight(self, layer: nn.Module) -> torch.Tensor:
         """The weight route adv runs the layer with: W + s·B·A, merged once and kept while nothing it depends on
         changes, computed in the forward while A or B may receive gradients."""
-        w = layer.weight
-        if torch.is_grad_enabled() and (self.up.requires_grad or self.down.requires_grad):
+        # tensors through `_parameters`, not attribute access: nn.Module's `__getattr__` costs about 1 µs a name, and
+        # this runs per layer per forward (a weight outside it, a parametrisation's, is read as an attribute)
+        params = self._parameters
+        up, down = params["up"], params["down"]
+        w = layer._parameters.get("weight")
+        if w is None:
+            w = layer.weight
+        if torch.is_grad_enabled() and (up.requires_grad or down.requires_grad):
             return w + (self.strength * self.delta()).to(w.dtype)
-        up, down = self.up, self.down
         key = (w.data_ptr(), w._version, w.dtype, up.data_ptr(), up._version, down.data_ptr(), down._version,
                self.strength)
         if self._key != key or self._merged is None:
@@ -137,9 +142,10 @@ class Lora(PatchKind):
         if self.strength == 0:
             return out
         w = self.weight(layer)
+        bias = layer._parameters["bias"] if "bias" in layer._parameters else layer.bias
         if isinstance(layer, nn.Linear):
-            return F.linear(inp, w, layer.bias)
-        return layer._conv_forward(inp, w, layer.bias)
+            return F.linear(inp, w, bias)
+        return layer._conv_forward(inp, w, bias)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

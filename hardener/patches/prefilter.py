@@ -53,11 +53,14 @@ def lighter_settings(width: int, stride: int, design: str) -> list[list[dict[str
 @register_patch_kind("prefilter", placement="input", config_cls=PrefilterConfig)
 class Prefilter(PatchKind):
     may_mask = True  # an input transform: evaluation attacks it with BPDA too (identity in the backward pass)
-    # On the CPU the hidden layers run channels-last (NHWC), handed back in the base's layout: oneDNN's convolutions
-    # over few channels are faster in it from batch 16 on (bench/prefilter_layout.py, quiet, one thread: at batch 256
-    # the heavy default from 3.47x the example base's latency to 3.06x, the light preset by 0.03-0.10); at batch 1 it
-    # is within the spread of NCHW, and a training step measured the same. The bench turns it off to compare.
+    # On the CPU the hidden layers run channels-last (NHWC), handed back in the base's layout, from batch 16 on or at
+    # width 64 and more: oneDNN's convolutions over few channels are faster in it there (bench/prefilter_layout.py,
+    # quiet, one thread: at batch 256 the heavy default from 3.47x the example base's latency to 3.06x, the light
+    # preset by 0.03-0.10; at batch 1 the width-64 default by 0.07). At batch 1 and width 16 the two layout copies
+    # cost more than they save (131 µs NCHW, 158 µs channels-last, issue 30), and a training step measured the same.
+    # The bench turns it off to compare.
     channels_last = True
+    CHANNELS_LAST_BATCH, CHANNELS_LAST_WIDTH = 16, 64
 
     def __init__(self, channels: int, width: int = 32, delta: float = 1.0, stride: int = 1,
                  design: str = "plain") -> None:
@@ -109,7 +112,8 @@ class Prefilter(PatchKind):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x), inplace=True)  # in place: fresh tensors no backward keeps
-        cl = self.channels_last and x.device.type == "cpu"
+        cl = (self.channels_last and x.device.type == "cpu"
+              and (len(x) >= self.CHANNELS_LAST_BATCH or h.shape[1] >= self.CHANNELS_LAST_WIDTH))
         if cl:
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.conv2(h)
