@@ -1,5 +1,6 @@
-"""`--preset light` (issue 30): the robust recipe's sites sized to --budget 1.25, BN twins, 20 epochs at a lower μ than
-the robust recipe's; one stage (no teacher), and a heavy patch can still be distilled into it."""
+"""`--preset light` (issue 30): a pre-filter sized to --budget 1.25, lora deltas on every conv and linear layer, BN
+twins, 20 epochs at a lower μ than the robust recipe's; one stage (no teacher), and a heavy patch can still be
+distilled into it."""
 from __future__ import annotations
 
 import warnings
@@ -16,9 +17,10 @@ from hardener.options.recipe import load_preset
 from conftest import ARCH, FAST_PATCH, assert_input_error, make_data, trained_tiny
 
 
-def test_the_light_preset_is_the_robust_recipe_sized_to_a_budget():
+def test_the_light_preset_is_a_prefilter_sized_to_a_budget_beside_lora_deltas():
     light, robust = load_preset("light").options, load_preset("robust").options
-    assert light["at"] == robust["at"] and light["adversary"] == robust["adversary"] == "patched"
+    assert light["at"] == "prefilter:input,lora:auto" and light["lora_rank"] == 8 and light["width"] == 16
+    assert light["adversary"] == robust["adversary"] == "patched"
     assert light["loss_name"] == robust["loss_name"] and light["budget"] == 1.25 and light["bn"] == "auto"
     assert light["mu"] < robust["mu"] and light["epochs"] > robust["epochs"]
     opts, preset = PatchOptions.build("light", {})  # no teacher needed
@@ -36,7 +38,8 @@ def test_light_trains_within_its_budget_without_a_teacher(runner, tiny_ckpt, tin
     assert "teacher" not in m.training and m.cost["macs_ratio"] <= 3.0
     assert m.cost["budget"] == 3.0 and m.cost["sizing"].startswith("--budget 3: ")  # what was asked, what it chose
     kinds = {p["kind"] for p in m.patches}
-    assert "auxbn" in kinds and kinds & {"prefilter", "fixer"}
+    assert {"auxbn", "lora", "prefilter"} <= kinds and "fixer" not in kinds
+    assert "lora delta(s) kept" in m.cost["sizing"]
 
 
 def test_light_distils_a_heavy_patch_when_given_one(patched_ckpt):
