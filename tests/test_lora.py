@@ -212,3 +212,102 @@ def test_a_budget_keeps_the_lora_deltas_and_sizes_the_rest():
     only = hardener.patch(trained_tiny(), (imgs, labels), at="lora:auto", budget=1.0, epochs=1, steps=1, eps=0.1,
                           batch_size=32, progress=False)
     assert only.cost.macs_ratio == 1.0
+
+
+# ---------------------------------------------------------------- attention layers (nn.MultiheadAttention)
+
+TV_ARCH = f"{ARCH.rsplit('/', 1)[0]}/family_models.py:tv_vit_like"
+
+
+def _attention_lora(rank: int = 2, trained: bool = True) -> PatchedModel:
+    import family_models as FM
+
+    p = PatchedModel(Classifier(FM.tv_vit_like(), InputSpec(shape=[1, 28, 28])))
+    for site in [n for n, m in p.net.named_modules() if isinstance(m, nn.MultiheadAttention)]:
+        p.attach(site, Lora.build(Site(site, p.net.get_submodule(site), []), LoraConfig(rank=rank)))
+    if trained:
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for t in p.patches.parameters():
+                t.add_(0.3 * torch.randn_like(t))
+    return p.eval()
+
+
+def _attention_by_hand(p: PatchedModel, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """A copy of the base whose attention projections are W + s·B·A: what the patched model must compute."""
+    net = copy.deepcopy(p._bare_copy().net)
+    with torch.no_grad():
+        for site, key in p.sites.items():
+            patch, layer = p.patches[key], net.get_submodule(site)
+            layer.in_proj_weight.add_(strength * (patch.up @ patch.down).view_as(layer.in_proj_weight))
+            layer.out_proj.weight.add_(strength * (patch.up_out @ patch.down_out).view_as(layer.out_proj.weight))
+    return net(p.model.normalise(x))
+
+
+def test_lora_on_attention_deltas_both_projections_served_and_trained():
+    """An nn.MultiheadAttention reads its projections itself (its out_proj never runs as a layer): the patch holds a
+    delta for the packed query/key/value weight and one for the output projection, and runs the layer's own forward
+    on a stand-in sharing every other tensor; fresh, at strength 0 and on route main it is the base to the bit."""
+    x = torch.rand(4, 1, 28, 28)
+    fresh = _attention_lora(trained=False)
+    assert len(fresh.sites) == 4
+    with fresh.patches_disabled():
+        base = fresh(x)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), base)
+    p = _attention_lora()
+    for strength in (1.0, 0.5):
+        p.set_strength(strength)
+        want = _attention_by_hand(p, x, strength)
+        with torch.no_grad():
+            assert torch.allclose(p(x), want, atol=1e-5)  # the kept merge, through the layer's fast path
+        live = p(x)  # grad enabled on the factors: the merge is in the forward
+        assert torch.allclose(live, want, atol=1e-5)
+    live.sum().backward()
+    names = {n.rsplit(".", 1)[-1] for n, t in p.patches.named_parameters() if t.grad is not None and t.grad.any()}
+    assert names == {"up", "down", "up_out", "down_out"}
+    assert all(t.grad is None for t in p.model.parameters())  # frozen means frozen
+    p.set_strength(0)
+    with torch.no_grad():
+        assert torch.equal(p(x), base)
+        p.set_strength(1)
+        with p.route("main"):
+            assert torch.equal(p(x), base)
+    assert C.count_macs(p)[1] == C.count_macs(p)[0]  # merged: the base's own multiply-adds
+    assert not any(isinstance(m, nn.MultiheadAttention) for q in p.patches.values() for m in q.modules())  # unsaved
+
+
+def test_lora_on_attention_round_trips_and_a_manifest_of_other_shapes_is_refused(tmp_path):
+    p, x = _attention_lora(), torch.rand(3, 1, 28, 28)
+    out = tmp_path / "att.safetensors"
+    p.save(out, arch=TV_ARCH)
+    specs = read_manifest(out).patches
+    assert all(s["out_shape"] == [s["weight_shape"][1]] * 2 for s in specs)
+    with torch.no_grad():
+        assert torch.equal(hardener.load(out, arch=TV_ARCH)(x), p(x))
+    manifest, tensors = read_patched(out)
+    manifest["patches"][0]["out_shape"] = [9, 9]
+    write_patched(out, manifest, tensors)
+    with pytest.raises(hardener.errors.InputError,
+                       match=r"weights of shapes \[48, 16\] and \[9, 9\], but .* is this the architecture"):
+        hardener.load(out, arch=TV_ARCH)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # one optimiser step on random images: what this test wants
+def test_lora_auto_takes_attention_layers_trains_them_and_exports(tmp_path):
+    import family_models as FM
+
+    from hardener.io import export as X
+
+    torch.manual_seed(0)
+    imgs, labels = torch.rand(100, 1, 28, 28), torch.arange(100) % 10
+    base = FM.tv_vit_like()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    m = hardener.patch(base, (imgs, labels), at="lora:auto", lora_rank=2, epochs=1, steps=1, eps=0.1, batch_size=50,
+                       select_on=10, allow_low_accuracy=True, progress=False)
+    attention = [s for s in m.sites if isinstance(m.net.get_submodule(s), nn.MultiheadAttention)]
+    assert attention and all(m.patches[m.sites[s]].up_out.abs().sum() > 0 for s in attention)
+    assert all(torch.equal(v, before[k]) for k, v in m.base_state_dict().items())
+    X.export(m, [1, 28, 28], "torchscript", tmp_path / "m.ts.pt")  # checked in a fresh interpreter
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(tmp_path / "m.ts.pt"))(imgs[:3]), m.eval()(imgs[:3]), atol=1e-5)

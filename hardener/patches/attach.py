@@ -105,11 +105,11 @@ class PatchedModel(nn.Module):
                         out = own(x, *args, **kwargs)
                     finally:
                         module.training = was
-                new = patch(out, x, module) if patch.placement == "layer" else patch(out, x)
+                new = patch(out, x, module, *args, **kwargs) if patch.placement == "layer" else patch(out, x)
             else:
                 new = own(x, *args, **kwargs)
-            if self._capture is not None:
-                self._capture[site] = new.clone()
+            if self._capture is not None:  # an attention layer's output is a tuple: its first, the attention's
+                self._capture[site] = (new if isinstance(new, torch.Tensor) else new[0]).clone()
             return new
         forward.harden_patch = True  # marks it for the copies that drop it, and for `carries_patches`
         return forward

@@ -115,8 +115,9 @@ class Prefilter(PatchKind):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x), inplace=True)  # in place: fresh tensors no backward keeps
-        cl = (self.channels_last and x.device.type == "cpu"
-              and (len(x) >= self.CHANNELS_LAST_BATCH or h.shape[1] >= self.CHANNELS_LAST_WIDTH))
+        cl = (self.channels_last and x.device.type == "cpu"  # (traced: by width only, the batch is not a constant)
+              and (h.shape[1] >= self.CHANNELS_LAST_WIDTH
+                   or (not torch.jit.is_tracing() and x.shape[0] >= self.CHANNELS_LAST_BATCH)))
         if cl:
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.conv2(h)
