@@ -117,6 +117,9 @@ declare -A RUNS=(
   # no pre-filter: rank-16 deltas and twins alone, at the base's multiply-adds (a thin full-resolution pre-filter
   # costs vgg_silu_small and vit_small 1.33-1.45x their latency at 1.16-1.23x their multiply-adds)
   [R16e20m2]="--at lora:auto --lora-rank 16 $TWINS --epochs 20 --mu 2"
+  # P8R16e20m2 once lora:auto also takes attention layers (35351db: deltas on nn.MultiheadAttention's packed qkv and
+  # output projections; before it, vit_small's deltas sat on its patch embedding, MLPs and head only)
+  [P8R16e20m2a]="--at prefilter:input,lora:auto --lora-rank 16 $TWINS --epochs 20 --width 8 --mu 2"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
