@@ -399,7 +399,8 @@ def test_a_budget_sizes_the_recipe_to_fit(budget):
     assert got.macs_ratio <= budget < C.count(free).macs_ratio  # the robust recipe is ~150x this tiny base
     assert notes[-1].startswith(f"--budget {budget:g}: ") and f"{got.macs_ratio:.3f}x the base's" in notes[-1]
     # 3x: a lighter pre-filter, at a width between the ladder's halvings (the widest that fits), and fixers
-    assert p.sites and (budget < 3 or ("input" in p.sites and len(p.sites) == 3 and "pre-filter width 12," in notes[-1]))
+    assert p.sites and (budget < 3 or ("input" in p.sites and len(p.sites) == 3
+                                       and "pre-filter width 12," in notes[-1]))
     with torch.no_grad():  # still the identity at the start
         x = torch.rand(3, 1, 8, 8)
         with p.patches_disabled():

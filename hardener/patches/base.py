@@ -7,9 +7,9 @@ A patch kind is an `nn.Module` class registered with `@register_patch_kind("name
   (BatchNorm, LayerNorm), `patch(out, inp)` on route adv only, in place of the layer (placed with --bn; its class
   attribute `norm_types` names the layer classes it copies, checked on loading); `out`, the layer's own output, is
   computed only when the patch's `uses_base` is true (absent: always), else it is None.
-  "layer": a layer's replacement on route adv (a lora weight delta), `patch(out, inp, layer, *args, **kwargs)` (the layer's other arguments) in place of the layer,
-  placed with --at like an "output" kind, on the layer types its class attribute `layer_types` names; `out` as for
-  "bn".
+  "layer": a layer's replacement on route adv (a lora weight delta), `patch(out, inp, layer, *args, **kwargs)` (args
+  and kwargs: the layer's other arguments) in place of the layer, placed with --at like an "output" kind, on the
+  layer types its class attribute `layer_types` names; `out` as for "bn".
 - `layouts` (class attribute, "output" kinds): the site layouts it serves, "map" (N,C,H,W feature maps, the
   default) and/or "tokens" (N,L,D token tensors of transformer blocks); sites of other layouts are refused, and
   `auto`/`stem` look for sites of these layouts only. A kind serving both picks its variant in `build`.

@@ -72,10 +72,11 @@ def layer_ok(module: nn.Module) -> str:
     return ""
 
 
-def _stand_in(layer: nn.Module, weights: list) -> nn.Module:
-    """A copy of `layer` (its class, settings and mode) whose tensors are the layer's own objects, shared, but for the
-    weights `ATTENTION_WEIGHTS`, which are `weights` (plain tensors, kept with their autograd history): the layer's
-    own forward then runs on them. It is nobody's submodule (never saved) and carries no hook, nor harden's forward."""
+def _stand_in(layer: nn.Module) -> nn.Module:
+    """A copy of `layer` (its class, settings and mode) whose tensors are the layer's own objects, shared (so it follows
+    the layer's device and dtype moves): the patch puts its weights into it (`ATTENTION_WEIGHTS`) before each call, and
+    the layer's own forward runs on them. It is nobody's submodule (never saved) and carries no hook, nor harden's
+    forward."""
     from .attach import drop_twin_forward
 
     memo = {id(t): t for t in [*layer.parameters(recurse=True), *layer.buffers(recurse=True)]}
@@ -86,8 +87,6 @@ def _stand_in(layer: nn.Module, weights: list) -> nn.Module:
                       "_backward_pre_hooks"):
             getattr(m, hooks, {}).clear()
         drop_twin_forward(m)
-    stand._parameters["in_proj_weight"] = weights[0]
-    stand._modules["out_proj"]._parameters["weight"] = weights[1]
     return stand
 
 
@@ -205,7 +204,6 @@ class Lora(PatchKind):
                 self._merged = tuple(w + (s * (up @ down).view(shape)).to(w.dtype)
                                      for w, (up, down, shape) in zip(ws, pairs))
             self._key = key
-            self.__dict__["_stand"] = None
         return self._merged
 
     def weight(self, layer: nn.Module) -> torch.Tensor:
@@ -226,14 +224,14 @@ class Lora(PatchKind):
         return layer._conv_forward(inp, ws[0], bias)
 
     def _attend(self, layer: nn.Module, ws: tuple, inp: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        """The attention layer's own forward on its stand-in carrying the weights `ws`: served, the stand-in of the
-        kept merge (built again when the merge is); while the deltas train, one per forward (it keeps the graph)."""
-        if ws is self._merged:
-            stand = self._stand
-            if stand is None:  # through __dict__: an attribute assignment would make it a submodule, and saved
-                stand = self.__dict__["_stand"] = _stand_in(layer, list(ws))
-        else:
-            stand = _stand_in(layer, list(ws))
+        """The attention layer's own forward, run on its stand-in (`_stand_in`) carrying the weights `ws` (the kept
+        merge, or while the deltas train the ones this forward computed)."""
+        stand = self._stand
+        if stand is None or stand.__dict__.get("_harden_of") is not layer:  # through __dict__: an attribute
+            stand = self.__dict__["_stand"] = _stand_in(layer)  # assignment would make it a submodule, and saved
+            stand.__dict__["_harden_of"] = layer
+        stand._parameters["in_proj_weight"] = ws[0]
+        stand._modules["out_proj"]._parameters["weight"] = ws[1]
         if stand.training != layer.training:  # (nn.Module's __setattr__ costs a few µs: only when it changes)
             stand.training = layer.training
         return stand.forward(inp, *args, **kwargs)  # it has no hooks: the layer's own call ran those
