@@ -115,9 +115,10 @@ class Prefilter(PatchKind):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x), inplace=True)  # in place: fresh tensors no backward keeps
-        cl = (self.channels_last and x.device.type == "cpu"  # (traced: by width only, the batch is not a constant)
-              and (h.shape[1] >= self.CHANNELS_LAST_WIDTH
-                   or (not torch.jit.is_tracing() and x.shape[0] >= self.CHANNELS_LAST_BATCH)))
+        cl = (self.channels_last and x.device.type == "cpu"  # traced or exported: by width only (a dynamic batch
+              and (h.shape[1] >= self.CHANNELS_LAST_WIDTH  # is not a constant to branch on)
+                   or (not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+                       and x.shape[0] >= self.CHANNELS_LAST_BATCH)))
         if cl:
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.conv2(h)
