@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hardener.cli.app import main
 from hardener.io.checkpoint import read_manifest
 from hardener.model.classifier import Classifier, InputSpec
 from hardener.patches import AuxBN, Lora, PatchedModel, Site
+from hardener.patches.attach import carries_patches
 from hardener.patches import cost as C
 from hardener.patches.lora import LoraConfig
 
@@ -311,3 +313,78 @@ def test_lora_auto_takes_attention_layers_trains_them_and_exports(tmp_path):
     X.export(m, [1, 28, 28], "torchscript", tmp_path / "m.ts.pt")  # checked in a fresh interpreter
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(tmp_path / "m.ts.pt"))(imgs[:3]), m.eval()(imgs[:3]), atol=1e-5)
+
+
+class _EncoderNet(nn.Module):
+    """Tokens through torch's own nn.TransformerEncoderLayer (batch first: eval mode runs it as one fused kernel
+    that reads its sublayers' weights itself) and an attention layer called by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, 16, 4, stride=4)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.enc(self.embed(x).flatten(2).transpose(1, 2))
+        t = t + self.attn(query=t, key=t, value=t, need_weights=False)[0]
+        return self.head(t.mean(1))
+
+
+def test_lora_inside_a_fused_encoder_layer_and_on_attention_called_by_keyword_is_served():
+    """In eval mode torch runs nn.TransformerEncoderLayer as one fused kernel that would skip the patched
+    attention and linear layers: a patch inside one turns that path off, so served, trained and attacked models are
+    the same; an attention layer called with query=, key=, value= keywords works on every route."""
+    torch.manual_seed(0)
+    p = PatchedModel(Classifier(_EncoderNet().eval(), InputSpec(shape=[1, 8, 8])))
+    for site in ("enc.self_attn", "enc.linear1", "attn"):
+        p.attach(site, Lora.build(Site(site, p.net.get_submodule(site), []), LoraConfig(rank=2)))
+    with torch.no_grad():
+        for t in p.patches.parameters():
+            t.add_(0.3 * torch.randn_like(t))
+    p.eval()
+    x = torch.rand(4, 1, 8, 8)
+    want = copy.deepcopy(p._bare_copy().net)
+    with torch.no_grad():
+        for site, key in p.sites.items():
+            patch, layer = p.patches[key], want.get_submodule(site)
+            if isinstance(layer, nn.MultiheadAttention):
+                layer.in_proj_weight.add_((patch.up @ patch.down).view_as(layer.in_proj_weight))
+                layer.out_proj.weight.add_((patch.up_out @ patch.down_out).view_as(layer.out_proj.weight))
+            else:
+                layer.weight.add_((patch.up @ patch.down).view_as(layer.weight))
+        expected = want.train()(p.model.normalise(x))  # (train mode: torch's unfused path; dropout is 0)
+        served = p(x)
+        with p.patches_disabled():
+            base = p(x)
+    assert torch.allclose(served, expected, atol=1e-5) and not torch.allclose(served, base, atol=1e-3)
+    assert torch.allclose(p(x), expected, atol=1e-5)  # with gradients: the same model
+    assert not carries_patches(p._bare_copy())  # the hook that turns the fused path off stays with the patches
+
+
+@pytest.mark.parametrize("layer, edit, needle", [
+    ("head.3", lambda s: s.update(out_shape=[8, 8]), "weights of shapes [3, 8] and [8, 8]"),
+    ("attention", lambda s: s.pop("out_shape"), "a weight of shape [48, 16]"),
+])
+def test_a_manifest_mixing_up_attention_and_plain_deltas_is_refused(layer, edit, needle, tmp_path):
+    p = _attention_lora() if layer == "attention" else _lora()
+    out = tmp_path / "m.safetensors"
+    p.save(out, arch=TV_ARCH if layer == "attention" else ARCH)
+    manifest, tensors = read_patched(out)
+    spec = next(s for s in manifest["patches"] if layer in (s["site"], "attention"))
+    edit(spec)
+    write_patched(out, manifest, tensors)
+    with pytest.raises(hardener.errors.InputError, match=re.escape(needle)):
+        hardener.load(out, arch=TV_ARCH if layer == "attention" else ARCH)
+
+
+def test_the_attention_stand_in_follows_tensors_a_load_replaces():
+    p, x = _attention_lora(), torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        p(x)  # builds the stand-in
+        site = next(iter(p.sites))
+        layer = p.net.get_submodule(site)
+        state = {k: v + 0.5 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state, assign=True)  # new tensor objects, not written in place
+        assert torch.allclose(p(x), _attention_by_hand(p, x), atol=1e-5)

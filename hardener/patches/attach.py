@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -28,6 +29,26 @@ ROUTES = ("adv", "main")
 
 def _key(site: str) -> str:
     return site.replace(".", "__")
+
+
+FUSED = (nn.TransformerEncoderLayer,)  # layers whose fused fast path reads their sublayers' weights itself
+
+
+def _fused_parents(net: nn.Module, site: str) -> list[str]:
+    """The layers around `site` (the net itself included, as "") whose fused inference path would skip a patch that
+    replaces the layer at `site`: torch runs nn.TransformerEncoderLayer as one kernel in eval mode unless a forward
+    hook sits on it or inside it (`_no_fast_path`)."""
+    parts = site.split(".")
+    names = [".".join(parts[:i]) for i in range(len(parts))]
+    return [n for n in names if isinstance(net.get_submodule(n), FUSED)]
+
+
+def _no_fast_path(_module, _inp):
+    """A forward pre-hook that does nothing: on a nn.TransformerEncoderLayer, it turns off the fused path (torch
+    checks for hooks), so that the layer runs its sublayers, and with them the patches replacing them."""
+
+
+_no_fast_path.harden_patch = True
 
 
 def drop_twin_forward(module: nn.Module) -> None:
@@ -86,6 +107,10 @@ class PatchedModel(nn.Module):
         module = self.net.get_submodule(site)
         if getattr(patch, "placement", "output") in REPLACING:
             module.forward = self._twin_forward(site, key, module)
+            for parent in _fused_parents(self.net, site):  # their fused fast path would not call this forward
+                if f"fastpath:{parent}" not in self._handles:
+                    self._handles[f"fastpath:{parent}"] = self.net.get_submodule(parent).register_forward_pre_hook(
+                        _no_fast_path)
             return
         self._handles[site] = module.register_forward_hook(self._make_hook(site, key))
 
@@ -95,19 +120,28 @@ class PatchedModel(nn.Module):
         the twins never reach the base's running statistics, even when the base is trained), and only when the
         patch blends it in (`patch.uses_base`: strength below 1); at strength 1 the base layer does not run."""
         own = module.forward  # the layer's method, bound
+        try:  # its input's name, for a call by keyword
+            first = next(iter(inspect.signature(own).parameters), None)
+        except (TypeError, ValueError):  # no signature to read: called positionally, as nearly every layer is
+            first = None
 
-        def forward(x, *args, **kwargs):
+        def forward(*args, **kwargs):
             if self._enabled and self._route == "adv":
                 patch, out = self.patches[key], None
                 if getattr(patch, "uses_base", True):
                     was, module.training = module.training, False
                     try:
-                        out = own(x, *args, **kwargs)
+                        out = own(*args, **kwargs)
                     finally:
                         module.training = was
-                new = patch(out, x, module, *args, **kwargs) if patch.placement == "layer" else patch(out, x)
+                if args:
+                    x, rest, more = args[0], args[1:], kwargs
+                else:  # (attention called as attn(query=q, key=k, value=v))
+                    more = dict(kwargs)
+                    x, rest = more.pop(first), ()
+                new = patch(out, x, module, *rest, **more) if patch.placement == "layer" else patch(out, x)
             else:
-                new = own(x, *args, **kwargs)
+                new = own(*args, **kwargs)
             if self._capture is not None:  # an attention layer's output is a tuple: its first, the attention's
                 self._capture[site] = (new if isinstance(new, torch.Tensor) else new[0]).clone()
             return new

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import InputError
 from ..options import validate as V
@@ -43,6 +44,9 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.
 LAYER_WORDS = "Conv1d, Conv2d, Conv3d, Linear or MultiheadAttention"
 MAX_VALUES = 1 << 28
 ATTENTION_WEIGHTS = ("in_proj_weight", "out_proj.weight")  # an attention layer's deltas, in the patch's order
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+         "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+         "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def _weight_shape(v: Any) -> bool:
@@ -61,9 +65,15 @@ def layer_ok(module: nn.Module) -> str:
     """Why `module` cannot take a lora patch ("" when it can)."""
     if not isinstance(module, LAYER_TYPES):
         return f"is a {type(module).__name__}, not a {LAYER_WORDS} layer"
-    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is None:
-        return ("is an attention layer with separate query, key and value projections (kdim or vdim differs from "
-                "embed_dim): a lora patch takes the packed projection only")
+    if isinstance(module, nn.MultiheadAttention):
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            return (f"is a {type(module).__name__}, an attention layer with a forward of its own (it may not read "
+                    "in_proj_weight): a lora patch serves torch's nn.MultiheadAttention itself")
+        if module.in_proj_weight is None:
+            return ("is an attention layer with separate query, key and value projections (kdim or vdim differs "
+                    "from embed_dim): a lora patch takes the packed projection only")
+        if parametrize.is_parametrized(module) or parametrize.is_parametrized(module.out_proj):
+            return "is an attention layer with parametrised weights: a lora patch takes plain ones"
     for w in _weights(module):
         if not isinstance(w, torch.Tensor) or w.is_meta or isinstance(module, nn.modules.lazy.LazyModuleMixin):
             return "has no materialised weight"
@@ -79,13 +89,14 @@ def _stand_in(layer: nn.Module) -> nn.Module:
     forward."""
     from .attach import drop_twin_forward
 
-    memo = {id(t): t for t in [*layer.parameters(recurse=True), *layer.buffers(recurse=True)]}
+    memo: dict[int, Any] = {id(t): t for t in [*layer.parameters(recurse=True), *layer.buffers(recurse=True)]}
+    for m in layer.modules():  # hooks are not copied (a hook's owner, a method's object, would be deep-copied)
+        for name in HOOKS:
+            hooks = getattr(m, name, None)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
     stand = copy.deepcopy(layer, memo)  # the memo keeps every tensor shared
     for m in stand.modules():
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                      "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-                      "_backward_pre_hooks"):
-            getattr(m, hooks, {}).clear()
         drop_twin_forward(m)
     return stand
 
@@ -230,8 +241,11 @@ class Lora(PatchKind):
         if stand is None or stand.__dict__.get("_harden_of") is not layer:  # through __dict__: an attribute
             stand = self.__dict__["_stand"] = _stand_in(layer)  # assignment would make it a submodule, and saved
             stand.__dict__["_harden_of"] = layer
+        out_proj = stand._modules["out_proj"]
+        stand._parameters.update(layer._parameters)  # the layer's tensors as they are now (a load may replace them)
+        out_proj._parameters.update(layer._modules["out_proj"]._parameters)
         stand._parameters["in_proj_weight"] = ws[0]
-        stand._modules["out_proj"]._parameters["weight"] = ws[1]
+        out_proj._parameters["weight"] = ws[1]
         if stand.training != layer.training:  # (nn.Module's __setattr__ costs a few µs: only when it changes)
             stand.training = layer.training
         return stand.forward(inp, *args, **kwargs)  # it has no hooks: the layer's own call ran those
