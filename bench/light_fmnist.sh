@@ -121,6 +121,8 @@ declare -A RUNS=(
   # output projections; before it, vit_small's deltas sat on its patch embedding, MLPs and head only)
   [P8R16e20m2a]="--at prefilter:input,lora:auto --lora-rank 16 $TWINS --epochs 20 --width 8 --mu 2"
   [R16e20m2a]="--at lora:auto --lora-rank 16 $TWINS --epochs 20 --mu 2"  # R16e20m2 with attention deltas too
+  [P8R8e20m2a]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 8 --mu 2"  # --preset light's
+  # shapes on vit_small (P8R8e20m2 with attention deltas too)
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
