@@ -26,9 +26,11 @@ from test_security import read_patched, write_patched
 LAYERS = ["features.0", "features.3", "block.0", "head.3"]  # the tiny model's convs and its linear head
 
 
-def _lora(seed: int = 1, rank: int = 2, trained: bool = True) -> PatchedModel:
-    p = PatchedModel(Classifier(trained_tiny(), InputSpec(shape=[1, 8, 8])))
-    for site in LAYERS:
+def _with_lora(net: nn.Module, shape: list[int], sites: list[str], rank: int = 2, seed: int = 1,
+               trained: bool = True) -> PatchedModel:
+    """`net` with a lora patch at each of `sites`, its factors moved off their zero start (seeded) when `trained`."""
+    p = PatchedModel(Classifier(net, InputSpec(shape=shape)))
+    for site in sites:
         p.attach(site, Lora.build(Site(site, p.net.get_submodule(site), []), LoraConfig(rank=rank)))
     if trained:
         torch.manual_seed(seed)
@@ -38,15 +40,28 @@ def _lora(seed: int = 1, rank: int = 2, trained: bool = True) -> PatchedModel:
     return p.eval()
 
 
-def _by_hand(p: PatchedModel, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """The patched model's logits computed without the patches: a copy of the base whose weights are W + s·B·A."""
+def _lora(seed: int = 1, rank: int = 2, trained: bool = True) -> PatchedModel:
+    return _with_lora(trained_tiny(), [1, 8, 8], LAYERS, rank, seed, trained)
+
+
+def _merged_by_hand(p: PatchedModel, strength: float = 1.0) -> nn.Module:
+    """A copy of the base whose weights are W + s·B·A (an attention layer's two projections): what the patched
+    model must compute, without the patches."""
     net = copy.deepcopy(p._bare_copy().net)
     with torch.no_grad():
         for site, key in p.sites.items():
-            patch = p.patches[key]
-            layer = net.get_submodule(site)
-            layer.weight.add_(strength * (patch.up @ patch.down).view_as(layer.weight))
-    return net(p.model.normalise(x))
+            patch, layer = p.patches[key], net.get_submodule(site)
+            if isinstance(layer, nn.MultiheadAttention):
+                layer.in_proj_weight.add_(strength * (patch.up @ patch.down).view_as(layer.in_proj_weight))
+                layer.out_proj.weight.add_(strength * (patch.up_out @ patch.down_out).view_as(layer.out_proj.weight))
+            else:
+                layer.weight.add_(strength * (patch.up @ patch.down).view_as(layer.weight))
+    return net
+
+
+def _by_hand(p: PatchedModel, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The patched model's logits computed without the patches (`_merged_by_hand`)."""
+    return _merged_by_hand(p, strength)(p.model.normalise(x))
 
 
 def test_a_fresh_lora_patch_is_the_base_and_strength_zero_is_the_base_exactly():
@@ -224,26 +239,9 @@ TV_ARCH = f"{ARCH.rsplit('/', 1)[0]}/family_models.py:tv_vit_like"
 def _attention_lora(rank: int = 2, trained: bool = True) -> PatchedModel:
     import family_models as FM
 
-    p = PatchedModel(Classifier(FM.tv_vit_like(), InputSpec(shape=[1, 28, 28])))
-    for site in [n for n, m in p.net.named_modules() if isinstance(m, nn.MultiheadAttention)]:
-        p.attach(site, Lora.build(Site(site, p.net.get_submodule(site), []), LoraConfig(rank=rank)))
-    if trained:
-        torch.manual_seed(2)
-        with torch.no_grad():
-            for t in p.patches.parameters():
-                t.add_(0.3 * torch.randn_like(t))
-    return p.eval()
-
-
-def _attention_by_hand(p: PatchedModel, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """A copy of the base whose attention projections are W + s·B·A: what the patched model must compute."""
-    net = copy.deepcopy(p._bare_copy().net)
-    with torch.no_grad():
-        for site, key in p.sites.items():
-            patch, layer = p.patches[key], net.get_submodule(site)
-            layer.in_proj_weight.add_(strength * (patch.up @ patch.down).view_as(layer.in_proj_weight))
-            layer.out_proj.weight.add_(strength * (patch.up_out @ patch.down_out).view_as(layer.out_proj.weight))
-    return net(p.model.normalise(x))
+    net = FM.tv_vit_like()
+    sites = [n for n, m in net.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return _with_lora(net, [1, 28, 28], sites, rank, 2, trained)
 
 
 def test_lora_on_attention_deltas_both_projections_served_and_trained():
@@ -260,7 +258,7 @@ def test_lora_on_attention_deltas_both_projections_served_and_trained():
     p = _attention_lora()
     for strength in (1.0, 0.5):
         p.set_strength(strength)
-        want = _attention_by_hand(p, x, strength)
+        want = _by_hand(p, x, strength)
         with torch.no_grad():
             assert torch.allclose(p(x), want, atol=1e-5)  # the kept merge, through the layer's fast path
         live = p(x)  # grad enabled on the factors: the merge is in the forward
@@ -337,24 +335,10 @@ def test_lora_inside_a_fused_encoder_layer_and_on_attention_called_by_keyword_is
     attention and linear layers: a patch inside one turns that path off, so served, trained and attacked models are
     the same; an attention layer called with query=, key=, value= keywords works on every route."""
     torch.manual_seed(0)
-    p = PatchedModel(Classifier(_EncoderNet().eval(), InputSpec(shape=[1, 8, 8])))
-    for site in ("enc.self_attn", "enc.linear1", "attn"):
-        p.attach(site, Lora.build(Site(site, p.net.get_submodule(site), []), LoraConfig(rank=2)))
-    with torch.no_grad():
-        for t in p.patches.parameters():
-            t.add_(0.3 * torch.randn_like(t))
-    p.eval()
+    p = _with_lora(_EncoderNet().eval(), [1, 8, 8], ["enc.self_attn", "enc.linear1", "attn"], seed=0)
     x = torch.rand(4, 1, 8, 8)
-    want = copy.deepcopy(p._bare_copy().net)
     with torch.no_grad():
-        for site, key in p.sites.items():
-            patch, layer = p.patches[key], want.get_submodule(site)
-            if isinstance(layer, nn.MultiheadAttention):
-                layer.in_proj_weight.add_((patch.up @ patch.down).view_as(layer.in_proj_weight))
-                layer.out_proj.weight.add_((patch.up_out @ patch.down_out).view_as(layer.out_proj.weight))
-            else:
-                layer.weight.add_((patch.up @ patch.down).view_as(layer.weight))
-        expected = want.train()(p.model.normalise(x))  # (train mode: torch's unfused path; dropout is 0)
+        expected = _merged_by_hand(p).train()(p.model.normalise(x))  # (train mode: torch's unfused path; dropout 0)
         served = p(x)
         with p.patches_disabled():
             base = p(x)
@@ -387,4 +371,4 @@ def test_the_attention_stand_in_follows_tensors_a_load_replaces():
         layer = p.net.get_submodule(site)
         state = {k: v + 0.5 for k, v in layer.state_dict().items()}
         layer.load_state_dict(state, assign=True)  # new tensor objects, not written in place
-        assert torch.allclose(p(x), _attention_by_hand(p, x), atol=1e-5)
+        assert torch.allclose(p(x), _by_hand(p, x), atol=1e-5)

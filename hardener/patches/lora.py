@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from ..errors import InputError
 from ..options import validate as V
 from ..options.kind_options import LoraConfig
+from .attach import drop_twin_forward
 from .base import PatchKind, Site, register_patch_kind
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
@@ -87,8 +88,6 @@ def _stand_in(layer: nn.Module) -> nn.Module:
     the layer's device and dtype moves): the patch puts its weights into it (`ATTENTION_WEIGHTS`) before each call, and
     the layer's own forward runs on them. It is nobody's submodule (never saved) and carries no hook, nor harden's
     forward."""
-    from .attach import drop_twin_forward
-
     memo: dict[int, Any] = {id(t): t for t in [*layer.parameters(recurse=True), *layer.buffers(recurse=True)]}
     for m in layer.modules():  # hooks are not copied (a hook's owner, a method's object, would be deep-copied)
         for name in HOOKS:
