@@ -123,6 +123,9 @@ declare -A RUNS=(
   [R16e20m2a]="--at lora:auto --lora-rank 16 $TWINS --epochs 20 --mu 2"  # R16e20m2 with attention deltas too
   [P8R8e20m2a]="--at prefilter:input,lora:auto --lora-rank 8 $TWINS --epochs 20 --width 8 --mu 2"  # --preset light's
   # shapes on vit_small (P8R8e20m2 with attention deltas too)
+  # P8R16e20m2a with a width-4 pre-filter: about a third of its multiply-adds (vit_small: 1.07x), for the latency the
+  # width-8 pre-filter overspends (1.41 / 1.55 at batch 1 / 256)
+  [P4R16e20m2a]="--at prefilter:input,lora:auto --lora-rank 16 $TWINS --epochs 20 --width 4 --mu 2"
 )
 for run in "$@"; do
   name=${run#*-}; arch=${ARCH[${run%%-*}]}  # RUN is A-NAME: A picks the architecture (r, v, t)
