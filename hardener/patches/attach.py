@@ -57,6 +57,28 @@ def drop_twin_forward(module: nn.Module) -> None:
         del module.forward
 
 
+RUN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+             "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")  # what runs with a forward
+STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def copy_without_hooks(module: nn.Module, memo: dict | None = None, hooks: tuple[str, ...] = RUN_HOOKS) -> nn.Module:
+    """A deep copy of `module` (`memo`: objects to share instead of copying, as for `copy.deepcopy`) whose modules
+    carry none of the `hooks` the original's do, harden's own among them, nor a twin's forward. The hooks are left
+    out of the copy, not copied and cleared: a hook's owner (a method's object) would be deep-copied with it."""
+    memo = dict(memo or {})
+    for m in module.modules():
+        for name in hooks:
+            found = getattr(m, name, None)
+            if found is not None:
+                memo[id(found)] = type(found)()
+    copied = copy.deepcopy(module, memo)
+    for m in copied.modules():
+        drop_twin_forward(m)  # a layer copied from a patched model carries its twin's forward
+    return copied
+
+
 class PatchedModel(nn.Module):
     """A frozen `Classifier` plus patches attached at named layers of `model.net`."""
 

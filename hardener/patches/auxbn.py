@@ -14,7 +14,6 @@ LayerNorm with its own affine parameters, route adv through the twin, route main
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, ClassVar
 
@@ -24,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InputError
 from ..options import validate as V
-from .attach import drop_twin_forward
+from .attach import copy_without_hooks
 from .base import BOOL, CHANNELS, PatchKind, Site, register_patch_kind
 
 CLASS_NAME = (lambda v: isinstance(v, str) and 0 < len(v) <= 100 and v.isidentifier(), "must be a class name")
@@ -33,13 +32,7 @@ CLASS_NAME = (lambda v: isinstance(v, str) and 0 < len(v) <= 100 and v.isidentif
 def twin_of(bn: _BatchNorm) -> nn.Module:
     """A trainable deep copy of `bn` (class, fused activation and drop, statistics, affine parameters), without the
     hooks the base's layer carries (harden's own among them)."""
-    twin = copy.deepcopy(bn)
-    for m in twin.modules():
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                      "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-                      "_backward_pre_hooks"):
-            getattr(m, hooks, {}).clear()
-        drop_twin_forward(m)  # a layer copied from a patched model carries its twin's forward
+    twin = copy_without_hooks(bn)
     for p in twin.parameters():
         p.requires_grad_(True)
     return twin

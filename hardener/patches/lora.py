@@ -25,7 +25,6 @@ tensor of the layer but those two weights (`_stand_in`).
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, ClassVar
 
@@ -37,17 +36,13 @@ from torch.nn.utils import parametrize
 from ..errors import InputError
 from ..options import validate as V
 from ..options.kind_options import LoraConfig
-from .attach import drop_twin_forward
+from .attach import RUN_HOOKS, STATE_HOOKS, copy_without_hooks
 from .base import PatchKind, Site, register_patch_kind
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                                             nn.MultiheadAttention)  # what a lora patch serves
 LAYER_WORDS = "Conv1d, Conv2d, Conv3d, Linear or MultiheadAttention"
 MAX_VALUES = 1 << 28
-ATTENTION_WEIGHTS = ("in_proj_weight", "out_proj.weight")  # an attention layer's deltas, in the patch's order
-HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-         "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-         "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def _weight_shape(v: Any) -> bool:
@@ -85,19 +80,11 @@ def layer_ok(module: nn.Module) -> str:
 
 def _stand_in(layer: nn.Module) -> nn.Module:
     """A copy of `layer` (its class, settings and mode) whose tensors are the layer's own objects, shared (so it follows
-    the layer's device and dtype moves): the patch puts its weights into it (`ATTENTION_WEIGHTS`) before each call, and
-    the layer's own forward runs on them. It is nobody's submodule (never saved) and carries no hook, nor harden's
-    forward."""
-    memo: dict[int, Any] = {id(t): t for t in [*layer.parameters(recurse=True), *layer.buffers(recurse=True)]}
-    for m in layer.modules():  # hooks are not copied (a hook's owner, a method's object, would be deep-copied)
-        for name in HOOKS:
-            hooks = getattr(m, name, None)
-            if hooks is not None:
-                memo[id(hooks)] = type(hooks)()
-    stand = copy.deepcopy(layer, memo)  # the memo keeps every tensor shared
-    for m in stand.modules():
-        drop_twin_forward(m)
-    return stand
+    the layer's device and dtype moves): the patch puts its two weights into it (`in_proj_weight`, `out_proj.weight`)
+    before each call, and the layer's own forward runs on them. It is nobody's submodule (never saved) and carries no
+    hook, nor harden's forward."""
+    shared = {id(t): t for t in [*layer.parameters(recurse=True), *layer.buffers(recurse=True)]}
+    return copy_without_hooks(layer, shared, RUN_HOOKS + STATE_HOOKS)
 
 
 @register_patch_kind("lora", placement="layer", config_cls=LoraConfig)
@@ -187,11 +174,6 @@ class Lora(PatchKind):
         return [(params["up"], params["down"], self.weight_shape), (params["up_out"], params["down_out"],
                                                                     self.out_shape)]
 
-    def delta(self, which: int = 0) -> torch.Tensor:
-        """B·A in the weight's shape (`which` 1: an attention layer's output projection)."""
-        up, down, shape = self._pairs()[which]
-        return (up @ down).view(shape)
-
     def weights(self, layer: nn.Module) -> tuple:
         """The weights route adv runs the layer with: W + s·B·A per delta, merged once and kept while nothing they
         depend on changes, computed in the forward while A or B may receive gradients."""
@@ -201,24 +183,23 @@ class Lora(PatchKind):
         else:  # a weight outside `_parameters` (a parametrisation's) is read as an attribute
             w = layer._parameters.get("weight")
             ws = [layer.weight if w is None else w]
-        s = self.strength
         if torch.is_grad_enabled() and any(up.requires_grad or down.requires_grad for up, down, _ in pairs):
-            return tuple(w + (s * (up @ down).view(shape)).to(w.dtype) for w, (up, down, shape) in zip(ws, pairs))
-        key = [s]  # (a loop, not comprehensions: each is a frame, and this runs per layer per forward)
+            return self._merge(ws, pairs)
+        key = [self.strength]  # (a loop, not comprehensions: each is a frame, and this runs per layer per forward)
         for w in ws:
             key += (w.data_ptr(), w._version, w.dtype)
         for up, down, _ in pairs:
             key += (up.data_ptr(), up._version, down.data_ptr(), down._version)
         if self._key != key or self._merged is None:
             with torch.no_grad():
-                self._merged = tuple(w + (s * (up @ down).view(shape)).to(w.dtype)
-                                     for w, (up, down, shape) in zip(ws, pairs))
+                self._merged = self._merge(ws, pairs)
             self._key = key
         return self._merged
 
-    def weight(self, layer: nn.Module) -> torch.Tensor:
-        """The (first) weight route adv runs the layer with (`weights`)."""
-        return self.weights(layer)[0]
+    def _merge(self, ws: list, pairs: list) -> tuple:
+        """W + s·B·A for each weight and its factors (`_pairs`)."""
+        s = self.strength
+        return tuple(w + (s * (up @ down).view(shape)).to(w.dtype) for w, (up, down, shape) in zip(ws, pairs))
 
     def forward(self, out: Any, inp: torch.Tensor, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Route adv's output of `layer` on its input `inp` (and the layer's other arguments: an attention layer's
